@@ -1,0 +1,5 @@
+"""One device: linear attention, its reference, its chunked XLA form and (later) fused kernels."""
+
+from lasp_jax.ops.api import linear_attention, linear_attention_step
+
+__all__ = ["linear_attention", "linear_attention_step"]

@@ -1,0 +1,52 @@
+"""linear_attention: decayed causal linear attention on one device, and its one-token decoding step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax.ops import checks, impls, reference, vjp
+
+
+def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, return_final_state=False,
+                     impl="auto"):
+    """o_p = sum_{r <= p} lambda_h^(p - r) (scale q_p . k_r) v_r  (+ lambda_h^p scale q_p S_0), lambda_h = exp(-s_h).
+
+    No softmax and no normaliser. MHA, GQA and MQA: query head h reads K/V head h // (H / Hkv); K/V heads are
+    indexed, never repeated in memory.
+
+    Args:
+      q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; any T >= 1, any head dims.
+      decay: None (no decay) or [H] rates s_h >= 0. A constant for autodiff: its cotangent is zero.
+      scale: multiplies q.
+      initial_state: optional [B, H, Dk, Dv] state S_0 before position 0 (differentiable).
+      return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
+        equal one call over the concatenated sequence.
+      impl: "auto", "xla" (chunked, every platform) or "reference" (dense, O(T^2) memory).
+    Returns:
+      o [B, T, H, Dv] in q's dtype, and the final state if asked for.
+    """
+    s = checks.attention_inputs(q, k, v, decay)
+    b, _, h, dk = q.shape
+    if initial_state is not None:
+        initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
+    module = impls.resolve(impl, q, k, v)
+    if scale != 1.0:
+        q = q * jnp.asarray(scale, q.dtype)
+    o, final = vjp.attend(q, k, v, s, initial_state, module, None)
+    return (o, final) if return_final_state else o
+
+
+def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):
+    """One decoding step with constant memory: the recurrence behind linear_attention.
+
+    Args:
+      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; state: [B, H, Dk, Dv], S(p) (zeros before position 0,
+        or the final state of linear_attention over the prefix).
+    Returns:
+      (o [B, H, Dv] in q's dtype, S(p + 1) [B, H, Dk, Dv] float32).
+    """
+    s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], decay)
+    state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
+    o, state = reference.step(q.astype(jnp.float32) * scale, k, v, s, state)
+    return o.astype(q.dtype), state

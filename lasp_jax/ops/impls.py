@@ -1,0 +1,30 @@
+"""The implementations of the per-device contract, and how `impl=` names resolve to one.
+
+Each implementation module exposes `local_output`, `local_state`, `local_backward` (see `vjp.Impl`) and
+`supported(q, k, v) -> str | None` (None: usable here; else the reason it is not). "auto" takes the first
+usable entry of `AUTO_ORDER`, which lists only implementations whose tests pass on that platform.
+"""
+
+from __future__ import annotations
+
+import types
+
+from lasp_jax.ops import reference, xla
+
+IMPLS: dict[str, types.ModuleType] = {"reference": reference, "xla": xla}
+AUTO_ORDER: tuple[str, ...] = ("xla",)
+
+
+def resolve(impl: str, q, k, v) -> types.ModuleType:
+    """Returns the implementation module for `impl` ("auto" or a name of IMPLS); ValueError if unusable."""
+    if impl == "auto":
+        for name in AUTO_ORDER:
+            if IMPLS[name].supported(q, k, v) is None:
+                return IMPLS[name]
+        raise ValueError("no implementation supports these inputs")  # unreachable while xla is in AUTO_ORDER
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected 'auto' or one of {sorted(IMPLS)}")
+    reason = IMPLS[impl].supported(q, k, v)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
+    return IMPLS[impl]
