@@ -33,8 +33,7 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     module = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
-    o, final = vjp.attend(q, k, v, s, initial_state, module, None)
-    return (o, final) if return_final_state else o
+    return vjp.attend(q, k, v, s, initial_state, module, None, bool(return_final_state))
 
 
 def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):

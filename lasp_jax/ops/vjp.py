@@ -24,7 +24,6 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from lasp_jax.ops import states
 
@@ -57,42 +56,37 @@ def _forward(q, k, v, s, s_init, impl, exchange):
     s_in = exchange.prefix(m, s * length) if exchange is not None else s_init
     o = impl.local_output(q, k, v, s)
     if s_in is None:
-        return (o, m), s_in
+        return o, m, s_in
     o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in)).astype(q.dtype)
     s_end = m + states.decay_pow(s, length)[None, :, None, None] * s_in
-    return (o, s_end), s_in
+    return o, s_end, s_in
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_state: bool):
     """Linear attention over one piece with its incoming state.
 
     Args:
       q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; s [H] float32 rates; s_init [B, H, Dk, Dv] fp32 or
       None (zero); impl: an implementation module; exchange: None on one device (S_in = s_init), else the
-      strategy that computes S_in from the other pieces (then s_init must be None).
+      strategy that computes S_in from the other pieces (then s_init must be None); final_state: also return
+      S_end (static, so that the backward skips the end-state terms when nobody uses it).
     Returns:
-      (o [B, L, H, Dv] in q.dtype, S_end [B, H, Dk, Dv] float32).
+      o [B, L, H, Dv] in q.dtype, and S_end [B, H, Dk, Dv] float32 when final_state.
     """
-    return _forward(q, k, v, s, s_init, impl, exchange)[0]
+    o, s_end, _ = _forward(q, k, v, s, s_init, impl, exchange)
+    return (o, s_end) if final_state else o
 
 
-def _attend_fwd(q, k, v, s, s_init, impl, exchange):
-    # symbolic_zeros=True hands the primals over wrapped; only their values matter here.
-    q, k, v, s, s_init = jax.tree.map(lambda p: p.value, (q, k, v, s, s_init))
-    out, s_in = _forward(q, k, v, s, s_init, impl, exchange)
-    return out, (q, k, v, s, s_in)
+def _attend_fwd(q, k, v, s, s_init, impl, exchange, final_state):
+    o, s_end, s_in = _forward(q, k, v, s, s_init, impl, exchange)
+    return ((o, s_end) if final_state else o), (q, k, v, s, s_in)
 
 
-def _attend_bwd(impl, exchange, res, cotangents):
+def _attend_bwd(impl, exchange, final_state, res, cotangents):
     q, k, v, s, s_in = res
-    do, ds_end = cotangents
+    do, ds_end = cotangents if final_state else (cotangents, None)
     length = q.shape[1]
-    if isinstance(do, SymbolicZero):
-        do = jnp.zeros(do.shape, do.dtype)
-    # An unused final state (the usual case) has a symbolic-zero cotangent: skip its terms entirely.
-    if isinstance(ds_end, SymbolicZero):
-        ds_end = None
     dq, dk, dv = impl.local_backward(q, k, v, s, do)
     d = states.query_state_grad(q, do, s)
     g = ds_end
@@ -111,4 +105,4 @@ def _attend_bwd(impl, exchange, res, cotangents):
     return dq, dk, dv, jnp.zeros_like(s), ds_init
 
 
-attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
+attend.defvjp(_attend_fwd, _attend_bwd)

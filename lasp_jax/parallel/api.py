@@ -9,6 +9,7 @@ cross devices, so communication does not grow with T), and adds that state's con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 
@@ -46,6 +47,14 @@ def _current_mesh(mesh):
     return ambient
 
 
+def _batch_axes_of(x) -> tuple[str, ...] | None:
+    """The mesh axes an Explicit-sharded array's batch dim lives on (None when it is not sharded)."""
+    entry = jax.typeof(x).sharding.spec[0]
+    if entry is None:
+        return None
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="ring", scale=1.0, impl="auto",
                    batch_axes=None):
     """Sequence-parallel `linear_attention` (same math, same shapes) over the mesh axis `seq_axis`.
@@ -59,7 +68,8 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
         pieces and no shard_map is added.
       strategy: "ring" (LASP: W-1 hops), "allgather" (LASP-2: one all_gather) or "scan" (ceil(log2 W) hops).
       impl: the per-device implementation, as for linear_attention.
-      batch_axes: mesh axes B is sharded over; default: every other mesh axis of size > 1.
+      batch_axes: mesh axes B is sharded over; default: how q's batch dim is already sharded on an Explicit
+        mesh, else every other mesh axis.
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
@@ -74,18 +84,17 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     exchange = SeqExchange(strategy, seq_axis, w)
-
-    def local(q, k, v, s):
-        return vjp.attend(q, k, v, s, None, module, exchange)[0]
-
     if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
-        return local(q, k, v, s)
+        return vjp.attend(q, k, v, s, None, module, exchange, False)
 
     b, t = q.shape[:2]
     if t % w:
         raise ValueError(f"sequence length T={t} must be divisible by the {seq_axis!r} axis size {w}")
+    explicit = any(t_ == AxisType.Explicit for t_ in mesh.axis_types)
     if batch_axes is None:
-        batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis and mesh.shape[a] > 1)
+        batch_axes = _batch_axes_of(q) if explicit else None
+        if batch_axes is None:
+            batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis)
     for a in batch_axes:
         if a not in mesh.axis_names or a == seq_axis:
             raise ValueError(f"batch axis {a!r} is not a non-seq axis of the mesh {tuple(mesh.axis_names)}")
@@ -94,6 +103,16 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
         raise ValueError(f"batch B={b} must be divisible by the batch axes {batch_axes} (size {n_batch}); "
                          "pass batch_axes=() to replicate the batch over them")
     spec = P(batch_axes or None, seq_axis, None, None)
-    if any(t_ == AxisType.Explicit for t_ in mesh.axis_types):
+    if explicit:
         q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    return _sharded(q, k, v, s, module=module, exchange=exchange, mesh=mesh, spec=spec)
+
+
+# Always under jit: an eager shard_map of this body crashes the CPU runtime of jax 0.11.2 (segfault, seen
+# with every strategy); inside a caller's jit this inner jit is simply inlined.
+@functools.partial(jax.jit, static_argnames=("module", "exchange", "mesh", "spec"))
+def _sharded(q, k, v, s, *, module, exchange, mesh, spec):
+    def local(q, k, v, s):
+        return vjp.attend(q, k, v, s, None, module, exchange, False)
+
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, s)

@@ -1,0 +1,36 @@
+"""Shared test helpers: random inputs and error norms."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+F32_TOL = 2e-5  # fp32 chunked vs dense: measured ~3e-7 relative; generous for reassociation across chunks
+BF16_TOL = 2e-2  # bf16 inputs and outputs: one bf16 rounding (2^-8) on O(1) values
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def qkv(rng, b, t, h, hkv, dk, dv, dtype=jnp.float32):
+    """Fresh normal q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv]; q, k scaled so outputs stay O(1)."""
+    q = rng.standard_normal((b, t, h, dk)) / np.sqrt(dk)
+    k = rng.standard_normal((b, t, hkv, dk)) / np.sqrt(dk)
+    v = rng.standard_normal((b, t, hkv, dv))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def decay(kind: str, h: int, rng):
+    """'on': mixed rates incl. a fast and a zero one; 'zero': all zeros; 'off': None; 'slopes': TNL slopes."""
+    if kind == "off":
+        return None
+    if kind == "zero":
+        return jnp.zeros((h,), jnp.float32)
+    if kind == "slopes":
+        return jnp.asarray([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], jnp.float32)
+    rates = rng.uniform(0.0, 0.3, size=h)
+    rates[0] = 0.0
+    rates[-1] = 2.0  # lambda^64 ~ 1e-56: exercises underflow, never overflow
+    return jnp.asarray(rates, jnp.float32)
