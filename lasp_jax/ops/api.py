@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lasp_jax.ops import checks, impls, reference, vjp
 
@@ -45,6 +45,9 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):
     Returns:
       (o [B, H, Dv] in q's dtype, S(p + 1) [B, H, Dk, Dv] float32).
     """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.ndim(x) != 3:
+            raise ValueError(f"{name} must have rank 3 [B, heads, head_dim] for one step, got shape {np.shape(x)}")
     s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], decay)
     state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     o, state = reference.step(q.astype(jnp.float32) * scale, k, v, s, state)
