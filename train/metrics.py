@@ -1,0 +1,113 @@
+"""Run metrics: one JSON object per line in RUN_DIR/metrics.jsonl, throughput, model FLOPs and MFU.
+
+Model FLOPs per token (the numerator of MFU, as in PaLM's appendix B, adapted to linear attention):
+    6 * N_matmul                       every parameter in a matmul (embedding lookup excluded, LM head included),
+                                       2 FLOPs per multiply-add, forward + 2x for the backward
+  + 6 * L_lin * H * 2 * Dk * Dv      per linear layer the recurrent state's two products per token (q.S and
+                                       k^T v), forward + backward: the minimum linear attention needs. The
+                                       chunked kernels also do intra-chunk O(C) work per token; that is not
+                                       counted, so MFU here is a lower bound on hardware utilisation.
+  + 6 * L_soft * H * T * D             per softmax layer (hybrids) QK^T and PV over the causal half of T.
+Peak FLOP/s per device come from `peak_tflops` or a table of known accelerators' dense bf16 peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+# Dense bf16 peak TFLOP/s of one device (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Per-device dense bf16 peak for MFU; None where unknown (CPUs)."""
+    if override > 0:
+        return override
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def flops_per_token(n_matmul_params: int, n_linear_layers: int, n_heads: int, head_dim: int,
+                    n_softmax_layers: int = 0, seq_len: int = 0) -> float:
+    """Training FLOPs per token (forward + backward), see the module docstring."""
+    return (6.0 * n_matmul_params + 6.0 * n_linear_layers * n_heads * 2 * head_dim * head_dim
+            + 6.0 * n_softmax_layers * n_heads * seq_len * head_dim)
+
+
+def device_memory_gib(device) -> float | None:
+    """Peak bytes in use on `device` in GiB where the backend reports it (GPUs), else None."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU backends raise or return None
+        return None
+    if not stats:
+        return None
+    used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
+    return None if used is None else used / 2**30
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last `measure` call (wall clock, steps already synced)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, n_devices: int, peak: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.n_devices, self.peak = n_devices, peak
+        self._t, self._steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def reset(self) -> None:
+        """Restarts the clock without reporting (after compilation, evaluation or checkpointing)."""
+        self._t, self._steps = time.perf_counter(), 0
+
+    def measure(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, steps = now - self._t, self._steps
+        self._t, self._steps = now, 0
+        if steps == 0 or dt <= 0:
+            return {}
+        tps = steps * self.tokens_per_step / dt
+        out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.n_devices, "step_time_s": dt / steps}
+        if self.peak:
+            out["mfu"] = tps * self.flops_per_token / (self.n_devices * self.peak * 1e12)
+        return out
+
+
+class MetricsLog:
+    """Appends {"step": s, ...} lines to metrics.jsonl; only process 0 writes. A resumed run keeps appending
+    and `read_metrics` keeps the last record of each (step, kind), so replayed steps do not duplicate."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, kind: str, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": kind, "time": time.time()}
+        record.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                       for k, v in values.items()})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, the last one for each (step, kind), in step order."""
+    latest: dict[tuple[int, str], dict] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                latest[(record["step"], record.get("kind", "train"))] = record
+    return sorted(latest.values(), key=lambda r: (r["step"], r.get("kind", "")))
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 700.0))
