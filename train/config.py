@@ -36,7 +36,10 @@ class TrainConfig:
 
     # --- devices ----------------------------------------------------------------------------------------
     platform: str = ""  # "" = JAX's default backend; "cpu" forces CPU even where a GPU is present
-    mesh: str = "data=2,seq=4"  # axis=size pairs over data and seq; "-1" for one size fills the devices
+    # axis=size pairs over data and seq; one size may be -1 (fill the devices). A one-process run may use
+    # fewer devices than it has (the first ones); a multi-process mesh must use them all.
+    mesh: str = "data=2,seq=4"
+    mesh_axis_type: str = "auto"  # "auto" (XLA propagates shardings) or "explicit" (sharding in types)
     cpu_devices: int = 0  # >0: force this many CPU devices (set before JAX initialises); 0: leave as is
 
     # --- data -------------------------------------------------------------------------------------------
@@ -193,8 +196,8 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return axes
 
 
-def resolve_mesh(spec: str, n_devices: int) -> dict[str, int]:
-    """parse_mesh, with -1 filled in, checked against the number of devices."""
+def resolve_mesh(spec: str, n_devices: int, n_processes: int = 1) -> dict[str, int]:
+    """parse_mesh, with -1 filled in, checked against the number of devices (all of them across processes)."""
     axes = parse_mesh(spec)
     known = 1
     for size in axes.values():
@@ -204,9 +207,11 @@ def resolve_mesh(spec: str, n_devices: int) -> dict[str, int]:
         if n_devices % known:
             raise ValueError(f"mesh {spec!r}: {n_devices} devices are not divisible by the fixed axes ({known})")
         axes = {k: (n_devices // known if v == -1 else v) for k, v in axes.items()}
-    elif known != n_devices:
-        raise ValueError(f"mesh {spec!r} needs {known} devices but {n_devices} are available "
-                         f"(product of the axis sizes must equal the device count)")
+    elif known > n_devices:
+        raise ValueError(f"mesh {spec!r} needs {known} devices but {n_devices} are available")
+    elif known != n_devices and n_processes > 1:
+        raise ValueError(f"mesh {spec!r} uses {known} of the {n_devices} devices of {n_processes} processes; "
+                         "a multi-process mesh must use every device")
     return axes
 
 
@@ -237,6 +242,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"bin_dtype must be uint16 or uint32, got {cfg.bin_dtype!r}")
     if cfg.compute_dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {cfg.compute_dtype!r}")
+    if cfg.mesh_axis_type not in ("auto", "explicit"):
+        raise ValueError(f"mesh_axis_type must be auto or explicit, got {cfg.mesh_axis_type!r}")
     if cfg.platform not in ("", "cpu", "gpu", "cuda", "tpu"):
         raise ValueError(f"platform must be '', cpu, gpu, cuda or tpu, got {cfg.platform!r}")
     if not cfg.data:

@@ -65,6 +65,9 @@ def test_mesh_must_fit_the_devices():
         resolve_mesh("data=4,seq=4", 8)
     with pytest.raises(ValueError, match="not divisible by the fixed axes"):
         resolve_mesh("data=3,seq=-1", 8)
+    assert resolve_mesh("data=1,seq=4", 8) == {"data": 1, "seq": 4}  # one process may use fewer devices
+    with pytest.raises(ValueError, match="a multi-process mesh must use every device"):
+        resolve_mesh("data=1,seq=4", 8, n_processes=2)
 
 
 def test_seq_axis_must_divide_seq_len():

@@ -1,0 +1,86 @@
+"""The model and optimizer as one sharded state, and the jitted training and evaluation steps.
+
+Kept apart from the loop (and from Grain) so benchmarks can time exactly the step that training runs.
+
+Numerics: the model computes in `compute_dtype` (bf16 by default) from float32 master parameters; the loss is
+the mean token cross-entropy over the global batch (the model's chunked sum divided by the token count); the
+gradients, their clipping and AdamW run in float32. Parameters and AdamW moments follow the model's partition
+specs (ZeRO-3 over `data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+import models
+from configs.models import get_model_config
+from train.config import TrainConfig
+from train.optim import make_optimizer
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> models.ModelConfig:
+    """The named model with the run's overrides, its vocabulary sized to the data, float32 master weights."""
+    base = get_model_config(cfg.model)
+    known = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(cfg.model_overrides) - known)
+    if unknown:
+        raise ValueError(f"model_overrides: unknown ModelConfig fields {unknown}")
+    changes = {"dtype": cfg.compute_dtype, "param_dtype": "float32", **cfg.model_overrides}
+    if "vocab_size" not in cfg.model_overrides:
+        changes["vocab_size"] = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    elif cfg.model_overrides["vocab_size"] < vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model_overrides['vocab_size']} is smaller than the data's "
+                         f"{vocab_size} token ids")
+    return dataclasses.replace(base, **changes)
+
+
+def build_state(mcfg, cfg: TrainConfig, mesh):
+    """(graphdef, state, n_params, n_matmul_params) of (model, optimizer), created on the devices, sharded by
+    the model's partition specs (parameters and their AdamW moments alike)."""
+    tx = make_optimizer(cfg)
+
+    def make():
+        model = models.build_model(mcfg, rngs=nnx.Rngs(cfg.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @jax.jit
+    def create():
+        state = nnx.state(make())
+        return jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state))
+
+    with jax.set_mesh(mesh):
+        abstract_model, abstract_opt = nnx.eval_shape(make)
+        graphdef, _ = nnx.split((abstract_model, abstract_opt))
+        state = create()
+    params = jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
+    n_params = sum(int(np.prod(x.shape)) for x in params)
+    n_matmul = sum(int(np.prod(x.shape)) for x in params if len(x.shape) >= 2)
+    if not mcfg.tie_embeddings:  # an untied input embedding is a lookup, not a matmul
+        n_matmul -= mcfg.vocab_size * mcfg.d_model
+    return graphdef, state, n_params, n_matmul
+
+
+def make_steps(graphdef):
+    """The jitted training step (donating the old state) and the evaluation step."""
+
+    def loss_fn(model, batch):
+        total, weight = model.loss(batch["inputs"], batch["targets"])
+        return total / weight
+
+    def train_step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def eval_step(state, batch):
+        model, _ = nnx.merge(graphdef, state)
+        total, weight = model.loss(batch["inputs"], batch["targets"])
+        return total, weight
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
