@@ -1,0 +1,1 @@
+"""Model and run configurations: paper sizes and tiny CPU ones."""

@@ -1,0 +1,46 @@
+"""Named model configurations: the LASP papers' sizes and tiny CPU ones.
+
+TNL sizes follow TransNormerLLM (Qin et al. 2023): 385M ("0.4B"): 24 layers, d 1024, 8 heads, SGLU 2816;
+1B: 16 layers, d 2048, 16 heads, SGLU 5632; 7B: 30 layers, d 4096, 32 heads, SGLU 11008; vocabulary 64000,
+tied embeddings. The Linear Transformer ("lt-*") uses the same shapes with its own token mixer. Hybrids
+("*-hybrid") make every 4th layer softmax attention (LASP-2H) with GQA (a quarter of the heads as K/V heads),
+which keeps the K/V all-gather over the seq axis small. `tests/models/test_configs.py` checks each name against
+its parameter count.
+"""
+
+from __future__ import annotations
+
+from models.config import ModelConfig
+
+_TNL_04B = ModelConfig(kind="tnl", vocab_size=64000, d_model=1024, n_layers=24, n_heads=8, mlp_hidden=2816)
+_TNL_1B = ModelConfig(kind="tnl", vocab_size=64000, d_model=2048, n_layers=16, n_heads=16, mlp_hidden=5632)
+_TNL_7B = ModelConfig(kind="tnl", vocab_size=64000, d_model=4096, n_layers=30, n_heads=32, mlp_hidden=11008,
+                      dtype="bfloat16", remat="full")
+_TINY = ModelConfig(kind="tnl", vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128, ce_chunk=64)
+
+
+def _hybrid(cfg: ModelConfig, every: int = 4) -> ModelConfig:
+    return cfg.replace(softmax_layers=every, softmax_kv_heads=max(1, cfg.n_heads // 4))
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "tnl-tiny": _TINY,
+    "tnl-0.4b": _TNL_04B,
+    "tnl-1b": _TNL_1B,
+    "tnl-7b": _TNL_7B,
+    "lt-tiny": _TINY.replace(kind="linear_transformer"),
+    "lt-0.4b": _TNL_04B.replace(kind="linear_transformer"),
+    "lt-1b": _TNL_1B.replace(kind="linear_transformer"),
+    "tnl-tiny-hybrid": _hybrid(_TINY, every=2),
+    "tnl-0.4b-hybrid": _hybrid(_TNL_04B),
+    "tnl-1b-hybrid": _hybrid(_TNL_1B),
+    "tnl-7b-hybrid": _hybrid(_TNL_7B),
+    "lt-1b-hybrid": _hybrid(_TNL_1B.replace(kind="linear_transformer")),
+}
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """The config called `name`; ValueError listing the known names otherwise."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    return MODEL_CONFIGS[name]

@@ -1,0 +1,121 @@
+"""ModelConfig: one frozen description of every model in this package (TNL, Linear Transformer, hybrids).
+
+A model is a stack of pre-norm residual blocks: token mixer (linear attention, or softmax attention in the
+layers `softmax_layers` names) then channel mixer (SGLU). The config also carries how the model meets a mesh
+(which axes the batch, the sequence and the parameters shard over), how much it recomputes in the backward
+(remat) and in how many pieces the cross-entropy is computed, so one config runs from a CPU toy to 7B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+KINDS = ("tnl", "linear_transformer")
+REMAT = ("none", "block", "full", "offload")
+STRATEGIES = ("ring", "allgather", "scan")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # --- architecture ---
+    kind: Literal["tnl", "linear_transformer"] = "tnl"  # token mixer of the linear layers
+    vocab_size: int = 64000
+    d_model: int = 1024
+    n_layers: int = 24
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # K/V heads of the linear layers (GQA/MQA); None: n_heads
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int | None = None  # SGLU hidden size; None: round(mlp_ratio * d_model) up to a multiple of 256
+    mlp_ratio: float = 8 / 3
+    # Softmax-attention layers (hybrids): () none; an int k: every k-th layer (k-1, 2k-1, ...); or a tuple of
+    # layer indices.
+    softmax_layers: int | tuple[int, ...] = ()
+    softmax_kv_heads: int | None = None  # K/V heads of the softmax layers; None: n_kv_heads
+    rope_theta: float = 10000.0  # rotary positions of the softmax layers (linear layers need none)
+    tie_embeddings: bool = True  # the LM head reuses the token embedding (TNL's Hugging Face models do)
+    scale_embedding: bool = True  # multiply embeddings by sqrt(d_model) (TNL); False for plain LT
+    norm_eps: float = 1e-6  # SRMSNorm's epsilon
+    lt_output_norm: bool = True  # Linear Transformer: SRMSNorm on the attention output (see models/attention.py)
+    init_std: float = 0.02  # normal init of every matrix and of the embedding (TNL's init_std)
+
+    # --- numerics and memory ---
+    dtype: str = "float32"  # compute dtype of activations and matmuls, e.g. "bfloat16"
+    param_dtype: str = "float32"  # master weights
+    remat: Literal["none", "block", "full", "offload"] = "none"
+    # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
+    # full: per block, keep only its input; offload: like full, with the block inputs moved to host memory.
+    ce_chunk: int = 1024  # positions (per sequence, per seq rank) in one cross-entropy chunk
+
+    # --- parallelism ---
+    seq_axis: str = "seq"  # mesh axis the sequence is split over (LASP)
+    batch_axes: tuple[str, ...] = ("data",)  # mesh axes the batch is split over
+    param_axis: str | None = "data"  # mesh axis parameters are sharded over (ZeRO-3 / FSDP); None: replicate
+    strategy: Literal["ring", "allgather", "scan"] = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
+    attn_impl: str = "auto"  # per-device linear attention implementation (lasp_jax impl=)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"ModelConfig: {msg}")
+
+        if self.kind not in KINDS:
+            bad(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.remat not in REMAT:
+            bad(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.strategy not in STRATEGIES:
+            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ce_chunk"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            bad(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        for name in ("n_kv_heads", "softmax_kv_heads"):
+            h = getattr(self, name)
+            if h is not None and (h < 1 or self.n_heads % h):
+                bad(f"{name}={h} must divide n_heads={self.n_heads}")
+        if isinstance(self.softmax_layers, int):
+            if self.softmax_layers < 0:
+                bad(f"softmax_layers as every-k must be >= 1 (or 0 / () for none), got {self.softmax_layers}")
+        else:
+            layers = tuple(self.softmax_layers)
+            if any(not 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
+                bad(f"softmax_layers {layers} must be distinct layer indices in [0, {self.n_layers})")
+        if self.batch_axes and self.seq_axis in self.batch_axes:
+            bad(f"seq_axis {self.seq_axis!r} cannot also be a batch axis {self.batch_axes}")
+        if self.softmax_set and self.resolved_head_dim % 2:
+            bad(f"softmax layers use rotary positions, which need an even head_dim, got {self.resolved_head_dim}")
+
+    # --- derived ---
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def resolved_softmax_kv_heads(self) -> int:
+        return self.softmax_kv_heads if self.softmax_kv_heads is not None else self.resolved_kv_heads
+
+    @property
+    def resolved_mlp_hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        h = int(round(self.mlp_ratio * self.d_model))
+        return -(-h // 256) * 256 if h >= 256 else h
+
+    @property
+    def softmax_set(self) -> frozenset[int]:
+        """Indices of the softmax-attention layers."""
+        if isinstance(self.softmax_layers, int):
+            k = self.softmax_layers
+            return frozenset(range(k - 1, self.n_layers, k)) if k else frozenset()
+        return frozenset(self.softmax_layers)
+
+    def layer_kind(self, i: int) -> str:
+        """'softmax' or the linear kind ('tnl' / 'linear_transformer') of layer i."""
+        return "softmax" if i in self.softmax_set else self.kind
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

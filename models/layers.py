@@ -1,0 +1,80 @@
+"""Building blocks shared by every model: sharded dense and embedding, SRMSNorm, the SGLU channel mixer.
+
+Numerics: weights are stored in `param_dtype` (fp32 master weights) and cast to the compute `dtype` at use;
+normalisation statistics are taken in fp32. Every matrix is initialised N(0, init_std^2), as TNL does.
+Each parameter carries its ZeRO-3 PartitionSpec as nnx metadata (`out_sharding`), so
+`nnx.get_partition_spec(nnx.state(model))` gives the layout over `cfg.param_axis`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import sharding
+from models.config import ModelConfig
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], cfg: ModelConfig) -> nnx.Param:
+    init = jax.nn.initializers.normal(stddev=cfg.init_std)
+    value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+    # Placed on its sharding at once when built under a mesh; without one the spec is only recorded.
+    return nnx.Param(value, out_sharding=sharding.param_sharding(shape, cfg),
+                     eager_sharding=sharding.ambient_mesh() is not None)
+
+
+class Dense(nnx.Module):
+    """y = x W, no bias (TNL and LT use none). W [d_in, d_out]."""
+
+    def __init__(self, d_in: int, d_out: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (d_in, d_out), cfg)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., d_in] -> [..., d_out] in the compute dtype."""
+        w = sharding.gather_param(self.kernel[...]).astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), w)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.table = _param(rngs, (cfg.vocab_size, cfg.d_model), cfg)
+        self.cfg = cfg
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int -> [B, T, D] in the compute dtype, on the activation layout."""
+        table = sharding.gather_param(self.table[...]).astype(jnp.dtype(self.cfg.dtype))
+        spec = sharding.activation_spec(self.cfg, 3)
+        mesh = sharding.ambient_mesh()
+        if mesh is not None and tokens.ndim == 2 and any(entry is not None for entry in spec) and any(
+                t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return table.at[tokens].get(out_sharding=spec)
+        return jnp.take(table, tokens, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """h [..., D] -> logits [..., V] against the embedding (tied head), compute dtype."""
+        table = sharding.gather_param(self.table[...]).astype(h.dtype)
+        return jnp.dot(h, table.T)
+
+
+def srms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """SRMSNorm (TransNormerLLM): x / rms(x), no learned scale; statistics in fp32, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class SGLU(nnx.Module):
+    """Simple GLU channel mixer (TransNormerLLM): out = W_o [(x W_u) * (x W_v)], no activation."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hidden = cfg.resolved_mlp_hidden
+        self.up = Dense(cfg.d_model, hidden, cfg, rngs=rngs)
+        self.gate = Dense(cfg.d_model, hidden, cfg, rngs=rngs)
+        self.down = Dense(hidden, cfg.d_model, cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> [..., D]."""
+        return self.down(self.up(x) * self.gate(x))

@@ -1,0 +1,187 @@
+"""LanguageModel: embedding, a stack of pre-norm blocks, final SRMSNorm, LM head; loss, decoding, counting.
+
+    x = embed(tokens) * sqrt(D) (scale_embedding)
+    per layer l:  x = x + mixer_l(SRMSNorm(x));  x = x + SGLU(SRMSNorm(x))
+    logits = SRMSNorm(x) E^T (tied) or SRMSNorm(x) W_head
+
+mixer_l is linear attention (TNL or Linear Transformer, models.attention) or, for the layers in
+cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis) after
+every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer, the
+d x d state (linear) or a KV cache (softmax), so a linear layer's step costs the same at any position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from models import sharding
+from models.attention import LinearMixer
+from models.config import ModelConfig
+from models.layers import SGLU, Dense, Embed, srms_norm
+from models.loss import cross_entropy_sums
+from models.softmax import SoftmaxMixer
+
+_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+_BLOCK_INPUT = "block_input"
+
+
+class Block(nnx.Module):
+    """One pre-norm residual block: token mixer then SGLU channel mixer."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        mixer = SoftmaxMixer if cfg.layer_kind(layer) == "softmax" else LinearMixer
+        self.mixer = mixer(cfg, layer, rngs=rngs)
+        self.mlp = SGLU(cfg, rngs=rngs)
+
+    def _mlp(self, x):
+        return x + self.mlp(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D] on the activation layout."""
+        x = checkpoint_name(x, _BLOCK_INPUT)
+        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
+        return sharding.constrain_activation(self._mlp(x), self.cfg)
+
+    def prefill(self, x, state):
+        y, state = self.mixer.prefill(srms_norm(x, self.cfg.norm_eps), state)
+        return self._mlp(x + y.astype(x.dtype)), state
+
+    def step(self, x, state, pos):
+        y, state = self.mixer.step(srms_norm(x, self.cfg.norm_eps), state, pos)
+        return self._mlp(x + y.astype(x.dtype)), state
+
+
+def _run_block(block: Block, x):
+    return block(x)
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM over cfg; see the module docstring for the computation."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, cfg, rngs=rngs)
+
+    # --- forward ---
+    def _embed(self, tokens):
+        x = self.embed(tokens)
+        if self.cfg.scale_embedding:
+            x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+        return x
+
+    def _check_tokens(self, tokens, name="tokens"):
+        if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array [B, T], got {getattr(tokens, 'dtype', None)} "
+                             f"{getattr(tokens, 'shape', tokens)}")
+
+    def hidden(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int -> final normalised hidden states [B, T, D] (compute dtype)."""
+        self._check_tokens(tokens)
+        t = tokens.shape[1]
+        w = sharding.seq_size(self.cfg)
+        if t % w:
+            raise ValueError(f"sequence length T={t} must be divisible by the {self.cfg.seq_axis!r} axis size {w}")
+        x = sharding.constrain_activation(self._embed(tokens), self.cfg)
+        remat = self.cfg.remat
+        if remat == "offload":
+            # Each block saves nothing but its input; the inputs go to host memory between forward and backward.
+            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+                names_which_can_be_saved=[], names_which_can_be_offloaded=[_BLOCK_INPUT],
+                offload_src="device", offload_dst="pinned_host")
+            x = nnx.remat(self._stack, policy=policy)(x)
+        else:
+            x = self._stack(x)
+        return srms_norm(x, self.cfg.norm_eps)
+
+    def _stack(self, x):
+        remat = self.cfg.remat
+        run = _run_block
+        if remat != "none":
+            run = nnx.remat(_run_block, policy=_POLICIES.get(remat, jax.checkpoint_policies.nothing_saveable))
+        for block in self.blocks:
+            x = run(block, x)
+        return x
+
+    def _logits(self, h):
+        logits = self.embed.attend(h) if self.head is None else self.head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int32 -> logits [B, T, V] fp32 (whole; use `loss` for training at scale)."""
+        return self._logits(self.hidden(tokens))
+
+    def loss(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+        """(sum of weighted token cross-entropies, sum of weights), fp32 scalars; mean = first / second.
+
+        tokens, targets: [B, T] int32 (targets in [0, V)); weights: [B, T] (0 masks a position) or None (all 1).
+        Computed in chunks of cfg.ce_chunk positions per shard, never holding the [B, T, V] logits.
+        """
+        self._check_tokens(tokens)
+        self._check_tokens(targets, "targets")
+        if targets.shape != tokens.shape or (weights is not None and weights.shape != tokens.shape):
+            raise ValueError(f"tokens {tokens.shape}, targets {targets.shape} and weights "
+                             f"{None if weights is None else weights.shape} must have the same shape [B, T]")
+        h = self.hidden(tokens)
+        weights = jnp.ones(tokens.shape, jnp.float32) if weights is None else weights
+        mesh = sharding.ambient_mesh()
+        seq_axis = self.cfg.seq_axis if _seq_free(self.cfg, mesh) else None
+        w, vocab_major = (self.embed.table[...], True) if self.head is None else (self.head.kernel[...], False)
+        return cross_entropy_sums(h, w, targets, weights, chunk=self.cfg.ce_chunk, vocab_major=vocab_major,
+                                  axes=sharding.batch_axes(self.cfg), seq_axis=seq_axis)
+
+    # --- decoding ---
+    def init_decode_state(self, batch_size: int, max_len: int) -> dict:
+        """Per-layer decoding state (d x d states, KV caches for softmax layers) and the next position."""
+        return {"pos": jnp.zeros((), jnp.int32),
+                "layers": tuple(b.mixer.init_state(batch_size, max_len) for b in self.blocks)}
+
+    def prefill(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """Runs a prompt [B, T0] through the full (one-device) forward from a fresh state.
+
+        Returns (logits of the last position [B, V] fp32, the state after T0 positions).
+        """
+        self._check_tokens(tokens)
+        x = self._embed(tokens)
+        layers = []
+        for block, s in zip(self.blocks, state["layers"]):
+            x, s = block.prefill(x, s)
+            layers.append(s)
+        h = srms_norm(x[:, -1], self.cfg.norm_eps)
+        return self._logits(h), {"pos": state["pos"] + tokens.shape[1], "layers": tuple(layers)}
+
+    def decode_step(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """One token per sequence: tokens [B] int32 -> (logits [B, V] fp32, the state one position later)."""
+        if getattr(tokens, "ndim", None) != 1:
+            raise ValueError(f"decode_step takes tokens [B], got shape {getattr(tokens, 'shape', tokens)}")
+        x = self._embed(tokens[:, None])[:, 0]
+        pos = state["pos"]
+        layers = []
+        for block, s in zip(self.blocks, state["layers"]):
+            x, s = block.step(x, s, pos)
+            layers.append(s)
+        return self._logits(srms_norm(x, self.cfg.norm_eps)), {"pos": pos + 1, "layers": tuple(layers)}
+
+
+def _seq_free(cfg: ModelConfig, mesh) -> bool:
+    """Whether the seq axis is still to be split by us (present and not already manual)."""
+    return mesh is not None and cfg.seq_axis in mesh.axis_names and cfg.seq_axis not in mesh.manual_axes
+
+
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LanguageModel:
+    """A freshly initialised LanguageModel (parameters sharded at once when built under a mesh)."""
+    return LanguageModel(cfg, rngs=rngs)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of cfg's model, from shapes only (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

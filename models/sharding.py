@@ -1,0 +1,109 @@
+"""How the models meet a mesh: the one place that reads the ambient mesh.
+
+Parameters carry a PartitionSpec over `cfg.param_axis` (ZeRO-3 / FSDP: every parameter's largest dim that
+divides is split); activations are [B, T, ...] split over (batch axes, seq axis). The model code calls the
+helpers below and never asks whether a mesh exists: with no mesh (or a mesh without those axes) they are the
+identity, on an Auto mesh they are sharding constraints, and on an Explicit mesh they reshard (the weight
+all-gather of ZeRO-3 is then spelled out, since Explicit matmuls refuse operands sharded on a contracted dim).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, PartitionSpec as P
+
+from models.config import ModelConfig
+
+
+def ambient_mesh():
+    """The mesh set with `jax.set_mesh`, or None when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def _free_axes(mesh) -> set[str]:
+    """Mesh axes that are not already manual (inside a caller's shard_map a manual axis is local)."""
+    return set(mesh.axis_names) - set(mesh.manual_axes)
+
+
+def batch_axes(cfg: ModelConfig, mesh=None) -> tuple[str, ...]:
+    """The configured batch axes present (and not manual) on the mesh."""
+    mesh = mesh if mesh is not None else ambient_mesh()
+    if mesh is None:
+        return ()
+    free = _free_axes(mesh)
+    return tuple(a for a in cfg.batch_axes if a in free)
+
+
+def seq_size(cfg: ModelConfig, mesh=None) -> int:
+    """Size of the sequence-parallel axis (1 when absent); a manual seq axis still counts."""
+    mesh = mesh if mesh is not None else ambient_mesh()
+    if mesh is None or cfg.seq_axis not in mesh.axis_names:
+        return 1
+    return mesh.shape[cfg.seq_axis]
+
+
+def _is_explicit(mesh, axes) -> bool:
+    return any(mesh._name_to_type[a] == AxisType.Explicit for a in axes)
+
+
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """Puts x on `spec` of the ambient mesh (reshard on Explicit axes, a constraint on Auto ones)."""
+    mesh = ambient_mesh()
+    if mesh is None:
+        return x
+    used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+    if not used:
+        return x
+    if _is_explicit(mesh, used):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def activation_spec(cfg: ModelConfig, ndim: int) -> P:
+    """P(batch axes, seq axis, None, ...) restricted to the axes the ambient mesh has free."""
+    mesh = ambient_mesh()
+    if mesh is None:
+        return P()
+    b = batch_axes(cfg, mesh)
+    s = cfg.seq_axis if cfg.seq_axis in _free_axes(mesh) else None
+    return P(b or None, s, *([None] * (ndim - 2)))
+
+
+def constrain_activation(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x [B, T, ...] split over (batch axes, seq axis)."""
+    return constrain(x, activation_spec(cfg, x.ndim))
+
+
+def gather_param(w: jax.Array) -> jax.Array:
+    """The whole parameter for a matmul: the ZeRO-3 all-gather, explicit on Explicit meshes.
+
+    On Auto meshes XLA places the gather itself (the activations are constrained), so nothing is added.
+    """
+    mesh = ambient_mesh()
+    if mesh is None:
+        return w
+    spec = getattr(jax.typeof(w).sharding, "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return w
+    return jax.sharding.reshard(w, P())
+
+
+def param_sharding(shape: tuple[int, ...], cfg: ModelConfig) -> tuple[str | None, ...]:
+    """ZeRO-3 spec of a parameter: `param_axis` on its largest dim that the axis size divides.
+
+    The axis size is read from the ambient mesh when one is set at build time; without one, the largest dim is
+    taken (paper-size dims are multiples of any practical data-parallel degree). Vectors, parameters with no
+    divisible dim, and any parameter built under a mesh without that axis stay replicated.
+    """
+    none = (None,) * len(shape)
+    if cfg.param_axis is None or len(shape) < 2:
+        return none
+    mesh = ambient_mesh()
+    if mesh is not None and cfg.param_axis not in mesh.axis_names:
+        return none
+    size = mesh.shape[cfg.param_axis] if mesh is not None else 1
+    for dim in sorted(range(len(shape)), key=lambda i: (-shape[i], i)):
+        if shape[dim] % size == 0:
+            return tuple(cfg.param_axis if i == dim else None for i in range(len(shape)))
+    return none

@@ -1,0 +1,89 @@
+"""Softmax-attention token mixer for the softmax layers of hybrid models (LASP-2H).
+
+    q = RoPE(x W_q), k = RoPE(x W_k), v = x W_v       (GQA: softmax_kv_heads K/V heads)
+    o = W_o causal_softmax(q k^T / sqrt(hd)) v
+
+Rotary positions are global (computed on the global [B, T] layout, so a sequence-sharded rank sees its own
+positions). With the sequence sharded, K and V are all-gathered over the seq axis and the causal mask is taken
+in global positions (lasp_jax.parallel.softmax_allgather); on one device the same function runs with offset 0.
+Decoding keeps a KV cache [B, max_len, Hkv, hd] per softmax layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lasp_jax.parallel.softmax_allgather import causal_softmax_attention, softmax_allgather_attention
+from models import sharding
+from models.config import ModelConfig
+from models.layers import Dense
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half form. x [..., T, heads, hd]; positions [T] int -> same shape and dtype."""
+    hd = x.shape[-1]
+    freq = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2.0 / hd)
+    angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, hd/2]
+    cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]
+    xf = x.astype(jnp.float32)
+    a, b = xf[..., : hd // 2], xf[..., hd // 2:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
+
+
+class SoftmaxMixer(nnx.Module):
+    """Causal softmax attention with GQA and RoPE; sequence-parallel through an all-gather of K and V."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, hkv, hd = cfg.n_heads, cfg.resolved_softmax_kv_heads, cfg.resolved_head_dim
+        self.q = Dense(cfg.d_model, h * hd, cfg, rngs=rngs)
+        self.k = Dense(cfg.d_model, hkv * hd, cfg, rngs=rngs)
+        self.v = Dense(cfg.d_model, hkv * hd, cfg, rngs=rngs)
+        self.o = Dense(h * hd, cfg.d_model, cfg, rngs=rngs)
+
+    def _qkv(self, x, positions):
+        """x [B, T, D], positions [T] -> q [B, T, H, hd], k, v [B, T, Hkv, hd] (q, k rotated)."""
+        hd, theta = self.cfg.resolved_head_dim, self.cfg.rope_theta
+        split = lambda y: y.reshape(*y.shape[:-1], -1, hd)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        return rope(q, positions, theta), rope(k, positions, theta), v
+
+    def _out(self, o):
+        return self.o(o.reshape(*o.shape[:-2], -1))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        cfg = self.cfg
+        q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
+        if sharding.seq_size(cfg) > 1:
+            o = softmax_allgather_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axes=sharding.batch_axes(cfg))
+        else:
+            o = causal_softmax_attention(q, k, v)
+        return self._out(o)
+
+    def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+        """An empty KV cache: k, v [B, max_len, Hkv, hd] in the compute dtype."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.resolved_softmax_kv_heads, cfg.resolved_head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return {"k": zeros, "v": zeros}
+
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Whole prompt from an empty cache. x [B, T, D] -> (y [B, T, D], cache holding positions [0, T))."""
+        t = x.shape[1]
+        if t > cache["k"].shape[1]:
+            raise ValueError(f"prompt of {t} positions does not fit a KV cache of {cache['k'].shape[1]}")
+        q, k, v = self._qkv(x, jnp.arange(t))
+        cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype), 0, axis=1)
+                 for name, val in (("k", k), ("v", v))}
+        return self._out(causal_softmax_attention(q, k, v)), cache
+
+    def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+        """One token at position `pos`: x [B, D] -> (y [B, D], cache with position pos written)."""
+        q, k, v = self._qkv(x[:, None], pos[None])
+        cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype), pos, axis=1)
+                 for name, val in (("k", k), ("v", v))}
+        o = causal_softmax_attention(q, cache["k"], cache["v"], q_offset=pos)  # rows see columns <= pos only
+        return self._out(o)[:, 0], cache
