@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> RunResult:
                           cfg.seq_len)
     speed = Throughput(tokens_per_step, fpt, len(devices), peak_tflops(devices[0].device_kind, cfg.peak_tflops))
     schedule = learning_rate(cfg)
-    bar = Progress(start, cfg.steps, enabled=main and cfg.progress)
+    bar = Progress(start, cfg.steps, bar=main and cfg.progress, messages=main)
     if main:
         bar.write(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, mesh {dict(axes)} on {len(devices)} "
                   f"{devices[0].platform} devices, {len(train_windows)} training sequences of {cfg.seq_len} "

@@ -1,6 +1,7 @@
 """The progress bar: tqdm on process 0 with the latest loss, tokens/s, MFU and device memory.
 
-Other processes (and runs with progress=False) get a bar that does nothing, so the loop has one code path.
+Other processes get a bar that shows nothing; runs with progress=False on process 0 still print the messages
+(`write`), without the bar. The loop has one code path either way.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from tqdm.auto import tqdm
 class Progress:
     """A bar over [start, total) steps; `update(step, **metrics)` moves it to `step` and shows the metrics."""
 
-    def __init__(self, start: int, total: int, enabled: bool):
+    def __init__(self, start: int, total: int, *, bar: bool, messages: bool):
         self._bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                         file=sys.stdout, disable=not enabled, mininterval=0.5)
+                         file=sys.stdout, disable=not bar, mininterval=0.5)
+        self._messages = messages
         self._at = start
 
     def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None,
@@ -35,8 +37,11 @@ class Progress:
             self._bar.set_postfix(shown, refresh=False)
 
     def write(self, message: str) -> None:
-        """Prints a line above the bar (or plainly when disabled on process 0)."""
-        if not self._bar.disable:
+        """Prints a line above the bar (plainly when there is no bar)."""
+        if self._bar.disable:
+            if self._messages:
+                print(message, flush=True)
+        else:
             self._bar.write(message, file=sys.stdout)
 
     def close(self) -> None:
