@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import types
 
-from lasp_jax.ops import reference, xla
+from lasp_jax.ops import pallas_triton, reference, xla
 
-IMPLS: dict[str, types.ModuleType] = {"reference": reference, "xla": xla}
+# "pallas_triton" runs on the GPUs its tests passed on (see its `supported`); "pallas_triton_interpret" is the
+# same kernels in Pallas interpret mode, on any platform (slow: for tests).
+IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
+    "reference": reference,
+    "xla": xla,
+    "pallas_triton": pallas_triton,
+    "pallas_triton_interpret": pallas_triton.INTERPRET,
+}
 AUTO_ORDER: tuple[str, ...] = ("xla",)
 
 

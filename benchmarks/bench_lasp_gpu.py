@@ -1,0 +1,97 @@
+"""Several GPUs: lasp_attention (ring, allgather, scan) at a fixed number of tokens per GPU, against our own
+one-GPU time at that length, bf16, B=1, H=16, d=128, TNL slopes; forward and forward+backward.
+
+    python3 -m benchmarks.bench_lasp_gpu [--per-gpu 65536] [--impl pallas_triton] [--out DIR]
+
+The LASP package's lasp_fuse_parallel runs beside it through torchrun (benchmarks/peer_lasp_parallel.py);
+the two write lasp_gpu.json and lasp_peer.json under --out, and this script's table reads the peer's file if
+it is there. Timing as in bench_ops_gpu (back-to-back calls, median of rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import lasp_jax  # noqa: E402
+from benchmarks.bench_ops_gpu import jax_fns, jax_inputs, slopes, time_jax  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-gpu", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--impl", default="pallas_triton")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    devices = jax.devices()
+    w, t, h, d = len(devices), args.per_gpu, args.heads, args.dim
+    s = slopes(h)
+    meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + " ".join(argv or os.sys.argv[1:]),
+            "device": f"{w} x {devices[0].device_kind}",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"jax": jax.__version__}, "shape_per_gpu": [1, t, h, d]}
+    rows = []
+
+    # One GPU at the per-GPU length.
+    one = jax_inputs(1, t, h, d)
+    fwd, fwd_bwd = jax_fns(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=args.impl))
+    rows.append({"run": f"1 GPU, T={t}", "fwd_ms": time_jax(fwd, one[:3], args.iters, args.reps),
+                 "fwd_bwd_ms": time_jax(fwd_bwd, one, args.iters, args.reps)})
+    print(json.dumps(rows[-1]), flush=True)
+    del one
+
+    mesh = jax.make_mesh((w,), ("seq",), devices=devices)
+    spec = NamedSharding(mesh, P(None, "seq"))
+    full = [jax.device_put(x, spec) for x in jax_inputs(1, w * t, h, d)]
+    for strategy in ("ring", "allgather", "scan"):
+        fwd, fwd_bwd = jax_fns(lambda q, k, v, strategy=strategy: lasp_jax.lasp_attention(
+            q, k, v, jnp.asarray(s), mesh=mesh, strategy=strategy, impl=args.impl))
+        row = {"run": f"{w} GPUs lasp_attention {strategy}, T={w * t}"}
+        try:
+            row["fwd_ms"] = time_jax(fwd, full[:3], args.iters, args.reps)
+            row["fwd_bwd_ms"] = time_jax(fwd_bwd, full, args.iters, args.reps)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "lasp_gpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    peer_path = os.path.join(args.out, "lasp_peer.json")
+    if os.path.exists(peer_path):
+        with open(peer_path) as f:
+            rows.append(json.load(f))
+    base = rows[0]["fwd_bwd_ms"]
+    peer = next((r["fwd_bwd_ms"] for r in rows if "lasp_fuse_parallel" in r["run"] and "fwd_bwd_ms" in r), None)
+    lines = [f"Device: {meta['device']}; date: {meta['date']}; jax {jax.__version__}; per GPU: B=1, T={t}, "
+             f"H={h}, d={d}, bf16", f"Command: `{meta['command']}`", "",
+             "| run | fwd ms | fwd+bwd ms | fwd+bwd / 1-GPU | lasp_fuse_parallel / this |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | error: {r['error'][:100]} | | | |")
+            continue
+        ratio = f"{peer / r['fwd_bwd_ms']:.1f}x" if peer else "-"
+        lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['fwd_bwd_ms'] / base:.2f} | {ratio} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "lasp_gpu.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Fused Pallas kernels (Triton lowering) for the per-device contract: the LASP split, one level down.
+
+One program per (batch, head, piece, tile) walks the chunks of its piece with the d_k x d_v state kept on chip.
+A sequence of T positions is cut into P pieces of whole chunks, so that B * H * P * tiles programs fill the GPU
+even at B = 1, H = 16 (one program per (batch, head) would leave most of it idle):
+
+    forward   state pass   m_p   = sum_{x in p} lambda^(end_p - x) k_x^T v_x         (reads K, V)
+              piece scan   S_p   = sum_{j < p} lambda^(L (p - 1 - j)) m_j              ([P, P] weights, XLA)
+              output pass  O     = chunkwise [(Q K^T) * M] V + lambda^i Q S, S walks   (reads Q, K, V, S_p)
+    backward  the same state pass and scan for S_p, and, mirrored, d_p = sum_x lambda^(x - start_p) q_x^T dO_x
+              with its reverse scan G_p (the state cotangent at the end of piece p); then
+              dQ walks forward with S (reads dO, K, V);  dK and dV walk backward with dS (read Q, K, V, dO),
+              in one kernel when the whole state fits one tile, else one kernel each.
+
+Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
+as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
+inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0.
+T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no
+output or state); only such ragged T pays that copy.
+
+Platforms: the Triton lowering runs on CUDA GPUs; "auto" picks these kernels only on the GPUs their tests
+passed on (H100 and H200; A100 is expected to work through the same lowering but is untested, so `supported`
+refuses it). `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+_F32 = jnp.float32
+_HIGHEST = lax.Precision.HIGHEST
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_TESTED_GPUS = ("H100", "H200")  # device kinds whose GPU tests passed (tests/ops/test_pallas_triton.py -m gpu)
+_RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes and launch parameters.
+
+    chunk: positions per chunk (the dense intra-chunk block). block_k, block_v: head-dim tiles of the state
+    (capped at the head dims); the output and dV passes tile Dv, the dQ and dK passes tile Dk. target_programs:
+    the forward grid is sized to about this many programs by the piece count (a few per SM). min_piece_chunks:
+    fewest chunks per piece (shorter pieces spend more on the piece scan than they gain). fuse_dkdv: one
+    backward kernel for dK and dV when the whole state is one tile (reads Q and dO once instead of twice).
+    interpret: run in Pallas interpret mode (any platform, slow; for tests).
+    """
+
+    chunk: int = 64
+    block_k: int = 64
+    block_v: int = 64
+    target_programs: int = 512
+    min_piece_chunks: int = 4
+    fuse_dkdv: bool = True
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool = False
+
+
+DEFAULT = Config()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels. Refs hold one piece: [L, D] rows of one (batch, head), states [Dk or tile, Dv or tile] float32.
+
+
+def _dot(a, b, precision):
+    return jnp.dot(a, b, preferred_element_type=_F32, precision=precision)
+
+
+def _decays(rate_ref, c):
+    """Decay tables of one head from its rate s: mask M[i, j] = lambda^(i - j) (i >= j), lambda^i,
+    lambda^(C - j) and lambda^C, all exp(-s * n) with n >= 0."""
+    s = jnp.max(rate_ref[...])
+    i = jnp.arange(c, dtype=jnp.int32).astype(_F32)
+    gap = i[:, None] - i[None, :]
+    mask = jnp.where(gap >= 0, jnp.exp(-s * jnp.maximum(gap, 0.0)), 0.0)
+    return mask, jnp.exp(-s * i), jnp.exp(-s * (c - i)), jnp.exp(-s * c)
+
+
+def _weighted(x, w):
+    """diag(w) x in x's dtype (a matmul operand)."""
+    return (x.astype(_F32) * w[:, None]).astype(x.dtype)
+
+
+def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision):
+    """Forward: sum_x lambda^(L - x) x_x^T y_x (K, V); reverse: sum_x lambda^x x_x^T y_x (Q, dO)."""
+    n_chunks = x_ref.shape[0] // c
+    _, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    w = q_decay if reverse else k_decay
+
+    def chunk_sum(n):
+        rows = pl.ds((n_chunks - 1 - n if reverse else n) * c, c)
+        return _dot(_weighted(x_ref[rows, :], w).T, y_ref[rows, :], precision)
+
+    # The first chunk starts the sum: zeros would not vary over shard_map's manual axes like the refs do.
+    out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: chunk_decay * acc + chunk_sum(n), chunk_sum(0))
+
+
+def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision):
+    """O = [(Q K^T) * M] V + lambda^i Q S per chunk; S walks forward from the piece's incoming state."""
+    n_chunks = q_ref.shape[0] // c
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    dt = q_ref.dtype
+
+    def body(n, state):
+        rows = pl.ds(n * c, c)
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        scores = _dot(q, k.T, precision) * mask
+        o = _dot(scores.astype(dt), v, precision) + q_decay[:, None] * _dot(q, state.astype(dt), precision)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
+
+    lax.fori_loop(0, n_chunks, body, s_ref[...])
+
+
+def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision):
+    """dQ = [(dO V^T) * M] K + lambda^i dO S^T; S (a Dk tile) walks forward."""
+    n_chunks = do_ref.shape[0] // c
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    dt = k_ref.dtype
+
+    def body(n, state):
+        rows = pl.ds(n * c, c)
+        do, k, v = do_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        a = _dot(do, v.T, precision) * mask
+        dq = _dot(a.astype(dt), k, precision) + q_decay[:, None] * _dot(do, state.astype(dt).T, precision)
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
+
+    lax.fori_loop(0, n_chunks, body, s_ref[...])
+
+
+def _dk_kernel(rate_ref, q_ref, v_ref, do_ref, g_ref, dk_ref, *, c, precision):
+    """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T; dS (a Dk tile) walks backward."""
+    n_chunks = q_ref.shape[0] // c
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    dt = q_ref.dtype
+
+    def body(n, ds):
+        rows = pl.ds((n_chunks - 1 - n) * c, c)
+        q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        a = _dot(do, v.T, precision) * mask
+        dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds.astype(dt).T, precision)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
+
+    lax.fori_loop(0, n_chunks, body, g_ref[...])
+
+
+def _dv_kernel(rate_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, *, c, precision):
+    """dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS; dS (a Dv tile) walks backward."""
+    n_chunks = q_ref.shape[0] // c
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    dt = q_ref.dtype
+
+    def body(n, ds):
+        rows = pl.ds((n_chunks - 1 - n) * c, c)
+        q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+        scores = _dot(q, k.T, precision) * mask
+        dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds.astype(dt), precision)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
+
+    lax.fori_loop(0, n_chunks, body, g_ref[...])
+
+
+def _dkdv_kernel(rate_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dk_ref, dv_ref, *, c, precision):
+    """dK and dV of `_dk_kernel` and `_dv_kernel` in one backward walk with the whole dS on chip."""
+    n_chunks = q_ref.shape[0] // c
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    dt = q_ref.dtype
+
+    def body(n, ds):
+        rows = pl.ds((n_chunks - 1 - n) * c, c)
+        q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        ds_op = ds.astype(dt)
+        a = _dot(do, v.T, precision) * mask
+        dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        scores = _dot(q, k.T, precision) * mask
+        dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
+
+    lax.fori_loop(0, n_chunks, body, g_ref[...])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch plumbing.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How a call is cut: `pieces` pieces of `piece_len` positions after `pad` zero positions in front."""
+
+    chunk: int
+    pieces: int
+    piece_len: int
+    pad: int
+    block_k: int
+    block_v: int
+
+
+def _plan(q, v, config: Config) -> _Plan:
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    c = config.chunk
+    block_k, block_v = min(config.block_k, dk), min(config.block_v, dv)
+    n_chunks = -(-t // c)
+    want = max(1, -(-config.target_programs // (b * h * (dv // block_v))))
+    want = max(1, min(want, n_chunks // config.min_piece_chunks))
+    # Prefer a piece count that divides the chunks (no padding) unless it would halve the parallelism.
+    pieces = next((p for p in range(want, (want - 1) // 2, -1) if n_chunks % p == 0), want)
+    per_piece = -(-n_chunks // pieces)
+    pieces = -(-n_chunks // per_piece)
+    return _Plan(c, pieces, per_piece * c, pieces * per_piece * c - t, block_k, block_v)
+
+
+def _front_pad(x, pad):
+    return x if pad == 0 else jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0)))
+
+
+def _precision(dtype):
+    return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _out(shape, dtype, like):
+    """An output shape that varies over the same manual mesh axes as `like` (inside lasp_attention's
+    shard_map, whose check_vma needs it)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=config.interpret,
+    )(*args)
+
+
+def _rates(s):
+    return jnp.broadcast_to(s.astype(_F32)[:, None], (s.shape[0], _RATE_LANES))
+
+
+def _rate_spec():
+    return pl.BlockSpec((None, _RATE_LANES), lambda b, h, p, j: (h, 0))
+
+
+def _rows_spec(plan, d_block, head, tile):
+    """A piece of rows [L, d_block] of x [B, T, Hx, D]: head(h) picks the head, tile(j) the column block."""
+    return pl.BlockSpec((None, plan.piece_len, None, d_block), lambda b, h, p, j: (b, p, head(h), tile(j)))
+
+
+def _state_spec(rows_block, cols_block, row_tile, col_tile):
+    return pl.BlockSpec((None, None, None, rows_block, cols_block),
+                        lambda b, h, p, j: (b, h, p, row_tile(j), col_tile(j)))
+
+
+def _same(h):
+    return h
+
+
+def _zero(_):
+    return 0
+
+
+def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head):
+    """Per-piece state sums [B, H, P, Dx, Dy] float32 (see `_state_kernel`); head(h) picks x's and y's head."""
+    b, h = x.shape[0], s.shape[0]
+    dx, dy = x.shape[-1], y.shape[-1]
+    bx, by = min(config.block_k, dx), min(config.block_v, dy)
+    ny = dy // by
+    kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype))
+    return _call(
+        kernel, (b, h, plan.pieces, (dx // bx) * ny),
+        [_rate_spec(), _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
+        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
+        _out((b, h, plan.pieces, dx, dy), _F32, x),
+        config, _rates(s), x, y)
+
+
+def _scan_weights(s, plan: _Plan, rows):
+    """w[h, r, j] = lambda_h^(L (r - 1 - j)) for j < r, else 0; r in [0, rows), j in [0, P)."""
+    r = jnp.arange(rows, dtype=_F32)[:, None]
+    j = jnp.arange(plan.pieces, dtype=_F32)[None, :]
+    gap = r - 1.0 - j
+    power = jnp.exp(-s.astype(_F32)[:, None, None] * plan.piece_len * jnp.maximum(gap, 0.0))
+    return jnp.where(gap >= 0, power, 0.0)
+
+
+def _prefix(m, s, plan, rows):
+    """Exclusive decayed prefix over pieces: row r < P is the state entering piece r, row P the end state."""
+    return jnp.einsum("hrj,bhjde->bhrde", _scan_weights(s, plan, rows), m, precision=_HIGHEST)
+
+
+def _suffix(d, s, plan):
+    """Exclusive decayed suffix over pieces: the state cotangent leaving each piece [B, H, P, Dk, Dv]."""
+    return jnp.einsum("hjr,bhjde->bhrde", _scan_weights(s, plan, plan.pieces), d, precision=_HIGHEST)
+
+
+def _kv_head(q, k):
+    """Index map from query head to K/V head (GQA/MQA: K/V are indexed, never repeated)."""
+    group = q.shape[2] // k.shape[2]
+    return _same if group == 1 else (lambda h: h // group)
+
+
+def _incoming_states(q, k, v, s, plan, config):
+    """The state entering each piece from zero at the piece boundary: [B, H, P, Dk, Dv] float32."""
+    m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q, k))
+    return _prefix(m, s, plan, plan.pieces)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-device contract (S_in = 0, dS_end = 0): see lasp_jax.ops.vjp.Impl.
+
+
+def local_output(q, k, v, s, config: Config = DEFAULT):
+    """q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] float32 -> o [B,T,H,Dv] in q.dtype (S_in = 0)."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    plan = _plan(q, v, config)
+    q, k, v = (_front_pad(x, plan.pad) for x in (q, k, v))
+    s_in = _incoming_states(q, k, v, s, plan, config)
+    kv_head = _kv_head(q, k)
+    bv = plan.block_v
+    kernel = functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype))
+    o = _call(
+        kernel, (b, h, plan.pieces, dv // bv),
+        [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
+         _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
+        _rows_spec(plan, bv, _same, _same),
+        _out(q.shape[:3] + (dv,), q.dtype, q),
+        config, _rates(s), q, k, v, s_in)
+    return o[:, plan.pad:]
+
+
+def local_state(k, v, s, config: Config = DEFAULT):
+    """The piece's end state from zero. k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] -> [B,H,Dk,Dv] float32."""
+    b, t, hkv, dk = k.shape
+    h = s.shape[0]
+    q_like = jax.ShapeDtypeStruct((b, t, h, dk), k.dtype)
+    plan = _plan(q_like, v, config)
+    k, v = _front_pad(k, plan.pad), _front_pad(v, plan.pad)
+    m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q_like, k))
+    return _prefix(m, s, plan, plan.pieces + 1)[:, :, plan.pieces]
+
+
+def local_backward(q, k, v, s, do, config: Config = DEFAULT):
+    """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
+    b, t, h, dk = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    group = h // hkv
+    plan = _plan(q, v, config)
+    q, k, v, do = (_front_pad(x, plan.pad) for x in (q, k, v, do.astype(q.dtype)))
+    kv_head = _kv_head(q, k)
+    precision = _precision(q.dtype)
+    c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
+    rates = _rates(s)
+
+    s_in = _incoming_states(q, k, v, s, plan, config)
+    g = _suffix(_piece_sums(q, do, s, plan, config, reverse=True, head=_same), s, plan)
+
+    dq = _call(
+        functools.partial(_dq_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
+        [_rate_spec(), _rows_spec(plan, dv, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
+         _rows_spec(plan, dv, kv_head, _zero), _state_spec(bk, dv, _same, _zero)],
+        _rows_spec(plan, bk, _same, _same),
+        _out(q.shape, q.dtype, q),
+        config, rates, do, k, v, s_in)
+
+    # With GQA each query head writes its own share in float32; the group sum happens once, below.
+    grad_dtype = k.dtype if group == 1 else _F32
+    dk_shape = _out(q.shape, grad_dtype, q)
+    dv_shape = _out(q.shape[:3] + (dv,), grad_dtype, q)
+    if config.fuse_dkdv and bk == dk and bv == dv:
+        dk_, dv_ = _call(
+            functools.partial(_dkdv_kernel, c=c, precision=precision), (b, h, pieces, 1),
+            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
+             _rows_spec(plan, dv, kv_head, _zero), _rows_spec(plan, dv, _same, _zero),
+             _state_spec(dk, dv, _zero, _zero)],
+            [_rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dv, _same, _zero)],
+            [dk_shape, dv_shape],
+            config, rates, q, k, v, do, g)
+    else:
+        dk_ = _call(
+            functools.partial(_dk_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
+            [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dv, kv_head, _zero),
+             _rows_spec(plan, dv, _same, _zero), _state_spec(bk, dv, _same, _zero)],
+            _rows_spec(plan, bk, _same, _same), dk_shape,
+            config, rates, q, v, do, g)
+        dv_ = _call(
+            functools.partial(_dv_kernel, c=c, precision=precision), (b, h, pieces, dv // bv),
+            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
+             _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
+            _rows_spec(plan, bv, _same, _same), dv_shape,
+            config, rates, q, k, do, g)
+    if group > 1:
+        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3).astype(k.dtype)
+        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3).astype(v.dtype)
+    return dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
+
+
+def supported(q, k, v, config: Config = DEFAULT) -> str | None:
+    """None when these kernels can run these inputs here, else the reason (then "auto" falls back to XLA)."""
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in _DTYPES}:
+        return f"q, k, v must share one dtype of bfloat16, float16, float32; got {sorted(map(str, dtypes))}"
+    for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
+        if d not in _HEAD_DIMS:
+            return f"head dim {name}={d} is not one of {_HEAD_DIMS}"
+    if config.interpret:
+        return None
+    if jax.default_backend() != "gpu":
+        return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
+    kind = jax.devices()[0].device_kind
+    if not any(tested in kind for tested in _TESTED_GPUS):
+        return (f"untested on {kind!r}: these kernels passed their GPU tests on {_TESTED_GPUS} only "
+                "(the Triton lowering is expected to run on other CUDA GPUs, e.g. A100: run "
+                "`pytest -m gpu tests/ops/test_pallas_triton.py` there first)")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """These kernels under one Config, as an implementation of the contract (hashable: a custom_vjp static)."""
+
+    config: Config = DEFAULT
+
+    def local_output(self, q, k, v, s):
+        return local_output(q, k, v, s, self.config)
+
+    def local_state(self, k, v, s):
+        return local_state(k, v, s, self.config)
+
+    def local_backward(self, q, k, v, s, do):
+        return local_backward(q, k, v, s, do, self.config)
+
+    def supported(self, q, k, v):
+        return supported(q, k, v, self.config)
+
+
+INTERPRET = Kernels(dataclasses.replace(DEFAULT, interpret=True))

@@ -1,0 +1,181 @@
+"""The fused Pallas (Triton lowering) kernels against the reference.
+
+CPU (CI): the kernels run in Pallas interpret mode on small shapes, with block sizes shrunk so that every code
+path runs: several pieces, several head-dim tiles, a front-padded ragged T, GQA, the fused and the split dK/dV
+kernels. GPU (`pytest -m gpu`, on the device machine): the compiled kernels at real block sizes against the
+reference and against fla's chunk_simple_gla (g_gamma = -s, scale = 1.0) on fresh random inputs.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lasp_jax
+from lasp_jax.ops import impls, pallas_triton, reference
+from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
+
+# Small blocks so that tiny shapes still exercise pieces, tiles and padding.
+SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v=16, target_programs=64,
+                            min_piece_chunks=1, interpret=True)
+
+# (B, T, H, Hkv, Dk, Dv, fuse_dkdv): ragged T (front padding), pieces, GQA with Dk tiles, MQA with Dv tiles.
+CASES = {
+    "mha_fused": (1, 75, 2, 2, 16, 16, True),
+    "gqa_tiles": (1, 64, 4, 2, 32, 16, True),
+    "mqa_split": (1, 40, 2, 1, 16, 32, False),
+}
+
+
+def _contract(config, q, k, v, s, do):
+    return (pallas_triton.local_output(q, k, v, s, config), pallas_triton.local_state(k, v, s, config),
+            *pallas_triton.local_backward(q, k, v, s, do, config))
+
+
+def _reference_contract(q, k, v, s, do):
+    o, vjp_fn = jax.vjp(lambda q, k, v: reference.dense(q, k, v, s)[0], q, k, v)
+    return (o, reference.dense(q, k, v, s)[1], *vjp_fn(do))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_contract_matches_reference(case, rng):
+    b, t, h, hkv, dk, dv, fuse = CASES[case]
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
+    s = decay("on", h, rng)
+    do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    config = dataclasses.replace(SMALL, fuse_dkdv=fuse)
+    plan = pallas_triton._plan(q, v, config)
+    assert plan.pieces > 1, "the case must cut the sequence into several pieces"
+    got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
+    want = _reference_contract(q, k, v, s, do)
+    for name, x, ref in zip(["o", "state", "dq", "dk", "dv"], got, want):
+        assert x.shape == ref.shape and x.dtype == ref.dtype, name
+        assert np.all(np.isfinite(np.asarray(x))), name
+        assert rel_err(x, ref) < F32_TOL, name
+
+
+def test_linear_attention_with_states_bf16(rng):
+    """Through linear_attention's custom_vjp (incoming and final state terms), bf16 inputs, by name."""
+    b, t, h, hkv, dk, dv = 1, 48, 2, 1, 16, 16
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv, jnp.bfloat16)
+    s = decay("slopes", h, rng)
+    s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    w_o = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    w_s = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+
+    def loss(attend, q, k, v, s0):
+        o, final = attend(q, k, v, s0)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(final * w_s)
+
+    ours = lambda q, k, v, s0: lasp_jax.linear_attention(  # noqa: E731
+        q, k, v, s, initial_state=s0, return_final_state=True, impl="pallas_triton_interpret")
+    dense = lambda q, k, v, s0: reference.dense(q, k, v, s, s0)  # noqa: E731
+    got = jax.jit(jax.grad(lambda *x: loss(ours, *x), argnums=(0, 1, 2, 3)))(q, k, v, s0)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(lambda *x: loss(dense, *x), argnums=(0, 1, 2, 3))(*f32, s0)
+    for name, g, ref in zip(["dq", "dk", "dv", "ds0"], got, want):
+        assert g.dtype == (jnp.float32 if name == "ds0" else jnp.bfloat16), name
+        assert rel_err(g, ref) < BF16_TOL, name
+
+
+def test_supported_reasons(rng):
+    q, k, v = qkv(rng, 1, 8, 2, 1, 48, 16)
+    assert "Dk=48" in pallas_triton.supported(q, k, v, SMALL)
+    q, k, v = qkv(rng, 1, 8, 2, 1, 16, 16)
+    assert pallas_triton.supported(q, k.astype(jnp.bfloat16), v, SMALL).startswith("q, k, v must share")
+    assert pallas_triton.supported(q, k, v, SMALL) is None
+    if jax.default_backend() != "gpu":
+        assert "CUDA GPU" in pallas_triton.supported(q, k, v)
+        assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"], "auto must not pick an untested kernel"
+        with pytest.raises(ValueError, match="cannot run these inputs"):
+            lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at their real block sizes.
+
+GPU_CASES = {  # (B, T, H, Hkv, Dk, Dv, dtype, fuse_dkdv): ragged T, GQA, fp32, d = 64, 128, 256, Dk != Dv
+    "d128_bf16_fused": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, True),
+    "d128_bf16_split": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, False),
+    "d64_gqa_f32": (1, 2048, 8, 2, 64, 64, jnp.float32, True),
+    "d256_bf16": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, True),
+    "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, True),
+}
+
+
+def _gpu_tol(dtype):
+    return 2e-3 if dtype == jnp.float32 else BF16_TOL  # fp32: IEEE matmuls; measured ~1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_matches_reference(case, rng):
+    b, t, h, hkv, dk, dv, dtype, fuse = GPU_CASES[case]
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv, dtype)
+    s = decay("slopes", h, rng)
+    do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
+    config = dataclasses.replace(pallas_triton.DEFAULT, fuse_dkdv=fuse)
+    assert pallas_triton.supported(q, k, v, config) is None
+    got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
+    want = _reference_contract(*(x.astype(jnp.float32) for x in (q, k, v)), s, do.astype(jnp.float32))
+    for name, x, ref in zip(["o", "state", "dq", "dk", "dv"], got, want):
+        assert x.shape == ref.shape, name
+        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
+        assert rel_err(x, ref) < _gpu_tol(dtype), (name, rel_err(x, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_matches_fla(dtype, rng):
+    """Against fla's chunk_simple_gla (g_gamma = -s, scale = 1), outputs and gradients, same inputs."""
+    torch = pytest.importorskip("torch")
+    fla_ops = pytest.importorskip("fla.ops.simple_gla")
+    b, t, h, d = 1, 8192, 4, 128
+    q, k, v = qkv(rng, b, t, h, h, d, d, dtype)
+    s = decay("slopes", h, rng)
+    do = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+    o, vjp_fn = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl="pallas_triton"), q, k, v)
+    ours = (o, *vjp_fn(do))
+
+    tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+    tq, tk, tv, tdo = (torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=tdtype) for x in (q, k, v, do))
+    for x in (tq, tk, tv):
+        x.requires_grad_(True)
+    g_gamma = -torch.tensor(np.asarray(s), device="cuda", dtype=torch.float32)
+    to, _ = fla_ops.chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)
+    to.backward(tdo)
+    theirs = [x.detach().float().cpu().numpy() for x in (to, tq.grad, tk.grad, tv.grad)]
+    ref = _reference_contract(*(x.astype(jnp.float32) for x in (q, k, v)), s, do.astype(jnp.float32))
+    ref = [ref[0], *ref[2:]]
+    for name, x, y, r in zip(["o", "dq", "dk", "dv"], ours, theirs, ref):
+        # Both against the fp32 reference, and against each other.
+        assert rel_err(x, r) < _gpu_tol(dtype), (name, "ours", rel_err(x, r))
+        assert rel_err(y, r) < max(_gpu_tol(dtype), 1e-2), (name, "fla", rel_err(y, r))
+        assert rel_err(x, y) < 2 * max(_gpu_tol(dtype), 1e-2), (name, "ours vs fla", rel_err(x, y))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "scan"])
+def test_gpu_lasp_attention(strategy, rng):
+    """The same kernels under lasp_attention's shard_map, over every GPU here (one or more ranks).
+
+    Not on CPU: Pallas interpret mode cannot evaluate a kernel under shard_map's check_vma (jax 0.11.2)."""
+    n = len(jax.devices())
+    b, t, h, hkv, dk, dv = 1, 1024 * n, 4, 2, 64, 64
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
+    s = decay("on", h, rng)
+    w_o = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    mesh = jax.make_mesh((n,), ("seq",))
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v) * w_o)
+
+    ours = lambda q, k, v: lasp_jax.lasp_attention(  # noqa: E731
+        q, k, v, s, mesh=mesh, strategy=strategy, impl="pallas_triton")
+    got = jax.jit(jax.grad(lambda *x: loss(ours, *x), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *x: loss(lambda *y: reference.dense(*y, s)[0], *x), argnums=(0, 1, 2))(q, k, v)
+    for name, g, ref in zip(["dq", "dk", "dv"], got, want):
+        assert rel_err(g, ref) < _gpu_tol(jnp.float32), (name, rel_err(g, ref))
