@@ -319,6 +319,8 @@ def _kv_head(q, k):
 
 def _incoming_states(q, k, v, s, plan, config):
     """The state entering each piece from zero at the piece boundary: [B, H, P, Dk, Dv] float32."""
+    if plan.pieces == 1:  # one piece: nothing enters it, and the state pass over K, V is skipped
+        return jnp.zeros((q.shape[0], q.shape[2], 1, k.shape[-1], v.shape[-1]), _F32)
     m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q, k))
     return _prefix(m, s, plan, plan.pieces)
 
@@ -371,7 +373,10 @@ def local_backward(q, k, v, s, do, config: Config = DEFAULT):
     rates = _rates(s)
 
     s_in = _incoming_states(q, k, v, s, plan, config)
-    g = _suffix(_piece_sums(q, do, s, plan, config, reverse=True, head=_same), s, plan)
+    if pieces == 1:
+        g = jnp.zeros((b, h, 1, dk, dv), _F32)
+    else:
+        g = _suffix(_piece_sums(q, do, s, plan, config, reverse=True, head=_same), s, plan)
 
     dq = _call(
         functools.partial(_dq_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),

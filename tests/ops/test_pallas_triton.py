@@ -22,11 +22,13 @@ from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
 SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v=16, target_programs=64,
                             min_piece_chunks=1, interpret=True)
 
-# (B, T, H, Hkv, Dk, Dv, fuse_dkdv): ragged T (front padding), pieces, GQA with Dk tiles, MQA with Dv tiles.
+# (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): ragged T (front padding), several pieces, GQA with Dk
+# tiles, MQA with Dv tiles, and one piece (no state pass).
 CASES = {
-    "mha_fused": (1, 75, 2, 2, 16, 16, True),
-    "gqa_tiles": (1, 64, 4, 2, 32, 16, True),
-    "mqa_split": (1, 40, 2, 1, 16, 32, False),
+    "mha_fused": (1, 75, 2, 2, 16, 16, True, 64),
+    "gqa_tiles": (1, 64, 4, 2, 32, 16, True, 64),
+    "mqa_split": (1, 40, 2, 1, 16, 32, False, 64),
+    "one_piece": (1, 40, 2, 1, 16, 16, True, 1),
 }
 
 
@@ -42,13 +44,12 @@ def _reference_contract(q, k, v, s, do):
 
 @pytest.mark.parametrize("case", CASES)
 def test_contract_matches_reference(case, rng):
-    b, t, h, hkv, dk, dv, fuse = CASES[case]
+    b, t, h, hkv, dk, dv, fuse, programs = CASES[case]
     q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
     s = decay("on", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
-    config = dataclasses.replace(SMALL, fuse_dkdv=fuse)
-    plan = pallas_triton._plan(q, v, config)
-    assert plan.pieces > 1, "the case must cut the sequence into several pieces"
+    config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs)
+    assert (pallas_triton._plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
     got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
     want = _reference_contract(q, k, v, s, do)
     for name, x, ref in zip(["o", "state", "dq", "dk", "dv"], got, want):
