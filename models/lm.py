@@ -97,7 +97,7 @@ class LanguageModel(nnx.Module):
             policy = jax.checkpoint_policies.save_and_offload_only_these_names(
                 names_which_can_be_saved=[], names_which_can_be_offloaded=[_BLOCK_INPUT],
                 offload_src="device", offload_dst="pinned_host")
-            x = nnx.remat(self._stack, policy=policy)(x)
+            x = nnx.remat(LanguageModel._stack, policy=policy)(self, x)
         else:
             x = self._stack(x)
         return srms_norm(x, self.cfg.norm_eps)

@@ -1,0 +1,87 @@
+"""The chunked cross-entropy equals the dense one, and never holds the whole [B, T, V] logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from models.loss import chunk_size
+from tests.models import helpers
+
+
+def test_chunk_size_tiles_exactly():
+    assert chunk_size(32, 8) == 8
+    assert chunk_size(32, 5) == 4
+    assert chunk_size(12, 100) == 12
+    assert chunk_size(7, 3) == 1
+
+
+def _dense_sums(model, tok, tgt, w):
+    logp = jax.nn.log_softmax(model(tok), axis=-1)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+@pytest.mark.parametrize("chunk,tie", [(4, True), (5, False)])
+def test_chunked_loss_and_grads_equal_dense(chunk, tie, rng):
+    cfg = helpers.tiny("tnl-tiny", ce_chunk=chunk, tie_embeddings=tie, n_layers=1)
+    graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+    tok, tgt = helpers.tokens(rng, t=16), helpers.tokens(rng, t=16)
+    w = jnp.asarray(rng.uniform(size=tok.shape), jnp.float32) * (rng.uniform(size=tok.shape) > 0.3)
+
+    @helpers.jit
+    def both(state):
+        def mean(fn, s):
+            total, count = fn(nnx.merge(graphdef, s), tok, tgt, w)
+            return total / count, (total, count)
+        chunked = jax.value_and_grad(lambda s: mean(lambda m, *a: m.loss(*a), s), has_aux=True)(state)
+        dense = jax.value_and_grad(lambda s: mean(_dense_sums, s), has_aux=True)(state)
+        return chunked, dense
+
+    ((_, (total, count)), grads), ((_, (ref_total, ref_count)), ref_grads) = both(state)
+    assert float(count) == pytest.approx(float(ref_count)) and float(count) == pytest.approx(float(w.sum()))
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-5)
+    assert helpers.max_rel(grads, ref_grads) < 1e-4
+
+
+def test_loss_never_materialises_full_logits(rng):
+    """No value in the jaxpr of the loss's gradient with a vocab-sized dim holds more than one chunk of logits."""
+    cfg = helpers.tiny("tnl-tiny", ce_chunk=4, n_layers=1, vocab_size=131)  # 131: no other dim has this size
+    graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+    b, t = 2, 32
+    tok = helpers.tokens(rng, b=b, t=t, vocab=cfg.vocab_size)
+
+    def mean_loss(s):
+        total, count = nnx.merge(graphdef, s).loss(tok, tok)
+        return total / count
+
+    def vocab_sized(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                shape = getattr(var.aval, "shape", ())
+                if cfg.vocab_size in shape:
+                    yield int(np.prod(shape))
+            for param in eqn.params.values():
+                for p in (param if isinstance(param, (tuple, list)) else (param,)):
+                    inner = p.jaxpr if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns") else p
+                    if hasattr(inner, "eqns"):
+                        yield from vocab_sized(inner)
+
+    sizes = list(vocab_sized(jax.make_jaxpr(jax.grad(mean_loss))(state).jaxpr))
+    chunk_logits = b * 4 * cfg.vocab_size
+    assert chunk_logits in sizes  # the walk does see inside the chunk loop
+    too_big = [n for n in sizes if n > chunk_logits and n != cfg.vocab_size * cfg.d_model]  # (the embedding)
+    assert not too_big, f"vocab-sized values larger than one chunk's logits: {too_big}"
+
+
+def test_loss_rejects_mismatched_shapes():
+    model = models.build_model(helpers.tiny("tnl-tiny", n_layers=1), rngs=nnx.Rngs(0))
+    tok = jnp.zeros((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match="same shape"):
+        model.loss(tok, jnp.zeros((2, 7), jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        model.loss(tok.astype(jnp.float32), tok)
