@@ -89,7 +89,7 @@ class LinearMixer(nnx.Module):
             q, k = jax.nn.silu(q), jax.nn.silu(k)
         else:
             q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
-        split = lambda y: y.reshape(*y.shape[:-1], -1, hd)  # noqa: E731
+        split = lambda y: y.reshape(*y.shape[:-1], -1, hd)
         return split(q), split(k), split(v)
 
     def _out(self, x, o):

@@ -65,7 +65,7 @@ class ModelConfig:
         if self.strategy not in STRATEGIES:
             bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ce_chunk"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim is None and self.d_model % self.n_heads:
             bad(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
@@ -102,7 +102,7 @@ class ModelConfig:
     def resolved_mlp_hidden(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        h = int(round(self.mlp_ratio * self.d_model))
+        h = round(self.mlp_ratio * self.d_model)
         return -(-h // 256) * 256 if h >= 256 else h
 
     @property

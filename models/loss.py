@@ -28,10 +28,10 @@ def chunk_size(length: int, chunk: int) -> int:
 
 def _local_sums(h, w, targets, weights, *, chunk, vocab_major):
     """One device's sums. h [B, L, D]; w [V, D] if vocab_major else [D, V]; targets int, weights [B, L]."""
-    b, length, d = h.shape
+    b, length = h.shape[:2]
     c = chunk_size(length, chunk)
     n = length // c
-    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)  # noqa: E731
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
     w = w.astype(h.dtype)
 
     @jax.checkpoint

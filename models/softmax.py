@@ -46,7 +46,7 @@ class SoftmaxMixer(nnx.Module):
     def _qkv(self, x, positions):
         """x [B, T, D], positions [T] -> q [B, T, H, hd], k, v [B, T, Hkv, hd] (q, k rotated)."""
         hd, theta = self.cfg.resolved_head_dim, self.cfg.rope_theta
-        split = lambda y: y.reshape(*y.shape[:-1], -1, hd)  # noqa: E731
+        split = lambda y: y.reshape(*y.shape[:-1], -1, hd)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         return rope(q, positions, theta), rope(k, positions, theta), v
 

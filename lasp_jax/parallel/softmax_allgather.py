@@ -29,7 +29,7 @@ def _check(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have rank 4 [B, T, heads, head_dim], got shape {getattr(x, 'shape', x)}")
-    (b, t, h, d), (bk, tk, hkv, dk), (bv, tv, hv, _) = q.shape, k.shape, v.shape
+    (b, _, h, d), (bk, tk, hkv, dk), (bv, tv, hv, _) = q.shape, k.shape, v.shape
     if (bk, bv) != (b, b) or tk != tv:
         raise ValueError(f"q, k, v must share the batch dim and k, v the sequence dim: q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")

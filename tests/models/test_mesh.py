@@ -42,7 +42,7 @@ def _setup(name):
 
 @pytest.mark.parametrize("name,shape,explicit", CASES)
 def test_mesh_equals_one_device(name, shape, explicit):
-    cfg, graphdef, state, (tok, tgt, w), run, ((ref_loss, ref_logits), ref_grads) = _setup(name)
+    _, _, state, (tok, tgt, w), run, ((ref_loss, ref_logits), ref_grads) = _setup(name)
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
         sstate = helpers.shard_state(state, mesh)
