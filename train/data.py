@@ -6,7 +6,8 @@
 - Packing: documents are concatenated with the tokenizer's separator after each one, and the stream is cut
   into windows of seq_len + 1 tokens with stride seq_len (inputs = window[:-1], targets = window[1:]), so every
   token is a target exactly once per epoch and windows cross document boundaries at separators.
-- Split: the last val_fraction of the stream is held out; validation reads its first windows in order.
+- Split: every round(1 / val_fraction)-th window is held out for validation (spread over the whole corpus, so
+  both splits see the same mix of documents; neighbouring windows share only their boundary token).
 - Order: a Grain index pipeline (range -> shuffle(seed) -> repeat, reshuffled each epoch -> batch) defines the
   same global batches for any number of hosts; each host then loads only the rows and columns of those batches
   that its devices hold (`HostSlice`), so the global batch is identical to a one-process run's.
@@ -143,28 +144,29 @@ def token_stream(files, tokenizer, *, text_field="text", bin_dtype="uint16", max
 
 
 class Windows:
-    """Random access to packed windows of seq_len + 1 tokens, stride seq_len, inside [start, stop) of a stream."""
+    """Random access to packed windows of seq_len + 1 tokens, stride seq_len, over a stream; optionally only the
+    windows listed in `ids` (a split)."""
 
-    def __init__(self, stream: TokenStream, start: int, stop: int, seq_len: int):
-        self.stream, self.start, self.seq_len = stream, start, seq_len
-        self.count = max(0, (stop - start - 1) // seq_len)
+    def __init__(self, stream: TokenStream, seq_len: int, ids: np.ndarray | None = None):
+        self.stream, self.seq_len = stream, seq_len
+        total = max(0, (len(stream) - 1) // seq_len)
+        self.ids = np.arange(total) if ids is None else np.asarray(ids)
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """[seq_len + 1] int32 tokens of window i."""
-        if not 0 <= i < self.count:
-            raise IndexError(i)
-        lo = self.start + int(i) * self.seq_len
+        """[seq_len + 1] int32 tokens of window i (of this split)."""
+        lo = int(self.ids[i]) * self.seq_len
         return self.stream.read(lo, lo + self.seq_len + 1)
 
 
 def split(stream: TokenStream, seq_len: int, val_fraction: float) -> tuple[Windows, Windows]:
-    """(train, val) windows: the last val_fraction of the stream (at least one window) is validation."""
-    n = len(stream)
-    n_val = max(int(n * val_fraction), seq_len + 1)
-    return Windows(stream, 0, n - n_val, seq_len), Windows(stream, n - n_val, n, seq_len)
+    """(train, val) windows: every round(1 / val_fraction)-th window is validation."""
+    ids = Windows(stream, seq_len).ids
+    period = max(2, round(1 / val_fraction))
+    is_val = ids % period == period - 1
+    return Windows(stream, seq_len, ids[~is_val]), Windows(stream, seq_len, ids[is_val])
 
 
 def _load_batch(windows: Windows, indices: np.ndarray, cols: slice) -> dict[str, np.ndarray]:
@@ -187,10 +189,12 @@ def train_batches(windows: Windows, *, batch_size: int, seed: int, host: HostSli
 
 
 def val_batches(windows: Windows, *, batch_size: int, n_batches: int, host: HostSlice) -> list[dict]:
-    """The first n_batches global validation batches in stream order (fewer if validation is short)."""
+    """n_batches global validation batches of windows evenly spaced over the validation split (fewer batches if
+    it is short), the same at every evaluation."""
     n = min(n_batches, len(windows) // batch_size)
     if n == 0:
         raise ValueError(f"data: validation holds {len(windows)} sequences, fewer than one batch of {batch_size}; "
                          "raise val_fraction or lower batch_size")
-    ds = grain.MapDataset.range(n * batch_size).batch(batch_size)
-    return [_load_batch(windows, idx[host.rows], host.cols) for idx in ds]
+    picks = np.linspace(0, len(windows) - 1, n * batch_size).round().astype(np.int64)
+    return [_load_batch(windows, picks[i:i + batch_size][host.rows], host.cols)
+            for i in range(0, len(picks), batch_size)]

@@ -146,6 +146,8 @@ def train(cfg: TrainConfig) -> RunResult:
                   f"tokens, " + (f"resumed at step {start}" if start else "from scratch"))
 
     losses: dict[int, float] = {}
+    window: list[float] = []  # losses since the last log line, averaged for the bar and the log
+    avg = float("nan")
     val_loss = None
     last_saved = latest
     try:
@@ -159,6 +161,7 @@ def train(cfg: TrainConfig) -> RunResult:
                     raise NonFiniteLoss(f"non-finite loss ({loss}) or gradient norm at step {step}; stopping "
                                         f"({kept})")
                 losses[step] = loss
+                window.append(loss)
                 speed.step()
                 if step == start + 1:
                     speed.reset()  # the first step includes compilation
@@ -166,14 +169,15 @@ def train(cfg: TrainConfig) -> RunResult:
                     rates = speed.measure()
                     mem = device_memory_gib(jax.local_devices()[0])
                     extra = {"mem_gib": mem} if mem is not None else {}
-                    log.write(step, "train", loss=loss, grad_norm=float(out["grad_norm"]),
+                    avg, window = float(np.mean(window)), []
+                    log.write(step, "train", loss=loss, loss_avg=avg, grad_norm=float(out["grad_norm"]),
                               lr=float(schedule(step - 1)), **rates, **extra)
-                    bar.update(step, loss=loss, tokens_per_s=rates.get("tokens_per_s"), mfu=rates.get("mfu"),
+                    bar.update(step, loss=avg, tokens_per_s=rates.get("tokens_per_s"), mfu=rates.get("mfu"),
                                mem_gib=mem)
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     val_loss = evaluate(eval_step, state, val_data, batch_sharding, shape)
                     log.write(step, "val", loss=val_loss, perplexity=perplexity(val_loss))
-                    bar.write(f"step {step}: train loss {loss:.4f}, validation loss {val_loss:.4f} "
+                    bar.write(f"step {step}: train loss {avg:.4f}, validation loss {val_loss:.4f} "
                               f"(perplexity {perplexity(val_loss):.2f})")
                     speed.reset()
                 if ckpt.save(step, state, data_iter, {"step": step, "loss": loss, "config": dataclasses.asdict(cfg)},

@@ -18,7 +18,7 @@ def _take(it, n):
 
 
 def _stream(n, seq_len=8):
-    return data.Windows(data.TokenStream([np.arange(n, dtype=np.uint32)]), 0, n, seq_len)
+    return data.Windows(data.TokenStream([np.arange(n, dtype=np.uint32)]), seq_len)
 
 
 def test_byte_tokenizer_round_trip():
@@ -53,7 +53,7 @@ def test_packing_separates_documents_and_every_token_is_a_target_once(tmp_path):
     eos = tok.eos_id
     expect = [*b"abc", eos, *b"de", eos, *b"fgh", eos]
     assert stream.read(0, len(stream)).tolist() == expect
-    windows = data.Windows(stream, 0, len(stream), 3)
+    windows = data.Windows(stream, 3)
     assert len(windows) == (len(expect) - 1) // 3
     for i in range(len(windows)):
         w = windows[i]
@@ -142,7 +142,8 @@ def test_hosts_read_disjoint_shares_that_tile_the_global_batch():
 def test_too_little_data_is_an_error():
     with pytest.raises(ValueError, match="fewer than one batch of 16"):
         data.train_batches(_stream(8 * 5 + 1), batch_size=16, seed=0, host=FULL)
-    train, val = data.split(data.TokenStream([np.arange(1000, dtype=np.uint32)]), 8, 0.05)
-    assert len(val) == (50 - 1) // 8 and train.start + 8 * len(train) < val.start + 1
+    train, val = data.split(data.TokenStream([np.arange(1001, dtype=np.uint32)]), 8, 0.05)
+    assert len(train) + len(val) == 125 and len(val) == 6  # every 20th window
+    assert set(train.ids).isdisjoint(val.ids) and val[0][0] == 19 * 8
     with pytest.raises(ValueError, match="raise val_fraction"):
         data.val_batches(val, batch_size=16, n_batches=2, host=FULL)

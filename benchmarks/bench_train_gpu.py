@@ -1,0 +1,240 @@
+"""TNL training throughput and the longest trainable sequence on 1 and 2 GPUs: the full step of `python -m train`.
+
+    python -m benchmarks.bench_train_gpu [--model tnl-1b] [--tokens-per-gpu 65536] [--gpus 1,2] [--out DIR]
+
+Per GPU count n (one process driving n GPUs, mesh data=1 x seq=n, one sequence of n x tokens-per-gpu tokens,
+LASP over seq; parameters and AdamW moments are replicated over seq):
+  throughput  the jitted training step of train.step (bf16 compute, fp32 master weights, AdamW, clipping) on
+              synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
+              model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
+  longest     XLA's buffer assignment (arguments + temporaries) is read at two lengths without running them,
+              the longest length predicted to fit the device is rounded down to a multiple of 8K per GPU, and a
+              full step runs there; out of memory lowers it by 12.5% until one fits or time runs out.
+Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own. Results go
+to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
+device, date, versions). Synthetic tokens: nothing here needs Grain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+K = 1024
+
+
+def _oom(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _record(out: Path, **r) -> dict:
+    r["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(out / "train_gpu.jsonl", "a") as fh:
+        fh.write(json.dumps(r) + "\n")
+    print(json.dumps(r), flush=True)
+    return r
+
+
+class Step:
+    """The training state and compiled step of one (GPU count, sequence length, remat) configuration."""
+
+    def __init__(self, args, n_gpus: int, tokens_per_gpu: int, remat: str):
+        import jax
+        import numpy as np
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+        from configs.models import get_model_config
+        from train.config import TrainConfig
+        from train.metrics import flops_per_token
+        from train.step import build_state, make_steps, model_config
+
+        self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
+        self.seq_len = n_gpus * tokens_per_gpu
+        overrides = {"remat": remat, "ce_chunk": args.ce_chunk}
+        if args.attn_impl:
+            overrides["attn_impl"] = args.attn_impl
+        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=f"data=1,seq={n_gpus}",
+                          seq_len=self.seq_len, batch_size=1, compute_dtype="bfloat16", warmup_steps=10,
+                          decay_steps=1000)
+        self.mcfg = model_config(cfg, get_model_config(args.model).vocab_size)
+        self.devices = jax.devices()[:n_gpus]
+        self.mesh = jax.make_mesh((1, n_gpus), ("data", "seq"), devices=self.devices,
+                                  axis_types=(AxisType.Auto,) * 2)
+        graphdef, self.state, self.n_params, n_matmul = build_state(self.mcfg, cfg, self.mesh)
+        self.train_step, _ = make_steps(graphdef)
+        sharding = NamedSharding(self.mesh, P("data", "seq"))
+        tokens = np.random.default_rng(0).integers(0, self.mcfg.vocab_size, (1, self.seq_len + 1), np.int32)
+        self.batch = {"inputs": jax.device_put(tokens[:, :-1], sharding),
+                      "targets": jax.device_put(tokens[:, 1:], sharding)}
+        n_soft = len(self.mcfg.softmax_set)
+        self.flops_per_token = flops_per_token(n_matmul, self.mcfg.n_layers - n_soft, self.mcfg.n_heads,
+                                               self.mcfg.resolved_head_dim, n_soft, self.seq_len)
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self.compiled = self.train_step.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        mem = self.compiled.memory_analysis()
+        # Per device: what the program's buffers need (arguments, donated into the outputs, plus temporaries).
+        self.xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem else None
+
+    def run(self, steps: int) -> dict:
+        import numpy as np
+
+        from train.metrics import peak_tflops
+
+        times, loss = [], None
+        with self.jax.set_mesh(self.mesh):
+            for i in range(2 + steps):
+                t = time.perf_counter()
+                self.state, out = self.compiled(self.state, self.batch)
+                loss = float(out["loss"])  # syncs
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+        step_s = float(np.median(times))
+        tps = self.seq_len / step_s
+        peak = peak_tflops(self.devices[0].device_kind)
+        mems = [_peak_gib(d) for d in self.devices]
+        return {
+            "gpus": self.n_gpus, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
+            "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "params": self.n_params, "loss": loss,
+            "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
+            "mfu": tps * self.flops_per_token / (self.n_gpus * peak * 1e12) if peak else None,
+            "model_tflop_per_step": self.flops_per_token * self.seq_len / 1e12,
+            "peak_mem_gib": max(mems) if all(m is not None for m in mems) else None, "xla_gib": self.xla_gib,
+        }
+
+
+def _peak_gib(device) -> float | None:
+    stats = device.memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def _capacity_gib(device) -> float:
+    return (device.memory_stats() or {}).get("bytes_limit", 0) / 2**30
+
+
+def child_throughput(args, out: Path, n: int) -> None:
+    for remat in args.remat_throughput.split(","):
+        try:
+            _record(out, kind="throughput", **Step(args, n, args.tokens_per_gpu, remat).run(args.steps))
+            return
+        except Exception as e:
+            if not _oom(e):
+                raise
+            _record(out, kind="throughput", gpus=n, tokens_per_gpu=args.tokens_per_gpu, remat=remat, oom=True)
+
+
+def child_longest(args, out: Path, n: int, deadline: float) -> None:
+    import jax
+
+    remat = args.remat_longest
+    readings = []
+    for tokens in (args.tokens_per_gpu, 2 * args.tokens_per_gpu):
+        step = Step(args, n, tokens, remat)
+        readings.append((tokens, step.xla_gib))
+        _record(out, kind="longest_probe", gpus=n, tokens_per_gpu=tokens, remat=remat, xla_gib=step.xla_gib,
+                compile_s=round(step.compile_s, 1))
+        del step
+    (t1, m1), (t2, m2) = readings
+    per_token = (m2 - m1) / (t2 - t1)
+    capacity = _capacity_gib(jax.devices()[0])
+    tokens = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
+    _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K, fixed_gib=m1 - per_token * t1,
+            capacity_gib=capacity, tokens_per_gpu=tokens)
+    while tokens > t2 and time.monotonic() < deadline:
+        try:
+            _record(out, kind="longest", fits=True, **Step(args, n, tokens, remat).run(1))
+            return
+        except Exception as e:
+            if not _oom(e):
+                raise
+            _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=remat, fits=False)
+            tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
+    why = "out of time" if tokens > t2 else "the prediction is not above the probes"
+    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"no length above {t2} per GPU ran ({why})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tnl-1b")
+    parser.add_argument("--tokens-per-gpu", type=int, default=64 * K)
+    parser.add_argument("--gpus", default="1,2")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--remat-throughput", default="block,full", help="tried in order until one fits")
+    parser.add_argument("--remat-longest", default="full")
+    parser.add_argument("--ce-chunk", type=int, default=2048)
+    parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
+    parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")
+    parser.add_argument("--phases", default="throughput,longest")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:deadline" in a worker process
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.child:
+        phase, n, deadline = args.child.split(":")
+        (child_throughput(args, out, int(n)) if phase == "throughput"
+         else child_longest(args, out, int(n), float(deadline)))
+        return 0
+
+    deadline = time.monotonic() + args.budget_s
+    argv = list(sys.argv[1:] if argv is None else argv)
+    info = subprocess.run([sys.executable, "-c", "import jax, flax, optax; d = jax.devices(); print(len(d), "
+                           "d[0].device_kind, jax.__version__, flax.__version__, optax.__version__, sep='|')"],
+                          capture_output=True, text=True)
+    n_dev, kind, jax_v, flax_v, optax_v = (info.stdout.strip().split("|") + [""] * 5)[:5]
+    _record(out, kind="setup", command="python -m benchmarks.bench_train_gpu " + " ".join(argv), device=kind,
+            n_devices=n_dev, versions={"jax": jax_v, "flax": flax_v, "optax": optax_v}, error=info.stderr[-500:]
+            if info.returncode else None)
+    gpus = [int(g) for g in args.gpus.split(",") if n_dev.isdigit() and int(g) <= int(n_dev)]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+    for phase in args.phases.split(","):
+        for n in gpus:
+            left = deadline - time.monotonic()
+            if left < 45:
+                _record(out, kind=phase, gpus=n, note="not run: out of time")
+                continue
+            # time.monotonic is system-wide, so the child can compare against the same deadline
+            cmd = [sys.executable, "-m", "benchmarks.bench_train_gpu", *argv, "--child", f"{phase}:{n}:{deadline - 30}"]
+            child_env = dict(env, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)))
+            try:
+                done = subprocess.run(cmd, env=child_env, timeout=left, capture_output=True, text=True)
+                if done.returncode:
+                    _record(out, kind=phase, gpus=n, note="failed", error=(done.stdout + done.stderr)[-1500:])
+            except subprocess.TimeoutExpired:
+                _record(out, kind=phase, gpus=n, note=f"stopped at the time budget ({args.budget_s:.0f} s)")
+    write_summary(out)
+    return 0
+
+
+def write_summary(out: Path) -> None:
+    records = [json.loads(line) for line in (out / "train_gpu.jsonl").read_text().splitlines() if line.strip()]
+    setup = next(r for r in records if r["kind"] == "setup")
+    lines = [f"# TNL training step: {setup['device']} x{setup['n_devices']}, {setup['time']}", "",
+             f"Command: `{setup['command']}`  ", f"Versions: {setup['versions']}", "",
+             "| phase | GPUs | tokens/GPU | remat | step (s) | tokens/s/GPU | MFU | peak mem (GiB) | XLA buffers "
+             "(GiB) | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in records:
+        if r["kind"] == "setup":
+            continue
+        note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
+        if r["kind"] == "longest_predicted":
+            note = (f"predicted {r['tokens_per_gpu']} tokens/GPU: {r['gib_per_k_tokens']:.3f} GiB per 1K tokens "
+                    f"+ {r['fixed_gib']:.1f} GiB fixed, of {r['capacity_gib']:.1f} GiB")
+        lines.append(f"| {r['kind']} | {r.get('gpus', '')} | {r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
+                     f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
+                     f"{fmt(r.get('xla_gib'), '.1f')} | {note} |")
+    (out / "train_gpu.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
