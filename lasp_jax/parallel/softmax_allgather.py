@@ -7,8 +7,8 @@ global positions: rank r holds rows rL + i, and row rL + i sees every column c <
 The backward needs nothing special: autodiff turns the all_gather into a reduce-scatter of dK and dV.
 
 Numerics: scores, softmax and the weighted sum run in fp32 (full-precision matmuls), the output returns in q's
-dtype. Memory is O(L x T) scores per rank (dense, not blockwise), which suits hybrids with few such layers at
-moderate T.
+dtype. The attention is blockwise with an online softmax (flash-style, rematerialised in the backward), so
+per rank the memory is that of the gathered K/V plus one block of scores, never [L, T].
 """
 
 from __future__ import annotations
@@ -37,40 +37,81 @@ def _check(q, k, v):
         raise ValueError(f"heads/head dims do not fit MHA/GQA: q {q.shape}, k {k.shape}, v {v.shape}")
 
 
-def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None):
+def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, block_k=512):
     """Softmax attention of queries at global positions q_offset + i over keys at positions 0..S-1, causal.
+
+    Blockwise (flash-style): queries in blocks of block_q, each walking the keys in blocks of block_k with an
+    online softmax (running max m, normaliser l, accumulator), so no [L, S] score matrix exists. Each query
+    block is rematerialised in the backward and so is each key step, keeping the backward's memory to one
+    query block's running statistics. Key blocks wholly after a query block's last row are skipped.
 
     Args:
       q: [B, L, H, D]; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv]; H a multiple of Hkv (GQA: K/V heads indexed,
         never repeated). q_offset: global position of q's first row (an int or a traced scalar); rows with
-        q_offset + i >= S see all S keys. scale: default 1/sqrt(D).
+        q_offset + i >= S see all S keys. scale: default 1/sqrt(D). block_q, block_k: block sizes (lengths
+        that do not divide are padded with masked positions).
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
     _check(q, k, v)
     b, length, h, d = q.shape
-    s_len, hkv = k.shape[1], k.shape[2]
+    s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.astype(jnp.float32).reshape(b, length, hkv, g, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(jnp.float32), precision=_HIGHEST) * scale
-    rows = q_offset + jnp.arange(length)[:, None]
-    visible = jnp.arange(s_len)[None, :] <= rows  # [L, S], global positions
-    scores = jnp.where(visible, scores, -jnp.inf)
-    p = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bkgls,bske->blkge", p, v.astype(jnp.float32), precision=_HIGHEST)
-    return o.reshape(b, length, h, -1).astype(q.dtype)
+    bq, bk = min(block_q, length), min(block_k, s_len)
+    nq, nk = -(-length // bq), -(-s_len // bk)
+
+    def blocks(x, n, size):  # [B, N, ...] -> [n, B, size, ...], zero-padded
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    qb = blocks(q.reshape(b, length, hkv, g, d), nq, bq) * scale  # [nq, B, bq, Hkv, G, D]
+    kb, vb = blocks(k, nk, bk), blocks(v, nk, bk)  # [nk, B, bk, Hkv, D]; padded keys are never visible:
+    # every row is < S, and a padded key's position is >= S.
+
+    @jax.checkpoint
+    def query_block(qi, i):
+        rows = q_offset + i * bq + jnp.arange(bq)  # global positions of this block's rows
+        zero = jnp.zeros_like(qi[..., 0]).transpose(0, 2, 3, 1)  # [B, Hkv, G, bq], typed like q (shard_map)
+
+        @jax.checkpoint
+        def key_step(carry, xs):
+            kj, vj, j = xs
+
+            def update(carry):
+                m, l, acc = carry
+                cols = j * bk + jnp.arange(bk)
+                s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, precision=_HIGHEST)
+                s = jnp.where(cols[None, :] <= rows[:, None], s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
+                p = jnp.exp(s - m_safe[..., None])
+                correction = jnp.exp(m - m_safe)
+                acc = acc * correction[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p, vj, precision=_HIGHEST)
+                return m_new, l * correction + p.sum(axis=-1), acc
+
+            visible = j * bk <= rows[-1]  # any column of this key block at or before the block's last row
+            return jax.lax.cond(visible, update, lambda c: c, carry), None
+
+        init = (zero - jnp.inf, zero, jnp.zeros((*zero.shape, dv), jnp.float32) + zero[..., None])
+        (_, l, acc), _ = jax.lax.scan(key_step, init, (kb, vb, jnp.arange(nk)))
+        return acc / l[..., None]  # [B, Hkv, G, bq, Dv]; every row sees key 0, so l > 0
+
+    o = jax.lax.map(lambda xs: query_block(*xs), (qb, jnp.arange(nq)))  # [nq, B, Hkv, G, bq, Dv]
+    o = jnp.moveaxis(o, 0, 3).reshape(b, hkv, g, nq * bq, dv)[:, :, :, :length]
+    return jnp.moveaxis(o, 3, 1).reshape(b, length, h, dv).astype(q.dtype)
 
 
-def _local(q, k, v, *, seq_axis, scale):
+def _local(q, k, v, *, seq_axis, scale, block_q, block_k):
     """One rank: gather K, V over seq_axis, then attend with this rank's rows at their global positions."""
     kg = jax.lax.all_gather(k, seq_axis, axis=1, tiled=True)
     vg = jax.lax.all_gather(v, seq_axis, axis=1, tiled=True)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
-    return causal_softmax_attention(q, kg, vg, q_offset=offset, scale=scale)
+    return causal_softmax_attention(q, kg, vg, q_offset=offset, scale=scale, block_q=block_q, block_k=block_k)
 
 
-def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=None, batch_axes=None):
+def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=None, batch_axes=None, block_q=512,
+                                block_k=512):
     """Causal softmax attention with T sharded over `seq_axis` (LASP-2H): K/V all-gathered, global mask.
 
     Args:
@@ -79,6 +120,7 @@ def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=Non
       mesh: a Mesh or AbstractMesh; default: the ambient one. Explicit and Auto axes both work.
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
+      block_q, block_k: block sizes of the blockwise attention (causal_softmax_attention).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
@@ -89,7 +131,7 @@ def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=Non
     if seq_axis not in mesh.axis_names:
         raise ValueError(f"the mesh has no axis {seq_axis!r} (seq_axis); its axes are {tuple(mesh.axis_names)}")
     if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
-        return _local(q, k, v, seq_axis=seq_axis, scale=scale)
+        return _local(q, k, v, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
     w = mesh.shape[seq_axis]
     b, t = q.shape[:2]
     if t % w:
@@ -109,11 +151,11 @@ def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=Non
     spec = P(tuple(batch_axes) or None, seq_axis, None, None)
     if explicit:
         q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
-    return _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale)
+    return _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale"))
-def _sharded(q, k, v, *, mesh, spec, seq_axis, scale):
-    body = functools.partial(_local, seq_axis=seq_axis, scale=scale)
+@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k"))
+def _sharded(q, k, v, *, mesh, spec, seq_axis, scale, block_q, block_k):
+    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)

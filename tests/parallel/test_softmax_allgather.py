@@ -1,7 +1,7 @@
 """LASP-2H softmax attention on forced CPU meshes equals a dense causal softmax over the whole sequence.
 
-The reference is written here in float64 NumPy (K/V heads repeated for GQA). It checks outputs and dq, dk, dv
-on meshes data x seq = 1x8 and 2x4 (Explicit and Auto), inside a caller's shard_map, and that the causal mask
+The reference is written here in float64 NumPy (K/V heads repeated for GQA; gradients from a dense jnp
+version). It checks the blockwise kernel's outputs and dq, dk, dv on meshes data x seq = 1x8 and 2x4 (Explicit and Auto), inside a caller's shard_map, and that the causal mask
 is global: a rank-local mask (row i sees columns <= i of the gathered K) is shown to differ on this data.
 """
 
@@ -30,9 +30,14 @@ def _dense(q, k, v, local_rows=None):
     return np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), v)
 
 
-def _one_device_grads(q, k, v, w):
+def _dense_grads(q, k, v, w):
+    """dq, dk, dv of sum(w * o) for a dense jnp causal softmax (the whole [T, T] scores; fp32, highest)."""
     def loss(q, k, v):
-        return jnp.sum(causal_softmax_attention(q, k, v) * w)
+        g = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") / np.sqrt(q.shape[-1])
+        s = jnp.where(jnp.tril(jnp.ones((q.shape[1],) * 2, bool)), s, -jnp.inf)
+        return jnp.sum(jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(s, axis=-1), v, precision="highest") * w)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=_FAST)(q, k, v)
 
 
@@ -44,7 +49,7 @@ def test_matches_dense_causal_softmax(shape, explicit, rng):
     mesh = jax.make_mesh(shape, ("data", "seq"), axis_types=(kind, kind))
 
     def loss(q, k, v):
-        o = softmax_allgather_attention(q, k, v)
+        o = softmax_allgather_attention(q, k, v, block_q=3, block_k=8)  # several blocks, padded, some skipped
         return jnp.sum(o * w), o
 
     with jax.set_mesh(mesh):
@@ -56,16 +61,17 @@ def test_matches_dense_causal_softmax(shape, explicit, rng):
     assert rel_err(o, want) < F32_TOL
     # The data tells a global mask from a rank-local one, so the comparison above would catch a local mask.
     assert rel_err(_dense(q, k, v, local_rows=32 // shape[1]), want) > 0.1
-    # Gradients: against autodiff of the one-device function (itself checked against `_dense` above at W=1).
-    for name, g, g_ref in zip("qkv", grads, _one_device_grads(q, k, v, w)):
+    for name, g, g_ref in zip("qkv", grads, _dense_grads(q, k, v, w)):
         assert rel_err(g, g_ref) < F32_TOL, f"d{name}"
 
 
-def test_one_device_function_matches_dense(rng):
+@pytest.mark.parametrize("blocks", [(512, 512), (5, 3)], ids=["one-block", "blocks-5x3"])
+def test_one_device_function_matches_dense(blocks, rng):
+    bq, bk = blocks
     q, k, v = qkv(rng, 2, 16, 4, 1, 8, 4)  # MQA, Dv != Dk
-    assert rel_err(causal_softmax_attention(q, k, v), _dense(q, k, v)) < F32_TOL
+    assert rel_err(causal_softmax_attention(q, k, v, block_q=bq, block_k=bk), _dense(q, k, v)) < F32_TOL
     # q_offset: the last 6 rows at positions 10..15 over all 16 keys equal those rows of the full result.
-    tail = causal_softmax_attention(q[:, 10:], k, v, q_offset=10)
+    tail = causal_softmax_attention(q[:, 10:], k, v, q_offset=10, block_q=bq, block_k=bk)
     assert rel_err(tail, _dense(q, k, v)[:, 10:]) < F32_TOL
 
 
@@ -92,3 +98,25 @@ def test_bad_input_is_a_clear_error(rng):
         softmax_allgather_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), mesh=mesh)
     with pytest.raises(ValueError, match="needs a mesh"):
         softmax_allgather_attention(q, k, v)
+
+
+def test_blockwise_never_holds_the_whole_score_matrix(rng):
+    """Neither the forward nor the backward has a value as large as the [H, T, T] scores: one block at most."""
+    t, h = 64, 4
+    q, k, v = qkv(rng, 1, t, h, h, 8, 8)
+
+    def loss(q, k, v):
+        return jnp.sum(causal_softmax_attention(q, k, v, block_q=8, block_k=16))
+
+    def sizes(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                yield int(np.prod(getattr(var.aval, "shape", ())))
+            for param in eqn.params.values():
+                for p in (param if isinstance(param, (tuple, list)) else (param,)):
+                    inner = p.jaxpr if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns") else p
+                    if hasattr(inner, "eqns"):
+                        yield from sizes(inner)
+
+    biggest = max(sizes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr))
+    assert biggest < h * t * t / 4, biggest
