@@ -143,7 +143,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if main:
         bar.write(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, mesh {dict(axes)} on {len(devices)} "
                   f"{devices[0].platform} devices, {len(train_windows)} training sequences of {cfg.seq_len} "
-                  f"tokens, " + (f"resumed at step {start}" if start else "from scratch"))
+                  f"tokens, " + (f"resumed at step {start}" if start else "from scratch") + f"; run dir {run_dir}")
 
     losses: dict[int, float] = {}
     window: list[float] = []  # losses since the last log line, averaged for the bar and the log
@@ -195,4 +195,6 @@ def train(cfg: TrainConfig) -> RunResult:
         if main:
             print(f"--- sample ({cfg.sample_tokens} tokens after {cfg.sample_prompt!r}) ---\n"
                   f"{cfg.sample_prompt}{sample}\n---")
+    if main:
+        print(f"metrics: {run_dir / 'metrics.jsonl'} (plot: python -m train.plot {run_dir})")
     return RunResult(start, losses, val_loss, sample)

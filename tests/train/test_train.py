@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -124,7 +125,9 @@ def test_sigkill_and_resume_gives_the_same_losses(reference, tmp_path):
 def test_two_processes_match_one(reference, tmp_path):
     """2 processes x 4 CPU devices (gloo collectives) train like one process with 8."""
     cfg = dataclasses.replace(tiny(tmp_path / "run"), cpu_devices=4, platform="cpu")
-    port = 20000 + os.getpid() % 20000
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, "-m", "train", *_cli_args(cfg), "--coordinator",
                                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                               cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
