@@ -33,7 +33,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise SystemExit(f"{path} holds no training or validation records")
 
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    # loss_avg: the mean over the steps since the previous record (smoother than one step's loss)
+    ax_loss.plot([r["step"] for r in train], [r.get("loss_avg", r["loss"]) for r in train], label="train", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)

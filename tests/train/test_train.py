@@ -72,10 +72,12 @@ def test_loss_falls(reference):
     assert np.mean([reference[s] for s in range(16, 21)]) < reference[1] - 0.5
 
 
-@pytest.mark.parametrize("mesh", ["data=1,seq=1", "data=1,seq=4"])
-def test_sequence_parallel_runs_match(reference, tmp_path, mesh):
-    """One device, seq=4, and data=2 x seq=4 (the reference) give the same 20 losses."""
-    losses = loop.train(tiny(tmp_path, mesh=mesh)).losses
+@pytest.mark.parametrize("mesh, axis_type", [("data=1,seq=1", "auto"), ("data=1,seq=4", "auto"),
+                                             ("data=2,seq=4", "explicit")])
+def test_sequence_parallel_runs_match(reference, tmp_path, mesh, axis_type):
+    """One device, seq=4, and data=2 x seq=4 on an Explicit mesh give the reference's (data=2 x seq=4, Auto)
+    20 losses."""
+    losses = loop.train(tiny(tmp_path, mesh=mesh, mesh_axis_type=axis_type)).losses
     np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
                                [reference[s] for s in range(1, STEPS + 1)], rtol=2e-5)
 
