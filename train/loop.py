@@ -92,6 +92,8 @@ def train(cfg: TrainConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     is_bin = files[0].suffix == data_lib.BIN_SUFFIX
     vocab = cfg.vocab_size or tokenizer.vocab_size
+    if not is_bin and vocab < tokenizer.vocab_size:
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if is_bin and cfg.tokenizer == "byte" and not cfg.vocab_size:
         raise ValueError("data: pre-tokenized .bin files need their tokenizer (tokenizer=PATH) or vocab_size=N")
     mcfg = model_config(cfg, vocab)
@@ -153,7 +155,12 @@ def train(cfg: TrainConfig) -> RunResult:
     try:
         with jax.set_mesh(mesh):
             for step in range(start + 1, cfg.steps + 1):
-                batch = _global_batch(next(data_iter), batch_sharding, shape)
+                local = next(data_iter)
+                if local["inputs"].max(initial=0) >= mcfg.vocab_size or local["targets"].max(initial=0) >= \
+                        mcfg.vocab_size:  # pre-tokenized ids beyond the model's table would be clamped silently
+                    raise ValueError(f"data: a token id in the batch of step {step} is >= the model's vocabulary "
+                                     f"{mcfg.vocab_size}; check vocab_size / tokenizer / bin_dtype")
+                batch = _global_batch(local, batch_sharding, shape)
                 state, out = train_step(state, batch)
                 loss = float(out["loss"])
                 if not math.isfinite(loss) or not math.isfinite(float(out["grad_norm"])):
