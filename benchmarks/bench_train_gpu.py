@@ -9,7 +9,9 @@ LASP over seq; parameters and AdamW moments are replicated over seq):
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
   longest     XLA's buffer assignment (arguments + temporaries) is read at two lengths without running them,
               the longest length predicted to fit the device is rounded down to a multiple of 8K per GPU, and a
-              full step runs there; out of memory lowers it by 12.5% until one fits or time runs out.
+              full step runs there; out of memory lowers it by 12.5% until one fits or time runs out. With more
+              GPUs the search starts at the tokens per GPU that fitted on fewer (the same memory per GPU: each
+              holds T / n tokens and a replica of the state).
 Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own. Results go
 to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
 device, date, versions). Synthetic tokens: nothing here needs Grain.
@@ -130,24 +132,39 @@ def child_throughput(args, out: Path, n: int) -> None:
             _record(out, kind="throughput", gpus=n, tokens_per_gpu=args.tokens_per_gpu, remat=remat, oom=True)
 
 
+def _fitted_elsewhere(out: Path, n: int) -> int | None:
+    """The longest tokens-per-GPU that fitted with fewer GPUs in this run (per-GPU memory per token is the same:
+    each GPU holds T / n tokens and a full replica of the state)."""
+    best = None
+    for line in (out / "train_gpu.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "longest" and r.get("fits") and r.get("gpus", n) < n and r.get("step_s"):
+            best = max(best or 0, r["tokens_per_gpu"])
+    return best
+
+
 def child_longest(args, out: Path, n: int, deadline: float) -> None:
     import jax
 
     remat = args.remat_longest
-    readings = []
-    for tokens in (args.tokens_per_gpu, 2 * args.tokens_per_gpu):
-        step = Step(args, n, tokens, remat)
-        readings.append((tokens, step.xla_gib))
-        _record(out, kind="longest_probe", gpus=n, tokens_per_gpu=tokens, remat=remat, xla_gib=step.xla_gib,
-                compile_s=round(step.compile_s, 1))
-        del step
-    (t1, m1), (t2, m2) = readings
-    per_token = (m2 - m1) / (t2 - t1)
-    capacity = _capacity_gib(jax.devices()[0])
-    tokens = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
-    _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K, fixed_gib=m1 - per_token * t1,
-            capacity_gib=capacity, tokens_per_gpu=tokens)
-    while tokens > t2 and time.monotonic() < deadline:
+    start = _fitted_elsewhere(out, n)
+    floor = args.tokens_per_gpu
+    if start is None:  # predict from XLA's buffers at two lengths
+        readings = []
+        for tokens in (args.tokens_per_gpu, 2 * args.tokens_per_gpu):
+            step = Step(args, n, tokens, remat)
+            readings.append((tokens, step.xla_gib))
+            _record(out, kind="longest_probe", gpus=n, tokens_per_gpu=tokens, remat=remat, xla_gib=step.xla_gib,
+                    compile_s=round(step.compile_s, 1))
+            del step
+        (t1, m1), (floor, m2) = readings
+        per_token = (m2 - m1) / (floor - t1)
+        capacity = args.capacity_gib or _capacity_gib(jax.devices()[0])
+        start = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
+        _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K,
+                fixed_gib=m1 - per_token * t1, capacity_gib=capacity, tokens_per_gpu=start)
+    tokens = start
+    while tokens > floor and time.monotonic() < deadline:
         try:
             _record(out, kind="longest", fits=True, **Step(args, n, tokens, remat).run(1))
             return
@@ -156,8 +173,8 @@ def child_longest(args, out: Path, n: int, deadline: float) -> None:
                 raise
             _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=remat, fits=False)
             tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
-    why = "out of time" if tokens > t2 else "the prediction is not above the probes"
-    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"no length above {t2} per GPU ran ({why})")
+    why = "out of time" if tokens > floor else "the prediction is not above the probes"
+    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"no length above {floor} per GPU ran ({why})")
 
 
 def main(argv=None) -> int:
@@ -172,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
     parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")
     parser.add_argument("--phases", default="throughput,longest")
+    parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:deadline" in a worker process
     args = parser.parse_args(argv)
