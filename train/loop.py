@@ -77,8 +77,8 @@ def evaluate(eval_step, state, batches, sharding, shape) -> float:
 
 def sample_text(graphdef, state, tokenizer, cfg: TrainConfig) -> str:
     """Generates sample_tokens after sample_prompt from the recurrent state, on one device, outside the mesh."""
-    host_state = multihost_utils.process_allgather(state, tiled=True)
-    model, _ = nnx.merge(graphdef, host_state)
+    model_graph, model_state = nnx.split(nnx.merge(graphdef, state)[0])  # the model only, not AdamW's moments
+    model = nnx.merge(model_graph, multihost_utils.process_allgather(model_state, tiled=True))
     prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else np.asarray([tokenizer.eos_id])
     tokens = models.generate(model, jnp.asarray(prompt, jnp.int32)[None], cfg.sample_tokens,
                              rng=jax.random.key(cfg.seed + 1), temperature=cfg.sample_temperature)
@@ -105,7 +105,7 @@ def train(cfg: TrainConfig) -> RunResult:
     mesh = jax.make_mesh(tuple(axes.values()), tuple(axes.keys()), devices=devices,
                          axis_types=(axis_type,) * len(axes))
     shape = (cfg.batch_size, cfg.seq_len)
-    batch_sharding = NamedSharding(mesh, P(mcfg.batch_axes[0] if mcfg.batch_axes else None, mcfg.seq_axis))
+    batch_sharding = NamedSharding(mesh, P(tuple(mcfg.batch_axes) or None, mcfg.seq_axis))
     host = host_slice(batch_sharding, shape)
 
     stream = data_lib.token_stream(files, tokenizer, text_field=cfg.text_field, bin_dtype=cfg.bin_dtype,
