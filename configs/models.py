@@ -44,3 +44,11 @@ def get_model_config(name: str) -> ModelConfig:
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
     return MODEL_CONFIGS[name]
+
+
+if __name__ == "__main__":  # python -m configs.models: every config's size
+    from models import count_params
+
+    for name, cfg in MODEL_CONFIGS.items():
+        print(f"{name:18s} {count_params(cfg):>15,d} parameters  ({cfg.kind}, {cfg.n_layers} layers, d {cfg.d_model}, "
+              f"softmax layers {sorted(cfg.softmax_set) or 'none'})")
