@@ -10,6 +10,7 @@ does for any weight), and the two sums are psum'd. Targets must lie in [0, V); m
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,9 @@ def cross_entropy_sums(h, w, targets, weights, *, chunk: int, vocab_major: bool,
     split = tuple(axes) + ((seq_axis,) if seq_axis else ())
     if mesh is None or not split:
         return _local_sums(h, w, targets, weights.astype(jnp.float32), chunk=chunk, vocab_major=vocab_major)
+    n_batch = math.prod(mesh.shape[a] for a in axes)
+    if h.shape[0] % n_batch:
+        raise ValueError(f"batch B={h.shape[0]} must be divisible by the batch axes {tuple(axes)} (size {n_batch})")
     spec2 = P(tuple(axes) or None, seq_axis)
     spec3 = P(tuple(axes) or None, seq_axis, None)
     w = sharding.gather_param(w)

@@ -85,3 +85,10 @@ def test_loss_rejects_mismatched_shapes():
         model.loss(tok, jnp.zeros((2, 7), jnp.int32))
     with pytest.raises(ValueError, match="integer"):
         model.loss(tok.astype(jnp.float32), tok)
+
+
+def test_loss_rejects_a_batch_the_mesh_cannot_split():
+    model = models.build_model(helpers.tiny("tnl-tiny", n_layers=1), rngs=nnx.Rngs(0))
+    tok = jnp.zeros((3, 8), jnp.int32)
+    with jax.set_mesh(helpers.make_mesh((2, 4), explicit=False)), pytest.raises(ValueError, match="divisible"):
+        helpers.jit(lambda t: model.loss(t, t))(tok)
