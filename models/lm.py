@@ -45,7 +45,6 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D] on the activation layout."""
-        x = checkpoint_name(x, _BLOCK_INPUT)
         x = x + self.mixer(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
@@ -108,7 +107,8 @@ class LanguageModel(nnx.Module):
         if remat != "none":
             run = nnx.remat(_run_block, policy=_POLICIES.get(remat, jax.checkpoint_policies.nothing_saveable))
         for block in self.blocks:
-            x = run(block, x)
+            # Named outside the per-block remat, so the stack-level offload policy can move it to the host.
+            x = run(block, checkpoint_name(x, _BLOCK_INPUT))
         return x
 
     def _logits(self, h):
