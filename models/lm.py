@@ -87,7 +87,7 @@ class LanguageModel(nnx.Module):
         self._check_tokens(tokens)
         t = tokens.shape[1]
         w = sharding.seq_size(self.cfg)
-        if t % w:
+        if _seq_free(self.cfg, sharding.ambient_mesh()) and t % w:  # (a manual seq axis: T is already local)
             raise ValueError(f"sequence length T={t} must be divisible by the {self.cfg.seq_axis!r} axis size {w}")
         x = sharding.constrain_activation(self._embed(tokens), self.cfg)
         remat = self.cfg.remat

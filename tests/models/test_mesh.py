@@ -81,3 +81,9 @@ def test_softmax_layers_are_causal_across_ranks(rng):
     np.testing.assert_allclose(a[:, :13], b[:, :13], rtol=1e-6, atol=1e-6)
     moved = np.abs(a - b).max(axis=(0, 2))
     assert (moved[13:] > 1e-4).all(), f"positions after 13 that did not see the change: {np.where(moved < 1e-4)}"
+
+
+def test_sequence_not_divisible_by_the_seq_axis_is_a_clear_error():
+    model = models.build_model(helpers.tiny("tnl-tiny", n_layers=1), rngs=nnx.Rngs(0))
+    with jax.set_mesh(helpers.make_mesh((2, 4))), pytest.raises(ValueError, match="divisible"):
+        model(jnp.zeros((2, 30), jnp.int32))
