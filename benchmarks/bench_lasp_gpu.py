@@ -17,12 +17,13 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import lasp_jax  # noqa: E402
-from benchmarks.bench_ops_gpu import jax_fns, jax_inputs, slopes, time_jax  # noqa: E402
+import lasp_jax
+from benchmarks.bench_ops_gpu import jax_fns, jax_inputs, slopes, time_jax
 
 
 def main(argv=None):
@@ -41,7 +42,7 @@ def main(argv=None):
     s = slopes(h)
     meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + " ".join(argv or os.sys.argv[1:]),
             "device": f"{w} x {devices[0].device_kind}",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": {"jax": jax.__version__}, "shape_per_gpu": [1, t, h, d]}
     rows = []
 
@@ -63,7 +64,7 @@ def main(argv=None):
         try:
             row["fwd_ms"] = time_jax(fwd, full[:3], args.iters, args.reps)
             row["fwd_bwd_ms"] = time_jax(fwd_bwd, full, args.iters, args.reps)
-        except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
+        except Exception as e:  # report it and go on to the next strategy
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)

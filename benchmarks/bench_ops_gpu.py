@@ -26,12 +26,12 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch peers share the GPU
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import lasp_jax  # noqa: E402
-from lasp_jax.ops import pallas_triton, vjp  # noqa: E402
+import lasp_jax
+from lasp_jax.ops import pallas_triton, vjp
 
 DEFAULT_SHAPES = "1x16384x16x128,1x65536x16x128,1x262144x16x128,8x8192x32x128"
 
@@ -81,7 +81,6 @@ def copy_bandwidth_gbs():
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    del src, dst
     return 2 * 2 * n / ms / 1e6
 
 
@@ -147,18 +146,25 @@ def time_torch(fn, grads):
 
 
 def sweep_configs():
-    """Kernel variants tried at one shape with --sweep (name -> Config)."""
+    """Kernel variants tried at the 64K shape with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
     base = pallas_triton.DEFAULT
     return {
         "default": base,
+        "state_block 64": dataclasses.replace(base, state_block=64),
+        "stages 2": dataclasses.replace(base, num_stages=2),
         "split dkdv": dataclasses.replace(base, fuse_dkdv=False),
-        "warps 8": dataclasses.replace(base, num_warps=8),
-        "tiles 128": dataclasses.replace(base, block_k=128, block_v=128),
-        "tiles 128 warps 8": dataclasses.replace(base, block_k=128, block_v=128, num_warps=8),
-        "stages 3": dataclasses.replace(base, num_stages=3),
-        "programs 1024": dataclasses.replace(base, target_programs=1024),
-        "programs 256": dataclasses.replace(base, target_programs=256),
     }
+
+
+def breakdown(q, k, v, do, s, iters, reps):
+    """ms of each contract function on its own (default config): where the forward+backward time goes."""
+    s = jnp.asarray(s)
+    parts = {
+        "local_state (K,V state pass + piece scan)": (jax.jit(pallas_triton.local_state), (k, v, s)),
+        "local_output (state pass + output pass)": (jax.jit(pallas_triton.local_output), (q, k, v, s)),
+        "local_backward (2 state passes, dQ, dK+dV)": (jax.jit(pallas_triton.local_backward), (q, k, v, s, do)),
+    }
+    return {name: time_jax(fn, args, iters, reps) for name, (fn, args) in parts.items()}
 
 
 def count_kernels(fn, args):
@@ -173,6 +179,7 @@ def main(argv=None):
     parser.add_argument("--impls", default="pallas_triton,xla")
     parser.add_argument("--peers", default="fla,lasp")
     parser.add_argument("--sweep", action="store_true", help="time kernel variants at the 64K shape")
+    parser.add_argument("--breakdown", action="store_true", help="time each contract function at the 64K shape")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -182,7 +189,7 @@ def main(argv=None):
     meta = {
         "command": "python3 -m benchmarks.bench_ops_gpu " + " ".join(argv or os.sys.argv[1:]),
         "device": device.device_kind,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
     }
     try:
@@ -195,7 +202,7 @@ def main(argv=None):
                 from importlib.metadata import version
 
                 meta["versions"][name] = version("fla-core" if name == "fla" else name)
-            except Exception:  # noqa: BLE001 - a missing peer is reported by its absence
+            except Exception:  # a missing peer is reported by its absence
                 pass
         meta["copy_GBps"] = copy_bandwidth_gbs()
     except ImportError:
@@ -211,6 +218,9 @@ def main(argv=None):
         contenders = {}
         for impl in args.impls.split(","):
             contenders[impl] = jax_fns(lambda q, k, v, impl=impl: lasp_jax.linear_attention(q, k, v, s, impl=impl))
+        if args.breakdown and t == 65536:
+            meta["breakdown_64K_ms"] = breakdown(q, k, v, do, s, args.iters, args.reps)
+            print(json.dumps(meta["breakdown_64K_ms"]), flush=True)
         if args.sweep and t == 65536:
             for name, config in sweep_configs().items():
                 kernels = pallas_triton.Kernels(config)
@@ -224,7 +234,7 @@ def main(argv=None):
                 if name == "pallas_triton":
                     row["kernels_fwd"] = count_kernels(fwd, (q, k, v))
                     row["kernels_fwd_bwd"] = count_kernels(fwd_bwd, (q, k, v, do))
-            except Exception as e:  # noqa: BLE001 - one failing contender must not hide the others
+            except Exception as e:  # one failing contender must not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -235,7 +245,7 @@ def main(argv=None):
                 try:
                     row["fwd_ms"] = time_torch(fwd, grads)
                     row["fwd_bwd_ms"] = time_torch(fwd_bwd, grads)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
     "pallas_triton": pallas_triton,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
 }
-AUTO_ORDER: tuple[str, ...] = ("xla",)
+AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
 
 
 def resolve(impl: str, q, k, v) -> types.ModuleType:

@@ -18,9 +18,10 @@ inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s 
 T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no
 output or state); only such ragged T pays that copy.
 
-Platforms: the Triton lowering runs on CUDA GPUs; "auto" picks these kernels only on the GPUs their tests
-passed on (H100 and H200; A100 is expected to work through the same lowering but is untested, so `supported`
-refuses it). `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests).
+Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
+passed on (H200). The H100 (the same sm_90 target) and the A100 are expected to work through the same lowering
+but are untested here, so `supported` refuses them (fail-closed: "auto" then takes the XLA path).
+`INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_TESTED_GPUS = ("H100", "H200")  # device kinds whose GPU tests passed (tests/ops/test_pallas_triton.py -m gpu)
+_TESTED_GPUS = ("H200",)  # device kinds whose GPU tests passed (tests/ops/test_pallas_triton.py -m gpu)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 
 
@@ -47,8 +48,9 @@ class Config:
     """Block sizes and launch parameters.
 
     chunk: positions per chunk (the dense intra-chunk block). block_k, block_v: head-dim tiles of the state
-    (capped at the head dims); the output and dV passes tile Dv, the dQ and dK passes tile Dk. target_programs:
-    the forward grid is sized to about this many programs by the piece count (a few per SM). min_piece_chunks:
+    (capped at the head dims); the output and dV passes tile Dv, the dQ and dK passes tile Dk. state_block:
+    both tiles of the state pass (each tile re-reads its inputs, so whole states read K and V once).
+    target_programs: the forward grid is sized to about this many programs by the piece count. min_piece_chunks:
     fewest chunks per piece (shorter pieces spend more on the piece scan than they gain). fuse_dkdv: one
     backward kernel for dK and dV when the whole state is one tile (reads Q and dO once instead of twice).
     interpret: run in Pallas interpret mode (any platform, slow; for tests).
@@ -57,11 +59,12 @@ class Config:
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
-    target_programs: int = 512
+    state_block: int = 128
+    target_programs: int = 256
     min_piece_chunks: int = 4
     fuse_dkdv: bool = True
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     interpret: bool = False
 
 
@@ -281,7 +284,7 @@ def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head):
     """Per-piece state sums [B, H, P, Dx, Dy] float32 (see `_state_kernel`); head(h) picks x's and y's head."""
     b, h = x.shape[0], s.shape[0]
     dx, dy = x.shape[-1], y.shape[-1]
-    bx, by = min(config.block_k, dx), min(config.block_v, dy)
+    bx, by = min(config.state_block, dx), min(config.state_block, dy)
     ny = dy // by
     kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype))
     return _call(
