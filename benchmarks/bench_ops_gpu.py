@@ -146,13 +146,18 @@ def time_torch(fn, grads):
 
 
 def sweep_configs():
-    """Kernel variants tried at the 64K shape with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
+    """Kernel variants timed at the 64K shape with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
     base = pallas_triton.DEFAULT
+    p256 = dataclasses.replace(base, target_programs=256)
     return {
         "default": base,
-        "state_block 64": dataclasses.replace(base, state_block=64),
-        "stages 2": dataclasses.replace(base, num_stages=2),
-        "split dkdv": dataclasses.replace(base, fuse_dkdv=False),
+        "programs 256": p256,
+        "p256 stages 3": dataclasses.replace(p256, num_stages=3),
+        "p256 stages 3 state_block 128": dataclasses.replace(p256, num_stages=3, state_block=128),
+        "tiles_first": dataclasses.replace(base, tiles_first=True),
+        "p256 stages 3 tiles_first": dataclasses.replace(p256, num_stages=3, tiles_first=True),
+        "p256 stages 3 state_block 128 tiles_first": dataclasses.replace(
+            p256, num_stages=3, state_block=128, tiles_first=True),
     }
 
 
@@ -217,7 +222,8 @@ def main(argv=None):
         tensor_bytes = b * t * h * d * 2
         contenders = {}
         for impl in args.impls.split(","):
-            contenders[impl] = jax_fns(lambda q, k, v, impl=impl: lasp_jax.linear_attention(q, k, v, s, impl=impl))
+            contenders[impl] = jax_fns(
+                lambda q, k, v, impl=impl, s=s: lasp_jax.linear_attention(q, k, v, s, impl=impl))
         if args.breakdown and t == 65536:
             meta["breakdown_64K_ms"] = breakdown(q, k, v, do, s, args.iters, args.reps)
             print(json.dumps(meta["breakdown_64K_ms"]), flush=True)
@@ -225,7 +231,8 @@ def main(argv=None):
             for name, config in sweep_configs().items():
                 kernels = pallas_triton.Kernels(config)
                 contenders[f"pallas_triton[{name}]"] = jax_fns(
-                    lambda q, k, v, kernels=kernels: vjp.attend(q, k, v, jnp.asarray(s), None, kernels, None, False))
+                    lambda q, k, v, kernels=kernels, s=s: vjp.attend(q, k, v, jnp.asarray(s), None, kernels, None,
+                                                                     False))
         for name, (fwd, fwd_bwd) in contenders.items():
             row = {"shape": [b, t, h, d], "impl": name}
             try:

@@ -12,14 +12,15 @@ import types
 from lasp_jax.ops import pallas_triton, reference, xla
 
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`); "pallas_triton_interpret" is the
-# same kernels in Pallas interpret mode, on any platform (slow: for tests).
+# same kernels in Pallas interpret mode, on any platform (slow: for tests). "auto" does not take pallas_triton
+# yet: its GPU suite has not completed in one run (the fla comparison and lasp_attention on GPUs are unrun).
 IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
     "reference": reference,
     "xla": xla,
     "pallas_triton": pallas_triton,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
 }
-AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
+AUTO_ORDER: tuple[str, ...] = ("xla",)
 
 
 def resolve(impl: str, q, k, v) -> types.ModuleType:

@@ -39,7 +39,7 @@ _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_TESTED_GPUS = ("H200",)  # device kinds whose GPU tests passed (tests/ops/test_pallas_triton.py -m gpu)
+_TESTED_GPUS = ("H200",)  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 
 
@@ -53,18 +53,22 @@ class Config:
     target_programs: the forward grid is sized to about this many programs by the piece count. min_piece_chunks:
     fewest chunks per piece (shorter pieces spend more on the piece scan than they gain). fuse_dkdv: one
     backward kernel for dK and dV when the whole state is one tile (reads Q and dO once instead of twice).
+    tiles_first: launch the head-dim tiles of one (batch, head, piece) as neighbouring programs, so that the
+    inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM; off by
+    default until measured (the Triton lowering otherwise makes batch x head the fastest launch index).
     interpret: run in Pallas interpret mode (any platform, slow; for tests).
     """
 
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
-    state_block: int = 128
-    target_programs: int = 256
+    state_block: int = 64
+    target_programs: int = 512
     min_piece_chunks: int = 4
     fuse_dkdv: bool = True
+    tiles_first: bool = False
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     interpret: bool = False
 
 
@@ -242,7 +246,20 @@ def _out(shape, dtype, like):
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
+def _tiles_first(spec):
+    """The same block with its index map taking the grid as (tile, batch, head, piece)."""
+    index_map = spec.index_map
+    return pl.BlockSpec(spec.block_shape, lambda j, b, h, p: index_map(b, h, p, j))
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
+    """Launches `kernel` over grid (batch, head, piece, tile); every index map takes (b, h, p, j)."""
+    if config.tiles_first:
+        # The Triton lowering folds the leading grid axes into CUDA's x, first axis fastest.
+        grid = (grid[3], *grid[:3])
+        in_specs = [_tiles_first(spec) for spec in in_specs]
+        out_specs = ([_tiles_first(spec) for spec in out_specs] if isinstance(out_specs, list)
+                     else _tiles_first(out_specs))
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -334,7 +351,7 @@ def _incoming_states(q, k, v, s, plan, config):
 
 def local_output(q, k, v, s, config: Config = DEFAULT):
     """q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] float32 -> o [B,T,H,Dv] in q.dtype (S_in = 0)."""
-    b, t, h, dk = q.shape
+    b, _, h, dk = q.shape
     dv = v.shape[-1]
     plan = _plan(q, v, config)
     q, k, v = (_front_pad(x, plan.pad) for x in (q, k, v))
@@ -354,9 +371,8 @@ def local_output(q, k, v, s, config: Config = DEFAULT):
 
 def local_state(k, v, s, config: Config = DEFAULT):
     """The piece's end state from zero. k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] -> [B,H,Dk,Dv] float32."""
-    b, t, hkv, dk = k.shape
-    h = s.shape[0]
-    q_like = jax.ShapeDtypeStruct((b, t, h, dk), k.dtype)
+    b, t, _, dk = k.shape
+    q_like = jax.ShapeDtypeStruct((b, t, s.shape[0], dk), k.dtype)
     plan = _plan(q_like, v, config)
     k, v = _front_pad(k, plan.pad), _front_pad(v, plan.pad)
     m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q_like, k))
@@ -365,7 +381,7 @@ def local_state(k, v, s, config: Config = DEFAULT):
 
 def local_backward(q, k, v, s, do, config: Config = DEFAULT):
     """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
-    b, t, h, dk = q.shape
+    b, _, h, dk = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     group = h // hkv
     plan = _plan(q, v, config)

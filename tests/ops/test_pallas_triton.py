@@ -29,6 +29,7 @@ CASES = {
     "mha_fused": (1, 75, 2, 2, 16, 16, True, 64),
     "gqa_tiles": (1, 64, 4, 2, 32, 16, True, 64),
     "mqa_split": (1, 40, 2, 1, 16, 32, False, 64),
+    "gqa_tiles_first": (1, 64, 4, 2, 32, 16, True, 64),
     "one_piece": (1, 40, 2, 1, 16, 16, True, 1),
 }
 
@@ -49,7 +50,8 @@ def test_contract_matches_reference(case, rng):
     q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
     s = decay("on", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
-    config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs)
+    config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs,
+                                 tiles_first=case.endswith("tiles_first"))
     assert (pallas_triton._plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
     got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
     want = _reference_contract(q, k, v, s, do)
@@ -99,12 +101,15 @@ def test_supported_reasons(rng):
 # ---------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at their real block sizes.
 
-GPU_CASES = {  # (B, T, H, Hkv, Dk, Dv, dtype, fuse_dkdv): ragged T, GQA, fp32, d = 64, 128, 256, Dk != Dv
-    "d128_bf16_fused": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, True),
-    "d128_bf16_split": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, False),
-    "d64_gqa_f32": (1, 2048, 8, 2, 64, 64, jnp.float32, True),
-    "d256_bf16": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, True),
-    "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, True),
+# (B, T, H, Hkv, Dk, Dv, dtype, Config overrides): ragged T, GQA/MQA, fp32, d = 64, 128, 256, Dk != Dv; dK and
+# dV in one kernel (whole-state tiles) and in two (the default 64-wide tiles at d=128).
+GPU_CASES = {
+    "d128_bf16_fused": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {"block_k": 128, "block_v": 128}),
+    "d128_bf16_split": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {}),
+    "d64_gqa_f32": (1, 2048, 8, 2, 64, 64, jnp.float32, {}),
+    "d256_bf16": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, {}),
+    "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, {}),
+    "d128_bf16_tiles_first": (1, 2048, 4, 2, 128, 128, jnp.bfloat16, {"tiles_first": True}),
 }
 
 
@@ -115,11 +120,11 @@ def _gpu_tol(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_matches_reference(case, rng):
-    b, t, h, hkv, dk, dv, dtype, fuse = GPU_CASES[case]
+    b, t, h, hkv, dk, dv, dtype, overrides = GPU_CASES[case]
     q, k, v = qkv(rng, b, t, h, hkv, dk, dv, dtype)
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
-    config = dataclasses.replace(pallas_triton.DEFAULT, fuse_dkdv=fuse)
+    config = dataclasses.replace(pallas_triton.DEFAULT, **overrides)
     assert pallas_triton.supported(q, k, v, config) is None
     got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
     want = _reference_contract(*(x.astype(jnp.float32) for x in (q, k, v)), s, do.astype(jnp.float32))
