@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import lasp_jax
-from lasp_jax.ops import impls, pallas_triton, reference
+from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops import impls, pallas_triton, reference, vjp
 from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
 
 # Small blocks so that tiny shapes still exercise pieces, tiles and padding.
@@ -96,6 +98,33 @@ def test_supported_reasons(rng):
         assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"], "auto must not pick an untested kernel"
         with pytest.raises(ValueError, match="cannot run these inputs"):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": True, "state_block": 128}],
+                         ids=["default", "fused_dkdv", "tiles_first"])
+def test_lowers_to_triton_for_h200(overrides):
+    """Without a GPU: the real (not interpreted) kernels lower to Triton IR for an abstract H200, forward and
+    backward, at real block sizes (d=128, GQA, ragged T). PTX compilation and the run need the GPU tests."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
+    s = jnp.full((4,), 0.1, jnp.float32)
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, kernels, None, False), q, k, v)
+        return o, vjp_fn(do)
+
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    h200 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    with jax.sharding.use_abstract_mesh(h200):
+        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(q, kv, kv, q)
+    # forward: state pass + output pass (the vjp's unused local_state is dropped); backward: the K, V and the
+    # Q, dO state passes, dQ, and dK and dV (one kernel with whole-state tiles, else two).
+    fused = overrides.get("block_k") == 128
+    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (6 if fused else 7)
 
 
 # ---------------------------------------------------------------------------------------------------------
