@@ -12,9 +12,16 @@ LASP over seq; parameters and AdamW moments are replicated over seq):
               full step runs there; out of memory lowers it by 12.5% until one fits or time runs out. With more
               GPUs the search starts at the tokens per GPU that fitted on fewer (the same memory per GPU: each
               holds T / n tokens and a replica of the state).
-Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own. Results go
-to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
+Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own; its output,
+with timestamped milestones (state built, lowered, compiled, each step), goes to OUT/child-PHASE-N.log. Results
+go to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
 device, date, versions). Synthetic tokens: nothing here needs Grain.
+
+Seen once (2026-11-22, H200 x2, jax 0.11.2): the first configuration (1 GPU, 64K tokens, remat=block) did not
+reach its first step within 340 s, and that run kept no log of where the time went (this version does). On
+CPU the same step lowers in ~6 s to ~30K lines of StableHLO and XLA:CPU compiles it in ~16 s, with 11.4 GiB of
+arguments and 56.2 GiB of temporaries per device (about 68 GiB: an H200 should hold it); GPU compilation
+(autotuning ~800 matmuls) is the prime suspect. `--xla-flags=--xla_gpu_autotune_level=0` tests that.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ K = 1024
 def _oom(e: Exception) -> bool:
     text = str(e)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _say(message: str) -> None:
+    """A timestamped milestone on stdout (the parent keeps each child's stdout in OUT/child-PHASE-N.log)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _record(out: Path, **r) -> dict:
@@ -68,7 +80,9 @@ class Step:
         self.devices = jax.devices()[:n_gpus]
         self.mesh = jax.make_mesh((1, n_gpus), ("data", "seq"), devices=self.devices,
                                   axis_types=(AxisType.Auto,) * 2)
+        _say(f"{n_gpus} GPU(s), {self.seq_len} tokens, remat {remat}: building the state")
         graphdef, self.state, self.n_params, n_matmul = build_state(self.mcfg, cfg, self.mesh)
+        jax.block_until_ready(self.state)
         self.train_step, _ = make_steps(graphdef)
         sharding = NamedSharding(self.mesh, P("data", "seq"))
         tokens = np.random.default_rng(0).integers(0, self.mcfg.vocab_size, (1, self.seq_len + 1), np.int32)
@@ -77,10 +91,14 @@ class Step:
         n_soft = len(self.mcfg.softmax_set)
         self.flops_per_token = flops_per_token(n_matmul, self.mcfg.n_layers - n_soft, self.mcfg.n_heads,
                                                self.mcfg.resolved_head_dim, n_soft, self.seq_len)
+        _say("state built; lowering and compiling the step")
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            self.compiled = self.train_step.lower(self.state, self.batch).compile()
+            lowered = self.train_step.lower(self.state, self.batch)
+            _say(f"lowered in {time.perf_counter() - t0:.1f} s")
+            self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
+        _say(f"compiled in {self.compile_s:.1f} s")
         mem = self.compiled.memory_analysis()
         # Per device: what the program's buffers need (arguments, donated into the outputs, plus temporaries).
         self.xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem else None
@@ -96,6 +114,7 @@ class Step:
                 t = time.perf_counter()
                 self.state, out = self.compiled(self.state, self.batch)
                 loss = float(out["loss"])  # syncs
+                _say(f"step {i}: {time.perf_counter() - t:.3f} s, loss {loss:.4f}")
                 if i >= 2:
                     times.append(time.perf_counter() - t)
         step_s = float(np.median(times))
@@ -189,6 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
     parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")
     parser.add_argument("--phases", default="throughput,longest")
+    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:deadline" in a worker process
@@ -212,7 +232,8 @@ def main(argv=None) -> int:
             n_devices=n_dev, versions={"jax": jax_v, "flax": flax_v, "optax": optax_v}, error=info.stderr[-500:]
             if info.returncode else None)
     gpus = [int(g) for g in args.gpus.split(",") if n_dev.isdigit() and int(g) <= int(n_dev)]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
     for phase in args.phases.split(","):
         for n in gpus:
             left = deadline - time.monotonic()
@@ -222,12 +243,17 @@ def main(argv=None) -> int:
             # time.monotonic is system-wide, so the child can compare against the same deadline
             cmd = [sys.executable, "-m", "benchmarks.bench_train_gpu", *argv, "--child", f"{phase}:{n}:{deadline - 30}"]
             child_env = dict(env, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)))
-            try:
-                done = subprocess.run(cmd, env=child_env, timeout=left, capture_output=True, text=True)
-                if done.returncode:
-                    _record(out, kind=phase, gpus=n, note="failed", error=(done.stdout + done.stderr)[-1500:])
-            except subprocess.TimeoutExpired:
-                _record(out, kind=phase, gpus=n, note=f"stopped at the time budget ({args.budget_s:.0f} s)")
+            log = out / f"child-{phase}-{n}.log"  # kept whole: a cut-off child shows where its time went
+            with open(log, "w") as fh:
+                try:
+                    done = subprocess.run(cmd, env=child_env, timeout=left, stdout=fh, stderr=subprocess.STDOUT)
+                    if done.returncode:
+                        _record(out, kind=phase, gpus=n, note=f"failed (see {log.name})",
+                                error=log.read_text()[-1500:])
+                except subprocess.TimeoutExpired:
+                    _record(out, kind=phase, gpus=n, note=f"stopped at the time budget ({args.budget_s:.0f} s); "
+                                                          f"last lines of {log.name}: " + " / ".join(
+                                                              log.read_text().splitlines()[-3:]))
     write_summary(out)
     return 0
 
