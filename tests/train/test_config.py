@@ -101,3 +101,14 @@ def test_main_reports_a_bad_config_as_an_error(capsys):
     assert "seq_len must be positive" in capsys.readouterr().err
     assert main(["--set", "data=/nonexistent/corpus.txt"]) == 2  # found when the run resolves its files
     assert "path '/nonexistent/corpus.txt' does not exist" in capsys.readouterr().err
+
+
+def test_run_configs_load_and_the_gpu_one_asks_for_data():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = cli.load_config_file(root / "configs" / "train_tnl_1b.py")
+    assert (cfg.model, cfg.lr, cfg.warmup_steps, cfg.decay_steps) == ("tnl-1b", 5e-4, 2000, 50_000)
+    with pytest.raises(ValueError, match="no data given"):
+        validate(cfg)
+    validate(cli.load_config_file(cli.DEFAULT_CONFIG))
