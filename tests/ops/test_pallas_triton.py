@@ -127,6 +127,35 @@ def test_lowers_to_triton_for_h200(overrides):
     assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (6 if fused else 7)
 
 
+@pytest.mark.parametrize(("t", "kernels"), [(8192, 8), (512, 5)], ids=["pieces", "one_piece"])
+def test_lowers_to_triton_under_shard_map(t, kernels):
+    """Without a GPU: the kernels inside lasp_attention's machinery (shard_map over 2 ranks, check_vma, the
+    ring exchange) lower to Triton IR for abstract H200s. Per rank: local_state, state pass and output pass
+    forward, 2 state passes, dQ, dK, dV backward; a one-piece rank skips the state passes it does not need."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec
+
+    from lasp_jax.parallel.api import SeqExchange
+
+    mesh = AbstractMesh((2,), ("seq",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    module, exchange, spec = pallas_triton.Kernels(), SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
+    s = jnp.full((4,), 0.1, jnp.float32)
+
+    def local(q, k, v, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, module, exchange, False), q, k, v)
+        return o, *vjp_fn(do)
+
+    def fwd_bwd(q, k, v, do):
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4)(q, k, v, do)
+
+    x = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(x, x, x, x)
+    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == kernels
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at their real block sizes.
 
