@@ -20,8 +20,10 @@ output or state); only such ragged T pays that copy.
 
 Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
 passed on (H200). The H100 (the same sm_90 target) and the A100 are expected to work through the same lowering
-but are untested here, so `supported` refuses them (fail-closed: "auto" then takes the XLA path).
-`INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests).
+but are untested here, so `supported` refuses them (fail-closed: "auto" then takes the XLA path). On a GPU
+they take head dims 64, 128 and 256 and bf16 or fp32 inputs (what the GPU tests covered; others fall back).
+`INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
+32 and float16).
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from jax.experimental.pallas import triton as pl_triton
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
+# What the kernels run: powers of two the Triton dots take; on a GPU only what the GPU tests covered.
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_GPU_HEAD_DIMS = (64, 128, 256)
+_GPU_DTYPES = (jnp.bfloat16, jnp.float32)
 _TESTED_GPUS = ("H200",)  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 
@@ -439,12 +444,14 @@ def local_backward(q, k, v, s, do, config: Config = DEFAULT):
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:
     """None when these kernels can run these inputs here, else the reason (then "auto" falls back to XLA)."""
+    head_dims, dtypes_ok = (_HEAD_DIMS, _DTYPES) if config.interpret else (_GPU_HEAD_DIMS, _GPU_DTYPES)
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in _DTYPES}:
-        return f"q, k, v must share one dtype of bfloat16, float16, float32; got {sorted(map(str, dtypes))}"
+    if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in dtypes_ok}:
+        names = ", ".join(jnp.dtype(d).name for d in dtypes_ok)
+        return f"q, k, v must share one dtype of {names}; got {sorted(map(str, dtypes))}"
     for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
-        if d not in _HEAD_DIMS:
-            return f"head dim {name}={d} is not one of {_HEAD_DIMS}"
+        if d not in head_dims:
+            return f"head dim {name}={d} is not one of {head_dims}"
     if config.interpret:
         return None
     if jax.default_backend() != "gpu":

@@ -93,6 +93,11 @@ def test_supported_reasons(rng):
     q, k, v = qkv(rng, 1, 8, 2, 1, 16, 16)
     assert pallas_triton.supported(q, k.astype(jnp.bfloat16), v, SMALL).startswith("q, k, v must share")
     assert pallas_triton.supported(q, k, v, SMALL) is None
+    # Compiled for a GPU: only the head dims and dtypes the GPU tests covered.
+    assert "Dk=16" in pallas_triton.supported(q, k, v)
+    q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64, jnp.float16)
+    assert "float16" in pallas_triton.supported(q, k, v) and pallas_triton.supported(q, k, v, SMALL) is None
+    q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_triton.supported(q, k, v)
         assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"], "auto must not pick an untested kernel"
