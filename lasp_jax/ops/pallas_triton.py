@@ -23,7 +23,8 @@ passed on (H200). The H100 (the same sm_90 target) and the A100 are expected to 
 but are untested here, so `supported` refuses them (fail-closed: "auto" then takes the XLA path). On a GPU
 they take head dims 64, 128 and 256 and bf16 or fp32 inputs (what the GPU tests covered; others fall back).
 `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
-32 and float16).
+32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
+later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering.
 """
 
 from __future__ import annotations
