@@ -6,8 +6,9 @@ global positions: rank r holds rows rL + i, and row rL + i sees every column c <
 (A local mask, i >= c, would be wrong on every rank but the first; the tests check this across ranks.)
 The backward needs nothing special: autodiff turns the all_gather into a reduce-scatter of dK and dV.
 
-Numerics: scores, softmax and the weighted sum run in fp32 (full-precision matmuls), the output returns in q's
-dtype. The attention is blockwise with an online softmax (flash-style, rematerialised in the backward), so
+Numerics: the two matmuls take q, k, v (and the probabilities) in the input dtype and accumulate in fp32, as
+flash attention does (fp32 inputs use full-precision matmuls); the softmax statistics are fp32 and the output
+returns in q's dtype. The attention is blockwise with an online softmax (flash-style, rematerialised in the backward), so
 per rank the memory is that of the gathered K/V plus one block of scores, never [L, T].
 """
 
@@ -62,17 +63,21 @@ def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, bl
     nq, nk = -(-length // bq), -(-s_len // bk)
 
     def blocks(x, n, size):  # [B, N, ...] -> [n, B, size, ...], zero-padded
-        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
 
-    qb = blocks(q.reshape(b, length, hkv, g, d), nq, bq) * scale  # [nq, B, bq, Hkv, G, D]
-    kb, vb = blocks(k, nk, bk), blocks(v, nk, bk)  # [nk, B, bk, Hkv, D]; padded keys are never visible:
-    # every row is < S, and a padded key's position is >= S.
+    dtype = jnp.promote_types(q.dtype, k.dtype)
+    precision = _HIGHEST if dtype == jnp.float32 else None  # bf16: the tensor cores' native product
+    matmul = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+    qb = blocks((q * jnp.asarray(scale, q.dtype)).astype(dtype).reshape(b, length, hkv, g, d), nq, bq)
+    kb, vb = blocks(k.astype(dtype), nk, bk), blocks(v, nk, bk)
+    # qb [nq, B, bq, Hkv, G, D]; kb, vb [nk, B, bk, Hkv, D]. Padded keys are never visible: every row is < S,
+    # and a padded key's position is >= S.
 
     @jax.checkpoint
     def query_block(qi, i):
         rows = q_offset + i * bq + jnp.arange(bq)  # global positions of this block's rows
-        zero = jnp.zeros_like(qi[..., 0]).transpose(0, 2, 3, 1)  # [B, Hkv, G, bq], typed like q (shard_map)
+        zero = jnp.zeros_like(qi[..., 0], jnp.float32).transpose(0, 2, 3, 1)  # [B, Hkv, G, bq], typed like q
 
         @jax.checkpoint
         def key_step(carry, xs):
@@ -81,13 +86,13 @@ def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, bl
             def update(carry):
                 m, l, acc = carry
                 cols = j * bk + jnp.arange(bk)
-                s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, precision=_HIGHEST)
+                s = matmul("bqkgd,bskd->bkgqs", qi, kj)
                 s = jnp.where(cols[None, :] <= rows[:, None], s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
                 p = jnp.exp(s - m_safe[..., None])
                 correction = jnp.exp(m - m_safe)
-                acc = acc * correction[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p, vj, precision=_HIGHEST)
+                acc = acc * correction[..., None] + matmul("bkgqs,bske->bkgqe", p.astype(vj.dtype), vj)
                 return m_new, l * correction + p.sum(axis=-1), acc
 
             visible = j * bk <= rows[-1]  # any column of this key block at or before the block's last row

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.parallel.softmax_allgather import causal_softmax_attention, softmax_allgather_attention
-from tests.util import F32_TOL, qkv, rel_err
+from tests.util import BF16_TOL, F32_TOL, qkv, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}  # numbers, not speed: a quicker XLA:CPU compile
 
@@ -73,6 +73,14 @@ def test_one_device_function_matches_dense(blocks, rng):
     # q_offset: the last 6 rows at positions 10..15 over all 16 keys equal those rows of the full result.
     tail = causal_softmax_attention(q[:, 10:], k, v, q_offset=10, block_q=bq, block_k=bk)
     assert rel_err(tail, _dense(q, k, v)[:, 10:]) < F32_TOL
+
+
+def test_bf16_inputs(rng):
+    """bf16 q, k, v: bf16 products accumulated in fp32 stay within one bf16 rounding of the float64 result."""
+    q, k, v = qkv(rng, 2, 24, 4, 2, 16, 16, dtype=jnp.bfloat16)
+    o = causal_softmax_attention(q, k, v, block_q=8, block_k=8)
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(o, _dense(*(x.astype(jnp.float32) for x in (q, k, v)))) < BF16_TOL
 
 
 def test_inside_a_callers_shard_map(rng):
