@@ -2,7 +2,7 @@
 
 Runs anywhere in a few minutes: 8 forced CPU devices as a data=2 x seq=4 mesh, so every step exercises LASP's
 sequence parallelism (each device holds a quarter of every sequence) and data parallelism at once.
-`python -m train` runs it (about 2-3.5 minutes on 2 shared CPU cores); `python -m train --set steps=3000` trains longer.
+`python -m train` runs it (about 2-3.5 minutes on 2 shared CPU cores); `--set steps=3000` trains longer.
 """
 
 import time
