@@ -61,12 +61,14 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
 
 
 def activation_spec(cfg: ModelConfig, ndim: int) -> P:
-    """P(batch axes, seq axis, None, ...) restricted to the axes the ambient mesh has free."""
+    """P(batch axes, seq axis, None, ...) restricted to the axes the ambient mesh has free (seq if > 1)."""
     mesh = ambient_mesh()
     if mesh is None:
         return P()
     b = batch_axes(cfg, mesh)
-    s = cfg.seq_axis if cfg.seq_axis in _free_axes(mesh) else None
+    # A seq axis of size 1 is left out: the one-device attention then sees T unsplit (Explicit sharding types
+    # would otherwise carry the size-1 axis into its contractions).
+    s = cfg.seq_axis if cfg.seq_axis in _free_axes(mesh) and mesh.shape[cfg.seq_axis] > 1 else None
     return P(b or None, s, *([None] * (ndim - 2)))
 
 
