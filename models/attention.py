@@ -7,12 +7,13 @@ TNL (TransNormerLLM, Qin et al. 2023; its public Hugging Face code), written in 
     q = silu(x W_q), k = silu(x W_k), v = x W_v, u = x W_u           (no scale on q)
     o = W_o [ SRMSNorm(attn(q, k, v; decay s_l)) * u ]                 (norm over all heads, linear gate u)
     s_l,h = slope_h * (1 - l / (n_layers - 1) + 1e-5)                  slope_h = 2^(-8 (h+1) / H) (ALiBi)
-so the first layer decays fastest and the last barely at all. TNL's first-layer LRPE is not used (the
-released configs switch it off).
+so the first layer decays fastest and the last barely at all. TNL's optional LRPE (rotary-like positions on
+q and k, `linear_use_lrpe_list` in its configuration, empty by default) is not implemented.
 
-Linear Transformer (Katharopoulos et al. 2020) as LASP trains it: q = elu(x W_q) + 1, k = elu(x W_k) + 1,
-v = x W_v, no decay, no normaliser; o = W_o SRMSNorm(attn) when `lt_output_norm` (the norm TransNormer puts in
-place of the removed denominator, which keeps outputs O(1) at any length), else o = W_o attn.
+Linear Transformer (Katharopoulos et al. 2020), without its normaliser as LASP runs it: q = elu(x W_q) + 1,
+k = elu(x W_k) + 1, v = x W_v, no decay; o = W_o attn, or o = W_o SRMSNorm(attn) when `lt_output_norm`
+(default on, our choice: the norm TransNormer puts in place of the removed denominator, which keeps outputs
+O(1) at any length; switch it off for the bare op).
 
 Attention dispatch: lasp_attention when the ambient mesh has the seq axis with more than one device (the
 sequence is sharded), linear_attention otherwise; the model code is the same on one device and on a mesh.
