@@ -1,4 +1,5 @@
-# Two commands do all the setup on a fresh machine: `make run` (the main job) and `make test` (the suite).
+# Two commands do all the setup on a fresh machine: `make run` (the main job: the tiny TNL trains on an 8-device
+# CPU mesh) and `make test` (the suite).
 # Both build .venv with Python 3.12 (python3.12 on PATH, else pyenv's 3.12.x) and install the pinned stack.
 
 # (pyenv's python3.12 shim exists even when 3.12 is not selected, so each candidate must actually run.)
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m benchmarks.strategies_cpu
+	$(PY) -m train
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15
