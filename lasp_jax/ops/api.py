@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from lasp_jax.ops import checks, impls, reference, vjp
 
@@ -33,7 +37,41 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     module = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
-    return vjp.attend(q, k, v, s, initial_state, module, None, bool(return_final_state))
+    spec = _explicit_spec(q)
+    if spec is not None:
+        q, k, v = (_whole_sequence(x, spec) for x in (q, k, v))
+        if initial_state is not None:  # laid out like q's batch and heads, as the state products need
+            initial_state = jax.sharding.reshard(initial_state, P(spec[0], spec[2], None, None))
+    out = vjp.attend(q, k, v, s, initial_state, module, None, bool(return_final_state))
+    if spec is None or spec[1] is None:
+        return out
+    if return_final_state:
+        return jax.sharding.reshard(out[0], P(*spec)), out[1]
+    return jax.sharding.reshard(out, P(*spec))
+
+
+def _explicit_spec(x) -> tuple | None:
+    """x's Explicit sharding as a 4-entry spec, or None when it has none."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if not spec or all(entry is None for entry in spec):
+        return None
+    spec = tuple(spec) + (None,) * (4 - len(spec))
+    if spec[1] is not None:
+        axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1])
+        size = math.prod(jax.typeof(x).sharding.mesh.shape[a] for a in axes)
+        if size > 1:
+            # Gathering K and V here would undo the point of LASP: that is lasp_attention's job.
+            raise ValueError(f"q's sequence dim is sharded over mesh axes {axes} ({size} devices): use "
+                             "lasp_attention for sequence-sharded inputs (or reshard T to one device first)")
+    return spec
+
+
+def _whole_sequence(x, q_spec):
+    """Drops a T sharding over size-1 mesh axes (no data moves); q's sharding is restored on the output."""
+    if q_spec[1] is None:
+        return x
+    x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * 4
+    return jax.sharding.reshard(x, P(x_spec[0], None, *x_spec[2:4]))
 
 
 def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):

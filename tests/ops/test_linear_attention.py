@@ -168,3 +168,35 @@ def test_bad_input_names_the_problem(case):
         kwargs["initial_state"] = jnp.zeros(over["initial_state"])
     with pytest.raises(ValueError, match=message):
         lasp_jax.linear_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_explicitly_sharded_inputs(rng):
+    """Batch sharded (and T over a one-device axis): runs in place, output sharded like q, state aligned."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    q, k, v = qkv(rng, 8, 40, 2, 1, 8, 8)
+    s = decay("on", 2, rng)
+    s0 = jnp.asarray(rng.standard_normal((8, 2, 8, 8)), jnp.float32)
+    o_ref = reference.dense(q, k, v, s, s0)[0]
+    g_ref = jax.grad(lambda q, s0: jnp.sum(reference.dense(q, k, v, s, s0)[0] ** 2), argnums=(0, 1))(q, s0)
+    for shape, spec in (((8, 1), P("data", "seq")), ((2, 4), P("data", None))):
+        mesh = jax.make_mesh(shape, ("data", "seq"))
+        with jax.set_mesh(mesh):
+            qs, ks, vs = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+            o = jax.jit(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, initial_state=s0))(qs, ks, vs)
+            grads = jax.jit(jax.grad(lambda q, s0: jnp.sum(
+                lasp_jax.linear_attention(q, ks, vs, s, initial_state=s0) ** 2), argnums=(0, 1)))(qs, s0)
+        assert o.sharding.spec[:2] == spec[:2]
+        assert rel_err(o, o_ref) < F32_TOL
+        for g, gr in zip(grads, g_ref):
+            assert rel_err(g, gr) < F32_TOL
+
+
+def test_sequence_sharded_inputs_point_to_lasp_attention():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    with jax.set_mesh(mesh):
+        q = jax.device_put(jnp.zeros((2, 32, 2, 8)), NamedSharding(mesh, P("data", "seq")))
+        with pytest.raises(ValueError, match="use lasp_attention"):
+            lasp_jax.linear_attention(q, q, q)
