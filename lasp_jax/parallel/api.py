@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import types
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from lasp_jax.ops import checks, impls, vjp
-from lasp_jax.parallel import allgather, ring, scan
+from lasp_jax.parallel import allgather, layout, ring, scan
 
 STRATEGIES: dict[str, types.ModuleType] = {"ring": ring, "allgather": allgather, "scan": scan}
 
@@ -36,23 +35,6 @@ class SeqExchange:
 
     def suffix(self, d, rate):
         return STRATEGIES[self.strategy].exclusive_suffix(d, rate, self.axis_name, self.axis_size)
-
-
-def _current_mesh(mesh):
-    if mesh is not None:
-        return mesh
-    ambient = jax.sharding.get_abstract_mesh()
-    if ambient.empty:
-        raise ValueError("lasp_attention needs a mesh: pass mesh=... or call it under `with jax.set_mesh(mesh):`")
-    return ambient
-
-
-def _batch_axes_of(x) -> tuple[str, ...] | None:
-    """The mesh axes an Explicit-sharded array's batch dim lives on (None when it is not sharded)."""
-    entry = jax.typeof(x).sharding.spec[0]
-    if entry is None:
-        return None
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="ring", scale=1.0, impl="auto",
@@ -76,35 +58,15 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
     s = checks.attention_inputs(q, k, v, decay)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {sorted(STRATEGIES)}")
-    mesh = _current_mesh(mesh)
-    if seq_axis not in mesh.axis_names:
-        raise ValueError(f"the mesh has no axis {seq_axis!r} (seq_axis); its axes are {tuple(mesh.axis_names)}")
-    w = mesh.shape[seq_axis]
+    mesh = layout.current_mesh(mesh)
+    w = layout.check_seq_axis(mesh, seq_axis)
     module = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     exchange = SeqExchange(strategy, seq_axis, w)
-    if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
+    if layout.seq_is_manual(seq_axis):
         return vjp.attend(q, k, v, s, None, module, exchange, False)
-
-    b, t = q.shape[:2]
-    if t % w:
-        raise ValueError(f"sequence length T={t} must be divisible by the {seq_axis!r} axis size {w}")
-    explicit = any(t_ == AxisType.Explicit for t_ in mesh.axis_types)
-    if batch_axes is None:
-        batch_axes = _batch_axes_of(q) if explicit else None
-        if batch_axes is None:
-            batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis)
-    for a in batch_axes:
-        if a not in mesh.axis_names or a == seq_axis:
-            raise ValueError(f"batch axis {a!r} is not a non-seq axis of the mesh {tuple(mesh.axis_names)}")
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-    if b % n_batch:
-        raise ValueError(f"batch B={b} must be divisible by the batch axes {batch_axes} (size {n_batch}); "
-                         "pass batch_axes=() to replicate the batch over them")
-    spec = P(batch_axes or None, seq_axis, None, None)
-    if explicit:
-        q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)
     return _sharded(q, k, v, s, module=module, exchange=exchange, mesh=mesh, spec=spec)
 
 

@@ -19,9 +19,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.parallel.api import _batch_axes_of, _current_mesh
+from lasp_jax.parallel import layout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -132,30 +131,11 @@ def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=Non
     _check(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"self-attention needs q and k of the same length, got {q.shape[1]} and {k.shape[1]}")
-    mesh = _current_mesh(mesh)
-    if seq_axis not in mesh.axis_names:
-        raise ValueError(f"the mesh has no axis {seq_axis!r} (seq_axis); its axes are {tuple(mesh.axis_names)}")
-    if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
+    mesh = layout.current_mesh(mesh)
+    layout.check_seq_axis(mesh, seq_axis)
+    if layout.seq_is_manual(seq_axis):
         return _local(q, k, v, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
-    w = mesh.shape[seq_axis]
-    b, t = q.shape[:2]
-    if t % w:
-        raise ValueError(f"sequence length T={t} must be divisible by the {seq_axis!r} axis size {w}")
-    explicit = any(t_ == AxisType.Explicit for t_ in mesh.axis_types)
-    if batch_axes is None:
-        batch_axes = _batch_axes_of(q) if explicit else None
-        if batch_axes is None:
-            batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis)
-    for a in batch_axes:
-        if a not in mesh.axis_names or a == seq_axis:
-            raise ValueError(f"batch axis {a!r} is not a non-seq axis of the mesh {tuple(mesh.axis_names)}")
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-    if b % n_batch:
-        raise ValueError(f"batch B={b} must be divisible by the batch axes {batch_axes} (size {n_batch}); "
-                         "pass batch_axes=() to replicate the batch over them")
-    spec = P(tuple(batch_axes) or None, seq_axis, None, None)
-    if explicit:
-        q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)
     return _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
 
 
