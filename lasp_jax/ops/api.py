@@ -26,7 +26,9 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
       initial_state: optional [B, H, Dk, Dv] state S_0 before position 0 (differentiable).
       return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
         equal one call over the concatenated sequence.
-      impl: "auto", "xla" (chunked, every platform) or "reference" (dense, O(T^2) memory).
+      impl: "auto" (the first usable entry of impls.AUTO_ORDER), "xla" (chunked, every platform),
+        "pallas_triton" (fused kernels, GPU), "pallas_triton_interpret" (the same, interpreted) or "reference"
+        (dense, O(T^2) memory).
     Returns:
       o [B, T, H, Dv] in q's dtype, and the final state if asked for.
     """
