@@ -13,7 +13,9 @@ from lasp_jax.ops import pallas_triton, reference, xla
 
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`); "pallas_triton_interpret" is the
 # same kernels in Pallas interpret mode, on any platform (slow: for tests). "auto" does not take pallas_triton
-# yet: its GPU suite has not completed in one run (the fla comparison and lasp_attention on GPUs are unrun).
+# yet: its GPU test suite has not completed in one run (the fla comparison and the lasp_attention GPU tests are
+# unrun; lasp_attention on two H200s did match one-device XLA in bench_lasp_gpu's check, before states.py's
+# bf16 change).
 IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
     "reference": reference,
     "xla": xla,
@@ -23,7 +25,7 @@ IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
 AUTO_ORDER: tuple[str, ...] = ("xla",)
 
 
-def resolve(impl: str, q, k, v) -> types.ModuleType:
+def resolve(impl: str, q, k, v) -> types.ModuleType | pallas_triton.Kernels:
     """Returns the implementation module for `impl` ("auto" or a name of IMPLS); ValueError if unusable."""
     if impl == "auto":
         for name in AUTO_ORDER:
