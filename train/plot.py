@@ -1,7 +1,7 @@
 """`python -m train.plot RUN_DIR`: writes RUN_DIR/curves.png from RUN_DIR/metrics.jsonl.
 
 Left: training loss against step, with validation loss where it was measured. Right: throughput (tokens/s)
-and, where known, MFU. Needs matplotlib.
+and, where known, MFU.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from train.metrics import read_metrics
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Reads run_dir/metrics.jsonl, writes a PNG (run_dir/curves.png unless out is given) and returns its path."""
-    try:
-        import matplotlib
+    import matplotlib  # imported here, not at start-up: only plotting needs it
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("train.plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

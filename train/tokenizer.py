@@ -35,11 +35,8 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (the fast tokenizers' tokenizer.json)."""
 
     def __init__(self, path: str, eos_token: str = ""):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError(f"tokenizer {path!r}: the `tokenizers` package is needed for a tokenizer .json file "
-                             "(pip install tokenizers), or use tokenizer=byte") from None
+        from tokenizers import Tokenizer  # imported here, not at start-up: byte-level runs never need it
+
         if not Path(path).is_file():
             raise ValueError(f"tokenizer: file {path!r} does not exist")
         try:

@@ -30,7 +30,8 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_hf_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers", reason="the optional `tokenizers` package is not installed")
+    import tokenizers
+
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "hello": 2,
                                                             "world": 3}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
