@@ -66,8 +66,8 @@ def activation_spec(cfg: ModelConfig, ndim: int) -> P:
     if mesh is None:
         return P()
     b = batch_axes(cfg, mesh)
-    # A seq axis of size 1 is left out: the one-device attention then sees T unsplit (Explicit sharding types
-    # would otherwise carry the size-1 axis into its contractions).
+    # A seq axis of size 1 is left out: linear_attention copes with it, but on Explicit meshes the hybrids'
+    # one-device softmax path would carry it into a second dim of a spec (DuplicateSpecError, seen 2026-11-22).
     s = cfg.seq_axis if cfg.seq_axis in _free_axes(mesh) and mesh.shape[cfg.seq_axis] > 1 else None
     return P(b or None, s, *([None] * (ndim - 2)))
 
