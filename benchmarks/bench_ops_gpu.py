@@ -148,26 +148,25 @@ def time_torch(fn, grads):
 def sweep_configs():
     """Kernel variants timed at the 64K shape with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
     base = pallas_triton.DEFAULT
-    p256 = dataclasses.replace(base, target_programs=256)
     return {
         "default": base,
-        "programs 256": p256,
-        "p256 stages 3": dataclasses.replace(p256, num_stages=3),
-        "p256 stages 3 state_block 128": dataclasses.replace(p256, num_stages=3, state_block=128),
+        "v1 (512 programs, 2 stages)": dataclasses.replace(base, target_programs=512, num_stages=2),
+        "state_block 128": dataclasses.replace(base, state_block=128),
         "tiles_first": dataclasses.replace(base, tiles_first=True),
-        "p256 stages 3 tiles_first": dataclasses.replace(p256, num_stages=3, tiles_first=True),
-        "p256 stages 3 state_block 128 tiles_first": dataclasses.replace(
-            p256, num_stages=3, state_block=128, tiles_first=True),
+        "state_block 128 tiles_first": dataclasses.replace(base, state_block=128, tiles_first=True),
+        "programs 384": dataclasses.replace(base, target_programs=384),
     }
 
 
 def breakdown(q, k, v, do, s, iters, reps):
-    """ms of each contract function on its own (default config): where the forward+backward time goes."""
+    """ms of the kernels' forward and backward on their own (default config): where forward+backward goes."""
     s = jnp.asarray(s)
+    saved = jax.jit(lambda q, k, v: pallas_triton.forward(q, k, v, s)[3])(q, k, v)
     parts = {
-        "local_state (K,V state pass + piece scan)": (jax.jit(pallas_triton.local_state), (k, v, s)),
-        "local_output (state pass + output pass)": (jax.jit(pallas_triton.local_output), (q, k, v, s)),
-        "local_backward (2 state passes, dQ, dK+dV)": (jax.jit(pallas_triton.local_backward), (q, k, v, s, do)),
+        "forward (K,V state pass, piece scan, output pass)": (
+            jax.jit(lambda q, k, v: pallas_triton.forward(q, k, v, s)[0]), (q, k, v)),
+        "backward (Q,dO state pass, reverse scan, dQ, dK+dV)": (
+            jax.jit(lambda q, k, v, do: pallas_triton.backward(q, k, v, s, saved, do)[:3]), (q, k, v, do)),
     }
     return {name: time_jax(fn, args, iters, reps) for name, (fn, args) in parts.items()}
 

@@ -36,7 +36,7 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     b, _, h, dk = q.shape
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    module = impls.resolve(impl, q, k, v)
+    per_device = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     spec = _explicit_spec(q)
@@ -44,7 +44,7 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
         q, k, v = (_whole_sequence(x, spec) for x in (q, k, v))
         if initial_state is not None:  # laid out like q's batch and heads, as the state products need
             initial_state = jax.sharding.reshard(initial_state, P(spec[0], spec[2], None, None))
-    out = vjp.attend(q, k, v, s, initial_state, module, None, bool(return_final_state))
+    out = vjp.attend(q, k, v, s, initial_state, per_device, None, bool(return_final_state))
     if spec is None or spec[1] is None:
         return out
     if return_final_state:

@@ -1,32 +1,30 @@
 """The implementations of the per-device contract, and how `impl=` names resolve to one.
 
-Each implementation module exposes `local_output`, `local_state`, `local_backward` (see `vjp.Impl`) and
-`supported(q, k, v) -> str | None` (None: usable here; else the reason it is not). "auto" takes the first
-usable entry of `AUTO_ORDER`, which lists only implementations whose tests pass on that platform.
+Each entry meets `vjp.Impl` (forward and backward of one piece with its incoming state, and
+`supported(q, k, v) -> str | None`: None when usable here, else the reason). "auto" takes the first usable
+entry of `AUTO_ORDER`, which lists only implementations whose tests pass on that platform.
 """
 
 from __future__ import annotations
 
-import types
-
-from lasp_jax.ops import pallas_triton, reference, xla
+from lasp_jax.ops import pallas_triton, reference, vjp, xla
 
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`); "pallas_triton_interpret" is the
 # same kernels in Pallas interpret mode, on any platform (slow: for tests). "auto" does not take pallas_triton
 # yet: its GPU test suite has not completed in one run (the fla comparison and the lasp_attention GPU tests are
 # unrun; lasp_attention on two H200s did match one-device XLA in bench_lasp_gpu's check, before states.py's
 # bf16 change).
-IMPLS: dict[str, types.ModuleType | pallas_triton.Kernels] = {
-    "reference": reference,
-    "xla": xla,
-    "pallas_triton": pallas_triton,
+IMPLS: dict[str, vjp.Impl] = {
+    "reference": vjp.Split(reference),
+    "xla": vjp.Split(xla),
+    "pallas_triton": pallas_triton.KERNELS,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
 }
 AUTO_ORDER: tuple[str, ...] = ("xla",)
 
 
-def resolve(impl: str, q, k, v) -> types.ModuleType | pallas_triton.Kernels:
-    """Returns the implementation module for `impl` ("auto" or a name of IMPLS); ValueError if unusable."""
+def resolve(impl: str, q, k, v) -> vjp.Impl:
+    """Returns the implementation for `impl` ("auto" or a name of IMPLS); ValueError if unusable."""
     if impl == "auto":
         for name in AUTO_ORDER:
             if IMPLS[name].supported(q, k, v) is None:

@@ -5,18 +5,24 @@ A sequence of T positions is cut into P pieces of whole chunks, so that B * H * 
 even at B = 1, H = 16 (one program per (batch, head) would leave most of it idle):
 
     forward   state pass   m_p   = sum_{x in p} lambda^(end_p - x) k_x^T v_x         (reads K, V)
-              piece scan   S_p   = sum_{j < p} lambda^(L (p - 1 - j)) m_j              ([P, P] weights, XLA)
+              piece scan   S_p   = lambda^(L p) S_in + sum_{j < p} lambda^(L (p - 1 - j)) m_j   ([P, P], XLA)
               output pass  O     = chunkwise [(Q K^T) * M] V + lambda^i Q S, S walks   (reads Q, K, V, S_p)
-    backward  the same state pass and scan for S_p, and, mirrored, d_p = sum_x lambda^(x - start_p) q_x^T dO_x
-              with its reverse scan G_p (the state cotangent at the end of piece p); then
-              dQ walks forward with S (reads dO, K, V);  dK and dV walk backward with dS (read Q, K, V, dO),
-              in one kernel when the whole state fits one tile, else one kernel each.
+    backward  mirrored:    d_p   = sum_{x in p} lambda^(x - start_p) q_x^T dO_x        (reads Q, dO)
+              reverse scan G_p   = lambda^(L (P - 1 - p)) G + sum_{j > p} lambda^(L (j - p - 1)) d_j
+              dQ walks forward with S from the saved S_p (reads dO, K, V); dK and dV walk backward with dS
+              from G_p (read Q, K, V, dO), in one kernel when the whole state fits one tile, else one each.
+
+The incoming state S_in and the end-state cotangent G (from another device, or the caller's initial and final
+states) enter only the tiny piece scans, so lasp_attention costs no extra pass over the tokens. The piece
+states S_p ([B, H, P, Dk, Dv] float32, a few MB) are the backward's residual, so it never re-reads K and V to
+rebuild them.
 
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
 as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
 inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0.
 T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no
-output or state); only such ragged T pays that copy.
+output or state); only such ragged T pays that copy, and, since the zeros would sit between S_in and the first
+token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.states` instead.
 
 Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
 passed on (H200). The H100 (the same sm_90 target) and the A100 are expected to work through the same lowering
@@ -37,6 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops import states
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -63,18 +71,21 @@ class Config:
     inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM; off by
     default until measured (the Triton lowering otherwise makes batch x head the fastest launch index).
     interpret: run in Pallas interpret mode (any platform, slow; for tests).
+
+    Defaults: the fastest variant of two timing sweeps on an H200 at T=64K (256 programs, 3 stages: ~9% under
+    512 programs and 2 stages; benchmarks/results/KERNEL_NOTES.md).
     """
 
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
     state_block: int = 64
-    target_programs: int = 512
+    target_programs: int = 256
     min_piece_chunks: int = 4
     fuse_dkdv: bool = True
     tiles_first: bool = False
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     interpret: bool = False
 
 
@@ -343,78 +354,112 @@ def _kv_head(q, k):
     return _same if group == 1 else (lambda h: h // group)
 
 
-def _incoming_states(q, k, v, s, plan, config):
-    """The state entering each piece from zero at the piece boundary: [B, H, P, Dk, Dv] float32."""
-    if plan.pieces == 1:  # one piece: nothing enters it, and the state pass over K, V is skipped
-        return jnp.zeros((q.shape[0], q.shape[2], 1, k.shape[-1], v.shape[-1]), _F32)
-    m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q, k))
-    return _prefix(m, s, plan, plan.pieces)
+def _boundary_powers(s, plan: _Plan, from_end: bool):
+    """[H, P] lambda^(L p) (how S_in reaches the start of piece p), or lambda^(L (P - 1 - p)) when from_end
+    (how a cotangent at the end of the last piece reaches the end of piece p)."""
+    p = jnp.arange(plan.pieces, dtype=_F32)
+    n = plan.pieces - 1 - p if from_end else p
+    return jnp.exp(-s.astype(_F32)[:, None] * plan.piece_len * n[None, :])
+
+
+def _with_boundary(per_piece, state, s, plan, from_end):
+    """per_piece [B, H, P, Dk, Dv] (None: zeros) plus each piece's decayed share of state [B, H, Dk, Dv]."""
+    if state is None:
+        return per_piece
+    term = _boundary_powers(s, plan, from_end)[None, :, :, None, None] * state[:, :, None].astype(_F32)
+    return term if per_piece is None else per_piece + term
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The per-device contract (S_in = 0, dS_end = 0): see lasp_jax.ops.vjp.Impl.
+# The per-device contract (lasp_jax.ops.vjp.Impl).
 
 
-def local_output(q, k, v, s, config: Config = DEFAULT):
-    """q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] float32 -> o [B,T,H,Dv] in q.dtype (S_in = 0)."""
+def forward(q, k, v, s, incoming=None, config: Config = DEFAULT):
+    """One piece's attention from its incoming state: the state pass, the piece scan, the output pass.
+
+    Args:
+      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] float32; incoming: None (S_in = 0) or a function from
+      the piece's end state from zero to S_in [B,H,Dk,Dv] (a collective in lasp_attention).
+    Returns:
+      o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; and what
+      `backward` needs: the state entering each kernel piece [B,H,P,Dk,Dv] float32, and S_in when T is
+      ragged (front zeros sit between S_in and the first token, so S_in is then added by `states` instead).
+    """
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     plan = _plan(q, v, config)
-    q, k, v = (_front_pad(x, plan.pad) for x in (q, k, v))
-    s_in = _incoming_states(q, k, v, s, plan, config)
+    q_pad, k_pad, v_pad = (_front_pad(x, plan.pad) for x in (q, k, v))
     kv_head = _kv_head(q, k)
+    sums = _piece_sums(k_pad, v_pad, s, plan, config, reverse=False, head=kv_head)
+    rows = _prefix(sums, s, plan, plan.pieces + 1)
+    m = rows[:, :, plan.pieces]
+    s_in = None if incoming is None else incoming(m)
+    fused = plan.pad == 0
+    # One piece: nothing enters it from other pieces (and the state pass is dropped unless m is used).
+    from_zero = rows[:, :, :plan.pieces] if plan.pieces > 1 else None
+    pieces_in = _with_boundary(from_zero, s_in if fused else None, s, plan, from_end=False)
+    if pieces_in is None:
+        pieces_in = jnp.zeros((b, h, 1, dk, dv), _F32)
     bv = plan.block_v
-    kernel = functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype))
     o = _call(
-        kernel, (b, h, plan.pieces, dv // bv),
+        functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype)),
+        (b, h, plan.pieces, dv // bv),
         [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
          _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
         _rows_spec(plan, bv, _same, _same),
-        _out(q.shape[:3] + (dv,), q.dtype, q),
-        config, _rates(s), q, k, v, s_in)
-    return o[:, plan.pad:]
+        _out(q_pad.shape[:3] + (dv,), q.dtype, q),
+        config, _rates(s), q_pad, k_pad, v_pad, pieces_in)[:, plan.pad:]
+    unfused_s_in = None if fused else s_in
+    if unfused_s_in is not None:
+        o = (o.astype(_F32) + states.apply_state(q, s, unfused_s_in)).astype(q.dtype)
+    return o, m, s_in, (pieces_in, unfused_s_in)
 
 
-def local_state(k, v, s, config: Config = DEFAULT):
-    """The piece's end state from zero. k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] -> [B,H,Dk,Dv] float32."""
-    b, t, _, dk = k.shape
-    q_like = jax.ShapeDtypeStruct((b, t, s.shape[0], dk), k.dtype)
-    plan = _plan(q_like, v, config)
-    k, v = _front_pad(k, plan.pad), _front_pad(v, plan.pad)
-    m = _piece_sums(k, v, s, plan, config, reverse=False, head=_kv_head(q_like, k))
-    return _prefix(m, s, plan, plan.pieces + 1)[:, :, plan.pieces]
+def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
+    """Cotangents of `forward`: the Q, dO state pass and its reverse piece scan, then dQ and dK, dV.
 
-
-def local_backward(q, k, v, s, do, config: Config = DEFAULT):
-    """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
+    Args:
+      q, k, v, s as for `forward`; saved: `forward`'s last return; do [B,T,H,Dv]; outgoing: None (G = 0) or a
+      function from d (the cotangent of S_in) to G (the cotangent of the end state) [B,H,Dk,Dv].
+    Returns:
+      dq, dk, dv in the input dtypes, and d [B,H,Dk,Dv] float32.
+    """
+    pieces_in, unfused_s_in = saved
     b, _, h, dk = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     group = h // hkv
     plan = _plan(q, v, config)
-    q, k, v, do = (_front_pad(x, plan.pad) for x in (q, k, v, do.astype(q.dtype)))
+    fused = plan.pad == 0
+    do = do.astype(q.dtype)
+    q_pad, k_pad, v_pad, do_pad = (_front_pad(x, plan.pad) for x in (q, k, v, do))
     kv_head = _kv_head(q, k)
     precision = _precision(q.dtype)
     c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
     rates = _rates(s)
 
-    s_in = _incoming_states(q, k, v, s, plan, config)
-    if pieces == 1:
-        g = jnp.zeros((b, h, 1, dk, dv), _F32)
+    sums = _piece_sums(q_pad, do_pad, s, plan, config, reverse=True, head=_same)
+    if fused:
+        d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(s, plan, from_end=False), sums, precision=_HIGHEST)
     else:
-        g = _suffix(_piece_sums(q, do, s, plan, config, reverse=True, head=_same), s, plan)
+        d = states.query_state_grad(q, do, s)
+    g = None if outgoing is None else outgoing(d)
+    pieces_out = _with_boundary(_suffix(sums, s, plan) if pieces > 1 else None, g if fused else None, s, plan,
+                                from_end=True)
+    if pieces_out is None:
+        pieces_out = jnp.zeros((b, h, 1, dk, dv), _F32)
 
     dq = _call(
         functools.partial(_dq_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
         [_rate_spec(), _rows_spec(plan, dv, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
          _rows_spec(plan, dv, kv_head, _zero), _state_spec(bk, dv, _same, _zero)],
         _rows_spec(plan, bk, _same, _same),
-        _out(q.shape, q.dtype, q),
-        config, rates, do, k, v, s_in)
+        _out(q_pad.shape, q.dtype, q),
+        config, rates, do_pad, k_pad, v_pad, pieces_in)
 
     # With GQA each query head writes its own share in float32; the group sum happens once, below.
     grad_dtype = k.dtype if group == 1 else _F32
-    dk_shape = _out(q.shape, grad_dtype, q)
-    dv_shape = _out(q.shape[:3] + (dv,), grad_dtype, q)
+    dk_shape = _out(q_pad.shape, grad_dtype, q)
+    dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q)
     if config.fuse_dkdv and bk == dk and bv == dv:
         dk_, dv_ = _call(
             functools.partial(_dkdv_kernel, c=c, precision=precision), (b, h, pieces, 1),
@@ -423,24 +468,30 @@ def local_backward(q, k, v, s, do, config: Config = DEFAULT):
              _state_spec(dk, dv, _zero, _zero)],
             [_rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dv, _same, _zero)],
             [dk_shape, dv_shape],
-            config, rates, q, k, v, do, g)
+            config, rates, q_pad, k_pad, v_pad, do_pad, pieces_out)
     else:
         dk_ = _call(
             functools.partial(_dk_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
             [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dv, kv_head, _zero),
              _rows_spec(plan, dv, _same, _zero), _state_spec(bk, dv, _same, _zero)],
             _rows_spec(plan, bk, _same, _same), dk_shape,
-            config, rates, q, v, do, g)
+            config, rates, q_pad, v_pad, do_pad, pieces_out)
         dv_ = _call(
             functools.partial(_dv_kernel, c=c, precision=precision), (b, h, pieces, dv // bv),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
             _rows_spec(plan, bv, _same, _same), dv_shape,
-            config, rates, q, k, do, g)
+            config, rates, q_pad, k_pad, do_pad, pieces_out)
+    dq, dk_, dv_ = dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
     if group > 1:
-        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3).astype(k.dtype)
-        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3).astype(v.dtype)
-    return dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
+        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3)
+        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3)
+    if unfused_s_in is not None:
+        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in)
+    if g is not None and not fused:
+        dk_end, dv_end = states.end_state_grads(k, v, s, g)
+        dk_, dv_ = dk_.astype(_F32) + dk_end, dv_.astype(_F32) + dv_end
+    return dq.astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d
 
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:
@@ -467,21 +518,19 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """These kernels under one Config, as an implementation of the contract (hashable: a custom_vjp static)."""
+    """These kernels under one Config, as a `vjp.Impl` (hashable: a custom_vjp static)."""
 
     config: Config = DEFAULT
 
-    def local_output(self, q, k, v, s):
-        return local_output(q, k, v, s, self.config)
+    def forward(self, q, k, v, s, incoming):
+        return forward(q, k, v, s, incoming, self.config)
 
-    def local_state(self, k, v, s):
-        return local_state(k, v, s, self.config)
-
-    def local_backward(self, q, k, v, s, do):
-        return local_backward(q, k, v, s, do, self.config)
+    def backward(self, q, k, v, s, saved, do, outgoing):
+        return backward(q, k, v, s, saved, do, outgoing, self.config)
 
     def supported(self, q, k, v):
         return supported(q, k, v, self.config)
 
 
+KERNELS = Kernels()
 INTERPRET = Kernels(dataclasses.replace(DEFAULT, interpret=True))

@@ -1,31 +1,38 @@
 """The LASP custom_vjp: one piece of the sequence, its incoming state, and the way states cross pieces.
 
 Forward, for a piece of L positions (a whole sequence on one device, or one rank's share of it):
-    m      = local_state(K, V)                   the piece's own end state (S_in = 0)
+    m      = sum_x lambda^(L - x) k_x^T v_x      the piece's own end state (S_in = 0)
     S_in   = exchange.prefix(m)  or  initial     the state entering the piece (a collective, or given)
-    O      = local_output(Q, K, V) + lambda^x Q S_in
+    O      = the piece's attention, starting from S_in
     S_end  = lambda^L S_in + m
 Backward, given dO and dS_end:
-    d      = sum_x lambda^x q_x^T dO_x           the cotangent of S_in
+    d      = sum_x lambda^x q_x^T dO_x           the cotangent of S_in through O
     G      = dS_end + exchange.suffix(d)         the cotangent of this piece's end state
-    dQ, dK, dV = local_backward(Q, K, V, dO) + the S_in and G terms of `states`
+    dQ, dK, dV                                   the piece's backward, starting from S_in and from G
 
-`local_output` and `local_backward` never see S_in, G or a collective: the expensive intra-chunk work is
-independent of the exchange, so XLA may overlap the collective with it (tests check this in the compiled HLO).
-Residuals are q, k, v and S_in (the "KV state cache", [B, H, Dk, Dv] fp32): no per-chunk state is saved.
+An implementation gets the exchange as a function (`incoming`: m -> S_in; `outgoing`: d -> G) and calls it
+where it suits it: `Split` (the XLA and reference paths) adds the S_in and G terms as separate products, so
+the intra-chunk work never waits on a collective and XLA may overlap them (tests check this in the compiled
+HLO); the fused kernels start their own piece scans from S_in and G, which saves a pass over the tokens.
+Residuals are q, k, v and what the implementation saves (S_in, or the kernels' per-piece states): never a
+per-chunk state.
 
 The decay rates are constants for autodiff: their cotangent is zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Protocol
+import types
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from lasp_jax.ops import states
+
+StateFn = Callable[[jax.Array], jax.Array]
 
 
 class Exchange(Protocol):
@@ -43,23 +50,63 @@ class Exchange(Protocol):
 
 
 class Impl(Protocol):
-    """The per-device contract every implementation module meets (S_in = 0 and dS_end = 0 throughout)."""
+    """The per-device contract every implementation meets (hashable: a static argument of the custom_vjp).
 
-    def local_output(self, q, k, v, s): ...
-    def local_state(self, k, v, s): ...
-    def local_backward(self, q, k, v, s, do): ...
+    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], s [H]; states [B, H, Dk, Dv] float32.
+    """
+
+    def forward(self, q, k, v, s, incoming: StateFn | None) -> tuple[jax.Array, jax.Array, Any, Any]:
+        """(o in q.dtype, m, S_in or None, saved): incoming maps m to S_in (None: S_in = 0); `saved` is what
+        `backward` needs besides q, k, v (a pytree)."""
+
+    def backward(self, q, k, v, s, saved, do, outgoing: StateFn | None) -> tuple[jax.Array, ...]:
+        """(dq, dk, dv, d) in input dtypes (d float32): outgoing maps d to G (None: G = 0)."""
+
+    def supported(self, q, k, v) -> str | None:
+        """None when usable here, else the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """`Impl` from a module of S_in = 0 functions (local_output, local_state, local_backward, supported), with
+    the S_in and G terms of `states` as separate products that never wait on the intra-chunk work (nor it on
+    them)."""
+
+    module: types.ModuleType
+
+    def forward(self, q, k, v, s, incoming):
+        m = self.module.local_state(k, v, s)
+        o = self.module.local_output(q, k, v, s)
+        s_in = None if incoming is None else incoming(m)
+        if s_in is not None:
+            o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in)).astype(q.dtype)
+        return o, m, s_in, s_in
+
+    def backward(self, q, k, v, s, s_in, do, outgoing):
+        dq, dk, dv = self.module.local_backward(q, k, v, s, do)
+        d = states.query_state_grad(q, do, s)
+        g = None if outgoing is None else outgoing(d)
+        if s_in is not None:
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, s, s_in)).astype(q.dtype)
+        if g is not None:
+            dk_end, dv_end = states.end_state_grads(k, v, s, g)
+            dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
+            dv = (dv.astype(jnp.float32) + dv_end).astype(v.dtype)
+        return dq, dk, dv, d
+
+    def supported(self, q, k, v):
+        return self.module.supported(q, k, v)
 
 
 def _forward(q, k, v, s, s_init, impl, exchange):
     length = q.shape[1]
-    m = impl.local_state(k, v, s)
-    s_in = exchange.prefix(m, s * length) if exchange is not None else s_init
-    o = impl.local_output(q, k, v, s)
-    if s_in is None:
-        return o, m, s_in
-    o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in)).astype(q.dtype)
-    s_end = m + states.decay_pow(s, length)[None, :, None, None] * s_in
-    return o, s_end, s_in
+    if exchange is not None:
+        incoming = functools.partial(exchange.prefix, rate=s * length)
+    else:
+        incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
+    o, m, s_in, saved = impl.forward(q, k, v, s, incoming)
+    s_end = m if s_in is None else m + states.decay_pow(s, length)[None, :, None, None] * s_in
+    return o, s_end, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -68,9 +115,9 @@ def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_stat
 
     Args:
       q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; s [H] float32 rates; s_init [B, H, Dk, Dv] fp32 or
-      None (zero); impl: an implementation module; exchange: None on one device (S_in = s_init), else the
-      strategy that computes S_in from the other pieces (then s_init must be None); final_state: also return
-      S_end (static, so that the backward skips the end-state terms when nobody uses it).
+      None (zero); impl: an `Impl`; exchange: None on one device (S_in = s_init), else the strategy that
+      computes S_in from the other pieces (then s_init must be None); final_state: also return S_end (static,
+      so that the backward skips the end-state terms when nobody uses it).
     Returns:
       o [B, L, H, Dv] in q.dtype, and S_end [B, H, Dk, Dv] float32 when final_state.
     """
@@ -79,29 +126,24 @@ def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_stat
 
 
 def _attend_fwd(q, k, v, s, s_init, impl, exchange, final_state):
-    o, s_end, s_in = _forward(q, k, v, s, s_init, impl, exchange)
-    return ((o, s_end) if final_state else o), (q, k, v, s, s_in)
+    o, s_end, saved = _forward(q, k, v, s, s_init, impl, exchange)
+    return ((o, s_end) if final_state else o), (q, k, v, s, s_init is not None, saved)
 
 
 def _attend_bwd(impl, exchange, final_state, res, cotangents):
-    q, k, v, s, s_in = res
+    q, k, v, s, has_init, saved = res
     do, ds_end = cotangents if final_state else (cotangents, None)
     length = q.shape[1]
-    dq, dk, dv = impl.local_backward(q, k, v, s, do)
-    d = states.query_state_grad(q, do, s)
-    g = ds_end
     if exchange is not None:
-        g_ex = exchange.suffix(d, s * length)
-        g = g_ex if g is None else g + g_ex
-    if g is not None:
-        dk_end, dv_end = states.end_state_grads(k, v, s, g)
-        dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
-        dv = (dv.astype(jnp.float32) + dv_end).astype(v.dtype)
+        def outgoing(d):
+            g = exchange.suffix(d, s * length)
+            return g if ds_end is None else g + ds_end
+    else:
+        outgoing = None if ds_end is None else (lambda d: ds_end)
+    dq, dk, dv, d = impl.backward(q, k, v, s, saved, do, outgoing)
     ds_init = None
-    if s_in is not None:
-        dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, s, s_in)).astype(q.dtype)
-        if exchange is None:
-            ds_init = d if ds_end is None else d + states.decay_pow(s, length)[None, :, None, None] * ds_end
+    if has_init:
+        ds_init = d if ds_end is None else d + states.decay_pow(s, length)[None, :, None, None] * ds_end
     return dq, dk, dv, jnp.zeros_like(s), ds_init
 
 

@@ -60,21 +60,21 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {sorted(STRATEGIES)}")
     mesh = layout.current_mesh(mesh)
     w = layout.check_seq_axis(mesh, seq_axis)
-    module = impls.resolve(impl, q, k, v)
+    per_device = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     exchange = SeqExchange(strategy, seq_axis, w)
     if layout.seq_is_manual(seq_axis):
-        return vjp.attend(q, k, v, s, None, module, exchange, False)
+        return vjp.attend(q, k, v, s, None, per_device, exchange, False)
     q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)
-    return _sharded(q, k, v, s, module=module, exchange=exchange, mesh=mesh, spec=spec)
+    return _sharded(q, k, v, s, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec)
 
 
 # Always under jit: an eager shard_map of this body crashes the CPU runtime of jax 0.11.2 (segfault, seen
 # with every strategy); inside a caller's jit this inner jit is simply inlined.
-@functools.partial(jax.jit, static_argnames=("module", "exchange", "mesh", "spec"))
-def _sharded(q, k, v, s, *, module, exchange, mesh, spec):
+@functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec"))
+def _sharded(q, k, v, s, *, per_device, exchange, mesh, spec):
     def local(q, k, v, s):
-        return vjp.attend(q, k, v, s, None, module, exchange, False)
+        return vjp.attend(q, k, v, s, None, per_device, exchange, False)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, s)

@@ -39,28 +39,42 @@ CASES = {
 }
 
 
-def _contract(config, q, k, v, s, do):
-    return (pallas_triton.local_output(q, k, v, s, config), pallas_triton.local_state(k, v, s, config),
-            *pallas_triton.local_backward(q, k, v, s, do, config))
+def _attend(impl, q, k, v, s, s0, do, ds_end):
+    """(o, S_end, dq, dk, dv[, dS_0]) through the custom_vjp with `impl`; s0 None: no incoming state and no
+    end-state cotangent (ds_end is then ignored), the one-device training path."""
+    if s0 is None:
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, impl, None, False), q, k, v)
+        return (o, *vjp_fn(do))
+    (o, s_end), vjp_fn = jax.vjp(lambda q, k, v, s0: vjp.attend(q, k, v, s, s0, impl, None, True), q, k, v, s0)
+    return (o, s_end, *vjp_fn((do, ds_end)))
 
 
-def _reference_contract(q, k, v, s, do):
-    o, vjp_fn = jax.vjp(lambda q, k, v: reference.dense(q, k, v, s)[0], q, k, v)
-    return (o, reference.dense(q, k, v, s)[1], *vjp_fn(do))
+def _states(rng, b, h, dk, dv, with_states):
+    if not with_states:
+        return None, None
+    return tuple(jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32) for _ in range(2))
 
 
+def _names(with_states):
+    return ["o", "state", "dq", "dk", "dv", "ds0"] if with_states else ["o", "dq", "dk", "dv"]
+
+
+@pytest.mark.parametrize("with_states", [False, True], ids=["from_zero", "with_states"])
 @pytest.mark.parametrize("case", CASES)
-def test_contract_matches_reference(case, rng):
+def test_contract_matches_reference(case, with_states, rng):
+    """forward and backward against the dense reference; with_states: an incoming state and an end-state
+    cotangent, which enter the piece scans (or, at ragged T, the separate state products)."""
     b, t, h, hkv, dk, dv, fuse, programs = CASES[case]
     q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
     s = decay("on", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    s0, ds_end = _states(rng, b, h, dk, dv, with_states)
     config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs,
                                  tiles_first=case.endswith("tiles_first"))
     assert (pallas_triton._plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
-    got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
-    want = _reference_contract(q, k, v, s, do)
-    for name, x, ref in zip(["o", "state", "dq", "dk", "dv"], got, want):
+    got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config)))(q, k, v, s, s0, do, ds_end)
+    want = _attend(impls.IMPLS["reference"], q, k, v, s, s0, do, ds_end)
+    for name, x, ref in zip(_names(with_states), got, want, strict=True):
         assert x.shape == ref.shape and x.dtype == ref.dtype, name
         assert np.all(np.isfinite(np.asarray(x))), name
         assert rel_err(x, ref) < F32_TOL, name
@@ -129,17 +143,18 @@ def test_lowers_to_triton_for_h200(overrides):
     with jax.sharding.use_abstract_mesh(h200):
         exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(q, kv, kv, q)
-    # forward: state pass + output pass (the vjp's unused local_state is dropped); backward: the K, V and the
-    # Q, dO state passes, dQ, and dK and dV (one kernel with whole-state tiles, else two).
+    # forward: state pass + output pass; backward: the Q, dO state pass (the piece states entering dQ are the
+    # forward's residual), dQ, and dK and dV (one kernel with whole-state tiles, else two).
     fused = overrides.get("block_k") == 128
-    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (6 if fused else 7)
+    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if fused else 6)
 
 
-@pytest.mark.parametrize(("t", "kernels"), [(8192, 8), (512, 5)], ids=["pieces", "one_piece"])
-def test_lowers_to_triton_under_shard_map(t, kernels):
+@pytest.mark.parametrize("t", [8192, 512], ids=["pieces", "one_piece"])
+def test_lowers_to_triton_under_shard_map(t):
     """Without a GPU: the kernels inside lasp_attention's machinery (shard_map over 2 ranks, check_vma, the
-    ring exchange) lower to Triton IR for abstract H200s. Per rank: local_state, state pass and output pass
-    forward, 2 state passes, dQ, dK, dV backward; a one-piece rank skips the state passes it does not need."""
+    ring exchange) lower to Triton IR for abstract H200s. Per rank: the state pass (whose end state the
+    exchange takes) and the output pass forward; the Q, dO state pass (whose d the exchange takes), dQ, dK, dV
+    backward. The incoming states enter the piece scans: no other pass over the tokens."""
     from jax import export
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec
 
@@ -147,11 +162,11 @@ def test_lowers_to_triton_under_shard_map(t, kernels):
 
     mesh = AbstractMesh((2,), ("seq",), axis_types=(AxisType.Auto,),
                         abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
-    module, exchange, spec = pallas_triton.Kernels(), SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
+    kernels, exchange, spec = pallas_triton.KERNELS, SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def local(q, k, v, do):
-        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, module, exchange, False), q, k, v)
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, kernels, exchange, False), q, k, v)
         return o, *vjp_fn(do)
 
     def fwd_bwd(q, k, v, do):
@@ -161,7 +176,7 @@ def test_lowers_to_triton_under_shard_map(t, kernels):
     with jax.sharding.use_abstract_mesh(mesh):
         exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(x, x, x, x)
-    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == kernels
+    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,11 +205,13 @@ def test_gpu_matches_reference(case, rng):
     q, k, v = qkv(rng, b, t, h, hkv, dk, dv, dtype)
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
+    s0, ds_end = _states(rng, b, h, dk, dv, True)
     config = dataclasses.replace(pallas_triton.DEFAULT, **overrides)
     assert pallas_triton.supported(q, k, v, config) is None
-    got = jax.jit(functools.partial(_contract, config))(q, k, v, s, do)
-    want = _reference_contract(*(x.astype(jnp.float32) for x in (q, k, v)), s, do.astype(jnp.float32))
-    for name, x, ref in zip(["o", "state", "dq", "dk", "dv"], got, want):
+    got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config)))(q, k, v, s, s0, do, ds_end)
+    want = _attend(impls.IMPLS["reference"], *(x.astype(jnp.float32) for x in (q, k, v)), s, s0,
+                   do.astype(jnp.float32), ds_end)
+    for name, x, ref in zip(_names(True), got, want, strict=True):
         assert x.shape == ref.shape, name
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name
         assert rel_err(x, ref) < _gpu_tol(dtype), (name, rel_err(x, ref))
@@ -245,8 +262,8 @@ def test_gpu_matches_fla(rng):
     to, _ = fla_ops.chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)
     to.backward(tdo)
     theirs = [x.detach().float().cpu().numpy() for x in (to, tq.grad, tk.grad, tv.grad)]
-    ref = _reference_contract(*(x.astype(jnp.float32) for x in (q, k, v)), s, do.astype(jnp.float32))
-    ref = [ref[0], *ref[2:]]
+    ref = _attend(impls.IMPLS["reference"], *(x.astype(jnp.float32) for x in (q, k, v)), s, None,
+                  do.astype(jnp.float32), None)
     for name, x, y, r in zip(["o", "dq", "dk", "dv"], ours, theirs, ref):
         # Both against the fp32 reference, and against each other.
         assert rel_err(x, r) < _gpu_tol(dtype), (name, "ours", rel_err(x, r))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU work of one device call, in order, each step under its own time limit with its log (a step cut off
+# at its limit keeps its log and the next step still runs). Logs and results are written to a work folder and
+# packed after every step into $OUT/results.tgz (the device tool brings back only a few files).
+#
+#   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...
+#
+# Steps: tests (pytest -m gpu: kernels against the reference and fla, lasp_attention on every GPU here, the
+# paper-size model steps), ops (bench_ops_gpu with --sweep --breakdown), lasp (torchrun peer, then
+# bench_lasp_gpu), train (bench_train_gpu with the kernels, on 1 and 2 GPUs). Peer wheels in .whl/ (see
+# benchmarks/README.md) are installed first when present.
+set -u
+PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
+OUT=$(mktemp -d)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# NVLink multicast off (the device notes say why); XLA must not take the memory the torch peers need.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+NGPU=$(nvidia-smi -L | wc -l)
+
+run_step() {  # name limit command...
+  local name=$1 limit=$2
+  shift 2
+  echo "[$(date -u +%T)] $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "[$(date -u +%T)] $name rc=$?"
+  tail -n 25 "$OUT/$name.log"
+  tar czf "$PACK" -C "$OUT" .
+}
+
+for arg in "$@"; do
+  step=${arg%%=*}
+  limit=${arg#*=}
+  [ "$limit" = "$arg" ] && limit=300
+  case $step in
+    tests) run_step tests "$limit" python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider ;;
+    ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --sweep --breakdown --iters 10 --reps 5 --out "$OUT" ;;
+    lasp)
+      run_step lasp_peer $((limit / 2)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
+        benchmarks/peer_lasp_parallel.py --iters 3 --reps 3 --out "$OUT"
+      run_step lasp "$limit" python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ;;
+    train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl pallas_triton \
+             --budget-s $((limit - 20)) --out "$OUT" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
