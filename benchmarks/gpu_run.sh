@@ -5,8 +5,8 @@
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...
 #
-# Steps: tests (pytest -m gpu: kernels against the reference and fla, lasp_attention on every GPU here, the
-# paper-size model steps), ops (bench_ops_gpu with --sweep --breakdown), lasp (torchrun peer, then
+# Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
+# here), models (pytest -m gpu tests/models: paper-size model steps), ops (bench_ops_gpu with --sweep --breakdown), lasp (torchrun peer, then
 # bench_lasp_gpu), train (bench_train_gpu with the kernels, on 1 and 2 GPUs). Peer wheels in .whl/ (see
 # benchmarks/README.md) are installed first when present.
 set -u
@@ -36,7 +36,8 @@ for arg in "$@"; do
   limit=${arg#*=}
   [ "$limit" = "$arg" ] && limit=300
   case $step in
-    tests) run_step tests "$limit" python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider ;;
+    tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -q -rfE -p no:cacheprovider ;;
+    models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
     ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --sweep --breakdown --iters 10 --reps 5 --out "$OUT" ;;
     lasp)
       run_step lasp_peer $((limit / 2)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
