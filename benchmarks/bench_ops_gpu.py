@@ -150,10 +150,10 @@ def sweep_configs():
     base = pallas_triton.DEFAULT
     return {
         "default": base,
-        "v1 (512 programs, 2 stages)": dataclasses.replace(base, target_programs=512, num_stages=2),
-        "state_block 128": dataclasses.replace(base, state_block=128),
-        "tiles_first": dataclasses.replace(base, tiles_first=True),
-        "state_block 128 tiles_first": dataclasses.replace(base, state_block=128, tiles_first=True),
+        "v1 (512 programs, 2 stages, 64-wide state pass, batch-major launch)": dataclasses.replace(
+            base, target_programs=512, num_stages=2, state_block=64, tiles_first=False),
+        "batch-major launch": dataclasses.replace(base, tiles_first=False),
+        "64-wide state pass": dataclasses.replace(base, state_block=64),
         "programs 384": dataclasses.replace(base, target_programs=384),
     }
 
@@ -265,14 +265,17 @@ def main(argv=None):
                 row["floor_fwd_ms"] = 4 * tensor_bytes / (meta["copy_GBps"] or np.nan) / 1e6
                 row["floor_fwd_bwd_ms"] = 11 * tensor_bytes / (meta["copy_GBps"] or np.nan) / 1e6
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ops_gpu.json"), "w") as f:
+        save(args.out, meta, rows)  # after every shape: a run cut off keeps what it measured
+    print(render_table(meta, rows))
+
+
+def save(out, meta, rows):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ops_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = render_table(meta, rows)
-    with open(os.path.join(args.out, "ops_gpu.md"), "w") as f:
-        f.write(table)
-    plot(rows, meta, os.path.join(args.out, "ops_gpu.png"))
-    print(table)
+    with open(os.path.join(out, "ops_gpu.md"), "w") as f:
+        f.write(render_table(meta, rows))
+    plot(rows, meta, os.path.join(out, "ops_gpu.png"))
 
 
 def render_table(meta, rows):

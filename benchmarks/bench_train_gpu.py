@@ -8,8 +8,8 @@ LASP over seq; parameters and AdamW moments are replicated over seq):
               synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
   longest     XLA's buffer assignment (arguments + temporaries) is read at two lengths without running them,
-              the longest length predicted to fit the device is rounded down to a multiple of 8K per GPU, and a
-              full step runs there; out of memory lowers it by 12.5% until one fits or time runs out. With more
+              the longest length predicted to fit the device is rounded down to a multiple of 8K per GPU (or
+              --longest-from is taken as given), and a full step runs there; out of memory lowers it by 12.5% until one fits or time runs out. With more
               GPUs the search starts at the tokens per GPU that fitted on fewer (the same memory per GPU: each
               holds T / n tokens and a replica of the state).
 Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own; its output,
@@ -166,7 +166,7 @@ def child_longest(args, out: Path, n: int, deadline: float) -> None:
     import jax
 
     remat = args.remat_longest
-    start = _fitted_elsewhere(out, n)
+    start = args.longest_from or _fitted_elsewhere(out, n)
     floor = args.tokens_per_gpu
     if start is None:  # predict from XLA's buffers at two lengths
         readings = []
@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat-throughput", default="block,full", help="tried in order until one fits")
     parser.add_argument("--remat-longest", default="full")
+    parser.add_argument("--longest-from", type=int, default=0,
+                        help="tokens per GPU to try first in the longest search (0: predict from two probes)")
     parser.add_argument("--ce-chunk", type=int, default=2048)
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
     parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")

@@ -6,8 +6,9 @@
 #   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...
 #
 # Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
-# here), models (pytest -m gpu tests/models: paper-size model steps), ops (bench_ops_gpu with --sweep --breakdown), lasp (torchrun peer, then
-# bench_lasp_gpu), train (bench_train_gpu with the kernels, on 1 and 2 GPUs). Peer wheels in .whl/ (see
+# here), models (pytest -m gpu tests/models: paper-size model steps), ops (bench_ops_gpu; its flags in
+# $OPS_ARGS, default --sweep --breakdown), lasp (torchrun peer, then bench_lasp_gpu), train (bench_train_gpu
+# with the kernels, on 1 and 2 GPUs; more flags in $TRAIN_ARGS). Peer wheels in .whl/ (see
 # benchmarks/README.md) are installed first when present.
 set -u
 PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
@@ -24,9 +25,11 @@ NGPU=$(nvidia-smi -L | wc -l)
 run_step() {  # name limit command...
   local name=$1 limit=$2
   shift 2
+  local rc
   echo "[$(date -u +%T)] $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "[$(date -u +%T)] $name rc=$?"
+  rc=$?
+  echo "[$(date -u +%T)] $name rc=$rc"
   tail -n 25 "$OUT/$name.log"
   tar czf "$PACK" -C "$OUT" .
 }
@@ -36,15 +39,16 @@ for arg in "$@"; do
   limit=${arg#*=}
   [ "$limit" = "$arg" ] && limit=300
   case $step in
-    tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -q -rfE -p no:cacheprovider ;;
+    tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider ;;
     models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
-    ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --sweep --breakdown --iters 10 --reps 5 --out "$OUT" ;;
+    ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" \
+           ${OPS_ARGS---sweep --breakdown} ;;
     lasp)
       run_step lasp_peer $((limit / 2)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
         benchmarks/peer_lasp_parallel.py --iters 3 --reps 3 --out "$OUT"
       run_step lasp "$limit" python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ;;
     train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl pallas_triton \
-             --budget-s $((limit - 20)) --out "$OUT" ;;
+             --budget-s $((limit - 20)) --out "$OUT" ${TRAIN_ARGS:-} ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

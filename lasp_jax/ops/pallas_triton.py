@@ -55,6 +55,7 @@ _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
 _TESTED_GPUS = ("H200",)  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
+_STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,22 +69,24 @@ class Config:
     fewest chunks per piece (shorter pieces spend more on the piece scan than they gain). fuse_dkdv: one
     backward kernel for dK and dV when the whole state is one tile (reads Q and dO once instead of twice).
     tiles_first: launch the head-dim tiles of one (batch, head, piece) as neighbouring programs, so that the
-    inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM; off by
-    default until measured (the Triton lowering otherwise makes batch x head the fastest launch index).
-    interpret: run in Pallas interpret mode (any platform, slow; for tests).
+    inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM (the Triton
+    lowering otherwise makes batch x head the fastest launch index).
+    num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
+    shared memory (see `_stages`). interpret: run in Pallas interpret mode (any platform, slow; for tests).
 
-    Defaults: the fastest variant of two timing sweeps on an H200 at T=64K (256 programs, 3 stages: ~9% under
-    512 programs and 2 stages; benchmarks/results/KERNEL_NOTES.md).
+    Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
+    KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
+    pass with tiles_first (another ~4% forward, ~6% forward+backward).
     """
 
     chunk: int = 64
     block_k: int = 64
     block_v: int = 64
-    state_block: int = 64
+    state_block: int = 128
     target_programs: int = 256
     min_piece_chunks: int = 4
     fuse_dkdv: bool = True
-    tiles_first: bool = False
+    tiles_first: bool = True
     num_warps: int = 4
     num_stages: int = 3
     interpret: bool = False
@@ -269,8 +272,19 @@ def _tiles_first(spec):
     return pl.BlockSpec(spec.block_shape, lambda j, b, h, p: index_map(b, h, p, j))
 
 
+def _stages(config: Config, in_specs, args) -> int:
+    """Software-pipelining depth: every stage buffers one chunk of each row input in shared memory, so the
+    stages are capped to fit _STAGE_BYTES. (On an H200, 3 stages of 48 KB compiled and ran; 3 of 64 KB, the
+    whole-state dK+dV kernel at d=128, and of 72 KB, the output pass at d=256, did not.)"""
+    chunk = config.chunk
+    per_stage = sum(chunk * spec.block_shape[-1] * jnp.dtype(x.dtype).itemsize
+                    for spec, x in zip(in_specs, args) if len(spec.block_shape) == 4)
+    return max(1, min(config.num_stages, _STAGE_BYTES // per_stage))
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
     """Launches `kernel` over grid (batch, head, piece, tile); every index map takes (b, h, p, j)."""
+    stages = _stages(config, in_specs, args)
     if config.tiles_first:
         # The Triton lowering folds the leading grid axes into CUDA's x, first axis fastest.
         grid = (grid[3], *grid[:3])
@@ -283,7 +297,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=stages),
         interpret=config.interpret,
     )(*args)
 

@@ -34,7 +34,7 @@ CASES = {
     "mha_fused": (1, 75, 2, 2, 16, 16, True, 64),
     "gqa_tiles": (1, 64, 4, 2, 32, 16, True, 64),
     "mqa_split": (1, 40, 2, 1, 16, 32, False, 64),
-    "gqa_tiles_first": (1, 64, 4, 2, 32, 16, True, 64),
+    "gqa_batch_major": (1, 64, 4, 2, 32, 16, True, 64),
     "one_piece": (1, 40, 2, 1, 16, 16, True, 1),
 }
 
@@ -70,7 +70,7 @@ def test_contract_matches_reference(case, with_states, rng):
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
     s0, ds_end = _states(rng, b, h, dk, dv, with_states)
     config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs,
-                                 tiles_first=case.endswith("tiles_first"))
+                                 tiles_first=not case.endswith("batch_major"))
     assert (pallas_triton._plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
     got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config)))(q, k, v, s, s0, do, ds_end)
     want = _attend(impls.IMPLS["reference"], q, k, v, s, s0, do, ds_end)
@@ -122,8 +122,8 @@ def test_supported_reasons(rng):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": True, "state_block": 128}],
-                         ids=["default", "fused_dkdv", "tiles_first"])
+@pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": False, "state_block": 64}],
+                         ids=["default", "fused_dkdv", "batch_major"])
 def test_lowers_to_triton_for_h200(overrides):
     """Without a GPU: the real (not interpreted) kernels lower to Triton IR for an abstract H200, forward and
     backward, at real block sizes (d=128, GQA, ragged T). PTX compilation and the run need the GPU tests."""
@@ -190,7 +190,7 @@ GPU_CASES = {
     "d64_gqa_f32": (1, 2048, 8, 2, 64, 64, jnp.float32, {}),
     "d256_bf16": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, {}),
     "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, {}),
-    "d128_bf16_tiles_first": (1, 2048, 4, 2, 128, 128, jnp.bfloat16, {"tiles_first": True}),
+    "d128_bf16_batch_major": (1, 2048, 4, 2, 128, 128, jnp.bfloat16, {"tiles_first": False, "state_block": 64}),
 }
 
 
