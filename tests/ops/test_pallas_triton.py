@@ -209,8 +209,8 @@ def test_gpu_matches_reference(case, rng):
     config = dataclasses.replace(pallas_triton.DEFAULT, **overrides)
     assert pallas_triton.supported(q, k, v, config) is None
     got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config)))(q, k, v, s, s0, do, ds_end)
-    want = _attend(impls.IMPLS["reference"], *(x.astype(jnp.float32) for x in (q, k, v)), s, s0,
-                   do.astype(jnp.float32), ds_end)
+    want = jax.jit(functools.partial(_attend, impls.IMPLS["reference"]))(
+        *(x.astype(jnp.float32) for x in (q, k, v)), s, s0, do.astype(jnp.float32), ds_end)
     for name, x, ref in zip(_names(True), got, want, strict=True):
         assert x.shape == ref.shape, name
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name
@@ -262,8 +262,8 @@ def test_gpu_matches_fla(rng):
     to, _ = fla_ops.chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)
     to.backward(tdo)
     theirs = [x.detach().float().cpu().numpy() for x in (to, tq.grad, tk.grad, tv.grad)]
-    ref = _attend(impls.IMPLS["reference"], *(x.astype(jnp.float32) for x in (q, k, v)), s, None,
-                  do.astype(jnp.float32), None)
+    ref = jax.jit(functools.partial(_attend, impls.IMPLS["reference"]))(
+        *(x.astype(jnp.float32) for x in (q, k, v)), s, None, do.astype(jnp.float32), None)
     for name, x, y, r in zip(["o", "dq", "dk", "dv"], ours, theirs, ref):
         # Both against the fp32 reference, and against each other.
         assert rel_err(x, r) < _gpu_tol(dtype), (name, "ours", rel_err(x, r))
