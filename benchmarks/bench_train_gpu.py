@@ -17,11 +17,9 @@ with timestamped milestones (state built, lowered, compiled, each step), goes to
 go to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
 device, date, versions). Synthetic tokens: nothing here needs Grain.
 
-Seen once (2026-11-22, H200 x2, jax 0.11.2): the first configuration (1 GPU, 64K tokens, remat=block) did not
-reach its first step within 340 s, and that run kept no log of where the time went (this version does). On
-CPU the same step lowers in ~6 s to ~30K lines of StableHLO and XLA:CPU compiles it in ~16 s, with 11.4 GiB of
-arguments and 56.2 GiB of temporaries per device (about 68 GiB: an H200 should hold it); GPU compilation
-(autotuning ~800 matmuls) is the prime suspect. `--xla-flags=--xla_gpu_autotune_level=0` tests that.
+Results: benchmarks/results/TRAIN_GPU_NOTES.md. With the fused kernels (--attn-impl pallas_triton, or "auto"
+on an H100/H200) the 1-GPU 64K step compiles in ~16 s; with the chunked XLA attention it had not reached its
+first step after 340 s.
 """
 
 from __future__ import annotations
@@ -131,6 +129,15 @@ class Step:
         }
 
 
+    def close(self) -> None:
+        """Frees this configuration's device buffers now: the longest search builds several in one process, and
+        buffers left to the garbage collector held ~36% of an H200 when the next length was tried (2026-11-22)."""
+        for x in self.jax.tree.leaves((self.state, self.batch)):
+            if not x.is_deleted():
+                x.delete()
+        self.jax.clear_caches()
+
+
 def _peak_gib(device) -> float | None:
     stats = device.memory_stats() or {}
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
@@ -142,13 +149,18 @@ def _capacity_gib(device) -> float:
 
 def child_throughput(args, out: Path, n: int) -> None:
     for remat in args.remat_throughput.split(","):
+        step = None
         try:
-            _record(out, kind="throughput", **Step(args, n, args.tokens_per_gpu, remat).run(args.steps))
+            step = Step(args, n, args.tokens_per_gpu, remat)
+            _record(out, kind="throughput", **step.run(args.steps))
             return
         except Exception as e:
             if not _oom(e):
                 raise
             _record(out, kind="throughput", gpus=n, tokens_per_gpu=args.tokens_per_gpu, remat=remat, oom=True)
+        finally:
+            if step is not None:
+                step.close()
 
 
 def _fitted_elsewhere(out: Path, n: int) -> int | None:
@@ -175,7 +187,7 @@ def child_longest(args, out: Path, n: int, deadline: float) -> None:
             readings.append((tokens, step.xla_gib))
             _record(out, kind="longest_probe", gpus=n, tokens_per_gpu=tokens, remat=remat, xla_gib=step.xla_gib,
                     compile_s=round(step.compile_s, 1))
-            del step
+            step.close()
         (t1, m1), (floor, m2) = readings
         per_token = (m2 - m1) / (floor - t1)
         capacity = args.capacity_gib or _capacity_gib(jax.devices()[0])
@@ -184,14 +196,19 @@ def child_longest(args, out: Path, n: int, deadline: float) -> None:
                 fixed_gib=m1 - per_token * t1, capacity_gib=capacity, tokens_per_gpu=start)
     tokens = start
     while tokens > floor and time.monotonic() < deadline:
+        step = None
         try:
-            _record(out, kind="longest", fits=True, **Step(args, n, tokens, remat).run(1))
+            step = Step(args, n, tokens, remat)
+            _record(out, kind="longest", fits=True, **step.run(1))
             return
         except Exception as e:
             if not _oom(e):
                 raise
             _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=remat, fits=False)
             tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
+        finally:
+            if step is not None:
+                step.close()
     why = "out of time" if tokens > floor else "the prediction is not above the probes"
     _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"no length above {floor} per GPU ran ({why})")
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from lasp_jax.ops import pallas_triton, reference, vjp, xla
 
-# "pallas_triton" runs on the GPUs its tests passed on (see its `supported`); "pallas_triton_interpret" is the
-# same kernels in Pallas interpret mode, on any platform (slow: for tests). "auto" does not take pallas_triton
-# yet: its GPU test suite has not completed in one run (the fla comparison and the lasp_attention GPU tests are
-# unrun; lasp_attention on two H200s did match one-device XLA in bench_lasp_gpu's check, before states.py's
-# bf16 change).
+# "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
+# there; elsewhere "auto" is the chunked XLA path. "pallas_triton_interpret" is the same kernels in Pallas
+# interpret mode, on any platform (slow: for tests).
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
     "xla": vjp.Split(xla),
     "pallas_triton": pallas_triton.KERNELS,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
 }
-AUTO_ORDER: tuple[str, ...] = ("xla",)
+AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
 
 
 def resolve(impl: str, q, k, v) -> vjp.Impl:

@@ -25,9 +25,9 @@ output or state); only such ragged T pays that copy, and, since the zeros would 
 token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.states` instead.
 
 Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
-passed on (H200). The H100 (the same sm_90 target) and the A100 are expected to work through the same lowering
-but are untested here, so `supported` refuses them (fail-closed: "auto" then takes the XLA path). On a GPU
-they take head dims 64, 128 and 256 and bf16 or fp32 inputs (what the GPU tests covered; others fall back).
+passed on (H200 and H100, sm_90). The A100 is expected to work through the same lowering but is untested
+here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take head dims
+64, 128 and 256 and bf16 or fp32 inputs (what the GPU tests covered; others fall back).
 `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
 32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
 later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering.
@@ -53,7 +53,7 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
-_TESTED_GPUS = ("H200",)  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
+_TESTED_GPUS = ("H200", "H100")  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 

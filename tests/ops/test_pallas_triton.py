@@ -122,6 +122,15 @@ def test_supported_reasons(rng):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
 
 
+def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
+    """"auto" takes the kernels wherever they report themselves usable, and XLA otherwise."""
+    q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)
+    assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_triton"]
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: "not here")
+    assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"]
+
+
 @pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": False, "state_block": 64}],
                          ids=["default", "fused_dkdv", "batch_major"])
 def test_lowers_to_triton_for_h200(overrides):
