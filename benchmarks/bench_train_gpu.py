@@ -2,8 +2,8 @@
 
     python -m benchmarks.bench_train_gpu [--model tnl-1b] [--tokens-per-gpu 65536] [--gpus 1,2] [--out DIR]
 
-Per GPU count n (one process driving n GPUs, mesh data=1 x seq=n, one sequence of n x tokens-per-gpu tokens,
-LASP over seq; parameters and AdamW moments are replicated over seq):
+Per GPU count n (one process driving n GPUs, mesh data=D x seq=n/D with D = --data, D sequences of
+n/D x tokens-per-gpu tokens, LASP over seq; parameters and AdamW moments are replicated):
   throughput  the jitted training step of train.step (bf16 compute, fp32 master weights, AdamW, clipping) on
               synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
@@ -67,23 +67,25 @@ class Step:
         from train.step import build_state, make_steps, model_config
 
         self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
-        self.seq_len = n_gpus * tokens_per_gpu
+        self.data = args.data
+        self.seq_len = n_gpus // self.data * tokens_per_gpu
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk}
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
-        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=f"data=1,seq={n_gpus}",
-                          seq_len=self.seq_len, batch_size=1, compute_dtype="bfloat16", warmup_steps=10,
+        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=f"data={self.data},seq={n_gpus // self.data}",
+                          seq_len=self.seq_len, batch_size=self.data, compute_dtype="bfloat16", warmup_steps=10,
                           decay_steps=1000)
         self.mcfg = model_config(cfg, get_model_config(args.model).vocab_size)
         self.devices = jax.devices()[:n_gpus]
-        self.mesh = jax.make_mesh((1, n_gpus), ("data", "seq"), devices=self.devices,
+        self.mesh = jax.make_mesh((self.data, n_gpus // self.data), ("data", "seq"), devices=self.devices,
                                   axis_types=(AxisType.Auto,) * 2)
         _say(f"{n_gpus} GPU(s), {self.seq_len} tokens, remat {remat}: building the state")
         graphdef, self.state, self.n_params, n_matmul = build_state(self.mcfg, cfg, self.mesh)
         jax.block_until_ready(self.state)
         self.train_step, _ = make_steps(graphdef)
         sharding = NamedSharding(self.mesh, P("data", "seq"))
-        tokens = np.random.default_rng(0).integers(0, self.mcfg.vocab_size, (1, self.seq_len + 1), np.int32)
+        tokens = np.random.default_rng(0).integers(0, self.mcfg.vocab_size, (self.data, self.seq_len + 1),
+                                                        np.int32)
         self.batch = {"inputs": jax.device_put(tokens[:, :-1], sharding),
                       "targets": jax.device_put(tokens[:, 1:], sharding)}
         n_soft = len(self.mcfg.softmax_set)
@@ -116,15 +118,15 @@ class Step:
                 if i >= 2:
                     times.append(time.perf_counter() - t)
         step_s = float(np.median(times))
-        tps = self.seq_len / step_s
+        tps = self.data * self.seq_len / step_s
         peak = peak_tflops(self.devices[0].device_kind)
         mems = [_peak_gib(d) for d in self.devices]
         return {
-            "gpus": self.n_gpus, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
+            "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
             "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "params": self.n_params, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": tps * self.flops_per_token / (self.n_gpus * peak * 1e12) if peak else None,
-            "model_tflop_per_step": self.flops_per_token * self.seq_len / 1e12,
+            "model_tflop_per_step": self.flops_per_token * self.data * self.seq_len / 1e12,
             "peak_mem_gib": max(mems) if all(m is not None for m in mems) else None, "xla_gib": self.xla_gib,
         }
 
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tnl-1b")
     parser.add_argument("--tokens-per-gpu", type=int, default=64 * K)
     parser.add_argument("--gpus", default="1,2")
+    parser.add_argument("--data", type=int, default=1, help="data-parallel size D (each GPU count must divide)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat-throughput", default="block,full", help="tried in order until one fits")
     parser.add_argument("--remat-longest", default="full")
@@ -251,6 +254,8 @@ def main(argv=None) -> int:
             n_devices=n_dev, versions={"jax": jax_v, "flax": flax_v, "optax": optax_v}, error=info.stderr[-500:]
             if info.returncode else None)
     gpus = [int(g) for g in args.gpus.split(",") if n_dev.isdigit() and int(g) <= int(n_dev)]
+    if any(g % args.data for g in gpus):
+        parser.error(f"--data {args.data} must divide every GPU count in --gpus {args.gpus}")
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
     for phase in args.phases.split(","):
@@ -292,7 +297,8 @@ def write_summary(out: Path) -> None:
         if r["kind"] == "longest_predicted":
             note = (f"predicted {r['tokens_per_gpu']} tokens/GPU: {r['gib_per_k_tokens']:.3f} GiB per 1K tokens "
                     f"+ {r['fixed_gib']:.1f} GiB fixed, of {r['capacity_gib']:.1f} GiB")
-        lines.append(f"| {r['kind']} | {r.get('gpus', '')} | {r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
+        gpus = f"{r.get('gpus', '')}" + (f" (data {r['data']})" if r.get("data", 1) > 1 else "")
+        lines.append(f"| {r['kind']} | {gpus} | {r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
                      f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
                      f"{fmt(r.get('xla_gib'), '.1f')} | {note} |")

@@ -51,7 +51,7 @@ def main():
         lasp_fuse_parallel(q, k, v, s, kv, dkv).backward(do)
         q.grad = k.grad = v.grad = None
 
-    result = {"run": f"{world} GPUs LASP lasp_fuse_parallel, T={world * t}"}
+    result = {"run": f"{world} GPUs LASP lasp_fuse_parallel, T={world * t}", "gpus": world}
     for name, fn in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
         fn()
         times = []
