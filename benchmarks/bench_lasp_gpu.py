@@ -46,7 +46,8 @@ def main(argv=None):
     t, h, d = args.per_gpu, args.heads, args.dim
     counts = [int(n) for n in args.gpus.split(",")] if args.gpus else [len(devices)]
     if any(not 1 < n <= len(devices) for n in counts):
-        parser.error(f"--gpus {args.gpus}: each count must be in 2..{len(devices)} (the devices here)")
+        parser.error(f"needs at least 2 GPUs, and each count of --gpus ({args.gpus or len(devices)}) must be in "
+                     f"2..{len(devices)} (the devices here)")
     s = slopes(h)
     meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + " ".join(argv or os.sys.argv[1:]),
             "device": f"{max(counts)} x {devices[0].device_kind}",

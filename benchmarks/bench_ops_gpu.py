@@ -183,7 +183,7 @@ def main(argv=None):
     parser.add_argument("--impls", default="pallas_triton,xla")
     parser.add_argument("--peers", default="fla,lasp")
     parser.add_argument("--sweep", action="store_true", help="time kernel variants at the 64K shape")
-    parser.add_argument("--breakdown", action="store_true", help="time each contract function at the 64K shape")
+    parser.add_argument("--breakdown", action="store_true", help="time the kernels' forward and backward alone at 64K")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))

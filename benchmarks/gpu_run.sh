@@ -3,7 +3,7 @@
 # at its limit keeps its log and the next step still runs). Logs and results are written to a work folder and
 # packed after every step into $OUT/results.tgz (the device tool brings back only a few files).
 #
-#   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...
+#   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...     (exits with the worst step's status)
 #
 # Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
 # here), models (pytest -m gpu tests/models: paper-size model steps), ops (bench_ops_gpu; its flags in
@@ -21,15 +21,17 @@ fi
 # NVLink multicast off (the device notes say why); XLA must not take the memory the torch peers need.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1
-NGPU=$(nvidia-smi -L | wc -l)
+NGPU=$(nvidia-smi -L | grep -c '^GPU')
+WORST=0
 
 run_step() {  # name limit command...
   local name=$1 limit=$2
   shift 2
   local rc
   echo "[$(date -u +%T)] $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
+  [ "$rc" -gt "$WORST" ] && WORST=$rc
   echo "[$(date -u +%T)] $name rc=$rc"
   tail -n 25 "$OUT/$name.log"
   tar czf "$PACK" -C "$OUT" .
@@ -38,18 +40,20 @@ run_step() {  # name limit command...
 for arg in "$@"; do
   step=${arg%%=*}
   limit=${arg#*=}
-  [ "$limit" = "$arg" ] && limit=300
+  [ "$limit" = "$arg" ] || [ -z "$limit" ] && limit=300
+  [ "$limit" -ge 60 ] || { echo "$step: give it at least 60 s"; exit 2; }
   case $step in
     tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider ;;
     models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
     ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" \
            ${OPS_ARGS---sweep --breakdown} ;;
     lasp)
-      run_step lasp_peer $((limit / 2)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
+      run_step lasp_peer $((limit / 3)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
         benchmarks/peer_lasp_parallel.py --iters 3 --reps 3 --out "$OUT"
-      run_step lasp "$limit" python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ${LASP_ARGS:-} ;;
+      run_step lasp $((limit - limit / 3)) python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ${LASP_ARGS:-} ;;
     train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl pallas_triton \
              --budget-s $((limit - 20)) --out "$OUT" ${TRAIN_ARGS:-} ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
+exit "$WORST"

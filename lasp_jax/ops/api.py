@@ -28,7 +28,9 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
         equal one call over the concatenated sequence.
       impl: "auto" (the first usable entry of impls.AUTO_ORDER), "xla" (chunked, every platform),
         "pallas_triton" (fused kernels, GPU), "pallas_triton_interpret" (the same, interpreted) or "reference"
-        (dense, O(T^2) memory).
+        (dense, O(T^2) memory). The kernels run per device: on inputs split over several devices by XLA (a
+        data-parallel mesh), "auto" takes "xla" and naming them is an error; lasp_attention (any seq axis
+        size, even 1) runs them per device.
     Returns:
       o [B, T, H, Dv] in q's dtype, and the final state if asked for.
     """
@@ -36,7 +38,7 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     b, _, h, dk = q.shape
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = impls.resolve(impl, q, k, v)
+    per_device = impls.resolve(impl, q, k, v, partitioned=_partitioned(q))
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     spec = _explicit_spec(q)
@@ -50,6 +52,18 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     if return_final_state:
         return jax.sharding.reshard(out[0], P(*spec)), out[1]
     return jax.sharding.reshard(out, P(*spec))
+
+
+def _partitioned(x) -> bool:
+    """Whether XLA's partitioner splits this call over several devices: the ambient mesh (jax.set_mesh), else
+    x's own mesh (Explicit or Auto, under jit too), has an axis of size > 1 that is not manual (inside
+    shard_map the call is per device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return False
+    return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
 
 
 def _explicit_spec(x) -> tuple | None:

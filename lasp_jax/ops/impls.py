@@ -21,16 +21,27 @@ IMPLS: dict[str, vjp.Impl] = {
 AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
 
 
-def resolve(impl: str, q, k, v) -> vjp.Impl:
-    """Returns the implementation for `impl` ("auto" or a name of IMPLS); ValueError if unusable."""
+def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
+    """Returns the implementation for `impl` ("auto" or a name of IMPLS); ValueError if unusable.
+
+    partitioned: the call is split over several devices by XLA's partitioner (rather than run per device inside
+    shard_map, as lasp_attention does). Only implementations XLA can partition run there: "auto" skips the
+    others, and naming one is an error (a Pallas kernel would be gathered onto every device, or rejected).
+    """
     if impl == "auto":
         for name in AUTO_ORDER:
-            if IMPLS[name].supported(q, k, v) is None:
-                return IMPLS[name]
+            candidate = IMPLS[name]
+            if (candidate.partitionable or not partitioned) and candidate.supported(q, k, v) is None:
+                return candidate
         raise ValueError("no implementation supports these inputs")  # unreachable while xla is in AUTO_ORDER
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected 'auto' or one of {sorted(IMPLS)}")
     reason = IMPLS[impl].supported(q, k, v)
     if reason is not None:
         raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
+    if partitioned and not IMPLS[impl].partitionable:
+        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
+                         "partitioned over several devices: use lasp_attention (it runs the kernels per device "
+                         "inside shard_map, with a seq axis of any size), call it inside your own shard_map, or "
+                         "use impl='xla'")
     return IMPLS[impl]

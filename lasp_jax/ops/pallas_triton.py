@@ -26,8 +26,8 @@ token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.sta
 
 Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
 passed on (H200 and H100, sm_90). The A100 is expected to work through the same lowering but is untested
-here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take head dims
-64, 128 and 256 and bf16 or fp32 inputs (what the GPU tests covered; others fall back).
+here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take bf16 at head
+dims 64, 128 and 256 and fp32 at 64 (what the GPU tests covered; others fall back).
 `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
 32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
 later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering.
@@ -53,6 +53,7 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
+_GPU_FP32_HEAD_DIMS = (64,)  # fp32 ran its GPU tests at d=64 only
 _TESTED_GPUS = ("H200", "H100")  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
@@ -76,7 +77,7 @@ class Config:
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
-    pass with tiles_first (another ~4% forward, ~6% forward+backward).
+    pass with tiles_first (4-6% under the same run's default rows, whose two timings differed by 3%).
     """
 
     chunk: int = 64
@@ -274,8 +275,9 @@ def _tiles_first(spec):
 
 def _stages(config: Config, in_specs, args) -> int:
     """Software-pipelining depth: every stage buffers one chunk of each row input in shared memory, so the
-    stages are capped to fit _STAGE_BYTES. (On an H200, 3 stages of 48 KB compiled and ran; 3 of 64 KB, the
-    whole-state dK+dV kernel at d=128, and of 72 KB, the output pass at d=256, did not.)"""
+    stages are capped to fit _STAGE_BYTES. A measured rule, not an exact count: on an H200, 3 stages of bf16
+    chunk loads of 64 KB (the whole-state dK+dV kernel at d=128) and 72 KB (the output pass at d=256) failed,
+    48 KB ran, and 64 KB of fp32 at d=64 ran (fp32 operands are not staged for the tensor cores)."""
     chunk = config.chunk
     per_stage = sum(chunk * spec.block_shape[-1] * jnp.dtype(x.dtype).itemsize
                     for spec, x in zip(in_specs, args) if len(spec.block_shape) == 4)
@@ -373,7 +375,7 @@ def _boundary_powers(s, plan: _Plan, from_end: bool):
     (how a cotangent at the end of the last piece reaches the end of piece p)."""
     p = jnp.arange(plan.pieces, dtype=_F32)
     n = plan.pieces - 1 - p if from_end else p
-    return jnp.exp(-s.astype(_F32)[:, None] * plan.piece_len * n[None, :])
+    return states.decay_pow(s[:, None], plan.piece_len * n[None, :])
 
 
 def _with_boundary(per_piece, state, s, plan, from_end):
@@ -520,6 +522,8 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
             return f"head dim {name}={d} is not one of {head_dims}"
     if config.interpret:
         return None
+    if jnp.dtype(q.dtype) == jnp.float32 and {q.shape[-1], v.shape[-1]} - set(_GPU_FP32_HEAD_DIMS):
+        return f"float32 inputs run on a GPU with head dims {_GPU_FP32_HEAD_DIMS} only (what the GPU tests covered)"
     if jax.default_backend() != "gpu":
         return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
     kind = jax.devices()[0].device_kind
@@ -535,6 +539,7 @@ class Kernels:
     """These kernels under one Config, as a `vjp.Impl` (hashable: a custom_vjp static)."""
 
     config: Config = DEFAULT
+    partitionable = False  # pallas_call has no sharding rule: per device only (lasp_attention's shard_map)
 
     def forward(self, q, k, v, s, incoming):
         return forward(q, k, v, s, incoming, self.config)

@@ -53,7 +53,11 @@ class Impl(Protocol):
     """The per-device contract every implementation meets (hashable: a static argument of the custom_vjp).
 
     q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], s [H]; states [B, H, Dk, Dv] float32.
+    `partitionable`: XLA's partitioner can split it over devices (jnp code can; Pallas kernels cannot, and run
+    only per device, inside shard_map).
     """
+
+    partitionable: bool
 
     def forward(self, q, k, v, s, incoming: StateFn | None) -> tuple[jax.Array, jax.Array, Any, Any]:
         """(o in q.dtype, m, S_in or None, saved): incoming maps m to S_in (None: S_in = 0); `saved` is what
@@ -73,6 +77,7 @@ class Split:
     them)."""
 
     module: types.ModuleType
+    partitionable = True  # jnp code throughout
 
     def forward(self, q, k, v, s, incoming):
         m = self.module.local_state(k, v, s)

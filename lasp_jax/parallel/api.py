@@ -63,7 +63,7 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
     per_device = impls.resolve(impl, q, k, v)
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
-    exchange = SeqExchange(strategy, seq_axis, w)
+    exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange
     if layout.seq_is_manual(seq_axis):
         return vjp.attend(q, k, v, s, None, per_device, exchange, False)
     q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)

@@ -6,6 +6,7 @@ kernels. GPU (`pytest -m gpu`, on the device machine): the compiled kernels at r
 reference and against fla's chunk_simple_gla (g_gamma = -s, scale = 1.0) on fresh random inputs.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -28,10 +29,13 @@ SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v
                             target_programs=64,
                             min_piece_chunks=1, interpret=True)
 
-# (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): ragged T (front padding), several pieces, GQA with Dk
-# tiles, MQA with Dv tiles, and one piece (no state pass).
+# (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): ragged T (front padding: the states enter through the
+# separate products), whole pieces (the states enter the piece scans), several pieces, B=2, GQA with Dk tiles,
+# MQA with Dv tiles, and one piece (no state pass).
 CASES = {
     "mha_fused": (1, 75, 2, 2, 16, 16, True, 64),
+    "mha_fused_b2_whole": (2, 64, 2, 2, 16, 16, True, 64),
+    "one_piece_whole": (1, 64, 2, 1, 16, 16, True, 1),
     "gqa_tiles": (1, 64, 4, 2, 32, 16, True, 64),
     "mqa_split": (1, 40, 2, 1, 16, 32, False, 64),
     "gqa_batch_major": (1, 64, 4, 2, 32, 16, True, 64),
@@ -80,6 +84,41 @@ def test_contract_matches_reference(case, with_states, rng):
         assert rel_err(x, ref) < F32_TOL, name
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScaledExchange:
+    """A one-device stand-in for lasp_attention's exchange (no shard_map, which interpret mode cannot run
+    under): S_in = a m and G = b d, so the kernels must hand the right m and d to the exchange and take its
+    results into their piece scans."""
+
+    a: float
+    b: float
+
+    def prefix(self, m, rate):
+        return self.a * m
+
+    def suffix(self, d, rate):
+        return self.b * d
+
+
+@pytest.mark.parametrize("case", ["mha_fused", "mha_fused_b2_whole"])
+def test_exchange_matches_split_reference(case, rng):
+    b, t, h, hkv, dk, dv, fuse, programs = CASES[case]
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
+    s = decay("on", h, rng)
+    do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    exchange = _ScaledExchange(0.5, 0.25)
+
+    def run(impl, q, k, v, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, impl, exchange, False), q, k, v)
+        return (o, *vjp_fn(do))
+
+    kernels = pallas_triton.Kernels(dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs))
+    got = jax.jit(functools.partial(run, kernels))(q, k, v, do)
+    want = run(impls.IMPLS["reference"], q, k, v, do)
+    for name, x, ref in zip(["o", "dq", "dk", "dv"], got, want, strict=True):
+        assert rel_err(x, ref) < F32_TOL, name
+
+
 def test_linear_attention_with_states_bf16(rng):
     """Through linear_attention's custom_vjp (incoming and final state terms), bf16 inputs, by name."""
     b, t, h, hkv, dk, dv = 1, 48, 2, 1, 16, 16
@@ -114,6 +153,8 @@ def test_supported_reasons(rng):
     assert "Dk=16" in pallas_triton.supported(q, k, v)
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64, jnp.float16)
     assert "float16" in pallas_triton.supported(q, k, v) and pallas_triton.supported(q, k, v, SMALL) is None
+    q, k, v = qkv(rng, 1, 8, 2, 1, 128, 128)
+    assert "float32 inputs run on a GPU with head dims (64,)" in pallas_triton.supported(q, k, v)
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_triton.supported(q, k, v)
@@ -129,6 +170,27 @@ def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_triton"]
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: "not here")
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"]
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
+    """pallas_call has no sharding rule: on inputs XLA splits over devices (a batch-sharded Explicit array, or
+    an ambient Auto mesh) "auto" takes XLA, and naming the kernels is an error, not a silent gather."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on a GPU
+    kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,), devices=jax.devices()[:2])
+    q, k, v = qkv(rng, 2, 32, 2, 1, 16, 16)
+    s = decay("on", 2, rng)
+    sharded = [jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))) for x in (q, k, v)]
+    attend = lambda impl: jax.jit(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=impl))
+    context = jax.set_mesh(mesh) if axis_type == "auto" else contextlib.nullcontext()
+    with context:
+        with pytest.raises(ValueError, match="runs per device"):
+            attend("pallas_triton_interpret")(*sharded)
+        o = attend("auto")(*sharded)
+    assert rel_err(o, reference.dense(q, k, v, s)[0]) < F32_TOL
 
 
 @pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": False, "state_block": 64}],
