@@ -250,6 +250,32 @@ def test_lowers_to_triton_under_shard_map(t):
     assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
 
 
+def test_lowers_to_triton_data_parallel(monkeypatch):
+    """Without a GPU: under pure data parallelism (a seq axis of size 1, as the models meet it) lasp_attention
+    runs the kernels per device inside its shard_map, with no exchange: they lower to Triton IR for abstract
+    H200s, 2 kernels forward and 4 backward, and nothing is gathered."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on an H200
+    mesh = AbstractMesh((2, 1), ("data", "seq"), axis_types=(AxisType.Auto,) * 2,
+                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    s = jnp.full((4,), 0.1, jnp.float32)
+
+    def fwd_bwd(q, k, v, do):
+        attend = lambda q, k, v: lasp_jax.lasp_attention(q, k, v, s, mesh=mesh, impl="pallas_triton")
+        o, vjp_fn = jax.vjp(attend, q, k, v)
+        return o, vjp_fn(do)
+
+    x = jax.ShapeDtypeStruct((2, 8192, 4, 128), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(x, x, x, x)
+    text = exported.mlir_module()
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
+    assert "all_gather" not in text and "collective_permute" not in text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at their real block sizes.
 
