@@ -16,8 +16,9 @@ k = elu(x W_k) + 1, v = x W_v, no decay; o = W_o attn, or o = W_o SRMSNorm(attn)
 O(1) at any length; switch it off for the bare op).
 
 Attention dispatch: lasp_attention whenever the ambient mesh has the seq axis, of any size (it runs the
-per-device implementation inside shard_map, which the Pallas kernels need under data parallelism too),
-linear_attention without a mesh; the model code is the same on one device and on a mesh.
+per-device implementation inside shard_map, which the Pallas kernels need under data parallelism too), unless
+a size-1 seq axis meets a batch the batch axes do not divide; linear_attention without a mesh (or then). The
+model code is the same on one device and on a mesh.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ def tnl_decay(n_heads: int, layer: int, n_layers: int) -> tuple[float, ...]:
 
 
 def linear_attend(q, k, v, decay, cfg: ModelConfig):
-    """lasp_attention on a mesh with the seq axis (any size), linear_attention otherwise.
+    """lasp_attention on a mesh with the seq axis (of size 1 too, when the batch axes divide B: the per-device
+    kernels need its shard_map), linear_attention otherwise.
 
     q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> o [B, T, H, Dv].
     """
     mesh = sharding.ambient_mesh()
-    if mesh is not None and cfg.seq_axis in mesh.axis_names:
+    seq_axis_here = mesh is not None and cfg.seq_axis in mesh.axis_names
+    batch_split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg)) if seq_axis_here else 1
+    if sharding.seq_size(cfg) > 1 or (seq_axis_here and q.shape[0] % batch_split == 0):
         return lasp_jax.lasp_attention(q, k, v, decay, seq_axis=cfg.seq_axis, strategy=cfg.strategy,
                                        impl=cfg.attn_impl, batch_axes=sharding.batch_axes(cfg))
     return lasp_jax.linear_attention(q, k, v, decay, impl=cfg.attn_impl)

@@ -38,7 +38,7 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     b, _, h, dk = q.shape
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = impls.resolve(impl, q, k, v, partitioned=_partitioned(q))
+    per_device = impls.resolve(impl, q, k, v, partitioned=impls.partitioned(q))
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     spec = _explicit_spec(q)
@@ -52,18 +52,6 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     if return_final_state:
         return jax.sharding.reshard(out[0], P(*spec)), out[1]
     return jax.sharding.reshard(out, P(*spec))
-
-
-def _partitioned(x) -> bool:
-    """Whether XLA's partitioner splits this call over several devices: the ambient mesh (jax.set_mesh), else
-    x's own mesh (Explicit or Auto, under jit too), has an axis of size > 1 that is not manual (inside
-    shard_map the call is per device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    if mesh is None or mesh.empty:
-        return False
-    return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
 
 
 def _explicit_spec(x) -> tuple | None:

@@ -7,6 +7,8 @@ entry of `AUTO_ORDER`, which lists only implementations whose tests pass on that
 
 from __future__ import annotations
 
+import jax
+
 from lasp_jax.ops import pallas_triton, reference, vjp, xla
 
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
@@ -19,6 +21,19 @@ IMPLS: dict[str, vjp.Impl] = {
     "pallas_triton_interpret": pallas_triton.INTERPRET,
 }
 AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
+
+
+def partitioned(x) -> bool:
+    """Whether XLA's partitioner splits a call on x over several devices: the ambient mesh (jax.set_mesh), else
+    x's own mesh (committed arrays, Explicit or Auto, also as traced under jit), has an axis of size > 1 that is
+    not manual (inside shard_map the call is per device). Not seen: uncommitted inputs given shardings only by
+    jit's in_shardings, with no ambient mesh (the trace carries no mesh then)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return False
+    return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
 
 
 def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
@@ -41,7 +56,7 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
         raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
     if partitioned and not IMPLS[impl].partitionable:
         raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
-                         "partitioned over several devices: use lasp_attention (it runs the kernels per device "
+                         "under a multi-device mesh that XLA partitions: use lasp_attention (it runs the kernels per device "
                          "inside shard_map, with a seq axis of any size), call it inside your own shard_map, or "
                          "use impl='xla'")
     return IMPLS[impl]

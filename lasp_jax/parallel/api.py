@@ -60,7 +60,9 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {sorted(STRATEGIES)}")
     mesh = layout.current_mesh(mesh)
     w = layout.check_seq_axis(mesh, seq_axis)
-    per_device = impls.resolve(impl, q, k, v)
+    # Its own shard_map makes every mesh axis manual; inside a caller's shard_map over seq alone, XLA may still
+    # partition the other axes.
+    per_device = impls.resolve(impl, q, k, v, partitioned=layout.seq_is_manual(seq_axis) and impls.partitioned(q))
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
     exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange

@@ -24,7 +24,7 @@ CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy
     ("lt-tiny", (2, 4), True, "ring"),
     ("tnl-tiny-hybrid", (1, 8), True, "allgather"),
     ("tnl-tiny-hybrid", (2, 4), False, "ring"),
-    ("tnl-tiny-hybrid", (2, 1), True, "ring"),  # data parallel only: linear_attention on batch-sharded arrays
+    ("tnl-tiny-hybrid", (2, 1), True, "ring"),  # data parallel only: lasp_attention over a size-1 seq axis
 ]
 
 

@@ -250,10 +250,29 @@ def test_lowers_to_triton_under_shard_map(t):
     assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
 
 
+def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatch, rng):
+    """lasp_attention inside a caller's shard_map over seq alone: XLA still partitions the data axis, so the
+    kernels are refused there too (naming them is an error; "auto" would take XLA)."""
+    from jax.sharding import AxisType, PartitionSpec
+
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)
+    mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4])
+    q, k, v = qkv(rng, 2, 32, 2, 1, 16, 16)
+    s = decay("on", 2, rng)
+    spec = PartitionSpec(None, "seq")
+
+    def local(q, k, v):
+        return lasp_jax.lasp_attention(q, k, v, s, impl="pallas_triton_interpret")
+
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="runs per device"):
+        jax.jit(jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, axis_names={"seq"}))(q, k, v)
+
+
 def test_lowers_to_triton_data_parallel(monkeypatch):
     """Without a GPU: under pure data parallelism (a seq axis of size 1, as the models meet it) lasp_attention
-    runs the kernels per device inside its shard_map, with no exchange: they lower to Triton IR for abstract
-    H200s, 2 kernels forward and 4 backward, and nothing is gathered."""
+    runs the kernels per device inside its shard_map, with no exchange (the allgather strategy would otherwise
+    emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 2 kernels forward
+    and 4 backward."""
     from jax import export
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
@@ -263,7 +282,8 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def fwd_bwd(q, k, v, do):
-        attend = lambda q, k, v: lasp_jax.lasp_attention(q, k, v, s, mesh=mesh, impl="pallas_triton")
+        attend = lambda q, k, v: lasp_jax.lasp_attention(q, k, v, s, mesh=mesh, strategy="allgather",
+                                                          impl="pallas_triton")
         o, vjp_fn = jax.vjp(attend, q, k, v)
         return o, vjp_fn(do)
 
