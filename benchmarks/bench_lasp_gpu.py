@@ -63,11 +63,11 @@ def main(argv=None):
     print(json.dumps(rows[-1]), flush=True)
     del one
 
+    os.makedirs(args.out, exist_ok=True)
     for n in counts:
         rows += _strategies(args, devices[:n], s)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "lasp_gpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "lasp_gpu.json"), "w") as f:  # after each count: a cut-off run keeps it
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     peer_path = os.path.join(args.out, "lasp_peer.json")
     if os.path.exists(peer_path):
         with open(peer_path) as f:

@@ -3,7 +3,7 @@ lightning_attn, forward and forward+backward, bf16, TNL decay slopes, with the H
 measurement taken in the same run.
 
     python3 -m benchmarks.bench_ops_gpu [--shapes 1x16384x16x128,1x65536x16x128,...] [--impls pallas_triton,xla]
-        [--peers fla,lasp] [--sweep] [--out DIR]
+        [--peers fla,lasp] [--sweep [--sweep-shapes 1x65536x16x128,...]] [--breakdown] [--out DIR]
 
 Timing: JAX calls are enqueued `--iters` times back to back and timed to the last result (so launch latency
 overlaps, as in training), the median of `--reps` such rounds; torch peers through triton.testing.do_bench
@@ -146,7 +146,7 @@ def time_torch(fn, grads):
 
 
 def sweep_configs():
-    """Kernel variants timed at the 64K shape with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
+    """Kernel variants timed with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
     base = pallas_triton.DEFAULT
     return {
         "default": base,
@@ -155,6 +155,7 @@ def sweep_configs():
         "batch-major launch": dataclasses.replace(base, tiles_first=False),
         "64-wide state pass": dataclasses.replace(base, state_block=64),
         "programs 384": dataclasses.replace(base, target_programs=384),
+        "2 stages": dataclasses.replace(base, num_stages=2),
     }
 
 
@@ -182,7 +183,8 @@ def main(argv=None):
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxTxHxD, comma-separated")
     parser.add_argument("--impls", default="pallas_triton,xla")
     parser.add_argument("--peers", default="fla,lasp")
-    parser.add_argument("--sweep", action="store_true", help="time kernel variants at the 64K shape")
+    parser.add_argument("--sweep", action="store_true", help="time kernel variants at the --sweep-shapes")
+    parser.add_argument("--sweep-shapes", default="1x65536x16x128", help="BxTxHxD, comma-separated")
     parser.add_argument("--breakdown", action="store_true", help="time the kernels' forward and backward alone at 64K")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=7)
@@ -226,7 +228,7 @@ def main(argv=None):
         if args.breakdown and t == 65536:
             meta["breakdown_64K_ms"] = breakdown(q, k, v, do, s, args.iters, args.reps)
             print(json.dumps(meta["breakdown_64K_ms"]), flush=True)
-        if args.sweep and t == 65536:
+        if args.sweep and f"{b}x{t}x{h}x{d}" in args.sweep_shapes.split(","):
             for name, config in sweep_configs().items():
                 kernels = pallas_triton.Kernels(config)
                 contenders[f"pallas_triton[{name}]"] = jax_fns(

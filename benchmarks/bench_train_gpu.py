@@ -256,6 +256,9 @@ def main(argv=None) -> int:
     gpus = [int(g) for g in args.gpus.split(",") if n_dev.isdigit() and int(g) <= int(n_dev)]
     if any(g % args.data for g in gpus):
         parser.error(f"--data {args.data} must divide every GPU count in --gpus {args.gpus}")
+    # The first n of the GPUs this process may use (several runs can share one machine, each on its own GPUs).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(int(n_dev) if n_dev.isdigit() else 0)))
+    visible = visible.split(",")
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
     for phase in args.phases.split(","):
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
                 continue
             # time.monotonic is system-wide, so the child can compare against the same deadline
             cmd = [sys.executable, "-m", "benchmarks.bench_train_gpu", *argv, "--child", f"{phase}:{n}:{deadline - 30}"]
-            child_env = dict(env, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)))
+            child_env = dict(env, CUDA_VISIBLE_DEVICES=",".join(visible[:n]))
             log = out / f"child-{phase}-{n}.log"  # kept whole: a cut-off child shows where its time went
             with open(log, "w") as fh:
                 try:

@@ -6,22 +6,26 @@
 #   OUT=DIR bash benchmarks/gpu_run.sh STEP[=SECONDS] ...     (exits with the worst step's status)
 #
 # Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
-# here), models (pytest -m gpu tests/models: paper-size model steps), ops (bench_ops_gpu; its flags in
-# $OPS_ARGS, default --sweep --breakdown), lasp (torchrun peer on every GPU, then bench_lasp_gpu; its flags in
-# $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu
-# with the kernels, on 1 and 2 GPUs; more flags in $TRAIN_ARGS). Peer wheels in .whl/ (see
-# benchmarks/README.md) are installed first when present.
+# here; a -k expression in $TESTS_K), models (pytest -m gpu tests/models: paper-size model steps), ops
+# (bench_ops_gpu; its flags in $OPS_ARGS, default --sweep --breakdown), lasp (torchrun peer on every GPU, then
+# bench_lasp_gpu; its flags in $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu with the
+# kernels, on 1 and 2 GPUs; more flags in $TRAIN_ARGS). "Every GPU" means those CUDA_VISIBLE_DEVICES leaves,
+# so several runs can share one machine. Peer wheels in .whl/ (see benchmarks/README.md) are installed first
+# when present.
 set -u
 PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
 OUT=$(mktemp -d)
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  # Installed once per machine: runs started side by side on different GPUs (CUDA_VISIBLE_DEVICES) share it.
+  [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; }
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 # NVLink multicast off (the device notes say why); XLA must not take the memory the torch peers need.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1
 NGPU=$(nvidia-smi -L | grep -c '^GPU')
+[ -n "${CUDA_VISIBLE_DEVICES:-}" ] && NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
 WORST=0
 
 run_step() {  # name limit command...
@@ -43,7 +47,8 @@ for arg in "$@"; do
   [ "$limit" = "$arg" ] || [ -z "$limit" ] && limit=300
   [ "$limit" -ge 60 ] || { echo "$step: give it at least 60 s"; exit 2; }
   case $step in
-    tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider ;;
+    tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider \
+             ${TESTS_K:+-k "$TESTS_K"} ;;
     models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
     ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" \
            ${OPS_ARGS---sweep --breakdown} ;;
