@@ -4,6 +4,8 @@
 
 Per GPU count n (one process driving n GPUs, mesh data=D x seq=n/D with D = --data, D sequences of
 n/D x tokens-per-gpu tokens, LASP over seq; parameters and AdamW moments are replicated):
+  memory      compile only: XLA's buffers per device (arguments + temporaries) at --tokens-per-gpu with remat
+              --remat-longest (to compare GPU counts, --strategy and --xla-flags without running a step).
   throughput  the jitted training step of train.step (bf16 compute, fp32 master weights, AdamW, clipping) on
               synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
@@ -69,7 +71,7 @@ class Step:
         self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
         self.data = args.data
         self.seq_len = n_gpus // self.data * tokens_per_gpu
-        overrides = {"remat": remat, "ce_chunk": args.ce_chunk}
+        overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=f"data={self.data},seq={n_gpus // self.data}",
@@ -165,6 +167,13 @@ def child_throughput(args, out: Path, n: int) -> None:
                 step.close()
 
 
+def child_memory(args, out: Path, n: int) -> None:
+    step = Step(args, n, args.tokens_per_gpu, args.remat_longest)
+    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=args.tokens_per_gpu, remat=step.remat,
+            strategy=args.strategy, xla_flags=args.xla_flags, xla_gib=step.xla_gib, compile_s=round(step.compile_s, 1))
+    step.close()
+
+
 def _fitted_elsewhere(out: Path, n: int) -> int | None:
     """The longest tokens-per-GPU that fitted with fewer GPUs in this run (per-GPU memory per token is the same:
     each GPU holds T / n tokens and a full replica of the state)."""
@@ -229,7 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ce-chunk", type=int, default=2048)
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
     parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")
-    parser.add_argument("--phases", default="throughput,longest")
+    parser.add_argument("--phases", default="throughput,longest", help="of throughput, longest, memory")
+    parser.add_argument("--strategy", default="ring", help="the models' LASP exchange: ring, allgather or scan")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -240,8 +250,10 @@ def main(argv=None) -> int:
 
     if args.child:
         phase, n, deadline = args.child.split(":")
-        (child_throughput(args, out, int(n)) if phase == "throughput"
-         else child_longest(args, out, int(n), float(deadline)))
+        if phase == "longest":
+            child_longest(args, out, int(n), float(deadline))
+        else:
+            {"throughput": child_throughput, "memory": child_memory}[phase](args, out, int(n))
         return 0
 
     deadline = time.monotonic() + args.budget_s
@@ -297,6 +309,8 @@ def write_summary(out: Path) -> None:
         if r["kind"] == "setup":
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
+        if r["kind"] == "memory":
+            note = f"strategy {r['strategy']}" + (f", XLA flags {r['xla_flags']}" if r["xla_flags"] else "")
         if r["kind"] == "longest_predicted":
             note = (f"predicted {r['tokens_per_gpu']} tokens/GPU: {r['gib_per_k_tokens']:.3f} GiB per 1K tokens "
                     f"+ {r['fixed_gib']:.1f} GiB fixed, of {r['capacity_gib']:.1f} GiB")
