@@ -244,7 +244,11 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:deadline" in a worker process
+    parser.add_argument("--summary", help="only re-render this JSONL's .md table and .png plot")
     args = parser.parse_args(argv)
+    if args.summary:
+        write_summary(Path(args.summary))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,23 +297,25 @@ def main(argv=None) -> int:
                     _record(out, kind=phase, gpus=n, note=f"stopped at the time budget ({args.budget_s:.0f} s); "
                                                           f"last lines of {log.name}: " + " / ".join(
                                                               log.read_text().splitlines()[-3:]))
-    write_summary(out)
+    write_summary(out / "train_gpu.jsonl")
     return 0
 
 
-def write_summary(out: Path) -> None:
-    records = [json.loads(line) for line in (out / "train_gpu.jsonl").read_text().splitlines() if line.strip()]
-    setup = next(r for r in records if r["kind"] == "setup")
-    lines = [f"# TNL training step: {setup['device']} x{setup['n_devices']}, {setup['time']}", "",
-             f"Command: `{setup['command']}`  ", f"Versions: {setup['versions']}", "",
-             "| phase | GPUs | tokens/GPU | remat | step (s) | tokens/s/GPU | MFU | peak mem (GiB) | XLA buffers "
-             "(GiB) | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def write_summary(jsonl: Path) -> None:
+    """jsonl's records as a Markdown table per run (JSONL -> .md) and the throughput against the GPU count
+    (JSONL -> .png). Runs appended to one file (benchmarks/results/train_gpu_h200.jsonl) get one section each."""
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    lines = []
     for r in records:
         if r["kind"] == "setup":
+            lines += ["", f"## {r['device']} x{r['n_devices']}, {r['time']}", "", f"Command: `{r['command']}`  ",
+                      f"Versions: {r['versions']}", "",
+                      "| phase | GPUs | tokens/GPU | remat | step (s) | tokens/s/GPU | MFU | peak mem (GiB) | "
+                      "XLA buffers (GiB) | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        if r["kind"] == "memory":
+        if r["kind"] == "memory" and "strategy" in r:
             note = f"strategy {r['strategy']}" + (f", XLA flags {r['xla_flags']}" if r["xla_flags"] else "")
         if r["kind"] == "longest_predicted":
             note = (f"predicted {r['tokens_per_gpu']} tokens/GPU: {r['gib_per_k_tokens']:.3f} GiB per 1K tokens "
@@ -319,7 +325,40 @@ def write_summary(out: Path) -> None:
                      f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
                      f"{fmt(r.get('xla_gib'), '.1f')} | {note} |")
-    (out / "train_gpu.md").write_text("\n".join(lines) + "\n")
+    jsonl.with_suffix(".md").write_text("# TNL training step (bench_train_gpu)\n" + "\n".join(lines) + "\n")
+    _plot_throughput([r for r in records if r["kind"] == "throughput" and "step_s" in r], jsonl.with_suffix(".png"))
+
+
+def _plot_throughput(rows: list[dict], path: Path) -> None:
+    """tokens/s per GPU and MFU against the GPU count, one line per data-parallel size (the last record of each
+    configuration)."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = {(r["gpus"], r.get("data", 1), r["tokens_per_gpu"]): r for r in rows}
+    fig, (ax_tps, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4))
+    for data, tokens in sorted({(d, t) for _, d, t in last}):
+        pts = sorted((g, r) for (g, d, t), r in last.items() if (d, t) == (data, tokens))
+        label = f"data={data} x seq=n/{data}, {tokens // K}K tokens/GPU" if data > 1 else f"seq=n, {tokens // K}K tokens/GPU"
+        gpus = [g for g, _ in pts]
+        ax_tps.plot(gpus, [r["tokens_per_s_per_gpu"] for _, r in pts], marker="o", label=label)
+        ax_mfu.plot(gpus, [100 * (r["mfu"] or 0) for _, r in pts], marker="o", label=label)
+    ax_tps.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="TNL-1B training step throughput")
+    ax_mfu.set(xlabel="GPUs", ylabel="MFU (%)", title="model FLOPs utilisation")
+    counts = sorted({g for g, _, _ in last})
+    for ax in (ax_tps, ax_mfu):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(g) for g in counts])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
