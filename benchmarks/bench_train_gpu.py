@@ -1,4 +1,4 @@
-"""TNL training throughput and the longest trainable sequence on 1 and 2 GPUs: the full step of `python -m train`.
+"""TNL training throughput and the longest trainable sequence on one or more GPUs: the full step of `python -m train`.
 
     python -m benchmarks.bench_train_gpu [--model tnl-1b] [--tokens-per-gpu 65536] [--gpus 1,2] [--out DIR]
 
@@ -9,15 +9,14 @@ n/D x tokens-per-gpu tokens, LASP over seq; parameters and AdamW moments are rep
   throughput  the jitted training step of train.step (bf16 compute, fp32 master weights, AdamW, clipping) on
               synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
-  longest     XLA's buffer assignment (arguments + temporaries) is read at two lengths without running them,
-              the longest length predicted to fit the device is rounded down to a multiple of 8K per GPU (or
-              --longest-from is taken as given), and a full step runs there; out of memory lowers it by 12.5% until one fits or time runs out. With more
-              GPUs the search starts at the tokens per GPU that fitted on fewer (the same memory per GPU: each
-              holds T / n tokens and a replica of the state).
-Each (phase, n) runs in its own process, so every peak-memory reading is that configuration's own; its output,
-with timestamped milestones (state built, lowered, compiled, each step), goes to OUT/child-PHASE-N.log. Results
-go to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it did) and OUT/train_gpu.md (command,
-device, date, versions). Synthetic tokens: nothing here needs Grain.
+  longest     a full step at --longest-from tokens per GPU, else at what fitted on fewer GPUs in this run, else
+              at the length predicted to fit from two memory readings (rounded down to 8K); each out-of-memory
+              attempt lowers it by 12.5% until one fits or time runs out.
+Each configuration and each attempt runs in its own process (see `Children`), so every peak-memory reading is
+its own; its output, with timestamped milestones (state built, lowered, compiled, each step), goes to
+OUT/child-PHASE-N-TOKENS.log. Results go to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it
+did), then OUT/train_gpu.md and .png (command, device, date, versions). Synthetic tokens: nothing here needs
+Grain.
 
 Results: benchmarks/results/TRAIN_GPU_NOTES.md. With the fused kernels (--attn-impl pallas_triton, or "auto"
 on an H100/H200) the 1-GPU 64K step compiles in ~16 s; with the chunked XLA attention it had not reached its
@@ -151,32 +150,111 @@ def _capacity_gib(device) -> float:
     return (device.memory_stats() or {}).get("bytes_limit", 0) / 2**30
 
 
-def child_throughput(args, out: Path, n: int) -> None:
+def child_throughput(args, out: Path, n: int, tokens: int) -> None:
     for remat in args.remat_throughput.split(","):
         step = None
         try:
-            step = Step(args, n, args.tokens_per_gpu, remat)
+            step = Step(args, n, tokens, remat)
             _record(out, kind="throughput", **step.run(args.steps))
             return
         except Exception as e:
             if not _oom(e):
                 raise
-            _record(out, kind="throughput", gpus=n, tokens_per_gpu=args.tokens_per_gpu, remat=remat, oom=True)
+            _record(out, kind="throughput", gpus=n, tokens_per_gpu=tokens, remat=remat, oom=True)
         finally:
             if step is not None:
                 step.close()
 
 
-def child_memory(args, out: Path, n: int) -> None:
-    step = Step(args, n, args.tokens_per_gpu, args.remat_longest)
-    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=args.tokens_per_gpu, remat=step.remat,
-            strategy=args.strategy, xla_flags=args.xla_flags, xla_gib=step.xla_gib, compile_s=round(step.compile_s, 1))
+def child_memory(args, out: Path, n: int, tokens: int) -> None:
+    step = Step(args, n, tokens, args.remat_longest)
+    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=step.remat,
+            strategy=args.strategy, xla_flags=args.xla_flags, xla_gib=step.xla_gib,
+            capacity_gib=_capacity_gib(step.devices[0]), compile_s=round(step.compile_s, 1))
     step.close()
 
 
+def child_attempt(args, out: Path, n: int, tokens: int) -> None:
+    """One full step of the longest search at `tokens` per GPU: a "longest" record with fits True or False."""
+    step = None
+    try:
+        step = Step(args, n, tokens, args.remat_longest)
+        _record(out, kind="longest", fits=True, **step.run(1))
+    except Exception as e:
+        if not _oom(e):
+            raise
+        _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=args.remat_longest, fits=False)
+    finally:
+        if step is not None:
+            step.close()
+
+
+CHILDREN = {"throughput": child_throughput, "memory": child_memory, "attempt": child_attempt}
+_OOM_MARKS = ("RESOURCE_EXHAUSTED", "ran out of memory")
+_HUNG_AFTER_OOM_S = 120.0
+
+
+class Children:
+    """Runs each configuration in its own process on the first n GPUs this process may use, before a deadline.
+
+    When one GPU of several runs out of memory the others can wait in a collective for ever (seen on 2 H200s,
+    2026-11-22: the search's whole budget went to one hung attempt), so a child whose log shows an
+    out-of-memory error and then stays silent for two minutes is killed and counted as out of memory (a child
+    that goes on, e.g. to the next remat of the throughput phase, keeps logging milestones)."""
+
+    def __init__(self, argv, out: Path, deadline: float, visible: list[str], env: dict):
+        self.argv, self.out, self.deadline, self.visible, self.env = argv, out, deadline, visible, env
+
+    def _records(self) -> list[dict]:
+        path = self.out / "train_gpu.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def command(self, phase: str, n: int, tokens: int) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.bench_train_gpu", *self.argv, "--child", f"{phase}:{n}:{tokens}"]
+
+    def run(self, phase: str, n: int, tokens: int) -> dict | None:
+        """The child's last record, or None when it did not finish (the reason is recorded)."""
+        kind = "longest" if phase == "attempt" else phase
+        left = self.deadline - time.monotonic()
+        if left < 45:
+            _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note="not run: out of time")
+            return None
+        before = len(self._records())
+        cmd = self.command(phase, n, tokens)
+        log = self.out / f"child-{phase}-{n}-{tokens}.log"  # kept whole: a cut-off child shows where its time went
+        with open(log, "w") as fh:
+            child = subprocess.Popen(cmd, env=dict(self.env, CUDA_VISIBLE_DEVICES=",".join(self.visible[:n])),
+                                     stdout=fh, stderr=subprocess.STDOUT)
+            oom_seen, size, grew = False, 0, time.monotonic()
+            while child.poll() is None:
+                time.sleep(2)
+                now, text = time.monotonic(), log.read_text(errors="replace")
+                if len(text) != size:
+                    size, grew = len(text), now
+                oom_seen = oom_seen or any(m in text for m in _OOM_MARKS)
+                hung = oom_seen and now - grew > _HUNG_AFTER_OOM_S
+                if hung or now > self.deadline:
+                    child.kill()
+                    child.wait()
+                    if hung:
+                        _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, oom=True,
+                                **({"fits": False} if kind == "longest" else {}),
+                                note="out of memory on a GPU; the others hung in a collective (killed)")
+                        return self._records()[-1]
+                    _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note="stopped at the time budget; "
+                            f"last lines of {log.name}: " + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
+                    return None
+        new = self._records()[before:]
+        if child.returncode or not new:
+            _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note=f"failed (see {log.name})",
+                    error=log.read_text(errors="replace")[-1500:])
+            return None
+        return new[-1]
+
+
 def _fitted_elsewhere(out: Path, n: int) -> int | None:
-    """The longest tokens-per-GPU that fitted with fewer GPUs in this run (per-GPU memory per token is the same:
-    each GPU holds T / n tokens and a full replica of the state)."""
+    """The longest tokens-per-GPU that fitted with fewer GPUs in this run (per-GPU memory per token is about the
+    same: each GPU holds T / n tokens and a full replica of the state)."""
     best = None
     for line in (out / "train_gpu.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -185,43 +263,30 @@ def _fitted_elsewhere(out: Path, n: int) -> int | None:
     return best
 
 
-def child_longest(args, out: Path, n: int, deadline: float) -> None:
-    import jax
-
-    remat = args.remat_longest
-    start = args.longest_from or _fitted_elsewhere(out, n)
+def search_longest(args, children: Children, out: Path, n: int) -> None:
+    """From --longest-from, else what fitted on fewer GPUs, else a prediction from XLA's buffers at two lengths,
+    down by 12.5% per out-of-memory attempt until one fits."""
     floor = args.tokens_per_gpu
-    if start is None:  # predict from XLA's buffers at two lengths
-        readings = []
-        for tokens in (args.tokens_per_gpu, 2 * args.tokens_per_gpu):
-            step = Step(args, n, tokens, remat)
-            readings.append((tokens, step.xla_gib))
-            _record(out, kind="longest_probe", gpus=n, tokens_per_gpu=tokens, remat=remat, xla_gib=step.xla_gib,
-                    compile_s=round(step.compile_s, 1))
-            step.close()
-        (t1, m1), (floor, m2) = readings
-        per_token = (m2 - m1) / (floor - t1)
-        capacity = args.capacity_gib or _capacity_gib(jax.devices()[0])
+    start = args.longest_from or _fitted_elsewhere(out, n)
+    if not start:
+        readings = [children.run("memory", n, tokens) for tokens in (floor, 2 * floor)]
+        if any(r is None or r.get("xla_gib") is None for r in readings):
+            return
+        (t1, m1), (t2, m2) = ((r["tokens_per_gpu"], r["xla_gib"]) for r in readings)
+        per_token = (m2 - m1) / (t2 - t1)
+        capacity = args.capacity_gib or readings[0]["capacity_gib"]
         start = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
+        floor = t2
         _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K,
                 fixed_gib=m1 - per_token * t1, capacity_gib=capacity, tokens_per_gpu=start)
     tokens = start
-    while tokens > floor and time.monotonic() < deadline:
-        step = None
-        try:
-            step = Step(args, n, tokens, remat)
-            _record(out, kind="longest", fits=True, **step.run(1))
+    while tokens > floor:
+        r = children.run("attempt", n, tokens)
+        if r is None or r.get("fits"):
             return
-        except Exception as e:
-            if not _oom(e):
-                raise
-            _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=remat, fits=False)
-            tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
-        finally:
-            if step is not None:
-                step.close()
-    why = "out of time" if tokens > floor else "the prediction is not above the probes"
-    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"no length above {floor} per GPU ran ({why})")
+        tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
+    _record(out, kind="longest", gpus=n, remat=args.remat_longest, fits=None,
+            note=f"no length above {floor} per GPU to try (the prediction is not above the probes)")
 
 
 def main(argv=None) -> int:
@@ -243,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:deadline" in a worker process
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:tokens" in a worker process
     parser.add_argument("--summary", help="only re-render this JSONL's .md table and .png plot")
     args = parser.parse_args(argv)
     if args.summary:
@@ -253,11 +318,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.child:
-        phase, n, deadline = args.child.split(":")
-        if phase == "longest":
-            child_longest(args, out, int(n), float(deadline))
-        else:
-            {"throughput": child_throughput, "memory": child_memory}[phase](args, out, int(n))
+        phase, n, tokens = args.child.split(":")
+        CHILDREN[phase](args, out, int(n), int(tokens))
         return 0
 
     deadline = time.monotonic() + args.budget_s
@@ -273,30 +335,17 @@ def main(argv=None) -> int:
     if any(g % args.data for g in gpus):
         parser.error(f"--data {args.data} must divide every GPU count in --gpus {args.gpus}")
     # The first n of the GPUs this process may use (several runs can share one machine, each on its own GPUs).
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(int(n_dev) if n_dev.isdigit() else 0)))
-    visible = visible.split(",")
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES")
+               or ",".join(map(str, range(int(n_dev) if n_dev.isdigit() else 0)))).split(",")
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
+    children = Children(argv, out, deadline, visible, env)
     for phase in args.phases.split(","):
         for n in gpus:
-            left = deadline - time.monotonic()
-            if left < 45:
-                _record(out, kind=phase, gpus=n, note="not run: out of time")
-                continue
-            # time.monotonic is system-wide, so the child can compare against the same deadline
-            cmd = [sys.executable, "-m", "benchmarks.bench_train_gpu", *argv, "--child", f"{phase}:{n}:{deadline - 30}"]
-            child_env = dict(env, CUDA_VISIBLE_DEVICES=",".join(visible[:n]))
-            log = out / f"child-{phase}-{n}.log"  # kept whole: a cut-off child shows where its time went
-            with open(log, "w") as fh:
-                try:
-                    done = subprocess.run(cmd, env=child_env, timeout=left, stdout=fh, stderr=subprocess.STDOUT)
-                    if done.returncode:
-                        _record(out, kind=phase, gpus=n, note=f"failed (see {log.name})",
-                                error=log.read_text()[-1500:])
-                except subprocess.TimeoutExpired:
-                    _record(out, kind=phase, gpus=n, note=f"stopped at the time budget ({args.budget_s:.0f} s); "
-                                                          f"last lines of {log.name}: " + " / ".join(
-                                                              log.read_text().splitlines()[-3:]))
+            if phase == "longest":
+                search_longest(args, children, out, n)
+            else:
+                children.run(phase, n, args.tokens_per_gpu)
     write_summary(out / "train_gpu.jsonl")
     return 0
 
