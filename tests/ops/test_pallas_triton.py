@@ -9,6 +9,7 @@ reference and against fla's chunk_simple_gla (g_gamma = -s, scale = 1.0) on fres
 import contextlib
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 import lasp_jax
+from jax import export
 from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from lasp_jax.ops import impls, pallas_triton, reference, vjp
 from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
@@ -61,6 +64,20 @@ def _states(rng, b, h, dk, dv, with_states):
 
 def _names(with_states):
     return ["o", "state", "dq", "dk", "dv", "ds0"] if with_states else ["o", "dq", "dk", "dv"]
+
+
+def _h200s(shape=(1,), names=("x",)):
+    """An abstract mesh of H200s: the kernels lower to Triton IR for it without a GPU."""
+    return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+
+
+def _cuda_mlir(fn, mesh, *args) -> str:
+    """The StableHLO that jit(fn) exports for CUDA on `mesh` (PTX compilation and the run need the GPU)."""
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args)
+    return exported.mlir_module()
 
 
 @pytest.mark.parametrize("with_states", [False, True], ids=["from_zero", "with_states"])
@@ -176,7 +193,6 @@ def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
 def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
     """pallas_call has no sharding rule: on inputs XLA splits over devices (a batch-sharded Explicit array, or
     an ambient Auto mesh) "auto" takes XLA, and naming the kernels is an error, not a silent gather."""
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on a GPU
     kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
@@ -198,9 +214,6 @@ def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
 def test_lowers_to_triton_for_h200(overrides):
     """Without a GPU: the real (not interpreted) kernels lower to Triton IR for an abstract H200, forward and
     backward, at real block sizes (d=128, GQA, ragged T). PTX compilation and the run need the GPU tests."""
-    from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh
-
     kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
     s = jnp.full((4,), 0.1, jnp.float32)
 
@@ -210,14 +223,23 @@ def test_lowers_to_triton_for_h200(overrides):
 
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-    h200 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
-    with jax.sharding.use_abstract_mesh(h200):
-        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(q, kv, kv, q)
+    text = _cuda_mlir(fwd_bwd, _h200s(), q, kv, kv, q)
     # forward: state pass + output pass; backward: the Q, dO state pass (the piece states entering dQ are the
     # forward's residual), dQ, and dK and dV (one kernel with whole-state tiles, else two).
     fused = overrides.get("block_k") == 128
-    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if fused else 6)
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if fused else 6)
+
+
+@pytest.mark.parametrize(("shape", "stages"), [((8, 1024, 32, 128), 2), ((1, 8192, 32, 128), 3)],
+                         ids=["crowded", "pieces"])
+def test_pipeline_depth_follows_the_launch_size(shape, stages):
+    """Launches of more programs than target_programs (B=8, H=32: one piece per sequence, 512 programs)
+    pipeline 2 deep, smaller ones 3 (the H200 sweeps in benchmarks/results/KERNEL_NOTES.md)."""
+    s = jnp.full((shape[2],), 0.1, jnp.float32)
+    q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    text = _cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _h200s(),
+                      q, q, q)
+    assert set(re.findall(r"num_stages = (\d+)", text)) == {str(stages)}
 
 
 @pytest.mark.parametrize("t", [8192, 512], ids=["pieces", "one_piece"])
@@ -226,13 +248,9 @@ def test_lowers_to_triton_under_shard_map(t):
     ring exchange) lower to Triton IR for abstract H200s. Per rank: the state pass (whose end state the
     exchange takes) and the output pass forward; the Q, dO state pass (whose d the exchange takes), dQ, dK, dV
     backward. The incoming states enter the piece scans: no other pass over the tokens."""
-    from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec
-
     from lasp_jax.parallel.api import SeqExchange
 
-    mesh = AbstractMesh((2,), ("seq",), axis_types=(AxisType.Auto,),
-                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    mesh = _h200s((2,), ("seq",))
     kernels, exchange, spec = pallas_triton.KERNELS, SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
     s = jnp.full((4,), 0.1, jnp.float32)
 
@@ -244,17 +262,12 @@ def test_lowers_to_triton_under_shard_map(t):
         return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4)(q, k, v, do)
 
     x = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(x, x, x, x)
-    assert exported.mlir_module().count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
+    assert _cuda_mlir(fwd_bwd, mesh, x, x, x, x).count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
 
 
 def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatch, rng):
     """lasp_attention inside a caller's shard_map over seq alone: XLA still partitions the data axis, so the
     kernels are refused there too (naming them is an error; "auto" would take XLA)."""
-    from jax.sharding import AxisType, PartitionSpec
-
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)
     mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4])
     q, k, v = qkv(rng, 2, 32, 2, 1, 16, 16)
@@ -273,12 +286,8 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
     runs the kernels per device inside its shard_map, with no exchange (the allgather strategy would otherwise
     emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 2 kernels forward
     and 4 backward."""
-    from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
-
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on an H200
-    mesh = AbstractMesh((2, 1), ("data", "seq"), axis_types=(AxisType.Auto,) * 2,
-                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    mesh = _h200s((2, 1), ("data", "seq"))
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def fwd_bwd(q, k, v, do):
@@ -288,10 +297,7 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
         return o, vjp_fn(do)
 
     x = jax.ShapeDtypeStruct((2, 8192, 4, 128), jnp.bfloat16)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(x, x, x, x)
-    text = exported.mlir_module()
+    text = _cuda_mlir(fwd_bwd, mesh, x, x, x, x)
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
     assert "all_gather" not in text and "collective_permute" not in text
 
