@@ -193,7 +193,6 @@ def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
 def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
     """pallas_call has no sharding rule: on inputs XLA splits over devices (a batch-sharded Explicit array, or
     an ambient Auto mesh) "auto" takes XLA, and naming the kernels is an error, not a silent gather."""
-
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on a GPU
     kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
     mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,), devices=jax.devices()[:2])
