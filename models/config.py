@@ -12,7 +12,7 @@ import dataclasses
 from typing import Literal
 
 KINDS = ("tnl", "linear_transformer")
-REMAT = ("none", "block", "full", "offload")
+REMAT = ("none", "block", "full")
 STRATEGIES = ("ring", "allgather", "scan")
 
 
@@ -42,9 +42,9 @@ class ModelConfig:
     # --- numerics and memory ---
     dtype: str = "float32"  # compute dtype of activations and matmuls, e.g. "bfloat16"
     param_dtype: str = "float32"  # master weights
-    remat: Literal["none", "block", "full", "offload"] = "none"
+    remat: Literal["none", "block", "full"] = "none"
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
-    # full: per block, keep only its input; offload: like full, with the block inputs moved to host memory.
+    # full: per block, keep only its input.
     ce_chunk: int = 1024  # positions (per sequence, per seq rank) in one cross-entropy chunk
 
     # --- parallelism ---

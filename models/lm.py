@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from models import sharding
 from models.attention import LinearMixer
@@ -28,7 +27,6 @@ _POLICIES = {
     "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
-_BLOCK_INPUT = "block_input"
 
 
 class Block(nnx.Module):
@@ -91,25 +89,10 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"sequence length T={t} must be divisible by the {self.cfg.seq_axis!r} axis size {w}")
         x = sharding.constrain_activation(self._embed(tokens), self.cfg)
         remat = self.cfg.remat
-        if remat == "offload":
-            # Each block saves nothing but its input; the inputs go to host memory between forward and backward.
-            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
-                names_which_can_be_saved=[], names_which_can_be_offloaded=[_BLOCK_INPUT],
-                offload_src="device", offload_dst="pinned_host")
-            x = nnx.remat(LanguageModel._stack, policy=policy)(self, x)
-        else:
-            x = self._stack(x)
-        return srms_norm(x, self.cfg.norm_eps)
-
-    def _stack(self, x):
-        remat = self.cfg.remat
-        run = _run_block
-        if remat != "none":
-            run = nnx.remat(_run_block, policy=_POLICIES.get(remat, jax.checkpoint_policies.nothing_saveable))
+        run = _run_block if remat == "none" else nnx.remat(_run_block, policy=_POLICIES[remat])
         for block in self.blocks:
-            # Named outside the per-block remat, so the stack-level offload policy can move it to the host.
-            x = run(block, checkpoint_name(x, _BLOCK_INPUT))
-        return x
+            x = run(block, x)
+        return srms_norm(x, self.cfg.norm_eps)
 
     def _logits(self, h):
         logits = self.embed.attend(h) if self.head is None else self.head(h)

@@ -21,15 +21,13 @@ def _reference():
     return cfg, state, batch, helpers.loss_grads_logits(graphdef)(state, *batch)
 
 
-@pytest.mark.parametrize("remat", ["block", "full", "offload"])
+@pytest.mark.parametrize("remat", ["block", "full"])
 def test_remat_keeps_gradients(remat):
     cfg, state, batch, ((ref_loss, _), ref_grads) = _reference()
     graphdef, _ = nnx.split(models.build_model(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
     run = helpers.loss_grads_logits(graphdef)
     jaxpr = str(run.trace(state, *batch).jaxpr)
     assert "remat" in jaxpr or "checkpoint" in jaxpr
-    # Offload: the block inputs go to host memory (device_put to the host memory space) and come back.
-    assert ("MemorySpace.Host" in jaxpr) == (remat == "offload")
     (loss, _), grads = run(state, *batch)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     assert helpers.max_rel(grads, ref_grads) < 1e-5
