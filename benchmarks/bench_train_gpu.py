@@ -242,7 +242,8 @@ class Children:
                                 note="out of memory on a GPU; the others hung in a collective (killed)")
                         return self._records()[-1]
                     _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note="stopped at the time budget; "
-                            f"last lines of {log.name}: " + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
+                            f"last lines of {log.name}: "
+                            + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
                     return None
         new = self._records()[before:]
         if child.returncode or not new:
@@ -392,7 +393,8 @@ def _plot_throughput(rows: list[dict], path: Path) -> None:
     fig, (ax_tps, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4))
     for data, tokens in sorted({(d, t) for _, d, t in last}):
         pts = sorted((g, r) for (g, d, t), r in last.items() if (d, t) == (data, tokens))
-        label = f"data={data} x seq=n/{data}, {tokens // K}K tokens/GPU" if data > 1 else f"seq=n, {tokens // K}K tokens/GPU"
+        mesh = f"data={data} x seq=n/{data}" if data > 1 else "seq=n"
+        label = f"{mesh}, {tokens // K}K tokens/GPU"
         gpus = [g for g, _ in pts]
         ax_tps.plot(gpus, [r["tokens_per_s_per_gpu"] for _, r in pts], marker="o", label=label)
         ax_mfu.plot(gpus, [100 * (r["mfu"] or 0) for _, r in pts], marker="o", label=label)

@@ -173,56 +173,36 @@ def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision):
     lax.fori_loop(0, n_chunks, body, s_ref[...])
 
 
-def _dk_kernel(rate_ref, q_ref, v_ref, do_ref, g_ref, dk_ref, *, c, precision):
-    """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T; dS (a Dk tile) walks backward."""
+def _dkdv_kernel(*refs, c, precision, with_dk, with_dv):
+    """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T and dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS, dS walking
+    backward from the piece's outgoing cotangent. Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
+    One of the two per Dk tile (dK) or Dv tile (dV) of dS, or both from the whole dS (Q and dO read once)."""
+    refs = iter(refs)
+    rate_ref, q_ref = next(refs), next(refs)
+    k_ref = next(refs) if with_dv else None
+    v_ref = next(refs) if with_dk else None
+    do_ref, g_ref = next(refs), next(refs)
+    dk_ref = next(refs) if with_dk else None
+    dv_ref = next(refs) if with_dv else None
     n_chunks = q_ref.shape[0] // c
     mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
     dt = q_ref.dtype
 
     def body(n, ds):
         rows = pl.ds((n_chunks - 1 - n) * c, c)
-        q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        a = _dot(do, v.T, precision) * mask
-        dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds.astype(dt).T, precision)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
-
-    lax.fori_loop(0, n_chunks, body, g_ref[...])
-
-
-def _dv_kernel(rate_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, *, c, precision):
-    """dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS; dS (a Dv tile) walks backward."""
-    n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
-    dt = q_ref.dtype
-
-    def body(n, ds):
-        rows = pl.ds((n_chunks - 1 - n) * c, c)
-        q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
-        scores = _dot(q, k.T, precision) * mask
-        dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds.astype(dt), precision)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
-
-    lax.fori_loop(0, n_chunks, body, g_ref[...])
-
-
-def _dkdv_kernel(rate_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dk_ref, dv_ref, *, c, precision):
-    """dK and dV of `_dk_kernel` and `_dv_kernel` in one backward walk with the whole dS on chip."""
-    n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
-    dt = q_ref.dtype
-
-    def body(n, ds):
-        rows = pl.ds((n_chunks - 1 - n) * c, c)
-        q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        q = q_ref[rows, :]
+        k = k_ref[rows, :] if with_dv else None
+        v = v_ref[rows, :] if with_dk else None
+        do = do_ref[rows, :]
         ds_op = ds.astype(dt)
-        a = _dot(do, v.T, precision) * mask
-        dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        scores = _dot(q, k.T, precision) * mask
-        dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        if with_dk:
+            a = _dot(do, v.T, precision) * mask
+            dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
+            dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        if with_dv:
+            scores = _dot(q, k.T, precision) * mask
+            dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
+            dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
 
     lax.fori_loop(0, n_chunks, body, g_ref[...])
@@ -487,7 +467,7 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
     dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q)
     if config.fuse_dkdv and bk == dk and bv == dv:
         dk_, dv_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision), (b, h, pieces, 1),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=True, with_dv=True), (b, h, pieces, 1),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, dv, kv_head, _zero), _rows_spec(plan, dv, _same, _zero),
              _state_spec(dk, dv, _zero, _zero)],
@@ -496,13 +476,15 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
             config, rates, q_pad, k_pad, v_pad, do_pad, pieces_out)
     else:
         dk_ = _call(
-            functools.partial(_dk_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=True, with_dv=False),
+            (b, h, pieces, dk // bk),
             [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dv, kv_head, _zero),
              _rows_spec(plan, dv, _same, _zero), _state_spec(bk, dv, _same, _zero)],
             _rows_spec(plan, bk, _same, _same), dk_shape,
             config, rates, q_pad, v_pad, do_pad, pieces_out)
         dv_ = _call(
-            functools.partial(_dv_kernel, c=c, precision=precision), (b, h, pieces, dv // bv),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=False, with_dv=True),
+            (b, h, pieces, dv // bv),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
             _rows_spec(plan, bv, _same, _same), dv_shape,
