@@ -156,6 +156,7 @@ def sweep_configs():
         "64-wide state pass": dataclasses.replace(base, state_block=64),
         "programs 384": dataclasses.replace(base, target_programs=384),
         "2 stages": dataclasses.replace(base, num_stages=2),
+        "3 stages everywhere": dataclasses.replace(base, crowded_stages=3),
     }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def _oom(e: Exception) -> bool:
 
 
 def _say(message: str) -> None:
-    """A timestamped milestone on stdout (the parent keeps each child's stdout in OUT/child-PHASE-N.log)."""
+    """A timestamped milestone on stdout (the parent keeps each child's output in OUT/child-*.log)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -73,7 +74,8 @@ class Step:
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
-        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=f"data={self.data},seq={n_gpus // self.data}",
+        mesh = f"data={self.data},seq={n_gpus // self.data}"
+        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=mesh,
                           seq_len=self.seq_len, batch_size=self.data, compute_dtype="bfloat16", warmup_steps=10,
                           decay_steps=1000)
         self.mcfg = model_config(cfg, get_model_config(args.model).vocab_size)
@@ -133,8 +135,8 @@ class Step:
 
 
     def close(self) -> None:
-        """Frees this configuration's device buffers now: the longest search builds several in one process, and
-        buffers left to the garbage collector held ~36% of an H200 when the next length was tried (2026-11-22)."""
+        """Frees this configuration's device buffers now (buffers left to the garbage collector once held ~36% of
+        an H200 when the next configuration was built in the same process, 2026-11-22)."""
         for x in self.jax.tree.leaves((self.state, self.batch)):
             if not x.is_deleted():
                 x.delete()
@@ -150,57 +152,67 @@ def _capacity_gib(device) -> float:
     return (device.memory_stats() or {}).get("bytes_limit", 0) / 2**30
 
 
-def child_throughput(args, out: Path, n: int, tokens: int) -> None:
-    for remat in args.remat_throughput.split(","):
-        step = None
-        try:
-            step = Step(args, n, tokens, remat)
-            _record(out, kind="throughput", **step.run(args.steps))
-            return
-        except Exception as e:
-            if not _oom(e):
-                raise
-            _record(out, kind="throughput", gpus=n, tokens_per_gpu=tokens, remat=remat, oom=True)
-        finally:
-            if step is not None:
-                step.close()
+def child_throughput(args, out: Path, n: int, tokens: int, remat: str) -> None:
+    step = None
+    try:
+        step = Step(args, n, tokens, remat)
+        _record(out, kind="throughput", **step.run(args.steps))
+    except Exception as e:
+        if not _oom(e):
+            raise
+        _record(out, kind="throughput", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, oom=True)
+    finally:
+        if step is not None:
+            step.close()
 
 
-def child_memory(args, out: Path, n: int, tokens: int) -> None:
-    step = Step(args, n, tokens, args.remat_longest)
-    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=step.remat,
+def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
+    step = Step(args, n, tokens, remat)
+    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat,
             strategy=args.strategy, xla_flags=args.xla_flags, xla_gib=step.xla_gib,
             capacity_gib=_capacity_gib(step.devices[0]), compile_s=round(step.compile_s, 1))
     step.close()
 
 
-def child_attempt(args, out: Path, n: int, tokens: int) -> None:
+def child_attempt(args, out: Path, n: int, tokens: int, remat: str) -> None:
     """One full step of the longest search at `tokens` per GPU: a "longest" record with fits True or False."""
     step = None
     try:
-        step = Step(args, n, tokens, args.remat_longest)
+        step = Step(args, n, tokens, remat)
         _record(out, kind="longest", fits=True, **step.run(1))
     except Exception as e:
         if not _oom(e):
             raise
-        _record(out, kind="longest", gpus=n, tokens_per_gpu=tokens, remat=args.remat_longest, fits=False)
+        _record(out, kind="longest", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, fits=False)
     finally:
         if step is not None:
             step.close()
 
 
 CHILDREN = {"throughput": child_throughput, "memory": child_memory, "attempt": child_attempt}
+_MILESTONE = re.compile(r"^\[\d\d:\d\d:\d\d\] ", re.M)  # a `_say` line
 _OOM_MARKS = ("RESOURCE_EXHAUSTED", "ran out of memory")
+_STUCK_MARK = "may be stuck"  # XLA's rendezvous warning: a GPU waits for a peer in a collective
 _HUNG_AFTER_OOM_S = 120.0
+
+
+def _hung(text: str, silent_s: float) -> bool:
+    """Whether a child's log shows a GPU out of memory since its last milestone, then a peer stuck in a
+    collective or two minutes of silence. (XLA also prints out-of-memory warnings it recovers from, e.g. while
+    autotuning a compile; those come before the "compiled" milestone, or are followed by more milestones.)"""
+    starts = [m.start() for m in _MILESTONE.finditer(text)]
+    tail = text[starts[-1]:] if starts else text
+    if not any(mark in tail for mark in _OOM_MARKS):
+        return False
+    return _STUCK_MARK in tail or silent_s > _HUNG_AFTER_OOM_S
 
 
 class Children:
     """Runs each configuration in its own process on the first n GPUs this process may use, before a deadline.
 
     When one GPU of several runs out of memory the others can wait in a collective for ever (seen on 2 H200s,
-    2026-11-22: the search's whole budget went to one hung attempt), so a child whose log shows an
-    out-of-memory error and then stays silent for two minutes is killed and counted as out of memory (a child
-    that goes on, e.g. to the next remat of the throughput phase, keeps logging milestones)."""
+    2026-11-22: the search's whole budget went to one hung attempt), so a child that `_hung` describes is killed
+    and counted as out of memory."""
 
     def __init__(self, argv, out: Path, deadline: float, visible: list[str], env: dict):
         self.argv, self.out, self.deadline, self.visible, self.env = argv, out, deadline, visible, env
@@ -209,85 +221,89 @@ class Children:
         path = self.out / "train_gpu.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
-    def command(self, phase: str, n: int, tokens: int) -> list[str]:
-        return [sys.executable, "-m", "benchmarks.bench_train_gpu", *self.argv, "--child", f"{phase}:{n}:{tokens}"]
+    def command(self, phase: str, n: int, tokens: int, remat: str) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.bench_train_gpu", *self.argv, "--child",
+                f"{phase}:{n}:{tokens}:{remat}"]
 
-    def run(self, phase: str, n: int, tokens: int) -> dict | None:
+    def run(self, phase: str, n: int, tokens: int, remat: str) -> dict | None:
         """The child's last record, or None when it did not finish (the reason is recorded)."""
         kind = "longest" if phase == "attempt" else phase
+        about = {"kind": kind, "gpus": n, "tokens_per_gpu": tokens, "remat": remat}
         left = self.deadline - time.monotonic()
         if left < 45:
-            _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note="not run: out of time")
+            _record(self.out, **about, note="not run: out of time")
             return None
         before = len(self._records())
-        cmd = self.command(phase, n, tokens)
-        log = self.out / f"child-{phase}-{n}-{tokens}.log"  # kept whole: a cut-off child shows where its time went
+        log = self.out / f"child-{phase}-{n}-{tokens}-{remat}.log"  # kept whole: it shows where the time went
         with open(log, "w") as fh:
-            child = subprocess.Popen(cmd, env=dict(self.env, CUDA_VISIBLE_DEVICES=",".join(self.visible[:n])),
-                                     stdout=fh, stderr=subprocess.STDOUT)
-            oom_seen, size, grew = False, 0, time.monotonic()
+            child = subprocess.Popen(self.command(phase, n, tokens, remat), stdout=fh, stderr=subprocess.STDOUT,
+                                     env=dict(self.env, CUDA_VISIBLE_DEVICES=",".join(self.visible[:n])))
+            size, grew = 0, time.monotonic()
             while child.poll() is None:
                 time.sleep(2)
                 now, text = time.monotonic(), log.read_text(errors="replace")
                 if len(text) != size:
                     size, grew = len(text), now
-                oom_seen = oom_seen or any(m in text for m in _OOM_MARKS)
-                hung = oom_seen and now - grew > _HUNG_AFTER_OOM_S
+                hung = _hung(text, now - grew)
                 if hung or now > self.deadline:
                     child.kill()
                     child.wait()
                     if hung:
-                        _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, oom=True,
-                                **({"fits": False} if kind == "longest" else {}),
+                        _record(self.out, **about, oom=True, **({"fits": False} if kind == "longest" else {}),
                                 note="out of memory on a GPU; the others hung in a collective (killed)")
                         return self._records()[-1]
-                    _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note="stopped at the time budget; "
-                            f"last lines of {log.name}: "
-                            + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
+                    _record(self.out, **about, note="stopped at the time budget; last lines of "
+                            f"{log.name}: " + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
                     return None
         new = self._records()[before:]
         if child.returncode or not new:
-            _record(self.out, kind=kind, gpus=n, tokens_per_gpu=tokens, note=f"failed (see {log.name})",
-                    error=log.read_text(errors="replace")[-1500:])
+            _record(self.out, **about, note=f"failed (see {log.name})", error=log.read_text(errors="replace")[-1500:])
             return None
         return new[-1]
 
 
-def _fitted_elsewhere(out: Path, n: int) -> int | None:
-    """The longest tokens-per-GPU that fitted with fewer GPUs in this run (per-GPU memory per token is about the
-    same: each GPU holds T / n tokens and a full replica of the state)."""
-    best = None
-    for line in (out / "train_gpu.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "longest" and r.get("fits") and r.get("gpus", n) < n and r.get("step_s"):
-            best = max(best or 0, r["tokens_per_gpu"])
-    return best
+def _fitted_elsewhere(out: Path, n: int, data: int, remat: str) -> int | None:
+    """The longest tokens-per-GPU that fitted on fewer GPUs earlier in this run (the records after the last
+    setup record), same data size and remat: per-GPU memory per token is about the same (each GPU holds T / n
+    tokens and a full replica of the state)."""
+    records = [json.loads(line) for line in (out / "train_gpu.jsonl").read_text().splitlines() if line.strip()]
+    last_setup = max(i for i, r in enumerate(records) if r["kind"] == "setup")
+    fits = [r["tokens_per_gpu"] for r in records[last_setup:] if r["kind"] == "longest" and r.get("fits")
+            and r["gpus"] < n and r.get("data", 1) == data and r.get("remat") == remat]
+    return max(fits, default=None)
 
 
 def search_longest(args, children: Children, out: Path, n: int) -> None:
     """From --longest-from, else what fitted on fewer GPUs, else a prediction from XLA's buffers at two lengths,
     down by 12.5% per out-of-memory attempt until one fits."""
-    floor = args.tokens_per_gpu
-    start = args.longest_from or _fitted_elsewhere(out, n)
+    remat, floor = args.remat_longest, args.tokens_per_gpu
+    start = args.longest_from or _fitted_elsewhere(out, n, args.data, remat)
     if not start:
-        readings = [children.run("memory", n, tokens) for tokens in (floor, 2 * floor)]
-        if any(r is None or r.get("xla_gib") is None for r in readings):
-            return
-        (t1, m1), (t2, m2) = ((r["tokens_per_gpu"], r["xla_gib"]) for r in readings)
+        readings = []
+        for tokens in (floor, 2 * floor):
+            r = children.run("memory", n, tokens, remat)
+            if r is None or r.get("xla_gib") is None:
+                return
+            readings.append((tokens, r["xla_gib"], r["capacity_gib"]))
+        (t1, m1, capacity), (t2, m2, _) = readings
         per_token = (m2 - m1) / (t2 - t1)
-        capacity = args.capacity_gib or readings[0]["capacity_gib"]
+        if per_token <= 0:
+            _record(out, kind="longest", gpus=n, remat=remat, fits=None,
+                    note=f"no prediction: XLA's buffers did not grow from {t1} to {t2} tokens per GPU")
+            return
+        capacity = args.capacity_gib or capacity
         start = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
         floor = t2
         _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K,
                 fixed_gib=m1 - per_token * t1, capacity_gib=capacity, tokens_per_gpu=start)
-    tokens = start
+    tokens, tried = start, False
     while tokens > floor:
-        r = children.run("attempt", n, tokens)
+        r = children.run("attempt", n, tokens, remat)
         if r is None or r.get("fits"):
             return
-        tokens = int(tokens * 0.875) // (8 * K) * (8 * K)
-    _record(out, kind="longest", gpus=n, remat=args.remat_longest, fits=None,
-            note=f"no length above {floor} per GPU to try (the prediction is not above the probes)")
+        tokens, tried = int(tokens * 0.875) // (8 * K) * (8 * K), True
+    why = "every length tried ran out of memory" if tried else f"the first length, {start}, is not above it"
+    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"none fitted above {floor} per GPU ({why})")
 
 
 def main(argv=None) -> int:
@@ -303,13 +319,14 @@ def main(argv=None) -> int:
                         help="tokens per GPU to try first in the longest search (0: predict from two probes)")
     parser.add_argument("--ce-chunk", type=int, default=2048)
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
-    parser.add_argument("--budget-s", type=float, default=380.0, help="start nothing new after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=380.0,
+                        help="start nothing new after this many seconds, and stop what still runs")
     parser.add_argument("--phases", default="throughput,longest", help="of throughput, longest, memory")
     parser.add_argument("--strategy", default="ring", help="the models' LASP exchange: ring, allgather or scan")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:tokens" in a worker process
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:tokens:remat" in a worker process
     parser.add_argument("--summary", help="only re-render this JSONL's .md table and .png plot")
     args = parser.parse_args(argv)
     if args.summary:
@@ -319,8 +336,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.child:
-        phase, n, tokens = args.child.split(":")
-        CHILDREN[phase](args, out, int(n), int(tokens))
+        phase, n, tokens, remat = args.child.split(":")
+        CHILDREN[phase](args, out, int(n), int(tokens), remat)
         return 0
 
     deadline = time.monotonic() + args.budget_s
@@ -345,8 +362,13 @@ def main(argv=None) -> int:
         for n in gpus:
             if phase == "longest":
                 search_longest(args, children, out, n)
-            else:
-                children.run(phase, n, args.tokens_per_gpu)
+            elif phase == "memory":
+                children.run(phase, n, args.tokens_per_gpu, args.remat_longest)
+            else:  # the first remat that fits
+                for remat in args.remat_throughput.split(","):
+                    r = children.run(phase, n, args.tokens_per_gpu, remat)
+                    if r is None or not r.get("oom"):
+                        break
     write_summary(out / "train_gpu.jsonl")
     return 0
 
@@ -397,8 +419,10 @@ def _plot_throughput(rows: list[dict], path: Path) -> None:
         label = f"{mesh}, {tokens // K}K tokens/GPU"
         gpus = [g for g, _ in pts]
         ax_tps.plot(gpus, [r["tokens_per_s_per_gpu"] for _, r in pts], marker="o", label=label)
-        ax_mfu.plot(gpus, [100 * (r["mfu"] or 0) for _, r in pts], marker="o", label=label)
-    ax_tps.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="TNL-1B training step throughput")
+        with_mfu = [(g, r["mfu"]) for g, r in pts if r.get("mfu") is not None]  # None: no known peak FLOP/s
+        if with_mfu:
+            ax_mfu.plot([g for g, _ in with_mfu], [100 * m for _, m in with_mfu], marker="o", label=label)
+    ax_tps.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="training step throughput")
     ax_mfu.set(xlabel="GPUs", ylabel="MFU (%)", title="model FLOPs utilisation")
     counts = sorted({g for g, _, _ in last})
     for ax in (ax_tps, ax_mfu):
@@ -406,7 +430,8 @@ def _plot_throughput(rows: list[dict], path: Path) -> None:
         ax.set_xticks(counts, [str(g) for g in counts])
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,11 +14,14 @@
 # when present.
 set -u
 PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
+mkdir -p "$OUT"
 OUT=$(mktemp -d)
 if compgen -G ".whl/*.whl" > /dev/null; then
-  # Installed once per machine: runs started side by side on different GPUs (CUDA_VISIBLE_DEVICES) share it.
-  [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; }
+  # Installed once per machine and set of wheels, under a lock: runs started side by side on different GPUs
+  # (CUDA_VISIBLE_DEVICES) share it.
+  MARK=/tmp/site/.installed-$(ls .whl/*.whl | md5sum | cut -c1-12)
+  ( flock 9; [ -f "$MARK" ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl && touch "$MARK"; } ) 9> /tmp/site.lock
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 # NVLink multicast off (the device notes say why); XLA must not take the memory the torch peers need.

@@ -74,9 +74,9 @@ class Config:
     inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM (the Triton
     lowering otherwise makes batch x head the fastest launch index).
     num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
-    shared memory (see `_stages`). crowded_stages: the deepest for a launch of more than target_programs
-    programs (several per SM, whose occupancy the deeper buffers cost). interpret: run in Pallas interpret mode
-    (any platform, slow; for tests).
+    shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
+    target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
+    deeper buffers cost). interpret: run in Pallas interpret mode (any platform, slow; for tests).
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -259,23 +259,23 @@ def _tiles_first(spec):
     return pl.BlockSpec(spec.block_shape, lambda j, b, h, p: index_map(b, h, p, j))
 
 
-def _stages(config: Config, programs: int, in_specs, args) -> int:
-    """Software-pipelining depth: crowded_stages for launches of more than target_programs programs, else
-    num_stages. Every stage buffers one chunk of each row input in shared memory, so the stages are also capped
+def _stages(config: Config, grid, in_specs, args) -> int:
+    """Software-pipelining depth: crowded_stages for one-piece launches of more than target_programs programs
+    (grid (batch, head, piece, tile)), else num_stages. Every stage buffers one chunk of each row input in shared memory, so the stages are also capped
     to fit _STAGE_BYTES. A measured rule, not an exact count: on an H200, 3 stages of bf16 chunk loads of 64 KB
     (the whole-state dK+dV kernel at d=128) and 72 KB (the output pass at d=256) failed, 48 KB ran, and 64 KB of
     fp32 at d=64 ran (fp32 operands are not staged for the tensor cores)."""
     chunk = config.chunk
     per_stage = sum(chunk * spec.block_shape[-1] * jnp.dtype(x.dtype).itemsize
                     for spec, x in zip(in_specs, args) if len(spec.block_shape) == 4)
-    deepest = config.num_stages if programs <= config.target_programs else min(config.num_stages,
-                                                                               config.crowded_stages)
+    crowded = grid[2] == 1 and math.prod(grid) > config.target_programs
+    deepest = min(config.num_stages, config.crowded_stages) if crowded else config.num_stages
     return max(1, min(deepest, _STAGE_BYTES // per_stage))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
     """Launches `kernel` over grid (batch, head, piece, tile); every index map takes (b, h, p, j)."""
-    stages = _stages(config, math.prod(grid), in_specs, args)
+    stages = _stages(config, grid, in_specs, args)
     if config.tiles_first:
         # The Triton lowering folds the leading grid axes into CUDA's x, first axis fastest.
         grid = (grid[3], *grid[:3])

@@ -232,8 +232,8 @@ def test_lowers_to_triton_for_h200(overrides):
 @pytest.mark.parametrize(("shape", "stages"), [((8, 1024, 32, 128), 2), ((1, 8192, 32, 128), 3)],
                          ids=["crowded", "pieces"])
 def test_pipeline_depth_follows_the_launch_size(shape, stages):
-    """Launches of more programs than target_programs (B=8, H=32: one piece per sequence, 512 programs)
-    pipeline 2 deep, smaller ones 3 (the H200 sweeps in benchmarks/results/KERNEL_NOTES.md)."""
+    """One-piece launches of more programs than target_programs (B=8, H=32: 512 programs) pipeline 2 deep,
+    launches over several pieces 3 (the H200 sweeps in benchmarks/results/KERNEL_NOTES.md)."""
     s = jnp.full((shape[2],), 0.1, jnp.float32)
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     text = _cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _h200s(),
@@ -305,7 +305,7 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
 # GPU: compiled kernels at their real block sizes.
 
 # (B, T, H, Hkv, Dk, Dv, dtype, Config overrides): ragged T, GQA/MQA, fp32, d = 64, 128, 256, Dk != Dv; dK and
-# dV in one kernel (whole-state tiles) and in two (the default 64-wide tiles at d=128).
+# dV in one kernel (whole-state tiles) and in two (the default 64-wide tiles at d=128); a crowded launch.
 GPU_CASES = {
     "d128_bf16_fused": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {"block_k": 128, "block_v": 128}),
     "d128_bf16_split": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {}),
@@ -313,6 +313,7 @@ GPU_CASES = {
     "d256_bf16": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, {}),
     "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, {}),
     "d128_bf16_batch_major": (1, 2048, 4, 2, 128, 128, jnp.bfloat16, {"tiles_first": False, "state_block": 64}),
+    "d128_bf16_crowded": (8, 512, 32, 32, 128, 128, jnp.bfloat16, {}),  # one piece, 512 programs: 2 stages
 }
 
 
