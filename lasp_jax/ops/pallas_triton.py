@@ -174,8 +174,8 @@ def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision):
 
 
 def _dkdv_kernel(*refs, c, precision, with_dk, with_dv):
-    """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T and dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS, dS walking
-    backward from the piece's outgoing cotangent. Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
+    """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T and dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS, dS
+    walking backward from the piece's outgoing cotangent. Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
     One of the two per Dk tile (dK) or Dv tile (dV) of dS, or both from the whole dS (Q and dO read once)."""
     refs = iter(refs)
     rate_ref, q_ref = next(refs), next(refs)
@@ -261,8 +261,8 @@ def _tiles_first(spec):
 
 def _stages(config: Config, grid, in_specs, args) -> int:
     """Software-pipelining depth: crowded_stages for one-piece launches of more than target_programs programs
-    (grid (batch, head, piece, tile)), else num_stages. Every stage buffers one chunk of each row input in shared memory, so the stages are also capped
-    to fit _STAGE_BYTES. A measured rule, not an exact count: on an H200, 3 stages of bf16 chunk loads of 64 KB
+    (grid (batch, head, piece, tile)), else num_stages. Every stage buffers one chunk of each row input in
+    shared memory, so the stages are also capped to fit _STAGE_BYTES. A measured rule, not an exact count: on an H200, 3 stages of bf16 chunk loads of 64 KB
     (the whole-state dK+dV kernel at d=128) and 72 KB (the output pass at d=256) failed, 48 KB ran, and 64 KB of
     fp32 at d=64 ran (fp32 operands are not staged for the tensor cores)."""
     chunk = config.chunk
