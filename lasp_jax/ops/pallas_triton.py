@@ -262,9 +262,10 @@ def _tiles_first(spec):
 def _stages(config: Config, grid, in_specs, args) -> int:
     """Software-pipelining depth: crowded_stages for one-piece launches of more than target_programs programs
     (grid (batch, head, piece, tile)), else num_stages. Every stage buffers one chunk of each row input in
-    shared memory, so the stages are also capped to fit _STAGE_BYTES. A measured rule, not an exact count: on an H200, 3 stages of bf16 chunk loads of 64 KB
-    (the whole-state dK+dV kernel at d=128) and 72 KB (the output pass at d=256) failed, 48 KB ran, and 64 KB of
-    fp32 at d=64 ran (fp32 operands are not staged for the tensor cores)."""
+    shared memory, so the stages are also capped to fit _STAGE_BYTES. A measured rule, not an exact count: on an
+    H200, 3 stages of bf16 chunk loads of 64 KB (the whole-state dK+dV kernel at d=128) and 72 KB (the output
+    pass at d=256) failed, 48 KB ran, and 64 KB of fp32 at d=64 ran (fp32 operands are not staged for the
+    tensor cores)."""
     chunk = config.chunk
     per_stage = sum(chunk * spec.block_shape[-1] * jnp.dtype(x.dtype).itemsize
                     for spec, x in zip(in_specs, args) if len(spec.block_shape) == 4)
