@@ -47,6 +47,11 @@ def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _records(path: Path) -> list[dict]:
+    """The records of a JSONL results file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _record(out: Path, **r) -> dict:
     r["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with open(out / "train_gpu.jsonl", "a") as fh:
@@ -152,18 +157,25 @@ def _capacity_gib(device) -> float:
     return (device.memory_stats() or {}).get("bytes_limit", 0) / 2**30
 
 
-def child_throughput(args, out: Path, n: int, tokens: int, remat: str) -> None:
+def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, steps: int, fitted: dict,
+                  oom: dict) -> None:
+    """Records `kind` with the timings of `steps` steps (plus `fitted`), or, out of memory, the configuration
+    (plus `oom`)."""
     step = None
     try:
         step = Step(args, n, tokens, remat)
-        _record(out, kind="throughput", **step.run(args.steps))
+        _record(out, kind=kind, **fitted, **step.run(steps))
     except Exception as e:
         if not _oom(e):
             raise
-        _record(out, kind="throughput", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, oom=True)
+        _record(out, kind=kind, gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, **oom)
     finally:
         if step is not None:
             step.close()
+
+
+def child_throughput(args, out: Path, n: int, tokens: int, remat: str) -> None:
+    _timed_or_oom(args, out, n, tokens, remat, "throughput", args.steps, {}, {"oom": True})
 
 
 def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
@@ -176,17 +188,7 @@ def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
 
 def child_attempt(args, out: Path, n: int, tokens: int, remat: str) -> None:
     """One full step of the longest search at `tokens` per GPU: a "longest" record with fits True or False."""
-    step = None
-    try:
-        step = Step(args, n, tokens, remat)
-        _record(out, kind="longest", fits=True, **step.run(1))
-    except Exception as e:
-        if not _oom(e):
-            raise
-        _record(out, kind="longest", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, fits=False)
-    finally:
-        if step is not None:
-            step.close()
+    _timed_or_oom(args, out, n, tokens, remat, "longest", 1, {"fits": True}, {"fits": False})
 
 
 CHILDREN = {"throughput": child_throughput, "memory": child_memory, "attempt": child_attempt}
@@ -217,10 +219,6 @@ class Children:
     def __init__(self, argv, out: Path, deadline: float, visible: list[str], env: dict):
         self.argv, self.out, self.deadline, self.visible, self.env = argv, out, deadline, visible, env
 
-    def _records(self) -> list[dict]:
-        path = self.out / "train_gpu.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
     def command(self, phase: str, n: int, tokens: int, remat: str) -> list[str]:
         return [sys.executable, "-m", "benchmarks.bench_train_gpu", *self.argv, "--child",
                 f"{phase}:{n}:{tokens}:{remat}"]
@@ -233,7 +231,7 @@ class Children:
         if left < 45:
             _record(self.out, **about, note="not run: out of time")
             return None
-        before = len(self._records())
+        before = len(_records(self.out / "train_gpu.jsonl"))
         log = self.out / f"child-{phase}-{n}-{tokens}-{remat}.log"  # kept whole: it shows where the time went
         with open(log, "w") as fh:
             child = subprocess.Popen(self.command(phase, n, tokens, remat), stdout=fh, stderr=subprocess.STDOUT,
@@ -251,11 +249,11 @@ class Children:
                     if hung:
                         _record(self.out, **about, oom=True, **({"fits": False} if kind == "longest" else {}),
                                 note="out of memory on a GPU; the others hung in a collective (killed)")
-                        return self._records()[-1]
+                        return _records(self.out / "train_gpu.jsonl")[-1]
                     _record(self.out, **about, note="stopped at the time budget; last lines of "
                             f"{log.name}: " + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
                     return None
-        new = self._records()[before:]
+        new = _records(self.out / "train_gpu.jsonl")[before:]
         if child.returncode or not new:
             _record(self.out, **about, note=f"failed (see {log.name})", error=log.read_text(errors="replace")[-1500:])
             return None
@@ -266,7 +264,7 @@ def _fitted_elsewhere(out: Path, n: int, data: int, remat: str) -> int | None:
     """The longest tokens-per-GPU that fitted on fewer GPUs earlier in this run (the records after the last
     setup record), same data size and remat: per-GPU memory per token is about the same (each GPU holds T / n
     tokens and a full replica of the state)."""
-    records = [json.loads(line) for line in (out / "train_gpu.jsonl").read_text().splitlines() if line.strip()]
+    records = _records(out / "train_gpu.jsonl")
     last_setup = max(i for i, r in enumerate(records) if r["kind"] == "setup")
     fits = [r["tokens_per_gpu"] for r in records[last_setup:] if r["kind"] == "longest" and r.get("fits")
             and r["gpus"] < n and r.get("data", 1) == data and r.get("remat") == remat]
@@ -376,7 +374,7 @@ def main(argv=None) -> int:
 def write_summary(jsonl: Path) -> None:
     """jsonl's records as a Markdown table per run (JSONL -> .md) and the throughput against the GPU count
     (JSONL -> .png). Runs appended to one file (benchmarks/results/train_gpu_h200.jsonl) get one section each."""
-    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    records = _records(jsonl)
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     lines = []
     for r in records:
