@@ -56,7 +56,7 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
         raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
     if partitioned and not IMPLS[impl].partitionable:
         raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
-                         "under a multi-device mesh that XLA partitions: use lasp_attention (it runs the kernels per device "
-                         "inside shard_map, with a seq axis of any size), call it inside your own shard_map, or "
-                         "use impl='xla'")
+                         "under a multi-device mesh that XLA partitions: use lasp_attention (it runs the kernels "
+                         "per device inside shard_map, with a seq axis of any size), call it inside your own "
+                         "shard_map, or use impl='xla'")
     return IMPLS[impl]
