@@ -65,6 +65,13 @@ def jax_fns(attend):
     return fwd, jax.jit(fwd_bwd)
 
 
+def max_rel_err(got, want) -> float:
+    """Largest over the leaves of max|got - want| / max|want| (o, dq, dk, dv)."""
+    errs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+                                           / jnp.max(jnp.abs(y.astype(jnp.float32)))), got, want)
+    return max(jax.tree.leaves(errs))
+
+
 def jax_inputs(b, t, h, d, seed=0):
     keys = jax.random.split(jax.random.key(seed), 4)
     q, k = (jax.random.normal(kk, (b, t, h, d), jnp.float32) / np.sqrt(d) for kk in keys[:2])
@@ -148,15 +155,16 @@ def time_torch(fn, grads):
 def sweep_configs():
     """Kernel variants timed with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
     base = pallas_triton.DEFAULT
+    whole = dataclasses.replace(base, block_k=128, block_v=128, wide_warps=8)
     return {
         "default": base,
-        "v1 (512 programs, 2 stages, 64-wide state pass, batch-major launch)": dataclasses.replace(
-            base, target_programs=512, num_stages=2, state_block=64, tiles_first=False),
-        "batch-major launch": dataclasses.replace(base, tiles_first=False),
-        "64-wide state pass": dataclasses.replace(base, state_block=64),
-        "programs 384": dataclasses.replace(base, target_programs=384),
         "2 stages": dataclasses.replace(base, num_stages=2),
         "3 stages everywhere": dataclasses.replace(base, crowded_stages=3),
+        "8 warps for whole states": dataclasses.replace(base, wide_warps=8),
+        "whole Dv tiles, 8 warps": dataclasses.replace(base, block_v=128, wide_warps=8),
+        "whole-state tiles, 8 warps": whole,
+        "whole-state tiles, 8 warps, 2 stages": dataclasses.replace(whole, num_stages=2),
+        "whole-state tiles, 8 warps, 512 programs": dataclasses.replace(whole, target_programs=512),
     }
 
 
@@ -235,9 +243,14 @@ def main(argv=None):
                 contenders[f"pallas_triton[{name}]"] = jax_fns(
                     lambda q, k, v, kernels=kernels, s=s: vjp.attend(q, k, v, jnp.asarray(s), None, kernels, None,
                                                                      False))
+        # Every kernel variant is checked against chunked XLA on these inputs: a fast wrong variant must show.
+        want = jax.jit(jax_fns(lambda q, k, v, s=s: lasp_jax.linear_attention(q, k, v, s, impl="xla"))[1])(
+            q, k, v, do)
         for name, (fwd, fwd_bwd) in contenders.items():
             row = {"shape": [b, t, h, d], "impl": name}
             try:
+                if name.startswith("pallas_triton"):
+                    row["max_rel_err_vs_xla"] = max_rel_err(fwd_bwd(q, k, v, do), want)
                 row["fwd_ms"] = time_jax(fwd, (q, k, v), args.iters, args.reps)
                 row["fwd_bwd_ms"] = time_jax(fwd_bwd, (q, k, v, do), args.iters, args.reps)
                 if name == "pallas_triton":
@@ -286,17 +299,19 @@ def render_table(meta, rows):
         f"Device: {meta['device']}; date: {meta['date']}; versions: {meta['versions']}; "
         f"copy bandwidth: {meta['copy_GBps']:.0f} GB/s (read + write)" if meta["copy_GBps"] else "",
         f"Command: `{meta['command']}`", "",
-        "| B x T x H x D | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | HBM floor fwd / fwd+bwd ms |",
-        "|---|---|---|---|---|---|---|",
+        "| B x T x H x D | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | HBM floor fwd / fwd+bwd ms | "
+        "max rel. err. vs XLA |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         if "error" in r:
-            lines.append(f"| {shape} | {r['impl']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {shape} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
             continue
+        err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
         lines.append(f"| {shape} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                      f"{r.get('fwd_GBps', 0):.0f} | {r.get('fwd_bwd_GBps', 0):.0f} | "
-                     f"{r.get('floor_fwd_ms', 0):.3f} / {r.get('floor_fwd_bwd_ms', 0):.3f} |")
+                     f"{r.get('floor_fwd_ms', 0):.3f} / {r.get('floor_fwd_bwd_ms', 0):.3f} | {err} |")
     return "\n".join(lines) + "\n"
 
 

@@ -73,6 +73,8 @@ class Config:
     tiles_first: launch the head-dim tiles of one (batch, head, piece) as neighbouring programs, so that the
     inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM (the Triton
     lowering otherwise makes batch x head the fastest launch index).
+    num_warps: warps per program. wide_warps: warps for programs holding a state tile of more than 64 x 128
+    (whole 128 x 128 states and larger), whose fp32 accumulator would otherwise crowd the registers.
     num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
     shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
     target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
@@ -94,6 +96,7 @@ class Config:
     fuse_dkdv: bool = True
     tiles_first: bool = True
     num_warps: int = 4
+    wide_warps: int = 4
     num_stages: int = 3
     crowded_stages: int = 2
     interpret: bool = False
@@ -274,9 +277,16 @@ def _stages(config: Config, grid, in_specs, args) -> int:
     return max(1, min(deepest, _STAGE_BYTES // per_stage))
 
 
+def _warps(config: Config, specs) -> int:
+    """wide_warps when the program's state tile (its one 5-d block) holds more than 64 x 128 floats."""
+    state = next(spec.block_shape for spec in specs if len(spec.block_shape) == 5)
+    return config.wide_warps if state[-2] * state[-1] > 64 * 128 else config.num_warps
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
     """Launches `kernel` over grid (batch, head, piece, tile); every index map takes (b, h, p, j)."""
     stages = _stages(config, grid, in_specs, args)
+    warps = _warps(config, in_specs + (out_specs if isinstance(out_specs, list) else [out_specs]))
     if config.tiles_first:
         # The Triton lowering folds the leading grid axes into CUDA's x, first axis fastest.
         grid = (grid[3], *grid[:3])
@@ -289,7 +299,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=stages),
+        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=config.interpret,
     )(*args)
 

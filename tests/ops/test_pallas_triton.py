@@ -241,6 +241,23 @@ def test_pipeline_depth_follows_the_launch_size(shape, stages):
     assert set(re.findall(r"num_stages = (\d+)", text)) == {str(stages)}
 
 
+def test_whole_states_take_wide_warps():
+    """Programs holding a 128 x 128 state (the state passes at the default state_block) take wide_warps; the
+    64-wide tiles of the output, dQ, dK and dV passes keep num_warps."""
+    config = dataclasses.replace(pallas_triton.DEFAULT, wide_warps=8)
+    s = jnp.full((4,), 0.1, jnp.float32)
+    q = jax.ShapeDtypeStruct((1, 8192, 4, 128), jnp.bfloat16)
+    attend = lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.Kernels(config), None, False)
+
+    def fwd_bwd(q, k, v):
+        o, vjp_fn = jax.vjp(attend, q, k, v)
+        return o, vjp_fn(o)
+
+    kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', _cuda_mlir(fwd_bwd, _h200s(), q, q, q))
+    assert sorted(kernels) == [("_dkdv_kernel", "4"), ("_dkdv_kernel", "4"), ("_dq_kernel", "4"),
+                               ("_output_kernel", "4"), ("_state_kernel", "8"), ("_state_kernel", "8")]
+
+
 @pytest.mark.parametrize("t", [8192, 512], ids=["pieces", "one_piece"])
 def test_lowers_to_triton_under_shard_map(t):
     """Without a GPU: the kernels inside lasp_attention's machinery (shard_map over 2 ranks, check_vma, the
@@ -314,6 +331,11 @@ GPU_CASES = {
     "dk128_dv64_mqa_bf16": (1, 4096, 4, 1, 128, 64, jnp.bfloat16, {}),
     "d128_bf16_batch_major": (1, 2048, 4, 2, 128, 128, jnp.bfloat16, {"tiles_first": False, "state_block": 64}),
     "d128_bf16_crowded": (8, 512, 32, 32, 128, 128, jnp.bfloat16, {}),  # one piece, 512 programs: 2 stages
+    "d128_bf16_whole_8_warps": (2, 3000, 4, 2, 128, 128, jnp.bfloat16,
+                                {"block_k": 128, "block_v": 128, "wide_warps": 8}),
+    "d256_bf16_8_warps": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, {"wide_warps": 8}),
+    "d128_f32": (1, 2048, 4, 2, 128, 128, jnp.float32, {}),
+    "d256_f32": (1, 1024, 2, 2, 256, 256, jnp.float32, {}),
 }
 
 
