@@ -26,8 +26,9 @@ token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.sta
 
 Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
 passed on (H200 and H100, sm_90). The A100 is expected to work through the same lowering but is untested
-here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take bf16 at head
-dims 64, 128 and 256 and fp32 at 64 (what the GPU tests covered; others fall back).
+here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take bf16 and fp32
+at head dims 64, 128 and 256 (what the GPU tests covered; fp32 at 128 and 256 on an H200 only; others fall
+back).
 `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
 32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
 later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering.
@@ -54,7 +55,6 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
-_GPU_FP32_HEAD_DIMS = (64,)  # fp32 ran its GPU tests at d=64 only
 _TESTED_GPUS = ("H200", "H100")  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
@@ -524,8 +524,6 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
             return f"head dim {name}={d} is not one of {head_dims}"
     if config.interpret:
         return None
-    if jnp.dtype(q.dtype) == jnp.float32 and {q.shape[-1], v.shape[-1]} - set(_GPU_FP32_HEAD_DIMS):
-        return f"float32 inputs run on a GPU with head dims {_GPU_FP32_HEAD_DIMS} only (what the GPU tests covered)"
     if jax.default_backend() != "gpu":
         return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
     kind = jax.devices()[0].device_kind
