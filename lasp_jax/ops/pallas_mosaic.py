@@ -13,7 +13,10 @@ Per chunk of C rows (warpgroup w owns columns cols_w of V, S and O; all matmuls 
     O_w    = lambda^i (Q S_w) + ((scores * M) V_w)    [C, Dv/2]  M[i, j] = lambda^(i - j) (i >= j), else 0
     S_w    = lambda^C S_w + K^T (lambda^(C - j) V_w)  [Dk, Dv/2] (A = K^T: a transposed shared-memory operand)
 
-and S_w's bf16 copy, the B operand of the next chunk's Q S_w, is written to shared memory.
+and S_w's bf16 copy, the B operand of the next chunk's Q S_w, is written to shared memory. Each chunk issues
+two pairs of wgmma: (Q K^T, Q S_w), during which V_w is decayed into shared memory, then (intra V_w, the
+state update), both accumulating from their initial values (pl.run_state). The decayed scores reach their
+wgmma through shared memory too (see `_kernel`).
 
 Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16
 only as a matmul operand, the decayed scores once. One difference: the state update's decay lambda^(C - j) is
@@ -49,7 +52,8 @@ class Config:
 
     chunk: rows per chunk (the wgmma M of the intra-chunk products; a multiple of 64). stages: shared-memory
     ring depth of the Q, K, V chunk loads (each stage holds 3 x chunk x 128 bf16 = 48 KB at C = 64; Hopper
-    offers 227 KB per CTA, of which the state copies and the output staging take 48 KB). compute_registers,
+    offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed V
+    columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
     approx_math: fast approximate exp. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     """
@@ -72,27 +76,28 @@ def _mma_transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _accumulate(init, issue, config: Config):
-    """init + what issue(acc) adds to a wgmma accumulator acc, as an array.
+def _accumulate(inits, issue, config: Config):
+    """inits + what issue(accs) adds to wgmma accumulators accs (one per init), as arrays.
 
-    On a GPU the accumulator starts from init (pl.run_state, which also awaits the wgmma). Mosaic GPU's
+    On a GPU the accumulators start from inits (pl.run_state, which also awaits the wgmmas). Mosaic GPU's
     interpreter (jax 0.11.2) interprets neither pl.run_state nor stores into an accumulator, so there the
-    accumulator starts from zero and init is added after: the same sum, one rounding apart in float32.
+    accumulators start from zero and inits are added after: the same sums, one rounding apart in float32.
     """
     if not config.interpret:
-        return pl.run_state(issue)(plgpu.ACC.init(init))
+        return pl.run_state(issue)(tuple(plgpu.ACC.init(x) for x in inits))
 
-    def from_zero(acc):
-        issue(acc)
-        return acc[...]
+    def from_zero(*accs):
+        issue(accs)
+        return tuple(acc[...] for acc in accs)
 
-    return init + pl.run_scoped(from_zero, plgpu.ACC(init.shape, init.dtype))
+    sums = pl.run_scoped(from_zero, *(plgpu.ACC(x.shape, x.dtype) for x in inits))
+    return tuple(x + y for x, y in zip(inits, sums))
 
 
 def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consumed, *, c, piece_len, stages,
             config):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
-    q_smem, k_smem, v_smem, s_smem, operand_smem, o_smem = smem
+    q_smem, k_smem, v_smem, s_smem, scores_smem, vw_smem, o_smem = smem
     q_bar, k_bar, v_bar = loaded
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
     wg = lax.axis_index("wg")
@@ -128,28 +133,29 @@ def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consume
             slot = lax.rem(n, stages)
             plgpu.barrier_wait(q_bar.at[slot])
             plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
             q, k, v = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot]
 
             def scores_and_inter(scores_acc, inter_acc):
                 plgpu.wgmma(scores_acc, q, k.transpose((1, 0)))
                 plgpu.wgmma(inter_acc, q, s_smem.at[wg])
+                # While the tensor cores work: the state update's B operand, this warpgroup's columns of V
+                # with rows scaled by lambda^(C - j).
+                vw_smem[wg] = (v.at[:, cols][...].astype(_F32) * k_decay).astype(vw_smem.dtype)
                 return scores_acc[...], inter_acc[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
             # The decayed scores go through shared memory: an A operand in registers would save the round
             # trip, but the interpreter's wgmma takes shared-memory operands only, and the tests run this code.
-            operand_smem[wg] = (scores * mask).astype(operand_smem.dtype)
+            scores_smem[wg] = (scores * mask).astype(scores_smem.dtype)
             plgpu.commit_smem()
-            plgpu.barrier_wait(v_bar.at[slot])
-            o = _accumulate(q_decay * inter, lambda acc: plgpu.wgmma(acc, operand_smem.at[wg], v.at[:, cols]),
-                            config)
 
-            # The state update's B operand, in the same buffer (the product above has been awaited): this
-            # warpgroup's columns of V, rows scaled by lambda^(C - j).
-            operand_smem[wg] = (v.at[:, cols][...].astype(_F32) * k_decay).astype(operand_smem.dtype)
-            plgpu.commit_smem()
-            state = _accumulate(chunk_decay * state,
-                                lambda acc: plgpu.wgmma(acc, k.transpose((1, 0)), operand_smem.at[wg]), config)
+            def intra_and_update(accs):
+                o_acc, state_acc = accs
+                plgpu.wgmma(o_acc, scores_smem.at[wg], v.at[:, cols])
+                plgpu.wgmma(state_acc, k.transpose((1, 0)), vw_smem.at[wg])
+
+            o, state = _accumulate((q_decay * inter, chunk_decay * state), intra_and_update, config)
             plgpu.barrier_arrive(consumed.at[slot])
             s_smem[wg] = state.astype(s_smem.dtype)
 
@@ -221,6 +227,7 @@ def output_pass(q, k, v, s, pieces_in, piece_len: int, config: Config = DEFAULT)
             plgpu.SMEM((stages, c, dk), dt, transforms=_mma_transforms(dk, dt)),
             plgpu.SMEM((stages, c, dv), dt, transforms=_mma_transforms(dv, dt)),
             plgpu.SMEM((_COMPUTE_WGS, dk, half), dt, transforms=_mma_transforms(half, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
         ),
