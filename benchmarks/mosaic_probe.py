@@ -32,12 +32,14 @@ import jaxlib
 
 import lasp_jax
 from benchmarks.bench_ops_gpu import jax_inputs, max_rel_err, slopes, time_jax
-from lasp_jax.ops import pallas_mosaic, pallas_triton as pt
+from lasp_jax.ops import pallas_mosaic
+from lasp_jax.ops import pallas_triton as pt
 
 VARIANTS = {
     "mosaic 3 stages": pallas_mosaic.DEFAULT,
     "mosaic 2 stages": dataclasses.replace(pallas_mosaic.DEFAULT, stages=2),
     "mosaic 3 stages approx exp": dataclasses.replace(pallas_mosaic.DEFAULT, approx_math=True),
+    "mosaic 3 stages scores in registers": dataclasses.replace(pallas_mosaic.DEFAULT, scores_in_registers=True),
 }
 
 
@@ -65,6 +67,62 @@ def mosaic_forward(q, k, v, s, plan, config):
     return pallas_mosaic.output_pass(q, k, v, s, pieces_in_of(k, v, s, plan), plan.piece_len, config)
 
 
+def probe_shape(shape, args, attempt):
+    """Every row of one BxTxHxD shape, each through attempt(shape, what, fn)."""
+    b, t, h, d = map(int, shape.split("x"))
+    q, k, v, _ = jax_inputs(b, t, h, d)
+    s = jnp.asarray(slopes(h))
+    plan = pt._plan(q, v, pt.DEFAULT)
+    floor_bytes = 4 * q.size * q.dtype.itemsize  # q, k, v read and o written once
+    print(f"== {shape}: {plan}", flush=True)
+    if plan.pad:
+        print(f"skipped: T={t} is not whole pieces for the Triton plan", flush=True)
+        return
+    pieces_in = jax.block_until_ready(jax.jit(functools.partial(pieces_in_of, plan=plan))(k, v, s))
+
+    def timed(fn, *xs):
+        ms = time_jax(fn, xs, args.iters, args.reps)
+        return {"ms": ms, "floor_GBps": floor_bytes / ms / 1e6}
+
+    triton_out = jax.jit(functools.partial(triton_output_pass, plan=plan))
+    want_out = {}
+
+    def triton_row():
+        want_out["o"] = jax.block_until_ready(triton_out(q, k, v, s, pieces_in))
+        return timed(triton_out, q, k, v, s, pieces_in)
+
+    attempt(shape, "output pass: triton", triton_row)
+    for name, config in VARIANTS.items():
+        fn = jax.jit(functools.partial(pallas_mosaic.output_pass, piece_len=plan.piece_len, config=config))
+
+        def mosaic_row(fn=fn):
+            got = jax.block_until_ready(fn(q, k, v, s, pieces_in))
+            err = max_rel_err(got, want_out["o"]) if "o" in want_out else None
+            return {"max_rel_err_vs_triton": err, **timed(fn, q, k, v, s, pieces_in)}
+
+        attempt(shape, f"output pass: {name}", mosaic_row)
+
+    xla = jax.jit(lambda q, k, v: lasp_jax.linear_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), s, impl="xla"))
+    want_fwd = {}
+
+    def xla_row():
+        want_fwd["o"] = jax.block_until_ready(xla(q, k, v))
+        return {}
+
+    attempt(shape, "forward: xla float32 (reference only, not timed)", xla_row)
+    forwards = {"triton": jax.jit(lambda q, k, v: pt.forward(q, k, v, s)[0])}
+    forwards.update({f"triton state pass + {name}": jax.jit(functools.partial(
+        mosaic_forward, s=s, plan=plan, config=config)) for name, config in VARIANTS.items()})
+    for name, fn in forwards.items():
+        def forward_row(fn=fn):
+            got = jax.block_until_ready(fn(q, k, v))
+            err = max_rel_err(got, want_fwd["o"]) if "o" in want_fwd else None
+            return {"max_rel_err_vs_xla_f32": err, **timed(fn, q, k, v)}
+
+        attempt(shape, f"forward: {name}", forward_row)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -75,7 +133,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "mosaic_probe.json")
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()},
         "timing": f"bench_ops_gpu.time_jax, iters={args.iters}, reps={args.reps} (median ms per call)",
@@ -101,58 +159,7 @@ def main():
         save()
 
     for shape in args.shapes.split(","):
-        b, t, h, d = map(int, shape.split("x"))
-        q, k, v, _ = jax_inputs(b, t, h, d)
-        s = jnp.asarray(slopes(h))
-        plan = pt._plan(q, v, pt.DEFAULT)
-        floor_bytes = 4 * q.size * q.dtype.itemsize  # q, k, v read and o written once
-        print(f"== {shape}: {plan}", flush=True)
-        if plan.pad:
-            print(f"skipped: T={t} is not whole pieces for the Triton plan", flush=True)
-            continue
-        pieces_in = jax.block_until_ready(jax.jit(functools.partial(pieces_in_of, plan=plan))(k, v, s))
-
-        def timed(fn, *xs):
-            ms = time_jax(fn, xs, args.iters, args.reps)
-            return {"ms": ms, "floor_GBps": floor_bytes / ms / 1e6}
-
-        triton_out = jax.jit(functools.partial(triton_output_pass, plan=plan))
-        want_out = {}
-
-        def triton_row():
-            want_out["o"] = jax.block_until_ready(triton_out(q, k, v, s, pieces_in))
-            return timed(triton_out, q, k, v, s, pieces_in)
-
-        attempt(shape, "output pass: triton", triton_row)
-        for name, config in VARIANTS.items():
-            fn = jax.jit(functools.partial(pallas_mosaic.output_pass, piece_len=plan.piece_len, config=config))
-
-            def mosaic_row(fn=fn):
-                got = jax.block_until_ready(fn(q, k, v, s, pieces_in))
-                err = max_rel_err(got, want_out["o"]) if "o" in want_out else None
-                return {"max_rel_err_vs_triton": err, **timed(fn, q, k, v, s, pieces_in)}
-
-            attempt(shape, f"output pass: {name}", mosaic_row)
-
-        xla = jax.jit(lambda q, k, v: lasp_jax.linear_attention(
-            *(x.astype(jnp.float32) for x in (q, k, v)), s, impl="xla"))
-        want_fwd = {}
-
-        def xla_row():
-            want_fwd["o"] = jax.block_until_ready(xla(q, k, v))
-            return {}
-
-        attempt(shape, "forward: xla float32 (reference only, not timed)", xla_row)
-        forwards = {"triton": jax.jit(lambda q, k, v: pt.forward(q, k, v, s)[0])}
-        forwards.update({f"triton state pass + {name}": jax.jit(functools.partial(
-            mosaic_forward, s=s, plan=plan, config=config)) for name, config in VARIANTS.items()})
-        for name, fn in forwards.items():
-            def forward_row(fn=fn):
-                got = jax.block_until_ready(fn(q, k, v))
-                err = max_rel_err(got, want_fwd["o"]) if "o" in want_fwd else None
-                return {"max_rel_err_vs_xla_f32": err, **timed(fn, q, k, v)}
-
-            attempt(shape, f"forward: {name}", forward_row)
+        attempt(shape, "shape done (or failed outside a row)", lambda shape=shape: probe_shape(shape, args, attempt) or {})
     print(f"wrote {path}", flush=True)
 
 

@@ -55,14 +55,22 @@ class Config:
     offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed V
     columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
-    approx_math: fast approximate exp. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
+    approx_math: fast approximate exp. scores_in_registers: the decayed scores enter their wgmma as a register
+    A operand (as FlashAttention 3 does with its probabilities) instead of through shared memory; GPU only (the
+    interpreter's wgmma takes shared-memory operands), so only the GPU test and the CUDA lowering check it.
+    interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     """
+
+    def __post_init__(self):
+        if self.interpret and self.scores_in_registers:
+            raise ValueError("scores_in_registers needs a GPU: the interpreter's wgmma takes shared-memory operands")
 
     chunk: int = 64
     stages: int = 3
     compute_registers: int = 232
     memory_registers: int = 40
     approx_math: bool = False
+    scores_in_registers: bool = False
     interpret: bool = False
 
 
@@ -103,8 +111,7 @@ def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consume
     wg = lax.axis_index("wg")
     n_chunks = piece_len // c
     start = p * piece_len
-    dk, dv = q_ref.shape[-1], v_ref.shape[-1]
-    half = dv // _COMPUTE_WGS
+    half = v_ref.shape[-1] // _COMPUTE_WGS
 
     def rows(n):
         return pl.ds(start + n * c, c)
@@ -145,14 +152,17 @@ def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consume
                 return scores_acc[...], inter_acc[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
-            # The decayed scores go through shared memory: an A operand in registers would save the round
-            # trip, but the interpreter's wgmma takes shared-memory operands only, and the tests run this code.
-            scores_smem[wg] = (scores * mask).astype(scores_smem.dtype)
-            plgpu.commit_smem()
+            # The decayed scores reach their wgmma through shared memory (the interpreter's wgmma takes
+            # shared-memory operands only, so the tests run this path), or as a register A operand.
+            decayed = (scores * mask).astype(scores_smem.dtype)
+            if not config.scores_in_registers:
+                scores_smem[wg] = decayed
+                plgpu.commit_smem()
+                decayed = scores_smem.at[wg]
 
             def intra_and_update(accs):
                 o_acc, state_acc = accs
-                plgpu.wgmma(o_acc, scores_smem.at[wg], v.at[:, cols])
+                plgpu.wgmma(o_acc, decayed, v.at[:, cols])
                 plgpu.wgmma(state_acc, k.transpose((1, 0)), vw_smem.at[wg])
 
             o, state = _accumulate((q_decay * inter, chunk_decay * state), intra_and_update, config)
@@ -227,7 +237,7 @@ def output_pass(q, k, v, s, pieces_in, piece_len: int, config: Config = DEFAULT)
             plgpu.SMEM((stages, c, dk), dt, transforms=_mma_transforms(dk, dt)),
             plgpu.SMEM((stages, c, dv), dt, transforms=_mma_transforms(dv, dt)),
             plgpu.SMEM((_COMPUTE_WGS, dk, half), dt, transforms=_mma_transforms(half, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),  # unused with scores_in_registers
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
         ),

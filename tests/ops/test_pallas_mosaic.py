@@ -64,13 +64,20 @@ def test_interpreted_matches_reference(case, rng):
     assert rel_err(got, want) < INTERPRET_TOL, rel_err(got, want)
 
 
-def test_lowers_for_cuda_at_the_benchmark_shape():
+GPU_CONFIGS = {
+    "default": pallas_mosaic.DEFAULT,
+    "scores_in_registers": dataclasses.replace(pallas_mosaic.DEFAULT, scores_in_registers=True),
+}
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_lowers_for_cuda_at_the_benchmark_shape(config):
     """B=1, H=16, T=64K, 8 pieces of 8K: Mosaic GPU's lowering (layouts, transforms, shared memory under the
     227 KB of a Hopper CTA) runs on CPU when lowering for CUDA; only PTX compilation needs the GPU."""
     b, t, h, pieces = 1, 65536, 16, 8
     x = jax.ShapeDtypeStruct((b, t, h, D), jnp.bfloat16)
     args = (x, x, x, jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, h, pieces, D, D), jnp.float32))
-    fn = jax.jit(functools.partial(pallas_mosaic.output_pass, piece_len=t // pieces, config=pallas_mosaic.DEFAULT))
+    fn = jax.jit(functools.partial(pallas_mosaic.output_pass, piece_len=t // pieces, config=GPU_CONFIGS[config]))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -110,14 +117,21 @@ def test_supported_says_why(rng):
     assert pallas_mosaic.supported(q, k, v, pallas_mosaic.INTERPRET) is None
 
 
+def test_scores_in_registers_is_refused_by_the_interpreter():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        dataclasses.replace(pallas_mosaic.INTERPRET, scores_in_registers=True)
+
+
 @pytest.mark.gpu
-def test_gpu_matches_reference(rng):
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_gpu_matches_reference(config, rng):
     """The compiled kernel at its default blocks (3 stages, C = 64): 2 pieces of 16 chunks, TNL slopes."""
     b, pieces, piece_len, h = 1, 2, 1024, 4
     q, k, v, s, pieces_in = _inputs(rng, b, pieces, piece_len, h, rates="slopes")
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
-    got = jax.jit(functools.partial(pallas_mosaic.output_pass, piece_len=piece_len))(q, k, v, s, pieces_in)
+    fn = functools.partial(pallas_mosaic.output_pass, piece_len=piece_len, config=GPU_CONFIGS[config])
+    got = jax.jit(fn)(q, k, v, s, pieces_in)
     want = jax.jit(functools.partial(_want, piece_len=piece_len))(q, k, v, s, pieces_in)
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     assert rel_err(got, want) < BF16_TOL, rel_err(got, want)
