@@ -16,7 +16,7 @@ Per chunk of C rows (warpgroup w owns columns cols_w of V, S and O; all matmuls 
 and S_w's bf16 copy, the B operand of the next chunk's Q S_w, is written to shared memory. Each chunk issues
 two pairs of wgmma: (Q K^T, Q S_w), during which V_w is decayed into shared memory, then (intra V_w, the
 state update), both accumulating from their initial values (pl.run_state). The decayed scores reach their
-wgmma through shared memory too (see `_kernel`).
+wgmma through shared memory, or as a register operand with Config.scores_in_registers (GPU only).
 
 Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16
 only as a matmul operand, the decayed scores once. One difference: the state update's decay lambda^(C - j) is
