@@ -1,32 +1,40 @@
-"""The forward output pass as a Mosaic GPU (Hopper) Pallas kernel: an experiment against the Triton one.
+"""The chunk walks of the fused kernels (forward output pass, dQ, dK, dV) as one Mosaic GPU (Hopper) kernel.
 
-Why: `pallas_triton`'s output pass (`_output_kernel`) tiles Dv by 64 because whole 128 x 128 fp32 states were
-slower in the Triton lowering, and each Dv tile then re-reads Q and K (6 tensor-equivalents of HBM traffic for
-a pass whose floor is 4; benchmarks/results/KERNEL_NOTES.md). Here one CTA per (batch, head, piece) holds the
-WHOLE state, split by columns over two compute warpgroups (each owns S[:, Dv/2 columns] as a wgmma accumulator
-in registers), while a third warpgroup streams the chunks of Q, K and V into a ring of shared-memory stages
-with TMA. Q and K are read from HBM once per CTA.
+Why: `pallas_triton`'s walks tile a head dim by 64 because whole 128 x 128 fp32 states were slower in the
+Triton lowering, and each tile then re-reads the inputs every tile needs (the output pass reads Q and K twice:
+6 tensor-equivalents of HBM traffic for a pass whose floor is 4; benchmarks/results/KERNEL_NOTES.md). Here one
+CTA per (batch, head, piece) holds the WHOLE state, split by columns over two compute warpgroups (each owns
+S[:, Dz/2 columns] as a wgmma accumulator in registers), while a third warpgroup streams the chunks of X, Y and
+Z into a ring of shared-memory stages with TMA. Every input is read from HBM once per CTA.
 
-Per chunk of C rows (warpgroup w owns columns cols_w of V, S and O; all matmuls are wgmma):
+All four walks are one product with other roles (`walk`). Per chunk of C rows (i: row of X and out, j: row
+of Y and Z), forward (chunks first to last, S entering at the piece's start):
 
-    scores = Q K^T                                   [C, C]     (both warpgroups; it is cheap)
-    O_w    = lambda^i (Q S_w) + ((scores * M) V_w)    [C, Dv/2]  M[i, j] = lambda^(i - j) (i >= j), else 0
-    S_w    = lambda^C S_w + K^T (lambda^(C - j) V_w)  [Dk, Dv/2] (A = K^T: a transposed shared-memory operand)
+    out = [(X Y^T) * M] Z + lambda^i X S,         M[i, j] = lambda^(i - j) (i >= j), else 0
+    S  <- lambda^C S + Y^T (lambda^(C - j) Z)
 
-and S_w's bf16 copy, the B operand of the next chunk's Q S_w, is written to shared memory. Each chunk issues
-two pairs of wgmma: (Q K^T, Q S_w), during which V_w is decayed into shared memory, then (intra V_w, the
-state update), both accumulating from their initial values (pl.run_state). The decayed scores reach their
-wgmma through shared memory, or as a register operand with Config.scores_in_registers (GPU only).
+and reverse (chunks last to first, S entering at the piece's end):
+
+    out = [(X Y^T) * M^T] Z + lambda^(C - i) X S,  M^T[i, j] = lambda^(j - i) (j >= i), else 0
+    S  <- lambda^C S + Y^T (lambda^j Z)
+
+so that o = walk(Q, K, V, S), dQ = walk(dO, V, K, S^T), dV = walk(K, Q, dO, dS, reverse) and dK = walk(V, dO,
+Q, dS^T, reverse), with S the state entering each piece and dS the cotangent of the state leaving it. In the
+kernel, warpgroup w owns columns cols_w of Z, S and out, and each chunk issues two pairs of wgmma: (X Y^T,
+X S_w), during which Z_w is decayed into shared memory, then (the intra product with Z_w, the state update with
+A = Y^T, a transposed shared-memory operand), both accumulating from their initial values (pl.run_state). The
+decayed scores reach their wgmma through shared memory; S_w's bf16 copy, the B operand of the next chunk's
+X S_w, is written to shared memory.
 
 Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16
-only as a matmul operand, the decayed scores once. One difference: the state update's decay lambda^(C - j) is
-applied to V's rows (each warpgroup scales its own columns) where the Triton kernel scales K's rows, so the
-bf16 rounding of that operand falls on lambda^(C - j) v_j instead of lambda^(C - j) k_j (the same product
-in exact arithmetic). Powers of lambda are exp(-s * n) with n >= 0.
+only as a matmul operand, the decayed scores once. One difference: the state update's decay is applied to Z's
+rows (each warpgroup scales its own columns) where the Triton kernels scale Y's rows (K in the output and dQ
+passes, Q in dK and dV), so that operand's bf16 rounding falls on the other factor (the same product in exact
+arithmetic). Powers of lambda are exp(-s * n) with n >= 0.
 
-Scope (a prototype): bf16, Dk = Dv = 128, Hkv == H (no GQA), T a whole number of pieces and pieces a whole
-number of chunks (what `pallas_triton.forward` hands its output pass after padding); Hopper only (wgmma,
-TMA). `Config.interpret` runs the kernel in Mosaic GPU's CPU interpreter (tests).
+Scope: bf16, 128 head dims, Hkv == H (no GQA), T a whole number of pieces and pieces a whole number of chunks
+(what `pallas_triton` hands its walks after padding); Hopper only (wgmma, TMA). `Config.interpret` runs the
+kernel in Mosaic GPU's CPU interpreter (tests).
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _F32 = jnp.float32
 _HOPPER = ("H100", "H200")
-_COMPUTE_WGS = 2  # compute warpgroups; each owns Dv / 2 columns of the state
-_HEAD_DIM = 128  # Dk = Dv: what the kernel is written and tested for
+_COMPUTE_WGS = 2  # compute warpgroups; each owns half the columns of the state
+_HEAD_DIM = 128  # every head dim: what the kernel is written and tested for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,26 +59,18 @@ class Config:
     """Block sizes and launch parameters.
 
     chunk: rows per chunk (the wgmma M of the intra-chunk products; a multiple of 64). stages: shared-memory
-    ring depth of the Q, K, V chunk loads (each stage holds 3 x chunk x 128 bf16 = 48 KB at C = 64; Hopper
-    offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed V
+    ring depth of the X, Y, Z chunk loads (each stage holds 3 x chunk x 128 bf16 = 48 KB at C = 64; Hopper
+    offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed Z
     columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
-    approx_math: fast approximate exp. scores_in_registers: the decayed scores enter their wgmma as a register
-    A operand (as FlashAttention 3 does with its probabilities) instead of through shared memory; GPU only (the
-    interpreter's wgmma takes shared-memory operands), so only the GPU test and the CUDA lowering check it.
-    interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
+    approx_math: fast approximate exp. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     """
-
-    def __post_init__(self):
-        if self.interpret and self.scores_in_registers:
-            raise ValueError("scores_in_registers needs a GPU: the interpreter's wgmma takes shared-memory operands")
 
     chunk: int = 64
     stages: int = 3
     compute_registers: int = 232
     memory_registers: int = 40
     approx_math: bool = False
-    scores_in_registers: bool = False
     interpret: bool = False
 
 
@@ -102,77 +102,75 @@ def _accumulate(inits, issue, config: Config):
     return tuple(x + y for x, y in zip(inits, sums))
 
 
-def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consumed, *, c, piece_len, stages,
-            config):
+def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
+            reverse, config):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
-    q_smem, k_smem, v_smem, s_smem, scores_smem, vw_smem, o_smem = smem
-    q_bar, k_bar, v_bar = loaded
+    x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, out_smem = smem
+    x_bar, y_bar, z_bar = loaded
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
     wg = lax.axis_index("wg")
     n_chunks = piece_len // c
     start = p * piece_len
-    half = v_ref.shape[-1] // _COMPUTE_WGS
+    half = z_ref.shape[-1] // _COMPUTE_WGS
 
     def rows(n):
-        return pl.ds(start + n * c, c)
+        """The rows of the n-th chunk walked: the piece's chunks in the walk's direction."""
+        return pl.ds(start + (n_chunks - 1 - n if reverse else n) * c, c)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         cols = pl.ds(wg * half, half)
         rate = s_ref[h]
-        # Decay tables, computed once: powers exp(-s n) with n >= 0 only.
+        # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
+        # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
         idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
         jdx = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
-        gap = (idx - jdx).astype(_F32)
-        mask = jnp.where(idx >= jdx, jnp.exp(-rate * jnp.maximum(gap, 0.0)), 0.0)
+        gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
+        mask = jnp.where(gap >= 0, jnp.exp(-rate * jnp.maximum(gap, 0.0)), 0.0)
         i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
-        q_decay = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
-        k_decay = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
+        from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
+        from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
+        out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
         chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
-        state = plgpu.load(pieces_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+        state = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
         s_smem[wg] = state.astype(s_smem.dtype)
         plgpu.commit_smem()
 
         def body(n, state):
             slot = lax.rem(n, stages)
-            plgpu.barrier_wait(q_bar.at[slot])
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[slot])
-            q, k, v = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot]
+            plgpu.barrier_wait(x_bar.at[slot])
+            plgpu.barrier_wait(y_bar.at[slot])
+            plgpu.barrier_wait(z_bar.at[slot])
+            x, y, z = x_smem.at[slot], y_smem.at[slot], z_smem.at[slot]
 
             def scores_and_inter(scores_acc, inter_acc):
-                plgpu.wgmma(scores_acc, q, k.transpose((1, 0)))
-                plgpu.wgmma(inter_acc, q, s_smem.at[wg])
-                # While the tensor cores work: the state update's B operand, this warpgroup's columns of V
-                # with rows scaled by lambda^(C - j).
-                vw_smem[wg] = (v.at[:, cols][...].astype(_F32) * k_decay).astype(vw_smem.dtype)
+                plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
+                plgpu.wgmma(inter_acc, x, s_smem.at[wg])
+                # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
+                # with their rows decayed.
+                zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * z_decay).astype(zw_smem.dtype)
                 return scores_acc[...], inter_acc[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
-            # The decayed scores reach their wgmma through shared memory (the interpreter's wgmma takes
-            # shared-memory operands only, so the tests run this path), or as a register A operand.
-            decayed = (scores * mask).astype(scores_smem.dtype)
-            if not config.scores_in_registers:
-                scores_smem[wg] = decayed
-                plgpu.commit_smem()
-                decayed = scores_smem.at[wg]
+            scores_smem[wg] = (scores * mask).astype(scores_smem.dtype)
+            plgpu.commit_smem()
 
             def intra_and_update(accs):
-                o_acc, state_acc = accs
-                plgpu.wgmma(o_acc, decayed, v.at[:, cols])
-                plgpu.wgmma(state_acc, k.transpose((1, 0)), vw_smem.at[wg])
+                out_acc, state_acc = accs
+                plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
+                plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
 
-            o, state = _accumulate((q_decay * inter, chunk_decay * state), intra_and_update, config)
+            out, state = _accumulate((out_decay * inter, chunk_decay * state), intra_and_update, config)
             plgpu.barrier_arrive(consumed.at[slot])
             s_smem[wg] = state.astype(s_smem.dtype)
 
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's O has left o_smem
-            o_smem[wg] = o.astype(o_smem.dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
+            out_smem[wg] = out.astype(out_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows(n), h, cols])
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
             return state
 
         lax.fori_loop(0, n_chunks, body, state)
@@ -183,9 +181,9 @@ def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consume
         plgpu.set_max_registers(config.memory_registers, action="decrease")
 
         def load(n, slot):
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows(n), h], q_smem.at[slot], q_bar.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[b, rows(n), h], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows(n), h], v_smem.at[slot], v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h], x_smem.at[slot], x_bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h], y_smem.at[slot], y_bar.at[slot])
+            plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h], z_smem.at[slot], z_bar.at[slot])
 
         for slot in range(stages):
             load(slot, slot)
@@ -203,41 +201,50 @@ def _kernel(s_ref, q_ref, k_ref, v_ref, pieces_ref, o_ref, smem, loaded, consume
             plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
-def output_pass(q, k, v, s, pieces_in, piece_len: int, config: Config = DEFAULT):
-    """The forward output pass of `pallas_triton.forward`, as one Mosaic GPU kernel.
-
-    Args:
-      q, k [B, T, H, Dk], v [B, T, H, Dv] bf16 (Dk = Dv = 128); s [H] float32 decay rates; pieces_in
-      [B, H, P, Dk, Dv] float32, the state entering each piece of piece_len positions (T = P * piece_len,
-      piece_len a multiple of config.chunk).
-    Returns:
-      o [B, T, H, Dv] bf16: per piece, chunkwise [(Q K^T) * M] V + lambda^i Q S with S walking from pieces_in.
-    """
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
+    """Raises ValueError on inputs `walk` does not take; returns the piece count."""
+    b, t, h, d = x.shape
     c = config.chunk
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need k like q and v [B, T, H, Dv] (no GQA)")
-    if (dk, dv) != (_HEAD_DIM, _HEAD_DIM):
-        raise ValueError(f"head dims Dk={dk}, Dv={dv}: this kernel takes Dk = Dv = {_HEAD_DIM}")
-    if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:
-        raise ValueError(f"q, k, v must be bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if c % 64 or piece_len % c or t % piece_len:
+    if y.shape != x.shape or z.shape != x.shape:
+        raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}: need all three [B, T, H, {_HEAD_DIM}] "
+                         "(Hkv == H: no GQA)")
+    if d != _HEAD_DIM:
+        raise ValueError(f"head dim {d}: this kernel takes head dims of {_HEAD_DIM}")
+    if {jnp.dtype(a.dtype) for a in (x, y, z)} != {jnp.dtype(jnp.bfloat16)}:
+        raise ValueError(f"x, y, z must be bfloat16; got {x.dtype}, {y.dtype}, {z.dtype}")
+    if c % 64 or piece_len <= 0 or piece_len % c or t % piece_len:
         raise ValueError(f"T={t}, piece_len={piece_len}, chunk={c}: need chunk % 64 == 0, piece_len % chunk == 0 "
                          "and T % piece_len == 0")
     pieces = t // piece_len
-    if pieces_in.shape != (b, h, pieces, dk, dv):
-        raise ValueError(f"pieces_in {pieces_in.shape}: expected {(b, h, pieces, dk, dv)}")
+    if states_in.shape != (b, h, pieces, d, d):
+        raise ValueError(f"states_in {states_in.shape}: expected {(b, h, pieces, d, d)}")
+    return pieces
+
+
+def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config = DEFAULT):
+    """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
+
+    Args:
+      x, y, z [B, T, H, 128] bf16; s [H] float32 decay rates (lambda = exp(-s)); states_in [B, H, P, 128, 128]
+      float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
+      its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
+      reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
+    Returns:
+      out [B, T, H, 128] bf16.
+    """
+    pieces = _check(x, y, z, states_in, piece_len, config)
+    b, t, h, d = x.shape
+    c = config.chunk
     stages = max(1, min(config.stages, piece_len // c))
-    half = dv // _COMPUTE_WGS
-    dt = q.dtype
+    half = d // _COMPUTE_WGS
+    dt = x.dtype
     scratch = (
         (
-            plgpu.SMEM((stages, c, dk), dt, transforms=_mma_transforms(dk, dt)),
-            plgpu.SMEM((stages, c, dk), dt, transforms=_mma_transforms(dk, dt)),
-            plgpu.SMEM((stages, c, dv), dt, transforms=_mma_transforms(dv, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, dk, half), dt, transforms=_mma_transforms(half, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),  # unused with scores_in_registers
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=_mma_transforms(half, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
             plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
         ),
@@ -245,8 +252,8 @@ def output_pass(q, k, v, s, pieces_in, piece_len: int, config: Config = DEFAULT)
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
     )
     kernel = plgpu.kernel(
-        functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, config=config),
-        out_type=jax.ShapeDtypeStruct((b, t, h, dv), dt),
+        functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, config=config),
+        out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
         scratch_types=scratch,
         grid=(b, h, pieces),
         grid_names=("b", "h", "p"),
@@ -255,13 +262,13 @@ def output_pass(q, k, v, s, pieces_in, piece_len: int, config: Config = DEFAULT)
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if config.interpret else None,
     )
-    return kernel(s.astype(_F32), q, k, v, pieces_in.astype(_F32))
+    return kernel(s.astype(_F32), x, y, z, states_in.astype(_F32))
 
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:
-    """None when `output_pass` can run these inputs here, else the reason."""
+    """None when `walk` can run the four walks of attention over these q, k, v here, else the reason."""
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
-        return f"GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]}) is not implemented in this prototype"
+        return f"GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]}) is not implemented in these kernels"
     if (q.shape[-1], v.shape[-1]) != (_HEAD_DIM, _HEAD_DIM):
         return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv = {_HEAD_DIM} is implemented"
     if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:
