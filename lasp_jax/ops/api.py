@@ -27,8 +27,8 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
       return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
         equal one call over the concatenated sequence.
       impl: "auto" (the first usable entry of impls.AUTO_ORDER), "xla" (chunked, every platform),
-        "pallas_triton" (fused kernels, GPU), "pallas_triton_interpret" (the same, interpreted) or "reference"
-        (dense, O(T^2) memory). The kernels run per device: on inputs split over several devices by XLA (a
+        "pallas_triton" (fused kernels, GPU), "pallas_mosaic" (the same with Mosaic GPU walks, Hopper), their
+        "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run per device: on inputs split over several devices by XLA (a
         data-parallel mesh), "auto" takes "xla" and naming them is an error; lasp_attention (any seq axis
         size, even 1) runs them per device.
     Returns:

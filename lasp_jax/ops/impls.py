@@ -13,12 +13,15 @@ from lasp_jax.ops import pallas_triton, reference, vjp, xla
 
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
 # there; elsewhere "auto" is the chunked XLA path. "pallas_triton_interpret" is the same kernels in Pallas
-# interpret mode, on any platform (slow: for tests).
+# interpret mode, on any platform (slow: for tests). "pallas_mosaic" is those kernels with the four walks as
+# Mosaic GPU kernels (Hopper; bf16, head dims 128, no GQA), "pallas_mosaic_interpret" the same interpreted.
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
     "xla": vjp.Split(xla),
     "pallas_triton": pallas_triton.KERNELS,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
+    "pallas_mosaic": pallas_triton.MOSAIC,
+    "pallas_mosaic_interpret": pallas_triton.MOSAIC_INTERPRET,
 }
 AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
 

@@ -173,7 +173,10 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
             return state
 
-        lax.fori_loop(0, n_chunks, body, state)
+        # Under shard_map a value loaded from a ref carries the manual axes it varies over, while values the
+        # kernel computes do not (kernels are traced without vma checks): the chunk loop's carry starts as a
+        # computed value so that its type does not change across the loop.
+        lax.fori_loop(0, n_chunks, body, state * 1.0)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
@@ -262,7 +265,10 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if config.interpret else None,
     )
-    return kernel(s.astype(_F32), x, y, z, states_in.astype(_F32))
+    out = kernel(s.astype(_F32), x, y, z, states_in.astype(_F32))
+    # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
+    # output varies over x's, as check_vma needs.
+    return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
 
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:

@@ -31,7 +31,9 @@ at head dims 64, 128 and 256 (what the GPU tests covered; fp32 at 128 and 256 on
 back).
 `INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
 32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
-later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering.
+later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering. On Hopper,
+`Config.mosaic` runs the four walks (output, dQ, dK, dV) as `pallas_mosaic` kernels instead (whole states on
+wgmma, TMA-fed), keeping these state passes and scans: impl "pallas_mosaic".
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops import pallas_mosaic
 
 from lasp_jax.ops import states
 
@@ -78,7 +82,9 @@ class Config:
     num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
     shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
     target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
-    deeper buffers cost). interpret: run in Pallas interpret mode (any platform, slow; for tests).
+    deeper buffers cost). mosaic: None, or the Mosaic GPU walks' config (then the output, dQ, dK and dV passes
+    are `pallas_mosaic.walk` kernels, Hopper only; its chunk must equal chunk). interpret: run in Pallas
+    interpret mode (any platform, slow; for tests), the Mosaic walks in Mosaic GPU's interpreter.
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -99,7 +105,13 @@ class Config:
     wide_warps: int = 4
     num_stages: int = 3
     crowded_stages: int = 2
+    mosaic: pallas_mosaic.Config | None = None
     interpret: bool = False
+
+    def __post_init__(self):
+        if self.mosaic is not None and self.mosaic.chunk != self.chunk:
+            raise ValueError(f"mosaic.chunk={self.mosaic.chunk} must equal chunk={self.chunk} (one chunking for "
+                             "the state passes and the walks)")
 
 
 DEFAULT = Config()
@@ -416,15 +428,20 @@ def forward(q, k, v, s, incoming=None, config: Config = DEFAULT):
     pieces_in = _with_boundary(from_zero, s_in if fused else None, s, plan, from_end=False)
     if pieces_in is None:
         pieces_in = jnp.zeros((b, h, 1, dk, dv), _F32)
-    bv = plan.block_v
-    o = _call(
-        functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype)),
-        (b, h, plan.pieces, dv // bv),
-        [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
-         _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
-        _rows_spec(plan, bv, _same, _same),
-        _out(q_pad.shape[:3] + (dv,), q.dtype, q),
-        config, _rates(s), q_pad, k_pad, v_pad, pieces_in)[:, plan.pad:]
+    if config.mosaic is not None:
+        o = pallas_mosaic.walk(q_pad, k_pad, v_pad, s, pieces_in, plan.piece_len, reverse=False,
+                               config=_mosaic(config))
+    else:
+        bv = plan.block_v
+        o = _call(
+            functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype)),
+            (b, h, plan.pieces, dv // bv),
+            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
+             _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
+            _rows_spec(plan, bv, _same, _same),
+            _out(q_pad.shape[:3] + (dv,), q.dtype, q),
+            config, _rates(s), q_pad, k_pad, v_pad, pieces_in)
+    o = o[:, plan.pad:]
     unfused_s_in = None if fused else s_in
     if unfused_s_in is not None:
         o = (o.astype(_F32) + states.apply_state(q, s, unfused_s_in)).astype(q.dtype)
@@ -448,34 +465,67 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
     fused = plan.pad == 0
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (_front_pad(x, plan.pad) for x in (q, k, v, do))
-    kv_head = _kv_head(q, k)
-    precision = _precision(q.dtype)
-    c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
-    rates = _rates(s)
-
     sums = _piece_sums(q_pad, do_pad, s, plan, config, reverse=True, head=_same)
     if fused:
         d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(s, plan, from_end=False), sums, precision=_HIGHEST)
     else:
         d = states.query_state_grad(q, do, s)
     g = None if outgoing is None else outgoing(d)
-    pieces_out = _with_boundary(_suffix(sums, s, plan) if pieces > 1 else None, g if fused else None, s, plan,
+    pieces_out = _with_boundary(_suffix(sums, s, plan) if plan.pieces > 1 else None, g if fused else None, s, plan,
                                 from_end=True)
     if pieces_out is None:
         pieces_out = jnp.zeros((b, h, 1, dk, dv), _F32)
 
+    if config.mosaic is not None:
+        dq, dk_, dv_ = _mosaic_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config)
+    else:
+        dq, dk_, dv_ = _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, group)
+    dq, dk_, dv_ = dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
+    if group > 1:
+        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3)
+        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3)
+    if unfused_s_in is not None:
+        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in)
+    if g is not None and not fused:
+        dk_end, dv_end = states.end_state_grads(k, v, s, g)
+        dk_, dv_ = dk_.astype(_F32) + dk_end, dv_.astype(_F32) + dv_end
+    return dq.astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d
+
+
+def _mosaic(config: Config) -> pallas_mosaic.Config:
+    return dataclasses.replace(config.mosaic, interpret=config.interpret)
+
+
+def _mosaic_grads(q, k, v, do, s, pieces_in, pieces_out, plan: _Plan, config: Config):
+    """dQ, dK, dV as Mosaic walks: each backward product is the output pass's shape with other roles (dQ walks
+    forward with S^T over (dO, V, K); dV and dK walk backward with dS over (K, Q, dO) and dS^T over (V, dO, Q))."""
+    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, config=_mosaic(config))
+    transposed = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+    dq = walk(do, v, k, states_in=transposed(pieces_in), reverse=False)
+    dv = walk(k, q, do, states_in=pieces_out, reverse=True)
+    dk = walk(v, do, q, states_in=transposed(pieces_out), reverse=True)
+    return dq, dk, dv
+
+
+def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _Plan, config: Config, group):
+    """dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton kernels."""
+    b, h, dk, dv = q_pad.shape[0], q_pad.shape[2], q_pad.shape[-1], v_pad.shape[-1]
+    kv_head = _kv_head(q_pad, k_pad)
+    precision = _precision(q_pad.dtype)
+    c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
+    rates = _rates(s)
     dq = _call(
         functools.partial(_dq_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
         [_rate_spec(), _rows_spec(plan, dv, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
          _rows_spec(plan, dv, kv_head, _zero), _state_spec(bk, dv, _same, _zero)],
         _rows_spec(plan, bk, _same, _same),
-        _out(q_pad.shape, q.dtype, q),
+        _out(q_pad.shape, q_pad.dtype, q_pad),
         config, rates, do_pad, k_pad, v_pad, pieces_in)
 
-    # With GQA each query head writes its own share in float32; the group sum happens once, below.
-    grad_dtype = k.dtype if group == 1 else _F32
-    dk_shape = _out(q_pad.shape, grad_dtype, q)
-    dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q)
+    # With GQA each query head writes its own share in float32; `backward` sums each group once.
+    grad_dtype = k_pad.dtype if group == 1 else _F32
+    dk_shape = _out(q_pad.shape, grad_dtype, q_pad)
+    dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q_pad)
     if config.fuse_dkdv and bk == dk and bv == dv:
         dk_, dv_ = _call(
             functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=True, with_dv=True), (b, h, pieces, 1),
@@ -500,16 +550,7 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
              _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
             _rows_spec(plan, bv, _same, _same), dv_shape,
             config, rates, q_pad, k_pad, do_pad, pieces_out)
-    dq, dk_, dv_ = dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
-    if group > 1:
-        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3)
-        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3)
-    if unfused_s_in is not None:
-        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in)
-    if g is not None and not fused:
-        dk_end, dv_end = states.end_state_grads(k, v, s, g)
-        dk_, dv_ = dk_.astype(_F32) + dk_end, dv_.astype(_F32) + dv_end
-    return dq.astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d
+    return dq, dk_, dv_
 
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:
@@ -522,6 +563,8 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
     for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
         if d not in head_dims:
             return f"head dim {name}={d} is not one of {head_dims}"
+    if config.mosaic is not None and (reason := pallas_mosaic.supported(q, k, v, _mosaic(config))) is not None:
+        return f"the Mosaic walks: {reason}"
     if config.interpret:
         return None
     if jax.default_backend() != "gpu":
@@ -553,3 +596,5 @@ class Kernels:
 
 KERNELS = Kernels()
 INTERPRET = Kernels(dataclasses.replace(DEFAULT, interpret=True))
+MOSAIC = Kernels(dataclasses.replace(DEFAULT, mosaic=pallas_mosaic.DEFAULT))
+MOSAIC_INTERPRET = Kernels(dataclasses.replace(MOSAIC.config, interpret=True))
