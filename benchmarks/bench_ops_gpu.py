@@ -249,7 +249,7 @@ def main(argv=None):
         for name, (fwd, fwd_bwd) in contenders.items():
             row = {"shape": [b, t, h, d], "impl": name}
             try:
-                if name.startswith("pallas_triton"):
+                if name.startswith("pallas_"):
                     row["max_rel_err_vs_xla"] = max_rel_err(fwd_bwd(q, k, v, do), want)
                 row["fwd_ms"] = time_jax(fwd, (q, k, v), args.iters, args.reps)
                 row["fwd_bwd_ms"] = time_jax(fwd_bwd, (q, k, v, do), args.iters, args.reps)

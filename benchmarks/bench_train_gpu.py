@@ -18,9 +18,9 @@ OUT/child-PHASE-N-TOKENS.log. Results go to OUT/train_gpu.jsonl as they are made
 did), then OUT/train_gpu.md and .png (command, device, date, versions). Synthetic tokens: nothing here needs
 Grain.
 
-Results: benchmarks/results/TRAIN_GPU_NOTES.md. With the fused kernels (--attn-impl pallas_triton, or "auto"
-on an H100/H200) the 1-GPU 64K step compiles in ~16 s; with the chunked XLA attention it had not reached its
-first step after 340 s.
+Results: benchmarks/results/TRAIN_GPU_NOTES.md. With the fused kernels (--attn-impl pallas_triton or
+pallas_mosaic, or "auto" on an H100/H200) the 1-GPU 64K step compiles in ~16 s (measured with pallas_triton);
+with the chunked XLA attention it had not reached its first step after 340 s.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@
 # Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
 # here; a -k expression in $TESTS_K), models (pytest -m gpu tests/models: paper-size model steps), ops
 # (bench_ops_gpu; its flags in $OPS_ARGS, default --sweep --breakdown), lasp (torchrun peer on every GPU, then
-# bench_lasp_gpu; its flags in $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu with the
-# kernels, on 1 and 2 GPUs; more flags in $TRAIN_ARGS). "Every GPU" means those CUDA_VISIBLE_DEVICES leaves,
-# so several runs can share one machine. Peer wheels in .whl/ (see benchmarks/README.md) are installed first
-# when present.
+# bench_lasp_gpu; its flags in $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu on 1 and 2
+# GPUs with lasp_jax impl $TRAIN_IMPL, default auto; more flags in $TRAIN_ARGS). "Every GPU" means those
+# CUDA_VISIBLE_DEVICES leaves, so several runs can share one machine. Peer wheels in .whl/ (see
+# benchmarks/README.md) are installed first when present.
 set -u
 PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
 mkdir -p "$OUT"
@@ -59,7 +59,7 @@ for arg in "$@"; do
       run_step lasp_peer $((limit / 3)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
         benchmarks/peer_lasp_parallel.py --iters 3 --reps 3 --out "$OUT"
       run_step lasp $((limit - limit / 3)) python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ${LASP_ARGS:-} ;;
-    train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl pallas_triton \
+    train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl "${TRAIN_IMPL:-auto}" \
              --budget-s $((limit - 20)) --out "$OUT" ${TRAIN_ARGS:-} ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -14,7 +14,8 @@ from lasp_jax.ops import pallas_triton, reference, vjp, xla
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
 # there; elsewhere "auto" is the chunked XLA path. "pallas_triton_interpret" is the same kernels in Pallas
 # interpret mode, on any platform (slow: for tests). "pallas_mosaic" is those kernels with the four walks as
-# Mosaic GPU kernels (Hopper; bf16, head dims 128, no GQA), "pallas_mosaic_interpret" the same interpreted.
+# Mosaic GPU kernels (bf16, head dims 128, no GQA; tested on H200s), "pallas_mosaic_interpret" the same
+# interpreted; "auto" prefers it where it runs (1.2-1.6x "pallas_triton" there: benchmarks/results/KERNEL_NOTES.md).
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
     "xla": vjp.Split(xla),
@@ -23,7 +24,7 @@ IMPLS: dict[str, vjp.Impl] = {
     "pallas_mosaic": pallas_triton.MOSAIC,
     "pallas_mosaic_interpret": pallas_triton.MOSAIC_INTERPRET,
 }
-AUTO_ORDER: tuple[str, ...] = ("pallas_triton", "xla")
+AUTO_ORDER: tuple[str, ...] = ("pallas_mosaic", "pallas_triton", "xla")
 
 
 def partitioned(x) -> bool:

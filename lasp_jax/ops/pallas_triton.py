@@ -60,6 +60,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
 _TESTED_GPUS = ("H200", "H100")  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
+_MOSAIC_TESTED_GPUS = ("H200",)  # the same, for the Mosaic walks (Config.mosaic)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
@@ -570,6 +571,9 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
     if jax.default_backend() != "gpu":
         return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
     kind = jax.devices()[0].device_kind
+    if config.mosaic is not None and not any(tested in kind for tested in _MOSAIC_TESTED_GPUS):
+        return (f"the Mosaic walks are untested on {kind!r}: they passed their GPU tests on {_MOSAIC_TESTED_GPUS} "
+                "only (run `pytest -m gpu -k mosaic tests/ops` there first)")
     if not any(tested in kind for tested in _TESTED_GPUS):
         return (f"untested on {kind!r}: these kernels passed their GPU tests on {_TESTED_GPUS} only "
                 "(the Triton lowering is expected to run on other CUDA GPUs, e.g. A100: run "

@@ -207,11 +207,16 @@ def test_supported_reasons(rng):
 
 
 def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
-    """"auto" takes the kernels wherever they report themselves usable, and XLA otherwise."""
+    """"auto" takes the Mosaic walks, else the Triton kernels, wherever they report themselves usable, and XLA
+    otherwise."""
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
-    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)
+    reasons = {"mosaic": None, "triton": None}
+    monkeypatch.setattr(pallas_triton, "supported",
+                        lambda q, k, v, config: reasons["mosaic" if config.mosaic else "triton"])
+    assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_mosaic"]
+    reasons["mosaic"] = "not here"
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_triton"]
-    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: "not here")
+    reasons["triton"] = "not here"
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"]
 
 
