@@ -324,6 +324,178 @@ def _dkdv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, states_ref, dk_ref, dv_ref,
             q, k, v, do = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot], do_smem.at[slot]
             plgpu.barrier_wait(ds_written)
 
+            def scores_and_inters(v_scores_acc, v_inter_acc, k_scores_acc, k_inter_acc):
+                plgpu.wgmma(v_scores_acc, k, q.transpose((1, 0)))
+                plgpu.wgmma(v_inter_acc, k, ds_smem.at[:, cols])
+                plgpu.wgmma(k_scores_acc, v, do.transpose((1, 0)))
+                # V dS^T[:, cols_w] = V (dS[cols_w, :])^T: both warpgroups' halves of the bf16 copy.
+                plgpu.wgmma(k_inter_acc, v, ds_smem.at[cols, :].transpose((1, 0)))
+                # While the tensor cores work: the dS update's B operand, dO[:, cols_w] with rows decayed.
+                dow_smem[wg] = (do.at[:, cols][...].astype(_F32) * do_decay).astype(dow_smem.dtype)
+                return v_scores_acc[...], v_inter_acc[...], k_scores_acc[...], k_inter_acc[...]
+
+            v_scores, v_inter, k_scores, k_inter = pl.run_scoped(
+                scores_and_inters, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32), plgpu.ACC((c, c), _F32),
+                plgpu.ACC((c, half), _F32))
+            plgpu.barrier_arrive(ds_read)
+            # The scores buffers also stage the previous chunk's dV, dK rows: those must have left.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            sv_smem[wg] = (v_scores * mask).astype(sv_smem.dtype)
+            sk_smem[wg] = (k_scores * mask).astype(sk_smem.dtype)
+            plgpu.commit_smem()
+
+            def intra_and_update(accs):
+                out_acc, state_acc = accs
+                plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
+                plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
+
+            out, state = _accumulate((out_decay * inter, chunk_decay * state), intra_and_update, config)
+            plgpu.barrier_arrive(consumed.at[slot])
+            s_smem[wg] = state.astype(s_smem.dtype)
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
+            out_smem[wg] = out.astype(out_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
+            return state
+
+        # Under shard_map a value loaded from a ref carries the manual axes it varies over, while values the
+        # kernel computes do not (kernels are traced without vma checks): the chunk loop's carry starts as a
+        # computed value so that its type does not change across the loop.
+        lax.fori_loop(0, n_chunks, body, state * 1.0)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+
+        def load(n, slot):
+            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h], x_smem.at[slot], x_bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h], y_smem.at[slot], y_bar.at[slot])
+            plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h], z_smem.at[slot], z_bar.at[slot])
+
+        for slot in range(stages):
+            load(slot, slot)
+
+        @pl.loop(stages, n_chunks)
+        def _(n):
+            slot = lax.rem(n, stages)
+            plgpu.barrier_wait(consumed.at[slot])
+            load(n, slot)
+
+        # Observe the last chunks' releases too, so that every barrier phase is awaited before the CTA ends
+        # (the interpreter checks it; on the GPU it only delays this idle warpgroup's exit).
+        @pl.loop(max(0, n_chunks - stages), n_chunks)
+        def _(n):
+            plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _check(tensors: dict, states, piece_len: int, config: Config, states_name: str = "states_in") -> int:
+    """Raises ValueError on inputs the kernels do not take; returns the piece count. tensors: {name: array}."""
+    names, arrays = ", ".join(tensors), tuple(tensors.values())
+    b, t, h, d = arrays[0].shape
+    c = config.chunk
+    if any(a.shape != arrays[0].shape for a in arrays):
+        shapes = ", ".join(f"{name} {a.shape}" for name, a in tensors.items())
+        raise ValueError(f"{shapes}: need all of {names} [B, T, H, {_HEAD_DIM}] (Hkv == H: no GQA)")
+    if d != _HEAD_DIM:
+        raise ValueError(f"head dim {d}: this kernel takes head dims of {_HEAD_DIM}")
+    if {jnp.dtype(a.dtype) for a in arrays} != {jnp.dtype(jnp.bfloat16)}:
+        raise ValueError(f"{names} must be bfloat16; got {', '.join(str(a.dtype) for a in arrays)}")
+    if c % 64 or piece_len <= 0 or piece_len % c or t % piece_len:
+        raise ValueError(f"T={t}, piece_len={piece_len}, chunk={c}: need chunk % 64 == 0, piece_len % chunk == 0 "
+                         "and T % piece_len == 0")
+    pieces = t // piece_len
+    if states.shape != (b, h, pieces, d, d):
+        raise ValueError(f"{states_name} {states.shape}: expected {(b, h, pieces, d, d)}")
+    return pieces
+
+
+def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config = DEFAULT):
+    """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
+
+    Args:
+      x, y, z [B, T, H, 128] bf16; s [H] float32 decay rates (lambda = exp(-s)); states_in [B, H, P, 128, 128]
+      float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
+      its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
+      reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
+    Returns:
+      out [B, T, H, 128] bf16.
+    """
+    pieces = _check({"x": x, "y": y, "z": z}, states_in, piece_len, config)
+    b, t, h, d = x.shape
+    c = config.chunk
+    stages = max(1, min(config.stages, piece_len // c))
+    half = d // _COMPUTE_WGS
+    dt = x.dtype
+    scratch = (
+        (
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=_mma_transforms(half, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
+        ),
+        (plgpu.Barrier(num_barriers=stages),) * 3,
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+    )
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, config=config),
+        out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
+        scratch_types=scratch,
+        grid=(b, h, pieces),
+        grid_names=("b", "h", "p"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        interpret=plgpu.InterpretGPUParams() if config.interpret else None,
+    )
+    out = kernel(s.astype(_F32), x, y, z, states_in.astype(_F32))
+    # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
+    # output varies over x's, as check_vma needs.
+    return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
+
+
+def _dkdv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, states_ref, dk_ref, dv_ref, smem, loaded, consumed, ds_read,
+                 ds_written, *, c, piece_len, stages, config):
+    """One CTA of `walk_dkdv`: (batch, head, piece); warpgroups 0 and 1 compute, warpgroup 2 loads.
+
+    Warpgroup w owns dS[:, cols_w] (a wgmma accumulator) and computes dV[:, cols_w] and dK[:, cols_w]; the dK
+    product reads the whole bf16 dS (both warpgroups' halves) from shared memory, so each chunk's dS copy is
+    fenced by two barriers between the compute warpgroups: ds_read (both have read the old copy: it may be
+    overwritten) and ds_written (both halves of the new copy are in: it may be read).
+    """
+    q_smem, k_smem, v_smem, do_smem, ds_smem, sv_smem, sk_smem, dow_smem = smem
+    b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
+    wg = lax.axis_index("wg")
+    n_chunks = piece_len // c
+    start = p * piece_len
+    half = q_ref.shape[-1] // _COMPUTE_WGS
+
+    def rows(n):
+        """The rows of the n-th chunk walked: the piece's chunks last to first."""
+        return pl.ds(start + (n_chunks - 1 - n) * c, c)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+        cols = pl.ds(wg * half, half)
+        mask, out_decay, do_decay, chunk_decay = _decay_tables(s_ref[h], c, half, reverse=True)
+
+        ds = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+        ds_smem.at[:, cols][...] = ds.astype(ds_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_written)
+
+        def body(n, ds):
+            slot = lax.rem(n, stages)
+            for bar in loaded:
+                plgpu.barrier_wait(bar.at[slot])
+            q, k, v, do = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot], do_smem.at[slot]
+            plgpu.barrier_wait(ds_written)
+
             def dv_scores_and_inter(scores_acc, inter_acc):
                 plgpu.wgmma(scores_acc, k, q.transpose((1, 0)))
                 plgpu.wgmma(inter_acc, k, ds_smem.at[:, cols])
