@@ -1,21 +1,22 @@
-"""One GPU: the Mosaic GPU dK, dV kernels (`lasp_jax.ops.pallas_mosaic`) against the Triton kernels, same inputs.
+"""One GPU: the Mosaic GPU walks (`lasp_jax.ops.pallas_mosaic.walk`) against the Triton kernels, same inputs.
 
     python3 -m benchmarks.mosaic_probe --out DIR [--shapes 1x65536x16x128,1x16384x16x128] [--iters 20 --reps 7]
 
 Per shape (bf16, TNL slopes), on the pieces `pallas_triton._plan` picks (8 pieces of 8K at B=1, H=16, T=64K),
 with the piece states S (entering each piece) and dS (the cotangent leaving each piece) from pallas_triton's own
 state passes and piece scans:
+  - o:      Triton `_output_kernel` (launched as `pallas_triton.forward` launches it) vs walk(Q, K, V, S);
+  - dQ:     Triton `_dq_kernel` (as `pallas_triton.backward` launches it) vs walk(dO, V, K, S^T);
   - dK, dV: Triton `_dkdv_kernel`, as `backward` launches it at the default blocks (one launch per gradient,
-            64-wide tiles) and fused (one launch over whole states), vs the two reverse walks
-            walk(V, dO, Q, dS^T, reverse) and walk(K, Q, dO, dS, reverse), and vs walk_dkdv (one fused walk);
-  - whole backward: `pallas_triton.backward` vs the same state pass and scan with the three walks in place of
-    the Triton walks, and with the dQ walk and walk_dkdv (built here from pallas_triton's helpers), each also
-    against the XLA implementation in float32 (an independent check of both).
-The o and dQ walks alone and the whole forward were measured by earlier versions of this probe
-(results/mosaic_probe_h200_walks.json). Errors are max relative errors (max|a - b| / max|b|) of each Mosaic
-result against the Triton one; times through `benchmarks.bench_ops_gpu.time_jax` (back-to-back calls, median
-of rounds). Every result is printed as it comes and the JSON (DIR/mosaic_probe.json) rewritten after each, so a
-time limit leaves what was measured; a failing compile or run prints its traceback and the probe goes on.
+            64-wide tiles) and fused (one launch over whole states), vs walk(V, dO, Q, dS^T, reverse) and
+            walk(K, Q, dO, dS, reverse);
+  - whole forward and backward: `pallas_triton.forward` / `backward` vs the same state passes and scans with
+    the walks in place of the Triton walks (built here from pallas_triton's helpers), each also against the
+    XLA implementation in float32 (an independent check of both).
+Errors are max relative errors (max|a - b| / max|b|) of each Mosaic result against the Triton one; times
+through `benchmarks.bench_ops_gpu.time_jax` (back-to-back calls, median of rounds). Every result is printed as
+it comes and the JSON (DIR/mosaic_probe.json) rewritten after each, so a time limit leaves what was measured;
+a failing compile or run prints its traceback and the probe goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,33 @@ CONFIG = pt.DEFAULT  # the Triton kernels' blocks (forward and backward as palla
 
 def _transposed(x):
     return jnp.swapaxes(x, -1, -2)
+
+
+def triton_output(q, k, v, s, pieces_in, plan):
+    """The output-pass launch of `pallas_triton.forward` (Hkv == H, T already whole pieces)."""
+    b, _, h, dk = q.shape
+    dv, bv = v.shape[-1], plan.block_v
+    return pt._call(
+        functools.partial(pt._output_kernel, c=plan.chunk, precision=pt._precision(q.dtype)),
+        (b, h, plan.pieces, dv // bv),
+        [pt._rate_spec(), pt._rows_spec(plan, dk, pt._same, pt._zero), pt._rows_spec(plan, dk, pt._same, pt._zero),
+         pt._rows_spec(plan, bv, pt._same, pt._same), pt._state_spec(dk, bv, pt._zero, pt._same)],
+        pt._rows_spec(plan, bv, pt._same, pt._same),
+        pt._out(q.shape[:3] + (dv,), q.dtype, q),
+        CONFIG, pt._rates(s), q, k, v, pieces_in)
+
+
+def triton_dq(do, k, v, s, pieces_in, plan):
+    """The dQ launch of `pallas_triton.backward` (Hkv == H)."""
+    b, _, h, dk = k.shape
+    dv, bk = v.shape[-1], plan.block_k
+    return pt._call(
+        functools.partial(pt._dq_kernel, c=plan.chunk, precision=pt._precision(k.dtype)), (b, h, plan.pieces, dk // bk),
+        [pt._rate_spec(), pt._rows_spec(plan, dv, pt._same, pt._zero), pt._rows_spec(plan, bk, pt._same, pt._same),
+         pt._rows_spec(plan, dv, pt._same, pt._zero), pt._state_spec(bk, dv, pt._same, pt._zero)],
+        pt._rows_spec(plan, bk, pt._same, pt._same),
+        pt._out(k.shape, k.dtype, k),
+        CONFIG, pt._rates(s), do, k, v, pieces_in)
 
 
 def triton_dkdv(q, k, v, do, s, pieces_out, plan, fused):
@@ -89,21 +117,23 @@ def pieces_out_of(q, do, s, plan):
     return pt._suffix(sums, s, plan)
 
 
-def walk_grads(q, k, v, do, s, pieces_in, pieces_out, plan, config, fused_dkdv=False):
-    """dQ, dK, dV as three walks, or as the dQ walk and walk_dkdv (fused_dkdv)."""
+def walk_grads(q, k, v, do, s, pieces_in, pieces_out, plan, config):
+    """dQ, dK, dV as three walks."""
     walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, config=config)
     dq = walk(do, v, k, states_in=_transposed(pieces_in), reverse=False)
-    if fused_dkdv:
-        dk, dv = pallas_mosaic.walk_dkdv(q, k, v, do, s, pieces_out, plan.piece_len, config=config)
-    else:
-        dk = walk(v, do, q, states_in=_transposed(pieces_out), reverse=True)
-        dv = walk(k, q, do, states_in=pieces_out, reverse=True)
+    dk = walk(v, do, q, states_in=_transposed(pieces_out), reverse=True)
+    dv = walk(k, q, do, states_in=pieces_out, reverse=True)
     return dq, dk, dv
 
 
-def mosaic_backward(q, k, v, s, pieces_in, do, plan, config, fused_dkdv=False):
-    """`pallas_triton.backward` (G = 0, whole pieces) with the walks."""
-    return walk_grads(q, k, v, do, s, pieces_in, pieces_out_of(q, do, s, plan), plan, config, fused_dkdv)
+def mosaic_forward(q, k, v, s, plan, config):
+    """`pallas_triton.forward`'s o (S_in = 0, whole pieces) with the output walk."""
+    return pallas_mosaic.walk(q, k, v, s, pieces_in_of(k, v, s, plan), plan.piece_len, reverse=False, config=config)
+
+
+def mosaic_backward(q, k, v, s, pieces_in, do, plan, config):
+    """`pallas_triton.backward` (G = 0, whole pieces) with the three walks."""
+    return walk_grads(q, k, v, do, s, pieces_in, pieces_out_of(q, do, s, plan), plan, config)
 
 
 def probe_shape(shape, args, attempt):
@@ -136,8 +166,17 @@ def probe_shape(shape, args, attempt):
             return {**out, "ms": ms, "floor_GBps": floor_tensors * tensor_bytes / ms / 1e6}
         return run
 
-    # dK, dV alone (the o and dQ walk rows were measured in earlier runs: results/mosaic_probe_h200_walks.json).
-    # floor_tensors: the [B, T, H, D] tensors each must read or write at least once.
+    # Walks alone. floor_tensors: the [B, T, H, D] tensors each must read or write at least once.
+    attempt(shape, "o: triton _output_kernel",
+            row("o", jax.jit(functools.partial(triton_output, plan=plan)), (q, k, v, s, pieces_in), 4))
+    attempt(shape, "o: mosaic walk(q, k, v, S)",
+            row("o", jax.jit(lambda q, k, v, S: walk(q, k, v, states_in=S, reverse=False)), (q, k, v, pieces_in), 4,
+                reference="o"))
+    attempt(shape, "dq: triton _dq_kernel",
+            row("dq", jax.jit(functools.partial(triton_dq, plan=plan)), (do, k, v, s, pieces_in), 4))
+    attempt(shape, "dq: mosaic walk(do, v, k, S^T)",
+            row("dq", jax.jit(lambda do, v, k, S: walk(do, v, k, states_in=_transposed(S), reverse=False)),
+                (do, v, k, pieces_in), 4, reference="dq"))
     for fused in (False, True):
         name = "fused, whole states" if fused else "dK and dV launches, default tiles"
         attempt(shape, f"dk, dv: triton _dkdv_kernel ({name})",
@@ -147,12 +186,8 @@ def probe_shape(shape, args, attempt):
             row("dkdv", jax.jit(lambda q, k, v, do, G: (walk(v, do, q, states_in=_transposed(G), reverse=True),
                                                          walk(k, q, do, states_in=G, reverse=True))),
                 (q, k, v, do, pieces_out), 6, reference="dkdv"))
-    attempt(shape, "dk, dv: mosaic walk_dkdv (one fused reverse walk)",
-            row("dkdv", jax.jit(lambda q, k, v, do, G: pallas_mosaic.walk_dkdv(q, k, v, do, s, G, plan.piece_len,
-                                                                                config=config)),
-                (q, k, v, do, pieces_out), 6, reference="dkdv"))
 
-    # Whole backward passes, with the XLA float32 implementation as an independent reference.
+    # Whole passes, with the XLA float32 implementation as an independent reference.
     def xla_row():
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         o, vjp = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl="xla"), *f32)
@@ -166,7 +201,8 @@ def probe_shape(shape, args, attempt):
             got = jax.block_until_ready(fn(*xs))
             out = {}
             if "xla" in want:
-                out["max_rel_err_vs_xla_f32"] = max_rel_err(got, want["xla"][1:])
+                ref = want["xla"][:1] if slot == "fwd" else want["xla"][1:]
+                out["max_rel_err_vs_xla_f32"] = max_rel_err(got, ref)
             if vs_triton:
                 out["max_rel_err_vs_triton"] = max_rel_err(got, want[slot]) if slot in want else None
             else:
@@ -175,14 +211,15 @@ def probe_shape(shape, args, attempt):
             return {**out, "ms": ms, "floor_GBps": floor_tensors * tensor_bytes / ms / 1e6}
         attempt(shape, what, run)
 
+    whole("forward: pallas_triton.forward", jax.jit(lambda q, k, v: (pt.forward(q, k, v, s, None, CONFIG)[0],)),
+          (q, k, v), "fwd", 4, vs_triton=False)
+    whole("forward: triton state pass + mosaic walk",
+          jax.jit(lambda q, k, v: (mosaic_forward(q, k, v, s, plan, config),)), (q, k, v), "fwd", 4, vs_triton=True)
     whole("backward: pallas_triton.backward",
           jax.jit(lambda q, k, v, S, do: pt.backward(q, k, v, s, (S, None), do, None, CONFIG)[:3]),
           (q, k, v, pieces_in, do), "bwd", 7, vs_triton=False)
     whole("backward: triton state pass + three mosaic walks",
           jax.jit(lambda q, k, v, S, do: mosaic_backward(q, k, v, s, S, do, plan, config)),
-          (q, k, v, pieces_in, do), "bwd", 7, vs_triton=True)
-    whole("backward: triton state pass + mosaic dQ walk + walk_dkdv",
-          jax.jit(lambda q, k, v, S, do: mosaic_backward(q, k, v, s, S, do, plan, config, fused_dkdv=True)),
           (q, k, v, pieces_in, do), "bwd", 7, vs_triton=True)
 
 

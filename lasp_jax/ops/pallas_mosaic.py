@@ -26,13 +26,6 @@ A = Y^T, a transposed shared-memory operand), both accumulating from their initi
 decayed scores reach their wgmma through shared memory; S_w's bf16 copy, the B operand of the next chunk's
 X S_w, is written to shared memory.
 
-`walk_dkdv` fuses the two reverse walks of the backward pass: one CTA per (batch, head, piece) reads Q, K, V
-and dO once and writes dK and dV (6 tensors of HBM traffic instead of 8). Warpgroup w owns dS[:, cols_w] and
-computes dV[:, cols_w] as the dV walk does; dK[:, cols_w] needs the rows cols_w of the whole dS, so both
-warpgroups write their bf16 halves into one shared [Dk, Dv] copy each chunk, fenced by two barriers between
-them, and read dS^T[:, cols_w] from it as a transposed shared-memory operand. Its dS update decays dO's rows
-(as the dV walk does) where the dK walk decays Q's: the same product, rounded on the other factor.
-
 Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16
 only as a matmul operand, the decayed scores once. One difference: the state update's decay is applied to Z's
 rows (each warpgroup scales its own columns) where the Triton kernels scale Y's rows (K in the output and dQ
@@ -109,24 +102,6 @@ def _accumulate(inits, issue, config: Config):
     return tuple(x + y for x, y in zip(inits, sums))
 
 
-def _decay_tables(rate, c: int, half: int, reverse: bool):
-    """A warpgroup's decay tables of one head, computed once per CTA: powers exp(-s n) with n >= 0 only.
-
-    Returns the [c, c] mask, the [c, half] row decays of the output (lambda^i, lambda^(C - i) when reverse) and
-    of Z in the state update (lambda^(C - j), lambda^j when reverse), and lambda^C. Reverse transposes the mask
-    and swaps the two row decays (the state enters at the chunk's end and leaves at its start).
-    """
-    idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
-    jdx = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
-    gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
-    mask = jnp.where(gap >= 0, jnp.exp(-rate * jnp.maximum(gap, 0.0)), 0.0)
-    i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
-    from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
-    from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
-    out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
-    return mask, out_decay, z_decay, jnp.exp(-rate * c)
-
-
 def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
             reverse, config):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
@@ -146,7 +121,18 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         cols = pl.ds(wg * half, half)
-        mask, out_decay, z_decay, chunk_decay = _decay_tables(s_ref[h], c, half, reverse)
+        rate = s_ref[h]
+        # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
+        # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
+        idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
+        jdx = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
+        gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
+        mask = jnp.where(gap >= 0, jnp.exp(-rate * jnp.maximum(gap, 0.0)), 0.0)
+        i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
+        from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
+        from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
+        out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
+        chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
         state = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
@@ -218,24 +204,23 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
             plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
-def _check(tensors: dict, states, piece_len: int, config: Config, states_name: str = "states_in") -> int:
-    """Raises ValueError on inputs the kernels do not take; returns the piece count. tensors: {name: array}."""
-    names, arrays = ", ".join(tensors), tuple(tensors.values())
-    b, t, h, d = arrays[0].shape
+def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
+    """Raises ValueError on inputs `walk` does not take; returns the piece count."""
+    b, t, h, d = x.shape
     c = config.chunk
-    if any(a.shape != arrays[0].shape for a in arrays):
-        shapes = ", ".join(f"{name} {a.shape}" for name, a in tensors.items())
-        raise ValueError(f"{shapes}: need all of {names} [B, T, H, {_HEAD_DIM}] (Hkv == H: no GQA)")
+    if y.shape != x.shape or z.shape != x.shape:
+        raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}: need all three [B, T, H, {_HEAD_DIM}] "
+                         "(Hkv == H: no GQA)")
     if d != _HEAD_DIM:
         raise ValueError(f"head dim {d}: this kernel takes head dims of {_HEAD_DIM}")
-    if {jnp.dtype(a.dtype) for a in arrays} != {jnp.dtype(jnp.bfloat16)}:
-        raise ValueError(f"{names} must be bfloat16; got {', '.join(str(a.dtype) for a in arrays)}")
+    if {jnp.dtype(a.dtype) for a in (x, y, z)} != {jnp.dtype(jnp.bfloat16)}:
+        raise ValueError(f"x, y, z must be bfloat16; got {x.dtype}, {y.dtype}, {z.dtype}")
     if c % 64 or piece_len <= 0 or piece_len % c or t % piece_len:
         raise ValueError(f"T={t}, piece_len={piece_len}, chunk={c}: need chunk % 64 == 0, piece_len % chunk == 0 "
                          "and T % piece_len == 0")
     pieces = t // piece_len
-    if states.shape != (b, h, pieces, d, d):
-        raise ValueError(f"{states_name} {states.shape}: expected {(b, h, pieces, d, d)}")
+    if states_in.shape != (b, h, pieces, d, d):
+        raise ValueError(f"states_in {states_in.shape}: expected {(b, h, pieces, d, d)}")
     return pieces
 
 
@@ -250,7 +235,7 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config
     Returns:
       out [B, T, H, 128] bf16.
     """
-    pieces = _check({"x": x, "y": y, "z": z}, states_in, piece_len, config)
+    pieces = _check(x, y, z, states_in, piece_len, config)
     b, t, h, d = x.shape
     c = config.chunk
     stages = max(1, min(config.stages, piece_len // c))
@@ -284,170 +269,6 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # output varies over x's, as check_vma needs.
     return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
-
-
-def _dkdv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, states_ref, dk_ref, dv_ref, smem, loaded, consumed, ds_read,
-                 ds_written, *, c, piece_len, stages, config):
-    """One CTA of `walk_dkdv`: (batch, head, piece); warpgroups 0 and 1 compute, warpgroup 2 loads.
-
-    Warpgroup w owns dS[:, cols_w] (a wgmma accumulator) and computes dV[:, cols_w] and dK[:, cols_w]; the dK
-    product reads the whole bf16 dS (both warpgroups' halves) from shared memory, so each chunk's dS copy is
-    fenced by two barriers between the compute warpgroups: ds_read (both have read the old copy: it may be
-    overwritten) and ds_written (both halves of the new copy are in: it may be read).
-    """
-    q_smem, k_smem, v_smem, do_smem, ds_smem, sv_smem, sk_smem, dow_smem = smem
-    b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
-    wg = lax.axis_index("wg")
-    n_chunks = piece_len // c
-    start = p * piece_len
-    half = q_ref.shape[-1] // _COMPUTE_WGS
-
-    def rows(n):
-        """The rows of the n-th chunk walked: the piece's chunks last to first."""
-        return pl.ds(start + (n_chunks - 1 - n) * c, c)
-
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-        plgpu.set_max_registers(config.compute_registers, action="increase")
-        cols = pl.ds(wg * half, half)
-        mask, out_decay, do_decay, chunk_decay = _decay_tables(s_ref[h], c, half, reverse=True)
-
-        ds = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
-        ds_smem.at[:, cols][...] = ds.astype(ds_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(ds_written)
-
-        def body(n, ds):
-            slot = lax.rem(n, stages)
-            for bar in loaded:
-                plgpu.barrier_wait(bar.at[slot])
-            q, k, v, do = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot], do_smem.at[slot]
-            plgpu.barrier_wait(ds_written)
-
-            def dv_scores_and_inter(scores_acc, inter_acc):
-                plgpu.wgmma(scores_acc, k, q.transpose((1, 0)))
-                plgpu.wgmma(inter_acc, k, ds_smem.at[:, cols])
-                # While the tensor cores work: the dS update's B operand, dO[:, cols_w] with rows decayed.
-                dow_smem[wg] = (do.at[:, cols][...].astype(_F32) * do_decay).astype(dow_smem.dtype)
-                return scores_acc[...], inter_acc[...]
-
-            v_scores, v_inter = pl.run_scoped(dv_scores_and_inter, plgpu.ACC((c, c), _F32),
-                                              plgpu.ACC((c, half), _F32))
-
-            def dk_scores_and_inter(scores_acc, inter_acc):
-                plgpu.wgmma(scores_acc, v, do.transpose((1, 0)))
-                # V dS^T[:, cols_w] = V (dS[cols_w, :])^T: both warpgroups' halves of the bf16 copy.
-                plgpu.wgmma(inter_acc, v, ds_smem.at[cols, :].transpose((1, 0)))
-                # The scores buffers also stage the previous chunk's dV, dK rows: those must have left.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                sv_smem[wg] = (v_scores * mask).astype(sv_smem.dtype)
-                return scores_acc[...], inter_acc[...]
-
-            k_scores, k_inter = pl.run_scoped(dk_scores_and_inter, plgpu.ACC((c, c), _F32),
-                                              plgpu.ACC((c, half), _F32))
-            plgpu.barrier_arrive(ds_read)
-            sk_smem[wg] = (k_scores * mask).astype(sk_smem.dtype)
-            plgpu.commit_smem()
-
-            def intra_and_update(accs):
-                dv_acc, dk_acc, ds_acc = accs
-                plgpu.wgmma(dv_acc, sv_smem.at[wg], do.at[:, cols])
-                plgpu.wgmma(dk_acc, sk_smem.at[wg], q.at[:, cols])
-                plgpu.wgmma(ds_acc, q.transpose((1, 0)), dow_smem.at[wg])
-
-            dv, dk, ds = _accumulate((out_decay * v_inter, out_decay * k_inter, chunk_decay * ds), intra_and_update,
-                                     config)
-            plgpu.barrier_arrive(consumed.at[slot])
-            plgpu.barrier_wait(ds_read)
-            ds_smem.at[:, cols][...] = ds.astype(ds_smem.dtype)
-            sv_smem[wg] = dv.astype(sv_smem.dtype)
-            sk_smem[wg] = dk.astype(sk_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(ds_written)
-            plgpu.copy_smem_to_gmem(sv_smem.at[wg], dv_ref.at[b, rows(n), h, cols])
-            plgpu.copy_smem_to_gmem(sk_smem.at[wg], dk_ref.at[b, rows(n), h, cols])
-            return ds
-
-        # The carry starts as a computed value (see `_kernel`).
-        lax.fori_loop(0, n_chunks, body, ds * 1.0)
-        plgpu.barrier_wait(ds_written)  # the last copy's phase, awaited as the interpreter checks
-        plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(config.memory_registers, action="decrease")
-
-        def load(n, slot):
-            for ref, buf, bar in zip((q_ref, k_ref, v_ref, do_ref), smem[:4], loaded):
-                plgpu.copy_gmem_to_smem(ref.at[b, rows(n), h], buf.at[slot], bar.at[slot])
-
-        for slot in range(stages):
-            load(slot, slot)
-
-        @pl.loop(stages, n_chunks)
-        def _(n):
-            slot = lax.rem(n, stages)
-            plgpu.barrier_wait(consumed.at[slot])
-            load(n, slot)
-
-        @pl.loop(max(0, n_chunks - stages), n_chunks)
-        def _(n):
-            plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
-
-
-def walk_dkdv(q, k, v, do, s, states_out, piece_len: int, *, config: Config = DEFAULT):
-    """dK and dV of attention in one reverse walk per (batch, head, piece), as one Mosaic GPU kernel.
-
-    Per chunk (walked last to first; i: row of Q and dO, j: row of K and V, M[i, j] = lambda^(i - j), i >= j),
-    with dS [Dk, Dv] float32 entering at the piece's end:
-
-        dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS
-        dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T
-        dS <- lambda^C dS + (lambda^i Q)^T dO
-
-    the products of walk(K, Q, dO, dS, reverse) and walk(V, dO, Q, dS^T, reverse), reading Q, K, V and dO once
-    (6 tensors of HBM traffic instead of the two walks' 8). Numerics as `walk`'s (dS's update decays dO's rows).
-
-    Args:
-      q, k, v, do [B, T, H, 128] bf16; s [H] float32 decay rates; states_out [B, H, P, 128, 128] float32, the
-      cotangent of the state leaving each piece of piece_len positions (T = P * piece_len). config.chunk must be
-      64 (the scores buffers double as the output staging) and config.stages at most 2 (4 inputs per stage).
-    Returns:
-      dk, dv [B, T, H, 128] bf16.
-    """
-    pieces = _check({"q": q, "k": k, "v": v, "do": do}, states_out, piece_len, config, "states_out")
-    b, t, h, d = q.shape
-    c = config.chunk
-    half = d // _COMPUTE_WGS
-    if c != half:
-        raise ValueError(f"chunk={c}: walk_dkdv stages its outputs in the scores buffers, so needs chunk == {half}")
-    stages = max(1, min(config.stages, 2, piece_len // c))
-    dt = q.dtype
-    chunks = plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt))
-    halves = plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt))
-    scratch = (
-        (chunks, chunks, chunks, chunks, plgpu.SMEM((d, d), dt, transforms=_mma_transforms(d, dt)),
-         halves, halves, halves),
-        (plgpu.Barrier(num_barriers=stages),) * 4,
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-    )
-    out = jax.ShapeDtypeStruct((b, t, h, d), dt)
-    kernel = plgpu.kernel(
-        functools.partial(_dkdv_kernel, c=c, piece_len=piece_len, stages=stages, config=config),
-        out_type=(out, out),
-        scratch_types=scratch,
-        grid=(b, h, pieces),
-        grid_names=("b", "h", "p"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
-        interpret=plgpu.InterpretGPUParams() if config.interpret else None,
-    )
-    dk, dv = kernel(s.astype(_F32), q, k, v, do, states_out.astype(_F32))
-    manual = tuple(jax.typeof(q).mat.varying - jax.typeof(dk).mat.varying)
-    return lax.pcast(dk, manual, to="varying"), lax.pcast(dv, manual, to="varying")
 
 
 def supported(q, k, v, config: Config = DEFAULT) -> str | None:

@@ -46,12 +46,6 @@ def _inputs(rng, b, t, h, rates):
     return q, k, v, do, s, s_in, g
 
 
-def _pieces_out(q, do, s, g, plan, triton_config):
-    """The cotangent leaving each piece, as `pallas_triton.backward` builds it for its dK, dV kernels."""
-    sums = pt._piece_sums(q, do, s, plan, triton_config, reverse=True, head=pt._same)
-    return pt._with_boundary(pt._suffix(sums, s, plan) if plan.pieces > 1 else None, g, s, plan, from_end=True)
-
-
 def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config):
     """{name: (Triton's, the walk's)} for o, dq, dk, dv: `pallas_triton.forward` and `backward` (with S_in
     entering and G the end state's cotangent), and the four walks on the same pieces."""
@@ -60,7 +54,10 @@ def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config):
     plan = pt._plan(q, v, triton_config)
     assert plan.pad == 0, plan
     pieces_in = saved[0]
-    pieces_out = _pieces_out(q, do, s, g, plan, triton_config)
+    # The cotangent leaving each piece, as `pallas_triton.backward` builds it for its dK, dV kernels.
+    sums = pt._piece_sums(q, do, s, plan, triton_config, reverse=True, head=pt._same)
+    pieces_out = pt._with_boundary(pt._suffix(sums, s, plan) if plan.pieces > 1 else None, g, s, plan,
+                                   from_end=True)
     walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, config=mosaic_config)
     return {
         "o": (o, walk(q, k, v, states_in=pieces_in, reverse=False)),
@@ -150,67 +147,6 @@ def test_gpu_walks_match_triton(shape, rng):
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
     results = jax.jit(functools.partial(_triton_and_walks, triton_config=pt.DEFAULT,
-                                        mosaic_config=pallas_mosaic.DEFAULT))(q, k, v, do, s, s_in, g)
-    for name, (want, got) in results.items():
-        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < BF16_TOL, (name, rel_err(got, want))
-
-
-def _triton_and_fused(q, k, v, do, s, s_in, g, triton_config, mosaic_config):
-    """{name: (Triton's, walk_dkdv's)} for dk, dv: `pallas_triton.backward` (S_in entering, G the end state's
-    cotangent) and `walk_dkdv` on the cotangents leaving its pieces."""
-    _, _, _, saved = pt.forward(q, k, v, s, lambda m: s_in, triton_config)
-    _, dk, dv, _ = pt.backward(q, k, v, s, saved, do, lambda d: g, triton_config)
-    plan = pt._plan(q, v, triton_config)
-    assert plan.pad == 0, plan
-    pieces_out = _pieces_out(q, do, s, g, plan, triton_config)
-    got_dk, got_dv = pallas_mosaic.walk_dkdv(q, k, v, do, s, pieces_out, plan.piece_len, config=mosaic_config)
-    return {"dk": (dk, got_dk), "dv": (dv, got_dv)}
-
-
-def test_interpreted_dkdv_matches_triton(rng):
-    """walk_dkdv in the interpreter: 2 pieces of 4 chunks (its ring of 2 stages wraps), a zero rate and one
-    whose lambda^64 underflows, nonzero S_in and G (so the carried dS and its two shared-memory halves matter)."""
-    b, t, h, rates, _ = CASES["two_pieces_ring_wraps"]
-    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates)
-    for name, (want, got) in _triton_and_fused(q, k, v, do, s, s_in, g, pt.INTERPRET.config,
-                                               pallas_mosaic.INTERPRET).items():
-        assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
-        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < INTERPRET_TOL, (name, rel_err(got, want))
-
-
-def test_dkdv_lowers_for_cuda_at_the_benchmark_shape():
-    """walk_dkdv at B=1, H=16, T=64K, 8 pieces: its 4 inputs at 2 stages and the whole bf16 dS fit a CTA."""
-    b, t, h, pieces = 1, 65536, 16, 8
-    x, _, _, s, states = _abstract(b, t, h, pieces)
-    fn = jax.jit(functools.partial(pallas_mosaic.walk_dkdv, piece_len=t // pieces))
-    text = fn.trace(x, x, x, x, s, states).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
-
-
-def test_dkdv_bad_inputs_are_refused(rng):
-    q, k, v, do, s, _, _ = _inputs(rng, 1, 256, 2, "on")
-    states_out = jnp.zeros((1, 2, 2, D, D), jnp.float32)
-    cases = [
-        ((q, k, v[:, :, :1], do, s, states_out, 128), {}, "no GQA"),
-        ((q, k, v, do.astype(jnp.float32), s, states_out, 128), {}, "bfloat16"),
-        ((q, k, v, do, s, states_out[:, :, :1], 128), {}, "states_out"),
-        ((q, k, v, do, s, states_out, 128), {"chunk": 128}, "chunk == 64"),
-    ]
-    for args, changes, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            pallas_mosaic.walk_dkdv(*args, config=dataclasses.replace(pallas_mosaic.INTERPRET, **changes))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 16384, 4), (2, 4096, 2)], ids=["8_pieces_of_2K", "2_batches"])
-def test_gpu_dkdv_matches_triton(shape, rng):
-    """The compiled walk_dkdv (2 stages, C = 64) against the compiled Triton backward; TNL slopes."""
-    q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes")
-    if (reason := pallas_mosaic.supported(q, k, v)) is not None:
-        pytest.skip(reason)
-    results = jax.jit(functools.partial(_triton_and_fused, triton_config=pt.DEFAULT,
                                         mosaic_config=pallas_mosaic.DEFAULT))(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
