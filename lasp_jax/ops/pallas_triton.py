@@ -60,7 +60,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _GPU_HEAD_DIMS = (64, 128, 256)
 _GPU_DTYPES = (jnp.bfloat16, jnp.float32)
 _TESTED_GPUS = ("H200", "H100")  # device kinds where the GPU reference tests passed (tests/ops/test_pallas_triton.py)
-_MOSAIC_TESTED_GPUS = ("H200",)  # the same, for the Mosaic walks (Config.mosaic)
+_MOSAIC_TESTED_GPUS = ("H200", "H100")  # the same, for the Mosaic walks (Config.mosaic)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
