@@ -37,3 +37,9 @@ def pytest_report_header(config):
 def rng(request):
     """Fresh random inputs for every run; the run's seed and the test's id make a failure reproducible."""
     return np.random.default_rng([int(os.environ["LASP_TEST_SEED"]), zlib.crc32(request.node.nodeid.encode())])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # The header is hidden under -q; a failed run must still say how to reproduce its inputs.
+    if exitstatus != 0:
+        terminalreporter.write_line(pytest_report_header(config))

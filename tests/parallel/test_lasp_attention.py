@@ -96,17 +96,20 @@ def test_inside_larger_jitted_function_under_grad(axis_types, rng):
         for _ in range(2):
             q, k, v = (jnp.einsum("btd,de->bte", x, params[n]).reshape(b, t, h, d // h) for n in ("wq", "wk", "wv"))
             x = x + attn(q, k, v).reshape(b, t, d)
-        # A linear readout: a well-conditioned scalar, so fp32 rounding is not amplified by cancellation.
-        return jnp.sum(x * w_out)
+        return jnp.sum(x * w_out), x
 
     mesh = _mesh((2, 4), axis_types)
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
-        value, grads = jax.jit(jax.value_and_grad(
-            lambda p, x: model(p, x, lambda q, k, v: lasp_jax.lasp_attention(q, k, v, s, strategy="ring"))))(params, xs)
-    ref_value, ref_grads = jax.value_and_grad(lambda p: model(p, x, lambda q, k, v: reference.dense(q, k, v, s)[0]))(
-        params)
-    assert abs(float(value) - float(ref_value)) < 1e-5 * abs(float(ref_value))
+        (value, out), grads = jax.jit(jax.value_and_grad(
+            lambda p, x: model(p, x, lambda q, k, v: lasp_jax.lasp_attention(q, k, v, s, strategy="ring")),
+            has_aux=True))(params, xs)
+    (ref_value, ref_out), ref_grads = jax.value_and_grad(
+        lambda p: model(p, x, lambda q, k, v: reference.dense(q, k, v, s)[0]), has_aux=True)(params)
+    assert rel_err(out, ref_out) < F32_TOL
+    # The readout's terms cancel (|value| can be far below sum |terms|), so its rounding is measured against the terms:
+    # over 100 seeds the error was at most 6e-8 of sum |terms| but up to 5e-5 of |value|.
+    assert abs(float(value) - float(ref_value)) < 1e-6 * float(jnp.sum(jnp.abs(ref_out * w_out)))
     for n in params:
         assert rel_err(grads[n], ref_grads[n]) < F32_TOL, n
 
