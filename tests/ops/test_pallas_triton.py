@@ -447,7 +447,8 @@ def test_gpu_lasp_attention(strategy, impl, rng):
 
 
 @pytest.mark.gpu
-def test_gpu_matches_fla(rng):
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic"])
+def test_gpu_matches_fla(impl, rng):
     """Against fla's chunk_simple_gla (g_gamma = -s, scale = 1), outputs and gradients, same bf16 inputs."""
     torch = pytest.importorskip("torch", reason="the fla peer needs torch")
     fla_ops = pytest.importorskip("fla.ops.simple_gla", reason="the peer fla-core==0.6.0 is not installed (carry "
@@ -456,7 +457,7 @@ def test_gpu_matches_fla(rng):
     q, k, v = qkv(rng, b, t, h, h, d, d, dtype)
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
-    o, vjp_fn = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl="pallas_triton"), q, k, v)
+    o, vjp_fn = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=impl), q, k, v)
     ours = (o, *vjp_fn(do))
 
     tq, tk, tv, tdo = (torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=torch.bfloat16)
