@@ -50,8 +50,10 @@ for arg in "$@"; do
   [ "$limit" = "$arg" ] || [ -z "$limit" ] && limit=300
   [ "$limit" -ge 60 ] || { echo "$step: give it at least 60 s"; exit 2; }
   case $step in
+    # A test still running after faulthandler_timeout seconds dumps every thread's stack into the log (a hang
+    # and a slow compile look alike from the outside).
     tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider \
-             ${TESTS_K:+-k "$TESTS_K"} ;;
+             -o faulthandler_timeout=90 ${TESTS_K:+-k "$TESTS_K"} ;;
     models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
     ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" \
            ${OPS_ARGS---sweep --breakdown} ;;
