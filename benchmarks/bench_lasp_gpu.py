@@ -84,8 +84,10 @@ def main(argv=None):
             continue
         same_size = peer is not None and r.get("gpus") == peer.get("gpus")  # the peer ran on one GPU count
         ratio = f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x" if same_size else "-"
+        # Weak scaling is ours against our own one-GPU time; the peer's row has no one-GPU time of its own.
+        efficiency = "-" if r is peer else f"{base / r['fwd_bwd_ms']:.0%}"
         lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['fwd_bwd_ms'] / base:.2f} | {base / r['fwd_bwd_ms']:.0%} | {ratio} | "
+                     f"{r['fwd_bwd_ms'] / base:.2f} | {efficiency} | {ratio} | "
                      f"{r.get('max_rel_err_o_dq_dk_dv', '-')} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "lasp_gpu.md"), "w") as f:
