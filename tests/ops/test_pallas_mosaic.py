@@ -25,13 +25,15 @@ import pytest
 
 from lasp_jax.ops import pallas_mosaic
 from lasp_jax.ops import pallas_triton as pt
-from tests.util import BF16_TOL, decay, qkv, rel_err
+from tests.util import decay, qkv, rel_err
 
 D = 128
 # Interpreted runs measured up to 1.5e-3 (o and dV: the state update's decay rounds on the other factor than
 # in the Triton kernels; dQ and dK round alike and agree to 2e-5); tighter than BF16_TOL (2e-2) so that a wrong
 # decay on the carried state shows.
 INTERPRET_TOL = 4e-3
+# Compiled, at 16K: two bf16 results (each rounded once, ~1e-3 relative) apart by the same rounding difference.
+GPU_TOL = 6e-3
 
 
 def _transposed(x):
@@ -67,19 +69,24 @@ def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config):
     }
 
 
-# (B, T, H, rates, stages) -> pallas_triton's plan: 2 pieces of 4 chunks with a ring of 2 stages (it wraps;
-# "on" rates: a zero rate and one whose lambda^64 underflows), and 2 batches of one piece of 4 chunks with the
-# ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the carried state matters).
+# (B, T, H, rates, stages) -> pallas_triton's plan (pieces, chunks per piece): 2 pieces of 4 chunks with a ring
+# of 2 stages (it wraps; "on" rates: a zero rate and one whose lambda^64 underflows); 2 batches of one piece of 4
+# chunks with the ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the carried state
+# matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full).
 CASES = {
-    "two_pieces_ring_wraps": (1, 512, 2, "on", 2),
-    "two_batches_ring_capped": (2, 256, 2, "slopes", 8),
+    "two_pieces_ring_wraps": (1, 512, 2, "on", 2, (2, 4)),
+    "two_batches_ring_capped": (2, 256, 2, "slopes", 8, (1, 4)),
+    "one_chunk": (1, 64, 1, "slopes", 3, (1, 1)),
+    "three_chunks": (1, 192, 1, "slopes", 3, (1, 3)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_walks_match_triton(case, rng):
-    b, t, h, rates, stages = CASES[case]
+    b, t, h, rates, stages, (pieces, chunks) = CASES[case]
     q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates)
+    plan = pt._plan(q, v, pt.INTERPRET.config)
+    assert (plan.pieces, plan.piece_len // plan.chunk) == (pieces, chunks), plan
     config = dataclasses.replace(pallas_mosaic.INTERPRET, stages=stages)
     assert pallas_mosaic.supported(q, k, v, config) is None
     for name, (want, got) in _triton_and_walks(q, k, v, do, s, s_in, g, pt.INTERPRET.config, config).items():
@@ -138,16 +145,23 @@ def test_supported_says_why(rng):
     assert pallas_mosaic.supported(q, k, v, pallas_mosaic.INTERPRET) is None
 
 
+# (B, T, H) -> pallas_triton's default plan (pieces, piece length).
+GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4), (32, 512)), "2_batches_16_pieces": ((2, 4096, 2), (16, 256))}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 16384, 4), (2, 4096, 2)], ids=["8_pieces_of_2K", "2_batches"])
-def test_gpu_walks_match_triton(shape, rng):
+@pytest.mark.parametrize("case", GPU_SHAPES)
+def test_gpu_walks_match_triton(case, rng):
     """The compiled walks at their default blocks (3 stages, C = 64) on the pieces of pallas_triton's plan,
     both directions, against the compiled Triton kernels; TNL slopes."""
+    shape, (pieces, piece_len) = GPU_SHAPES[case]
     q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes")
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
+    plan = pt._plan(q, v, pt.DEFAULT)
+    assert (plan.pieces, plan.piece_len) == (pieces, piece_len), plan
     results = jax.jit(functools.partial(_triton_and_walks, triton_config=pt.DEFAULT,
                                         mosaic_config=pallas_mosaic.DEFAULT))(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < BF16_TOL, (name, rel_err(got, want))
+        assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))

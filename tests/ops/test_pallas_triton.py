@@ -206,6 +206,43 @@ def test_supported_reasons(rng):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Gpu:
+    device_kind: str
+    compute_capability: str
+
+
+def test_gpu_gates_are_fail_closed(monkeypatch):
+    """On a GPU the kernels are offered on the exact device kinds their GPU tests passed on: a sibling of a tested
+    part (GH200), an untested generation (A100), fp32 at d=128 and the Mosaic walks on the H100 (their tests have
+    not completed there) are refused with the reason, and "auto" then takes what is left."""
+    bf16, f32 = (jax.ShapeDtypeStruct((1, 64, 2, 128), dtype) for dtype in (jnp.bfloat16, jnp.float32))
+    f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def on(kind, capability):
+        monkeypatch.setattr(jax, "devices", lambda *_: [_Gpu(kind, capability)])
+
+    on("NVIDIA H200", "9.0")
+    for x in (bf16, f32, f32_d64):
+        assert pallas_triton.supported(x, x, x) is None
+    assert pallas_triton.MOSAIC.supported(bf16, bf16, bf16) is None
+    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["pallas_mosaic"]
+    on("NVIDIA H100 80GB HBM3", "9.0")
+    assert pallas_triton.supported(bf16, bf16, bf16) is None
+    assert pallas_triton.supported(f32_d64, f32_d64, f32_d64) is None
+    assert "fp32 at head dims above 64 is untested" in pallas_triton.supported(f32, f32, f32)
+    assert pallas_mosaic.supported(bf16, bf16, bf16) is None, "the kernel itself runs on any Hopper"
+    assert "Mosaic walks are untested" in pallas_triton.MOSAIC.supported(bf16, bf16, bf16)
+    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["pallas_triton"]
+    assert impls.resolve("auto", f32, f32, f32) is impls.IMPLS["xla"]
+    on("NVIDIA GH200 480GB", "9.0")
+    assert "untested on 'NVIDIA GH200 480GB'" in pallas_triton.supported(bf16, bf16, bf16)
+    on("NVIDIA A100-SXM4-80GB", "8.0")
+    assert "untested on" in pallas_triton.supported(bf16, bf16, bf16)
+    assert "needs a Hopper GPU" in pallas_mosaic.supported(bf16, bf16, bf16)
+
+
 def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
     """"auto" takes the Mosaic walks, else the Triton kernels, wherever they report themselves usable, and XLA
     otherwise."""
@@ -446,6 +483,30 @@ def test_gpu_lasp_attention(strategy, impl, rng):
         assert rel_err(g, ref) < _gpu_tol(q.dtype), (name, rel_err(g, ref))
 
 
+def _eager_against_reference(impl, rng):
+    """bf16 inputs at B=1, T=4096, H=4, d=128, TNL slopes; (inputs (q, k, v, s, do), ours (o, dq, dk, dv) from
+    linear_attention and its vjp called eagerly, the fp32 reference's), checking ours against the reference."""
+    b, t, h, d, dtype = 1, 4096, 4, 128, jnp.bfloat16
+    q, k, v = qkv(rng, b, t, h, h, d, d, dtype)
+    s = decay("slopes", h, rng)
+    do = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+    o, vjp_fn = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=impl), q, k, v)
+    ours = (o, *vjp_fn(do))
+    ref = jax.jit(functools.partial(_attend, impls.IMPLS["reference"]))(
+        *(x.astype(jnp.float32) for x in (q, k, v)), s, None, do.astype(jnp.float32), None)
+    for name, x, r in zip(["o", "dq", "dk", "dv"], ours, ref, strict=True):
+        assert rel_err(x, r) < _gpu_tol(dtype), (name, "ours", rel_err(x, r))
+    return (q, k, v, s, do), ours, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic"])
+def test_gpu_eager_matches_reference(impl, rng):
+    """The eager path (no jit: the custom_vjp's kernels dispatch one by one) with no torch in the process yet,
+    the fla test's shape: tells a failure of that test's own setup from one of our kernels."""
+    _eager_against_reference(impl, rng)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic"])
 def test_gpu_matches_fla(impl, rng):
@@ -453,13 +514,7 @@ def test_gpu_matches_fla(impl, rng):
     torch = pytest.importorskip("torch", reason="the fla peer needs torch")
     fla_ops = pytest.importorskip("fla.ops.simple_gla", reason="the peer fla-core==0.6.0 is not installed (carry "
                                   "its wheel: benchmarks/results/KERNEL_NOTES.md)")
-    b, t, h, d, dtype = 1, 4096, 4, 128, jnp.bfloat16
-    q, k, v = qkv(rng, b, t, h, h, d, d, dtype)
-    s = decay("slopes", h, rng)
-    do = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
-    o, vjp_fn = jax.vjp(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=impl), q, k, v)
-    ours = (o, *vjp_fn(do))
-
+    (q, k, v, s, do), ours, ref = _eager_against_reference(impl, rng)
     tq, tk, tv, tdo = (torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=torch.bfloat16)
                        for x in (q, k, v, do))
     for x in (tq, tk, tv):
@@ -468,10 +523,7 @@ def test_gpu_matches_fla(impl, rng):
     to, _ = fla_ops.chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0)
     to.backward(tdo)
     theirs = [x.detach().float().cpu().numpy() for x in (to, tq.grad, tk.grad, tv.grad)]
-    ref = jax.jit(functools.partial(_attend, impls.IMPLS["reference"]))(
-        *(x.astype(jnp.float32) for x in (q, k, v)), s, None, do.astype(jnp.float32), None)
-    for name, x, y, r in zip(["o", "dq", "dk", "dv"], ours, theirs, ref):
-        # Both against the fp32 reference, and against each other.
-        assert rel_err(x, r) < _gpu_tol(dtype), (name, "ours", rel_err(x, r))
+    for name, x, y, r in zip(["o", "dq", "dk", "dv"], ours, theirs, ref, strict=True):
+        # fla against the fp32 reference too, and the two against each other.
         assert rel_err(y, r) < BF16_TOL, (name, "fla", rel_err(y, r))
         assert rel_err(x, y) < 2 * BF16_TOL, (name, "ours vs fla", rel_err(x, y))
