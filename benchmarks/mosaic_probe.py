@@ -12,8 +12,9 @@ each also against the XLA implementation in float32 (an independent check of bot
 errors (max|a - b| / max|b|); times through `benchmarks.bench_ops_gpu.time_jax` (back-to-back calls, median of
 rounds). Every result is printed as it comes and the JSON (DIR/mosaic_probe.json) rewritten after each, so a
 time limit leaves what was measured; a failing compile or run prints its traceback and the probe goes on.
-The records in benchmarks/results/mosaic_probe_h200_*.json came from earlier versions of this probe that timed
-each walk alone (commits 56265f2 and 86ebc5c).
+The records in benchmarks/results/mosaic_probe_h200_*.json came from earlier versions of the kernels and probe:
+_output_pass (the tree of 6fbe3f7: the output pass alone), _walks (56265f2: each walk alone), _dkdv (86ebc5c: a
+fused dK + dV walk, since removed) and _dkdv_split_scores (a second fused variant whose code was never committed).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def probe_shape(shape, args, attempt):
     }
     for name, (make, xs, floor_tensors) in passes.items():
         for impl, config in CONFIGS.items():
-            def run(fn=jax.jit(make(config)), name=name, impl=impl, xs=xs, floor_tensors=floor_tensors):
+            fn = jax.jit(make(config))
+
+            def run(fn=fn, name=name, impl=impl, xs=xs, floor_tensors=floor_tensors):
                 got = jax.block_until_ready(fn(*xs))
                 out = {"max_rel_err_vs_xla_f32": max_rel_err(got, xla[name])}
                 if impl == "triton":
@@ -124,7 +127,8 @@ def main():
         save()
 
     for shape in args.shapes.split(","):
-        attempt(shape, "shape done (or failed outside a row)", lambda shape=shape: probe_shape(shape, args, attempt) or {})
+        attempt(shape, "shape done (or failed outside a row)",
+                lambda shape=shape: probe_shape(shape, args, attempt) or {})
     print(f"wrote {path}", flush=True)
 
 

@@ -75,7 +75,8 @@ def main(argv=None):
             _, grads = fwd_bwd(sharded)(qs, ks, vs)
             err = max([_rel(o, o_ref)] + [_rel(g, gr) for g, gr in zip(grads, g_ref)])
             worst = max(worst, err)
-            print(f"{'data=2 x seq=4, ' + strategy:<26}{_median_ms(jax.jit(sharded), (qs, ks, vs), args.repeats):>10.1f}"
+            label = "data=2 x seq=4, " + strategy
+            print(f"{label:<26}{_median_ms(jax.jit(sharded), (qs, ks, vs), args.repeats):>10.1f}"
                   f"{_median_ms(fwd_bwd(sharded), (qs, ks, vs), args.repeats):>12.1f}{err:>30.2e}")
     if worst > 1e-4:
         raise SystemExit(f"FAILED: a strategy differs from the single-device result by {worst:.2e}")

@@ -28,9 +28,9 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
         equal one call over the concatenated sequence.
       impl: "auto" (the first usable entry of impls.AUTO_ORDER), "xla" (chunked, every platform),
         "pallas_triton" (fused kernels, GPU), "pallas_mosaic" (the same with Mosaic GPU walks, Hopper), their
-        "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run per device: on inputs split over several devices by XLA (a
-        data-parallel mesh), "auto" takes "xla" and naming them is an error; lasp_attention (any seq axis
-        size, even 1) runs them per device.
+        "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
+        per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
+        and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
     Returns:
       o [B, T, H, Dv] in q's dtype, and the final state if asked for.
     """

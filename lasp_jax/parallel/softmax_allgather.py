@@ -8,8 +8,8 @@ The backward needs nothing special: autodiff turns the all_gather into a reduce-
 
 Numerics: the two matmuls take q, k, v (and the probabilities) in the input dtype and accumulate in fp32, as
 flash attention does (fp32 inputs use full-precision matmuls); the softmax statistics are fp32 and the output
-returns in q's dtype. The attention is blockwise with an online softmax (flash-style, rematerialised in the backward), so
-per rank the memory is that of the gathered K/V plus one block of scores, never [L, T].
+returns in q's dtype. The attention is blockwise with an online softmax (flash-style, rematerialised in the
+backward), so per rank the memory is that of the gathered K/V plus one block of scores, never [L, T].
 """
 
 from __future__ import annotations

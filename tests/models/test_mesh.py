@@ -1,4 +1,5 @@
-"""Each model on meshes data x seq = 1x8 and 2x4 (and data-only 2x1) equals the one-device model with the same parameters.
+"""Each model on meshes data x seq = 1x8 and 2x4 (and data-only 2x1) equals the one-device model with the same
+parameters.
 
 Same parameters (nnx.split of one model, then placed on their ZeRO-3 specs), same tokens: logits, the chunked
 mean loss and every gradient must agree within fp32 tolerance. Explicit and Auto axes alternate over the cases.

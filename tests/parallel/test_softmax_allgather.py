@@ -1,8 +1,9 @@
 """LASP-2H softmax attention on forced CPU meshes equals a dense causal softmax over the whole sequence.
 
 The reference is written here in float64 NumPy (K/V heads repeated for GQA; gradients from a dense jnp
-version). It checks the blockwise kernel's outputs and dq, dk, dv on meshes data x seq = 1x8 and 2x4 (Explicit and Auto), inside a caller's shard_map, and that the causal mask
-is global: a rank-local mask (row i sees columns <= i of the gathered K) is shown to differ on this data.
+version). It checks the blockwise kernel's outputs and dq, dk, dv on meshes data x seq = 1x8 and 2x4 (Explicit
+and Auto), inside a caller's shard_map, and that the causal mask is global: a rank-local mask (row i sees
+columns <= i of the gathered K) is shown to differ on this data.
 """
 
 import jax
