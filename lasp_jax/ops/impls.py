@@ -14,8 +14,9 @@ from lasp_jax.ops import pallas_triton, reference, vjp, xla
 # "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
 # there; elsewhere "auto" is the chunked XLA path. "pallas_triton_interpret" is the same kernels in Pallas
 # interpret mode, on any platform (slow: for tests). "pallas_mosaic" is those kernels with the four walks as
-# Mosaic GPU kernels (bf16, head dims 128, no GQA; tested on H200 and H100), "pallas_mosaic_interpret" the same
-# interpreted; "auto" prefers it where it runs (faster than "pallas_triton" there: benchmarks/results/KERNEL_NOTES.md).
+# Mosaic GPU kernels (bf16, head dims 128, no GQA; offered on the H200, where all their tests passed),
+# "pallas_mosaic_interpret" the same interpreted; "auto" prefers it where it runs (faster than "pallas_triton"
+# there: benchmarks/results/KERNEL_NOTES.md).
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
     "xla": vjp.Split(xla),

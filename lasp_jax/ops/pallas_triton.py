@@ -87,8 +87,10 @@ class Config:
     shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
     target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
     deeper buffers cost). mosaic: None, or the Mosaic GPU walks' config (then the output, dQ, dK and dV passes
-    are `pallas_mosaic.walk` kernels, Hopper only; its chunk must equal chunk). interpret: run in Pallas
-    interpret mode (any platform, slow; for tests), the Mosaic walks in Mosaic GPU's interpreter.
+    are `pallas_mosaic.walk` kernels, Hopper only; its chunk must equal chunk; they launch one CTA per (batch,
+    head, piece) of the same plan, whose pieces count the Triton head-dim tiles: half of target_programs at
+    d=128, e.g. 128 CTAs at B=1, H=16; not tuned for the walks). interpret: run in Pallas interpret mode (any
+    platform, slow; for tests), the Mosaic walks in Mosaic GPU's interpreter.
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
