@@ -31,7 +31,7 @@ only as a matmul operand, the decayed scores once. One difference: the state upd
 rows (each warpgroup scales its own columns), while the Triton output and dV passes scale the other factor's
 rows (K, Q), so there the decay's bf16 rounding falls on the other factor (the same product in exact
 arithmetic): o and dV differ from the Triton kernels' by about a bf16 rounding, dQ and dK round alike (measured
-1.5e-3 and 2e-5 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda are exp(-s * n) with n >= 0.
+up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda are exp(-s * n) with n >= 0.
 
 Scope: bf16, 128 head dims, Hkv == H (no GQA), T a whole number of pieces and pieces a whole number of chunks
 (what `pallas_triton` hands its walks after padding); Hopper only (wgmma, TMA). `Config.interpret` runs the

@@ -576,13 +576,13 @@ def supported(q, k, v, config: Config = DEFAULT) -> str | None:
     if jax.default_backend() != "gpu":
         return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
     kind = jax.devices()[0].device_kind
+    if config.mosaic is not None and kind not in _MOSAIC_TESTED_GPUS:
+        return (f"the Mosaic walks are untested on {kind!r}: they completed their GPU tests on "
+                f"{_MOSAIC_TESTED_GPUS} only (run `pytest -m gpu tests/ops` there first)")
     if kind not in _TESTED_GPUS:
         return (f"untested on {kind!r}: these kernels passed their GPU tests on {_TESTED_GPUS} only "
                 "(the Triton lowering is expected to run on other CUDA GPUs, e.g. A100: run "
                 "`pytest -m gpu tests/ops` there first)")
-    if config.mosaic is not None and kind not in _MOSAIC_TESTED_GPUS:
-        return (f"the Mosaic walks are untested on {kind!r}: they completed their GPU tests on "
-                f"{_MOSAIC_TESTED_GPUS} only (run `pytest -m gpu -k \"mosaic or fla\" tests/ops` there first)")
     wide_f32 = jnp.dtype(q.dtype) == jnp.float32 and max(q.shape[-1], v.shape[-1]) > 64
     if wide_f32 and kind not in _WIDE_F32_TESTED_GPUS:
         return (f"fp32 at head dims above 64 is untested on {kind!r}: it passed its GPU tests on "

@@ -216,7 +216,8 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     """On a GPU the kernels are offered on the exact device kinds their GPU tests passed on: a sibling of a tested
     part (GH200), an untested generation (A100), fp32 at d=128 and the Mosaic walks on the H100 (their tests have
     not completed there) are refused with the reason, and "auto" then takes what is left."""
-    bf16, f32 = (jax.ShapeDtypeStruct((1, 64, 2, 128), dtype) for dtype in (jnp.bfloat16, jnp.float32))
+    bf16, f32, f32_d256 = (jax.ShapeDtypeStruct((1, 64, 2, d), dtype)
+                           for d, dtype in ((128, jnp.bfloat16), (128, jnp.float32), (256, jnp.float32)))
     f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
@@ -231,16 +232,22 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     on("NVIDIA H100 80GB HBM3", "9.0")
     assert pallas_triton.supported(bf16, bf16, bf16) is None
     assert pallas_triton.supported(f32_d64, f32_d64, f32_d64) is None
-    assert "fp32 at head dims above 64 is untested" in pallas_triton.supported(f32, f32, f32)
+    for q, v in ((f32, f32), (f32_d256, f32_d256), (f32_d64, f32)):  # Dk = 64, Dv = 128 too
+        assert "fp32 at head dims above 64 is untested" in pallas_triton.supported(q, q, v)
     assert pallas_mosaic.supported(bf16, bf16, bf16) is None, "the kernel itself runs on any Hopper"
     assert "Mosaic walks are untested" in pallas_triton.MOSAIC.supported(bf16, bf16, bf16)
     assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["pallas_triton"]
     assert impls.resolve("auto", f32, f32, f32) is impls.IMPLS["xla"]
     on("NVIDIA GH200 480GB", "9.0")
     assert "untested on 'NVIDIA GH200 480GB'" in pallas_triton.supported(bf16, bf16, bf16)
+    assert "Mosaic walks are untested on 'NVIDIA GH200 480GB'" in pallas_triton.MOSAIC.supported(bf16, bf16, bf16)
+    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["xla"]
     on("NVIDIA A100-SXM4-80GB", "8.0")
     assert "untested on" in pallas_triton.supported(bf16, bf16, bf16)
     assert "needs a Hopper GPU" in pallas_mosaic.supported(bf16, bf16, bf16)
+    # Interpreted, the kernels stay usable wherever they run.
+    assert pallas_triton.INTERPRET.supported(f32, f32, f32) is None
+    assert pallas_triton.MOSAIC_INTERPRET.supported(bf16, bf16, bf16) is None
 
 
 def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
@@ -502,8 +509,9 @@ def _eager_against_reference(impl, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic"])
 def test_gpu_eager_matches_reference(impl, rng):
-    """The eager path (no jit: the custom_vjp's kernels dispatch one by one) with no torch in the process yet,
-    the fla test's shape: tells a failure of that test's own setup from one of our kernels."""
+    """The eager path (no jit: the custom_vjp's kernels dispatch one by one) at the fla test's shape, without
+    torch: tells a failure of that test's own setup from one of our kernels. (In file order it also runs before
+    the fla test imports torch.)"""
     _eager_against_reference(impl, rng)
 
 
