@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lasp_jax.parallel.softmax_allgather import causal_softmax_attention, softmax_allgather_attention
+from lasp_jax.ops.softmax import causal_softmax_attention
+from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from models import sharding
 from models.config import ModelConfig
 from models.layers import Dense

@@ -34,3 +34,16 @@ def decay(kind: str, h: int, rng):
     rates[0] = 0.0
     rates[-1] = 2.0  # lambda^64 ~ 1e-56: exercises underflow, never overflow
     return jnp.asarray(rates, jnp.float32)
+
+
+def dense_causal_softmax(q, k, v, local_rows=None):
+    """float64 causal softmax; with local_rows=L the (wrong) rank-local mask i % L >= j is used instead."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    t = q.shape[1]
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    rows = np.arange(t)[:, None] if local_rows is None else np.arange(t)[:, None] % local_rows
+    s = np.where(np.arange(t)[None, :] <= rows, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), v)
