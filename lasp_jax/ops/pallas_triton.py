@@ -363,23 +363,16 @@ def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head):
         config, _rates(s), x, y)
 
 
-def _scan_weights(s, plan: _Plan, rows):
-    """w[h, r, j] = lambda_h^(L (r - 1 - j)) for j < r, else 0; r in [0, rows), j in [0, P)."""
-    r = jnp.arange(rows, dtype=_F32)[:, None]
-    j = jnp.arange(plan.pieces, dtype=_F32)[None, :]
-    gap = r - 1.0 - j
-    power = jnp.exp(-s.astype(_F32)[:, None, None] * plan.piece_len * jnp.maximum(gap, 0.0))
-    return jnp.where(gap >= 0, power, 0.0)
-
-
 def _prefix(m, s, plan, rows):
     """Exclusive decayed prefix over pieces: row r < P is the state entering piece r, row P the end state."""
-    return jnp.einsum("hrj,bhjde->bhrde", _scan_weights(s, plan, rows), m, precision=_HIGHEST)
+    w = states.prefix_weights(s, plan.piece_len, rows, plan.pieces)
+    return jnp.einsum("hrj,bhjde->bhrde", w, m, precision=_HIGHEST)
 
 
 def _suffix(d, s, plan):
     """Exclusive decayed suffix over pieces: the state cotangent leaving each piece [B, H, P, Dk, Dv]."""
-    return jnp.einsum("hjr,bhjde->bhrde", _scan_weights(s, plan, plan.pieces), d, precision=_HIGHEST)
+    w = states.prefix_weights(s, plan.piece_len, plan.pieces, plan.pieces)
+    return jnp.einsum("hjr,bhjde->bhrde", w, d, precision=_HIGHEST)
 
 
 def _kv_head(q, k):

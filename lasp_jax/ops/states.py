@@ -10,6 +10,9 @@ product (cheap next to the intra-chunk work) and is written once, for all implem
     query_state_grad:   d     = sum_x lambda^x q_x^T dO_x                 (backward of the above, w.r.t. S_in)
     end_state_grads:    dk_x += lambda^(L - x) v_x dS_end^T,  dv_x += lambda^(L - x) k_x dS_end
 
+and the weights that chain such states across pieces or devices (prefix_weights: the exclusive decayed prefix
+and suffix over items of a fixed length).
+
 Shapes: q, dO [B, L, H, D]; k, v [B, L, Hkv, D] with H % Hkv == 0 (query head h reads K/V head h // (H/Hkv));
 s [H] decay rates; states [B, H, Dk, Dv] float32. Powers are exp(-s * n) with n >= 0, so they only underflow.
 
@@ -31,6 +34,19 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def decay_pow(s: jax.Array, n) -> jax.Array:
     """lambda^n = exp(-s * n) in float32; n >= 0 (broadcasts)."""
     return jnp.exp(-s.astype(jnp.float32) * jnp.asarray(n, jnp.float32))
+
+
+def prefix_weights(rates: jax.Array, stride, rows: int, cols: int) -> jax.Array:
+    """[H, rows, cols] float32 w[h, r, j] = lambda_h^(stride (r - 1 - j)) for j < r, else 0.
+
+    Row r weighs the items j before it (pieces of `stride` positions, or ranks with stride 1) by the decay from
+    the end of item j to the start of item r: sum_j w[h, r, j] m_j is the exclusive decayed prefix entering r,
+    and sum_r w[h, r, j] d_r (the transpose) the exclusive decayed suffix leaving j. rates [H]."""
+    r = jnp.arange(rows, dtype=jnp.float32)[:, None]
+    j = jnp.arange(cols, dtype=jnp.float32)[None, :]
+    gap = r - 1.0 - j
+    power = decay_pow(jnp.asarray(rates)[:, None, None], jnp.asarray(stride, jnp.float32) * jnp.maximum(gap, 0.0))
+    return jnp.where(gap >= 0, power, 0.0)
 
 
 def _compute_dtype(x):
