@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import checks, impls, reference, vjp
+from lasp_jax.ops import checks, impls, placement, reference, vjp
 
 
 def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, return_final_state=False,
@@ -41,41 +41,54 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     per_device = impls.resolve(impl, q, k, v, partitioned=impls.partitioned(q))
     if scale != 1.0:
         q = q * jnp.asarray(scale, q.dtype)
-    spec = _explicit_spec(q)
-    if spec is not None:
-        q, k, v = (_whole_sequence(x, spec) for x in (q, k, v))
-        if initial_state is not None:  # laid out like q's batch and heads, as the state products need
-            initial_state = jax.sharding.reshard(initial_state, P(spec[0], spec[2], None, None))
-    out = vjp.attend(q, k, v, s, initial_state, per_device, None, bool(return_final_state))
-    if spec is None or spec[1] is None:
-        return out
-    if return_final_state:
-        return jax.sharding.reshard(out[0], P(*spec)), out[1]
-    return jax.sharding.reshard(out, P(*spec))
+    final = bool(return_final_state)
+    spec = placement.explicit_spec(q)
+    if spec is None:
+        out = attend_under_jit(q, k, v, s, initial_state, per_device, None, final)
+    else:
+        mesh = jax.typeof(q).sharding.mesh
+        _refuse_sharded_sequence(spec, mesh)
+        batch = spec[0]
+        heads = placement.head_axes(spec, mesh, h, k.shape[2], taken=batch)
+        out = _per_shard(q, k, v, s, initial_state, per_device=per_device, final=final, mesh=mesh, batch=batch,
+                         heads=heads)
+    if final:
+        return placement.like_q(out[0], q), out[1]
+    return placement.like_q(out, q)
 
 
-def _explicit_spec(x) -> tuple | None:
-    """x's Explicit sharding as a 4-entry spec, or None when it has none."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    if not spec or all(entry is None for entry in spec):
-        return None
-    spec = tuple(spec) + (None,) * (4 - len(spec))
-    if spec[1] is not None:
-        axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1])
-        size = math.prod(jax.typeof(x).sharding.mesh.shape[a] for a in axes)
-        if size > 1:
-            # Gathering K and V here would undo the point of LASP: that is lasp_attention's job.
-            raise ValueError(f"q's sequence dim is sharded over mesh axes {axes} ({size} devices): use "
-                             "lasp_attention for sequence-sharded inputs (or reshard T to one device first)")
-    return spec
+# Always under jit: lax.associative_scan in an eager shard_map (a caller's, called without jit) crashes the CPU
+# runtime of jax 0.11.2 (segfault). Under a caller's jit this jit is inlined.
+attend_under_jit = jax.jit(vjp.attend, static_argnums=(5, 6, 7))
 
 
-def _whole_sequence(x, q_spec):
-    """Drops a T sharding over size-1 mesh axes (no data moves); q's sharding is restored on the output."""
-    if q_spec[1] is None:
-        return x
-    x_spec = tuple(jax.typeof(x).sharding.spec) + (None,) * 4
-    return jax.sharding.reshard(x, P(x_spec[0], None, *x_spec[2:4]))
+def _refuse_sharded_sequence(spec: placement.Spec, mesh):
+    n = placement.size(mesh, spec[1])
+    if n > 1:
+        # Gathering K and V here would undo the point of LASP: that is lasp_attention's job.
+        raise ValueError(f"q's sequence dim is sharded over mesh axes {spec[1]} ({n} devices): use "
+                         "lasp_attention for sequence-sharded inputs (or reshard T to one device first)")
+
+
+@functools.partial(jax.jit, static_argnames=("per_device", "final", "mesh", "batch", "heads"))
+def _per_shard(q, k, v, s, initial_state, *, per_device, final, mesh, batch, heads):
+    """Explicit mesh: one call per (batch, head) shard inside shard_map (no collective: batch and heads are
+    independent); T and the head dims whole on each device."""
+    x_spec = P(placement.entry(batch), None, placement.entry(heads), None)
+    state_spec = P(placement.entry(batch), placement.entry(heads), None, None)
+    q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, x_spec)) for x in (q, k, v))
+    n_heads = placement.size(mesh, heads)
+    args, in_specs = [q, k, v, s], [x_spec, x_spec, x_spec, P()]
+    if initial_state is not None:
+        args.append(jax.sharding.reshard(initial_state, NamedSharding(mesh, state_spec)))
+        in_specs.append(state_spec)
+
+    def local(q, k, v, s, initial_state=None):
+        s = placement.local_rates(s, heads, n_heads)
+        return vjp.attend(q, k, v, s, initial_state, per_device, None, final)
+
+    out_specs = (x_spec, state_spec) if final else x_spec
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
 
 
 def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):
