@@ -68,7 +68,7 @@ class Step:
         import numpy as np
         from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-        from configs.models import get_model_config
+        from models import presets
         from train.config import TrainConfig
         from train.metrics import flops_per_token
         from train.step import build_state, make_steps, model_config
@@ -80,10 +80,10 @@ class Step:
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         mesh = f"data={self.data},seq={n_gpus // self.data}"
-        cfg = TrainConfig(model=args.model, model_overrides=overrides, mesh=mesh,
+        cfg = TrainConfig(model=presets.get(args.model).replace(**overrides), mesh=mesh,
                           seq_len=self.seq_len, batch_size=self.data, compute_dtype="bfloat16", warmup_steps=10,
                           decay_steps=1000)
-        self.mcfg = model_config(cfg, get_model_config(args.model).vocab_size)
+        self.mcfg = model_config(cfg, cfg.model.vocab_size)
         self.devices = jax.devices()[:n_gpus]
         self.mesh = jax.make_mesh((self.data, n_gpus // self.data), ("data", "seq"), devices=self.devices,
                                   axis_types=(AxisType.Auto,) * 2)

@@ -1,1 +1,1 @@
-"""Model and run configurations: paper sizes and tiny CPU ones."""
+"""Run configurations for `python -m train --config FILE` (model sizes: models/presets.py)."""

@@ -2,17 +2,18 @@
 
 Runs anywhere in a few minutes: 8 forced CPU devices as a data=2 x seq=4 mesh, so every step exercises LASP's
 sequence parallelism (each device holds a quarter of every sequence) and data parallelism at once.
-`python -m train` runs it (about 2-3.5 minutes on 2 shared CPU cores); `--set steps=3000` trains longer.
+`python -m train` runs it (about 2-3.5 minutes on 2 shared CPU cores); `--steps 3000` trains longer.
 """
 
 import time
 
+from models import presets
 from train.config import TrainConfig
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="tnl-tiny",
+        model=presets.get("tnl-tiny"),
         run_dir=f"runs/tnl_tiny-{time.strftime('%Y%m%d-%H%M%S')}",  # a fresh run each time (--run-dir to resume)
         steps=1500,
         platform="cpu",
@@ -27,7 +28,6 @@ def get_config() -> TrainConfig:
         lr=3e-3,  # a small model on a short run: higher than the paper's 5e-4, warmed up quickly
         warmup_steps=50,
         decay_steps=1500,
-        compute_dtype="float32",  # XLA:CPU has no fast bf16 matmuls
         ckpt_every=500,
         log_every=20,
         eval_every=500,

@@ -1,23 +1,23 @@
 """TNL-1B on GPUs with the LASP paper's optimiser: a run config for real data.
 
-    python -m train --config configs/train_tnl_1b.py --set data=/data/corpus --set tokenizer=/data/tokenizer.json
+    python -m train --config configs/train_tnl_1b.py --data /data/corpus --tokenizer /data/tokenizer.json
 
 The sequence is split over every GPU of every host (mesh seq=-1) and each GPU holds seq_len / n_gpus tokens:
 64K tokens per GPU on 8 GPUs is seq_len 524288. Give the data (text, .jsonl or pre-tokenized .bin) and its
 tokenizer; the model's vocabulary follows the tokenizer's (rounded up to a multiple of 128).
 """
 
+from models import presets
 from train.config import TrainConfig
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="tnl-1b",
-        model_overrides={"remat": "block"},  # keep the matmul outputs, recompute the rest, per block
+        model=presets.get("tnl-1b").replace(remat="block"),  # per block: keep the matmul outputs, recompute the rest
         run_dir="runs/tnl_1b",
         steps=50_000,
         mesh="data=1,seq=-1",
-        data=(),  # required: --set data=PATH[,PATH...]
+        data=(),  # required: --data PATH [PATH ...]
         seq_len=65_536,
         batch_size=1,
         compute_dtype="bfloat16",  # fp32 master weights and AdamW

@@ -1,6 +1,6 @@
 """Flax NNX language models on lasp_jax: TNL, Linear Transformer, and hybrids with softmax layers.
 
-    cfg = configs.models.get_model_config("tnl-tiny")
+    cfg = models.presets.get("tnl-tiny")                 # or models.ModelConfig(...)
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens)                               # [B, T, V]
     sum_loss, sum_w = model.loss(tokens, targets, w)     # chunked cross-entropy
@@ -10,8 +10,9 @@ The same model code runs on one device and on a mesh with (data, seq) axes: unde
 activations shard over (batch axes, seq axis) and attention becomes lasp_attention.
 """
 
+from models import presets
 from models.config import ModelConfig
 from models.generate import generate
 from models.lm import Block, LanguageModel, build_model, count_params
 
-__all__ = ["ModelConfig", "LanguageModel", "Block", "build_model", "count_params", "generate"]
+__all__ = ["ModelConfig", "presets", "LanguageModel", "Block", "build_model", "count_params", "generate"]

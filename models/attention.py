@@ -30,21 +30,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 import lasp_jax
+from lasp_jax.ops import tnl_slopes
 from models import sharding
 from models.config import ModelConfig
 from models.layers import Dense, srms_norm
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """ALiBi head slopes: 2^(-8 (h+1) / H) for H a power of two; otherwise those of the nearest power of two
-    below, completed by every other slope of the next power of two (as ALiBi and TNL do)."""
-    def power_of_two(n):
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-
+    """ALiBi head slopes: lasp_jax's `tnl_slopes` 2^(-8 (h+1) / H) for H a power of two; otherwise those of the
+    nearest power of two below, completed by every other slope of the next power of two (as ALiBi and TNL do)."""
     if math.log2(n_heads).is_integer():
-        return power_of_two(n_heads)
+        return [float(s) for s in tnl_slopes(n_heads)]
     low = 2 ** math.floor(math.log2(n_heads))
-    return power_of_two(low) + alibi_slopes(2 * low)[0::2][: n_heads - low]
+    return alibi_slopes(low) + alibi_slopes(2 * low)[0::2][: n_heads - low]
 
 
 def tnl_decay(n_heads: int, layer: int, n_layers: int) -> tuple[float, ...]:

@@ -3,17 +3,56 @@
 A model is a stack of pre-norm residual blocks: token mixer (linear attention, or softmax attention in the
 layers `softmax_layers` names) then channel mixer (SGLU). The config also carries how the model meets a mesh
 (which axes the batch, the sequence and the parameters shard over), how much it recomputes in the backward
-(remat) and in how many pieces the cross-entropy is computed, so one config runs from a CPU toy to 7B.
+(remat) and in how many pieces the cross-entropy is computed, so one config runs from a CPU toy to 7B. Named
+sizes are in models/presets.py.
+
+Fields with a fixed set of values are `Literal`s, checked by `check_fields` (shared with train.TrainConfig):
+the one place that validates choices, float fields (finite as float32, since that is what the model and the
+optimiser compute with: 1e39 is a finite Python float and inf in float32) and tuple fields (a bare string
+would be iterated character by character).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from typing import Literal
 
-KINDS = ("tnl", "linear_transformer")
-REMAT = ("none", "block", "full")
-STRATEGIES = ("ring", "allgather", "scan")
+import numpy as np
+
+from lasp_jax.ops.impls import IMPLS
+from lasp_jax.parallel.api import STRATEGIES
+
+Strategy = Literal[tuple(STRATEGIES)]  # LASP state exchanges, from lasp_jax's own table
+AttnImpl = Literal[("auto", *IMPLS)]  # per-device linear attention implementations, from lasp_jax's table
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@functools.cache
+def _hints(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj) -> None:
+    """ValueError naming the field of dataclass `obj` whose value its annotation rules out: a Literal's value
+    not among its choices, a float that is not finite in float32, a tuple field given something else."""
+    name_of = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ValueError(f"{name_of}: {f.name} must be one of {typing.get_args(tp)}, got {value!r}")
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name_of}: {f.name} must be a number, got {value!r}")
+            with np.errstate(over="ignore"):  # the cast itself tells: past float32's range it gives inf
+                finite = bool(np.isfinite(np.float32(value)))
+            if not finite:
+                raise ValueError(f"{name_of}: {f.name}={value!r} is not a finite float32 value "
+                                 f"(|x| <= {float(np.finfo(np.float32).max):.4g})")
+        if typing.get_origin(tp) is tuple and not isinstance(value, tuple):
+            raise ValueError(f"{name_of}: {f.name} must be a tuple, got {value!r}"
+                             + (f" (write ({value!r},))" if isinstance(value, str) else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +79,8 @@ class ModelConfig:
     init_std: float = 0.02  # normal init of every matrix and of the embedding (TNL's init_std)
 
     # --- numerics and memory ---
-    dtype: str = "float32"  # compute dtype of activations and matmuls, e.g. "bfloat16"
-    param_dtype: str = "float32"  # master weights
+    dtype: Dtype = "float32"  # compute dtype of activations and matmuls
+    param_dtype: Dtype = "float32"  # master weights
     remat: Literal["none", "block", "full"] = "none"
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
     # full: per block, keep only its input.
@@ -51,19 +90,14 @@ class ModelConfig:
     seq_axis: str = "seq"  # mesh axis the sequence is split over (LASP)
     batch_axes: tuple[str, ...] = ("data",)  # mesh axes the batch is split over
     param_axis: str | None = "data"  # mesh axis parameters are sharded over (ZeRO-3 / FSDP); None: replicate
-    strategy: Literal["ring", "allgather", "scan"] = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
-    attn_impl: str = "auto"  # per-device linear attention implementation (lasp_jax impl=)
+    strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
+    attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"ModelConfig: {msg}")
 
-        if self.kind not in KINDS:
-            bad(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.remat not in REMAT:
-            bad(f"remat must be one of {REMAT}, got {self.remat!r}")
-        if self.strategy not in STRATEGIES:
-            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_fields(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ce_chunk"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")

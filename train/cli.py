@@ -1,21 +1,44 @@
-"""The command line: `python -m train [--config FILE] [--mesh data=2,seq=4] [--set name=value ...]`.
+"""The command line: `python -m train [--config FILE] [--model-preset NAME] [--FIELD VALUE ...]`.
+
+    python -m train --config configs/train_tnl_1b.py --data /data/corpus.bin --mesh data=1,seq=8
+    python -m train --steps 3000 --lr 1e-3 --model.strategy scan --model.softmax-layers 1 3 --no-resume
 
 A config file is a Python file with `get_config() -> TrainConfig`; without --config the embedded default
-(configs/tnl_tiny.py: the tiny TNL on the standard library's sources, 8 CPU devices) runs. Flags are applied
-in order config file -> --mesh/--run-dir/--steps -> --set, then everything is validated before JAX starts.
+(configs/tnl_tiny.py: the tiny TNL on the standard library's sources, 8 CPU devices) runs. --model-preset
+replaces the file's model by a named one (models.presets). Every TrainConfig field is then a flag of its own,
+`--model.X` for the model's fields (tyro builds them from the dataclasses: `--help` lists each with its type,
+default and comment; `-` and `_` are both accepted in names; booleans are `--resume` / `--no-resume`; tuples
+take several values). The result is checked by TrainConfig itself and `validate` before JAX starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
-import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from train.config import TrainConfig, apply_overrides, validate
+import tyro
+
+from models.presets import PRESETS
+from train.config import TrainConfig, validate
 from train.distributed import DistributedArgs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tnl_tiny.py"
+
+
+@dataclass(frozen=True)
+class Command:
+    """Train a LASP model (Flax NNX, optax, orbax)."""
+
+    train: Annotated[TrainConfig, tyro.conf.arg(name="")]
+    config: str = str(DEFAULT_CONFIG)  # Python file whose get_config() returns the TrainConfig the flags change
+    model_preset: Literal[tuple(PRESETS)] | None = None  # replace the config file's model by this named one
+    coordinator: str | None = None  # multi-host (all three, or none to auto-detect): host:port of process 0
+    num_processes: int | None = None  # multi-host: the number of processes
+    process_id: int | None = None  # multi-host: this process's index
 
 
 def load_config_file(path: str | Path) -> TrainConfig:
@@ -35,36 +58,18 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return cfg
 
 
-def model_field_types() -> dict[str, typing.Any]:
-    """Field name -> type of models.ModelConfig, for `--set model.X=V`."""
-    from models.config import ModelConfig
-
-    return typing.get_type_hints(ModelConfig)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a LASP model (Flax NNX, optax, orbax).")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Python file with get_config() (default: %(default)s)")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,seq=4 (same as --set mesh=...)")
-    p.add_argument("--run-dir", help="where checkpoints and metrics go (same as --set run_dir=...)")
-    p.add_argument("--steps", help="optimiser steps (same as --set steps=...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a config field (repeatable); model fields as model.NAME=VALUE")
-    g = p.add_argument_group("multi-host (all three, or none to auto-detect)")
-    g.add_argument("--coordinator", help="host:port of process 0")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
-    return p
-
-
-def parse(argv=None) -> tuple[TrainConfig, DistributedArgs]:
-    """argv -> a validated config and the multi-host flags. Raises ValueError on a bad config."""
-    args = parser().parse_args(argv)
-    cfg = load_config_file(args.config)
-    overrides = [f"{name}={value}" for name, value in
-                 (("mesh", args.mesh), ("run_dir", args.run_dir), ("steps", args.steps)) if value is not None]
-    overrides += args.overrides
-    needs_model = any(o.startswith("model.") for o in overrides)
-    cfg = apply_overrides(cfg, overrides, model_field_types() if needs_model else None)
-    validate(cfg)
-    return cfg, DistributedArgs(args.coordinator, args.num_processes, args.process_id)
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedArgs]:
+    """argv -> a validated config and the multi-host flags. ValueError for a bad config file or config;
+    SystemExit (status 2, tyro's message on stderr) for a bad flag or value, and for --help (status 0)."""
+    # The config file and the preset make the defaults the other flags change, so they are read first.
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config", default=str(DEFAULT_CONFIG))
+    first.add_argument("--model-preset", "--model_preset", dest="model_preset", choices=list(PRESETS))
+    known, _ = first.parse_known_args(argv)
+    cfg = load_config_file(known.config)
+    if known.model_preset:
+        cfg = dataclasses.replace(cfg, model=PRESETS[known.model_preset])
+    default = Command(train=cfg, config=known.config, model_preset=known.model_preset)
+    cmd = tyro.cli(Command, default=default, args=argv, prog="python -m train")
+    validate(cmd.train)
+    return cmd.train, DistributedArgs(cmd.coordinator, cmd.num_processes, cmd.process_id)

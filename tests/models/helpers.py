@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import models
-from configs.models import get_model_config
+from models import presets
 
 VOCAB = 64
 
@@ -20,9 +20,9 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 
 
 def tiny(name: str = "tnl-tiny", **changes) -> models.ModelConfig:
-    """A named config shrunk to CPU-test size (d 32, 4 heads, 2 layers unless changed)."""
+    """A preset shrunk to CPU-test size (d 32, 4 heads, 2 layers unless changed)."""
     base = dict(d_model=32, n_heads=4, mlp_hidden=64, vocab_size=VOCAB, n_layers=2, ce_chunk=4)
-    return get_model_config(name).replace(**{**base, **changes})
+    return presets.get(name).replace(**{**base, **changes})
 
 
 def tokens(rng, b=2, t=32, vocab=VOCAB):

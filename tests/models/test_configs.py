@@ -1,4 +1,4 @@
-"""Named configs: each name's size matches its parameter count; counting allocates nothing; bad configs fail."""
+"""Presets: each name's size matches its parameter count; counting allocates nothing; bad configs fail."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import models
-from configs.models import MODEL_CONFIGS, get_model_config
+from models import presets
+from models.config import AttnImpl, Strategy
 from tests.models import helpers
 
 # Nominal sizes in billions, read from the names (tiny ones are checked by formula below).
@@ -30,9 +31,9 @@ def _formula(cfg: models.ModelConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_parameter_count_matches_name_and_formula(name):
-    cfg = get_model_config(name)
+    cfg = presets.get(name)
     n = models.count_params(cfg)
     print(f"{name}: {n:,} parameters ({n / 1e9:.3f} B)")
     assert n == _formula(cfg)
@@ -51,16 +52,16 @@ def test_count_params_equals_built_model():
 
 
 def test_tnl_paper_shapes():
-    cfg = get_model_config("tnl-7b")
+    cfg = presets.get("tnl-7b")
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.resolved_mlp_hidden) == (30, 4096, 32, 11008)
-    hybrid = get_model_config("tnl-1b-hybrid")
+    hybrid = presets.get("tnl-1b-hybrid")
     assert hybrid.softmax_set == frozenset({3, 7, 11, 15})
     assert hybrid.resolved_softmax_kv_heads < hybrid.n_heads  # GQA keeps the K/V all-gather small
 
 
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="tnl-1b"):
-        get_model_config("tnl-2b")
+        presets.get("tnl-2b")
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -71,7 +72,22 @@ def test_unknown_name_lists_the_known_ones():
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(softmax_layers=(0, 9)), "softmax_layers"),
     (dict(batch_axes=("data", "seq")), "seq_axis"),
+    (dict(batch_axes="data"), r"batch_axes must be a tuple, got 'data' \(write \('data',\)\)"),
+    (dict(attn_impl="fast"), "attn_impl must be one of"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(init_std=1e39), "init_std=1e[+]39 is not a finite float32 value"),
+    (dict(norm_eps=float("inf")), "norm_eps=inf is not a finite float32 value"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):
         models.ModelConfig(**{**dict(d_model=32, n_heads=4, n_layers=2), **changes})
+
+
+def test_choices_come_from_lasp_jax():
+    import typing
+
+    from lasp_jax.ops.impls import IMPLS
+    from lasp_jax.parallel.api import STRATEGIES
+
+    assert typing.get_args(Strategy) == tuple(STRATEGIES)
+    assert typing.get_args(AttnImpl) == ("auto", *IMPLS)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from configs.models import get_model_config
+from models.presets import get as get_model_config
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""Named model configurations: the LASP papers' sizes and tiny CPU ones.
+"""Named model sizes: the LASP papers' and tiny CPU ones (`python -m models.presets` lists them with sizes).
 
 TNL sizes follow TransNormerLLM (Qin et al. 2023): 385M ("0.4B"): 24 layers, d 1024, 8 heads, SGLU 2816;
 1B: 16 layers, d 2048, 16 heads, SGLU 5632; 7B: 30 layers, d 4096, 32 heads, SGLU 11008; vocabulary 64000,
@@ -23,7 +23,7 @@ def _hybrid(cfg: ModelConfig, every: int = 4) -> ModelConfig:
     return cfg.replace(softmax_layers=every, softmax_kv_heads=max(1, cfg.n_heads // 4))
 
 
-MODEL_CONFIGS: dict[str, ModelConfig] = {
+PRESETS: dict[str, ModelConfig] = {
     "tnl-tiny": _TINY,
     "tnl-0.4b": _TNL_04B,
     "tnl-1b": _TNL_1B,
@@ -39,16 +39,16 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 
 
-def get_model_config(name: str) -> ModelConfig:
-    """The config called `name`; ValueError listing the known names otherwise."""
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
-    return MODEL_CONFIGS[name]
+def get(name: str) -> ModelConfig:
+    """The preset called `name`; ValueError listing the known names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
 
 
-if __name__ == "__main__":  # python -m configs.models: every config's size
+if __name__ == "__main__":
     from models import count_params
 
-    for name, cfg in MODEL_CONFIGS.items():
+    for name, cfg in PRESETS.items():
         print(f"{name:18s} {count_params(cfg):>15,d} parameters  ({cfg.kind}, {cfg.n_layers} layers, d {cfg.d_model}, "
               f"softmax layers {sorted(cfg.softmax_set) or 'none'})")
