@@ -2,15 +2,13 @@
 
 Kept apart from the loop (and from Grain) so benchmarks can time exactly the step that training runs.
 
-Numerics: the model computes in `compute_dtype` (bf16 by default) from float32 master parameters; the loss is
-the mean token cross-entropy over the global batch (the model's chunked sum divided by the token count); the
-gradients, their clipping and AdamW run in float32. Parameters and AdamW moments follow the model's partition
-specs (ZeRO-3 over `data`).
+Numerics: the model computes in `compute_dtype` (by default bf16 on accelerators, fp32 on CPU) from float32
+master parameters; the loss is the mean token cross-entropy over the global batch (the model's chunked sum
+divided by the token count); the gradients, their clipping and AdamW run in float32. Parameters and AdamW
+moments follow the model's partition specs (ZeRO-3 over `data`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import numpy as np
@@ -18,25 +16,16 @@ import optax
 from flax import nnx
 
 import models
-from configs.models import get_model_config
-from train.config import TrainConfig
+from train.config import TrainConfig, resolve_compute_dtype
 from train.optim import make_optimizer
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> models.ModelConfig:
-    """The named model with the run's overrides, its vocabulary sized to the data, float32 master weights."""
-    base = get_model_config(cfg.model)
-    known = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(cfg.model_overrides) - known)
-    if unknown:
-        raise ValueError(f"model_overrides: unknown ModelConfig fields {unknown}")
-    changes = {"dtype": cfg.compute_dtype, "param_dtype": "float32", **cfg.model_overrides}
-    if "vocab_size" not in cfg.model_overrides:
-        changes["vocab_size"] = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    elif cfg.model_overrides["vocab_size"] < vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model_overrides['vocab_size']} is smaller than the data's "
-                         f"{vocab_size} token ids")
-    return dataclasses.replace(base, **changes)
+    """The run's model: its vocabulary the data's `vocab_size` rounded up to vocab_multiple, computing in the
+    run's compute dtype (auto resolved for this backend) from float32 master weights."""
+    return cfg.model.replace(vocab_size=-(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple,
+                             dtype=resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()),
+                             param_dtype="float32")
 
 
 def build_state(mcfg, cfg: TrainConfig, mesh):
