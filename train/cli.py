@@ -58,6 +58,27 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return cfg
 
 
+def flags(cfg: TrainConfig) -> list[str]:
+    """The flags that make `cfg` whatever the config file: every field, model fields as --model.X (to start the
+    same run on other hosts, or in a test's subprocess)."""
+    out: list[str] = []
+
+    def add(prefix: str, obj) -> None:
+        for f in dataclasses.fields(obj):
+            name, value = prefix + f.name, getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                add(f"{name}.", value)
+            elif isinstance(value, bool):
+                out.append(f"--{name}" if value else f"--{prefix}no-{f.name}")
+            elif isinstance(value, tuple):
+                out.extend([f"--{name}", *map(str, value)])
+            else:
+                out.extend([f"--{name}", str(value)])
+
+    add("", cfg)
+    return out
+
+
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedArgs]:
     """argv -> a validated config and the multi-host flags. ValueError for a bad config file or config;
     SystemExit (status 2, tyro's message on stderr) for a bad flag or value, and for --help (status 0)."""

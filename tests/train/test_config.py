@@ -30,6 +30,13 @@ def test_flags_parse_each_field_type(tmp_path):
                                                          remat="block")
 
 
+def test_flags_reproduce_a_config():
+    changed = dataclasses.replace(TrainConfig(), data=("a.txt", "b.jsonl"), resume=False, lr=3e-3, eos_token="",
+                                  model=presets.get("tnl-1b-hybrid").replace(tie_embeddings=False, head_dim=None))
+    for cfg in (TrainConfig(), changed, cli.load_config_file(cli.DEFAULT_CONFIG)):
+        assert cli.parse(cli.flags(cfg))[0] == cfg
+
+
 def test_model_preset_replaces_the_files_model_before_the_model_flags():
     cfg, _ = cli.parse(["--model-preset", "tnl-1b-hybrid", "--model.strategy", "scan"])
     assert cfg.model == presets.get("tnl-1b-hybrid").replace(strategy="scan")
