@@ -1,14 +1,21 @@
-"""Several GPUs: lasp_attention (ring, allgather, scan) at a fixed number of tokens per GPU, against our own
-one-GPU time at that length (weak scaling), bf16, B=1, H=16, d=128, TNL slopes; forward and forward+backward.
+"""Several GPUs, side by side: lasp_attention (ring, allgather, scan) at a fixed number of tokens per GPU, against
+jla's context_parallel_linear_attention (simple_gla) and the LASP package's lasp_fuse_parallel; each against its
+own one-GPU time at that length (weak scaling). bf16, B=1, H=16, d=128, TNL decay rates, scale d^-0.5 unless
+--scale; forward and forward+backward.
 
-    python3 -m benchmarks.bench_lasp_gpu [--per-gpu 65536] [--gpus 2,4,8] [--impl pallas_triton] [--out DIR]
+    python3 -m benchmarks.bench_lasp_gpu [--per-gpu 65536] [--gpus 2,4,8] [--impl pallas_mosaic] [--peers jla]
+        [--out DIR]
 
-Each GPU count n runs on the first n devices with T = n x per-gpu; efficiency = one-GPU time / n-GPU time.
-Every strategy's output and input cotangents are checked against one-device chunked XLA on the same inputs.
+Each GPU count n runs on the first n devices with T = n x per-gpu; efficiency = one-GPU time / n-GPU time, each
+framework against its own one-GPU row (ours: linear_attention with --impl; jla: its simple_gla with its Mosaic
+GPU kernels; jla's context parallelism runs its chunked XLA op on every shard, twice: from a zero state, then
+from the true one). Every row's output and input cotangents are checked against `measure.fp32_reference` on one
+device (the fp32-upcast inputs, HIGHEST precision).
 
-The LASP package's lasp_fuse_parallel runs beside it through torchrun (benchmarks/peer_lasp_parallel.py);
-the two write lasp_gpu.json and lasp_peer.json under --out, and this script's table reads the peer's file if
-it is there. Timing as in bench_ops_gpu (back-to-back calls, median of rounds).
+Isolation: ours and jla each run in a process of their own (this process starts them and merges their rows);
+lasp_fuse_parallel runs under torchrun before (benchmarks/peer_lasp_parallel.py writes lasp_peer.json under
+--out, which this script's table reads if it is there). Timing as in bench_ops_gpu (`measure.median_ms`).
+Writes lasp_gpu.{json,md,png} under --out.
 """
 
 from __future__ import annotations
@@ -17,135 +24,233 @@ import argparse
 import datetime
 import json
 import os
+import shlex
+import sys
+import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
-import numpy as np
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lasp_jax
-from benchmarks.bench_ops_gpu import jax_fns, jax_inputs, slopes, time_jax
+from benchmarks import measure
+from lasp_jax.ops import tnl_slopes
+
+STRATEGIES = ("ring", "allgather", "scan")
+VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-linear-attention", "lasp", "torch")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-gpu", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--gpus", default="", help="GPU counts, e.g. 2,4,8 (default: every GPU here)")
-    parser.add_argument("--impl", default="pallas_triton")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--impl", default="pallas_mosaic", help="lasp_jax impl")
+    parser.add_argument("--peers", default="jla", help="jla or nothing (the LASP peer runs under torchrun)")
+    parser.add_argument("--scale", type=float, default=None, help="attention scale (default d^-0.5)")
+    parser.add_argument("--jla-impl", default="mosaic_gpu", help="jla's impl for its one-GPU row")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--worker", choices=("lasp_jax", "jla"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.peers not in ("", "jla"):
+        parser.error(f"--peers must be 'jla' or '', got {args.peers!r}")
+    try:
+        args.counts = [int(n) for n in args.gpus.split(",")] if args.gpus else []
+    except ValueError:
+        parser.error(f"--gpus must be comma-separated integers, got {args.gpus!r}")
+    if args.scale is None:
+        args.scale = args.dim ** -0.5
+    if args.worker and not args.rows:
+        parser.error("--worker needs --rows")
+    return args
 
-    devices = jax.devices()
-    t, h, d = args.per_gpu, args.heads, args.dim
-    counts = [int(n) for n in args.gpus.split(",")] if args.gpus else [len(devices)]
-    if any(not 1 < n <= len(devices) for n in counts):
-        parser.error(f"needs at least 2 GPUs, and each count of --gpus ({args.gpus or len(devices)}) must be in "
-                     f"2..{len(devices)} (the devices here)")
-    s = slopes(h)
-    meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + " ".join(argv or os.sys.argv[1:]),
-            "device": f"{max(counts)} x {devices[0].device_kind}",
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + shlex.join(argv),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "versions": {"jax": jax.__version__}, "shape_per_gpu": [1, t, h, d]}
+            "versions": {"python": sys.version.split()[0]} | measure.package_versions(VERSIONED),
+            "shape_per_gpu": [1, args.per_gpu, args.heads, args.dim], "scale": args.scale,
+            "isolation": "ours and jla each ran in a process of their own; lasp_fuse_parallel under torchrun",
+            "devices": {}}
+    passed = ["--per-gpu", str(args.per_gpu), "--heads", str(args.heads), "--dim", str(args.dim), "--gpus",
+              args.gpus, "--impl", args.impl, "--scale", repr(args.scale), "--jla-impl", args.jla_impl, "--iters",
+              str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed)]
     rows = []
-
-    # One GPU at the per-GPU length.
-    one = jax_inputs(1, t, h, d)
-    fwd, fwd_bwd = jax_fns(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl=args.impl))
-    rows.append({"run": f"1 GPU, T={t}", "gpus": 1, "fwd_ms": time_jax(fwd, one[:3], args.iters, args.reps),
-                 "fwd_bwd_ms": time_jax(fwd_bwd, one, args.iters, args.reps)})
-    print(json.dumps(rows[-1]), flush=True)
-    del one
-
-    os.makedirs(args.out, exist_ok=True)
-    for n in counts:
-        rows += _strategies(args, devices[:n], s)
-        with open(os.path.join(args.out, "lasp_gpu.json"), "w") as f:  # after each count: a cut-off run keeps it
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with tempfile.TemporaryDirectory(prefix="bench_lasp_") as scratch:
+        for name in ["lasp_jax"] + (["jla"] if args.peers == "jla" else []):
+            path = os.path.join(scratch, name + ".jsonl")
+            for row in measure.run_worker("benchmarks.bench_lasp_gpu", passed + ["--worker", name], path, name):
+                if "device" in row:
+                    meta["devices"][name] = row["device"]
+                else:
+                    rows.append(row)
     peer_path = os.path.join(args.out, "lasp_peer.json")
     if os.path.exists(peer_path):
         with open(peer_path) as f:
-            rows.append(json.load(f))
-    base = rows[0]["fwd_bwd_ms"]
-    peer = next((r for r in rows if "lasp_fuse_parallel" in r["run"] and "fwd_bwd_ms" in r), None)
-    lines = [f"Device: {meta['device']}; date: {meta['date']}; jax {jax.__version__}; per GPU: B=1, T={t}, "
-             f"H={h}, d={d}, bf16", f"Command: `{meta['command']}`", "",
-             "| run | fwd ms | fwd+bwd ms | fwd+bwd / 1-GPU | weak-scaling efficiency | lasp_fuse_parallel / this | "
-             "max rel err vs 1-GPU XLA |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['run']} | error: {r['error'][:100]} | | | | | |")
-            continue
-        same_size = peer is not None and r.get("gpus") == peer.get("gpus")  # the peer ran on one GPU count
-        ratio = f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x" if same_size else "-"
-        # Weak scaling is ours against our own one-GPU time; the peer's row has no one-GPU time of its own.
-        efficiency = "-" if r is peer else f"{base / r['fwd_bwd_ms']:.0%}"
-        lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['fwd_bwd_ms'] / base:.2f} | {efficiency} | {ratio} | "
-                     f"{r.get('max_rel_err_o_dq_dk_dv', '-')} |")
-    table = "\n".join(lines) + "\n"
+            rows.append(json.load(f) | {"framework": "LASP"})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "lasp_gpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    table = render(meta, rows)
     with open(os.path.join(args.out, "lasp_gpu.md"), "w") as f:
         f.write(table)
     plot(rows, meta, os.path.join(args.out, "lasp_gpu.png"))
     print(table)
 
 
-def _strategies(args, devices, s):
-    """Rows for every strategy on `devices` (T = len(devices) x per-gpu), each checked against one-device XLA."""
-    w, t, h, d = len(devices), args.per_gpu, args.heads, args.dim
+def worker_main(args) -> None:
+    """One framework in this process: its one-GPU row, then its rows on every GPU count."""
+    devices = jax.devices()
+    counts = args.counts or [len(devices)]
+    if any(not 1 < n <= len(devices) for n in counts):
+        raise SystemExit(f"needs at least 2 devices, and each count of --gpus ({counts}) must be in "
+                         f"2..{len(devices)} (the devices here)")
+    measure.append_row(args.rows, {"worker": args.worker, "device": f"{max(counts)} x {devices[0].device_kind}"})
+    t, h, d = args.per_gpu, args.heads, args.dim
+    rates = tnl_slopes(h)
+    if args.worker == "lasp_jax":
+        one_gpu = {f"1 GPU lasp_jax linear_attention ({args.impl}), T={t}": (
+            lambda q, k, v: lasp_jax.linear_attention(q, k, v, rates, scale=args.scale, impl=args.impl), None, "")}
+    else:
+        from jla.ops import linear_attention as jla_attention
+
+        one_gpu = {f"1 GPU jla simple_gla ({args.jla_impl}), T={t}": (
+            lambda q, k, v: jla_attention("simple_gla", q, k, v, g=_jla_gate(q, rates), scale=args.scale,
+                                          impl=args.jla_impl)[0], None, "")}
+    for n in [1] + counts:
+        inputs = measure.normal_inputs((1, n * t, h, d), args.seed)
+        want = measure.fp32_reference(*inputs, rates, args.scale)
+        if n == 1:
+            contenders = one_gpu
+        else:
+            contenders = (_ours(args, devices[:n], rates) if args.worker == "lasp_jax"
+                          else _jla(args, devices[:n], rates))
+            sharding = next(iter(contenders.values()))[1]
+            inputs = tuple(jax.device_put(x, sharding) for x in inputs)
+        for name, (attend, _, label) in contenders.items():
+            row = {"run": name, "gpus": n, "framework": args.worker, "label": label}
+            try:
+                fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend)
+                row["errors"] = measure.errors(fwd_bwd(*inputs), want)
+                row["fwd_ms"] = measure.median_ms(fwd, inputs[:3], args.iters, args.reps)
+                row["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, inputs, args.iters, args.reps)
+            except Exception as e:  # report it and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            measure.append_row(args.rows, row)
+        del inputs, want
+
+
+def _jla_gate(q, rates):
+    """jla's per-token log-gate g [B, T, H] = -s for constant rates s (its layout has no per-head form)."""
+    return jnp.broadcast_to(-jnp.asarray(rates), q.shape[:3])
+
+
+def _ours(args, devices, rates) -> dict:
+    """{name: (attend, input sharding, label)}: lasp_attention with every strategy over a 'seq' axis of
+    `devices`."""
+    w, t = len(devices), args.per_gpu
     mesh = jax.make_mesh((w,), ("seq",), devices=devices)
     spec = NamedSharding(mesh, P(None, "seq"))
-    inputs = jax_inputs(1, w * t, h, d)
-    _, ref_fwd_bwd = jax_fns(lambda q, k, v: lasp_jax.linear_attention(q, k, v, s, impl="xla"))
-    reference = jax.tree.map(lambda x: np.asarray(x, np.float32), ref_fwd_bwd(*inputs))
-    full = [jax.device_put(x, spec) for x in inputs]
-    del inputs
-    rows = []
-    for strategy in ("ring", "allgather", "scan"):
-        fwd, fwd_bwd = jax_fns(lambda q, k, v, strategy=strategy: lasp_jax.lasp_attention(
-            q, k, v, jnp.asarray(s), mesh=mesh, strategy=strategy, impl=args.impl))
-        row = {"run": f"{w} GPUs lasp_attention {strategy}, T={w * t}", "gpus": w, "strategy": strategy}
-        try:
-            row["fwd_ms"] = time_jax(fwd, full[:3], args.iters, args.reps)
-            row["fwd_bwd_ms"] = time_jax(fwd_bwd, full, args.iters, args.reps)
-            got = jax.tree.map(lambda x: np.asarray(x, np.float32), fwd_bwd(*full))
-            row["max_rel_err_o_dq_dk_dv"] = max(
-                float(np.linalg.norm(a - b) / np.linalg.norm(b))
-                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)))
-        except Exception as e:  # report it and go on to the next strategy
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    return {f"{w} GPUs lasp_attention {strategy}, T={w * t}": (
+        lambda q, k, v, strategy=strategy: lasp_jax.lasp_attention(
+            q, k, v, jnp.asarray(rates), mesh=mesh, strategy=strategy, scale=args.scale, impl=args.impl), spec,
+        f"lasp_attention {strategy}") for strategy in STRATEGIES}
+
+
+def _jla(args, devices, rates) -> dict:
+    """{name: (attend, input sharding, label)}: jla's context_parallel_linear_attention over a 'cp' axis of
+    `devices`."""
+    from jla.distributed.context_parallel import context_parallel_linear_attention
+
+    w, t = len(devices), args.per_gpu
+    mesh = jax.make_mesh((w,), ("cp",), devices=devices)
+    spec = NamedSharding(mesh, P(None, "cp"))
+
+    def attend(q, k, v):
+        g = jax.sharding.reshard(_jla_gate(q, rates), spec)
+        return context_parallel_linear_attention("simple_gla", q, k, v, g=g, scale=args.scale, mesh=mesh,
+                                                 axis="cp")[0]
+
+    return {f"{w} GPUs jla context_parallel_linear_attention, T={w * t}": (attend, spec, "context parallel")}
+
+
+def render(meta, rows) -> str:
+    """The table: each row's times, its weak-scaling efficiency against its framework's one-GPU row, each peer's
+    fwd+bwd time over it at the same GPU count, and its largest error against the fp32 reference."""
+    timed = [r for r in rows if "fwd_bwd_ms" in r]
+    base = {r["framework"]: r["fwd_bwd_ms"] for r in timed if r["gpus"] == 1}
+    peers = {"jla CP": lambda r: r["framework"] == "jla" and r["gpus"] > 1,
+             "lasp_fuse_parallel": lambda r: r["framework"] == "LASP"}
+    lines = [f"Devices: {meta['devices']}; date: {meta['date']}; versions: {meta['versions']}",
+             f"Per GPU: B, T, H, d = {meta['shape_per_gpu']}, bf16, scale {meta['scale']:.4g}; "
+             f"isolation: {meta['isolation']}", f"Command: `{meta['command']}`", "",
+             "| run | fwd ms | fwd+bwd ms | weak-scaling efficiency | " + " | ".join(f"{p} / this" for p in peers)
+             + " | max rel. err. vs fp32 |", "|---|---|---|---|" + "---|" * len(peers) + "---|"]
+    for r in rows:
+        if "fwd_bwd_ms" not in r:
+            lines.append(f"| {r.get('run', r.get('worker'))} | error: {r.get('error', '?')[:100]} | |"
+                         + " |" * (len(peers) + 2))
+            continue
+        own = base.get(r["framework"])
+        efficiency = f"{own / r['fwd_bwd_ms']:.0%}" if own and r["gpus"] > 1 else "-"
+        cells = []
+        for match in peers.values():
+            peer = next((p for p in timed if match(p) and p["gpus"] == r["gpus"]), None)
+            cells.append(f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if peer and r["gpus"] > 1 else "-")
+        err = f"{r['errors']['max']:.2e}" if "errors" in r else "-"
+        lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | {efficiency} | "
+                     + " | ".join(cells) + f" | {err} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, meta, path):
-    """fwd+bwd ms and weak-scaling efficiency against the GPU count, one line per strategy."""
-    import matplotlib
+    """fwd+bwd ms and weak-scaling efficiency against the GPU count, one line per strategy / framework."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = rows[0]["fwd_bwd_ms"]
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    timed = [r for r in rows if "fwd_bwd_ms" in r]
     fig, (ax_ms, ax_eff) = plt.subplots(1, 2, figsize=(11, 4))
-    for strategy in ("ring", "allgather", "scan"):
-        pts = [(1, base)] + [(r["gpus"], r["fwd_bwd_ms"]) for r in rows
-                             if r.get("strategy") == strategy and "fwd_bwd_ms" in r]
-        gpus, ms = zip(*pts)
-        ax_ms.plot(gpus, ms, marker="o", label=strategy)
-        ax_eff.plot(gpus, [base / m for m in ms], marker="o", label=strategy)
-    ax_ms.set(xlabel="GPUs", ylabel="fwd+bwd ms", title="lasp_attention, fixed tokens per GPU")
+    for framework in dict.fromkeys(r["framework"] for r in timed):
+        ones = [r["fwd_bwd_ms"] for r in timed if r["framework"] == framework and r["gpus"] == 1]
+        lines = {}
+        for r in timed:
+            if r["framework"] == framework and r["gpus"] > 1:
+                lines.setdefault(f"{framework} {r.get('label', '')}", []).append((r["gpus"], r["fwd_bwd_ms"]))
+        for label, pts in lines.items():
+            pts = sorted(([(1, ones[0])] if ones else []) + pts)
+            gpus, ms = zip(*pts)
+            ax_ms.plot(gpus, ms, marker="o", label=label)
+            if ones:
+                ax_eff.plot(gpus, [ones[0] / m for m in ms], marker="o", label=label)
+    ax_ms.set(xlabel="GPUs", ylabel="fwd+bwd ms", title="fixed tokens per GPU", yscale="log")
     ax_eff.set(xlabel="GPUs", ylabel="one-GPU time / n-GPU time", title="weak-scaling efficiency", ylim=(0, 1.1))
-    ax_ms.legend()
-    fig.suptitle(f"{meta['device']}, {meta['date'][:10]}, per GPU {meta['shape_per_gpu']}")
+    ax_ms.legend(fontsize=7)
+    fig.suptitle(f"{', '.join(sorted(set(meta['devices'].values())))}, {meta['date'][:10]}, "
+                 f"per GPU {meta['shape_per_gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,85 +1,288 @@
-"""One GPU: linear_attention's implementations against fla's chunk_simple_gla and the LASP package's
-lightning_attn, forward and forward+backward, bf16, TNL decay slopes, with the HBM floor and a copy-bandwidth
-measurement taken in the same run.
+"""One GPU, side by side: linear_attention's kernels against jla's simple_gla (Mosaic GPU), fla's
+chunk_simple_gla and the LASP package's lightning_attn; forward and forward+backward, bf16, TNL decay rates, and
+each contender's bf16 error against an fp32 run of the same inputs.
 
-    python3 -m benchmarks.bench_ops_gpu [--shapes 1x16384x16x128,1x65536x16x128,...] [--impls pallas_triton,xla]
-        [--peers fla,lasp] [--sweep [--sweep-shapes 1x65536x16x128,...]] [--breakdown] [--out DIR]
+    python3 -m benchmarks.bench_ops_gpu [--shapes 1x16384x16x128,...] [--impls pallas_mosaic,pallas_triton]
+        [--peers jla,fla,lasp] [--scale S (default d^-0.5)] [--iters 10] [--reps 5] [--out DIR]
 
-Timing: JAX calls are enqueued `--iters` times back to back and timed to the last result (so launch latency
-overlaps, as in training), the median of `--reps` such rounds; torch peers through triton.testing.do_bench
-(CUDA events, median). Forward+backward returns the output and the three input cotangents for a given dO
-(no loss reduction), for every contender. Needs the peers installed (fla-core, lasp); absent ones are skipped.
+Isolation: every contender group runs in a process of its own, one after another (each lasp_jax impl, jla, and
+the torch peers together), so no framework's compiled programs, allocator pool or autotuning shares a process
+with another's timing; this process only starts them and merges their rows into one table.
 
-Bytes floor: forward reads q, k, v and writes o (4 tensors); forward+backward adds reading q, k, v, dO and
-writing dq, dk, dv (11 tensors). "GB/s" is that floor over the measured time.
+Inputs: q, k, v, dO independent standard normals rounded to bf16, drawn by JAX from one seed in every process
+(the same bits everywhere; the torch process copies them over), scale = d^-0.5 unless --scale. The contenders
+take the same rates s_h (TNL slopes), each in its own form: lasp_jax `decay=s, scale=`; jla log-gate g = -s
+broadcast to its per-token layout [B, T, H] inside the jitted call, `scale=`; fla `g_gamma=-s, scale=`; LASP's
+lightning_attn has no scale argument, so it gets q * scale rounded to bf16, formed outside its timing.
+
+Timing: JAX contenders by `measure.median_ms` (back-to-back calls, median of rounds); torch peers by
+triton.testing.do_bench (CUDA events, median). Forward+backward returns the output and the three input
+cotangents for a given dO (no loss reduction). Error: `measure.rel_err` of o, dq, dk, dv against
+`measure.fp32_reference` (chunked XLA on the fp32-upcast inputs, HIGHEST precision), computed in each process.
+Bytes floor (torch's copy bandwidth, measured in the torch process): forward reads q, k, v and writes o
+(4 tensors); forward+backward adds reading q, k, v, dO and writing dq, dk, dv (11 tensors).
+
+Writes ops_gpu.{json,md,png} under --out (after every worker: a run cut off keeps what finished).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
-import platform
-import time
+import shlex
+import sys
+import tempfile
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch peers share the GPU
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the torch peers share the GPU
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import lasp_jax
-from lasp_jax.ops import pallas_triton, vjp
+from benchmarks import measure
+from lasp_jax.ops import tnl_slopes
 
 DEFAULT_SHAPES = "1x16384x16x128,1x65536x16x128,1x262144x16x128,8x8192x32x128"
+PEERS = ("jla", "fla", "lasp")
+VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-linear-attention", "fla-core", "lasp", "torch", "triton")
+OURS = "lasp_jax "  # prefix of our contenders' names
+ISOLATION = ("every contender group ran in a process of its own, one after another (each lasp_jax impl, jla, the "
+             "torch peers); inputs drawn by JAX from one seed in each")
 
 
-def slopes(h):
-    """TNL / lightning decay rates s_i = 2^(-8 (i + 1) / H)."""
-    return np.asarray([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], np.float32)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxTxHxD, comma-separated")
+    parser.add_argument("--impls", default="pallas_mosaic", help="lasp_jax impls, comma-separated")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"any of {','.join(PEERS)}, comma-separated")
+    parser.add_argument("--scale", type=float, default=None, help="attention scale (default d^-0.5)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jla-impl", default="mosaic_gpu",
+                        help="jla's impl (mosaic_gpu: its Hopper kernels; chunked runs anywhere, for CPU checks)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # set by this script for its own subprocesses
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    return parser
 
 
-def time_jax(fn, args, iters, reps):
-    """Median ms per call of a jitted fn over `reps` rounds of `iters` back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3 / iters)
-    return float(np.median(times))
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.shape_list = measure.parse_shapes(args.shapes)
+    except ValueError as e:
+        parser.error(str(e))
+    args.impl_list = [i for i in args.impls.split(",") if i]
+    args.peer_list = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(args.peer_list) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}: expected any of {list(PEERS)}")
+    if args.scale is not None and not args.scale > 0:
+        parser.error(f"--scale must be positive, got {args.scale}")
+    if args.worker and not args.rows:
+        parser.error("--worker needs --rows")
+    return args
 
 
-def jax_fns(attend):
-    """(forward, forward+backward) jitted from attend(q, k, v) -> o."""
-    fwd = jax.jit(attend)
-
-    def fwd_bwd(q, k, v, do):
-        o, vjp_fn = jax.vjp(attend, q, k, v)
-        return o, vjp_fn(do)
-
-    return fwd, jax.jit(fwd_bwd)
-
-
-def max_rel_err(got, want) -> float:
-    """Largest over the leaves of max|got - want| / max|want| (o, dq, dk, dv)."""
-    errs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-                                           / jnp.max(jnp.abs(y.astype(jnp.float32)))), got, want)
-    return max(jax.tree.leaves(errs))
+def workers(args) -> list[str]:
+    """The processes to run, in order: each of our impls, jla, then the torch peers (fla's autotuning last)."""
+    names = [f"lasp_jax:{impl}" for impl in args.impl_list]
+    if "jla" in args.peer_list:
+        names.append("jla")
+    torch_peers = [p for p in args.peer_list if p != "jla"]
+    if torch_peers:
+        names.append("torch:" + "+".join(torch_peers))
+    return names
 
 
-def jax_inputs(b, t, h, d, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q, k = (jax.random.normal(kk, (b, t, h, d), jnp.float32) / np.sqrt(d) for kk in keys[:2])
-    v, do = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in keys[2:])
-    return tuple(x.astype(jnp.bfloat16) for x in (q, k, v, do))
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    meta = {
+        "command": "python3 -m benchmarks.bench_ops_gpu " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"python": sys.version.split()[0]} | measure.package_versions(VERSIONED),
+        "isolation": ISOLATION,
+        "timing": f"JAX: median of {args.reps} rounds of {args.iters} back-to-back calls; torch: do_bench median",
+        "error": "||x - ref|| / ||ref|| of o, dq, dk, dv against chunked XLA on the fp32-upcast inputs (HIGHEST)",
+        "devices": {}, "copy_GBps": None,
+    }
+    # The workers get this run's flags (minus --out), so their rows answer the same command.
+    passed = ["--shapes", args.shapes, "--iters", str(args.iters), "--reps", str(args.reps), "--seed",
+              str(args.seed), "--jla-impl", args.jla_impl, "--impls", args.impls, "--peers", args.peers]
+    if args.scale is not None:
+        passed += ["--scale", repr(args.scale)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_ops_") as scratch:
+        for name in workers(args):
+            path = os.path.join(scratch, name.replace(":", "_").replace("+", "_") + ".jsonl")
+            for row in measure.run_worker("benchmarks.bench_ops_gpu", passed + ["--worker", name], path, name):
+                if "device" in row:
+                    meta["devices"][row["worker"]] = row["device"]
+                    if row.get("copy_GBps"):
+                        meta["copy_GBps"] = row["copy_GBps"]
+                else:
+                    rows.append(row)
+            save(args.out, meta, rows)
+    print(render(meta, rows))
 
 
-def copy_bandwidth_gbs():
+def worker_main(args) -> None:
+    """One contender group in this process: a device row, then one row per contender and shape."""
+    kind, _, detail = args.worker.partition(":")
+    device_row = {"worker": args.worker, "device": jax.devices()[0].device_kind}
+    if kind == "torch":
+        contenders = torch_contenders(detail.split("+"))
+        device_row["copy_GBps"] = copy_bandwidth_gbs() if contenders else None
+    elif kind == "jla":
+        contenders = {f"jla simple_gla ({args.jla_impl})": jla_contender(args.jla_impl)}
+    elif kind == "lasp_jax":
+        contenders = {OURS + detail: lasp_jax_contender(detail)}
+    else:
+        raise ValueError(f"unknown worker {args.worker!r}")
+    measure.append_row(args.rows, device_row)
+    for shape in args.shape_list:
+        scale = args.scale if args.scale is not None else shape[3] ** -0.5
+        rates = tnl_slopes(shape[2])
+        inputs = measure.normal_inputs(shape, args.seed)
+        want = measure.fp32_reference(*inputs, rates, scale)
+        for name, contender in contenders.items():
+            row = {"shape": list(shape), "contender": name, "scale": scale}
+            try:
+                row |= contender(inputs, rates, scale, want, args)
+            except Exception as e:  # one failing contender must not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            measure.append_row(args.rows, row)
+        del inputs, want
+
+
+def _time_jax(attend, inputs, want, args) -> dict:
+    """fwd / fwd+bwd ms and errors of a JAX attend(q, k, v) -> o."""
+    fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend)
+    q, k, v, do = inputs
+    result = {"errors": measure.errors(fwd_bwd(q, k, v, do), want)}
+    result["fwd_ms"] = measure.median_ms(fwd, (q, k, v), args.iters, args.reps)
+    result["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (q, k, v, do), args.iters, args.reps)
+    return result
+
+
+def lasp_jax_contender(impl: str):
+    def run(inputs, rates, scale, want, args):
+        return _time_jax(lambda q, k, v: lasp_jax.linear_attention(q, k, v, rates, scale=scale, impl=impl),
+                         inputs, want, args)
+
+    return run
+
+
+def jla_contender(impl: str):
+    """jla's simple_gla: its per-token log-gate g [B, T, H] = -s, broadcast inside the jitted call (the form a
+    constant decay takes in its API); dg is computed by its backward and dropped, as a caller with a fixed decay
+    would."""
+    from jla.ops import linear_attention as jla_attention
+
+    def run(inputs, rates, scale, want, args):
+        def attend(q, k, v):
+            g = jnp.broadcast_to(-jnp.asarray(rates), q.shape[:3])
+            return jla_attention("simple_gla", q, k, v, g=g, scale=scale, impl=impl)[0]
+
+        return _time_jax(attend, inputs, want, args)
+
+    return run
+
+
+def _to_torch(x):
+    """A JAX bf16 array as a CUDA torch tensor with the same bits (through host memory: no dlpack assumptions)."""
+    import torch
+
+    return torch.from_numpy(np.asarray(x).view(np.int16)).cuda().view(torch.bfloat16)
+
+
+def _to_jax(t):
+    import torch
+
+    torch.cuda.synchronize()
+    return jnp.asarray(t.float().cpu().numpy())
+
+
+def torch_contenders(names: list[str]) -> dict:
+    """{name: run} for the torch peers asked for; one that does not import is reported and left out."""
+    contenders = {}
+    if "fla" in names:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla
+        except ImportError as e:
+            print(f"fla unavailable: {e}", flush=True)
+        else:
+            def fla(q, k, v, rates, scale):
+                import torch
+
+                g_gamma = -torch.tensor(rates, device="cuda")
+                return (lambda: chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=scale)[0]), q, 1.0
+
+            contenders["fla chunk_simple_gla"] = _torch_peer(fla, head_major=False)
+    if "lasp" in names:
+        try:
+            from lasp import lightning_attn
+        except ImportError as e:
+            print(f"lasp unavailable: {e}", flush=True)
+        else:
+            def lasp(q, k, v, rates, scale):
+                import torch
+
+                rates = torch.tensor(rates, device="cuda").reshape(-1, 1, 1)
+                scaled = (q.detach().float() * scale).to(q.dtype).requires_grad_(True)  # no scale argument
+                return (lambda: lightning_attn(scaled, k, v, rates)), scaled, scale
+
+            contenders["LASP lightning_attn"] = _torch_peer(lasp, head_major=True)
+    return contenders
+
+
+def _torch_peer(make, head_major: bool):
+    """A contender from make(q, k, v, rates, scale) -> (call() -> o, the leaf standing for q, d(leaf)/d(q)), on
+    torch copies of the JAX inputs ([B, H, T, D] when head_major). Timed by do_bench (median); the errors from one
+    more forward+backward, read back to JAX (dq = the leaf's gradient times d(leaf)/d(q), in float32)."""
+
+    def run(inputs, rates, scale, want, args):
+        import torch
+        import triton
+
+        layout = (lambda t: t.permute(0, 2, 1, 3).contiguous()) if head_major else (lambda t: t)
+        q, k, v, do = (layout(_to_torch(x)) for x in inputs)
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        call, q_leaf, q_factor = make(q, k, v, rates, scale)
+        leaves = [q_leaf, k, v]
+
+        def fwd():
+            with torch.no_grad():
+                return call()
+
+        def fwd_bwd():
+            o = call()
+            o.backward(do)
+            return o
+
+        result = {"fwd_ms": float(triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")),
+                  "fwd_bwd_ms": float(triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, grad_to_none=leaves,
+                                                              return_mode="median"))}
+        for x in leaves:
+            x.grad = None
+        o = fwd_bwd()
+        back = (lambda t: t.permute(0, 2, 1, 3)) if head_major else (lambda t: t)
+        o, dq, dk, dv = (_to_jax(back(t)) for t in (o, q_leaf.grad, k.grad, v.grad))
+        result["errors"] = measure.errors((o, (dq * q_factor, dk, dv)), want)
+        return result
+
+    return run
+
+
+def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 2 GiB through torch, bytes read plus written over the median time."""
     import torch
     import triton
@@ -91,231 +294,64 @@ def copy_bandwidth_gbs():
     return 2 * 2 * n / ms / 1e6
 
 
-def torch_peers(names, b, t, h, d, s):
-    """{name: (fwd_fn, fwd_bwd_fn, grads)} for the torch peers that import."""
-    import torch
-
-    peers = {}
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
-
-    if "fla" in names:
-        try:
-            from fla.ops.simple_gla import chunk_simple_gla
-        except ImportError as e:
-            print(f"fla unavailable: {e}")
-        else:
-            q, k = rand(b, t, h, d, scale=d ** -0.5), rand(b, t, h, d, scale=d ** -0.5)
-            v, do = rand(b, t, h, d), rand(b, t, h, d)
-            g_gamma = -torch.tensor(s, device="cuda")
-            ins = [x.requires_grad_(True) for x in (q, k, v)]
-
-            def fla_fwd(q=q, k=k, v=v):
-                with torch.no_grad():
-                    return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
-
-            def fla_fwd_bwd(q=q, k=k, v=v, do=do):
-                o = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
-                o.backward(do)
-                return o
-
-            peers["fla chunk_simple_gla"] = (fla_fwd, fla_fwd_bwd, ins)
-    if "lasp" in names:
-        try:
-            from lasp import lightning_attn
-        except ImportError as e:
-            print(f"lasp unavailable: {e}")
-        else:
-            q, k = rand(b, h, t, d, scale=d ** -0.5), rand(b, h, t, d, scale=d ** -0.5)
-            v, do = rand(b, h, t, d), rand(b, h, t, d)
-            ss = torch.tensor(s, device="cuda").reshape(h, 1, 1)
-            ins = [x.requires_grad_(True) for x in (q, k, v)]
-
-            def lasp_fwd(q=q, k=k, v=v):
-                with torch.no_grad():
-                    return lightning_attn(q, k, v, ss)
-
-            def lasp_fwd_bwd(q=q, k=k, v=v, do=do):
-                o = lightning_attn(q, k, v, ss)
-                o.backward(do)
-                return o
-
-            peers["LASP lightning_attn"] = (lasp_fwd, lasp_fwd_bwd, ins)
-    return peers
-
-
-def time_torch(fn, grads):
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median"))
-
-
-def sweep_configs():
-    """Kernel variants timed with --sweep (name -> Config); KERNEL_NOTES.md has the history."""
-    base = pallas_triton.DEFAULT
-    whole = dataclasses.replace(base, block_k=128, block_v=128, wide_warps=8)
-    return {
-        "default": base,
-        "2 stages": dataclasses.replace(base, num_stages=2),
-        "3 stages everywhere": dataclasses.replace(base, crowded_stages=3),
-        "8 warps for whole states": dataclasses.replace(base, wide_warps=8),
-        "whole Dv tiles, 8 warps": dataclasses.replace(base, block_v=128, wide_warps=8),
-        "whole-state tiles, 8 warps": whole,
-        "whole-state tiles, 8 warps, 2 stages": dataclasses.replace(whole, num_stages=2),
-        "whole-state tiles, 8 warps, 512 programs": dataclasses.replace(whole, target_programs=512),
-    }
-
-
-def breakdown(q, k, v, do, s, iters, reps):
-    """ms of the kernels' forward and backward on their own (default config): where forward+backward goes."""
-    s = jnp.asarray(s)
-    saved = jax.jit(lambda q, k, v: pallas_triton.forward(q, k, v, s)[3])(q, k, v)
-    parts = {
-        "forward (K,V state pass, piece scan, output pass)": (
-            jax.jit(lambda q, k, v: pallas_triton.forward(q, k, v, s)[0]), (q, k, v)),
-        "backward (Q,dO state pass, reverse scan, dQ, dK+dV)": (
-            jax.jit(lambda q, k, v, do: pallas_triton.backward(q, k, v, s, saved, do)[:3]), (q, k, v, do)),
-    }
-    return {name: time_jax(fn, args, iters, reps) for name, (fn, args) in parts.items()}
-
-
-def count_kernels(fn, args):
-    """Triton kernels in the compiled HLO (how many passes over HBM the program launches)."""
-    text = fn.lower(*args).compile().as_text()
-    return text.count("__gpu$xla.gpu.triton")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxTxHxD, comma-separated")
-    parser.add_argument("--impls", default="pallas_triton,xla")
-    parser.add_argument("--peers", default="fla,lasp")
-    parser.add_argument("--sweep", action="store_true", help="time kernel variants at the --sweep-shapes")
-    parser.add_argument("--sweep-shapes", default="1x65536x16x128", help="BxTxHxD, comma-separated")
-    parser.add_argument("--breakdown", action="store_true", help="time the kernels' forward and backward alone at 64K")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    args = parser.parse_args(argv)
-
-    device = jax.devices()[0]
-    meta = {
-        "command": "python3 -m benchmarks.bench_ops_gpu " + " ".join(argv or os.sys.argv[1:]),
-        "device": device.device_kind,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": {"jax": jax.__version__, "python": platform.python_version()},
-    }
-    try:
-        import torch
-        import triton
-
-        meta["versions"].update(torch=torch.__version__, triton=triton.__version__)
-        for name in ("fla", "lasp"):
-            try:
-                from importlib.metadata import version
-
-                meta["versions"][name] = version("fla-core" if name == "fla" else name)
-            except Exception:  # a missing peer is reported by its absence
-                pass
-        meta["copy_GBps"] = copy_bandwidth_gbs()
-    except ImportError:
-        meta["copy_GBps"] = None
-    print(json.dumps(meta), flush=True)
-
-    rows = []
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    for b, t, h, d in shapes:
-        s = slopes(h)
-        q, k, v, do = jax_inputs(b, t, h, d)
-        tensor_bytes = b * t * h * d * 2
-        contenders = {}
-        for impl in args.impls.split(","):
-            contenders[impl] = jax_fns(
-                lambda q, k, v, impl=impl, s=s: lasp_jax.linear_attention(q, k, v, s, impl=impl))
-        if args.breakdown and t == 65536:
-            meta["breakdown_64K_ms"] = breakdown(q, k, v, do, s, args.iters, args.reps)
-            print(json.dumps(meta["breakdown_64K_ms"]), flush=True)
-        if args.sweep and f"{b}x{t}x{h}x{d}" in args.sweep_shapes.split(","):
-            for name, config in sweep_configs().items():
-                kernels = pallas_triton.Kernels(config)
-                contenders[f"pallas_triton[{name}]"] = jax_fns(
-                    lambda q, k, v, kernels=kernels, s=s: vjp.attend(q, k, v, jnp.asarray(s), None, kernels, None,
-                                                                     False))
-        # Every kernel variant is checked against chunked XLA on these inputs: a fast wrong variant must show.
-        want = jax.jit(jax_fns(lambda q, k, v, s=s: lasp_jax.linear_attention(q, k, v, s, impl="xla"))[1])(
-            q, k, v, do)
-        for name, (fwd, fwd_bwd) in contenders.items():
-            row = {"shape": [b, t, h, d], "impl": name}
-            try:
-                if name.startswith("pallas_"):
-                    row["max_rel_err_vs_xla"] = max_rel_err(fwd_bwd(q, k, v, do), want)
-                row["fwd_ms"] = time_jax(fwd, (q, k, v), args.iters, args.reps)
-                row["fwd_bwd_ms"] = time_jax(fwd_bwd, (q, k, v, do), args.iters, args.reps)
-                if name == "pallas_triton":
-                    row["kernels_fwd"] = count_kernels(fwd, (q, k, v))
-                    row["kernels_fwd_bwd"] = count_kernels(fwd_bwd, (q, k, v, do))
-            except Exception as e:  # one failing contender must not hide the others
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del q, k, v, do
-        if args.peers:
-            for name, (fwd, fwd_bwd, grads) in torch_peers(args.peers.split(","), b, t, h, d, s).items():
-                row = {"shape": [b, t, h, d], "impl": name}
-                try:
-                    row["fwd_ms"] = time_torch(fwd, grads)
-                    row["fwd_bwd_ms"] = time_torch(fwd_bwd, grads)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            import torch
-
-            torch.cuda.empty_cache()
-        for row in rows:
-            if row["shape"] == [b, t, h, d] and "fwd_ms" in row:
-                row["fwd_GBps"] = 4 * tensor_bytes / row["fwd_ms"] / 1e6
-                row["fwd_bwd_GBps"] = 11 * tensor_bytes / row["fwd_bwd_ms"] / 1e6
-                row["floor_fwd_ms"] = 4 * tensor_bytes / (meta["copy_GBps"] or np.nan) / 1e6
-                row["floor_fwd_bwd_ms"] = 11 * tensor_bytes / (meta["copy_GBps"] or np.nan) / 1e6
-
-        save(args.out, meta, rows)  # after every shape: a run cut off keeps what it measured
-    print(render_table(meta, rows))
-
-
 def save(out, meta, rows):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ops_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out, "ops_gpu.md"), "w") as f:
-        f.write(render_table(meta, rows))
+        f.write(render(meta, rows))
     plot(rows, meta, os.path.join(out, "ops_gpu.png"))
 
 
-def render_table(meta, rows):
-    lines = [
-        f"Device: {meta['device']}; date: {meta['date']}; versions: {meta['versions']}; "
-        f"copy bandwidth: {meta['copy_GBps']:.0f} GB/s (read + write)" if meta["copy_GBps"] else "",
-        f"Command: `{meta['command']}`", "",
-        "| B x T x H x D | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | HBM floor fwd / fwd+bwd ms | "
-        "max rel. err. vs XLA |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def _floor_ms(row, meta, tensors: int) -> float:
+    """HBM floor of `tensors` bf16 tensors of the row's shape at the measured copy bandwidth (nan without it)."""
+    return tensors * 2 * int(np.prod(row["shape"])) / (meta["copy_GBps"] or np.nan) / 1e6
+
+
+def render(meta, rows) -> str:
+    copy = f"{meta['copy_GBps']:.0f} GB/s (read + write)" if meta["copy_GBps"] else "not measured"
+    lines = [f"Devices: {meta['devices']}; date: {meta['date']}; copy bandwidth: {copy}",
+             f"Versions: {meta['versions']}", f"Command: `{meta['command']}`", f"Isolation: {meta['isolation']}.",
+             f"Timing: {meta['timing']}. Error: {meta['error']}.", "",
+             "| B x T x H x D | contender | fwd ms | fwd+bwd ms | HBM floor fwd / fwd+bwd ms | "
+             "rel. err. vs fp32: o / dq / dk / dv |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        if "shape" not in r:
+            lines.append(f"| | {r.get('worker', '?')} | error: {r['error'][:100]} | | | |")
+            continue
         shape = "x".join(map(str, r["shape"]))
         if "error" in r:
-            lines.append(f"| {shape} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {shape} | {r['contender']} | error: {r['error'][:100]} | | | |")
             continue
-        err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
-        lines.append(f"| {shape} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r.get('fwd_GBps', 0):.0f} | {r.get('fwd_bwd_GBps', 0):.0f} | "
-                     f"{r.get('floor_fwd_ms', 0):.3f} / {r.get('floor_fwd_bwd_ms', 0):.3f} | {err} |")
+        e = r["errors"]
+        lines.append(f"| {shape} | {r['contender']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{_floor_ms(r, meta, 4):.3f} / {_floor_ms(r, meta, 11):.3f} | "
+                     f"{e['o']:.2e} / {e['dq']:.2e} / {e['dk']:.2e} / {e['dv']:.2e} |")
+    lines += ["", ratios(rows)]
     return "\n".join(lines) + "\n"
 
 
+def ratios(rows) -> str:
+    """Per shape and impl of ours: each peer's time over ours (above 1: ours is faster), fwd / fwd+bwd."""
+    timed = [r for r in rows if "fwd_ms" in r]
+    peers = list(dict.fromkeys(r["contender"] for r in timed if not r["contender"].startswith(OURS)))
+    lines = ["Peer ms / our ms (above 1: ours faster), fwd / fwd+bwd:", "",
+             "| B x T x H x D | ours | " + " | ".join(f"vs {p}" for p in peers) + " |",
+             "|---|---|" + "---|" * len(peers)]
+    for ours in (r for r in timed if r["contender"].startswith(OURS)):
+        cells = []
+        for p in peers:
+            peer = next((r for r in timed if r["contender"] == p and r["shape"] == ours["shape"]), None)
+            cells.append("-" if peer is None else f"{peer['fwd_ms'] / ours['fwd_ms']:.2f}x / "
+                                                  f"{peer['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x")
+        shape = "x".join(map(str, ours["shape"]))
+        lines.append(f"| {shape} | {ours['contender'][len(OURS):]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows, meta, path):
+    """fwd and fwd+bwd ms per shape, one bar per contender (log scale)."""
     try:
         import matplotlib
 
@@ -323,24 +359,28 @@ def plot(rows, meta, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (s[0] * s[2], s[1]))
-    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if "[" not in i]
+    timed = [r for r in rows if "fwd_ms" in r]
+    shapes = sorted({tuple(r["shape"]) for r in timed}, key=lambda s: (s[0] * s[2], s[1]))
+    names = list(dict.fromkeys(r["contender"] for r in timed))
+    if not shapes:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(names)
     for ax, key in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
-        width = 0.8 / max(len(impls), 1)
-        for i, impl in enumerate(impls):
-            vals = [next((r.get(key, np.nan) for r in rows if tuple(r["shape"]) == s and r["impl"] == impl), np.nan)
+        for i, name in enumerate(names):
+            vals = [next((r[key] for r in timed if tuple(r["shape"]) == s and r["contender"] == name), np.nan)
                     for s in shapes]
-            ax.bar(np.arange(len(shapes)) + i * width, vals, width, label=impl)
+            ax.bar(np.arange(len(shapes)) + i * width, vals, width, label=name)
         ax.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2)
         ax.set_xticklabels(["x".join(map(str, s)) for s in shapes], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms (log)")
         ax.set_title(key.replace("_ms", "").replace("_", "+"))
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"linear attention, bf16, {meta['device']}, {meta['date'][:10]}")
+    fig.suptitle(f"linear attention, bf16, {', '.join(sorted(set(meta['devices'].values())))}, {meta['date'][:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

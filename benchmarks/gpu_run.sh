@@ -7,11 +7,12 @@
 #
 # Steps: tests (pytest -m gpu tests/ops: kernels against the reference and fla, lasp_attention on every GPU
 # here; a -k expression in $TESTS_K), models (pytest -m gpu tests/models: paper-size model steps), ops
-# (bench_ops_gpu; its flags in $OPS_ARGS, default --sweep --breakdown), lasp (torchrun peer on every GPU, then
-# bench_lasp_gpu; its flags in $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu on 1 and 2
-# GPUs with lasp_jax impl $TRAIN_IMPL, default auto; more flags in $TRAIN_ARGS). "Every GPU" means those
-# CUDA_VISIBLE_DEVICES leaves, so several runs can share one machine. Peer wheels in .whl/ (see
-# benchmarks/README.md) are installed first when present.
+# (bench_ops_gpu: our impls beside jla, fla and LASP, each framework in its own process; its flags in $OPS_ARGS),
+# lasp (LASP's lasp_fuse_parallel under torchrun on every GPU, then bench_lasp_gpu: lasp_attention beside jla's
+# context parallelism; its flags in $LASP_ARGS, e.g. --gpus 2,4,8 for weak scaling), train (bench_train_gpu on 1
+# and 2 GPUs with lasp_jax impl $TRAIN_IMPL, default auto; more flags in $TRAIN_ARGS). "Every GPU" means those
+# CUDA_VISIBLE_DEVICES leaves, so several runs can share one machine. The peers' wheels in .whl/ (all of them:
+# see benchmarks/README.md) are installed first when present.
 set -u
 PACK=${OUT:?set OUT to the folder for the packed results}/results.tgz
 mkdir -p "$OUT"
@@ -55,11 +56,10 @@ for arg in "$@"; do
     tests) run_step tests "$limit" python3 -m pytest -m gpu tests/ops -v --tb=short -rfE -p no:cacheprovider \
              -o faulthandler_timeout=90 ${TESTS_K:+-k "$TESTS_K"} ;;
     models) run_step models "$limit" python3 -m pytest -m gpu tests/models -q -rfE -s -p no:cacheprovider ;;
-    ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" \
-           ${OPS_ARGS---sweep --breakdown} ;;
+    ops) run_step ops "$limit" python3 -m benchmarks.bench_ops_gpu --iters 10 --reps 5 --out "$OUT" ${OPS_ARGS:-} ;;
     lasp)
       run_step lasp_peer $((limit / 3)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
-        benchmarks/peer_lasp_parallel.py --iters 3 --reps 3 --out "$OUT"
+        -m benchmarks.peer_lasp_parallel --iters 3 --reps 3 --out "$OUT"
       run_step lasp $((limit - limit / 3)) python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ${LASP_ARGS:-} ;;
     train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl "${TRAIN_IMPL:-auto}" \
              --budget-s $((limit - 20)) --out "$OUT" ${TRAIN_ARGS:-} ;;

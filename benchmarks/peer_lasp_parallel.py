@@ -1,9 +1,10 @@
 """The LASP package's lasp_fuse_parallel (its ring of sends and receives over NCCL), one process per GPU.
 
-    torchrun --nproc_per_node 2 benchmarks/peer_lasp_parallel.py [--per-gpu 65536] [--out DIR]
+    torchrun --nproc_per_node 2 -m benchmarks.peer_lasp_parallel [--per-gpu 65536] [--out DIR]
 
-bf16, B=1, H=16, d=128 per GPU, TNL slopes; forward and forward+backward timed with CUDA events around a fixed
-number of iterations on every rank (a collective op must run the same number of times everywhere), the
+bf16, B=1, H=16, d=128 per GPU, TNL slopes; q drawn as normal * d^-0.5 (LASP takes no scale argument: this is
+the scaled q the others form inside their kernels). Forward and forward+backward timed with CUDA events around a
+fixed number of iterations on every rank (a collective op must run the same number of times everywhere), the
 slowest rank's median. Rank 0 writes lasp_peer.json under --out for bench_lasp_gpu's table.
 """
 
@@ -15,6 +16,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from lasp_jax.ops import tnl_slopes
 
 
 def main():
@@ -39,7 +42,7 @@ def main():
     v, do = (torch.randn(b, h, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
     for x in (q, k, v):
         x.requires_grad_(True)
-    s = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device="cuda").reshape(h, 1, 1)
+    s = torch.tensor(tnl_slopes(h), device="cuda").reshape(h, 1, 1)
     kv = torch.zeros(b, h, d, d, device="cuda", dtype=torch.float32)
     dkv = torch.zeros_like(kv)
 

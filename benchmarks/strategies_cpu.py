@@ -20,22 +20,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lasp_jax  # noqa: E402
+from benchmarks.measure import median_ms, rel_err  # noqa: E402
+from lasp_jax.ops import tnl_slopes  # noqa: E402
 from lasp_jax.parallel import STRATEGIES  # noqa: E402
-
-
-def _median_ms(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main(argv=None):
@@ -52,7 +39,7 @@ def main(argv=None):
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) / np.sqrt(d) for kk in keys[:3])
     w = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
-    decay = jnp.asarray([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], jnp.float32)
+    decay = jnp.asarray(tnl_slopes(h))
 
     def fwd_bwd(attn):
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attn(q, k, v) * w), argnums=(0, 1, 2)))
@@ -62,8 +49,8 @@ def main(argv=None):
     _, g_ref = fwd_bwd(single)(q, k, v)
     print(f"B={b} T={t} H={h} d={d}, float32, {jax.device_count()} {jax.default_backend()} devices")
     print(f"{'run':<26}{'fwd ms':>10}{'fwd+bwd ms':>12}{'max rel err (o, dq, dk, dv)':>30}")
-    print(f"{'1 device, linear_attention':<26}{_median_ms(jax.jit(single), (q, k, v), args.repeats):>10.1f}"
-          f"{_median_ms(fwd_bwd(single), (q, k, v), args.repeats):>12.1f}{'(reference point)':>30}")
+    print(f"{'1 device, linear_attention':<26}{median_ms(jax.jit(single), (q, k, v), 1, args.repeats):>10.1f}"
+          f"{median_ms(fwd_bwd(single), (q, k, v), 1, args.repeats):>12.1f}{'(reference point)':>30}")
 
     mesh = jax.make_mesh((2, 4), ("data", "seq"))
     worst = 0.0
@@ -73,11 +60,11 @@ def main(argv=None):
             sharded = lambda q, k, v, s=strategy: lasp_jax.lasp_attention(q, k, v, decay, strategy=s)  # noqa: E731
             o = jax.jit(sharded)(qs, ks, vs)
             _, grads = fwd_bwd(sharded)(qs, ks, vs)
-            err = max([_rel(o, o_ref)] + [_rel(g, gr) for g, gr in zip(grads, g_ref)])
+            err = max([rel_err(o, o_ref)] + [rel_err(g, gr) for g, gr in zip(grads, g_ref)])
             worst = max(worst, err)
             label = "data=2 x seq=4, " + strategy
-            print(f"{label:<26}{_median_ms(jax.jit(sharded), (qs, ks, vs), args.repeats):>10.1f}"
-                  f"{_median_ms(fwd_bwd(sharded), (qs, ks, vs), args.repeats):>12.1f}{err:>30.2e}")
+            print(f"{label:<26}{median_ms(jax.jit(sharded), (qs, ks, vs), 1, args.repeats):>10.1f}"
+                  f"{median_ms(fwd_bwd(sharded), (qs, ks, vs), 1, args.repeats):>12.1f}{err:>30.2e}")
     if worst > 1e-4:
         raise SystemExit(f"FAILED: a strategy differs from the single-device result by {worst:.2e}")
     print(f"all strategies match the single-device result (worst relative error {worst:.1e})")

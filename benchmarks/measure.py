@@ -1,0 +1,146 @@
+"""What every benchmark measures the same way: median timing, the relative error, the inputs, the fp32 reference,
+and the workers' subprocess plumbing (each framework times in a process of its own).
+
+Timing (`median_ms`): a jitted fn is enqueued `iters` times back to back and timed to its last result (launch
+latency overlaps, as in training), the median of `reps` such rounds; the first call (compile, warm-up) is
+untimed. Error (`rel_err`): ||x - ref||_2 / ||ref||_2 over the whole tensor, both upcast to float32 on device
+(a bf16 result against an fp32 reference lands near 3e-3; fp32 against fp32 near 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lasp_jax
+
+# How a shape is named on the command line and in result files: batch x length x heads x head dim.
+Shape = tuple[int, int, int, int]
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """'1x16384x16x128,8x8192x32x128' -> [(1, 16384, 16, 128), (8, 8192, 32, 128)]; ValueError names a bad one."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shape {item!r} is not BxTxHxD with four positive integers")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def median_ms(fn, args, iters: int, reps: int) -> float:
+    """Median ms per call of `fn(*args)` over `reps` rounds of `iters` back-to-back calls (after one untimed)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) * 1e3 / iters)
+    return float(np.median(times))
+
+
+@jax.jit
+def _rel_err(x, ref):
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return jnp.linalg.norm((x - ref).ravel()) / jnp.linalg.norm(ref.ravel())
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / ||ref|| (2-norms over every element, float32 on x's device)."""
+    return float(_rel_err(x, ref))
+
+
+def errors(got, want) -> dict[str, float]:
+    """{o, dq, dk, dv: rel_err} for two (o, (dq, dk, dv)) results, plus their max under "max"."""
+    names = ("o", "dq", "dk", "dv")
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True)}
+    return errs | {"max": max(errs.values())}
+
+
+def normal_inputs(shape: Shape, seed: int = 0, dtype=jnp.bfloat16):
+    """q, k, v, dO [B, T, H, D], independent standard normals (q and k unscaled: `scale` is the kernels' job),
+    rounded to dtype. The same seed gives the same bits in every process on the same device kind."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+
+
+def fwd_and_fwd_bwd(attend):
+    """(forward, forward+backward) jitted from attend(q, k, v) -> o; the second returns (o, (dq, dk, dv)) for a
+    given dO (no loss reduction)."""
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp_fn = jax.vjp(attend, q, k, v)
+        return o, vjp_fn(do)
+
+    return jax.jit(attend), jax.jit(fwd_bwd)
+
+
+def fp32_reference(q, k, v, do, decay, scale: float):
+    """(o, (dq, dk, dv)) of the chunked XLA path on the inputs upcast to float32, every product at HIGHEST
+    precision (no TF32): the "fp32 run of the same inputs" that each contender's bf16 result is measured against
+    (its own error is near 1e-6)."""
+    _, fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v: lasp_jax.linear_attention(q, k, v, decay, scale=scale, impl="xla"))
+    with jax.default_matmul_precision("highest"):
+        return fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+
+
+def run_worker(module: str, args: list[str], rows_path: str, name: str) -> list[dict]:
+    """Runs `python -m module *args` in a process of its own (one framework's timing undisturbed by another's
+    compiled programs, allocator or autotuning), which appends one JSON row per line to `rows_path`; returns
+    those rows, plus an error row naming the worker `name` when the process failed (the rows it wrote before
+    failing are kept)."""
+    if os.path.exists(rows_path):
+        os.remove(rows_path)
+    cmd = [sys.executable, "-m", module, *args, "--rows", rows_path]
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    rows = read_rows(rows_path)
+    if rc != 0:
+        rows.append({"worker": name, "error": f"worker exited with {rc} (its log is above)"})
+    return rows
+
+
+def read_rows(path: str) -> list[dict]:
+    """The JSON rows of a worker's file, one per line ([] when it wrote none); a line cut off mid-write is
+    skipped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def append_row(path: str, row: dict) -> None:
+    """Appends `row` to a worker's rows file and prints it (the log shows progress)."""
+    line = json.dumps(row)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """{distribution: version} for the installed ones among `names` (read from metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,99 @@
+"""CPU checks of the side-by-side GPU benchmarks' plumbing: flags, one process per contender group, rows merged
+into one table, a failing contender or worker reported without hiding the others. Tiny shapes, impl xla (and jla's
+chunked op when jax-linear-attention is installed) stand in for the GPU kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from benchmarks import bench_lasp_gpu, bench_ops_gpu, measure
+
+# A bf16 result against the fp32 reference on CPU measured 1.65e-3 to 1.68e-3 (o, dq, dk, dv; 1x128x2x32 and
+# 1x256x2x64); a wrong kernel lands far above.
+BF16_ERR = 4e-3
+needs_jla = pytest.mark.skipif(importlib.util.find_spec("jla") is None,
+                               reason="jax-linear-attention (the jla peer, pip install jax-linear-attention==0.1.0) "
+                                      "is not installed")
+
+
+def test_ops_flags():
+    args = bench_ops_gpu.parse_args([])
+    assert args.shape_list == [(1, 16384, 16, 128), (1, 65536, 16, 128), (1, 262144, 16, 128), (8, 8192, 32, 128)]
+    assert bench_ops_gpu.workers(args) == ["lasp_jax:pallas_mosaic", "jla", "torch:fla+lasp"]
+    args = bench_ops_gpu.parse_args(["--impls", "xla,pallas_triton", "--peers", "lasp"])
+    assert bench_ops_gpu.workers(args) == ["lasp_jax:xla", "lasp_jax:pallas_triton", "torch:lasp"]
+    for bad in (["--peers", "flash"], ["--shapes", "1x16x2"], ["--shapes", "1x0x2x4"], ["--scale", "0"]):
+        with pytest.raises(SystemExit):
+            bench_ops_gpu.parse_args(bad)
+
+
+def test_lasp_flags():
+    args = bench_lasp_gpu.parse_args(["--dim", "64"])
+    assert args.scale == 0.125 and args.counts == [] and args.peers == "jla"
+    for bad in (["--peers", "fla"], ["--gpus", "two"]):
+        with pytest.raises(SystemExit):
+            bench_lasp_gpu.parse_args(bad)
+
+
+def test_failed_worker_gives_an_error_row(tmp_path):
+    """A worker process that exits non-zero keeps the rows it wrote and adds one naming it."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"contender": "before"}) + "\n{\"cut off")  # a stale file is replaced
+    rows = measure.run_worker("json.tool", ["--no-such-flag"], str(path), "json")
+    assert rows == [{"worker": "json", "error": "worker exited with 2 (its log is above)"}]
+
+
+@pytest.mark.slow
+def test_ops_side_by_side(tmp_path):
+    """Two workers in their own processes: xla measured, an unknown impl reported as its row's error."""
+    bench_ops_gpu.main(["--shapes", "1x128x2x32", "--impls", "xla,no_such_impl", "--peers", "", "--iters", "1",
+                        "--reps", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "ops_gpu.json").read_text())
+    rows = {r["contender"]: r for r in result["rows"]}
+    assert set(rows) == {"lasp_jax xla", "lasp_jax no_such_impl"}
+    assert rows["lasp_jax xla"]["scale"] == 32 ** -0.5
+    assert rows["lasp_jax xla"]["fwd_ms"] > 0 and rows["lasp_jax xla"]["fwd_bwd_ms"] > 0
+    assert 1e-4 < rows["lasp_jax xla"]["errors"]["max"] < BF16_ERR
+    assert "unknown impl" in rows["lasp_jax no_such_impl"]["error"]
+    assert set(result["meta"]["devices"]) == {"lasp_jax:xla", "lasp_jax:no_such_impl"}
+    table = (tmp_path / "ops_gpu.md").read_text()
+    assert "process of its own" in table and "| 1x128x2x32 | lasp_jax xla |" in table
+
+
+@pytest.mark.slow
+@needs_jla
+def test_ops_with_jla(tmp_path):
+    """jla's simple_gla (its chunked op on CPU) beside ours: same inputs, same error, a ratio row."""
+    bench_ops_gpu.main(["--shapes", "1x128x2x32", "--impls", "xla", "--peers", "jla", "--jla-impl", "chunked",
+                        "--iters", "1", "--reps", "1", "--out", str(tmp_path)])
+    rows = {r["contender"]: r for r in json.loads((tmp_path / "ops_gpu.json").read_text())["rows"]}
+    ours, jla = rows["lasp_jax xla"], rows["jla simple_gla (chunked)"]
+    assert jla["errors"]["max"] < BF16_ERR
+    assert jla["errors"]["o"] == pytest.approx(ours["errors"]["o"], rel=0.2)
+    assert "| 1x128x2x32 | xla | " in (tmp_path / "ops_gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_lasp_side_by_side(tmp_path):
+    """Our strategies on 2 CPU devices in a worker process, the peer's file merged into the table."""
+    (tmp_path / "lasp_peer.json").write_text(json.dumps(
+        {"run": "2 GPUs LASP lasp_fuse_parallel, T=512", "gpus": 2, "fwd_ms": 8.0, "fwd_bwd_ms": 20.0}))
+    peers = "jla" if importlib.util.find_spec("jla") else ""
+    bench_lasp_gpu.main(["--per-gpu", "256", "--heads", "2", "--dim", "32", "--gpus", "2", "--impl", "xla",
+                         "--peers", peers, "--jla-impl", "chunked", "--iters", "1", "--reps", "1",
+                         "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lasp_gpu.json").read_text())["rows"]
+    ours = [r for r in rows if r["framework"] == "lasp_jax"]
+    assert [r["gpus"] for r in ours] == [1, 2, 2, 2]
+    assert all(r["errors"]["max"] < BF16_ERR for r in ours)
+    assert rows[-1]["framework"] == "LASP"
+    if peers:
+        assert [r["gpus"] for r in rows if r["framework"] == "jla"] == [1, 2]
+    table = (tmp_path / "lasp_gpu.md").read_text()
+    ring = next(line for line in table.splitlines() if "lasp_attention ring" in line)
+    assert f"{20.0 / ours[1]['fwd_bwd_ms']:.2f}x" in ring
+    assert os.path.exists(tmp_path / "lasp_gpu.png")
