@@ -21,7 +21,9 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
 
     Args:
       q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; any T >= 1, any head dims.
-      decay: None (no decay) or [H] rates s_h >= 0. A constant for autodiff: its cotangent is zero.
+      decay: None (no decay) or [H] rates s_h >= 0. A constant for autodiff: its cotangent is zero. Bad rates
+        are a ValueError when decay is concrete; traced under jit, a negative or non-finite rate makes its head's
+        outputs NaN (checks.attention_inputs).
       scale: multiplies q.
       initial_state: optional [B, H, Dk, Dv] state S_0 before position 0 (differentiable).
       return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
@@ -32,7 +34,8 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
     Returns:
-      o [B, T, H, Dv] in q's dtype, and the final state if asked for.
+      o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
+      device; under jit on an Auto mesh XLA places it), and the final state if asked for.
     """
     s = checks.attention_inputs(q, k, v, decay)
     b, _, h, dk = q.shape

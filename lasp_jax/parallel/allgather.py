@@ -1,7 +1,9 @@
 """All-gather (LASP-2, Sun et al. 2025): one collective, then a local decayed prefix sum.
 
 Every rank receives all W states in one all_gather (W-1 of them new) and weights them itself; a single
-round of latency instead of the ring's W-1.
+round of latency instead of the ring's W-1. The states a rank does not read (its own and those on the other
+side) are selected out before the weighted sum, not weighted by zero: 0 * NaN is NaN, and a non-finite state at
+a later rank must not reach earlier ones (causality holds for non-finite inputs too, as with ring and scan).
 """
 
 from __future__ import annotations
@@ -9,16 +11,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.ops.states import decay_pow
+from lasp_jax.ops.states import prefix_weights
 
 
 def _weighted(x, rate, axis_name, axis_size, before):
     gathered = jax.lax.all_gather(x, axis_name)  # [W, B, H, Dk, Dv]
     r = jax.lax.axis_index(axis_name)
+    w = prefix_weights(rate, 1, axis_size, axis_size)  # [H, W, W]: w[h, i, j] = a^(i-1-j) for j < i
     j = jnp.arange(axis_size)
-    gap = (r - 1 - j) if before else (j - r - 1)  # the power of a each state carries to rank r
-    w = jnp.where(gap[:, None] >= 0, decay_pow(rate[None, :], jnp.maximum(gap, 0)[:, None]), 0.0)
-    return jnp.einsum("wh,wbhde->bhde", w, gathered, precision=jax.lax.Precision.HIGHEST)
+    if before:  # rank r reads j < r with weight w[:, r, j]
+        weights, used = jnp.take(w, r, axis=1), j < r
+    else:  # rank r reads j > r with weight w[:, j, r]
+        weights, used = jnp.take(w, r, axis=2), j > r
+    gathered = jnp.where(used[:, None, None, None, None], gathered, 0.0)
+    return jnp.einsum("hw,wbhde->bhde", weights, gathered, precision=jax.lax.Precision.HIGHEST)
 
 
 def exclusive_prefix(m, rate, axis_name, axis_size):

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lasp_jax.ops import checks, impls, vjp
+from lasp_jax.ops import checks, impls, placement, vjp
+from lasp_jax.ops.api import attend_under_jit
 from lasp_jax.parallel import allgather, layout, ring, scan
 
 STRATEGIES: dict[str, types.ModuleType] = {"ring": ring, "allgather": allgather, "scan": scan}
@@ -44,16 +45,19 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
     Args:
       q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv], global shapes, T sharded over `seq_axis`.
         T must divide by the size W of that axis.
-      decay: None or [H] rates >= 0; a constant for autodiff (zero cotangent).
+      decay: None or [H] rates >= 0; a constant for autodiff (zero cotangent). Traced, a bad rate makes its head
+        NaN, as in linear_attention.
       mesh: a Mesh or AbstractMesh; default: the ambient one (`jax.set_mesh`). Explicit and Auto axes both work.
         Called where `seq_axis` is already manual (inside the caller's own shard_map), q, k, v are the local
         pieces and no shard_map is added.
       strategy: "ring" (LASP: W-1 hops), "allgather" (LASP-2: one all_gather) or "scan" (ceil(log2 W) hops).
       impl: the per-device implementation, as for linear_attention.
-      batch_axes: mesh axes B is sharded over; default: how q's batch dim is already sharded on an Explicit
-        mesh, else every other mesh axis.
+      batch_axes: the mesh axis (a name) or axes B is sharded over; default: how q's batch dim is already
+        sharded on an Explicit mesh, else every other mesh axis. Heads sharded over other axes (an Explicit q)
+        stay sharded: each device attends over its own heads when H and Hkv split evenly.
     Returns:
-      o [B, T, H, Dv] in q's dtype, sharded like q.
+      o [B, T, H, Dv] in q's dtype, sharded like q: on an Explicit mesh (also under jit) and for a committed q
+      outside jit; under jit on an Auto mesh XLA's sharding propagation places it.
     """
     s = checks.attention_inputs(q, k, v, decay)
     if strategy not in STRATEGIES:
@@ -67,16 +71,21 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
         q = q * jnp.asarray(scale, q.dtype)
     exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange
     if layout.seq_is_manual(seq_axis):
-        return vjp.attend(q, k, v, s, None, per_device, exchange, False)
-    q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)
-    return _sharded(q, k, v, s, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec)
+        return attend_under_jit(q, k, v, s, None, per_device, exchange, False)
+    q_in = q
+    q, k, v, spec, heads = layout.place(q, k, v, mesh, seq_axis, batch_axes)
+    out = _sharded(q, k, v, s, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec, heads=heads)
+    return placement.like_q(out, q_in)
 
 
 # Always under jit: an eager shard_map of this body crashes the CPU runtime of jax 0.11.2 (segfault, seen
 # with every strategy); inside a caller's jit this inner jit is simply inlined.
-@functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec"))
-def _sharded(q, k, v, s, *, per_device, exchange, mesh, spec):
+@functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec", "heads"))
+def _sharded(q, k, v, s, *, per_device, exchange, mesh, spec, heads):
+    n_heads = placement.size(mesh, heads)
+
     def local(q, k, v, s):
+        s = placement.local_rates(s, heads, n_heads)
         return vjp.attend(q, k, v, s, None, per_device, exchange, False)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, s)

@@ -6,15 +6,19 @@ same meshes and reject the same inputs with the same messages.
 
 from __future__ import annotations
 
-import math
-
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lasp_jax.ops import placement
 
 
 def current_mesh(mesh):
     """`mesh` if given, else the ambient one (`jax.set_mesh`); a ValueError if there is neither."""
     if mesh is not None:
+        if not isinstance(mesh, (Mesh, AbstractMesh)):
+            hint = f" (did you mean seq_axis={mesh!r}?)" if isinstance(mesh, str) else ""
+            raise ValueError(f"mesh must be a jax.sharding.Mesh or AbstractMesh, got {type(mesh).__name__} "
+                             f"{mesh!r}{hint}")
         return mesh
     ambient = jax.sharding.get_abstract_mesh()
     if ambient.empty:
@@ -35,38 +39,37 @@ def seq_is_manual(seq_axis: str) -> bool:
     return seq_axis in jax.sharding.get_abstract_mesh().manual_axes
 
 
-def _batch_axes_of(x) -> tuple[str, ...] | None:
-    """The mesh axes an Explicit-sharded array's batch dim lives on (None when it is not sharded)."""
-    entry = jax.typeof(x).sharding.spec[0]
-    if entry is None:
-        return None
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def place(q, k, v, mesh, seq_axis: str, batch_axes):
-    """Validates the layout and returns (q, k, v, spec): spec = P(batch_axes, seq_axis, None, None), and on an
+    """Validates the layout and returns (q, k, v, spec, heads): spec = P(batch_axes, seq_axis, heads, None) and on an
     Explicit mesh the arrays resharded to it.
 
-    batch_axes: the mesh axes B is sharded over; default: how q's batch dim is already sharded on an Explicit
-    mesh, else every other mesh axis.
+    batch_axes: the mesh axes B is sharded over (a name or a sequence of names); default: how q's batch dim is
+    already sharded on an Explicit mesh, else every other mesh axis. heads: the axes q's heads are sharded over
+    on an Explicit mesh when H and Hkv split evenly over them and batch and seq do not use them (heads are
+    independent, so each device attends over its own heads), else ().
     """
     w = mesh.shape[seq_axis]
-    b, t = q.shape[:2]
+    b, t, h = q.shape[:3]
     if t % w:
         raise ValueError(f"sequence length T={t} must be divisible by the {seq_axis!r} axis size {w}")
-    explicit = any(t_ == AxisType.Explicit for t_ in mesh.axis_types)
+    explicit = AxisType.Explicit in tuple(mesh.axis_types)
+    q_spec = placement.explicit_spec(q) if explicit else None
     if batch_axes is None:
-        batch_axes = _batch_axes_of(q) if explicit else None
-        if batch_axes is None:
-            batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis)
+        batch_axes = q_spec[0] if q_spec else ()
+        if not batch_axes:
+            batch_axes = tuple(a for a in mesh.axis_names if a != seq_axis and a not in (q_spec or ((),) * 3)[2])
+    elif isinstance(batch_axes, str):
+        batch_axes = (batch_axes,)
+    batch_axes = tuple(batch_axes)
     for a in batch_axes:
         if a not in mesh.axis_names or a == seq_axis:
             raise ValueError(f"batch axis {a!r} is not a non-seq axis of the mesh {tuple(mesh.axis_names)}")
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+    n_batch = placement.size(mesh, batch_axes)
     if b % n_batch:
-        raise ValueError(f"batch B={b} must be divisible by the batch axes {tuple(batch_axes)} (size {n_batch}); "
+        raise ValueError(f"batch B={b} must be divisible by the batch axes {batch_axes} (size {n_batch}); "
                          "pass batch_axes=() to replicate the batch over them")
-    spec = P(tuple(batch_axes) or None, seq_axis, None, None)
+    heads = placement.head_axes(q_spec, mesh, h, k.shape[2], taken=(*batch_axes, seq_axis)) if q_spec else ()
+    spec = P(placement.entry(batch_axes), seq_axis, placement.entry(heads), None)
     if explicit:
         q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
-    return q, k, v, spec
+    return q, k, v, spec, heads

@@ -15,10 +15,14 @@ import functools
 
 import jax
 
+from lasp_jax.ops import placement
 from lasp_jax.ops.softmax import check_inputs, causal_softmax_attention
 from lasp_jax.parallel import layout
 
 
+# Under jit always (inlined in a caller's jit): eagerly inside a caller's shard_map the CPU runtime of jax 0.11.2
+# crashes on such bodies.
+@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k"))
 def _local(q, k, v, *, seq_axis, scale, block_q, block_k):
     """One rank: gather K, V over seq_axis, then attend with this rank's rows at their global positions."""
     kg = jax.lax.all_gather(k, seq_axis, axis=1, tiled=True)
@@ -48,8 +52,10 @@ def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=Non
     layout.check_seq_axis(mesh, seq_axis)
     if layout.seq_is_manual(seq_axis):
         return _local(q, k, v, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
-    q, k, v, spec = layout.place(q, k, v, mesh, seq_axis, batch_axes)
-    return _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+    q_in = q
+    q, k, v, spec, _ = layout.place(q, k, v, mesh, seq_axis, batch_axes)
+    out = _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+    return placement.like_q(out, q_in)
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
