@@ -1,23 +1,101 @@
-"""Checkpoints through an orbax CheckpointManager: model and optimizer state, the data iterator, run metadata.
+"""Checkpoints through an orbax CheckpointManager, verified on restore, and the lock that gives a run directory
+one writer.
 
 Each checkpoint RUN_DIR/checkpoints/<step>/ holds
     state/  the nnx state of (model, optimizer): float32 parameters, AdamW moments, step counters (sharded,
             each host writes its own shards)
     data/   the Grain iterator's position (one file per host)
-    meta/   JSON: step, last training loss, the config
+    meta/   JSON: step, last training loss, the config, and `digest`: one checksum per state array
 Saves are asynchronous (training continues while the files are written) and atomic: orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
-the newest one. `save` refuses non-finite losses, so a good checkpoint is never followed by a NaN one.
+the newest one. `save` refuses a non-finite loss or non-finite parameters, so no checkpoint holds NaN or inf.
+A failed save raises CheckpointError (at that save, or at the next save / `wait` when it failed in the
+background) instead of blocking: orbax's asynchronous directory creation is turned off because a failure
+there left the main thread waiting for a signal until orbax's 300 s coordination timeout.
+
+Restore tries the newest checkpoint first and falls back to older ones when one cannot be read (a truncated or
+missing file, missing metadata) or when its arrays no longer match their checksums (silent corruption); the
+ones skipped are renamed <step>.unrestorable, kept for inspection.
+
+Checksum of an array x (any sharding; the same value on every host and for any mesh): its elements' bits u_i
+as uint32 (floats bitcast, 16-bit floats widened), summed as sum_i u_i * (2 i + 1) mod 2^32. Every weight is
+odd, so any single flipped bit changes the sum (2^k * odd is never 0 mod 2^32); a swap of two elements
+changes it unless their bits are equal.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import math
+import os
+import socket
 from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or no checkpoint of a run could be restored."""
+
+
+class NonFiniteState(ValueError):
+    """The loss or the parameters to be saved hold NaN or inf; nothing was saved."""
+
+
+class RunDirBusy(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """uint32 scalar: sum_i bits(x_i) * (2 i + 1) mod 2^32 over the flattened array (module docstring)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    bits = x.astype(jnp.uint32).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _inspect(state) -> tuple[jax.Array, list[jax.Array]]:
+    """(all floating arrays finite, one checksum per leaf in jax.tree.leaves order)."""
+    leaves = jax.tree.leaves(state)
+    finite = jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+                                 or [True]))
+    return finite, [_checksum(x) for x in leaves]
+
+
+def state_digest(state) -> tuple[bool, dict[str, int]]:
+    """(every floating array is finite, {leaf path: checksum}) of a state tree of arrays."""
+    finite, sums = _inspect(state)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    return bool(finite), {p: int(s) for p, s in zip(paths, sums)}
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an exception: the innermost cause's type and the start of its message (tensorstore's
+    messages run to thousands of lines, the outer ones say only which array failed)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).split(" [tensorstore_spec=")[0].strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+@dataclasses.dataclass
+class Restored:
+    """The checkpoint a resume starts from, and the newer ones it skipped: (step, why) pairs."""
+
+    step: int
+    state: object
+    meta: dict
+    skipped: list[tuple[int, str]]
 
 
 class Checkpointer:
@@ -27,9 +105,14 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.every = every
         # The interval is applied here rather than by orbax, which would also save the first step it sees.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                               enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {_reason(e)}") from None
+        self._pending: int | None = None  # the step whose asynchronous save may still be running
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -37,37 +120,138 @@ class Checkpointer:
     def save(self, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
         """Starts saving (asynchronously) if step is due or force; returns whether a save started.
 
-        Raises ValueError if meta["loss"] is not finite: the caller stops the run instead.
+        Raises NonFiniteState if meta["loss"] or any parameter is not finite (the caller stops the run), and
+        CheckpointError if this save, or the previous one in the background, failed.
         """
         loss = meta.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise ValueError(f"refusing to checkpoint step {step}: loss is {loss}")
+            raise NonFiniteState(f"refusing to checkpoint step {step}: loss is {loss}")
         if not (force or step % self.every == 0):
             return False
+        finite, digest = state_digest(state)
+        if not finite:
+            raise NonFiniteState(f"refusing to checkpoint step {step}: the parameters or optimizer state hold "
+                                 "NaN or inf")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iter),
-                                  meta=ocp.args.JsonSave(meta))
-        return bool(self._manager.save(step, args=args, force=True))
+                                  meta=ocp.args.JsonSave({**meta, "digest": digest}))
+        self.wait()  # surfaces a failure of the previous save under its own step
+        try:
+            started = bool(self._manager.save(step, args=args, force=True))
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {_reason(e)}") \
+                from None
+        self._pending = step if started else None
+        return started
 
     def restore(self, step: int, abstract_state, data_iter):
         """(state, meta) of checkpoint `step`; data_iter is moved to the saved position in place.
 
         abstract_state: the state's tree of jax.ShapeDtypeStruct with shardings (where each array goes).
+        Raises CheckpointError if the restored arrays do not match the checksums saved with them; orbax's and
+        tensorstore's own errors (unreadable files) pass through.
         """
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=grain.checkpoint.CheckpointRestore(data_iter),
                                   meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
+        saved = restored.meta.get("digest")
+        if saved is not None:  # checkpoints written before checksums existed have none
+            _, digest = state_digest(restored.state)
+            bad = [path for path, value in digest.items() if saved.get(path) != value]
+            if bad:
+                raise CheckpointError(f"{len(bad)} of {len(digest)} arrays differ from their saved checksums "
+                                      f"(silent corruption), e.g. {bad[0]}")
         return restored.state, restored.meta
 
+    def restore_newest(self, abstract_state, data_iter) -> Restored | None:
+        """The newest checkpoint that restores and verifies (None if there are none), with the newer ones it
+        skipped and why. Raises CheckpointError naming every checkpoint's failure if none restores."""
+        skipped = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iter)
+            except Exception as e:  # any unreadable checkpoint: try the next older one
+                skipped.append((step, _reason(e)))
+                continue
+            if skipped:
+                self._set_aside([s for s, _ in skipped])
+            return Restored(step, state, meta, skipped)
+        if skipped:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
+                                  + "; ".join(f"step {s}: {why}" for s, why in skipped))
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unrestorable checkpoints to <step>.unrestorable (kept for inspection; orbax ignores the
+        name), so the resumed run can save those steps again."""
+        if jax.process_index() == 0:
+            for step in steps:
+                (self.directory / str(step)).rename(self.directory / f"{step}.unrestorable")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
+
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; raises CheckpointError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint step {self._pending} in {self.directory} failed: "
+                                  f"{_reason(e)}") from None
+        finally:
+            self._pending = None
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for pending saves and releases orbax's resources; raises CheckpointError if a save failed."""
+        try:
+            self._manager.close()
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint step {self._pending} in {self.directory} failed: "
+                                  f"{_reason(e)}") from None
 
 
 def abstract_like(state):
     """The ShapeDtypeStruct tree (shapes, dtypes, shardings) of a state tree of arrays."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory: RUN_DIR/.lock, held with flock(2), records "pid host".
+
+    The kernel drops a flock when its process dies however it dies, so a lock left by a killed run is free to
+    take: its file still names the dead owner (a clean release empties it), which `acquire` reports. The file
+    is never deleted, so two processes can never lock two different files of the same name.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns a note if it took over a killed run's lock. Raises RunDirBusy naming the
+        holder's pid and host if a live process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 256, 0).decode(errors="replace").split()
+            os.close(fd)
+            pid, host = (owner + ["?", "?"])[:2]
+            raise RunDirBusy(f"run_dir {str(self.path.parent)!r} is in use by another run (pid {pid} on host "
+                             f"{host}); wait for it to end or choose another run_dir") from None
+        previous = os.pread(fd, 256, 0).decode(errors="replace").split()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        if len(previous) >= 2:
+            return (f"took over the lock of run_dir {str(self.path.parent)!r} left by pid {previous[0]} on host "
+                    f"{previous[1]}, which ended without releasing it (killed?)")
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

@@ -1,9 +1,12 @@
 """The training loop: mesh, data, the sharded state and its jitted step, evaluation, checkpoints, a sample.
 
-Every step's loss is read back before that step's checkpoint can be written, so a non-finite loss stops the
-run before any state it produced is saved. A batch [B, T] is split as P(data, seq): each host builds only its
-own rows/columns (train.data.HostSlice) and `jax.make_array_from_process_local_data` assembles the global
-array. The numerics of the step are train.step's.
+Every step's loss is read back before that step's checkpoint can be written, and the parameters are checked
+before each save, so a non-finite loss or state stops the run before anything it produced is saved. The run
+directory is locked for the run's life (train.checkpoint.RunDirLock). SIGTERM and SIGINT stop the run at the
+next step boundary after saving that step; resume then continues exactly, and is refused where it could not
+(a data-order field changed). A batch [B, T] is split as P(data, seq): each host builds only its own
+rows/columns (train.data.HostSlice) and `jax.make_array_from_process_local_data` assembles the global array.
+The numerics of the step are train.step's.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import models
 from train import data as data_lib
-from train.checkpoint import Checkpointer, abstract_like
+from train.checkpoint import Checkpointer, NonFiniteState, RunDirLock, abstract_like
 from train.config import TrainConfig, resolve_mesh, validate, validate_shapes
 from train.metrics import MetricsLog, Throughput, device_memory_gib, flops_per_token, peak_tflops, perplexity
 from train.optim import learning_rate
@@ -32,18 +37,62 @@ from train.progress import Progress
 from train.tokenizer import load_tokenizer
 
 
+# Fields a checkpoint's data position depends on: with any of them changed, the resumed run would not see the
+# batches the uninterrupted run would have seen.
+DATA_ORDER_FIELDS = ("data", "max_data_bytes", "tokenizer", "seq_len", "batch_size", "val_fraction", "data_seed")
+
+
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the newest intact checkpoint."""
+    """The loss or the parameters became NaN or infinite; the message names the step and the newest intact
+    checkpoint."""
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only record their name in `received` (the loop then saves and stops at
+    the next step boundary); the handlers in place before are restored on the first signal, so a second one
+    acts as it would have (kills), and on exit. Inactive outside the main thread, where Python cannot set
+    handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+    def stop_requested(self) -> bool:
+        """Whether any process received a signal (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        return bool(multihost_utils.process_allgather(np.int32(self.received is not None)).max())
 
 
 @dataclass
 class RunResult:
-    """What a finished run reports: per-step training losses (from its start step), validation, a sample."""
+    """What a finished run reports: per-step training losses (from its start step), validation, a sample, and
+    the signal that stopped it early (None if it ran to cfg.steps)."""
 
     start_step: int
     losses: dict[int, float]
     val_loss: float | None
     sample: str | None
+    stopped_by: str | None = None
 
 
 def host_slice(sharding: NamedSharding, shape: tuple[int, int]) -> data_lib.HostSlice:
@@ -85,8 +134,51 @@ def sample_text(graphdef, state, tokenizer, cfg: TrainConfig) -> str:
     return tokenizer.decode(np.asarray(tokens)[0, len(prompt):])  # generate returns the prompt first
 
 
+def _lock_run_dir(run_dir: Path, main: bool) -> RunDirLock | None:
+    """Creates run_dir and locks it (on process 0; every process raises if it is taken). Returns the lock."""
+    lock, error = None, None
+    if main:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"run_dir {str(run_dir)!r} is a file, not a directory")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"run_dir {str(run_dir)!r} cannot be created: {e.strerror}") from None
+        lock = RunDirLock(run_dir)
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"note: {note}", flush=True)
+        except ValueError as e:
+            lock, error = None, e
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or ValueError(f"run_dir {str(run_dir)!r} is in use by another run (see process 0)")
+    if error:
+        raise error
+    return lock
+
+
+def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
+    """Raises ValueError if resuming the checkpoint of `step` (saved: its config as a dict) under cfg would not
+    continue that run exactly: a data-order field changed, or cfg.steps is below the checkpoint."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    changed = [f"{name}={saved[name]!r} -> {now[name]!r}" for name in DATA_ORDER_FIELDS
+               if name in saved and saved[name] != now[name]]
+    if changed:
+        raise ValueError(f"resume: the checkpoint of step {step} in run_dir {cfg.run_dir!r} was trained with other "
+                         f"data settings ({', '.join(changed)}); resuming would not continue its data order. "
+                         "Restore those values, or choose a new run_dir")
+    if cfg.steps < step:
+        raise ValueError(f"steps={cfg.steps} is below the newest checkpoint's step {step} in run_dir "
+                         f"{cfg.run_dir!r}; raise steps to continue it, or choose a new run_dir")
+
+
 def train(cfg: TrainConfig) -> RunResult:
-    """Runs (or resumes) training to cfg.steps. Raises ValueError on bad config/data, NonFiniteLoss on NaN."""
+    """Runs (or resumes) training to cfg.steps, or until SIGTERM/SIGINT (saved, then RunResult.stopped_by).
+
+    Raises ValueError on bad config/data or a run_dir in use, NonFiniteLoss on NaN/inf, and
+    train.checkpoint.CheckpointError when a save fails or no checkpoint of the run restores.
+    """
     validate(cfg)
     files = data_lib.resolve_files(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
@@ -100,6 +192,20 @@ def train(cfg: TrainConfig) -> RunResult:
 
     axes = resolve_mesh(cfg.mesh, len(jax.devices()), jax.process_count())
     validate_shapes(cfg, axes, jax.process_count())
+    main = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    lock = _lock_run_dir(run_dir, main)
+    try:
+        with StopSignals() as signals:
+            return _train(cfg, mcfg, axes, files, tokenizer, run_dir, main, signals)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, mcfg, axes, files, tokenizer, run_dir: Path, main: bool,
+           signals: StopSignals) -> RunResult:
+    """train() once the config is checked and run_dir is locked."""
     devices = jax.devices()[:int(np.prod(list(axes.values())))]
     axis_type = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[cfg.mesh_axis_type]
     mesh = jax.make_mesh(tuple(axes.values()), tuple(axes.keys()), devices=devices,
@@ -115,44 +221,53 @@ def train(cfg: TrainConfig) -> RunResult:
                                       threads=cfg.data_threads)
     val_data = data_lib.val_batches(val_windows, batch_size=cfg.batch_size, n_batches=cfg.eval_batches, host=host)
 
-    main = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-
     graphdef, state, n_params, n_matmul = build_state(mcfg, cfg, mesh)
     train_step, eval_step = make_steps(graphdef)
     data_iter = iter(train_ds)
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.ckpt_every, keep=cfg.ckpt_keep)
-    start = 0
-    latest = ckpt.latest_step()
-    if latest is not None and not cfg.resume:
-        raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (newest: step {latest}); "
-                         "set resume=true to continue it, or choose a new run_dir")
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_like(state), data_iter)
-        start = int(meta["step"])
+    bar = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None and not cfg.resume:
+            raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (newest: step {latest}); "
+                             "set resume=true to continue it, or choose a new run_dir")
+        restored = ckpt.restore_newest(abstract_like(state), data_iter) if latest is not None else None
+        start = 0
+        if restored:
+            for step, why in restored.skipped:
+                print(f"warning: skipped checkpoint step {step}, which cannot be restored ({why})", flush=True)
+            check_resume(cfg, restored.meta.get("config", {}), restored.step)
+            state, start = restored.state, restored.step
+        if main:
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    n_soft = len(mcfg.softmax_set)
-    fpt = flops_per_token(n_matmul, mcfg.n_layers - n_soft, mcfg.n_heads, mcfg.resolved_head_dim, n_soft,
-                          cfg.seq_len)
-    speed = Throughput(tokens_per_step, fpt, len(devices), peak_tflops(devices[0].device_kind, cfg.peak_tflops))
-    schedule = learning_rate(cfg)
-    bar = Progress(start, cfg.steps, bar=main and cfg.progress, messages=main)
-    if main:
-        bar.write(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, mesh {dict(axes)} on {len(devices)} "
+        log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        n_soft = len(mcfg.softmax_set)
+        fpt = flops_per_token(n_matmul, mcfg.n_layers - n_soft, mcfg.n_heads, mcfg.resolved_head_dim, n_soft,
+                              cfg.seq_len)
+        speed = Throughput(tokens_per_step, fpt, len(devices),
+                           peak_tflops(devices[0].device_kind, cfg.peak_tflops))
+        schedule = learning_rate(cfg)
+        bar = Progress(start, cfg.steps, bar=main and cfg.progress, messages=main)
+        bar.write(f"{mcfg.kind} model: {n_params / 1e6:.2f}M parameters, mesh {dict(axes)} on {len(devices)} "
                   f"{devices[0].platform} devices, {len(train_windows)} training sequences of {cfg.seq_len} "
                   f"tokens, " + (f"resumed at step {start}" if start else "from scratch") + f"; run dir {run_dir}")
+        if start == cfg.steps:
+            bar.write(f"the run is complete: its newest checkpoint is step {start} = steps; nothing to train")
 
-    losses: dict[int, float] = {}
-    window: list[float] = []  # losses since the last log line, averaged for the bar and the log
-    avg = float("nan")
-    val_loss = None
-    last_saved = latest
-    try:
+        losses: dict[int, float] = {}
+        window: list[float] = []  # losses since the last log line, averaged for the bar and the log
+        avg = float("nan")
+        val_loss = None
+        last_saved = start or None
+
+        def non_finite(what: str, step: int) -> NonFiniteLoss:
+            ckpt.wait()  # a pending save of an earlier (checked) step is on disk before it is called intact
+            kept = f"the newest checkpoint, step {last_saved}, is intact" if last_saved else "no checkpoint saved"
+            return NonFiniteLoss(f"{what} at step {step}; stopping ({kept})")
+
+        stopped_at = None
         with jax.set_mesh(mesh):
             for step in range(start + 1, cfg.steps + 1):
                 local = next(data_iter)
@@ -164,9 +279,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 state, out = train_step(state, batch)
                 loss = float(out["loss"])
                 if not math.isfinite(loss) or not math.isfinite(float(out["grad_norm"])):
-                    kept = f"the newest checkpoint, step {last_saved}, is intact" if last_saved else "none saved"
-                    raise NonFiniteLoss(f"non-finite loss ({loss}) or gradient norm at step {step}; stopping "
-                                        f"({kept})")
+                    raise non_finite(f"non-finite loss ({loss}) or gradient norm", step)
                 losses[step] = loss
                 window.append(loss)
                 speed.step()
@@ -187,15 +300,30 @@ def train(cfg: TrainConfig) -> RunResult:
                     bar.write(f"step {step}: train loss {avg:.4f}, validation loss {val_loss:.4f} "
                               f"(perplexity {perplexity(val_loss):.2f})")
                     speed.reset()
-                if ckpt.save(step, state, data_iter, {"step": step, "loss": loss, "config": dataclasses.asdict(cfg)},
-                             force=step == cfg.steps):
+                stop = signals.stop_requested()
+                try:
+                    saved = ckpt.save(step, state, data_iter, {"step": step, "loss": loss,
+                                                               "config": dataclasses.asdict(cfg)},
+                                      force=step == cfg.steps or stop)
+                except NonFiniteState:
+                    raise non_finite(f"non-finite parameters or optimizer state (loss {loss})", step) from None
+                if saved:
                     last_saved = step
                     speed.reset()
-    finally:
-        bar.close()
+                if stop:
+                    stopped_at = step
+                    break
         ckpt.wait()
+    finally:
+        if bar:
+            bar.close()
         ckpt.close()
 
+    if stopped_at is not None:
+        if main:
+            print(f"stopped by {signals.received} after step {stopped_at}: checkpoint step {stopped_at} saved in "
+                  f"{run_dir / 'checkpoints'}; run again to resume", flush=True)
+        return RunResult(start, losses, val_loss, None, stopped_by=signals.received)
     sample = None
     if cfg.sample_tokens:
         sample = sample_text(graphdef, state, tokenizer, cfg)

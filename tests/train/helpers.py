@@ -1,0 +1,122 @@
+"""Shared by the training tests: the tiny run config, its command line, and a `python -m train` subprocess
+that a test can act on at a chosen step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from models import presets
+from train.cli import DEFAULT_CONFIG, load_config_file
+from train.config import TrainConfig
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 20
+
+
+def tiny(run_dir, **changes) -> TrainConfig:
+    """A ~20K-parameter TNL on the first 200 KB of the standard library, 20 steps, float32."""
+    base = TrainConfig(
+        model=presets.get("tnl-tiny").replace(d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, ce_chunk=16),
+        run_dir=str(run_dir), steps=STEPS, mesh="data=2,seq=4", data=("stdlib",), max_data_bytes=200_000,
+        seq_len=32, batch_size=4, val_fraction=0.05, lr=3e-3, warmup_steps=5, decay_steps=STEPS,
+        compute_dtype="float32", ckpt_every=5, ckpt_keep=2, log_every=1, eval_every=0, eval_batches=1,
+        progress=False, sample_tokens=0, data_threads=1)
+    return dataclasses.replace(base, **changes)
+
+
+def _flags(prefix: str, value, default) -> list[str]:
+    """The `python -m train` flags that change the dataclass `default` into `value`."""
+    out = []
+    for f in dataclasses.fields(value):
+        v, d, name = getattr(value, f.name), getattr(default, f.name), prefix + f.name
+        if v == d:
+            continue
+        if dataclasses.is_dataclass(v):
+            out += _flags(f"{name}.", v, d)
+        elif isinstance(v, bool):
+            out.append(f"--{name}" if v else f"--no-{name}" if not prefix else f"--{prefix}no-{f.name}")
+        elif isinstance(v, tuple):
+            out += [f"--{name}", *map(str, v)]
+        else:
+            out += [f"--{name}", str(v)]
+    return out
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The command line that reproduces cfg on top of the default config file's."""
+    return _flags("", cfg, load_config_file(DEFAULT_CONFIG))
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def saved_steps(run_dir) -> list[int]:
+    """The finished checkpoints' steps (orbax's temporary directories are not digits)."""
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def env(**extra) -> dict[str, str]:
+    out = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    out.pop("XLA_FLAGS", None)  # each subprocess forces its own device count through cpu_devices
+    return out
+
+
+# Runs `python -m train ARGS` and, right after logging step AT, acts as ACTION says: "block" prints READY and
+# sleeps (the parent kills it), "await_signal" prints READY and waits until a SIGTERM/SIGINT has been handled
+# (the parent sends it), "break_checkpoints" replaces RUN_DIR/checkpoints by a file (the next save fails).
+_HOOKED = textwrap.dedent("""
+    import os, shutil, signal, sys, time
+    from pathlib import Path
+    from train import metrics
+    write = metrics.MetricsLog.write
+    def write_then_act(self, step, kind, **values):
+        write(self, step, kind, **values)
+        if kind != "train" or step != int(os.environ["AT"]):
+            return
+        action = os.environ["ACTION"]
+        if action == "break_checkpoints":
+            ckpts = self.path.parent / "checkpoints"
+            shutil.rmtree(ckpts)
+            ckpts.write_text("not a directory")
+            return
+        print("READY", flush=True)
+        if action == "block":
+            time.sleep(3600)
+        # the loop's handler puts the previous (default) one back when it has seen a signal
+        while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            time.sleep(0.02)
+    metrics.MetricsLog.write = write_then_act
+    from train.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def start_hooked(cfg: TrainConfig, at: int, action: str) -> subprocess.Popen:
+    """`python -m train` on cfg (8 CPU devices) with the hook above; stdout and stderr merged, as text."""
+    args = cli_args(dataclasses.replace(cfg, cpu_devices=8, platform="cpu"))
+    return subprocess.Popen([sys.executable, "-c", _HOOKED, *args], cwd=ROOT, env=env(AT=str(at), ACTION=action),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until_ready(proc: subprocess.Popen) -> list[str]:
+    """The subprocess's lines up to and including READY (all of them if it ends first)."""
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "READY" in line:
+            break
+    return out
+
+
+def run_train(cfg: TrainConfig, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m train` on cfg (8 CPU devices) to its end."""
+    args = cli_args(dataclasses.replace(cfg, cpu_devices=8, platform="cpu"))
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
