@@ -88,10 +88,10 @@ def fwd_and_fwd_bwd(attend):
 def fp32_reference(q, k, v, do, decay, scale: float):
     """(o, (dq, dk, dv)) of the chunked XLA path on the inputs upcast to float32, every product at HIGHEST
     precision (no TF32): the "fp32 run of the same inputs" that each contender's bf16 result is measured against
-    (its own error is near 1e-6)."""
+    (its own error is near 1e-6). Waited for: no timing that follows overlaps it."""
     _, fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v: lasp_jax.linear_attention(q, k, v, decay, scale=scale, impl="xla"))
     with jax.default_matmul_precision("highest"):
-        return fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+        return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do))))
 
 
 def run_worker(module: str, args: list[str], rows_path: str, name: str) -> list[dict]:
