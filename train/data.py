@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def resolve_files(specs) -> list[Path]:
     return files
 
 
+# A text file with more undecodable bytes than this (as a fraction of its characters) is most likely binary.
+MAX_UNDECODABLE = 0.01
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (undecodable bytes replaced by U+FFFD); warns if it does not look like text."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad > MAX_UNDECODABLE * max(len(text), 1):
+        warnings.warn(f"data: {str(path)!r} does not look like UTF-8 text ({bad} of its {len(text)} characters "
+                      "are undecodable bytes); it is trained on as replacement characters. Pre-tokenized ids "
+                      "belong in a .bin file", stacklevel=2)
+    return text
+
+
 def _documents(files, text_field: str, max_bytes: int):
     """Yields the text documents of .txt/.py/.jsonl files, stopping before max_bytes (if > 0) is passed."""
     total = 0
@@ -99,7 +116,7 @@ def _documents(files, text_field: str, max_bytes: int):
                         raise ValueError(f"data: {f}:{n} has no string field {text_field!r} (set text_field)")
                     docs.append(record[text_field])
         else:
-            docs = [Path(f).read_text(encoding="utf-8", errors="replace")]
+            docs = [_read_text(Path(f))]
         for doc in docs:
             total += len(doc)
             if max_bytes and total > max_bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 # Dense bf16 peak TFLOP/s of one device (vendor datasheets, no sparsity).
@@ -87,6 +88,11 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file() and self.path.stat().st_size:
+                with open(self.path, "rb+") as fh:  # a killed run may have left half a line: end it
+                    fh.seek(-1, 2)
+                    if fh.read(1) != b"\n":
+                        fh.write(b"\n")
 
     def write(self, step: int, kind: str, **values) -> None:
         if not self.enabled:
@@ -99,13 +105,26 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, the last one for each (step, kind), in step order."""
+    """The records of a metrics.jsonl, the last one for each (step, kind), in step order.
+
+    Lines that are not a JSON record with a step (half-written by a run killed mid-write, or being written
+    now) are skipped with a warning naming them.
+    """
     latest: dict[tuple[int, str], dict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
+    damaged = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                latest[(record["step"], record.get("kind", "train"))] = record
+                latest[(int(record["step"]), record.get("kind", "train"))] = record
+            except (ValueError, KeyError, TypeError):
+                damaged.append(n)
+    if damaged:
+        warnings.warn(f"{path}: skipped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}"
+                      f"{', ...' if len(damaged) > 5 else ''}); a run killed mid-write leaves half a line",
+                      stacklevel=2)
     return sorted(latest.values(), key=lambda r: (r["step"], r.get("kind", "")))
 
 

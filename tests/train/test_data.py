@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -148,3 +149,15 @@ def test_too_little_data_is_an_error():
     assert set(train.ids).isdisjoint(val.ids) and val[0][0] == 19 * 8
     with pytest.raises(ValueError, match="raise val_fraction"):
         data.val_batches(val, batch_size=16, n_batches=2, host=FULL)
+
+
+def test_binary_data_named_txt_is_warned_about(tmp_path):
+    """Random bytes in a .txt file decode to mostly replacement characters: training on them is a mistake
+    (pre-tokenized ids belong in .bin), so token_stream warns, naming the file; real text does not warn."""
+    (tmp_path / "ids.txt").write_bytes(np.random.default_rng(0).integers(0, 2**16, 4000, np.uint16).tobytes())
+    (tmp_path / "real.txt").write_text("déf f(x):\n    return x  # ∑ \ufffd\n" * 50)
+    with pytest.warns(UserWarning, match=r"ids.txt' does not look like UTF-8 text \(\d+ of its \d+ characters"):
+        data.token_stream([tmp_path / "ids.txt"], ByteTokenizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.token_stream([tmp_path / "real.txt"], ByteTokenizer())
