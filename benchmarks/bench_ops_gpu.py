@@ -2,7 +2,7 @@
 chunk_simple_gla and the LASP package's lightning_attn; forward and forward+backward, bf16, TNL decay rates, and
 each contender's bf16 error against an fp32 run of the same inputs.
 
-    python3 -m benchmarks.bench_ops_gpu [--shapes 1x16384x16x128,...] [--impls pallas_mosaic,pallas_triton]
+    python3 -m benchmarks.bench_ops_gpu [--shapes 1x16384x16x128,...] [--impls pallas_mosaic[,pallas_triton,xla]]
         [--peers jla,fla,lasp] [--scale S (default d^-0.5)] [--iters 10] [--reps 5] [--out DIR]
 
 Isolation: every contender group runs in a process of its own, one after another (each lasp_jax impl, jla, and
@@ -148,6 +148,8 @@ def worker_main(args) -> None:
     else:
         raise ValueError(f"unknown worker {args.worker!r}")
     measure.append_row(args.rows, device_row)
+    if not contenders:  # the torch peers asked for are not installed (printed above)
+        return
     for shape in args.shape_list:
         scale = args.scale if args.scale is not None else shape[3] ** -0.5
         rates = tnl_slopes(shape[2])
@@ -205,10 +207,8 @@ def _to_torch(x):
 
 
 def _to_jax(t):
-    import torch
-
-    torch.cuda.synchronize()
-    return jnp.asarray(t.float().cpu().numpy())
+    """A torch tensor (with or without autograd history) as a float32 JAX array, through host memory."""
+    return jnp.asarray(t.detach().float().cpu().numpy())
 
 
 def torch_contenders(names: list[str]) -> dict:
