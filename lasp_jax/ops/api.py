@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -24,7 +23,8 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
       decay: None (no decay) or [H] rates s_h >= 0. A constant for autodiff: its cotangent is zero. Bad rates
         are a ValueError when decay is concrete; traced under jit, a negative or non-finite rate makes its head's
         outputs NaN (checks.attention_inputs).
-      scale: multiplies q.
+      scale: a Python float multiplying q, applied inside the implementation where it forms the scores and the
+        q-side state products in float32 (never a pass over q).
       initial_state: optional [B, H, Dk, Dv] state S_0 before position 0 (differentiable).
       return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
         equal one call over the concatenated sequence.
@@ -42,19 +42,18 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
     per_device = impls.resolve(impl, q, k, v, partitioned=impls.partitioned(q))
-    if scale != 1.0:
-        q = q * jnp.asarray(scale, q.dtype)
+    scale = static_scale(scale)
     final = bool(return_final_state)
     spec = placement.explicit_spec(q)
     if spec is None:
-        out = attend_under_jit(q, k, v, s, initial_state, per_device, None, final)
+        out = attend_under_jit(q, k, v, s, initial_state, per_device, None, final, scale)
     else:
         mesh = jax.typeof(q).sharding.mesh
         _refuse_sharded_sequence(spec, mesh)
         batch = spec[0]
         heads = placement.head_axes(spec, mesh, h, k.shape[2], taken=batch)
         out = _per_shard(q, k, v, s, initial_state, per_device=per_device, final=final, mesh=mesh, batch=batch,
-                         heads=heads)
+                         heads=heads, scale=scale)
     if final:
         return placement.like_q(out[0], q), out[1]
     return placement.like_q(out, q)
@@ -62,7 +61,19 @@ def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, retu
 
 # Always under jit: lax.associative_scan in an eager shard_map (a caller's, called without jit) crashes the CPU
 # runtime of jax 0.11.2 (segfault). Under a caller's jit this jit is inlined.
-attend_under_jit = jax.jit(vjp.attend, static_argnums=(5, 6, 7))
+attend_under_jit = jax.jit(vjp.attend, static_argnums=(5, 6, 7, 8))
+
+
+def static_scale(scale) -> float:
+    """scale as a finite Python float: the implementations fold it into their float32 decay tables when they
+    are traced, so it must be concrete (not a traced value)."""
+    try:
+        value = float(scale)
+    except TypeError as error:  # a tracer (ConcretizationTypeError) or a non-number
+        raise ValueError(f"scale must be a concrete number (a Python float), got {scale!r}") from error
+    if not np.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def _refuse_sharded_sequence(spec: placement.Spec, mesh):
@@ -73,8 +84,8 @@ def _refuse_sharded_sequence(spec: placement.Spec, mesh):
                          "lasp_attention for sequence-sharded inputs (or reshard T to one device first)")
 
 
-@functools.partial(jax.jit, static_argnames=("per_device", "final", "mesh", "batch", "heads"))
-def _per_shard(q, k, v, s, initial_state, *, per_device, final, mesh, batch, heads):
+@functools.partial(jax.jit, static_argnames=("per_device", "final", "mesh", "batch", "heads", "scale"))
+def _per_shard(q, k, v, s, initial_state, *, per_device, final, mesh, batch, heads, scale):
     """Explicit mesh: one call per (batch, head) shard inside shard_map (no collective: batch and heads are
     independent); T and the head dims whole on each device."""
     x_spec = P(placement.entry(batch), None, placement.entry(heads), None)
@@ -88,7 +99,7 @@ def _per_shard(q, k, v, s, initial_state, *, per_device, final, mesh, batch, hea
 
     def local(q, k, v, s, initial_state=None):
         s = placement.local_rates(s, heads, n_heads)
-        return vjp.attend(q, k, v, s, initial_state, per_device, None, final)
+        return vjp.attend(q, k, v, s, initial_state, per_device, None, final, scale)
 
     out_specs = (x_spec, state_spec) if final else x_spec
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
@@ -108,5 +119,5 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):
             raise ValueError(f"{name} must have rank 3 [B, heads, head_dim] for one step, got shape {np.shape(x)}")
     s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], decay)
     state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
-    o, state = reference.step(q.astype(jnp.float32) * scale, k, v, s, state)
+    o, state = reference.step(q, k, v, s, state, static_scale(scale))
     return o.astype(q.dtype), state

@@ -10,28 +10,33 @@ Z into a ring of shared-memory stages with TMA. Every input is read from HBM onc
 All four walks are one product with other roles (`walk`). Per chunk of C rows (i: row of X and out, j: row
 of Y and Z), forward (chunks first to last, S entering at the piece's start):
 
-    out = [(X Y^T) * M] Z + lambda^i X S,         M[i, j] = lambda^(i - j) (i >= j), else 0
-    S  <- lambda^C S + Y^T (lambda^(C - j) Z)
+    out = [(X Y^T) * M] Z + a lambda^i X S,        M[i, j] = scale lambda^(i - j) (i >= j), else 0 (selected)
+    S  <- lambda^C S + b Y^T (lambda^(C - j) Z)
 
 and reverse (chunks last to first, S entering at the piece's end):
 
-    out = [(X Y^T) * M^T] Z + lambda^(C - i) X S,  M^T[i, j] = lambda^(j - i) (j >= i), else 0
-    S  <- lambda^C S + Y^T (lambda^j Z)
+    out = [(X Y^T) * M^T] Z + a lambda^(C - i) X S,  M^T[i, j] = scale lambda^(j - i) (j >= i), else 0
+    S  <- lambda^C S + b Y^T (lambda^j Z)
 
-so that o = walk(Q, K, V, S), dQ = walk(dO, V, K, S^T), dV = walk(K, Q, dO, dS, reverse) and dK = walk(V, dO,
-Q, dS^T, reverse), with S the state entering each piece and dS the cotangent of the state leaving it. In the
+with (a, b) = (scale, 1), or (1, scale) when `scale_update`; so that o = walk(Q, K, V, S), dQ = walk(dO, V,
+K, S^T), dV = walk(K, Q, dO, dS, reverse, scale_update) and dK = walk(V, dO, Q, dS^T, reverse, scale_update),
+with S the state entering each piece and dS the cotangent of the state leaving it (the attention's scale
+multiplies every score and the q side of every state term: the output's in o and dQ, the dS update's in dV and
+dK). In the
 kernel, warpgroup w owns columns cols_w of Z, S and out, and each chunk issues two pairs of wgmma: (X Y^T,
 X S_w), during which Z_w is decayed into shared memory, then (the intra product with Z_w, the state update with
 A = Y^T, a transposed shared-memory operand), both accumulating from their initial values (pl.run_state). The
 decayed scores reach their wgmma through shared memory; S_w's bf16 copy, the B operand of the next chunk's
 X S_w, is written to shared memory.
 
-Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16
-only as a matmul operand, the decayed scores once. One difference: the state update's decay is applied to Z's
-rows (each warpgroup scales its own columns), while the Triton output and dV passes scale the other factor's
-rows (K, Q), so there the decay's bf16 rounding falls on the other factor (the same product in exact
-arithmetic): o and dV differ from the Triton kernels' by about a bf16 rounding, dQ and dK round alike (measured
-up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda are exp(-s * n) with n >= 0.
+Numerics: bf16 operands, float32 accumulation and state, as in `pallas_triton`: the state is rounded to bf16 only
+as a matmul operand, the decayed scores once; the scale rides on the float32 mask and decay rows, never on the bf16
+inputs. The mask selects: a non-finite score after the diagonal is dropped, not multiplied by zero. One difference:
+the state update's decay is applied to Z's rows (each warpgroup scales its own columns), while the Triton output
+and dV passes scale the other factor's rows (K, Q), so there the decay's bf16 rounding falls on the other factor
+(the same product in exact arithmetic): o and dV differ from the Triton kernels' by about a bf16 rounding, dQ and
+dK round alike (measured up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda
+are exp(-s * n) with n >= 0.
 
 Scope: bf16, 128 head dims, Hkv == H (no GQA), T a whole number of pieces and pieces a whole number of chunks
 (what `pallas_triton` hands its walks after padding); Hopper only (wgmma, TMA). `Config.interpret` runs the
@@ -104,7 +109,7 @@ def _accumulate(inits, issue, config: Config):
 
 
 def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
-            reverse, config):
+            reverse, scale, scale_update, config):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, out_smem = smem
     x_bar, y_bar, z_bar = loaded
@@ -128,11 +133,16 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
         idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
         jdx = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
         gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
-        mask = jnp.where(gap >= 0, jnp.exp(-rate * jnp.maximum(gap, 0.0)), 0.0)
+        keep = gap >= 0
+        mask = scale * jnp.exp(-rate * jnp.maximum(gap, 0.0))
         i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
         from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
         from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
         out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
+        if scale_update:
+            z_decay = scale * z_decay
+        else:
+            out_decay = scale * out_decay
         chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
@@ -156,7 +166,7 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
                 return scores_acc[...], inter_acc[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
-            scores_smem[wg] = (scores * mask).astype(scores_smem.dtype)
+            scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
             plgpu.commit_smem()
 
             def intra_and_update(accs):
@@ -225,7 +235,8 @@ def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
     return pieces
 
 
-def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config = DEFAULT):
+def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, scale: float = 1.0, scale_update: bool = False,
+         config: Config = DEFAULT):
     """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
 
     Args:
@@ -233,6 +244,8 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config
       float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
       its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
       reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
+      scale: a static float multiplying the mask, and the output's state term or (scale_update) the state's
+      update.
     Returns:
       out [B, T, H, 128] bf16.
     """
@@ -256,7 +269,8 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, config: Config
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
     )
     kernel = plgpu.kernel(
-        functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, config=config),
+        functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
+                          scale_update=scale_update, config=config),
         out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
         scratch_types=scratch,
         grid=(b, h, pieces),

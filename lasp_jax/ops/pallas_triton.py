@@ -19,7 +19,11 @@ rebuild them.
 
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
 as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
-inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0.
+inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0. The
+attention's `scale` rides on the float32 tables: the intra-chunk mask (every score) and the q-side decay row
+lambda^i (the output's and dQ's state terms, the Q, dO state pass and dS's update); the K, V side is unscaled.
+q itself is never rescaled, so bf16 q is rounded once, as given. The mask selects (jnp.where), and so do the
+piece scans: a non-finite q or k at a later position never reaches an earlier output.
 T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no
 output or state); only such ragged T pays that copy, and, since the zeros would sit between S_in and the first
 token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.states` instead.
@@ -131,14 +135,26 @@ def _dot(a, b, precision):
     return jnp.dot(a, b, preferred_element_type=_F32, precision=precision)
 
 
-def _decays(rate_ref, c):
-    """Decay tables of one head from its rate s: mask M[i, j] = lambda^(i - j) (i >= j), lambda^i,
-    lambda^(C - j) and lambda^C, all exp(-s * n) with n >= 0."""
+def _decays(rate_ref, c, scale):
+    """Decay tables of one head from its rate s: the causal mask (keep i >= j) with its weights
+    scale lambda^(i - j), scale lambda^i (the q side's), lambda^(C - j) and lambda^C; every power exp(-s n), n >= 0."""
     s = jnp.max(rate_ref[...])
     i = jnp.arange(c, dtype=jnp.int32).astype(_F32)
     gap = i[:, None] - i[None, :]
-    mask = jnp.where(gap >= 0, jnp.exp(-s * jnp.maximum(gap, 0.0)), 0.0)
-    return mask, jnp.exp(-s * i), jnp.exp(-s * (c - i)), jnp.exp(-s * c)
+    mask = _Mask(gap >= 0, scale * jnp.exp(-s * jnp.maximum(gap, 0.0)))
+    return mask, scale * jnp.exp(-s * i), jnp.exp(-s * (c - i)), jnp.exp(-s * c)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mask:
+    """The decayed causal mask of a chunk: scores at or before the diagonal times their weights, zero selected
+    elsewhere (a non-finite later score is dropped, never multiplied by zero)."""
+
+    keep: jax.Array
+    weights: jax.Array
+
+    def __call__(self, scores):
+        return jnp.where(self.keep, scores * self.weights, 0.0)
 
 
 def _weighted(x, w):
@@ -146,10 +162,10 @@ def _weighted(x, w):
     return (x.astype(_F32) * w[:, None]).astype(x.dtype)
 
 
-def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision):
-    """Forward: sum_x lambda^(L - x) x_x^T y_x (K, V); reverse: sum_x lambda^x x_x^T y_x (Q, dO)."""
+def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, scale):
+    """Forward: sum_x lambda^(L - x) x_x^T y_x (K, V); reverse: scale sum_x lambda^x x_x^T y_x (Q, dO)."""
     n_chunks = x_ref.shape[0] // c
-    _, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    _, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     w = q_decay if reverse else k_decay
 
     def chunk_sum(n):
@@ -160,16 +176,17 @@ def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision):
     out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: chunk_decay * acc + chunk_sum(n), chunk_sum(0))
 
 
-def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision):
-    """O = [(Q K^T) * M] V + lambda^i Q S per chunk; S walks forward from the piece's incoming state."""
+def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision, scale):
+    """O = [(Q K^T) * M] V + scale lambda^i Q S per chunk (M carries the scale); S walks forward from the
+    piece's incoming state."""
     n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = q_ref.dtype
 
     def body(n, state):
         rows = pl.ds(n * c, c)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        scores = _dot(q, k.T, precision) * mask
+        scores = mask(_dot(q, k.T, precision))
         o = _dot(scores.astype(dt), v, precision) + q_decay[:, None] * _dot(q, state.astype(dt), precision)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
@@ -177,16 +194,16 @@ def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision)
     lax.fori_loop(0, n_chunks, body, s_ref[...])
 
 
-def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision):
-    """dQ = [(dO V^T) * M] K + lambda^i dO S^T; S (a Dk tile) walks forward."""
+def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision, scale):
+    """dQ = [(dO V^T) * M] K + scale lambda^i dO S^T; S (a Dk tile) walks forward."""
     n_chunks = do_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = k_ref.dtype
 
     def body(n, state):
         rows = pl.ds(n * c, c)
         do, k, v = do_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        a = _dot(do, v.T, precision) * mask
+        a = mask(_dot(do, v.T, precision))
         dq = _dot(a.astype(dt), k, precision) + q_decay[:, None] * _dot(do, state.astype(dt).T, precision)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
@@ -194,9 +211,10 @@ def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision):
     lax.fori_loop(0, n_chunks, body, s_ref[...])
 
 
-def _dkdv_kernel(*refs, c, precision, with_dk, with_dv):
+def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv):
     """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T and dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS, dS
-    walking backward from the piece's outgoing cotangent. Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
+    walking backward from the piece's outgoing cotangent and gathering scale lambda^i Q^T dO (M carries the
+    scale; the K, V side of the state terms does not). Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
     One of the two per Dk tile (dK) or Dv tile (dV) of dS, or both from the whole dS (Q and dO read once)."""
     refs = iter(refs)
     rate_ref, q_ref = next(refs), next(refs)
@@ -206,7 +224,7 @@ def _dkdv_kernel(*refs, c, precision, with_dk, with_dv):
     dk_ref = next(refs) if with_dk else None
     dv_ref = next(refs) if with_dv else None
     n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c)
+    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = q_ref.dtype
 
     def body(n, ds):
@@ -217,11 +235,11 @@ def _dkdv_kernel(*refs, c, precision, with_dk, with_dv):
         do = do_ref[rows, :]
         ds_op = ds.astype(dt)
         if with_dk:
-            a = _dot(do, v.T, precision) * mask
+            a = mask(_dot(do, v.T, precision))
             dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         if with_dv:
-            scores = _dot(q, k.T, precision) * mask
+            scores = mask(_dot(q, k.T, precision))
             dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
@@ -348,13 +366,14 @@ def _zero(_):
     return 0
 
 
-def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head):
+def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head, scale=1.0):
     """Per-piece state sums [B, H, P, Dx, Dy] float32 (see `_state_kernel`); head(h) picks x's and y's head."""
     b, h = x.shape[0], s.shape[0]
     dx, dy = x.shape[-1], y.shape[-1]
     bx, by = min(config.state_block, dx), min(config.state_block, dy)
     ny = dy // by
-    kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype))
+    kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype),
+                               scale=scale)
     return _call(
         kernel, (b, h, plan.pieces, (dx // bx) * ny),
         [_rate_spec(), _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
@@ -365,14 +384,13 @@ def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head):
 
 def _prefix(m, s, plan, rows):
     """Exclusive decayed prefix over pieces: row r < P is the state entering piece r, row P the end state."""
-    w = states.prefix_weights(s, plan.piece_len, rows, plan.pieces)
-    return jnp.einsum("hrj,bhjde->bhrde", w, m, precision=_HIGHEST)
+    return states.weighted_sum(states.prefix_weights(s, plan.piece_len, rows, plan.pieces), m)
 
 
 def _suffix(d, s, plan):
     """Exclusive decayed suffix over pieces: the state cotangent leaving each piece [B, H, P, Dk, Dv]."""
     w = states.prefix_weights(s, plan.piece_len, plan.pieces, plan.pieces)
-    return jnp.einsum("hjr,bhjde->bhrde", w, d, precision=_HIGHEST)
+    return states.weighted_sum(jnp.swapaxes(w, 1, 2), d)
 
 
 def _kv_head(q, k):
@@ -401,7 +419,7 @@ def _with_boundary(per_piece, state, s, plan, from_end):
 # The per-device contract (lasp_jax.ops.vjp.Impl).
 
 
-def forward(q, k, v, s, incoming=None, config: Config = DEFAULT):
+def forward(q, k, v, s, incoming=None, config: Config = DEFAULT, scale: float = 1.0):
     """One piece's attention from its incoming state: the state pass, the piece scan, the output pass.
 
     Args:
@@ -428,12 +446,12 @@ def forward(q, k, v, s, incoming=None, config: Config = DEFAULT):
     if pieces_in is None:
         pieces_in = jnp.zeros((b, h, 1, dk, dv), _F32)
     if config.mosaic is not None:
-        o = pallas_mosaic.walk(q_pad, k_pad, v_pad, s, pieces_in, plan.piece_len, reverse=False,
+        o = pallas_mosaic.walk(q_pad, k_pad, v_pad, s, pieces_in, plan.piece_len, reverse=False, scale=scale,
                                config=_mosaic(config))
     else:
         bv = plan.block_v
         o = _call(
-            functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype)),
+            functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale),
             (b, h, plan.pieces, dv // bv),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
@@ -443,11 +461,11 @@ def forward(q, k, v, s, incoming=None, config: Config = DEFAULT):
     o = o[:, plan.pad:]
     unfused_s_in = None if fused else s_in
     if unfused_s_in is not None:
-        o = (o.astype(_F32) + states.apply_state(q, s, unfused_s_in)).astype(q.dtype)
+        o = (o.astype(_F32) + states.apply_state(q, s, unfused_s_in, scale)).astype(q.dtype)
     return o, m, s_in, (pieces_in, unfused_s_in)
 
 
-def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
+def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT, scale: float = 1.0):
     """Cotangents of `forward`: the Q, dO state pass and its reverse piece scan, then dQ and dK, dV.
 
     Args:
@@ -464,11 +482,11 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
     fused = plan.pad == 0
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (_front_pad(x, plan.pad) for x in (q, k, v, do))
-    sums = _piece_sums(q_pad, do_pad, s, plan, config, reverse=True, head=_same)
+    sums = _piece_sums(q_pad, do_pad, s, plan, config, reverse=True, head=_same, scale=scale)
     if fused:
         d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(s, plan, from_end=False), sums, precision=_HIGHEST)
     else:
-        d = states.query_state_grad(q, do, s)
+        d = states.query_state_grad(q, do, s, scale)
     g = None if outgoing is None else outgoing(d)
     pieces_out = _with_boundary(_suffix(sums, s, plan) if plan.pieces > 1 else None, g if fused else None, s, plan,
                                 from_end=True)
@@ -476,15 +494,16 @@ def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT):
         pieces_out = jnp.zeros((b, h, 1, dk, dv), _F32)
 
     if config.mosaic is not None:
-        dq, dk_, dv_ = _mosaic_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config)
+        dq, dk_, dv_ = _mosaic_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, scale)
     else:
-        dq, dk_, dv_ = _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, group)
+        dq, dk_, dv_ = _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, group,
+                                     scale)
     dq, dk_, dv_ = dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
     if group > 1:
         dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3)
         dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3)
     if unfused_s_in is not None:
-        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in)
+        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in, scale)
     if g is not None and not fused:
         dk_end, dv_end = states.end_state_grads(k, v, s, g)
         dk_, dv_ = dk_.astype(_F32) + dk_end, dv_.astype(_F32) + dv_end
@@ -495,18 +514,18 @@ def _mosaic(config: Config) -> pallas_mosaic.Config:
     return dataclasses.replace(config.mosaic, interpret=config.interpret)
 
 
-def _mosaic_grads(q, k, v, do, s, pieces_in, pieces_out, plan: _Plan, config: Config):
+def _mosaic_grads(q, k, v, do, s, pieces_in, pieces_out, plan: _Plan, config: Config, scale):
     """dQ, dK, dV as Mosaic walks: each backward product is the output pass's shape with other roles (dQ walks
     forward with S^T over (dO, V, K); dV and dK walk backward with dS over (K, Q, dO) and dS^T over (V, dO, Q))."""
-    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, config=_mosaic(config))
+    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, scale=scale, config=_mosaic(config))
     transposed = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
     dq = walk(do, v, k, states_in=transposed(pieces_in), reverse=False)
-    dv = walk(k, q, do, states_in=pieces_out, reverse=True)
-    dk = walk(v, do, q, states_in=transposed(pieces_out), reverse=True)
+    dv = walk(k, q, do, states_in=pieces_out, reverse=True, scale_update=True)
+    dk = walk(v, do, q, states_in=transposed(pieces_out), reverse=True, scale_update=True)
     return dq, dk, dv
 
 
-def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _Plan, config: Config, group):
+def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _Plan, config: Config, group, scale):
     """dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton kernels."""
     b, h, dk, dv = q_pad.shape[0], q_pad.shape[2], q_pad.shape[-1], v_pad.shape[-1]
     kv_head = _kv_head(q_pad, k_pad)
@@ -514,7 +533,7 @@ def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _
     c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
     rates = _rates(s)
     dq = _call(
-        functools.partial(_dq_kernel, c=c, precision=precision), (b, h, pieces, dk // bk),
+        functools.partial(_dq_kernel, c=c, precision=precision, scale=scale), (b, h, pieces, dk // bk),
         [_rate_spec(), _rows_spec(plan, dv, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
          _rows_spec(plan, dv, kv_head, _zero), _state_spec(bk, dv, _same, _zero)],
         _rows_spec(plan, bk, _same, _same),
@@ -527,7 +546,8 @@ def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _
     dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q_pad)
     if config.fuse_dkdv and bk == dk and bv == dv:
         dk_, dv_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=True, with_dv=True), (b, h, pieces, 1),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=True, with_dv=True),
+            (b, h, pieces, 1),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, dv, kv_head, _zero), _rows_spec(plan, dv, _same, _zero),
              _state_spec(dk, dv, _zero, _zero)],
@@ -536,14 +556,14 @@ def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _
             config, rates, q_pad, k_pad, v_pad, do_pad, pieces_out)
     else:
         dk_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=True, with_dv=False),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=True, with_dv=False),
             (b, h, pieces, dk // bk),
             [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dv, kv_head, _zero),
              _rows_spec(plan, dv, _same, _zero), _state_spec(bk, dv, _same, _zero)],
             _rows_spec(plan, bk, _same, _same), dk_shape,
             config, rates, q_pad, v_pad, do_pad, pieces_out)
         dv_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, with_dk=False, with_dv=True),
+            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=False, with_dv=True),
             (b, h, pieces, dv // bv),
             [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
              _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
@@ -590,11 +610,11 @@ class Kernels:
     config: Config = DEFAULT
     partitionable = False  # pallas_call has no sharding rule: per device only (lasp_attention's shard_map)
 
-    def forward(self, q, k, v, s, incoming):
-        return forward(q, k, v, s, incoming, self.config)
+    def forward(self, q, k, v, s, incoming, scale=1.0):
+        return forward(q, k, v, s, incoming, self.config, scale)
 
-    def backward(self, q, k, v, s, saved, do, outgoing):
-        return backward(q, k, v, s, saved, do, outgoing, self.config)
+    def backward(self, q, k, v, s, saved, do, outgoing, scale=1.0):
+        return backward(q, k, v, s, saved, do, outgoing, self.config, scale)
 
     def supported(self, q, k, v):
         return supported(q, k, v, self.config)

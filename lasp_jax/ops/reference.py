@@ -1,11 +1,13 @@
 """The definition of decayed causal linear attention: the oracle every implementation is tested against.
 
-    o_p = sum_{r <= p} lambda_h^(p - r) (q_p . k_r) v_r  +  lambda_h^p q_p S_0,     lambda_h = exp(-s_h)
+    o_p = scale (sum_{r <= p} lambda_h^(p - r) (q_p . k_r) v_r  +  lambda_h^p q_p S_0),   lambda_h = exp(-s_h)
     S(P) = lambda_h^P S_0 + sum_{r < P} lambda_h^(P - r) k_r^T v_r              (the state "at the start of P")
 
 Two independent formulations, written for clarity rather than speed: a dense one (O(T^2) memory, the oracle
 for tests) and a token recurrence (the same recurrence a decoder steps through). Both compute in float32 with
-full-precision matmuls, whatever the input dtype; every power of lambda is exp(-s * n) with n >= 0.
+full-precision matmuls, whatever the input dtype; every power of lambda is exp(-s * n) with n >= 0, and
+`scale` multiplies the float32 decay weights. The causal mask selects (a later position's score is replaced,
+not multiplied by zero), so a non-finite q or k at a later position never reaches an earlier output.
 
 The `local_*` functions at the bottom give the reference the per-device contract that every implementation
 module exposes (see `lasp_jax.ops.contract`), so `impl="reference"` runs through the same LASP machinery.
@@ -34,12 +36,12 @@ def _grouped(q, k, v, s):
     )
 
 
-def dense(q, k, v, s, initial_state=None):
+def dense(q, k, v, s, initial_state=None, scale=1.0):
     """Dense oracle.
 
     Args:
       q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; s: [H] decay rates >= 0;
-      initial_state: optional [B, H, Dk, Dv].
+      initial_state: optional [B, H, Dk, Dv]; scale: a float multiplying every q.
     Returns:
       (o [B, T, H, Dv] float32, final_state [B, H, Dk, Dv] float32).
     """
@@ -48,22 +50,23 @@ def dense(q, k, v, s, initial_state=None):
     qg, kf, vf, sg = _grouped(q, k, v, s)
     pos = jnp.arange(t, dtype=jnp.float32)
     gap = pos[:, None] - pos[None, :]  # p - r
-    mask = jnp.exp(-sg[..., None, None] * jnp.maximum(gap, 0.0)) * (gap >= 0)  # [Hkv, G, T, T]
-    scores = jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST) * mask
+    weights = scale * jnp.exp(-sg[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, T, T]
+    scores = jnp.where(gap >= 0, jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST) * weights, 0.0)
     o = jnp.einsum("bkgpr,brke->bpkge", scores, vf, precision=_HIGHEST).reshape(b, t, h, dv)
     final = states.local_state(k, v, s)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-        o = o + states.apply_state(q, s, initial_state)
+        o = o + states.apply_state(q, s, initial_state, scale)
         final = final + states.decay_pow(s, t)[None, :, None, None] * initial_state
     return o, final
 
 
-def step(q, k, v, s, state):
+def step(q, k, v, s, state, scale=1.0):
     """One token of the recurrence; the decoder's step.
 
     Args:
-      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; s: [H]; state: [B, H, Dk, Dv] float32, S(p).
+      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; s: [H]; state: [B, H, Dk, Dv] float32, S(p); scale: a
+      float multiplying q (applied to the float32 product).
     Returns:
       (o [B, H, Dv] float32, S(p + 1) [B, H, Dk, Dv] float32).
     """
@@ -74,10 +77,10 @@ def step(q, k, v, s, state):
     u = state.reshape(b, hkv, g, dk, -1) + kv[:, :, None]
     o = jnp.einsum("bkgd,bkgde->bkge", q.astype(jnp.float32).reshape(b, hkv, g, dk), u, precision=_HIGHEST)
     lam = jnp.exp(-s.astype(jnp.float32)).reshape(1, hkv, g, 1, 1)
-    return o.reshape(b, h, -1), (lam * u).reshape(state.shape)
+    return scale * o.reshape(b, h, -1), (lam * u).reshape(state.shape)
 
 
-def recurrent(q, k, v, s, initial_state=None):
+def recurrent(q, k, v, s, initial_state=None, scale=1.0):
     """Token-by-token oracle (lax.scan over `step`); same signature and returns as `dense`."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -85,7 +88,7 @@ def recurrent(q, k, v, s, initial_state=None):
         initial_state = jnp.zeros((b, h, dk, dv), jnp.float32)
 
     def body(state, qkv):
-        o, state = step(*qkv, s, state)
+        o, state = step(*qkv, s, state, scale)
         return state, o
 
     xs = (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0))
@@ -95,15 +98,15 @@ def recurrent(q, k, v, s, initial_state=None):
 
 # Per-device contract (S_in = 0, dS_out = 0); the LASP machinery adds the state terms itself.
 
-def local_output(q, k, v, s):
-    return dense(q, k, v, s)[0].astype(q.dtype)
+def local_output(q, k, v, s, scale=1.0):
+    return dense(q, k, v, s, scale=scale)[0].astype(q.dtype)
 
 
 local_state = states.local_state
 
 
-def local_backward(q, k, v, s, do):
-    _, vjp = jax.vjp(lambda q, k, v: dense(q, k, v, s)[0], q, k, v)
+def local_backward(q, k, v, s, do, scale=1.0):
+    _, vjp = jax.vjp(lambda q, k, v: dense(q, k, v, s, scale=scale)[0], q, k, v)
     return vjp(do.astype(jnp.float32))
 
 

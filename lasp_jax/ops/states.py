@@ -5,22 +5,25 @@ the state flowing in, S_in, and the state flowing out, S_end. Every formula here
 product (cheap next to the intra-chunk work) and is written once, for all implementations:
 
     local_state:        m     = sum_x lambda^(L - x) k_x^T v_x            (S_end of the piece when S_in = 0)
-    apply_state:        o_x  += lambda^x q_x S_in                         (forward, the incoming state)
-    apply_state_dq:     dq_x += lambda^x dO_x S_in^T                      (backward of the above, w.r.t. q)
-    query_state_grad:   d     = sum_x lambda^x q_x^T dO_x                 (backward of the above, w.r.t. S_in)
+    apply_state:        o_x  += scale lambda^x q_x S_in                   (forward, the incoming state)
+    apply_state_dq:     dq_x += scale lambda^x dO_x S_in^T                (backward of the above, w.r.t. q)
+    query_state_grad:   d     = scale sum_x lambda^x q_x^T dO_x           (backward of the above, w.r.t. S_in)
     end_state_grads:    dk_x += lambda^(L - x) v_x dS_end^T,  dv_x += lambda^(L - x) k_x dS_end
 
-and the weights that chain such states across pieces or devices (prefix_weights: the exclusive decayed prefix
-and suffix over items of a fixed length).
+and the weights that chain such states across pieces or devices (prefix_weights, applied by weighted_sum: the
+exclusive decayed prefix and suffix over items of a fixed length).
 
 Shapes: q, dO [B, L, H, D]; k, v [B, L, Hkv, D] with H % Hkv == 0 (query head h reads K/V head h // (H/Hkv));
 s [H] decay rates; states [B, H, Dk, Dv] float32. Powers are exp(-s * n) with n >= 0, so they only underflow.
 
-Numerics: products accumulate in float32. With float32 inputs every operand stays float32 at full precision.
-With bf16 / fp16 inputs the (decay-weighted) token operands and the state are rounded to the input dtype, so
-the products run on the matrix units: at T=64K, H=16, d=128 on an H200 a product of this form took 0.31 ms
-against 1.10 ms for apply_state in full-precision float32 (benchmarks/results/LASP_GPU_NOTES.md), and the
-rounding is that of the inputs themselves.
+Numerics: products accumulate in float32. `scale` (the attention's, a static float) multiplies the float32
+decay row of the q-side terms before that row meets the tokens, so q is never rescaled in its own dtype. With
+float32 inputs every operand stays float32 at full precision. With bf16 / fp16 inputs the (decay-weighted,
+scaled) token operands and the state are rounded to the input dtype, so the products run on the matrix units:
+at T=64K, H=16, d=128 on an H200 a product of this form took 0.31 ms against 1.10 ms for apply_state in
+full-precision float32 (benchmarks/results/LASP_GPU_NOTES.md), and the rounding is that of the inputs
+themselves. `weighted_sum` chains states with a select rather than a product by the zero weights, so a
+non-finite later state never reaches an earlier one.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ def prefix_weights(rates: jax.Array, stride, rows: int, cols: int) -> jax.Array:
     return jnp.where(gap >= 0, power, 0.0)
 
 
+def weighted_sum(w: jax.Array, x: jax.Array) -> jax.Array:
+    """sum_j w[h, r, j] x[b, h, j] over the j with w[h, r, j] != 0: w [H, R, J], x [B, H, J, ...] -> [B, H, R, ...]
+    float32 (exact float32 products). The zero weights select their items out instead of multiplying them, so
+    a non-finite x_j reaches only the rows that weigh it (with prefix_weights: only later pieces or ranks)."""
+    extra = (None,) * (x.ndim - 3)
+    w = w[(None, slice(None), slice(None), slice(None)) + extra]
+    return jnp.sum(jnp.where(w != 0, w * x[:, :, None].astype(jnp.float32), 0.0), axis=3)
+
+
 def _compute_dtype(x):
     """(operand dtype, precision) for products of tokens of x's dtype; see the module's numerics."""
     if jnp.dtype(x.dtype).itemsize < 4:
@@ -61,11 +73,11 @@ def _einsum(spec, a, b, dtype, precision):
                       preferred_element_type=jnp.float32)
 
 
-def _position_decay(s, length, hkv, from_end):
-    """[L, Hkv, G] weights lambda^x (or lambda^(L - x) when from_end)."""
+def _position_decay(s, length, hkv, from_end, scale=1.0):
+    """[L, Hkv, G] weights scale lambda^x (or scale lambda^(L - x) when from_end), float32."""
     x = jnp.arange(length, dtype=jnp.float32)
     n = length - x if from_end else x
-    return decay_pow(s.reshape(1, hkv, -1), n[:, None, None])
+    return scale * decay_pow(s.reshape(1, hkv, -1), n[:, None, None])
 
 
 def local_state(k, v, s):
@@ -78,24 +90,24 @@ def local_state(k, v, s):
     return m.reshape(b, s.shape[0], dk, v.shape[-1])
 
 
-def apply_state(q, s, state):
-    """lambda^x q_x S_in for every local x. q [B,L,H,Dk], state [B,H,Dk,Dv] -> [B,L,H,Dv] float32."""
+def apply_state(q, s, state, scale=1.0):
+    """scale lambda^x q_x S_in for every local x. q [B,L,H,Dk], state [B,H,Dk,Dv] -> [B,L,H,Dv] float32."""
     dtype, precision = _compute_dtype(q)
-    w = _position_decay(s, q.shape[1], 1, from_end=False)[:, 0]  # [L, H]
+    w = _position_decay(s, q.shape[1], 1, False, scale)[:, 0]  # [L, H]
     return _einsum("bthd,bhde->bthe", w[None, :, :, None] * q.astype(jnp.float32), state, dtype, precision)
 
 
-def apply_state_dq(do, s, state):
-    """lambda^x dO_x S_in^T. do [B,L,H,Dv], state [B,H,Dk,Dv] -> [B,L,H,Dk] float32."""
+def apply_state_dq(do, s, state, scale=1.0):
+    """scale lambda^x dO_x S_in^T. do [B,L,H,Dv], state [B,H,Dk,Dv] -> [B,L,H,Dk] float32."""
     dtype, precision = _compute_dtype(do)
-    w = _position_decay(s, do.shape[1], 1, from_end=False)[:, 0]
+    w = _position_decay(s, do.shape[1], 1, False, scale)[:, 0]
     return _einsum("bthe,bhde->bthd", w[None, :, :, None] * do.astype(jnp.float32), state, dtype, precision)
 
 
-def query_state_grad(q, do, s):
-    """sum_x lambda^x q_x^T dO_x, the cotangent of S_in. q [B,L,H,Dk], do [B,L,H,Dv] -> [B,H,Dk,Dv]."""
+def query_state_grad(q, do, s, scale=1.0):
+    """scale sum_x lambda^x q_x^T dO_x, the cotangent of S_in. q [B,L,H,Dk], do [B,L,H,Dv] -> [B,H,Dk,Dv]."""
     dtype, precision = _compute_dtype(q)
-    w = _position_decay(s, q.shape[1], 1, from_end=False)[:, 0]
+    w = _position_decay(s, q.shape[1], 1, False, scale)[:, 0]
     return _einsum("bthd,bthe->bhde", w[None, :, :, None] * q.astype(jnp.float32), do, dtype, precision)
 
 

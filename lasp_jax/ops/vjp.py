@@ -3,10 +3,10 @@
 Forward, for a piece of L positions (a whole sequence on one device, or one rank's share of it):
     m      = sum_x lambda^(L - x) k_x^T v_x      the piece's own end state (S_in = 0)
     S_in   = exchange.prefix(m)  or  initial     the state entering the piece (a collective, or given)
-    O      = the piece's attention, starting from S_in
+    O      = the piece's attention, starting from S_in, its queries times `scale`
     S_end  = lambda^L S_in + m
 Backward, given dO and dS_end:
-    d      = sum_x lambda^x q_x^T dO_x           the cotangent of S_in through O
+    d      = scale sum_x lambda^x q_x^T dO_x     the cotangent of S_in through O
     G      = dS_end + exchange.suffix(d)         the cotangent of this piece's end state
     dQ, dK, dV                                   the piece's backward, starting from S_in and from G
 
@@ -17,7 +17,9 @@ HLO); the fused kernels start their own piece scans from S_in and G, which saves
 Residuals are q, k, v and what the implementation saves (S_in, or the kernels' per-piece states): never a
 per-chunk state.
 
-The decay rates are constants for autodiff: their cotangent is zero.
+`scale` is a static float that every implementation applies in float32 where it forms the scores and the
+q-side state products (never as a pass over q or dq). The decay rates are constants for autodiff: their
+cotangent is zero.
 """
 
 from __future__ import annotations
@@ -52,18 +54,19 @@ class Exchange(Protocol):
 class Impl(Protocol):
     """The per-device contract every implementation meets (hashable: a static argument of the custom_vjp).
 
-    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], s [H]; states [B, H, Dk, Dv] float32.
+    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], s [H]; states [B, H, Dk, Dv] float32; scale a
+    float that multiplies q (in the attention's float32 arithmetic, not q in its dtype).
     `partitionable`: XLA's partitioner can split it over devices (jnp code can; Pallas kernels cannot, and run
     only per device, inside shard_map).
     """
 
     partitionable: bool
 
-    def forward(self, q, k, v, s, incoming: StateFn | None) -> tuple[jax.Array, jax.Array, Any, Any]:
+    def forward(self, q, k, v, s, incoming: StateFn | None, scale: float) -> tuple[jax.Array, jax.Array, Any, Any]:
         """(o in q.dtype, m, S_in or None, saved): incoming maps m to S_in (None: S_in = 0); `saved` is what
         `backward` needs besides q, k, v (a pytree)."""
 
-    def backward(self, q, k, v, s, saved, do, outgoing: StateFn | None) -> tuple[jax.Array, ...]:
+    def backward(self, q, k, v, s, saved, do, outgoing: StateFn | None, scale: float) -> tuple[jax.Array, ...]:
         """(dq, dk, dv, d) in input dtypes (d float32): outgoing maps d to G (None: G = 0)."""
 
     def supported(self, q, k, v) -> str | None:
@@ -79,20 +82,20 @@ class Split:
     module: types.ModuleType
     partitionable = True  # jnp code throughout
 
-    def forward(self, q, k, v, s, incoming):
+    def forward(self, q, k, v, s, incoming, scale):
         m = self.module.local_state(k, v, s)
-        o = self.module.local_output(q, k, v, s)
+        o = self.module.local_output(q, k, v, s, scale)
         s_in = None if incoming is None else incoming(m)
         if s_in is not None:
-            o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in)).astype(q.dtype)
+            o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in, scale)).astype(q.dtype)
         return o, m, s_in, s_in
 
-    def backward(self, q, k, v, s, s_in, do, outgoing):
-        dq, dk, dv = self.module.local_backward(q, k, v, s, do)
-        d = states.query_state_grad(q, do, s)
+    def backward(self, q, k, v, s, s_in, do, outgoing, scale):
+        dq, dk, dv = self.module.local_backward(q, k, v, s, do, scale)
+        d = states.query_state_grad(q, do, s, scale)
         g = None if outgoing is None else outgoing(d)
         if s_in is not None:
-            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, s, s_in)).astype(q.dtype)
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, s, s_in, scale)).astype(q.dtype)
         if g is not None:
             dk_end, dv_end = states.end_state_grads(k, v, s, g)
             dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
@@ -103,39 +106,40 @@ class Split:
         return self.module.supported(q, k, v)
 
 
-def _forward(q, k, v, s, s_init, impl, exchange):
+def _forward(q, k, v, s, s_init, impl, exchange, scale):
     length = q.shape[1]
     if exchange is not None:
         incoming = functools.partial(exchange.prefix, rate=s * length)
     else:
         incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
-    o, m, s_in, saved = impl.forward(q, k, v, s, incoming)
+    o, m, s_in, saved = impl.forward(q, k, v, s, incoming, scale)
     s_end = m if s_in is None else m + states.decay_pow(s, length)[None, :, None, None] * s_in
     return o, s_end, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_state: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_state: bool, scale: float = 1.0):
     """Linear attention over one piece with its incoming state.
 
     Args:
       q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; s [H] float32 rates; s_init [B, H, Dk, Dv] fp32 or
       None (zero); impl: an `Impl`; exchange: None on one device (S_in = s_init), else the strategy that
       computes S_in from the other pieces (then s_init must be None); final_state: also return S_end (static,
-      so that the backward skips the end-state terms when nobody uses it).
+      so that the backward skips the end-state terms when nobody uses it); scale: a static float multiplying q
+      inside the implementation.
     Returns:
       o [B, L, H, Dv] in q.dtype, and S_end [B, H, Dk, Dv] float32 when final_state.
     """
-    o, s_end, _ = _forward(q, k, v, s, s_init, impl, exchange)
+    o, s_end, _ = _forward(q, k, v, s, s_init, impl, exchange, scale)
     return (o, s_end) if final_state else o
 
 
-def _attend_fwd(q, k, v, s, s_init, impl, exchange, final_state):
-    o, s_end, saved = _forward(q, k, v, s, s_init, impl, exchange)
+def _attend_fwd(q, k, v, s, s_init, impl, exchange, final_state, scale):
+    o, s_end, saved = _forward(q, k, v, s, s_init, impl, exchange, scale)
     return ((o, s_end) if final_state else o), (q, k, v, s, s_init is not None, saved)
 
 
-def _attend_bwd(impl, exchange, final_state, res, cotangents):
+def _attend_bwd(impl, exchange, final_state, scale, res, cotangents):
     q, k, v, s, has_init, saved = res
     do, ds_end = cotangents if final_state else (cotangents, None)
     length = q.shape[1]
@@ -145,7 +149,7 @@ def _attend_bwd(impl, exchange, final_state, res, cotangents):
             return g if ds_end is None else g + ds_end
     else:
         outgoing = None if ds_end is None else (lambda d: ds_end)
-    dq, dk, dv, d = impl.backward(q, k, v, s, saved, do, outgoing)
+    dq, dk, dv, d = impl.backward(q, k, v, s, saved, do, outgoing, scale)
     ds_init = None
     if has_init:
         ds_init = d if ds_end is None else d + states.decay_pow(s, length)[None, :, None, None] * ds_end

@@ -5,7 +5,9 @@ chunks only the fp32 d_k x d_v state travels, through a log-depth associative sc
 portable implementation (CPU, GPU, TPU) and the fallback of `impl="auto"`; the Pallas kernels fuse the same math.
 
 Numerics: inputs are upcast to float32 and every product runs at full fp32 precision, so bf16 inputs lose
-nothing beyond their own rounding; outputs are cast back to the input dtypes. T that is not a multiple of C is
+nothing beyond their own rounding; outputs are cast back to the input dtypes. `scale` multiplies the float32
+decay tables of the q side (the intra-chunk mask and lambda^i), never q itself. The causal mask selects, so a
+non-finite q or k at a later position never reaches an earlier output. T that is not a multiple of C is
 zero-padded at the *front*: zero keys and values before the sequence add nothing to any state or output, and
 position differences, hence every decay power, are unchanged (tail padding would decay the final state).
 
@@ -50,16 +52,28 @@ def _unchunked(x, t, dtype):
     return x.reshape(b, n * c, *x.shape[3:])[:, n * c - t:].astype(dtype)
 
 
-def _decays(s, hkv, c):
-    """Per-chunk decay tables for rates s [H] viewed as [Hkv, G]."""
+def _decays(s, hkv, c, scale):
+    """Per-chunk decay tables for rates s [H] viewed as [Hkv, G]; the q side's carry the scale."""
     sg = s.astype(jnp.float32).reshape(hkv, -1)
     i = jnp.arange(c, dtype=jnp.float32)
     gap = i[:, None] - i[None, :]
-    mask = jnp.exp(-sg[..., None, None] * jnp.maximum(gap, 0.0)) * (gap >= 0)  # [Hkv, G, C, C]
-    q_decay = jnp.exp(-sg[None] * i[:, None, None])  # [C, Hkv, G]: lambda^i
+    mask = scale * jnp.exp(-sg[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, C, C], used where gap >= 0
+    q_decay = scale * jnp.exp(-sg[None] * i[:, None, None])  # [C, Hkv, G]: scale lambda^i
     k_decay = jnp.exp(-sg[None] * (c - i)[:, None, None])  # [C, Hkv, G]: lambda^(C - j)
     chunk_decay = jnp.exp(-sg * c)  # [Hkv, G]: lambda^C
-    return mask, q_decay, k_decay, chunk_decay
+    return _Causal(gap >= 0, mask), q_decay, k_decay, chunk_decay
+
+
+@dataclasses.dataclass(frozen=True)
+class _Causal:
+    """The decayed causal mask: `apply` keeps the scores at or before the diagonal, times their weights, and
+    selects zero elsewhere (a non-finite later score is dropped, not multiplied by zero)."""
+
+    keep: jax.Array  # [C, C] bool
+    weights: jax.Array  # [Hkv, G, C, C] float32
+
+    def apply(self, scores):
+        return jnp.where(self.keep, scores * self.weights, 0.0)
 
 
 def _scan_states(x, chunk_decay, reverse):
@@ -88,15 +102,15 @@ def _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv):
     return _scan_states(kv, chunk_decay, reverse=False)
 
 
-def local_output(q, k, v, s, config: ChunkConfig = DEFAULT):
+def local_output(q, k, v, s, scale=1.0, config: ChunkConfig = DEFAULT):
     """Output of the piece with S_in = 0. q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] -> [B,T,H,Dv]."""
     b, t, h, dk = q.shape
     hkv = k.shape[2]
     c = config.chunk_size
     qc, kc, vc = _chunked(q, c), _chunked(k, c), _chunked(v, c)
     qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dk)
-    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c)
-    scores = jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST) * mask
+    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c, scale)
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
     o = jnp.einsum("bnkgij,bnjke->bnikge", scores, vc, precision=_HIGHEST)
     s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
     o = o + jnp.einsum("ikg,bnikgd,bnkgde->bnikge", q_decay, qc, s_in, precision=_HIGHEST)
@@ -106,7 +120,7 @@ def local_output(q, k, v, s, config: ChunkConfig = DEFAULT):
 local_state = states.local_state
 
 
-def local_backward(q, k, v, s, do, config: ChunkConfig = DEFAULT):
+def local_backward(q, k, v, s, do, scale=1.0, config: ChunkConfig = DEFAULT):
     """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
     b, t, h, dk = q.shape
     hkv = k.shape[2]
@@ -114,10 +128,10 @@ def local_backward(q, k, v, s, do, config: ChunkConfig = DEFAULT):
     qc, kc, vc, doc = _chunked(q, c), _chunked(k, c), _chunked(v, c), _chunked(do, c)
     qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dk)
     doc = doc.reshape(*doc.shape[:3], hkv, h // hkv, -1)
-    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c)
+    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c, scale)
 
-    scores = jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST) * mask
-    a = jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST) * mask
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
+    a = mask.apply(jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST))
     dq = jnp.einsum("bnkgij,bnjkd->bnikgd", a, kc, precision=_HIGHEST)
     dk_ = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
     dv = jnp.einsum("bnkgij,bnikge->bnjke", scores, doc, precision=_HIGHEST)

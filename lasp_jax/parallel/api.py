@@ -13,11 +13,10 @@ import functools
 import types
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lasp_jax.ops import checks, impls, placement, vjp
-from lasp_jax.ops.api import attend_under_jit
+from lasp_jax.ops.api import attend_under_jit, static_scale
 from lasp_jax.parallel import allgather, layout, ring, scan
 
 STRATEGIES: dict[str, types.ModuleType] = {"ring": ring, "allgather": allgather, "scan": scan}
@@ -67,25 +66,25 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
     # Its own shard_map makes every mesh axis manual; inside a caller's shard_map over seq alone, XLA may still
     # partition the other axes.
     per_device = impls.resolve(impl, q, k, v, partitioned=layout.seq_is_manual(seq_axis) and impls.partitioned(q))
-    if scale != 1.0:
-        q = q * jnp.asarray(scale, q.dtype)
+    scale = static_scale(scale)
     exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange
     if layout.seq_is_manual(seq_axis):
-        return attend_under_jit(q, k, v, s, None, per_device, exchange, False)
+        return attend_under_jit(q, k, v, s, None, per_device, exchange, False, scale)
     q_in = q
     q, k, v, spec, heads = layout.place(q, k, v, mesh, seq_axis, batch_axes)
-    out = _sharded(q, k, v, s, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec, heads=heads)
+    out = _sharded(q, k, v, s, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec, heads=heads,
+                   scale=scale)
     return placement.like_q(out, q_in)
 
 
 # Always under jit: an eager shard_map of this body crashes the CPU runtime of jax 0.11.2 (segfault, seen
 # with every strategy); inside a caller's jit this inner jit is simply inlined.
-@functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec", "heads"))
-def _sharded(q, k, v, s, *, per_device, exchange, mesh, spec, heads):
+@functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec", "heads", "scale"))
+def _sharded(q, k, v, s, *, per_device, exchange, mesh, spec, heads, scale):
     n_heads = placement.size(mesh, heads)
 
     def local(q, k, v, s):
         s = placement.local_rates(s, heads, n_heads)
-        return vjp.attend(q, k, v, s, None, per_device, exchange, False)
+        return vjp.attend(q, k, v, s, None, per_device, exchange, False, scale)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)(q, k, v, s)

@@ -41,59 +41,81 @@ def _transposed(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _inputs(rng, b, t, h, rates):
+def _inputs(rng, b, t, h, rates, scale=1.0):
+    """bf16 q, k, v, dO, rates, an incoming state and an end-state cotangent; q of unit variance when scaled."""
     q, k, v = qkv(rng, b, t, h, h, D, D, jnp.bfloat16)
+    if scale != 1.0:
+        q = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     do = jnp.asarray(rng.standard_normal((b, t, h, D)), jnp.bfloat16)
     s = decay(rates, h, rng)
     s_in, g = (jnp.asarray(rng.standard_normal((b, h, D, D)) * 0.1, jnp.float32) for _ in range(2))
     return q, k, v, do, s, s_in, g
 
 
-def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config):
+def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config, scale=1.0):
     """{name: (Triton's, the walk's)} for o, dq, dk, dv: `pallas_triton.forward` and `backward` (with S_in
     entering and G the end state's cotangent), and the four walks on the same pieces."""
-    o, _, _, saved = pt.forward(q, k, v, s, lambda m: s_in, triton_config)
-    dq, dk, dv, _ = pt.backward(q, k, v, s, saved, do, lambda d: g, triton_config)
+    o, _, _, saved = pt.forward(q, k, v, s, lambda m: s_in, triton_config, scale)
+    dq, dk, dv, _ = pt.backward(q, k, v, s, saved, do, lambda d: g, triton_config, scale)
     plan = pt._plan(q, v, triton_config)
     assert plan.pad == 0, plan
     pieces_in = saved[0]
     # The cotangent leaving each piece, as `pallas_triton.backward` builds it for its dK, dV kernels.
-    sums = pt._piece_sums(q, do, s, plan, triton_config, reverse=True, head=pt._same)
+    sums = pt._piece_sums(q, do, s, plan, triton_config, reverse=True, head=pt._same, scale=scale)
     pieces_out = pt._with_boundary(pt._suffix(sums, s, plan) if plan.pieces > 1 else None, g, s, plan,
                                    from_end=True)
-    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, config=mosaic_config)
+    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, scale=scale, config=mosaic_config)
     return {
         "o": (o, walk(q, k, v, states_in=pieces_in, reverse=False)),
         "dq": (dq, walk(do, v, k, states_in=_transposed(pieces_in), reverse=False)),
-        "dv": (dv, walk(k, q, do, states_in=pieces_out, reverse=True)),
-        "dk": (dk, walk(v, do, q, states_in=_transposed(pieces_out), reverse=True)),
+        "dv": (dv, walk(k, q, do, states_in=pieces_out, reverse=True, scale_update=True)),
+        "dk": (dk, walk(v, do, q, states_in=_transposed(pieces_out), reverse=True, scale_update=True)),
     }
 
 
-# (B, T, H, rates, stages) -> pallas_triton's plan (pieces, chunks per piece): 2 pieces of 4 chunks with a ring
-# of 2 stages (it wraps; "on" rates: a zero rate and one whose lambda^64 underflows); 2 batches of one piece of 4
-# chunks with the ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the carried state
-# matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full).
+# (B, T, H, rates, stages, scale) -> pallas_triton's plan (pieces, chunks per piece): 2 pieces of 4 chunks with
+# a ring of 2 stages (it wraps; "on" rates: a zero rate and one whose lambda^64 underflows); 2 batches of one
+# piece of 4 chunks with the ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the
+# carried state matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full).
+# Scale d^-0.5 (on unit-variance q) where the carried state matters, 1 elsewhere.
 CASES = {
-    "two_pieces_ring_wraps": (1, 512, 2, "on", 2, (2, 4)),
-    "two_batches_ring_capped": (2, 256, 2, "slopes", 8, (1, 4)),
-    "one_chunk": (1, 64, 1, "slopes", 3, (1, 1)),
-    "three_chunks": (1, 192, 1, "slopes", 3, (1, 3)),
+    "two_pieces_ring_wraps": (1, 512, 2, "on", 2, 1.0, (2, 4)),
+    "two_batches_ring_capped_scaled": (2, 256, 2, "slopes", 8, D ** -0.5, (1, 4)),
+    "one_chunk": (1, 64, 1, "slopes", 3, 1.0, (1, 1)),
+    "three_chunks_scaled": (1, 192, 1, "slopes", 3, D ** -0.5, (1, 3)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_walks_match_triton(case, rng):
-    b, t, h, rates, stages, (pieces, chunks) = CASES[case]
-    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates)
+    b, t, h, rates, stages, scale, (pieces, chunks) = CASES[case]
+    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale)
     plan = pt._plan(q, v, pt.INTERPRET.config)
     assert (plan.pieces, plan.piece_len // plan.chunk) == (pieces, chunks), plan
     config = dataclasses.replace(pallas_mosaic.INTERPRET, stages=stages)
     assert pallas_mosaic.supported(q, k, v, config) is None
-    for name, (want, got) in _triton_and_walks(q, k, v, do, s, s_in, g, pt.INTERPRET.config, config).items():
+    results = _triton_and_walks(q, k, v, do, s, s_in, g, pt.INTERPRET.config, config, scale)
+    for name, (want, got) in results.items():
         assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
         assert rel_err(got, want) < INTERPRET_TOL, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_later_nonfinite_rows_never_reach_earlier_outputs(reverse, rng):
+    """A NaN row of Y and an inf row of X at the end of the walk (its last position forward, its first in
+    reverse): every other output row is finite and equals the walk without them (the mask selects)."""
+    b, t, h = 1, 128, 1
+    x, y, z, _, s, s_in, _ = _inputs(rng, b, t, h, "slopes", D ** -0.5)
+    states_in = s_in[:, :, None]
+    last = 0 if reverse else t - 1
+    walk = functools.partial(pallas_mosaic.walk, s=s, states_in=states_in, piece_len=t, reverse=reverse,
+                             scale=D ** -0.5, config=pallas_mosaic.INTERPRET)
+    clean = np.asarray(walk(x, y, z), np.float32)
+    out = np.asarray(walk(x.at[:, last].set(jnp.inf), y.at[:, last].set(jnp.nan), z), np.float32)
+    rest = np.arange(t) != last
+    assert np.all(np.isfinite(out[:, rest]))
+    assert rel_err(out[:, rest], clean[:, rest]) == 0.0
 
 
 def _abstract(b, t, h, pieces):
@@ -154,15 +176,16 @@ GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4), (32, 512)), "2_batches_16_piec
 @pytest.mark.parametrize("case", GPU_SHAPES)
 def test_gpu_walks_match_triton(case, rng):
     """The compiled walks at their default blocks (3 stages, C = 64) on the pieces of pallas_triton's plan,
-    both directions, against the compiled Triton kernels; TNL slopes."""
+    both directions, against the compiled Triton kernels; TNL slopes, scale d^-0.5."""
     shape, (pieces, piece_len) = GPU_SHAPES[case]
-    q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes")
+    q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes", D ** -0.5)
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
     plan = pt._plan(q, v, pt.DEFAULT)
     assert (plan.pieces, plan.piece_len) == (pieces, piece_len), plan
-    results = jax.jit(functools.partial(_triton_and_walks, triton_config=pt.DEFAULT,
-                                        mosaic_config=pallas_mosaic.DEFAULT))(q, k, v, do, s, s_in, g)
+    run = functools.partial(_triton_and_walks, triton_config=pt.DEFAULT, mosaic_config=pallas_mosaic.DEFAULT,
+                            scale=D ** -0.5)
+    results = jax.jit(run)(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
         assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))
