@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -93,14 +92,16 @@ def main(argv=None):
               args.gpus, "--impl", args.impl, "--scale", repr(args.scale), "--jla-impl", args.jla_impl, "--iters",
               str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed)]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_lasp_") as scratch:
-        for name in ["lasp_jax"] + (["jla"] if args.peers == "jla" else []):
-            path = os.path.join(scratch, name + ".jsonl")
-            for row in measure.run_worker("benchmarks.bench_lasp_gpu", passed + ["--worker", name], path, name):
-                if "device" in row:
-                    meta["devices"][name] = row["device"]
-                else:
-                    rows.append(row)
+
+    def collect(name, worker_rows):
+        for row in worker_rows:
+            if "device" in row:
+                meta["devices"][name] = row["device"]
+            else:
+                rows.append(row)
+
+    names = ["lasp_jax"] + (["jla"] if args.peers == "jla" else [])
+    complete = measure.run_workers("benchmarks.bench_lasp_gpu", passed, names, collect)
     peer_path = os.path.join(args.out, "lasp_peer.json")
     if os.path.exists(peer_path):
         with open(peer_path) as f:
@@ -113,6 +114,8 @@ def main(argv=None):
         f.write(table)
     plot(rows, meta, os.path.join(args.out, "lasp_gpu.png"))
     print(table)
+    if not complete:
+        raise SystemExit("stopped by SIGTERM: the table holds the rows that finished")
 
 
 def worker_main(args) -> None:

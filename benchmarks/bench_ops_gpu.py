@@ -33,7 +33,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the torch peers share the GPU
 
@@ -120,18 +119,20 @@ def main(argv=None):
     if args.scale is not None:
         passed += ["--scale", repr(args.scale)]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_ops_") as scratch:
-        for name in workers(args):
-            path = os.path.join(scratch, name.replace(":", "_").replace("+", "_") + ".jsonl")
-            for row in measure.run_worker("benchmarks.bench_ops_gpu", passed + ["--worker", name], path, name):
-                if "device" in row:
-                    meta["devices"][row["worker"]] = row["device"]
-                    if row.get("copy_GBps"):
-                        meta["copy_GBps"] = row["copy_GBps"]
-                else:
-                    rows.append(row)
-            save(args.out, meta, rows)
+
+    def collect(name, worker_rows):
+        for row in worker_rows:
+            if "device" in row:
+                meta["devices"][name] = row["device"]
+                meta["copy_GBps"] = row.get("copy_GBps") or meta["copy_GBps"]
+            else:
+                rows.append(row)
+        save(args.out, meta, rows)  # after every worker: a run cut off keeps what finished
+
+    complete = measure.run_workers("benchmarks.bench_ops_gpu", passed, workers(args), collect)
     print(render(meta, rows))
+    if not complete:
+        raise SystemExit("stopped by SIGTERM: the table holds the rows that finished")
 
 
 def worker_main(args) -> None:
@@ -336,6 +337,8 @@ def ratios(rows) -> str:
     """Per shape and impl of ours: each peer's time over ours (above 1: ours is faster), fwd / fwd+bwd."""
     timed = [r for r in rows if "fwd_ms" in r]
     peers = list(dict.fromkeys(r["contender"] for r in timed if not r["contender"].startswith(OURS)))
+    if not peers:
+        return ""
     lines = ["Peer ms / our ms (above 1: ours faster), fwd / fwd+bwd:", "",
              "| B x T x H x D | ours | " + " | ".join(f"vs {p}" for p in peers) + " |",
              "|---|---|" + "---|" * len(peers)]

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -94,20 +97,40 @@ def fp32_reference(q, k, v, do, decay, scale: float):
         return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do))))
 
 
-def run_worker(module: str, args: list[str], rows_path: str, name: str) -> list[dict]:
-    """Runs `python -m module *args` in a process of its own (one framework's timing undisturbed by another's
-    compiled programs, allocator or autotuning), which appends one JSON row per line to `rows_path`; returns
-    those rows, plus an error row naming the worker `name` when the process failed (the rows it wrote before
-    failing are kept)."""
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
-    cmd = [sys.executable, "-m", module, *args, "--rows", rows_path]
-    print("$ " + " ".join(cmd), flush=True)
-    rc = subprocess.run(cmd).returncode
-    rows = read_rows(rows_path)
-    if rc != 0:
-        rows.append({"worker": name, "error": f"worker exited with {rc} (its log is above)"})
-    return rows
+class _Stopped(Exception):
+    """SIGTERM arrived while a worker ran."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped
+
+
+def run_workers(module: str, args: list[str], names: list[str], collect) -> bool:
+    """Runs `python -m module *args --worker NAME --rows FILE` for each name in turn, each in a process of its own
+    (one framework's timing undisturbed by another's compiled programs, allocator pool or autotuning); the worker
+    appends one JSON row per line to FILE. Passes each worker's rows to collect(name, rows), with an error row
+    naming it when it failed (the rows it wrote before are kept). SIGTERM (a step's time limit) stops the worker
+    in flight: its rows so far are collected with a row saying so, no further worker starts, and the result is
+    False; else True."""
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_workers_") as scratch:
+            for i, name in enumerate(names):
+                path = os.path.join(scratch, f"{i}.jsonl")
+                cmd = [sys.executable, "-m", module, *args, "--worker", name, "--rows", path]
+                print("$ " + shlex.join(cmd), flush=True)
+                try:
+                    rc = subprocess.run(cmd).returncode  # on an exception it kills the worker first
+                except _Stopped:
+                    collect(name, read_rows(path) + [{"worker": name, "error": "stopped by SIGTERM while running"}])
+                    return False
+                rows = read_rows(path)
+                if rc != 0:
+                    rows.append({"worker": name, "error": f"worker exited with {rc} (its log is above)"})
+                collect(name, rows)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return True
 
 
 def read_rows(path: str) -> list[dict]:

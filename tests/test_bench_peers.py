@@ -7,6 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import sys
+import time
 
 import pytest
 
@@ -39,12 +42,21 @@ def test_lasp_flags():
             bench_lasp_gpu.parse_args(bad)
 
 
-def test_failed_worker_gives_an_error_row(tmp_path):
-    """A worker process that exits non-zero keeps the rows it wrote and adds one naming it."""
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"contender": "before"}) + "\n{\"cut off")  # a stale file is replaced
-    rows = measure.run_worker("json.tool", ["--no-such-flag"], str(path), "json")
-    assert rows == [{"worker": "json", "error": "worker exited with 2 (its log is above)"}]
+def test_failed_worker_gives_an_error_row():
+    """A worker process that exits non-zero gives a row naming it; the next worker still runs."""
+    got = []
+    assert measure.run_workers("json.tool", ["--no-such-flag"], ["a", "b"], lambda name, rows: got.append(rows))
+    assert got == [[{"worker": w, "error": "worker exited with 2 (its log is above)"}] for w in ("a", "b")]
+
+
+def test_sigterm_keeps_the_rows_so_far():
+    """SIGTERM (a step's time limit) while a worker runs: its rows so far are kept, no further worker starts."""
+    got = []
+    complete = measure.run_workers("tests.test_bench_peers", [], ["stops its parent", "never started"],
+                                   lambda name, rows: got.append((name, rows)))
+    assert not complete
+    assert got == [("stops its parent", [{"contender": "first"},
+                                         {"worker": "stops its parent", "error": "stopped by SIGTERM while running"}])]
 
 
 @pytest.mark.slow
@@ -97,3 +109,9 @@ def test_lasp_side_by_side(tmp_path):
     ring = next(line for line in table.splitlines() if "lasp_attention ring" in line)
     assert f"{20.0 / ours[1]['fwd_bwd_ms']:.2f}x" in ring
     assert os.path.exists(tmp_path / "lasp_gpu.png")
+
+
+if __name__ == "__main__":  # the worker of test_sigterm_keeps_the_rows_so_far: one row, then its parent is stopped
+    measure.append_row(sys.argv[sys.argv.index("--rows") + 1], {"contender": "first"})
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(60)
