@@ -57,9 +57,15 @@ def _checksum(x: jax.Array) -> jax.Array:
         x = jax.random.key_data(x)
     if jnp.issubdtype(x.dtype, jnp.floating):
         x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    bits = x.astype(jnp.uint32).ravel()
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
-    return jnp.sum(bits * weights, dtype=jnp.uint32)
+    bits = x.astype(jnp.uint32)
+    # The flat index, built from per-dimension iotas sharded like x: a ravel would need x gathered (on an
+    # Explicit mesh, an explicit out_sharding).
+    index = jnp.zeros(x.shape, jnp.uint32, out_sharding=jax.typeof(x).sharding)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim, out_sharding=jax.typeof(x).sharding) * stride
+        stride *= x.shape[dim]
+    return jnp.sum(bits * (index * 2 + 1), dtype=jnp.uint32)
 
 
 @jax.jit

@@ -72,6 +72,8 @@ def test_checksums_do_not_depend_on_the_sharding_and_see_one_flipped_bit():
     tree = {"x": x, "h": x.astype(jnp.bfloat16), "n": jnp.arange(5)}
     assert state_digest(tree) == state_digest({**tree, "x": sharded})
     bits = np.asarray(x).view(np.uint32).copy()
+    weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1  # the module docstring's sum, in exact integers
+    assert state_digest(tree)[1]["['x']"] == int((bits.ravel().astype(np.uint64) * weights).sum() % 2**32)
     for index, bit in [(0, 0), (77, 31), (127, 12)]:
         flipped = bits.copy()
         flipped.flat[index] ^= np.uint32(1 << bit)
