@@ -60,7 +60,8 @@ for arg in "$@"; do
     lasp)
       run_step lasp_peer $((limit / 3)) python3 -m torch.distributed.run --nproc_per_node "$NGPU" \
         -m benchmarks.peer_lasp_parallel --iters 3 --reps 3 --out "$OUT"
-      run_step lasp $((limit - limit / 3)) python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" ${LASP_ARGS:-} ;;
+      run_step lasp $((limit - limit / 3)) python3 -m benchmarks.bench_lasp_gpu --iters 10 --reps 5 --out "$OUT" \
+        ${LASP_ARGS:-} ;;
     train) run_step train "$limit" python3 -m benchmarks.bench_train_gpu --attn-impl "${TRAIN_IMPL:-auto}" \
              --budget-s $((limit - 20)) --out "$OUT" ${TRAIN_ARGS:-} ;;
     *) echo "unknown step $step"; exit 2 ;;
