@@ -3,6 +3,7 @@ are skipped on resume, non-finite states are never saved, resumes that would not
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import pytest
 
 from tests.train.helpers import ROOT, env, losses, run_train, saved_steps, start_hooked, tiny
 from train import loop
-from train.checkpoint import CheckpointError
 
 FAST = {"mesh": "data=1,seq=1", "steps": 10, "ckpt_keep": 3}  # one device: the quickest compile
 
@@ -111,15 +111,6 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(trained, 
     assert saved_steps(run_dir) == [5, 10] and (run_dir / "checkpoints" / "10.unrestorable").is_dir()
 
 
-def test_no_restorable_checkpoint_is_one_clear_error(trained, tmp_path):
-    run_dir = _copy(trained, tmp_path)
-    for step in (5, 10):
-        _damage(run_dir / "checkpoints" / str(step), "missing manifest")
-    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored: step 10: .*; step 5: ") as e:
-        loop.train(tiny(run_dir, **FAST))
-    assert len(str(e.value)) < 1500
-
-
 def test_non_finite_parameters_are_never_saved(tmp_path, monkeypatch):
     """Parameters turned NaN by step 3's update while its loss (of step 3's inputs) is finite: step 3 is not
     saved, the run stops naming step 3, and only step 2, which is intact, is called so."""
@@ -160,15 +151,12 @@ def test_steps_below_the_newest_checkpoint_are_refused(trained, tmp_path, capsys
     assert "the run is complete: its newest checkpoint is step 10 = steps" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"seq_len": 64}, "seq_len=32 -> 64"),
-    ({"batch_size": 8}, "batch_size=4 -> 8"),
-    ({"data_seed": 1, "seq_len": 16}, "seq_len=32 -> 16, data_seed=0 -> 1"),
-])
-def test_a_resume_with_another_data_order_is_refused(trained, tmp_path, changes, named):
+def test_a_resume_with_another_data_order_is_refused(trained, tmp_path):
+    """seq_len, batch_size and data_seed all changed: the error names each with its saved and its new value."""
     run_dir = _copy(trained, tmp_path)
-    with pytest.raises(ValueError, match=rf"trained with other data settings \({named}\)"):
-        loop.train(tiny(run_dir, **FAST | {"steps": 12} | changes))
+    with pytest.raises(ValueError, match=r"trained with other data settings \(seq_len=32 -> 16, batch_size=4 -> 8, "
+                                         r"data_seed=0 -> 1\); resuming would not continue its data order"):
+        loop.train(tiny(run_dir, **FAST | {"steps": 12, "seq_len": 16, "batch_size": 8, "data_seed": 1}))
     assert saved_steps(run_dir) == [5, 10]
 
 
@@ -179,5 +167,7 @@ def test_no_restorable_checkpoint_exits_4_with_a_short_message(trained, tmp_path
         _damage(run_dir / "checkpoints" / str(step), "truncated data file")
     done = run_train(tiny(run_dir, **FAST))
     assert done.returncode == 4, done.stderr
-    assert "error: no checkpoint in" in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(r"error: no checkpoint in .* can be restored: step 10: ValueError: OUT_OF_RANGE: .*; step 5: "
+                     r"ValueError: OUT_OF_RANGE: ", done.stderr), done.stderr
     assert len(done.stderr.splitlines()) < 20, done.stderr
