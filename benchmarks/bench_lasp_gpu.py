@@ -216,7 +216,9 @@ def render(meta, rows) -> str:
         cells = []
         for match in peers.values():
             peer = next((p for p in timed if match(p) and p["gpus"] == r["gpus"]), None)
-            cells.append(f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if peer and r["gpus"] > 1 else "-")
+            own_row = peer is r  # a peer's row against itself says nothing
+            cells.append(f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if peer and r["gpus"] > 1 and not own_row
+                         else "-")
         err = f"{r['errors']['max']:.2e}" if "errors" in r else "-"
         lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | {efficiency} | "
                      + " | ".join(cells) + f" | {err} |")
