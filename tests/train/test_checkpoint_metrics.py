@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import time
 
@@ -114,6 +116,24 @@ def test_a_save_into_a_vanished_directory_fails_at_once(tmp_path):
     with pytest.raises(CheckpointError, match=r"saving checkpoint step 1 in .* failed: NotADirectoryError"):
         ckpt.save(1, {"w": jnp.ones(2)}, _iter(), {"step": 1, "loss": 1.0})
     assert time.monotonic() - begin < 10
+
+
+def test_a_save_failing_in_the_background_surfaces_at_the_next_save(tmp_path, monkeypatch):
+    """A failure after save() returned (orbax's background finalize; ENOSPC here) is raised by the next save
+    under the step that failed, at once."""
+    ckpt = Checkpointer(tmp_path, every=1, keep=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt._manager, "_finalize", disk_full)
+    assert ckpt.save(1, {"w": jnp.ones(2)}, _iter(), {"step": 1, "loss": 1.0})
+    begin = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 1 in .* failed: OSError: \[Errno 28\] No "
+                                              r"space left on device"):
+        ckpt.save(2, {"w": jnp.ones(2)}, _iter(), {"step": 2, "loss": 1.0})
+    assert time.monotonic() - begin < 10
+    ckpt.close()
 
 
 def test_schedule_is_the_lasp_papers():
