@@ -11,7 +11,8 @@ temporary directory and renames it when complete, so a run killed mid-save leave
 the newest one. `save` refuses a non-finite loss or non-finite parameters, so no checkpoint holds NaN or inf.
 A failed save raises CheckpointError (at that save, or at the next save / `wait` when it failed in the
 background) instead of blocking: orbax's asynchronous directory creation is turned off because a failure
-there left the main thread waiting for a signal until orbax's 300 s coordination timeout.
+there left the main thread waiting for a signal that never came (still blocked after 60 s when tried; orbax's
+signal waits time out after 300 s).
 
 Restore tries the newest checkpoint first and falls back to older ones when one cannot be read (a truncated or
 missing file, missing metadata) or when its arrays no longer match their checksums (silent corruption); the

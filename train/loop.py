@@ -135,24 +135,24 @@ def sample_text(graphdef, state, tokenizer, cfg: TrainConfig) -> str:
 
 
 def _lock_run_dir(run_dir: Path, main: bool) -> RunDirLock | None:
-    """Creates run_dir and locks it (on process 0; every process raises if it is taken). Returns the lock."""
+    """Creates run_dir and locks it on process 0; every process raises if that failed. Returns the lock."""
     lock, error = None, None
     if main:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"run_dir {str(run_dir)!r} is a file, not a directory")
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"run_dir {str(run_dir)!r} cannot be created: {e.strerror}") from None
-        lock = RunDirLock(run_dir)
-        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ValueError(f"run_dir {str(run_dir)!r} is a file, not a directory")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"run_dir {str(run_dir)!r} cannot be created: {e.strerror}") from None
+            lock = RunDirLock(run_dir)
             note = lock.acquire()
             if note:
                 print(f"note: {note}", flush=True)
         except ValueError as e:
             lock, error = None, e
     if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
-        error = error or ValueError(f"run_dir {str(run_dir)!r} is in use by another run (see process 0)")
+        error = error or ValueError(f"run_dir {str(run_dir)!r} cannot be used (see process 0's error)")
     if error:
         raise error
     return lock
@@ -163,7 +163,7 @@ def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
     continue that run exactly: a data-order field changed, or cfg.steps is below the checkpoint."""
     now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     changed = [f"{name}={saved[name]!r} -> {now[name]!r}" for name in DATA_ORDER_FIELDS
-               if name in saved and saved[name] != now[name]]
+               if name in saved and name in now and saved[name] != now[name]]
     if changed:
         raise ValueError(f"resume: the checkpoint of step {step} in run_dir {cfg.run_dir!r} was trained with other "
                          f"data settings ({', '.join(changed)}); resuming would not continue its data order. "

@@ -107,8 +107,8 @@ def test_restore_skips_a_checkpoint_whose_arrays_changed_silently(tmp_path):
 
 
 def test_a_save_into_a_vanished_directory_fails_at_once(tmp_path):
-    """The directory replaced by a file under a running Checkpointer: the save raises within seconds (orbax
-    alone blocked on a signal until its 300 s coordination timeout)."""
+    """The directory replaced by a file under a running Checkpointer: the save raises within seconds (with
+    orbax's asynchronous directory creation it blocked for minutes)."""
     ckpt = Checkpointer(tmp_path / "c", every=1, keep=2)
     shutil.rmtree(tmp_path / "c")
     (tmp_path / "c").write_text("")
