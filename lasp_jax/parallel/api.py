@@ -52,8 +52,8 @@ def lasp_attention(q, k, v, decay=None, *, mesh=None, seq_axis="seq", strategy="
       strategy: "ring" (LASP: W-1 hops), "allgather" (LASP-2: one all_gather) or "scan" (ceil(log2 W) hops).
       impl: the per-device implementation, as for linear_attention.
       batch_axes: the mesh axis (a name) or axes B is sharded over; default: how q's batch dim is already
-        sharded on an Explicit mesh, else every other mesh axis. Heads sharded over other axes (an Explicit q)
-        stay sharded: each device attends over its own heads when H and Hkv split evenly.
+        sharded (Explicit mesh, or a committed q outside jit), else every other mesh axis. Heads sharded over
+        other axes stay sharded: each device attends over its own heads when H and Hkv split evenly.
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q: on an Explicit mesh (also under jit) and for a committed q
       outside jit; under jit on an Auto mesh XLA's sharding propagation places it.

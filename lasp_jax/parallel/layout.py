@@ -44,9 +44,9 @@ def place(q, k, v, mesh, seq_axis: str, batch_axes):
     Explicit mesh the arrays resharded to it.
 
     batch_axes: the mesh axes B is sharded over (a name or a sequence of names); default: how q's batch dim is
-    already sharded on an Explicit mesh, else every other mesh axis. heads: the axes q's heads are sharded over
-    on an Explicit mesh when H and Hkv split evenly over them and batch and seq do not use them (heads are
-    independent, so each device attends over its own heads), else ().
+    already sharded (on an Explicit mesh, or a committed q outside jit), else every other mesh axis. heads: the
+    axes q's heads are sharded over (known as for batch) when H and Hkv split evenly over them and batch and seq
+    do not use them (heads are independent, so each device attends over its own heads), else ().
     """
     w = mesh.shape[seq_axis]
     b, t, h = q.shape[:3]
@@ -54,6 +54,8 @@ def place(q, k, v, mesh, seq_axis: str, batch_axes):
         raise ValueError(f"sequence length T={t} must be divisible by the {seq_axis!r} axis size {w}")
     explicit = AxisType.Explicit in tuple(mesh.axis_types)
     q_spec = placement.explicit_spec(q) if explicit else None
+    if q_spec is None and (known := placement.concrete_spec(q)) is not None and any(known[1]):
+        q_spec = known[1]  # a committed q outside jit (Auto mesh): its sharding is known too
     if batch_axes is None:
         batch_axes = q_spec[0] if q_spec else ()
         if not batch_axes:
