@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from lasp_jax.ops.rates import tnl_slopes
+
 F32_TOL = 2e-5  # fp32 chunked vs dense: measured ~3e-7 relative; generous for reassociation across chunks
 BF16_TOL = 2e-2  # bf16 inputs and outputs: one bf16 rounding (2^-8) on O(1) values
 
@@ -29,7 +31,7 @@ def decay(kind: str, h: int, rng):
     if kind == "zero":
         return jnp.zeros((h,), jnp.float32)
     if kind == "slopes":
-        return jnp.asarray([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], jnp.float32)
+        return jnp.asarray(tnl_slopes(h))
     rates = rng.uniform(0.0, 0.3, size=h)
     rates[0] = 0.0
     rates[-1] = 2.0  # lambda^64 ~ 1e-56: exercises underflow, never overflow
