@@ -103,9 +103,14 @@ def _documents(files, text_field: str, max_bytes: int):
     total = 0
     for f in files:
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
+            with open(f, "rb") as fh:
                 docs = []
-                for n, line in enumerate(fh, 1):
+                for n, raw in enumerate(fh, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"data: {f}:{n} is not UTF-8 text ({e.reason} at byte {e.start} of the "
+                                         "line); is it a binary file?") from None
                     if not line.strip():
                         continue
                     try:

@@ -39,7 +39,8 @@ from train.tokenizer import load_tokenizer
 
 # Fields a checkpoint's data position depends on: with any of them changed, the resumed run would not see the
 # batches the uninterrupted run would have seen.
-DATA_ORDER_FIELDS = ("data", "max_data_bytes", "tokenizer", "seq_len", "batch_size", "val_fraction", "data_seed")
+DATA_ORDER_FIELDS = ("data", "max_data_bytes", "tokenizer", "text_field", "bin_dtype", "seq_len", "batch_size",
+                     "val_fraction", "data_seed")
 
 
 class NonFiniteLoss(RuntimeError):

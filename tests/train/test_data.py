@@ -153,7 +153,8 @@ def test_too_little_data_is_an_error():
 
 def test_binary_data_named_txt_is_warned_about(tmp_path):
     """Random bytes in a .txt file decode to mostly replacement characters: training on them is a mistake
-    (pre-tokenized ids belong in .bin), so token_stream warns, naming the file; real text does not warn."""
+    (pre-tokenized ids belong in .bin), so token_stream warns, naming the file; real text does not warn. In a
+    .jsonl file they are an error naming the line (before, a raw UnicodeDecodeError)."""
     (tmp_path / "ids.txt").write_bytes(np.random.default_rng(0).integers(0, 2**16, 4000, np.uint16).tobytes())
     (tmp_path / "real.txt").write_text("déf f(x):\n    return x  # ∑ \ufffd\n" * 50)
     with pytest.warns(UserWarning, match=r"ids.txt' does not look like UTF-8 text \(\d+ of its \d+ characters"):
@@ -161,3 +162,6 @@ def test_binary_data_named_txt_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.token_stream([tmp_path / "real.txt"], ByteTokenizer())
+    (tmp_path / "ids.txt").rename(tmp_path / "ids.jsonl")  # JSON lines cannot be read at all: an error
+    with pytest.raises(ValueError, match=r"ids.jsonl:1 is not UTF-8 text \(invalid start byte at byte \d+"):
+        data.token_stream([tmp_path / "ids.jsonl"], ByteTokenizer())
