@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -80,8 +81,17 @@ def flags(cfg: TrainConfig) -> list[str]:
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedArgs]:
-    """argv -> a validated config and the multi-host flags. ValueError for a bad config file or config;
-    SystemExit (status 2, tyro's message on stderr) for a bad flag or value, and for --help (status 0)."""
+    """argv -> a validated config and the multi-host flags. ValueError for a bad config file, the old --set, or
+    a value TrainConfig itself rejects; SystemExit (status 2, tyro's message on stderr) for a flag or value tyro
+    rejects (a ModelConfig's own errors included: tyro catches those of nested dataclasses), and for --help
+    (status 0). Either way `python -m train` exits 2 with the reason on stderr."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--set" in argv:  # the hand-written parser's syntax, before tyro: say what it is now
+        i = argv.index("--set")
+        name, _, value = (argv[i + 1] if i + 1 < len(argv) else "NAME=VALUE").partition("=")
+        raise ValueError(f"--set is gone: every field is a flag of its own, e.g. --{name} {' '.join(value.split(','))} "
+                         "(model fields --model.NAME VALUE; python -m train --help lists them)")
     # The config file and the preset make the defaults the other flags change, so they are read first.
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--config", default=str(DEFAULT_CONFIG))

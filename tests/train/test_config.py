@@ -52,6 +52,7 @@ def test_model_preset_replaces_the_files_model_before_the_model_flags():
     (["--lr", "1e39"], "lr=1e+39 is not a finite float32 value"),
     (["--seq-len", "-3"], "seq_len must be positive"),
     (["--model.n-kv-heads", "3"], "n_kv_heads=3 must divide n_heads=4"),
+    (["--set", "data=a.txt,b.txt"], "error: --set is gone: every field is a flag of its own, e.g. --data a.txt b.txt"),
 ])
 def test_bad_flag_exits_2_naming_it(argv, message, capsys):
     status, err = _main(argv, capsys)
