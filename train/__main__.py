@@ -26,10 +26,11 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", cfg.platform)
     import signal
 
-    from train import checkpoint, distributed, loop
+    from train import checkpoint, config, distributed, loop
 
     try:
         distributed.setup(cfg.cpu_devices, dist)
+        config.check_platform(cfg.platform)
         result = loop.train(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

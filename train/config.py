@@ -158,7 +158,7 @@ def check_platform(platform: str) -> None:
     except RuntimeError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"platform={platform!r}: JAX cannot start that backend on this machine ({reason}); "
-                         "leave platform empty for JAX's default, or set platform=cpu") from None
+                         "leave platform empty for JAX's default, or use --platform cpu") from None
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
