@@ -1,31 +1,84 @@
-"""The implementations of the per-device contract, and how `impl=` names resolve to one.
+"""The implementations of the per-device contract, how `impl=` names resolve to one, and which GPUs are
+qualified for the compiled kernels.
 
 Each entry meets `vjp.Impl` (forward and backward of one piece with its incoming state, and
-`supported(q, k, v) -> str | None`: None when usable here, else the reason). "auto" takes the first usable
-entry of `AUTO_ORDER`, which lists only implementations whose tests pass on that platform.
+`supported(q, k, v) -> str | None`: None when it can run these inputs here, else the reason). "auto" takes the
+first entry of `AUTO_ORDER` that is supported AND qualified: the compiled kernels are qualified only on the
+device kinds (and head dims, dtypes) where their GPU tests (`pytest -m gpu tests/ops`) passed, so "auto" is
+fail-closed. On a CUDA GPU where "auto" passes over the Triton kernels for that reason it says so once (an
+`UnqualifiedWarning`) and how to opt in: naming impl="pallas_triton" runs on any CUDA GPU of compute
+capability 8.0 or newer, with that warning. The Mosaic walks, named on an unqualified Hopper part, are refused
+(their GPU tests did not complete on the H100: benchmarks/results/KERNEL_NOTES.md).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import jax
+import jax.numpy as jnp
 
-from lasp_jax.ops import pallas_triton, reference, vjp, xla
+from lasp_jax.ops import pallas_mosaic, pallas_triton, reference, vjp, xla
 
-# "pallas_triton" runs on the GPUs its tests passed on (see its `supported`: H200 and H100), and "auto" takes it
-# there; elsewhere "auto" is the chunked XLA path. "pallas_triton_interpret" is the same kernels in Pallas
-# interpret mode, on any platform (slow: for tests). "pallas_mosaic" is those kernels with the four walks as
-# Mosaic GPU kernels (bf16, head dims 128, no GQA; offered on the H200, where all their tests passed),
-# "pallas_mosaic_interpret" the same interpreted; "auto" prefers it where it runs (faster than "pallas_triton"
-# there: benchmarks/results/KERNEL_NOTES.md).
+# "pallas_triton": the Triton kernels; "pallas_mosaic": the same state passes with the four walks as Mosaic GPU
+# kernels (bf16, head dims 128, no GQA; Hopper), faster where both run (benchmarks/results/KERNEL_NOTES.md);
+# "_interpret": the same in interpret mode, on any platform (slow: for tests).
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
     "xla": vjp.Split(xla),
     "pallas_triton": pallas_triton.KERNELS,
     "pallas_triton_interpret": pallas_triton.INTERPRET,
-    "pallas_mosaic": pallas_triton.MOSAIC,
-    "pallas_mosaic_interpret": pallas_triton.MOSAIC_INTERPRET,
+    "pallas_mosaic": pallas_mosaic.WALKS,
+    "pallas_mosaic_interpret": pallas_mosaic.INTERPRET,
 }
 AUTO_ORDER: tuple[str, ...] = ("pallas_mosaic", "pallas_triton", "xla")
+
+# Exact device kinds where each compiled impl's GPU tests passed: a sibling part (H100 PCIe, GH200, H800) is
+# unqualified until its own run. fp32 at head dims above 64 passed on the H200 only; the Triton kernels' GPU
+# tests cover head dims 64, 128, 256 in bf16 and fp32.
+QUALIFIED_GPUS: dict[str, tuple[str, ...]] = {
+    "pallas_triton": ("NVIDIA H200", "NVIDIA H100 80GB HBM3"),
+    "pallas_mosaic": ("NVIDIA H200",),
+}
+_WIDE_F32_GPUS = ("NVIDIA H200",)
+_TRITON_HEAD_DIMS = (64, 128, 256)
+_TRITON_DTYPES = (jnp.bfloat16, jnp.float32)
+# Named on an unqualified GPU, these run (with a warning); the others are refused.
+_RUN_WHEN_NAMED = ("pallas_triton",)
+
+
+class UnqualifiedWarning(UserWarning):
+    """A compiled kernel impl was passed over, or runs, on a GPU (or shape) its GPU tests have not qualified."""
+
+
+def qualification(name: str, q, k, v) -> str | None:
+    """None when impl `name` is qualified for these inputs on this device (or is not a compiled GPU kernel),
+    else why not. Call it only where `IMPLS[name].supported` is None."""
+    if name not in QUALIFIED_GPUS:
+        return None
+    kind = jax.devices()[0].device_kind
+    if kind not in QUALIFIED_GPUS[name]:
+        return f"{name} has passed its GPU tests on {QUALIFIED_GPUS[name]} only, not on {kind!r}"
+    if name == "pallas_triton":
+        dtype = jnp.dtype(q.dtype)
+        if dtype not in {jnp.dtype(d) for d in _TRITON_DTYPES}:
+            return f"{name}'s GPU tests cover bfloat16 and float32, not {dtype.name}"
+        for dim_name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
+            if d not in _TRITON_HEAD_DIMS:
+                return f"{name}'s GPU tests cover head dims {_TRITON_HEAD_DIMS}, not {dim_name}={d}"
+        if dtype == jnp.float32 and max(q.shape[-1], v.shape[-1]) > 64 and kind not in _WIDE_F32_GPUS:
+            return (f"{name} in fp32 at head dims above 64 has passed its GPU tests on {_WIDE_F32_GPUS} only, "
+                    f"not on {kind!r}")
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UnqualifiedWarning, stacklevel=4)
 
 
 def partitioned(x) -> bool:
@@ -51,8 +104,14 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
     if impl == "auto":
         for name in AUTO_ORDER:
             candidate = IMPLS[name]
-            if (candidate.partitionable or not partitioned) and candidate.supported(q, k, v) is None:
+            if (not candidate.partitionable and partitioned) or candidate.supported(q, k, v) is not None:
+                continue
+            reason = qualification(name, q, k, v)
+            if reason is None:
                 return candidate
+            if name in _RUN_WHEN_NAMED:
+                _warn_once(f"impl='auto' passed over {name!r}: {reason}. Name impl={name!r} to run it anyway "
+                           "(unqualified), or qualify this GPU with `pytest -m gpu tests/ops`")
         raise ValueError("no implementation supports these inputs")  # unreachable while xla is in AUTO_ORDER
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected 'auto' or one of {sorted(IMPLS)}")
@@ -64,4 +123,11 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
                          "under a multi-device mesh that XLA partitions: use lasp_attention (it runs the kernels "
                          "per device inside shard_map, with a seq axis of any size), call it inside your own "
                          "shard_map, or use impl='xla'")
+    reason = qualification(impl, q, k, v)
+    if reason is not None:
+        if impl not in _RUN_WHEN_NAMED:
+            raise ValueError(f"impl {impl!r} is not qualified here: {reason} (run `pytest -m gpu tests/ops` on "
+                             "this GPU first)")
+        _warn_once(f"impl {impl!r} runs unqualified: {reason} (run `pytest -m gpu tests/ops` on this GPU to "
+                   "qualify it)")
     return IMPLS[impl]

@@ -1,4 +1,5 @@
-"""The chunk walks of the fused kernels (forward output pass, dQ, dK, dV) as one Mosaic GPU (Hopper) kernel.
+"""Impl "pallas_mosaic": the chunk walks of the fused kernels (output, dQ, dK, dV) as one Mosaic GPU (Hopper)
+kernel, with `pallas_triton`'s state passes, driven by `lasp_jax.ops.pieces`.
 
 Why: `pallas_triton`'s walks tile a head dim by 64 because whole 128 x 128 fp32 states were slower in the
 Triton lowering, and each tile then re-reads the inputs every tile needs (the output pass reads Q and K twice:
@@ -39,8 +40,9 @@ dK round alike (measured up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pa
 are exp(-s * n) with n >= 0.
 
 Scope: bf16, 128 head dims, Hkv == H (no GQA), T a whole number of pieces and pieces a whole number of chunks
-(what `pallas_triton` hands its walks after padding); Hopper only (wgmma, TMA). `Config.interpret` runs the
-kernel in Mosaic GPU's CPU interpreter (tests).
+(what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts are
+qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in Mosaic GPU's CPU interpreter
+and the state passes in Pallas interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lasp_jax.ops import pallas_triton, pieces
 
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
@@ -69,7 +73,7 @@ class Config:
     offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed Z
     columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
-    approx_math: fast approximate exp. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
+    approx_math: fast approximate exp.
     """
 
     chunk: int = 64
@@ -77,11 +81,9 @@ class Config:
     compute_registers: int = 232
     memory_registers: int = 40
     approx_math: bool = False
-    interpret: bool = False
 
 
 DEFAULT = Config()
-INTERPRET = dataclasses.replace(DEFAULT, interpret=True)
 
 
 def _mma_transforms(cols: int, dtype) -> tuple:
@@ -90,14 +92,14 @@ def _mma_transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _accumulate(inits, issue, config: Config):
+def _accumulate(inits, issue, interpret: bool):
     """inits + what issue(accs) adds to wgmma accumulators accs (one per init), as arrays.
 
     On a GPU the accumulators start from inits (pl.run_state, which also awaits the wgmmas). Mosaic GPU's
     interpreter (jax 0.11.2) interprets neither pl.run_state nor stores into an accumulator, so there the
     accumulators start from zero and inits are added after: the same sums, one rounding apart in float32.
     """
-    if not config.interpret:
+    if not interpret:
         return pl.run_state(issue)(tuple(plgpu.ACC.init(x) for x in inits))
 
     def from_zero(*accs):
@@ -108,8 +110,8 @@ def _accumulate(inits, issue, config: Config):
     return tuple(x + y for x, y in zip(inits, sums))
 
 
-def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
-            reverse, scale, scale_update, config):
+def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
+            reverse, scale, scale_update, config, interpret):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, out_smem = smem
     x_bar, y_bar, z_bar = loaded
@@ -127,7 +129,7 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         cols = pl.ds(wg * half, half)
-        rate = s_ref[h]
+        rate = rate_ref[h]
         # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
         # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
         idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
@@ -174,7 +176,7 @@ def _kernel(s_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consu
                 plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
                 plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
 
-            out, state = _accumulate((out_decay * inter, chunk_decay * state), intra_and_update, config)
+            out, state = _accumulate((out_decay * inter, chunk_decay * state), intra_and_update, interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             s_smem[wg] = state.astype(s_smem.dtype)
 
@@ -235,17 +237,17 @@ def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
     return pieces
 
 
-def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, scale: float = 1.0, scale_update: bool = False,
-         config: Config = DEFAULT):
+def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: float = 1.0,
+         scale_update: bool = False, config: Config = DEFAULT, interpret: bool = False):
     """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
 
     Args:
-      x, y, z [B, T, H, 128] bf16; s [H] float32 decay rates (lambda = exp(-s)); states_in [B, H, P, 128, 128]
+      x, y, z [B, T, H, 128] bf16; rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, 128, 128]
       float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
       its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
       reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
       scale: a static float multiplying the mask, and the output's state term or (scale_update) the state's
-      update.
+      update. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     Returns:
       out [B, T, H, 128] bf16.
     """
@@ -270,7 +272,7 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, scale: float =
     )
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
-                          scale_update=scale_update, config=config),
+                          scale_update=scale_update, config=config, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -278,29 +280,79 @@ def walk(x, y, z, s, states_in, piece_len: int, *, reverse: bool, scale: float =
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
-        interpret=plgpu.InterpretGPUParams() if config.interpret else None,
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = kernel(s.astype(_F32), x, y, z, states_in.astype(_F32))
+    out = kernel(rates.astype(_F32), x, y, z, states_in.astype(_F32))
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # output varies over x's, as check_vma needs.
     return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
 
 
-def supported(q, k, v, config: Config = DEFAULT) -> str | None:
-    """None when `walk` can run the four walks of attention over these q, k, v here, else the reason."""
+def supported(q, k, v, interpret: bool = False) -> str | None:
+    """None when the walks can run attention over these q, k, v here (compiled: a Hopper GPU), else the reason.
+    Which Hopper parts their GPU tests qualified is `impls.qualification`'s."""
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
         return f"GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]}) is not implemented in these kernels"
     if (q.shape[-1], v.shape[-1]) != (_HEAD_DIM, _HEAD_DIM):
         return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv = {_HEAD_DIM} is implemented"
     if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:
         return f"q, k, v must be bfloat16 (wgmma operands); got {q.dtype}, {k.dtype}, {v.dtype}"
-    if config.interpret:
+    if interpret:
         return None
     if jax.default_backend() != "gpu":
-        return f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); Config.interpret runs on CPU"
+        return (f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); impl "
+                "'pallas_mosaic_interpret' runs on CPU")
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
     if capability != _HOPPER:
         return (f"wgmma needs a Hopper GPU (compute capability {_HOPPER}, sm_90a); this is {device.device_kind!r} "
                 f"(compute capability {capability})")
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Walks(pieces.Driven):
+    """impl "pallas_mosaic" as a `vjp.Impl` and a `pieces.Backend`: `pallas_triton`'s plan and state passes
+    under `triton` (their chunk must equal config.chunk), the four walks under config. interpret: Mosaic GPU's
+    interpreter for the walks, Pallas interpret mode for the state passes.
+
+    The walks launch one CTA per (batch, head, piece) of the Triton plan, whose pieces count the Triton head-dim
+    tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks)."""
+
+    config: Config = DEFAULT
+    triton: pallas_triton.Config = pallas_triton.DEFAULT
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.config.chunk != self.triton.chunk:
+            raise ValueError(f"config.chunk={self.config.chunk} must equal triton.chunk={self.triton.chunk} (one "
+                             "chunking for the state passes and the walks)")
+
+    def plan(self, q, v) -> pieces.Plan:
+        return pallas_triton.plan(q, v, self.triton)
+
+    def state_sums(self, x, y, rates, plan, *, reverse, scale):
+        return pallas_triton.state_sums(x, y, rates, plan, self.triton, reverse=reverse, scale=scale,
+                                        interpret=self.interpret)
+
+    def _walk(self, x, y, z, rates, states_in, plan, **how):
+        return walk(x, y, z, rates, states_in, plan.piece_len, config=self.config, interpret=self.interpret, **how)
+
+    def output(self, q, k, v, rates, pieces_in, plan, scale):
+        return self._walk(q, k, v, rates, pieces_in, plan, reverse=False, scale=scale)
+
+    def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan, scale):
+        """Each backward product is the output walk with other roles: dQ walks forward with S^T over (dO, V,
+        K); dV and dK walk backward with dS over (K, Q, dO) and dS^T over (V, dO, Q), scale on the dS update."""
+        transposed = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+        dq = self._walk(do, v, k, rates, transposed(pieces_in), plan, reverse=False, scale=scale)
+        dv = self._walk(k, q, do, rates, pieces_out, plan, reverse=True, scale=scale, scale_update=True)
+        dk = self._walk(v, do, q, rates, transposed(pieces_out), plan, reverse=True, scale=scale, scale_update=True)
+        return dq, dk, dv
+
+    def supported(self, q, k, v):
+        return supported(q, k, v, self.interpret) or pallas_triton.supported(q, k, v, self.interpret)
+
+
+WALKS = Walks()
+INTERPRET = Walks(interpret=True)

@@ -1,44 +1,31 @@
-"""Fused Pallas kernels (Triton lowering) for the per-device contract: the LASP split, one level down.
+"""Fused Pallas kernels (Triton lowering): the `lasp_jax.ops.pieces` backend of impl "pallas_triton".
 
-One program per (batch, head, piece, tile) walks the chunks of its piece with the d_k x d_v state kept on chip.
-A sequence of T positions is cut into P pieces of whole chunks, so that B * H * P * tiles programs fill the GPU
-even at B = 1, H = 16 (one program per (batch, head) would leave most of it idle):
+The passes of the piece driver (`pieces`: the state passes, the output walk, the dQ walk and the dK, dV walks)
+as Pallas Triton kernels, one program per (batch, head, piece, head-dim tile):
 
-    forward   state pass   m_p   = sum_{x in p} lambda^(end_p - x) k_x^T v_x         (reads K, V)
-              piece scan   S_p   = lambda^(L p) S_in + sum_{j < p} lambda^(L (p - 1 - j)) m_j   ([P, P], XLA)
-              output pass  O     = chunkwise [(Q K^T) * M] V + lambda^i Q S, S walks   (reads Q, K, V, S_p)
-    backward  mirrored:    d_p   = sum_{x in p} lambda^(x - start_p) q_x^T dO_x        (reads Q, dO)
-              reverse scan G_p   = lambda^(L (P - 1 - p)) G + sum_{j > p} lambda^(L (j - p - 1)) d_j
-              dQ walks forward with S from the saved S_p (reads dO, K, V); dK and dV walk backward with dS
-              from G_p (read Q, K, V, dO), in one kernel when the whole state fits one tile, else one each.
+    state pass   m_p = sum_{x in p} lambda^(end_p - x) k_x^T v_x, and d_p = scale sum_x lambda^(x - start_p) q_x^T dO_x
+    output walk  O   = chunkwise [(Q K^T) * M] V + scale lambda^i Q S, S walking forward from the piece's state
+    dQ walk      dQ  = [(dO V^T) * M] K + scale lambda^i dO S^T
+    dK, dV walks dK  = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T, dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS,
+                 dS walking backward from the piece's outgoing cotangent (one kernel when the whole state is
+                 one tile, else one each)
 
-The incoming state S_in and the end-state cotangent G (from another device, or the caller's initial and final
-states) enter only the tiny piece scans, so lasp_attention costs no extra pass over the tokens. The piece
-states S_p ([B, H, P, Dk, Dv] float32, a few MB) are the backward's residual, so it never re-reads K and V to
-rebuild them.
+with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected).
 
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
 as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
 inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0. The
 attention's `scale` rides on the float32 tables: the intra-chunk mask (every score) and the q-side decay row
 lambda^i (the output's and dQ's state terms, the Q, dO state pass and dS's update); the K, V side is unscaled.
-q itself is never rescaled, so bf16 q is rounded once, as given. The mask selects (jnp.where), and so do the
-piece scans: a non-finite q or k at a later position never reaches an earlier output.
-T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no
-output or state); only such ragged T pays that copy, and, since the zeros would sit between S_in and the first
-token, adds S_in's and G's terms with the separate products of `lasp_jax.ops.states` instead.
+q itself is never rescaled, so bf16 q is rounded once, as given. The mask selects (jnp.where): a non-finite q
+or k at a later position never reaches an earlier output.
 
-Platforms: the Triton lowering runs on CUDA GPUs; these kernels are offered only on the GPUs their tests
-passed on (the H200 and the H100 80GB HBM3, sm_90). The A100 is expected to work through the same lowering but
-is untested here, so `supported` refuses it (fail-closed: "auto" then takes the XLA path). On a GPU they take
-bf16 and fp32 at head dims 64, 128 and 256 (what the GPU tests covered; fp32 at 128 and 256 on the H200 only;
-others fall back).
-`INTERPRET` runs the same kernels in Pallas interpret mode on any platform (CPU tests; also head dims 16 and
-32 and float16). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
-later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering. On Hopper,
-`Config.mosaic` runs the four walks (output, dQ, dK, dV) as `pallas_mosaic` kernels instead (whole states on
-wgmma, TMA-fed), keeping these state passes and scans: impl "pallas_mosaic", offered on the H200 only (on the
-H100 its GPU tests have not yet completed: benchmarks/results/KERNEL_NOTES.md).
+Platforms: the Triton lowering runs on CUDA GPUs of compute capability 8.0 or newer (`supported`); which of
+them, and which head dims and dtypes, their GPU tests qualified is decided in `lasp_jax.ops.impls`. `Kernels(
+interpret=True)` runs the same kernels in Pallas interpret mode on any platform (CPU tests; head dims 16 to 256,
+bf16, fp16, fp32). jax 0.11 deprecates the Pallas Triton backend (Mosaic GPU is its successor, Hopper and
+later); it still lowers and runs in jax 0.11.2, with a DeprecationWarning at each lowering. `pallas_mosaic`
+reuses these state passes with its own walks.
 """
 
 from __future__ import annotations
@@ -53,21 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import pallas_mosaic, states
+from lasp_jax.ops import pieces
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-# What the kernels run: powers of two the Triton dots take; on a GPU only what the GPU tests covered.
-_HEAD_DIMS = (16, 32, 64, 128, 256)
-_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_GPU_HEAD_DIMS = (64, 128, 256)
-_GPU_DTYPES = (jnp.bfloat16, jnp.float32)
-# Exact device kinds where the GPU tests (tests/ops, `pytest -m gpu`) passed: fail-closed, so a sibling part
-# (H100 PCIe, GH200, H800) is refused until its own run. fp32 at head dims 128 and 256 and the Mosaic walks
-# (Config.mosaic) completed their tests on the H200 only.
-_TESTED_GPUS = ("NVIDIA H200", "NVIDIA H100 80GB HBM3")
-_WIDE_F32_TESTED_GPUS = ("NVIDIA H200",)
-_MOSAIC_TESTED_GPUS = ("NVIDIA H200",)
+# What the kernels run (interpreted, and compiled on a GPU): powers of two the Triton dots take.
+HEAD_DIMS = (16, 32, 64, 128, 256)
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
@@ -90,11 +70,7 @@ class Config:
     num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
     shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
     target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
-    deeper buffers cost). mosaic: None, or the Mosaic GPU walks' config (then the output, dQ, dK and dV passes
-    are `pallas_mosaic.walk` kernels, Hopper only; its chunk must equal chunk; they launch one CTA per (batch,
-    head, piece) of the same plan, whose pieces count the Triton head-dim tiles: half of target_programs at
-    d=128, e.g. 128 CTAs at B=1, H=16; not tuned for the walks). interpret: run in Pallas interpret mode (any
-    platform, slow; for tests), the Mosaic walks in Mosaic GPU's interpreter.
+    deeper buffers cost).
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -115,13 +91,6 @@ class Config:
     wide_warps: int = 4
     num_stages: int = 3
     crowded_stages: int = 2
-    mosaic: pallas_mosaic.Config | None = None
-    interpret: bool = False
-
-    def __post_init__(self):
-        if self.mosaic is not None and self.mosaic.chunk != self.chunk:
-            raise ValueError(f"mosaic.chunk={self.mosaic.chunk} must equal chunk={self.chunk} (one chunking for "
-                             "the state passes and the walks)")
 
 
 DEFAULT = Config()
@@ -138,11 +107,11 @@ def _dot(a, b, precision):
 def _decays(rate_ref, c, scale):
     """Decay tables of one head from its rate s: the causal mask (keep i >= j) with its weights
     scale lambda^(i - j), scale lambda^i (the q side's), lambda^(C - j) and lambda^C; every power exp(-s n), n >= 0."""
-    s = jnp.max(rate_ref[...])
+    rate = jnp.max(rate_ref[...])
     i = jnp.arange(c, dtype=jnp.int32).astype(_F32)
     gap = i[:, None] - i[None, :]
-    mask = _Mask(gap >= 0, scale * jnp.exp(-s * jnp.maximum(gap, 0.0)))
-    return mask, scale * jnp.exp(-s * i), jnp.exp(-s * (c - i)), jnp.exp(-s * c)
+    mask = _Mask(gap >= 0, scale * jnp.exp(-rate * jnp.maximum(gap, 0.0)))
+    return mask, scale * jnp.exp(-rate * i), jnp.exp(-rate * (c - i)), jnp.exp(-rate * c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +145,7 @@ def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, sca
     out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: chunk_decay * acc + chunk_sum(n), chunk_sum(0))
 
 
-def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision, scale):
+def _output_kernel(rate_ref, q_ref, k_ref, v_ref, state_ref, o_ref, *, c, precision, scale):
     """O = [(Q K^T) * M] V + scale lambda^i Q S per chunk (M carries the scale); S walks forward from the
     piece's incoming state."""
     n_chunks = q_ref.shape[0] // c
@@ -191,10 +160,10 @@ def _output_kernel(rate_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, c, precision,
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
 
-    lax.fori_loop(0, n_chunks, body, s_ref[...])
+    lax.fori_loop(0, n_chunks, body, state_ref[...])
 
 
-def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision, scale):
+def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, state_ref, dq_ref, *, c, precision, scale):
     """dQ = [(dO V^T) * M] K + scale lambda^i dO S^T; S (a Dk tile) walks forward."""
     n_chunks = do_ref.shape[0] // c
     mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
@@ -208,7 +177,7 @@ def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, s_ref, dq_ref, *, c, precision, s
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
 
-    lax.fori_loop(0, n_chunks, body, s_ref[...])
+    lax.fori_loop(0, n_chunks, body, state_ref[...])
 
 
 def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv):
@@ -251,37 +220,6 @@ def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv):
 # Launch plumbing.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """How a call is cut: `pieces` pieces of `piece_len` positions after `pad` zero positions in front."""
-
-    chunk: int
-    pieces: int
-    piece_len: int
-    pad: int
-    block_k: int
-    block_v: int
-
-
-def _plan(q, v, config: Config) -> _Plan:
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    c = config.chunk
-    block_k, block_v = min(config.block_k, dk), min(config.block_v, dv)
-    n_chunks = -(-t // c)
-    want = max(1, -(-config.target_programs // (b * h * (dv // block_v))))
-    want = max(1, min(want, n_chunks // config.min_piece_chunks))
-    # Prefer a piece count that divides the chunks (no padding) unless it would halve the parallelism.
-    pieces = next((p for p in range(want, (want - 1) // 2, -1) if n_chunks % p == 0), want)
-    per_piece = -(-n_chunks // pieces)
-    pieces = -(-n_chunks // per_piece)
-    return _Plan(c, pieces, per_piece * c, pieces * per_piece * c - t, block_k, block_v)
-
-
-def _front_pad(x, pad):
-    return x if pad == 0 else jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0)))
-
-
 def _precision(dtype):
     return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
@@ -319,7 +257,7 @@ def _warps(config: Config, specs) -> int:
     return config.wide_warps if state[-2] * state[-1] > 64 * 128 else config.num_warps
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
+def _call(kernel, grid, in_specs, out_specs, out_shape, *args, config: Config, interpret: bool):
     """Launches `kernel` over grid (batch, head, piece, tile); every index map takes (b, h, p, j)."""
     stages = _stages(config, grid, in_specs, args)
     warps = _warps(config, in_specs + (out_specs if isinstance(out_specs, list) else [out_specs]))
@@ -336,19 +274,19 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, config: Config, *args):
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages),
-        interpret=config.interpret,
+        interpret=interpret,
     )(*args)
 
 
-def _rates(s):
-    return jnp.broadcast_to(s.astype(_F32)[:, None], (s.shape[0], _RATE_LANES))
+def _rates(rates):
+    return jnp.broadcast_to(rates.astype(_F32)[:, None], (rates.shape[0], _RATE_LANES))
 
 
 def _rate_spec():
     return pl.BlockSpec((None, _RATE_LANES), lambda b, h, p, j: (h, 0))
 
 
-def _rows_spec(plan, d_block, head, tile):
+def _rows_spec(plan: pieces.Plan, d_block, head, tile):
     """A piece of rows [L, d_block] of x [B, T, Hx, D]: head(h) picks the head, tile(j) the column block."""
     return pl.BlockSpec((None, plan.piece_len, None, d_block), lambda b, h, p, j: (b, p, head(h), tile(j)))
 
@@ -366,261 +304,156 @@ def _zero(_):
     return 0
 
 
-def _piece_sums(x, y, s, plan: _Plan, config: Config, *, reverse, head, scale=1.0):
-    """Per-piece state sums [B, H, P, Dx, Dy] float32 (see `_state_kernel`); head(h) picks x's and y's head."""
-    b, h = x.shape[0], s.shape[0]
-    dx, dy = x.shape[-1], y.shape[-1]
-    bx, by = min(config.state_block, dx), min(config.state_block, dy)
-    ny = dy // by
-    kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype),
-                               scale=scale)
-    return _call(
-        kernel, (b, h, plan.pieces, (dx // bx) * ny),
-        [_rate_spec(), _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
-        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
-        _out((b, h, plan.pieces, dx, dy), _F32, x),
-        config, _rates(s), x, y)
-
-
-def _prefix(m, s, plan, rows):
-    """Exclusive decayed prefix over pieces: row r < P is the state entering piece r, row P the end state."""
-    return states.weighted_sum(states.prefix_weights(s, plan.piece_len, rows, plan.pieces), m)
-
-
-def _suffix(d, s, plan):
-    """Exclusive decayed suffix over pieces: the state cotangent leaving each piece [B, H, P, Dk, Dv]."""
-    w = states.prefix_weights(s, plan.piece_len, plan.pieces, plan.pieces)
-    return states.weighted_sum(jnp.swapaxes(w, 1, 2), d)
-
-
-def _kv_head(q, k):
-    """Index map from query head to K/V head (GQA/MQA: K/V are indexed, never repeated)."""
-    group = q.shape[2] // k.shape[2]
+def _head_map(n_heads, x):
+    """Index map from query head to x's head (GQA/MQA: K/V are indexed, never repeated)."""
+    group = n_heads // x.shape[2]
     return _same if group == 1 else (lambda h: h // group)
 
 
-def _boundary_powers(s, plan: _Plan, from_end: bool):
-    """[H, P] lambda^(L p) (how S_in reaches the start of piece p), or lambda^(L (P - 1 - p)) when from_end
-    (how a cotangent at the end of the last piece reaches the end of piece p)."""
-    p = jnp.arange(plan.pieces, dtype=_F32)
-    n = plan.pieces - 1 - p if from_end else p
-    return states.decay_pow(s[:, None], plan.piece_len * n[None, :])
+def plan(q, v, config: Config = DEFAULT) -> pieces.Plan:
+    """The pieces of q [B, T, H, Dk], v [B, T, Hkv, Dv] under config: about target_programs programs per
+    launch, counting the Dv tiles of the output pass."""
+    b, t, h, _ = q.shape
+    tiles = v.shape[-1] // min(config.block_v, v.shape[-1])
+    target_pieces = max(1, -(-config.target_programs // (b * h * tiles)))
+    return pieces.make_plan(t, config.chunk, target_pieces, config.min_piece_chunks)
 
 
-def _with_boundary(per_piece, state, s, plan, from_end):
-    """per_piece [B, H, P, Dk, Dv] (None: zeros) plus each piece's decayed share of state [B, H, Dk, Dv]."""
-    if state is None:
-        return per_piece
-    term = _boundary_powers(s, plan, from_end)[None, :, :, None, None] * state[:, :, None].astype(_F32)
-    return term if per_piece is None else per_piece + term
+def state_sums(x, y, rates, plan: pieces.Plan, config: Config = DEFAULT, *, reverse: bool, scale: float = 1.0,
+               interpret: bool = False):
+    """Per-piece state sums [B, H, P, Dx, Dy] float32 (`pieces.Backend.state_sums`, `_state_kernel`): x [B, T,
+    Hx, Dx], y [B, T, Hx, Dy] with T = P * piece_len; x's head for query head h is h // (H / Hx)."""
+    b, h = x.shape[0], rates.shape[0]
+    dim_x, dim_y = x.shape[-1], y.shape[-1]
+    bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
+    ny = dim_y // by
+    head = _head_map(h, x)
+    kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype),
+                               scale=scale)
+    return _call(
+        kernel, (b, h, plan.pieces, (dim_x // bx) * ny),
+        [_rate_spec(), _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
+        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
+        _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        _rates(rates), x, y, config=config, interpret=interpret)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The per-device contract (lasp_jax.ops.vjp.Impl).
+def _output(q, k, v, rates, pieces_in, plan: pieces.Plan, config: Config, interpret: bool, scale: float):
+    """`pieces.Backend.output`: the output walk, one program per (batch, head, piece, Dv tile)."""
+    b, t, h, dim_k = q.shape
+    dim_v = v.shape[-1]
+    bv = min(config.block_v, dim_v)
+    kv_head = _head_map(h, k)
+    return _call(
+        functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale),
+        (b, h, plan.pieces, dim_v // bv),
+        [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+         _rows_spec(plan, bv, kv_head, _same), _state_spec(dim_k, bv, _zero, _same)],
+        _rows_spec(plan, bv, _same, _same),
+        _out((b, t, h, dim_v), q.dtype, q),
+        _rates(rates), q, k, v, pieces_in, config=config, interpret=interpret)
 
 
-def forward(q, k, v, s, incoming=None, config: Config = DEFAULT, scale: float = 1.0):
-    """One piece's attention from its incoming state: the state pass, the piece scan, the output pass.
+def _grads(q, k, v, do, rates, pieces_in, pieces_out, plan: pieces.Plan, config: Config, interpret: bool,
+           scale: float):
+    """`pieces.Backend.grads`: dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton
+    kernels; dK and dV in one kernel when the whole state is one tile (fuse_dkdv), else one each."""
+    b, _, h, dim_k = q.shape
+    dim_v = v.shape[-1]
+    bk, bv = min(config.block_k, dim_k), min(config.block_v, dim_v)
+    group = h // k.shape[2]
+    kv_head = _head_map(h, k)
+    precision = _precision(q.dtype)
+    c, n = plan.chunk, plan.pieces
+    call = functools.partial(_call, config=config, interpret=interpret)
+    dq = call(
+        functools.partial(_dq_kernel, c=c, precision=precision, scale=scale), (b, h, n, dim_k // bk),
+        [_rate_spec(), _rows_spec(plan, dim_v, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
+         _rows_spec(plan, dim_v, kv_head, _zero), _state_spec(bk, dim_v, _same, _zero)],
+        _rows_spec(plan, bk, _same, _same),
+        _out(q.shape, q.dtype, q),
+        _rates(rates), do, k, v, pieces_in)
 
-    Args:
-      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] float32; incoming: None (S_in = 0) or a function from
-      the piece's end state from zero to S_in [B,H,Dk,Dv] (a collective in lasp_attention).
-    Returns:
-      o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; and what
-      `backward` needs: the state entering each kernel piece [B,H,P,Dk,Dv] float32, and S_in when T is
-      ragged (front zeros sit between S_in and the first token, so S_in is then added by `states` instead).
-    """
-    b, _, h, dk = q.shape
-    dv = v.shape[-1]
-    plan = _plan(q, v, config)
-    q_pad, k_pad, v_pad = (_front_pad(x, plan.pad) for x in (q, k, v))
-    kv_head = _kv_head(q, k)
-    sums = _piece_sums(k_pad, v_pad, s, plan, config, reverse=False, head=kv_head)
-    rows = _prefix(sums, s, plan, plan.pieces + 1)
-    m = rows[:, :, plan.pieces]
-    s_in = None if incoming is None else incoming(m)
-    fused = plan.pad == 0
-    # One piece: nothing enters it from other pieces (and the state pass is dropped unless m is used).
-    from_zero = rows[:, :, :plan.pieces] if plan.pieces > 1 else None
-    pieces_in = _with_boundary(from_zero, s_in if fused else None, s, plan, from_end=False)
-    if pieces_in is None:
-        pieces_in = jnp.zeros((b, h, 1, dk, dv), _F32)
-    if config.mosaic is not None:
-        o = pallas_mosaic.walk(q_pad, k_pad, v_pad, s, pieces_in, plan.piece_len, reverse=False, scale=scale,
-                               config=_mosaic(config))
+    # With GQA each query head writes its own share in float32; `pieces.backward` sums each group once.
+    grad_dtype = k.dtype if group == 1 else _F32
+    dk_shape = _out(q.shape, grad_dtype, q)
+    dv_shape = _out(q.shape[:3] + (dim_v,), grad_dtype, q)
+    dkdv = functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale)
+    if config.fuse_dkdv and bk == dim_k and bv == dim_v:
+        dk, dv = call(
+            functools.partial(dkdv, with_dk=True, with_dv=True), (b, h, n, 1),
+            [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+             _rows_spec(plan, dim_v, kv_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
+             _state_spec(dim_k, dim_v, _zero, _zero)],
+            [_rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_v, _same, _zero)],
+            [dk_shape, dv_shape],
+            _rates(rates), q, k, v, do, pieces_out)
     else:
-        bv = plan.block_v
-        o = _call(
-            functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale),
-            (b, h, plan.pieces, dv // bv),
-            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
-             _rows_spec(plan, bv, kv_head, _same), _state_spec(dk, bv, _zero, _same)],
-            _rows_spec(plan, bv, _same, _same),
-            _out(q_pad.shape[:3] + (dv,), q.dtype, q),
-            config, _rates(s), q_pad, k_pad, v_pad, pieces_in)
-    o = o[:, plan.pad:]
-    unfused_s_in = None if fused else s_in
-    if unfused_s_in is not None:
-        o = (o.astype(_F32) + states.apply_state(q, s, unfused_s_in, scale)).astype(q.dtype)
-    return o, m, s_in, (pieces_in, unfused_s_in)
-
-
-def backward(q, k, v, s, saved, do, outgoing=None, config: Config = DEFAULT, scale: float = 1.0):
-    """Cotangents of `forward`: the Q, dO state pass and its reverse piece scan, then dQ and dK, dV.
-
-    Args:
-      q, k, v, s as for `forward`; saved: `forward`'s last return; do [B,T,H,Dv]; outgoing: None (G = 0) or a
-      function from d (the cotangent of S_in) to G (the cotangent of the end state) [B,H,Dk,Dv].
-    Returns:
-      dq, dk, dv in the input dtypes, and d [B,H,Dk,Dv] float32.
-    """
-    pieces_in, unfused_s_in = saved
-    b, _, h, dk = q.shape
-    hkv, dv = k.shape[2], v.shape[-1]
-    group = h // hkv
-    plan = _plan(q, v, config)
-    fused = plan.pad == 0
-    do = do.astype(q.dtype)
-    q_pad, k_pad, v_pad, do_pad = (_front_pad(x, plan.pad) for x in (q, k, v, do))
-    sums = _piece_sums(q_pad, do_pad, s, plan, config, reverse=True, head=_same, scale=scale)
-    if fused:
-        d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(s, plan, from_end=False), sums, precision=_HIGHEST)
-    else:
-        d = states.query_state_grad(q, do, s, scale)
-    g = None if outgoing is None else outgoing(d)
-    pieces_out = _with_boundary(_suffix(sums, s, plan) if plan.pieces > 1 else None, g if fused else None, s, plan,
-                                from_end=True)
-    if pieces_out is None:
-        pieces_out = jnp.zeros((b, h, 1, dk, dv), _F32)
-
-    if config.mosaic is not None:
-        dq, dk_, dv_ = _mosaic_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, scale)
-    else:
-        dq, dk_, dv_ = _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan, config, group,
-                                     scale)
-    dq, dk_, dv_ = dq[:, plan.pad:], dk_[:, plan.pad:], dv_[:, plan.pad:]
-    if group > 1:
-        dk_ = dk_.reshape(b, -1, hkv, group, dk).sum(3)
-        dv_ = dv_.reshape(b, -1, hkv, group, dv).sum(3)
-    if unfused_s_in is not None:
-        dq = dq.astype(_F32) + states.apply_state_dq(do, s, unfused_s_in, scale)
-    if g is not None and not fused:
-        dk_end, dv_end = states.end_state_grads(k, v, s, g)
-        dk_, dv_ = dk_.astype(_F32) + dk_end, dv_.astype(_F32) + dv_end
-    return dq.astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d
-
-
-def _mosaic(config: Config) -> pallas_mosaic.Config:
-    return dataclasses.replace(config.mosaic, interpret=config.interpret)
-
-
-def _mosaic_grads(q, k, v, do, s, pieces_in, pieces_out, plan: _Plan, config: Config, scale):
-    """dQ, dK, dV as Mosaic walks: each backward product is the output pass's shape with other roles (dQ walks
-    forward with S^T over (dO, V, K); dV and dK walk backward with dS over (K, Q, dO) and dS^T over (V, dO, Q))."""
-    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, scale=scale, config=_mosaic(config))
-    transposed = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    dq = walk(do, v, k, states_in=transposed(pieces_in), reverse=False)
-    dv = walk(k, q, do, states_in=pieces_out, reverse=True, scale_update=True)
-    dk = walk(v, do, q, states_in=transposed(pieces_out), reverse=True, scale_update=True)
+        dk = call(
+            functools.partial(dkdv, with_dk=True, with_dv=False), (b, h, n, dim_k // bk),
+            [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dim_v, kv_head, _zero),
+             _rows_spec(plan, dim_v, _same, _zero), _state_spec(bk, dim_v, _same, _zero)],
+            _rows_spec(plan, bk, _same, _same), dk_shape,
+            _rates(rates), q, v, do, pieces_out)
+        dv = call(
+            functools.partial(dkdv, with_dk=False, with_dv=True), (b, h, n, dim_v // bv),
+            [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+             _rows_spec(plan, bv, _same, _same), _state_spec(dim_k, bv, _zero, _same)],
+            _rows_spec(plan, bv, _same, _same), dv_shape,
+            _rates(rates), q, k, do, pieces_out)
     return dq, dk, dv
 
 
-def _triton_grads(q_pad, k_pad, v_pad, do_pad, s, pieces_in, pieces_out, plan: _Plan, config: Config, group, scale):
-    """dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton kernels."""
-    b, h, dk, dv = q_pad.shape[0], q_pad.shape[2], q_pad.shape[-1], v_pad.shape[-1]
-    kv_head = _kv_head(q_pad, k_pad)
-    precision = _precision(q_pad.dtype)
-    c, bk, bv, pieces = plan.chunk, plan.block_k, plan.block_v, plan.pieces
-    rates = _rates(s)
-    dq = _call(
-        functools.partial(_dq_kernel, c=c, precision=precision, scale=scale), (b, h, pieces, dk // bk),
-        [_rate_spec(), _rows_spec(plan, dv, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
-         _rows_spec(plan, dv, kv_head, _zero), _state_spec(bk, dv, _same, _zero)],
-        _rows_spec(plan, bk, _same, _same),
-        _out(q_pad.shape, q_pad.dtype, q_pad),
-        config, rates, do_pad, k_pad, v_pad, pieces_in)
-
-    # With GQA each query head writes its own share in float32; `backward` sums each group once.
-    grad_dtype = k_pad.dtype if group == 1 else _F32
-    dk_shape = _out(q_pad.shape, grad_dtype, q_pad)
-    dv_shape = _out(q_pad.shape[:3] + (dv,), grad_dtype, q_pad)
-    if config.fuse_dkdv and bk == dk and bv == dv:
-        dk_, dv_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=True, with_dv=True),
-            (b, h, pieces, 1),
-            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
-             _rows_spec(plan, dv, kv_head, _zero), _rows_spec(plan, dv, _same, _zero),
-             _state_spec(dk, dv, _zero, _zero)],
-            [_rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dv, _same, _zero)],
-            [dk_shape, dv_shape],
-            config, rates, q_pad, k_pad, v_pad, do_pad, pieces_out)
-    else:
-        dk_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=True, with_dv=False),
-            (b, h, pieces, dk // bk),
-            [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dv, kv_head, _zero),
-             _rows_spec(plan, dv, _same, _zero), _state_spec(bk, dv, _same, _zero)],
-            _rows_spec(plan, bk, _same, _same), dk_shape,
-            config, rates, q_pad, v_pad, do_pad, pieces_out)
-        dv_ = _call(
-            functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, with_dk=False, with_dv=True),
-            (b, h, pieces, dv // bv),
-            [_rate_spec(), _rows_spec(plan, dk, _same, _zero), _rows_spec(plan, dk, kv_head, _zero),
-             _rows_spec(plan, bv, _same, _same), _state_spec(dk, bv, _zero, _same)],
-            _rows_spec(plan, bv, _same, _same), dv_shape,
-            config, rates, q_pad, k_pad, do_pad, pieces_out)
-    return dq, dk_, dv_
+# ---------------------------------------------------------------------------------------------------------
+# What the kernels take, and the kernels as a `vjp.Impl` (whether a GPU is qualified for them: lasp_jax.ops.impls).
 
 
-def supported(q, k, v, config: Config = DEFAULT) -> str | None:
-    """None when these kernels can run these inputs here, else the reason (then "auto" falls back to XLA)."""
-    head_dims, dtypes_ok = (_HEAD_DIMS, _DTYPES) if config.interpret else (_GPU_HEAD_DIMS, _GPU_DTYPES)
+def supported(q, k, v, interpret: bool = False) -> str | None:
+    """None when these kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
+    else the reason. Which GPUs, head dims and dtypes their GPU tests qualified is `impls.qualification`'s."""
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in dtypes_ok}:
-        names = ", ".join(jnp.dtype(d).name for d in dtypes_ok)
+    if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in DTYPES}:
+        names = ", ".join(jnp.dtype(d).name for d in DTYPES)
         return f"q, k, v must share one dtype of {names}; got {sorted(map(str, dtypes))}"
     for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
-        if d not in head_dims:
-            return f"head dim {name}={d} is not one of {head_dims}"
-    if config.mosaic is not None and (reason := pallas_mosaic.supported(q, k, v, _mosaic(config))) is not None:
-        return f"the Mosaic walks: {reason}"
-    if config.interpret:
+        if d not in HEAD_DIMS:
+            return f"head dim {name}={d} is not one of {HEAD_DIMS}"
+    if interpret:
         return None
     if jax.default_backend() != "gpu":
-        return f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); INTERPRET runs anywhere"
-    kind = jax.devices()[0].device_kind
-    if config.mosaic is not None and kind not in _MOSAIC_TESTED_GPUS:
-        return (f"the Mosaic walks are untested on {kind!r}: they completed their GPU tests on "
-                f"{_MOSAIC_TESTED_GPUS} only (run `pytest -m gpu tests/ops` there first)")
-    if kind not in _TESTED_GPUS:
-        return (f"untested on {kind!r}: these kernels passed their GPU tests on {_TESTED_GPUS} only "
-                "(the Triton lowering is expected to run on other CUDA GPUs, e.g. A100: run "
-                "`pytest -m gpu tests/ops` there first)")
-    wide_f32 = jnp.dtype(q.dtype) == jnp.float32 and max(q.shape[-1], v.shape[-1]) > 64
-    if wide_f32 and kind not in _WIDE_F32_TESTED_GPUS:
-        return (f"fp32 at head dims above 64 is untested on {kind!r}: it passed its GPU tests on "
-                f"{_WIDE_F32_TESTED_GPUS} only (cases d128_f32 and d256_f32 of `pytest -m gpu tests/ops`)")
+        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
+                "impl 'pallas_triton_interpret' runs anywhere")
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability is None or tuple(int(x) for x in str(capability).split(".")) < _MIN_CAPABILITY:
+        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
+                f"{device.device_kind!r} (compute capability {capability})")
     return None
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels:
-    """These kernels under one Config, as a `vjp.Impl` (hashable: a custom_vjp static)."""
+class Kernels(pieces.Driven):
+    """The Triton kernels under one Config as a `vjp.Impl` and a `pieces.Backend` (hashable: a custom_vjp
+    static). interpret: run them in Pallas interpret mode (any platform, slow; for tests)."""
 
     config: Config = DEFAULT
-    partitionable = False  # pallas_call has no sharding rule: per device only (lasp_attention's shard_map)
+    interpret: bool = False
 
-    def forward(self, q, k, v, s, incoming, scale=1.0):
-        return forward(q, k, v, s, incoming, self.config, scale)
+    def plan(self, q, v) -> pieces.Plan:
+        return plan(q, v, self.config)
 
-    def backward(self, q, k, v, s, saved, do, outgoing, scale=1.0):
-        return backward(q, k, v, s, saved, do, outgoing, self.config, scale)
+    def state_sums(self, x, y, rates, plan, *, reverse, scale):
+        return state_sums(x, y, rates, plan, self.config, reverse=reverse, scale=scale, interpret=self.interpret)
+
+    def output(self, q, k, v, rates, pieces_in, plan, scale):
+        return _output(q, k, v, rates, pieces_in, plan, self.config, self.interpret, scale)
+
+    def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan, scale):
+        return _grads(q, k, v, do, rates, pieces_in, pieces_out, plan, self.config, self.interpret, scale)
 
     def supported(self, q, k, v):
-        return supported(q, k, v, self.config)
+        return supported(q, k, v, self.interpret)
 
 
 KERNELS = Kernels()
-INTERPRET = Kernels(dataclasses.replace(DEFAULT, interpret=True))
-MOSAIC = Kernels(dataclasses.replace(DEFAULT, mosaic=pallas_mosaic.DEFAULT))
-MOSAIC_INTERPRET = Kernels(dataclasses.replace(MOSAIC.config, interpret=True))
+INTERPRET = Kernels(interpret=True)

@@ -40,7 +40,7 @@ StateFn = Callable[[jax.Array], jax.Array]
 class Exchange(Protocol):
     """How states cross the pieces of a sequence (lasp_jax.parallel implements it over a mesh axis).
 
-    Both take per-piece states [B, H, Dk, Dv] fp32 and the per-piece decay rate [H] (s * L), and must be
+    Both take per-piece states [B, H, Dk, Dv] fp32 and the per-piece decay rate [H] (rates * L), and must be
     hashable (they are static arguments of the custom_vjp).
     """
 
@@ -54,7 +54,7 @@ class Exchange(Protocol):
 class Impl(Protocol):
     """The per-device contract every implementation meets (hashable: a static argument of the custom_vjp).
 
-    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], s [H]; states [B, H, Dk, Dv] float32; scale a
+    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], rates [H]; states [B, H, Dk, Dv] float32; scale a
     float that multiplies q (in the attention's float32 arithmetic, not q in its dtype).
     `partitionable`: XLA's partitioner can split it over devices (jnp code can; Pallas kernels cannot, and run
     only per device, inside shard_map).
@@ -62,11 +62,11 @@ class Impl(Protocol):
 
     partitionable: bool
 
-    def forward(self, q, k, v, s, incoming: StateFn | None, scale: float) -> tuple[jax.Array, jax.Array, Any, Any]:
+    def forward(self, q, k, v, rates, incoming: StateFn | None, scale: float) -> tuple[jax.Array, jax.Array, Any, Any]:
         """(o in q.dtype, m, S_in or None, saved): incoming maps m to S_in (None: S_in = 0); `saved` is what
         `backward` needs besides q, k, v (a pytree)."""
 
-    def backward(self, q, k, v, s, saved, do, outgoing: StateFn | None, scale: float) -> tuple[jax.Array, ...]:
+    def backward(self, q, k, v, rates, saved, do, outgoing: StateFn | None, scale: float) -> tuple[jax.Array, ...]:
         """(dq, dk, dv, d) in input dtypes (d float32): outgoing maps d to G (None: G = 0)."""
 
     def supported(self, q, k, v) -> str | None:
@@ -82,22 +82,22 @@ class Split:
     module: types.ModuleType
     partitionable = True  # jnp code throughout
 
-    def forward(self, q, k, v, s, incoming, scale):
-        m = self.module.local_state(k, v, s)
-        o = self.module.local_output(q, k, v, s, scale)
+    def forward(self, q, k, v, rates, incoming, scale):
+        m = self.module.local_state(k, v, rates)
+        o = self.module.local_output(q, k, v, rates, scale)
         s_in = None if incoming is None else incoming(m)
         if s_in is not None:
-            o = (o.astype(jnp.float32) + states.apply_state(q, s, s_in, scale)).astype(q.dtype)
+            o = (o.astype(jnp.float32) + states.apply_state(q, rates, s_in, scale)).astype(q.dtype)
         return o, m, s_in, s_in
 
-    def backward(self, q, k, v, s, s_in, do, outgoing, scale):
-        dq, dk, dv = self.module.local_backward(q, k, v, s, do, scale)
-        d = states.query_state_grad(q, do, s, scale)
+    def backward(self, q, k, v, rates, s_in, do, outgoing, scale):
+        dq, dk, dv = self.module.local_backward(q, k, v, rates, do, scale)
+        d = states.query_state_grad(q, do, rates, scale)
         g = None if outgoing is None else outgoing(d)
         if s_in is not None:
-            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, s, s_in, scale)).astype(q.dtype)
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, rates, s_in, scale)).astype(q.dtype)
         if g is not None:
-            dk_end, dv_end = states.end_state_grads(k, v, s, g)
+            dk_end, dv_end = states.end_state_grads(k, v, rates, g)
             dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
             dv = (dv.astype(jnp.float32) + dv_end).astype(v.dtype)
         return dq, dk, dv, d
@@ -106,23 +106,23 @@ class Split:
         return self.module.supported(q, k, v)
 
 
-def _forward(q, k, v, s, s_init, impl, exchange, scale):
+def _forward(q, k, v, rates, s_init, impl, exchange, scale):
     length = q.shape[1]
     if exchange is not None:
-        incoming = functools.partial(exchange.prefix, rate=s * length)
+        incoming = functools.partial(exchange.prefix, rate=rates * length)
     else:
         incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
-    o, m, s_in, saved = impl.forward(q, k, v, s, incoming, scale)
-    s_end = m if s_in is None else m + states.decay_pow(s, length)[None, :, None, None] * s_in
+    o, m, s_in, saved = impl.forward(q, k, v, rates, incoming, scale)
+    s_end = m if s_in is None else m + states.decay_pow(rates, length)[None, :, None, None] * s_in
     return o, s_end, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_state: bool, scale: float = 1.0):
+def attend(q, k, v, rates, s_init, impl: Impl, exchange: Exchange | None, final_state: bool, scale: float = 1.0):
     """Linear attention over one piece with its incoming state.
 
     Args:
-      q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; s [H] float32 rates; s_init [B, H, Dk, Dv] fp32 or
+      q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; rates [H] float32; s_init [B, H, Dk, Dv] fp32 or
       None (zero); impl: an `Impl`; exchange: None on one device (S_in = s_init), else the strategy that
       computes S_in from the other pieces (then s_init must be None); final_state: also return S_end (static,
       so that the backward skips the end-state terms when nobody uses it); scale: a static float multiplying q
@@ -130,30 +130,30 @@ def attend(q, k, v, s, s_init, impl: Impl, exchange: Exchange | None, final_stat
     Returns:
       o [B, L, H, Dv] in q.dtype, and S_end [B, H, Dk, Dv] float32 when final_state.
     """
-    o, s_end, _ = _forward(q, k, v, s, s_init, impl, exchange, scale)
+    o, s_end, _ = _forward(q, k, v, rates, s_init, impl, exchange, scale)
     return (o, s_end) if final_state else o
 
 
-def _attend_fwd(q, k, v, s, s_init, impl, exchange, final_state, scale):
-    o, s_end, saved = _forward(q, k, v, s, s_init, impl, exchange, scale)
-    return ((o, s_end) if final_state else o), (q, k, v, s, s_init is not None, saved)
+def _attend_fwd(q, k, v, rates, s_init, impl, exchange, final_state, scale):
+    o, s_end, saved = _forward(q, k, v, rates, s_init, impl, exchange, scale)
+    return ((o, s_end) if final_state else o), (q, k, v, rates, s_init is not None, saved)
 
 
 def _attend_bwd(impl, exchange, final_state, scale, res, cotangents):
-    q, k, v, s, has_init, saved = res
+    q, k, v, rates, has_init, saved = res
     do, ds_end = cotangents if final_state else (cotangents, None)
     length = q.shape[1]
     if exchange is not None:
         def outgoing(d):
-            g = exchange.suffix(d, s * length)
+            g = exchange.suffix(d, rates * length)
             return g if ds_end is None else g + ds_end
     else:
         outgoing = None if ds_end is None else (lambda d: ds_end)
-    dq, dk, dv, d = impl.backward(q, k, v, s, saved, do, outgoing, scale)
+    dq, dk, dv, d = impl.backward(q, k, v, rates, saved, do, outgoing, scale)
     ds_init = None
     if has_init:
-        ds_init = d if ds_end is None else d + states.decay_pow(s, length)[None, :, None, None] * ds_end
-    return dq, dk, dv, jnp.zeros_like(s), ds_init
+        ds_init = d if ds_end is None else d + states.decay_pow(rates, length)[None, :, None, None] * ds_end
+    return dq, dk, dv, jnp.zeros_like(rates), ds_init
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

@@ -52,15 +52,15 @@ def _unchunked(x, t, dtype):
     return x.reshape(b, n * c, *x.shape[3:])[:, n * c - t:].astype(dtype)
 
 
-def _decays(s, hkv, c, scale):
-    """Per-chunk decay tables for rates s [H] viewed as [Hkv, G]; the q side's carry the scale."""
-    sg = s.astype(jnp.float32).reshape(hkv, -1)
+def _decays(rates, hkv, c, scale):
+    """Per-chunk decay tables for rates [H] viewed as [Hkv, G]; the q side's carry the scale."""
+    rates_g = rates.astype(jnp.float32).reshape(hkv, -1)
     i = jnp.arange(c, dtype=jnp.float32)
     gap = i[:, None] - i[None, :]
-    mask = scale * jnp.exp(-sg[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, C, C], used where gap >= 0
-    q_decay = scale * jnp.exp(-sg[None] * i[:, None, None])  # [C, Hkv, G]: scale lambda^i
-    k_decay = jnp.exp(-sg[None] * (c - i)[:, None, None])  # [C, Hkv, G]: lambda^(C - j)
-    chunk_decay = jnp.exp(-sg * c)  # [Hkv, G]: lambda^C
+    mask = scale * jnp.exp(-rates_g[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, C, C], used where gap >= 0
+    q_decay = scale * jnp.exp(-rates_g[None] * i[:, None, None])  # [C, Hkv, G]: scale lambda^i
+    k_decay = jnp.exp(-rates_g[None] * (c - i)[:, None, None])  # [C, Hkv, G]: lambda^(C - j)
+    chunk_decay = jnp.exp(-rates_g * c)  # [Hkv, G]: lambda^C
     return _Causal(gap >= 0, mask), q_decay, k_decay, chunk_decay
 
 
@@ -102,14 +102,14 @@ def _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv):
     return _scan_states(kv, chunk_decay, reverse=False)
 
 
-def local_output(q, k, v, s, scale=1.0, config: ChunkConfig = DEFAULT):
-    """Output of the piece with S_in = 0. q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], s [H] -> [B,T,H,Dv]."""
-    b, t, h, dk = q.shape
+def local_output(q, k, v, rates, scale=1.0, config: ChunkConfig = DEFAULT):
+    """Output of the piece with S_in = 0. q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], rates [H] -> [B,T,H,Dv]."""
+    b, t, h, dim_k = q.shape
     hkv = k.shape[2]
     c = config.chunk_size
     qc, kc, vc = _chunked(q, c), _chunked(k, c), _chunked(v, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dk)
-    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c, scale)
+    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
+    mask, q_decay, k_decay, chunk_decay = _decays(rates, hkv, c, scale)
     scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
     o = jnp.einsum("bnkgij,bnjke->bnikge", scores, vc, precision=_HIGHEST)
     s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
@@ -120,31 +120,31 @@ def local_output(q, k, v, s, scale=1.0, config: ChunkConfig = DEFAULT):
 local_state = states.local_state
 
 
-def local_backward(q, k, v, s, do, scale=1.0, config: ChunkConfig = DEFAULT):
+def local_backward(q, k, v, rates, do, scale=1.0, config: ChunkConfig = DEFAULT):
     """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
-    b, t, h, dk = q.shape
+    b, t, h, dim_k = q.shape
     hkv = k.shape[2]
     c = config.chunk_size
     qc, kc, vc, doc = _chunked(q, c), _chunked(k, c), _chunked(v, c), _chunked(do, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dk)
+    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
     doc = doc.reshape(*doc.shape[:3], hkv, h // hkv, -1)
-    mask, q_decay, k_decay, chunk_decay = _decays(s, hkv, c, scale)
+    mask, q_decay, k_decay, chunk_decay = _decays(rates, hkv, c, scale)
 
     scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
     a = mask.apply(jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST))
     dq = jnp.einsum("bnkgij,bnjkd->bnikgd", a, kc, precision=_HIGHEST)
-    dk_ = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
+    dk = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
     dv = jnp.einsum("bnkgij,bnikge->bnjke", scores, doc, precision=_HIGHEST)
 
     s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
     dq = dq + jnp.einsum("ikg,bnikge,bnkgde->bnikgd", q_decay, doc, s_in, precision=_HIGHEST)
     d_chunk = jnp.einsum("ikg,bnikgd,bnikge->bnkgde", q_decay, qc, doc, precision=_HIGHEST)
     ds_out = _scan_states(d_chunk, chunk_decay, reverse=True)
-    dk_ = dk_ + jnp.einsum("jkg,bnjke,bnkgde->bnjkd", k_decay, vc, ds_out, precision=_HIGHEST)
+    dk = dk + jnp.einsum("jkg,bnjke,bnkgde->bnjkd", k_decay, vc, ds_out, precision=_HIGHEST)
     dv = dv + jnp.einsum("jkg,bnjkd,bnkgde->bnjke", k_decay, kc, ds_out, precision=_HIGHEST)
 
-    dq = _unchunked(dq.reshape(*dq.shape[:3], h, dk), t, q.dtype)
-    return dq, _unchunked(dk_, t, k.dtype), _unchunked(dv, t, v.dtype)
+    dq = _unchunked(dq.reshape(*dq.shape[:3], h, dim_k), t, q.dtype)
+    return dq, _unchunked(dk, t, k.dtype), _unchunked(dv, t, v.dtype)
 
 
 def supported(q, k, v) -> str | None:

@@ -1,11 +1,10 @@
 """The Mosaic GPU walks (`lasp_jax.ops.pallas_mosaic.walk`) against `pallas_triton`'s kernels.
 
-The four walks of attention are checked through the identities the Mosaic path of `pallas_triton` relies on:
-o = walk(Q, K, V, S), dQ = walk(dO, V, K, S^T), dV = walk(K, Q, dO, dS, reverse) and dK = walk(V, dO, Q, dS^T,
-reverse), with S the state entering each piece (`pallas_triton.forward`'s residual) and dS the cotangent of
-the state leaving it (rebuilt here with the helpers `pallas_triton.backward` uses), against o, dQ, dK and dV
-of `pallas_triton.forward` and `backward` under the Triton kernels, from a nonzero incoming state and end-state
-cotangent.
+The four walks of attention are checked through the identities `pallas_mosaic.Walks` relies on: o = walk(Q, K,
+V, S), dQ = walk(dO, V, K, S^T), dV = walk(K, Q, dO, dS, reverse) and dK = walk(V, dO, Q, dS^T, reverse), with S
+the state entering each piece (the forward's `pieces.Saved.pieces_in`) and dS the cotangent of the state leaving
+it (rebuilt here with `pieces.leaving`, as `pieces.backward` builds it), against o, dQ, dK and dV of the Triton
+kernels' forward and backward, from a nonzero incoming state and end-state cotangent.
 
 CPU: the walks run in Mosaic GPU's CPU interpreter (its three warpgroups, TMA copies, barriers and wgmma
 simulated) against `pallas_triton.INTERPRET`, on small shapes at the real head dims and chunk (wgmma needs
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.ops import pallas_mosaic
+from lasp_jax.ops import pallas_mosaic, pieces
 from lasp_jax.ops import pallas_triton as pt
 from tests.util import decay, qkv, rel_err
 
@@ -52,19 +51,19 @@ def _inputs(rng, b, t, h, rates, scale=1.0):
     return q, k, v, do, s, s_in, g
 
 
-def _triton_and_walks(q, k, v, do, s, s_in, g, triton_config, mosaic_config, scale=1.0):
-    """{name: (Triton's, the walk's)} for o, dq, dk, dv: `pallas_triton.forward` and `backward` (with S_in
-    entering and G the end state's cotangent), and the four walks on the same pieces."""
-    o, _, _, saved = pt.forward(q, k, v, s, lambda m: s_in, triton_config, scale)
-    dq, dk, dv, _ = pt.backward(q, k, v, s, saved, do, lambda d: g, triton_config, scale)
-    plan = pt._plan(q, v, triton_config)
+def _triton_and_walks(q, k, v, do, s, s_in, g, kernels, mosaic_config, scale=1.0):
+    """{name: (Triton's, the walk's)} for o, dq, dk, dv: the Triton `kernels` (a pallas_triton.Kernels) forward
+    and backward (with S_in entering and G the end state's cotangent), and the four walks on the same pieces
+    (interpreted when the kernels are)."""
+    o, _, _, saved = kernels.forward(q, k, v, s, lambda m: s_in, scale)
+    dq, dk, dv, _ = kernels.backward(q, k, v, s, saved, do, lambda d: g, scale)
+    plan = kernels.plan(q, v)
     assert plan.pad == 0, plan
-    pieces_in = saved[0]
-    # The cotangent leaving each piece, as `pallas_triton.backward` builds it for its dK, dV kernels.
-    sums = pt._piece_sums(q, do, s, plan, triton_config, reverse=True, head=pt._same, scale=scale)
-    pieces_out = pt._with_boundary(pt._suffix(sums, s, plan) if plan.pieces > 1 else None, g, s, plan,
-                                   from_end=True)
-    walk = functools.partial(pallas_mosaic.walk, s=s, piece_len=plan.piece_len, scale=scale, config=mosaic_config)
+    # The cotangent leaving each piece, as `pieces.backward` builds it for the dK, dV walks.
+    sums = kernels.state_sums(q, do, s, plan, reverse=True, scale=scale)
+    pieces_in, pieces_out = saved.pieces_in, pieces.leaving(sums, g, s, plan)
+    walk = functools.partial(pallas_mosaic.walk, rates=s, piece_len=plan.piece_len, scale=scale,
+                             config=mosaic_config, interpret=kernels.interpret)
     return {
         "o": (o, walk(q, k, v, states_in=pieces_in, reverse=False)),
         "dq": (dq, walk(do, v, k, states_in=_transposed(pieces_in), reverse=False)),
@@ -88,13 +87,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_walks_match_triton(case, rng):
-    b, t, h, rates, stages, scale, (pieces, chunks) = CASES[case]
+    b, t, h, rates, stages, scale, (n_pieces, chunks) = CASES[case]
     q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale)
-    plan = pt._plan(q, v, pt.INTERPRET.config)
-    assert (plan.pieces, plan.piece_len // plan.chunk) == (pieces, chunks), plan
-    config = dataclasses.replace(pallas_mosaic.INTERPRET, stages=stages)
-    assert pallas_mosaic.supported(q, k, v, config) is None
-    results = _triton_and_walks(q, k, v, do, s, s_in, g, pt.INTERPRET.config, config, scale)
+    plan = pt.INTERPRET.plan(q, v)
+    assert (plan.pieces, plan.piece_len // plan.chunk) == (n_pieces, chunks), plan
+    config = dataclasses.replace(pallas_mosaic.DEFAULT, stages=stages)
+    assert pallas_mosaic.supported(q, k, v, interpret=True) is None
+    results = _triton_and_walks(q, k, v, do, s, s_in, g, pt.INTERPRET, config, scale)
     for name, (want, got) in results.items():
         assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
@@ -109,8 +108,8 @@ def test_later_nonfinite_rows_never_reach_earlier_outputs(reverse, rng):
     x, y, z, _, s, s_in, _ = _inputs(rng, b, t, h, "slopes", D ** -0.5)
     states_in = s_in[:, :, None]
     last = 0 if reverse else t - 1
-    walk = functools.partial(pallas_mosaic.walk, s=s, states_in=states_in, piece_len=t, reverse=reverse,
-                             scale=D ** -0.5, config=pallas_mosaic.INTERPRET)
+    walk = functools.partial(pallas_mosaic.walk, rates=s, states_in=states_in, piece_len=t, reverse=reverse,
+                             scale=D ** -0.5, interpret=True)
     clean = np.asarray(walk(x, y, z), np.float32)
     out = np.asarray(walk(x.at[:, last].set(jnp.inf), y.at[:, last].set(jnp.nan), z), np.float32)
     rest = np.arange(t) != last
@@ -155,7 +154,7 @@ def test_bad_inputs_are_refused(rng):
     for args, message in cases:
         for reverse in (False, True):
             with pytest.raises(ValueError, match=re.escape(message)):
-                pallas_mosaic.walk(*args, reverse=reverse, config=pallas_mosaic.INTERPRET)
+                pallas_mosaic.walk(*args, reverse=reverse, interpret=True)
 
 
 def test_supported_says_why(rng):
@@ -165,7 +164,7 @@ def test_supported_says_why(rng):
     assert "bfloat16" in pallas_mosaic.supported(*(x.astype(jnp.float16) for x in (q, k, v)))
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_mosaic.supported(q, k, v)
-    assert pallas_mosaic.supported(q, k, v, pallas_mosaic.INTERPRET) is None
+    assert pallas_mosaic.supported(q, k, v, interpret=True) is None
 
 
 # (B, T, H) -> pallas_triton's default plan (pieces, piece length).
@@ -177,13 +176,13 @@ GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4), (32, 512)), "2_batches_16_piec
 def test_gpu_walks_match_triton(case, rng):
     """The compiled walks at their default blocks (3 stages, C = 64) on the pieces of pallas_triton's plan,
     both directions, against the compiled Triton kernels; TNL slopes, scale d^-0.5."""
-    shape, (pieces, piece_len) = GPU_SHAPES[case]
+    shape, (n_pieces, piece_len) = GPU_SHAPES[case]
     q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes", D ** -0.5)
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
-    plan = pt._plan(q, v, pt.DEFAULT)
-    assert (plan.pieces, plan.piece_len) == (pieces, piece_len), plan
-    run = functools.partial(_triton_and_walks, triton_config=pt.DEFAULT, mosaic_config=pallas_mosaic.DEFAULT,
+    plan = pt.KERNELS.plan(q, v)
+    assert (plan.pieces, plan.piece_len) == (n_pieces, piece_len), plan
+    run = functools.partial(_triton_and_walks, kernels=pt.KERNELS, mosaic_config=pallas_mosaic.DEFAULT,
                             scale=D ** -0.5)
     results = jax.jit(run)(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 # Interpreted fp32 kernels against the dense reference: measured up to 2.5e-7 over CASES (dv under GQA).
 INTERPRET_F32_TOL = 7e-7
 
-# Small blocks so that tiny shapes still exercise pieces, tiles and padding.
+# Small blocks so that tiny shapes still exercise pieces, tiles and padding (run interpreted: `_interpreted`).
 SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v=16, state_block=16,
-                            target_programs=64,
-                            min_piece_chunks=1, interpret=True)
+                            target_programs=64, min_piece_chunks=1)
+
+
+def _interpreted(config=SMALL):
+    return pallas_triton.Kernels(config, interpret=True)
 
 # (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): ragged T (front padding: the states enter through the
 # separate products), whole pieces (the states enter the piece scans), several pieces, B=2, GQA with Dk tiles,
@@ -70,10 +74,13 @@ def _names(with_states):
     return ["o", "state", "dq", "dk", "dv", "ds0"] if with_states else ["o", "dq", "dk", "dv"]
 
 
-def _h200s(shape=(1,), names=("x",)):
-    """An abstract mesh of H200s: the kernels lower to Triton IR for it without a GPU."""
-    return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
-                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
+A100 = AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")  # sm_80: the oldest GPU the Triton kernels run on
+
+
+def _gpus(shape=(1,), names=("x",), device=H200):
+    """An abstract mesh of GPUs (H200s unless told): the kernels lower to Triton IR for it without a GPU."""
+    return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), abstract_device=device)
 
 
 def _cuda_mlir(fn, mesh, *args) -> str:
@@ -101,9 +108,8 @@ def test_contract_matches_reference(case, with_states, scaled, rng):
     s0, ds_end = _states(rng, b, h, dk, dv, with_states)
     config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs,
                                  tiles_first=not case.endswith("batch_major"))
-    assert (pallas_triton._plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
-    got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config), scale=scale))(q, k, v, s, s0, do,
-                                                                                          ds_end)
+    assert (pallas_triton.plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
+    got = jax.jit(functools.partial(_attend, _interpreted(config), scale=scale))(q, k, v, s, s0, do, ds_end)
     want = _attend(impls.IMPLS["reference"], q, k, v, s, s0, do, ds_end, scale)
     for name, x, ref in zip(_names(with_states), got, want, strict=True):
         assert x.shape == ref.shape and x.dtype == ref.dtype, name
@@ -124,7 +130,7 @@ def test_mosaic_walks_match_reference(t, scale, rng):
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
     s0, ds_end = _states(rng, b, h, d, d, True)
-    assert pallas_triton._plan(q, v, pallas_triton.MOSAIC.config).pieces == 2
+    assert pallas_mosaic.INTERPRET.plan(q, v).pieces == 2
     got = jax.jit(functools.partial(_attend, impls.IMPLS["pallas_mosaic_interpret"], scale=scale))(
         q, k, v, s, s0, do, ds_end)
     want = jax.jit(functools.partial(_attend, impls.IMPLS["reference"], scale=scale))(
@@ -143,8 +149,8 @@ def test_later_nonfinite_inputs_never_reach_earlier_outputs(impl, rng):
     q, k, v = qkv(rng, b, t, h, h, d, d)
     s = decay("on", h, rng)
     s0 = jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32)
-    kernels = pallas_triton.Kernels(SMALL)
-    assert pallas_triton._plan(q, v, SMALL).pieces == 4
+    kernels = _interpreted()
+    assert kernels.plan(q, v).pieces == 4
     chosen = kernels if impl == "triton_pieces" else impls.IMPLS[impl]
     attend = jax.jit(lambda q, k: vjp.attend(q, k, v, s, s0, chosen, None, False, d ** -0.5))
     clean = attend(q, k)
@@ -154,11 +160,11 @@ def test_later_nonfinite_inputs_never_reach_earlier_outputs(impl, rng):
 
 
 def test_mosaic_config_checks():
-    with pytest.raises(ValueError, match="mosaic.chunk=64 must equal chunk=32"):
-        dataclasses.replace(pallas_triton.MOSAIC.config, chunk=32)
+    with pytest.raises(ValueError, match="config.chunk=64 must equal triton.chunk=32"):
+        pallas_mosaic.Walks(triton=dataclasses.replace(pallas_triton.DEFAULT, chunk=32))
     q = jax.ShapeDtypeStruct((1, 64, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
-    assert pallas_triton.MOSAIC_INTERPRET.supported(q, k, k).startswith("the Mosaic walks: GQA")
+    assert pallas_mosaic.INTERPRET.supported(q, k, k).startswith("GQA")
     assert pallas_triton.INTERPRET.supported(q, k, k) is None
 
 
@@ -190,7 +196,7 @@ def test_exchange_matches_split_reference(case, rng):
         o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, impl, exchange, False), q, k, v)
         return (o, *vjp_fn(do))
 
-    kernels = pallas_triton.Kernels(dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs))
+    kernels = _interpreted(dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs))
     got = jax.jit(functools.partial(run, kernels))(q, k, v, do)
     want = run(impls.IMPLS["reference"], q, k, v, do)
     for name, x, ref in zip(["o", "dq", "dk", "dv"], got, want, strict=True):
@@ -222,19 +228,18 @@ def test_linear_attention_with_states_bf16(rng):
 
 
 def test_supported_reasons(rng):
+    """What the kernels take (any platform interpreted), and what their GPU tests qualified (compiled)."""
     q, k, v = qkv(rng, 1, 8, 2, 1, 48, 16)
-    assert "Dk=48" in pallas_triton.supported(q, k, v, SMALL)
+    assert "Dk=48" in pallas_triton.supported(q, k, v, interpret=True)
     q, k, v = qkv(rng, 1, 8, 2, 1, 16, 16)
-    assert pallas_triton.supported(q, k.astype(jnp.bfloat16), v, SMALL).startswith("q, k, v must share")
-    assert pallas_triton.supported(q, k, v, SMALL) is None
-    # Compiled for a GPU: only the head dims and dtypes the GPU tests covered.
-    assert "Dk=16" in pallas_triton.supported(q, k, v)
+    assert pallas_triton.supported(q, k.astype(jnp.bfloat16), v, interpret=True).startswith("q, k, v must share")
+    assert pallas_triton.supported(q, k, v, interpret=True) is None
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64, jnp.float16)
-    assert "float16" in pallas_triton.supported(q, k, v) and pallas_triton.supported(q, k, v, SMALL) is None
+    assert pallas_triton.supported(q, k, v, interpret=True) is None
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_triton.supported(q, k, v)
-        assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"], "auto must not pick an untested kernel"
+        assert impls.resolve("auto", q, k, v) is impls.IMPLS["xla"], "auto must not pick an unusable kernel"
         with pytest.raises(ValueError, match="cannot run these inputs"):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
 
@@ -246,50 +251,85 @@ class _Gpu:
 
 
 def test_gpu_gates_are_fail_closed(monkeypatch):
-    """On a GPU the kernels are offered on the exact device kinds their GPU tests passed on: a sibling of a tested
-    part (GH200), an untested generation (A100), fp32 at d=128 and the Mosaic walks on the H100 (their tests have
-    not completed there) are refused with the reason, and "auto" then takes what is left."""
+    """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes) their GPU tests
+    passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128 and the Mosaic
+    walks on the H100 (their tests have not completed there) are passed over, and "auto" takes what is left,
+    warning once where it passed over the Triton kernels. Named, the Triton kernels run on any CUDA GPU of
+    compute capability >= 8.0 with a warning; the Mosaic walks are refused off their qualified kinds."""
     bf16, f32, f32_d256 = (jax.ShapeDtypeStruct((1, 64, 2, d), dtype)
                            for d, dtype in ((128, jnp.bfloat16), (128, jnp.float32), (256, jnp.float32)))
     f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
+    bf16_d32 = jax.ShapeDtypeStruct((1, 64, 2, 32), jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(impls, "_warned", set())
 
     def on(kind, capability):
         monkeypatch.setattr(jax, "devices", lambda *_: [_Gpu(kind, capability)])
 
+    def auto(x, y=None):
+        return impls.resolve("auto", x, x, x if y is None else y)
+
+    def named(name, x):
+        return impls.resolve(name, x, x, x)
+
     on("NVIDIA H200", "9.0")
-    for x in (bf16, f32, f32_d64):
-        assert pallas_triton.supported(x, x, x) is None
-    assert pallas_triton.MOSAIC.supported(bf16, bf16, bf16) is None
-    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["pallas_mosaic"]
+    for x in (bf16, f32, f32_d64, f32_d256):
+        assert pallas_triton.supported(x, x, x) is None and impls.qualification("pallas_triton", x, x, x) is None
+    assert impls.qualification("pallas_mosaic", bf16, bf16, bf16) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # qualified: no warning
+        assert auto(bf16) is impls.IMPLS["pallas_mosaic"]
+        assert auto(f32) is impls.IMPLS["pallas_triton"]
+    assert "head dims (64, 128, 256), not Dk=32" in impls.qualification("pallas_triton", bf16_d32, bf16_d32, bf16_d32)
+    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*Dk=32"):
+        assert auto(bf16_d32) is impls.IMPLS["xla"]
+
     on("NVIDIA H100 80GB HBM3", "9.0")
-    assert pallas_triton.supported(bf16, bf16, bf16) is None
-    assert pallas_triton.supported(f32_d64, f32_d64, f32_d64) is None
+    assert impls.qualification("pallas_triton", bf16, bf16, bf16) is None
+    assert impls.qualification("pallas_triton", f32_d64, f32_d64, f32_d64) is None
     for q, v in ((f32, f32), (f32_d256, f32_d256), (f32_d64, f32)):  # Dk = 64, Dv = 128 too
-        assert "fp32 at head dims above 64 is untested" in pallas_triton.supported(q, q, v)
+        assert "fp32 at head dims above 64" in impls.qualification("pallas_triton", q, q, v)
     assert pallas_mosaic.supported(bf16, bf16, bf16) is None, "the kernel itself runs on any Hopper"
-    assert "Mosaic walks are untested" in pallas_triton.MOSAIC.supported(bf16, bf16, bf16)
-    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["pallas_triton"]
-    assert impls.resolve("auto", f32, f32, f32) is impls.IMPLS["xla"]
+    assert "not on 'NVIDIA H100 80GB HBM3'" in impls.qualification("pallas_mosaic", bf16, bf16, bf16)
+    assert auto(bf16) is impls.IMPLS["pallas_triton"]
+    with pytest.warns(impls.UnqualifiedWarning, match="fp32 at head dims above 64"):
+        assert auto(f32) is impls.IMPLS["xla"]
+    with pytest.raises(ValueError, match="'pallas_mosaic' is not qualified here"):
+        named("pallas_mosaic", bf16)
+
     on("NVIDIA GH200 480GB", "9.0")
-    assert "untested on 'NVIDIA GH200 480GB'" in pallas_triton.supported(bf16, bf16, bf16)
-    assert "Mosaic walks are untested on 'NVIDIA GH200 480GB'" in pallas_triton.MOSAIC.supported(bf16, bf16, bf16)
-    assert impls.resolve("auto", bf16, bf16, bf16) is impls.IMPLS["xla"]
+    assert "not on 'NVIDIA GH200 480GB'" in impls.qualification("pallas_triton", bf16, bf16, bf16)
+    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'"):
+        assert auto(bf16) is impls.IMPLS["xla"]
+
     on("NVIDIA A100-SXM4-80GB", "8.0")
-    assert "untested on" in pallas_triton.supported(bf16, bf16, bf16)
+    assert pallas_triton.supported(bf16, bf16, bf16) is None, "the Triton lowering takes any sm_80+"
     assert "needs a Hopper GPU" in pallas_mosaic.supported(bf16, bf16, bf16)
-    # Interpreted, the kernels stay usable wherever they run.
-    assert pallas_triton.INTERPRET.supported(f32, f32, f32) is None
-    assert pallas_triton.MOSAIC_INTERPRET.supported(bf16, bf16, bf16) is None
+    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*A100.*impl='pallas_triton'"):
+        assert auto(bf16) is impls.IMPLS["xla"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert auto(bf16) is impls.IMPLS["xla"], "warned once"
+    with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*A100"):
+        assert named("pallas_triton", bf16) is impls.IMPLS["pallas_triton"]
+
+    on("Tesla T4", "7.5")
+    assert "compute capability >= 8.0" in pallas_triton.supported(bf16, bf16, bf16)
+    with pytest.raises(ValueError, match="compute capability >= 8.0"):
+        named("pallas_triton", bf16)
+    # Interpreted, the kernels stay usable (and qualified) wherever they run.
+    for name in ("pallas_triton_interpret", "pallas_mosaic_interpret"):
+        assert named(name, bf16) is impls.IMPLS[name]
 
 
 def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
-    """"auto" takes the Mosaic walks, else the Triton kernels, wherever they report themselves usable, and XLA
-    otherwise."""
+    """"auto" takes the Mosaic walks, else the Triton kernels, wherever they report themselves usable and
+    qualified, and XLA otherwise."""
     q, k, v = qkv(rng, 1, 8, 2, 1, 64, 64)
     reasons = {"mosaic": None, "triton": None}
-    monkeypatch.setattr(pallas_triton, "supported",
-                        lambda q, k, v, config: reasons["mosaic" if config.mosaic else "triton"])
+    monkeypatch.setattr(pallas_mosaic, "supported", lambda q, k, v, interpret=False: reasons["mosaic"])
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: reasons["triton"])
+    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v: None)
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_mosaic"]
     reasons["mosaic"] = "not here"
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_triton"]
@@ -301,7 +341,7 @@ def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
 def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
     """pallas_call has no sharding rule: on inputs XLA splits over devices (a batch-sharded Explicit array, or
     an ambient Auto mesh) "auto" takes XLA, and naming the kernels is an error, not a silent gather."""
-    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on a GPU
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: None)  # as on a GPU
     kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
     mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,), devices=jax.devices()[:2])
     q, k, v = qkv(rng, 2, 32, 2, 1, 16, 16)
@@ -316,21 +356,24 @@ def test_kernels_only_run_per_device(axis_type, monkeypatch, rng):
     assert rel_err(o, reference.dense(q, k, v, s)[0]) < F32_TOL
 
 
+@pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
 @pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}, {"tiles_first": False, "state_block": 64}],
                          ids=["default", "fused_dkdv", "batch_major"])
-def test_lowers_to_triton_for_h200(overrides):
-    """Without a GPU: the real (not interpreted) kernels lower to Triton IR for an abstract H200, forward and
-    backward, at real block sizes (d=128, GQA, ragged T). PTX compilation and the run need the GPU tests."""
+def test_lowers_to_triton(overrides, device):
+    """Without a GPU: the real (not interpreted) kernels lower to Triton IR for an abstract H200 and an abstract
+    A100 (sm_80, where naming impl="pallas_triton" runs unqualified), forward and backward, at real block sizes
+    (d=128, GQA, ragged T, scale d^-0.5). PTX compilation and the run need the GPU tests."""
     kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def fwd_bwd(q, k, v, do):
-        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, kernels, None, False), q, k, v)
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, kernels, None, False, 128 ** -0.5),
+                            q, k, v)
         return o, vjp_fn(do)
 
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-    text = _cuda_mlir(fwd_bwd, _h200s(), q, kv, kv, q)
+    text = _cuda_mlir(fwd_bwd, _gpus(device=device), q, kv, kv, q)
     # forward: state pass + output pass; backward: the Q, dO state pass (the piece states entering dQ are the
     # forward's residual), dQ, and dK and dV (one kernel with whole-state tiles, else two).
     fused = overrides.get("block_k") == 128
@@ -344,7 +387,7 @@ def test_pipeline_depth_follows_the_launch_size(shape, stages):
     launches over several pieces 3 (the H200 sweeps in benchmarks/results/KERNEL_NOTES.md)."""
     s = jnp.full((shape[2],), 0.1, jnp.float32)
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    text = _cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _h200s(),
+    text = _cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _gpus(),
                       q, q, q)
     assert set(re.findall(r"num_stages = (\d+)", text)) == {str(stages)}
 
@@ -361,7 +404,7 @@ def test_whole_states_take_wide_warps():
         o, vjp_fn = jax.vjp(attend, q, k, v)
         return o, vjp_fn(o)
 
-    kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', _cuda_mlir(fwd_bwd, _h200s(), q, q, q))
+    kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', _cuda_mlir(fwd_bwd, _gpus(), q, q, q))
     assert sorted(kernels) == [("_dkdv_kernel", "4"), ("_dkdv_kernel", "4"), ("_dq_kernel", "4"),
                                ("_output_kernel", "4"), ("_state_kernel", "8"), ("_state_kernel", "8")]
 
@@ -371,12 +414,12 @@ def test_mosaic_walks_lower_under_shard_map():
     lowers for CUDA without a GPU: the 2 state passes in Triton, the 4 walks in Mosaic GPU."""
     from lasp_jax.parallel.api import SeqExchange
 
-    mesh = _h200s((2,), ("seq",))
+    mesh = _gpus((2,), ("seq",))
     exchange, spec = SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def local(q, k, v, do):
-        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.MOSAIC, exchange, False),
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_mosaic.WALKS, exchange, False),
                             q, k, v)
         return o, *vjp_fn(do)
 
@@ -396,7 +439,7 @@ def test_lowers_to_triton_under_shard_map(t):
     backward. The incoming states enter the piece scans: no other pass over the tokens."""
     from lasp_jax.parallel.api import SeqExchange
 
-    mesh = _h200s((2,), ("seq",))
+    mesh = _gpus((2,), ("seq",))
     kernels, exchange, spec = pallas_triton.KERNELS, SeqExchange("ring", "seq", 2), PartitionSpec(None, "seq")
     s = jnp.full((4,), 0.1, jnp.float32)
 
@@ -414,7 +457,7 @@ def test_lowers_to_triton_under_shard_map(t):
 def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatch, rng):
     """lasp_attention inside a caller's shard_map over seq alone: XLA still partitions the data axis, so the
     kernels are refused there too (naming them is an error; "auto" would take XLA)."""
-    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: None)
     mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4])
     q, k, v = qkv(rng, 2, 32, 2, 1, 16, 16)
     s = decay("on", 2, rng)
@@ -432,8 +475,9 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
     runs the kernels per device inside its shard_map, with no exchange (the allgather strategy would otherwise
     emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 2 kernels forward
     and 4 backward."""
-    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, config=None: None)  # as on an H200
-    mesh = _h200s((2, 1), ("data", "seq"))
+    monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: None)  # as on an H200
+    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v: None)
+    mesh = _gpus((2, 1), ("data", "seq"))
     s = jnp.full((4,), 0.1, jnp.float32)
 
     def fwd_bwd(q, k, v, do):
@@ -452,7 +496,8 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
 # GPU: compiled kernels at their real block sizes.
 
 # (B, T, H, Hkv, Dk, Dv, dtype, Config overrides): ragged T, GQA/MQA, fp32, d = 64, 128, 256, Dk != Dv; dK and
-# dV in one kernel (whole-state tiles) and in two (the default 64-wide tiles at d=128); a crowded launch.
+# dV in one kernel (whole-state tiles) and in two (the default 64-wide tiles at d=128); a crowded launch; the
+# Mosaic walks ("walks": pallas_mosaic.Walks over the Triton Config).
 GPU_CASES = {
     "d128_bf16_fused": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {"block_k": 128, "block_v": 128}),
     "d128_bf16_split": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {}),
@@ -466,9 +511,9 @@ GPU_CASES = {
     "d256_bf16_8_warps": (1, 1024, 2, 2, 256, 256, jnp.bfloat16, {"wide_warps": 8}),
     "d128_f32": (1, 2048, 4, 2, 128, 128, jnp.float32, {}),
     "d256_f32": (1, 1024, 2, 2, 256, 256, jnp.float32, {}),
-    "d128_bf16_mosaic": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {"mosaic": pallas_mosaic.DEFAULT}),
-    "d128_bf16_mosaic_whole": (1, 8192, 4, 4, 128, 128, jnp.bfloat16, {"mosaic": pallas_mosaic.DEFAULT}),
-    "d128_bf16_mosaic_crowded": (8, 512, 32, 32, 128, 128, jnp.bfloat16, {"mosaic": pallas_mosaic.DEFAULT}),
+    "d128_bf16_mosaic": (2, 3000, 4, 4, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
+    "d128_bf16_mosaic_whole": (1, 8192, 4, 4, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
+    "d128_bf16_mosaic_crowded": (8, 512, 32, 32, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
 }
 
 
@@ -487,10 +532,12 @@ def test_gpu_matches_reference(case, rng):
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
     s0, ds_end = _states(rng, b, h, dk, dv, True)
+    overrides = dict(overrides)
+    walks = overrides.pop("walks", None)
     config = dataclasses.replace(pallas_triton.DEFAULT, **overrides)
-    assert pallas_triton.supported(q, k, v, config) is None
-    got = jax.jit(functools.partial(_attend, pallas_triton.Kernels(config), scale=scale))(q, k, v, s, s0, do,
-                                                                                          ds_end)
+    impl = pallas_triton.Kernels(config) if walks is None else pallas_mosaic.Walks(walks, config)
+    assert impl.supported(q, k, v) is None
+    got = jax.jit(functools.partial(_attend, impl, scale=scale))(q, k, v, s, s0, do, ds_end)
     want = jax.jit(functools.partial(_attend, impls.IMPLS["reference"], scale=scale))(
         *(x.astype(jnp.float32) for x in (q, k, v)), s, s0, do.astype(jnp.float32), ds_end)
     for name, x, ref in zip(_names(True), got, want, strict=True):

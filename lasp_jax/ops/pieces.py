@@ -1,0 +1,204 @@
+"""The piece driver shared by the fused kernel backends: the LASP split, one level down.
+
+One kernel program (or CTA) per (batch, head, piece, ...) walks the chunks of its piece with the d_k x d_v state
+on chip. A sequence of T positions is cut into P pieces of whole chunks (`Plan`), so that the launches fill the
+GPU even at B = 1, H = 16; only tiny [P, P] scans over the pieces' states run between the passes:
+
+    forward   state pass   m_p   = sum_{x in p} lambda^(end_p - x) k_x^T v_x                  (backend.state_sums)
+              piece scan   S_p   = lambda^(L p) S_in + sum_{j < p} lambda^(L (p - 1 - j)) m_j  (`entering`, XLA)
+              output walk  O     = chunkwise scale [(Q K^T) * M] V + scale lambda^i Q S        (backend.output)
+    backward  mirrored:    d_p   = scale sum_{x in p} lambda^(x - start_p) q_x^T dO_x          (backend.state_sums)
+              reverse scan G_p   = lambda^(L (P - 1 - p)) G + sum_{j > p} lambda^(L (j - p - 1)) d_j  (`leaving`)
+              dQ walks forward from S_p; dK and dV walk backward from G_p                      (backend.grads)
+
+The incoming state S_in and the end-state cotangent G (from another device, or the caller's initial and final
+states) enter only the piece scans, so lasp_attention costs no extra pass over the tokens. The piece states S_p
+([B, H, P, Dk, Dv] float32, a few MB) are the backward's residual, so it never re-reads K and V to rebuild them.
+T is zero-padded at the front to whole pieces when it is not already (zeros before the sequence change no output
+or state); since the zeros would sit between S_in and the first token, a ragged T adds S_in's and G's terms with
+the separate products of `lasp_jax.ops.states` instead.
+
+Numerics: the scans are exact float32 sums over the pieces that select (`states.weighted_sum`): a non-finite
+later piece never reaches an earlier one. Powers of lambda are exp(-s n) with n >= 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax.ops import states
+
+_F32 = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a call is cut: `pieces` pieces of `piece_len` positions (whole chunks) after `pad` zero positions."""
+
+    chunk: int
+    pieces: int
+    piece_len: int
+    pad: int
+
+
+def make_plan(t: int, chunk: int, target_pieces: int, min_piece_chunks: int) -> Plan:
+    """About target_pieces pieces of at least min_piece_chunks chunks over T positions; a piece count that
+    divides the chunks (no padding) is preferred unless it would halve the parallelism."""
+    n_chunks = -(-t // chunk)
+    want = max(1, min(target_pieces, n_chunks // min_piece_chunks))
+    pieces = next((p for p in range(want, (want - 1) // 2, -1) if n_chunks % p == 0), want)
+    per_piece = -(-n_chunks // pieces)
+    pieces = -(-n_chunks // per_piece)
+    return Plan(chunk, pieces, per_piece * chunk, pieces * per_piece * chunk - t)
+
+
+class Saved(NamedTuple):
+    """The forward's residual besides q, k, v: the state entering each piece [B, H, P, Dk, Dv] float32, and
+    S_in when T is ragged (then added by `states`), else None."""
+
+    pieces_in: jax.Array
+    unfused_s_in: jax.Array | None
+
+
+class Backend(Protocol):
+    """A kernel family's passes over padded inputs (T = P * piece_len; q, dO [B, T, H, D]; k, v [B, T, Hkv, D])."""
+
+    def plan(self, q, v) -> Plan:
+        """How these inputs are cut into pieces."""
+
+    def state_sums(self, x, y, rates, plan: Plan, *, reverse: bool, scale: float) -> jax.Array:
+        """Per-piece sums [B, H, P, Dx, Dy] float32: sum_x lambda^(L - x) x_x^T y_x (K, V, unscaled), or, when
+        reverse, scale sum_x lambda^x x_x^T y_x (Q, dO); x and y of Hkv heads map to the H of rates."""
+
+    def output(self, q, k, v, rates, pieces_in, plan: Plan, scale: float) -> jax.Array:
+        """o [B, T, H, Dv] in q.dtype, each piece walked from its entering state."""
+
+    def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan: Plan, scale: float) -> tuple[jax.Array, ...]:
+        """(dq, dk, dv), dk and dv per query head [B, T, H, D] (float32 under GQA, for `backward` to sum)."""
+
+
+def front_pad(x, pad: int):
+    return x if pad == 0 else jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0)))
+
+
+def _boundary_powers(rates, plan: Plan, from_end: bool):
+    """[H, P] lambda^(L p) (how S_in reaches the start of piece p), or lambda^(L (P - 1 - p)) when from_end
+    (how a cotangent at the end of the last piece reaches the end of piece p)."""
+    p = jnp.arange(plan.pieces, dtype=_F32)
+    n = plan.pieces - 1 - p if from_end else p
+    return states.decay_pow(rates[:, None], plan.piece_len * n[None, :])
+
+
+def _with_boundary(per_piece, state, rates, plan: Plan, from_end: bool):
+    """per_piece [B, H, P, Dk, Dv] (None: zeros) plus each piece's decayed share of state [B, H, Dk, Dv]."""
+    if state is None:
+        return per_piece
+    term = _boundary_powers(rates, plan, from_end)[None, :, :, None, None] * state[:, :, None].astype(_F32)
+    return term if per_piece is None else per_piece + term
+
+
+def _zeros_if_none(x, like):
+    b, h, _, dk, dv = like.shape
+    return jnp.zeros((b, h, 1, dk, dv), _F32) if x is None else x
+
+
+def entering(sums, s_in, rates, plan: Plan):
+    """The state entering each piece [B, H, P, Dk, Dv] from the K, V sums [B, H, P, Dk, Dv] and S_in (None:
+    zero): the exclusive decayed prefix over pieces plus S_in's decayed share."""
+    from_zero = None
+    if plan.pieces > 1:  # one piece: nothing enters it from other pieces
+        from_zero = states.weighted_sum(states.prefix_weights(rates, plan.piece_len, plan.pieces, plan.pieces), sums)
+    return _zeros_if_none(_with_boundary(from_zero, s_in, rates, plan, from_end=False), sums)
+
+
+def end_state(sums, rates, plan: Plan):
+    """The end state of the whole call from zero [B, H, Dk, Dv]: sum_j lambda^(L (P - 1 - j)) m_j."""
+    return jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end=True), sums, precision=_HIGHEST)
+
+
+def leaving(sums, g, rates, plan: Plan):
+    """The state cotangent leaving each piece [B, H, P, Dk, Dv] from the Q, dO sums and the end state's
+    cotangent g (None: zero): the exclusive decayed suffix over pieces plus g's decayed share."""
+    from_end = None
+    if plan.pieces > 1:
+        w = states.prefix_weights(rates, plan.piece_len, plan.pieces, plan.pieces)
+        from_end = states.weighted_sum(jnp.swapaxes(w, 1, 2), sums)
+    return _zeros_if_none(_with_boundary(from_end, g, rates, plan, from_end=True), sums)
+
+
+def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
+    """One piece's attention from its incoming state (the `vjp.Impl` forward): state pass, piece scan, walk.
+
+    Args:
+      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], rates [H] float32; incoming: None (S_in = 0) or a function
+      from the end state from zero to S_in [B,H,Dk,Dv] (a collective in lasp_attention); scale: static float.
+    Returns:
+      o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
+    """
+    plan = backend.plan(q, v)
+    q_pad, k_pad, v_pad = (front_pad(x, plan.pad) for x in (q, k, v))
+    sums = backend.state_sums(k_pad, v_pad, rates, plan, reverse=False, scale=1.0)
+    m = end_state(sums, rates, plan)
+    s_in = None if incoming is None else incoming(m)
+    fused = plan.pad == 0
+    pieces_in = entering(sums, s_in if fused else None, rates, plan)
+    o = backend.output(q_pad, k_pad, v_pad, rates, pieces_in, plan, scale)[:, plan.pad:]
+    unfused_s_in = None if fused else s_in
+    if unfused_s_in is not None:
+        o = (o.astype(_F32) + states.apply_state(q, rates, unfused_s_in, scale)).astype(q.dtype)
+    return o, m, s_in, Saved(pieces_in, unfused_s_in)
+
+
+def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale: float):
+    """Cotangents of `forward` (the `vjp.Impl` backward): the Q, dO state pass, its reverse scan, the walks.
+
+    Args:
+      as `forward`; saved: its `Saved`; do [B,T,H,Dv]; outgoing: None (G = 0) or a function from d (the
+      cotangent of S_in) to G (the cotangent of the end state) [B,H,Dk,Dv].
+    Returns:
+      dq, dk, dv in the input dtypes, and d [B,H,Dk,Dv] float32.
+    """
+    pieces_in, unfused_s_in = saved
+    b, _, h, dim_k = q.shape
+    hkv, dim_v = k.shape[2], v.shape[-1]
+    group = h // hkv
+    plan = backend.plan(q, v)
+    fused = plan.pad == 0
+    do = do.astype(q.dtype)
+    q_pad, k_pad, v_pad, do_pad = (front_pad(x, plan.pad) for x in (q, k, v, do))
+    sums = backend.state_sums(q_pad, do_pad, rates, plan, reverse=True, scale=scale)
+    if fused:
+        d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end=False), sums, precision=_HIGHEST)
+    else:
+        d = states.query_state_grad(q, do, rates, scale)
+    g = None if outgoing is None else outgoing(d)
+    pieces_out = leaving(sums, g if fused else None, rates, plan)
+    dq, dk, dv = backend.grads(q_pad, k_pad, v_pad, do_pad, rates, pieces_in, pieces_out, plan, scale)
+    dq, dk, dv = dq[:, plan.pad:], dk[:, plan.pad:], dv[:, plan.pad:]
+    if group > 1:
+        dk = dk.reshape(b, -1, hkv, group, dim_k).sum(3)
+        dv = dv.reshape(b, -1, hkv, group, dim_v).sum(3)
+    if unfused_s_in is not None:
+        dq = dq.astype(_F32) + states.apply_state_dq(do, rates, unfused_s_in, scale)
+    if g is not None and not fused:
+        dk_end, dv_end = states.end_state_grads(k, v, rates, g)
+        dk, dv = dk.astype(_F32) + dk_end, dv.astype(_F32) + dv_end
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d
+
+
+class Driven:
+    """`vjp.Impl` forward and backward for a `Backend` subclass (per device only: pallas_call has no sharding
+    rule, so these run inside lasp_attention's shard_map or on unsharded inputs)."""
+
+    partitionable = False
+
+    def forward(self, q, k, v, rates, incoming, scale=1.0):
+        return forward(self, q, k, v, rates, incoming, scale)
+
+    def backward(self, q, k, v, rates, saved, do, outgoing, scale=1.0):
+        return backward(self, q, k, v, rates, saved, do, outgoing, scale)
