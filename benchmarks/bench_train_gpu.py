@@ -96,9 +96,7 @@ class Step:
                                                         np.int32)
         self.batch = {"inputs": jax.device_put(tokens[:, :-1], sharding),
                       "targets": jax.device_put(tokens[:, 1:], sharding)}
-        n_soft = len(self.mcfg.softmax_set)
-        self.flops_per_token = flops_per_token(n_matmul, self.mcfg.n_layers - n_soft, self.mcfg.n_heads,
-                                               self.mcfg.resolved_head_dim, n_soft, self.seq_len)
+        self.flops_per_token = flops_per_token(self.mcfg, n_matmul, self.seq_len)
         _say("state built; lowering and compiling the step")
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
@@ -114,7 +112,7 @@ class Step:
     def run(self, steps: int) -> dict:
         import numpy as np
 
-        from train.metrics import peak_tflops
+        from train.metrics import mfu, peak_tflops
 
         times, loss = [], None
         with self.jax.set_mesh(self.mesh):
@@ -133,7 +131,7 @@ class Step:
             "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
             "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "params": self.n_params, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
-            "mfu": tps * self.flops_per_token / (self.n_gpus * peak * 1e12) if peak else None,
+            "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
             "model_tflop_per_step": self.flops_per_token * self.data * self.seq_len / 1e12,
             "peak_mem_gib": max(mems) if all(m is not None for m in mems) else None, "xla_gib": self.xla_gib,
         }

@@ -244,10 +244,7 @@ def _train(cfg: TrainConfig, mcfg, axes, files, tokenizer, run_dir: Path, main: 
 
         log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        n_soft = len(mcfg.softmax_set)
-        fpt = flops_per_token(n_matmul, mcfg.n_layers - n_soft, mcfg.n_heads, mcfg.resolved_head_dim, n_soft,
-                              cfg.seq_len)
-        speed = Throughput(tokens_per_step, fpt, len(devices),
+        speed = Throughput(tokens_per_step, flops_per_token(mcfg, n_matmul, cfg.seq_len), len(devices),
                            peak_tflops(devices[0].device_kind, cfg.peak_tflops))
         schedule = learning_rate(cfg)
         bar = Progress(start, cfg.steps, bar=main and cfg.progress, messages=main)

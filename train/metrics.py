@@ -18,6 +18,10 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 # Dense bf16 peak TFLOP/s of one device (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -33,11 +37,19 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     return None
 
 
-def flops_per_token(n_matmul_params: int, n_linear_layers: int, n_heads: int, head_dim: int,
-                    n_softmax_layers: int = 0, seq_len: int = 0) -> float:
-    """Training FLOPs per token (forward + backward), see the module docstring."""
-    return (6.0 * n_matmul_params + 6.0 * n_linear_layers * n_heads * 2 * head_dim * head_dim
-            + 6.0 * n_softmax_layers * n_heads * seq_len * head_dim)
+def flops_per_token(model: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of `model` at sequence length `seq_len`, whose matmuls hold
+    `n_matmul_params` parameters (train.step.build_state counts them); see the module docstring."""
+    n_softmax = len(model.softmax_set)
+    n_linear = model.n_layers - n_softmax
+    head_dim = model.resolved_head_dim
+    return (6.0 * n_matmul_params + 6.0 * n_linear * model.n_heads * 2 * head_dim * head_dim
+            + 6.0 * n_softmax * model.n_heads * seq_len * head_dim)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: the model FLOP/s achieved over `n_devices` x `peak` TFLOP/s (None: peak unknown)."""
+    return tokens_per_s * flops_per_token / (n_devices * peak * 1e12) if peak else None
 
 
 def device_memory_gib(device) -> float | None:
@@ -76,7 +88,7 @@ class Throughput:
         tps = steps * self.tokens_per_step / dt
         out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.n_devices, "step_time_s": dt / steps}
         if self.peak:
-            out["mfu"] = tps * self.flops_per_token / (self.n_devices * self.peak * 1e12)
+            out["mfu"] = mfu(tps, self.flops_per_token, self.n_devices, self.peak)
         return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from models.config import ModelConfig
 from train import metrics, optim
 from train.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like, state_digest
 from train.config import TrainConfig
@@ -171,16 +172,24 @@ def test_optimizer_clips_the_global_gradient_norm(clip_norm):
 
 
 def test_flops_and_mfu():
-    f = metrics.flops_per_token(1_000_000, n_linear_layers=2, n_heads=4, head_dim=16)
-    assert f == 6e6 + 6 * 2 * 4 * 2 * 16 * 16
-    assert metrics.flops_per_token(0, 0, 4, 16, n_softmax_layers=1, seq_len=100) == 6 * 4 * 100 * 16
+    """The model FLOPs of a linear model and of a hybrid (layer 1 softmax) from the config, and MFU from them;
+    the loop's Throughput and bench_train_gpu report the same figure."""
+    linear = ModelConfig(n_layers=2, n_heads=4, head_dim=16)
+    assert metrics.flops_per_token(linear, 1_000_000, seq_len=100) == 6e6 + 6 * 2 * 4 * 2 * 16 * 16
+    hybrid = ModelConfig(n_layers=2, n_heads=4, head_dim=16, softmax_layers=(1,))
+    assert metrics.flops_per_token(hybrid, 0, seq_len=100) == 6 * 4 * 2 * 16 * 16 + 6 * 4 * 100 * 16
     assert metrics.peak_tflops("NVIDIA H200") == 989.4 and metrics.peak_tflops("cpu") is None
     assert metrics.peak_tflops("cpu", 2.0) == 2.0
+    assert metrics.mfu(1000.0, 1e9, n_devices=2, peak=1.0) == 0.5
+    assert metrics.mfu(1000.0, 1e9, n_devices=2, peak=None) is None
     speed = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, n_devices=2, peak=1.0)
     speed.step()
     out = speed.measure()
     assert out["tokens_per_s"] > 0
     assert out["mfu"] == pytest.approx(out["tokens_per_s"] * 1e9 / 2e12)
+    unknown = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, n_devices=2, peak=None)
+    unknown.step()
+    assert "tokens_per_s" in (out := unknown.measure()) and "mfu" not in out
 
 
 def test_metrics_jsonl_keeps_the_last_record_per_step_and_plots(tmp_path):
