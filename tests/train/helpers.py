@@ -1,5 +1,5 @@
-"""Shared by the training tests: the tiny run config, its command line, and a `python -m train` subprocess
-that a test can act on at a chosen step."""
+"""Shared by the training tests: the tiny run config, its command line (train.cli.flags, as `cli_args`), and a
+`python -m train` subprocess that a test can act on at a chosen step."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from models import presets
-from train.cli import DEFAULT_CONFIG, load_config_file
+from train.cli import flags as cli_args  # every field of a config as `python -m train` flags
 from train.config import TrainConfig
 from train.metrics import read_metrics
 
@@ -28,29 +28,6 @@ def tiny(run_dir, **changes) -> TrainConfig:
         compute_dtype="float32", ckpt_every=5, ckpt_keep=2, log_every=1, eval_every=0, eval_batches=1,
         progress=False, sample_tokens=0, data_threads=1)
     return dataclasses.replace(base, **changes)
-
-
-def _flags(prefix: str, value, default) -> list[str]:
-    """The `python -m train` flags that change the dataclass `default` into `value`."""
-    out = []
-    for f in dataclasses.fields(value):
-        v, d, name = getattr(value, f.name), getattr(default, f.name), prefix + f.name
-        if v == d:
-            continue
-        if dataclasses.is_dataclass(v):
-            out += _flags(f"{name}.", v, d)
-        elif isinstance(v, bool):
-            out.append(f"--{name}" if v else f"--no-{name}" if not prefix else f"--{prefix}no-{f.name}")
-        elif isinstance(v, tuple):
-            out += [f"--{name}", *map(str, v)]
-        else:
-            out += [f"--{name}", str(v)]
-    return out
-
-
-def cli_args(cfg: TrainConfig) -> list[str]:
-    """The command line that reproduces cfg on top of the default config file's."""
-    return _flags("", cfg, load_config_file(DEFAULT_CONFIG))
 
 
 def losses(run_dir) -> dict[int, float]:
