@@ -110,6 +110,11 @@ class Step:
         self.xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem else None
 
     def run(self, steps: int) -> dict:
+        """The record of `steps` steps after 2 warm-ups: the median step time, each step synced by reading its
+        loss. The statistic is measure.median_ms's at iters=1, but not its loop: the step donates its state (each
+        call takes the state the last one returned, where median_ms repeats fn(*args)), and each step is a
+        milestone in the child's log, which the parent's watchdog (`_hung`) needs to tell a child that recovered
+        from an out-of-memory warning from a hung one."""
         import numpy as np
 
         from train.metrics import mfu, peak_tflops
