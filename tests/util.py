@@ -7,8 +7,14 @@ import numpy as np
 
 from lasp_jax.ops.rates import tnl_slopes
 
-F32_TOL = 2e-5  # fp32 chunked vs dense: measured ~3e-7 relative; generous for reassociation across chunks
-BF16_TOL = 2e-2  # bf16 inputs and outputs: one bf16 rounding (2^-8) on O(1) values
+# Relative-error bounds for the CPU tests, ~2-3x the worst measured over seeds 0-2 (2026-11-29, XLA:CPU):
+# fp32: 4.3e-7 (lasp_attention, every strategy, seq 1..8 incl. 3 and 6, per rank, o and dq, dk, dv), 3.0e-7
+# (linear_attention's contract, every impl), 6.5e-8 (blockwise softmax against float64).
+# bf16 (against fp32 math on the same rounded inputs): 3.43e-3 (contract, interpreted Triton dq), 2.7e-3
+# (lasp_attention), 1.8e-3 (softmax): one bf16 rounding of the outputs and gradients (2^-9 relative).
+# Compiled GPU runs round differently (other accumulation orders, longer T): measure their own bounds.
+F32_TOL = 1e-6
+BF16_TOL = 7e-3
 
 
 def rel_err(x, ref) -> float:
