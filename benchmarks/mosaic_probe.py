@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-import lasp_jax
 from benchmarks import measure
 from lasp_jax.ops import pallas_mosaic, pallas_triton, pieces, tnl_slopes
 

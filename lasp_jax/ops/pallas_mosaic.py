@@ -39,10 +39,10 @@ and dV passes scale the other factor's rows (K, Q), so there the decay's bf16 ro
 dK round alike (measured up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda
 are exp(-s * n) with n >= 0.
 
-Scope: bf16, 128 head dims, Hkv == H (no GQA), T a whole number of pieces and pieces a whole number of chunks
-(what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts are
-qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in Mosaic GPU's CPU interpreter
-and the state passes in Pallas interpret mode (tests).
+Scope: bf16, head dims Dk = Dv of 64 or 128, Hkv == H (no GQA), T a whole number of pieces and pieces a whole
+number of chunks (what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper
+parts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in Mosaic GPU's CPU
+interpreter and the state passes in Pallas interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from lasp_jax.ops import pallas_triton, pieces
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
 _COMPUTE_WGS = 2  # compute warpgroups; each owns half the columns of the state
-_HEAD_DIM = 128  # every head dim: what the kernel is written and tested for
+HEAD_DIMS = (64, 128)  # Dk = Dv: what the kernel is written for and tested on (interpreted; see impls for GPUs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,10 +222,10 @@ def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
     b, t, h, d = x.shape
     c = config.chunk
     if y.shape != x.shape or z.shape != x.shape:
-        raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}: need all three [B, T, H, {_HEAD_DIM}] "
+        raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}: need all three [B, T, H, D], D in {HEAD_DIMS} "
                          "(Hkv == H: no GQA)")
-    if d != _HEAD_DIM:
-        raise ValueError(f"head dim {d}: this kernel takes head dims of {_HEAD_DIM}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d}: this kernel takes head dims of {HEAD_DIMS}")
     if {jnp.dtype(a.dtype) for a in (x, y, z)} != {jnp.dtype(jnp.bfloat16)}:
         raise ValueError(f"x, y, z must be bfloat16; got {x.dtype}, {y.dtype}, {z.dtype}")
     if c % 64 or piece_len <= 0 or piece_len % c or t % piece_len:
@@ -242,14 +242,14 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
 
     Args:
-      x, y, z [B, T, H, 128] bf16; rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, 128, 128]
+      x, y, z [B, T, H, D] bf16, D in HEAD_DIMS; rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, D, D]
       float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
       its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
       reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
       scale: a static float multiplying the mask, and the output's state term or (scale_update) the state's
       update. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     Returns:
-      out [B, T, H, 128] bf16.
+      out [B, T, H, D] bf16.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
     b, t, h, d = x.shape
@@ -257,15 +257,18 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     stages = max(1, min(config.stages, piece_len // c))
     half = d // _COMPUTE_WGS
     dt = x.dtype
+    # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of the columns (the
+    # wgmma operands of one product agree on it; at d=128 it is also that of the full rows and of the scores).
+    mma = _mma_transforms(half, dt)
     scratch = (
         (
-            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
-            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
-            plgpu.SMEM((stages, c, d), dt, transforms=_mma_transforms(d, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=_mma_transforms(half, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=_mma_transforms(c, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
-            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=_mma_transforms(half, dt)),
+            plgpu.SMEM((stages, c, d), dt, transforms=mma),
+            plgpu.SMEM((stages, c, d), dt, transforms=mma),
+            plgpu.SMEM((stages, c, d), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
         ),
         (plgpu.Barrier(num_barriers=stages),) * 3,
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
@@ -293,8 +296,8 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
     Which Hopper parts their GPU tests qualified is `impls.qualification`'s."""
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
         return f"GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]}) is not implemented in these kernels"
-    if (q.shape[-1], v.shape[-1]) != (_HEAD_DIM, _HEAD_DIM):
-        return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv = {_HEAD_DIM} is implemented"
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
+        return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv in {HEAD_DIMS} is implemented"
     if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:
         return f"q, k, v must be bfloat16 (wgmma operands); got {q.dtype}, {k.dtype}, {v.dtype}"
     if interpret:

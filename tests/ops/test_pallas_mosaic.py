@@ -29,7 +29,8 @@ from tests.util import decay, qkv, rel_err
 D = 128
 # Interpreted runs measured o and dV up to 1.5e-3 on the 4-chunk pieces and 3.03e-3 to 3.12e-3 on three_chunks
 # (38 seeds; the state update's decay rounds on the other factor than in the Triton kernels), dQ and dK below
-# 1e-4 (they round alike); tighter than BF16_TOL (2e-2) so that a wrong decay on the carried state shows.
+# 1e-4 (they round alike); with scale d^-0.5 3.06e-3 to 3.13e-3 (two_batches, three_chunks, d=64: one seed
+# each); tighter than BF16_TOL (2e-2) so that a wrong decay on the carried state shows.
 INTERPRET_TOL = 4e-3
 # Compiled walks against compiled Triton kernels: the same rounding differences as interpreted (above), with
 # margin; passed on an H200 (2026-11-29; the values themselves were not logged).
@@ -40,14 +41,14 @@ def _transposed(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _inputs(rng, b, t, h, rates, scale=1.0):
+def _inputs(rng, b, t, h, rates, scale=1.0, d=D):
     """bf16 q, k, v, dO, rates, an incoming state and an end-state cotangent; q of unit variance when scaled."""
-    q, k, v = qkv(rng, b, t, h, h, D, D, jnp.bfloat16)
+    q, k, v = qkv(rng, b, t, h, h, d, d, jnp.bfloat16)
     if scale != 1.0:
         q = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
-    do = jnp.asarray(rng.standard_normal((b, t, h, D)), jnp.bfloat16)
+    do = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
     s = decay(rates, h, rng)
-    s_in, g = (jnp.asarray(rng.standard_normal((b, h, D, D)) * 0.1, jnp.float32) for _ in range(2))
+    s_in, g = (jnp.asarray(rng.standard_normal((b, h, d, d)) * 0.1, jnp.float32) for _ in range(2))
     return q, k, v, do, s, s_in, g
 
 
@@ -75,20 +76,21 @@ def _triton_and_walks(q, k, v, do, s, s_in, g, kernels, mosaic_config, scale=1.0
 # (B, T, H, rates, stages, scale) -> pallas_triton's plan (pieces, chunks per piece): 2 pieces of 4 chunks with
 # a ring of 2 stages (it wraps; "on" rates: a zero rate and one whose lambda^64 underflows); 2 batches of one
 # piece of 4 chunks with the ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the
-# carried state matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full).
-# Scale d^-0.5 (on unit-variance q) where the carried state matters, 1 elsewhere.
+# carried state matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full);
+# head dim 64 on 2 pieces. Scale d^-0.5 (on unit-variance q) where the carried state matters, 1 elsewhere.
 CASES = {
-    "two_pieces_ring_wraps": (1, 512, 2, "on", 2, 1.0, (2, 4)),
-    "two_batches_ring_capped_scaled": (2, 256, 2, "slopes", 8, D ** -0.5, (1, 4)),
-    "one_chunk": (1, 64, 1, "slopes", 3, 1.0, (1, 1)),
-    "three_chunks_scaled": (1, 192, 1, "slopes", 3, D ** -0.5, (1, 3)),
+    "two_pieces_ring_wraps": (1, 512, 2, D, "on", 2, 1.0, (2, 4)),
+    "two_batches_ring_capped_scaled": (2, 256, 2, D, "slopes", 8, D ** -0.5, (1, 4)),
+    "one_chunk": (1, 64, 1, D, "slopes", 3, 1.0, (1, 1)),
+    "three_chunks_scaled": (1, 192, 1, D, "slopes", 3, D ** -0.5, (1, 3)),
+    "d64_two_pieces_scaled": (1, 512, 2, 64, "slopes", 3, 64 ** -0.5, (2, 4)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_walks_match_triton(case, rng):
-    b, t, h, rates, stages, scale, (n_pieces, chunks) = CASES[case]
-    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale)
+    b, t, h, d, rates, stages, scale, (n_pieces, chunks) = CASES[case]
+    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale, d)
     plan = pt.INTERPRET.plan(q, v)
     assert (plan.pieces, plan.piece_len // plan.chunk) == (n_pieces, chunks), plan
     config = dataclasses.replace(pallas_mosaic.DEFAULT, stages=stages)
@@ -117,18 +119,19 @@ def test_later_nonfinite_rows_never_reach_earlier_outputs(reverse, rng):
     assert rel_err(out[:, rest], clean[:, rest]) == 0.0
 
 
-def _abstract(b, t, h, pieces):
-    x = jax.ShapeDtypeStruct((b, t, h, D), jnp.bfloat16)
-    return x, x, x, jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, h, pieces, D, D), jnp.float32)
+def _abstract(b, t, h, pieces, d=D):
+    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    return x, x, x, jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, h, pieces, d, d), jnp.float32)
 
 
+@pytest.mark.parametrize("d", [D, 64])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_lowers_for_cuda_at_the_benchmark_shape(reverse):
+def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d):
     """B=1, H=16, T=64K, 8 pieces of 8K: Mosaic GPU's lowering (layouts, transforms, shared memory under the
     227 KB of a Hopper CTA) runs on CPU when lowering for CUDA; only PTX compilation needs the GPU."""
     b, t, h, pieces = 1, 65536, 16, 8
-    fn = jax.jit(functools.partial(pallas_mosaic.walk, piece_len=t // pieces, reverse=reverse))
-    text = fn.trace(*_abstract(b, t, h, pieces)).lower(lowering_platforms=("cuda",)).as_text()
+    fn = jax.jit(functools.partial(pallas_mosaic.walk, piece_len=t // pieces, reverse=reverse, scale=d ** -0.5))
+    text = fn.trace(*_abstract(b, t, h, pieces, d)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
@@ -146,7 +149,7 @@ def test_bad_inputs_are_refused(rng):
     states_in = jnp.zeros((1, 2, 2, D, D), jnp.float32)
     cases = [
         ((q, k[:, :, :1], v[:, :, :1], s, states_in, 128), "no GQA"),
-        ((q[..., :64], k[..., :64], v[..., :64], s, states_in, 128), "head dims of 128"),
+        ((q[..., :32], k[..., :32], v[..., :32], s, states_in, 128), "head dims of (64, 128)"),
         ((q.astype(jnp.float32), k, v, s, states_in, 128), "bfloat16"),
         ((q, k, v, s, states_in, 96), "piece_len % chunk"),
         ((q, k, v, s, states_in[:, :, :1], 128), "states_in"),
@@ -160,15 +163,17 @@ def test_bad_inputs_are_refused(rng):
 def test_supported_says_why(rng):
     q, k, v, _, _, _, _ = _inputs(rng, 1, 64, 2, "on")
     assert "GQA" in pallas_mosaic.supported(q, k[:, :, :1], v[:, :, :1])
-    assert "head dims" in pallas_mosaic.supported(q[..., :64], k[..., :64], v)
+    assert "head dims" in pallas_mosaic.supported(q[..., :64], k[..., :64], v)  # Dk != Dv
+    assert "head dims" in pallas_mosaic.supported(q[..., :32], k[..., :32], v[..., :32])
     assert "bfloat16" in pallas_mosaic.supported(*(x.astype(jnp.float16) for x in (q, k, v)))
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_mosaic.supported(q, k, v)
     assert pallas_mosaic.supported(q, k, v, interpret=True) is None
 
 
-# (B, T, H) -> pallas_triton's default plan (pieces, piece length).
-GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4), (32, 512)), "2_batches_16_pieces": ((2, 4096, 2), (16, 256))}
+# (B, T, H, D) -> pallas_triton's default plan (pieces, piece length).
+GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4, D), (32, 512)), "2_batches_16_pieces": ((2, 4096, 2, D), (16, 256)),
+              "d64_16_pieces": ((1, 16384, 4, 64), (16, 1024))}
 
 
 @pytest.mark.gpu
@@ -177,13 +182,14 @@ def test_gpu_walks_match_triton(case, rng):
     """The compiled walks at their default blocks (3 stages, C = 64) on the pieces of pallas_triton's plan,
     both directions, against the compiled Triton kernels; TNL slopes, scale d^-0.5."""
     shape, (n_pieces, piece_len) = GPU_SHAPES[case]
-    q, k, v, do, s, s_in, g = _inputs(rng, *shape, "slopes", D ** -0.5)
+    b, t, h, d = shape
+    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, "slopes", d ** -0.5, d)
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
     plan = pt.KERNELS.plan(q, v)
     assert (plan.pieces, plan.piece_len) == (n_pieces, piece_len), plan
     run = functools.partial(_triton_and_walks, kernels=pt.KERNELS, mosaic_config=pallas_mosaic.DEFAULT,
-                            scale=D ** -0.5)
+                            scale=d ** -0.5)
     results = jax.jit(run)(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
