@@ -16,8 +16,8 @@ from lasp_jax.ops import reference
 from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
 
 STRATEGIES = ["ring", "allgather", "scan"]
-# seq 3 and 6: scan's non-power-of-two rounds (its last shift reaches past the first rank).
-MESHES = [(1, 8), (2, 4), (4, 2), (8, 1), (1, 3), (2, 3), (1, 6)]
+# seq 3 and 6: scan's non-power-of-two rounds (its last shift reaches past the first rank). Seq 1: no exchange.
+MESHES = [(1, 8), (2, 4), (8, 1), (1, 3), (1, 6)]
 
 
 def _mesh(shape, axis_types=AxisType.Explicit):
@@ -273,7 +273,7 @@ EAGER_SHARD_MAP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("axis_type", ["Explicit"])  # Auto: the same code path, checked in tests/ops
 def test_inside_an_eager_shard_map(axis_type):
     """Every strategy and the softmax strategy in the user's own shard_map without jit (jax 0.11.2's CPU runtime
     segfaulted): in a subprocess, so that a crash fails this test instead of killing pytest."""
