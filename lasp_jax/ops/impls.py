@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from lasp_jax.ops import pallas_mosaic, pallas_triton, reference, vjp, xla
 
 # "pallas_triton": the Triton kernels; "pallas_mosaic": the same state passes with the four walks as Mosaic GPU
-# kernels (bf16, head dims 128, no GQA; Hopper), faster where both run (benchmarks/results/KERNEL_NOTES.md);
+# kernels (bf16, head dims 64 and 128; Hopper), faster where both run (benchmarks/results/KERNEL_NOTES.md);
 # "_interpret": the same in interpret mode, on any platform (slow: for tests).
 IMPLS: dict[str, vjp.Impl] = {
     "reference": vjp.Split(reference),
@@ -43,7 +43,8 @@ QUALIFIED_GPUS: dict[str, tuple[str, ...]] = {
 _WIDE_F32_GPUS = ("NVIDIA H200",)
 _TRITON_HEAD_DIMS = (64, 128, 256)
 _TRITON_DTYPES = (jnp.bfloat16, jnp.float32)
-_MOSAIC_HEAD_DIMS = (128,)  # the walks also take 64 (interpreted and CUDA-lowered on CPU; GPU cases pending)
+# The walks also take head dim 64 and GQA/MQA (interpreted and CUDA-lowered on CPU; their GPU cases are pending).
+_MOSAIC_HEAD_DIMS = (128,)
 # Named on an unqualified GPU, these run (with a warning); the others are refused.
 _RUN_WHEN_NAMED = ("pallas_triton",)
 
@@ -72,6 +73,8 @@ def qualification(name: str, q, k, v) -> str | None:
                     f"not on {kind!r}")
     if name == "pallas_mosaic" and q.shape[-1] not in _MOSAIC_HEAD_DIMS:
         return f"{name}'s GPU tests cover head dims {_MOSAIC_HEAD_DIMS}, not Dk={q.shape[-1]}"
+    if name == "pallas_mosaic" and k.shape[2] != q.shape[2]:
+        return f"{name}'s GPU tests cover H == Hkv, not GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]})"
     return None
 
 

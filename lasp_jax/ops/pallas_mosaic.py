@@ -39,10 +39,12 @@ and dV passes scale the other factor's rows (K, Q), so there the decay's bf16 ro
 dK round alike (measured up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda
 are exp(-s * n) with n >= 0.
 
-Scope: bf16, head dims Dk = Dv of 64 or 128, Hkv == H (no GQA), T a whole number of pieces and pieces a whole
-number of chunks (what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper
-parts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in Mosaic GPU's CPU
-interpreter and the state passes in Pallas interpret mode (tests).
+Scope: bf16, head dims Dk = Dv of 64 or 128, GQA/MQA (each of X, Y, Z is read by the head index of its own
+operand: K/V heads are indexed, never repeated; under GQA the dK and dV walks write one bf16 share per query
+head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks
+(what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts, head
+dims and head layouts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in
+Mosaic GPU's CPU interpreter and the state passes in Pallas interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def _accumulate(inits, issue, interpret: bool):
 
 
 def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
-            reverse, scale, scale_update, config, interpret):
-    """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads."""
+            reverse, scale, scale_update, groups, config, interpret):
+    """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups: query
+    heads per head of x, y, z (GQA: query head h reads head h // group, never a repeated copy)."""
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, out_smem = smem
     x_bar, y_bar, z_bar = loaded
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
@@ -197,9 +200,9 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
         plgpu.set_max_registers(config.memory_registers, action="decrease")
 
         def load(n, slot):
-            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h], x_smem.at[slot], x_bar.at[slot])
-            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h], y_smem.at[slot], y_bar.at[slot])
-            plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h], z_smem.at[slot], z_bar.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
+            plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
 
         for slot in range(stages):
             load(slot, slot)
@@ -219,11 +222,13 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
 
 def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
     """Raises ValueError on inputs `walk` does not take; returns the piece count."""
-    b, t, h, d = x.shape
+    b, t, _, d = x.shape
+    h = states_in.shape[1]
     c = config.chunk
-    if y.shape != x.shape or z.shape != x.shape:
-        raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}: need all three [B, T, H, D], D in {HEAD_DIMS} "
-                         "(Hkv == H: no GQA)")
+    for a in (x, y, z):
+        if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != (b, t, d) or h % a.shape[2]:
+            raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}, states_in {states_in.shape}: need x, y, z "
+                             f"[B, T, Hx, D], D in {HEAD_DIMS}, each Hx dividing the H of states_in")
     if d not in HEAD_DIMS:
         raise ValueError(f"head dim {d}: this kernel takes head dims of {HEAD_DIMS}")
     if {jnp.dtype(a.dtype) for a in (x, y, z)} != {jnp.dtype(jnp.bfloat16)}:
@@ -242,9 +247,10 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
 
     Args:
-      x, y, z [B, T, H, D] bf16, D in HEAD_DIMS; rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, D, D]
-      float32, the state entering each piece of piece_len positions in the walk's direction (at its start, or
-      its end when reverse; T = P * piece_len, piece_len a multiple of config.chunk).
+      x, y, z [B, T, Hx, D] bf16, D in HEAD_DIMS, each Hx dividing H (query head h reads head h // (H / Hx):
+      GQA without copies); rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, D, D] float32, the
+      state entering each piece of piece_len positions in the walk's direction (at its start, or its end when
+      reverse; T = P * piece_len, piece_len a multiple of config.chunk).
       reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
       scale: a static float multiplying the mask, and the output's state term or (scale_update) the state's
       update. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
@@ -252,7 +258,8 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
       out [B, T, H, D] bf16.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
-    b, t, h, d = x.shape
+    b, t, _, d = x.shape
+    h = states_in.shape[1]
     c = config.chunk
     stages = max(1, min(config.stages, piece_len // c))
     half = d // _COMPUTE_WGS
@@ -275,7 +282,8 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     )
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
-                          scale_update=scale_update, config=config, interpret=interpret),
+                          scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z)), config=config,
+                          interpret=interpret),
         out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -294,8 +302,6 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
 def supported(q, k, v, interpret: bool = False) -> str | None:
     """None when the walks can run attention over these q, k, v here (compiled: a Hopper GPU), else the reason.
     Which Hopper parts their GPU tests qualified is `impls.qualification`'s."""
-    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
-        return f"GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]}) is not implemented in these kernels"
     if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
         return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv in {HEAD_DIMS} is implemented"
     if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:

@@ -79,7 +79,7 @@ class Backend(Protocol):
         """o [B, T, H, Dv] in q.dtype, each piece walked from its entering state."""
 
     def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan: Plan, scale: float) -> tuple[jax.Array, ...]:
-        """(dq, dk, dv), dk and dv per query head [B, T, H, D] (float32 under GQA, for `backward` to sum)."""
+        """(dq, dk, dv), dk and dv per query head [B, T, H, D] under GQA (`backward` sums them in float32)."""
 
 
 def front_pad(x, pad: int):
@@ -180,9 +180,9 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
     pieces_out = leaving(sums, g if fused else None, rates, plan)
     dq, dk, dv = backend.grads(q_pad, k_pad, v_pad, do_pad, rates, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = dq[:, plan.pad:], dk[:, plan.pad:], dv[:, plan.pad:]
-    if group > 1:
-        dk = dk.reshape(b, -1, hkv, group, dim_k).sum(3)
-        dv = dv.reshape(b, -1, hkv, group, dim_v).sum(3)
+    if group > 1:  # each query head's share, summed per K/V head in float32
+        dk = dk.astype(_F32).reshape(b, -1, hkv, group, dim_k).sum(3)
+        dv = dv.astype(_F32).reshape(b, -1, hkv, group, dim_v).sum(3)
     if unfused_s_in is not None:
         dq = dq.astype(_F32) + states.apply_state_dq(do, rates, unfused_s_in, scale)
     if g is not None and not fused:

@@ -32,6 +32,9 @@ D = 128
 # 1e-4 (they round alike); with scale d^-0.5 3.06e-3 to 3.13e-3 (two_batches, three_chunks, d=64: one seed
 # each); tighter than BF16_TOL (2e-2) so that a wrong decay on the carried state shows.
 INTERPRET_TOL = 4e-3
+# Under GQA the dK, dV walks write bf16 shares per query head (the Triton kernels float32 ones): one more bf16
+# rounding per share; measured 2.9e-3 (dK) and 3.6e-3 (dV) on gqa_scaled (one seed).
+INTERPRET_GQA_TOL = 8e-3
 # Compiled walks against compiled Triton kernels: the same rounding differences as interpreted (above), with
 # margin; passed on an H200 (2026-11-29; the values themselves were not logged).
 GPU_TOL = 6e-3
@@ -41,9 +44,9 @@ def _transposed(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _inputs(rng, b, t, h, rates, scale=1.0, d=D):
+def _inputs(rng, b, t, h, rates, scale=1.0, d=D, hkv=None):
     """bf16 q, k, v, dO, rates, an incoming state and an end-state cotangent; q of unit variance when scaled."""
-    q, k, v = qkv(rng, b, t, h, h, d, d, jnp.bfloat16)
+    q, k, v = qkv(rng, b, t, h, hkv or h, d, d, jnp.bfloat16)
     if scale != 1.0:
         q = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     do = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
@@ -65,11 +68,16 @@ def _triton_and_walks(q, k, v, do, s, s_in, g, kernels, mosaic_config, scale=1.0
     pieces_in, pieces_out = saved.pieces_in, pieces.leaving(sums, g, s, plan)
     walk = functools.partial(pallas_mosaic.walk, rates=s, piece_len=plan.piece_len, scale=scale,
                              config=mosaic_config, interpret=kernels.interpret)
+
+    def per_kv_head(x):  # GQA: the walks' per-query-head shares summed as `pieces.backward` does
+        b, t, h, d = x.shape
+        return x.astype(jnp.float32).reshape(b, t, k.shape[2], h // k.shape[2], d).sum(3).astype(x.dtype)
+
     return {
         "o": (o, walk(q, k, v, states_in=pieces_in, reverse=False)),
         "dq": (dq, walk(do, v, k, states_in=_transposed(pieces_in), reverse=False)),
-        "dv": (dv, walk(k, q, do, states_in=pieces_out, reverse=True, scale_update=True)),
-        "dk": (dk, walk(v, do, q, states_in=_transposed(pieces_out), reverse=True, scale_update=True)),
+        "dv": (dv, per_kv_head(walk(k, q, do, states_in=pieces_out, reverse=True, scale_update=True))),
+        "dk": (dk, per_kv_head(walk(v, do, q, states_in=_transposed(pieces_out), reverse=True, scale_update=True))),
     }
 
 
@@ -77,20 +85,23 @@ def _triton_and_walks(q, k, v, do, s, s_in, g, kernels, mosaic_config, scale=1.0
 # a ring of 2 stages (it wraps; "on" rates: a zero rate and one whose lambda^64 underflows); 2 batches of one
 # piece of 4 chunks with the ring capped at the chunk count (TNL slopes: lambda^64 from 1e-7 to 0.78, so the
 # carried state matters); pieces of 1 and 3 chunks at the default 3 stages (ring capped at 1; ring just full);
-# head dim 64 on 2 pieces. Scale d^-0.5 (on unit-variance q) where the carried state matters, 1 elsewhere.
+# head dim 64 on 2 pieces; GQA (4 query heads on 2 K/V heads) and MQA. Scale d^-0.5 (on unit-variance q) where
+# the carried state matters, 1 elsewhere.
 CASES = {
-    "two_pieces_ring_wraps": (1, 512, 2, D, "on", 2, 1.0, (2, 4)),
-    "two_batches_ring_capped_scaled": (2, 256, 2, D, "slopes", 8, D ** -0.5, (1, 4)),
-    "one_chunk": (1, 64, 1, D, "slopes", 3, 1.0, (1, 1)),
-    "three_chunks_scaled": (1, 192, 1, D, "slopes", 3, D ** -0.5, (1, 3)),
-    "d64_two_pieces_scaled": (1, 512, 2, 64, "slopes", 3, 64 ** -0.5, (2, 4)),
+    "two_pieces_ring_wraps": (1, 512, 2, 2, D, "on", 2, 1.0, (2, 4)),
+    "two_batches_ring_capped_scaled": (2, 256, 2, 2, D, "slopes", 8, D ** -0.5, (1, 4)),
+    "one_chunk": (1, 64, 1, 1, D, "slopes", 3, 1.0, (1, 1)),
+    "three_chunks_scaled": (1, 192, 1, 1, D, "slopes", 3, D ** -0.5, (1, 3)),
+    "d64_two_pieces_scaled": (1, 512, 2, 2, 64, "slopes", 3, 64 ** -0.5, (2, 4)),
+    "gqa_scaled": (1, 256, 4, 2, D, "slopes", 3, D ** -0.5, (1, 4)),
+    "mqa_d64": (1, 512, 2, 1, 64, "on", 3, 1.0, (2, 4)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_walks_match_triton(case, rng):
-    b, t, h, d, rates, stages, scale, (n_pieces, chunks) = CASES[case]
-    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale, d)
+    b, t, h, hkv, d, rates, stages, scale, (n_pieces, chunks) = CASES[case]
+    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, rates, scale, d, hkv)
     plan = pt.INTERPRET.plan(q, v)
     assert (plan.pieces, plan.piece_len // plan.chunk) == (n_pieces, chunks), plan
     config = dataclasses.replace(pallas_mosaic.DEFAULT, stages=stages)
@@ -99,7 +110,8 @@ def test_interpreted_walks_match_triton(case, rng):
     for name, (want, got) in results.items():
         assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < INTERPRET_TOL, (name, rel_err(got, want))
+        tol = INTERPRET_GQA_TOL if hkv < h and name in ("dk", "dv") else INTERPRET_TOL
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -148,7 +160,7 @@ def test_bad_inputs_are_refused(rng):
     q, k, v, _, s, _, _ = _inputs(rng, 1, 256, 2, "on")
     states_in = jnp.zeros((1, 2, 2, D, D), jnp.float32)
     cases = [
-        ((q, k[:, :, :1], v[:, :, :1], s, states_in, 128), "no GQA"),
+        ((q, jnp.concatenate([k] * 3, 2)[:, :, :3], v, s, states_in, 128), "each Hx dividing"),
         ((q[..., :32], k[..., :32], v[..., :32], s, states_in, 128), "head dims of (64, 128)"),
         ((q.astype(jnp.float32), k, v, s, states_in, 128), "bfloat16"),
         ((q, k, v, s, states_in, 96), "piece_len % chunk"),
@@ -162,7 +174,6 @@ def test_bad_inputs_are_refused(rng):
 
 def test_supported_says_why(rng):
     q, k, v, _, _, _, _ = _inputs(rng, 1, 64, 2, "on")
-    assert "GQA" in pallas_mosaic.supported(q, k[:, :, :1], v[:, :, :1])
     assert "head dims" in pallas_mosaic.supported(q[..., :64], k[..., :64], v)  # Dk != Dv
     assert "head dims" in pallas_mosaic.supported(q[..., :32], k[..., :32], v[..., :32])
     assert "bfloat16" in pallas_mosaic.supported(*(x.astype(jnp.float16) for x in (q, k, v)))
@@ -171,9 +182,11 @@ def test_supported_says_why(rng):
     assert pallas_mosaic.supported(q, k, v, interpret=True) is None
 
 
-# (B, T, H, D) -> pallas_triton's default plan (pieces, piece length).
-GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4, D), (32, 512)), "2_batches_16_pieces": ((2, 4096, 2, D), (16, 256)),
-              "d64_16_pieces": ((1, 16384, 4, 64), (16, 1024))}
+# (B, T, H, Hkv, D) -> pallas_triton's default plan (pieces, piece length).
+GPU_SHAPES = {"32_pieces_of_512": ((1, 16384, 4, 4, D), (32, 512)),
+              "2_batches_16_pieces": ((2, 4096, 2, 2, D), (16, 256)),
+              "d64_64_pieces": ((1, 16384, 4, 4, 64), (64, 256)),
+              "gqa_8_on_2": ((1, 16384, 8, 2, D), (16, 1024))}
 
 
 @pytest.mark.gpu
@@ -182,8 +195,8 @@ def test_gpu_walks_match_triton(case, rng):
     """The compiled walks at their default blocks (3 stages, C = 64) on the pieces of pallas_triton's plan,
     both directions, against the compiled Triton kernels; TNL slopes, scale d^-0.5."""
     shape, (n_pieces, piece_len) = GPU_SHAPES[case]
-    b, t, h, d = shape
-    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, "slopes", d ** -0.5, d)
+    b, t, h, hkv, d = shape
+    q, k, v, do, s, s_in, g = _inputs(rng, b, t, h, "slopes", d ** -0.5, d, hkv)
     if (reason := pallas_mosaic.supported(q, k, v)) is not None:
         pytest.skip(reason)
     plan = pt.KERNELS.plan(q, v)
@@ -193,4 +206,5 @@ def test_gpu_walks_match_triton(case, rng):
     results = jax.jit(run)(q, k, v, do, s, s_in, g)
     for name, (want, got) in results.items():
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))
+        tol = max(GPU_TOL, INTERPRET_GQA_TOL) if hkv < h and name in ("dk", "dv") else GPU_TOL
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))

@@ -117,15 +117,17 @@ def test_contract_matches_reference(case, with_states, scaled, rng):
         assert rel_err(x, ref) < INTERPRET_F32_TOL, (name, rel_err(x, ref))
 
 
-@pytest.mark.parametrize(("t", "d", "scale"), [(640, 128, 128 ** -0.5), (600, 128, 128 ** -0.5), (640, 128, 1.0),
-                                               (640, 64, 64 ** -0.5)],
-                         ids=["whole", "ragged", "whole_unscaled", "whole_d64"])
-def test_mosaic_walks_match_reference(t, d, scale, rng):
+@pytest.mark.parametrize(("t", "d", "hkv", "scale"), [(640, 128, 4, 128 ** -0.5), (600, 128, 4, 128 ** -0.5),
+                                                      (640, 128, 4, 1.0), (640, 64, 4, 64 ** -0.5),
+                                                      (640, 128, 2, 128 ** -0.5)],
+                         ids=["whole", "ragged", "whole_unscaled", "whole_d64", "whole_gqa"])
+def test_mosaic_walks_match_reference(t, d, hkv, scale, rng):
     """impl "pallas_mosaic" (Triton state passes, Mosaic walks), interpreted: 2 pieces of 5 chunks, bf16, d=128
-    (and 64), with an incoming state and an end-state cotangent (whole T: through the piece scans; ragged: front
-    padding and the separate state products), against the fp32 dense reference; scale d^-0.5 on unit-variance q."""
+    (and 64, and GQA), with an incoming state and an end-state cotangent (whole T: through the piece scans;
+    ragged: front padding and the separate state products), against the fp32 dense reference; scale d^-0.5 on
+    unit-variance q."""
     b, h = 1, 4
-    q, k, v = qkv(rng, b, t, h, h, d, d, jnp.bfloat16)
+    q, k, v = qkv(rng, b, t, h, hkv, d, d, jnp.bfloat16)
     if scale != 1.0:
         q = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     s = decay("slopes", h, rng)
@@ -166,8 +168,9 @@ def test_mosaic_config_checks():
         pallas_mosaic.Walks(triton=dataclasses.replace(pallas_triton.DEFAULT, chunk=32))
     q = jax.ShapeDtypeStruct((1, 64, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
-    assert pallas_mosaic.INTERPRET.supported(q, k, k).startswith("GQA")
-    assert pallas_triton.INTERPRET.supported(q, k, k) is None
+    assert pallas_mosaic.INTERPRET.supported(q, k, k) is None
+    v64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+    assert pallas_mosaic.INTERPRET.supported(q, k, v64).startswith("head dims Dk=128, Dv=64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +290,9 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     assert pallas_mosaic.supported(bf16_d64, bf16_d64, bf16_d64) is None
     assert "head dims (128,), not Dk=64" in impls.qualification("pallas_mosaic", bf16_d64, bf16_d64, bf16_d64)
     assert auto(bf16_d64) is impls.IMPLS["pallas_triton"]
+    gqa_kv = jax.ShapeDtypeStruct((1, 64, 1, 128), jnp.bfloat16)
+    assert "not GQA/MQA" in impls.qualification("pallas_mosaic", bf16, gqa_kv, gqa_kv)
+    assert impls.resolve("auto", bf16, gqa_kv, gqa_kv) is impls.IMPLS["pallas_triton"]
     with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*Dk=32"):
         assert auto(bf16_d32) is impls.IMPLS["xla"]
 
@@ -521,6 +527,7 @@ GPU_CASES = {
     "d128_bf16_mosaic_whole": (1, 8192, 4, 4, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
     "d128_bf16_mosaic_crowded": (8, 512, 32, 32, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
     "d64_bf16_mosaic": (2, 3000, 4, 4, 64, 64, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
+    "d128_bf16_mosaic_gqa": (1, 4096, 8, 2, 128, 128, jnp.bfloat16, {"walks": pallas_mosaic.DEFAULT}),
 }
 
 
