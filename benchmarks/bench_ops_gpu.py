@@ -13,14 +13,18 @@ Inputs: q, k, v, dO independent standard normals rounded to bf16, drawn by JAX f
 (the same bits everywhere; the torch process copies them over), scale = d^-0.5 unless --scale. The contenders
 take the same rates s_h (TNL slopes), each in its own form: lasp_jax `decay=s, scale=`; jla log-gate g = -s
 broadcast to its per-token layout [B, T, H] inside the jitted call, `scale=`; fla `g_gamma=-s, scale=`; LASP's
-lightning_attn has no scale argument, so it gets q * scale rounded to bf16, formed outside its timing.
+lightning_attn has no scale argument, so it gets q * scale rounded to bf16, formed outside its timing. The JAX
+contenders get s as an argument of the jitted call, not a constant (see `measure.fwd_and_fwd_bwd`).
 
 Timing: JAX contenders by `measure.median_ms` (back-to-back calls, median of rounds); torch peers by
 triton.testing.do_bench (CUDA events, median). Forward+backward returns the output and the three input
 cotangents for a given dO (no loss reduction). Error: `measure.rel_err` of o, dq, dk, dv against
-`measure.fp32_reference` (chunked XLA on the fp32-upcast inputs, HIGHEST precision), computed in each process.
-Bytes floor (torch's copy bandwidth, measured in the torch process): forward reads q, k, v and writes o
-(4 tensors); forward+backward adds reading q, k, v, dO and writing dq, dk, dv (11 tensors).
+`measure.fp32_reference` (chunked XLA on the fp32-upcast inputs, HIGHEST precision), computed in each process
+(compiled once per shape: the workers share a compilation cache). Bytes floor (`measure.copy_bandwidth_gbs`
+over --copy-mib, measured by the first worker, whichever contenders run): forward reads q, k, v and writes o
+(4 tensors); forward+backward adds reading q, k, v, dO and writing dq, dk, dv (11 tensors). Each row has
+wall_s, the seconds its worker spent on it (compiles, the error run, the timing), and reference_s, the fp32
+reference's for its shape in that worker.
 
 Writes ops_gpu.{json,md,png} under --out (after every worker: a run cut off keeps what finished).
 """
@@ -33,6 +37,7 @@ import json
 import os
 import shlex
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the torch peers share the GPU
 
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copy-mib", type=int, default=2048, help="MiB passed over to measure the memory bandwidth")
     parser.add_argument("--jla-impl", default="mosaic_gpu",
                         help="jla's impl (mosaic_gpu: its Hopper kernels; chunked runs anywhere, for CPU checks)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -115,7 +121,8 @@ def main(argv=None):
     }
     # The workers get this run's flags (minus --out), so their rows answer the same command.
     passed = ["--shapes", args.shapes, "--iters", str(args.iters), "--reps", str(args.reps), "--seed",
-              str(args.seed), "--jla-impl", args.jla_impl, "--impls", args.impls, "--peers", args.peers]
+              str(args.seed), "--jla-impl", args.jla_impl, "--impls", args.impls, "--peers", args.peers,
+              "--copy-mib", str(args.copy_mib)]
     if args.scale is not None:
         passed += ["--scale", repr(args.scale)]
     rows = []
@@ -136,12 +143,14 @@ def main(argv=None):
 
 
 def worker_main(args) -> None:
-    """One contender group in this process: a device row, then one row per contender and shape."""
+    """One contender group in this process: a device row (the first worker's with the copy bandwidth), then one
+    row per contender and shape."""
     kind, _, detail = args.worker.partition(":")
     device_row = {"worker": args.worker, "device": jax.devices()[0].device_kind}
+    if args.worker == workers(args)[0]:
+        device_row["copy_GBps"] = measure.copy_bandwidth_gbs(args.copy_mib << 20, args.iters, args.reps)
     if kind == "torch":
         contenders = torch_contenders(detail.split("+"))
-        device_row["copy_GBps"] = copy_bandwidth_gbs() if contenders else None
     elif kind == "jla":
         contenders = {f"jla simple_gla ({args.jla_impl})": jla_contender(args.jla_impl)}
     elif kind == "lasp_jax":
@@ -155,31 +164,36 @@ def worker_main(args) -> None:
         scale = args.scale if args.scale is not None else shape[3] ** -0.5
         rates = tnl_slopes(shape[2])
         inputs = measure.normal_inputs(shape, args.seed)
+        start = time.perf_counter()
         want = measure.fp32_reference(*inputs, rates, scale)
+        reference_s = time.perf_counter() - start
         for name, contender in contenders.items():
             row = {"shape": list(shape), "contender": name, "scale": scale}
+            start = time.perf_counter()
             try:
                 row |= contender(inputs, rates, scale, want, args)
             except Exception as e:  # one failing contender must not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row |= {"wall_s": round(time.perf_counter() - start, 2), "reference_s": round(reference_s, 2)}
             measure.append_row(args.rows, row)
         del inputs, want
 
 
-def _time_jax(attend, inputs, want, args) -> dict:
-    """fwd / fwd+bwd ms and errors of a JAX attend(q, k, v) -> o."""
+def _time_jax(attend, inputs, rates, want, args) -> dict:
+    """fwd / fwd+bwd ms and errors of a JAX attend(q, k, v, rates) -> o (rates [H] float32, an argument)."""
     fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend)
     q, k, v, do = inputs
-    result = {"errors": measure.errors(fwd_bwd(q, k, v, do), want)}
-    result["fwd_ms"] = measure.median_ms(fwd, (q, k, v), args.iters, args.reps)
-    result["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (q, k, v, do), args.iters, args.reps)
+    rates = jnp.asarray(rates, jnp.float32)
+    result = {"errors": measure.errors(fwd_bwd(q, k, v, do, rates), want)}
+    result["fwd_ms"] = measure.median_ms(fwd, (q, k, v, rates), args.iters, args.reps)
+    result["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (q, k, v, do, rates), args.iters, args.reps)
     return result
 
 
 def lasp_jax_contender(impl: str):
     def run(inputs, rates, scale, want, args):
-        return _time_jax(lambda q, k, v: lasp_jax.linear_attention(q, k, v, rates, scale=scale, impl=impl),
-                         inputs, want, args)
+        return _time_jax(lambda q, k, v, s: lasp_jax.linear_attention(q, k, v, s, scale=scale, impl=impl),
+                         inputs, rates, want, args)
 
     return run
 
@@ -191,11 +205,11 @@ def jla_contender(impl: str):
     from jla.ops import linear_attention as jla_attention
 
     def run(inputs, rates, scale, want, args):
-        def attend(q, k, v):
-            g = jnp.broadcast_to(-jnp.asarray(rates), q.shape[:3])
+        def attend(q, k, v, s):
+            g = jnp.broadcast_to(-s, q.shape[:3])
             return jla_attention("simple_gla", q, k, v, g=g, scale=scale, impl=impl)[0]
 
-        return _time_jax(attend, inputs, want, args)
+        return _time_jax(attend, inputs, rates, want, args)
 
     return run
 
@@ -281,18 +295,6 @@ def _torch_peer(make, head_major: bool):
         return result
 
     return run
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy of 2 GiB through torch, bytes read plus written over the median time."""
-    import torch
-    import triton
-
-    n = 1 << 30
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * 2 * n / ms / 1e6
 
 
 def save(out, meta, rows):

@@ -9,6 +9,7 @@ untimed. Error (`rel_err`): ||x - ref||_2 / ||ref||_2 over the whole tensor, bot
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -78,23 +79,41 @@ def normal_inputs(shape: Shape, seed: int = 0, dtype=jnp.bfloat16):
 
 
 def fwd_and_fwd_bwd(attend):
-    """(forward, forward+backward) jitted from attend(q, k, v) -> o; the second returns (o, (dq, dk, dv)) for a
-    given dO (no loss reduction)."""
+    """(forward, forward+backward) jitted from attend(q, k, v, *operands) -> o: forward(q, k, v, *operands) and
+    forward_backward(q, k, v, dO, *operands) -> (o, (dq, dk, dv)) for a given dO (no loss reduction; `operands`,
+    e.g. decay rates, are not differentiated). Pass the decay as an operand, not a closure constant: a constant
+    lets XLA fold what a contender derives from it at compile time (jla's gate cumsum took 5 to 66 s per
+    compile on an H200, 2026-11-29)."""
 
-    def fwd_bwd(q, k, v, do):
-        o, vjp_fn = jax.vjp(attend, q, k, v)
+    def fwd_bwd(q, k, v, do, *operands):
+        o, vjp_fn = jax.vjp(lambda q, k, v: attend(q, k, v, *operands), q, k, v)
         return o, vjp_fn(do)
 
     return jax.jit(attend), jax.jit(fwd_bwd)
 
 
+def _xla_attend(q, k, v, decay, *, scale: float):
+    return lasp_jax.linear_attention(q, k, v, decay, scale=scale, impl="xla")
+
+
 def fp32_reference(q, k, v, do, decay, scale: float):
     """(o, (dq, dk, dv)) of the chunked XLA path on the inputs upcast to float32, every product at HIGHEST
     precision (no TF32): the "fp32 run of the same inputs" that each contender's bf16 result is measured against
-    (its own error is near 1e-6). Waited for: no timing that follows overlaps it."""
-    _, fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v: lasp_jax.linear_attention(q, k, v, decay, scale=scale, impl="xla"))
+    (its own error is near 1e-6). The same program in every worker of a run, so `run_workers`' shared
+    compilation cache compiles it once per shape (2.2 s of a 2.6 s reference at 1x16384x4x64 on CPU; a cache
+    hit 0.18 s). Waited for: no timing that follows overlaps it."""
+    _, fwd_bwd = fwd_and_fwd_bwd(functools.partial(_xla_attend, scale=scale))
     with jax.default_matmul_precision("highest"):
-        return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do))))
+        return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)),
+                                             jnp.asarray(decay, jnp.float32)))
+
+
+def copy_bandwidth_gbs(n_bytes: int, iters: int, reps: int) -> float:
+    """Device memory bandwidth in GB/s (bytes read plus written per ms) of a jitted pass over n_bytes of float32,
+    timed by `median_ms`: a negation (one read, one write per element, as a copy; XLA elides a plain copy)."""
+    x = jnp.ones((max(n_bytes // 4, 1),), jnp.float32)
+    ms = median_ms(jax.jit(jnp.negative), (x,), iters, reps)
+    return 2 * x.nbytes / ms / 1e6
 
 
 class _Stopped(Exception):
@@ -106,21 +125,24 @@ def _raise_stopped(signum, frame):
 
 
 def run_workers(module: str, args: list[str], names: list[str], collect) -> bool:
-    """Runs `python -m module *args --worker NAME --rows FILE` for each name in turn, each in a process of its own
-    (one framework's timing undisturbed by another's compiled programs, allocator pool or autotuning); the worker
-    appends one JSON row per line to FILE. Passes each worker's rows to collect(name, rows), with an error row
-    naming it when it failed (the rows it wrote before are kept). SIGTERM (a step's time limit) stops the worker
-    in flight: its rows so far are collected with a row saying so, no further worker starts, and the result is
-    False; else True."""
+    """Runs `python -m module *args --worker NAME --rows FILE` for each name in turn, each in a process of its own (one
+    framework's timing undisturbed by another's compiled programs, allocator pool or autotuning); the worker appends
+    one JSON row per line to FILE. The workers share one JAX compilation cache (JAX_COMPILATION_CACHE_DIR, a folder
+    of this run unless set): what they all compile, the fp32 reference above all, compiles once. Passes each
+    worker's rows to collect(name, rows), with an error row naming it when it failed (the rows it wrote before are
+    kept). SIGTERM (a step's time limit) stops the worker in flight: its rows so far are collected with a row saying
+    so, no further worker starts, and the result is False; else True."""
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_workers_") as scratch:
+            env = dict(os.environ)
+            env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(scratch, "jax_cache"))
             for i, name in enumerate(names):
                 path = os.path.join(scratch, f"{i}.jsonl")
                 cmd = [sys.executable, "-m", module, *args, "--worker", name, "--rows", path]
                 print("$ " + shlex.join(cmd), flush=True)
                 try:
-                    rc = subprocess.run(cmd).returncode  # on an exception it kills the worker first
+                    rc = subprocess.run(cmd, env=env).returncode  # on an exception it kills the worker first
                 except _Stopped:
                     collect(name, read_rows(path) + [{"worker": name, "error": "stopped by SIGTERM while running"}])
                     return False

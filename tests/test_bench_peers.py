@@ -49,6 +49,19 @@ def test_failed_worker_gives_an_error_row():
     assert got == [[{"worker": w, "error": "worker exited with 2 (its log is above)"}] for w in ("a", "b")]
 
 
+def test_workers_compile_the_reference_once(monkeypatch):
+    """The second worker loads the fp32 reference's program from the run's shared compilation cache (the
+    1 s threshold lowered: this tiny shape compiles faster)."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    got = []
+    assert measure.run_workers("tests.test_bench_peers", [], ["reference", "reference"],
+                               lambda name, rows: got.extend(rows))
+    assert got[0]["compiles"] > 0 and got[0]["cache_hits"] == 0
+    assert got[1]["cache_hits"] == got[1]["compiles"] == got[0]["compiles"]
+    assert got[0]["o"] == got[1]["o"]
+
+
 def test_sigterm_keeps_the_rows_so_far():
     """SIGTERM (a step's time limit) while a worker runs: its rows so far are kept, no further worker starts."""
     got = []
@@ -63,7 +76,7 @@ def test_sigterm_keeps_the_rows_so_far():
 def test_ops_side_by_side(tmp_path):
     """Two workers in their own processes: xla measured, an unknown impl reported as its row's error."""
     bench_ops_gpu.main(["--shapes", "1x128x2x32", "--impls", "xla,no_such_impl", "--peers", "", "--iters", "1",
-                        "--reps", "1", "--out", str(tmp_path)])
+                        "--reps", "1", "--copy-mib", "8", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "ops_gpu.json").read_text())
     rows = {r["contender"]: r for r in result["rows"]}
     assert set(rows) == {"lasp_jax xla", "lasp_jax no_such_impl"}
@@ -72,8 +85,11 @@ def test_ops_side_by_side(tmp_path):
     assert 1e-4 < rows["lasp_jax xla"]["errors"]["max"] < BF16_ERR
     assert "unknown impl" in rows["lasp_jax no_such_impl"]["error"]
     assert set(result["meta"]["devices"]) == {"lasp_jax:xla", "lasp_jax:no_such_impl"}
+    assert result["meta"]["copy_GBps"] > 0  # measured by the first worker, whoever runs
+    assert all(r["wall_s"] > 0 and r["reference_s"] > 0 for r in rows.values())
     table = (tmp_path / "ops_gpu.md").read_text()
     assert "process of its own" in table and "| 1x128x2x32 | lasp_jax xla |" in table
+    assert "nan" not in table and "not measured" not in table
 
 
 @pytest.mark.slow
@@ -81,7 +97,7 @@ def test_ops_side_by_side(tmp_path):
 def test_ops_with_jla(tmp_path):
     """jla's simple_gla (its chunked op on CPU) beside ours: same inputs, same error, a ratio row."""
     bench_ops_gpu.main(["--shapes", "1x128x2x32", "--impls", "xla", "--peers", "jla", "--jla-impl", "chunked",
-                        "--iters", "1", "--reps", "1", "--out", str(tmp_path)])
+                        "--iters", "1", "--reps", "1", "--copy-mib", "8", "--out", str(tmp_path)])
     rows = {r["contender"]: r for r in json.loads((tmp_path / "ops_gpu.json").read_text())["rows"]}
     ours, jla = rows["lasp_jax xla"], rows["jla simple_gla (chunked)"]
     assert jla["errors"]["max"] < BF16_ERR
@@ -111,7 +127,21 @@ def test_lasp_side_by_side(tmp_path):
     assert os.path.exists(tmp_path / "lasp_gpu.png")
 
 
-if __name__ == "__main__":  # the worker of test_sigterm_keeps_the_rows_so_far: one row, then its parent is stopped
-    measure.append_row(sys.argv[sys.argv.index("--rows") + 1], {"contender": "first"})
-    os.kill(os.getppid(), signal.SIGTERM)
-    time.sleep(60)
+if __name__ == "__main__":  # a worker of the run_workers tests
+    rows_file = sys.argv[sys.argv.index("--rows") + 1]
+    if sys.argv[sys.argv.index("--worker") + 1] == "reference":  # the reference's compile: loaded or not
+        import jax
+
+        from lasp_jax.ops import tnl_slopes
+
+        events = []
+        jax.monitoring.register_event_listener(lambda event, **_: events.append(event.rsplit("/", 1)[-1]))
+        inputs = measure.normal_inputs((1, 64, 2, 16))
+        del events[:]
+        o, _ = measure.fp32_reference(*inputs, tnl_slopes(2), 0.25)
+        measure.append_row(rows_file, {"compiles": events.count("compile_requests_use_cache"),
+                                       "cache_hits": events.count("cache_hits"), "o": float(o.sum())})
+    else:  # one row, then its parent is stopped
+        measure.append_row(rows_file, {"contender": "first"})
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(60)
