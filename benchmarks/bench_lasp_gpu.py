@@ -130,12 +130,12 @@ def worker_main(args) -> None:
     rates = tnl_slopes(h)
     if args.worker == "lasp_jax":
         one_gpu = {f"1 GPU lasp_jax linear_attention ({args.impl}), T={t}": (
-            lambda q, k, v: lasp_jax.linear_attention(q, k, v, rates, scale=args.scale, impl=args.impl), None, "")}
+            lambda q, k, v, s: lasp_jax.linear_attention(q, k, v, s, scale=args.scale, impl=args.impl), None, "")}
     else:
         from jla.ops import linear_attention as jla_attention
 
         one_gpu = {f"1 GPU jla simple_gla ({args.jla_impl}), T={t}": (
-            lambda q, k, v: jla_attention("simple_gla", q, k, v, g=_jla_gate(q, rates), scale=args.scale,
+            lambda q, k, v, s: jla_attention("simple_gla", q, k, v, g=_jla_gate(q, s), scale=args.scale,
                                           impl=args.jla_impl)[0], None, "")}
     for n in [1] + counts:
         inputs = measure.normal_inputs((1, n * t, h, d), args.seed)
@@ -143,17 +143,19 @@ def worker_main(args) -> None:
         if n == 1:
             contenders = one_gpu
         else:
-            contenders = (_ours(args, devices[:n], rates) if args.worker == "lasp_jax"
-                          else _jla(args, devices[:n], rates))
+            contenders = _ours(args, devices[:n]) if args.worker == "lasp_jax" else _jla(args, devices[:n])
             sharding = next(iter(contenders.values()))[1]
             inputs = tuple(jax.device_put(x, sharding) for x in inputs)
+        # The rates are an argument of the jitted calls, not a constant XLA could fold (`measure.fwd_and_fwd_bwd`).
+        decay = jnp.asarray(rates, jnp.float32) if n == 1 else jax.device_put(
+            rates, NamedSharding(sharding.mesh, P()))
         for name, (attend, _, label) in contenders.items():
             row = {"run": name, "gpus": n, "framework": args.worker, "label": label}
             try:
                 fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend)
-                row["errors"] = measure.errors(fwd_bwd(*inputs), want)
-                row["fwd_ms"] = measure.median_ms(fwd, inputs[:3], args.iters, args.reps)
-                row["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, inputs, args.iters, args.reps)
+                row["errors"] = measure.errors(fwd_bwd(*inputs, decay), want)
+                row["fwd_ms"] = measure.median_ms(fwd, (*inputs[:3], decay), args.iters, args.reps)
+                row["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (*inputs, decay), args.iters, args.reps)
             except Exception as e:  # report it and go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             measure.append_row(args.rows, row)
@@ -161,32 +163,33 @@ def worker_main(args) -> None:
 
 
 def _jla_gate(q, rates):
-    """jla's per-token log-gate g [B, T, H] = -s for constant rates s (its layout has no per-head form)."""
-    return jnp.broadcast_to(-jnp.asarray(rates), q.shape[:3])
+    """jla's per-token log-gate g [B, T, H] = -s for rates s [H] the same at every position (its layout has no
+    per-head form)."""
+    return jnp.broadcast_to(-rates, q.shape[:3])
 
 
-def _ours(args, devices, rates) -> dict:
-    """{name: (attend, input sharding, label)}: lasp_attention with every strategy over a 'seq' axis of
-    `devices`."""
+def _ours(args, devices) -> dict:
+    """{name: (attend(q, k, v, rates), input sharding, label)}: lasp_attention with every strategy over a 'seq'
+    axis of `devices`."""
     w, t = len(devices), args.per_gpu
     mesh = jax.make_mesh((w,), ("seq",), devices=devices)
     spec = NamedSharding(mesh, P(None, "seq"))
     return {f"{w} GPUs lasp_attention {strategy}, T={w * t}": (
-        lambda q, k, v, strategy=strategy: lasp_jax.lasp_attention(
-            q, k, v, jnp.asarray(rates), mesh=mesh, strategy=strategy, scale=args.scale, impl=args.impl), spec,
+        lambda q, k, v, s, strategy=strategy: lasp_jax.lasp_attention(
+            q, k, v, s, mesh=mesh, strategy=strategy, scale=args.scale, impl=args.impl), spec,
         f"lasp_attention {strategy}") for strategy in STRATEGIES}
 
 
-def _jla(args, devices, rates) -> dict:
-    """{name: (attend, input sharding, label)}: jla's context_parallel_linear_attention over a 'cp' axis of
-    `devices`."""
+def _jla(args, devices) -> dict:
+    """{name: (attend(q, k, v, rates), input sharding, label)}: jla's context_parallel_linear_attention over a
+    'cp' axis of `devices`."""
     from jla.distributed.context_parallel import context_parallel_linear_attention
 
     w, t = len(devices), args.per_gpu
     mesh = jax.make_mesh((w,), ("cp",), devices=devices)
     spec = NamedSharding(mesh, P(None, "cp"))
 
-    def attend(q, k, v):
+    def attend(q, k, v, rates):
         g = jax.sharding.reshard(_jla_gate(q, rates), spec)
         return context_parallel_linear_attention("simple_gla", q, k, v, g=g, scale=args.scale, mesh=mesh,
                                                  axis="cp")[0]
