@@ -78,12 +78,12 @@ def qualification(name: str, q, k, v) -> str | None:
     return None
 
 
-_warned: set[str] = set()
+warned: set[str] = set()  # the UnqualifiedWarning messages already given (each once per process)
 
 
 def _warn_once(message: str):
-    if message not in _warned:
-        _warned.add(message)
+    if message not in warned:
+        warned.add(message)
         warnings.warn(message, UnqualifiedWarning, stacklevel=4)
 
 

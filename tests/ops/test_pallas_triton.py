@@ -266,7 +266,7 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
     bf16_d32, bf16_d64 = (jax.ShapeDtypeStruct((1, 64, 2, d), jnp.bfloat16) for d in (32, 64))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(impls, "_warned", set())
+    monkeypatch.setattr(impls, "warned", set())
 
     def on(kind, capability):
         monkeypatch.setattr(jax, "devices", lambda *_: [_Gpu(kind, capability)])
