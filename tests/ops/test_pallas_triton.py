@@ -443,6 +443,24 @@ def test_mosaic_walks_lower_under_shard_map():
     assert text.count("custom_call @mosaic_gpu") == 4
 
 
+@pytest.mark.parametrize(("h", "hkv", "d"), [(8, 2, 128), (4, 4, 64), (8, 1, 64)], ids=["gqa", "d64", "mqa_d64"])
+def test_mosaic_impl_lowers_for_cuda(h, hkv, d):
+    """impl "pallas_mosaic" forward and backward at GQA and head dim 64 lowers for CUDA without a GPU (Mosaic
+    GPU's layout and shared-memory checks): the 2 Triton state passes and the 4 walks."""
+    def fwd_bwd(q, k, v, do):
+        s = jnp.full((h,), 0.1, jnp.float32)
+        o, vjp_fn = jax.vjp(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_mosaic.WALKS, None, False, d ** -0.5),
+                            q, k, v)
+        return o, vjp_fn(do)
+
+    q = jax.ShapeDtypeStruct((1, 8192, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 8192, hkv, d), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(_gpus()):
+        text = jax.jit(fwd_bwd).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
+    assert text.count("custom_call @mosaic_gpu") == 4
+
+
 @pytest.mark.parametrize("t", [8192, 512], ids=["pieces", "one_piece"])
 def test_lowers_to_triton_under_shard_map(t):
     """Without a GPU: the kernels inside lasp_attention's machinery (shard_map over 2 ranks, check_vma, the
