@@ -39,17 +39,16 @@ SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v
 def _interpreted(config=SMALL):
     return pallas_triton.Kernels(config, interpret=True)
 
-# (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): ragged T (front padding: the states enter through the
-# separate products), whole pieces (the states enter the piece scans), several pieces, B=2, GQA with Dk tiles,
-# MQA with Dv tiles, and one piece (no state pass).
+# (B, T, H, Hkv, Dk, Dv, fuse_dkdv, target_programs): what the small blocks cut that the shared contract
+# (tests/ops/test_linear_attention.py, default blocks: one piece at its sizes) does not: ragged T (front padding:
+# the states enter through the separate products), whole pieces (the states enter the piece scans), several
+# pieces, B=2, GQA with Dk tiles, MQA with Dv tiles, split dK and dV, batch-major launches.
 CASES = {
     "mha_fused": (1, 75, 2, 2, 16, 16, True, 64),
     "mha_fused_b2_whole": (2, 64, 2, 2, 16, 16, True, 64),
-    "one_piece_whole": (1, 64, 2, 1, 16, 16, True, 1),
     "gqa_tiles": (1, 64, 4, 2, 32, 16, True, 64),
     "mqa_split": (1, 40, 2, 1, 16, 32, False, 64),
     "gqa_batch_major": (1, 64, 4, 2, 32, 16, True, 64),
-    "one_piece": (1, 40, 2, 1, 16, 16, True, 1),
 }
 
 
@@ -95,7 +94,7 @@ def _cuda_mlir(fn, mesh, *args) -> str:
                          ids=["from_zero", "with_states", "with_states_scaled"])
 @pytest.mark.parametrize("case", CASES)
 def test_contract_matches_reference(case, with_states, scaled, rng):
-    """forward and backward against the dense reference; with_states: an incoming state and an end-state
+    """The small-block kernels' forward and backward against the dense reference; with_states: an incoming state and an end-state
     cotangent, which enter the piece scans (or, at ragged T, the separate state products); scaled: scale =
     Dk^-0.5 on unit-variance q (inside the kernels: their mask and q-side decays)."""
     b, t, h, hkv, dk, dv, fuse, programs = CASES[case]
@@ -108,7 +107,7 @@ def test_contract_matches_reference(case, with_states, scaled, rng):
     s0, ds_end = _states(rng, b, h, dk, dv, with_states)
     config = dataclasses.replace(SMALL, fuse_dkdv=fuse, target_programs=programs,
                                  tiles_first=not case.endswith("batch_major"))
-    assert (pallas_triton.plan(q, v, config).pieces > 1) == (programs > 1), "the case must cut as named"
+    assert pallas_triton.plan(q, v, config).pieces > 1, "the case must cut several pieces"
     got = jax.jit(functools.partial(_attend, _interpreted(config), scale=scale))(q, k, v, s, s0, do, ds_end)
     want = _attend(impls.IMPLS["reference"], q, k, v, s, s0, do, ds_end, scale)
     for name, x, ref in zip(_names(with_states), got, want, strict=True):
@@ -145,18 +144,17 @@ def test_mosaic_walks_match_reference(t, d, hkv, scale, rng):
         assert rel_err(x, ref) < 6e-3, (name, rel_err(x, ref))
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "triton_pieces"])
-def test_later_nonfinite_inputs_never_reach_earlier_outputs(impl, rng):
+def test_later_nonfinite_inputs_never_reach_earlier_outputs(rng):
     """A NaN key and an inf query at the last position: every earlier output is finite and equals the output
-    without them (the causal masks select; the kernels' piece scan selects too, over 4 pieces here)."""
+    without them (the causal masks select; the kernels' piece scan selects too, over 4 pieces here). The
+    reference and xla cases are tests/ops/test_linear_attention.py's."""
     b, t, h, d = 1, 64, 2, 16
     q, k, v = qkv(rng, b, t, h, h, d, d)
     s = decay("on", h, rng)
     s0 = jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32)
     kernels = _interpreted()
     assert kernels.plan(q, v).pieces == 4
-    chosen = kernels if impl == "triton_pieces" else impls.IMPLS[impl]
-    attend = jax.jit(lambda q, k: vjp.attend(q, k, v, s, s0, chosen, None, False, d ** -0.5))
+    attend = jax.jit(lambda q, k: vjp.attend(q, k, v, s, s0, kernels, None, False, d ** -0.5))
     clean = attend(q, k)
     o = np.asarray(attend(q.at[:, -1].set(jnp.inf), k.at[:, -1].set(jnp.nan)))
     assert np.all(np.isfinite(o[:, :-1]))
@@ -206,30 +204,6 @@ def test_exchange_matches_split_reference(case, rng):
     want = run(impls.IMPLS["reference"], q, k, v, do)
     for name, x, ref in zip(["o", "dq", "dk", "dv"], got, want, strict=True):
         assert rel_err(x, ref) < F32_TOL, name
-
-
-def test_linear_attention_with_states_bf16(rng):
-    """Through linear_attention's custom_vjp (incoming and final state terms), bf16 inputs, by name."""
-    b, t, h, hkv, dk, dv = 1, 48, 2, 1, 16, 16
-    q, k, v = qkv(rng, b, t, h, hkv, dk, dv, jnp.bfloat16)
-    s = decay("slopes", h, rng)
-    s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-    w_o = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
-    w_s = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-
-    def loss(attend, q, k, v, s0):
-        o, final = attend(q, k, v, s0)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(final * w_s)
-
-    ours = lambda q, k, v, s0: lasp_jax.linear_attention(
-        q, k, v, s, initial_state=s0, return_final_state=True, impl="pallas_triton_interpret")
-    dense = lambda q, k, v, s0: reference.dense(q, k, v, s, s0)
-    got = jax.jit(jax.grad(lambda *x: loss(ours, *x), argnums=(0, 1, 2, 3)))(q, k, v, s0)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = jax.grad(lambda *x: loss(dense, *x), argnums=(0, 1, 2, 3))(*f32, s0)
-    for name, g, ref in zip(["dq", "dk", "dv", "ds0"], got, want):
-        assert g.dtype == (jnp.float32 if name == "ds0" else jnp.bfloat16), name
-        assert rel_err(g, ref) < BF16_TOL, name
 
 
 def test_supported_reasons(rng):
@@ -550,7 +524,9 @@ GPU_CASES = {
 
 
 def _gpu_tol(dtype):
-    return 2e-3 if dtype == jnp.float32 else BF16_TOL  # fp32: IEEE matmuls; measured ~1e-6
+    # fp32: IEEE matmuls, measured ~1e-6 on the H200 (2026-11-22); bf16: 7e-3, 2.6x the 2.67e-3 the H200
+    # benchmark measured at scale d^-0.5 (benchmarks/results/ops_gpu_h200_s7_scale.md).
+    return 1e-5 if dtype == jnp.float32 else BF16_TOL
 
 
 @pytest.mark.gpu
