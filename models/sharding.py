@@ -67,7 +67,7 @@ def activation_spec(cfg: ModelConfig, ndim: int) -> P:
         return P()
     b = batch_axes(cfg, mesh)
     # A seq axis of size 1 is left out: linear_attention copes with it, but on Explicit meshes the hybrids'
-    # one-device softmax path would carry it into a second dim of a spec (DuplicateSpecError, seen 2026-11-22).
+    # one-device softmax path would carry it into a second dim of a spec (a DuplicateSpecError).
     s = cfg.seq_axis if cfg.seq_axis in _free_axes(mesh) and mesh.shape[cfg.seq_axis] > 1 else None
     return P(b or None, s, *([None] * (ndim - 2)))
 
