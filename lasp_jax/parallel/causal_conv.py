@@ -1,0 +1,198 @@
+"""The depthwise causal convolution of Mamba-2 (over x, B, C), on one device and with the sequence sharded.
+
+    y_t = bias + sum_{i < W} weight[i] * x_(t - W + 1 + i)        (per channel; weight [W, C], width W)
+
+A tap reads nothing (contributes zero) before position 0 and, with segment_ids, before the start of t's document:
+a document starts where the id changes from t-1 to t, as for linear_attention. The masked taps are selected
+away (not multiplied by zero), so a non-finite input in another document never reaches t. The sum runs in
+float32 whatever the dtypes; the output is in x's dtype.
+
+Sequence parallel: rank r of the `seq` axis holds positions [rL, (r+1)L) and needs only the previous rank's last
+W-1 positions (the halo), never the sequence. One lax.ppermute r -> r+1 brings them (rank 0 receives zeros, the
+padding before position 0). Without documents that is the halo itself, and autodiff's transpose of the ppermute
+(r+1 -> r) hands the halo's gradient back to the rank that owns those positions. With documents the halo's ids
+travel in the same collective: both are packed as bytes into one uint8 array, which autodiff cannot see through,
+so a custom_vjp sends the halo's gradient back with one ppermute r+1 -> r.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from lasp_jax.ops import checks, placement
+from lasp_jax.parallel import layout
+
+
+def _check_inputs(x, weight, bias, segment_ids):
+    """Validates x [B, T, C], weight [W, C], bias None or [C] and segment_ids; returns the ids ([B, T] or None)."""
+    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+        if a is None and name == "bias":
+            continue
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(f"{name} must be an array, got {type(a).__name__}")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have rank 3 [B, T, C], got shape {tuple(x.shape)}")
+    b, t, c = x.shape
+    if t < 1:
+        raise ValueError(f"x must hold at least one position, got T={t}")
+    if weight.ndim != 2 or weight.shape[1] != c or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [W, C] with W >= 1 and C = {c} (x's channels), got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (c,):
+        raise ValueError(f"bias must have shape [C] = [{c}], got {tuple(bias.shape)}")
+    return checks.segment_ids(segment_ids, b, t)
+
+
+def _convolve(x, weight, bias, ids, halo, halo_ids):
+    """The convolution of one piece x [B, L, C] given the W-1 positions before it: halo [B, W-1, C] (zeros before
+    the sequence) and, with documents, ids [B, L] and halo_ids [B, W-1]. Returns y [B, L, C] in x's dtype."""
+    w, length = weight.shape[0], x.shape[1]
+    xe = jnp.concatenate([halo.astype(x.dtype), x], axis=1).astype(jnp.float32)  # [B, W-1+L, C]
+    wf = weight.astype(jnp.float32)
+    # Tap i of output t reads xe[t + i]; tap W-1 is t itself.
+    acc = xe[:, w - 1:] * wf[w - 1]
+    if ids is not None:
+        ide = jnp.concatenate([halo_ids.astype(ids.dtype), ids], axis=1)
+        linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
+        keep = jnp.ones(ids.shape, bool)
+    for i in range(w - 2, -1, -1):
+        term = xe[:, i:i + length] * wf[i]
+        if ids is not None:
+            keep = keep & linked[:, i:i + length]  # tap i reaches t through no document start
+            term = jnp.where(keep[..., None], term, 0.0)
+        acc = acc + term
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    return acc.astype(x.dtype)
+
+
+def causal_conv1d(x, weight, bias=None, *, segment_ids=None):
+    """Depthwise causal convolution on one device (see the module docstring for the math and numerics).
+
+    Args:
+      x: [B, T, C] floating.
+      weight: [W, C]: weight[W-1] multiplies the current position, weight[0] the one W-1 back.
+      bias: None or [C].
+      segment_ids: None, or [B, T] integers: packed documents; no tap reaches across a document start.
+    Returns:
+      y [B, T, C] in x's dtype.
+    """
+    ids = _check_inputs(x, weight, bias, segment_ids)
+    b, _, c = x.shape
+    halo = jnp.zeros((b, weight.shape[0] - 1, c), x.dtype)
+    halo_ids = None if ids is None else jnp.zeros((b, weight.shape[0] - 1), ids.dtype)
+    return _convolve(x, weight, bias, ids, halo, halo_ids)
+
+
+def _to_bytes(a):
+    """a [..., K] -> uint8 [..., K * itemsize], bit for bit."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(*a.shape[:-1], -1)
+
+
+def _from_bytes(u, dtype):
+    """The inverse of _to_bytes."""
+    size = np.dtype(dtype).itemsize
+    return jax.lax.bitcast_convert_type(u.reshape(*u.shape[:-1], -1, size) if size > 1 else u, dtype)
+
+
+def _forward_pairs(n):
+    return [(r, r + 1) for r in range(n - 1)]
+
+
+def _backward_pairs(n):
+    return [(r + 1, r) for r in range(n - 1)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pass_halo_with_ids(halo, halo_ids, axis, n):
+    """(halo [B, K, C], halo_ids [B, K]) of rank r arrive at rank r+1 in one collective (zeros at rank 0)."""
+    c = halo.shape[-1]
+    packed = jnp.concatenate([_to_bytes(halo), _to_bytes(halo_ids[..., None])], axis=-1)
+    packed = jax.lax.ppermute(packed, axis, _forward_pairs(n))
+    split = c * np.dtype(halo.dtype).itemsize
+    return _from_bytes(packed[..., :split], halo.dtype), _from_bytes(packed[..., split:], halo_ids.dtype)[..., 0]
+
+
+def _pass_halo_with_ids_fwd(halo, halo_ids, axis, n):
+    return _pass_halo_with_ids(halo, halo_ids, axis, n), halo_ids.shape
+
+
+def _pass_halo_with_ids_bwd(axis, n, ids_shape, cotangents):
+    d_halo, _ = cotangents
+    # The gradient of the positions rank r sent goes back to it; the ids have none.
+    return jax.lax.ppermute(d_halo, axis, _backward_pairs(n)), np.zeros(ids_shape, jax.dtypes.float0)
+
+
+_pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
+
+
+# Under jit always (inlined in a caller's jit): an eager shard_map body crashes the CPU runtime of jax 0.11.2.
+@functools.partial(jax.jit, static_argnames=("seq_axis", "n"))
+def _local(x, weight, bias, ids, *, seq_axis, n):
+    """One rank: get the previous rank's last W-1 positions (and ids), then convolve this rank's piece."""
+    k = weight.shape[0] - 1
+    halo, halo_ids = x[:, x.shape[1] - k:], None if ids is None else ids[:, ids.shape[1] - k:]
+    if k and n > 1:
+        if ids is None:
+            halo = jax.lax.ppermute(halo, seq_axis, _forward_pairs(n))
+        else:
+            halo, halo_ids = _pass_halo_with_ids(halo, halo_ids, seq_axis, n)
+    else:  # one rank (or W = 1): only the padding before position 0
+        halo = jnp.zeros_like(halo)
+    return _convolve(x, weight, bias, ids, halo, halo_ids)
+
+
+def _check_piece(length, w, seq_axis):
+    if length < w - 1:
+        raise ValueError(f"each rank's piece of the sequence (L={length} positions) must hold at least W-1 = {w - 1} "
+                         f"positions (the halo of a width-{w} convolution) over {seq_axis!r}: use fewer ranks or a "
+                         "longer sequence")
+
+
+def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, seq_axis="seq", batch_axes=None):
+    """`causal_conv1d` (same math, same shapes) with T sharded over the mesh axis `seq_axis`.
+
+    Only the halo [B, W-1, C] (and its ids) crosses devices, one ppermute each way (forward, backward).
+
+    Args:
+      x: [B, T, C]; weight: [W, C]; bias: None or [C]; segment_ids: None or [B, T] integers; global shapes, T
+        divisible by the size n of `seq_axis`, and each rank's piece L = T / n at least W-1 long. Called where
+        `seq_axis` is already manual (inside the caller's shard_map), x and segment_ids are the local pieces.
+      mesh: a Mesh or AbstractMesh; default: the ambient one (`jax.set_mesh`). Explicit and Auto axes both work.
+      batch_axes: the mesh axis (a name) or axes B is sharded over; default as in lasp_attention. Channels
+        sharded over other axes (as lasp_attention's heads) stay sharded: each device convolves its own.
+    Returns:
+      y [B, T, C] in x's dtype, sharded like x (as lasp_attention's output is like q).
+    """
+    ids = _check_inputs(x, weight, bias, segment_ids)
+    mesh = layout.current_mesh(mesh)
+    n = layout.check_seq_axis(mesh, seq_axis)
+    w = weight.shape[0]
+    if layout.seq_is_manual(seq_axis):
+        _check_piece(x.shape[1], w, seq_axis)
+        return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n)
+    # layout.place reads [B, T, H, D]: the channels stand as heads (independent, so they may stay sharded).
+    x4_in = x[..., None]
+    x4, _, _, spec, heads = layout.place(x4_in, x4_in, x4_in, mesh, seq_axis, batch_axes)
+    _check_piece(x.shape[1] // n, w, seq_axis)
+    specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
+    args = (x4[..., 0], weight, bias, ids)
+    if AxisType.Explicit in tuple(mesh.axis_types):
+        args = tuple(None if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
+    y = _sharded(*args, mesh=mesh, specs=specs, seq_axis=seq_axis, n=n)
+    return placement.like_q(y[..., None], x4_in)[..., 0]
+
+
+# Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
+@functools.partial(jax.jit, static_argnames=("mesh", "specs", "seq_axis", "n"))
+def _sharded(x, weight, bias, ids, *, mesh, specs, seq_axis, n):
+    body = functools.partial(_local, seq_axis=seq_axis, n=n)
+    in_specs = tuple(None if a is None else s for a, s in zip((x, weight, bias, ids), specs))
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=specs[0])(x, weight, bias, ids)
