@@ -5,63 +5,108 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import checks, impls, placement, reference, vjp
 
 
-def linear_attention(q, k, v, decay=None, *, scale=1.0, initial_state=None, return_final_state=False,
-                     impl="auto"):
-    """o_p = sum_{r <= p} lambda_h^(p - r) (scale q_p . k_r) v_r  (+ lambda_h^p scale q_p S_0), lambda_h = exp(-s_h).
+def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initial_state=None,
+                     return_final_state=False, impl="auto"):
+    """o_t = scale sum_{r <= t, same document} exp(-(s_(r+1) + ... + s_t)) (q_t . k_r) v_r  (+ the initial state's
+    term): decayed causal linear attention.
 
     No softmax and no normaliser. MHA, GQA and MQA: query head h reads K/V head h // (H / Hkv); K/V heads are
     indexed, never repeated in memory.
 
+    Constant decay (decay [H], lambda_h = exp(-s_h)): o_p = sum_{r <= p} lambda_h^(p - r) (scale q_p . k_r) v_r
+    + lambda_h^p scale q_p S_0, and the state S(P) = lambda_h^P S_0 + sum_{r < P} lambda_h^(P - r) k_r^T v_r.
+    Per-token decay (decay [B, T, H]) or documents (segment_ids): the state is the one after each position,
+    H_t = exp(-s_t) H_(t-1) + k_t^T v_t, reset to k_t^T v_t where a document starts; position t reads
+    scale q_t H_t, so S_0 reaches it as exp(-(s_0 + ... + s_t)) S_0 (within position 0's document only), and the
+    final state is H_(T-1). Constant decay with segment_ids keeps the constant convention (S_0 reaches p as
+    lambda^p, the final state is lambda H_(T-1)), so adding one document's ids changes nothing.
+
     Args:
       q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; any T >= 1, any head dims.
-      decay: None (no decay) or [H] rates s_h >= 0. A constant for autodiff: its cotangent is zero. Bad rates
-        are a ValueError when decay is concrete; traced under jit, a negative or non-finite rate makes its head's
-        outputs NaN (checks.attention_inputs).
+      decay: None (no decay), [H] constant rates s_h >= 0 (a constant for autodiff: its cotangent is zero), or
+        [B, T, H] per-token rates s_t >= 0 (differentiable: gradients flow to them; a model computes them from
+        its input). Bad rates are a ValueError when decay is concrete; traced under jit, a negative or non-finite
+        rate makes its head's outputs NaN (constant), or its (batch row, head)'s (per-token)
+        (checks.attention_inputs).
+      segment_ids: None, or [B, T] integers: packed documents; the state resets wherever the id changes from
+        position t-1 to t. initial_state belongs to position 0's document; the final state is the state after
+        the last position (its document's).
       scale: a Python float multiplying q, applied inside the implementation where it forms the scores and the
         q-side state products in float32 (never a pass over q).
       initial_state: optional [B, H, Dk, Dv] state S_0 before position 0 (differentiable).
-      return_final_state: also return S(T) [B, H, Dk, Dv] float32, which chains: two calls passing the state
-        equal one call over the concatenated sequence.
+      return_final_state: also return the final state [B, H, Dk, Dv] float32, which chains: two calls passing
+        the state (and the same decay, ids) equal one call over the concatenated sequence.
       impl: "auto" (the first usable entry of impls.AUTO_ORDER), "xla" (chunked, every platform),
         "pallas_triton" (fused kernels, GPU), "pallas_mosaic" (the same with Mosaic GPU walks, Hopper), their
         "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
+        Per-token decay and segment_ids run on "xla" and "reference" only ("auto" takes "xla"; the kernels do
+        not take them yet).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
     """
     s = checks.attention_inputs(q, k, v, decay)
-    b, _, h, dk = q.shape
+    b, t, h, dk = q.shape
+    ids = checks.segment_ids(segment_ids, b, t)
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = impls.resolve(impl, q, k, v, partitioned=impls.partitioned(q))
+    per_device = resolve(impl, q, k, v, per_token=s.ndim == 3 or ids is not None, partitioned=impls.partitioned(q))
     scale = static_scale(scale)
     final = bool(return_final_state)
+    constant = s if s.ndim == 1 and ids is not None else None
+    if constant is not None:  # per token, a constant for autodiff, S_0 not decayed by position 0's rate
+        s = jax.lax.stop_gradient(jnp.broadcast_to(constant, (b, t, h)).at[:, 0].set(0.0))
     spec = placement.explicit_spec(q)
     if spec is None:
-        out = attend_under_jit(q, k, v, s, initial_state, per_device, None, final, scale)
+        out = attend_under_jit(q, k, v, s, ids, initial_state, per_device, None, final, scale)
     else:
         mesh = jax.typeof(q).sharding.mesh
         _refuse_sharded_sequence(spec, mesh)
         batch = spec[0]
         heads = placement.head_axes(spec, mesh, h, k.shape[2], taken=batch)
-        out = _per_shard(q, k, v, s, initial_state, per_device=per_device, final=final, mesh=mesh, batch=batch,
-                         heads=heads, scale=scale)
+        out = _per_shard(q, k, v, s, ids, initial_state, per_device=per_device, final=final, mesh=mesh,
+                         batch=batch, heads=heads, scale=scale)
     if final:
-        return placement.like_q(out[0], q), out[1]
+        o, state = out
+        if constant is not None:
+            state = jnp.exp(-jax.lax.stop_gradient(constant))[None, :, None, None] * state
+        return placement.like_q(o, q), state
     return placement.like_q(out, q)
+
+
+TOKEN_IMPLS = ("xla", "reference")  # the implementations that take per-token decay and segment_ids
+
+
+def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
+    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS ("auto" takes "xla")."""
+    if per_token:
+        if impl == "auto":
+            impl = "xla"
+        elif impl in impls.IMPLS and impl not in TOKEN_IMPLS:
+            raise ValueError(f"impl {impl!r}: per-token decay and segment_ids are not in the kernels yet; use "
+                             f"impl='auto' or one of {TOKEN_IMPLS}")
+    return impls.resolve(impl, q, k, v, partitioned=partitioned)
+
+
+def attend(q, k, v, s, ids, s_init, impl, exchange, final, scale):
+    """vjp.attend (constant rates [H], no ids) or vjp.attend_tokens (rates [B, L, H], ids or None)."""
+    if s.ndim == 3:
+        return vjp.attend_tokens(q, k, v, s, ids, s_init, impl, exchange, final, scale)
+    return vjp.attend(q, k, v, s, s_init, impl, exchange, final, scale)
 
 
 # Always under jit: lax.associative_scan in an eager shard_map (a caller's, called without jit) crashes the CPU
 # runtime of jax 0.11.2 (segfault). Under a caller's jit this jit is inlined.
-attend_under_jit = jax.jit(vjp.attend, static_argnums=(5, 6, 7, 8))
+attend_under_jit = jax.jit(attend, static_argnums=(6, 7, 8, 9))
 
 
 def static_scale(scale) -> float:
@@ -85,21 +130,23 @@ def _refuse_sharded_sequence(spec: placement.Spec, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("per_device", "final", "mesh", "batch", "heads", "scale"))
-def _per_shard(q, k, v, s, initial_state, *, per_device, final, mesh, batch, heads, scale):
+def _per_shard(q, k, v, s, ids, initial_state, *, per_device, final, mesh, batch, heads, scale):
     """Explicit mesh: one call per (batch, head) shard inside shard_map (no collective: batch and heads are
-    independent); T and the head dims whole on each device."""
+    independent); T and the head dims whole on each device. Per-token rates are split like q's [B, T, H]."""
     x_spec = P(placement.entry(batch), None, placement.entry(heads), None)
     state_spec = P(placement.entry(batch), placement.entry(heads), None, None)
     q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, x_spec)) for x in (q, k, v))
     n_heads = placement.size(mesh, heads)
-    args, in_specs = [q, k, v, s], [x_spec, x_spec, x_spec, P()]
-    if initial_state is not None:
-        args.append(jax.sharding.reshard(initial_state, NamedSharding(mesh, state_spec)))
-        in_specs.append(state_spec)
+    s_spec = P() if s.ndim == 1 else P(*x_spec[:3])
+    args, in_specs = [q, k, v, jax.sharding.reshard(s, NamedSharding(mesh, s_spec))], [x_spec, x_spec, x_spec, s_spec]
+    for x, x_s in ((ids, P(*x_spec[:2])), (initial_state, state_spec)):
+        args.append(None if x is None else jax.sharding.reshard(x, NamedSharding(mesh, x_s)))
+        in_specs.append(None if x is None else x_s)
 
-    def local(q, k, v, s, initial_state=None):
-        s = placement.local_rates(s, heads, n_heads)
-        return vjp.attend(q, k, v, s, initial_state, per_device, None, final, scale)
+    def local(q, k, v, s, ids, initial_state):
+        if s.ndim == 1:
+            s = placement.local_rates(s, heads, n_heads)
+        return attend(q, k, v, s, ids, initial_state, per_device, None, final, scale)
 
     out_specs = (x_spec, state_spec) if final else x_spec
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)

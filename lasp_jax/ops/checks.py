@@ -14,13 +14,15 @@ def _shape(name, x):
 
 
 def attention_inputs(q, k, v, decay) -> jax.Array:
-    """Checks q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv] and decay ([H] rates >= 0 or None).
+    """Checks q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv] and decay: None, [H] constant rates or [B, T, H]
+    per-token rates, every rate >= 0.
 
-    Returns the decay rates as a float32 [H] array (zeros for None). A concrete decay (a Python/NumPy value or
-    a committed array) with a negative or non-finite rate is a ValueError. A traced decay (under jit) cannot be
-    read here, so a bad rate is made loud instead of silently wrong: it becomes NaN, which turns every output,
-    gradient and final state of that head NaN (every position reads the head's lambda^0 = exp(-NaN * 0)); the
-    other heads are unaffected.
+    Returns the rates as a float32 array of decay's shape ([H] zeros for None). A concrete decay (a Python/NumPy
+    value or a committed array) with a negative or non-finite rate is a ValueError naming it. A traced decay
+    (under jit) cannot be read here, so a bad rate is made loud instead of silently wrong: constant rates: the
+    rate becomes NaN, which turns every output, gradient and final state of that head NaN (every position reads
+    the head's lambda^0 = exp(-NaN * 0)); per-token rates: every rate of that (batch row, head) becomes NaN, with
+    the same effect on that row's head. The other heads (rows) are unaffected.
     """
     qs, ks, vs = _shape("q", q), _shape("k", k), _shape("v", v)
     for name, shape in (("q", qs), ("k", ks), ("v", vs)):
@@ -45,17 +47,39 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
             raise ValueError(f"{name} must be >= 1, got shapes q {qs}, k {ks}, v {vs}")
     if decay is None:
         return jnp.zeros((h,), jnp.float32)
-    if np.ndim(decay) != 1 or np.shape(decay)[0] != h:
-        raise ValueError(f"decay must have shape [H] = [{h}] (one rate per query head), got {np.shape(decay)}")
+    if np.shape(decay) not in ((h,), (b, t, h)):
+        raise ValueError(f"decay must have shape [H] = [{h}] (one constant rate per query head) or [B, T, H] = "
+                         f"{[b, t, h]} (per-token rates), got {np.shape(decay)}")
+    per_token = np.ndim(decay) == 3
+    if per_token and not jnp.issubdtype(jnp.result_type(decay), jnp.floating):
+        raise ValueError(f"per-token decay rates must be a floating-point array, got dtype {jnp.result_type(decay)}")
     if isinstance(decay, jax.core.Tracer):
         rates = jnp.asarray(decay, jnp.float32)
-        return jnp.where(jnp.isfinite(rates) & (rates >= 0), rates, jnp.nan)
+        ok = jnp.isfinite(rates) & (rates >= 0)
+        if per_token:
+            ok = jnp.all(ok, axis=1, keepdims=True)
+        return jnp.where(ok, rates, jnp.nan)
     values = np.asarray(decay, dtype=np.float64)
+    kind = "per-token decay rates" if per_token else "decay rates"
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"decay rates must be finite, got {values}")
+        raise ValueError(f"{kind} must be finite, got {np.count_nonzero(~np.isfinite(values))} non-finite "
+                         f"(first at index {tuple(int(i) for i in np.argwhere(~np.isfinite(values))[0])})")
     if np.any(values < 0):
-        raise ValueError(f"decay rates must be >= 0 (lambda = exp(-s) <= 1), got {values}")
+        raise ValueError(f"{kind} must be >= 0 (lambda = exp(-s) <= 1), got a minimum of {values.min()} "
+                         f"(at index {tuple(int(i) for i in np.argwhere(values < 0)[0])})")
     return jnp.asarray(decay, jnp.float32)
+
+
+def segment_ids(ids, b: int, t: int) -> jax.Array | None:
+    """None, or ids as a [B, T] integer array (documents: the state resets where the id changes)."""
+    if ids is None:
+        return None
+    if np.shape(ids) != (b, t):
+        raise ValueError(f"segment_ids must have shape [B, T] = {[b, t]}, got {list(np.shape(ids))}")
+    dtype = jnp.result_type(ids)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be an integer array, got dtype {dtype}")
+    return jnp.asarray(ids)
 
 
 def state(name, x, shape) -> jax.Array:

@@ -13,6 +13,14 @@ product (cheap next to the intra-chunk work) and is written once, for all implem
 and the weights that chain such states across pieces or devices (prefix_weights, applied by weighted_sum: the
 exclusive decayed prefix and suffix over items of a fixed length).
 
+Per-token decay and documents (`TokenDecay`, the `*_tokens` functions): rates s_t >= 0 per (b, t, h) and document
+starts. The state convention is then the state *after* a position, H_t = exp(-s_t) H_(t-1) + k_t^T v_t (reset to
+k_t^T v_t at a document start): S_in reaches local position t as exp(-b_t) with b_t = s_0 + ... + s_t (the piece's
+running sum, float32), position t's share of S_end is exp(-e_t) with e_t = s_(t+1) + ... + s_(L-1) (its own reverse
+running sum, so that no difference of two large sums is taken), and S_end = exp(-b_(L-1)) S_in + m. Every factor is
+exp of something <= 0. A document start at t cuts S_in off from t on, and the positions before it out of S_end
+(a select, not a product by zero). The same products as above run with these [B, L, H] weights.
+
 Shapes: q, dO [B, L, H, D]; k, v [B, L, Hkv, D] with H % Hkv == 0 (query head h reads K/V head h // (H/Hkv));
 rates [H], the decay rates s (lambda = exp(-s)); states [B, H, Dk, Dv] float32. Powers are exp(-s * n) with
 n >= 0, so they only underflow.
@@ -29,6 +37,8 @@ non-finite later state never reaches an earlier one.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,45 +92,150 @@ def _position_decay(rates, length, hkv, from_end, scale=1.0):
     return scale * decay_pow(rates.reshape(1, hkv, -1), n[:, None, None])
 
 
-def local_state(k, v, rates):
-    """State at the end of the piece with S_in = 0. k [B,L,Hkv,Dk], v [B,L,Hkv,Dv], rates [H] -> [B,H,Dk,Dv]."""
+def _state_sum(k, v, w, n_heads):
+    """sum_x w_x k_x^T v_x per query head. w [1 or B, L, Hkv, G] -> [B, H, Dk, Dv] float32."""
     b, length, hkv, dim_k = k.shape
     dtype, precision = _compute_dtype(k)
-    w = _position_decay(rates, length, hkv, from_end=True)  # [L, Hkv, G]
-    kw = w[None, :, :, :, None] * k.astype(jnp.float32)[:, :, :, None, :]  # [B, L, Hkv, G, Dk]
+    kw = w[..., None] * k.astype(jnp.float32)[:, :, :, None, :]  # [B, L, Hkv, G, Dk]
     m = _einsum("btkgd,btke->bkgde", kw, v, dtype, precision)
-    return m.reshape(b, rates.shape[0], dim_k, v.shape[-1])
+    return m.reshape(b, n_heads, dim_k, v.shape[-1])
 
 
-def apply_state(q, rates, state, scale=1.0):
-    """scale lambda^x q_x S_in for every local x. q [B,L,H,Dk], state [B,H,Dk,Dv] -> [B,L,H,Dv] float32."""
+def _apply(q, w, state):
+    """w_x q_x S per position. q [B,L,H,Dk], w [1 or B, L, H], state [B,H,Dk,Dv] -> [B,L,H,Dv] float32."""
     dtype, precision = _compute_dtype(q)
-    w = _position_decay(rates, q.shape[1], 1, False, scale)[:, 0]  # [L, H]
-    return _einsum("bthd,bhde->bthe", w[None, :, :, None] * q.astype(jnp.float32), state, dtype, precision)
+    return _einsum("bthd,bhde->bthe", w[..., None] * q.astype(jnp.float32), state, dtype, precision)
 
 
-def apply_state_dq(do, rates, state, scale=1.0):
-    """scale lambda^x dO_x S_in^T. do [B,L,H,Dv], state [B,H,Dk,Dv] -> [B,L,H,Dk] float32."""
+def _apply_dq(do, w, state):
     dtype, precision = _compute_dtype(do)
-    w = _position_decay(rates, do.shape[1], 1, False, scale)[:, 0]
-    return _einsum("bthe,bhde->bthd", w[None, :, :, None] * do.astype(jnp.float32), state, dtype, precision)
+    return _einsum("bthe,bhde->bthd", w[..., None] * do.astype(jnp.float32), state, dtype, precision)
 
 
-def query_state_grad(q, do, rates, scale=1.0):
-    """scale sum_x lambda^x q_x^T dO_x, the cotangent of S_in. q [B,L,H,Dk], do [B,L,H,Dv] -> [B,H,Dk,Dv]."""
+def _query_sum(q, do, w):
     dtype, precision = _compute_dtype(q)
-    w = _position_decay(rates, q.shape[1], 1, False, scale)[:, 0]
-    return _einsum("bthd,bthe->bhde", w[None, :, :, None] * q.astype(jnp.float32), do, dtype, precision)
+    return _einsum("bthd,bthe->bhde", w[..., None] * q.astype(jnp.float32), do, dtype, precision)
 
 
-def end_state_grads(k, v, rates, ds_end):
-    """Cotangents of k and v through S_end. k [B,L,Hkv,Dk], v [B,L,Hkv,Dv], ds_end [B,H,Dk,Dv] -> (dk, dv) f32."""
+def _end_grads(k, v, w, ds_end):
+    """w [1 or B, L, Hkv, G]; see end_state_grads."""
     b, length, hkv, dim_k = k.shape
     dtype, precision = _compute_dtype(k)
-    w = _position_decay(rates, length, hkv, from_end=True)[None, :, :, :, None]  # [1, L, Hkv, G, 1]
+    w = w[..., None]
     g = ds_end.reshape(b, hkv, -1, dim_k, v.shape[-1])
     vw = w * v.astype(jnp.float32)[:, :, :, None, :]  # [B, L, Hkv, G, Dv]
     kw = w * k.astype(jnp.float32)[:, :, :, None, :]
     dk = _einsum("btkge,bkgde->btkd", vw, g, dtype, precision)
     dv = _einsum("btkgd,bkgde->btke", kw, g, dtype, precision)
     return dk, dv
+
+
+def local_state(k, v, rates):
+    """State at the end of the piece with S_in = 0. k [B,L,Hkv,Dk], v [B,L,Hkv,Dv], rates [H] -> [B,H,Dk,Dv]."""
+    w = _position_decay(rates, k.shape[1], k.shape[2], from_end=True)  # [L, Hkv, G]
+    return _state_sum(k, v, w[None], rates.shape[0])
+
+
+def apply_state(q, rates, state, scale=1.0):
+    """scale lambda^x q_x S_in for every local x. q [B,L,H,Dk], state [B,H,Dk,Dv] -> [B,L,H,Dv] float32."""
+    return _apply(q, _position_decay(rates, q.shape[1], 1, False, scale)[None, :, 0], state)
+
+
+def apply_state_dq(do, rates, state, scale=1.0):
+    """scale lambda^x dO_x S_in^T. do [B,L,H,Dv], state [B,H,Dk,Dv] -> [B,L,H,Dk] float32."""
+    return _apply_dq(do, _position_decay(rates, do.shape[1], 1, False, scale)[None, :, 0], state)
+
+
+def query_state_grad(q, do, rates, scale=1.0):
+    """scale sum_x lambda^x q_x^T dO_x, the cotangent of S_in. q [B,L,H,Dk], do [B,L,H,Dv] -> [B,H,Dk,Dv]."""
+    return _query_sum(q, do, _position_decay(rates, q.shape[1], 1, False, scale)[None, :, 0])
+
+
+def end_state_grads(k, v, rates, ds_end):
+    """Cotangents of k and v through S_end. k [B,L,Hkv,Dk], v [B,L,Hkv,Dv], ds_end [B,H,Dk,Dv] -> (dk, dv) f32."""
+    return _end_grads(k, v, _position_decay(rates, k.shape[1], k.shape[2], from_end=True)[None], ds_end)
+
+
+class TokenDecay(NamedTuple):
+    """Per-token decay of one piece of L positions (see the module docstring). B, L, H as in q."""
+
+    rates: jax.Array  # [B, L, H] float32, s_t >= 0
+    starts: jax.Array  # [B, L] bool: a document starts at t (at t = 0: it starts at the piece's first position)
+    counts: jax.Array  # [B, L] int32: document starts in [0, t]; t and r are in one document iff equal
+    cumulative: jax.Array  # [B, L, H] float32 b_t = s_0 + ... + s_t
+    q_weight: jax.Array  # [B, L, H] float32 exp(-b_t) where no document starts in [0, t], else 0
+    k_weight: jax.Array  # [B, L, H] float32 exp(-e_t) where no document starts in (t, L), else 0
+    log_decay: jax.Array  # [B, H] float32 b_(L-1), +inf where a document starts in the piece
+
+
+def token_decay(rates: jax.Array, starts: jax.Array) -> TokenDecay:
+    """The piece's tables from its rates [B, L, H] (>= 0) and document starts [B, L] bool."""
+    rates = rates.astype(jnp.float32)
+    counts = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+    cumulative = jnp.cumsum(rates, axis=1)
+    later = jnp.pad(rates[:, 1:], ((0, 0), (0, 1), (0, 0)))  # s_(t+1), 0 after the last
+    after = jnp.flip(jnp.cumsum(jnp.flip(later, 1), axis=1), 1)  # e_t
+    sees_in = (counts == 0)[..., None]
+    in_last = (counts == counts[:, -1:])[..., None]
+    return TokenDecay(
+        rates=rates, starts=starts, counts=counts, cumulative=cumulative,
+        q_weight=jnp.where(sees_in, jnp.exp(-cumulative), 0.0),
+        k_weight=jnp.where(in_last, jnp.exp(-after), 0.0),
+        log_decay=jnp.where(sees_in[:, -1], cumulative[:, -1], jnp.inf),
+    )
+
+
+def piece_decay(tok: TokenDecay) -> jax.Array:
+    """[B, H] exp(-b_(L-1)), 0 where a document starts in the piece: S_end = piece_decay S_in + m."""
+    return jnp.exp(-tok.log_decay)
+
+
+def local_state_tokens(k, v, tok: TokenDecay):
+    """m = sum_x exp(-e_x) k_x^T v_x over the piece's last document (S_in = 0) -> [B, H, Dk, Dv] float32."""
+    b, length, hkv, _ = k.shape
+    return _state_sum(k, v, tok.k_weight.reshape(b, length, hkv, -1), tok.k_weight.shape[2])
+
+
+def apply_state_tokens(q, tok: TokenDecay, state, scale=1.0):
+    """scale exp(-b_x) q_x S_in for the positions before the piece's first document start -> [B,L,H,Dv] f32."""
+    return _apply(q, scale * tok.q_weight, state)
+
+
+def apply_state_dq_tokens(do, tok: TokenDecay, state, scale=1.0):
+    """scale exp(-b_x) dO_x S_in^T (before the first start) -> [B, L, H, Dk] float32."""
+    return _apply_dq(do, scale * tok.q_weight, state)
+
+
+def query_state_grad_tokens(q, do, tok: TokenDecay, scale=1.0):
+    """scale sum_x exp(-b_x) q_x^T dO_x (before the first start), the cotangent of S_in -> [B, H, Dk, Dv]."""
+    return _query_sum(q, do, scale * tok.q_weight)
+
+
+def end_state_grads_tokens(k, v, tok: TokenDecay, ds_end):
+    """Cotangents of k and v through S_end (the last document's positions) -> (dk, dv) float32."""
+    b, length, hkv, _ = k.shape
+    return _end_grads(k, v, tok.k_weight.reshape(b, length, hkv, -1), ds_end)
+
+
+def end_state_shares(k, v, tok: TokenDecay, ds_end):
+    """[B, L, H] float32 exp(-e_x) k_x . (dS_end v_x) per query head: k_x . dk_x of end_state_grads_tokens, one
+    term per head (the decay gradient needs them per head under GQA)."""
+    b, length, hkv, dim_k = k.shape
+    dtype, precision = _compute_dtype(k)
+    g = ds_end.reshape(b, hkv, -1, dim_k, v.shape[-1])
+    kg = _einsum("btkd,bkgde->btkge", k, g, dtype, precision)
+    share = jnp.sum(kg * v.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B, L, Hkv, G]
+    return tok.k_weight * share.reshape(b, length, -1)
+
+
+def document_suffix_sum(x: jax.Array, starts: jax.Array) -> jax.Array:
+    """sum_{t >= u, t in u's document} x_t for x [B, L, H] float32, starts [B, L] bool (a per-document reverse
+    cumulative sum: later documents never enter it, not even as rounding)."""
+    last = jnp.pad(starts[:, 1:], ((0, 0), (0, 1)), constant_values=True)  # t ends its document in the piece
+
+    def combine(left, right):
+        (f1, x1), (f2, x2) = left, right
+        return f1 | f2, jnp.where(f2, x2, x1 + x2)
+
+    _, total = jax.lax.associative_scan(combine, (last[..., None], x), axis=1, reverse=True)
+    return total

@@ -18,8 +18,17 @@ Residuals are q, k, v and what the implementation saves (S_in, or the kernels' p
 per-chunk state.
 
 `scale` is a static float that every implementation applies in float32 where it forms the scores and the
-q-side state products (never as a pass over q or dq). The decay rates are constants for autodiff: their
-cotangent is zero.
+q-side state products (never as a pass over q or dq). The constant [H] decay rates are constants for autodiff:
+their cotangent is zero.
+
+Per-token decay and documents (`attend_tokens`): the same split with the piece's states.TokenDecay. Each piece
+acts on the state affinely, S_end = a S_in + m with a = exp(-(the piece's rate sum)), 0 where a document starts
+in it; the exchange receives log a ([B, H], +inf for 0). The rates are differentiable: the decay gradient is
+    ds_u = sum_{t >= u, t in u's document} x_t  -  sum_{t < u} z_t  -  a <S_in, G>,   0 at a document start,
+x_t = k_t . dk_t - q_t . dq_t per query head over the pairs inside the piece, less the S_in term of q_t . dq_t
+(the pairs that cross u inside the piece and from S_in), z_t = k_t . dk_t's G term (pairs from t < u to beyond
+the piece; nonzero in the piece's last document only). Every sum runs in float32 and within one document, so the
+terms of other documents never enter it, not even as rounding; no sum from later pieces is needed beyond G.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lasp_jax.ops import states
 
@@ -40,15 +50,19 @@ StateFn = Callable[[jax.Array], jax.Array]
 class Exchange(Protocol):
     """How states cross the pieces of a sequence (lasp_jax.parallel implements it over a mesh axis).
 
-    Both take per-piece states [B, H, Dk, Dv] fp32 and the per-piece decay rate [H] (rates * L), and must be
-    hashable (they are static arguments of the custom_vjp).
+    Both take per-piece states [B, H, Dk, Dv] fp32 and the piece's log-decay `rate`, a_r = exp(-rate): [H] (rates
+    * L, the same on every piece) or [B, H] (this piece's own, +inf where a document starts in it, a_r = 0). They
+    must be hashable (they are static arguments of the custom_vjp).
     """
 
     def prefix(self, m: jax.Array, rate: jax.Array) -> jax.Array:
-        """S_in of piece r: sum_{j < r} lambda^(L (r - 1 - j)) m_j."""
+        """S_in of piece r: sum_{j < r} (prod_{j < i < r} a_i) m_j."""
 
     def suffix(self, d: jax.Array, rate: jax.Array) -> jax.Array:
-        """G of piece r: sum_{j > r} lambda^(L (j - r - 1)) d_j."""
+        """G of piece r: sum_{j > r} (prod_{r < i < j} a_i) d_j."""
+
+    def starts_at_boundary(self, segment_ids: jax.Array) -> jax.Array:
+        """[B] bool: piece r's first id differs from piece r-1's last (False on the first piece)."""
 
 
 class Impl(Protocol):
@@ -105,6 +119,34 @@ class Split:
     def supported(self, q, k, v):
         return self.module.supported(q, k, v)
 
+    def forward_tokens(self, q, k, v, tok, incoming, scale):
+        """`forward` under per-token decay (tok: the piece's states.TokenDecay): (o, m, S_in or None)."""
+        m = states.local_state_tokens(k, v, tok)
+        o = self.module.local_output_tokens(q, k, v, tok, scale)
+        s_in = None if incoming is None else incoming(m)
+        if s_in is not None:
+            o = (o.astype(jnp.float32) + states.apply_state_tokens(q, tok, s_in, scale)).astype(q.dtype)
+        return o, m, s_in
+
+    def backward_tokens(self, q, k, v, tok, s_in, do, outgoing, scale):
+        """(dq, dk, dv, d, G or None, ds) under per-token decay; ds [B, L, H] float32 (module docstring)."""
+        dq, dk, dv, x = self.module.local_backward_tokens(q, k, v, tok, do, scale)
+        d = states.query_state_grad_tokens(q, do, tok, scale)
+        g = None if outgoing is None else outgoing(d)
+        if s_in is not None:
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq_tokens(do, tok, s_in, scale)).astype(q.dtype)
+            x = x - jnp.sum(do.astype(jnp.float32) * states.apply_state_tokens(q, tok, s_in, scale), axis=-1)
+        ds = states.document_suffix_sum(x, tok.starts)
+        if g is not None:
+            dk_end, dv_end = states.end_state_grads_tokens(k, v, tok, g)
+            dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
+            dv = (dv.astype(jnp.float32) + dv_end).astype(v.dtype)
+            z = states.end_state_shares(k, v, tok, g)
+            ds = ds - jnp.cumsum(jnp.pad(z[:, :-1], ((0, 0), (1, 0), (0, 0))), axis=1)  # sum_{t < u} z_t
+            if s_in is not None:
+                ds = ds - (states.piece_decay(tok) * jnp.sum(s_in * g, axis=(2, 3)))[:, None]
+        return dq, dk, dv, d, g, jnp.where(tok.starts[..., None], 0.0, ds)
+
 
 def _forward(q, k, v, rates, s_init, impl, exchange, scale):
     length = q.shape[1]
@@ -157,3 +199,62 @@ def _attend_bwd(impl, exchange, final_state, scale, res, cotangents):
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _piece_tokens(rates, segment_ids, exchange):
+    """The piece's states.TokenDecay: document starts where the id changes, and at its first position where the
+    previous piece ends another document (the initial state belongs to position 0's document)."""
+    b, length = rates.shape[:2]
+    if segment_ids is None:
+        starts = jnp.zeros((b, length), bool)
+    else:
+        starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+        if exchange is not None:
+            starts = starts.at[:, 0].set(exchange.starts_at_boundary(segment_ids))
+    return states.token_decay(rates, starts)
+
+
+def _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale):
+    tok = _piece_tokens(rates, segment_ids, exchange)
+    if exchange is not None:
+        incoming = functools.partial(exchange.prefix, rate=tok.log_decay)
+    else:
+        incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
+    o, m, s_in = impl.forward_tokens(q, k, v, tok, incoming, scale)
+    s_end = m if s_in is None else m + states.piece_decay(tok)[:, :, None, None] * s_in
+    return o, s_end, tok, s_in
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def attend_tokens(q, k, v, rates, segment_ids, s_init, impl: Split, exchange: Exchange | None, final_state: bool,
+                  scale: float = 1.0):
+    """`attend` under per-token decay and documents: rates [B, L, H] float32 >= 0 (differentiable),
+    segment_ids [B, L] integers or None; the state convention of states.TokenDecay (S_end is the state after the
+    piece's last position). impl must have forward_tokens / backward_tokens (`Split`). Returns as `attend`."""
+    o, s_end, _, _ = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
+    return (o, s_end) if final_state else o
+
+
+def _tokens_fwd(q, k, v, rates, segment_ids, s_init, impl, exchange, final_state, scale):
+    o, s_end, tok, s_in = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
+    return ((o, s_end) if final_state else o), (q, k, v, tok, s_init is not None, s_in, segment_ids)
+
+
+def _tokens_bwd(impl, exchange, final_state, scale, res, cotangents):
+    q, k, v, tok, has_init, s_in, segment_ids = res
+    do, ds_end = cotangents if final_state else (cotangents, None)
+    if exchange is not None:
+        def outgoing(d):
+            g = exchange.suffix(d, tok.log_decay)
+            return g if ds_end is None else g + ds_end
+    else:
+        outgoing = None if ds_end is None else (lambda d: ds_end)
+    dq, dk, dv, d, g, ds = impl.backward_tokens(q, k, v, tok, s_in, do, outgoing, scale)
+    ds_init = None
+    if has_init:
+        ds_init = d if g is None else d + states.piece_decay(tok)[:, :, None, None] * g
+    d_ids = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq, dk, dv, ds, d_ids, ds_init
+
+
+attend_tokens.defvjp(_tokens_fwd, _tokens_bwd)

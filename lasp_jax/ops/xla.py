@@ -79,11 +79,12 @@ class _Causal:
 def _scan_states(x, chunk_decay, reverse):
     """Exclusive decayed scan over chunks (axis 1).
 
-    Forward: out[n] = sum_{m < n} a^(n-1-m) x[m]; reverse: out[n] = sum_{m > n} a^(m-n-1) x[m]; a = lambda^C.
-    x: [B, N, Hkv, G, Dk, Dv].
+    Forward: out[n] = sum_{m < n} (prod_{m < i < n} a_i) x[m]; reverse: out[n] = sum_{m > n} (prod_{n < i < m} a_i)
+    x[m]; a = lambda^C for every chunk, or each chunk's own decay (per-token rates; 0 where a document starts).
+    x: [B, N, Hkv, G, Dk, Dv]; chunk_decay: [1 or B, 1 or N, Hkv, G].
     """
     n = x.shape[1]
-    a = jnp.broadcast_to(chunk_decay[None, None, :, :, None, None], (1, n, *chunk_decay.shape, 1, 1))
+    a = jnp.broadcast_to(chunk_decay[..., None, None], (chunk_decay.shape[0], n, *chunk_decay.shape[2:], 1, 1))
 
     def combine(left, right):
         (a1, s1), (a2, s2) = left, right
@@ -99,7 +100,7 @@ def _scan_states(x, chunk_decay, reverse):
 def _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv):
     """State entering each chunk, from zero. kc [B,N,C,Hkv,Dk], vc [B,N,C,Hkv,Dv] -> [B,N,Hkv,G,Dk,Dv]."""
     kv = jnp.einsum("jkg,bnjkd,bnjke->bnkgde", k_decay, kc, vc, precision=_HIGHEST)
-    return _scan_states(kv, chunk_decay, reverse=False)
+    return _scan_states(kv, chunk_decay[None, None], reverse=False)
 
 
 def local_output(q, k, v, rates, scale=1.0, config: ChunkConfig = DEFAULT):
@@ -139,12 +140,94 @@ def local_backward(q, k, v, rates, do, scale=1.0, config: ChunkConfig = DEFAULT)
     s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
     dq = dq + jnp.einsum("ikg,bnikge,bnkgde->bnikgd", q_decay, doc, s_in, precision=_HIGHEST)
     d_chunk = jnp.einsum("ikg,bnikgd,bnikge->bnkgde", q_decay, qc, doc, precision=_HIGHEST)
-    ds_out = _scan_states(d_chunk, chunk_decay, reverse=True)
+    ds_out = _scan_states(d_chunk, chunk_decay[None, None], reverse=True)
     dk = dk + jnp.einsum("jkg,bnjke,bnkgde->bnjkd", k_decay, vc, ds_out, precision=_HIGHEST)
     dv = dv + jnp.einsum("jkg,bnjkd,bnkgde->bnjke", k_decay, kc, ds_out, precision=_HIGHEST)
 
     dq = _unchunked(dq.reshape(*dq.shape[:3], h, dim_k), t, q.dtype)
     return dq, _unchunked(dk, t, k.dtype), _unchunked(dv, t, v.dtype)
+
+
+# Per-token decay and documents (the piece's states.TokenDecay). The same chunk formulas with the decay of each
+# chunk from its own running sum bc_i = s_0 + ... + s_i (chunk-local, float32): pair (i, j <= i) weighs
+# exp(-(bc_i - bc_j)), the chunk's incoming state reaches i as exp(-bc_i), j's share of the chunk's outgoing state
+# is exp(-ec_j) (ec_j = s_(j+1) + ... + s_(C-1), its own sum), and the chunk decays a state by exp(-bc_(C-1)).
+# Documents: a pair (i, j) in two documents is selected out, a chunk holding a start passes no state on (a = 0),
+# positions from a start on do not see the incoming state, and those before the chunk's last start are not in
+# its outgoing state.
+
+def _token_tables(tok, hkv, c, scale):
+    """(causal mask [B,N,Hkv,G,C,C], q-side [B,N,C,Hkv,G] with the scale, k-side [B,N,C,Hkv,G], chunk decay
+    [B,N,Hkv,G]) from the piece's TokenDecay, front-padded like the tokens (zero rates, no starts)."""
+    rates = _chunked(tok.rates[..., None], c)[..., 0]  # [B, N, C, H]
+    b, n = rates.shape[:2]
+    rates = rates.reshape(b, n, c, hkv, -1)
+    counts = _chunked(tok.counts[..., None, None], c)[..., 0, 0]  # [B, N, C]; the padding counts 0 starts
+    before = counts[:, :, :1] - _chunked(tok.starts[..., None, None], c)[:, :, :1, 0, 0]  # starts before the chunk
+    bc = jnp.cumsum(rates, axis=2)
+    later = jnp.pad(rates[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0), (0, 0)))
+    ec = jnp.flip(jnp.cumsum(jnp.flip(later, 2), axis=2), 2)
+    keep = (jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]) & (counts[:, :, :, None] == counts[:, :, None, :])
+    keep = keep[:, :, None, None]  # [B, N, 1, 1, C, C]
+    gap = jnp.moveaxis(bc[:, :, :, None] - bc[:, :, None, :], (2, 3), (4, 5))  # [B, N, Hkv, G, C, C]
+    weights = scale * jnp.exp(-jnp.where(keep, gap, 0.0))
+    q_side = scale * jnp.where((counts == before)[..., None, None], jnp.exp(-bc), 0.0)
+    k_side = jnp.where((counts == counts[:, :, -1:])[..., None, None], jnp.exp(-ec), 0.0)
+    chunk_decay = jnp.where((counts[:, :, -1] == before[:, :, 0])[..., None, None], jnp.exp(-bc[:, :, -1]), 0.0)
+    return _Causal(keep, weights), q_side, k_side, chunk_decay
+
+
+def local_output_tokens(q, k, v, tok, scale=1.0, config: ChunkConfig = DEFAULT):
+    """Output of the piece with S_in = 0 under per-token decay and documents: q [B,T,H,Dk], k [B,T,Hkv,Dk],
+    v [B,T,Hkv,Dv], tok a states.TokenDecay -> [B,T,H,Dv] in q's dtype."""
+    b, t, h, dim_k = q.shape
+    hkv = k.shape[2]
+    c = config.chunk_size
+    qc, kc, vc = _chunked(q, c), _chunked(k, c), _chunked(v, c)
+    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
+    mask, q_side, k_side, chunk_decay = _token_tables(tok, hkv, c, scale)
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
+    o = jnp.einsum("bnkgij,bnjke->bnikge", scores, vc, precision=_HIGHEST)
+    kv = jnp.einsum("bnjkg,bnjkd,bnjke->bnkgde", k_side, kc, vc, precision=_HIGHEST)
+    s_in = _scan_states(kv, chunk_decay, reverse=False)
+    o = o + jnp.einsum("bnikg,bnikgd,bnkgde->bnikge", q_side, qc, s_in, precision=_HIGHEST)
+    return _unchunked(o.reshape(*o.shape[:3], h, -1), t, q.dtype)
+
+
+def local_backward_tokens(q, k, v, tok, do, scale=1.0, config: ChunkConfig = DEFAULT):
+    """Cotangents of `local_output_tokens` (S_in = 0, dS_end = 0): (dq, dk, dv) in input dtypes and x [B,T,H]
+    float32, x_t = k_t . dk_t - q_t . dq_t per query head (the piece's pairs only), the terms whose per-document
+    suffix sums are the decay gradient (vjp.attend_tokens)."""
+    b, t, h, dim_k = q.shape
+    hkv = k.shape[2]
+    c = config.chunk_size
+    qc, kc, vc, doc = _chunked(q, c), _chunked(k, c), _chunked(v, c), _chunked(do, c)
+    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
+    doc = doc.reshape(*doc.shape[:3], hkv, h // hkv, -1)
+    mask, q_side, k_side, chunk_decay = _token_tables(tok, hkv, c, scale)
+
+    qk = jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST)
+    dov = jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST)
+    scores, a, pairs = mask.apply(qk), mask.apply(dov), mask.apply(qk * dov)
+    dq = jnp.einsum("bnkgij,bnjkd->bnikgd", a, kc, precision=_HIGHEST)
+    dk = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
+    dv = jnp.einsum("bnkgij,bnikge->bnjke", scores, doc, precision=_HIGHEST)
+    x = jnp.moveaxis(jnp.sum(pairs, axis=-2) - jnp.sum(pairs, axis=-1), -1, 2)  # [B, N, C, Hkv, G]
+
+    kv = jnp.einsum("bnjkg,bnjkd,bnjke->bnkgde", k_side, kc, vc, precision=_HIGHEST)
+    s_in = _scan_states(kv, chunk_decay, reverse=False)
+    o_in = q_side[..., None] * jnp.einsum("bnikgd,bnkgde->bnikge", qc, s_in, precision=_HIGHEST)
+    dq = dq + jnp.einsum("bnikg,bnikge,bnkgde->bnikgd", q_side, doc, s_in, precision=_HIGHEST)
+    d_chunk = jnp.einsum("bnikg,bnikgd,bnikge->bnkgde", q_side, qc, doc, precision=_HIGHEST)
+    ds_out = _scan_states(d_chunk, chunk_decay, reverse=True)
+    kg = jnp.einsum("bnjkd,bnkgde->bnjkge", kc, ds_out, precision=_HIGHEST)
+    dk = dk + jnp.einsum("bnjkg,bnjke,bnkgde->bnjkd", k_side, vc, ds_out, precision=_HIGHEST)
+    dv = dv + jnp.einsum("bnjkg,bnjkd,bnkgde->bnjke", k_side, kc, ds_out, precision=_HIGHEST)
+    x = x + k_side * jnp.sum(kg * vc[:, :, :, :, None], axis=-1) - jnp.sum(o_in * doc, axis=-1)
+
+    dq = _unchunked(dq.reshape(*dq.shape[:3], h, dim_k), t, q.dtype)
+    x = _unchunked(x.reshape(*x.shape[:3], h), t, jnp.float32)
+    return dq, _unchunked(dk, t, k.dtype), _unchunked(dv, t, v.dtype), x
 
 
 def supported(q, k, v) -> str | None:
