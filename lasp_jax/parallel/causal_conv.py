@@ -11,8 +11,10 @@ Sequence parallel: rank r of the `seq` axis holds positions [rL, (r+1)L) and nee
 W-1 positions (the halo), never the sequence. One lax.ppermute r -> r+1 brings them (rank 0 receives zeros, the
 padding before position 0). Without documents that is the halo itself, and autodiff's transpose of the ppermute
 (r+1 -> r) hands the halo's gradient back to the rank that owns those positions. With documents the halo's ids
-travel in the same collective: both are packed as bytes into one uint8 array, which autodiff cannot see through,
-so a custom_vjp sends the halo's gradient back with one ppermute r+1 -> r.
+travel in the same collective (one latency, not two): both are packed as bytes into one uint8 array. Bytes,
+not floats: XLA may convert a float carrier (XLA:CPU moves bf16 as f32), which need not keep the bits of ids that
+read as NaNs or subnormals. Autodiff cannot see through the bytes, so a custom_vjp sends the halo's gradient back
+with one ppermute r+1 -> r.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ from lasp_jax.parallel import layout
 
 def _check_inputs(x, weight, bias, segment_ids):
     """Validates x [B, T, C], weight [W, C], bias None or [C] and segment_ids; returns the ids ([B, T] or None)."""
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is None and name == "bias":
-            continue
+    for name, a in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise ValueError(f"{name} must be an array, got {type(a).__name__}")
         if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -54,12 +54,12 @@ def _convolve(x, weight, bias, ids, halo, halo_ids):
     """The convolution of one piece x [B, L, C] given the W-1 positions before it: halo [B, W-1, C] (zeros before
     the sequence) and, with documents, ids [B, L] and halo_ids [B, W-1]. Returns y [B, L, C] in x's dtype."""
     w, length = weight.shape[0], x.shape[1]
-    xe = jnp.concatenate([halo.astype(x.dtype), x], axis=1).astype(jnp.float32)  # [B, W-1+L, C]
+    xe = jnp.concatenate([halo, x], axis=1).astype(jnp.float32)  # [B, W-1+L, C]
     wf = weight.astype(jnp.float32)
     # Tap i of output t reads xe[t + i]; tap W-1 is t itself.
     acc = xe[:, w - 1:] * wf[w - 1]
     if ids is not None:
-        ide = jnp.concatenate([halo_ids.astype(ids.dtype), ids], axis=1)
+        ide = jnp.concatenate([halo_ids, ids], axis=1)
         linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
         keep = jnp.ones(ids.shape, bool)
     for i in range(w - 2, -1, -1):
@@ -121,13 +121,13 @@ def _pass_halo_with_ids(halo, halo_ids, axis, n):
 
 
 def _pass_halo_with_ids_fwd(halo, halo_ids, axis, n):
-    return _pass_halo_with_ids(halo, halo_ids, axis, n), halo_ids.shape
+    return _pass_halo_with_ids(halo, halo_ids, axis, n), halo_ids
 
 
-def _pass_halo_with_ids_bwd(axis, n, ids_shape, cotangents):
+def _pass_halo_with_ids_bwd(axis, n, halo_ids, cotangents):
     d_halo, _ = cotangents
     # The gradient of the positions rank r sent goes back to it; the ids have none.
-    return jax.lax.ppermute(d_halo, axis, _backward_pairs(n)), np.zeros(ids_shape, jax.dtypes.float0)
+    return jax.lax.ppermute(d_halo, axis, _backward_pairs(n)), np.zeros(halo_ids.shape, jax.dtypes.float0)
 
 
 _pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
@@ -159,7 +159,8 @@ def _check_piece(length, w, seq_axis):
 def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, seq_axis="seq", batch_axes=None):
     """`causal_conv1d` (same math, same shapes) with T sharded over the mesh axis `seq_axis`.
 
-    Only the halo [B, W-1, C] (and its ids) crosses devices, one ppermute each way (forward, backward).
+    Of the sequence only the halo [B, W-1, C] (and its ids) crosses devices, one ppermute each way (forward,
+    backward); autodiff adds the all-reduce of the replicated weight's and bias's gradients.
 
     Args:
       x: [B, T, C]; weight: [W, C]; bias: None or [C]; segment_ids: None or [B, T] integers; global shapes, T
@@ -180,7 +181,7 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
         return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n)
     # layout.place reads [B, T, H, D]: the channels stand as heads (independent, so they may stay sharded).
     x4_in = x[..., None]
-    x4, _, _, spec, heads = layout.place(x4_in, x4_in, x4_in, mesh, seq_axis, batch_axes)
+    x4, _, _, spec, _ = layout.place(x4_in, x4_in, x4_in, mesh, seq_axis, batch_axes)
     _check_piece(x.shape[1] // n, w, seq_axis)
     specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
     args = (x4[..., 0], weight, bias, ids)

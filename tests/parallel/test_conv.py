@@ -159,6 +159,24 @@ def test_inside_a_callers_shard_map(dtype, rng):
     assert rel_err(y, _oracle(x, weight, bias, ids, x)[0]) < (F32_TOL if dtype == jnp.float32 else BF16_TOL)
 
 
+def test_channels_stay_sharded(rng):
+    """Channels sharded over a third axis (as lasp_attention's heads): each device convolves its own, with its
+    slice of weight and bias, and y keeps x's sharding."""
+    x, weight, bias, g = _inputs(rng, 2, 8, 6, 4)
+    ids = _documents(2, 8, [3, 4])
+    mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "model"), axis_types=(AxisType.Explicit,) * 3)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq", "model")))
+        f = jax.value_and_grad(lambda *a: _loss(sharded_causal_conv1d, *a, g, segment_ids=ids), argnums=(0, 1, 2),
+                               has_aux=True)
+        (_, y), grads = jax.jit(f, compiler_options=_FAST)(xs, weight, bias)
+    assert y.sharding.spec == P("data", "seq", "model"), y.sharding
+    y_ref, *grads_ref = _oracle(x, weight, bias, ids, g)
+    assert rel_err(y, y_ref) < F32_TOL
+    for name, a, ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert rel_err(a, ref) < F32_TOL, name
+
+
 def _elements(shape: str) -> int:
     """The number of elements of an HLO shape, summed over a tuple's arrays ("(f32[1,8], f32[1,8])" -> 16)."""
     return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", shape))
