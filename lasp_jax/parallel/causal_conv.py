@@ -186,7 +186,7 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
     args = (x4[..., 0], weight, bias, ids)
     if AxisType.Explicit in tuple(mesh.axis_types):
-        args = tuple(None if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
+        args = tuple(a if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
     y = _sharded(*args, mesh=mesh, specs=specs, seq_axis=seq_axis, n=n)
     return placement.like_q(y[..., None], x4_in)[..., 0]
 
