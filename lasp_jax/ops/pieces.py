@@ -18,8 +18,8 @@ T is zero-padded at the front to whole pieces when it is not already (zeros befo
 or state); since the zeros would sit between S_in and the first token, a ragged T adds S_in's and G's terms with
 the separate products of `lasp_jax.ops.states` instead.
 
-Numerics: the scans are exact float32 sums over the pieces that select (`states.weighted_sum`): a non-finite
-later piece never reaches an earlier one. Powers of lambda are exp(-s n) with n >= 0.
+Numerics: the scans are float32 sums over the pieces that select (`states.weighted_sum`): a non-finite later
+piece never reaches an earlier one. Powers of lambda are exp(-s n) with n >= 0.
 """
 
 from __future__ import annotations
@@ -116,9 +116,11 @@ def entering(sums, s_in, rates, plan: Plan):
     return _zeros_if_none(_with_boundary(from_zero, s_in, rates, plan, from_end=False), sums)
 
 
-def end_state(sums, rates, plan: Plan):
-    """The end state of the whole call from zero [B, H, Dk, Dv]: sum_j lambda^(L (P - 1 - j)) m_j."""
-    return jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end=True), sums, precision=_HIGHEST)
+def boundary_sum(sums, rates, plan: Plan, *, from_end: bool):
+    """The per-piece sums [B, H, P, Dk, Dv] carried to the call's boundary [B, H, Dk, Dv]: its end
+    (from_end: sum_p lambda^(L (P - 1 - p)) m_p, the end state from zero) or its start (sum_p lambda^(L p) d_p,
+    the cotangent of S_in)."""
+    return jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end), sums, precision=_HIGHEST)
 
 
 def leaving(sums, g, rates, plan: Plan):
@@ -143,7 +145,7 @@ def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
     plan = backend.plan(q, v)
     q_pad, k_pad, v_pad = (front_pad(x, plan.pad) for x in (q, k, v))
     sums = backend.state_sums(k_pad, v_pad, rates, plan, reverse=False, scale=1.0)
-    m = end_state(sums, rates, plan)
+    m = boundary_sum(sums, rates, plan, from_end=True)
     s_in = None if incoming is None else incoming(m)
     fused = plan.pad == 0
     pieces_in = entering(sums, s_in if fused else None, rates, plan)
@@ -173,7 +175,7 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
     q_pad, k_pad, v_pad, do_pad = (front_pad(x, plan.pad) for x in (q, k, v, do))
     sums = backend.state_sums(q_pad, do_pad, rates, plan, reverse=True, scale=scale)
     if fused:
-        d = jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end=False), sums, precision=_HIGHEST)
+        d = boundary_sum(sums, rates, plan, from_end=False)
     else:
         d = states.query_state_grad(q, do, rates, scale)
     g = None if outgoing is None else outgoing(d)

@@ -30,7 +30,7 @@ D = 128
 # Interpreted runs measured o and dV up to 1.5e-3 on the 4-chunk pieces and 3.03e-3 to 3.12e-3 on three_chunks
 # (38 seeds; the state update's decay rounds on the other factor than in the Triton kernels), dQ and dK below
 # 1e-4 (they round alike); with scale d^-0.5 3.06e-3 to 3.13e-3 (two_batches, three_chunks, d=64: one seed
-# each); tighter than BF16_TOL (2e-2) so that a wrong decay on the carried state shows.
+# each); tight enough that a wrong decay on the carried state shows.
 INTERPRET_TOL = 4e-3
 # Under GQA the dK, dV walks write bf16 shares per query head (the Triton kernels float32 ones): one more bf16
 # rounding per share; measured 2.9e-3 (dK) and 3.6e-3 (dV) on gqa_scaled (one seed).
