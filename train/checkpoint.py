@@ -16,7 +16,8 @@ signal waits time out after 300 s).
 
 Restore tries the newest checkpoint first and falls back to older ones when one cannot be read (a truncated or
 missing file, missing metadata) or when its arrays no longer match their checksums (silent corruption); the
-ones skipped are renamed <step>.unrestorable, kept for inspection.
+ones skipped are renamed <step>.unrestorable, kept for inspection. On several processes a step counts as
+restored only if it restored and verified on all of them; otherwise every process skips it.
 
 Checksum of an array x (any sharding; the same value on every host and for any mesh): its elements' bits u_i
 as uint32 (floats bitcast, 16-bit floats widened), summed as sum_i u_i * (2 i + 1) mod 2^32. Every weight is
@@ -37,6 +38,7 @@ from pathlib import Path
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -167,8 +169,14 @@ class Checkpointer:
 
         abstract_state: the state's tree of jax.ShapeDtypeStruct with shardings (where each array goes).
         Raises CheckpointError if the restored arrays do not match the checksums saved with them; orbax's and
-        tensorstore's own errors (unreadable files) pass through.
+        tensorstore's own errors (unreadable files) pass through. Every process must call it (the checksums
+        are collectives).
         """
+        state, meta = self._read(step, abstract_state, data_iter)
+        self._verify(state, meta)
+        return state, meta
+
+    def _read(self, step: int, abstract_state, data_iter):
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=grain.checkpoint.CheckpointRestore(data_iter),
                                   meta=ocp.args.JsonRestore())
@@ -178,28 +186,43 @@ class Checkpointer:
             restored = self._manager.restore(step, args=args)
         finally:
             logging.getLogger("asyncio").removeFilter(quiet)
-        saved = restored.meta.get("digest")
+        return restored.state, restored.meta
+
+    @staticmethod
+    def _verify(state, meta: dict) -> None:
+        """Raises CheckpointError if state's arrays differ from the checksums in meta (a collective)."""
+        saved = meta.get("digest")
         if saved is not None:  # checkpoints written before checksums existed have none
-            _, digest = state_digest(restored.state)
+            _, digest = state_digest(state)
             bad = [path for path, value in digest.items() if saved.get(path) != value]
             if bad:
                 raise CheckpointError(f"{len(bad)} of {len(digest)} arrays differ from their saved checksums "
                                       f"(silent corruption), e.g. {bad[0]}")
-        return restored.state, restored.meta
 
     def restore_newest(self, abstract_state, data_iter) -> Restored | None:
-        """The newest checkpoint that restores and verifies (None if there are none), with the newer ones it
-        skipped and why. Raises CheckpointError naming every checkpoint's failure if none restores."""
+        """The newest checkpoint that restores and verifies on every process (None if there are none), with the
+        newer ones it skipped and why. Raises CheckpointError naming every checkpoint's failure if none restores.
+
+        The processes agree after reading a step and again after verifying it: a step is skipped by all of them
+        if any failed, so none runs the checksum collectives of a step the others left, and all of them reach
+        `_set_aside` together."""
         skipped = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            why = None
             try:
-                state, meta = self.restore(step, abstract_state, data_iter)
+                state, meta = self._read(step, abstract_state, data_iter)
             except Exception as e:  # any unreadable checkpoint: try the next older one
-                skipped.append((step, _reason(e)))
-                continue
-            if skipped:
-                self._set_aside([s for s, _ in skipped])
-            return Restored(step, state, meta, skipped)
+                why = _reason(e)
+            if _every_process(why is None):
+                try:
+                    self._verify(state, meta)
+                except CheckpointError as e:
+                    why = _reason(e)
+                if _every_process(why is None):
+                    if skipped:
+                        self._set_aside([s for s, _ in skipped])
+                    return Restored(step, state, meta, skipped)
+            skipped.append((step, why or "another process could not restore it"))
         if skipped:
             raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
                                   + "; ".join(f"step {s}: {why}" for s, why in skipped))
@@ -232,6 +255,13 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(f"saving checkpoint step {self._pending} in {self.directory} failed: "
                                   f"{_reason(e)}") from None
+
+
+def _every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective where there are several: all must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
 def abstract_like(state):

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from models.config import ModelConfig
-from train import metrics, optim
+from train import checkpoint, metrics, optim
 from train.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like, state_digest
 from train.config import TrainConfig
 
@@ -105,6 +105,29 @@ def test_restore_skips_a_checkpoint_whose_arrays_changed_silently(tmp_path):
     np.testing.assert_array_equal(restored.state["w"], state["w"])
     ckpt.close()
     other.close()
+
+
+def test_a_step_another_process_cannot_restore_is_skipped_by_every_process(tmp_path, monkeypatch):
+    """Multi-host resume, simulated on one process: step 2 reads here but not on another host. Every process
+    skips it (before, each decided alone: this one went on to step 2's checksum collectives while the other
+    restored step 1, and both hung); the processes agree after each read and each verification."""
+    state = {"w": jnp.arange(6.0)}
+    ckpt = Checkpointer(tmp_path, every=1, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, state, _iter(), {"step": step, "loss": 1.0})
+    ckpt.wait()
+    votes = []
+
+    def another_host_fails_step_2(ok):  # checkpoint._every_process with the other host's vote on step 2 a no
+        votes.append(ok)
+        return ok and len(votes) != 1
+
+    monkeypatch.setattr(checkpoint, "_every_process", another_host_fails_step_2)
+    restored = ckpt.restore_newest(abstract_like(state), _iter())
+    assert restored.step == 1 and restored.skipped == [(2, "another process could not restore it")]
+    assert votes[:3] == [True, True, True]  # this process read step 2; read step 1, verified it
+    assert (tmp_path / "2.unrestorable").is_dir() and ckpt.latest_step() == 1
+    ckpt.close()
 
 
 def test_a_save_into_a_vanished_directory_fails_at_once(tmp_path):
