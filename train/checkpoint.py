@@ -16,8 +16,9 @@ signal waits time out after 300 s).
 
 Restore tries the newest checkpoint first and falls back to older ones when one cannot be read (a truncated or
 missing file, missing metadata) or when its arrays no longer match their checksums (silent corruption); the
-ones skipped are renamed <step>.unrestorable, kept for inspection. On several processes a step counts as
-restored only if it restored and verified on all of them; otherwise every process skips it.
+ones skipped are renamed <step>.unrestorable (<step>.unrestorable.N if that step was set aside before), kept
+for inspection. On several processes a step counts as restored only if it restored and verified on all of them;
+otherwise every process skips it.
 
 Checksum of an array x (any sharding; the same value on every host and for any mesh): its elements' bits u_i
 as uint32 (floats bitcast, 16-bit floats widened), summed as sum_i u_i * (2 i + 1) mod 2^32. Every weight is
@@ -229,13 +230,23 @@ class Checkpointer:
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Renames unrestorable checkpoints to <step>.unrestorable (kept for inspection; orbax ignores the
-        name), so the resumed run can save those steps again."""
+        """Renames unrestorable checkpoints to <step>.unrestorable (<step>.unrestorable.N if a step was set aside
+        before; kept for inspection, orbax ignores the names), so the resumed run can save those steps again.
+        Raises CheckpointError on every process if process 0 cannot rename one."""
+        error = None
         if jax.process_index() == 0:
             for step in steps:
-                (self.directory / str(step)).rename(self.directory / f"{step}.unrestorable")
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("checkpoints set aside")
+                target = self.directory / f"{step}.unrestorable"
+                n = 1
+                while target.exists():
+                    target, n = self.directory / f"{step}.unrestorable.{n}", n + 1
+                try:
+                    (self.directory / str(step)).rename(target)
+                except OSError as e:
+                    error = f"cannot set aside unrestorable checkpoint step {step} in {self.directory}: {_reason(e)}"
+                    break
+        if not _every_process(error is None):
+            raise CheckpointError(error or "process 0 could not set aside the unrestorable checkpoints")
         self._manager.reload()
 
     def wait(self) -> None:

@@ -130,6 +130,34 @@ def test_a_step_another_process_cannot_restore_is_skipped_by_every_process(tmp_p
     ckpt.close()
 
 
+def test_a_step_set_aside_twice_keeps_both_and_a_failed_rename_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Step 2 unreadable when 2.unrestorable already exists (the same step went bad before): it goes to
+    2.unrestorable.1 (before: OSError ENOTEMPTY, a traceback and exit 1). A rename that fails is a
+    CheckpointError (exit 4)."""
+    state = {"w": jnp.arange(6.0)}
+    ckpt = Checkpointer(tmp_path, every=1, keep=3)
+    (tmp_path / "2.unrestorable").mkdir()
+    (tmp_path / "2.unrestorable" / "earlier").write_text("kept")
+    for attempt in range(2):
+        for step in (1, 2) if attempt == 0 else (2,):
+            ckpt.save(step, state, _iter(), {"step": step, "loss": 1.0})
+        ckpt.wait()
+        (tmp_path / "2" / "meta" / "metadata").unlink()
+        if attempt == 0:
+            assert ckpt.restore_newest(abstract_like(state), _iter()).step == 1
+    assert (tmp_path / "2.unrestorable" / "earlier").read_text() == "kept"
+    assert (tmp_path / "2.unrestorable.1" / "state").is_dir()
+
+    def refused(self, target):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(type(tmp_path), "rename", refused)
+    with pytest.raises(CheckpointError, match=r"cannot set aside unrestorable checkpoint step 2 in .*: "
+                                              r"PermissionError: \[Errno 13\] Permission denied"):
+        ckpt.restore_newest(abstract_like(state), _iter())
+    ckpt.close()
+
+
 def test_a_save_into_a_vanished_directory_fails_at_once(tmp_path):
     """The directory replaced by a file under a running Checkpointer: the save raises within seconds (with
     orbax's asynchronous directory creation it blocked for minutes)."""
