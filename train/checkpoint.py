@@ -200,6 +200,16 @@ class Checkpointer:
                 raise CheckpointError(f"{len(bad)} of {len(digest)} arrays differ from their saved checksums "
                                       f"(silent corruption), e.g. {bad[0]}")
 
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose meta (JSON only, no arrays) reads; None if none does.
+        Lets a resume be refused before any checkpoint is restored or set aside."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception:  # an unreadable meta: restore_newest will say why when it skips this step
+                continue
+        return None
+
     def restore_newest(self, abstract_state, data_iter) -> Restored | None:
         """The newest checkpoint that restores and verifies on every process (None if there are none), with the
         newer ones it skipped and why. Raises CheckpointError naming every checkpoint's failure if none restores.
@@ -214,12 +224,12 @@ class Checkpointer:
                 state, meta = self._read(step, abstract_state, data_iter)
             except Exception as e:  # any unreadable checkpoint: try the next older one
                 why = _reason(e)
-            if _every_process(why is None):
+            if every_process(why is None):
                 try:
                     self._verify(state, meta)
                 except CheckpointError as e:
                     why = _reason(e)
-                if _every_process(why is None):
+                if every_process(why is None):
                     if skipped:
                         self._set_aside([s for s, _ in skipped])
                     return Restored(step, state, meta, skipped)
@@ -245,7 +255,7 @@ class Checkpointer:
                 except OSError as e:
                     error = f"cannot set aside unrestorable checkpoint step {step} in {self.directory}: {_reason(e)}"
                     break
-        if not _every_process(error is None):
+        if not every_process(error is None):
             raise CheckpointError(error or "process 0 could not set aside the unrestorable checkpoints")
         self._manager.reload()
 
@@ -268,7 +278,7 @@ class Checkpointer:
                                   f"{_reason(e)}") from None
 
 
-def _every_process(ok: bool) -> bool:
+def every_process(ok: bool) -> bool:
     """Whether `ok` holds on every process (a collective where there are several: all must call it)."""
     if jax.process_count() == 1:
         return ok

@@ -28,7 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import models
 from train import data as data_lib
-from train.checkpoint import Checkpointer, NonFiniteState, RunDirLock, abstract_like
+from train.checkpoint import Checkpointer, NonFiniteState, RunDirLock, abstract_like, every_process
 from train.config import TrainConfig, resolve_mesh, validate, validate_shapes
 from train.metrics import MetricsLog, Throughput, device_memory_gib, flops_per_token, peak_tflops, perplexity
 from train.optim import learning_rate
@@ -232,12 +232,20 @@ def _train(cfg: TrainConfig, mcfg, axes, files, tokenizer, run_dir: Path, main: 
         if latest is not None and not cfg.resume:
             raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (newest: step {latest}); "
                              "set resume=true to continue it, or choose a new run_dir")
+        newest = ckpt.newest_meta() if latest is not None else None
+        if newest:  # before any checkpoint is restored or set aside
+            refused = None
+            try:
+                check_resume(cfg, newest[1].get("config", {}), newest[0])
+            except ValueError as e:
+                refused = e
+            if not every_process(refused is None):
+                raise refused or ValueError("resume refused on another process (see its error)")
         restored = ckpt.restore_newest(abstract_like(state), data_iter) if latest is not None else None
         start = 0
         if restored:
             for step, why in restored.skipped:
                 print(f"warning: skipped checkpoint step {step}, which cannot be restored ({why})", flush=True)
-            check_resume(cfg, restored.meta.get("config", {}), restored.step)
             state, start = restored.state, restored.step
         if main:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))

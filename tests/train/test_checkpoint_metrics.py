@@ -118,11 +118,11 @@ def test_a_step_another_process_cannot_restore_is_skipped_by_every_process(tmp_p
     ckpt.wait()
     votes = []
 
-    def another_host_fails_step_2(ok):  # checkpoint._every_process with the other host's vote on step 2 a no
+    def another_host_fails_step_2(ok):  # checkpoint.every_process with the other host's vote on step 2 a no
         votes.append(ok)
         return ok and len(votes) != 1
 
-    monkeypatch.setattr(checkpoint, "_every_process", another_host_fails_step_2)
+    monkeypatch.setattr(checkpoint, "every_process", another_host_fails_step_2)
     restored = ckpt.restore_newest(abstract_like(state), _iter())
     assert restored.step == 1 and restored.skipped == [(2, "another process could not restore it")]
     assert votes[:3] == [True, True, True]  # this process read step 2; read step 1, verified it

@@ -15,6 +15,7 @@ import pytest
 
 from tests.train.helpers import ROOT, env, losses, run_train, saved_steps, start_hooked, tiny
 from train import loop
+from train.checkpoint import Checkpointer
 
 FAST = {"mesh": "data=1,seq=1", "steps": 10, "ckpt_keep": 3}  # one device: the quickest compile
 
@@ -159,6 +160,19 @@ def test_a_resume_with_another_data_order_is_refused(trained, tmp_path):
                                          r"data_seed=0 -> 1\); resuming would not continue its data order"):
         loop.train(tiny(run_dir, **FAST | {"steps": 12, "seq_len": 16, "batch_size": 8, "data_seed": 1}))
     assert saved_steps(run_dir) == [5, 10]
+
+
+def test_a_refused_resume_restores_nothing_and_sets_nothing_aside(trained, tmp_path, monkeypatch):
+    """Step 10 damaged and data_seed changed: the resume is refused from the newest checkpoint's meta alone,
+    before any restore (before: step 5 was restored and step 10 renamed .unrestorable, then it was refused)."""
+    run_dir = _copy(trained, tmp_path)
+    _damage(run_dir / "checkpoints" / "10", "truncated data file")
+    monkeypatch.setattr(Checkpointer, "restore_newest",
+                        lambda *args: pytest.fail("a checkpoint was restored before the resume was checked"))
+    with pytest.raises(ValueError, match=r"the checkpoint of step 10 .* was trained with other data settings "
+                                         r"\(data_seed=0 -> 1\)"):
+        loop.train(tiny(run_dir, **FAST | {"data_seed": 1}))
+    assert saved_steps(run_dir) == [5, 10] and not (run_dir / "checkpoints" / "10.unrestorable").exists()
 
 
 def test_no_restorable_checkpoint_exits_4_with_a_short_message(trained, tmp_path):
