@@ -33,8 +33,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
       decay: None (no decay), [H] constant rates s_h >= 0 (a constant for autodiff: its cotangent is zero), or
         [B, T, H] per-token rates s_t >= 0 (differentiable: gradients flow to them; a model computes them from
         its input). Bad rates are a ValueError when decay is concrete; traced under jit, a negative or non-finite
-        rate makes its head's outputs NaN (constant), or its (batch row, head)'s (per-token)
-        (checks.attention_inputs).
+        rate makes its head's outputs NaN (constant), or (per-token) the outputs of its (batch row, head) that
+        depend on it, from its position on (checks.attention_inputs).
       segment_ids: None, or [B, T] integers: packed documents; the state resets wherever the id changes from
         position t-1 to t. initial_state belongs to position 0's document; the final state is the state after
         the last position (its document's).

@@ -21,8 +21,11 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
     value or a committed array) with a negative or non-finite rate is a ValueError naming it. A traced decay
     (under jit) cannot be read here, so a bad rate is made loud instead of silently wrong: constant rates: the
     rate becomes NaN, which turns every output, gradient and final state of that head NaN (every position reads
-    the head's lambda^0 = exp(-NaN * 0)); per-token rates: every rate of that (batch row, head) becomes NaN, with
-    the same effect on that row's head. The other heads (rows) are unaffected.
+    the head's lambda^0 = exp(-NaN * 0)); per-token rates: that rate becomes NaN, which turns NaN every output
+    of its (batch row, head) that depends on it (from its position on, to the end of its document at least;
+    also on later sequence-parallel ranks), its gradients and the final state it reaches, while the outputs before
+    it stay exact (an elementwise rule: checking a whole row would cost a collective under sequence parallelism).
+    The other heads (rows) are unaffected.
     """
     qs, ks, vs = _shape("q", q), _shape("k", k), _shape("v", v)
     for name, shape in (("q", qs), ("k", ks), ("v", vs)):
@@ -55,10 +58,7 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
         raise ValueError(f"per-token decay rates must be a floating-point array, got dtype {jnp.result_type(decay)}")
     if isinstance(decay, jax.core.Tracer):
         rates = jnp.asarray(decay, jnp.float32)
-        ok = jnp.isfinite(rates) & (rates >= 0)
-        if per_token:
-            ok = jnp.all(ok, axis=1, keepdims=True)
-        return jnp.where(ok, rates, jnp.nan)
+        return jnp.where(jnp.isfinite(rates) & (rates >= 0), rates, jnp.nan)
     values = np.asarray(decay, dtype=np.float64)
     kind = "per-token decay rates" if per_token else "decay rates"
     if not np.all(np.isfinite(values)):

@@ -161,7 +161,7 @@ class TokenDecay(NamedTuple):
 
     rates: jax.Array  # [B, L, H] float32, s_t >= 0
     starts: jax.Array  # [B, L] bool: a document starts at t (at t = 0: it starts at the piece's first position)
-    counts: jax.Array  # [B, L] int32: document starts in [0, t]; t and r are in one document iff equal
+    counts: jax.Array  # [B, L] int32: document starts in (0, t]; t and r are in one document iff equal
     cumulative: jax.Array  # [B, L, H] float32 b_t = s_0 + ... + s_t
     q_weight: jax.Array  # [B, L, H] float32 exp(-b_t) where no document starts in [0, t], else 0
     k_weight: jax.Array  # [B, L, H] float32 exp(-e_t) where no document starts in (t, L), else 0
@@ -169,7 +169,8 @@ class TokenDecay(NamedTuple):
 
 
 def token_decay(rates: jax.Array, starts: jax.Array) -> TokenDecay:
-    """The piece's tables from its rates [B, L, H] (>= 0) and document starts [B, L] bool."""
+    """The piece's tables from its rates [B, L, H] (>= 0) and document starts [B, L] bool (starts[:, 0] False: a
+    start at the first position is `cut_at_first`'s)."""
     rates = rates.astype(jnp.float32)
     counts = jnp.cumsum(starts.astype(jnp.int32), axis=1)
     cumulative = jnp.cumsum(rates, axis=1)
@@ -183,6 +184,15 @@ def token_decay(rates: jax.Array, starts: jax.Array) -> TokenDecay:
         k_weight=jnp.where(in_last, jnp.exp(-after), 0.0),
         log_decay=jnp.where(sees_in[:, -1], cumulative[:, -1], jnp.inf),
     )
+
+
+def cut_at_first(tok: TokenDecay, first: jax.Array) -> TokenDecay:
+    """tok with a document starting at the piece's first position where first [B] is True: S_in reaches no
+    position and passes no further. The pair tables (cumulative, counts) do not change, so the piece's own work
+    never waits for `first` (a collective, under sequence parallelism)."""
+    return tok._replace(starts=tok.starts.at[:, 0].set(first),
+                        q_weight=jnp.where(first[:, None, None], 0.0, tok.q_weight),
+                        log_decay=jnp.where(first[:, None], jnp.inf, tok.log_decay))
 
 
 def piece_decay(tok: TokenDecay) -> jax.Array:

@@ -206,12 +206,9 @@ def _piece_tokens(rates, segment_ids, exchange):
     previous piece ends another document (the initial state belongs to position 0's document)."""
     b, length = rates.shape[:2]
     if segment_ids is None:
-        starts = jnp.zeros((b, length), bool)
-    else:
-        starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-        if exchange is not None:
-            starts = starts.at[:, 0].set(exchange.starts_at_boundary(segment_ids))
-    return states.token_decay(rates, starts)
+        return states.token_decay(rates, jnp.zeros((b, length), bool))
+    tok = states.token_decay(rates, jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0))))
+    return tok if exchange is None else states.cut_at_first(tok, exchange.starts_at_boundary(segment_ids))
 
 
 def _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale):

@@ -163,7 +163,7 @@ def _token_tables(tok, hkv, c, scale):
     b, n = rates.shape[:2]
     rates = rates.reshape(b, n, c, hkv, -1)
     counts = _chunked(tok.counts[..., None, None], c)[..., 0, 0]  # [B, N, C]; the padding counts 0 starts
-    before = counts[:, :, :1] - _chunked(tok.starts[..., None, None], c)[:, :, :1, 0, 0]  # starts before the chunk
+    before = jnp.pad(counts[:, :-1, -1:], ((0, 0), (1, 0), (0, 0)))  # [B, N, 1]: the count before each chunk
     bc = jnp.cumsum(rates, axis=2)
     later = jnp.pad(rates[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0), (0, 0)))
     ec = jnp.flip(jnp.cumsum(jnp.flip(later, 2), axis=2), 2)

@@ -2,6 +2,9 @@
 
 Every rank sends in every round (SPMD), and after round t rank r holds the decayed sum of the t states before
 it; after W-1 rounds that is the whole exclusive prefix. Each round moves one [B, H, Dk, Dv] state per rank.
+A rank decays what passes through it by its own a = exp(-rate) (rate [H], the same on every rank, or [B, H], the
+rank's own log-decay: per-token rates, +inf (a = 0) where a document starts in the rank), so the same hops serve
+both.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from lasp_jax.ops.states import decay_pow
 def _ring(x, rate, axis_name, axis_size, step):
     pairs = [(i, i + step) for i in range(axis_size - 1)] if step > 0 else \
         [(i + 1, i) for i in range(axis_size - 1)]
-    a = decay_pow(rate, 1)[None, :, None, None]
+    a = (decay_pow(rate, 1)[None] if rate.ndim == 1 else decay_pow(rate, 1))[:, :, None, None]  # this rank's
     received, carry = jax.numpy.zeros_like(x), x
     for _ in range(axis_size - 1):
         received = jax.lax.ppermute(carry, axis_name, pairs)
@@ -23,10 +26,10 @@ def _ring(x, rate, axis_name, axis_size, step):
 
 
 def exclusive_prefix(m, rate, axis_name, axis_size):
-    """sum_{j < r} a^(r-1-j) m_j on rank r, a = exp(-rate). m [B, H, Dk, Dv]; rate [H]."""
+    """sum_{j < r} (prod_{j < i < r} a_i) m_j on rank r, a = exp(-rate). m [B, H, Dk, Dv]; rate [H] or [B, H]."""
     return _ring(m, rate, axis_name, axis_size, +1)
 
 
 def exclusive_suffix(d, rate, axis_name, axis_size):
-    """sum_{j > r} a^(j-r-1) d_j on rank r."""
+    """sum_{j > r} (prod_{r < i < j} a_i) d_j on rank r."""
     return _ring(d, rate, axis_name, axis_size, -1)

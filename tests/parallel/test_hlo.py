@@ -17,31 +17,55 @@ T = W * 2 * C  # two chunks per rank
 STATE = B * H * D * D
 
 
-def _compile(strategy: str, grad: bool) -> str:
+def _compile(strategy: str, grad: bool, per_token: bool = False) -> str:
+    """Constant rates, or per-token rates (differentiated too) with segment_ids."""
     mesh = jax.make_mesh((1, W), ("data", "seq"))
-    s = jnp.asarray([0.1, 0.5])
+    seq = NamedSharding(mesh, P("data", "seq"))
 
-    def f(q, k, v):
-        return lasp_jax.lasp_attention(q, k, v, s, strategy=strategy, impl="xla")
+    def f(q, k, v, s, ids):
+        return lasp_jax.lasp_attention(q, k, v, s, segment_ids=ids, strategy=strategy, impl="xla")
 
+    argnums = (0, 1, 2, 3) if per_token else (0, 1, 2)
     if grad:
-        f = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
+        f = jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=argnums)
     with jax.set_mesh(mesh):
-        x = jax.device_put(jnp.ones((B, T, H, D)), NamedSharding(mesh, P("data", "seq")))
-        return jax.jit(f).lower(x, x, x).compile().as_text()
+        x = jax.device_put(jnp.ones((B, T, H, D)), seq)
+        if per_token:
+            s = jax.device_put(jnp.full((B, T, H), 0.1), seq)
+            ids = jax.device_put((jnp.arange(T) // 100)[None].repeat(B, 0), seq)
+        else:
+            s, ids = jnp.asarray([0.1, 0.5]), None
+        return jax.jit(f).lower(x, x, x, s, ids).compile().as_text()
 
 
-@pytest.fixture(scope="module", params=[(s, g) for s in ("ring", "allgather", "scan") for g in (False, True)],
-                ids=lambda p: f"{p[0]}-{'fwd+bwd' if p[1] else 'fwd'}")
+def _id(p):
+    return f"{p[0]}-{'fwd+bwd' if p[1] else 'fwd'}" + ("-per_token" if p[2] else "")
+
+
+@pytest.fixture(scope="module", params=[(s, g, t) for s in ("ring", "allgather", "scan") for g in (False, True)
+                                        for t in (False, True)], ids=_id)
 def compiled(request):
-    strategy, grad = request.param
-    return strategy, grad, entry_instructions(_compile(strategy, grad))
+    strategy, grad, per_token = request.param
+    return strategy, grad, per_token, entry_instructions(_compile(strategy, grad, per_token))
 
 
 def test_expected_collectives_and_nothing_that_grows_with_T(compiled):
-    strategy, grad, instrs = compiled
+    strategy, grad, per_token, instrs = compiled
     colls = [i for i in instrs.values() if i.is_collective]
     assert STATE < (T // W) * H * D  # so that "state-sized" is a real distinction here
+    if per_token:  # beside the states: the ranks' log-decays [B, H] and one [B] permute of the boundary ids
+        small = [c for c in colls if c.size < STATE]
+        assert all(c.size <= W * B * H for c in small), [(c.opcode, c.shape) for c in small]
+        assert sum(c.opcode == "collective-permute" and c.size == B for c in small) == 1
+        states = [c for c in colls if c.size >= STATE]
+        if strategy == "allgather":
+            assert {c.opcode for c in colls} == {"all-gather", "collective-permute"}
+            assert len(states) == (2 if grad else 1) and all(c.size == W * STATE for c in states)
+        else:
+            assert {c.opcode for c in colls} == {"collective-permute"}
+            assert all(c.size == STATE for c in states)
+            assert len(states) == (2 if grad else 1) * (W - 1 if strategy == "ring" else 3)
+        return
     kinds = {c.opcode for c in colls}
     if strategy == "allgather":
         assert kinds == {"all-gather"}
@@ -65,7 +89,7 @@ def test_expected_collectives_and_nothing_that_grows_with_T(compiled):
 def test_intra_chunk_work_does_not_wait_for_collectives(compiled):
     """No [C, C] intra-chunk product waits for a collective of its own pass: in the forward for none at all; in
     fwd+bwd for none of the backward's (dO itself legitimately depends on the forward's states)."""
-    _, grad, instrs = compiled
+    _, grad, _, instrs = compiled
     colls = [i for i in instrs.values() if i.is_collective]
     # JAX's op_name metadata marks the transposed (backward) computation; collectives keep their metadata.
     waited_for = [c.name for c in colls if grad == ("transpose(" in c.attrs)]

@@ -1,0 +1,80 @@
+"""lasp_attention with per-token decay and packed documents on forced CPU meshes: outputs and the gradients of q, k,
+v and the per-token rates on every rank, against the float64 oracle (reference.dense_tokens under enable_x64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import lasp_jax
+from lasp_jax.ops import reference
+from tests.util import F32_TOL, qkv, rel_err
+
+STRATEGIES = ["ring", "allgather", "scan"]
+# data x seq; seq 3 and 6: scan's non-power-of-two rounds. T = 48: ranks of 6 (seq 8), 12 (seq 4), 16 (seq 3),
+# 8 (seq 6) positions.
+MESHES = [(1, 8), (2, 4), (1, 3), (1, 6)]
+T = 48
+# Row 0: documents starting at 16 (a rank boundary for seq 3, 4 (no: 12), 6), 24 (seq 4, 6, 8), 30 (seq 8),
+# 33 (inside a rank everywhere), 40 (seq 6) and 47 (the last position alone); the first spans several ranks.
+# Row 1: one document over every rank (slow decay: a missed reset or a leak would show). Rows 2, 3 (data 2):
+# random starts.
+STARTS = [(16, 24, 30, 33, 40, 47), (), (12, 13, 36), (5, 20)]
+
+
+def _inputs(rng, b):
+    q, k, v = qkv(rng, b, T, 4, 2, 8, 8)
+    rates = rng.uniform(0.0, 0.3, size=(b, T, 4))
+    rates[1] = rng.uniform(0.005, 0.015, size=(T, 4))
+    new = np.zeros((b, T), bool)
+    for row in range(b):
+        new[row, list(STARTS[row])] = True
+    ids = jnp.asarray(np.cumsum(new, axis=1), jnp.int32)
+    return q, k, v, jnp.asarray(rates, jnp.float32), ids
+
+
+def _per_rank_errors(x, ref, w):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    t = x.shape[1] // w
+    return [rel_err(x[:, r * t:(r + 1) * t], ref[:, r * t:(r + 1) * t]) for r in range(w)]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_float64_oracle_on_every_rank(shape, strategy, rng):
+    mesh = jax.make_mesh(shape, ("data", "seq"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=jax.devices()[:shape[0] * shape[1]])
+    q, k, v, rates, ids = _inputs(rng, 2 * shape[0])
+    w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+
+    def loss(attend, q, k, v, rates):
+        return jnp.sum(attend(q, k, v, rates) * w_o)
+
+    ours = lambda q, k, v, rates: lasp_jax.lasp_attention(q, k, v, rates, segment_ids=ids, strategy=strategy,
+                                                          scale=0.5)
+    with jax.set_mesh(mesh):
+        spec = NamedSharding(mesh, P("data", "seq"))
+        args = [jax.device_put(x, spec) for x in (q, k, v, rates)]
+        o = jax.jit(ours)(*args)
+        grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3)))(*args)
+    assert o.sharding.spec[:2] == ("data", "seq"), o.sharding
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates)]
+        dense = lambda q, k, v, rates: reference.dense_tokens(q, k, v, rates, ids, scale=0.5)[0]
+        o_ref = np.asarray(dense(*f64))
+        grads_ref = [np.asarray(g) for g in jax.grad(lambda *a: jnp.sum(dense(*a) * np.asarray(w_o)),
+                                                     argnums=(0, 1, 2, 3))(*f64)]
+    w = shape[1]
+    errors = {"o": _per_rank_errors(o, o_ref, w)}
+    errors.update({f"d{n}": _per_rank_errors(g, g_ref, w) for n, g, g_ref in zip(("q", "k", "v", "rates"), grads,
+                                                                                  grads_ref)})
+    for name, per_rank in errors.items():
+        assert max(per_rank) < F32_TOL, (name, per_rank)
+
+
+def test_kernels_refuse_per_token_decay(rng):
+    mesh = jax.make_mesh((1, 2), ("data", "seq"), devices=jax.devices()[:2])
+    q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
+    with pytest.raises(ValueError, match="not in the kernels yet"):
+        lasp_jax.lasp_attention(q, k, v, jnp.full((1, 64, 2), 0.1), mesh=mesh, impl="pallas_triton_interpret")
