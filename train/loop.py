@@ -49,10 +49,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT only record their name in `received` (the loop then saves and stops at
-    the next step boundary); the handlers in place before are restored on the first signal, so a second one
-    acts as it would have (kills), and on exit. Inactive outside the main thread, where Python cannot set
-    handlers."""
+    """While active, SIGTERM and SIGINT only record the first one's name in `received` (the loop then saves
+    and stops at the next step boundary). The first signal puts SIGINT's previous handler back, so a second
+    Ctrl-C acts as it would have (KeyboardInterrupt: the escape when a save hangs); SIGTERM stays recorded until
+    exit, after the save, since schedulers and container runtimes often send it more than once. The previous
+    handlers are restored on exit. Inactive outside the main thread, where Python cannot set handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -61,8 +62,9 @@ class StopSignals:
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        self._restore()
+        self.received = self.received or signal.Signals(signum).name
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     def _restore(self):
         for signum, handler in self._previous.items():

@@ -46,8 +46,9 @@ def env(**extra) -> dict[str, str]:
 
 
 # Runs `python -m train ARGS` and, right after logging step AT, acts as ACTION says: "block" prints READY and
-# sleeps (the parent kills it), "await_signal" prints READY and waits until a SIGTERM/SIGINT has been handled
-# (the parent sends it), "break_checkpoints" replaces RUN_DIR/checkpoints by a file (the next save fails).
+# sleeps (the parent kills it), "await_signal" prints READY and waits until SIGNALS (default 1) SIGTERM/SIGINTs
+# have reached the loop's handler, printing HANDLED n after each (the parent sends them), "break_checkpoints"
+# replaces RUN_DIR/checkpoints by a file (the next save fails).
 _HOOKED = textwrap.dedent("""
     import os, shutil, signal, sys, time
     from pathlib import Path
@@ -63,11 +64,18 @@ _HOOKED = textwrap.dedent("""
             shutil.rmtree(ckpts)
             ckpts.write_text("not a directory")
             return
-        print("READY", flush=True)
         if action == "block":
+            print("READY", flush=True)
             time.sleep(3600)
-        # the loop's handler puts the previous (default) one back when it has seen a signal
-        while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        handler, handled = signal.getsignal(signal.SIGTERM), []  # the loop's, for both signals
+        def count(signum, frame):  # stays in place only where the loop's handler leaves it
+            handler(signum, frame)
+            handled.append(signum)
+            print(f"HANDLED {len(handled)}", flush=True)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, count)
+        print("READY", flush=True)
+        while len(handled) < int(os.environ.get("SIGNALS", "1")):
             time.sleep(0.02)
     metrics.MetricsLog.write = write_then_act
     from train.__main__ import main
@@ -75,19 +83,20 @@ _HOOKED = textwrap.dedent("""
 """)
 
 
-def start_hooked(cfg: TrainConfig, at: int, action: str) -> subprocess.Popen:
+def start_hooked(cfg: TrainConfig, at: int, action: str, signals: int = 1) -> subprocess.Popen:
     """`python -m train` on cfg (8 CPU devices) with the hook above; stdout and stderr merged, as text."""
     args = cli_args(dataclasses.replace(cfg, cpu_devices=8, platform="cpu"))
-    return subprocess.Popen([sys.executable, "-c", _HOOKED, *args], cwd=ROOT, env=env(AT=str(at), ACTION=action),
+    return subprocess.Popen([sys.executable, "-c", _HOOKED, *args], cwd=ROOT,
+                            env=env(AT=str(at), ACTION=action, SIGNALS=str(signals)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def read_until_ready(proc: subprocess.Popen) -> list[str]:
-    """The subprocess's lines up to and including READY (all of them if it ends first)."""
+def read_until_ready(proc: subprocess.Popen, marker: str = "READY") -> list[str]:
+    """The subprocess's lines up to and including the first that holds marker (all of them if it ends first)."""
     out = []
     for line in proc.stdout:
         out.append(line)
-        if "READY" in line:
+        if marker in line:
             break
     return out
 

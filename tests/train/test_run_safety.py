@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.helpers import ROOT, env, losses, run_train, saved_steps, start_hooked, tiny
+from tests.train.helpers import (ROOT, env, losses, read_until_ready, run_train, saved_steps, start_hooked,
+                                 tiny)
 from train import loop
 from train.checkpoint import Checkpointer
 
@@ -173,6 +175,25 @@ def test_a_refused_resume_restores_nothing_and_sets_nothing_aside(trained, tmp_p
                                          r"\(data_seed=0 -> 1\)"):
         loop.train(tiny(run_dir, **FAST | {"data_seed": 1}))
     assert saved_steps(run_dir) == [5, 10] and not (run_dir / "checkpoints" / "10.unrestorable").exists()
+
+
+def test_a_second_sigterm_still_lets_the_save_finish(tmp_path):
+    """Two SIGTERMs after step 3, the second once the first is handled: step 3 is still saved and the run
+    exits 143 (before: the first restored the default handler, so the second killed the run unsaved)."""
+    run_dir = tmp_path / "run"
+    proc = start_hooked(tiny(run_dir, **FAST), at=3, action="await_signal", signals=2)
+    try:
+        out = read_until_ready(proc)
+        proc.send_signal(signal.SIGTERM)
+        out += read_until_ready(proc, "HANDLED 1")
+        proc.send_signal(signal.SIGTERM)
+        out += proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(out)
+    assert "stopped by SIGTERM after step 3: checkpoint step 3 saved" in "".join(out)
+    assert saved_steps(run_dir) == [3]
 
 
 def test_no_restorable_checkpoint_exits_4_with_a_short_message(trained, tmp_path):
