@@ -8,7 +8,9 @@ A config file is a Python file with `get_config() -> TrainConfig`; without --con
 replaces the file's model by a named one (models.presets). Every TrainConfig field is then a flag of its own,
 `--model.X` for the model's fields (tyro builds them from the dataclasses: `--help` lists each with its type,
 default and comment; `-` and `_` are both accepted in names; booleans are `--resume` / `--no-resume`; tuples
-take several values). The result is checked by TrainConfig itself and `validate` before JAX starts.
+take several values), except the model's fields that training sets itself (--model.vocab-size, --model.dtype,
+--model.param-dtype: refused with the flag to use instead). The result is checked by TrainConfig itself and
+`validate` before JAX starts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Annotated, Literal
 import tyro
 
 from models.presets import PRESETS
-from train.config import TrainConfig, validate
+from train.config import SET_BY_TRAINING, TrainConfig, validate
 from train.distributed import DistributedArgs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tnl_tiny.py"
@@ -61,11 +63,14 @@ def load_config_file(path: str | Path) -> TrainConfig:
 
 def flags(cfg: TrainConfig) -> list[str]:
     """The flags that make `cfg` whatever the config file: every field, model fields as --model.X (to start the
-    same run on other hosts, or in a test's subprocess)."""
+    same run on other hosts, or in a test's subprocess), except the model's fields that training sets itself
+    (SET_BY_TRAINING), which have no flags."""
     out: list[str] = []
 
     def add(prefix: str, obj) -> None:
         for f in dataclasses.fields(obj):
+            if prefix == "model." and f.name in SET_BY_TRAINING:
+                continue
             name, value = prefix + f.name, getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 add(f"{name}.", value)
@@ -92,6 +97,12 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedArgs]:
         name, _, value = (argv[i + 1] if i + 1 < len(argv) else "NAME=VALUE").partition("=")
         raise ValueError(f"--set is gone: every field is a flag of its own, e.g. --{name} {' '.join(value.split(','))} "
                          "(model fields --model.NAME VALUE; python -m train --help lists them)")
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        field = flag.removeprefix("--model.").replace("-", "_")
+        if flag.startswith("--model.") and field in SET_BY_TRAINING:
+            raise ValueError(f"{flag}: training sets the model's {field} itself, so this flag would be ignored; "
+                             f"{SET_BY_TRAINING[field]}")
     # The config file and the preset make the defaults the other flags change, so they are read first.
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--config", default=str(DEFAULT_CONFIG))

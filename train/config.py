@@ -20,6 +20,16 @@ from models.config import ModelConfig, check_fields
 
 MESH_AXES = ("data", "seq")  # the axes the models shard over: batch over `data`, sequence over `seq`
 
+# The model's fields that training sets itself (train.step.model_config), with the flags that set them: a
+# --model.X flag for one of them would be ignored, so the command line refuses it (train.cli).
+SET_BY_TRAINING = {
+    "vocab_size": "the model's vocabulary is the data's (--vocab-size; 0 = the tokenizer's) rounded up to "
+                  "--vocab-multiple",
+    "dtype": "the model computes in --compute-dtype",
+    "param_dtype": "parameters are always float32 master weights (--compute-dtype sets what the model "
+                   "computes in)",
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,8 +37,9 @@ class TrainConfig:
 
     # --- model ---------------------------------------------------------------------------------------
 
-    # The architecture (presets: models.presets). Training sets three of its fields: vocab_size from the data
-    # (vocab_size and vocab_multiple below), dtype from compute_dtype, param_dtype float32.
+    # The architecture (presets: models.presets). Training sets three of its fields (SET_BY_TRAINING, so their
+    # --model.X flags are refused): vocab_size from the data (vocab_size and vocab_multiple below), dtype from
+    # compute_dtype, param_dtype float32.
     model: ModelConfig = presets.PRESETS["tnl-tiny"]
     vocab_multiple: int = 128  # the model's vocabulary is the data's rounded up to this (shardable sizes)
 

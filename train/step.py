@@ -22,7 +22,8 @@ from train.optim import make_optimizer
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> models.ModelConfig:
     """The run's model: its vocabulary the data's `vocab_size` rounded up to vocab_multiple, computing in the
-    run's compute dtype (auto resolved for this backend) from float32 master weights."""
+    run's compute dtype (auto resolved for this backend) from float32 master weights. These three fields are
+    train.config.SET_BY_TRAINING: whatever cfg.model holds for them is replaced here."""
     return cfg.model.replace(vocab_size=-(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple,
                              dtype=resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()),
                              param_dtype="float32")

@@ -12,7 +12,8 @@ import pytest
 
 from models import presets
 from train import cli
-from train.config import TrainConfig, parse_mesh, resolve_compute_dtype, resolve_mesh, validate, validate_shapes
+from train.config import (SET_BY_TRAINING, TrainConfig, parse_mesh, resolve_compute_dtype, resolve_mesh, validate,
+                          validate_shapes)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,10 +31,27 @@ def test_flags_parse_each_field_type(tmp_path):
 
 
 def test_flags_reproduce_a_config():
+    """Every field but the model's that training sets itself: those have no flags and keep the file's values."""
     changed = dataclasses.replace(TrainConfig(), data=("a.txt", "b.jsonl"), resume=False, lr=3e-3, eos_token="",
                                   model=presets.get("tnl-1b-hybrid").replace(tie_embeddings=False, head_dim=None))
+    file_model = cli.load_config_file(cli.DEFAULT_CONFIG).model
     for cfg in (TrainConfig(), changed, cli.load_config_file(cli.DEFAULT_CONFIG)):
-        assert cli.parse(cli.flags(cfg))[0] == cfg
+        expected = cfg.model.replace(**{name: getattr(file_model, name) for name in SET_BY_TRAINING})
+        assert cli.parse(cli.flags(cfg))[0] == dataclasses.replace(cfg, model=expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.dtype", "bfloat16"], "--model.dtype: training sets the model's dtype itself, so this flag would "
+                                    "be ignored; the model computes in --compute-dtype"),
+    (["--model.param_dtype=bfloat16"], "--model.param_dtype: training sets the model's param_dtype itself"),
+    (["--model.vocab-size", "512"], "--model.vocab-size: training sets the model's vocab_size itself, so this "
+                                    "flag would be ignored; the model's vocabulary is the data's (--vocab-size"),
+])
+def test_model_flags_that_training_overrides_are_refused(argv, message, capsys):
+    """Training sets these three model fields itself (before, `--model.dtype bfloat16` was accepted and did
+    nothing). The missing data file makes the run fail fast where the flag is not refused."""
+    status, err = _main([*argv, "--data", "/nonexistent/corpus.txt"], capsys)
+    assert status == 2 and err.startswith(f"error: {message}"), err
 
 
 def test_model_preset_replaces_the_files_model_before_the_model_flags():
