@@ -152,19 +152,34 @@ def _per_shard(q, k, v, s, ids, initial_state, *, per_device, final, mesh, batch
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
 
 
-def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0):
+def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
     """One decoding step with constant memory: the recurrence behind linear_attention.
 
     Args:
-      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; state: [B, H, Dk, Dv], S(p) (zeros before position 0,
-        or the final state of linear_attention over the prefix).
+      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; state: [B, H, Dk, Dv] (zeros before position 0, or the
+        final state of linear_attention over the prefix, with the same kind of decay).
+      decay: None or [H] constant rates: the state is S(p), the step returns S(p + 1) (linear_attention's
+        constant convention). Or [B, H]: this position's per-token rates s_p (per-token decay, documents): the
+        state is H_(p-1), the step returns H_p = exp(-s_p) H_(p-1) + k_p^T v_p and o_p = scale q_p H_p.
+      reset: None or [B] bool, per-token decay only: a document starts at this position (the state is dropped
+        first; linear_attention's segment_ids changing here).
     Returns:
-      (o [B, H, Dv] in q's dtype, S(p + 1) [B, H, Dk, Dv] float32).
+      (o [B, H, Dv] in q's dtype, the next state [B, H, Dk, Dv] float32).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if np.ndim(x) != 3:
             raise ValueError(f"{name} must have rank 3 [B, heads, head_dim] for one step, got shape {np.shape(x)}")
-    s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], decay)
+    per_token = decay is not None and np.ndim(decay) == 2
+    s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], jnp.asarray(decay)[:, None] if per_token else decay)
     state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
-    o, state = reference.step(q, k, v, s, state, static_scale(scale))
+    if reset is not None:
+        if not per_token:
+            raise ValueError("reset (a document start) needs per-token decay rates [B, H] (use zeros for none)")
+        if np.shape(reset) != (q.shape[0],) or jnp.result_type(reset) != jnp.bool_:
+            raise ValueError(f"reset must be a [B] = [{q.shape[0]}] bool array, got {np.shape(reset)} "
+                             f"{jnp.result_type(reset)}")
+    if per_token:
+        o, state = reference.step_tokens(q, k, v, s[:, 0], state, static_scale(scale), reset)
+    else:
+        o, state = reference.step(q, k, v, s, state, static_scale(scale))
     return o.astype(q.dtype), state

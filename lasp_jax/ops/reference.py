@@ -94,6 +94,27 @@ def step(q, k, v, rates, state, scale=1.0):
     return scale * o.reshape(b, h, -1), (lam * u).reshape(state.shape)
 
 
+def step_tokens(q, k, v, rates, state, scale=1.0, reset=None):
+    """One token under per-token decay: H_t = exp(-s_t) H_(t-1) + k_t^T v_t (H_(t-1) dropped where `reset`, a
+    document start), o_t = scale q_t H_t.
+
+    Args:
+      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; rates: [B, H], this position's s_t; state: [B, H, Dk, Dv]
+      float32, H_(t-1); scale: a float multiplying q; reset: None or [B] bool.
+    Returns:
+      (o [B, H, Dv] float32, H_t [B, H, Dk, Dv] float32).
+    """
+    b, h, dim_k = q.shape
+    hkv = k.shape[1]
+    kv = jnp.einsum("bkd,bke->bkde", k.astype(jnp.float32), v.astype(jnp.float32), precision=_HIGHEST)
+    decayed = jnp.exp(-rates.astype(jnp.float32))[:, :, None, None] * state
+    if reset is not None:
+        decayed = jnp.where(reset[:, None, None, None], 0.0, decayed)
+    u = decayed.reshape(b, hkv, -1, dim_k, v.shape[-1]) + kv[:, :, None]
+    o = jnp.einsum("bkgd,bkgde->bkge", q.astype(jnp.float32).reshape(b, hkv, -1, dim_k), u, precision=_HIGHEST)
+    return scale * o.reshape(b, h, -1), u.reshape(state.shape)
+
+
 def recurrent(q, k, v, rates, initial_state=None, scale=1.0):
     """Token-by-token oracle (lax.scan over `step`); same signature and returns as `dense`."""
     b, t, h, dim_k = q.shape

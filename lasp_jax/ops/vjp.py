@@ -91,7 +91,9 @@ class Impl(Protocol):
 class Split:
     """`Impl` from a module of S_in = 0 functions (local_output, local_state, local_backward, supported), with
     the S_in and G terms of `states` as separate products that never wait on the intra-chunk work (nor it on
-    them)."""
+    them). With local_output_tokens and local_backward_tokens (the piece's states.TokenDecay instead of [H]
+    rates; the backward also returns x, see the module docstring) it runs `attend_tokens` too: per-token decay
+    and documents, which the kernels' Impl (pieces.Driven) does not take yet (ops.api.TOKEN_IMPLS)."""
 
     module: types.ModuleType
     partitionable = True  # jnp code throughout

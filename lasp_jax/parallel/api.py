@@ -4,6 +4,9 @@ Rank r of the `seq` axis holds positions [rL, (r+1)L) of every sequence. It comp
 state entering it from the ranks before it through one of the strategies (only [B, H, Dk, Dv] fp32 states
 cross devices, so communication does not grow with T), and adds that state's contribution. The custom_vjp
 (lasp_jax.ops.vjp) runs the same strategy the reverse way in the backward, from the cached incoming state.
+With per-token decay and documents a rank's effect is the affine pair (a_r, m_r), a_r = exp(-sum of its rates)
+per (b, h) (0 past a document start): its log-decay [B, H] travels with the states, and one [B] permute of
+segment ids tells a rank whether a document starts at its first position.
 """
 
 from __future__ import annotations

@@ -148,6 +148,25 @@ def test_documents_are_independent(rng):
     assert np.all(np.asarray(ds[:, 66:]) != 0.0)
 
 
+def test_decoding_steps_equal_the_call(rng):
+    """linear_attention_step with per-token rates and a reset at each document start, from the final state of a
+    prefix call, equals one call over the whole row: outputs and final state."""
+    q, k, v = qkv(rng, 2, 40, 4, 2, 8, 8)
+    rates = jnp.asarray(rng.uniform(0, 0.5, size=(2, 40, 4)), jnp.float32)
+    ids = jnp.asarray(documents(rng, 2, 40, (20, 31, 32)))
+    o, final = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, scale=0.5, return_final_state=True)
+    prefix = 17
+    _, state = lasp_jax.linear_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], rates[:, :prefix],
+                                         segment_ids=ids[:, :prefix], return_final_state=True)
+    outs = []
+    for t in range(prefix, 40):
+        o_t, state = lasp_jax.linear_attention_step(q[:, t], k[:, t], v[:, t], state, rates[:, t], scale=0.5,
+                                                    reset=ids[:, t] != ids[:, t - 1])
+        outs.append(o_t)
+    assert rel_err(jnp.stack(outs, axis=1), o[:, prefix:]) < F32_TOL
+    assert rel_err(state, final) < F32_TOL
+
+
 def test_kernels_refuse_per_token_decay(rng):
     q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
     rates = jnp.full((1, 64, 2), 0.1)

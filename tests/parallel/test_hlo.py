@@ -1,5 +1,6 @@
-"""What crosses devices, read off the compiled HLO: only d_k x d_v states, in the pattern of each strategy, and
-never on the path of the intra-chunk work (so the collective can overlap it)."""
+"""What crosses devices, read off the compiled HLO: only d_k x d_v states, in the pattern of each strategy (with
+per-token decay and documents also the ranks' [B, H] log-decays and one [B] permute of boundary ids), and never
+on the path of the intra-chunk work (so the collective can overlap it)."""
 
 import jax
 import jax.numpy as jnp

@@ -76,3 +76,36 @@ def test_kernels_refuse_per_token_decay(rng):
     q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
     with pytest.raises(ValueError, match="not in the kernels yet"):
         lasp_jax.lasp_attention(q, k, v, jnp.full((1, 64, 2), 0.1), mesh=mesh, impl="pallas_triton_interpret")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_inside_a_callers_shard_map_on_an_auto_mesh(strategy, rng):
+    """Where the seq axis is already manual the rates and ids are the local pieces (and no shard_map is added);
+    on an Auto mesh: equal to one device's call."""
+    mesh = jax.make_mesh((2, 3), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:6])
+    q, k, v, rates, ids = _inputs(rng, 4)
+    spec = P("data", "seq")
+    f = jax.shard_map(lambda q, k, v, r, i: lasp_jax.lasp_attention(q, k, v, r, segment_ids=i, strategy=strategy),
+                      mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+    with jax.set_mesh(mesh):
+        o = jax.jit(f)(q, k, v, rates, ids)
+        ds = jax.jit(jax.grad(lambda r: jnp.sum(f(q, k, v, r, ids) ** 2)))(rates)
+    want = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids)
+    ds_want = jax.grad(lambda r: jnp.sum(lasp_jax.linear_attention(q, k, v, r, segment_ids=ids) ** 2))(rates)
+    assert rel_err(o, want) < F32_TOL
+    assert rel_err(ds, ds_want) < F32_TOL
+
+
+def test_constant_decay_with_documents(rng):
+    """Constant [H] rates with segment_ids: equal to one device's call, gradients of q too; the rates stay a
+    constant for autodiff."""
+    mesh = jax.make_mesh((1, 4), ("data", "seq"), devices=jax.devices()[:4])
+    q, k, v, _, ids = _inputs(rng, 2)
+    s = jnp.asarray([0.0, 0.05, 0.3, 2.0], jnp.float32)
+    loss = lambda attend, q, s: jnp.sum(attend(q, k, v, s, segment_ids=ids) ** 2)
+    with jax.set_mesh(mesh):
+        qs = jax.device_put(q, NamedSharding(mesh, P("data", "seq")))
+        dq, ds = jax.jit(jax.grad(lambda q, s: loss(lasp_jax.lasp_attention, q, s), argnums=(0, 1)))(qs, s)
+    dq_want = jax.grad(lambda q: loss(lasp_jax.linear_attention, q, s))(q)
+    assert rel_err(dq, dq_want) < F32_TOL
+    assert np.all(np.asarray(ds) == 0.0)
