@@ -11,6 +11,13 @@ non-finite q or k at a later position never reaches an earlier output. T that is
 zero-padded at the *front*: zero keys and values before the sequence add nothing to any state or output, and
 position differences, hence every decay power, are unchanged (tail padding would decay the final state).
 
+Per-token decay and documents (`*_tokens`): each chunk takes its own float32 running sum of the rates, so every
+exponent is minus a sum over at most C positions (never a difference of sums over the whole piece, which would
+lose about ulp(s_0 + ... + s_T) per factor), and every factor is exp of something <= 0; pairs in two documents
+and states past a document start are selected out. Measured against float64 at T = 1000 with rates up to 6:
+1.6e-6 (outputs, dq, dk, dv) and 7.7e-6 (the rates' gradient), from the differences bc_i - bc_j of the chunk's
+running sums (up to 64 x 6); rates below ~0.3: 4e-7.
+
 Memory: the chunk states are recomputed in the backward rather than saved; the LASP custom_vjp saves only
 q, k, v and the incoming state.
 """
