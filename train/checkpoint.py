@@ -44,6 +44,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+# The name of the barrier that ends orbax's Checkpointer.restore (orbax 0.12: unique_barrier_key(
+# "Checkpointer:restore", prefix="")); were it renamed, jax's sync_global_devices would raise a name mismatch on
+# every process rather than hang.
+_ORBAX_RESTORE_BARRIER = "_Checkpointer:restore"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved, or no checkpoint of a run could be restored."""
 
@@ -178,16 +184,25 @@ class Checkpointer:
         return state, meta
 
     def _read(self, step: int, abstract_state, data_iter):
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iter),
-                                  meta=ocp.args.JsonRestore())
+        restored = self._restore_items(step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def _restore_items(self, step: int, args: ocp.args.Composite):
+        """orbax's restore of `args` from checkpoint `step`, which every process calls and then votes on."""
         quiet = _DropAsyncioShutdownErrors()
         logging.getLogger("asyncio").addFilter(quiet)
         try:
-            restored = self._manager.restore(step, args=args)
+            return self._manager.restore(step, args=args)
+        except Exception:
+            if jax.process_count() > 1:
+                # orbax's restore ends in a collective barrier, where processes that read this step wait; join
+                # it, so the vote that follows pairs with their vote (not with that barrier).
+                multihost_utils.sync_global_devices(_ORBAX_RESTORE_BARRIER)
+            raise
         finally:
             logging.getLogger("asyncio").removeFilter(quiet)
-        return restored.state, restored.meta
 
     @staticmethod
     def _verify(state, meta: dict) -> None:
@@ -201,13 +216,15 @@ class Checkpointer:
                                       f"(silent corruption), e.g. {bad[0]}")
 
     def newest_meta(self) -> tuple[int, dict] | None:
-        """(step, meta) of the newest checkpoint whose meta (JSON only, no arrays) reads; None if none does.
-        Lets a resume be refused before any checkpoint is restored or set aside."""
+        """(step, meta) of the newest checkpoint whose meta (JSON only, no arrays) reads on every process; None
+        if none does. Lets a resume be refused before any checkpoint is restored or set aside."""
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                meta = self._restore_items(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             except Exception:  # an unreadable meta: restore_newest will say why when it skips this step
-                continue
+                meta = None
+            if every_process(meta is not None):
+                return step, meta
         return None
 
     def restore_newest(self, abstract_state, data_iter) -> Restored | None:

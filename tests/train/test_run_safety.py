@@ -3,9 +3,11 @@ are skipped on resume, non-finite states are never saved, resumes that would not
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.helpers import (ROOT, env, losses, read_until_ready, run_train, saved_steps, start_hooked,
-                                 tiny)
+from tests.train.helpers import (ROOT, cli_args, env, losses, read_until_ready, run_train, saved_steps,
+                                 start_hooked, tiny)
 from train import loop
 from train.checkpoint import Checkpointer
 
@@ -194,6 +196,48 @@ def test_a_second_sigterm_still_lets_the_save_finish(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, "".join(out)
     assert "stopped by SIGTERM after step 3: checkpoint step 3 saved" in "".join(out)
     assert saved_steps(run_dir) == [3]
+
+
+def _two_processes(cfg, logs) -> list[str]:
+    """Runs cfg as 2 processes x 4 CPU devices (output in logs/process_{0,1}.log); both must exit 0 within
+    150 s (a hang is killed). Their outputs."""
+    cfg = dataclasses.replace(cfg, cpu_devices=4, platform="cpu")
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    paths = [logs / f"process_{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "train", *cli_args(cfg), "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=env(), stdout=path.open("w"), stderr=subprocess.STDOUT)
+             for i, path in enumerate(paths)]
+    try:
+        for p in procs:
+            p.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    outs = [path.read_text() for path in paths]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    return outs
+
+
+def test_a_checkpoint_one_host_cannot_read_is_skipped_by_both(tmp_path):
+    """Two processes; step 10's data position of process 1 is deleted, so on resume only process 1 fails to
+    read step 10 (inside orbax's restore, before its closing barrier). Both skip it and resume from step 5 with
+    the first run's losses (before, process 0 went on to step 10's checksums while process 1 read step 5, and
+    their collectives no longer paired up)."""
+    run_dir = tmp_path / "run"
+    cfg = tiny(run_dir, steps=10)
+    _two_processes(cfg, tmp_path)
+    first = losses(run_dir)
+    (run_dir / "checkpoints" / "10" / "data" / "process_1-of-2.json").unlink()
+    outs = _two_processes(cfg, tmp_path)
+    assert "warning: skipped checkpoint step 10, which cannot be restored (another process could not restore it)" \
+        in outs[0] and "resumed at step 5" in outs[0], outs[0]
+    assert losses(run_dir) == first and saved_steps(run_dir) == [5, 10]
 
 
 def test_no_restorable_checkpoint_exits_4_with_a_short_message(trained, tmp_path):
