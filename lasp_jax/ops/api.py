@@ -54,26 +54,26 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
     """
-    s = checks.attention_inputs(q, k, v, decay)
+    rates = checks.attention_inputs(q, k, v, decay)
     b, t, h, dk = q.shape
     ids = checks.segment_ids(segment_ids, b, t)
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = resolve(impl, q, k, v, per_token=s.ndim == 3 or ids is not None, partitioned=impls.partitioned(q))
+    per_device = resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None, partitioned=impls.partitioned(q))
     scale = static_scale(scale)
     final = bool(return_final_state)
-    constant = s if s.ndim == 1 and ids is not None else None
+    constant = rates if rates.ndim == 1 and ids is not None else None
     if constant is not None:  # per token, a constant for autodiff, S_0 not decayed by position 0's rate
-        s = jax.lax.stop_gradient(jnp.broadcast_to(constant, (b, t, h)).at[:, 0].set(0.0))
+        rates = jax.lax.stop_gradient(jnp.broadcast_to(constant, (b, t, h)).at[:, 0].set(0.0))
     spec = placement.explicit_spec(q)
     if spec is None:
-        out = attend_under_jit(q, k, v, s, ids, initial_state, per_device, None, final, scale)
+        out = attend_under_jit(q, k, v, rates, ids, initial_state, per_device, None, final, scale)
     else:
         mesh = jax.typeof(q).sharding.mesh
         _refuse_sharded_sequence(spec, mesh)
         batch = spec[0]
         heads = placement.head_axes(spec, mesh, h, k.shape[2], taken=batch)
-        out = _per_shard(q, k, v, s, ids, initial_state, per_device=per_device, final=final, mesh=mesh,
+        out = _per_shard(q, k, v, rates, ids, initial_state, per_device=per_device, final=final, mesh=mesh,
                          batch=batch, heads=heads, scale=scale)
     if final:
         o, state = out
@@ -97,11 +97,11 @@ def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Im
     return impls.resolve(impl, q, k, v, partitioned=partitioned)
 
 
-def attend(q, k, v, s, ids, s_init, impl, exchange, final, scale):
+def attend(q, k, v, rates, ids, s_init, impl, exchange, final, scale):
     """vjp.attend (constant rates [H], no ids) or vjp.attend_tokens (rates [B, L, H], ids or None)."""
-    if s.ndim == 3:
-        return vjp.attend_tokens(q, k, v, s, ids, s_init, impl, exchange, final, scale)
-    return vjp.attend(q, k, v, s, s_init, impl, exchange, final, scale)
+    if rates.ndim == 3:
+        return vjp.attend_tokens(q, k, v, rates, ids, s_init, impl, exchange, final, scale)
+    return vjp.attend(q, k, v, rates, s_init, impl, exchange, final, scale)
 
 
 # Always under jit: lax.associative_scan in an eager shard_map (a caller's, called without jit) crashes the CPU
@@ -130,23 +130,24 @@ def _refuse_sharded_sequence(spec: placement.Spec, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("per_device", "final", "mesh", "batch", "heads", "scale"))
-def _per_shard(q, k, v, s, ids, initial_state, *, per_device, final, mesh, batch, heads, scale):
+def _per_shard(q, k, v, rates, ids, initial_state, *, per_device, final, mesh, batch, heads, scale):
     """Explicit mesh: one call per (batch, head) shard inside shard_map (no collective: batch and heads are
     independent); T and the head dims whole on each device. Per-token rates are split like q's [B, T, H]."""
     x_spec = P(placement.entry(batch), None, placement.entry(heads), None)
     state_spec = P(placement.entry(batch), placement.entry(heads), None, None)
     q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, x_spec)) for x in (q, k, v))
     n_heads = placement.size(mesh, heads)
-    s_spec = P() if s.ndim == 1 else P(*x_spec[:3])
-    args, in_specs = [q, k, v, jax.sharding.reshard(s, NamedSharding(mesh, s_spec))], [x_spec, x_spec, x_spec, s_spec]
+    rates_spec = P() if rates.ndim == 1 else P(*x_spec[:3])
+    args = [q, k, v, jax.sharding.reshard(rates, NamedSharding(mesh, rates_spec))]
+    in_specs = [x_spec, x_spec, x_spec, rates_spec]
     for x, x_s in ((ids, P(*x_spec[:2])), (initial_state, state_spec)):
         args.append(None if x is None else jax.sharding.reshard(x, NamedSharding(mesh, x_s)))
         in_specs.append(None if x is None else x_s)
 
-    def local(q, k, v, s, ids, initial_state):
-        if s.ndim == 1:
-            s = placement.local_rates(s, heads, n_heads)
-        return attend(q, k, v, s, ids, initial_state, per_device, None, final, scale)
+    def local(q, k, v, rates, ids, initial_state):
+        if rates.ndim == 1:
+            rates = placement.local_rates(rates, heads, n_heads)
+        return attend(q, k, v, rates, ids, initial_state, per_device, None, final, scale)
 
     out_specs = (x_spec, state_spec) if final else x_spec
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
@@ -170,7 +171,8 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
         if np.ndim(x) != 3:
             raise ValueError(f"{name} must have rank 3 [B, heads, head_dim] for one step, got shape {np.shape(x)}")
     per_token = decay is not None and np.ndim(decay) == 2
-    s = checks.attention_inputs(q[:, None], k[:, None], v[:, None], jnp.asarray(decay)[:, None] if per_token else decay)
+    rates = checks.attention_inputs(q[:, None], k[:, None], v[:, None],
+                                    jnp.asarray(decay)[:, None] if per_token else decay)
     state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     if reset is not None:
         if not per_token:
@@ -179,7 +181,7 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
             raise ValueError(f"reset must be a [B] = [{q.shape[0]}] bool array, got {np.shape(reset)} "
                              f"{jnp.result_type(reset)}")
     if per_token:
-        o, state = reference.step_tokens(q, k, v, s[:, 0], state, static_scale(scale), reset)
+        o, state = reference.step_tokens(q, k, v, rates[:, 0], state, static_scale(scale), reset)
     else:
-        o, state = reference.step(q, k, v, s, state, static_scale(scale))
+        o, state = reference.step(q, k, v, rates, state, static_scale(scale))
     return o.astype(q.dtype), state

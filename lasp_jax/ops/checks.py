@@ -34,18 +34,18 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    (b, t, h, dk), (bk, tk, hkv, dkk), (bv, tv, hv, _) = qs, ks, vs
+    (b, t, h, dim_k), (bk, tk, hkv, dim_k_of_k), (bv, tv, hv, _) = qs, ks, vs
     if (bk, tk) != (b, t) or (bv, tv) != (b, t):
         raise ValueError(f"q, k, v must share batch and sequence dims [B, T]: got q {qs}, k {ks}, v {vs}")
     if hv != hkv:
         raise ValueError(f"k and v must have the same number of heads: k has {hkv}, v has {hv}")
-    if dkk != dk:
-        raise ValueError(f"q and k must have the same head dim: q has {dk}, k has {dkk}")
+    if dim_k_of_k != dim_k:
+        raise ValueError(f"q and k must have the same head dim: q has {dim_k}, k has {dim_k_of_k}")
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv}) (MHA, GQA or MQA)")
     if t < 1:
         raise ValueError(f"the sequence must hold at least one position, got T={t}")
-    for name, n in (("batch B", b), ("query heads H", h), ("head dim Dk", dk), ("head dim Dv", vs[3])):
+    for name, n in (("batch B", b), ("query heads H", h), ("head dim Dk", dim_k), ("head dim Dv", vs[3])):
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got shapes q {qs}, k {ks}, v {vs}")
     if decay is None:

@@ -24,11 +24,11 @@ def check_inputs(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have rank 4 [B, T, heads, head_dim], got shape {getattr(x, 'shape', x)}")
-    (b, _, h, d), (bk, tk, hkv, dk), (bv, tv, hv, _) = q.shape, k.shape, v.shape
+    (b, _, h, d), (bk, tk, hkv, d_of_k), (bv, tv, hv, _) = q.shape, k.shape, v.shape
     if (bk, bv) != (b, b) or tk != tv:
         raise ValueError(f"q, k, v must share the batch dim and k, v the sequence dim: q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")
-    if hv != hkv or dk != d or hkv == 0 or h % hkv:
+    if hv != hkv or d_of_k != d or hkv == 0 or h % hkv:
         raise ValueError(f"heads/head dims do not fit MHA/GQA: q {q.shape}, k {k.shape}, v {v.shape}")
 
 

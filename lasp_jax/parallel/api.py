@@ -75,31 +75,31 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
       o [B, T, H, Dv] in q's dtype, sharded like q: on an Explicit mesh (also under jit) and for a committed q
       outside jit; under jit on an Auto mesh XLA's sharding propagation places it.
     """
-    s = checks.attention_inputs(q, k, v, decay)
+    rates = checks.attention_inputs(q, k, v, decay)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {sorted(STRATEGIES)}")
     b, t, h = q.shape[:3]
     ids = checks.segment_ids(segment_ids, b, t)
-    if s.ndim == 1 and ids is not None:  # no initial or final state here: the broadcast rates are the same math
-        s = jax.lax.stop_gradient(jnp.broadcast_to(s, (b, t, h)))
+    if rates.ndim == 1 and ids is not None:  # no initial or final state here: the broadcast rates are the same math
+        rates = jax.lax.stop_gradient(jnp.broadcast_to(rates, (b, t, h)))
     mesh = layout.current_mesh(mesh)
     w = layout.check_seq_axis(mesh, seq_axis)
     # Its own shard_map makes every mesh axis manual; inside a caller's shard_map over seq alone, XLA may still
     # partition the other axes.
-    per_device = resolve(impl, q, k, v, per_token=s.ndim == 3,
+    per_device = resolve(impl, q, k, v, per_token=rates.ndim == 3,
                          partitioned=layout.seq_is_manual(seq_axis) and impls.partitioned(q))
     scale = static_scale(scale)
     exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange
     if layout.seq_is_manual(seq_axis):
-        return attend_under_jit(q, k, v, s, ids, None, per_device, exchange, False, scale)
+        return attend_under_jit(q, k, v, rates, ids, None, per_device, exchange, False, scale)
     q_in = q
     q, k, v, spec, heads = layout.place(q, k, v, mesh, seq_axis, batch_axes)
     if AxisType.Explicit in tuple(mesh.axis_types):
-        if s.ndim == 3:
-            s = jax.sharding.reshard(s, NamedSharding(mesh, P(*spec[:3])))
+        if rates.ndim == 3:
+            rates = jax.sharding.reshard(rates, NamedSharding(mesh, P(*spec[:3])))
         if ids is not None:
             ids = jax.sharding.reshard(ids, NamedSharding(mesh, P(*spec[:2])))
-    out = _sharded(q, k, v, s, ids, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec, heads=heads,
+    out = _sharded(q, k, v, rates, ids, per_device=per_device, exchange=exchange, mesh=mesh, spec=spec, heads=heads,
                    scale=scale)
     return placement.like_q(out, q_in)
 
@@ -107,13 +107,13 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
 # Always under jit: an eager shard_map of this body crashes the CPU runtime of jax 0.11.2 (segfault, seen
 # with every strategy); inside a caller's jit this inner jit is simply inlined.
 @functools.partial(jax.jit, static_argnames=("per_device", "exchange", "mesh", "spec", "heads", "scale"))
-def _sharded(q, k, v, s, ids, *, per_device, exchange, mesh, spec, heads, scale):
+def _sharded(q, k, v, rates, ids, *, per_device, exchange, mesh, spec, heads, scale):
     n_heads = placement.size(mesh, heads)
 
-    def local(q, k, v, s, ids):
-        if s.ndim == 1:
-            s = placement.local_rates(s, heads, n_heads)
-        return attend(q, k, v, s, ids, None, per_device, exchange, False, scale)
+    def local(q, k, v, rates, ids):
+        if rates.ndim == 1:
+            rates = placement.local_rates(rates, heads, n_heads)
+        return attend(q, k, v, rates, ids, None, per_device, exchange, False, scale)
 
-    in_specs = (spec, spec, spec, P() if s.ndim == 1 else P(*spec[:3]), None if ids is None else P(*spec[:2]))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)(q, k, v, s, ids)
+    in_specs = (spec, spec, spec, P() if rates.ndim == 1 else P(*spec[:3]), None if ids is None else P(*spec[:2]))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)(q, k, v, rates, ids)
