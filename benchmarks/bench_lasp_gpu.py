@@ -230,12 +230,8 @@ def render(meta, rows) -> str:
 
 def plot(rows, meta, path):
     """fwd+bwd ms and weak-scaling efficiency against the GPU count, one line per strategy / framework."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = measure.pyplot()
+    if plt is None:
         return
     timed = [r for r in rows if "fwd_bwd_ms" in r]
     fig, (ax_ms, ax_eff) = plt.subplots(1, 2, figsize=(11, 4))

@@ -357,12 +357,8 @@ def ratios(rows) -> str:
 
 def plot(rows, meta, path):
     """fwd and fwd+bwd ms per shape, one bar per contender (log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = measure.pyplot()
+    if plt is None:
         return
     timed = [r for r in rows if "fwd_ms" in r]
     shapes = sorted({tuple(r["shape"]) for r in timed}, key=lambda s: (s[0] * s[2], s[1]))

@@ -189,3 +189,16 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display), or None where matplotlib is not installed: the
+    tables are written either way, the plots only where it is."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
