@@ -43,7 +43,7 @@ def _id(p):
     return f"{p[0]}-{'fwd+bwd' if p[1] else 'fwd'}" + ("-per_token" if p[2] else "")
 
 
-@pytest.fixture(scope="module", params=[(s, g, t) for s in ("ring", "allgather", "scan") for g in (False, True)
+@pytest.fixture(scope="module", params=[(s, g, t) for s in lasp_jax.parallel.STRATEGIES for g in (False, True)
                                         for t in (False, True)], ids=_id)
 def compiled(request):
     strategy, grad, per_token = request.param

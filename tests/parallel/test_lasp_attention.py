@@ -15,7 +15,7 @@ import lasp_jax
 from lasp_jax.ops import reference
 from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
 
-STRATEGIES = ["ring", "allgather", "scan"]
+STRATEGIES = list(lasp_jax.parallel.STRATEGIES)
 # seq 3 and 6: scan's non-power-of-two rounds (its last shift reaches past the first rank). Seq 1: no exchange.
 MESHES = [(1, 8), (2, 4), (8, 1), (1, 3), (1, 6)]
 

@@ -11,7 +11,7 @@ import lasp_jax
 from lasp_jax.ops import reference
 from tests.util import F32_TOL, qkv, rel_err
 
-STRATEGIES = ["ring", "allgather", "scan"]
+STRATEGIES = list(lasp_jax.parallel.STRATEGIES)
 # data x seq meshes (seq 3 and 6: scan's non-power-of-two rounds). T = 48: ranks of 6 (seq 8), 12 (seq 4),
 # 16 (seq 3), 8 (seq 6) positions.
 T = 48
