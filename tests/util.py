@@ -22,6 +22,14 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def per_rank_errors(x, ref, ranks: int) -> list[float]:
+    """rel_err on each rank's piece of the sequence (axis 1 cut in `ranks` equal pieces): one rank's error cannot
+    hide in the others' norm."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    t = x.shape[1] // ranks
+    return [rel_err(x[:, r * t:(r + 1) * t], ref[:, r * t:(r + 1) * t]) for r in range(ranks)]
+
+
 def qkv(rng, b, t, h, hkv, dk, dv, dtype=jnp.float32):
     """Fresh normal q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv]; q, k scaled so outputs stay O(1)."""
     q = rng.standard_normal((b, t, h, dk)) / np.sqrt(dk)

@@ -44,9 +44,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
-# The name of the barrier that ends orbax's Checkpointer.restore (orbax 0.12: unique_barrier_key(
-# "Checkpointer:restore", prefix="")); were it renamed, jax's sync_global_devices would raise a name mismatch on
-# every process rather than hang.
+# The name of the barrier that ends orbax's Checkpointer.restore for the AsyncCheckpointer the manager uses
+# (orbax 0.12: unique_barrier_key("Checkpointer:restore", prefix="")). It must match orbax's: were it renamed (or
+# the checkpointer made synchronous, whose key has no prefix), the processes that read the step and the one that
+# failed would pair the wrong collectives (same-sized votes pair silently): pinned to orbax-checkpoint==0.12.4.
 _ORBAX_RESTORE_BARRIER = "_Checkpointer:restore"
 
 

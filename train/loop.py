@@ -67,9 +67,9 @@ class StopSignals:
             signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     def _restore(self):
-        for signum, handler in self._previous.items():
+        previous, self._previous = self._previous, {}  # a SIGINT now may pop from the dict being restored
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
-        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -176,7 +176,8 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
     state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     if reset is not None:
         if not per_token:
-            raise ValueError("reset (a document start) needs per-token decay rates [B, H] (use zeros for none)")
+            raise ValueError("reset (a document start) needs per-token decay rates [B, H]; with constant rates "
+                             "zero the state yourself (jnp.where(reset, 0, state))")
         if np.shape(reset) != (q.shape[0],) or jnp.result_type(reset) != jnp.bool_:
             raise ValueError(f"reset must be a [B] = [{q.shape[0]}] bool array, got {np.shape(reset)} "
                              f"{jnp.result_type(reset)}")

@@ -19,7 +19,9 @@ k_t^T v_t at a document start): S_in reaches local position t as exp(-b_t) with 
 running sum, float32), position t's share of S_end is exp(-e_t) with e_t = s_(t+1) + ... + s_(L-1) (its own reverse
 running sum, so that no difference of two large sums is taken), and S_end = exp(-b_(L-1)) S_in + m. Every factor is
 exp of something <= 0. A document start at t cuts S_in off from t on, and the positions before it out of S_end
-(a select, not a product by zero). The same products as above run with these [B, L, H] weights.
+(their weights are zero). The same products as above run with these [B, L, H] weights. Not yet NaN-isolating: a
+zero weight multiplies its item, so a non-finite value in one document reaches the later documents of its row
+(finite inputs are exact); the constant path's masks and piece scans do select.
 
 Shapes: q, dO [B, L, H, D]; k, v [B, L, Hkv, D] with H % Hkv == 0 (query head h reads K/V head h // (H/Hkv));
 rates [H], the decay rates s (lambda = exp(-s)); states [B, H, Dk, Dv] float32. Powers are exp(-s * n) with

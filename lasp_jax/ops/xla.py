@@ -14,7 +14,8 @@ position differences, hence every decay power, are unchanged (tail padding would
 Per-token decay and documents (`*_tokens`): each chunk takes its own float32 running sum of the rates, so every
 exponent is minus a sum over at most C positions (never a difference of sums over the whole piece, which would
 lose about ulp(s_0 + ... + s_T) per factor), and every factor is exp of something <= 0; pairs in two documents
-and states past a document start are selected out. Measured against float64 at T = 1000 with rates up to 6:
+are selected out of the intra-chunk scores, and states past a document start get zero weights (products, not
+selects: a non-finite value in one document still reaches the later ones). Measured against float64 at T = 1000 with rates up to 6:
 1.6e-6 (outputs, dq, dk, dv) and 7.7e-6 (the rates' gradient), from the differences bc_i - bc_j of the chunk's
 running sums (up to 64 x 6); rates below ~0.3: 4e-7.
 

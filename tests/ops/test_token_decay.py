@@ -32,11 +32,12 @@ def documents(rng, b, t, starts=(), p=0.0):
 
 
 # name: ((B, T, H, Hkv, Dk, Dv), rates (low, high), document starts (fixed positions, random rate), scale).
-# Chunk 64: T odd and not a multiple of it; documents at chunk boundaries (64, 128) and one position long
-# (129); slow decay (a leak across a document stays visible); steep decay over 1000 tokens in one document.
+# Chunk 64: T odd and not a multiple of it; documents at chunk boundaries (T=201 is front-padded by 55, so the
+# chunks start at 9, 73 and 137) and one position long (138); slow decay (a leak across a document stays
+# visible); steep decay over 1000 tokens in one document.
 CASES = {
     "gqa_docs": ((2, 150, 4, 2, 16, 8), (0.0, 0.3), ((37, 38, 100), 0.02), 0.25),
-    "mqa_slow_chunk_starts": ((1, 201, 4, 1, 8, 16), (0.005, 0.015), ((64, 128, 129), 0.0), 1.0),
+    "mqa_slow_chunk_starts": ((1, 201, 4, 1, 8, 16), (0.005, 0.015), ((73, 137, 138), 0.0), 1.0),
     "steep_long": ((1, 1000, 2, 2, 8, 8), (0.0, 6.0), ((), 0.0), 1.0),
     "one_position_docs": ((2, 9, 2, 1, 8, 8), (0.0, 0.5), ((1, 2, 3, 5, 6, 8), 0.0), 0.5),
     "no_ids_mha": ((2, 70, 2, 2, 16, 16), (0.0, 0.3), None, 1.0),

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.parallel.causal_conv import causal_conv1d, sharded_causal_conv1d
 from tests.parallel.hlo import entry_instructions
-from tests.util import rel_err
+from tests.util import per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}  # numbers, not speed: a quicker XLA:CPU compile
 # Measured over seeds 0-2 (2026-11-29, XLA:CPU), worst of y, dx, dweight, dbias on every case: 1.8e-7 (fp32);
@@ -68,12 +68,6 @@ def _documents(b, t, starts):
 def _loss(conv, x, weight, bias, g, **kw):
     y = conv(x, weight, bias, **kw)
     return jnp.sum(y.astype(jnp.float32) * g), y
-
-
-def _per_rank(a, ref, n):
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    length = a.shape[1] // n
-    return [rel_err(a[:, r * length:(r + 1) * length], ref[:, r * length:(r + 1) * length]) for r in range(n)]
 
 
 @pytest.mark.parametrize("w", [1, 2, 4])
@@ -135,9 +129,9 @@ def test_sharded_matches_oracle(case, docs, rng):
         (_, y), grads = jax.jit(f, compiler_options=_FAST)(xs, weight, bias)
     assert y.dtype == x.dtype and y.shape == x.shape and y.sharding.spec[:2] == ("data", "seq"), y.sharding
     y_ref, dx_ref, *rest = _oracle(x, weight, bias, ids, g)
-    assert max(_per_rank(y, y_ref, n)) < F32_TOL
+    assert max(per_rank_errors(y, y_ref, n)) < F32_TOL
     # dx per rank: a rank's last W-1 positions get part of their gradient from the next rank (the halo's).
-    assert max(_per_rank(grads[0], dx_ref, n)) < F32_TOL
+    assert max(per_rank_errors(grads[0], dx_ref, n)) < F32_TOL
     for name, a, ref in zip(("dweight", "dbias"), grads[1:], rest):
         assert rel_err(a, ref) < F32_TOL, name
 

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lasp_jax
 from lasp_jax.ops import reference
-from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
+from tests.util import BF16_TOL, F32_TOL, decay, per_rank_errors, qkv, rel_err
 
 STRATEGIES = list(lasp_jax.parallel.STRATEGIES)
 # seq 3 and 6: scan's non-power-of-two rounds (its last shift reaches past the first rank). Seq 1: no exchange.
@@ -23,13 +23,6 @@ MESHES = [(1, 8), (2, 4), (8, 1), (1, 3), (1, 6)]
 def _mesh(shape, axis_types=AxisType.Explicit):
     return jax.make_mesh(shape, ("data", "seq"), axis_types=(axis_types,) * 2,
                          devices=jax.devices()[:shape[0] * shape[1]])
-
-
-def _per_rank_errors(x, ref, w):
-    """rel_err on each rank's piece of the sequence: one rank's error cannot hide in the others' norm."""
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    t = x.shape[1] // w
-    return [rel_err(x[:, r * t:(r + 1) * t], ref[:, r * t:(r + 1) * t]) for r in range(w)]
 
 
 def _check(mesh, strategy, q, k, v, s, tol, impl="auto"):
@@ -52,10 +45,10 @@ def _check(mesh, strategy, q, k, v, s, tol, impl="auto"):
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     w_seq = mesh.shape["seq"]
     o_ref = reference.dense(*f32, jnp.zeros(q.shape[2]) if s is None else s)[0]
-    assert max(_per_rank_errors(o, o_ref, w_seq)) < tol
+    assert max(per_rank_errors(o, o_ref, w_seq)) < tol
     for name, g, g_ref in zip("qkv", grads, jax.grad(loss_ref, argnums=(0, 1, 2))(*f32)):
         assert g.dtype == q.dtype, name
-        errors = _per_rank_errors(g, g_ref, w_seq)
+        errors = per_rank_errors(g, g_ref, w_seq)
         assert max(errors) < tol, (f"d{name}", errors)
 
 

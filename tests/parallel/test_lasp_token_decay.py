@@ -9,7 +9,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lasp_jax
 from lasp_jax.ops import reference
-from tests.util import F32_TOL, qkv, rel_err
+from tests.util import F32_TOL, per_rank_errors, qkv, rel_err
 
 STRATEGIES = list(lasp_jax.parallel.STRATEGIES)
 # data x seq meshes (seq 3 and 6: scan's non-power-of-two rounds). T = 48: ranks of 6 (seq 8), 12 (seq 4),
@@ -31,12 +31,6 @@ def _inputs(rng, b):
         new[row, list(STARTS[row])] = True
     ids = jnp.asarray(np.cumsum(new, axis=1), jnp.int32)
     return q, k, v, jnp.asarray(rates, jnp.float32), ids
-
-
-def _per_rank_errors(x, ref, w):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    t = x.shape[1] // w
-    return [rel_err(x[:, r * t:(r + 1) * t], ref[:, r * t:(r + 1) * t]) for r in range(w)]
 
 
 # Every strategy on seq 6 (scan's rounds past the first rank; boundaries at 16, 24, 40), each on two of the
@@ -68,8 +62,8 @@ def test_matches_float64_oracle_on_every_rank(shape, strategy, rng):
         grads_ref = [np.asarray(g) for g in jax.grad(lambda *a: jnp.sum(dense(*a) * np.asarray(w_o)),
                                                      argnums=(0, 1, 2, 3))(*f64)]
     w = shape[1]
-    errors = {"o": _per_rank_errors(o, o_ref, w)}
-    errors.update({f"d{n}": _per_rank_errors(g, g_ref, w) for n, g, g_ref in zip(("q", "k", "v", "rates"), grads,
+    errors = {"o": per_rank_errors(o, o_ref, w)}
+    errors.update({f"d{n}": per_rank_errors(g, g_ref, w) for n, g, g_ref in zip(("q", "k", "v", "rates"), grads,
                                                                                   grads_ref)})
     for name, per_rank in errors.items():
         assert max(per_rank) < F32_TOL, (name, per_rank)
