@@ -21,10 +21,8 @@ Writes lasp_gpu.{json,md,png} under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -82,9 +80,7 @@ def main(argv=None):
     if args.worker:
         return worker_main(args)
     argv = sys.argv[1:] if argv is None else list(argv)
-    meta = {"command": "python3 -m benchmarks.bench_lasp_gpu " + shlex.join(argv),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "versions": {"python": sys.version.split()[0]} | measure.package_versions(VERSIONED),
+    meta = {**measure.provenance("benchmarks.bench_lasp_gpu", argv, VERSIONED),
             "shape_per_gpu": [1, args.per_gpu, args.heads, args.dim], "scale": args.scale,
             "isolation": "ours and jla each ran in a process of their own; lasp_fuse_parallel under torchrun",
             "devices": {}}

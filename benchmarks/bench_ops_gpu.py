@@ -32,10 +32,8 @@ Writes ops_gpu.{json,md,png} under --out (after every worker: a run cut off keep
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -111,9 +109,7 @@ def main(argv=None):
         return worker_main(args)
     argv = sys.argv[1:] if argv is None else list(argv)
     meta = {
-        "command": "python3 -m benchmarks.bench_ops_gpu " + shlex.join(argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": {"python": sys.version.split()[0]} | measure.package_versions(VERSIONED),
+        **measure.provenance("benchmarks.bench_ops_gpu", argv, VERSIONED),
         "isolation": ISOLATION,
         "timing": f"JAX: median of {args.reps} rounds of {args.iters} back-to-back calls; torch: do_bench median",
         "error": "||x - ref|| / ||ref|| of o, dq, dk, dv against chunked XLA on the fp32-upcast inputs (HIGHEST)",

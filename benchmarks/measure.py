@@ -178,6 +178,16 @@ def append_row(path: str, row: dict) -> None:
     print(line, flush=True)
 
 
+def provenance(module: str, argv: list[str], versioned: tuple[str, ...]) -> dict:
+    """What every results file records: the command that made it, the date (UTC) and the versions."""
+    import datetime
+    import sys
+
+    return {"command": f"python3 -m {module} " + shlex.join(argv),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": {"python": sys.version.split()[0]} | package_versions(versioned)}
+
+
 def package_versions(names: tuple[str, ...]) -> dict[str, str]:
     """{distribution: version} for the installed ones among `names` (read from metadata: nothing is imported)."""
     from importlib.metadata import PackageNotFoundError, version
