@@ -41,9 +41,11 @@ class Block(nnx.Module):
     def _mlp(self, x):
         return x + self.mlp(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] -> [B, T, D] on the activation layout."""
-        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D] on the activation layout; segment_ids [B, T] or None (packed documents)."""
+        h = srms_norm(x, self.cfg.norm_eps)
+        y = self.mixer(h) if segment_ids is None else self.mixer(h, segment_ids=segment_ids)
+        x = x + y.astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
     def prefill(self, x, state):
@@ -55,8 +57,8 @@ class Block(nnx.Module):
         return self._mlp(x + y.astype(x.dtype)), state
 
 
-def _run_block(block: Block, x):
-    return block(x)
+def _run_block(block: Block, x, segment_ids):
+    return block(x, segment_ids)
 
 
 class LanguageModel(nnx.Module):
@@ -80,9 +82,23 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"{name} must be an integer array [B, T], got {getattr(tokens, 'dtype', None)} "
                              f"{getattr(tokens, 'shape', tokens)}")
 
-    def hidden(self, tokens: jax.Array) -> jax.Array:
-        """tokens [B, T] int -> final normalised hidden states [B, T, D] (compute dtype)."""
+    def _check_segment_ids(self, segment_ids, tokens):
+        if segment_ids is None:
+            return
+        if (getattr(segment_ids, "shape", None) != tokens.shape
+                or not jnp.issubdtype(getattr(segment_ids, "dtype", None), jnp.integer)):
+            raise ValueError(f"segment_ids must be None or an integer array [B, T] = {list(tokens.shape)} (tokens' "
+                             f"shape), got {getattr(segment_ids, 'dtype', type(segment_ids).__name__)} "
+                             f"{getattr(segment_ids, 'shape', '')}")
+
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> final normalised hidden states [B, T, D] (compute dtype).
+
+        segment_ids: None, or [B, T] integers: packed documents (a document starts where the id changes from
+        t-1 to t); every mixer keeps each document from seeing the ones before it in its row.
+        """
         self._check_tokens(tokens)
+        self._check_segment_ids(segment_ids, tokens)
         t = tokens.shape[1]
         w = sharding.seq_size(self.cfg)
         if _seq_free(self.cfg, sharding.ambient_mesh()) and t % w:  # (a manual seq axis: T is already local)
@@ -90,22 +106,27 @@ class LanguageModel(nnx.Module):
         x = sharding.constrain_activation(self._embed(tokens), self.cfg)
         remat = self.cfg.remat
         run = _run_block if remat == "none" else nnx.remat(_run_block, policy=_POLICIES[remat])
+        if segment_ids is not None:
+            segment_ids = sharding.constrain_activation(jnp.asarray(segment_ids), self.cfg)
         for block in self.blocks:
-            x = run(block, x)
+            x = run(block, x, segment_ids)
         return srms_norm(x, self.cfg.norm_eps)
 
     def _logits(self, h):
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens [B, T] int32 -> logits [B, T, V] fp32 (whole; use `loss` for training at scale)."""
-        return self._logits(self.hidden(tokens))
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int32 (segment_ids as for `hidden`) -> logits [B, T, V] fp32 (whole; use `loss` for
+        training at scale)."""
+        return self._logits(self.hidden(tokens, segment_ids))
 
-    def loss(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+    def loss(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array | None = None,
+             segment_ids: jax.Array | None = None):
         """(sum of weighted token cross-entropies, sum of weights), fp32 scalars; mean = first / second.
 
-        tokens, targets: [B, T] int32 (targets in [0, V)); weights: [B, T] (0 masks a position) or None (all 1).
+        tokens, targets: [B, T] int32 (targets in [0, V)); weights: [B, T] (0 masks a position) or None (all 1);
+        segment_ids: [B, T] integers (packed documents, as for `hidden`) or None.
         Computed in chunks of cfg.ce_chunk positions per shard, never holding the [B, T, V] logits.
         """
         self._check_tokens(tokens)
@@ -113,7 +134,7 @@ class LanguageModel(nnx.Module):
         if targets.shape != tokens.shape or (weights is not None and weights.shape != tokens.shape):
             raise ValueError(f"tokens {tokens.shape}, targets {targets.shape} and weights "
                              f"{None if weights is None else weights.shape} must have the same shape [B, T]")
-        h = self.hidden(tokens)
+        h = self.hidden(tokens, segment_ids)
         weights = jnp.ones(tokens.shape, jnp.float32) if weights is None else weights
         mesh = sharding.ambient_mesh()
         seq_axis = self.cfg.seq_axis if _seq_free(self.cfg, mesh) else None
