@@ -14,8 +14,8 @@ An implementation gets the exchange as a function (`incoming`: m -> S_in; `outgo
 where it suits it: `Split` (the XLA and reference paths) adds the S_in and G terms as separate products, so
 the intra-chunk work never waits on a collective and XLA may overlap them (tests check this in the compiled
 HLO); the fused kernels start their own piece scans from S_in and G, which saves a pass over the tokens.
-Residuals are q, k, v and what the implementation saves (S_in, or the kernels' per-piece states): never a
-per-chunk state.
+Residuals are q, k, v and what the implementation saves (S_in, or the kernels' per-piece states), under
+per-token decay also the piece's TokenDecay: never a per-chunk state.
 
 `scale` is a static float that every implementation applies in float32 where it forms the scores and the
 q-side state products (never as a pass over q or dq). The constant [H] decay rates are constants for autodiff:
@@ -87,13 +87,30 @@ class Impl(Protocol):
         """None when usable here, else the reason."""
 
 
+class TokenImpl(Impl, Protocol):
+    """An `Impl` that also runs `attend_tokens` (per-token decay and documents): the same contract with the
+    piece's states.TokenDecay `tok` in place of the [H] rates."""
+
+    def forward_tokens(self, q, k, v, tok, incoming: StateFn | None, scale: float) -> tuple[jax.Array, ...]:
+        """(o in q.dtype, m, S_in or None, saved): as `Impl.forward`; m is the state after the piece's last
+        position with S_in = 0."""
+
+    def backward_tokens(self, q, k, v, tok, saved, do, outgoing: StateFn | None,
+                        scale: float) -> tuple[jax.Array, ...]:
+        """(dq, dk, dv, d, G or None, ds): as `Impl.backward`, plus G (what outgoing returned) and ds [B, L, H]
+        float32, the cotangent of tok.rates (module docstring)."""
+
+    def supported_tokens(self, q, k, v) -> str | None:
+        """None when per-token decay and documents run on these inputs here, else the reason."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """`Impl` from a module of S_in = 0 functions (local_output, local_state, local_backward, supported), with
     the S_in and G terms of `states` as separate products that never wait on the intra-chunk work (nor it on
     them). With local_output_tokens and local_backward_tokens (the piece's states.TokenDecay instead of [H]
-    rates; the backward also returns x, see the module docstring) it runs `attend_tokens` too: per-token decay
-    and documents, which the kernels' Impl (pieces.Driven) does not take yet (ops.api.TOKEN_IMPLS)."""
+    rates; the backward also returns x, see the module docstring) it is a `TokenImpl`: it runs `attend_tokens`
+    (per-token decay and documents), as do the kernels through pieces_tokens.DrivenTokens."""
 
     module: types.ModuleType
     partitionable = True  # jnp code throughout
@@ -121,17 +138,22 @@ class Split:
     def supported(self, q, k, v):
         return self.module.supported(q, k, v)
 
+    def supported_tokens(self, q, k, v):
+        return self.module.supported(q, k, v)
+
     def forward_tokens(self, q, k, v, tok, incoming, scale):
-        """`forward` under per-token decay (tok: the piece's states.TokenDecay): (o, m, S_in or None)."""
+        """`forward` under per-token decay (tok: the piece's states.TokenDecay): (o, m, S_in or None, saved);
+        saved is S_in."""
         m = states.local_state_tokens(k, v, tok)
         o = self.module.local_output_tokens(q, k, v, tok, scale)
         s_in = None if incoming is None else incoming(m)
         if s_in is not None:
             o = (o.astype(jnp.float32) + states.apply_state_tokens(q, tok, s_in, scale)).astype(q.dtype)
-        return o, m, s_in
+        return o, m, s_in, s_in
 
     def backward_tokens(self, q, k, v, tok, s_in, do, outgoing, scale):
-        """(dq, dk, dv, d, G or None, ds) under per-token decay; ds [B, L, H] float32 (module docstring)."""
+        """(dq, dk, dv, d, G or None, ds) under per-token decay from forward_tokens' saved (S_in); ds [B, L, H]
+        float32 (module docstring)."""
         dq, dk, dv, x = self.module.local_backward_tokens(q, k, v, tok, do, scale)
         d = states.query_state_grad_tokens(q, do, tok, scale)
         g = None if outgoing is None else outgoing(d)
@@ -219,28 +241,28 @@ def _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale):
         incoming = functools.partial(exchange.prefix, rate=tok.log_decay)
     else:
         incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
-    o, m, s_in = impl.forward_tokens(q, k, v, tok, incoming, scale)
+    o, m, s_in, saved = impl.forward_tokens(q, k, v, tok, incoming, scale)
     s_end = m if s_in is None else m + states.piece_decay(tok)[:, :, None, None] * s_in
-    return o, s_end, tok, s_in
+    return o, s_end, tok, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def attend_tokens(q, k, v, rates, segment_ids, s_init, impl: Split, exchange: Exchange | None, final_state: bool,
-                  scale: float = 1.0):
+def attend_tokens(q, k, v, rates, segment_ids, s_init, impl: TokenImpl, exchange: Exchange | None,
+                  final_state: bool, scale: float = 1.0):
     """`attend` under per-token decay and documents: rates [B, L, H] float32 >= 0 (differentiable),
     segment_ids [B, L] integers or None; the state convention of states.TokenDecay (S_end is the state after the
-    piece's last position). impl must have forward_tokens / backward_tokens (`Split`). Returns as `attend`."""
+    piece's last position). impl: a `TokenImpl`. Returns as `attend`."""
     o, s_end, _, _ = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
     return (o, s_end) if final_state else o
 
 
 def _tokens_fwd(q, k, v, rates, segment_ids, s_init, impl, exchange, final_state, scale):
-    o, s_end, tok, s_in = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
-    return ((o, s_end) if final_state else o), (q, k, v, tok, s_init is not None, s_in, segment_ids)
+    o, s_end, tok, saved = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
+    return ((o, s_end) if final_state else o), (q, k, v, tok, s_init is not None, saved, segment_ids)
 
 
 def _tokens_bwd(impl, exchange, final_state, scale, res, cotangents):
-    q, k, v, tok, has_init, s_in, segment_ids = res
+    q, k, v, tok, has_init, saved, segment_ids = res
     do, ds_end = cotangents if final_state else (cotangents, None)
     if exchange is not None:
         def outgoing(d):
@@ -248,7 +270,7 @@ def _tokens_bwd(impl, exchange, final_state, scale, res, cotangents):
             return g if ds_end is None else g + ds_end
     else:
         outgoing = None if ds_end is None else (lambda d: ds_end)
-    dq, dk, dv, d, g, ds = impl.backward_tokens(q, k, v, tok, s_in, do, outgoing, scale)
+    dq, dk, dv, d, g, ds = impl.backward_tokens(q, k, v, tok, saved, do, outgoing, scale)
     ds_init = None
     if has_init:
         ds_init = d if g is None else d + states.piece_decay(tok)[:, :, None, None] * g

@@ -1,0 +1,247 @@
+"""The piece driver of the fused kernels under per-token decay and packed documents (`pieces`, generalised).
+
+The same LASP split one level down as `pieces` (read it first): a call of T positions is cut into P pieces of
+whole chunks (`pieces.Plan`), one kernel program per (batch, head, piece, ...) walks its piece's chunks with the
+state on chip, and only [P]-long scans over the pieces' states run between the passes. With per-token rates s_t
+and document starts the decay is no longer a power of one lambda, so everything a kernel needs about it comes
+in as float32 tables computed here in XLA (`ChunkTables`, `PieceWeights`), and the piece scans take each
+piece's own log-decay [B, H, P] (+inf where a document starts in the piece):
+
+    forward   state pass   m_p = sum_{x in p} w_x k_x^T v_x,   w = PieceWeights.to_end    (state_sums_tokens)
+              piece scan   S_p = the state entering piece p, from S_in and the m_j, j < p  (pieces.entering)
+              output walk  o   = the chunk walk of TOKEN_KERNELS from S_p                  (output_tokens)
+    backward  state pass   d_p = sum_{x in p} w_x q_x^T dO_x,  w = scale PieceWeights.from_start
+              reverse scan G_p = the cotangent leaving piece p, from G and the d_j, j > p   (pieces.leaving)
+              dQ walks forward from S_p, dK and dV backward from G_p, and each row's k.dk - q.dq (grads_tokens)
+
+State convention (states.TokenDecay): the state after a position, H_t = exp(-s_t) H_(t-1) + k_t^T v_t, reset to
+k_t^T v_t where a document starts. T is zero-padded at the front to whole pieces with rates 0 and no starts:
+zero keys and values add nothing, and a rate of 0 decays nothing, so S_in and G enter the piece scans even
+for a ragged T (unlike the constant path, no separate products).
+
+Decay gradient (the fused form of vjp.attend_tokens'): ds_u is minus the sum of the pair terms that cross u
+(the pairs (r, t) with r < u <= t in one document, those from S_in to t >= u, those from r < u to the end
+state's cotangent G, and S_in's to G). With x_t = k_t . dk_t - q_t . dq_t per query head, from the kernels' full
+float32 dq and dk (the S_p terms in dq, the G_p terms in dk: every pair of the call once in a k.dk and once in a
+q.dq), the pairs that cross u are minus the document-suffix sum of x, except the pairs that reach G: they are in
+k.dk but have no q.dq, and cross every u of the call's last document that comes after their source. So
+
+    ds_u = sum_{t >= u, t in u's document} x_t  -  [u in the last document] <S_end, G>,   0 at a document start,
+
+S_end = m + a S_in the call's end state (<S_end, G> = the sum of every pair term that reaches G, S_in's included).
+Every sum is float32; the suffix sums run within one document (states.document_suffix_sum).
+
+Numerics: every table is float32 and every exponent is minus a sum of rates (a chunk-local or piece-local
+running sum of its own, never a difference of two long sums), so each factor is exp of something <= 0; the
+kernels' intra-chunk weights are exp(-max(bc_i - bc_j, 0)) of two chunk-local sums. Document masks select.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax.ops import pieces, states
+
+_F32 = jnp.float32
+
+
+class ChunkTables(NamedTuple):
+    """What the walks need about the decay, per chunk of C positions (T the padded length; `TokenBackend`
+    gives the walks). Every row of a (batch, head) is contiguous, so a chunk is one [C] load per table.
+
+    cum     [B, H, T] float32  bc_i = s_(start of i's chunk) + ... + s_i, the chunk-local inclusive running sum.
+    counts  [B, T] int32       document starts in [0, t]: i and j of one chunk are in one document iff equal.
+    q_side  [B, H, T] float32  exp(-bc_i) where no document starts in [start of i's chunk, i], else 0: how the
+                               state entering the chunk reaches i (UNSCALED: the kernel multiplies by scale).
+                               Its value at a chunk's last position is the chunk decay: exp(-bc_(C-1)) where
+                               no document starts in the chunk, else 0 (the walks' S <- decay S + ...).
+    k_side  [B, H, T] float32  exp(-ec_j), ec_j = s_(j+1) + ... + s_(C-1) (its own reverse sum), where j is in
+                               the chunk's last document, else 0: j's share of the state leaving the chunk.
+
+    Intra-chunk pair weight M[i, j] = scale exp(-max(bc_i - bc_j, 0)) where j <= i and counts_i == counts_j,
+    else 0 by a select.
+    """
+
+    cum: jax.Array
+    counts: jax.Array
+    q_side: jax.Array
+    k_side: jax.Array
+
+
+class PieceWeights(NamedTuple):
+    """Per-position weights of the state passes and the pieces' decays (T padded, P pieces of L positions).
+
+    to_end      [B, H, T] float32  exp(-(s_(x+1) + ... + s_(end of x's piece))) where no document starts in
+                                   (x, end], else 0: x's share of its piece's state m_p.
+    from_start  [B, H, T] float32  exp(-(s_(start of x's piece) + ... + s_x)) where no document starts in
+                                   [start, x], else 0: how the state entering the piece reaches x (unscaled).
+    log_decay   [B, H, P] float32  the piece's rate sum, +inf where a document starts in it: S leaving piece p
+                                   = exp(-log_decay_p) S entering it + m_p.
+    """
+
+    to_end: jax.Array
+    from_start: jax.Array
+    log_decay: jax.Array
+
+
+class Saved(NamedTuple):
+    """The forward's residual besides q, k, v and the TokenDecay: the state entering each piece [B, H, P, Dk,
+    Dv] float32, the end state from zero m and S_in (None: zero), both [B, H, Dk, Dv] float32."""
+
+    pieces_in: jax.Array
+    m: jax.Array
+    s_in: jax.Array | None
+
+
+class TokenBackend(Protocol):
+    """A kernel family's passes under per-token decay, over front-padded inputs (T = P * piece_len; q, dO
+    [B, T, H, D]; k, v [B, T, Hkv, D]; query head h reads K/V head h // (H / Hkv); tables per query head).
+    `plan` is pieces.Backend's."""
+
+    def plan(self, q, v) -> pieces.Plan:
+        """How these inputs are cut into pieces."""
+
+    def state_sums_tokens(self, x, y, w, plan: pieces.Plan) -> jax.Array:
+        """Per-piece weighted sums [B, H, P, Dx, Dy] float32: out[b, h, p] = sum_{t in p} w[b, h, t] x_t^T y_t,
+        x [B, T, Hx, Dx], y [B, T, Hx, Dy] of Hx heads (x, y read at head h // (H / Hx)), w [B, H, T] float32
+        (any weights: the driver passes PieceWeights.to_end for K, V and scale * from_start for Q, dO)."""
+
+    def output_tokens(self, q, k, v, tables: ChunkTables, pieces_in, plan: pieces.Plan, scale: float) -> jax.Array:
+        """o [B, T, H, Dv] in q.dtype. Per (b, h, piece), chunks in order, S from pieces_in [B, H, P, Dk, Dv]:
+        o_i = sum_{j} M[i, j] (q_i . k_j) v_j + scale q_side_i (q_i S);  S <- q_side_(C-1) S + sum_j k_side_j
+        k_j^T v_j."""
+
+    def grads_tokens(self, q, k, v, do, tables: ChunkTables, pieces_in, pieces_out, plan: pieces.Plan,
+                     scale: float) -> tuple[jax.Array, ...]:
+        """(dq [B, T, H, Dk] in q.dtype, dk [B, T, H, Dk], dv [B, T, H, Dv], x [B, H, T] float32).
+
+        dK and dV per QUERY head (in k.dtype when H == Hkv, else float32: the driver sums each group). S walks
+        forward from pieces_in, G backward from pieces_out (the cotangent of the state leaving each piece):
+          dq_i = sum_j M[i, j] (dO_i . v_j) k_j + scale q_side_i (dO_i S^T)
+          dk_j = sum_i M[i, j] (dO_i . v_j) q_i + k_side_j (v_j G^T)
+          dv_j = sum_i M[i, j] (q_i . k_j) dO_i + k_side_j (k_j G);   G <- q_side_(C-1) G + scale sum_i q_side_i
+          q_i^T dO_i
+        x_t = k_t . dk_t - q_t . dq_t per query head from the float32 values of dk and dq before they are
+        rounded to any output dtype (the decay gradient's terms; k_t is the K/V head's row)."""
+
+
+def _padded(tok: states.TokenDecay, plan: pieces.Plan):
+    """(rates [B, H, T] float32, starts [B, T] bool) front-padded by plan.pad with rates 0 and no starts."""
+    rates = jnp.moveaxis(tok.rates.astype(_F32), 1, 2)
+    return (jnp.pad(rates, ((0, 0), (0, 0), (plan.pad, 0))),
+            jnp.pad(tok.starts, ((0, 0), (plan.pad, 0))))
+
+
+def _blocks(x, size):
+    """[..., T] -> [..., T / size, size]."""
+    return x.reshape(*x.shape[:-1], -1, size)
+
+
+def _suffix_exclusive(x):
+    """sum of the later entries along the last axis (its own reverse running sum)."""
+    later = jnp.pad(x[..., 1:], [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+    return jnp.flip(jnp.cumsum(jnp.flip(later, -1), axis=-1), -1)
+
+
+def _block_tables(rates, counts, size):
+    """(inclusive running sum, q-side weight, k-side weight, whether a document starts in the block) over blocks
+    of `size` positions: rates [B, H, T], counts [B, T] (starts in [0, t]) -> [B, H, T / size, size] x 3 and
+    [B, T / size]."""
+    r, c = _blocks(rates, size), _blocks(counts, size)
+    before = jnp.pad(c[:, :-1, -1], ((0, 0), (1, 0)))[..., None]  # the count before each block
+    cum = jnp.cumsum(r, axis=-1)
+    q_side = jnp.where((c == before)[:, None], jnp.exp(-cum), 0.0)
+    k_side = jnp.where((c == c[..., -1:])[:, None], jnp.exp(-_suffix_exclusive(r)), 0.0)
+    return cum, q_side, k_side, c[..., -1] != before[..., 0]
+
+
+def tables(rates, starts, plan: pieces.Plan) -> tuple[ChunkTables, PieceWeights]:
+    """The chunk tables and piece weights of padded rates [B, H, T] and starts [B, T] bool."""
+    b, h, t = rates.shape
+    counts = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+    cum, q_side, k_side, _ = _block_tables(rates, counts, plan.chunk)
+    chunk = ChunkTables(cum.reshape(b, h, t), counts, q_side.reshape(b, h, t), k_side.reshape(b, h, t))
+    total, from_start, to_end, has_start = _block_tables(rates, counts, plan.piece_len)
+    log_decay = jnp.where(has_start[:, None], jnp.inf, total[..., -1])
+    return chunk, PieceWeights(to_end.reshape(b, h, t), from_start.reshape(b, h, t), log_decay)
+
+
+def _boundary(sums, log_decay, *, from_end: bool):
+    """sums [B, H, P, Dk, Dv] carried to the call's end (from_end: sum_p exp(-(L_(p+1) + ... + L_(P-1))) m_p,
+    the end state from zero) or its start (sum_p exp(-(L_0 + ... + L_(p-1))) d_p, the cotangent of S_in), with
+    L = log_decay [B, H, P] (+inf: nothing crosses). A piece nothing crosses is selected out."""
+    if from_end:
+        gap = _suffix_exclusive(log_decay)
+    else:
+        gap = jnp.pad(jnp.cumsum(log_decay[..., :-1], axis=-1), ((0, 0), (0, 0), (1, 0)))
+    w = jnp.exp(-gap)[..., None, None]
+    return jnp.sum(jnp.where(w > 0, w * sums, 0.0), axis=2)
+
+
+def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, scale: float):
+    """One piece's attention under per-token decay from its incoming state (vjp's forward_tokens).
+
+    Args:
+      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv]; tok: the piece's states.TokenDecay; incoming: None (S_in =
+      0) or a function from the end state from zero to S_in [B,H,Dk,Dv]; scale: static float.
+    Returns:
+      o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
+    """
+    plan = backend.plan(q, v)
+    q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
+    chunk, weights = tables(*_padded(tok, plan), plan)
+    sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
+    m = _boundary(sums, weights.log_decay, from_end=True)
+    s_in = None if incoming is None else incoming(m)
+    pieces_in = pieces.entering(sums, s_in, weights.log_decay, plan)
+    o = backend.output_tokens(q_pad, k_pad, v_pad, chunk, pieces_in, plan, scale)[:, plan.pad:]
+    return o, m, s_in, Saved(pieces_in, m, s_in)
+
+
+def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Saved, do, outgoing, scale: float):
+    """Cotangents of `forward` (vjp's backward_tokens).
+
+    Args:
+      as `forward`; saved: its `Saved`; do [B,T,H,Dv]; outgoing: None (G = 0) or a function from d (the
+      cotangent of S_in) to G (the cotangent of the end state) [B,H,Dk,Dv].
+    Returns:
+      (dq, dk, dv) in the input dtypes, d [B,H,Dk,Dv] float32, G or None, and ds [B,T,H] float32 (the rates'
+      cotangent; the module docstring).
+    """
+    pieces_in, m, s_in = saved
+    b, _, h, dim_k = q.shape
+    hkv, dim_v = k.shape[2], v.shape[-1]
+    plan = backend.plan(q, v)
+    do = do.astype(q.dtype)
+    q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
+    chunk, weights = tables(*_padded(tok, plan), plan)
+    sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
+    d = _boundary(sums, weights.log_decay, from_end=False)
+    g = None if outgoing is None else outgoing(d)
+    pieces_out = pieces.leaving(sums, g, weights.log_decay, plan)
+    dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
+    dq, dk, dv = dq[:, plan.pad:], dk[:, plan.pad:], dv[:, plan.pad:]
+    if hkv != h:  # each query head's share, summed per K/V head in float32
+        dk = dk.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_k).sum(3)
+        dv = dv.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_v).sum(3)
+    ds = states.document_suffix_sum(jnp.moveaxis(x[:, :, plan.pad:], 1, 2), tok.starts)
+    if g is not None:
+        a = states.piece_decay(tok)[:, :, None, None]
+        s_end = m if s_in is None else m + jnp.where(a > 0, a * s_in, 0.0)
+        in_last = (tok.counts == tok.counts[:, -1:])[..., None]
+        ds = ds - jnp.where(in_last, jnp.sum(s_end * g, axis=(2, 3))[:, None], 0.0)
+    ds = jnp.where(tok.starts[..., None], 0.0, ds)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
+
+
+class DrivenTokens:
+    """forward_tokens and backward_tokens of `vjp.Impl` for a `TokenBackend` subclass (per device only)."""
+
+    def forward_tokens(self, q, k, v, tok, incoming, scale=1.0):
+        return forward(self, q, k, v, tok, incoming, scale)
+
+    def backward_tokens(self, q, k, v, tok, saved, do, outgoing, scale=1.0):
+        return backward(self, q, k, v, tok, saved, do, outgoing, scale)
