@@ -18,8 +18,13 @@ T is zero-padded at the front to whole pieces when it is not already (zeros befo
 or state); since the zeros would sit between S_in and the first token, a ragged T adds S_in's and G's terms with
 the separate products of `lasp_jax.ops.states` instead.
 
-Numerics: the scans are float32 sums over the pieces that select (`states.weighted_sum`): a non-finite later
-piece never reaches an earlier one. Powers of lambda are exp(-s n) with n >= 0.
+The piece scans also take per-piece log decays [B, H, P] instead of the rates (the per-token driver: a piece
+passes exp(-its log decay), exactly 0 when a document starts in it); see `entering`.
+
+Numerics: the scans are float32 (a batched matmul at full float32 precision, `_scan`), every decay exp(-x) of
+a sum x >= 0 of the pieces' log decays (`_chain`). A non-finite later piece never reaches an earlier one: the
+matmul sees only the finite parts of the sums, and the non-finite parts reach the later pieces through an
+exclusive running sum, whatever the decays between (a document start or an underflow does not stop them).
 """
 
 from __future__ import annotations
@@ -86,51 +91,97 @@ def front_pad(x, pad: int):
     return x if pad == 0 else jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0)))
 
 
-def _boundary_powers(rates, plan: Plan, from_end: bool):
-    """[H, P] lambda^(L p) (how S_in reaches the start of piece p), or lambda^(L (P - 1 - p)) when from_end
-    (how a cotangent at the end of the last piece reaches the end of piece p)."""
-    p = jnp.arange(plan.pieces, dtype=_F32)
-    n = plan.pieces - 1 - p if from_end else p
-    return states.decay_pow(rates[:, None], plan.piece_len * n[None, :])
+class _Chain(NamedTuple):
+    """How states decay between the pieces' boundaries (each [1 or B, H, ...] float32, every entry exp(-x), x >= 0):
+    between [.., P, P] w[i, j], from the end of piece i to the start of piece j (0 unless i < j); from_start
+    [.., P], from the call's start to the start of piece p; to_end [.., P], from the end of piece p to the call's
+    end."""
+
+    between: jax.Array
+    from_start: jax.Array
+    to_end: jax.Array
 
 
-def _with_boundary(per_piece, state, rates, plan: Plan, from_end: bool):
-    """per_piece [B, H, P, Dk, Dv] (None: zeros) plus each piece's decayed share of state [B, H, Dk, Dv]."""
+def _chain(decay, plan: Plan) -> _Chain:
+    """The decays between boundaries from rates [H] (each piece: exp(-rate * piece_len)) or per-piece log decays
+    [B, H, P] (piece p: exp(-decay[b, h, p]); +inf passes nothing). Boundary i sits before piece i (boundary P
+    after the last); the log decay from boundary i to k >= i is the sum over pieces i..k-1, a sum of terms >= 0
+    from its first term on (never a difference of two running sums), so +inf gives exactly 0 and never NaN."""
+    n = plan.pieces
+    decay = jnp.asarray(decay, _F32)
+    if decay.ndim != 1 and (decay.ndim != 3 or decay.shape[2] != n):
+        raise ValueError(f"decay must be rates [H] or per-piece log decays [B, H, P={n}]; got shape {decay.shape}")
+    i = jnp.arange(n + 1)[:, None]
+    k = jnp.arange(n + 1)[None, :]
+    if decay.ndim == 1:
+        log_gap = decay[None, :, None, None] * (plan.piece_len * jnp.maximum(k - i, 0).astype(_F32))
+    else:
+        from_i = jnp.where(k[:, :n] >= i, decay[:, :, None, :], 0.0)  # [B, H, i, piece]: the pieces from i on
+        log_gap = jnp.pad(jnp.cumsum(from_i, axis=-1), ((0, 0), (0, 0), (0, 0), (1, 0)))  # [B, H, i, k]
+    w = jnp.where(k >= i, jnp.exp(-log_gap), 0.0)
+    return _Chain(between=w[..., 1:, :n], from_start=w[..., 0, :n], to_end=w[..., 1:, n])
+
+
+def _scan(w, sums, *, reverse: bool):
+    """The exclusive decayed prefix over pieces, out[j] = sum_i w[i, j] x[i] (or the suffix when reverse,
+    out[i] = sum_j w[i, j] x[j]) of sums [B, H, P, Dk, Dv], float32: one batched matmul at full float32 precision
+    over the finite parts (w's zeros then multiply finite numbers only), and the non-finite parts carried by an
+    exclusive running sum to the later pieces (earlier, when reverse) alone."""
+    b, h, n = sums.shape[:3]
+    x = sums.astype(_F32).reshape(b, h, n, -1)
+    finite = jnp.isfinite(x)
+    spec = "bhij,bhjn->bhin" if reverse else "bhij,bhin->bhjn"
+    out = jnp.einsum(spec, jnp.broadcast_to(w, (b, h, n, n)), jnp.where(finite, x, 0.0), precision=_HIGHEST)
+    running = jax.lax.cumsum(jnp.where(finite, 0.0, x), axis=2, reverse=reverse)  # 0 where all are finite
+    if reverse:
+        exclusive = jnp.pad(running[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))
+    else:
+        exclusive = jnp.pad(running[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
+    return (out + exclusive).reshape(sums.shape)
+
+
+def _plus_share(per_piece, weights, state):
+    """per_piece [B, H, P, Dk, Dv] plus each piece's weights [1 or B, H, P] times state [B, H, Dk, Dv] (None: 0)."""
     if state is None:
         return per_piece
-    term = _boundary_powers(rates, plan, from_end)[None, :, :, None, None] * state[:, :, None].astype(_F32)
-    return term if per_piece is None else per_piece + term
+    return per_piece + weights[..., None, None] * state[:, :, None].astype(_F32)
 
 
-def _zeros_if_none(x, like):
-    b, h, _, dk, dv = like.shape
-    return jnp.zeros((b, h, 1, dk, dv), _F32) if x is None else x
+def entering(sums, s_in, decay, plan: Plan):
+    """The state entering each piece [B, H, P, Dk, Dv] float32 from the K, V sums m [B, H, P, Dk, Dv] (each
+    piece's end state from zero) and S_in [B, H, Dk, Dv] (None: zero):
+
+        S_p = sum_{j < p} (prod_{j < q < p} a_q) m_j + (prod_{q < p} a_q) S_in
+
+    decay: rates [H] float32 (constant decay: every piece passes a = exp(-rate * plan.piece_len)), or per-piece
+    log decays [B, H, P] float32 >= 0 (a_p = exp(-decay[b, h, p]); +inf where a document starts in piece p: it
+    passes nothing, its product is exactly 0). Every product is exp(-(sum of the log decays)) (see `_chain`).
+    A non-finite m_j reaches only the pieces after j (`_scan`)."""
+    chain = _chain(decay, plan)
+    from_zero = _scan(chain.between, sums, reverse=False) if plan.pieces > 1 else jnp.zeros(sums.shape, _F32)
+    return _plus_share(from_zero, chain.from_start, s_in)
 
 
-def entering(sums, s_in, rates, plan: Plan):
-    """The state entering each piece [B, H, P, Dk, Dv] from the K, V sums [B, H, P, Dk, Dv] and S_in (None:
-    zero): the exclusive decayed prefix over pieces plus S_in's decayed share."""
-    from_zero = None
-    if plan.pieces > 1:  # one piece: nothing enters it from other pieces
-        from_zero = states.weighted_sum(states.prefix_weights(rates, plan.piece_len, plan.pieces, plan.pieces), sums)
-    return _zeros_if_none(_with_boundary(from_zero, s_in, rates, plan, from_end=False), sums)
+def boundary_sum(sums, decay, plan: Plan, *, from_end: bool):
+    """The per-piece sums [B, H, P, Dk, Dv] carried to the call's boundary [B, H, Dk, Dv] float32: its end
+    (from_end: sum_p (prod_{q > p} a_q) m_p, the end state from zero) or its start (sum_p (prod_{q < p} a_q) d_p,
+    the cotangent of S_in). decay as in `entering`."""
+    chain = _chain(decay, plan)
+    w = jnp.broadcast_to(chain.to_end if from_end else chain.from_start, sums.shape[:3])
+    return jnp.einsum("bhp,bhpde->bhde", w, sums, precision=_HIGHEST)
 
 
-def boundary_sum(sums, rates, plan: Plan, *, from_end: bool):
-    """The per-piece sums [B, H, P, Dk, Dv] carried to the call's boundary [B, H, Dk, Dv]: its end
-    (from_end: sum_p lambda^(L (P - 1 - p)) m_p, the end state from zero) or its start (sum_p lambda^(L p) d_p,
-    the cotangent of S_in)."""
-    return jnp.einsum("hp,bhpde->bhde", _boundary_powers(rates, plan, from_end), sums, precision=_HIGHEST)
+def leaving(sums, g, decay, plan: Plan):
+    """The state cotangent leaving each piece [B, H, P, Dk, Dv] float32 from the Q, dO sums d [B, H, P, Dk, Dv]
+    (each piece's cotangent of its entering state, from a zero end cotangent) and the end state's cotangent g
+    [B, H, Dk, Dv] (None: zero), `entering` mirrored:
 
+        G_p = sum_{r > p} (prod_{p < q < r} a_q) d_r + (prod_{q > p} a_q) g
 
-def leaving(sums, g, rates, plan: Plan):
-    """The state cotangent leaving each piece [B, H, P, Dk, Dv] from the Q, dO sums and the end state's
-    cotangent g (None: zero): the exclusive decayed suffix over pieces plus g's decayed share."""
-    from_end = None
-    if plan.pieces > 1:
-        w = states.prefix_weights(rates, plan.piece_len, plan.pieces, plan.pieces)
-        from_end = states.weighted_sum(jnp.swapaxes(w, 1, 2), sums)
-    return _zeros_if_none(_with_boundary(from_end, g, rates, plan, from_end=True), sums)
+    decay as in `entering`. A non-finite d_r reaches only the pieces before r."""
+    chain = _chain(decay, plan)
+    from_end = _scan(chain.between, sums, reverse=True) if plan.pieces > 1 else jnp.zeros(sums.shape, _F32)
+    return _plus_share(from_end, chain.to_end, g)
 
 
 def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
