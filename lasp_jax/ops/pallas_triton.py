@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import pieces
+from lasp_jax.ops import pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -114,6 +114,29 @@ def _decays(rate_ref, c, scale):
     return mask, scale * jnp.exp(-rate * i), jnp.exp(-rate * (c - i)), jnp.exp(-rate * c)
 
 
+def _token_decays(table_refs, rows, c, scale):
+    """The decay tables of one chunk (`rows` of the piece) under per-token decay, from the refs of
+    pieces_tokens.ChunkTables (cum, counts, q_side, k_side; [L] rows of one (batch, head)): the mask keeping
+    j <= i in one document with weights scale exp(-(bc_i - bc_j)), scale q_side, k_side, and the chunk decay
+    (q_side at the chunk's last row). Every exponent is minus a non-negative difference of running sums."""
+    cum_ref, counts_ref, q_side_ref, k_side_ref = table_refs
+    cum, counts, q_side = cum_ref[rows], counts_ref[rows], q_side_ref[rows]
+    i = jnp.arange(c, dtype=jnp.int32)
+    keep = (i[:, None] >= i[None, :]) & (counts[:, None] == counts[None, :])
+    mask = _Mask(keep, scale * jnp.exp(-jnp.maximum(cum[:, None] - cum[None, :], 0.0)))
+    chunk_decay = jnp.sum(jnp.where(i == c - 1, q_side, 0.0))
+    return mask, scale * q_side, k_side_ref[rows], chunk_decay
+
+
+def _decay_source(refs, c, scale, tokens):
+    """(decays(rows) -> (mask, q-side row, k-side row, chunk decay), the refs after the decay's): the constant
+    rate's tables once per program (its first ref), or, per-token (tokens), each chunk's from its four table refs."""
+    if tokens:
+        return (lambda rows: _token_decays(refs[:4], rows, c, scale)), refs[4:]
+    fixed = _decays(refs[0], c, scale)
+    return (lambda rows: fixed), refs[1:]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Mask:
     """The decayed causal mask of a chunk: scores at or before the diagonal times their weights, zero selected
@@ -145,15 +168,27 @@ def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, sca
     out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: chunk_decay * acc + chunk_sum(n), chunk_sum(0))
 
 
-def _output_kernel(rate_ref, q_ref, k_ref, v_ref, state_ref, o_ref, *, c, precision, scale):
+def _weighted_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision):
+    """sum_x w_x x_x^T y_x over the piece (per-token decay: the weights w [L] float32 carry all of it)."""
+    n_chunks = x_ref.shape[0] // c
+
+    def chunk_sum(n):
+        rows = pl.ds(n * c, c)
+        return _dot(_weighted(x_ref[rows, :], w_ref[rows]).T, y_ref[rows, :], precision)
+
+    out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: acc + chunk_sum(n), chunk_sum(0))
+
+
+def _output_kernel(*refs, c, precision, scale, tokens):
     """O = [(Q K^T) * M] V + scale lambda^i Q S per chunk (M carries the scale); S walks forward from the
-    piece's incoming state."""
+    piece's incoming state. Refs: the decay's (`_decay_source`), Q, K, V, S, then O."""
+    decays, (q_ref, k_ref, v_ref, state_ref, o_ref) = _decay_source(refs, c, scale, tokens)
     n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = q_ref.dtype
 
     def body(n, state):
         rows = pl.ds(n * c, c)
+        mask, q_decay, k_decay, chunk_decay = decays(rows)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         scores = mask(_dot(q, k.T, precision))
         o = _dot(scores.astype(dt), v, precision) + q_decay[:, None] * _dot(q, state.astype(dt), precision)
@@ -163,43 +198,58 @@ def _output_kernel(rate_ref, q_ref, k_ref, v_ref, state_ref, o_ref, *, c, precis
     lax.fori_loop(0, n_chunks, body, state_ref[...])
 
 
-def _dq_kernel(rate_ref, do_ref, k_ref, v_ref, state_ref, dq_ref, *, c, precision, scale):
-    """dQ = [(dO V^T) * M] K + scale lambda^i dO S^T; S (a Dk tile) walks forward."""
+def _row_dots(x, y):
+    """[C] float32 x_i . y_i (y float32)."""
+    return jnp.sum(x.astype(_F32) * y, axis=1)
+
+
+def _dq_kernel(*refs, c, precision, scale, tokens):
+    """dQ = [(dO V^T) * M] K + scale lambda^i dO S^T; S (a Dk tile) walks forward. Refs: the decay's, dO, K,
+    V, S, (tokens: Q's Dk tile), then dQ, (tokens: q . dQ over the tile, float32 [L], for the decay gradient)."""
+    decays, refs = _decay_source(refs, c, scale, tokens)
+    do_ref, k_ref, v_ref, state_ref = refs[:4]
+    q_ref, dq_ref, qdq_ref = refs[4:] if tokens else (None, refs[4], None)
     n_chunks = do_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = k_ref.dtype
 
     def body(n, state):
         rows = pl.ds(n * c, c)
+        mask, q_decay, k_decay, chunk_decay = decays(rows)
         do, k, v = do_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         a = mask(_dot(do, v.T, precision))
         dq = _dot(a.astype(dt), k, precision) + q_decay[:, None] * _dot(do, state.astype(dt).T, precision)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        if tokens:
+            qdq_ref[rows] = _row_dots(q_ref[rows, :], dq)
         return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
 
     lax.fori_loop(0, n_chunks, body, state_ref[...])
 
 
-def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv):
+def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv, tokens):
     """dK = [(dO V^T) * M]^T Q + lambda^(C - j) V dS^T and dV = [(Q K^T) * M]^T dO + lambda^(C - j) K dS, dS
     walking backward from the piece's outgoing cotangent and gathering scale lambda^i Q^T dO (M carries the
-    scale; the K, V side of the state terms does not). Refs: rate, Q, K (with_dv), V (with_dk), dO, G, then dK, dV.
-    One of the two per Dk tile (dK) or Dv tile (dV) of dS, or both from the whole dS (Q and dO read once)."""
+    scale; the K, V side of the state terms does not). Refs: the decay's, Q, K (with_dv, or with_dk under
+    tokens: K's Dk tile), V (with_dk), dO, G, then dK, dV, (with_dk under tokens: k . dK over the tile, float32
+    [L], for the decay gradient). One of the two per Dk tile (dK) or Dv tile (dV) of dS, or both from the whole
+    dS (Q and dO read once)."""
+    decays, refs = _decay_source(refs, c, scale, tokens)
     refs = iter(refs)
-    rate_ref, q_ref = next(refs), next(refs)
-    k_ref = next(refs) if with_dv else None
+    q_ref = next(refs)
+    k_ref = next(refs) if with_dv or tokens else None
     v_ref = next(refs) if with_dk else None
     do_ref, g_ref = next(refs), next(refs)
     dk_ref = next(refs) if with_dk else None
     dv_ref = next(refs) if with_dv else None
+    kdk_ref = next(refs) if with_dk and tokens else None
     n_chunks = q_ref.shape[0] // c
-    mask, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
     dt = q_ref.dtype
 
     def body(n, ds):
         rows = pl.ds((n_chunks - 1 - n) * c, c)
+        mask, q_decay, k_decay, chunk_decay = decays(rows)
         q = q_ref[rows, :]
-        k = k_ref[rows, :] if with_dv else None
+        k = k_ref[rows, :] if k_ref is not None else None
         v = v_ref[rows, :] if with_dk else None
         do = do_ref[rows, :]
         ds_op = ds.astype(dt)
@@ -207,6 +257,8 @@ def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv):
             a = mask(_dot(do, v.T, precision))
             dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+            if tokens:
+                kdk_ref[rows] = _row_dots(k, dk)
         if with_dv:
             scores = mask(_dot(q, k.T, precision))
             dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
@@ -338,70 +390,138 @@ def state_sums(x, y, rates, plan: pieces.Plan, config: Config = DEFAULT, *, reve
         _rates(rates), x, y, config=config, interpret=interpret)
 
 
-def _output(q, k, v, rates, pieces_in, plan: pieces.Plan, config: Config, interpret: bool, scale: float):
-    """`pieces.Backend.output`: the output walk, one program per (batch, head, piece, Dv tile)."""
+@dataclasses.dataclass(frozen=True)
+class _Decay:
+    """The decay as kernel operands: the constant rate row ([H] rates), or per-token the four
+    pieces_tokens.ChunkTables (tokens), with their block specs."""
+
+    specs: list
+    args: list
+    tokens: bool
+
+
+def _constant_decay(rates) -> _Decay:
+    return _Decay([_rate_spec()], [_rates(rates)], tokens=False)
+
+
+def _token_decay(tables, plan: pieces.Plan) -> _Decay:
+    """tables: pieces_tokens.ChunkTables (cum, counts, q_side, k_side), each row a piece's [L] block."""
+    row = pl.BlockSpec((None, None, plan.piece_len), lambda b, h, p, j: (b, h, p))
+    counts = pl.BlockSpec((None, plan.piece_len), lambda b, h, p, j: (b, p))
+    return _Decay([row, counts, row, row], list(tables), tokens=True)
+
+
+def _row_sums_spec(plan: pieces.Plan, tile):
+    """Per-position float32 partial sums [B, H, tiles, T]: the piece's [L] row of head-dim tile tile(j)."""
+    return pl.BlockSpec((None, None, None, plan.piece_len), lambda b, h, p, j: (b, h, tile(j), p))
+
+
+def _with_row_sums(spec, shape, plan: pieces.Plan, row_sums, tokens: bool):
+    """(out_specs, out_shape) of a walk writing rows of one head-dim tile, plus, per-token, its float32 row dots
+    of that tile (row_sums: their [B, H, tiles, T] shape)."""
+    if not tokens:
+        return spec, shape
+    return [spec, _row_sums_spec(plan, _same)], [shape, row_sums]
+
+
+def _output(q, k, v, decay: _Decay, pieces_in, plan: pieces.Plan, config: Config, interpret: bool, scale: float):
+    """`pieces.Backend.output` (and output_tokens): the output walk, one program per (batch, head, piece, Dv
+    tile)."""
     b, t, h, dim_k = q.shape
     dim_v = v.shape[-1]
     bv = min(config.block_v, dim_v)
     kv_head = _head_map(h, k)
     return _call(
-        functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale),
+        functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale,
+                          tokens=decay.tokens),
         (b, h, plan.pieces, dim_v // bv),
-        [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+        [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
          _rows_spec(plan, bv, kv_head, _same), _state_spec(dim_k, bv, _zero, _same)],
         _rows_spec(plan, bv, _same, _same),
         _out((b, t, h, dim_v), q.dtype, q),
-        _rates(rates), q, k, v, pieces_in, config=config, interpret=interpret)
+        *decay.args, q, k, v, pieces_in, config=config, interpret=interpret)
 
 
-def _grads(q, k, v, do, rates, pieces_in, pieces_out, plan: pieces.Plan, config: Config, interpret: bool,
+def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan, config: Config, interpret: bool,
            scale: float):
     """`pieces.Backend.grads`: dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton
-    kernels; dK and dV in one kernel when the whole state is one tile (fuse_dkdv), else one each."""
-    b, _, h, dim_k = q.shape
+    kernels; dK and dV in one kernel when the whole state is one tile (fuse_dkdv), else one each. Per-token
+    (decay.tokens) also x [B, H, T] float32, k . dK - q . dQ per query head from the kernels' float32 values
+    (summed over the head-dim tiles here)."""
+    b, t, h, dim_k = q.shape
     dim_v = v.shape[-1]
     bk, bv = min(config.block_k, dim_k), min(config.block_v, dim_v)
     group = h // k.shape[2]
     kv_head = _head_map(h, k)
     precision = _precision(q.dtype)
     c, n = plan.chunk, plan.pieces
+    tokens = decay.tokens
     call = functools.partial(_call, config=config, interpret=interpret)
+    tile_k = dim_k // bk
+    row_sums = _out((b, h, tile_k, t), _F32, q)
     dq = call(
-        functools.partial(_dq_kernel, c=c, precision=precision, scale=scale), (b, h, n, dim_k // bk),
-        [_rate_spec(), _rows_spec(plan, dim_v, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
-         _rows_spec(plan, dim_v, kv_head, _zero), _state_spec(bk, dim_v, _same, _zero)],
-        _rows_spec(plan, bk, _same, _same),
-        _out(q.shape, q.dtype, q),
-        _rates(rates), do, k, v, pieces_in)
+        functools.partial(_dq_kernel, c=c, precision=precision, scale=scale, tokens=tokens), (b, h, n, tile_k),
+        [*decay.specs, _rows_spec(plan, dim_v, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
+         _rows_spec(plan, dim_v, kv_head, _zero), _state_spec(bk, dim_v, _same, _zero)]
+        + ([_rows_spec(plan, bk, _same, _same)] if tokens else []),
+        *_with_row_sums(_rows_spec(plan, bk, _same, _same), _out(q.shape, q.dtype, q), plan, row_sums, tokens),
+        *decay.args, do, k, v, pieces_in, *([q] if tokens else []))
+    dq, qdq = dq if tokens else (dq, None)
 
     # With GQA each query head writes its own share in float32; `pieces.backward` sums each group once.
     grad_dtype = k.dtype if group == 1 else _F32
     dk_shape = _out(q.shape, grad_dtype, q)
     dv_shape = _out(q.shape[:3] + (dim_v,), grad_dtype, q)
-    dkdv = functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale)
+    dkdv = functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, tokens=tokens)
     if config.fuse_dkdv and bk == dim_k and bv == dim_v:
-        dk, dv = call(
+        outs = call(
             functools.partial(dkdv, with_dk=True, with_dv=True), (b, h, n, 1),
-            [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+            [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
              _rows_spec(plan, dim_v, kv_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
              _state_spec(dim_k, dim_v, _zero, _zero)],
-            [_rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_v, _same, _zero)],
-            [dk_shape, dv_shape],
-            _rates(rates), q, k, v, do, pieces_out)
+            [_rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_v, _same, _zero)]
+            + ([_row_sums_spec(plan, _zero)] if tokens else []),
+            [dk_shape, dv_shape] + ([_out((b, h, 1, t), _F32, q)] if tokens else []),
+            *decay.args, q, k, v, do, pieces_out)
+        dk, dv = outs[:2]
+        kdk = outs[2] if tokens else None
     else:
-        dk = call(
-            functools.partial(dkdv, with_dk=True, with_dv=False), (b, h, n, dim_k // bk),
-            [_rate_spec(), _rows_spec(plan, bk, _same, _same), _rows_spec(plan, dim_v, kv_head, _zero),
-             _rows_spec(plan, dim_v, _same, _zero), _state_spec(bk, dim_v, _same, _zero)],
-            _rows_spec(plan, bk, _same, _same), dk_shape,
-            _rates(rates), q, v, do, pieces_out)
+        outs = call(
+            functools.partial(dkdv, with_dk=True, with_dv=False), (b, h, n, tile_k),
+            [*decay.specs, _rows_spec(plan, bk, _same, _same)]
+            + ([_rows_spec(plan, bk, kv_head, _same)] if tokens else [])
+            + [_rows_spec(plan, dim_v, kv_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
+               _state_spec(bk, dim_v, _same, _zero)],
+            *_with_row_sums(_rows_spec(plan, bk, _same, _same), dk_shape, plan, row_sums, tokens),
+            *decay.args, q, *([k] if tokens else []), v, do, pieces_out)
+        dk, kdk = outs if tokens else (outs, None)
         dv = call(
             functools.partial(dkdv, with_dk=False, with_dv=True), (b, h, n, dim_v // bv),
-            [_rate_spec(), _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+            [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
              _rows_spec(plan, bv, _same, _same), _state_spec(dim_k, bv, _zero, _same)],
             _rows_spec(plan, bv, _same, _same), dv_shape,
-            _rates(rates), q, k, do, pieces_out)
-    return dq, dk, dv
+            *decay.args, q, k, do, pieces_out)
+    if not tokens:
+        return dq, dk, dv
+    return dq, dk, dv, jnp.sum(kdk, axis=2) - jnp.sum(qdq, axis=2)
+
+
+def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: bool):
+    """`pieces_tokens.TokenBackend.state_sums_tokens`: sum_{t in p} w[b, h, t] x_t^T y_t [B, H, P, Dx, Dy]
+    float32 (`_weighted_state_kernel`), tiled like `state_sums`."""
+    b, h = w.shape[:2]
+    dim_x, dim_y = x.shape[-1], y.shape[-1]
+    bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
+    ny = dim_y // by
+    head = _head_map(h, x)
+    return _call(
+        functools.partial(_weighted_state_kernel, c=plan.chunk, precision=_precision(x.dtype)),
+        (b, h, plan.pieces, (dim_x // bx) * ny),
+        [pl.BlockSpec((None, None, plan.piece_len), lambda b, h, p, j: (b, h, p)),
+         _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
+        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
+        _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        w, x, y, config=config, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,6 +531,9 @@ def _grads(q, k, v, do, rates, pieces_in, pieces_out, plan: pieces.Plan, config:
 def supported(q, k, v, interpret: bool = False) -> str | None:
     """None when these kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
     else the reason. Which GPUs, head dims and dtypes their GPU tests qualified is `impls.qualification`'s."""
+    if q.shape[2] < v.shape[2]:
+        return (f"GVA (q and k with fewer heads than v: q {q.shape[2]}, v {v.shape[2]}) is not in the Triton "
+                "kernels")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in DTYPES}:
         names = ", ".join(jnp.dtype(d).name for d in DTYPES)
@@ -432,9 +555,10 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels(pieces.Driven):
-    """The Triton kernels under one Config as a `vjp.Impl` and a `pieces.Backend` (hashable: a custom_vjp
-    static). interpret: run them in Pallas interpret mode (any platform, slow; for tests)."""
+class Kernels(pieces.Driven, pieces_tokens.DrivenTokens):
+    """The Triton kernels under one Config as a `vjp.TokenImpl`, a `pieces.Backend` and a
+    `pieces_tokens.TokenBackend` (hashable: a custom_vjp static). interpret: run them in Pallas interpret mode
+    (any platform, slow; for tests)."""
 
     config: Config = DEFAULT
     interpret: bool = False
@@ -446,12 +570,26 @@ class Kernels(pieces.Driven):
         return state_sums(x, y, rates, plan, self.config, reverse=reverse, scale=scale, interpret=self.interpret)
 
     def output(self, q, k, v, rates, pieces_in, plan, scale):
-        return _output(q, k, v, rates, pieces_in, plan, self.config, self.interpret, scale)
+        return _output(q, k, v, _constant_decay(rates), pieces_in, plan, self.config, self.interpret, scale)
 
     def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan, scale):
-        return _grads(q, k, v, do, rates, pieces_in, pieces_out, plan, self.config, self.interpret, scale)
+        return _grads(q, k, v, do, _constant_decay(rates), pieces_in, pieces_out, plan, self.config, self.interpret,
+                      scale)
 
     def supported(self, q, k, v):
+        return supported(q, k, v, self.interpret)
+
+    def state_sums_tokens(self, x, y, w, plan):
+        return _weighted_state_sums(x, y, w, plan, self.config, self.interpret)
+
+    def output_tokens(self, q, k, v, tables, pieces_in, plan, scale):
+        return _output(q, k, v, _token_decay(tables, plan), pieces_in, plan, self.config, self.interpret, scale)
+
+    def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
+        return _grads(q, k, v, do, _token_decay(tables, plan), pieces_in, pieces_out, plan, self.config,
+                      self.interpret, scale)
+
+    def supported_tokens(self, q, k, v):
         return supported(q, k, v, self.interpret)
 
 

@@ -169,18 +169,6 @@ def tables(rates, starts, plan: pieces.Plan) -> tuple[ChunkTables, PieceWeights]
     return chunk, PieceWeights(to_end.reshape(b, h, t), from_start.reshape(b, h, t), log_decay)
 
 
-def _boundary(sums, log_decay, *, from_end: bool):
-    """sums [B, H, P, Dk, Dv] carried to the call's end (from_end: sum_p exp(-(L_(p+1) + ... + L_(P-1))) m_p,
-    the end state from zero) or its start (sum_p exp(-(L_0 + ... + L_(p-1))) d_p, the cotangent of S_in), with
-    L = log_decay [B, H, P] (+inf: nothing crosses). A piece nothing crosses is selected out."""
-    if from_end:
-        gap = _suffix_exclusive(log_decay)
-    else:
-        gap = jnp.pad(jnp.cumsum(log_decay[..., :-1], axis=-1), ((0, 0), (0, 0), (1, 0)))
-    w = jnp.exp(-gap)[..., None, None]
-    return jnp.sum(jnp.where(w > 0, w * sums, 0.0), axis=2)
-
-
 def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, scale: float):
     """One piece's attention under per-token decay from its incoming state (vjp's forward_tokens).
 
@@ -194,7 +182,7 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
-    m = _boundary(sums, weights.log_decay, from_end=True)
+    m = pieces.boundary_sum(sums, weights.log_decay, plan, from_end=True)
     s_in = None if incoming is None else incoming(m)
     pieces_in = pieces.entering(sums, s_in, weights.log_decay, plan)
     o = backend.output_tokens(q_pad, k_pad, v_pad, chunk, pieces_in, plan, scale)[:, plan.pad:]
@@ -219,7 +207,7 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
-    d = _boundary(sums, weights.log_decay, from_end=False)
+    d = pieces.boundary_sum(sums, weights.log_decay, plan, from_end=False)
     g = None if outgoing is None else outgoing(d)
     pieces_out = pieces.leaving(sums, g, weights.log_decay, plan)
     dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
