@@ -1,7 +1,8 @@
-"""ModelConfig: one frozen description of every model in this package (TNL, Linear Transformer, hybrids).
+"""ModelConfig: one frozen description of every model in this package (TNL, Linear Transformer, Mamba-2, hybrids).
 
-A model is a stack of pre-norm residual blocks: token mixer (linear attention, or softmax attention in the
-layers `softmax_layers` names) then channel mixer (SGLU). The config also carries how the model meets a mesh
+A model is a stack of pre-norm residual blocks: token mixer (linear attention, a Mamba-2 mixer, or softmax
+attention in the layers `softmax_layers` names) then channel mixer (SGLU; none when the hidden size is 0, the
+default for Mamba-2, whose blocks are mixer only). The config also carries how the model meets a mesh
 (which axes the batch, the sequence and the parameters shard over), how much it recomputes in the backward
 (remat) and in how many pieces the cross-entropy is computed, so one config runs from a CPU toy to 7B. Named
 sizes are in models/presets.py.
@@ -58,14 +59,16 @@ def check_fields(obj) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # --- architecture ---
-    kind: Literal["tnl", "linear_transformer"] = "tnl"  # token mixer of the linear layers
+    kind: Literal["tnl", "linear_transformer", "mamba2"] = "tnl"  # token mixer of the linear layers
     vocab_size: int = 64000
     d_model: int = 1024
     n_layers: int = 24
     n_heads: int = 8
     n_kv_heads: int | None = None  # K/V heads of the linear layers (GQA/MQA); None: n_heads
-    head_dim: int | None = None  # None: d_model // n_heads
-    mlp_hidden: int | None = None  # SGLU hidden size; None: round(mlp_ratio * d_model) up to a multiple of 256
+    head_dim: int | None = None  # None: d_model // n_heads (Mamba-2: also the SSM heads' dim, P)
+    # SGLU hidden size; 0: no channel mixer; None: 0 for Mamba-2, else round(mlp_ratio * d_model) up to a
+    # multiple of 256
+    mlp_hidden: int | None = None
     mlp_ratio: float = 8 / 3
     # Softmax-attention layers (hybrids): () none; an int k: every k-th layer (k-1, 2k-1, ...); or a tuple of
     # layer indices.
@@ -77,6 +80,14 @@ class ModelConfig:
     norm_eps: float = 1e-6  # SRMSNorm's epsilon
     lt_output_norm: bool = True  # Linear Transformer: SRMSNorm on the attention output (see models/attention.py)
     init_std: float = 0.02  # normal init of every matrix and of the embedding (TNL's init_std)
+
+    # --- Mamba-2 (kind="mamba2"; models/mamba2.py) ---
+    expand: int = 2  # inner width d_inner = expand * d_model, in d_inner / head_dim SSM heads
+    d_state: int = 128  # N: the state of each SSM head is N x head_dim
+    n_groups: int = 1  # G groups of B and C (q and k), shared by the SSM heads (GVA); divides the SSM heads
+    conv_width: int = 4  # width of the depthwise causal convolution over x, B and C
+    dt_min: float = 1e-3  # the step sizes dt are initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
 
     # --- numerics and memory ---
     dtype: Dtype = "float32"  # compute dtype of activations and matmuls
@@ -98,9 +109,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: {msg}")
 
         check_fields(self)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ce_chunk"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ce_chunk", "expand", "d_state", "n_groups",
+                     "conv_width"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 0:
+            bad(f"mlp_hidden must be >= 0 (0: no channel mixer), got {self.mlp_hidden}")
         if self.head_dim is None and self.d_model % self.n_heads:
             bad(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
         for name in ("n_kv_heads", "softmax_kv_heads"):
@@ -116,6 +130,14 @@ class ModelConfig:
                 bad(f"softmax_layers {layers} must be distinct layer indices in [0, {self.n_layers})")
         if self.batch_axes and self.seq_axis in self.batch_axes:
             bad(f"seq_axis {self.seq_axis!r} cannot also be a batch axis {self.batch_axes}")
+        if self.kind == "mamba2":
+            inner, hd = self.expand * self.d_model, self.resolved_head_dim
+            if inner % hd:
+                bad(f"Mamba-2's inner width expand * d_model = {inner} is not divisible by head_dim={hd}")
+            if (inner // hd) % self.n_groups:
+                bad(f"n_groups={self.n_groups} must divide the {inner // hd} SSM heads (expand * d_model / head_dim)")
+            if not 0 < self.dt_min <= self.dt_max:
+                bad(f"dt_min={self.dt_min} and dt_max={self.dt_max} must satisfy 0 < dt_min <= dt_max")
         if self.softmax_set and self.resolved_head_dim % 2:
             bad(f"softmax layers use rotary positions, which need an even head_dim, got {self.resolved_head_dim}")
 
@@ -133,9 +155,17 @@ class ModelConfig:
         return self.softmax_kv_heads if self.softmax_kv_heads is not None else self.resolved_kv_heads
 
     @property
+    def ssm_heads(self) -> int:
+        """Mamba-2's SSM heads H = expand * d_model / head_dim (the value heads; B and C have n_groups)."""
+        return self.expand * self.d_model // self.resolved_head_dim
+
+    @property
     def resolved_mlp_hidden(self) -> int:
+        """SGLU hidden size; 0 when the blocks have no channel mixer."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
+        if self.kind == "mamba2":
+            return 0
         h = round(self.mlp_ratio * self.d_model)
         return -(-h // 256) * 256 if h >= 256 else h
 
@@ -148,7 +178,7 @@ class ModelConfig:
         return frozenset(self.softmax_layers)
 
     def layer_kind(self, i: int) -> str:
-        """'softmax' or the linear kind ('tnl' / 'linear_transformer') of layer i."""
+        """'softmax' or the linear kind ('tnl' / 'linear_transformer' / 'mamba2') of layer i."""
         return "softmax" if i in self.softmax_set else self.kind
 
     def replace(self, **changes) -> ModelConfig:

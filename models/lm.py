@@ -1,13 +1,14 @@
 """LanguageModel: embedding, a stack of pre-norm blocks, final SRMSNorm, LM head; loss, decoding, counting.
 
     x = embed(tokens) * sqrt(D) (scale_embedding)
-    per layer l:  x = x + mixer_l(SRMSNorm(x));  x = x + SGLU(SRMSNorm(x))
+    per layer l:  x = x + mixer_l(SRMSNorm(x));  x = x + SGLU(SRMSNorm(x))   (no SGLU when its hidden size is 0)
     logits = SRMSNorm(x) E^T (tied) or SRMSNorm(x) W_head
 
-mixer_l is linear attention (TNL or Linear Transformer, models.attention) or, for the layers in
-cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis) after
-every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer, the
-d x d state (linear) or a KV cache (softmax), so a linear layer's step costs the same at any position.
+mixer_l is linear attention (TNL or Linear Transformer, models.attention), Mamba-2 (models.mamba2) or, for the
+layers in cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis)
+after every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer,
+the d x d state (linear), the SSD state and the convolution's last inputs (Mamba-2) or a KV cache (softmax), so
+a linear or Mamba-2 layer's step costs the same at any position.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.attention import LinearMixer
 from models.config import ModelConfig
 from models.layers import SGLU, Dense, Embed, srms_norm
 from models.loss import cross_entropy_sums
+from models.mamba2 import Mamba2Mixer
 from models.softmax import SoftmaxMixer
 
 _POLICIES = {
@@ -29,16 +31,20 @@ _POLICIES = {
 }
 
 
+_MIXERS = {"softmax": SoftmaxMixer, "tnl": LinearMixer, "linear_transformer": LinearMixer, "mamba2": Mamba2Mixer}
+
+
 class Block(nnx.Module):
-    """One pre-norm residual block: token mixer then SGLU channel mixer."""
+    """One pre-norm residual block: token mixer then SGLU channel mixer (none when its hidden size is 0)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        mixer = SoftmaxMixer if cfg.layer_kind(layer) == "softmax" else LinearMixer
-        self.mixer = mixer(cfg, layer, rngs=rngs)
-        self.mlp = SGLU(cfg, rngs=rngs)
+        self.mixer = _MIXERS[cfg.layer_kind(layer)](cfg, layer, rngs=rngs)
+        self.mlp = SGLU(cfg, rngs=rngs) if cfg.resolved_mlp_hidden else None
 
     def _mlp(self, x):
+        if self.mlp is None:
+            return x
         return x + self.mlp(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -4,8 +4,14 @@ TNL sizes follow TransNormerLLM (Qin et al. 2023): 385M ("0.4B"): 24 layers, d 1
 1B: 16 layers, d 2048, 16 heads, SGLU 5632; 7B: 30 layers, d 4096, 32 heads, SGLU 11008; vocabulary 64000,
 tied embeddings. The Linear Transformer ("lt-*") uses the same shapes with its own token mixer. Hybrids
 ("*-hybrid") make every 4th layer softmax attention (LASP-2H) with GQA (a quarter of the heads as K/V heads),
-which keeps the K/V all-gather over the seq axis small. `tests/models/test_configs.py` checks each name against
-its parameter count.
+which keeps the K/V all-gather over the seq axis small.
+
+Mamba-2 sizes follow the Mamba-2 paper's released models (Dao and Gu 2024): 130M: 24 layers, d 768; 370M: 48,
+1024; 780M: 48, 1536; 1.3B: 48, 2048; 2.7B: 64, 2560; vocabulary 50280 (GPT-NeoX's, padded), d_state 128, head
+dim 64, expand 2, one group, convolution width 4, tied embeddings, no embedding scale, blocks without MLP. Their
+softmax layers (hybrids, "mamba2-*-hybrid": every 8th layer, as the paper's hybrids hold about a tenth of attention
+layers) have d / 64 heads of 64 and a quarter as many K/V heads.
+`tests/models/test_configs.py` checks each name against its parameter count.
 """
 
 from __future__ import annotations
@@ -17,6 +23,15 @@ _TNL_1B = ModelConfig(kind="tnl", vocab_size=64000, d_model=2048, n_layers=16, n
 _TNL_7B = ModelConfig(kind="tnl", vocab_size=64000, d_model=4096, n_layers=30, n_heads=32, mlp_hidden=11008,
                       dtype="bfloat16", remat="full")
 _TINY = ModelConfig(kind="tnl", vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128, ce_chunk=64)
+
+
+def _mamba2(n_layers: int, d_model: int) -> ModelConfig:
+    return ModelConfig(kind="mamba2", vocab_size=50280, d_model=d_model, n_layers=n_layers, n_heads=d_model // 64,
+                       d_state=128, expand=2, n_groups=1, conv_width=4, scale_embedding=False)
+
+
+_MAMBA2_TINY = ModelConfig(kind="mamba2", vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_state=16, n_groups=2,
+                           scale_embedding=False, ce_chunk=64)
 
 
 def _hybrid(cfg: ModelConfig, every: int = 4) -> ModelConfig:
@@ -36,6 +51,15 @@ PRESETS: dict[str, ModelConfig] = {
     "tnl-1b-hybrid": _hybrid(_TNL_1B),
     "tnl-7b-hybrid": _hybrid(_TNL_7B),
     "lt-1b-hybrid": _hybrid(_TNL_1B.replace(kind="linear_transformer")),
+    "mamba2-tiny": _MAMBA2_TINY,
+    "mamba2-130m": _mamba2(24, 768),
+    "mamba2-370m": _mamba2(48, 1024),
+    "mamba2-780m": _mamba2(48, 1536),
+    "mamba2-1.3b": _mamba2(48, 2048),
+    "mamba2-2.7b": _mamba2(64, 2560),
+    "mamba2-tiny-hybrid": _hybrid(_MAMBA2_TINY, every=2),
+    "mamba2-1.3b-hybrid": _hybrid(_mamba2(48, 2048), every=8),
+    "mamba2-2.7b-hybrid": _hybrid(_mamba2(64, 2560), every=8),
 }
 
 

@@ -1,0 +1,177 @@
+"""Mamba-2's token mixer (Dao and Gu 2024, "Transformers are SSMs"), its SSD core run by lasp_jax.
+
+Written from the paper's equations, in our words:
+
+    z, xBC, dt = x W_in                                   z, x: [d_inner]; B, C: [G, N]; dt: [H]
+    x, B, C = silu(causal_conv(xBC))                      depthwise, width W, over x, B and C together
+    dt = softplus(dt + dt_bias);  a = exp(A_log) > 0      per token, per head (fp32)
+    y_t = sum_{r <= t, same document} exp(-(dt_(r+1) a + ... + dt_t a)) (C_t . B_r) dt_r x_r  +  D x_t
+    out = W_out RMSNorm_G(y * silu(z)) * g                RMSNorm per group of d_inner / G channels, weight g
+
+The sum is the SSD recurrence h_t = exp(-dt_t a) h_(t-1) + dt_t B_t^T x_t, y_t = C_t h_t, i.e. exactly lasp_jax's
+decayed linear attention with q = C, k = B, v = dt x, per-token rates dt a (decay [B, T, H]) and scale 1. The
+SSM heads H = d_inner / head_dim are the value heads; B and C have G = n_groups heads, SSM head h reading group
+h // (H / G) (grouped-value attention, GVA). Everything the op needs crosses ranks as lasp_attention's states;
+the convolution, under a seq axis, gets the previous rank's last W-1 positions (sharded_causal_conv1d's halo).
+With packed documents (segment_ids) the state resets and no convolution tap crosses a document start.
+
+Numerics: dt, the rates and the norm statistics in fp32 (the rates are exp(A_log) * softplus, >= 0 by
+construction); projections, the convolution's output and v in the compute dtype; the SSD state fp32.
+
+Initialisation (the paper's): dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored at 1e-4);
+A_log = log(A), A uniform in [1, 16]; D = 1; the gated norm's weight 1; the convolution's weight and bias uniform
+in +-1/sqrt(W) (a depthwise Conv1d's default). The projections follow this package's convention, N(0, init_std^2),
+with the out-projection divided by sqrt(n_layers) (Mamba's rescaling of the layers that write the residual).
+
+Differences from the reference model, kept for the package's conventions: the block's pre-norm and the final norm
+are SRMSNorm without a learned scale (ahead of the in-projection a scale is absorbed by W_in), and the
+projections' init is the normal one above instead of PyTorch's uniform default (same scale at these widths).
+
+Decoding keeps, per layer, the SSD state [B, H, N, head_dim] fp32 and the convolution's last W-1 inputs
+[B, W-1, d_inner + 2 G N]: constant memory at any position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import lasp_jax
+from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
+from models import sharding
+from models.attention import linear_attend
+from models.config import ModelConfig
+from models.layers import Dense
+
+A_RANGE = (1.0, 16.0)  # A = -exp(A_log) is initialised with |A| uniform in this range
+DT_FLOOR = 1e-4  # smallest initial step size
+
+
+def _param(value: jax.Array, cfg: ModelConfig) -> nnx.Param:
+    """value as a parameter in param_dtype on its ZeRO-3 spec (placed at once under a mesh)."""
+    value = value.astype(jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=sharding.param_sharding(value.shape, cfg),
+                     eager_sharding=sharding.ambient_mesh() is not None)
+
+
+def init_dt_bias(key: jax.Array, heads: int, dt_min: float, dt_max: float) -> jax.Array:
+    """[heads] fp32: softplus^-1 of dt, dt log-uniform in [dt_min, dt_max] and at least DT_FLOOR, so that
+    softplus(0 + dt_bias) starts at dt. softplus^-1(y) = y + log(1 - exp(-y)), written with expm1 (y is small)."""
+    u = jax.random.uniform(key, (heads,), jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, DT_FLOOR)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class Mamba2Mixer(nnx.Module):
+    """Mamba-2 token mixer; see the module docstring for the computation."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        del layer  # every Mamba-2 layer is alike
+        self.cfg = cfg
+        inner, heads, groups, n = cfg.expand * cfg.d_model, cfg.ssm_heads, cfg.n_groups, cfg.d_state
+        self.conv_channels = inner + 2 * groups * n  # x, B, C
+        self.in_proj = Dense(cfg.d_model, inner + self.conv_channels + heads, cfg, rngs=rngs)  # z, xBC, dt
+        bound = 1.0 / math.sqrt(cfg.conv_width)
+        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+        self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg)  # [W, C]
+        self.conv_bias = _param(uniform((self.conv_channels,)), cfg)
+        self.dt_bias = _param(init_dt_bias(rngs.params(), heads, cfg.dt_min, cfg.dt_max), cfg)
+        self.A_log = _param(jnp.log(jax.random.uniform(rngs.params(), (heads,), jnp.float32, *A_RANGE)), cfg)
+        self.D = _param(jnp.ones((heads,), jnp.float32), cfg)
+        self.norm_weight = _param(jnp.ones((inner,), jnp.float32), cfg)
+        self.out_proj = Dense(inner, cfg.d_model, cfg, rngs=rngs)
+        self.out_proj.kernel[...] = self.out_proj.kernel[...] / math.sqrt(cfg.n_layers)
+
+    # --- pieces shared by the forward, the prefill and the step ---
+    def _split_in(self, x):
+        """x [..., D] -> z [..., d_inner], xBC [..., conv channels], dt [..., H] (compute dtype)."""
+        inner = self.cfg.expand * self.cfg.d_model
+        zxbcdt = self.in_proj(x)
+        return (zxbcdt[..., :inner], zxbcdt[..., inner:inner + self.conv_channels],
+                zxbcdt[..., inner + self.conv_channels:])
+
+    def _conv_params(self):
+        return sharding.gather_param(self.conv_weight[...]), sharding.gather_param(self.conv_bias[...])
+
+    def _ssd_inputs(self, xbc, dt):
+        """Convolved xBC [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N], v = dt x
+        [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
+        cfg = self.cfg
+        inner, gn = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state
+        xbc = jax.nn.silu(xbc)
+        x = xbc[..., :inner].reshape(*xbc.shape[:-1], cfg.ssm_heads, cfg.resolved_head_dim)
+        k = xbc[..., inner:inner + gn].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
+        q = xbc[..., inner + gn:].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        rates = dt * jnp.exp(self.A_log[...].astype(jnp.float32))
+        v = x * dt[..., None].astype(x.dtype)
+        return q, k, v, x, rates
+
+    def _out(self, o, x, z):
+        """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]."""
+        cfg = self.cfg
+        y = o.astype(jnp.float32) + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+        y = y.reshape(*y.shape[:-2], -1) * jax.nn.silu(z.astype(jnp.float32))
+        grouped = y.reshape(*y.shape[:-1], cfg.n_groups, -1)
+        grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + cfg.norm_eps)
+        y = grouped.reshape(y.shape) * self.norm_weight[...].astype(jnp.float32)
+        return self.out_proj(y.astype(jnp.dtype(cfg.dtype)))
+
+    def _value_heads(self, q, k):
+        # TEMPORARY until lasp_jax takes GVA (q, k with fewer heads than v): B and C repeated to the H SSM heads.
+        repeat = self.cfg.ssm_heads // self.cfg.n_groups
+        return jnp.repeat(q, repeat, axis=-2), jnp.repeat(k, repeat, axis=-2)
+
+    # --- training forward ---
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; segment_ids [B, T] or None (packed documents)."""
+        cfg = self.cfg
+        z, xbc, dt = self._split_in(x)
+        weight, bias = self._conv_params()
+        if sharding.seq_size(cfg) > 1:
+            xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
+                                        batch_axes=sharding.batch_axes(cfg))
+        else:
+            xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
+        q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
+        q, k = self._value_heads(q, k)
+        extra = {} if segment_ids is None else {"segment_ids": segment_ids}
+        o = linear_attend(q, k, v, rates, cfg, **extra)
+        return self._out(o, x_heads, z)
+
+    # --- decoding ---
+    def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+        """Before position 0: the SSD state zeros [B, H, N, P] fp32 and the convolution's last W-1 inputs
+        zeros [B, W-1, C] (compute dtype). max_len is not needed: the memory is constant."""
+        cfg = self.cfg
+        return {"ssm": jnp.zeros((batch, cfg.ssm_heads, cfg.d_state, cfg.resolved_head_dim), jnp.float32),
+                "conv": jnp.zeros((batch, cfg.conv_width - 1, self.conv_channels), jnp.dtype(cfg.dtype))}
+
+    def prefill(self, x: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """Whole prompt from `state` (one device). x [B, T, D] -> (y [B, T, D], state after T positions)."""
+        z, xbc, dt = self._split_in(x)
+        # The carried inputs stand before the prompt: convolve them with it, keep the prompt's outputs.
+        held = jnp.concatenate([state["conv"], xbc.astype(state["conv"].dtype)], axis=1)
+        width = self.cfg.conv_width - 1
+        conv = causal_conv1d(held, *self._conv_params())[:, width:]
+        q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
+        q, k = self._value_heads(q, k)
+        o, ssm = lasp_jax.linear_attention(q, k, v, rates, initial_state=state["ssm"], return_final_state=True,
+                                           impl=self.cfg.attn_impl)
+        return self._out(o, x_heads, z), {"ssm": ssm, "conv": held[:, held.shape[1] - width:]}
+
+    def step(self, x: jax.Array, state: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+        """One token: x [B, D] -> (y [B, D], next state); constant memory whatever `pos`."""
+        del pos  # the state is all the past there is
+        z, xbc, dt = self._split_in(x)
+        window = jnp.concatenate([state["conv"], xbc[:, None].astype(state["conv"].dtype)], axis=1)  # [B, W, C]
+        conv = causal_conv1d(window, *self._conv_params())[:, -1]
+        q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
+        q, k = self._value_heads(q, k)
+        o, ssm = lasp_jax.linear_attention_step(q, k, v, state["ssm"], rates)
+        return self._out(o, x_heads, z), {"ssm": ssm, "conv": window[:, 1:]}
+

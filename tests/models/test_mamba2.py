@@ -1,0 +1,169 @@
+"""Mamba-2 (models/mamba2.py): sequence-parallel equals one device, documents stay apart, decoding equals the
+forward, the paper's initialisation, and a tiny model learns.
+
+The mesh cases use packed rows whose documents cross rank boundaries and start at them, so the convolution's
+halo, the SSD states passed between ranks and both kinds of reset (convolution taps, SSD state) are all on the
+path the logits and gradients are compared through.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import models
+from tests.models import helpers
+from tests.models.test_generate import _full_and_stepwise
+
+T = 24  # divisible by seq 2 and 3; every rank holds at least conv_width - 1 = 3 positions
+
+# Document starts per row: row 0 starts documents at 5 (inside rank 0 of 2 and 3), 12 (the seq-2 boundary) and
+# 17; row 1 at 8 and 16 (the seq-3 boundaries) and 21. Documents cross the other boundaries.
+STARTS = ((5, 12, 17), (8, 16, 21))
+
+
+def _segment_ids(starts=STARTS, t=T):
+    ids = np.zeros((len(starts), t), np.int32)
+    for row, row_starts in enumerate(starts):
+        for s in row_starts:
+            ids[row, s:] += 1
+    return jnp.asarray(ids)
+
+
+def _tiny(name="mamba2-tiny", **changes):
+    """The preset at CPU-test size (d 32: 8 SSM heads of 8 in 2 groups, d_state 16); no MLP, as Mamba-2."""
+    return helpers.tiny(name, mlp_hidden=None, **changes)
+
+
+def loss_grads_logits(graphdef):
+    """helpers.loss_grads_logits with segment_ids: state, tokens, targets, weights, ids -> ((loss, logits), grads)."""
+
+    @helpers.jit
+    def run(state, tok, tgt, w, ids):
+        def mean_loss(s):
+            model = nnx.merge(graphdef, s)
+            total, count = model.loss(tok, tgt, w, segment_ids=ids)
+            return total / count, model(tok, segment_ids=ids)
+
+        return jax.value_and_grad(mean_loss, has_aux=True)(state)
+
+    return run
+
+
+@functools.cache
+def _setup(name):
+    """Model, its graphdef/state, a packed batch, and the one-device results (computed once per model)."""
+    cfg = _tiny(name)
+    graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    tok, tgt = helpers.tokens(rng, t=T), helpers.tokens(rng, t=T)
+    w = jnp.asarray(rng.uniform(size=tok.shape) > 0.2, jnp.float32)
+    batch = (tok, tgt, w, _segment_ids())
+    return cfg, state, batch, loss_grads_logits(graphdef)(state, *batch)
+
+
+CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy
+    ("mamba2-tiny", (2, 2), True, "ring"),
+    ("mamba2-tiny", (1, 3), False, "allgather"),
+    ("mamba2-tiny", (2, 3), True, "scan"),
+    ("mamba2-tiny-hybrid", (2, 3), False, "ring"),
+]
+
+
+@pytest.mark.parametrize("name,shape,explicit,strategy", CASES)
+def test_mesh_equals_one_device(name, shape, explicit, strategy):
+    cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build_model(cfg.replace(strategy=strategy),
+                                                                       rngs=nnx.Rngs(0))))
+    mesh = helpers.make_mesh(shape, explicit)
+    with jax.set_mesh(mesh):
+        sstate = helpers.shard_state(state, mesh)
+        args = [helpers.shard_batch(x, mesh) for x in batch]
+        (loss, logits), grads = loss_grads_logits(graphdef)(sstate, *args)
+    assert logits.sharding.spec[1] == "seq"
+    assert abs(float(loss) - float(ref_loss)) <= 2e-5 * abs(float(ref_loss))
+    assert helpers.max_rel(logits, ref_logits) < 2e-5
+    assert helpers.max_rel(grads, ref_grads) < 1e-4
+
+
+def test_a_document_does_not_see_what_precedes_it(rng):
+    """The document at [12, 24) of row 0 gives the same logits after another prefix, or moved to the row's
+    start; with the ids dropped it does not (so the comparison can fail)."""
+    cfg = _tiny()
+    graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+    forward = helpers.jit(lambda s, t, ids: nnx.merge(graphdef, s)(t, segment_ids=ids))
+    doc = helpers.tokens(rng, b=1, t=12)
+    before, other_before, after = (helpers.tokens(rng, b=1, t=12) for _ in range(3))
+    rows = jnp.concatenate([jnp.concatenate([before, doc], 1), jnp.concatenate([other_before, doc], 1),
+                            jnp.concatenate([doc, after], 1)])
+    ids = _segment_ids(((12,), (12,), (12,)))
+    logits = np.asarray(forward(state, rows, ids))
+    np.testing.assert_allclose(logits[1, 12:], logits[0, 12:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(logits[2, :12], logits[0, 12:], rtol=0, atol=1e-5)
+    joined = np.asarray(forward(state, rows, None))
+    assert np.abs(joined[1, 12:] - joined[0, 12:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mamba2-tiny", "mamba2-tiny-hybrid"])
+def test_decode_equals_full_forward(name, rng):
+    cfg = _tiny(name, n_layers=3 if name == "mamba2-tiny-hybrid" else 2)
+    model = models.build_model(cfg, rngs=nnx.Rngs(0))
+    tok = helpers.tokens(rng, b=2, t=12)
+    full, stepwise, after_prefill = _full_and_stepwise(*nnx.split(model), tok)
+    assert helpers.max_rel(stepwise, full) < 2e-5
+    assert helpers.max_rel(after_prefill, full[:, 5:11]) < 2e-5
+    # Constant memory: the SSD state and the convolution's last W-1 inputs, whatever max_len.
+    state = model.init_decode_state(2, 1000)
+    for i, s in enumerate(state["layers"]):
+        if cfg.layer_kind(i) == "mamba2":
+            assert s["ssm"].shape == (2, cfg.ssm_heads, cfg.d_state, cfg.resolved_head_dim)
+            assert s["conv"].shape == (2, cfg.conv_width - 1, cfg.expand * cfg.d_model + 2 * cfg.n_groups * cfg.d_state)
+
+
+def test_initialisation_follows_the_paper():
+    cfg = models.presets.get("mamba2-130m").replace(n_layers=1, vocab_size=64)
+    mixer = models.build_model(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer
+    assert mixer.A_log[...].shape == (cfg.ssm_heads,) == (24,)
+    a = np.exp(np.asarray(mixer.A_log[...]))
+    assert 1.0 <= a.min() and a.max() <= 16.0 and a.max() - a.min() > 5  # spread over [1, 16]
+    dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+    assert 1e-3 * (1 - 1e-5) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-5) and dt.max() / dt.min() > 10
+    np.testing.assert_array_equal(mixer.D[...], 1.0)
+    assert mixer.conv_weight[...].shape == (cfg.conv_width, 2 * 768 + 2 * 128)
+    assert np.abs(np.asarray(mixer.conv_weight[...])).max() <= 0.5  # +-1/sqrt(width)
+
+
+def test_tiny_model_learns():
+    """30 AdamW steps on a repeating pattern: the mean loss falls well below its start."""
+    cfg = _tiny(n_layers=2)
+    model = models.build_model(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    period = rng.integers(0, cfg.vocab_size, (8, 6))  # each row repeats its own 6 tokens
+    seqs = jnp.asarray(np.tile(period, (1, 5)), jnp.int32)  # [8, 30]
+    tok, tgt = seqs[:, :-1], seqs[:, 1:]
+    tx = optax.adamw(1e-2)
+
+    @helpers.jit
+    def step(params, opt_state):
+        def mean_loss(p):
+            total, count = nnx.merge(graphdef, p, rest).loss(tok, tgt)
+            return total / count
+
+        loss, grads = jax.value_and_grad(mean_loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for _ in range(30):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    print("losses", [round(x, 3) for x in losses[::5]], round(losses[-1], 3))
+    assert losses[-1] < 0.5 * losses[0]
