@@ -54,19 +54,20 @@ def tnl_decay(n_heads: int, layer: int, n_layers: int) -> tuple[float, ...]:
     return tuple(s * (depth + 1e-5) for s in alibi_slopes(n_heads))
 
 
-def linear_attend(q, k, v, decay, cfg: ModelConfig):
+def linear_attend(q, k, v, decay, cfg: ModelConfig, segment_ids=None):
     """lasp_attention on a mesh with the seq axis (of size 1 too, when the batch axes divide B: the per-device
     kernels need its shard_map), linear_attention otherwise.
 
-    q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> o [B, T, H, Dv].
+    q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], segment_ids None or [B, T] ints (the state resets
+    where the id changes) -> o [B, T, H, Dv].
     """
     mesh = sharding.ambient_mesh()
     seq_axis_here = mesh is not None and cfg.seq_axis in mesh.axis_names
     batch_split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg)) if seq_axis_here else 1
     if sharding.seq_size(cfg) > 1 or (seq_axis_here and q.shape[0] % batch_split == 0):
-        return lasp_jax.lasp_attention(q, k, v, decay, seq_axis=cfg.seq_axis, strategy=cfg.strategy,
-                                       impl=cfg.attn_impl, batch_axes=sharding.batch_axes(cfg))
-    return lasp_jax.linear_attention(q, k, v, decay, impl=cfg.attn_impl)
+        return lasp_jax.lasp_attention(q, k, v, decay, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
+                                       strategy=cfg.strategy, impl=cfg.attn_impl, batch_axes=sharding.batch_axes(cfg))
+    return lasp_jax.linear_attention(q, k, v, decay, segment_ids=segment_ids, impl=cfg.attn_impl)
 
 
 class LinearMixer(nnx.Module):
@@ -109,10 +110,11 @@ class LinearMixer(nnx.Module):
     def _decay(self):
         return None if self.decay is None else jnp.asarray(self.decay, jnp.float32)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. segment_ids: None or [B, T] ints (packed documents: the state resets where
+        the id changes; per-token decay and documents run on lasp_jax's "xla" or "reference" impl only)."""
         q, k, v = self._qkv(x)
-        return self._out(x, linear_attend(q, k, v, self._decay(), self.cfg))
+        return self._out(x, linear_attend(q, k, v, self._decay(), self.cfg, segment_ids))
 
     def init_state(self, batch: int, max_len: int) -> jax.Array:
         """The d x d state before position 0: zeros [B, H, hd, hd] fp32 (max_len is not needed)."""

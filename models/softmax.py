@@ -5,7 +5,10 @@
 
 Rotary positions are global (computed on the global [B, T] layout, so a sequence-sharded rank sees its own
 positions). With the sequence sharded, K and V are all-gathered over the seq axis and the causal mask is taken
-in global positions (lasp_jax.parallel.softmax_allgather); on one device the same function runs with offset 0.
+in global positions (lasp_jax.parallel.softmax_allgather, which gathers the segment ids too); on one device
+lasp_jax.ops.softmax runs with offset 0 (cuDNN's fused attention on a GPU where it applies, else blockwise).
+With packed documents (segment_ids) a position attends only within its document; RoPE scores depend on position
+differences alone, so a document's outputs do not depend on where in the row it sits.
 Decoding keeps a KV cache [B, max_len, Hkv, hd] per softmax layer.
 """
 
@@ -54,14 +57,16 @@ class SoftmaxMixer(nnx.Module):
     def _out(self, o):
         return self.o(o.reshape(*o.shape[:-2], -1))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. segment_ids: None or [B, T] ints (packed documents: a position attends only
+        to earlier positions of its own id)."""
         cfg = self.cfg
         q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
         if sharding.seq_size(cfg) > 1:
-            o = softmax_allgather_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axes=sharding.batch_axes(cfg))
+            o = softmax_allgather_attention(q, k, v, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
+                                            batch_axes=sharding.batch_axes(cfg))
         else:
-            o = causal_softmax_attention(q, k, v)
+            o = causal_softmax_attention(q, k, v, segment_ids=segment_ids)
         return self._out(o)
 
     def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:

@@ -1,22 +1,36 @@
-"""Causal softmax attention on one device, blockwise (flash-style), for the softmax layers of hybrid models.
+"""Causal softmax attention on one device, for the softmax layers of hybrid models: blockwise (flash-style) in
+XLA everywhere, or cuDNN's fused flash attention through `jax.nn.dot_product_attention` on a GPU.
 
-Numerics: the two matmuls take q, k, v (and the probabilities) in the input dtype and accumulate in fp32, as
-flash attention does (fp32 inputs use full-precision matmuls); the softmax statistics are fp32 and the output
-returns in q's dtype. The attention is blockwise with an online softmax (rematerialised in the backward), so
-the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` places the queries at global
+Numerics (blockwise): the two matmuls take q, k, v (and the probabilities) in the input dtype and accumulate in
+fp32, as flash attention does (fp32 inputs use full-precision matmuls); the softmax statistics are fp32 and the
+output returns in q's dtype. The attention is blockwise with an online softmax (rematerialised in the backward),
+so the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` places the queries at global
 positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.parallel.softmax_allgather) and a KV
-cache use it.
+cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
+
+cuDNN (impl="cudnn", or "auto" where it applies: a GPU, bf16/fp16, queries at positions 0..L-1 of L keys): its
+own causal mask without documents; with documents a dense [B, 1, L, S] boolean mask, which cuDNN reads as an
+additive bias of L * S elements per row (jax.nn.dot_product_attention has no packed-document form), so "auto"
+keeps documents on the blockwise path. `implementation=None` is not used: in jax 0.11.2 it is the XLA
+reference, which holds the whole [B, H, L, S] scores.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from lasp_jax.ops import checks
+
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+SoftmaxImpl = Literal["auto", "blockwise", "cudnn"]
+SOFTMAX_IMPLS = ("auto", "blockwise", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def check_inputs(q, k, v):
@@ -32,32 +46,96 @@ def check_inputs(q, k, v):
         raise ValueError(f"heads/head dims do not fit MHA/GQA: q {q.shape}, k {k.shape}, v {v.shape}")
 
 
-def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, block_k=512):
-    """Softmax attention of queries at global positions q_offset + i over keys at positions 0..S-1, causal.
+def check_segment_ids(segment_ids, q, k, q_offset):
+    """None, or segment_ids as a [B, S] integer array of k's positions; a ValueError naming what is wrong.
 
-    Blockwise (flash-style): queries in blocks of block_q, each walking the keys in blocks of block_k with an
-    online softmax (running max m, normaliser l, accumulator), so no [L, S] score matrix exists. Each query
-    block is rematerialised in the backward and so is each key step, keeping the backward's memory to one
-    query block's running statistics. Key blocks wholly after a query block's last row are skipped.
+    The queries' ids are read at their global positions, so a concrete q_offset must keep them among the keys.
+    """
+    ids = checks.segment_ids(segment_ids, k.shape[0], k.shape[1])
+    if ids is not None and isinstance(q_offset, int) and not 0 <= q_offset <= k.shape[1] - q.shape[1]:
+        raise ValueError(f"with segment_ids the queries must be key positions: q_offset {q_offset} + L "
+                         f"{q.shape[1]} exceeds S {k.shape[1]}")
+    return ids
+
+
+def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=None, block_q=512, block_k=512,
+                             impl: SoftmaxImpl = "auto"):
+    """Softmax attention of queries at global positions q_offset + i over keys at positions 0..S-1, causal,
+    within documents when segment_ids are given.
 
     Args:
       q: [B, L, H, D]; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv]; H a multiple of Hkv (GQA: K/V heads indexed,
         never repeated). q_offset: global position of q's first row (an int or a traced scalar); rows with
-        q_offset + i >= S see all S keys. scale: default 1/sqrt(D). block_q, block_k: block sizes (lengths
-        that do not divide are padded with masked positions).
+        q_offset + i >= S see all S keys (only without segment_ids). scale: default 1/sqrt(D).
+      segment_ids: None, or [B, S] integers of the key positions: packed documents, a document starting
+        wherever the id changes from one position to the next (as in linear_attention: an id met again later
+        is a new document). Query row i belongs to the document of position q_offset + i and sees only keys
+        of its own document.
+      block_q, block_k: blockwise block sizes (lengths that do not divide are padded with masked positions).
+      impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention: a GPU, bf16/fp16, q_offset 0 and
+        L = S when it is traced; a ValueError otherwise) or "auto": cudnn where it applies without a dense mask
+        (a GPU, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S), blockwise otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
     check_inputs(q, k, v)
+    ids = check_segment_ids(segment_ids, q, k, q_offset)
+    if impl not in SOFTMAX_IMPLS:
+        raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    docs = None if ids is None else document_numbers(ids)
+    if impl == "auto":
+        impl = "cudnn" if _cudnn_applies(q, k, docs, q_offset) else "blockwise"
+    if impl == "cudnn":
+        return _cudnn(q, k, v, docs, q_offset, scale)
+    return _blockwise(q, k, v, docs, q_offset, scale, block_q, block_k)
+
+
+def document_numbers(ids: jax.Array) -> jax.Array:
+    """[B, S] ids -> [B, S] int32 document numbers 0, 1, ...: one more wherever the id changes."""
+    starts = (ids[:, 1:] != ids[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
+
+
+def _cudnn_applies(q, k, docs, q_offset) -> bool:
+    """Whether "auto" takes cuDNN: see causal_softmax_attention's impl."""
+    return (jax.default_backend() == "gpu" and docs is None and isinstance(q_offset, int) and q_offset == 0
+            and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype)
+
+
+def _cudnn(q, k, v, docs, q_offset, scale):
+    """jax.nn.dot_product_attention(implementation="cudnn"): its causal mask where queries start at key 0, a
+    dense [B, 1, L, S] mask (global causal positions, documents) otherwise."""
+    if q.dtype not in _CUDNN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"impl='cudnn' takes bfloat16 or float16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    length, s_len = q.shape[1], k.shape[1]
+    aligned = isinstance(q_offset, int) and q_offset == 0 and length == s_len
+    mask = None
+    if docs is not None or not aligned:
+        rows = q_offset + jnp.arange(length)
+        mask = (jnp.arange(s_len)[None, :] <= rows[:, None])[None, None]  # [1, 1, L, S]
+        if docs is not None:
+            q_docs = jax.lax.dynamic_slice_in_dim(docs, q_offset, length, axis=1)
+            mask = mask & (q_docs[:, None, :, None] == docs[:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        is_causal=mask is None, implementation="cudnn")
+
+
+def _blockwise(q, k, v, docs, q_offset, scale, block_q, block_k):
+    """Flash-style in XLA: queries in blocks of block_q, each walking the keys in blocks of block_k with an
+    online softmax (running max m, normaliser l, accumulator), so no [L, S] score matrix exists. Each query
+    block is rematerialised in the backward and so is each key step, keeping the backward's memory to one
+    query block's running statistics. Key blocks wholly after a query block's last row, or (documents [B, S],
+    nondecreasing) wholly before the first document of its rows in every batch row, are skipped."""
     b, length, h, d = q.shape
     s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     bq, bk = min(block_q, length), min(block_k, s_len)
     nq, nk = -(-length // bq), -(-s_len // bk)
 
-    def blocks(x, n, size):  # [B, N, ...] -> [n, B, size, ...], zero-padded
-        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    def blocks(x, n, size, mode="constant"):  # [B, N, ...] -> [n, B, size, ...], padded
+        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2), mode=mode)
         return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
 
     dtype = jnp.promote_types(q.dtype, k.dtype)
@@ -67,21 +145,30 @@ def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, bl
     kb, vb = blocks(k.astype(dtype), nk, bk), blocks(v, nk, bk)
     # qb [nq, B, bq, Hkv, G, D]; kb, vb [nk, B, bk, Hkv, D]. Padded keys are never visible: every row is < S,
     # and a padded key's position is >= S.
+    q_docb = k_docb = None  # one document
+    if docs is not None:
+        # Padding repeats the last document (nondecreasing still): a padded row sees the last row's keys (a
+        # finite, discarded result).
+        q_docb = blocks(jax.lax.dynamic_slice_in_dim(docs, q_offset, length, axis=1), nq, bq, mode="edge")
+        k_docb = blocks(docs, nk, bk, mode="edge")
 
     @jax.checkpoint
-    def query_block(qi, i):
+    def query_block(qi, q_docs, i):
         rows = q_offset + i * bq + jnp.arange(bq)  # global positions of this block's rows
         zero = jnp.zeros_like(qi[..., 0], jnp.float32).transpose(0, 2, 3, 1)  # [B, Hkv, G, bq], typed like q
 
         @jax.checkpoint
         def key_step(carry, xs):
-            kj, vj, j = xs
+            kj, vj, k_docs, j = xs
 
             def update(carry):
                 m, l, acc = carry
                 cols = j * bk + jnp.arange(bk)
                 s = matmul("bqkgd,bskd->bkgqs", qi, kj)
-                s = jnp.where(cols[None, :] <= rows[:, None], s, -jnp.inf)
+                visible = (cols[None, :] <= rows[:, None])[None]  # [1 or B, bq, bk]
+                if k_docs is not None:
+                    visible = visible & (q_docs[:, :, None] == k_docs[:, None, :])
+                s = jnp.where(visible[:, None, None], s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
                 p = jnp.exp(s - m_safe[..., None])
@@ -89,13 +176,15 @@ def causal_softmax_attention(q, k, v, *, q_offset=0, scale=None, block_q=512, bl
                 acc = acc * correction[..., None] + matmul("bkgqs,bske->bkgqe", p.astype(vj.dtype), vj)
                 return m_new, l * correction + p.sum(axis=-1), acc
 
-            visible = j * bk <= rows[-1]  # any column of this key block at or before the block's last row
-            return jax.lax.cond(visible, update, lambda c: c, carry), None
+            any_visible = j * bk <= rows[-1]  # any column of this key block at or before the block's last row
+            if k_docs is not None:  # and, in some batch row, in a document of this block's rows
+                any_visible &= jnp.any(k_docs[:, -1] >= q_docs[:, 0])
+            return jax.lax.cond(any_visible, update, lambda c: c, carry), None
 
         init = (zero - jnp.inf, zero, jnp.zeros((*zero.shape, dv), jnp.float32) + zero[..., None])
-        (_, l, acc), _ = jax.lax.scan(key_step, init, (kb, vb, jnp.arange(nk)))
-        return acc / l[..., None]  # [B, Hkv, G, bq, Dv]; every row sees key 0, so l > 0
+        (_, l, acc), _ = jax.lax.scan(key_step, init, (kb, vb, k_docb, jnp.arange(nk)))
+        return acc / l[..., None]  # [B, Hkv, G, bq, Dv]; every row sees its own key (or key 0), so l > 0
 
-    o = jax.lax.map(lambda xs: query_block(*xs), (qb, jnp.arange(nq)))  # [nq, B, Hkv, G, bq, Dv]
+    o = jax.lax.map(lambda xs: query_block(*xs), (qb, q_docb, jnp.arange(nq)))  # [nq, B, Hkv, G, bq, Dv]
     o = jnp.moveaxis(o, 0, 3).reshape(b, hkv, g, nq * bq, dv)[:, :, :, :length]
     return jnp.moveaxis(o, 3, 1).reshape(b, length, h, dv).astype(q.dtype)

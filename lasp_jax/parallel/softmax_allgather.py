@@ -5,6 +5,8 @@ that gather Hkv/H the size of the queries') and attends with its local queries. 
 global positions: rank r holds rows rL + i, and row rL + i sees every column c <= rL + i of the gathered K.
 (A local mask, i >= c, would be wrong on every rank but the first; the tests check this across ranks.)
 The backward needs nothing special: autodiff turns the all_gather into a reduce-scatter of dK and dV.
+Packed documents: the [B, T] int32 segment ids are gathered with K/V (T * 4 bytes per row, beside the
+2 * T * Hkv * D of K/V) and every pair of positions in different documents is masked.
 
 Per rank the memory is that of the gathered K/V plus one block of scores (lasp_jax.ops.softmax), never [L, T].
 """
@@ -14,52 +16,65 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
-from lasp_jax.ops.softmax import check_inputs, causal_softmax_attention
+from lasp_jax.ops.softmax import SOFTMAX_IMPLS, causal_softmax_attention, check_inputs, check_segment_ids
 from lasp_jax.parallel import layout
 
 
 # Under jit always (inlined in a caller's jit): eagerly inside a caller's shard_map the CPU runtime of jax 0.11.2
 # crashes on such bodies.
-@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k"))
-def _local(q, k, v, *, seq_axis, scale, block_q, block_k):
-    """One rank: gather K, V over seq_axis, then attend with this rank's rows at their global positions."""
-    kg = jax.lax.all_gather(k, seq_axis, axis=1, tiled=True)
-    vg = jax.lax.all_gather(v, seq_axis, axis=1, tiled=True)
+@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k", "impl"))
+def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
+    """One rank: gather K, V (and the ids) over seq_axis, then attend with this rank's rows at their global
+    positions."""
+    gather = functools.partial(jax.lax.all_gather, axis_name=seq_axis, axis=1, tiled=True)
+    kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
-    return causal_softmax_attention(q, kg, vg, q_offset=offset, scale=scale, block_q=block_q, block_k=block_k)
+    return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
+                                    block_k=block_k, impl=impl)
 
 
-def softmax_allgather_attention(q, k, v, *, mesh=None, seq_axis="seq", scale=None, batch_axes=None, block_q=512,
-                                block_k=512):
+def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axis="seq", scale=None,
+                                batch_axes=None, block_q=512, block_k=512, impl="auto"):
     """Causal softmax attention with T sharded over `seq_axis` (LASP-2H): K/V all-gathered, global mask.
 
     Args:
       q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv], global shapes; T divisible by the seq axis size.
         Where `seq_axis` is already manual (inside the caller's shard_map) they are the local pieces.
+      segment_ids: None, or [B, T] integers sharded like q's first two axes (packed documents): pairs of
+        positions with different ids are masked, also across ranks.
       mesh: a Mesh or AbstractMesh; default: the ambient one. Explicit and Auto axes both work.
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
-      block_q, block_k: block sizes of the blockwise attention (causal_softmax_attention).
+      block_q, block_k, impl: as for causal_softmax_attention, per rank (its queries start at a global offset, so
+        "auto" is blockwise there; "cudnn" takes a dense [B, 1, T / W, T] mask).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
     check_inputs(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"self-attention needs q and k of the same length, got {q.shape[1]} and {k.shape[1]}")
+    ids = check_segment_ids(segment_ids, q, k, 0)
+    if impl not in SOFTMAX_IMPLS:
+        raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")
     mesh = layout.current_mesh(mesh)
     layout.check_seq_axis(mesh, seq_axis)
+    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
     if layout.seq_is_manual(seq_axis):
-        return _local(q, k, v, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+        return _local(q, k, v, ids, **options)
     q_in = q
     q, k, v, spec, _ = layout.place(q, k, v, mesh, seq_axis, batch_axes)
-    out = _sharded(q, k, v, mesh=mesh, spec=spec, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+    if ids is not None and AxisType.Explicit in tuple(mesh.axis_types):
+        ids = jax.sharding.reshard(ids, NamedSharding(mesh, P(*spec[:2])))
+    out = _sharded(q, k, v, ids, mesh=mesh, spec=spec, **options)
     return placement.like_q(out, q_in)
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k"))
-def _sharded(q, k, v, *, mesh, spec, seq_axis, scale, block_q, block_k):
-    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
-    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k", "impl"))
+def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k, impl):
+    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
+    in_specs = (spec, spec, spec, None if ids is None else P(*spec[:2]))
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec)(q, k, v, ids)
