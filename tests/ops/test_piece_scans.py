@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import profile_pieces
 from lasp_jax.ops import pieces
 
 TOL = 4e-7
@@ -127,3 +128,15 @@ def test_a_wrong_decay_shape_is_named():
     sums = jnp.zeros((B, H, 4, DK, DV), jnp.float32)
     with pytest.raises(ValueError, match=r"per-piece log decays \[B, H, P=4\]"):
         pieces.entering(sums, None, jnp.zeros((B, H, 3)), _plan(4))
+
+
+def test_the_former_select_formula_agrees(rng):
+    """The scans the profile (benchmarks/profile_pieces.py) times against the library's: the select over
+    [B, H, P, P, Dk, Dv] that the matmul replaced, and the matmul without its non-finite routing."""
+    n = 7
+    sums, _ = _inputs(rng, n)
+    rates = DECAYS["constant"](rng, n)
+    for reverse, library in ((False, pieces.entering), (True, pieces.leaving)):
+        want = np.asarray(library(sums, None, rates, _plan(n)), np.float64)
+        for form in (profile_pieces.select_scan, profile_pieces.unrouted_scan):
+            assert _rel(form(sums, rates, _plan(n), reverse=reverse), want) < TOL
