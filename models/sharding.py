@@ -1,13 +1,16 @@
 """How the models meet a mesh: the one place that reads the ambient mesh.
 
-Parameters carry a PartitionSpec over `cfg.param_axis` (ZeRO-3 / FSDP: every parameter's largest dim that
-divides is split); activations are [B, T, ...] split over (batch axes, seq axis). The model code calls the
-helpers below and never asks whether a mesh exists: with no mesh (or a mesh without those axes) they are the
-identity, on an Auto mesh they are sharding constraints, and on an Explicit mesh they reshard (the weight
-all-gather of ZeRO-3 is then spelled out, since Explicit matmuls refuse operands sharded on a contracted dim).
+Parameters carry a PartitionSpec over `param_axes(cfg)` (ZeRO-3 / FSDP: every parameter's largest dim that
+divides is split over those axes jointly; ("data", "seq") spans every device of the mesh); activations are
+[B, T, ...] split over (batch axes, seq axis). The model code calls the helpers below and never asks whether a
+mesh exists: with no mesh (or a mesh without those axes) they are the identity, on an Auto mesh they are
+sharding constraints, and on an Explicit mesh they reshard (the weight all-gather of ZeRO-3 is then spelled
+out, since Explicit matmuls refuse operands sharded on a contracted dim).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
@@ -91,21 +94,40 @@ def gather_param(w: jax.Array) -> jax.Array:
     return jax.sharding.reshard(w, P())
 
 
-def param_sharding(shape: tuple[int, ...], cfg: ModelConfig) -> tuple[str | None, ...]:
-    """ZeRO-3 spec of a parameter: `param_axis` on its largest dim that the axis size divides.
+def param_axes(cfg: ModelConfig, mesh=None) -> tuple[str, ...]:
+    """The mesh axes parameters shard over jointly: `cfg.param_axis` (one axis name or a tuple of them) in its
+    order, restricted to the axes the mesh has (all of them without a mesh).
 
-    The axis size is read from the ambient mesh when one is set at build time; without one, the largest dim is
-    taken (paper-size dims are multiples of any practical data-parallel degree). Vectors, parameters with no
-    divisible dim, and any parameter built under a mesh without that axis stay replicated.
+    FSDP over every device: the seq axis holds identical parameters on each rank just as the data axis does
+    (LASP ranks are data-parallel for the weights), so param_axis ("data", "seq") stores 1/(data * seq) of each
+    parameter and AdamW moment per device, where "data" alone leaves a data=1 x seq=n mesh fully replicated.
+    """
+    named = cfg.param_axis
+    if named is None:
+        return ()
+    named = (named,) if isinstance(named, str) else tuple(named)
+    mesh = mesh if mesh is not None else ambient_mesh()
+    return named if mesh is None else tuple(a for a in named if a in mesh.axis_names)
+
+
+def param_sharding(shape: tuple[int, ...], cfg: ModelConfig) -> tuple[str | tuple[str, ...] | None, ...]:
+    """ZeRO-3 / FSDP spec of a parameter: its largest dim that the product of `param_axes` divides, split over
+    those axes together (one name when only one).
+
+    Axis sizes are read from the ambient mesh when one is set at build time; without one, the largest dim is
+    taken (paper-size dims are multiples of any practical device count). When no dim divides the whole product,
+    the trailing axes are dropped one by one (a dim of 6 on data=2 x seq=4 splits over data only). Vectors,
+    parameters with no divisible dim, and any parameter built under a mesh without those axes stay replicated.
     """
     none = (None,) * len(shape)
-    if cfg.param_axis is None or len(shape) < 2:
-        return none
     mesh = ambient_mesh()
-    if mesh is not None and cfg.param_axis not in mesh.axis_names:
+    axes = param_axes(cfg, mesh)
+    if len(shape) < 2:
         return none
-    size = mesh.shape[cfg.param_axis] if mesh is not None else 1
-    for dim in sorted(range(len(shape)), key=lambda i: (-shape[i], i)):
-        if shape[dim] % size == 0:
-            return tuple(cfg.param_axis if i == dim else None for i in range(len(shape)))
+    for n in range(len(axes), 0, -1):
+        size = math.prod(mesh.shape[a] for a in axes[:n]) if mesh is not None else 1
+        entry = axes[0] if n == 1 else axes[:n]
+        for dim in sorted(range(len(shape)), key=lambda i: (-shape[i], i)):
+            if shape[dim] % size == 0:
+                return tuple(entry if i == dim else None for i in range(len(shape)))
     return none
