@@ -4,13 +4,15 @@ own one-GPU time at that length (weak scaling). bf16, B=1, H=16, d=128, TNL deca
 --scale; forward and forward+backward.
 
     python3 -m benchmarks.bench_lasp_gpu [--per-gpu 65536] [--gpus 2,4,8] [--impl pallas_mosaic] [--peers jla]
-        [--out DIR]
+        [--decays constant,tokens,tokens/16] [--out DIR]
 
 Each GPU count n runs on the first n devices with T = n x per-gpu; efficiency = one-GPU time / n-GPU time, each
 framework against its own one-GPU row (ours: linear_attention with --impl; jla: its simple_gla with its Mosaic
 GPU kernels; jla's context parallelism runs its chunked XLA op on every shard, twice: from a zero state, then
 from the true one). Every row's output and input cotangents are checked against `measure.fp32_reference` on one
-device (the fp32-upcast inputs, HIGHEST precision).
+device (the fp32-upcast inputs, HIGHEST precision). Decay modes as in bench_ops_gpu (`measure.decay_inputs`):
+per-token rates and segment ids sharded like the tokens, the rates differentiated; LASP's peer takes a constant
+decay only.
 
 Isolation: ours and jla each run in a process of their own (this process starts them and merges their rows);
 lasp_fuse_parallel runs under torchrun before (benchmarks/peer_lasp_parallel.py writes lasp_peer.json under
@@ -34,7 +36,6 @@ from jax.sharding import PartitionSpec as P
 
 import lasp_jax
 from benchmarks import measure
-from lasp_jax.ops import tnl_slopes
 
 STRATEGIES = ("ring", "allgather", "scan")
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-linear-attention", "lasp", "torch")
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", default="", help="GPU counts, e.g. 2,4,8 (default: every GPU here)")
     parser.add_argument("--impl", default="pallas_mosaic", help="lasp_jax impl")
     parser.add_argument("--peers", default="jla", help="jla or nothing (the LASP peer runs under torchrun)")
+    parser.add_argument("--decays", default="constant",
+                        help="decay modes, comma-separated: constant, tokens, tokens/N (N documents per row)")
     parser.add_argument("--scale", type=float, default=None, help="attention scale (default d^-0.5)")
     parser.add_argument("--jla-impl", default="mosaic_gpu", help="jla's impl for its one-GPU row")
     parser.add_argument("--iters", type=int, default=10)
@@ -68,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.counts = [int(n) for n in args.gpus.split(",")] if args.gpus else []
     except ValueError:
         parser.error(f"--gpus must be comma-separated integers, got {args.gpus!r}")
+    try:
+        args.decay_list = measure.parse_decays(args.decays)
+    except ValueError as e:
+        parser.error(str(e))
     if args.scale is None:
         args.scale = args.dim ** -0.5
     if args.worker and not args.rows:
@@ -86,7 +93,7 @@ def main(argv=None):
             "devices": {}}
     passed = ["--per-gpu", str(args.per_gpu), "--heads", str(args.heads), "--dim", str(args.dim), "--gpus",
               args.gpus, "--impl", args.impl, "--scale", repr(args.scale), "--jla-impl", args.jla_impl, "--iters",
-              str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed)]
+              str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed), "--decays", args.decays]
     rows = []
 
     def collect(name, worker_rows):
@@ -123,44 +130,53 @@ def worker_main(args) -> None:
                          f"2..{len(devices)} (the devices here)")
     measure.append_row(args.rows, {"worker": args.worker, "device": f"{max(counts)} x {devices[0].device_kind}"})
     t, h, d = args.per_gpu, args.heads, args.dim
-    rates = tnl_slopes(h)
     if args.worker == "lasp_jax":
         one_gpu = {f"1 GPU lasp_jax linear_attention ({args.impl}), T={t}": (
-            lambda q, k, v, s: lasp_jax.linear_attention(q, k, v, s, scale=args.scale, impl=args.impl), None, "")}
+            lambda q, k, v, s, ids: lasp_jax.linear_attention(q, k, v, s, segment_ids=ids, scale=args.scale,
+                                                              impl=args.impl), None, "")}
     else:
         from jla.ops import linear_attention as jla_attention
 
         one_gpu = {f"1 GPU jla simple_gla ({args.jla_impl}), T={t}": (
-            lambda q, k, v, s: jla_attention("simple_gla", q, k, v, g=_jla_gate(q, s), scale=args.scale,
-                                          impl=args.jla_impl)[0], None, "")}
+            lambda q, k, v, s, ids: jla_attention("simple_gla", q, k, v, g=_jla_gate(q, s), scale=args.scale,
+                                                  impl=args.jla_impl, segment_ids=ids)[0], None, "")}
     for n in [1] + counts:
-        inputs = measure.normal_inputs((1, n * t, h, d), args.seed)
-        want = measure.fp32_reference(*inputs, rates, args.scale)
+        shape = (1, n * t, h, d)
+        inputs = measure.normal_inputs(shape, args.seed)
         if n == 1:
             contenders = one_gpu
         else:
             contenders = _ours(args, devices[:n]) if args.worker == "lasp_jax" else _jla(args, devices[:n])
             sharding = next(iter(contenders.values()))[1]
-            inputs = tuple(jax.device_put(x, sharding) for x in inputs)
-        # The rates are an argument of the jitted calls, not a constant XLA could fold (`measure.fwd_and_fwd_bwd`).
-        decay = jnp.asarray(rates, jnp.float32) if n == 1 else jax.device_put(
-            rates, NamedSharding(sharding.mesh, P()))
-        for name, (attend, _, label) in contenders.items():
-            row = {"run": name, "gpus": n, "framework": args.worker, "label": label}
-            try:
-                fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend)
-                row["errors"] = measure.errors(fwd_bwd(*inputs, decay), want)
-                row["fwd_ms"] = measure.median_ms(fwd, (*inputs[:3], decay), args.iters, args.reps)
-                row["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (*inputs, decay), args.iters, args.reps)
-            except Exception as e:  # report it and go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            measure.append_row(args.rows, row)
-        del inputs, want
+        for mode in args.decay_list:
+            rates, ids = measure.decay_inputs(shape, mode, args.seed)
+            want = measure.fp32_reference(*inputs, rates, args.scale, ids)
+            # The rates are arguments of the jitted calls, not constants XLA could fold (`measure.fwd_and_fwd_bwd`).
+            operands = (jnp.asarray(rates), None if ids is None else jnp.asarray(ids))
+            placed = inputs
+            if n > 1:
+                placed = tuple(jax.device_put(x, sharding) for x in inputs)
+                token_spec = NamedSharding(sharding.mesh, P(None, sharding.spec[1]))
+                operands = (jax.device_put(operands[0], token_spec if rates.ndim == 3 else
+                                           NamedSharding(sharding.mesh, P())),
+                            None if ids is None else jax.device_put(operands[1], token_spec))
+            for name, (attend, _, label) in contenders.items():
+                row = {"run": name, "gpus": n, "framework": args.worker, "label": label, "decay": mode}
+                try:
+                    fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend, grad_operands=int(rates.ndim == 3))
+                    row["errors"] = measure.errors(fwd_bwd(*placed, *operands), want)
+                    row["fwd_ms"] = measure.median_ms(fwd, (*placed[:3], *operands), args.iters, args.reps)
+                    row["fwd_bwd_ms"] = measure.median_ms(fwd_bwd, (*placed, *operands), args.iters, args.reps)
+                except Exception as e:  # report it and go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                measure.append_row(args.rows, row)
+            del want
+        del inputs
 
 
 def _jla_gate(q, rates):
-    """jla's per-token log-gate g [B, T, H] = -s for rates s [H] the same at every position (its layout has no
-    per-head form)."""
+    """jla's per-token log-gate g [B, T, H] = -s, for per-token rates or rates s [H] the same at every position
+    (its layout has no per-head form)."""
     return jnp.broadcast_to(-rates, q.shape[:3])
 
 
@@ -171,8 +187,8 @@ def _ours(args, devices) -> dict:
     mesh = jax.make_mesh((w,), ("seq",), devices=devices)
     spec = NamedSharding(mesh, P(None, "seq"))
     return {f"{w} GPUs lasp_attention {strategy}, T={w * t}": (
-        lambda q, k, v, s, strategy=strategy: lasp_jax.lasp_attention(
-            q, k, v, s, mesh=mesh, strategy=strategy, scale=args.scale, impl=args.impl), spec,
+        lambda q, k, v, s, ids, strategy=strategy: lasp_jax.lasp_attention(
+            q, k, v, s, segment_ids=ids, mesh=mesh, strategy=strategy, scale=args.scale, impl=args.impl), spec,
         f"lasp_attention {strategy}") for strategy in STRATEGIES}
 
 
@@ -185,10 +201,10 @@ def _jla(args, devices) -> dict:
     mesh = jax.make_mesh((w,), ("cp",), devices=devices)
     spec = NamedSharding(mesh, P(None, "cp"))
 
-    def attend(q, k, v, rates):
+    def attend(q, k, v, rates, ids):
         g = jax.sharding.reshard(_jla_gate(q, rates), spec)
         return context_parallel_linear_attention("simple_gla", q, k, v, g=g, scale=args.scale, mesh=mesh,
-                                                 axis="cp")[0]
+                                                 axis="cp", segment_ids=ids)[0]
 
     return {f"{w} GPUs jla context_parallel_linear_attention, T={w * t}": (attend, spec, "context parallel")}
 
@@ -197,29 +213,32 @@ def render(meta, rows) -> str:
     """The table: each row's times, its weak-scaling efficiency against its framework's one-GPU row, each peer's
     fwd+bwd time over it at the same GPU count, and its largest error against the fp32 reference."""
     timed = [r for r in rows if "fwd_bwd_ms" in r]
-    base = {r["framework"]: r["fwd_bwd_ms"] for r in timed if r["gpus"] == 1}
+    mode = lambda r: r.get("decay", "constant")  # noqa: E731 (the LASP peer's file predates the modes)
+    base = {(r["framework"], mode(r)): r["fwd_bwd_ms"] for r in timed if r["gpus"] == 1}
     peers = {"jla CP": lambda r: r["framework"] == "jla" and r["gpus"] > 1,
              "lasp_fuse_parallel": lambda r: r["framework"] == "LASP"}
     lines = [f"Devices: {meta['devices']}; date: {meta['date']}; versions: {meta['versions']}",
              f"Per GPU: B, T, H, d = {meta['shape_per_gpu']}, bf16, scale {meta['scale']:.4g}; "
              f"isolation: {meta['isolation']}", f"Command: `{meta['command']}`", "",
-             "| run | fwd ms | fwd+bwd ms | weak-scaling efficiency | " + " | ".join(f"{p} / this" for p in peers)
-             + " | max rel. err. vs fp32 |", "|---|---|---|---|" + "---|" * len(peers) + "---|"]
+             "| run | decay | fwd ms | fwd+bwd ms | weak-scaling efficiency | "
+             + " | ".join(f"{p} / this" for p in peers) + " | max rel. err. vs fp32 |",
+             "|---|---|---|---|---|" + "---|" * len(peers) + "---|"]
     for r in rows:
         if "fwd_bwd_ms" not in r:
-            lines.append(f"| {r.get('run', r.get('worker'))} | error: {r.get('error', '?')[:100]} | |"
+            lines.append(f"| {r.get('run', r.get('worker'))} | {mode(r)} | error: {r.get('error', '?')[:100]} | |"
                          + " |" * (len(peers) + 2))
             continue
-        own = base.get(r["framework"])
+        own = base.get((r["framework"], mode(r)))
         efficiency = f"{own / r['fwd_bwd_ms']:.0%}" if own and r["gpus"] > 1 else "-"
         cells = []
         for match in peers.values():
-            peer = next((p for p in timed if match(p) and p["gpus"] == r["gpus"]), None)
+            peer = next((p for p in timed if match(p) and p["gpus"] == r["gpus"] and mode(p) == mode(r)), None)
             own_row = peer is r  # a peer's row against itself says nothing
             cells.append(f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if peer and r["gpus"] > 1 and not own_row
                          else "-")
         err = f"{r['errors']['max']:.2e}" if "errors" in r else "-"
-        lines.append(f"| {r['run']} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | {efficiency} | "
+        lines.append(f"| {r['run']} | {mode(r)} | {r.get('fwd_ms', float('nan')):.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{efficiency} | "
                      + " | ".join(cells) + f" | {err} |")
     return "\n".join(lines) + "\n"
 
@@ -231,12 +250,14 @@ def plot(rows, meta, path):
         return
     timed = [r for r in rows if "fwd_bwd_ms" in r]
     fig, (ax_ms, ax_eff) = plt.subplots(1, 2, figsize=(11, 4))
-    for framework in dict.fromkeys(r["framework"] for r in timed):
-        ones = [r["fwd_bwd_ms"] for r in timed if r["framework"] == framework and r["gpus"] == 1]
+    groups = dict.fromkeys((r["framework"], r.get("decay", "constant")) for r in timed)
+    for framework, mode in groups:
+        mine = [r for r in timed if r["framework"] == framework and r.get("decay", "constant") == mode]
+        ones = [r["fwd_bwd_ms"] for r in mine if r["gpus"] == 1]
         lines = {}
-        for r in timed:
-            if r["framework"] == framework and r["gpus"] > 1:
-                lines.setdefault(f"{framework} {r.get('label', '')}", []).append((r["gpus"], r["fwd_bwd_ms"]))
+        for r in mine:
+            if r["gpus"] > 1:
+                lines.setdefault(f"{framework} {r.get('label', '')} {mode}", []).append((r["gpus"], r["fwd_bwd_ms"]))
         for label, pts in lines.items():
             pts = sorted(([(1, ones[0])] if ones else []) + pts)
             gpus, ms = zip(*pts)

@@ -65,8 +65,9 @@ def rel_err(x, ref) -> float:
 
 
 def errors(got, want) -> dict[str, float]:
-    """{o, dq, dk, dv: rel_err} for two (o, (dq, dk, dv)) results, plus their max under "max"."""
-    names = ("o", "dq", "dk", "dv")
+    """{o, dq, dk, dv[, ds]: rel_err} for two (o, (dq, dk, dv[, ds])) results (ds: the per-token rates'
+    cotangent), plus their max under "max"."""
+    names = ("o", "dq", "dk", "dv", "ds")[:len(jax.tree.leaves(want))]
     errs = {n: rel_err(a, b) for n, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True)}
     return errs | {"max": max(errs.values())}
 
@@ -78,34 +79,70 @@ def normal_inputs(shape: Shape, seed: int = 0, dtype=jnp.bfloat16):
     return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
 
 
-def fwd_and_fwd_bwd(attend):
+def parse_decays(text: str) -> list[str]:
+    """'constant,tokens,tokens/16' -> the decay modes of a run; ValueError names a bad one. "constant": TNL
+    slopes [H]; "tokens": per-token rates [B, T, H]; "tokens/N": the same over packed rows of N documents."""
+    modes = [m for m in text.split(",") if m]
+    for mode in modes:
+        kind, _, docs = mode.partition("/")
+        if kind not in ("constant", "tokens") or (docs and not (docs.isdigit() and int(docs) > 0)) or (
+                docs and kind == "constant"):
+            raise ValueError(f"decay mode {mode!r} is not constant, tokens or tokens/N (N documents per row)")
+    return modes
+
+
+def decay_inputs(shape: Shape, mode: str, seed: int = 0):
+    """(rates, segment_ids or None) of a decay mode (`parse_decays`) for q of `shape`, the same bits in every
+    process: constant TNL slopes [H]; per-token rates [B, T, H] float32 uniform in [0.001, 0.1] (the range
+    issue 15's reference figures used); N documents per row cut at N - 1 distinct random positions (ids [B, T]
+    int32 counting the starts)."""
+    b, t, h, _ = shape
+    kind, _, docs = mode.partition("/")
+    if kind == "constant":
+        return np.asarray(lasp_jax.ops.tnl_slopes(h), np.float32), None
+    rng = np.random.default_rng(seed + 1)
+    rates = rng.uniform(0.001, 0.1, (b, t, h)).astype(np.float32)
+    if not docs:
+        return rates, None
+    ids = np.zeros((b, t), np.int32)
+    for row in ids:
+        row[np.sort(rng.choice(np.arange(1, t), int(docs) - 1, replace=False))] = 1
+    return rates, np.cumsum(ids, axis=1, dtype=np.int32)
+
+
+def fwd_and_fwd_bwd(attend, grad_operands: int = 0):
     """(forward, forward+backward) jitted from attend(q, k, v, *operands) -> o: forward(q, k, v, *operands) and
     forward_backward(q, k, v, dO, *operands) -> (o, (dq, dk, dv)) for a given dO (no loss reduction; `operands`,
     e.g. decay rates, are not differentiated). Pass the decay as an operand, not a closure constant: a constant
     lets XLA fold what a contender derives from it at compile time (jla's gate cumsum took 5 to 66 s per
-    compile on an H200, 2026-11-29)."""
+    compile on an H200, 2026-11-29). The first `grad_operands` operands are differentiated too (per-token rates:
+    a model learns them), their cotangents after dv."""
 
     def fwd_bwd(q, k, v, do, *operands):
-        o, vjp_fn = jax.vjp(lambda q, k, v: attend(q, k, v, *operands), q, k, v)
-        return o, vjp_fn(do)
+        n = 3 + grad_operands
+        o, vjp_fn = jax.vjp(lambda *x: attend(*x[:3], *x[3:], *operands[grad_operands:]), q, k, v,
+                            *operands[:grad_operands])
+        return o, vjp_fn(do)[:n]
 
     return jax.jit(attend), jax.jit(fwd_bwd)
 
 
-def _xla_attend(q, k, v, decay, *, scale: float):
-    return lasp_jax.linear_attention(q, k, v, decay, scale=scale, impl="xla")
+def _xla_attend(q, k, v, decay, segment_ids=None, *, scale: float):
+    return lasp_jax.linear_attention(q, k, v, decay, segment_ids=segment_ids, scale=scale, impl="xla")
 
 
-def fp32_reference(q, k, v, do, decay, scale: float):
+def fp32_reference(q, k, v, do, decay, scale: float, segment_ids=None):
     """(o, (dq, dk, dv)) of the chunked XLA path on the inputs upcast to float32, every product at HIGHEST
     precision (no TF32): the "fp32 run of the same inputs" that each contender's bf16 result is measured against
     (its own error is near 1e-6). The same program in every worker of a run, so `run_workers`' shared
     compilation cache compiles it once per shape (2.2 s of a 2.6 s reference at 1x16384x4x64 on CPU; a cache
-    hit 0.18 s). Waited for: no timing that follows overlaps it."""
-    _, fwd_bwd = fwd_and_fwd_bwd(functools.partial(_xla_attend, scale=scale))
+    hit 0.18 s). Waited for: no timing that follows overlaps it. Per-token rates [B, T, H] are differentiated
+    (their cotangent last); segment_ids [B, T] or None."""
+    decay = jnp.asarray(decay, jnp.float32)
+    _, fwd_bwd = fwd_and_fwd_bwd(functools.partial(_xla_attend, scale=scale), grad_operands=int(decay.ndim == 3))
     with jax.default_matmul_precision("highest"):
-        return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)),
-                                             jnp.asarray(decay, jnp.float32)))
+        return jax.block_until_ready(fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)), decay,
+                                             None if segment_ids is None else jnp.asarray(segment_ids)))
 
 
 def copy_bandwidth_gbs(n_bytes: int, iters: int, reps: int) -> float:

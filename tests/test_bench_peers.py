@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_lasp_gpu, bench_ops_gpu, measure
@@ -29,7 +30,10 @@ def test_ops_flags():
     assert bench_ops_gpu.workers(args) == ["lasp_jax:pallas_mosaic", "jla", "torch:fla+lasp"]
     args = bench_ops_gpu.parse_args(["--impls", "xla,pallas_triton", "--peers", "lasp"])
     assert bench_ops_gpu.workers(args) == ["lasp_jax:xla", "lasp_jax:pallas_triton", "torch:lasp"]
-    for bad in (["--peers", "flash"], ["--shapes", "1x16x2"], ["--shapes", "1x0x2x4"], ["--scale", "0"]):
+    assert bench_ops_gpu.parse_args(["--decays", "constant,tokens,tokens/16"]).decay_list == [
+        "constant", "tokens", "tokens/16"]
+    for bad in (["--peers", "flash"], ["--shapes", "1x16x2"], ["--shapes", "1x0x2x4"], ["--scale", "0"],
+                ["--decays", "tokens/0"], ["--decays", "constant/4"], ["--decays", "gated"]):
         with pytest.raises(SystemExit):
             bench_ops_gpu.parse_args(bad)
 
@@ -37,7 +41,7 @@ def test_ops_flags():
 def test_lasp_flags():
     args = bench_lasp_gpu.parse_args(["--dim", "64"])
     assert args.scale == 0.125 and args.counts == [] and args.peers == "jla"
-    for bad in (["--peers", "fla"], ["--gpus", "two"]):
+    for bad in (["--peers", "fla"], ["--gpus", "two"], ["--decays", "tokens/x"]):
         with pytest.raises(SystemExit):
             bench_lasp_gpu.parse_args(bad)
 
@@ -88,7 +92,7 @@ def test_ops_side_by_side(tmp_path):
     assert result["meta"]["copy_GBps"] > 0  # measured by the first worker, whoever runs
     assert all(r["wall_s"] > 0 and r["reference_s"] > 0 for r in rows.values())
     table = (tmp_path / "ops_gpu.md").read_text()
-    assert "process of its own" in table and "| 1x128x2x32 | lasp_jax xla |" in table
+    assert "process of its own" in table and "| 1x128x2x32 | constant | lasp_jax xla |" in table
     assert "nan" not in table and "not measured" not in table
 
 
@@ -102,7 +106,29 @@ def test_ops_with_jla(tmp_path):
     ours, jla = rows["lasp_jax xla"], rows["jla simple_gla (chunked)"]
     assert jla["errors"]["max"] < BF16_ERR
     assert jla["errors"]["o"] == pytest.approx(ours["errors"]["o"], rel=0.2)
-    assert "| 1x128x2x32 | xla | " in (tmp_path / "ops_gpu.md").read_text()
+    assert "| 1x128x2x32 | constant | xla | " in (tmp_path / "ops_gpu.md").read_text()
+
+
+def test_decay_inputs():
+    """Per-token rates in [0.001, 0.1], the same bits for a seed; N documents per row with N - 1 starts."""
+    rates, ids = measure.decay_inputs((2, 64, 3, 8), "tokens/5", seed=0)
+    assert rates.shape == (2, 64, 3) and 0.001 <= rates.min() and rates.max() <= 0.1
+    assert ids.shape == (2, 64) and (ids[:, 0] == 0).all() and (ids[:, -1] == 4).all()
+    assert (np.diff(ids, axis=1) >= 0).all()
+    again, _ = measure.decay_inputs((2, 64, 3, 8), "tokens/5", seed=0)
+    assert (again == rates).all()
+    slopes, none = measure.decay_inputs((2, 64, 3, 8), "constant")
+    assert slopes.shape == (3,) and none is None
+
+
+@pytest.mark.slow
+def test_ops_per_token_documents(tmp_path):
+    """Per-token decay over packed documents: the rates' cotangent is measured too (ds), within bf16 error."""
+    bench_ops_gpu.main(["--shapes", "1x128x2x32", "--impls", "xla", "--peers", "", "--decays", "tokens/3",
+                        "--iters", "1", "--reps", "1", "--copy-mib", "8", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "ops_gpu.json").read_text())["rows"]
+    assert row["decay"] == "tokens/3" and set(row["errors"]) == {"o", "dq", "dk", "dv", "ds", "max"}
+    assert 1e-4 < row["errors"]["max"] < BF16_ERR
 
 
 @pytest.mark.slow
