@@ -74,6 +74,9 @@ class TrainConfig:
     val_fraction: float = 0.01  # the tail of the token stream held out for validation
     data_seed: int = 0  # the shuffle order; each epoch is reshuffled from it
     data_threads: int = 2  # Grain read threads per host (prefetching the next batches)
+    # reset: packed documents stay apart (segment ids from the separators: a layer's state restarts and softmax
+    # attention is masked at each document start); continuous: a row is one sequence across its documents
+    documents: Literal["reset", "continuous"] = "reset"
 
     # --- optimiser (LASP paper: AdamW, lr 5e-4, betas 0.9/0.999, wd 0.01, 2000 warmup, cosine to 50K) ----
 

@@ -6,6 +6,10 @@
 - Packing: documents are concatenated with the tokenizer's separator after each one, and the stream is cut
   into windows of seq_len + 1 tokens with stride seq_len (inputs = window[:-1], targets = window[1:]), so every
   token is a target exactly once per epoch and windows cross document boundaries at separators.
+- Documents: given the separator id, each batch also carries `segment_ids` [B, T] int32, the number of
+  separators among the row's inputs before each position. A document ends at its separator, which stays a
+  target (predicted at the document's last token) and an input of the document it ends; the next position
+  starts the next document. The ids are counted over the whole row, so every host's columns agree.
 - Split: every round(1 / val_fraction)-th window is held out for validation (spread over the whole corpus, so
   both splits see the same mix of documents; neighbouring windows share only their boundary token).
 - Order: a Grain index pipeline (range -> shuffle(seed) -> repeat, reshuffled each epoch -> batch) defines the
@@ -191,32 +195,46 @@ def split(stream: TokenStream, seq_len: int, val_fraction: float) -> tuple[Windo
     return Windows(stream, seq_len, ids[~is_val]), Windows(stream, seq_len, ids[is_val])
 
 
-def _load_batch(windows: Windows, indices: np.ndarray, cols: slice) -> dict[str, np.ndarray]:
+def document_ids(inputs: np.ndarray, separator: int) -> np.ndarray:
+    """[..., T] input tokens -> [..., T] int32 segment ids: the separators before each position (a separator
+    belongs to the document it ends)."""
+    ends = (inputs == separator).astype(np.int32)
+    return np.concatenate([np.zeros_like(ends[..., :1]), np.cumsum(ends[..., :-1], axis=-1, dtype=np.int32)],
+                          axis=-1)
+
+
+def _load_batch(windows: Windows, indices: np.ndarray, cols: slice, separator: int | None) -> dict[str, np.ndarray]:
     w = np.stack([windows[int(i)] for i in indices])  # [b, T + 1]
-    return {"inputs": np.ascontiguousarray(w[:, :-1][:, cols]), "targets": np.ascontiguousarray(w[:, 1:][:, cols])}
+    batch = {"inputs": w[:, :-1], "targets": w[:, 1:]}
+    if separator is not None:
+        batch["segment_ids"] = document_ids(batch["inputs"], separator)
+    return {name: np.ascontiguousarray(x[:, cols]) for name, x in batch.items()}
 
 
-def train_batches(windows: Windows, *, batch_size: int, seed: int, host: HostSlice, threads: int = 2):
+def train_batches(windows: Windows, *, batch_size: int, seed: int, host: HostSlice, threads: int = 2,
+                  separator: int | None = None):
     """An endless Grain IterDataset of this host's part of each shuffled global batch.
 
-    Yields {"inputs", "targets"}: [rows, cols] int32 (rows/cols from `host`). Its iterator is resumable.
+    Yields {"inputs", "targets"} and, given the separator token id, "segment_ids" (document_ids): [rows, cols]
+    int32 (rows/cols from `host`). Its iterator is resumable.
     """
     if len(windows) < batch_size:
         raise ValueError(f"data: only {len(windows)} training sequences of seq_len {windows.seq_len}, fewer than "
                          f"one batch of {batch_size}; give more data or a smaller seq_len/batch_size")
     ds = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None)
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda idx: _load_batch(windows, idx[host.rows], host.cols))
+    ds = ds.map(lambda idx: _load_batch(windows, idx[host.rows], host.cols, separator))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
 
 
-def val_batches(windows: Windows, *, batch_size: int, n_batches: int, host: HostSlice) -> list[dict]:
+def val_batches(windows: Windows, *, batch_size: int, n_batches: int, host: HostSlice,
+                separator: int | None = None) -> list[dict]:
     """n_batches global validation batches of windows evenly spaced over the validation split (fewer batches if
-    it is short), the same at every evaluation."""
+    it is short), the same at every evaluation; their keys as train_batches'."""
     n = min(n_batches, len(windows) // batch_size)
     if n == 0:
         raise ValueError(f"data: validation holds {len(windows)} sequences, fewer than one batch of {batch_size}; "
                          "raise val_fraction or lower batch_size")
     picks = np.linspace(0, len(windows) - 1, n * batch_size).round().astype(np.int64)
-    return [_load_batch(windows, picks[i:i + batch_size][host.rows], host.cols)
+    return [_load_batch(windows, picks[i:i + batch_size][host.rows], host.cols, separator)
             for i in range(0, len(picks), batch_size)]

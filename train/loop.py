@@ -39,8 +39,11 @@ from train.tokenizer import load_tokenizer
 
 # Fields a checkpoint's data position depends on: with any of them changed, the resumed run would not see the
 # batches the uninterrupted run would have seen.
+# `documents` changes what a row trains on, not the order, but a resume across it would not continue the run either.
 DATA_ORDER_FIELDS = ("data", "max_data_bytes", "tokenizer", "text_field", "bin_dtype", "seq_len", "batch_size",
-                     "val_fraction", "data_seed")
+                     "val_fraction", "data_seed", "documents")
+# What runs saved before a field existed did, for the fields added since.
+_BEFORE_FIELD = {"documents": "continuous"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -165,6 +168,7 @@ def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
     """Raises ValueError if resuming the checkpoint of `step` (saved: its config as a dict) under cfg would not
     continue that run exactly: a data-order field changed, or cfg.steps is below the checkpoint."""
     now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    saved = {**_BEFORE_FIELD, **saved} if saved else saved
     changed = [f"{name}={saved[name]!r} -> {now[name]!r}" for name in DATA_ORDER_FIELDS
                if name in saved and name in now and saved[name] != now[name]]
     if changed:
@@ -191,6 +195,9 @@ def train(cfg: TrainConfig) -> RunResult:
         raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if is_bin and cfg.tokenizer == "byte" and not cfg.vocab_size:
         raise ValueError("data: pre-tokenized .bin files need their tokenizer (tokenizer=PATH) or vocab_size=N")
+    if is_bin and cfg.tokenizer == "byte" and cfg.documents == "reset":
+        raise ValueError("documents=reset finds documents by their separator token, which .bin files without their "
+                         "tokenizer do not name: give tokenizer=PATH, or documents=continuous")
     mcfg = model_config(cfg, vocab)
 
     axes = resolve_mesh(cfg.mesh, len(jax.devices()), jax.process_count())
@@ -220,9 +227,11 @@ def _train(cfg: TrainConfig, mcfg, axes, files, tokenizer, run_dir: Path, main: 
     stream = data_lib.token_stream(files, tokenizer, text_field=cfg.text_field, bin_dtype=cfg.bin_dtype,
                                    max_bytes=cfg.max_data_bytes)
     train_windows, val_windows = data_lib.split(stream, cfg.seq_len, cfg.val_fraction)
+    separator = tokenizer.eos_id if cfg.documents == "reset" else None  # batches carry segment_ids with one
     train_ds = data_lib.train_batches(train_windows, batch_size=cfg.batch_size, seed=cfg.data_seed, host=host,
-                                      threads=cfg.data_threads)
-    val_data = data_lib.val_batches(val_windows, batch_size=cfg.batch_size, n_batches=cfg.eval_batches, host=host)
+                                      threads=cfg.data_threads, separator=separator)
+    val_data = data_lib.val_batches(val_windows, batch_size=cfg.batch_size, n_batches=cfg.eval_batches, host=host,
+                                    separator=separator)
 
     graphdef, state, n_params, n_matmul = build_state(mcfg, cfg, mesh)
     train_step, eval_step = make_steps(graphdef)

@@ -4,8 +4,9 @@ Kept apart from the loop (and from Grain) so benchmarks can time exactly the ste
 
 Numerics: the model computes in `compute_dtype` (by default bf16 on accelerators, fp32 on CPU) from float32
 master parameters; the loss is the mean token cross-entropy over the global batch (the model's chunked sum
-divided by the token count); the gradients, their clipping and AdamW run in float32. Parameters and AdamW
-moments follow the model's partition specs (ZeRO-3 over `data`).
+divided by the token count), with packed documents kept apart when the batch carries segment_ids; the
+gradients, their clipping and AdamW run in float32. Parameters and AdamW moments follow the model's partition
+specs (ZeRO-3 over `data`).
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def build_state(mcfg, cfg: TrainConfig, mesh):
 def make_steps(graphdef):
     """The jitted training step (donating the old state) and the evaluation step."""
 
+    def sums(model, batch):  # segment_ids are in the batch when the run keeps documents apart
+        return model.loss(batch["inputs"], batch["targets"], segment_ids=batch.get("segment_ids"))
+
     def loss_fn(model, batch):
-        total, weight = model.loss(batch["inputs"], batch["targets"])
+        total, weight = sums(model, batch)
         return total / weight
 
     def train_step(state, batch):
@@ -73,7 +77,6 @@ def make_steps(graphdef):
 
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
-        total, weight = model.loss(batch["inputs"], batch["targets"])
-        return total, weight
+        return sums(model, batch)
 
     return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
