@@ -12,6 +12,14 @@ as Pallas Triton kernels, one program per (batch, head, piece, head-dim tile):
 
 with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected).
 
+Per-token decay and documents (`pieces_tokens`, the TokenBackend methods): the same walks as kernel variants
+behind a static flag (`tokens`; the constant kernels trace as before, no extra loads). The decay comes in as
+float32 tables per position (pieces_tokens.ChunkTables, one [C] row of each per chunk): M[i, j] = scale
+exp(-max(bc_i - bc_j, 0)) for j <= i in one document (else selected out), the q side's and k side's rows in
+place of lambda^i and lambda^(C - j), the chunk decay from the q side's last row; the state pass takes
+per-position weights instead of powers. The dQ and dK walks also write each row's float32 q . dQ and k . dK
+(per head-dim tile, summed in XLA) for the decay gradient.
+
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
 as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
 inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0. The

@@ -1,0 +1,270 @@
+"""The Pallas Triton kernels under per-token decay and packed documents (lasp_jax.ops.pieces_tokens).
+
+CPU (CI): the kernels in Pallas interpret mode with small blocks (chunks of 16, pieces of a few chunks, head-dim
+tiles of 16), through vjp.attend_tokens, against the float64 oracle reference.dense_tokens: the outputs, the final
+state and the gradients of q, k, v, the rates and the initial state. Documents span pieces and start exactly at
+a piece boundary and at a chunk boundary; rates are steep (up to 6) or slow (0.01); T ragged (front padding) and
+whole; GQA and MQA; fused and split dK/dV kernels. The exchange of lasp_attention over 2 and 3 ranks (emulated
+by vmap), gradients on every rank. Without a GPU the real kernels lower to Triton IR. GPU (`pytest -m gpu`): the
+compiled kernels against xla at T=4096, and lasp_attention over every GPU here with each strategy.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+
+import lasp_jax
+from lasp_jax.ops import impls, pallas_triton, reference, vjp
+from lasp_jax.parallel.api import SeqExchange
+from tests.ops.test_token_decay import _loss_and_grads, _oracle
+from tests.util import per_rank_errors, qkv, rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v=16, state_block=16,
+                            target_programs=64, min_piece_chunks=2)
+
+
+def _starts(b, t, fixed, p, rng):
+    """[B, T] int32 ids: a document starts at each row's fixed positions and, at random, with probability p."""
+    new = rng.uniform(size=(b, t)) < p
+    for row, positions in enumerate(fixed):
+        new[row, list(positions)] = True
+    new[:, 0] = False
+    return jnp.asarray(np.cumsum(new, axis=1) + 3, jnp.int32)
+
+
+# name: ((B, T, H, Hkv, Dk, Dv), rates per head (low, high), document starts per row, random start probability,
+# scale, the plan's (pieces, piece_len, pad) that the starts are placed for).
+# docs_gqa: 2 pieces of 80 after 10 padding positions, so real position 70 is a piece boundary and 38 a chunk
+#   boundary; row 1's document [50, 120) spans the pieces. Head dims in 2 tiles of 16: the split dK, dV kernels
+#   and the q.dQ / k.dK row sums over tiles.
+# steep_slow_mqa: head 0 steep (rates up to 6), head 1 slow (about 0.01: a leak across a document stays
+#   visible); 3 whole pieces of 32 (no padding): 64 a piece boundary, 48 a chunk boundary, [0, 48) spans
+#   pieces; the fused dK/dV kernel; scale d^-0.5 on unit-variance q.
+CASES = {
+    "docs_gqa": ((2, 150, 4, 2, 32, 32), [(0.0, 0.5)] * 4, [(38, 70, 101), (50, 120)], 0.02, 0.25, (2, 80, 10)),
+    "steep_slow_mqa": ((1, 96, 2, 1, 16, 16), [(0.0, 6.0), (0.005, 0.015)], [(48, 64)], 0.0, 0.25, (3, 32, 0)),
+}
+# Worst measured over seeds 0-2 (CPU, interpreted fp32 kernels against float64; o, final state, dq, dk, dv,
+# d_rates, d_initial_state): 6.7e-7 (d_rates; the rest <= 1.3e-7) but the steep head's d_rates, 8.5e-6: its
+# pair weights are exp of differences of chunk-local running sums of up to 16 x 6 (xla: 5.8e-6 on the same
+# inputs, with chunks of 64).
+TOL, STEEP_TOL = 2e-6, 2e-5
+
+
+def _case(case, rng, dtype=jnp.float32):
+    """(q, k, v in dtype, rates [B, T, H] float32, ids, S_0, scale, the interpreted kernels) of CASES[case]."""
+    (b, t, h, hkv, dk, dv), bounds, fixed, p, scale, plan = CASES[case]
+    q, k, v = qkv(rng, b, t, h, hkv, dk, dv)
+    q = q * np.sqrt(dk) if scale != 1.0 else q  # unit-variance q, the attention's scale inside the kernels
+    rates = jnp.asarray(np.stack([rng.uniform(lo, hi, size=(b, t)) for lo, hi in bounds], axis=-1), jnp.float32)
+    ids = _starts(b, t, fixed, p, rng)
+    s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    kernels = pallas_triton.Kernels(SMALL, interpret=True)
+    got_plan = kernels.plan(q, v)
+    assert (got_plan.pieces, got_plan.piece_len, got_plan.pad) == plan, got_plan
+    return [x.astype(dtype) for x in (q, k, v)], rates, ids, s0, scale, kernels
+
+
+def _attend(impl, ids, scale):
+    return lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, scale)
+
+
+def _run(case, rng, dtype=jnp.float32):
+    """(ids, the interpreted kernels' results, the float64 oracle's) of a weighted loss on o and the final
+    state: o, final_state, dq, dk, dv, d_rates, d_initial_state."""
+    (q, k, v), rates, ids, s0, scale, kernels = _case(case, rng, dtype)
+    w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+    w_s = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+    got = jax.jit(functools.partial(_loss_and_grads, _attend(kernels, ids, scale)))(q, k, v, rates, s0, w_o, w_s)
+    return ids, got, _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_float64_oracle(case, rng):
+    """Also: the rates' gradient is exactly 0 at each document start (its rate decays nothing that crosses)."""
+    ids, got, want = _run(case, rng)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert np.all(np.isfinite(np.asarray(got[name]))), name
+        if name == "d_rates":
+            continue
+        assert rel_err(got[name], want[name]) < TOL, (name, rel_err(got[name], want[name]))
+    steep = [lo_hi[1] > 1 for lo_hi in CASES[case][1]]
+    for head in range(len(steep)):
+        err = rel_err(got["d_rates"][..., head], want["d_rates"][..., head])
+        assert err < (STEEP_TOL if steep[head] else TOL), ("d_rates", head, err)
+    starts = np.asarray(ids[:, 1:] != ids[:, :-1])
+    assert np.all(np.asarray(got["d_rates"])[:, 1:][starts] == 0.0)
+
+
+def test_bfloat16(rng):
+    """bf16 q, k, v (the rates float32, as linear_attention hands them on): outputs and gradients in the inputs'
+    dtypes against the float64 math on the same rounded inputs (measured up to 2.5e-3, seeds 0-2: one bf16
+    rounding, plus the state's and the decayed scores' as matmul operands)."""
+    _, got, want = _run("docs_gqa", rng, jnp.bfloat16)
+    for name in want:
+        assert got[name].dtype == (jnp.bfloat16 if name in ("o", "dq", "dk", "dv") else jnp.float32), name
+        assert rel_err(got[name], want[name]) < 7e-3, (name, rel_err(got[name], want[name]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _VmappedExchange(SeqExchange):
+    """lasp_attention's exchange with ranks as a vmapped axis: its strategy's collectives as they are; the
+    previous rank's last id from an all_gather (vmap batches a ppermute only over a whole permutation)."""
+
+    def starts_at_boundary(self, segment_ids):
+        rank = jax.lax.axis_index(self.axis_name)
+        last = jax.lax.all_gather(segment_ids[:, -1], self.axis_name)
+        return (rank > 0) & (last[jnp.maximum(rank - 1, 0)] != segment_ids[:, 0])
+
+
+# T = 240 in ranks of 120 (seq 2: 8 padding positions) or 80 (seq 3: 48), each one piece of 2 chunks of 64, so
+# 176 is a chunk boundary for both. Row 0: documents start at 80 (a rank boundary for seq 3), 100, 176 and 200;
+# [100, 176) spans ranks. Row 1: one document over every rank (slow decay: a missed reset or a leak would show).
+# Row 2: starts at 120 (a rank boundary for seq 2) and 150.
+RANKS_T = 240
+RANKS_STARTS = [(80, 100, 176, 200), (), (120, 150)]
+
+
+@pytest.mark.parametrize("seq", [2, 3])
+def test_ranks_exchange_states(seq, rng):
+    """The kernels (default blocks, interpreted) as lasp_attention runs them per rank: vjp.attend_tokens with the
+    allgather strategy's exchange, ranks emulated by vmap (Pallas interpret mode cannot run under shard_map's
+    check_vma in jax 0.11.2; on GPU test_gpu_lasp_attention runs lasp_attention itself). Outputs and the
+    gradients of q, k, v and the rates on every rank against the float64 oracle over the whole row (measured
+    <= 4.9e-7, d_rates)."""
+    b, length = len(RANKS_STARTS), RANKS_T // seq
+    q, k, v = qkv(rng, b, RANKS_T, 4, 2, 16, 16)
+    rates = rng.uniform(0.0, 0.5, size=(b, RANKS_T, 4))
+    rates[1] = rng.uniform(0.005, 0.015, size=(RANKS_T, 4))
+    rates = jnp.asarray(rates, jnp.float32)
+    ids = _starts(b, RANKS_T, RANKS_STARTS, 0.0, rng)
+    w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+    exchange = _VmappedExchange("allgather", "seq", seq)
+    to_ranks = lambda x: jnp.moveaxis(x.reshape(b, seq, length, *x.shape[2:]), 1, 0)
+    from_ranks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, RANKS_T, *x.shape[3:])
+
+    def rank_loss(q, k, v, rates, ids, w_o):
+        o = vjp.attend_tokens(q, k, v, rates, ids, None, pallas_triton.INTERPRET, exchange, False, 0.5)
+        return jnp.sum(o * w_o), o
+
+    @jax.jit
+    def every_rank(q, k, v, rates):
+        step = jax.vmap(jax.value_and_grad(rank_loss, argnums=(0, 1, 2, 3), has_aux=True), axis_name="seq")
+        (_, o), grads = step(*(to_ranks(x) for x in (q, k, v, rates, ids, w_o)))
+        return from_ranks(o), [from_ranks(g) for g in grads]
+
+    o, grads = every_rank(q, k, v, rates)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates)]
+        dense = lambda q, k, v, rates: reference.dense_tokens(q, k, v, rates, ids, scale=0.5)[0]
+        o_ref, vjp_fn = jax.vjp(dense, *f64)
+        grads_ref = vjp_fn(jnp.asarray(np.asarray(w_o), jnp.float64))
+    errors = {"o": per_rank_errors(o, o_ref, seq)}
+    errors.update({f"d{n}": per_rank_errors(g, g_ref, seq)
+                   for n, g, g_ref in zip(("q", "k", "v", "rates"), grads, grads_ref)})
+    for name, per_rank in errors.items():
+        assert max(per_rank) < TOL, (name, per_rank)
+
+
+H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}], ids=["tiles", "fused_dkdv"])
+def test_lowers_to_triton(overrides):
+    """Without a GPU: the real token kernels lower to Triton IR for an abstract H200, forward and backward with
+    the rates' gradient (d=128, GQA, ragged T, documents, bf16). PTX compilation and the run need the GPU test."""
+    kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
+
+    def fwd_bwd(q, k, v, rates, ids, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v, r: vjp.attend_tokens(q, k, v, r, ids, None, kernels, None, False,
+                                                                 128 ** -0.5), q, k, v, rates)
+        return o, vjp_fn(do)
+
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    args = (q, kv, kv, jax.ShapeDtypeStruct((1, 1000, 4), jnp.float32), jax.ShapeDtypeStruct((1, 1000), jnp.int32),
+            q)
+    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H200)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args).mlir_module()
+    # forward: the K, V state pass and the output walk; backward: the Q, dO state pass, dQ, and dK and dV (one
+    # kernel with whole-state tiles, else two).
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if overrides else 6)
+
+
+def test_supported_tokens_refuses_gva():
+    q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
+    v = jax.ShapeDtypeStruct((1, 64, 4, 64), jnp.float32)
+    assert "GVA" in pallas_triton.INTERPRET.supported_tokens(q, q, v)
+    assert pallas_triton.INTERPRET.supported_tokens(v, v, v) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+def test_gpu_matches_xla(dtype, rng):
+    """The compiled kernels (default blocks) with per-token decay and 16 documents, an initial state and the
+    final state's cotangent, against xla in float32 on the same rounded inputs: T=4096, H=4, d=128, scale
+    d^-0.5, rates in [0.001, 0.1] plus a steep stretch (up to 6)."""
+    b, t, h, d = 1, 4096, 4, 128
+    q, k, v = qkv(rng, b, t, h, h, d, d)
+    q = q * np.sqrt(d)
+    rates = rng.uniform(0.001, 0.1, size=(b, t, h))
+    rates[:, 1000:1100] = rng.uniform(0.0, 6.0, size=(b, 100, h))
+    rates = jnp.asarray(rates, jnp.float32)
+    ids = _starts(b, t, [np.sort(rng.choice(np.arange(1, t), 15, replace=False))], 0.0, rng)
+    s0 = jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32)
+    w_o = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    w_s = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+    kernels = impls.IMPLS["pallas_triton"]
+    assert kernels.supported_tokens(q.astype(dtype), k.astype(dtype), v.astype(dtype)) is None
+    inputs = [x.astype(dtype) for x in (q, k, v)]
+    got = jax.jit(functools.partial(_loss_and_grads, _attend(kernels, ids, d ** -0.5)))(
+        *inputs, rates, s0, w_o, w_s)
+    f32 = [x.astype(jnp.float32) for x in inputs]
+    want = jax.jit(functools.partial(_loss_and_grads, _attend(impls.IMPLS["xla"], ids, d ** -0.5)))(
+        *f32, rates, s0, w_o, w_s)
+    tol = 1e-5 if dtype == jnp.float32 else 7e-3
+    for name in want:
+        assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
+        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "scan"])
+def test_gpu_lasp_attention(strategy, rng):
+    """lasp_attention with per-token decay and documents (one starting at each rank boundary, one spanning the
+    ranks) over every GPU here, the compiled kernels per rank, GQA at d=64 in fp32, against the float32 dense
+    reference: o and the gradients of q, k, v and the rates on every rank."""
+    n = len(jax.devices())
+    b, t, h, hkv, d = 1, 1024 * n, 4, 2, 64
+    q, k, v = qkv(rng, b, t, h, hkv, d, d)
+    rates = jnp.asarray(rng.uniform(0.001, 0.1, size=(b, t, h)), jnp.float32)
+    starts = sorted({*range(1024, t, 1024), 700, t - 300})
+    ids = _starts(b, t, [starts], 0.0, rng)
+    w_o = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    mesh = jax.make_mesh((n,), ("seq",))
+
+    def loss(attend, q, k, v, rates):
+        o = attend(q, k, v, rates)
+        return jnp.sum(o * w_o), o
+
+    ours = lambda q, k, v, rates: lasp_jax.lasp_attention(q, k, v, rates, segment_ids=ids, mesh=mesh,
+                                                          strategy=strategy, scale=d ** -0.5, impl="pallas_triton")
+    dense = lambda q, k, v, rates: reference.dense_tokens(q, k, v, rates, ids, scale=d ** -0.5)[0]
+    grad = lambda attend: jax.jit(jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2, 3),
+                                                     has_aux=True))
+    (_, o), grads = grad(ours)(q, k, v, rates)
+    (_, o_ref), grads_ref = grad(dense)(q, k, v, rates)
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "d_rates"], [o, *grads], [o_ref, *grads_ref]):
+        assert max(per_rank_errors(x, ref, n)) < 1e-5, (name, per_rank_errors(x, ref, n))
