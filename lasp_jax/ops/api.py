@@ -17,8 +17,10 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     """o_t = scale sum_{r <= t, same document} exp(-(s_(r+1) + ... + s_t)) (q_t . k_r) v_r  (+ the initial state's
     term): decayed causal linear attention.
 
-    No softmax and no normaliser. MHA, GQA and MQA: query head h reads K/V head h // (H / Hkv); K/V heads are
-    indexed, never repeated in memory.
+    No softmax and no normaliser. Heads broadcast both ways: H = max(Hq, Hv) output heads, and output head h
+    reads q head h // (H / Hq), k head h // (H / Hk), v head h // (H / Hv): MHA, GQA / MQA (fewer K/V heads than
+    Q heads) and GVA (Mamba-2's groups: q and k with fewer heads than v). Inputs are indexed, never repeated in
+    memory; the gradient of an input head sums, in float32, over the output heads that read it.
 
     Constant decay (decay [H], lambda_h = exp(-s_h)): o_p = sum_{r <= p} lambda_h^(p - r) (scale q_p . k_r) v_r
     + lambda_h^p scale q_p S_0, and the state S(P) = lambda_h^P S_0 + sum_{r < P} lambda_h^(P - r) k_r^T v_r.
@@ -29,7 +31,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     lambda^p, the final state is lambda H_(T-1)), so adding one document's ids changes nothing.
 
     Args:
-      q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; any T >= 1, any head dims.
+      q: [B, T, Hq, Dk]; k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; any T >= 1, any head dims; k has q's heads or v's,
+        and the smaller of Hq, Hv divides the larger (checks.attention_inputs).
       decay: None (no decay), [H] constant rates s_h >= 0 (a constant for autodiff: its cotangent is zero), or
         [B, T, H] per-token rates s_t >= 0 (differentiable: gradients flow to them; a model computes them from
         its input). Bad rates are a ValueError when decay is concrete; traced under jit, a negative or non-finite
@@ -48,18 +51,20 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
         "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
-        Per-token decay and segment_ids run on "xla" and "reference" only ("auto" takes "xla"; the kernels do
-        not take them yet).
+        Per-token decay and segment_ids run on TOKEN_IMPLS, GVA (Hv > Hq) on GVA_IMPLS ("auto" takes "xla";
+        the kernels do not take them yet).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
     """
     rates = checks.attention_inputs(q, k, v, decay)
-    b, t, h, dk = q.shape
+    b, t, _, dk = q.shape
+    h = checks.output_heads(q, v)
     ids = checks.segment_ids(segment_ids, b, t)
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None, partitioned=impls.partitioned(q))
+    per_device = resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None,
+                         partitioned=impls.partitioned(q))
     scale = static_scale(scale)
     final = bool(return_final_state)
     constant = rates if rates.ndim == 1 and ids is not None else None
@@ -72,7 +77,7 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
         mesh = jax.typeof(q).sharding.mesh
         _refuse_sharded_sequence(spec, mesh)
         batch = spec[0]
-        heads = placement.head_axes(spec, mesh, h, k.shape[2], taken=batch)
+        heads = placement.head_axes(spec, mesh, h, min(x.shape[2] for x in (q, k, v)), taken=batch)
         out = _per_shard(q, k, v, rates, ids, initial_state, per_device=per_device, final=final, mesh=mesh,
                          batch=batch, heads=heads, scale=scale)
     if final:
@@ -84,16 +89,23 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
 
 
 TOKEN_IMPLS = ("xla", "reference")  # the implementations that take per-token decay and segment_ids
+# The implementations that take GVA (v with more heads than q): the kernels' grids read K/V head h // (H / Hkv)
+# of query head h, and their `supported` does not look at head counts, so they are never handed GVA.
+GVA_IMPLS = ("xla", "reference")
 
 
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS ("auto" takes "xla")."""
-    if per_token:
+    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS and GVA heads to GVA_IMPLS
+    ("auto" takes "xla" for either)."""
+    for needed, names, what in ((per_token, TOKEN_IMPLS, "per-token decay and segment_ids are"),
+                                (checks.grouped_values(q, v), GVA_IMPLS,
+                                 f"GVA heads (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}) are")):
+        if not needed:
+            continue
         if impl == "auto":
             impl = "xla"
-        elif impl in impls.IMPLS and impl not in TOKEN_IMPLS:
-            raise ValueError(f"impl {impl!r}: per-token decay and segment_ids are not in the kernels yet; use "
-                             f"impl='auto' or one of {TOKEN_IMPLS}")
+        elif impl in impls.IMPLS and impl not in names:
+            raise ValueError(f"impl {impl!r}: {what} not in the kernels yet; use impl='auto' or one of {names}")
     return impls.resolve(impl, q, k, v, partitioned=partitioned)
 
 
@@ -157,7 +169,8 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
     """One decoding step with constant memory: the recurrence behind linear_attention.
 
     Args:
-      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; state: [B, H, Dk, Dv] (zeros before position 0, or the
+      q: [B, Hq, Dk]; k: [B, Hk, Dk]; v: [B, Hv, Dv] (heads as in linear_attention, H = max(Hq, Hv));
+      state: [B, H, Dk, Dv] (zeros before position 0, or the
         final state of linear_attention over the prefix, with the same kind of decay).
       decay: None or [H] constant rates: the state is S(p), the step returns S(p + 1) (linear_attention's
         constant convention). Or [B, H]: this position's per-token rates s_p (per-token decay, documents): the
@@ -173,7 +186,7 @@ def linear_attention_step(q, k, v, state, decay=None, *, scale=1.0, reset=None):
     per_token = decay is not None and np.ndim(decay) == 2
     rates = checks.attention_inputs(q[:, None], k[:, None], v[:, None],
                                     jnp.asarray(decay)[:, None] if per_token else decay)
-    state = checks.state("state", state, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
+    state = checks.state("state", state, (q.shape[0], max(q.shape[1], v.shape[1]), q.shape[2], v.shape[-1]))
     if reset is not None:
         if not per_token:
             raise ValueError("reset (a document start) needs per-token decay rates [B, H]; with constant rates "

@@ -14,8 +14,10 @@ def _shape(name, x):
 
 
 def attention_inputs(q, k, v, decay) -> jax.Array:
-    """Checks q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv] and decay: None, [H] constant rates or [B, T, H]
-    per-token rates, every rate >= 0.
+    """Checks q [B,T,Hq,Dk], k [B,T,Hk,Dk], v [B,T,Hv,Dv] and decay: None, [H] constant rates or [B, T, H]
+    per-token rates, every rate >= 0. Heads: H = max(Hq, Hv) output heads; k has q's heads or v's, and the
+    smaller of Hq, Hv divides the larger: MHA, GQA / MQA (Hq = H, Hk = Hv) or GVA (Hv = H, Hk = Hq, Mamba-2's
+    groups). Output head h reads head h // (H / Hx) of each input (`output_heads`).
 
     Returns the rates as a float32 array of decay's shape ([H] zeros for None). A concrete decay (a Python/NumPy
     value or a committed array) with a negative or non-finite rate is a ValueError naming it. A traced decay
@@ -34,24 +36,27 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    (b, t, h, dim_k), (bk, tk, hkv, dim_k_of_k), (bv, tv, hv, _) = qs, ks, vs
+    (b, t, hq, dim_k), (bk, tk, hk, dim_k_of_k), (bv, tv, hv, _) = qs, ks, vs
     if (bk, tk) != (b, t) or (bv, tv) != (b, t):
         raise ValueError(f"q, k, v must share batch and sequence dims [B, T]: got q {qs}, k {ks}, v {vs}")
-    if hv != hkv:
-        raise ValueError(f"k and v must have the same number of heads: k has {hkv}, v has {hv}")
     if dim_k_of_k != dim_k:
         raise ValueError(f"q and k must have the same head dim: q has {dim_k}, k has {dim_k_of_k}")
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv}) (MHA, GQA or MQA)")
+    if hk not in (hq, hv):
+        raise ValueError(f"k must have the same number of heads as q (GVA) or as v (MHA, GQA, MQA): q has {hq}, "
+                         f"k {hk}, v {hv} (shapes q {qs}, k {ks}, v {vs})")
+    h = max(hq, hv)
+    if min(hq, hv) == 0 or h % min(hq, hv):
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hv}) (MHA, GQA or MQA), or "
+                         f"value heads a multiple of query/key heads (GVA): got q {qs}, k {ks}, v {vs}")
     if t < 1:
         raise ValueError(f"the sequence must hold at least one position, got T={t}")
-    for name, n in (("batch B", b), ("query heads H", h), ("head dim Dk", dim_k), ("head dim Dv", vs[3])):
+    for name, n in (("batch B", b), ("heads H", h), ("head dim Dk", dim_k), ("head dim Dv", vs[3])):
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got shapes q {qs}, k {ks}, v {vs}")
     if decay is None:
         return jnp.zeros((h,), jnp.float32)
     if np.shape(decay) not in ((h,), (b, t, h)):
-        raise ValueError(f"decay must have shape [H] = [{h}] (one constant rate per query head) or [B, T, H] = "
+        raise ValueError(f"decay must have shape [H] = [{h}] (one constant rate per output head) or [B, T, H] = "
                          f"{[b, t, h]} (per-token rates), got {np.shape(decay)}")
     per_token = np.ndim(decay) == 3
     if per_token and not jnp.issubdtype(jnp.result_type(decay), jnp.floating):
@@ -68,6 +73,16 @@ def attention_inputs(q, k, v, decay) -> jax.Array:
         raise ValueError(f"{kind} must be >= 0 (lambda = exp(-s) <= 1), got a minimum of {values.min()} "
                          f"(at index {tuple(int(i) for i in np.argwhere(values < 0)[0])})")
     return jnp.asarray(decay, jnp.float32)
+
+
+def output_heads(q, v) -> int:
+    """H = max(Hq, Hv): the heads of the output, the rates and the states (after attention_inputs)."""
+    return max(q.shape[2], v.shape[2])
+
+
+def grouped_values(q, v) -> bool:
+    """GVA: v has more heads than q (q and k read by several output heads); only api.GVA_IMPLS take it."""
+    return v.shape[2] > q.shape[2]
 
 
 def segment_ids(ids, b: int, t: int) -> jax.Array | None:

@@ -37,36 +37,32 @@ from lasp_jax.ops import states
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _grouped(q, k, v, rates):
-    """Views the query heads as [Hkv, G] groups so K/V heads are indexed, never repeated."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    g = h // hkv
-    return (
-        q.astype(jnp.float32).reshape(b, t, hkv, g, dim_k),
-        k.astype(jnp.float32),
-        v.astype(jnp.float32),
-        rates.astype(jnp.float32).reshape(hkv, g),
-    )
+def _grouped(dtype, *xs):
+    """q, k, v ([..., heads, D] each) as head groups [..., Hs, heads / Hs, D] in dtype (states.grouped): output
+    head s * G + g reads them by index, nothing is repeated."""
+    groups = states.head_groups(*xs)
+    return tuple(states.grouped(x.astype(dtype), groups) for x in xs)
 
 
 def dense(q, k, v, rates, initial_state=None, scale=1.0):
     """Dense oracle.
 
     Args:
-      q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; rates: [H] decay rates >= 0;
-      initial_state: optional [B, H, Dk, Dv]; scale: a float multiplying every q.
+      q: [B, T, Hq, Dk]; k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (output head h reads head h // (H / Hx) of each;
+      H = max(Hq, Hv)); rates: [H] decay rates >= 0; initial_state: optional [B, H, Dk, Dv]; scale: a float
+      multiplying every q.
     Returns:
       (o [B, T, H, Dv] float32, final_state [B, H, Dk, Dv] float32).
     """
-    b, t, h, _ = q.shape
-    dv = v.shape[-1]
-    qg, kf, vf, rates_g = _grouped(q, k, v, rates)
+    b, t = q.shape[:2]
+    h, dv = rates.shape[0], v.shape[-1]
+    qg, kg, vg = _grouped(jnp.float32, q, k, v)
+    rates_g = rates.astype(jnp.float32).reshape(qg.shape[2], -1)
     pos = jnp.arange(t, dtype=jnp.float32)
     gap = pos[:, None] - pos[None, :]  # p - r
-    weights = scale * jnp.exp(-rates_g[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, T, T]
-    scores = jnp.where(gap >= 0, jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST) * weights, 0.0)
-    o = jnp.einsum("bkgpr,brke->bpkge", scores, vf, precision=_HIGHEST).reshape(b, t, h, dv)
+    weights = scale * jnp.exp(-rates_g[..., None, None] * jnp.maximum(gap, 0.0))  # [Hs, G, T, T]
+    scores = jnp.where(gap >= 0, jnp.einsum("bpkgd,brkgd->bkgpr", qg, kg, precision=_HIGHEST) * weights, 0.0)
+    o = jnp.einsum("bkgpr,brkge->bpkge", scores, vg, precision=_HIGHEST).reshape(b, t, h, dv)
     final = states.local_state(k, v, rates)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
@@ -75,23 +71,33 @@ def dense(q, k, v, rates, initial_state=None, scale=1.0):
     return o, final
 
 
+def _step_update(k, v, decayed_state):
+    """decayed_state [B, H, Dk, Dv] + k^T v per output head, as head groups [B, Hs, G, Dk, Dv] float32."""
+    b, h, dim_k, dim_v = decayed_state.shape
+    kg, vg = _grouped(jnp.float32, k, v)
+    kv = jnp.einsum("bkgd,bkge->bkgde", kg, vg, precision=_HIGHEST)
+    return decayed_state.reshape(b, kg.shape[1], -1, dim_k, dim_v) + kv
+
+
+def _step_read(q, u, scale):
+    """scale q u per output head: q [B, Hq, Dk], u [B, Hs, G, Dk, Dv] -> [B, H, Dv] float32."""
+    qg = states.grouped(q.astype(jnp.float32), u.shape[1])
+    o = jnp.einsum("bkgd,bkgde->bkge", qg, u, precision=_HIGHEST)
+    return scale * o.reshape(o.shape[0], -1, o.shape[-1])
+
+
 def step(q, k, v, rates, state, scale=1.0):
     """One token of the recurrence; the decoder's step.
 
     Args:
-      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; rates: [H]; state: [B, H, Dk, Dv] float32, S(p); scale: a
+      q: [B, Hq, Dk]; k: [B, Hk, Dk]; v: [B, Hv, Dv]; rates: [H]; state: [B, H, Dk, Dv] float32, S(p); scale: a
       float multiplying q (applied to the float32 product).
     Returns:
       (o [B, H, Dv] float32, S(p + 1) [B, H, Dk, Dv] float32).
     """
-    b, h, dim_k = q.shape
-    hkv = k.shape[1]
-    g = h // hkv
-    kv = jnp.einsum("bkd,bke->bkde", k.astype(jnp.float32), v.astype(jnp.float32), precision=_HIGHEST)
-    u = state.reshape(b, hkv, g, dim_k, -1) + kv[:, :, None]
-    o = jnp.einsum("bkgd,bkgde->bkge", q.astype(jnp.float32).reshape(b, hkv, g, dim_k), u, precision=_HIGHEST)
-    lam = jnp.exp(-rates.astype(jnp.float32)).reshape(1, hkv, g, 1, 1)
-    return scale * o.reshape(b, h, -1), (lam * u).reshape(state.shape)
+    u = _step_update(k, v, state)
+    lam = jnp.exp(-rates.astype(jnp.float32)).reshape(1, u.shape[1], -1, 1, 1)
+    return _step_read(q, u, scale), (lam * u).reshape(state.shape)
 
 
 def step_tokens(q, k, v, rates, state, scale=1.0, reset=None):
@@ -99,28 +105,23 @@ def step_tokens(q, k, v, rates, state, scale=1.0, reset=None):
     document start), o_t = scale q_t H_t.
 
     Args:
-      q: [B, H, Dk]; k: [B, Hkv, Dk]; v: [B, Hkv, Dv]; rates: [B, H], this position's s_t; state: [B, H, Dk, Dv]
+      q: [B, Hq, Dk]; k: [B, Hk, Dk]; v: [B, Hv, Dv]; rates: [B, H], this position's s_t; state: [B, H, Dk, Dv]
       float32, H_(t-1); scale: a float multiplying q; reset: None or [B] bool.
     Returns:
       (o [B, H, Dv] float32, H_t [B, H, Dk, Dv] float32).
     """
-    b, h, dim_k = q.shape
-    hkv = k.shape[1]
-    kv = jnp.einsum("bkd,bke->bkde", k.astype(jnp.float32), v.astype(jnp.float32), precision=_HIGHEST)
     decayed = jnp.exp(-rates.astype(jnp.float32))[:, :, None, None] * state
     if reset is not None:
         decayed = jnp.where(reset[:, None, None, None], 0.0, decayed)
-    u = decayed.reshape(b, hkv, -1, dim_k, v.shape[-1]) + kv[:, :, None]
-    o = jnp.einsum("bkgd,bkgde->bkge", q.astype(jnp.float32).reshape(b, hkv, -1, dim_k), u, precision=_HIGHEST)
-    return scale * o.reshape(b, h, -1), u.reshape(state.shape)
+    u = _step_update(k, v, decayed)
+    return _step_read(q, u, scale), u.reshape(state.shape)
 
 
 def recurrent(q, k, v, rates, initial_state=None, scale=1.0):
     """Token-by-token oracle (lax.scan over `step`); same signature and returns as `dense`."""
-    b, t, h, dim_k = q.shape
-    dv = v.shape[-1]
+    b, dim_k, dim_v = q.shape[0], q.shape[-1], v.shape[-1]
     if initial_state is None:
-        initial_state = jnp.zeros((b, h, dim_k, dv), jnp.float32)
+        initial_state = jnp.zeros((b, rates.shape[0], dim_k, dim_v), jnp.float32)
 
     def body(state, qkv):
         o, state = step(*qkv, rates, state, scale)
@@ -137,48 +138,61 @@ def documents(segment_ids):
     return jnp.cumsum(change.astype(jnp.int32), axis=1)
 
 
-def _pair_weights(cumulative, docs, hkv):
-    """[B, Hkv, G, T, T] exp(-(c_p - c_r)) for r <= p in one document, else 0 (selected). cumulative [B, T, H]."""
+def _pairs(scores, cumulative, docs, scale):
+    """scale exp(-(c_p - c_r)) scores[p, r] for r <= p in one document, else 0 (selected: a non-finite score of
+    another document or a later position is dropped). scores [B, Hs, 1 or G, T, T]; cumulative [B, T, H]."""
     t = cumulative.shape[1]
     gap = cumulative[:, :, None] - cumulative[:, None, :]  # [B, P, R, H]
     keep = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]) & (docs[:, :, None] == docs[:, None, :])
-    w = jnp.where(keep[..., None], jnp.exp(-jnp.where(keep[..., None], gap, 0.0)), 0.0)
-    return jnp.moveaxis(w, 3, 1).reshape(w.shape[0], hkv, -1, t, t)
+    w = jnp.exp(-jnp.where(keep[..., None], gap, 0.0))
+    w = jnp.moveaxis(w, 3, 1).reshape(w.shape[0], scores.shape[1], -1, t, t)
+    return jnp.where(keep[:, None, None], scale * w * scores, 0.0)
+
+
+def _selected_sum(spec, w, keep, *xs):
+    """einsum of w [B, T, H] (grouped like xs) and xs over the positions where keep [B, T] (selected)."""
+    keep = keep.reshape(keep.shape + (1,) * (xs[0].ndim - 2))
+    w = states.grouped(w[..., None], xs[0].shape[2])[..., 0]
+    return jnp.einsum(spec, w, *(jnp.where(keep, x, 0.0) for x in xs), precision=_HIGHEST)
 
 
 def dense_tokens(q, k, v, rates, segment_ids=None, initial_state=None, scale=1.0):
     """Dense oracle with per-token decay and documents (module docstring), in float32 or wider (float64 inputs
-    compute in float64).
+    compute in float64). Pairs and states of two documents are selected apart (a non-finite value stays in its
+    document).
 
     Args:
-      q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]; rates: [B, T, H] >= 0; segment_ids: None or
-      [B, T] integers; initial_state: optional [B, H, Dk, Dv]; scale: a float multiplying every q.
+      q: [B, T, Hq, Dk]; k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (heads as in `dense`); rates: [B, T, H] >= 0;
+      segment_ids: None or [B, T] integers; initial_state: optional [B, H, Dk, Dv]; scale: a float multiplying
+      every q.
     Returns:
       (o [B, T, H, Dv], final_state [B, H, Dk, Dv]) in the computation's dtype.
     """
     dtype = jnp.promote_types(q.dtype, jnp.float32)
-    b, t, h, dim_k = q.shape
-    hkv, dim_v = k.shape[2], v.shape[-1]
-    qg = q.astype(dtype).reshape(b, t, hkv, -1, dim_k)
-    kf, vf = k.astype(dtype), v.astype(dtype)
+    b, t, _, dim_k = q.shape
+    h, dim_v = rates.shape[2], v.shape[-1]
+    qg, kg, vg = _grouped(dtype, q, k, v)
     cumulative = jnp.cumsum(rates.astype(dtype), axis=1)  # c_t = s_0 + ... + s_t
     docs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else documents(segment_ids)
-    scores = jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST) * _pair_weights(cumulative, docs, hkv)
-    o = scale * jnp.einsum("bkgpr,brke->bpkge", scores, vf, precision=_HIGHEST).reshape(b, t, h, dim_v)
+    scores = _pairs(jnp.einsum("bpkgd,brkgd->bkgpr", qg, kg, precision=_HIGHEST), cumulative, docs, scale)
+    o = jnp.einsum("bkgpr,brkge->bpkge", scores, vg, precision=_HIGHEST).reshape(b, t, h, dim_v)
     last = docs == docs[:, -1:]
-    w_end = jnp.where(last[..., None], jnp.exp(-jnp.where(last[..., None], cumulative[:, -1:] - cumulative, 0.0)),
-                      0.0).reshape(b, t, hkv, -1)
-    final = jnp.einsum("btkg,btkd,btke->bkgde", w_end, kf, vf, precision=_HIGHEST).reshape(b, h, dim_k, dim_v)
+    w_end = jnp.exp(-jnp.where(last[..., None], cumulative[:, -1:] - cumulative, 0.0))
+    final = _selected_sum("btkg,btkgd,btkge->bkgde", w_end, last, kg, vg).reshape(b, h, dim_k, dim_v)
     if initial_state is not None:
-        s0 = initial_state.astype(dtype)
-        first = (docs == 0)[..., None]
-        w_in = jnp.where(first, jnp.exp(-cumulative), 0.0)
-        o = o + scale * jnp.einsum("bth,bthd,bhde->bthe", w_in, q.astype(dtype), s0, precision=_HIGHEST)
-        final = final + jnp.where(docs[:, -1:] == 0, jnp.exp(-cumulative[:, -1]), 0.0)[..., None, None] * s0
+        s0 = initial_state.astype(dtype).reshape(b, qg.shape[2], -1, dim_k, dim_v)
+        first = docs == 0
+        w_in = scale * jnp.exp(-cumulative)
+        o_in = jnp.einsum("btkg,btkgd,bkgde->btkge", states.grouped(w_in[..., None], qg.shape[2])[..., 0], qg, s0,
+                          precision=_HIGHEST)
+        o = o + jnp.where(first[..., None, None], o_in.reshape(o.shape), 0.0)
+        into_final = (docs[:, -1] == 0)[:, None, None, None]  # the row is one document
+        s0_end = jnp.exp(-cumulative[:, -1])[..., None, None] * initial_state.astype(dtype)
+        final = final + jnp.where(into_final, s0_end, 0.0)
     return o, final
 
 
-# Per-device contract (S_in = 0, dS_out = 0); the LASP machinery adds the state terms itself.
+# Per-device contract (S_in = 0, dS_end = 0); the LASP machinery adds the state terms itself.
 
 def local_output(q, k, v, rates, scale=1.0):
     return dense(q, k, v, rates, scale=scale)[0].astype(q.dtype)
@@ -194,28 +208,26 @@ def local_backward(q, k, v, rates, do, scale=1.0):
 
 def local_output_tokens(q, k, v, tok, scale=1.0):
     """Per-token contract (states.TokenDecay of the piece): the dense output with S_in = 0, in q's dtype."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    w = _pair_weights(tok.cumulative, tok.counts, hkv)
-    qg, kf, vf, _ = _grouped(q, k, v, jnp.zeros((h,)))
-    scores = jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST) * w
-    return (scale * jnp.einsum("bkgpr,brke->bpkge", scores, vf, precision=_HIGHEST)).reshape(b, t, h, -1).astype(
+    b, t = q.shape[:2]
+    qg, kg, vg = _grouped(jnp.float32, q, k, v)
+    scores = _pairs(jnp.einsum("bpkgd,brkgd->bkgpr", qg, kg, precision=_HIGHEST), tok.cumulative, tok.counts, scale)
+    return jnp.einsum("bkgpr,brkge->bpkge", scores, vg, precision=_HIGHEST).reshape(b, t, -1, v.shape[-1]).astype(
         q.dtype)
 
 
 def local_backward_tokens(q, k, v, tok, do, scale=1.0):
-    """(dq, dk, dv, x) of local_output_tokens; x_t = k_t . dk_t - q_t . dq_t per query head [B, T, H] float32,
+    """(dq, dk, dv, x) of local_output_tokens; x_t = k_t . dk_t - q_t . dq_t per output head [B, T, H] float32,
     from the dense pair terms P[p, r] = scale w[p, r] (q_p . k_r) (dO_p . v_r)."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
+    b, t, _, _ = q.shape
+    h = tok.rates.shape[2]
     _, vjp = jax.vjp(lambda q, k, v: local_output_tokens(q, k, v, tok, scale).astype(jnp.float32), q, k, v)
     dq, dk, dv = vjp(do.astype(jnp.float32))
-    qg, kf, vf, _ = _grouped(q, k, v, jnp.zeros((h,)))
-    dog = do.astype(jnp.float32).reshape(b, t, hkv, -1, v.shape[-1])
-    pairs = scale * _pair_weights(tok.cumulative, tok.counts, hkv) * (
-        jnp.einsum("bpkgd,brkd->bkgpr", qg, kf, precision=_HIGHEST)
-        * jnp.einsum("bpkge,brke->bkgpr", dog, vf, precision=_HIGHEST))
-    x = jnp.sum(pairs, axis=-2) - jnp.sum(pairs, axis=-1)  # [B, Hkv, G, T]
+    qg, kg, vg = _grouped(jnp.float32, q, k, v)
+    dog = states.grouped(do.astype(jnp.float32), qg.shape[2])
+    qk = jnp.einsum("bpkgd,brkgd->bkgpr", qg, kg, precision=_HIGHEST)
+    pairs = _pairs(qk * jnp.einsum("bpkge,brkge->bkgpr", dog, vg, precision=_HIGHEST), tok.cumulative, tok.counts,
+                   scale)
+    x = jnp.sum(pairs, axis=-2) - jnp.sum(pairs, axis=-1)  # [B, Hs, G, T]
     return dq, dk, dv, jnp.moveaxis(x.reshape(b, h, t), 1, 2)
 
 

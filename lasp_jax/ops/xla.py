@@ -11,13 +11,18 @@ non-finite q or k at a later position never reaches an earlier output. T that is
 zero-padded at the *front*: zero keys and values before the sequence add nothing to any state or output, and
 position differences, hence every decay power, are unchanged (tail padding would decay the final state).
 
+Heads: every input is viewed as head groups (states.grouped); scores of a q and a k with one head per group
+are formed once per group and broadcast over its output heads by the decayed mask, and an input's cotangent
+sums its group inside the contraction (states.einsum_to).
+
 Per-token decay and documents (`*_tokens`): each chunk takes its own float32 running sum of the rates, so every
 exponent is minus a sum over at most C positions (never a difference of sums over the whole piece, which would
 lose about ulp(s_0 + ... + s_T) per factor), and every factor is exp of something <= 0; pairs in two documents
-are selected out of the intra-chunk scores, and states past a document start get zero weights (products, not
-selects: a non-finite value in one document still reaches the later ones). Measured against float64 at T = 1000 with rates up to 6:
-1.6e-6 (outputs, dq, dk, dv) and 7.7e-6 (the rates' gradient), from the differences bc_i - bc_j of the chunk's
-running sums (up to 64 x 6); rates below ~0.3: 4e-7.
+are selected out of the intra-chunk scores, and states stop at a document start by selects (the chunk scan's
+combine, the chunk-state products' rows and tokens), so a non-finite value in one document never reaches
+another. Measured against float64 at T = 1000 with rates up to 6: 1.6e-6 (outputs, dq, dk, dv) and 7.7e-6
+(the rates' gradient), from the differences bc_i - bc_j of the chunk's running sums (up to 64 x 6); rates below
+~0.3: 4e-7.
 
 Memory: the chunk states are recomputed in the backward rather than saved; the LASP custom_vjp saves only
 q, k, v and the incoming state.
@@ -60,25 +65,36 @@ def _unchunked(x, t, dtype):
     return x.reshape(b, n * c, *x.shape[3:])[:, n * c - t:].astype(dtype)
 
 
-def _decays(rates, hkv, c, scale):
-    """Per-chunk decay tables for rates [H] viewed as [Hkv, G]; the q side's carry the scale."""
-    rates_g = rates.astype(jnp.float32).reshape(hkv, -1)
+def _chunked_groups(groups, c, *xs):
+    """Each x [B, T, Hx, D] chunked and viewed as head groups: [B, N, C, Hs, Hx / Hs, D] float32."""
+    return tuple(states.grouped(_chunked(x, c), groups) for x in xs)
+
+
+def _heads_back(x, heads, t, dtype):
+    """[B, N, C, Hs, 1 or G, D] (one input's cotangent) -> [B, T, heads, D] in dtype."""
+    return _unchunked(x.reshape(*x.shape[:3], heads, x.shape[-1]), t, dtype)
+
+
+def _decays(rates, groups, c, scale):
+    """Per-chunk decay tables for rates [H] viewed as [Hs, G]; the q side's carry the scale."""
+    rates_g = rates.astype(jnp.float32).reshape(groups, -1)
     i = jnp.arange(c, dtype=jnp.float32)
     gap = i[:, None] - i[None, :]
-    mask = scale * jnp.exp(-rates_g[..., None, None] * jnp.maximum(gap, 0.0))  # [Hkv, G, C, C], used where gap >= 0
-    q_decay = scale * jnp.exp(-rates_g[None] * i[:, None, None])  # [C, Hkv, G]: scale lambda^i
-    k_decay = jnp.exp(-rates_g[None] * (c - i)[:, None, None])  # [C, Hkv, G]: lambda^(C - j)
-    chunk_decay = jnp.exp(-rates_g * c)  # [Hkv, G]: lambda^C
+    mask = scale * jnp.exp(-rates_g[..., None, None] * jnp.maximum(gap, 0.0))  # [Hs, G, C, C], used where gap >= 0
+    q_decay = scale * jnp.exp(-rates_g[None] * i[:, None, None])  # [C, Hs, G]: scale lambda^i
+    k_decay = jnp.exp(-rates_g[None] * (c - i)[:, None, None])  # [C, Hs, G]: lambda^(C - j)
+    chunk_decay = jnp.exp(-rates_g * c)  # [Hs, G]: lambda^C
     return _Causal(gap >= 0, mask), q_decay, k_decay, chunk_decay
 
 
 @dataclasses.dataclass(frozen=True)
 class _Causal:
     """The decayed causal mask: `apply` keeps the scores at or before the diagonal, times their weights, and
-    selects zero elsewhere (a non-finite later score is dropped, not multiplied by zero)."""
+    selects zero elsewhere (a non-finite later score is dropped, not multiplied by zero). Scores of one head per
+    group (q and k both grouped) broadcast over the group's output heads here."""
 
-    keep: jax.Array  # [C, C] bool
-    weights: jax.Array  # [Hkv, G, C, C] float32
+    keep: jax.Array  # [C, C] bool (or [B, N, 1, 1, C, C] with documents)
+    weights: jax.Array  # [Hs, G, C, C] float32 (or [B, N, Hs, G, C, C])
 
     def apply(self, scores):
         return jnp.where(self.keep, scores * self.weights, 0.0)
@@ -89,14 +105,15 @@ def _scan_states(x, chunk_decay, reverse):
 
     Forward: out[n] = sum_{m < n} (prod_{m < i < n} a_i) x[m]; reverse: out[n] = sum_{m > n} (prod_{n < i < m} a_i)
     x[m]; a = lambda^C for every chunk, or each chunk's own decay (per-token rates; 0 where a document starts).
-    x: [B, N, Hkv, G, Dk, Dv]; chunk_decay: [1 or B, 1 or N, Hkv, G].
+    A state crosses a = 0 by a select (states.decayed), so a non-finite state stops at a document start.
+    x: [B, N, Hs, G, Dk, Dv]; chunk_decay: [1 or B, 1 or N, Hs, G].
     """
     n = x.shape[1]
     a = jnp.broadcast_to(chunk_decay[..., None, None], (chunk_decay.shape[0], n, *chunk_decay.shape[2:], 1, 1))
 
     def combine(left, right):
         (a1, s1), (a2, s2) = left, right
-        return a1 * a2, a2 * s1 + s2
+        return a1 * a2, states.decayed(a2, s1) + s2
 
     if reverse:
         _, incl = jax.lax.associative_scan(combine, (a, x), axis=1, reverse=True)
@@ -105,71 +122,78 @@ def _scan_states(x, chunk_decay, reverse):
     return jnp.pad(incl[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0), (0, 0)))
 
 
-def _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv):
-    """State entering each chunk, from zero. kc [B,N,C,Hkv,Dk], vc [B,N,C,Hkv,Dv] -> [B,N,Hkv,G,Dk,Dv]."""
-    kv = jnp.einsum("jkg,bnjkd,bnjke->bnkgde", k_decay, kc, vc, precision=_HIGHEST)
-    return _scan_states(kv, chunk_decay[None, None], reverse=False)
-
-
 def local_output(q, k, v, rates, scale=1.0, config: ChunkConfig = DEFAULT):
-    """Output of the piece with S_in = 0. q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], rates [H] -> [B,T,H,Dv]."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    c = config.chunk_size
-    qc, kc, vc = _chunked(q, c), _chunked(k, c), _chunked(v, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
-    mask, q_decay, k_decay, chunk_decay = _decays(rates, hkv, c, scale)
-    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
-    o = jnp.einsum("bnkgij,bnjke->bnikge", scores, vc, precision=_HIGHEST)
-    s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
+    """Output of the piece with S_in = 0. q [B,T,Hq,Dk], k [B,T,Hk,Dk], v [B,T,Hv,Dv], rates [H] -> [B,T,H,Dv]."""
+    t, n_heads, c = q.shape[1], rates.shape[0], config.chunk_size
+    qc, kc, vc = _chunked_groups(states.head_groups(q, k, v), c, q, k, v)
+    mask, q_decay, k_decay, chunk_decay = _decays(rates, qc.shape[3], c, scale)
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkgd->bnkgij", qc, kc, precision=_HIGHEST))
+    o = jnp.einsum("bnkgij,bnjkge->bnikge", scores, vc, precision=_HIGHEST)
+    kv = jnp.einsum("jkg,bnjkgd,bnjkge->bnkgde", k_decay, kc, vc, precision=_HIGHEST)
+    s_in = _scan_states(kv, chunk_decay[None, None], reverse=False)
     o = o + jnp.einsum("ikg,bnikgd,bnkgde->bnikge", q_decay, qc, s_in, precision=_HIGHEST)
-    return _unchunked(o.reshape(*o.shape[:3], h, -1), t, q.dtype)
+    return _heads_back(o, n_heads, t, q.dtype)
 
 
 local_state = states.local_state
 
 
 def local_backward(q, k, v, rates, do, scale=1.0, config: ChunkConfig = DEFAULT):
-    """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    c = config.chunk_size
-    qc, kc, vc, doc = _chunked(q, c), _chunked(k, c), _chunked(v, c), _chunked(do, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
-    doc = doc.reshape(*doc.shape[:3], hkv, h // hkv, -1)
-    mask, q_decay, k_decay, chunk_decay = _decays(rates, hkv, c, scale)
+    """Cotangents of `local_output` (S_in = 0, dS_end = 0). do [B,T,H,Dv] -> (dq, dk, dv) in input dtypes, each
+    per input head (summed over the output heads that read it, in float32)."""
+    t, c = q.shape[1], config.chunk_size
+    groups = states.head_groups(q, k, v)
+    qc, kc, vc, doc = _chunked_groups(groups, c, q, k, v, do)
+    gq, gk, gv = (x.shape[2] // groups for x in (q, k, v))
+    mask, q_decay, k_decay, chunk_decay = _decays(rates, groups, c, scale)
 
-    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
-    a = mask.apply(jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST))
-    dq = jnp.einsum("bnkgij,bnjkd->bnikgd", a, kc, precision=_HIGHEST)
-    dk = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
-    dv = jnp.einsum("bnkgij,bnikge->bnjke", scores, doc, precision=_HIGHEST)
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkgd->bnkgij", qc, kc, precision=_HIGHEST))
+    a = mask.apply(jnp.einsum("bnikge,bnjkge->bnkgij", doc, vc, precision=_HIGHEST))
+    dq = states.einsum_to("bnkgij,bnjkgd->bnikgd", a, kc, group=gq, precision=_HIGHEST)
+    dk = states.einsum_to("bnkgij,bnikgd->bnjkgd", a, qc, group=gk, precision=_HIGHEST)
+    dv = states.einsum_to("bnkgij,bnikge->bnjkge", scores, doc, group=gv, precision=_HIGHEST)
 
-    s_in = _chunk_states_in(kc, vc, k_decay, chunk_decay, hkv)
-    dq = dq + jnp.einsum("ikg,bnikge,bnkgde->bnikgd", q_decay, doc, s_in, precision=_HIGHEST)
+    kv = jnp.einsum("jkg,bnjkgd,bnjkge->bnkgde", k_decay, kc, vc, precision=_HIGHEST)
+    s_in = _scan_states(kv, chunk_decay[None, None], reverse=False)
+    dq = dq + states.einsum_to("ikg,bnikge,bnkgde->bnikgd", q_decay, doc, s_in, group=gq, precision=_HIGHEST)
     d_chunk = jnp.einsum("ikg,bnikgd,bnikge->bnkgde", q_decay, qc, doc, precision=_HIGHEST)
     ds_out = _scan_states(d_chunk, chunk_decay[None, None], reverse=True)
-    dk = dk + jnp.einsum("jkg,bnjke,bnkgde->bnjkd", k_decay, vc, ds_out, precision=_HIGHEST)
-    dv = dv + jnp.einsum("jkg,bnjkd,bnkgde->bnjke", k_decay, kc, ds_out, precision=_HIGHEST)
-
-    dq = _unchunked(dq.reshape(*dq.shape[:3], h, dim_k), t, q.dtype)
-    return dq, _unchunked(dk, t, k.dtype), _unchunked(dv, t, v.dtype)
+    dk = dk + states.einsum_to("jkg,bnjkge,bnkgde->bnjkgd", k_decay, vc, ds_out, group=gk, precision=_HIGHEST)
+    dv = dv + states.einsum_to("jkg,bnjkgd,bnkgde->bnjkge", k_decay, kc, ds_out, group=gv, precision=_HIGHEST)
+    return tuple(_heads_back(dx, x.shape[2], t, x.dtype) for dx, x in ((dq, q), (dk, k), (dv, v)))
 
 
 # Per-token decay and documents (the piece's states.TokenDecay). The same chunk formulas with the decay of each
 # chunk from its own running sum bc_i = s_0 + ... + s_i (chunk-local, float32): pair (i, j <= i) weighs
 # exp(-(bc_i - bc_j)), the chunk's incoming state reaches i as exp(-bc_i), j's share of the chunk's outgoing state
 # is exp(-ec_j) (ec_j = s_(j+1) + ... + s_(C-1), its own sum), and the chunk decays a state by exp(-bc_(C-1)).
-# Documents: a pair (i, j) in two documents is selected out, a chunk holding a start passes no state on (a = 0),
-# positions from a start on do not see the incoming state, and those before the chunk's last start are not in
-# its outgoing state.
+# Documents: a pair (i, j) in two documents is selected out, a chunk holding a start passes no state on (a = 0,
+# selected in the scan), positions from a start on do not see the incoming state, and those before the chunk's
+# last start are not in its outgoing state: both by selects on the tokens or products (`_Sides.select`), never a
+# zero weight times a value, so a non-finite value stays in its document.
 
-def _token_tables(tok, hkv, c, scale):
-    """(causal mask [B,N,Hkv,G,C,C], q-side [B,N,C,Hkv,G] with the scale, k-side [B,N,C,Hkv,G], chunk decay
-    [B,N,Hkv,G]) from the piece's TokenDecay, front-padded like the tokens (zero rates, no starts)."""
+@dataclasses.dataclass(frozen=True)
+class _Sides:
+    """The chunk-state tables of per-token decay: weights [B, N, C, Hs, G] (q side with the scale) and the
+    positions [B, N, C] bool where they may be nonzero (the incoming state reaches i; j is in the outgoing one)."""
+
+    q_weight: jax.Array
+    k_weight: jax.Array
+    q_keep: jax.Array
+    k_keep: jax.Array
+
+    @staticmethod
+    def select(x, keep):
+        """x [B, N, C, ...] with the positions outside keep selected to 0."""
+        return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 3)), x, 0.0)
+
+
+def _token_tables(tok, groups, c, scale):
+    """(causal mask [B,N,Hs,G,C,C], the chunk-state `_Sides`, chunk decay [B,N,Hs,G]) from the piece's
+    TokenDecay, front-padded like the tokens (zero rates, no starts)."""
     rates = _chunked(tok.rates[..., None], c)[..., 0]  # [B, N, C, H]
     b, n = rates.shape[:2]
-    rates = rates.reshape(b, n, c, hkv, -1)
+    rates = rates.reshape(b, n, c, groups, -1)
     counts = _chunked(tok.counts[..., None, None], c)[..., 0, 0]  # [B, N, C]; the padding counts 0 starts
     before = jnp.pad(counts[:, :-1, -1:], ((0, 0), (1, 0), (0, 0)))  # [B, N, 1]: the count before each chunk
     bc = jnp.cumsum(rates, axis=2)
@@ -177,65 +201,73 @@ def _token_tables(tok, hkv, c, scale):
     ec = jnp.flip(jnp.cumsum(jnp.flip(later, 2), axis=2), 2)
     keep = (jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]) & (counts[:, :, :, None] == counts[:, :, None, :])
     keep = keep[:, :, None, None]  # [B, N, 1, 1, C, C]
-    gap = jnp.moveaxis(bc[:, :, :, None] - bc[:, :, None, :], (2, 3), (4, 5))  # [B, N, Hkv, G, C, C]
+    gap = jnp.moveaxis(bc[:, :, :, None] - bc[:, :, None, :], (2, 3), (4, 5))  # [B, N, Hs, G, C, C]
     weights = scale * jnp.exp(-jnp.where(keep, gap, 0.0))
-    q_side = scale * jnp.where((counts == before)[..., None, None], jnp.exp(-bc), 0.0)
-    k_side = jnp.where((counts == counts[:, :, -1:])[..., None, None], jnp.exp(-ec), 0.0)
+    q_keep, k_keep = counts == before, counts == counts[:, :, -1:]
+    sides = _Sides(q_weight=scale * jnp.where(q_keep[..., None, None], jnp.exp(-bc), 0.0),
+                   k_weight=jnp.where(k_keep[..., None, None], jnp.exp(-ec), 0.0), q_keep=q_keep, k_keep=k_keep)
     chunk_decay = jnp.where((counts[:, :, -1] == before[:, :, 0])[..., None, None], jnp.exp(-bc[:, :, -1]), 0.0)
-    return _Causal(keep, weights), q_side, k_side, chunk_decay
+    return _Causal(keep, weights), sides, chunk_decay
+
+
+def _chunk_sums(sides, kc, vc):
+    """Each chunk's own end state sum_j k_weight_j k_j^T v_j over its last document [B, N, Hs, G, Dk, Dv]."""
+    kc, vc = sides.select(kc, sides.k_keep), sides.select(vc, sides.k_keep)
+    return jnp.einsum("bnjkg,bnjkgd,bnjkge->bnkgde", sides.k_weight, kc, vc, precision=_HIGHEST)
+
+
+def _incoming(sides, qc, s_in):
+    """q_weight_i q_i S_in per output head, selected to 0 where S_in does not reach i -> [B, N, C, Hs, G, Dv]."""
+    o_in = jnp.einsum("bnikgd,bnkgde->bnikge", qc, s_in, precision=_HIGHEST) * sides.q_weight[..., None]
+    return sides.select(o_in, sides.q_keep)
 
 
 def local_output_tokens(q, k, v, tok, scale=1.0, config: ChunkConfig = DEFAULT):
-    """Output of the piece with S_in = 0 under per-token decay and documents: q [B,T,H,Dk], k [B,T,Hkv,Dk],
-    v [B,T,Hkv,Dv], tok a states.TokenDecay -> [B,T,H,Dv] in q's dtype."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    c = config.chunk_size
-    qc, kc, vc = _chunked(q, c), _chunked(k, c), _chunked(v, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
-    mask, q_side, k_side, chunk_decay = _token_tables(tok, hkv, c, scale)
-    scores = mask.apply(jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST))
-    o = jnp.einsum("bnkgij,bnjke->bnikge", scores, vc, precision=_HIGHEST)
-    kv = jnp.einsum("bnjkg,bnjkd,bnjke->bnkgde", k_side, kc, vc, precision=_HIGHEST)
-    s_in = _scan_states(kv, chunk_decay, reverse=False)
-    o = o + jnp.einsum("bnikg,bnikgd,bnkgde->bnikge", q_side, qc, s_in, precision=_HIGHEST)
-    return _unchunked(o.reshape(*o.shape[:3], h, -1), t, q.dtype)
+    """Output of the piece with S_in = 0 under per-token decay and documents: q [B,T,Hq,Dk], k [B,T,Hk,Dk],
+    v [B,T,Hv,Dv], tok a states.TokenDecay -> [B,T,H,Dv] in q's dtype."""
+    t, n_heads, c = q.shape[1], tok.rates.shape[2], config.chunk_size
+    groups = states.head_groups(q, k, v)
+    qc, kc, vc = _chunked_groups(groups, c, q, k, v)
+    mask, sides, chunk_decay = _token_tables(tok, groups, c, scale)
+    scores = mask.apply(jnp.einsum("bnikgd,bnjkgd->bnkgij", qc, kc, precision=_HIGHEST))
+    o = jnp.einsum("bnkgij,bnjkge->bnikge", scores, vc, precision=_HIGHEST)
+    s_in = _scan_states(_chunk_sums(sides, kc, vc), chunk_decay, reverse=False)
+    return _heads_back(o + _incoming(sides, qc, s_in), n_heads, t, q.dtype)
 
 
 def local_backward_tokens(q, k, v, tok, do, scale=1.0, config: ChunkConfig = DEFAULT):
-    """Cotangents of `local_output_tokens` (S_in = 0, dS_end = 0): (dq, dk, dv) in input dtypes and x [B,T,H]
-    float32, x_t = k_t . dk_t - q_t . dq_t per query head (the piece's pairs only), the terms whose per-document
-    suffix sums are the decay gradient (vjp.attend_tokens)."""
-    b, t, h, dim_k = q.shape
-    hkv = k.shape[2]
-    c = config.chunk_size
-    qc, kc, vc, doc = _chunked(q, c), _chunked(k, c), _chunked(v, c), _chunked(do, c)
-    qc = qc.reshape(*qc.shape[:3], hkv, h // hkv, dim_k)
-    doc = doc.reshape(*doc.shape[:3], hkv, h // hkv, -1)
-    mask, q_side, k_side, chunk_decay = _token_tables(tok, hkv, c, scale)
+    """Cotangents of `local_output_tokens` (S_in = 0, dS_end = 0): (dq, dk, dv) in input dtypes, per input head,
+    and x [B,T,H] float32, x_t = k_t . dk_t - q_t . dq_t per output head (the piece's pairs only), the terms whose
+    per-document suffix sums are the decay gradient (vjp.attend_tokens)."""
+    t, n_heads, c = q.shape[1], tok.rates.shape[2], config.chunk_size
+    groups = states.head_groups(q, k, v)
+    qc, kc, vc, doc = _chunked_groups(groups, c, q, k, v, do)
+    gq, gk, gv = (x.shape[2] // groups for x in (q, k, v))
+    mask, sides, chunk_decay = _token_tables(tok, groups, c, scale)
 
-    qk = jnp.einsum("bnikgd,bnjkd->bnkgij", qc, kc, precision=_HIGHEST)
-    dov = jnp.einsum("bnikge,bnjke->bnkgij", doc, vc, precision=_HIGHEST)
+    qk = jnp.einsum("bnikgd,bnjkgd->bnkgij", qc, kc, precision=_HIGHEST)
+    dov = jnp.einsum("bnikge,bnjkge->bnkgij", doc, vc, precision=_HIGHEST)
     scores, a, pairs = mask.apply(qk), mask.apply(dov), mask.apply(qk * dov)
-    dq = jnp.einsum("bnkgij,bnjkd->bnikgd", a, kc, precision=_HIGHEST)
-    dk = jnp.einsum("bnkgij,bnikgd->bnjkd", a, qc, precision=_HIGHEST)
-    dv = jnp.einsum("bnkgij,bnikge->bnjke", scores, doc, precision=_HIGHEST)
-    x = jnp.moveaxis(jnp.sum(pairs, axis=-2) - jnp.sum(pairs, axis=-1), -1, 2)  # [B, N, C, Hkv, G]
+    dq = states.einsum_to("bnkgij,bnjkgd->bnikgd", a, kc, group=gq, precision=_HIGHEST)
+    dk = states.einsum_to("bnkgij,bnikgd->bnjkgd", a, qc, group=gk, precision=_HIGHEST)
+    dv = states.einsum_to("bnkgij,bnikge->bnjkge", scores, doc, group=gv, precision=_HIGHEST)
+    x = jnp.moveaxis(jnp.sum(pairs, axis=-2) - jnp.sum(pairs, axis=-1), -1, 2)  # [B, N, C, Hs, G]
 
-    kv = jnp.einsum("bnjkg,bnjkd,bnjke->bnkgde", k_side, kc, vc, precision=_HIGHEST)
-    s_in = _scan_states(kv, chunk_decay, reverse=False)
-    o_in = q_side[..., None] * jnp.einsum("bnikgd,bnkgde->bnikge", qc, s_in, precision=_HIGHEST)
-    dq = dq + jnp.einsum("bnikg,bnikge,bnkgde->bnikgd", q_side, doc, s_in, precision=_HIGHEST)
-    d_chunk = jnp.einsum("bnikg,bnikgd,bnikge->bnkgde", q_side, qc, doc, precision=_HIGHEST)
+    s_in = _scan_states(_chunk_sums(sides, kc, vc), chunk_decay, reverse=False)
+    dq_in = states.einsum_to("bnikg,bnikge,bnkgde->bnikgd", sides.q_weight, doc, s_in, group=gq, precision=_HIGHEST)
+    dq = dq + sides.select(dq_in, sides.q_keep)
+    qs, dos = sides.select(qc, sides.q_keep), sides.select(doc, sides.q_keep)
+    d_chunk = jnp.einsum("bnikg,bnikgd,bnikge->bnkgde", sides.q_weight, qs, dos, precision=_HIGHEST)
     ds_out = _scan_states(d_chunk, chunk_decay, reverse=True)
-    kg = jnp.einsum("bnjkd,bnkgde->bnjkge", kc, ds_out, precision=_HIGHEST)
-    dk = dk + jnp.einsum("bnjkg,bnjke,bnkgde->bnjkd", k_side, vc, ds_out, precision=_HIGHEST)
-    dv = dv + jnp.einsum("bnjkg,bnjkd,bnkgde->bnjke", k_side, kc, ds_out, precision=_HIGHEST)
-    x = x + k_side * jnp.sum(kg * vc[:, :, :, :, None], axis=-1) - jnp.sum(o_in * doc, axis=-1)
+    dk_out = states.einsum_to("bnjkg,bnjkge,bnkgde->bnjkgd", sides.k_weight, vc, ds_out, group=gk, precision=_HIGHEST)
+    dv_out = states.einsum_to("bnjkg,bnjkgd,bnkgde->bnjkge", sides.k_weight, kc, ds_out, group=gv, precision=_HIGHEST)
+    dk, dv = dk + sides.select(dk_out, sides.k_keep), dv + sides.select(dv_out, sides.k_keep)
+    kg = jnp.einsum("bnjkgd,bnkgde->bnjkge", kc, ds_out, precision=_HIGHEST)  # k_j G per output head
+    x = x + sides.select(sides.k_weight * jnp.sum(kg * vc, axis=-1), sides.k_keep)
+    x = x - jnp.sum(_incoming(sides, qc, s_in) * doc, axis=-1)
 
-    dq = _unchunked(dq.reshape(*dq.shape[:3], h, dim_k), t, q.dtype)
-    x = _unchunked(x.reshape(*x.shape[:3], h), t, jnp.float32)
-    return dq, _unchunked(dk, t, k.dtype), _unchunked(dv, t, v.dtype), x
+    x = _unchunked(x.reshape(*x.shape[:3], n_heads), t, jnp.float32)
+    return (*(_heads_back(dx, y.shape[2], t, y.dtype) for dx, y in ((dq, q), (dk, k), (dv, v))), x)
 
 
 def supported(q, k, v) -> str | None:

@@ -52,8 +52,9 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
     """Sequence-parallel `linear_attention` (same math, same shapes) over the mesh axis `seq_axis`.
 
     Args:
-      q: [B, T, H, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv], global shapes, T sharded over `seq_axis`.
-        T must divide by the size W of that axis.
+      q: [B, T, Hq, Dk]; k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv], global shapes, T sharded over `seq_axis`.
+        T must divide by the size W of that axis. Heads as in linear_attention: H = max(Hq, Hv) output heads,
+        MHA, GQA / MQA or GVA (q and k with fewer heads than v), never repeated in memory.
       decay: None, [H] constant rates >= 0 (a constant for autodiff: zero cotangent), or [B, T, H] per-token rates
         >= 0 (differentiable; sharded like q's first three axes). Traced, a bad rate makes its head NaN (per-token:
         the outputs of its row's head from its position on), as in linear_attention.
@@ -66,11 +67,11 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
         Called where `seq_axis` is already manual (inside the caller's own shard_map), q, k, v (and decay,
         segment_ids) are the local pieces and no shard_map is added.
       strategy: "ring" (LASP: W-1 hops), "allgather" (LASP-2: one all_gather) or "scan" (ceil(log2 W) hops).
-      impl: the per-device implementation, as for linear_attention (per-token decay and segment_ids: "xla" or
-        "reference"; "auto" takes "xla").
+      impl: the per-device implementation, as for linear_attention (per-token decay, segment_ids and GVA heads:
+        "xla" or "reference"; "auto" takes "xla").
       batch_axes: the mesh axis (a name) or axes B is sharded over; default: how q's batch dim is already
         sharded (Explicit mesh, or a committed q outside jit), else every other mesh axis. Heads sharded over
-        other axes stay sharded: each device attends over its own heads when H and Hkv split evenly.
+        other axes stay sharded: each device attends over its own heads when every head count splits evenly.
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q: on an Explicit mesh (also under jit) and for a committed q
       outside jit; under jit on an Auto mesh XLA's sharding propagation places it.
@@ -78,7 +79,8 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
     rates = checks.attention_inputs(q, k, v, decay)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {sorted(STRATEGIES)}")
-    b, t, h = q.shape[:3]
+    b, t = q.shape[:2]
+    h = checks.output_heads(q, v)
     ids = checks.segment_ids(segment_ids, b, t)
     if rates.ndim == 1 and ids is not None:  # no initial or final state here: the broadcast rates are the same math
         rates = jax.lax.stop_gradient(jnp.broadcast_to(rates, (b, t, h)))

@@ -45,8 +45,9 @@ def place(q, k, v, mesh, seq_axis: str, batch_axes):
 
     batch_axes: the mesh axes B is sharded over (a name or a sequence of names); default: how q's batch dim is
     already sharded (on an Explicit mesh, or a committed q outside jit), else every other mesh axis. heads: the
-    axes q's heads are sharded over (known as for batch) when H and Hkv split evenly over them and batch and seq
-    do not use them (heads are independent, so each device attends over its own heads), else ().
+    axes q's heads are sharded over (known as for batch) when every head count (q's, k's, v's) splits evenly over
+    them and batch and seq do not use them (heads are independent, so each device attends over its own heads:
+    output-head shard i reads exactly shard i of each input), else ().
     """
     w = mesh.shape[seq_axis]
     b, t, h = q.shape[:3]
@@ -70,7 +71,9 @@ def place(q, k, v, mesh, seq_axis: str, batch_axes):
     if b % n_batch:
         raise ValueError(f"batch B={b} must be divisible by the batch axes {batch_axes} (size {n_batch}); "
                          "pass batch_axes=() to replicate the batch over them")
-    heads = placement.head_axes(q_spec, mesh, h, k.shape[2], taken=(*batch_axes, seq_axis)) if q_spec else ()
+    fewest = min(x.shape[2] for x in (q, k, v))  # the other head counts are multiples of it
+    heads = placement.head_axes(q_spec, mesh, max(h, v.shape[2]), fewest, taken=(*batch_axes, seq_axis)) \
+        if q_spec else ()
     spec = P(placement.entry(batch_axes), seq_axis, placement.entry(heads), None)
     if explicit:
         q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))

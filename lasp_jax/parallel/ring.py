@@ -4,14 +4,14 @@ Every rank sends in every round (SPMD), and after round t rank r holds the decay
 it; after W-1 rounds that is the whole exclusive prefix. Each round moves one [B, H, Dk, Dv] state per rank.
 A rank decays what passes through it by its own a = exp(-rate) (rate [H], the same on every rank, or [B, H], the
 rank's own log-decay: per-token rates, +inf (a = 0) where a document starts in the rank), so the same hops serve
-both.
+both. A state crosses a = 0 by a select (states.decayed): a non-finite state stops at a document start.
 """
 
 from __future__ import annotations
 
 import jax
 
-from lasp_jax.ops.states import decay_pow
+from lasp_jax.ops.states import decay_pow, decayed
 
 
 def _ring(x, rate, axis_name, axis_size, step):
@@ -21,7 +21,7 @@ def _ring(x, rate, axis_name, axis_size, step):
     received, carry = jax.numpy.zeros_like(x), x
     for _ in range(axis_size - 1):
         received = jax.lax.ppermute(carry, axis_name, pairs)
-        carry = a * received + x
+        carry = decayed(a, received) + x
     return received
 
 

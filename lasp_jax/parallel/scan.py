@@ -5,14 +5,15 @@ Each rank keeps an inclusive partial I (covering the last k ranks up to itself) 
 [r-2k+1, r-k], and extends both:  E += a^(k-1) I_recv,  I += a^k I_recv.  After the last round E spans every
 rank before r: the exclusive prefix, with no extra shift and no division by a (which can underflow to 0).
 With per-rank decays (per-token rates) the partials carry their log-decays (sums of the ranks' rate sums, +inf
-past a document start) and send them along: one [B, H] array beside each state.
+past a document start) and send them along: one [B, H] array beside each state; a received state crosses a
+zero decay by a select (states.decayed), so a non-finite state stops at a document start.
 """
 
 from __future__ import annotations
 
 import jax
 
-from lasp_jax.ops.states import decay_pow
+from lasp_jax.ops.states import decay_pow, decayed
 
 
 def _scan(x, rate, axis_name, axis_size, direction):
@@ -36,8 +37,8 @@ def _scan_pairs(x, rate, axis_name, axis_size, direction):
     while k < axis_size:
         pairs = [(i, i + k) if direction > 0 else (i + k, i) for i in range(axis_size - k)]
         received, log_received = jax.lax.ppermute((inclusive, log_in), axis_name, pairs)
-        exclusive = exclusive + decay_pow(log_ex, 1)[:, :, None, None] * received
-        inclusive = inclusive + decay_pow(log_in, 1)[:, :, None, None] * received
+        exclusive = exclusive + decayed(decay_pow(log_ex, 1)[:, :, None, None], received)
+        inclusive = inclusive + decayed(decay_pow(log_in, 1)[:, :, None, None], received)
         log_ex, log_in = log_ex + log_received, log_in + log_received
         k *= 2
     return exclusive
