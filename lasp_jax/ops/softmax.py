@@ -8,11 +8,12 @@ so the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` 
 positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.parallel.softmax_allgather) and a KV
 cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
 
-cuDNN (impl="cudnn", or "auto" where it applies: a GPU, bf16/fp16, queries at positions 0..L-1 of L keys): its
-own causal mask without documents; with documents a dense [B, 1, L, S] boolean mask, which cuDNN reads as an
-additive bias of L * S elements per row (jax.nn.dot_product_attention has no packed-document form), so "auto"
-keeps documents on the blockwise path. `implementation=None` is not used: in jax 0.11.2 it is the XLA
-reference, which holds the whole [B, H, L, S] scores.
+cuDNN (impl="cudnn", or "auto" where it applies: a GPU, bf16/fp16, queries at positions 0..L-1 of L keys, one
+device's call): its own causal mask without documents; with documents a dense [B, 1, L, S] boolean mask, which
+cuDNN reads as an additive bias of L * S elements per row (jax.nn.dot_product_attention has no packed-document
+form), so "auto" keeps documents on the blockwise path (benchmarks/softmax_gpu.py measures both).
+`implementation=None` is not used: in jax 0.11.2 it is the XLA reference, which holds the whole [B, H, L, S]
+scores.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
       block_q, block_k: blockwise block sizes (lengths that do not divide are padded with masked positions).
       impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention: a GPU, bf16/fp16, q_offset 0 and
         L = S when it is traced; a ValueError otherwise) or "auto": cudnn where it applies without a dense mask
-        (a GPU, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S), blockwise otherwise.
+        (a GPU, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S, one device's call: no ambient mesh
+        of several devices unless inside a shard_map over all its axes), blockwise otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -98,9 +100,13 @@ def document_numbers(ids: jax.Array) -> jax.Array:
 
 
 def _cudnn_applies(q, k, docs, q_offset) -> bool:
-    """Whether "auto" takes cuDNN: see causal_softmax_attention's impl."""
-    return (jax.default_backend() == "gpu" and docs is None and isinstance(q_offset, int) and q_offset == 0
-            and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype)
+    """Whether "auto" takes cuDNN: see causal_softmax_attention's impl. Only where the call is per device (no
+    ambient mesh of several devices, or every axis manual): how XLA partitions cuDNN's custom call over a
+    sharded batch is not measured yet."""
+    mesh = jax.sharding.get_abstract_mesh()
+    per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
+    return (jax.default_backend() == "gpu" and per_device and docs is None and isinstance(q_offset, int)
+            and q_offset == 0 and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype)
 
 
 def _cudnn(q, k, v, docs, q_offset, scale):

@@ -23,7 +23,7 @@ import models
 from lasp_jax.ops.softmax import causal_softmax_attention
 from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from tests.models import helpers
-from tests.util import F32_TOL, dense_causal_softmax, qkv, rel_err
+from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, qkv, rel_err
 
 T, DOC = 24, 9
 DOC_TOL = 2e-7  # D's logits between its two offsets: 7.3e-8 worst measured (seeds 0-2; RoPE's angles differ)
@@ -143,3 +143,30 @@ def test_bad_segment_ids_are_refused(rng):
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="segment_ids must be None or an integer array"):
         model(helpers.tokens(rng, t=8), segment_ids=jnp.zeros((2, 8), jnp.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("docs", [False, True], ids=["causal", "documents"])
+def test_cudnn_matches_blockwise(docs, rng):
+    """impl="cudnn" (bf16) against the blockwise path on the fp32-upcast inputs: the output and dq, dk, dv, for
+    queries from position 0 and from a global offset (LASP-2H's case, a dense mask); "auto" equals cudnn."""
+    q, k, v = qkv(rng, 2, 256, 8, 2, 64, 64, dtype=jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    ids = jnp.asarray(np.cumsum(rng.uniform(size=(2, 256)) < 0.02, axis=1), jnp.int32) if docs else None
+
+    def grads(impl, q, k, v, offset=0):
+        def loss(q, k, v):
+            o = causal_softmax_attention(q[:, offset:], k, v, segment_ids=ids, q_offset=offset, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * w[:, offset:]), o
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    for offset in (0, 96):
+        (_, o), g = grads("cudnn", q, k, v, offset)
+        (_, o_ref), g_ref = grads("blockwise", *f32, offset)
+        assert rel_err(o, o_ref) < BF16_TOL
+        for name, a, b in zip("qkv", g, g_ref):
+            assert rel_err(a, b) < BF16_TOL, f"d{name} at offset {offset}"
+    np.testing.assert_array_equal(causal_softmax_attention(q, k, v, segment_ids=ids, impl="auto"),
+                                  causal_softmax_attention(q, k, v, segment_ids=ids,
+                                                           impl="blockwise" if docs else "cudnn"))
