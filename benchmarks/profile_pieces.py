@@ -1,6 +1,6 @@
 """Where the fused kernel path's time goes: each stage of `lasp_jax.ops.pieces.forward` and `backward` timed alone
 under jit, the whole forward and forward+backward through `lasp_jax.linear_attention`, and the piece scans'
-former select formula (a copy kept here only) next to the library's matmul.
+former select formula (a copy kept here only) and two other forms next to the library's matmul.
 
     python3 -m benchmarks.profile_pieces --out DIR [--impls pallas_mosaic,pallas_triton]
         [--shapes 1x65536x16x128,8x8192x32x128] [--iters 20] [--reps 5] [--copy-mib 2048]
@@ -13,9 +13,10 @@ nor end cotangent, so the scans take no boundary state):
 Each is its own jitted call on the previous stage's results (computed once, untimed), so the rows add up to the
 driver's work without its fusion across stages; "forward (sum)" and "backward (sum)" add them, next to the whole
 forward and forward+backward through linear_attention (impl named, scale as an argument). The scans also run in
-two other forms, on the same sums, for comparison: "select" (the formula before the matmul: a select over
-[B, H, P, P, Dk, Dv] summed over one P axis) and "matmul, no routing" (the matmul on the raw sums: what the
-non-finite routing costs; not NaN-isolating). Their rel_err is against the library's scan.
+three other forms, on the same sums, for comparison: "select" (the formula before the matmul: a select over
+[B, H, P, P, Dk, Dv] summed over one P axis), "matmul, no routing" (the matmul on the raw sums: what the
+non-finite routing costs; not NaN-isolating) and "recurrence" (S_(p+1) = a S_p + m_p unrolled, stacked). Their
+rel_err is against the library's scan.
 
 Timing: `measure.median_ms` (back-to-back calls, median of rounds). floor_ms: the bytes a stage must move at the
 least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written)
@@ -76,6 +77,17 @@ def unrouted_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
     return jnp.einsum(spec, w, sums.reshape(b, h, n, -1), precision=_HIGHEST).reshape(sums.shape)
 
 
+def recurrence_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
+    """The scan as its recurrence, S_(p+1) = a S_p + m_p (a = lambda^L), unrolled over the pieces and stacked:
+    NaN-isolating by construction; as fast as XLA fuses it."""
+    a = jnp.exp(-rates * plan.piece_len)[None, :, None, None]
+    state, out = jnp.zeros_like(sums[:, :, 0]), [None] * plan.pieces
+    for p in reversed(range(plan.pieces)) if reverse else range(plan.pieces):
+        out[p] = state
+        state = a * state + sums[:, :, p]
+    return jnp.stack(out, axis=2)
+
+
 def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float) -> list[dict]:
     """The rows of one impl at one shape (see the module docstring)."""
     backend = impls.IMPLS[impl]
@@ -108,7 +120,8 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float) -> list
         """The library's scan and the two comparison forms; returns the library's result."""
         library = pieces.leaving if reverse else pieces.entering
         got = time_it(name, lambda x, s: library(x, None, s, plan), (sums, rates), 2 * piece_sums)
-        for label, form in (("select", select_scan), ("matmul, no routing", unrouted_scan)):
+        for label, form in (("select", select_scan), ("matmul, no routing", unrouted_scan),
+                            ("recurrence", recurrence_scan)):
             time_it(f"{name} ({label})", lambda x, s, form=form: form(x, s, plan, reverse=reverse), (sums, rates),
                     2 * piece_sums, ref=got)
         return got

@@ -132,11 +132,11 @@ def test_a_wrong_decay_shape_is_named():
 
 def test_the_former_select_formula_agrees(rng):
     """The scans the profile (benchmarks/profile_pieces.py) times against the library's: the select over
-    [B, H, P, P, Dk, Dv] that the matmul replaced, and the matmul without its non-finite routing."""
+    [B, H, P, P, Dk, Dv] that the matmul replaced, the matmul without its non-finite routing, the recurrence."""
     n = 7
     sums, _ = _inputs(rng, n)
     rates = DECAYS["constant"](rng, n)
     for reverse, library in ((False, pieces.entering), (True, pieces.leaving)):
         want = np.asarray(library(sums, None, rates, _plan(n)), np.float64)
-        for form in (profile_pieces.select_scan, profile_pieces.unrouted_scan):
+        for form in (profile_pieces.select_scan, profile_pieces.unrouted_scan, profile_pieces.recurrence_scan):
             assert _rel(form(sums, rates, _plan(n), reverse=reverse), want) < TOL
