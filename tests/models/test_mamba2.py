@@ -73,6 +73,7 @@ CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy
     ("mamba2-tiny", (1, 3), False, "allgather"),
     ("mamba2-tiny", (2, 3), True, "scan"),
     ("mamba2-tiny-hybrid", (2, 3), False, "ring"),
+    ("mamba2-tiny", (2, 1), True, "ring"),  # data parallel only: the convolution on a size-1 seq axis
 ]
 
 
@@ -86,10 +87,12 @@ def test_mesh_equals_one_device(name, shape, explicit, strategy):
         sstate = helpers.shard_state(state, mesh)
         args = [helpers.shard_batch(x, mesh) for x in batch]
         (loss, logits), grads = loss_grads_logits(graphdef)(sstate, *args)
-    assert logits.sharding.spec[1] == "seq"
-    assert abs(float(loss) - float(ref_loss)) <= 2e-5 * abs(float(ref_loss))
-    assert helpers.max_rel(logits, ref_logits) < 2e-5
-    assert helpers.max_rel(grads, ref_grads) < 1e-4
+    assert logits.sharding.spec[1] == ("seq" if shape[1] > 1 else None)
+    # Measured (parameter seeds 0-4): the loss equal, logits 3.0e-7, gradients 2.3e-6 (A_log's and dt_bias's,
+    # sums over every position of per-token terms; the matrices' 6e-7).
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    assert helpers.max_rel(logits, ref_logits) < 8e-7
+    assert helpers.max_rel(grads, ref_grads) < 6e-6
 
 
 def test_a_document_does_not_see_what_precedes_it(rng):
@@ -103,11 +106,20 @@ def test_a_document_does_not_see_what_precedes_it(rng):
     rows = jnp.concatenate([jnp.concatenate([before, doc], 1), jnp.concatenate([other_before, doc], 1),
                             jnp.concatenate([doc, after], 1)])
     ids = _segment_ids(((12,), (12,), (12,)))
-    logits = np.asarray(forward(state, rows, ids))
-    np.testing.assert_allclose(logits[1, 12:], logits[0, 12:], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(logits[2, :12], logits[0, 12:], rtol=0, atol=1e-5)
+    logits = np.asarray(forward(state, rows, ids))  # |logits| about 0.4
+    # Measured (seeds 0-2): 6e-8 apart; without the ids 0.067 or more.
+    np.testing.assert_allclose(logits[1, 12:], logits[0, 12:], rtol=0, atol=2e-7)
+    np.testing.assert_allclose(logits[2, :12], logits[0, 12:], rtol=0, atol=2e-7)
     joined = np.asarray(forward(state, rows, None))
-    assert np.abs(joined[1, 12:] - joined[0, 12:]).max() > 1e-3
+    assert np.abs(joined[1, 12:] - joined[0, 12:]).max() > 1e-2
+
+
+def test_bad_segment_ids_are_a_clear_error():
+    model = models.build_model(_tiny(n_layers=1), rngs=nnx.Rngs(0))
+    tok = jnp.zeros((2, 8), jnp.int32)
+    for bad in (jnp.zeros((2, 7), jnp.int32), jnp.zeros((2, 8), jnp.float32), [[0] * 8] * 2):
+        with pytest.raises(ValueError, match=r"segment_ids must be None or an integer array \[B, T\] = \[2, 8\]"):
+            model(tok, segment_ids=bad)
 
 
 @pytest.mark.parametrize("name", ["mamba2-tiny", "mamba2-tiny-hybrid"])
@@ -116,8 +128,9 @@ def test_decode_equals_full_forward(name, rng):
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     tok = helpers.tokens(rng, b=2, t=12)
     full, stepwise, after_prefill = _full_and_stepwise(*nnx.split(model), tok)
-    assert helpers.max_rel(stepwise, full) < 2e-5
-    assert helpers.max_rel(after_prefill, full[:, 5:11]) < 2e-5
+    # Measured (seeds 0-2): 2.4e-7 at most.
+    assert helpers.max_rel(stepwise, full) < 6e-7
+    assert helpers.max_rel(after_prefill, full[:, 5:11]) < 6e-7
     # Constant memory: the SSD state and the convolution's last W-1 inputs, whatever max_len.
     state = model.init_decode_state(2, 1000)
     for i, s in enumerate(state["layers"]):
