@@ -12,7 +12,8 @@ nor end cotangent, so the scans take no boundary state):
     backward  state_sums(Q, dO), boundary_sum (start), leaving, gradient walks
 Each is its own jitted call on the previous stage's results (computed once, untimed), so the rows add up to the
 driver's work without its fusion across stages; "forward (sum)" and "backward (sum)" add them, next to the whole
-forward and forward+backward through linear_attention (impl named, scale as an argument). The scans also run in
+forward and forward+backward through linear_attention (impl named; the rates an argument of the jitted call, as
+in `measure.fwd_and_fwd_bwd`, so no decay is constant-folded). The scans also run in
 three other forms, on the same sums, for comparison: "select" (the formula before the matmul: a select over
 [B, H, P, P, Dk, Dv] summed over one P axis), "matmul, no routing" (the matmul on the raw sums: what the
 non-finite routing costs; not NaN-isolating) and "recurrence" (S_(p+1) = a S_p + m_p unrolled, stacked). Their
@@ -21,8 +22,9 @@ rel_err is against the library's scan.
 Timing: `measure.median_ms` (back-to-back calls, median of rounds). floor_ms: the bytes a stage must move at the
 least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written)
 over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes profile_pieces.{json,md} under
---out after every (impl, shape), so a run cut off keeps what finished. Expected on an H200: about a minute (the
-compiles of two impls at two shapes; each timing is milliseconds).
+--out after every (impl, shape), so a run cut off keeps what finished. Expected on an H200 (not measured): one
+to two minutes, nearly all of it compiles (each row's first_call_s: its compile and first run); the timings are
+milliseconds each. The first shape runs for every impl before the second.
 """
 
 from __future__ import annotations
@@ -88,18 +90,21 @@ def recurrence_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
     return jnp.stack(out, axis=2)
 
 
-def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float) -> list[dict]:
-    """The rows of one impl at one shape (see the module docstring)."""
+def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: list[dict]) -> None:
+    """Appends the rows of one impl at one shape to rows as they are measured (see the module docstring)."""
     backend = impls.IMPLS[impl]
     b, t, h, d = shape
     q, k, v, do = measure.normal_inputs(shape, args.seed)
+    reason = backend.supported(q, k, v)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run {shape} here: {reason}")
     rates = jnp.asarray(tnl_slopes(h))
     scale = d ** -0.5
     plan = backend.plan(q, v)
     qp, kp, vp, dop = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))  # the stages' inputs
     tensor = q.size * q.dtype.itemsize  # one [B, T, H, D] tensor
     piece_sums = b * h * plan.pieces * d * d * 4
-    rows = []
+    first = len(rows)
 
     def time_it(stage, fn, xs, moved, ref=None):
         """Times jit(fn)(*xs) and records it; returns its result."""
@@ -142,15 +147,14 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float) -> list
     time_it("gradient walks", lambda q, k, v, do, s, p, g: backend.grads(q, k, v, do, s, p, g, plan, scale),
             (qp, kp, vp, dop, rates, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums)
     for direction, stages in (("forward", FORWARD), ("backward", BACKWARD)):
-        parts = [r for r in rows if r["stage"] in stages]
-        rows.append({"impl": impl, "shape": rows[0]["shape"], "pieces": plan.pieces, "stage": f"{direction} (sum)",
+        parts = [r for r in rows[first:] if r["stage"] in stages]
+        rows.append({"impl": impl, "shape": rows[first]["shape"], "pieces": plan.pieces, "stage": f"{direction} (sum)",
                      "ms": sum(r["ms"] for r in parts), "floor_ms": sum(r["floor_ms"] for r in parts)})
         print(json.dumps(rows[-1]), flush=True)
 
     forward, forward_backward = measure.fwd_and_fwd_bwd(functools.partial(_attend, impl=impl, scale=scale))
     time_it("linear_attention forward", forward, (q, k, v, rates), 4 * tensor)
     time_it("linear_attention forward+backward", forward_backward, (q, k, v, do, rates), 11 * tensor)
-    return rows
 
 
 def _attend(q, k, v, rates, *, impl, scale):
@@ -202,11 +206,11 @@ def main(argv=None) -> int:
     meta = {**measure.provenance("benchmarks.profile_pieces", argv, VERSIONED), "device": jax.devices()[0].device_kind,
             "copy_GBps": bandwidth, "timing": f"measure.median_ms, iters={args.iters}, reps={args.reps}"}
     rows = []
-    for impl in args.impls.split(","):
-        for shape in shapes:
+    for shape in shapes:  # the first shape's impls first: a run cut short has them side by side
+        for impl in args.impls.split(","):
             try:
-                rows += profile(impl, shape, args, bandwidth)
-            except Exception as e:  # one failing (impl, shape) leaves the others' rows
+                profile(impl, shape, args, bandwidth, rows)
+            except Exception as e:  # a failing (impl, shape) keeps its rows so far and the others' rows
                 rows.append({"impl": impl, "shape": "x".join(map(str, shape)), "error": f"{type(e).__name__}: {e}"})
                 print(f"{impl} {shape} failed: {rows[-1]['error']}", flush=True)
             with open(os.path.join(args.out, "profile_pieces.json"), "w") as f:
