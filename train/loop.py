@@ -37,9 +37,8 @@ from train.progress import Progress
 from train.tokenizer import load_tokenizer
 
 
-# Fields a checkpoint's data position depends on: with any of them changed, the resumed run would not see the
-# batches the uninterrupted run would have seen.
-# `documents` changes what a row trains on, not the order, but a resume across it would not continue the run either.
+# Fields a resume must keep: the checkpoint's data position depends on them (with one changed, the resumed run
+# would not see the batches the uninterrupted run would have seen), and `documents` decides what a row trains on.
 DATA_ORDER_FIELDS = ("data", "max_data_bytes", "tokenizer", "text_field", "bin_dtype", "seq_len", "batch_size",
                      "val_fraction", "data_seed", "documents")
 # What runs saved before a field existed did, for the fields added since.

@@ -99,3 +99,23 @@ def test_a_resume_that_changes_documents_is_refused(reset_run):
     cfg, _ = reset_run
     with pytest.raises(ValueError, match=r"trained with other data settings \(documents='reset' -> 'continuous'\)"):
         loop.train(dataclasses.replace(cfg, steps=8, documents="continuous"))
+
+
+def test_a_checkpoint_from_before_documents_counts_as_continuous(tmp_path):
+    """Runs saved before the field existed trained continuous rows: resuming one under reset is refused, under
+    continuous it goes on."""
+    cfg = tiny(tmp_path, documents="continuous")
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    del saved["documents"]
+    loop.check_resume(cfg, saved, 5)
+    with pytest.raises(ValueError, match=r"\(documents='continuous' -> 'reset'\)"):
+        loop.check_resume(dataclasses.replace(cfg, documents="reset"), saved, 5)
+
+
+def test_reset_on_bin_data_without_its_tokenizer_is_refused(tmp_path):
+    """Pre-tokenized ids name no separator without their tokenizer: reset cannot find the documents."""
+    np.arange(4000, dtype=np.uint16).tofile(tmp_path / "ids.bin")
+    with pytest.raises(ValueError, match="documents=reset finds documents by their separator token, which .bin "
+                                         "files without their tokenizer do not name"):
+        loop.train(tiny(tmp_path / "run", data=(str(tmp_path / "ids.bin"),), vocab_size=1000, mesh="data=1,seq=1"))
+    assert not (tmp_path / "run").exists()
