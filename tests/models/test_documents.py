@@ -1,12 +1,14 @@
 """Packed documents (segment_ids) through the models: a document's outputs do not depend on what precedes it in
 its row, on one device and on data x seq meshes where it crosses rank boundaries; the LASP-2H softmax op masks
-across documents; bad ids are refused.
+across documents; bad ids are refused. On a GPU (pytest -m gpu) the cuDNN path is checked against the blockwise
+one.
 
 A row is [prefix, D, suffix] with D the same 9 tokens in both rows of a batch at different offsets (row 0:
 positions 7..15, row 1: 2..10); the ids number the three pieces. D's logits must agree between the rows: the
 linear layers reset their state at D's start, the softmax layers see nothing before it and RoPE depends on
 position differences only. Without ids they differ (the test can fail). On the meshes (T = 24: 6 positions per
-rank on seq 4, 8 on seq 3) D crosses one or two rank boundaries and starts inside a rank or at its edge.
+rank on seq 4, 8 on seq 3) D starts inside a rank and crosses a rank boundary in both rows; on seq 3 the
+document after it in row 0 starts exactly at a boundary (position 16).
 """
 
 from __future__ import annotations
