@@ -51,8 +51,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
         "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
-        Per-token decay and segment_ids run on TOKEN_IMPLS, GVA (Hv > Hq) on GVA_IMPLS ("auto" takes "xla";
-        the kernels do not take them yet).
+        Per-token decay and segment_ids run on TOKEN_IMPLS, GVA (and k, v of different head counts) on
+        GVA_IMPLS ("auto" takes "xla"; the kernels do not take them yet).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
@@ -89,17 +89,19 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
 
 
 TOKEN_IMPLS = ("xla", "reference")  # the implementations that take per-token decay and segment_ids
-# The implementations that take GVA (v with more heads than q): the kernels' grids read K/V head h // (H / Hkv)
-# of query head h, and their `supported` does not look at head counts, so they are never handed GVA.
+# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA, k and v with different counts):
+# the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads, and their `supported` does
+# not look at head counts, so they are never handed such heads.
 GVA_IMPLS = ("xla", "reference")
 
 
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS and GVA heads to GVA_IMPLS
+    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS and heads beyond GQA to GVA_IMPLS
     ("auto" takes "xla" for either)."""
     for needed, names, what in ((per_token, TOKEN_IMPLS, "per-token decay and segment_ids are"),
-                                (checks.grouped_values(q, v), GVA_IMPLS,
-                                 f"GVA heads (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}) are")):
+                                (checks.beyond_gqa(q, k, v), GVA_IMPLS,
+                                 f"heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}: "
+                                 "GVA) are")):
         if not needed:
             continue
         if impl == "auto":

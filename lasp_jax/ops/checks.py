@@ -80,9 +80,10 @@ def output_heads(q, v) -> int:
     return max(q.shape[2], v.shape[2])
 
 
-def grouped_values(q, v) -> bool:
-    """GVA: v has more heads than q (q and k read by several output heads); only api.GVA_IMPLS take it."""
-    return v.shape[2] > q.shape[2]
+def beyond_gqa(q, k, v) -> bool:
+    """The heads are not MHA / GQA / MQA (q with all H heads, k and v with one count): GVA (v with more heads
+    than q), or k and v with different counts. Only api.GVA_IMPLS take them."""
+    return k.shape[2] != v.shape[2] or v.shape[2] > q.shape[2]
 
 
 def segment_ids(ids, b: int, t: int) -> jax.Array | None:
