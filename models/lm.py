@@ -49,9 +49,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D] on the activation layout; segment_ids [B, T] or None (packed documents)."""
-        h = srms_norm(x, self.cfg.norm_eps)
-        y = self.mixer(h) if segment_ids is None else self.mixer(h, segment_ids=segment_ids)
-        x = x + y.astype(x.dtype)
+        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps), segment_ids=segment_ids).astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
     def prefill(self, x, state):

@@ -144,8 +144,7 @@ class Mamba2Mixer(nnx.Module):
             xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
         q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
         q, k = self._value_heads(q, k)
-        extra = {} if segment_ids is None else {"segment_ids": segment_ids}
-        o = linear_attend(q, k, v, rates, cfg, **extra)
+        o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)
 
     # --- decoding ---
