@@ -58,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lasp_jax.ops import pallas_triton, pieces
+from lasp_jax.ops import pallas_triton, pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
@@ -112,43 +112,101 @@ def _accumulate(inits, issue, interpret: bool):
     return tuple(x + y for x, y in zip(inits, sums))
 
 
-def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed, *, c, piece_len, stages,
-            reverse, scale, scale_update, groups, config, interpret):
+_ROWS = plgpu.Layout.WGMMA.reduce(1)  # a vector along the rows of a WGMMA-layout [C, N] array
+_COLS = plgpu.Layout.WGMMA.reduce(0)  # a vector along its columns
+
+
+def _iotas(c: int):
+    """Row and column indices of a [C, C] WGMMA-layout array."""
+    return tuple(plgpu.broadcasted_iota(jnp.int32, (c, c), axis, layout=plgpu.Layout.WGMMA) for axis in (0, 1))
+
+
+def _load_rows(ref):
+    """A chunk's table column [C] from shared memory, one value per row of a WGMMA-layout array."""
+    return plgpu.load(ref, layout=_ROWS, optimized=False)
+
+
+def _rows(vec, cols: int):
+    """vec [C] (the rows' layout) broadcast along `cols` columns."""
+    return lax.broadcast_in_dim(vec, (vec.shape[0], cols), [0])
+
+
+def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bool, scale: float):
+    """One chunk's pair weights from its tables (shared-memory refs [C] of `ChunkTables`' cum and counts, each
+    staged twice: Mosaic GPU loads one shared-memory ref in one layout only). Returns keep [C, C] (the walk's
+    mask: causal and in one document) and weights [C, C] float32 scale exp(-max(bc_i - bc_j, 0)) (scale at the
+    pairs not kept, whose exponent is selected to 0). Rows are X's positions, columns Y's (and Z's): the mask
+    transposes in reverse. Every exponent is <= 0 (bc is a running sum of rates >= 0, so bc_i - bc_j >= 0 at a
+    kept pair up to the rounding of two sums, which the max absorbs)."""
+    c = causal.shape[0]
+
+    def along_rows(ref):
+        return lax.broadcast_in_dim(_load_rows(ref), (c, c), [0])
+
+    def along_cols(ref):
+        return lax.broadcast_in_dim(plgpu.load(ref, layout=_COLS, optimized=False), (c, c), [1])
+
+    bc_rows, bc_cols = along_rows(cum_rows), along_cols(cum_cols)
+    keep = causal & (along_rows(count_rows) == along_cols(count_cols))
+    gap = bc_cols - bc_rows if reverse else bc_rows - bc_cols
+    return keep, scale * jnp.exp(-jnp.where(keep, jnp.maximum(gap, 0.0), 0.0))
+
+
+def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, config, interpret, tokens):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups: query
-    heads per head of x, y, z (GQA: query head h reads head h // group, never a repeated copy)."""
-    x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, out_smem = smem
-    x_bar, y_bar, z_bar = loaded
+    heads per head of x, y, z (GQA: query head h reads head h // group, never a repeated copy).
+
+    refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, out,
+    then the scratch: shared memory (with tokens, the four table stages after the rest), the load barriers
+    (with tokens, the tables' after X's, Y's and Z's) and the consumed barriers."""
+    n_decay = len(pieces_tokens.ChunkTables._fields) if tokens else 1
+    x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed = refs[n_decay:]
+    x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
+    # With tokens the table stages take the output's staging buffer, whose rows go through zw_smem instead
+    # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages).
+    out_smem, table_smem = (zw_smem, last) if tokens else (last, None)
+    x_bar, y_bar, z_bar = loaded[:3]
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
     wg = lax.axis_index("wg")
     n_chunks = piece_len // c
     start = p * piece_len
     half = z_ref.shape[-1] // _COMPUTE_WGS
 
+    def chunk(n):
+        """The piece's chunk walked n-th: chunks in the walk's direction."""
+        return n_chunks - 1 - n if reverse else n
+
     def rows(n):
-        """The rows of the n-th chunk walked: the piece's chunks in the walk's direction."""
-        return pl.ds(start + (n_chunks - 1 - n if reverse else n) * c, c)
+        """The rows of the n-th chunk walked."""
+        return pl.ds(start + chunk(n) * c, c)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
         cols = pl.ds(wg * half, half)
-        rate = rate_ref[h]
-        # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
-        # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
-        idx = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
-        jdx = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
-        gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
-        keep = gap >= 0
-        mask = scale * jnp.exp(-rate * jnp.maximum(gap, 0.0))
-        i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
-        from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
-        from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
-        out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
-        if scale_update:
-            z_decay = scale * z_decay
+        if tokens:
+            # The decays come per chunk, from the tables' stages (`_token_chunk`); only the causal part of the
+            # mask is the same in every chunk.
+            q_side_ref = refs[2]
+            idx, jdx = _iotas(c)
+            causal = jdx >= idx if reverse else idx >= jdx
         else:
-            out_decay = scale * out_decay
-        chunk_decay = jnp.exp(-rate * c)
+            rate = refs[0][h]
+            # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
+            # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
+            idx, jdx = _iotas(c)
+            gap = (jdx - idx if reverse else idx - jdx).astype(_F32)
+            keep = gap >= 0
+            mask = scale * jnp.exp(-rate * jnp.maximum(gap, 0.0))
+            i = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)).astype(_F32)
+            from_start = lax.broadcast_in_dim(jnp.exp(-rate * i), (c, half), [0])
+            from_end = lax.broadcast_in_dim(jnp.exp(-rate * (c - i)), (c, half), [0])
+            out_decay, z_decay = (from_end, from_start) if reverse else (from_start, from_end)
+            if scale_update:
+                z_decay = scale * z_decay
+            else:
+                out_decay = scale * out_decay
+            chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
         state = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
@@ -157,6 +215,11 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
 
         def body(n, state):
             slot = lax.rem(n, stages)
+            if tokens:
+                # The chunk's decay is q_side at its last position. Issued before the waits: the wgmma pair
+                # below hides this load's latency.
+                this_decay = q_side_ref[b, h, start + chunk(n) * c + c - 1]
+                plgpu.barrier_wait(loaded[3].at[slot])
             plgpu.barrier_wait(x_bar.at[slot])
             plgpu.barrier_wait(y_bar.at[slot])
             plgpu.barrier_wait(z_bar.at[slot])
@@ -166,24 +229,39 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
                 plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
                 plgpu.wgmma(inter_acc, x, s_smem.at[wg])
                 # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
-                # with their rows decayed.
+                # with their rows decayed (with tokens, also the chunk's mask, applied here).
+                if tokens:
+                    cum_rows, cum_cols, count_rows, count_cols, q_side, k_side = (t.at[slot] for t in table_smem)
+                    z_rows = scale * _load_rows(q_side) if reverse else _load_rows(k_side)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left zw_smem
+                    zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * _rows(z_rows, half)).astype(zw_smem.dtype)
+                    keep, weights = _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse, scale)
+                    return jnp.where(keep, scores_acc[...] * weights, 0.0), inter_acc[...]
                 zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * z_decay).astype(zw_smem.dtype)
                 return scores_acc[...], inter_acc[...]
 
             scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
-            scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
-            plgpu.commit_smem()
+            if tokens:
+                scores_smem[wg] = scores.astype(scores_smem.dtype)
+                plgpu.commit_smem()
+                out_rows = _load_rows(table_smem[5].at[slot]) if reverse else scale * _load_rows(table_smem[4].at[slot])
+                inits = (_rows(out_rows, half) * inter, this_decay * state)
+            else:
+                scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
+                plgpu.commit_smem()
+                inits = (out_decay * inter, chunk_decay * state)
 
             def intra_and_update(accs):
                 out_acc, state_acc = accs
                 plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
                 plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
 
-            out, state = _accumulate((out_decay * inter, chunk_decay * state), intra_and_update, interpret)
+            out, state = _accumulate(inits, intra_and_update, interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             s_smem[wg] = state.astype(s_smem.dtype)
 
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
+            if not tokens:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
             out_smem[wg] = out.astype(out_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
@@ -203,6 +281,11 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
             plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
             plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
+            if tokens:  # one barrier awaits the tables' copies (cum and counts twice: `_token_chunk`)
+                cum, q_side, k_side = (ref.at[b, h, rows(n)] for ref in (refs[0], refs[2], refs[3]))
+                counts = refs[1].at[b, rows(n)]
+                for src, dst in zip((cum, cum, counts, counts, q_side, k_side), table_smem):
+                    plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded[3].at[slot])
 
         for slot in range(stages):
             load(slot, slot)
@@ -218,6 +301,19 @@ def _kernel(rate_ref, x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, co
         @pl.loop(max(0, n_chunks - stages), n_chunks)
         def _(n):
             plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _check_tables(tables, batch_heads: tuple[int, int], t: int):
+    """Raises ValueError unless `tables` are ChunkTables of the shapes and dtypes `token_walk` reads."""
+    b, h = batch_heads
+    if not isinstance(tables, pieces_tokens.ChunkTables):
+        raise ValueError(f"tables must be a pieces_tokens.ChunkTables, got {type(tables).__name__}")
+    want = {"cum": ((b, h, t), _F32), "counts": ((b, t), jnp.int32), "q_side": ((b, h, t), _F32),
+            "k_side": ((b, h, t), _F32)}
+    for name, (shape, dtype) in want.items():
+        a = getattr(tables, name)
+        if a.shape != shape or jnp.dtype(a.dtype) != jnp.dtype(dtype):
+            raise ValueError(f"tables.{name} {a.shape} {a.dtype}: expected {shape} {jnp.dtype(dtype)}")
 
 
 def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
@@ -258,6 +354,34 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
       out [B, T, H, D] bf16.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
+    return _launch((rates.astype(_F32),), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
+                   scale_update=scale_update, config=config, interpret=interpret, tokens=False)
+
+
+def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len: int, *, reverse: bool,
+               scale: float = 1.0, config: Config = DEFAULT, interpret: bool = False):
+    """`walk` under per-token decay and documents: the decays come from the chunks' `pieces_tokens.ChunkTables`
+    (the module docstring's token formulas), one Mosaic GPU kernel like `walk`'s with the tables streamed beside
+    X, Y and Z.
+
+    Args:
+      x, y, z, states_in, piece_len, reverse, config, interpret: as `walk`'s (T padded to whole pieces, the
+      tables over the same T, chunks of config.chunk).
+      tables: `pieces_tokens.ChunkTables` [B, H, T] (counts [B, T]) of the call.
+      scale: a static float multiplying the pair weights and q_side: the output's state term forward (o, dQ),
+      the state's update in reverse (dK, dV), as walk's scale and scale_update do.
+    Returns:
+      out [B, T, H, D] bf16.
+    """
+    pieces = _check(x, y, z, states_in, piece_len, config)
+    _check_tables(tables, states_in.shape[:2], x.shape[1])
+    return _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
+                   scale_update=False, config=config, interpret=interpret, tokens=True)
+
+
+def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
+            interpret, tokens):
+    """Runs `_kernel` over the (batch, head, piece) grid; decay_inputs: (rates,), or the ChunkTables."""
     b, t, _, d = x.shape
     h = states_in.shape[1]
     c = config.chunk
@@ -267,23 +391,26 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of the columns (the
     # wgmma operands of one product agree on it; at d=128 it is also that of the full rows and of the scores).
     mma = _mma_transforms(half, dt)
-    scratch = (
-        (
-            plgpu.SMEM((stages, c, d), dt, transforms=mma),
-            plgpu.SMEM((stages, c, d), dt, transforms=mma),
-            plgpu.SMEM((stages, c, d), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
-        ),
-        (plgpu.Barrier(num_barriers=stages),) * 3,
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+    smem = (
+        plgpu.SMEM((stages, c, d), dt, transforms=mma),
+        plgpu.SMEM((stages, c, d), dt, transforms=mma),
+        plgpu.SMEM((stages, c, d), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
     )
+    loaded = (plgpu.Barrier(num_barriers=stages),) * 3
+    if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
+        cum, counts = decay_inputs[:2]
+        smem += (tuple(plgpu.SMEM((stages, c), a.dtype) for a in (cum, cum, counts, counts, cum, cum)),)
+        loaded += (plgpu.Barrier(num_arrivals=6, num_barriers=stages),)
+    else:  # the output's staging
+        smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
+    scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
                           scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z)), config=config,
-                          interpret=interpret),
+                          interpret=interpret, tokens=tokens),
         out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -293,7 +420,7 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = kernel(rates.astype(_F32), x, y, z, states_in.astype(_F32))
+    out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32))
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # output varies over x's, as check_vma needs.
     return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
