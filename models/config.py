@@ -160,6 +160,14 @@ class ModelConfig:
         return self.expand * self.d_model // self.resolved_head_dim
 
     @property
+    def linear_state_shape(self) -> tuple[int, int, int]:
+        """(heads, Dk, Dv) of a linear (or Mamba-2) layer's recurrent state: what one token's state products
+        cost (model FLOPs) and what decoding carries per layer."""
+        if self.kind == "mamba2":
+            return self.ssm_heads, self.d_state, self.resolved_head_dim
+        return self.n_heads, self.resolved_head_dim, self.resolved_head_dim
+
+    @property
     def resolved_mlp_hidden(self) -> int:
         """SGLU hidden size; 0 when the blocks have no channel mixer."""
         if self.mlp_hidden is not None:

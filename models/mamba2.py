@@ -152,7 +152,7 @@ class Mamba2Mixer(nnx.Module):
         """Before position 0: the SSD state zeros [B, H, N, P] fp32 and the convolution's last W-1 inputs
         zeros [B, W-1, C] (compute dtype). max_len is not needed: the memory is constant."""
         cfg = self.cfg
-        return {"ssm": jnp.zeros((batch, cfg.ssm_heads, cfg.d_state, cfg.resolved_head_dim), jnp.float32),
+        return {"ssm": jnp.zeros((batch, *cfg.linear_state_shape), jnp.float32),
                 "conv": jnp.zeros((batch, cfg.conv_width - 1, self.conv_channels), jnp.dtype(cfg.dtype))}
 
     def prefill(self, x: jax.Array, state: dict) -> tuple[jax.Array, dict]:
