@@ -255,3 +255,32 @@ def test_sharded_batch_and_heads(rng):
     assert rel_err(o, o_want) < F32_TOL
     for g, g_want in zip(got, want):
         assert rel_err(g, g_want) < F32_TOL
+
+
+def test_non_finite_values_stay_in_their_document(rng):
+    """xla: a NaN in document 0's values and an inf in its keys leave every later document's outputs, the
+    gradients of q, k, v and the rates there, and the final state equal to the clean row's (bit for bit) and
+    finite: chunk states, their products and the chunk scan select across document starts (0 * NaN would be NaN).
+    T = 150 with chunk 64 (front padding 42): document 0 fills chunk 0 and runs into chunk 1, where document 1
+    starts at 40 (a chunk whose incoming state is NaN). Within one chunk the intra-chunk matmuls still multiply a
+    non-finite value by the zero scores of other documents' rows, so the poison sits in a chunk of document 0
+    alone (as the reference's dense row would be one chunk: it isolates nothing here)."""
+    q, k, v = qkv(rng, 2, 150, 4, 2, 8, 8)
+    rates = jnp.asarray(rng.uniform(0, 0.3, size=(2, 150, 4)), jnp.float32)
+    ids = jnp.asarray(documents(rng, 2, 150, (40, 100)))
+    w_o = jnp.asarray(rng.standard_normal((2, 150, 4, 8)), jnp.float32)
+
+    def loss(q, k, v, rates):
+        o, final = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, return_final_state=True, impl="xla")
+        return jnp.sum(o * w_o) + jnp.sum(final), (o, final)
+
+    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, clean), clean_grads = run(q, k, v, rates)
+    (_, poisoned), grads = run(q, k.at[:, 15, 1].set(np.inf), v.at[:, 5].set(np.nan), rates)
+    assert np.all(np.isnan(np.asarray(poisoned[0][:, 5:40])))  # document 0 is poisoned: the check can fail
+    for name, got, want in zip(("o", "dq", "dk", "dv", "d_rates"), (poisoned[0], *grads),
+                               (clean[0], *clean_grads)):
+        later, want_later = np.asarray(got)[:, 40:], np.asarray(want)[:, 40:]
+        assert np.all(np.isfinite(later)), name
+        np.testing.assert_array_equal(later, want_later, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(poisoned[1]), np.asarray(clean[1]), err_msg="final state")

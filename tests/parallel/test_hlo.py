@@ -12,7 +12,7 @@ from lasp_jax.ops import xla
 from tests.parallel.hlo import descendants, entry_instructions
 
 W = 8
-B, H, D = 1, 2, 8
+B, H, D = 2, 2, 8  # B = 2: the boundary ids' [B] permute is told apart from a scalar one
 C = xla.DEFAULT.chunk_size
 T = W * 2 * C  # two chunks per rank
 STATE = B * H * D * D
@@ -33,7 +33,7 @@ def _compile(strategy: str, grad: bool, per_token: bool = False) -> str:
         x = jax.device_put(jnp.ones((B, T, H, D)), seq)
         if per_token:
             s = jax.device_put(jnp.full((B, T, H), 0.1), seq)
-            ids = jax.device_put((jnp.arange(T) // 100)[None].repeat(B, 0), seq)
+            ids = jax.device_put(jnp.stack([jnp.arange(T) // 100, jnp.arange(T) // 77]), seq)
         else:
             s, ids = jnp.asarray([0.1, 0.5]), None
         return jax.jit(f).lower(x, x, x, s, ids).compile().as_text()
