@@ -21,8 +21,8 @@ running sum, so that no difference of two large sums is taken), and S_end = exp(
 exp of something <= 0. A document start at t cuts S_in off from t on, and the positions before it out of S_end
 (their weights are zero). The same products as above run with these [B, L, H] weights, and the positions with
 zero weights are selected out (`sees_in`, `in_last`: the tokens of a sum, the rows of a product), never
-multiplied by 0, so a non-finite value in one document never reaches another (0 * NaN would); `decayed` carries
-a state across a piece's decay the same way.
+multiplied by 0, so no non-finite value of one document reaches another through these products (0 * NaN
+would); `decayed` carries a state across a piece's decay the same way.
 
 Shapes: q [B, L, Hq, Dk], k [B, L, Hk, Dk], v [B, L, Hv, Dv]; dO, outputs, rates and states per output head,
 H = max(Hq, Hv): dO [B, L, H, Dv], rates [H] (the decay rates s, lambda = exp(-s)), states [B, H, Dk, Dv]

@@ -19,8 +19,9 @@ Per-token decay and documents (`*_tokens`): each chunk takes its own float32 run
 exponent is minus a sum over at most C positions (never a difference of sums over the whole piece, which would
 lose about ulp(s_0 + ... + s_T) per factor), and every factor is exp of something <= 0; pairs in two documents
 are selected out of the intra-chunk scores, and states stop at a document start by selects (the chunk scan's
-combine, the chunk-state products' rows and tokens), so a non-finite value in one document never reaches
-another. Measured against float64 at T = 1000 with rates up to 6: 1.6e-6 (outputs, dq, dk, dv) and 7.7e-6
+combine, the chunk-state products' rows and tokens), so a non-finite value in one document reaches no other
+beyond its own chunk (inside it, the intra-chunk matmuls multiply it by the zero scores of other documents'
+rows, as they do for the later positions of the causal mask). Measured against float64 at T = 1000 with rates up to 6: 1.6e-6 (outputs, dq, dk, dv) and 7.7e-6
 (the rates' gradient), from the differences bc_i - bc_j of the chunk's running sums (up to 64 x 6); rates below
 ~0.3: 4e-7.
 
@@ -170,7 +171,7 @@ def local_backward(q, k, v, rates, do, scale=1.0, config: ChunkConfig = DEFAULT)
 # Documents: a pair (i, j) in two documents is selected out, a chunk holding a start passes no state on (a = 0,
 # selected in the scan), positions from a start on do not see the incoming state, and those before the chunk's
 # last start are not in its outgoing state: both by selects on the tokens or products (`_Sides.select`), never a
-# zero weight times a value, so a non-finite value stays in its document.
+# zero weight times a value, so a non-finite value leaves its chunk only within its document.
 
 @dataclasses.dataclass(frozen=True)
 class _Sides:
