@@ -9,6 +9,10 @@ full-precision matmuls, whatever the input dtype; every power of lambda is exp(-
 `scale` multiplies the float32 decay weights. The causal mask selects (a later position's score is replaced,
 not multiplied by zero), so a non-finite q or k at a later position never reaches an earlier output.
 
+Heads: q [B, T, Hq, Dk], k [B, T, Hk, Dk], v [B, T, Hv, Dv] with H = max(Hq, Hv) output heads; output head h
+reads head h // (H / Hx) of each input (MHA, GQA / MQA, GVA), viewed as head groups (states.grouped), never
+repeated.
+
 Per-token decay and documents (`dense_tokens`): rates s_t >= 0 per (b, t, h), lambda_t = exp(-s_t), and document
 starts where segment_ids changes from t-1 to t:
 
@@ -158,8 +162,9 @@ def _selected_sum(spec, w, keep, *xs):
 
 def dense_tokens(q, k, v, rates, segment_ids=None, initial_state=None, scale=1.0):
     """Dense oracle with per-token decay and documents (module docstring), in float32 or wider (float64 inputs
-    compute in float64). Pairs and states of two documents are selected apart (a non-finite value stays in its
-    document).
+    compute in float64). The scores of pairs in two documents and the states' terms of other documents are
+    selected out (the score-times-value matmul still multiplies a non-finite value by the zero scores of other
+    documents' rows: this dense row is one chunk).
 
     Args:
       q: [B, T, Hq, Dk]; k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (heads as in `dense`); rates: [B, T, H] >= 0;
