@@ -68,19 +68,19 @@ def _setup(name):
     return cfg, state, batch, loss_grads_logits(graphdef)(state, *batch)
 
 
-CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy
-    ("mamba2-tiny", (2, 2), True, "ring"),
-    ("mamba2-tiny", (1, 3), False, "allgather"),
-    ("mamba2-tiny", (2, 3), True, "scan"),
-    ("mamba2-tiny-hybrid", (2, 3), False, "ring"),
-    ("mamba2-tiny", (2, 1), True, "ring"),  # data parallel only: the convolution on a size-1 seq axis
+CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, remat
+    ("mamba2-tiny", (2, 2), True, "ring", "none"),
+    ("mamba2-tiny", (1, 3), False, "allgather", "block"),
+    ("mamba2-tiny", (2, 3), True, "scan", "full"),
+    ("mamba2-tiny-hybrid", (2, 3), False, "ring", "none"),
+    ("mamba2-tiny", (2, 1), True, "ring", "none"),  # data parallel only: the convolution on a size-1 seq axis
 ]
 
 
-@pytest.mark.parametrize("name,shape,explicit,strategy", CASES)
-def test_mesh_equals_one_device(name, shape, explicit, strategy):
+@pytest.mark.parametrize("name,shape,explicit,strategy,remat", CASES)
+def test_mesh_equals_one_device(name, shape, explicit, strategy, remat):
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build_model(cfg.replace(strategy=strategy),
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build_model(cfg.replace(strategy=strategy, remat=remat),
                                                                        rngs=nnx.Rngs(0))))
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
