@@ -152,15 +152,21 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
     return keep, scale * jnp.exp(-jnp.where(keep, jnp.maximum(gap, 0.0), 0.0))
 
 
-def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, config, interpret, tokens):
+def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, config, interpret, tokens, dots):
     """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups: query
     heads per head of x, y, z (GQA: query head h reads head h // group, never a repeated copy).
 
-    refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, out,
-    then the scratch: shared memory (with tokens, the four table stages after the rest), the load barriers
-    (with tokens, the tables' after X's, Y's and Z's) and the consumed barriers."""
+    refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
+    `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
+    tokens the six table stages in its place; with dots their staging last), the load barriers (with tokens,
+    the tables' after X's, Y's and Z's) and the consumed barriers."""
     n_decay = len(pieces_tokens.ChunkTables._fields) if tokens else 1
-    x_ref, y_ref, z_ref, states_ref, out_ref, smem, loaded, consumed = refs[n_decay:]
+    x_ref, y_ref, z_ref, states_ref, *rest = refs[n_decay:]
+    if dots:
+        w_ref, out_ref, dots_ref, smem, loaded, consumed = rest
+        *smem, dots_smem = smem
+    else:
+        out_ref, smem, loaded, consumed = rest
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
     # With tokens the table stages take the output's staging buffer, whose rows go through zw_smem instead
     # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages).
@@ -220,6 +226,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
                 # below hides this load's latency.
                 this_decay = q_side_ref[b, h, start + chunk(n) * c + c - 1]
                 plgpu.barrier_wait(loaded[3].at[slot])
+            if dots:  # straight from HBM into registers, early: used only once the output rows are done
+                w = plgpu.load(w_ref.at[b, rows(n), h // groups[3], cols], layout=plgpu.Layout.WGMMA, optimized=False)
             plgpu.barrier_wait(x_bar.at[slot])
             plgpu.barrier_wait(y_bar.at[slot])
             plgpu.barrier_wait(z_bar.at[slot])
@@ -244,7 +252,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             if tokens:
                 scores_smem[wg] = scores.astype(scores_smem.dtype)
                 plgpu.commit_smem()
-                out_rows = _load_rows(table_smem[5].at[slot]) if reverse else scale * _load_rows(table_smem[4].at[slot])
+                q_side, k_side = (t.at[slot] for t in table_smem[4:])
+                out_rows = _load_rows(k_side) if reverse else scale * _load_rows(q_side)
                 inits = (_rows(out_rows, half) * inter, this_decay * state)
             else:
                 scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
@@ -263,8 +272,12 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             if not tokens:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
             out_smem[wg] = out.astype(out_smem.dtype)
+            if dots:  # this warpgroup's share of each row's float32 out . w
+                dots_smem[wg] = jnp.sum(out * w.astype(_F32), axis=1)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
+            if dots:
+                plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_ref.at[b, h, wg, rows(n)])
             return state
 
         # Under shard_map a value loaded from a ref carries the manual axes it varies over, while values the
@@ -359,7 +372,7 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
 
 
 def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len: int, *, reverse: bool,
-               scale: float = 1.0, config: Config = DEFAULT, interpret: bool = False):
+               scale: float = 1.0, dots_with=None, config: Config = DEFAULT, interpret: bool = False):
     """`walk` under per-token decay and documents: the decays come from the chunks' `pieces_tokens.ChunkTables`
     (the module docstring's token formulas), one Mosaic GPU kernel like `walk`'s with the tables streamed beside
     X, Y and Z.
@@ -370,18 +383,28 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
       tables: `pieces_tokens.ChunkTables` [B, H, T] (counts [B, T]) of the call.
       scale: a static float multiplying the pair weights and q_side: the output's state term forward (o, dQ),
       the state's update in reverse (dK, dV), as walk's scale and scale_update do.
+      dots_with: None, or w [B, T, Hw, D] bf16 (Hw dividing H, read at head h // (H / Hw)): then each row's
+      out_t . w_t from the float32 output row before its rounding comes back too (q . dq from the dQ walk, k . dk
+      from the dK walk: the decay gradient's terms).
     Returns:
-      out [B, T, H, D] bf16.
+      out [B, T, H, D] bf16, and with dots_with the dots [B, H, T] float32.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
     _check_tables(tables, states_in.shape[:2], x.shape[1])
-    return _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
-                   scale_update=False, config=config, interpret=interpret, tokens=True)
+    if dots_with is not None:
+        _check(x, y, dots_with, states_in, piece_len, config)
+    out = _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
+                  scale_update=False, config=config, interpret=interpret, tokens=True, dots_with=dots_with)
+    if dots_with is None:
+        return out
+    out, shares = out
+    return out, jnp.sum(shares, axis=2)
 
 
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
-            interpret, tokens):
-    """Runs `_kernel` over the (batch, head, piece) grid; decay_inputs: (rates,), or the ChunkTables."""
+            interpret, tokens, dots_with=None):
+    """Runs `_kernel` over the (batch, head, piece) grid; decay_inputs: (rates,), or the ChunkTables; dots_with
+    (tokens only): None, or w [B, T, Hw, D] whose rows' dots with the float32 output rows come back too."""
     b, t, _, d = x.shape
     h = states_in.shape[1]
     c = config.chunk
@@ -406,12 +429,18 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         loaded += (plgpu.Barrier(num_arrivals=6, num_barriers=stages),)
     else:  # the output's staging
         smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
+    out_type = jax.ShapeDtypeStruct((b, t, h, d), dt)
+    extra_in = ()
+    if dots_with is not None:  # each row's float32 out . w, a share per compute warpgroup
+        smem += (plgpu.SMEM((_COMPUTE_WGS, c), _F32),)
+        out_type = (out_type, jax.ShapeDtypeStruct((b, h, _COMPUTE_WGS, t), _F32))
+        extra_in = (dots_with,)
     scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
-                          scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z)), config=config,
-                          interpret=interpret, tokens=tokens),
-        out_type=jax.ShapeDtypeStruct((b, t, h, d), dt),
+                          scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z, *extra_in)),
+                          config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(b, h, pieces),
         grid_names=("b", "h", "p"),
@@ -420,10 +449,11 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32))
+    out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32), *extra_in)
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
-    # output varies over x's, as check_vma needs.
-    return lax.pcast(out, tuple(jax.typeof(x).mat.varying - jax.typeof(out).mat.varying), to="varying")
+    # outputs vary over x's, as check_vma needs.
+    return jax.tree.map(
+        lambda a: lax.pcast(a, tuple(jax.typeof(x).mat.varying - jax.typeof(a).mat.varying), to="varying"), out)
 
 
 def supported(q, k, v, interpret: bool = False) -> str | None:
@@ -447,10 +477,10 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Walks(pieces.Driven):
-    """impl "pallas_mosaic" as a `vjp.Impl` and a `pieces.Backend`: `pallas_triton`'s plan and state passes
-    under `triton` (their chunk must equal config.chunk), the four walks under config. interpret: Mosaic GPU's
-    interpreter for the walks, Pallas interpret mode for the state passes.
+class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
+    """impl "pallas_mosaic" as a `vjp.TokenImpl`, a `pieces.Backend` and a `pieces_tokens.TokenBackend`:
+    `pallas_triton`'s plan and state passes under `triton` (their chunk must equal config.chunk), the four walks
+    under config. interpret: Mosaic GPU's interpreter for the walks, Pallas interpret mode for the state passes.
 
     The walks launch one CTA per (batch, head, piece) of the Triton plan, whose pieces count the Triton head-dim
     tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks)."""
@@ -480,14 +510,41 @@ class Walks(pieces.Driven):
     def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan, scale):
         """Each backward product is the output walk with other roles: dQ walks forward with S^T over (dO, V,
         K); dV and dK walk backward with dS over (K, Q, dO) and dS^T over (V, dO, Q), scale on the dS update."""
-        transposed = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-        dq = self._walk(do, v, k, rates, transposed(pieces_in), plan, reverse=False, scale=scale)
+        dq = self._walk(do, v, k, rates, _transposed(pieces_in), plan, reverse=False, scale=scale)
         dv = self._walk(k, q, do, rates, pieces_out, plan, reverse=True, scale=scale, scale_update=True)
-        dk = self._walk(v, do, q, rates, transposed(pieces_out), plan, reverse=True, scale=scale, scale_update=True)
+        dk = self._walk(v, do, q, rates, _transposed(pieces_out), plan, reverse=True, scale=scale, scale_update=True)
         return dq, dk, dv
 
     def supported(self, q, k, v):
         return supported(q, k, v, self.interpret) or pallas_triton.supported(q, k, v, self.interpret)
+
+    def state_sums_tokens(self, x, y, w, plan):
+        return pallas_triton.Kernels(self.triton, self.interpret).state_sums_tokens(x, y, w, plan)
+
+    def _token_walk(self, x, y, z, tables, states_in, plan, **how):
+        return token_walk(x, y, z, tables, states_in, plan.piece_len, config=self.config, interpret=self.interpret,
+                          **how)
+
+    def output_tokens(self, q, k, v, tables, pieces_in, plan, scale):
+        return self._token_walk(q, k, v, tables, pieces_in, plan, reverse=False, scale=scale)
+
+    def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
+        """The roles of `grads` with the token walks; the dQ and dK walks also return each row's q . dq and
+        k . dk from their float32 rows, whose difference is the decay gradient's x. dK and dV are bf16 shares
+        per query head under GQA (the driver sums them in float32)."""
+        dq, q_dq = self._token_walk(do, v, k, tables, _transposed(pieces_in), plan, reverse=False, scale=scale,
+                                    dots_with=q)
+        dv = self._token_walk(k, q, do, tables, pieces_out, plan, reverse=True, scale=scale)
+        dk, k_dk = self._token_walk(v, do, q, tables, _transposed(pieces_out), plan, reverse=True, scale=scale,
+                                    dots_with=k)
+        return dq, dk, dv, k_dk - q_dq
+
+    def supported_tokens(self, q, k, v):
+        return self.supported(q, k, v)
+
+
+def _transposed(x):
+    return jnp.swapaxes(x, -1, -2)
 
 
 WALKS = Walks()

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.ops import pallas_mosaic, pieces, pieces_tokens
+from lasp_jax.ops import pallas_mosaic, pieces, pieces_tokens, reference, vjp
+from tests.ops.test_token_decay import _loss_and_grads
 from tests.util import rel_err
 
 C = pallas_mosaic.DEFAULT.chunk
@@ -106,9 +107,10 @@ def _transposed(x):
 
 
 def _roles(q, k, v, do, s, g):
-    """{name: (x, y, z, states_in, reverse)}: the four walks of attention as `pallas_mosaic.Walks` runs them."""
-    return {"o": (q, k, v, s, False), "dq": (do, v, k, _transposed(s), False),
-            "dv": (k, q, do, g, True), "dk": (v, do, q, _transposed(g), True)}
+    """{name: (x, y, z, states_in, reverse, dots_with)}: the four walks of attention as `pallas_mosaic.Walks`
+    runs them (the dQ and dK walks also dot their rows with q and k)."""
+    return {"o": (q, k, v, s, False, None), "dq": (do, v, k, _transposed(s), False, q),
+            "dv": (k, q, do, g, True, None), "dk": (v, do, q, _transposed(g), True, k)}
 
 
 # (B, T, H, Hkv, D, piece_len, stages, rates, document starts). 37 and 150 start inside chunks, 64 at a chunk
@@ -119,10 +121,13 @@ CASES = {
     "gqa_mixed_d64": (1, 256, 4, 2, 64, 256, 3, "mixed", (100, 192)),
     "steep_mqa_d128_one_document": (1, 256, 2, 1, 128, 128, 2, "steep", ()),
 }
-# Interpreted runs against the float64 oracle measured 2.3e-3 to 2.5e-3 (every case and walk, seed 0): the bf16
-# rounding of the output, the decayed scores and the state operand. A document ignored or a state term not cut
+# Interpreted runs against the float64 oracle measured 2.3e-3 to 2.5e-3 (every case and walk, seed 0), the rows'
+# float32 dots with q or k 1.6e-3 to 1.9e-3: the bf16 rounding of the output, the decayed scores and the state. A document ignored or a state term not cut
 # at a start moves these outputs by 2e-2 (steep) to 0.3-1.3 (slow, mixed) in the oracle.
 INTERPRET_TOL = 6e-3
+# The Impl through the driver, bf16 inputs against float64 (seed 0): 1.6e-3 (final state, d_initial_state) to
+# 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 2.9e-3.
+IMPL_TOL = 7e-3
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -133,10 +138,49 @@ def test_interpreted_token_walks_match_oracle(case, rng):
     tables = _tables(_rates(rng, kind, b, t, h), _documents(b, t, starts), piece_len)
     config = dataclasses.replace(pallas_mosaic.DEFAULT, stages=stages)
     errors = {}
-    for name, (x, y, z, states_in, reverse) in _roles(q, k, v, do, s, g).items():
+    for name, (x, y, z, states_in, reverse, w) in _roles(q, k, v, do, s, g).items():
         got = pallas_mosaic.token_walk(x, y, z, tables, states_in, piece_len, reverse=reverse, scale=scale,
-                                       config=config, interpret=True)
+                                       dots_with=w, config=config, interpret=True)
+        if w is not None:
+            got, dots = got
+            assert dots.shape == (b, h, t) and dots.dtype == jnp.float32, name
         assert got.shape == (b, t, h, d) and got.dtype == jnp.bfloat16, name
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        errors[name] = rel_err(got, _oracle(x, y, z, tables, states_in, piece_len, reverse, scale))
+        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, scale)
+        errors[name] = rel_err(got, want)
+        if w is not None:
+            w = np.repeat(np.asarray(w, np.float64), h // w.shape[2], axis=2)
+            errors[name + "_dots"] = rel_err(dots, np.einsum("bthd,bthd->bht", want, w))
     assert max(errors.values()) < INTERPRET_TOL, errors
+
+
+def test_interpreted_impl_matches_float64_oracle(rng):
+    """`pallas_mosaic.INTERPRET` as a `vjp.TokenImpl` (pieces_tokens' driver, the Triton state passes and the
+    token walks interpreted) through vjp.attend_tokens, bf16 q, k, v: o, the final state and the gradients of q,
+    k, v, the rates (the walks' q . dq and k . dk) and the initial state against the float64 reference. T=200 is
+    front-padded by 56 to whole chunks: documents start at 8 (a chunk boundary) and 100 (inside a chunk); MQA;
+    head 0 steep, head 1 slow."""
+    b, t, h, d = 1, 200, 2, 64
+    scale = d ** -0.5
+    q, do = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, t, 1, d)), jnp.bfloat16) for _ in range(2))
+    rates = jnp.asarray(np.stack([rng.uniform(0.0, 6.0, (b, t)), rng.uniform(0.005, 0.015, (b, t))], -1),
+                        jnp.float32)
+    ids = jnp.asarray(_documents(b, t, (8, 100)))
+    s0, w_s = (jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32) for _ in range(2))
+    impl = pallas_mosaic.INTERPRET
+    assert impl.supported_tokens(q, k, v) is None
+    assert impl.plan(q, v).pad == 56
+
+    def attend(impl):
+        return lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, scale)
+
+    got = jax.jit(functools.partial(_loss_and_grads, attend(impl)))(q, k, v, rates, s0, do.astype(jnp.float32), w_s)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, rates, s0, do, w_s)]
+        dense = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
+        want = {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, dense))(*f64).items()}
+    errors = {name: rel_err(got[name], want[name]) for name in want}
+    for name in want:
+        assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
+    assert max(errors.values()) < IMPL_TOL, errors
