@@ -12,11 +12,14 @@ generated code. With --top N it also names the N largest buffers live at XLA's p
 made them, from the live-range report that --xla_dump_to writes: set here before JAX starts) and the N largest
 the collectives of the optimized HLO (how many of each, their total and largest result).
 
-What this measures, and what it does not: XLA:CPU's schedule and buffer assignment, not XLA:GPU's (no latency-
-hiding scheduler, no autotuning); attention is the chunked XLA implementation (the Pallas kernels do not lower
-for CPU), whose intra-chunk temporaries differ from the fused kernels'. What it shows is how each buffer class
-scales with the mesh at fixed tokens per device. --layers keeps a model's shapes and cuts its depth (the
-per-layer temporaries are what grows; a 16-layer 1B step takes many minutes to compile on CPU).
+What this measures, and what it does not: on the host (8 forced CPU devices) it is XLA:CPU's schedule and buffer
+assignment, not XLA:GPU's (no latency-hiding scheduler, no autotuning, and no all-reduce + slice turned into a
+reduce-scatter, so every gradient is reduced at full size); attention is the chunked XLA implementation there
+(--attn-impl xla: the Pallas kernels do not lower for CPU), whose per-chunk states dominate long sequences, unlike
+the fused kernels'. What it shows is how each buffer class scales with the mesh at fixed tokens per device.
+--layers keeps a model's shapes and cuts its depth (2 layers compile in seconds; all 16 of TNL-1B in about two
+minutes per mesh). On a GPU machine the same script reads XLA:GPU's plan (--attn-impl auto, --layers 16; the
+meshes must fit the GPUs there).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def measure(args, data: int, seq: int) -> dict:
     """Compiles the training step for a data x seq mesh and returns its per-device sizes in bytes."""
     seq_len = seq * args.tokens_per_device
     model = presets.get(args.model).replace(n_layers=args.layers, remat=args.remat, ce_chunk=args.ce_chunk,
-                                            attn_impl="xla", strategy=args.strategy,
+                                            attn_impl=args.attn_impl, strategy=args.strategy,
                                             param_axis=args.param_axis or None)
     cfg = TrainConfig(model=model, mesh=f"data={data},seq={seq}", seq_len=seq_len, batch_size=data,
                       compute_dtype="float32", warmup_steps=10, decay_steps=1000)
@@ -123,6 +126,14 @@ def measure(args, data: int, seq: int) -> dict:
 
 
 def main(argv=None):
+    try:
+        report(argv)
+    finally:
+        shutil.rmtree(_DUMP, ignore_errors=True)
+
+
+def report(argv=None):
+    """Parses the command line and prints one row (and its peak and collectives) per mesh."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tnl-1b")
     parser.add_argument("--layers", type=int, default=2, help="the preset's depth cut to this many layers")
@@ -131,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--remat", default="block", choices=("none", "block", "full"))
     parser.add_argument("--ce-chunk", type=int, default=2048, help="as benchmarks/bench_train_gpu.py")
     parser.add_argument("--strategy", default="ring")
+    parser.add_argument("--attn-impl", default="xla", help="the models' per-device attention (auto on GPUs)")
     parser.add_argument("--param-axis", default="data,seq",
                         help="mesh axes the parameters and AdamW moments shard over, jointly ('' replicates)")
     parser.add_argument("--top", type=int, default=6, help="name this many buffers live at the peak")
@@ -138,14 +150,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     axes = tuple(a for a in args.param_axis.split(",") if a)
     args.param_axis = axes[0] if len(axes) == 1 else axes
+    meshes = []
+    for shape in args.meshes.split(","):
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape):
+            raise ValueError(f"--meshes: {shape!r} is not DATAxSEQ (e.g. 2x4)")
+        data, seq = (int(x) for x in shape.split("x"))
+        if data * seq > len(jax.devices()):
+            raise ValueError(f"--meshes: {shape} needs {data * seq} devices, this machine has {len(jax.devices())}")
+        meshes.append((data, seq))
 
     print(f"# {json.dumps(provenance('benchmarks.memory_cpu', argv, ('jax', 'jaxlib', 'flax', 'optax')))}")
     print(f"# {args.model} cut to {args.layers} layers, remat {args.remat}, {args.tokens_per_device} tokens per "
-          f"device, parameters over {args.param_axis or 'nothing (replicated)'}, attention impl xla, "
-          f"strategy {args.strategy}; GiB per device")
+          f"device, parameters over {args.param_axis or 'nothing (replicated)'}, attention {args.attn_impl}, "
+          f"strategy {args.strategy}, on {jax.devices()[0].device_kind}; GiB per device")
     print(f"{'mesh':>5} {'arguments':>10} {'outputs':>8} {'aliased':>8} {'temporaries':>12} {'code':>8}")
-    for shape in args.meshes.split(","):
-        data, seq = (int(x) for x in shape.split("x"))
+    for data, seq in meshes:
         r = measure(args, data, seq)
         print(f"{r['mesh']:>5} {r['arguments'] / GIB:10.3f} {r['outputs'] / GIB:8.3f} {r['aliased'] / GIB:8.3f} "
               f"{r['temporaries'] / GIB:12.3f} {r['code'] / GIB:8.4f}", flush=True)
@@ -153,7 +172,6 @@ def main(argv=None):
             print(f"{'':>7}{size / GIB:8.3f}  at the peak: {value[:160]}")
         print(f"{'':>7}collectives: " + ", ".join(f"{n} {op} ({total / GIB:.3f} GiB, largest {big / GIB:.3f})"
                                                   for op, (n, total, big) in sorted(r["collectives"].items())))
-    shutil.rmtree(_DUMP, ignore_errors=True)
 
 
 if __name__ == "__main__":
