@@ -119,7 +119,7 @@ def _decays(rate_ref, c, scale):
     i = jnp.arange(c, dtype=jnp.int32).astype(_F32)
     gap = i[:, None] - i[None, :]
     mask = _Mask(gap >= 0, scale * jnp.exp(-rate * jnp.maximum(gap, 0.0)))
-    return mask, scale * jnp.exp(-rate * i), jnp.exp(-rate * (c - i)), jnp.exp(-rate * c)
+    return _Chunk(mask, scale * jnp.exp(-rate * i), jnp.exp(-rate * (c - i)), jnp.exp(-rate * c), select=False)
 
 
 def _token_decays(table_refs, rows, c, scale):
@@ -133,16 +133,53 @@ def _token_decays(table_refs, rows, c, scale):
     keep = (i[:, None] >= i[None, :]) & (counts[:, None] == counts[None, :])
     mask = _Mask(keep, scale * jnp.exp(-jnp.maximum(cum[:, None] - cum[None, :], 0.0)))
     chunk_decay = jnp.sum(jnp.where(i == c - 1, q_side, 0.0))
-    return mask, scale * q_side, k_side_ref[rows], chunk_decay
+    return _Chunk(mask, scale * q_side, k_side_ref[rows], chunk_decay, select=True)
 
 
 def _decay_source(refs, c, scale, tokens):
-    """(decays(rows) -> (mask, q-side row, k-side row, chunk decay), the refs after the decay's): the constant
-    rate's tables once per program (its first ref), or, per-token (tokens), each chunk's from its four table refs."""
+    """(decays(rows) -> the chunk's `_Chunk`, the refs after the decay's): the constant rate's tables once per
+    program (its first ref), or, per-token (tokens), each chunk's from its four table refs."""
     if tokens:
         return (lambda rows: _token_decays(refs[:4], rows, c, scale)), refs[4:]
     fixed = _decays(refs[0], c, scale)
     return (lambda rows: fixed), refs[1:]
+
+
+def _times(w, x, select: bool):
+    """w x (broadcast), or, when select, w x where w > 0 and 0 elsewhere (a non-finite x never passes a zero
+    weight: under per-token decay the zeros are document starts)."""
+    return jnp.where(w > 0, w * x, 0.0) if select else w * x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """The decay of one chunk as the walks apply it: the intra-chunk mask, the q side's row (with the scale),
+    the k side's row and the chunk's decay of the state; per-token (select), zero weights select."""
+
+    mask: "_Mask"
+    q_side: jax.Array  # [C] float32
+    k_side: jax.Array  # [C] float32
+    decay: jax.Array  # scalar float32
+    select: bool
+
+    def q_term(self, x):
+        """diag(q side) x for a float32 [C, D] product."""
+        return _times(self.q_side[:, None], x, self.select)
+
+    def k_term(self, x):
+        return _times(self.k_side[:, None], x, self.select)
+
+    def carry(self, state):
+        """The state (or its cotangent) decayed across the chunk."""
+        return _times(self.decay, state, self.select)
+
+    def q_update(self, x, y, precision):
+        """(diag(q side) x)^T y, the chunk's share of the state cotangent (x, y [C, D] rows)."""
+        return _weighted_outer(x, y, self.q_side, self.select, precision)
+
+    def k_update(self, x, y, precision):
+        """(diag(k side) x)^T y, the chunk's share of the state it passes on."""
+        return _weighted_outer(x, y, self.k_side, self.select, precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +194,24 @@ class _Mask:
         return jnp.where(self.keep, scores * self.weights, 0.0)
 
 
-def _weighted(x, w):
-    """diag(w) x in x's dtype (a matmul operand)."""
-    return (x.astype(_F32) * w[:, None]).astype(x.dtype)
+def _weighted(x, w, select: bool = False):
+    """diag(w) x in x's dtype (a matmul operand); select: rows of zero weight are zeros (`_times`)."""
+    return _times(w[:, None], x.astype(_F32), select).astype(x.dtype)
+
+
+def _weighted_outer(x, y, w, select: bool, precision):
+    """sum_i w_i x_i^T y_i [Dx, Dy] float32; select: the rows of zero weight of both x and y are zeros, so
+    that a non-finite row of another document adds nothing (not 0 * inf in the product)."""
+    if select:
+        y = jnp.where(w[:, None] > 0, y, jnp.zeros_like(y))
+    return _dot(_weighted(x, w, select).T, y, precision)
 
 
 def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, scale):
     """Forward: sum_x lambda^(L - x) x_x^T y_x (K, V); reverse: scale sum_x lambda^x x_x^T y_x (Q, dO)."""
     n_chunks = x_ref.shape[0] // c
-    _, q_decay, k_decay, chunk_decay = _decays(rate_ref, c, scale)
-    w = q_decay if reverse else k_decay
+    decays = _decays(rate_ref, c, scale)
+    w, chunk_decay = (decays.q_side if reverse else decays.k_side), decays.decay
 
     def chunk_sum(n):
         rows = pl.ds((n_chunks - 1 - n if reverse else n) * c, c)
@@ -182,7 +227,7 @@ def _weighted_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision):
 
     def chunk_sum(n):
         rows = pl.ds(n * c, c)
-        return _dot(_weighted(x_ref[rows, :], w_ref[rows]).T, y_ref[rows, :], precision)
+        return _weighted_outer(x_ref[rows, :], y_ref[rows, :], w_ref[rows], True, precision)
 
     out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: acc + chunk_sum(n), chunk_sum(0))
 
@@ -196,12 +241,12 @@ def _output_kernel(*refs, c, precision, scale, tokens):
 
     def body(n, state):
         rows = pl.ds(n * c, c)
-        mask, q_decay, k_decay, chunk_decay = decays(rows)
+        chunk = decays(rows)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        scores = mask(_dot(q, k.T, precision))
-        o = _dot(scores.astype(dt), v, precision) + q_decay[:, None] * _dot(q, state.astype(dt), precision)
+        scores = chunk.mask(_dot(q, k.T, precision))
+        o = _dot(scores.astype(dt), v, precision) + chunk.q_term(_dot(q, state.astype(dt), precision))
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
+        return chunk.carry(state) + chunk.k_update(k, v, precision)
 
     lax.fori_loop(0, n_chunks, body, state_ref[...])
 
@@ -222,14 +267,14 @@ def _dq_kernel(*refs, c, precision, scale, tokens):
 
     def body(n, state):
         rows = pl.ds(n * c, c)
-        mask, q_decay, k_decay, chunk_decay = decays(rows)
+        chunk = decays(rows)
         do, k, v = do_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        a = mask(_dot(do, v.T, precision))
-        dq = _dot(a.astype(dt), k, precision) + q_decay[:, None] * _dot(do, state.astype(dt).T, precision)
+        a = chunk.mask(_dot(do, v.T, precision))
+        dq = _dot(a.astype(dt), k, precision) + chunk.q_term(_dot(do, state.astype(dt).T, precision))
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         if tokens:
             qdq_ref[rows] = _row_dots(q_ref[rows, :], dq)
-        return chunk_decay * state + _dot(_weighted(k, k_decay).T, v, precision)
+        return chunk.carry(state) + chunk.k_update(k, v, precision)
 
     lax.fori_loop(0, n_chunks, body, state_ref[...])
 
@@ -255,23 +300,23 @@ def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv, tokens):
 
     def body(n, ds):
         rows = pl.ds((n_chunks - 1 - n) * c, c)
-        mask, q_decay, k_decay, chunk_decay = decays(rows)
+        chunk = decays(rows)
         q = q_ref[rows, :]
         k = k_ref[rows, :] if k_ref is not None else None
         v = v_ref[rows, :] if with_dk else None
         do = do_ref[rows, :]
         ds_op = ds.astype(dt)
         if with_dk:
-            a = mask(_dot(do, v.T, precision))
-            dk = _dot(a.astype(dt).T, q, precision) + k_decay[:, None] * _dot(v, ds_op.T, precision)
+            a = chunk.mask(_dot(do, v.T, precision))
+            dk = _dot(a.astype(dt).T, q, precision) + chunk.k_term(_dot(v, ds_op.T, precision))
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
             if tokens:
                 kdk_ref[rows] = _row_dots(k, dk)
         if with_dv:
-            scores = mask(_dot(q, k.T, precision))
-            dv = _dot(scores.astype(dt).T, do, precision) + k_decay[:, None] * _dot(k, ds_op, precision)
+            scores = chunk.mask(_dot(q, k.T, precision))
+            dv = _dot(scores.astype(dt).T, do, precision) + chunk.k_term(_dot(k, ds_op, precision))
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        return chunk_decay * ds + _dot(_weighted(q, q_decay).T, do, precision)
+        return chunk.carry(ds) + chunk.q_update(q, do, precision)
 
     lax.fori_loop(0, n_chunks, body, g_ref[...])
 

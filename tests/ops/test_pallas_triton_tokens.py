@@ -23,7 +23,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, 
 import lasp_jax
 from lasp_jax.ops import impls, pallas_triton, reference, vjp
 from lasp_jax.parallel.api import SeqExchange
-from tests.ops.test_token_decay import _loss_and_grads, _oracle
+from tests.ops.test_token_decay import _loss_and_grads
 from tests.util import per_rank_errors, qkv, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -54,10 +54,9 @@ CASES = {
     "steep_slow_mqa": ((1, 96, 2, 1, 16, 16), [(0.0, 6.0), (0.005, 0.015)], [(48, 64)], 0.0, 0.25, (3, 32, 0)),
 }
 # Worst measured over seeds 0-2 (CPU, interpreted fp32 kernels against float64; o, final state, dq, dk, dv,
-# d_rates, d_initial_state): 6.7e-7 (d_rates; the rest <= 1.3e-7) but the steep head's d_rates, 8.5e-6: its
-# pair weights are exp of differences of chunk-local running sums of up to 16 x 6 (xla: 5.8e-6 on the same
-# inputs, with chunks of 64).
-TOL, STEEP_TOL = 2e-6, 2e-5
+# d_rates, d_initial_state): 7.3e-7 (d_rates per head; the rest <= 1.3e-7) but the steep head's d_rates,
+# 2.4e-6: its pair weights are exp of differences of chunk-local running sums of up to 16 x 6.
+TOL, STEEP_TOL = 2e-6, 6e-6
 
 
 def _case(case, rng, dtype=jnp.float32):
@@ -74,6 +73,22 @@ def _case(case, rng, dtype=jnp.float32):
     return [x.astype(dtype) for x in (q, k, v)], rates, ids, s0, scale, kernels
 
 
+def _compiled(f, *args):
+    """jit(f) compiled for args without LLVM's expensive passes: the interpreted kernels' HLO then compiles in
+    about half the time (CPU time is most of these tests'), the arithmetic unchanged (measured errors equal)."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return jax.jit(f).lower(*args).compile(compiler_options=options)
+
+
+def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
+    """test_token_decay's float64 oracle (reference.dense_tokens, gradients by autodiff) under jit: a quarter of
+    its eager time here."""
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates, s0, w_o, w_s)]
+        attend = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
+        return {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, attend))(*f64).items()}
+
+
 def _attend(impl, ids, scale):
     return lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, scale)
 
@@ -84,7 +99,8 @@ def _run(case, rng, dtype=jnp.float32):
     (q, k, v), rates, ids, s0, scale, kernels = _case(case, rng, dtype)
     w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
     w_s = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
-    got = jax.jit(functools.partial(_loss_and_grads, _attend(kernels, ids, scale)))(q, k, v, rates, s0, w_o, w_s)
+    args = (q, k, v, rates, s0, w_o, w_s)
+    got = _compiled(functools.partial(_loss_and_grads, _attend(kernels, ids, scale)), *args)(*args)
     return ids, got, _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s)
 
 
@@ -108,12 +124,42 @@ def test_matches_float64_oracle(case, rng):
 
 def test_bfloat16(rng):
     """bf16 q, k, v (the rates float32, as linear_attention hands them on): outputs and gradients in the inputs'
-    dtypes against the float64 math on the same rounded inputs (measured up to 2.5e-3, seeds 0-2: one bf16
-    rounding, plus the state's and the decayed scores' as matmul operands)."""
+    dtypes against the float64 math on the same rounded inputs. Measured over seeds 0-2: up to 2.9e-3 (one bf16
+    rounding of the outputs, of the state and of the decayed scores as matmul operands), d_rates 6.0e-3 per
+    head: a suffix sum of k.dk - q.dq, whose pairs across chunks meet the state's rounding in dq and the
+    cotangent's in dk, so they cancel only to about that rounding."""
     _, got, want = _run("docs_gqa", rng, jnp.bfloat16)
     for name in want:
         assert got[name].dtype == (jnp.bfloat16 if name in ("o", "dq", "dk", "dv") else jnp.float32), name
-        assert rel_err(got[name], want[name]) < 7e-3, (name, rel_err(got[name], want[name]))
+        tol = 1.5e-2 if name == "d_rates" else 7e-3
+        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+
+
+def test_nonfinite_input_stays_in_its_document(rng):
+    """NaN k and v at position 30 of row 0 (document [24, 38); its chunk starts at 22) and NaN q at 140
+    (document [101, 150)): the outputs and the gradients of q, k, v in row 0 outside [22, 38) and [101, 150),
+    and the rates' in [38, 101), equal those of the clean inputs; row 1 is untouched. The states select at
+    document starts (zero weights do not multiply), so nothing crosses a start through a chunk's or a piece's
+    state. Inside the poisoned chunk a selected-out score still multiplies the NaN in the intra-chunk matmul
+    (the constant path's documented limit): rows 22 and 23 of document [0, 24), and through their q.dq the
+    rates' gradient of that whole document (its suffix sums)."""
+    (q, k, v), rates, _, s0, scale, kernels = _case("docs_gqa", rng)
+    ids = _starts(2, 150, [(24, 38, 101), (50, 120)], 0.0, rng)
+    w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+
+    def outputs_and_grads(q, k, v, rates):
+        loss = lambda *x: jnp.sum(vjp.attend_tokens(*x, ids, None, kernels, None, False, scale) * w_o)
+        return jax.vjp(lambda *x: vjp.attend_tokens(*x, ids, None, kernels, None, False, scale), q, k, v,
+                       rates)[0], jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rates)
+
+    run = _compiled(lambda q, k, v, rates: (lambda o, g: (o, *g))(*outputs_and_grads(q, k, v, rates)), q, k, v,
+                    rates)
+    clean = run(q, k, v, rates)
+    poisoned = run(q.at[0, 140].set(jnp.nan), k.at[0, 30].set(jnp.nan), v.at[0, 30].set(jnp.nan), rates)
+    for name, x, ref in zip(["o", "dq", "dk", "dv", "d_rates"], poisoned, clean):
+        x, ref = np.asarray(x), np.asarray(ref)
+        keep = np.r_[38:101] if name == "d_rates" else np.r_[0:22, 38:101]
+        assert np.array_equal(x[0, keep], ref[0, keep]) and np.array_equal(x[1], ref[1]), name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,18 +203,17 @@ def test_ranks_exchange_states(seq, rng):
         o = vjp.attend_tokens(q, k, v, rates, ids, None, pallas_triton.INTERPRET, exchange, False, 0.5)
         return jnp.sum(o * w_o), o
 
-    @jax.jit
     def every_rank(q, k, v, rates):
         step = jax.vmap(jax.value_and_grad(rank_loss, argnums=(0, 1, 2, 3), has_aux=True), axis_name="seq")
         (_, o), grads = step(*(to_ranks(x) for x in (q, k, v, rates, ids, w_o)))
         return from_ranks(o), [from_ranks(g) for g in grads]
 
-    o, grads = every_rank(q, k, v, rates)
+    o, grads = _compiled(every_rank, q, k, v, rates)(q, k, v, rates)
     with jax.enable_x64(True):
-        f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates)]
-        dense = lambda q, k, v, rates: reference.dense_tokens(q, k, v, rates, ids, scale=0.5)[0]
-        o_ref, vjp_fn = jax.vjp(dense, *f64)
-        grads_ref = vjp_fn(jnp.asarray(np.asarray(w_o), jnp.float64))
+        f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates, w_o)]
+        dense = lambda q, k, v, rates, w_o: jnp.sum(reference.dense_tokens(q, k, v, rates, ids, scale=0.5)[0] * w_o)
+        o_ref = jax.jit(lambda *x: reference.dense_tokens(*x, ids, scale=0.5)[0])(*f64[:4])
+        grads_ref = jax.jit(jax.grad(dense, argnums=(0, 1, 2, 3)))(*f64)
     errors = {"o": per_rank_errors(o, o_ref, seq)}
     errors.update({f"d{n}": per_rank_errors(g, g_ref, seq)
                    for n, g, g_ref in zip(("q", "k", "v", "rates"), grads, grads_ref)})
@@ -234,8 +279,13 @@ def test_gpu_matches_xla(dtype, rng):
     f32 = [x.astype(jnp.float32) for x in inputs]
     want = jax.jit(functools.partial(_loss_and_grads, _attend(impls.IMPLS["xla"], ids, d ** -0.5)))(
         *f32, rates, s0, w_o, w_s)
-    tol = 1e-5 if dtype == jnp.float32 else 7e-3
+    # bf16: 7e-3 as the constant path's GPU bound; d_rates 2.5e-2, 3x the 8.0e-3 the interpreted kernels measured
+    # at T=2048, d=64 with 8 documents (CPU, seeds 0-1; the other gradients 2.9e-3 there). fp32: 1e-5 as the
+    # constant path's; d_rates 5e-5, since against float64 both this and xla err up to ~8e-6 at steep rates
+    # (exponents of chunk-local running sums), not necessarily alike. Not yet measured on a GPU.
+    tols = {"d_rates": 2.5e-2} if dtype == jnp.bfloat16 else {"d_rates": 5e-5}
     for name in want:
+        tol = tols.get(name, 7e-3 if dtype == jnp.bfloat16 else 1e-5)
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
         assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
 
