@@ -120,10 +120,10 @@ def param_sharding(shape: tuple[int, ...], cfg: ModelConfig) -> tuple[str | tupl
     parameters with no divisible dim, and any parameter built under a mesh without those axes stay replicated.
     """
     none = (None,) * len(shape)
-    mesh = ambient_mesh()
-    axes = param_axes(cfg, mesh)
     if len(shape) < 2:
         return none
+    mesh = ambient_mesh()
+    axes = param_axes(cfg, mesh)
     for n in range(len(axes), 0, -1):
         size = math.prod(mesh.shape[a] for a in axes[:n]) if mesh is not None else 1
         entry = axes[0] if n == 1 else axes[:n]
