@@ -39,6 +39,23 @@ and dV passes scale the other factor's rows (K, Q), so there the decay's bf16 ro
 dK round alike (measured up to 3.1e-3 and below 1e-4 relative, tests/ops/test_pallas_mosaic.py). Powers of lambda
 are exp(-s * n) with n >= 0.
 
+Per-token decay and documents (`token_walk`, driven by `lasp_jax.ops.pieces_tokens`): the same kernel under a
+static flag (the constant walks trace exactly as before and load nothing more), with the decay of each chunk read
+from the float32 `pieces_tokens.ChunkTables` (bc the chunk-local running sum, counts, q_side, k_side), staged by
+TMA beside X, Y and Z. Forward:
+
+    out = [(X Y^T) * M] Z + scale q_side_i X S,   M[i, j] = scale exp(-max(bc_i - bc_j, 0)) where i >= j and
+    S  <- q_side_(C-1) S + Y^T (k_side_j Z)       counts_i == counts_j, else 0 (selected)
+
+and reverse: M^T, k_side on the output's state term, scale q_side_j on the update. M is formed per chunk in
+float32 while the scores' wgmma runs, and its exponent is selected to 0 outside the kept pairs, so no exp of a
+positive number is taken and a non-finite score of another document or a later row is dropped (the state terms
+are products: a non-finite row still reaches the chunks after it through the state). The dQ and dK walks also
+return each row's float32 q . dq and k . dk (`dots_with`: the decay gradient's terms, from the float32 rows
+before rounding). At d=128 the tables' stages take the output's staging buffer (227 KB per CTA), so the output
+leaves through the decayed-Z buffer once the update's wgmma has read it. Measured against a float64 oracle of the
+walks: 2.3e-3 to 2.5e-3 relative (the bf16 rounding as above; tests/ops/test_pallas_mosaic_tokens.py).
+
 Scope: bf16, head dims Dk = Dv of 64 or 128, GQA/MQA (each of X, Y, Z is read by the head index of its own
 operand: K/V heads are indexed, never repeated; under GQA the dK and dV walks write one bf16 share per query
 head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks

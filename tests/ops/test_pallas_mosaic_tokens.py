@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.ops import pallas_mosaic, pieces, pieces_tokens, reference, vjp
+from lasp_jax.ops import impls, pallas_mosaic, pieces, pieces_tokens, reference, vjp
 from tests.ops.test_token_decay import _loss_and_grads
 from tests.util import rel_err
 
@@ -184,3 +184,128 @@ def test_interpreted_impl_matches_float64_oracle(rng):
     for name in want:
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
     assert max(errors.values()) < IMPL_TOL, errors
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_nonfinite_rows_reach_neither_later_rows_nor_other_documents(reverse, rng):
+    """One chunk with documents [0, 32) and [32, 64): an inf row of X and a NaN row of Y at position u (10 in the
+    first document forward, 50 in the second in reverse). The rows the mask keeps from u (by causality, or by
+    document) are finite and equal the walk without them: the weights select, never multiply by 0."""
+    t, h, d = 64, 2, 64
+    q, k, v, _, s, _ = _inputs(rng, 1, t, h, h, d, 1)
+    tables = _tables(_rates(rng, "steep", 1, t, h), _documents(1, t, (32,)), t)
+    walk = functools.partial(pallas_mosaic.token_walk, tables=tables, states_in=s, piece_len=t, reverse=reverse,
+                             scale=d ** -0.5, interpret=True)
+    u, clean_rows = (50, np.r_[0:32, 51:64]) if reverse else (10, np.r_[0:10, 32:64])
+    clean = np.asarray(walk(q, k, v), np.float32)
+    out = np.asarray(walk(q.at[:, u].set(jnp.inf), k.at[:, u].set(jnp.nan), v), np.float32)
+    assert np.all(np.isfinite(out[:, clean_rows]))
+    assert rel_err(out[:, clean_rows], clean[:, clean_rows]) == 0.0
+    assert not np.any(np.isfinite(out[:, u]))  # the poisoned row itself
+
+
+def _abstract(b, t, h, pieces, d):
+    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    tables = pieces_tokens.ChunkTables(f32((b, h, t)), jax.ShapeDtypeStruct((b, t), jnp.int32), f32((b, h, t)),
+                                       f32((b, h, t)))
+    return x, tables, f32((b, h, pieces, d, d))
+
+
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d):
+    """B=1, H=16, T=64K, 8 pieces of 8K, 3 stages, with and without the rows' dots: Mosaic GPU's lowering
+    (layout inference, shared memory under the 227 KB of a Hopper CTA) runs on CPU when lowering for CUDA."""
+    b, t, h, pieces_ = 1, 65536, 16, 8
+    x, tables, states_in = _abstract(b, t, h, pieces_, d)
+    walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=d ** -0.5)
+    for dots_with in (None, x):
+        fn = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))
+        text = fn.trace(x, x, x, tables, states_in, dots_with).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+def test_bad_tables_are_refused(rng):
+    q, k, v, _, s, _ = _inputs(rng, 1, 128, 2, 2, 64, 1)
+    tables = _tables(_rates(rng, "slow", 1, 128, 2), _documents(1, 128, ()), 128)
+    cases = [
+        (tuple(tables), q, "ChunkTables"),
+        (tables._replace(counts=tables.counts.astype(jnp.float32)), q, "tables.counts"),
+        (tables._replace(cum=tables.cum[:, :1]), q, "tables.cum"),
+        (tables._replace(k_side=tables.k_side.astype(jnp.bfloat16)), q, "tables.k_side"),
+        (tables, q[:, :64], "states_in"),
+    ]
+    for bad, dots_with, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pallas_mosaic.token_walk(q, k, v, bad, s, 128, reverse=False, dots_with=dots_with, interpret=True)
+
+
+# Compiled walks against the float64 oracle: not yet run on a GPU. The bound is the interpreted one: the compiled
+# kernel rounds where the interpreted one does (bf16 operands and output, float32 accumulation), as the constant
+# walks were measured to on an H200 (tests/ops/test_pallas_mosaic.py). Record the measured values when run.
+GPU_TOL = 6e-3
+# (B, T, H, Hkv, D): pieces of 512 (8 pieces of 8 chunks).
+GPU_SHAPES = {"d128": (1, 4096, 4, 4, 128), "gqa_d128": (1, 4096, 4, 2, 128), "d64": (1, 4096, 4, 4, 64)}
+
+
+def _gpu_rates_and_documents(rng, b, t, h):
+    """Rates in [0.001, 0.1] with a steep stretch (up to 6); 16 documents: 13 random starts, one at a piece
+    boundary (1536), one at a chunk boundary (2112), one inside the steep stretch (1050)."""
+    rates = rng.uniform(0.001, 0.1, size=(b, t, h))
+    rates[:, 1000:1100] = rng.uniform(0.0, 6.0, size=(b, 100, h))
+    starts = {1536, 2112, 1050, *rng.choice(np.arange(1, t), 13, replace=False).tolist()}
+    return rates.astype(np.float32), _documents(b, t, sorted(starts))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_SHAPES)
+def test_gpu_token_walks_match_oracle(case, rng):
+    """The compiled token walks at their default blocks (3 stages, C = 64), bf16, scale d^-0.5, from random
+    entering states: the four walks of attention and the dQ and dK walks' row dots, against the oracle."""
+    b, t, h, hkv, d = GPU_SHAPES[case]
+    piece_len, scale = 512, d ** -0.5
+    q, k, v, do, s, g = _inputs(rng, b, t, h, hkv, d, t // piece_len)
+    if (reason := pallas_mosaic.supported(q, k, v)) is not None:
+        pytest.skip(reason)
+    tables = _tables(*_gpu_rates_and_documents(rng, b, t, h), piece_len)
+    for name, (x, y, z, states_in, reverse, w) in _roles(q, k, v, do, s, g).items():
+        walk = functools.partial(pallas_mosaic.token_walk, piece_len=piece_len, reverse=reverse, scale=scale)
+        got = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))(
+            x, y, z, tables, states_in, w)
+        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, scale)
+        if w is not None:
+            got, dots = got
+            w = np.repeat(np.asarray(w, np.float64), h // w.shape[2], axis=2)
+            assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w)) < GPU_TOL, (name, "dots")
+        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
+        assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))
+
+
+@pytest.mark.gpu
+def test_gpu_impl_matches_xla(rng):
+    """pallas_mosaic.WALKS through vjp.attend_tokens (the Triton state passes, the token walks), bf16, T=4096,
+    H=4, d=128, scale d^-0.5, 16 documents, an initial state and the final state's cotangent, against xla in
+    float32 on the same rounded inputs: o, final state, dq, dk, dv, d_rates, d_initial_state. Bounds: the
+    interpreted Impl test's (d_rates: one more rounding, as pallas_triton's bf16 test measured)."""
+    b, t, h, d = 1, 4096, 4, 128
+    scale = d ** -0.5
+    q, k, v, do, _, _ = _inputs(rng, b, t, h, h, d, 1)
+    impl = pallas_mosaic.WALKS
+    if (reason := impl.supported_tokens(q, k, v)) is not None:
+        pytest.skip(reason)
+    rates, ids = _gpu_rates_and_documents(rng, b, t, h)
+    rates, ids = jnp.asarray(rates), jnp.asarray(ids)
+    s0, w_s = (jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32) for _ in range(2))
+
+    def run(impl, *inputs):
+        attend = lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, scale)
+        return jax.jit(functools.partial(_loss_and_grads, attend))(*inputs, rates, s0, do.astype(jnp.float32), w_s)
+
+    got = run(impl, q, k, v)
+    want = run(impls.IMPLS["xla"], *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name in want:
+        assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
+        tol = 1.5e-2 if name == "d_rates" else IMPL_TOL
+        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
