@@ -128,7 +128,7 @@ class Split:
         d = states.query_state_grad(q, do, rates, scale)
         g = None if outgoing is None else outgoing(d)
         if s_in is not None:
-            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, rates, s_in, scale)).astype(q.dtype)
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq(do, rates, s_in, scale, q.shape[2])).astype(q.dtype)
         if g is not None:
             dk_end, dv_end = states.end_state_grads(k, v, rates, g)
             dk = (dk.astype(jnp.float32) + dk_end).astype(k.dtype)
@@ -158,7 +158,8 @@ class Split:
         d = states.query_state_grad_tokens(q, do, tok, scale)
         g = None if outgoing is None else outgoing(d)
         if s_in is not None:
-            dq = (dq.astype(jnp.float32) + states.apply_state_dq_tokens(do, tok, s_in, scale)).astype(q.dtype)
+            dq = (dq.astype(jnp.float32) + states.apply_state_dq_tokens(do, tok, s_in, scale, q.shape[2])).astype(
+                q.dtype)
             x = x - jnp.sum(do.astype(jnp.float32) * states.apply_state_tokens(q, tok, s_in, scale), axis=-1)
         ds = states.document_suffix_sum(x, tok.starts)
         if g is not None:
