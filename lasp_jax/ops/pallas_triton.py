@@ -584,9 +584,10 @@ def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: 
 def supported(q, k, v, interpret: bool = False) -> str | None:
     """None when these kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
     else the reason. Which GPUs, head dims and dtypes their GPU tests qualified is `impls.qualification`'s."""
-    if q.shape[2] < v.shape[2]:
-        return (f"GVA (q and k with fewer heads than v: q {q.shape[2]}, v {v.shape[2]}) is not in the Triton "
-                "kernels")
+    hq, hk, hv = q.shape[2], k.shape[2], v.shape[2]
+    if hk != hv or hq % hk:
+        return (f"heads other than MHA/GQA/MQA (q {hq}, k {hk}, v {hv}: GVA, q and k with fewer heads than v) are "
+                "not in the Triton kernels")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in DTYPES}:
         names = ", ".join(jnp.dtype(d).name for d in DTYPES)
