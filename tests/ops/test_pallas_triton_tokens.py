@@ -224,22 +224,28 @@ def test_ranks_exchange_states(seq, rng):
 H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"block_k": 128, "block_v": 128}], ids=["tiles", "fused_dkdv"])
-def test_lowers_to_triton(overrides):
-    """Without a GPU: the real token kernels lower to Triton IR for an abstract H200, forward and backward with
-    the rates' gradient (d=128, GQA, ragged T, documents, bf16). PTX compilation and the run need the GPU test."""
+@pytest.mark.parametrize(("overrides", "ranks"), [({}, 1), ({"block_k": 128, "block_v": 128}, 1), ({}, 2)],
+                         ids=["tiles", "fused_dkdv", "shard_map_ring"])
+def test_lowers_to_triton(overrides, ranks):
+    """Without a GPU: the real token kernels lower to Triton IR for abstract H200s, forward and backward with
+    the rates' gradient (d=128, GQA, ragged T, documents, bf16); over 2 ranks inside lasp_attention's machinery
+    (shard_map with check_vma, the ring exchange, the [B] boundary permute). PTX compilation and the run need
+    the GPU tests."""
     kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
+    mesh = AbstractMesh((ranks,), ("seq",), axis_types=(AxisType.Auto,), abstract_device=H200)
+    exchange = SeqExchange("ring", "seq", ranks) if ranks > 1 else None
 
-    def fwd_bwd(q, k, v, rates, ids, do):
-        o, vjp_fn = jax.vjp(lambda q, k, v, r: vjp.attend_tokens(q, k, v, r, ids, None, kernels, None, False,
+    def local(q, k, v, rates, ids, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v, r: vjp.attend_tokens(q, k, v, r, ids, None, kernels, exchange, False,
                                                                  128 ** -0.5), q, k, v, rates)
-        return o, vjp_fn(do)
+        return o, *vjp_fn(do)
 
-    q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-    args = (q, kv, kv, jax.ShapeDtypeStruct((1, 1000, 4), jnp.float32), jax.ShapeDtypeStruct((1, 1000), jnp.int32),
-            q)
-    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H200)
+    spec = P(None, "seq")  # q, k, v, rates, ids and dO: T split over the ranks
+    fwd_bwd = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=(spec,) * 5) if ranks > 1 else local
+    t = 1000 * ranks
+    q = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+    args = (q, kv, kv, jax.ShapeDtypeStruct((1, t, 4), jnp.float32), jax.ShapeDtypeStruct((1, t), jnp.int32), q)
     with jax.sharding.use_abstract_mesh(mesh):
         text = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args).mlir_module()
