@@ -9,7 +9,7 @@ piece's own log-decay [B, H, P] (+inf where a document starts in the piece):
 
     forward   state pass   m_p = sum_{x in p} w_x k_x^T v_x,   w = PieceWeights.to_end    (state_sums_tokens)
               piece scan   S_p = the state entering piece p, from S_in and the m_j, j < p  (pieces.entering)
-              output walk  o   = the chunk walk of TOKEN_KERNELS from S_p                  (output_tokens)
+              output walk  o   = the chunk walk from S_p                                  (output_tokens)
     backward  state pass   d_p = sum_{x in p} w_x q_x^T dO_x,  w = scale PieceWeights.from_start
               reverse scan G_p = the cotangent leaving piece p, from G and the d_j, j > p   (pieces.leaving)
               dQ walks forward from S_p, dK and dV backward from G_p, and each row's k.dk - q.dq (grads_tokens)
@@ -159,7 +159,8 @@ def _block_tables(rates, counts, size):
 
 
 def tables(rates, starts, plan: pieces.Plan) -> tuple[ChunkTables, PieceWeights]:
-    """The chunk tables and piece weights of padded rates [B, H, T] and starts [B, T] bool."""
+    """The chunk tables and piece weights of rates [B, H, T] float32 and starts [B, T] bool, T = P * piece_len
+    (front-padded)."""
     b, h, t = rates.shape
     counts = jnp.cumsum(starts.astype(jnp.int32), axis=1)
     cum, q_side, k_side, _ = _block_tables(rates, counts, plan.chunk)
@@ -217,10 +218,8 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
         dv = dv.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_v).sum(3)
     ds = states.document_suffix_sum(jnp.moveaxis(x[:, :, plan.pad:], 1, 2), tok.starts)
     if g is not None:
-        a = states.piece_decay(tok)[:, :, None, None]
-        s_end = m if s_in is None else m + jnp.where(a > 0, a * s_in, 0.0)
-        in_last = (tok.counts == tok.counts[:, -1:])[..., None]
-        ds = ds - jnp.where(in_last, jnp.sum(s_end * g, axis=(2, 3))[:, None], 0.0)
+        s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
+        ds = ds - jnp.where(states.in_last(tok)[..., None], jnp.sum(s_end * g, axis=(2, 3))[:, None], 0.0)
     ds = jnp.where(tok.starts[..., None], 0.0, ds)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
 
