@@ -121,11 +121,6 @@ class Mamba2Mixer(nnx.Module):
         y = grouped.reshape(y.shape) * self.norm_weight[...].astype(jnp.float32)
         return self.out_proj(y.astype(jnp.dtype(cfg.dtype)))
 
-    def _value_heads(self, q, k):
-        # TEMPORARY until lasp_jax takes GVA (q, k with fewer heads than v): B and C repeated to the H SSM heads.
-        repeat = self.cfg.ssm_heads // self.cfg.n_groups
-        return jnp.repeat(q, repeat, axis=-2), jnp.repeat(k, repeat, axis=-2)
-
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; segment_ids [B, T] or None (packed documents)."""
@@ -143,7 +138,6 @@ class Mamba2Mixer(nnx.Module):
         else:
             xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
         q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
-        q, k = self._value_heads(q, k)
         o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)
 
@@ -163,7 +157,6 @@ class Mamba2Mixer(nnx.Module):
         width = self.cfg.conv_width - 1
         conv = causal_conv1d(held, *self._conv_params())[:, width:]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
-        q, k = self._value_heads(q, k)
         o, ssm = lasp_jax.linear_attention(q, k, v, rates, initial_state=state["ssm"], return_final_state=True,
                                            impl=self.cfg.attn_impl)
         return self._out(o, x_heads, z), {"ssm": ssm, "conv": held[:, held.shape[1] - width:]}
@@ -175,7 +168,6 @@ class Mamba2Mixer(nnx.Module):
         window = jnp.concatenate([state["conv"], xbc[:, None].astype(state["conv"].dtype)], axis=1)  # [B, W, C]
         conv = causal_conv1d(window, *self._conv_params())[:, -1]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
-        q, k = self._value_heads(q, k)
         o, ssm = lasp_jax.linear_attention_step(q, k, v, state["ssm"], rates)
         return self._out(o, x_heads, z), {"ssm": ssm, "conv": window[:, 1:]}
 

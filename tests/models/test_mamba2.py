@@ -88,11 +88,11 @@ def test_mesh_equals_one_device(name, shape, explicit, strategy, remat):
         args = [helpers.shard_batch(x, mesh) for x in batch]
         (loss, logits), grads = loss_grads_logits(graphdef)(sstate, *args)
     assert logits.sharding.spec[1] == ("seq" if shape[1] > 1 else None)
-    # Measured (parameter seeds 0-4): the loss equal, logits 3.0e-7, gradients 2.3e-6 (A_log's and dt_bias's,
-    # sums over every position of per-token terms; the matrices' 6e-7).
+    # Measured (parameter seeds 0-3): loss 1.2e-7, logits 3.0e-7, gradients 4.4e-6 (A_log's: a sum over every
+    # position of per-token terms that largely cancel; the matrices' 6e-7).
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     assert helpers.max_rel(logits, ref_logits) < 8e-7
-    assert helpers.max_rel(grads, ref_grads) < 6e-6
+    assert helpers.max_rel(grads, ref_grads) < 1e-5
 
 
 def _mixer_by_recurrence(mixer, cfg, x, ids):
