@@ -24,7 +24,9 @@ passes exp(-its log decay), exactly 0 when a document starts in it); see `enteri
 Numerics: the scans are float32 (a batched matmul at full float32 precision, `_scan`), every decay exp(-x) of
 a sum x >= 0 of the pieces' log decays (`_chain`). A non-finite later piece never reaches an earlier one: the
 matmul sees only the finite parts of the sums, and the non-finite parts reach the later pieces through an
-exclusive running sum, whatever the decays between (a document start or an underflow does not stop them).
+exclusive running sum that stops at a piece passing nothing (a document start, or a decay underflowing to 0), so
+a NaN does not cross a document start either; the boundary states (S_in, G, the boundary sums) select by their
+weights in the same way.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class _Chain(NamedTuple):
     between: jax.Array
     from_start: jax.Array
     to_end: jax.Array
+    passes: jax.Array  # [.., P] bool: piece p passes a state on (its decay is not 0)
 
 
 def _chain(decay, plan: Plan) -> _Chain:
@@ -119,20 +122,28 @@ def _chain(decay, plan: Plan) -> _Chain:
         from_i = jnp.where(k[:, :n] >= i, decay[:, :, None, :], 0.0)  # [B, H, i, piece]: the pieces from i on
         log_gap = jnp.pad(jnp.cumsum(from_i, axis=-1), ((0, 0), (0, 0), (0, 0), (1, 0)))  # [B, H, i, k]
     w = jnp.where(k >= i, jnp.exp(-log_gap), 0.0)
-    return _Chain(between=w[..., 1:, :n], from_start=w[..., 0, :n], to_end=w[..., 1:, n])
+    passes = jnp.diagonal(w[..., :n, 1:], axis1=-2, axis2=-1) > 0  # from boundary p to p + 1: piece p's decay
+    return _Chain(between=w[..., 1:, :n], from_start=w[..., 0, :n], to_end=w[..., 1:, n], passes=passes)
 
 
-def _scan(w, sums, *, reverse: bool):
+def _scan(w, passes, sums, *, reverse: bool):
     """The exclusive decayed prefix over pieces, out[j] = sum_i w[i, j] x[i] (or the suffix when reverse,
     out[i] = sum_j w[i, j] x[j]) of sums [B, H, P, Dk, Dv], float32: one batched matmul at full float32 precision
-    over the finite parts (w's zeros then multiply finite numbers only), and the non-finite parts carried by an
-    exclusive running sum to the later pieces (earlier, when reverse) alone."""
+    over the finite parts (w's zeros then multiply finite numbers only), and the non-finite parts carried to the
+    later pieces (earlier, when reverse) by a running sum that a piece passing nothing (passes [1 or B, H, P]
+    False: a document starts in it) cuts, as where(a > 0, a x, 0) would: a NaN never crosses a document start."""
     b, h, n = sums.shape[:3]
     x = sums.astype(_F32).reshape(b, h, n, -1)
     finite = jnp.isfinite(x)
     spec = "bhij,bhjn->bhin" if reverse else "bhij,bhin->bhjn"
     out = jnp.einsum(spec, jnp.broadcast_to(w, (b, h, n, n)), jnp.where(finite, x, 0.0), precision=_HIGHEST)
-    running = jax.lax.cumsum(jnp.where(finite, 0.0, x), axis=2, reverse=reverse)  # 0 where all are finite
+    cut = jnp.broadcast_to(~passes, (b, h, n))[..., None]
+
+    def combine(earlier, later):  # in scan order; a cut drops what came before it
+        (c1, x1), (c2, x2) = earlier, later
+        return c1 | c2, jnp.where(c2, x2, x1 + x2)
+
+    _, running = jax.lax.associative_scan(combine, (cut, jnp.where(finite, 0.0, x)), axis=2, reverse=reverse)
     if reverse:
         exclusive = jnp.pad(running[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))
     else:
@@ -140,11 +151,18 @@ def _scan(w, sums, *, reverse: bool):
     return (out + exclusive).reshape(sums.shape)
 
 
+def _weighted(weights, x):
+    """weights [1 or B, H, P] times x (broadcast over its trailing dims), selecting 0 where a weight is 0: a
+    non-finite x across a document start (or an underflowed decay) reaches nothing."""
+    w = weights.reshape(weights.shape + (1,) * (x.ndim - weights.ndim))
+    return jnp.where(w != 0, w * x, 0.0)
+
+
 def _plus_share(per_piece, weights, state):
     """per_piece [B, H, P, Dk, Dv] plus each piece's weights [1 or B, H, P] times state [B, H, Dk, Dv] (None: 0)."""
     if state is None:
         return per_piece
-    return per_piece + weights[..., None, None] * state[:, :, None].astype(_F32)
+    return per_piece + _weighted(weights, state[:, :, None].astype(_F32))
 
 
 def entering(sums, s_in, decay, plan: Plan):
@@ -156,9 +174,10 @@ def entering(sums, s_in, decay, plan: Plan):
     decay: rates [H] float32 (constant decay: every piece passes a = exp(-rate * plan.piece_len)), or per-piece
     log decays [B, H, P] float32 >= 0 (a_p = exp(-decay[b, h, p]); +inf where a document starts in piece p: it
     passes nothing, its product is exactly 0). Every product is exp(-(sum of the log decays)) (see `_chain`).
-    A non-finite m_j reaches only the pieces after j (`_scan`)."""
+    A non-finite m_j reaches only the pieces after j, and none past a document start (`_scan`)."""
     chain = _chain(decay, plan)
-    from_zero = _scan(chain.between, sums, reverse=False) if plan.pieces > 1 else jnp.zeros(sums.shape, _F32)
+    from_zero = (_scan(chain.between, chain.passes, sums, reverse=False) if plan.pieces > 1
+                 else jnp.zeros(sums.shape, _F32))
     return _plus_share(from_zero, chain.from_start, s_in)
 
 
@@ -167,8 +186,8 @@ def boundary_sum(sums, decay, plan: Plan, *, from_end: bool):
     (from_end: sum_p (prod_{q > p} a_q) m_p, the end state from zero) or its start (sum_p (prod_{q < p} a_q) d_p,
     the cotangent of S_in). decay as in `entering`."""
     chain = _chain(decay, plan)
-    w = jnp.broadcast_to(chain.to_end if from_end else chain.from_start, sums.shape[:3])
-    return jnp.einsum("bhp,bhpde->bhde", w, sums, precision=_HIGHEST)
+    w = chain.to_end if from_end else chain.from_start
+    return jnp.sum(_weighted(w, sums.astype(_F32)), axis=2)
 
 
 def leaving(sums, g, decay, plan: Plan):
@@ -178,9 +197,10 @@ def leaving(sums, g, decay, plan: Plan):
 
         G_p = sum_{r > p} (prod_{p < q < r} a_q) d_r + (prod_{q > p} a_q) g
 
-    decay as in `entering`. A non-finite d_r reaches only the pieces before r."""
+    decay as in `entering`. A non-finite d_r reaches only the pieces before r, and none before a document start."""
     chain = _chain(decay, plan)
-    from_end = _scan(chain.between, sums, reverse=True) if plan.pieces > 1 else jnp.zeros(sums.shape, _F32)
+    from_end = (_scan(chain.between, chain.passes, sums, reverse=True) if plan.pieces > 1
+                else jnp.zeros(sums.shape, _F32))
     return _plus_share(from_end, chain.to_end, g)
 
 

@@ -104,15 +104,17 @@ def test_a_non_finite_piece_reaches_only_the_pieces_after_it(kind, bad, rng):
         np.testing.assert_array_equal(got[:, :, reached][..., others], clean[:, :, reached][..., others])
 
 
-def test_a_document_start_passes_exactly_nothing(rng):
+@pytest.mark.parametrize("huge", [1e30, np.nan, np.inf])
+def test_a_document_start_passes_exactly_nothing(huge, rng):
     """A piece c whose log decay is +inf (a document starts in it) cuts the chain: what enters the pieces after
     c does not depend on the sums before c nor on S_in, bit for bit (their weights are exactly 0, never NaN, even
-    for sums of 1e30); what leaves the pieces before c, likewise, on the sums after c and on g."""
+    for sums of 1e30, and a NaN or inf there stops at c); what leaves the pieces before c, likewise, on the sums
+    after c and on g; the end state, on the sums before c."""
     n, c = 7, 3
     sums, state = _inputs(rng, n)
     decay = jnp.asarray(rng.uniform(0.0, 0.5, (B, H, n)), jnp.float32).at[:, :, c].set(jnp.inf)
     plan = _plan(n)
-    huge = jnp.float32(1e30)
+    huge = jnp.float32(huge)
     before, after = sums.at[:, :, :c].set(huge), sums.at[:, :, c + 1:].set(huge)
     enter = np.asarray(pieces.entering(before, huge * state, decay, plan))
     enter_cut = np.asarray(pieces.entering(sums.at[:, :, :c].set(0.0), None, decay, plan))
