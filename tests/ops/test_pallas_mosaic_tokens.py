@@ -113,21 +113,24 @@ def _roles(q, k, v, do, s, g):
             "dv": (k, q, do, g, True, None), "dk": (v, do, q, _transposed(g), True, k)}
 
 
-# (B, T, H, Hkv, D, piece_len, stages, rates, document starts). 37 and 150 start inside chunks, 64 at a chunk
-# boundary, 128 at a piece boundary (2 pieces of 2 chunks); one piece of 4 chunks wraps a ring of 3 stages.
+# (B, T, H, Hkv, D, piece_len, stages, rates, document starts). 37, 100 and 150 start inside chunks, 64 at a chunk
+# boundary, 128 at a piece boundary (2 pieces of 2 chunks) or a chunk boundary; one piece of 4 chunks wraps a
+# ring of 3 stages, one of 3 fills it; pieces of one chunk (a ring of 1) without documents.
 CASES = {
     "steep_d64_two_pieces": (1, 256, 2, 2, 64, 128, 3, "steep", (37, 64, 128, 150)),
     "slow_d128_ring_wraps": (1, 256, 2, 2, 128, 256, 3, "slow", (37, 64, 150)),
-    "gqa_mixed_d64": (1, 256, 4, 2, 64, 256, 3, "mixed", (100, 192)),
-    "steep_mqa_d128_one_document": (1, 256, 2, 1, 128, 128, 2, "steep", ()),
+    "gqa_mixed_d64": (1, 192, 4, 2, 64, 192, 3, "mixed", (100, 128)),
+    "steep_mqa_d128_one_document": (1, 128, 2, 1, 128, 64, 3, "steep", ()),
 }
-# Interpreted runs against the float64 oracle measured 2.3e-3 to 2.5e-3 (every case and walk, seed 0), the rows'
-# float32 dots with q or k 1.6e-3 to 1.9e-3: the bf16 rounding of the output, the decayed scores and the state. A document ignored or a state term not cut
+# Interpreted runs against the float64 oracle measured 2.1e-3 to 2.5e-3 (every case and walk, seeds 0-2), the
+# rows' float32 dots with q or k 1.5e-3 to 1.9e-3: the bf16 rounding of the output, the decayed scores and the
+# state. A document ignored or a state term not cut
 # at a start moves these outputs by 2e-2 (steep) to 0.3-1.3 (slow, mixed) in the oracle.
 INTERPRET_TOL = 6e-3
-# The Impl through the driver, bf16 inputs against float64 (seed 0): 1.6e-3 (final state, d_initial_state) to
-# 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 2.9e-3.
-IMPL_TOL = 7e-3
+# The Impl through the driver, bf16 inputs against float64 (seeds 0-2): 1.6e-3 (final state, d_initial_state) to
+# 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 2.5e-3 to 5.1e-3 (a suffix sum of
+# k.dk - q.dq whose pairs across chunks meet the state's bf16 rounding in dq and the cotangent's in dk).
+IMPL_TOL, D_RATES_TOL = 7e-3, 1.2e-2
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -180,10 +183,10 @@ def test_interpreted_impl_matches_float64_oracle(rng):
         f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, rates, s0, do, w_s)]
         dense = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
         want = {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, dense))(*f64).items()}
-    errors = {name: rel_err(got[name], want[name]) for name in want}
     for name in want:
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
-    assert max(errors.values()) < IMPL_TOL, errors
+        tol = D_RATES_TOL if name == "d_rates" else IMPL_TOL
+        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN
@@ -288,7 +291,7 @@ def test_gpu_impl_matches_xla(rng):
     """pallas_mosaic.WALKS through vjp.attend_tokens (the Triton state passes, the token walks), bf16, T=4096,
     H=4, d=128, scale d^-0.5, 16 documents, an initial state and the final state's cotangent, against xla in
     float32 on the same rounded inputs: o, final state, dq, dk, dv, d_rates, d_initial_state. Bounds: the
-    interpreted Impl test's (d_rates: one more rounding, as pallas_triton's bf16 test measured)."""
+    interpreted Impl test's (not yet run on a GPU)."""
     b, t, h, d = 1, 4096, 4, 128
     scale = d ** -0.5
     q, k, v, do, _, _ = _inputs(rng, b, t, h, h, d, 1)
@@ -307,5 +310,5 @@ def test_gpu_impl_matches_xla(rng):
     want = run(impls.IMPLS["xla"], *(x.astype(jnp.float32) for x in (q, k, v)))
     for name in want:
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
-        tol = 1.5e-2 if name == "d_rates" else IMPL_TOL
+        tol = D_RATES_TOL if name == "d_rates" else IMPL_TOL
         assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
