@@ -102,9 +102,10 @@ def einsum_to(spec: str, *operands, group: int, **kwargs) -> jax.Array:
 
 
 def decayed(a: jax.Array, x: jax.Array) -> jax.Array:
-    """a * x where a > 0, else 0 (selected): a state carried across a decay factor a >= 0 (broadcasting). a = 0
-    past a document start, so a non-finite state of one document never reaches the next (0 * NaN would)."""
-    return jnp.where(a > 0, a * x, 0.0)
+    """a * x, and 0 where a == 0 (selected): a state carried across a decay factor a >= 0 (broadcasting). a = 0
+    past a document start, so a non-finite state of one document never reaches the next (0 * NaN would). A NaN
+    factor (a traced bad rate) still multiplies, so the states after it stay NaN rather than silently finite."""
+    return jnp.where(a == 0, 0.0, a * x)
 
 
 def _compute_dtype(x):

@@ -220,15 +220,16 @@ def test_bad_input_names_the_problem(case):
 def test_traced_bad_rate_poisons_what_depends_on_it(impl, rng):
     """Traced per-token rates cannot be checked at trace time: a negative or non-finite rate turns NaN the
     outputs of its (batch row, head) from its position on and the final state, instead of a silently wrong
-    result; the outputs before it and the other (row, head)s are exact."""
-    q, k, v = qkv(rng, 2, 100, 2, 2, 8, 8)
-    rates = jnp.asarray(rng.uniform(0, 0.3, size=(2, 100, 2)), jnp.float32)
+    result; the outputs before it and the other (row, head)s are exact. T = 192, chunk 64: the bad rate opens
+    chunk 1, so only chunk 1's decay (a NaN factor in the chunk scan) carries it into chunk 2."""
+    q, k, v = qkv(rng, 2, 192, 2, 2, 8, 8)
+    rates = jnp.asarray(rng.uniform(0, 0.3, size=(2, 192, 2)), jnp.float32)
     for bad in (-0.1, np.nan, np.inf):
         o, final = jax.jit(lambda r: lasp_jax.linear_attention(q, k, v, r, return_final_state=True, impl=impl))(
-            rates.at[1, 40, 0].set(bad))
-        assert np.all(np.isnan(np.asarray(o[1, 40:, 0]))) and np.all(np.isnan(np.asarray(final[1, 0])))
+            rates.at[1, 64, 0].set(bad))
+        assert np.all(np.isnan(np.asarray(o[1, 64:, 0]))) and np.all(np.isnan(np.asarray(final[1, 0])))
         o_ref, final_ref = lasp_jax.linear_attention(q, k, v, rates, return_final_state=True, impl=impl)
-        assert rel_err(o[1, :40, 0], o_ref[1, :40, 0]) < F32_TOL
+        assert rel_err(o[1, :64, 0], o_ref[1, :64, 0]) < F32_TOL
         good = np.ones((2, 2), bool)
         good[1, 0] = False
         o, o_ref = (np.asarray(x).transpose(0, 2, 1, 3)[good] for x in (o, o_ref))

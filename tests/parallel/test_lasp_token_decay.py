@@ -165,6 +165,26 @@ def test_non_finite_values_stay_in_their_document(strategy, w, rng):
             np.testing.assert_array_equal(later, clean[name][row, first:], err_msg=f"{name}, row {row}")
 
 
+@pytest.mark.parametrize("w", [2, 3])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_traced_bad_rate_poisons_later_ranks(strategy, w, rng):
+    """A NaN per-token rate (traced: not checkable before it runs) at position 16 of a one-document row turns
+    NaN every output of its (row, head) from 16 on, on every later rank (seq 3: it opens rank 1, whose NaN
+    decay alone carries it to rank 2); the outputs before it, the other head and the other row stay equal to the
+    clean run's. The combines select only zero decays: a NaN one still multiplies (never a silently finite
+    state)."""
+    q, k, v = qkv(rng, 2, T, 4, 2, 8, 8)
+    rates = jnp.asarray(rng.uniform(0.0, 0.3, size=(2, T, 4)), jnp.float32)
+    ids = jnp.zeros((2, T), jnp.int32).at[1, 30:].set(1)  # row 0: one document; row 1: a start at 30
+    w_o = jnp.asarray(rng.standard_normal((2, T, 4, 8)), jnp.float32)
+    clean = _on_seq_mesh(w, strategy, q, k, v, rates, ids, w_o)["o"]
+    o = _on_seq_mesh(w, strategy, q, k, v, rates.at[0, 16, 1].set(np.nan), ids, w_o)["o"]
+    assert np.all(np.isnan(o[0, 16:, 1]))
+    untouched = np.ones(o.shape[:3], bool)
+    untouched[0, 16:, 1] = False
+    np.testing.assert_array_equal(o[untouched], clean[untouched])
+
+
 # Rates up to 6 per position: a rank's decay is about exp(-50) to exp(-70) and the decays between positions reach
 # float32's denormals. Measured (CPU, seeds 0-2, every strategy, seq 2 and 3, per rank): worst 3.8e-6 (the decay
 # gradient; o, dq, dk, dv below it), from the chunk's running sums of up to 24 x 6 (one device: xla's 7.7e-6).
