@@ -9,6 +9,7 @@ path the logits and gradients are compared through.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from tests.models import helpers
@@ -68,23 +70,31 @@ def _setup(name):
     return cfg, state, batch, loss_grads_logits(graphdef)(state, *batch)
 
 
-CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, remat
-    ("mamba2-tiny", (2, 2), True, "ring", "none"),
-    ("mamba2-tiny", (1, 3), False, "allgather", "block"),
-    ("mamba2-tiny", (2, 3), True, "scan", "full"),
-    ("mamba2-tiny-hybrid", (2, 3), False, "ring", "none"),
-    ("mamba2-tiny", (2, 1), True, "ring", "none"),  # data parallel only: the convolution on a size-1 seq axis
+FSDP = ("data", "seq")  # parameters sharded over every device
+
+CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, remat, parameters' axes
+    ("mamba2-tiny", (2, 2), True, "ring", "none", FSDP),
+    ("mamba2-tiny", (1, 3), False, "allgather", "block", "data"),
+    ("mamba2-tiny", (2, 3), True, "scan", "full", "data"),
+    ("mamba2-tiny-hybrid", (2, 3), False, "ring", "none", "data"),
+    ("mamba2-tiny", (2, 1), True, "ring", "none", "data"),  # data parallel only: the conv on a size-1 seq axis
 ]
 
 
-@pytest.mark.parametrize("name,shape,explicit,strategy,remat", CASES)
-def test_mesh_equals_one_device(name, shape, explicit, strategy, remat):
+@pytest.mark.parametrize("name,shape,explicit,strategy,remat,param_axis", CASES)
+def test_mesh_equals_one_device(name, shape, explicit, strategy, remat, param_axis):
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build_model(cfg.replace(strategy=strategy, remat=remat),
-                                                                       rngs=nnx.Rngs(0))))
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
-        sstate = helpers.shard_state(state, mesh)
+        # The same parameters under this case's config, on the specs it gives them on this mesh.
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build_model(
+            cfg.replace(strategy=strategy, remat=remat, param_axis=param_axis), rngs=nnx.Rngs(0))))
+        specs = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, P))
+        sstate = jax.tree.unflatten(jax.tree.structure(abstract), [
+            jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(jax.tree.leaves(state), specs)])
+        if param_axis == FSDP:  # the in-projection split over all four devices
+            kernel = sstate["blocks"][0]["mixer"]["in_proj"]["kernel"][...]
+            assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size
         args = [helpers.shard_batch(x, mesh) for x in batch]
         (loss, logits), grads = loss_grads_logits(graphdef)(sstate, *args)
     assert logits.sharding.spec[1] == ("seq" if shape[1] > 1 else None)
@@ -92,7 +102,7 @@ def test_mesh_equals_one_device(name, shape, explicit, strategy, remat):
     # position of per-token terms that largely cancel; the matrices' 6e-7).
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     assert helpers.max_rel(logits, ref_logits) < 8e-7
-    assert helpers.max_rel(grads, ref_grads) < 1e-5
+    assert helpers.max_rel(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)) < 1e-5
 
 
 def _mixer_by_recurrence(mixer, cfg, x, ids):
