@@ -23,13 +23,21 @@ Decay gradient (the fused form of vjp.attend_tokens'): ds_u is minus the sum of 
 (the pairs (r, t) with r < u <= t in one document, those from S_in to t >= u, those from r < u to the end
 state's cotangent G, and S_in's to G). With x_t = k_t . dk_t - q_t . dq_t per query head, from the kernels' full
 float32 dq and dk (the S_p terms in dq, the G_p terms in dk: every pair of the call once in a k.dk and once in a
-q.dq), the pairs that cross u are minus the document-suffix sum of x, except the pairs that reach G: they are in
-k.dk but have no q.dq, and cross every u of the call's last document that comes after their source. So
+q.dq), the sum of x_t over t in [u, E] (E >= u, u and E in one document) counts the pairs from [u, E] to after
+E minus those from before u to [u, E]; subtracting every pair that crosses E leaves minus the pairs that cross
+u. Per piece p (E its end, or the end of u's document if sooner; the pairs that cross a piece's end are the
+state leaving it against that state's cotangent, restricted to the piece's last document):
 
-    ds_u = sum_{t >= u, t in u's document} x_t  -  [u in the last document] <S_end, G>,   0 at a document start,
+    ds_u = sum_{t >= u, t in u's piece and document} x_t  -  [u in p's last document] <S_(p+1), G_p>,
+    0 at a document start,
 
-S_end = m + a S_in the call's end state (<S_end, G> = the sum of every pair term that reaches G, S_in's included).
-Every sum is float32; the suffix sums run within one document (states.document_suffix_sum).
+S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end state S_end = m + a S_in) and
+G_p its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts
+a document (G_p is then 0). One piece (P = 1) gives the whole-document form. The local form is the one for
+precision: each x_t carries the kernels' rounding (bf16 MMA operands in dq and dk), so a suffix sum over a whole
+document (up to T terms) would grow that error like sqrt(its length) (measured on an H200 at T = 64K, bf16: ds
+6.8e-2 against float32 with the whole-document sum, the other gradients 2.4e-3), while the states are float32;
+hence pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every sum is float32.
 
 Numerics: every table is float32 and every exponent is minus a sum of rates (a chunk-local or piece-local
 running sum of its own, never a difference of two long sums), so each factor is exp of something <= 0; the
@@ -46,6 +54,14 @@ import jax.numpy as jnp
 from lasp_jax.ops import pieces, states
 
 _F32 = jnp.float32
+
+# Longest piece of the per-token path (positions; kept when the backend plans shorter ones): the decay
+# gradient's suffix sums run within a piece (module docstring), so their rounding grows like sqrt(piece_len)
+# instead of sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H
+# (T / 512 programs per (batch, head) of the state passes and walks, each a shorter loop) and a larger
+# float32 residual, the states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB,
+# 8 MB per (batch, head), where the Triton plan at B = 1, H = 16 has 8). Not yet timed on a GPU.
+MAX_PIECE_LEN = 512
 
 
 class ChunkTables(NamedTuple):
@@ -128,6 +144,17 @@ class TokenBackend(Protocol):
         rounded to any output dtype (the decay gradient's terms; k_t is the K/V head's row)."""
 
 
+def bounded_plan(backend: TokenBackend, q, v) -> pieces.Plan:
+    """backend.plan(q, v) with pieces of at most MAX_PIECE_LEN positions (whole chunks of the backend's size),
+    or under twice that where pieces.make_plan prefers a piece count that divides the chunks (no padding).
+    forward and backward both cut by it: the forward saves a state per piece."""
+    got = backend.plan(q, v)
+    if got.piece_len <= MAX_PIECE_LEN:
+        return got
+    t = q.shape[1]
+    return pieces.make_plan(t, got.chunk, target_pieces=max(got.pieces, -(-t // MAX_PIECE_LEN)), min_piece_chunks=1)
+
+
 def _padded(tok: states.TokenDecay, plan: pieces.Plan):
     """(rates [B, H, T] float32, starts [B, T] bool) front-padded by plan.pad with rates 0 and no starts."""
     rates = jnp.moveaxis(tok.rates.astype(_F32), 1, 2)
@@ -170,6 +197,21 @@ def tables(rates, starts, plan: pieces.Plan) -> tuple[ChunkTables, PieceWeights]
     return chunk, PieceWeights(to_end.reshape(b, h, t), from_start.reshape(b, h, t), log_decay)
 
 
+def _piece_suffix_sums(x, starts, plan: pieces.Plan):
+    """sum_{t >= u, t in u's piece and document} x_t of x [B, H, T] float32, starts [B, T] bool (T padded) ->
+    [B, P, L, H] float32: each piece a row of states.document_suffix_sum."""
+    b, h, _ = x.shape
+    rows = jnp.moveaxis(x, 1, 2).reshape(b * plan.pieces, plan.piece_len, h)
+    sums = states.document_suffix_sum(rows, starts.reshape(b * plan.pieces, plan.piece_len))
+    return sums.reshape(b, plan.pieces, plan.piece_len, h)
+
+
+def _in_last_of_piece(counts, plan: pieces.Plan):
+    """[B, P, L] bool: no document starts after u in u's piece, from counts [B, T] int32 (starts in [0, t])."""
+    per_piece = counts.reshape(counts.shape[0], plan.pieces, plan.piece_len)
+    return per_piece == per_piece[..., -1:]
+
+
 def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, scale: float):
     """One piece's attention under per-token decay from its incoming state (vjp's forward_tokens).
 
@@ -179,7 +221,7 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     Returns:
       o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
     """
-    plan = backend.plan(q, v)
+    plan = bounded_plan(backend, q, v)
     q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
@@ -203,10 +245,11 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     pieces_in, m, s_in = saved
     b, _, h, dim_k = q.shape
     hkv, dim_v = k.shape[2], v.shape[-1]
-    plan = backend.plan(q, v)
+    plan = bounded_plan(backend, q, v)
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
-    chunk, weights = tables(*_padded(tok, plan), plan)
+    rates, starts = _padded(tok, plan)
+    chunk, weights = tables(rates, starts, plan)
     sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
     d = pieces.boundary_sum(sums, weights.log_decay, plan, from_end=False)
     g = None if outgoing is None else outgoing(d)
@@ -216,10 +259,16 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     if hkv != h:  # each query head's share, summed per K/V head in float32
         dk = dk.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_k).sum(3)
         dv = dv.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_v).sum(3)
-    ds = states.document_suffix_sum(jnp.moveaxis(x[:, :, plan.pad:], 1, 2), tok.starts)
-    if g is not None:
+    crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
+    if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
+        last = jnp.zeros((b, h, 1), _F32)
+    else:
         s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
-        ds = ds - jnp.where(states.in_last(tok)[..., None], jnp.sum(s_end * g, axis=(2, 3))[:, None], 0.0)
+        last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
+    crossing = jnp.concatenate([crossing, last], axis=2)
+    ds = _piece_suffix_sums(x, starts, plan) - jnp.where(_in_last_of_piece(chunk.counts, plan)[..., None],
+                                                          jnp.moveaxis(crossing, 1, 2)[:, :, None], 0.0)
+    ds = ds.reshape(b, -1, h)[:, plan.pad:]
     ds = jnp.where(tok.starts[..., None], 0.0, ds)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
 
