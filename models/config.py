@@ -100,7 +100,9 @@ class ModelConfig:
     # --- parallelism ---
     seq_axis: str = "seq"  # mesh axis the sequence is split over (LASP)
     batch_axes: tuple[str, ...] = ("data",)  # mesh axes the batch is split over
-    param_axis: str | None = "data"  # mesh axis parameters are sharded over (ZeRO-3 / FSDP); None: replicate
+    # mesh axis (or axes, jointly: ("data", "seq") is FSDP over every device) parameters are sharded over
+    # (ZeRO-3 / FSDP; models.sharding.param_axes); None: replicate
+    param_axis: str | tuple[str, ...] | None = "data"
     strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
     attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
 
