@@ -97,18 +97,23 @@ def test_matches_repeated_heads_in_float64(case, rng):
         assert rel_err(got[name], want[name]) < F32_TOL, (name, rel_err(got[name], want[name]))
 
 
-def test_decoding_steps_equal_the_call(rng):
-    """linear_attention_step with GVA heads (per-token rates, a reset) from a prefix call's final state equals one
-    call: outputs and final state."""
-    q, k, v, rates, ids, _ = _inputs(rng, 2, 30, (1, 1, 4))
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "constant"])
+def test_decoding_steps_equal_the_call(per_token, rng):
+    """linear_attention_step with GVA heads (per-token rates and a reset, or constant rates) from a prefix call's
+    final state equals one call: outputs and final state."""
+    q, k, v, rates, ids, _ = _inputs(rng, 2, 30, (1, 1, 4), per_token=per_token)
     o, final = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, scale=0.5, return_final_state=True)
     prefix = 8
-    _, state = lasp_jax.linear_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], rates[:, :prefix],
-                                         segment_ids=ids[:, :prefix], return_final_state=True)
+    _, state = lasp_jax.linear_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix],
+                                         rates[:, :prefix] if per_token else rates,
+                                         segment_ids=ids[:, :prefix] if per_token else None, return_final_state=True)
     outs = []
     for t in range(prefix, 30):
-        o_t, state = lasp_jax.linear_attention_step(q[:, t], k[:, t], v[:, t], state, rates[:, t], scale=0.5,
-                                                    reset=ids[:, t] != ids[:, t - 1])
+        if per_token:
+            o_t, state = lasp_jax.linear_attention_step(q[:, t], k[:, t], v[:, t], state, rates[:, t], scale=0.5,
+                                                        reset=ids[:, t] != ids[:, t - 1])
+        else:
+            o_t, state = lasp_jax.linear_attention_step(q[:, t], k[:, t], v[:, t], state, rates, scale=0.5)
         outs.append(o_t)
     assert rel_err(jnp.stack(outs, axis=1), o[:, prefix:]) < F32_TOL
     assert rel_err(state, final) < F32_TOL
