@@ -214,7 +214,9 @@ def test_initialisation_follows_the_paper():
 
 
 def test_tiny_model_learns():
-    """30 AdamW steps on a repeating pattern: the mean loss falls well below its start."""
+    """30 AdamW steps on one fixed batch of repeating rows: the mean loss falls well below its start (measured
+    4.16 -> 0.14). The training path end to end (every parameter's gradient, optax on the nnx state); that the
+    SSD carries the past is the recurrence and mesh tests' job (this batch can be fitted from local contexts)."""
     cfg = _tiny(n_layers=2)
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -239,5 +241,4 @@ def test_tiny_model_learns():
     for _ in range(30):
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
-    print("losses", [round(x, 3) for x in losses[::5]], round(losses[-1], 3))
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.25 * losses[0], losses
