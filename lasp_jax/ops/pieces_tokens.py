@@ -35,9 +35,10 @@ S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end 
 G_p its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts
 a document (G_p is then 0). One piece (P = 1) gives the whole-document form. The local form is the one for
 precision: each x_t carries the kernels' rounding (bf16 MMA operands in dq and dk), so a suffix sum over a whole
-document (up to T terms) would grow that error like sqrt(its length) (measured on an H200 at T = 64K, bf16: ds
-6.8e-2 against float32 with the whole-document sum, the other gradients 2.4e-3), while the states are float32;
-hence pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every sum is float32.
+document (up to T terms) would grow that error like sqrt(its length) (bf16 against float32 at T = 64K: ds 6.8e-2
+with whole-document sums on an H200 at H = 16, d = 128, the other gradients 2.4e-3; interpreted on CPU at H = 1,
+d = 64, one document: 1.3e-1 whole-document, 6.4e-3 in pieces of 512), while the states are float32; hence
+pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every sum is float32.
 
 Numerics: every table is float32 and every exponent is minus a sum of rates (a chunk-local or piece-local
 running sum of its own, never a difference of two long sums), so each factor is exp of something <= 0; the
@@ -58,7 +59,7 @@ _F32 = jnp.float32
 # Longest piece of the per-token path (positions; kept when the backend plans shorter ones): the decay
 # gradient's suffix sums run within a piece (module docstring), so their rounding grows like sqrt(piece_len)
 # instead of sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H
-# (T / 512 programs per (batch, head) of the state passes and walks, each a shorter loop) and a larger
+# (T / 512 pieces per (batch, head) in the state passes' and walks' grids, each a shorter loop) and a larger
 # float32 residual, the states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB,
 # 8 MB per (batch, head), where the Triton plan at B = 1, H = 16 has 8). Not yet timed on a GPU.
 MAX_PIECE_LEN = 512
