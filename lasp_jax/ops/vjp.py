@@ -169,7 +169,7 @@ class Split:
             z = states.end_state_shares(k, v, tok, g)
             ds = ds - jnp.cumsum(jnp.pad(z[:, :-1], ((0, 0), (1, 0), (0, 0))), axis=1)  # sum_{t < u} z_t
             if s_in is not None:
-                ds = ds - (states.piece_decay(tok) * jnp.sum(s_in * g, axis=(2, 3)))[:, None]
+                ds = ds - states.decayed(states.piece_decay(tok), jnp.sum(s_in * g, axis=(2, 3)))[:, None]
         return dq, dk, dv, d, g, jnp.where(tok.starts[..., None], 0.0, ds)
 
 
@@ -243,7 +243,7 @@ def _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale):
     else:
         incoming = None if s_init is None else (lambda m: s_init.astype(jnp.float32))
     o, m, s_in, saved = impl.forward_tokens(q, k, v, tok, incoming, scale)
-    s_end = m if s_in is None else m + states.piece_decay(tok)[:, :, None, None] * s_in
+    s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
     return o, s_end, tok, saved
 
 
@@ -274,7 +274,7 @@ def _tokens_bwd(impl, exchange, final_state, scale, res, cotangents):
     dq, dk, dv, d, g, ds = impl.backward_tokens(q, k, v, tok, saved, do, outgoing, scale)
     ds_init = None
     if has_init:
-        ds_init = d if g is None else d + states.piece_decay(tok)[:, :, None, None] * g
+        ds_init = d if g is None else d + states.decayed(states.piece_decay(tok)[:, :, None, None], g)
     d_ids = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
     return dq, dk, dv, ds, d_ids, ds_init
 
