@@ -51,8 +51,9 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
         "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
-        Per-token decay and segment_ids run on TOKEN_IMPLS, GVA (and k, v of different head counts) on
-        GVA_IMPLS ("auto" takes "xla"; the kernels do not take them yet).
+        Per-token decay and segment_ids run on every impl ("auto": the Mosaic token walks where their GPU
+        tests passed, else "xla"); GVA (and k, v of different head counts) on GVA_IMPLS ("auto" takes "xla";
+        the kernels do not take them yet).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
@@ -88,7 +89,10 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     return placement.like_q(out, q)
 
 
-TOKEN_IMPLS = ("xla", "reference")  # the implementations that take per-token decay and segment_ids
+# The implementations that take per-token decay and segment_ids (each kernel impl's token variant is qualified
+# on its own: impls.QUALIFIED_TOKEN_GPUS).
+TOKEN_IMPLS = ("xla", "reference", "pallas_triton", "pallas_triton_interpret", "pallas_mosaic",
+               "pallas_mosaic_interpret")
 # The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA, k and v with different counts):
 # the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads, and their `supported` does
 # not look at head counts, so they are never handed such heads.
@@ -96,19 +100,19 @@ GVA_IMPLS = ("xla", "reference")
 
 
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS and heads beyond GQA to GVA_IMPLS
-    ("auto" takes "xla" for either)."""
+    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS (every impl today; "auto" takes the
+    first qualified token variant) and heads beyond GQA to GVA_IMPLS ("auto" takes "xla")."""
     for needed, names, what in ((per_token, TOKEN_IMPLS, "per-token decay and segment_ids are"),
                                 (checks.beyond_gqa(q, k, v), GVA_IMPLS,
                                  f"heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}: "
                                  "GVA) are")):
         if not needed:
             continue
-        if impl == "auto":
+        if impl == "auto" and names is GVA_IMPLS:
             impl = "xla"
         elif impl in impls.IMPLS and impl not in names:
             raise ValueError(f"impl {impl!r}: {what} not in the kernels yet; use impl='auto' or one of {names}")
-    return impls.resolve(impl, q, k, v, partitioned=partitioned)
+    return impls.resolve(impl, q, k, v, partitioned=partitioned, per_token=per_token)
 
 
 def attend(q, k, v, rates, ids, s_init, impl, exchange, final, scale):

@@ -9,6 +9,9 @@ fail-closed. On a CUDA GPU where "auto" passes over the Triton kernels for that 
 `UnqualifiedWarning`) and how to opt in: naming impl="pallas_triton" runs on any CUDA GPU of compute
 capability 8.0 or newer, with that warning. The Mosaic walks, named on an unqualified Hopper part, are refused
 (their GPU tests did not complete on the H100: benchmarks/results/KERNEL_NOTES.md).
+
+Per-token decay and documents (`per_token=True`) ask the same of the token variants (`supported_tokens`, and
+`QUALIFIED_TOKEN_GPUS`: the parts where their own GPU tests passed).
 """
 
 from __future__ import annotations
@@ -40,11 +43,17 @@ QUALIFIED_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_triton": ("NVIDIA H200", "NVIDIA H100 80GB HBM3"),
     "pallas_mosaic": ("NVIDIA H200",),
 }
+# The token walks' GPU tests (tests/ops/test_pallas_mosaic_tokens.py) passed on an H200 on 2026-11-29 (bf16,
+# d 64 and 128, GQA); the Triton token kernels' have not run yet.
+QUALIFIED_TOKEN_GPUS: dict[str, tuple[str, ...]] = {
+    "pallas_triton": (),
+    "pallas_mosaic": ("NVIDIA H200",),
+}
 _WIDE_F32_GPUS = ("NVIDIA H200",)
 _TRITON_HEAD_DIMS = (64, 128, 256)
 _TRITON_DTYPES = (jnp.bfloat16, jnp.float32)
-# The walks also take head dim 64 and GQA/MQA (interpreted and CUDA-lowered on CPU; their GPU cases are pending).
-_MOSAIC_HEAD_DIMS = (128,)
+# Head dims of the walks' GPU cases (d64_bf16_mosaic, d128_bf16_mosaic_gqa passed on an H200, 2026-11-29).
+_MOSAIC_HEAD_DIMS = (64, 128)
 # Named on an unqualified GPU, these run (with a warning); the others are refused.
 _RUN_WHEN_NAMED = ("pallas_triton",)
 
@@ -53,14 +62,18 @@ class UnqualifiedWarning(UserWarning):
     """A compiled kernel impl was passed over, or runs, on a GPU (or shape) its GPU tests have not qualified."""
 
 
-def qualification(name: str, q, k, v) -> str | None:
+def qualification(name: str, q, k, v, *, per_token: bool = False) -> str | None:
     """None when impl `name` is qualified for these inputs on this device (or is not a compiled GPU kernel),
-    else why not. Call it only where `IMPLS[name].supported` is None."""
+    else why not; per_token: for per-token decay or documents. Call it only where `IMPLS[name].supported` (or
+    supported_tokens) is None."""
     if name not in QUALIFIED_GPUS:
         return None
     kind = jax.devices()[0].device_kind
     if kind not in QUALIFIED_GPUS[name]:
         return f"{name} has passed its GPU tests on {QUALIFIED_GPUS[name]} only, not on {kind!r}"
+    if per_token and kind not in QUALIFIED_TOKEN_GPUS[name]:
+        return (f"{name} with per-token decay or documents has passed its GPU tests on "
+                f"{QUALIFIED_TOKEN_GPUS[name] or 'no GPU yet'}, not on {kind!r}")
     if name == "pallas_triton":
         dtype = jnp.dtype(q.dtype)
         if dtype not in {jnp.dtype(d) for d in _TRITON_DTYPES}:
@@ -73,8 +86,6 @@ def qualification(name: str, q, k, v) -> str | None:
                     f"not on {kind!r}")
     if name == "pallas_mosaic" and q.shape[-1] not in _MOSAIC_HEAD_DIMS:
         return f"{name}'s GPU tests cover head dims {_MOSAIC_HEAD_DIMS}, not Dk={q.shape[-1]}"
-    if name == "pallas_mosaic" and k.shape[2] != q.shape[2]:
-        return f"{name}'s GPU tests cover H == Hkv, not GQA/MQA (H={q.shape[2]}, Hkv={k.shape[2]})"
     return None
 
 
@@ -100,19 +111,24 @@ def partitioned(x) -> bool:
     return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
 
 
-def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
+def _supported(candidate: vjp.Impl, q, k, v, per_token: bool) -> str | None:
+    return candidate.supported_tokens(q, k, v) if per_token else candidate.supported(q, k, v)
+
+
+def resolve(impl: str, q, k, v, *, partitioned: bool = False, per_token: bool = False) -> vjp.Impl:
     """Returns the implementation for `impl` ("auto" or a name of IMPLS); ValueError if unusable.
 
     partitioned: the call is split over several devices by XLA's partitioner (rather than run per device inside
     shard_map, as lasp_attention does). Only implementations XLA can partition run there: "auto" skips the
     others, and naming one is an error (a Pallas kernel would be gathered onto every device, or rejected).
+    per_token: the call has per-token decay or documents (each candidate's token variant is asked).
     """
     if impl == "auto":
         for name in AUTO_ORDER:
             candidate = IMPLS[name]
-            if (not candidate.partitionable and partitioned) or candidate.supported(q, k, v) is not None:
+            if (not candidate.partitionable and partitioned) or _supported(candidate, q, k, v, per_token):
                 continue
-            reason = qualification(name, q, k, v)
+            reason = qualification(name, q, k, v, per_token=per_token)
             if reason is None:
                 return candidate
             if name in _RUN_WHEN_NAMED:
@@ -121,7 +137,7 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
         raise ValueError("no implementation supports these inputs")  # unreachable while xla is in AUTO_ORDER
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: expected 'auto' or one of {sorted(IMPLS)}")
-    reason = IMPLS[impl].supported(q, k, v)
+    reason = _supported(IMPLS[impl], q, k, v, per_token)
     if reason is not None:
         raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
     if partitioned and not IMPLS[impl].partitionable:
@@ -129,7 +145,7 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False) -> vjp.Impl:
                          "under a multi-device mesh that XLA partitions: use lasp_attention (it runs the kernels "
                          "per device inside shard_map, with a seq axis of any size), call it inside your own "
                          "shard_map, or use impl='xla'")
-    reason = qualification(impl, q, k, v)
+    reason = qualification(impl, q, k, v, per_token=per_token)
     if reason is not None:
         if impl not in _RUN_WHEN_NAMED:
             raise ValueError(f"impl {impl!r} is not qualified here: {reason} (run `pytest -m gpu tests/ops` on "

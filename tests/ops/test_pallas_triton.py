@@ -230,9 +230,9 @@ class _Gpu:
 
 
 def test_gpu_gates_are_fail_closed(monkeypatch):
-    """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes) their GPU tests
-    passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128 and the Mosaic
-    walks on the H100 (their tests have not completed there) are passed over, and "auto" takes what is left,
+    """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes, per-token decay)
+    their GPU tests passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128
+    and the Mosaic walks on the H100 (their tests have not completed there) are passed over, and "auto" takes what is left,
     warning once where it passed over the Triton kernels. Named, the Triton kernels run on any CUDA GPU of
     compute capability >= 8.0 with a warning; the Mosaic walks are refused off their qualified kinds."""
     bf16, f32, f32_d256 = (jax.ShapeDtypeStruct((1, 64, 2, d), dtype)
@@ -260,15 +260,21 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
         assert auto(bf16) is impls.IMPLS["pallas_mosaic"]
         assert auto(f32) is impls.IMPLS["pallas_triton"]
     assert "head dims (64, 128, 256), not Dk=32" in impls.qualification("pallas_triton", bf16_d32, bf16_d32, bf16_d32)
-    # The walks take d=64, but their GPU cases at d=64 have not run yet: "auto" takes the Triton kernels there.
-    assert pallas_mosaic.supported(bf16_d64, bf16_d64, bf16_d64) is None
-    assert "head dims (128,), not Dk=64" in impls.qualification("pallas_mosaic", bf16_d64, bf16_d64, bf16_d64)
-    assert auto(bf16_d64) is impls.IMPLS["pallas_triton"]
+    # The walks' GPU cases at d=64 and with GQA passed on the H200: "auto" takes them there too.
+    assert auto(bf16_d64) is impls.IMPLS["pallas_mosaic"]
     gqa_kv = jax.ShapeDtypeStruct((1, 64, 1, 128), jnp.bfloat16)
-    assert "not GQA/MQA" in impls.qualification("pallas_mosaic", bf16, gqa_kv, gqa_kv)
-    assert impls.resolve("auto", bf16, gqa_kv, gqa_kv) is impls.IMPLS["pallas_triton"]
+    assert impls.resolve("auto", bf16, gqa_kv, gqa_kv) is impls.IMPLS["pallas_mosaic"]
     with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*Dk=32"):
         assert auto(bf16_d32) is impls.IMPLS["xla"]
+    # Per-token decay: the Mosaic token walks are qualified on the H200, the Triton token kernels nowhere yet
+    # (named, they run with a warning; in fp32, which the walks do not take, "auto" passes over them to xla).
+    assert impls.resolve("auto", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_mosaic"]
+    assert "per-token decay or documents has passed its GPU tests on no GPU yet" in impls.qualification(
+        "pallas_triton", bf16, bf16, bf16, per_token=True)
+    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*per-token"):
+        assert impls.resolve("auto", f32, f32, f32, per_token=True) is impls.IMPLS["xla"]
+    with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*per-token"):
+        assert impls.resolve("pallas_triton", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_triton"]
 
     on("NVIDIA H100 80GB HBM3", "9.0")
     assert impls.qualification("pallas_triton", bf16, bf16, bf16) is None
@@ -315,7 +321,7 @@ def test_auto_prefers_the_kernels_where_supported(monkeypatch, rng):
     reasons = {"mosaic": None, "triton": None}
     monkeypatch.setattr(pallas_mosaic, "supported", lambda q, k, v, interpret=False: reasons["mosaic"])
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: reasons["triton"])
-    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v: None)
+    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v, **_: None)
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_mosaic"]
     reasons["mosaic"] = "not here"
     assert impls.resolve("auto", q, k, v) is impls.IMPLS["pallas_triton"]
@@ -480,7 +486,7 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
     emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 2 kernels forward
     and 4 backward."""
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: None)  # as on an H200
-    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v: None)
+    monkeypatch.setattr(impls, "qualification", lambda name, q, k, v, **_: None)
     mesh = _gpus((2, 1), ("data", "seq"))
     s = jnp.full((4,), 0.1, jnp.float32)
 

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import reference
+from lasp_jax.ops import api, impls, reference
 from tests.util import BF16_TOL, F32_TOL, qkv, rel_err
 
 IMPLS = ["reference", "xla"]
@@ -187,14 +187,19 @@ def test_bfloat16_inputs_and_rates(rng):
         assert rel_err(g, g_want) < BF16_TOL, (name, rel_err(g, g_want))
 
 
-def test_kernels_refuse_per_token_decay(rng):
+def test_per_token_calls_route_to_token_variants(rng):
+    """Per-token decay and documents: "auto" takes xla off a GPU; a named kernel runs its token variant (the
+    interpreted Triton kernels here, against xla); GVA heads stay refused by the kernels."""
     q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
     rates = jnp.full((1, 64, 2), 0.1)
-    for impl in ("pallas_triton", "pallas_triton_interpret", "pallas_mosaic_interpret"):
-        with pytest.raises(ValueError, match="not in the kernels yet"):
-            lasp_jax.linear_attention(q, k, v, rates, impl=impl)
-        with pytest.raises(ValueError, match="not in the kernels yet"):
-            lasp_jax.linear_attention(q, k, v, segment_ids=jnp.zeros((1, 64), jnp.int32), impl=impl)
+    ids = jnp.zeros((1, 64), jnp.int32).at[:, 40:].set(1)
+    assert api.resolve("auto", q, k, v, per_token=True, partitioned=False) is impls.IMPLS["xla"]
+    want = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="xla")
+    got = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="pallas_triton_interpret")
+    assert rel_err(got, want) < F32_TOL
+    v_gva = jnp.concatenate([v, v], axis=2)
+    with pytest.raises(ValueError, match="not in the kernels yet"):
+        lasp_jax.linear_attention(q, k, v_gva, jnp.full((1, 64, 4), 0.1), impl="pallas_triton_interpret")
 
 
 BAD = {

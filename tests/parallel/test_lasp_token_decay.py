@@ -71,13 +71,6 @@ def test_matches_float64_oracle_on_every_rank(shape, strategy, rng):
         assert max(per_rank) < F32_TOL, (name, per_rank)
 
 
-def test_kernels_refuse_per_token_decay(rng):
-    mesh = jax.make_mesh((1, 2), ("data", "seq"), devices=jax.devices()[:2])
-    q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
-    with pytest.raises(ValueError, match="not in the kernels yet"):
-        lasp_jax.lasp_attention(q, k, v, jnp.full((1, 64, 2), 0.1), mesh=mesh, impl="pallas_triton_interpret")
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_inside_a_callers_shard_map_on_an_auto_mesh(strategy, rng):
     """Where the seq axis is already manual the rates and ids are the local pieces (and no shard_map is added);
