@@ -10,8 +10,8 @@ product (cheap next to the intra-chunk work) and is written once, for all implem
     query_state_grad:   d     = scale sum_x lambda^x q_x^T dO_x           (backward of the above, w.r.t. S_in)
     end_state_grads:    dk_x += lambda^(L - x) v_x dS_end^T,  dv_x += lambda^(L - x) k_x dS_end
 
-and the weights that chain such states across pieces or devices (prefix_weights, applied by weighted_sum: the
-exclusive decayed prefix and suffix over items of a fixed length).
+and the weights that chain such states across devices (prefix_weights: the exclusive decayed prefix and suffix
+over items of a fixed length; `decayed` carries a state across a decay factor, selecting 0 past a document start).
 
 Per-token decay and documents (`TokenDecay`, the `*_tokens` functions): rates s_t >= 0 per (b, t, h) and document
 starts. The state convention is then the state *after* a position, H_t = exp(-s_t) H_(t-1) + k_t^T v_t (reset to
@@ -38,8 +38,7 @@ scaled) token operands and the state are rounded to the input dtype, so the prod
 at T=64K, H=16, d=128 on an H200 a product of this form took 0.31 ms against 1.10 ms for apply_state in
 full-precision float32 (benchmarks/results/LASP_GPU_NOTES.md), and the rounding is that of the inputs
 themselves. XLA:CPU has no bf16 x bf16 -> float32 dot, so on CPU the operands are float32 whatever the input
-dtype. `weighted_sum` chains states with a select rather than a product by the zero weights, so a
-non-finite later state never reaches an earlier one.
+dtype.
 """
 
 from __future__ import annotations
@@ -68,15 +67,6 @@ def prefix_weights(rates: jax.Array, stride, rows: int, cols: int) -> jax.Array:
     gap = r - 1.0 - j
     power = decay_pow(jnp.asarray(rates)[:, None, None], jnp.asarray(stride, jnp.float32) * jnp.maximum(gap, 0.0))
     return jnp.where(gap >= 0, power, 0.0)
-
-
-def weighted_sum(w: jax.Array, x: jax.Array) -> jax.Array:
-    """sum_j w[h, r, j] x[b, h, j] over the j with w[h, r, j] != 0: w [H, R, J], x [B, H, J, ...] -> [B, H, R, ...]
-    float32 (exact float32 products). The zero weights select their items out instead of multiplying them, so
-    a non-finite x_j reaches only the rows that weigh it (with prefix_weights: only later pieces or ranks)."""
-    extra = (None,) * (x.ndim - 3)
-    w = w[(None, slice(None), slice(None), slice(None)) + extra]
-    return jnp.sum(jnp.where(w != 0, w * x[:, :, None].astype(jnp.float32), 0.0), axis=3)
 
 
 def grouped(x: jax.Array, groups: int) -> jax.Array:
