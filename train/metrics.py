@@ -42,9 +42,9 @@ def flops_per_token(model: ModelConfig, n_matmul_params: int, seq_len: int) -> f
     `n_matmul_params` parameters (train.step.build_state counts them); see the module docstring."""
     n_softmax = len(model.softmax_set)
     n_linear = model.n_layers - n_softmax
-    head_dim = model.resolved_head_dim
-    return (6.0 * n_matmul_params + 6.0 * n_linear * model.n_heads * 2 * head_dim * head_dim
-            + 6.0 * n_softmax * model.n_heads * seq_len * head_dim)
+    heads, dim_k, dim_v = model.linear_state_shape  # Mamba-2: SSM heads x d_state x head dim
+    return (6.0 * n_matmul_params + 6.0 * n_linear * heads * 2 * dim_k * dim_v
+            + 6.0 * n_softmax * model.n_heads * seq_len * model.resolved_head_dim)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:

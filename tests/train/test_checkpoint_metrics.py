@@ -229,6 +229,10 @@ def test_flops_and_mfu():
     assert metrics.flops_per_token(linear, 1_000_000, seq_len=100) == 6e6 + 6 * 2 * 4 * 2 * 16 * 16
     hybrid = ModelConfig(n_layers=2, n_heads=4, head_dim=16, softmax_layers=(1,))
     assert metrics.flops_per_token(hybrid, 0, seq_len=100) == 6 * 4 * 2 * 16 * 16 + 6 * 4 * 100 * 16
+    # Mamba-2: the state is SSM heads x d_state x head dim (d_model 64, expand 2: 8 heads of 16, d_state 32)
+    mamba = ModelConfig(kind="mamba2", d_model=64, n_layers=2, head_dim=16, d_state=32)
+    assert mamba.linear_state_shape == (8, 32, 16)
+    assert metrics.flops_per_token(mamba, 0, seq_len=100) == 6 * 2 * 8 * 2 * 32 * 16
     assert metrics.peak_tflops("NVIDIA H200") == 989.4 and metrics.peak_tflops("cpu") is None
     assert metrics.peak_tflops("cpu", 2.0) == 2.0
     assert metrics.mfu(1000.0, 1e9, n_devices=2, peak=1.0) == 0.5
