@@ -100,9 +100,10 @@ class ModelConfig:
     # --- parallelism ---
     seq_axis: str = "seq"  # mesh axis the sequence is split over (LASP)
     batch_axes: tuple[str, ...] = ("data",)  # mesh axes the batch is split over
-    # mesh axis (or axes, jointly: ("data", "seq") is FSDP over every device) parameters are sharded over
-    # (ZeRO-3 / FSDP; models.sharding.param_axes); None: replicate
-    param_axis: str | tuple[str, ...] | None = "data"
+    # mesh axes the parameters and AdamW moments are sharded over jointly (FSDP, models.sharding.param_axes):
+    # ("data", "seq") spans every device of the mesh, so per-device state shrinks as GPUs are added; one name
+    # shards over that axis alone; None replicates
+    param_axis: str | tuple[str, ...] | None = ("data", "seq")
     strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
     attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
 

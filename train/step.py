@@ -6,7 +6,7 @@ Numerics: the model computes in `compute_dtype` (by default bf16 on accelerators
 master parameters; the loss is the mean token cross-entropy over the global batch (the model's chunked sum
 divided by the token count), with packed documents kept apart when the batch carries segment_ids; the
 gradients, their clipping and AdamW run in float32. Parameters and AdamW moments follow the model's partition
-specs (ZeRO-3 over `data`).
+specs (FSDP over `param_axis`: by default data x seq, every device).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import models
-from models import presets
+from models import presets, sharding
 
 VOCAB = 64
 
@@ -49,10 +49,12 @@ def make_mesh(shape, explicit=True):
     return jax.make_mesh(shape, ("data", "seq"), axis_types=(kind, kind))
 
 
-def shard_state(state, mesh):
-    """The parameters placed on their ZeRO-3 specs (nnx metadata) over the mesh."""
-    specs = nnx.get_partition_spec(state)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
+def shard_state(state, mesh, cfg):
+    """The parameters of a model built without a mesh placed over `mesh` on the FSDP specs a model of `cfg` built
+    under it gets (models.sharding.param_sharding: axis sizes known, so every split divides its dim)."""
+    with jax.set_mesh(mesh):
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(*sharding.param_sharding(x.shape, cfg)))),
+                            state)
 
 
 def shard_batch(x, mesh):

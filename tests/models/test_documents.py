@@ -98,7 +98,7 @@ def test_mesh_equals_one_device_with_documents(name, shape, explicit, strategy):
                                                                        rngs=nnx.Rngs(0))))
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
-        sstate = helpers.shard_state(state, mesh)
+        sstate = helpers.shard_state(state, mesh, cfg)
         args = [helpers.shard_batch(x, mesh) for x in (tok, tgt, ids)]
         (loss, logits), grads = _loss_grads_logits(graphdef)(sstate, *args)
     assert abs(float(loss) - float(ref_loss)) <= 2e-5 * abs(float(ref_loss))

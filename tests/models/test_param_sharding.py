@@ -57,7 +57,7 @@ def test_loss_and_gradients_equal_one_device(shape, explicit):
     graphdef, state, batch, run, ((ref_loss, ref_logits), ref_grads) = _one_device()
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
-        sstate = helpers.shard_state(state, mesh)
+        sstate = helpers.shard_state(state, mesh, helpers.tiny(param_axis=FSDP))
         (loss, logits), grads = run(sstate, *(helpers.shard_batch(x, mesh) for x in batch))
     # Every matrix lives on 1/4 of its elements per device, split over both axes at once.
     for x in jax.tree.leaves(sstate):
