@@ -146,9 +146,10 @@ def _decay_source(refs, c, scale, tokens):
 
 
 def _times(w, x, select: bool):
-    """w x (broadcast), or, when select, w x where w > 0 and 0 elsewhere (a non-finite x never passes a zero
-    weight: under per-token decay the zeros are document starts)."""
-    return jnp.where(w > 0, w * x, 0.0) if select else w * x
+    """w x (broadcast), or, when select, 0 where w == 0 and w x elsewhere (states.decayed's rule: a non-finite x
+    never passes a zero weight, under per-token decay the zeros are document starts, while a NaN weight, from a
+    traced NaN rate, still multiplies, so what follows it is NaN as the xla path's is)."""
+    return jnp.where(w == 0, 0.0, w * x) if select else w * x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,7 @@ def _weighted_outer(x, y, w, select: bool, precision):
     """sum_i w_i x_i^T y_i [Dx, Dy] float32; select: the rows of zero weight of both x and y are zeros, so
     that a non-finite row of another document adds nothing (not 0 * inf in the product)."""
     if select:
-        y = jnp.where(w[:, None] > 0, y, jnp.zeros_like(y))
+        y = jnp.where(w[:, None] == 0, jnp.zeros_like(y), y)
     return _dot(_weighted(x, w, select).T, y, precision)
 
 

@@ -230,6 +230,21 @@ def test_nonfinite_input_stays_in_its_document(rng):
         assert np.array_equal(x[0, keep], ref[0, keep]) and np.array_equal(x[1], ref[1]), name
 
 
+def test_nan_rate_makes_its_head_nan_from_there_on(rng):
+    """A NaN per-token rate (traced: under jit nothing can refuse it) at position 80, inside chunk 1 of piece 0
+    (chunks of 64): the outputs from 80 on are NaN exactly where xla's are, and those before 80 finite, as
+    linear_attention's contract says. The kernels' zero-weight select must pass a NaN weight on (states.decayed),
+    not drop it as a zero would be."""
+    b, t, h, d = 1, 256, 1, 32
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    rates = jnp.asarray(rng.uniform(0.0, 0.1, (b, t, h)), jnp.float32).at[0, 80, 0].set(jnp.nan)
+    run = {impl: jax.jit(functools.partial(lasp_jax.linear_attention, impl=impl, scale=d ** -0.5))
+           for impl in ("xla", "pallas_triton_interpret")}
+    got, want = (np.asarray(run[impl](q, k, v, rates)) for impl in ("pallas_triton_interpret", "xla"))
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    assert np.all(np.isfinite(got[:, :80])) and not np.any(np.isfinite(got[:, 80:]).all(axis=-1))
+
+
 @dataclasses.dataclass(frozen=True)
 class _VmappedExchange(SeqExchange):
     """lasp_attention's exchange with ranks as a vmapped axis: its strategy's collectives as they are; the
