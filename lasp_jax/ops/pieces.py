@@ -122,7 +122,7 @@ def _chain(decay, plan: Plan) -> _Chain:
         from_i = jnp.where(k[:, :n] >= i, decay[:, :, None, :], 0.0)  # [B, H, i, piece]: the pieces from i on
         log_gap = jnp.pad(jnp.cumsum(from_i, axis=-1), ((0, 0), (0, 0), (0, 0), (1, 0)))  # [B, H, i, k]
     w = jnp.where(k >= i, jnp.exp(-log_gap), 0.0)
-    passes = jnp.diagonal(w[..., :n, 1:], axis1=-2, axis2=-1) > 0  # from boundary p to p + 1: piece p's decay
+    passes = jnp.diagonal(w[..., :n, 1:], axis1=-2, axis2=-1) != 0  # piece p's decay; a NaN one is not a cut
     return _Chain(between=w[..., 1:, :n], from_start=w[..., 0, :n], to_end=w[..., 1:, n], passes=passes)
 
 
@@ -131,7 +131,8 @@ def _scan(w, passes, sums, *, reverse: bool):
     out[i] = sum_j w[i, j] x[j]) of sums [B, H, P, Dk, Dv], float32: one batched matmul at full float32 precision
     over the finite parts (w's zeros then multiply finite numbers only), and the non-finite parts carried to the
     later pieces (earlier, when reverse) by a running sum that a piece passing nothing (passes [1 or B, H, P]
-    False: a document starts in it) cuts, as where(a > 0, a x, 0) would: a NaN never crosses a document start."""
+    False: a document starts in it, its decay is exactly 0) cuts, by states.decayed's rule: a NaN never crosses a
+    document start, while a NaN decay (a traced NaN rate) is no cut and keeps the NaN going."""
     b, h, n = sums.shape[:3]
     x = sums.astype(_F32).reshape(b, h, n, -1)
     finite = jnp.isfinite(x)
