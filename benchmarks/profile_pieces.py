@@ -22,9 +22,9 @@ rel_err is against the library's scan.
 Timing: `measure.median_ms` (back-to-back calls, median of rounds). floor_ms: the bytes a stage must move at the
 least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written)
 over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes profile_pieces.{json,md} under
---out after every (impl, shape), so a run cut off keeps what finished. Expected on an H200 (not measured): one
-to two minutes, nearly all of it compiles (each row's first_call_s: its compile and first run); the timings are
-milliseconds each. The first shape runs for every impl before the second.
+--out after every (impl, shape), so a run cut off keeps what finished. On an H200 (2026-11-29,
+results/profile_pieces_h200_s8.md) the whole run took under 140 s, nearly all of it compiles (each row's
+first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The first shape runs for every impl before the second.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ import jax.numpy as jnp
 
 import lasp_jax
 from benchmarks import measure
-from lasp_jax.ops import impls, pieces, tnl_slopes
+from lasp_jax.ops import impls, pieces, states, tnl_slopes
 
-_F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin")
 SMOKE = dict(impls="pallas_mosaic_interpret,pallas_triton_interpret", shapes="1x512x1x64", iters=1, reps=1,
@@ -57,9 +56,7 @@ BACKWARD = ("state_sums (Q, dO)", "boundary_sum (start)", "leaving", "gradient w
 def _prefix_weights(rates, plan: pieces.Plan):
     """[H, P, P] w[h, r, j] = lambda_h^(L (r - 1 - j)) for j < r, else 0: the constant-rate weights from the end
     of piece j to the start of piece r."""
-    r = jnp.arange(plan.pieces, dtype=_F32)[:, None]
-    gap = r - 1.0 - r.T
-    return jnp.where(gap >= 0, jnp.exp(-rates[:, None, None] * (plan.piece_len * jnp.maximum(gap, 0.0))), 0.0)
+    return states.prefix_weights(rates, plan.piece_len, plan.pieces, plan.pieces)
 
 
 def select_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):

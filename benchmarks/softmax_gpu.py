@@ -114,7 +114,7 @@ def fp32_reference(tensors, ids):
     """(o, (dq, dk, dv)) of the blockwise path on the fp32-upcast inputs."""
     q, k, v, do = (x.astype(jnp.float32) for x in tensors)
     operands = () if ids is None else (ids,)
-    return measure.fwd_and_fwd_bwd(attend_fn("blockwise"))[1](q, k, v, do, *operands)
+    return jax.block_until_ready(measure.fwd_and_fwd_bwd(attend_fn("blockwise"))[1](q, k, v, do, *operands))
 
 
 def table(rows) -> str:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "softmax_gpu.jsonl")
-    head = measure.provenance("benchmarks.softmax_gpu", argv, ("jax", "jaxlib", "jax-cuda12-plugin"))
+    head = measure.provenance("benchmarks.softmax_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))
     head["device"] = jax.devices()[0].device_kind
     measure.append_row(jsonl, {"provenance": head})
     rows = []

@@ -32,6 +32,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 SoftmaxImpl = Literal["auto", "blockwise", "cudnn"]
 SOFTMAX_IMPLS = ("auto", "blockwise", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Device kinds where "auto" takes cuDNN: those where tests/models/test_documents.py::test_cudnn_matches_blockwise
+# passed (fail-closed, as lasp_jax.ops.impls for the linear kernels). None yet: named, impl="cudnn" runs anywhere
+# jax.nn.dot_product_attention does.
+CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ()
 
 
 def check_inputs(q, k, v):
@@ -73,10 +77,12 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
         is a new document). Query row i belongs to the document of position q_offset + i and sees only keys
         of its own document.
       block_q, block_k: blockwise block sizes (lengths that do not divide are padded with masked positions).
-      impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention: a GPU, bf16/fp16, q_offset 0 and
-        L = S when it is traced; a ValueError otherwise) or "auto": cudnn where it applies without a dense mask
-        (a GPU, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S, one device's call: no ambient mesh
-        of several devices unless inside a shard_map over all its axes), blockwise otherwise.
+      impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention through
+        jax.nn.dot_product_attention: a GPU, bf16/fp16 q, k, v of one dtype, else a ValueError; documents and a
+        global q_offset as a dense [B, 1, L, S] mask) or "auto": cudnn where it applies without a dense mask (a
+        GPU in CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S, one device's
+        call: no ambient mesh of several devices unless inside a shard_map over all its axes), blockwise
+        otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -87,7 +93,7 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     docs = None if ids is None else document_numbers(ids)
     if impl == "auto":
-        impl = "cudnn" if _cudnn_applies(q, k, docs, q_offset) else "blockwise"
+        impl = "cudnn" if _cudnn_applies(q, k, v, docs, q_offset) else "blockwise"
     if impl == "cudnn":
         return _cudnn(q, k, v, docs, q_offset, scale)
     return _blockwise(q, k, v, docs, q_offset, scale, block_q, block_k)
@@ -99,14 +105,15 @@ def document_numbers(ids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
 
 
-def _cudnn_applies(q, k, docs, q_offset) -> bool:
+def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     """Whether "auto" takes cuDNN: see causal_softmax_attention's impl. Only where the call is per device (no
     ambient mesh of several devices, or every axis manual): how XLA partitions cuDNN's custom call over a
     sharded batch is not measured yet."""
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
-    return (jax.default_backend() == "gpu" and per_device and docs is None and isinstance(q_offset, int)
-            and q_offset == 0 and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype)
+    return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind in CUDNN_QUALIFIED_GPUS
+            and per_device and docs is None and isinstance(q_offset, int) and q_offset == 0
+            and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
 
 
 def _cudnn(q, k, v, docs, q_offset, scale):
