@@ -133,6 +133,12 @@ class ModelConfig:
                 bad(f"softmax_layers {layers} must be distinct layer indices in [0, {self.n_layers})")
         if self.batch_axes and self.seq_axis in self.batch_axes:
             bad(f"seq_axis {self.seq_axis!r} cannot also be a batch axis {self.batch_axes}")
+        axes = (self.param_axis,) if isinstance(self.param_axis, str) else self.param_axis
+        known = (*self.batch_axes, self.seq_axis)
+        if axes is not None and (not isinstance(axes, tuple) or len(set(axes)) != len(axes)
+                                 or any(a not in known for a in axes)):
+            bad(f"param_axis must be None, or one or more distinct names among the batch and seq axes {known}; "
+                f"got {self.param_axis!r}")
         if self.kind == "mamba2":
             inner, hd = self.expand * self.d_model, self.resolved_head_dim
             if inner % hd:

@@ -84,3 +84,10 @@ def test_training_state_is_sharded_over_every_device():
     for x in matrices:  # (jit's outputs drop the size-1 data axis from the spec: P("seq") here)
         assert "seq" in jax.tree.leaves(tuple(x.sharding.spec))
         assert x.addressable_shards[0].data.size * 4 == x.size
+
+
+def test_param_axis_names_are_checked():
+    """A misspelt axis would otherwise be dropped by param_axes without a word (parameters then replicated)."""
+    for bad in (("data", "sq"), ("seq", "seq"), "model"):
+        with pytest.raises(ValueError, match="param_axis must be None, or one or more distinct names"):
+            helpers.tiny(param_axis=bad)
