@@ -89,10 +89,6 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     return placement.like_q(out, q)
 
 
-# The implementations that take per-token decay and segment_ids (each kernel impl's token variant is qualified
-# on its own: impls.QUALIFIED_TOKEN_GPUS).
-TOKEN_IMPLS = ("xla", "reference", "pallas_triton", "pallas_triton_interpret", "pallas_mosaic",
-               "pallas_mosaic_interpret")
 # The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA, k and v with different counts):
 # the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads, and their `supported` does
 # not look at head counts, so they are never handed such heads.
@@ -100,18 +96,15 @@ GVA_IMPLS = ("xla", "reference")
 
 
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve, with per-token decay / segment_ids routed to TOKEN_IMPLS (every impl today; "auto" takes the
-    first qualified token variant) and heads beyond GQA to GVA_IMPLS ("auto" takes "xla")."""
-    for needed, names, what in ((per_token, TOKEN_IMPLS, "per-token decay and segment_ids are"),
-                                (checks.beyond_gqa(q, k, v), GVA_IMPLS,
-                                 f"heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]}: "
-                                 "GVA) are")):
-        if not needed:
-            continue
-        if impl == "auto" and names is GVA_IMPLS:
+    """impls.resolve (every impl takes per-token decay and segment_ids: "auto" takes the first qualified token
+    variant), with heads beyond GQA routed to GVA_IMPLS ("auto" takes "xla")."""
+    if checks.beyond_gqa(q, k, v):
+        if impl == "auto":
             impl = "xla"
-        elif impl in impls.IMPLS and impl not in names:
-            raise ValueError(f"impl {impl!r}: {what} not in the kernels yet; use impl='auto' or one of {names}")
+        elif impl in impls.IMPLS and impl not in GVA_IMPLS:
+            raise ValueError(f"impl {impl!r}: heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, "
+                             f"v {v.shape[2]}: GVA, or k and v of different counts) are not in the kernels yet; "
+                             f"use impl='auto' or one of {GVA_IMPLS}")
     return impls.resolve(impl, q, k, v, partitioned=partitioned, per_token=per_token)
 
 
