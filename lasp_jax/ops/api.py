@@ -89,7 +89,7 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     return placement.like_q(out, q)
 
 
-# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA, k and v with different counts):
+# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA and the layouts mixing it with GQA):
 # the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads, and their `supported` does
 # not look at head counts, so they are never handed such heads.
 GVA_IMPLS = ("xla", "reference")
@@ -103,8 +103,8 @@ def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Im
             impl = "xla"
         elif impl in impls.IMPLS and impl not in GVA_IMPLS:
             raise ValueError(f"impl {impl!r}: heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, "
-                             f"v {v.shape[2]}: GVA, or k and v of different counts) are not in the kernels yet; "
-                             f"use impl='auto' or one of {GVA_IMPLS}")
+                             f"v {v.shape[2]}: k and v of different counts, or q with fewer heads than v) are "
+                             f"not in the kernels yet; use impl='auto' or one of {GVA_IMPLS}")
     return impls.resolve(impl, q, k, v, partitioned=partitioned, per_token=per_token)
 
 

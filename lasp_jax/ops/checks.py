@@ -16,8 +16,11 @@ def _shape(name, x):
 def attention_inputs(q, k, v, decay) -> jax.Array:
     """Checks q [B,T,Hq,Dk], k [B,T,Hk,Dk], v [B,T,Hv,Dv] and decay: None, [H] constant rates or [B, T, H]
     per-token rates, every rate >= 0. Heads: H = max(Hq, Hv) output heads; k has q's heads or v's, and the
-    smaller of Hq, Hv divides the larger: MHA, GQA / MQA (Hq = H, Hk = Hv) or GVA (Hv = H, Hk = Hq, Mamba-2's
-    groups). Output head h reads head h // (H / Hx) of each input (`output_heads`).
+    smaller of Hq, Hv divides the larger. (Hq, Hk, Hv) is then MHA, GQA / MQA (Hq = H, Hk = Hv), GVA (Hv = H,
+    Hk = Hq, Mamba-2's groups), or one of the two layouts that mix them: v with fewer heads than q and k
+    (Hq = Hk = H, e.g. (4, 4, 2): a value head serves H / Hv query/key heads) or q with fewer heads than k and v
+    (Hk = Hv = H, e.g. (2, 4, 4): a query head serves H / Hq key/value heads). Output head h reads head
+    h // (H / Hx) of each input (`output_heads`).
 
     Returns the rates as a float32 array of decay's shape ([H] zeros for None). A concrete decay (a Python/NumPy
     value or a committed array) with a negative or non-finite rate is a ValueError naming it. A traced decay
@@ -81,8 +84,9 @@ def output_heads(q, v) -> int:
 
 
 def beyond_gqa(q, k, v) -> bool:
-    """The heads are not MHA / GQA / MQA (q with all H heads, k and v with one count): GVA (v with more heads
-    than q), or k and v with different counts. Only api.GVA_IMPLS take them."""
+    """The heads are not MHA / GQA / MQA (q with all H heads, k and v with one count): k and v with different
+    counts (GVA, or v with fewer heads than q and k), or q with fewer heads than k and v. Only api.GVA_IMPLS take
+    them."""
     return k.shape[2] != v.shape[2] or v.shape[2] > q.shape[2]
 
 

@@ -587,8 +587,8 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
     else the reason. Which GPUs, head dims and dtypes their GPU tests qualified is `impls.qualification`'s."""
     hq, hk, hv = q.shape[2], k.shape[2], v.shape[2]
     if hk != hv or hq % hk:
-        return (f"heads other than MHA/GQA/MQA (q {hq}, k {hk}, v {hv}: GVA, q and k with fewer heads than v) are "
-                "not in the Triton kernels")
+        return (f"k and v with different head counts (GVA, or v with fewer heads than q and k), or q with fewer "
+                f"heads than k and v, are not in the Triton kernels (MHA/GQA/MQA only): q {hq}, k {hk}, v {hv} heads")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in DTYPES}:
         names = ", ".join(jnp.dtype(d).name for d in DTYPES)
