@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import reference
+from lasp_jax.ops import api, impls, reference
 from tests.util import F32_TOL, per_rank_errors, qkv, rel_err
 
 
@@ -119,17 +119,22 @@ def test_decoding_steps_equal_the_call(per_token, rng):
     assert rel_err(state, final) < F32_TOL
 
 
-def test_kernels_refuse_gva_and_auto_takes_xla(rng):
-    """The kernels read K/V head h // (H / Hk) of query head h and their supported() does not look at head
-    counts: GVA, k and v of different counts, and q with fewer heads than k and v are refused by name; "auto"
-    runs xla."""
+def test_kernels_refuse_gva_and_auto_takes_xla(monkeypatch):
+    """The kernels read K/V head h // (H / Hk) of query head h: GVA, k and v of different counts, and q with
+    fewer heads than k and v are refused by name; "auto" resolves them to xla even where a kernel comes first in
+    AUTO_ORDER (here the interpreted Triton kernels, which "auto" then takes for MHA), with or without per-token
+    decay."""
+    monkeypatch.setattr(impls, "AUTO_ORDER", ("pallas_triton_interpret",) + impls.AUTO_ORDER)
+    mha = jnp.ones((1, 64, 2, 64))
+    assert api.resolve("auto", mha, mha, mha, per_token=False, partitioned=False) is impls.IMPLS[
+        "pallas_triton_interpret"]
     for hq, hk, hv in ((2, 2, 4), (4, 4, 2), (2, 4, 4)):
         q, k, v = (jnp.ones((1, 64, n, 64)) for n in (hq, hk, hv))
         for impl in ("pallas_triton", "pallas_triton_interpret", "pallas_mosaic_interpret"):
             with pytest.raises(ValueError, match="other than MHA/GQA/MQA"):
                 lasp_jax.linear_attention(q, k, v, impl=impl)
-    q, k, v, _, _, _ = _inputs(rng, 1, 64, (2, 2, 4))
-    assert rel_err(lasp_jax.linear_attention(q, k, v), lasp_jax.linear_attention(q, k, v, impl="xla")) == 0.0
+        for per_token in (False, True):
+            assert api.resolve("auto", q, k, v, per_token=per_token, partitioned=False) is impls.IMPLS["xla"]
 
 
 BAD = {
