@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax import export
 from jax.experimental.pallas import triton as pl_triton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec as P
 
 import lasp_jax
 from lasp_jax.ops import impls, pallas_triton, pieces, pieces_tokens, reference, states, vjp
