@@ -90,8 +90,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
 
 
 # The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA and the layouts mixing it with GQA):
-# the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads, and their `supported` does
-# not look at head counts, so they are never handed such heads.
+# the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads (their `supported` refuses
+# other layouts; routing them here lets "auto" take xla and names the impls that run them).
 GVA_IMPLS = ("xla", "reference")
 
 
