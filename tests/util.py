@@ -30,6 +30,16 @@ def per_rank_errors(x, ref, ranks: int) -> list[float]:
     return [rel_err(x[:, r * t:(r + 1) * t], ref[:, r * t:(r + 1) * t]) for r in range(ranks)]
 
 
+def document_ids(starts, t: int) -> np.ndarray:
+    """[B, T] int32 segment ids from each row's document starts (starts[row]: positions where a new document
+    begins; position 0 always begins one): the number of starts at or before each position."""
+    ids = np.zeros((len(starts), t), np.int32)
+    for row, row_starts in enumerate(starts):
+        for s in row_starts:
+            ids[row, s:] += 1
+    return ids
+
+
 def qkv(rng, b, t, h, hkv, dk, dv, dtype=jnp.float32):
     """Fresh normal q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv]; q, k scaled so outputs stay O(1)."""
     q = rng.standard_normal((b, t, h, dk)) / np.sqrt(dk)

@@ -67,3 +67,23 @@ def max_rel(a, b) -> float:
         lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
                            / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)), a, b))
     return max(errs)
+
+
+@functools.partial(jit, static_argnums=0)
+def full_and_stepwise(graphdef, state, tok):
+    """Full-forward logits [B, T, V], and the same positions decoded one token at a time (and after a prefill
+    of the first half), all fp32."""
+    model = nnx.merge(graphdef, state)
+    b, t = tok.shape
+
+    def steps(state, toks):
+        def body(state, x):
+            logits, state = model.decode_step(x, state)
+            return state, logits
+        return jnp.moveaxis(jax.lax.scan(body, state, toks.T)[1], 0, 1)
+
+    stepwise = steps(model.init_decode_state(b, t), tok)
+    half = t // 2
+    last, state = model.prefill(tok[:, :half], model.init_decode_state(b, t))
+    after_prefill = jnp.concatenate([last[:, None], steps(state, tok[:, half:-1])], axis=1)  # positions half-1..t-2
+    return model(tok), stepwise, after_prefill

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,32 +12,12 @@ import models
 from tests.models import helpers
 
 
-@functools.partial(helpers.jit, static_argnums=0)
-def _full_and_stepwise(graphdef, state, tok):
-    """Full-forward logits [B, T, V], and the same positions decoded one token at a time (and after a prefill
-    of the first half), all fp32."""
-    model = nnx.merge(graphdef, state)
-    b, t = tok.shape
-
-    def steps(state, toks):
-        def body(state, x):
-            logits, state = model.decode_step(x, state)
-            return state, logits
-        return jnp.moveaxis(jax.lax.scan(body, state, toks.T)[1], 0, 1)
-
-    stepwise = steps(model.init_decode_state(b, t), tok)
-    half = t // 2
-    last, state = model.prefill(tok[:, :half], model.init_decode_state(b, t))
-    after_prefill = jnp.concatenate([last[:, None], steps(state, tok[:, half:-1])], axis=1)  # positions half-1..t-2
-    return model(tok), stepwise, after_prefill
-
-
 @pytest.mark.parametrize("name", ["tnl-tiny", "lt-tiny", "tnl-tiny-hybrid"])
 def test_decode_equals_full_forward(name, rng):
     cfg = helpers.tiny(name, n_layers=3 if name == "tnl-tiny-hybrid" else 2)
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     tok = helpers.tokens(rng, b=2, t=12)
-    full, stepwise, after_prefill = _full_and_stepwise(*nnx.split(model), tok)
+    full, stepwise, after_prefill = helpers.full_and_stepwise(*nnx.split(model), tok)
     assert helpers.max_rel(stepwise, full) < 2e-5
     assert helpers.max_rel(after_prefill, full[:, 5:11]) < 2e-5
     # The decoding state is constant-size for linear layers and a cache only for softmax ones.

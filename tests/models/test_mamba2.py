@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from tests.models import helpers
-from tests.models.test_generate import _full_and_stepwise
+from tests.util import document_ids
 
 T = 24  # divisible by seq 2 and 3; every rank holds at least conv_width - 1 = 3 positions
 
@@ -31,11 +31,7 @@ STARTS = ((5, 12, 17), (8, 16, 21))
 
 
 def _segment_ids(starts=STARTS, t=T):
-    ids = np.zeros((len(starts), t), np.int32)
-    for row, row_starts in enumerate(starts):
-        for s in row_starts:
-            ids[row, s:] += 1
-    return jnp.asarray(ids)
+    return jnp.asarray(document_ids(starts, t))
 
 
 def _tiny(name="mamba2-tiny", **changes):
@@ -189,7 +185,7 @@ def test_decode_equals_full_forward(name, rng):
     cfg = _tiny(name, n_layers=3 if name == "mamba2-tiny-hybrid" else 2)
     model = models.build_model(cfg, rngs=nnx.Rngs(0))
     tok = helpers.tokens(rng, b=2, t=12)
-    full, stepwise, after_prefill = _full_and_stepwise(*nnx.split(model), tok)
+    full, stepwise, after_prefill = helpers.full_and_stepwise(*nnx.split(model), tok)
     # Measured (seeds 0-2): 2.4e-7 at most.
     assert helpers.max_rel(stepwise, full) < 6e-7
     assert helpers.max_rel(after_prefill, full[:, 5:11]) < 6e-7

@@ -24,7 +24,7 @@ import pytest
 
 from lasp_jax.ops import impls, pallas_mosaic, pieces, pieces_tokens, reference, vjp
 from tests.ops.test_token_decay import _loss_and_grads
-from tests.util import rel_err
+from tests.util import document_ids, rel_err
 
 C = pallas_mosaic.DEFAULT.chunk
 
@@ -75,11 +75,8 @@ def _oracle(x, y, z, tables, states_in, piece_len: int, reverse: bool, scale: fl
 
 
 def _documents(b: int, t: int, starts) -> np.ndarray:
-    """ids [B, T] int32 with a new document at each position of starts."""
-    ids = np.zeros((b, t), np.int32)
-    for s in starts:
-        ids[:, s:] += 1
-    return ids
+    """ids [B, T] int32 with a new document at each position of starts (every row alike)."""
+    return document_ids([starts] * b, t)
 
 
 def _rates(rng, kind: str, b: int, t: int, h: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.parallel.causal_conv import causal_conv1d, sharded_causal_conv1d
 from tests.parallel.hlo import entry_instructions
-from tests.util import per_rank_errors, rel_err
+from tests.util import document_ids, per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}  # numbers, not speed: a quicker XLA:CPU compile
 # Measured over seeds 0-2 (2026-11-29, XLA:CPU), worst of y, dx, dweight, dbias on every case: 1.8e-7 (fp32);
@@ -58,9 +58,7 @@ def _inputs(rng, b, t, c, w, dtype=jnp.float32):
 def _documents(b, t, starts):
     """[B, T] ids: row j's documents start at `starts` (and 0), ids shifted per row so they differ across rows;
     the last row is one document."""
-    ids = np.zeros((b, t), np.int32)
-    for s in starts:
-        ids[:, s:] += 1
+    ids = document_ids([starts] * b, t)
     ids[-1] = 7
     return jnp.asarray(ids * 1000 + np.arange(b)[:, None])
 

@@ -11,7 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lasp_jax
 from lasp_jax.ops import reference
-from tests.util import F32_TOL, per_rank_errors, qkv, rel_err
+from tests.util import F32_TOL, document_ids, per_rank_errors, qkv, rel_err
 
 STRATEGIES = list(lasp_jax.parallel.STRATEGIES)
 # data x seq meshes (seq 3 and 6: scan's non-power-of-two rounds). T = 48: ranks of 6 (seq 8), 12 (seq 4),
@@ -143,10 +143,7 @@ def test_non_finite_values_stay_in_their_document(strategy, w, rng):
     and the states' products select across document starts."""
     q, k, v = qkv(rng, 2, T, 4, 2, 8, 8)
     rates = jnp.asarray(rng.uniform(0.0, 0.3, size=(2, T, 4)), jnp.float32)
-    new = np.zeros((2, T), bool)
-    for row, starts in enumerate(NAN_STARTS):
-        new[row, list(starts)] = True
-    ids = jnp.asarray(np.cumsum(new, axis=1), jnp.int32)
+    ids = jnp.asarray(document_ids(NAN_STARTS, T))
     w_o = jnp.asarray(rng.standard_normal((2, T, 4, 8)), jnp.float32)
     clean = _on_seq_mesh(w, strategy, q, k, v, rates, ids, w_o)
     poisoned = _on_seq_mesh(w, strategy, q, k.at[:, 10, 0].set(np.inf), v.at[:, 3].set(np.nan), rates, ids, w_o)
@@ -191,10 +188,7 @@ def test_steep_decay_on_every_rank(strategy, w, rng):
     on every rank against float64."""
     q, k, v = qkv(rng, 2, T, 4, 2, 8, 8)
     rates = jnp.asarray(rng.uniform(0.0, 6.0, size=(2, T, 4)), jnp.float32)
-    new = np.zeros((2, T), bool)
-    for row, starts in enumerate(NAN_STARTS):
-        new[row, list(starts)] = True
-    ids = jnp.asarray(np.cumsum(new, axis=1), jnp.int32)
+    ids = jnp.asarray(document_ids(NAN_STARTS, T))
     w_o = jnp.asarray(rng.standard_normal((2, T, 4, 8)), jnp.float32)
     got = _on_seq_mesh(w, strategy, q, k, v, rates, ids, w_o)
     with jax.enable_x64(True):
