@@ -50,31 +50,41 @@ def _check_inputs(x, weight, bias, segment_ids):
     return checks.segment_ids(segment_ids, b, t)
 
 
-def _convolve(x, weight, bias, ids, halo, halo_ids):
-    """The convolution of one piece x [B, L, C] given the W-1 positions before it: halo [B, W-1, C] (zeros before
-    the sequence) and, with documents, ids [B, L] and halo_ids [B, W-1]. Returns y [B, L, C] in x's dtype."""
-    w, length = weight.shape[0], x.shape[1]
-    xe = jnp.concatenate([halo, x], axis=1).astype(jnp.float32)  # [B, W-1+L, C]
-    wf = weight.astype(jnp.float32)
+def _convolve(xe, weight, bias, ide):
+    """The convolution of one piece given the W-1 positions before it: xe [B, W-1+L, C] holds them (zeros before the
+    sequence) then the piece; with documents, ide [B, W-1+L] their ids. Returns y [B, L, C] in xe's dtype."""
+    w = weight.shape[0]
+    length = xe.shape[1] - (w - 1)
+    xf, wf = xe.astype(jnp.float32), weight.astype(jnp.float32)
     # Tap i of output t reads xe[t + i]; tap W-1 is t itself.
-    acc = xe[:, w - 1:] * wf[w - 1]
-    if ids is not None:
-        ide = jnp.concatenate([halo_ids, ids], axis=1)
+    acc = xf[:, w - 1:] * wf[w - 1]
+    if ide is not None:
         linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
-        keep = jnp.ones(ids.shape, bool)
+    keep = None
     for i in range(w - 2, -1, -1):
-        term = xe[:, i:i + length] * wf[i]
-        if ids is not None:
-            keep = keep & linked[:, i:i + length]  # tap i reaches t through no document start
+        term = xf[:, i:i + length] * wf[i]
+        if ide is not None:  # tap i reaches t through no document start
+            keep = linked[:, i:i + length] if keep is None else keep & linked[:, i:i + length]
             term = jnp.where(keep[..., None], term, 0.0)
         acc = acc + term
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
-    return acc.astype(x.dtype)
+    return acc.astype(xe.dtype)
+
+
+def _check_unsplit_sequence(x):
+    """ValueError if x's T axis is sharded in its type (an Explicit mesh): one device's convolution cannot pad it."""
+    spec = jax.typeof(x).sharding.spec
+    if len(spec) > 1 and spec[1] is not None:
+        raise ValueError(f"x's sequence axis is sharded over {spec[1]!r} (x is {jax.typeof(x).str_short()}): "
+                         "use sharded_causal_conv1d, which passes the halo between the ranks")
 
 
 def causal_conv1d(x, weight, bias=None, *, segment_ids=None):
     """Depthwise causal convolution on one device (see the module docstring for the math and numerics).
+
+    The padding before position 0 is x padded, so it follows x's sharding: x may be sharded over its batch and
+    channels (on Explicit and Auto meshes alike); a sharded T is sharded_causal_conv1d's.
 
     Args:
       x: [B, T, C] floating.
@@ -82,13 +92,14 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None):
       bias: None or [C].
       segment_ids: None, or [B, T] integers: packed documents; no tap reaches across a document start.
     Returns:
-      y [B, T, C] in x's dtype.
+      y [B, T, C] in x's dtype, sharded like x.
     """
     ids = _check_inputs(x, weight, bias, segment_ids)
-    b, _, c = x.shape
-    halo = jnp.zeros((b, weight.shape[0] - 1, c), x.dtype)
-    halo_ids = None if ids is None else jnp.zeros((b, weight.shape[0] - 1), ids.dtype)
-    return _convolve(x, weight, bias, ids, halo, halo_ids)
+    _check_unsplit_sequence(x)
+    k = weight.shape[0] - 1
+    # The padded ids are arbitrary: the padded positions are zeros, which no mask needs to keep out.
+    ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
+    return _convolve(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide)
 
 
 def _to_bytes(a):
@@ -146,7 +157,8 @@ def _local(x, weight, bias, ids, *, seq_axis, n):
             halo, halo_ids = _pass_halo_with_ids(halo, halo_ids, seq_axis, n)
     else:  # one rank (or W = 1): only the padding before position 0
         halo = jnp.zeros_like(halo)
-    return _convolve(x, weight, bias, ids, halo, halo_ids)
+    ide = None if ids is None else jnp.concatenate([halo_ids, ids], axis=1)
+    return _convolve(jnp.concatenate([halo, x], axis=1), weight, bias, ide)
 
 
 def _check_piece(length, w, seq_axis):

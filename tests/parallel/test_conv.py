@@ -102,6 +102,36 @@ def test_bf16_rounds_once(rng):
     assert rel_err(y, _oracle(x, weight, bias, ids, g)[0]) < BF16_TOL
 
 
+@pytest.mark.parametrize("docs", [False, True], ids=["one-document", "documents"])
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_one_device_form_takes_a_batch_sharded_x(kind, docs, rng):
+    """causal_conv1d (no seq split) on x sharded over 'data' of a data x seq mesh: its zero padding follows x's
+    sharding (an unsharded one cannot be concatenated with x on an Explicit mesh: it failed so before); y and dx
+    stay batch-sharded on the Explicit mesh, and y, dx, dweight, dbias match the oracle on both."""
+    b, t, c, w = 4, 9, 6, 4
+    x, weight, bias, g = _inputs(rng, b, t, c, w)
+    ids = _documents(b, t, [2, 3, 7]) if docs else None
+    mesh = jax.make_mesh((4, 2), ("data", "seq"), axis_types=(kind,) * 2)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        f = jax.value_and_grad(lambda *a: _loss(causal_conv1d, *a, g, segment_ids=ids), argnums=(0, 1, 2),
+                               has_aux=True)
+        (_, y), grads = jax.jit(f, compiler_options=_FAST)(xs, weight, bias)
+    if kind == AxisType.Explicit:  # in the types; on an Auto mesh XLA picks the outputs' shardings
+        assert y.sharding.spec == grads[0].sharding.spec == P("data", None, None), (y.sharding, grads[0].sharding)
+    y_ref, *grads_ref = _oracle(x, weight, bias, ids, g)
+    assert rel_err(y, y_ref) < F32_TOL
+    for name, a, ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert rel_err(a, ref) < F32_TOL, name
+
+
+def test_one_device_form_refuses_a_sequence_sharded_x(rng):
+    x, weight, _, _ = _inputs(rng, 2, 8, 3, 4)
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="sequence axis is sharded over 'seq'.*sharded_causal"):
+        causal_conv1d(jax.device_put(x, NamedSharding(mesh, P("data", "seq"))), weight)
+
+
 # (data, seq, axis type, L per rank, document starts): starts at rank boundaries (multiples of L) and documents
 # shorter than the halo that cross one.
 MESHES = {
