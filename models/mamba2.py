@@ -127,12 +127,7 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         z, xbc, dt = self._split_in(x)
         weight, bias = self._conv_params()
-        mesh = sharding.ambient_mesh()
-        batch_split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg)) if mesh is not None else 1
-        # The sharded form on any mesh with the seq axis (of size 1 too: the one-device form's zero padding is
-        # unsharded, which an Explicit mesh refuses to concatenate with a batch-sharded x), as linear_attend.
-        if sharding.seq_size(cfg) > 1 or (mesh is not None and cfg.seq_axis in mesh.axis_names
-                                          and xbc.shape[0] % batch_split == 0):
+        if sharding.seq_size(cfg) > 1:  # else the one-device form, whose padding follows x's batch sharding
             xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                         batch_axes=sharding.batch_axes(cfg))
         else:
