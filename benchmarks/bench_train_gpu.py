@@ -1,22 +1,38 @@
-"""TNL training throughput and the longest trainable sequence on one or more GPUs: the full step of `python -m train`.
+"""Training throughput and the longest trainable sequence on one or more GPUs: the full step of `python -m train`.
 
-    python -m benchmarks.bench_train_gpu [--model tnl-1b] [--tokens-per-gpu 65536] [--gpus 1,2] [--out DIR]
+    python -m benchmarks.bench_train_gpu [--model tnl-1b] [--tokens-per-gpu 65536] [--gpus 1,2] [--documents N]
+        [--out DIR]
 
 Per GPU count n (one process driving n GPUs, mesh data=D x seq=n/D with D = --data, D sequences of
 n/D x tokens-per-gpu tokens, LASP over seq; parameters and AdamW moments are replicated):
   memory      compile only: XLA's buffers per device (arguments + temporaries) at --tokens-per-gpu with remat
               --remat-longest (to compare GPU counts, --strategy and --xla-flags without running a step).
-  throughput  the jitted training step of train.step (bf16 compute, fp32 master weights, AdamW, clipping) on
+  throughput  the jitted training step of train.step (bf16 compute*, fp32 master weights, AdamW, clipping) on
               synthetic tokens: median of --steps steps after 2 warm-ups -> tokens/s per GPU, MFU (train.metrics'
               model FLOPs over the dense bf16 peak, 989.4 TFLOP/s per H200) and peak device memory.
   longest     a full step at --longest-from tokens per GPU, else at what fitted on fewer GPUs in this run, else
               at the length predicted to fit from two memory readings (rounded down to 8K); each out-of-memory
               attempt lowers it by 12.5% until one fits or time runs out.
+* compute_dtype "auto": bf16 on GPUs, float32 on a CPU (XLA:CPU has no bf16 dot), where a tiny preset runs the
+same step as a check (tests/test_bench_train_gpu.py).
 Each configuration and each attempt runs in its own process (see `Children`), so every peak-memory reading is
 its own; its output, with timestamped milestones (state built, lowered, compiled, each step), goes to
 OUT/child-PHASE-N-TOKENS.log. Results go to OUT/train_gpu.jsonl as they are made (a cut-off run keeps what it
-did), then OUT/train_gpu.md and .png (command, device, date, versions). Synthetic tokens: nothing here needs
-Grain.
+did; every record names --model and --documents), then OUT/train_gpu.md and .png (command, device, date,
+versions). Synthetic tokens: nothing here needs Grain.
+
+Models: any preset of models.presets (`--model`, e.g. tnl-1b, mamba2-1.3b, mamba2-1.3b-hybrid). MFU's model
+FLOPs are train.metrics.flops_per_token's (the matmul parameters that train.step.build_state counts, and the
+recurrent state's products from the model's linear_state_shape: Mamba-2's SSM heads x d_state x head dim).
+--attn-impl applies to Mamba-2's SSD as to TNL's attention (its heads are GVA: q and k with fewer heads than v);
+an impl that cannot take them fails in the child with lasp_jax's reason (in the record's error).
+
+Documents (`--documents N`, default 0: no segment_ids): each row packs N documents cut at N - 1 distinct random
+positions (measure.decay_inputs' tokens/N cut, seed 0), fed as batch["segment_ids"] [D, T] int32 (the documents
+before each position, sharded as the tokens), as train/ feeds them under TrainConfig.documents="reset": each
+linear layer's state restarts at a start (which puts TNL on lasp_jax's per-token path), Mamba-2's convolution
+is cut there and softmax layers mask across documents. N = 1 gives segment_ids of one document: the
+per-token path's cost with no cut.
 
 Results: benchmarks/results/TRAIN_GPU_NOTES.md. With the fused kernels (--attn-impl pallas_triton or
 pallas_mosaic, or "auto" on an H100/H200) the 1-GPU 64K step compiles in ~16 s (measured with pallas_triton);
@@ -52,12 +68,24 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _record(out: Path, **r) -> dict:
-    r["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def _record(out: Path, args, **r) -> dict:
+    """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
+    r = {"model": args.model, "documents": args.documents, **r,
+         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
         fh.write(json.dumps(r) + "\n")
     print(json.dumps(r), flush=True)
     return r
+
+
+def segment_ids(rows: int, seq_len: int, documents: int):
+    """[rows, seq_len] int32 ids of `documents` documents per row (0 counting up at each start), cut at random
+    positions of a fixed seed (measure.decay_inputs' tokens/N rows), or None when documents is 0."""
+    if documents == 0:
+        return None
+    from benchmarks import measure
+
+    return measure.decay_inputs((rows, seq_len, 1, 1), f"tokens/{documents}", seed=0)[1]
 
 
 class Step:
@@ -81,14 +109,14 @@ class Step:
             overrides["attn_impl"] = args.attn_impl
         mesh = f"data={self.data},seq={n_gpus // self.data}"
         cfg = TrainConfig(model=presets.get(args.model).replace(**overrides), mesh=mesh,
-                          seq_len=self.seq_len, batch_size=self.data, compute_dtype="bfloat16", warmup_steps=10,
+                          seq_len=self.seq_len, batch_size=self.data, compute_dtype="auto", warmup_steps=10,
                           decay_steps=1000)
         self.mcfg = model_config(cfg, cfg.model.vocab_size)
         self.devices = jax.devices()[:n_gpus]
         self.mesh = jax.make_mesh((self.data, n_gpus // self.data), ("data", "seq"), devices=self.devices,
                                   axis_types=(AxisType.Auto,) * 2)
         _say(f"{n_gpus} GPU(s), {self.seq_len} tokens, remat {remat}: building the state")
-        graphdef, self.state, self.n_params, n_matmul = build_state(self.mcfg, cfg, self.mesh)
+        graphdef, self.state, self.n_params, self.n_matmul = build_state(self.mcfg, cfg, self.mesh)
         jax.block_until_ready(self.state)
         self.train_step, _ = make_steps(graphdef)
         sharding = NamedSharding(self.mesh, P("data", "seq"))
@@ -96,7 +124,10 @@ class Step:
                                                         np.int32)
         self.batch = {"inputs": jax.device_put(tokens[:, :-1], sharding),
                       "targets": jax.device_put(tokens[:, 1:], sharding)}
-        self.flops_per_token = flops_per_token(self.mcfg, n_matmul, self.seq_len)
+        ids = segment_ids(self.data, self.seq_len, args.documents)
+        if ids is not None:  # as train/data.py's batches under documents="reset"
+            self.batch["segment_ids"] = jax.device_put(ids, sharding)
+        self.flops_per_token = flops_per_token(self.mcfg, self.n_matmul, self.seq_len)
         _say("state built; lowering and compiling the step")
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
@@ -134,7 +165,8 @@ class Step:
         mems = [_peak_gib(d) for d in self.devices]
         return {
             "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
-            "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "params": self.n_params, "loss": loss,
+            "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
+            "matmul_params": self.n_matmul, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
             "model_tflop_per_step": self.flops_per_token * self.data * self.seq_len / 1e12,
@@ -167,11 +199,11 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
     step = None
     try:
         step = Step(args, n, tokens, remat)
-        _record(out, kind=kind, **fitted, **step.run(steps))
+        _record(out, args, kind=kind, **fitted, **step.run(steps))
     except Exception as e:
         if not _oom(e):
             raise
-        _record(out, kind=kind, gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, **oom)
+        _record(out, args, kind=kind, gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat, **oom)
     finally:
         if step is not None:
             step.close()
@@ -183,7 +215,7 @@ def child_throughput(args, out: Path, n: int, tokens: int, remat: str) -> None:
 
 def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
     step = Step(args, n, tokens, remat)
-    _record(out, kind="memory", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat,
+    _record(out, args, kind="memory", gpus=n, data=args.data, tokens_per_gpu=tokens, remat=remat,
             strategy=args.strategy, xla_flags=args.xla_flags, xla_gib=step.xla_gib,
             capacity_gib=_capacity_gib(step.devices[0]), compile_s=round(step.compile_s, 1))
     step.close()
@@ -219,8 +251,9 @@ class Children:
     2026-11-22: the search's whole budget went to one hung attempt), so a child that `_hung` describes is killed
     and counted as out of memory."""
 
-    def __init__(self, argv, out: Path, deadline: float, visible: list[str], env: dict):
-        self.argv, self.out, self.deadline, self.visible, self.env = argv, out, deadline, visible, env
+    def __init__(self, args, argv, out: Path, deadline: float, visible: list[str], env: dict):
+        self.args, self.argv, self.out, self.deadline = args, argv, out, deadline
+        self.visible, self.env = visible, env
 
     def command(self, phase: str, n: int, tokens: int, remat: str) -> list[str]:
         return [sys.executable, "-m", "benchmarks.bench_train_gpu", *self.argv, "--child",
@@ -232,7 +265,7 @@ class Children:
         about = {"kind": kind, "gpus": n, "tokens_per_gpu": tokens, "remat": remat}
         left = self.deadline - time.monotonic()
         if left < 45:
-            _record(self.out, **about, note="not run: out of time")
+            _record(self.out, self.args, **about, note="not run: out of time")
             return None
         before = len(_records(self.out / "train_gpu.jsonl"))
         log = self.out / f"child-{phase}-{n}-{tokens}-{remat}.log"  # kept whole: it shows where the time went
@@ -250,15 +283,17 @@ class Children:
                     child.kill()
                     child.wait()
                     if hung:
-                        _record(self.out, **about, oom=True, **({"fits": False} if kind == "longest" else {}),
+                        _record(self.out, self.args, **about, oom=True,
+                                **({"fits": False} if kind == "longest" else {}),
                                 note="out of memory on a GPU; the others hung in a collective (killed)")
                         return _records(self.out / "train_gpu.jsonl")[-1]
-                    _record(self.out, **about, note="stopped at the time budget; last lines of "
+                    _record(self.out, self.args, **about, note="stopped at the time budget; last lines of "
                             f"{log.name}: " + " / ".join(log.read_text(errors="replace").splitlines()[-3:]))
                     return None
         new = _records(self.out / "train_gpu.jsonl")[before:]
         if child.returncode or not new:
-            _record(self.out, **about, note=f"failed (see {log.name})", error=log.read_text(errors="replace")[-1500:])
+            _record(self.out, self.args, **about, note=f"failed (see {log.name})",
+                    error=log.read_text(errors="replace")[-1500:])
             return None
         return new[-1]
 
@@ -289,13 +324,13 @@ def search_longest(args, children: Children, out: Path, n: int) -> None:
         (t1, m1, capacity), (t2, m2, _) = readings
         per_token = (m2 - m1) / (t2 - t1)
         if per_token <= 0:
-            _record(out, kind="longest", gpus=n, remat=remat, fits=None,
+            _record(out, args, kind="longest", gpus=n, remat=remat, fits=None,
                     note=f"no prediction: XLA's buffers did not grow from {t1} to {t2} tokens per GPU")
             return
         capacity = args.capacity_gib or capacity
         start = int((0.97 * capacity - (m1 - per_token * t1)) / per_token) // (8 * K) * (8 * K)
         floor = t2
-        _record(out, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K,
+        _record(out, args, kind="longest_predicted", gpus=n, gib_per_k_tokens=per_token * K,
                 fixed_gib=m1 - per_token * t1, capacity_gib=capacity, tokens_per_gpu=start)
     tokens, tried = start, False
     while tokens > floor:
@@ -304,7 +339,8 @@ def search_longest(args, children: Children, out: Path, n: int) -> None:
             return
         tokens, tried = int(tokens * 0.875) // (8 * K) * (8 * K), True
     why = "every length tried ran out of memory" if tried else f"the first length, {start}, is not above it"
-    _record(out, kind="longest", gpus=n, remat=remat, fits=None, note=f"none fitted above {floor} per GPU ({why})")
+    _record(out, args, kind="longest", gpus=n, remat=remat, fits=None,
+            note=f"none fitted above {floor} per GPU ({why})")
 
 
 def main(argv=None) -> int:
@@ -320,6 +356,8 @@ def main(argv=None) -> int:
                         help="tokens per GPU to try first in the longest search (0: predict from two probes)")
     parser.add_argument("--ce-chunk", type=int, default=2048)
     parser.add_argument("--attn-impl", default="", help="lasp_jax impl (default: the model's 'auto')")
+    parser.add_argument("--documents", type=int, default=0,
+                        help="documents packed per row, fed as segment_ids (0: none, no segment_ids)")
     parser.add_argument("--budget-s", type=float, default=380.0,
                         help="start nothing new after this many seconds, and stop what still runs")
     parser.add_argument("--phases", default="throughput,longest", help="of throughput, longest, memory")
@@ -333,6 +371,7 @@ def main(argv=None) -> int:
     if args.summary:
         write_summary(Path(args.summary))
         return 0
+    _check(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -347,7 +386,7 @@ def main(argv=None) -> int:
                            "d[0].device_kind, jax.__version__, flax.__version__, optax.__version__, sep='|')"],
                           capture_output=True, text=True)
     n_dev, kind, jax_v, flax_v, optax_v = (info.stdout.strip().split("|") + [""] * 5)[:5]
-    _record(out, kind="setup", command="python -m benchmarks.bench_train_gpu " + " ".join(argv), device=kind,
+    _record(out, args, kind="setup", command="python -m benchmarks.bench_train_gpu " + " ".join(argv), device=kind,
             n_devices=n_dev, versions={"jax": jax_v, "flax": flax_v, "optax": optax_v}, error=info.stderr[-500:]
             if info.returncode else None)
     gpus = [int(g) for g in args.gpus.split(",") if n_dev.isdigit() and int(g) <= int(n_dev)]
@@ -358,7 +397,7 @@ def main(argv=None) -> int:
                or ",".join(map(str, range(int(n_dev) if n_dev.isdigit() else 0)))).split(",")
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
-    children = Children(argv, out, deadline, visible, env)
+    children = Children(args, argv, out, deadline, visible, env)
     for phase in args.phases.split(","):
         for n in gpus:
             if phase == "longest":
@@ -374,6 +413,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _check(parser, args) -> None:
+    """Refuses, before any child starts, a model that is no preset and a document count no row can hold."""
+    from models import presets
+
+    try:
+        presets.get(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    if not 0 <= args.documents <= args.tokens_per_gpu:
+        parser.error(f"--documents {args.documents} must be in [0, --tokens-per-gpu {args.tokens_per_gpu}]")
+
+
 def write_summary(jsonl: Path) -> None:
     """jsonl's records as a Markdown table per run (JSONL -> .md) and the throughput against the GPU count
     (JSONL -> .png). Runs appended to one file (benchmarks/results/train_gpu_h200.jsonl) get one section each."""
@@ -384,8 +435,9 @@ def write_summary(jsonl: Path) -> None:
         if r["kind"] == "setup":
             lines += ["", f"## {r['device']} x{r['n_devices']}, {r['time']}", "", f"Command: `{r['command']}`  ",
                       f"Versions: {r['versions']}", "",
-                      "| phase | GPUs | tokens/GPU | remat | step (s) | tokens/s/GPU | MFU | peak mem (GiB) | "
-                      "XLA buffers (GiB) | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                      "| model | documents | phase | GPUs | tokens/GPU | remat | step (s) | tokens/s/GPU | MFU | "
+                      "peak mem (GiB) | XLA buffers (GiB) | note |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
         if r["kind"] == "memory" and "strategy" in r:
@@ -394,17 +446,18 @@ def write_summary(jsonl: Path) -> None:
             note = (f"predicted {r['tokens_per_gpu']} tokens/GPU: {r['gib_per_k_tokens']:.3f} GiB per 1K tokens "
                     f"+ {r['fixed_gib']:.1f} GiB fixed, of {r['capacity_gib']:.1f} GiB")
         gpus = f"{r.get('gpus', '')}" + (f" (data {r['data']})" if r.get("data", 1) > 1 else "")
-        lines.append(f"| {r['kind']} | {gpus} | {r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
+        lines.append(f"| {r.get('model', '')} | {r.get('documents', '')} | {r['kind']} | {gpus} | "
+                     f"{r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
                      f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
                      f"{fmt(r.get('xla_gib'), '.1f')} | {note} |")
-    jsonl.with_suffix(".md").write_text("# TNL training step (bench_train_gpu)\n" + "\n".join(lines) + "\n")
+    jsonl.with_suffix(".md").write_text("# Training step (bench_train_gpu)\n" + "\n".join(lines) + "\n")
     _plot_throughput([r for r in records if r["kind"] == "throughput" and "step_s" in r], jsonl.with_suffix(".png"))
 
 
 def _plot_throughput(rows: list[dict], path: Path) -> None:
-    """tokens/s per GPU and MFU against the GPU count, one line per data-parallel size (the last record of each
-    configuration)."""
+    """tokens/s per GPU and MFU against the GPU count, one line per (model, documents, data-parallel size, tokens
+    per GPU) (the last record of each configuration)."""
     if not rows:
         return
     import matplotlib
@@ -412,12 +465,15 @@ def _plot_throughput(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = {(r["gpus"], r.get("data", 1), r["tokens_per_gpu"]): r for r in rows}
+    line_of = lambda r: (r.get("model", ""), r.get("documents", 0), r.get("data", 1), r["tokens_per_gpu"])  # noqa: E731
+    last = {(line_of(r), r["gpus"]): r for r in rows}
     fig, (ax_tps, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4))
-    for data, tokens in sorted({(d, t) for _, d, t in last}):
-        pts = sorted((g, r) for (g, d, t), r in last.items() if (d, t) == (data, tokens))
+    for line in sorted({key for key, _ in last}):
+        model, documents, data, tokens = line
+        pts = sorted((g, r) for (key, g), r in last.items() if key == line)
         mesh = f"data={data} x seq=n/{data}" if data > 1 else "seq=n"
-        label = f"{mesh}, {tokens // K}K tokens/GPU"
+        label = ", ".join(filter(None, [model, f"{documents} docs/row" if documents else "",
+                                        f"{mesh}, {tokens // K}K tokens/GPU"]))
         gpus = [g for g, _ in pts]
         ax_tps.plot(gpus, [r["tokens_per_s_per_gpu"] for _, r in pts], marker="o", label=label)
         with_mfu = [(g, r["mfu"]) for g, r in pts if r.get("mfu") is not None]  # None: no known peak FLOP/s
@@ -425,7 +481,7 @@ def _plot_throughput(rows: list[dict], path: Path) -> None:
             ax_mfu.plot([g for g, _ in with_mfu], [100 * m for _, m in with_mfu], marker="o", label=label)
     ax_tps.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="training step throughput")
     ax_mfu.set(xlabel="GPUs", ylabel="MFU (%)", title="model FLOPs utilisation")
-    counts = sorted({g for g, _, _ in last})
+    counts = sorted({g for _, g in last})
     for ax in (ax_tps, ax_mfu):
         ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(g) for g in counts])
