@@ -30,6 +30,7 @@ first_call_s: its compile and first run: 38 s together); the timings are millise
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -41,16 +42,20 @@ import jax.numpy as jnp
 
 import lasp_jax
 from benchmarks import measure
-from lasp_jax.ops import impls, pieces, states, tnl_slopes
+from lasp_jax.ops import impls, pieces, pieces_tokens, states, tnl_slopes, vjp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin")
 SMOKE = dict(impls="pallas_mosaic_interpret,pallas_triton_interpret", shapes="1x512x1x64", iters=1, reps=1,
-             copy_mib=1)
+             copy_mib=1, decays="constant,tokens/2", max_piece_len="128,256")
 
 
 FORWARD = ("state_sums (K, V)", "boundary_sum (end)", "entering", "output walk")
 BACKWARD = ("state_sums (Q, dO)", "boundary_sum (start)", "leaving", "gradient walks")
+FORWARD_TOKENS = ("tables (forward)", "state_sums_tokens (K, V)", "boundary_sum (end)", "entering",
+                  "output_tokens walk")
+BACKWARD_TOKENS = ("tables (backward)", "state_sums_tokens (Q, dO)", "boundary_sum (start)", "leaving",
+                   "grads_tokens walks", "decay gradient (copy)")
 
 
 def _prefix_weights(rates, plan: pieces.Plan):
@@ -103,20 +108,8 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: l
     piece_sums = b * h * plan.pieces * d * d * 4
     first = len(rows)
 
-    def time_it(stage, fn, xs, moved, ref=None):
-        """Times jit(fn)(*xs) and records it; returns its result."""
-        jitted = jax.jit(fn)
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(jitted(*xs))
-        first_call_s = time.perf_counter() - t0  # compile and run
-        row = {"impl": impl, "shape": "x".join(map(str, shape)), "pieces": plan.pieces, "stage": stage,
-               "ms": measure.median_ms(jitted, xs, args.iters, args.reps), "floor_ms": moved / bandwidth_gbs / 1e6,
-               "first_call_s": first_call_s}
-        if ref is not None:
-            row["rel_err_vs_library"] = measure.rel_err(out, ref)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        return out
+    base = {"impl": impl, "shape": "x".join(map(str, shape)), "pieces": plan.pieces}
+    time_it = _timer(rows, base, args, bandwidth_gbs)
 
     def scans(name, sums, reverse):
         """The library's scan and the two comparison forms; returns the library's result."""
@@ -125,7 +118,7 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: l
         for label, form in (("select", select_scan), ("matmul, no routing", unrouted_scan),
                             ("recurrence", recurrence_scan)):
             time_it(f"{name} ({label})", lambda x, s, form=form: form(x, s, plan, reverse=reverse), (sums, rates),
-                    2 * piece_sums, ref=got)
+                    2 * piece_sums, check=lambda out: {"rel_err_vs_library": measure.rel_err(out, got)})
         return got
 
     sums = time_it("state_sums (K, V)", lambda k, v, s: backend.state_sums(k, v, s, plan, reverse=False, scale=1.0),
@@ -143,19 +136,169 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: l
     pieces_out = scans("leaving", grad_sums, reverse=True)
     time_it("gradient walks", lambda q, k, v, do, s, p, g: backend.grads(q, k, v, do, s, p, g, plan, scale),
             (qp, kp, vp, dop, rates, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums)
-    for direction, stages in (("forward", FORWARD), ("backward", BACKWARD)):
-        parts = [r for r in rows[first:] if r["stage"] in stages]
-        rows.append({"impl": impl, "shape": rows[first]["shape"], "pieces": plan.pieces, "stage": f"{direction} (sum)",
-                     "ms": sum(r["ms"] for r in parts), "floor_ms": sum(r["floor_ms"] for r in parts)})
-        print(json.dumps(rows[-1]), flush=True)
+    _add_sums(rows, first, base, FORWARD, BACKWARD)
 
     forward, forward_backward = measure.fwd_and_fwd_bwd(functools.partial(_attend, impl=impl, scale=scale))
     time_it("linear_attention forward", forward, (q, k, v, rates), 4 * tensor)
     time_it("linear_attention forward+backward", forward_backward, (q, k, v, do, rates), 11 * tensor)
 
 
+def _timer(rows: list[dict], base: dict, args, bandwidth_gbs: float):
+    """time_it(stage, fn, xs, moved, check=None): times jit(fn)(*xs) by measure.median_ms, appends the row (base,
+    the stage, ms, floor_ms of `moved` bytes, first_call_s, and check(result)'s entries) and returns the result."""
+
+    def time_it(stage, fn, xs, moved, check=None):
+        jitted = jax.jit(fn)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(jitted(*xs))
+        first_call_s = time.perf_counter() - t0  # compile and run
+        row = {**base, "stage": stage, "ms": measure.median_ms(jitted, xs, args.iters, args.reps),
+               "floor_ms": moved / bandwidth_gbs / 1e6, "first_call_s": first_call_s}
+        if check is not None:
+            row.update(check(out))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return out
+
+    return time_it
+
+
+def _add_sums(rows: list[dict], first: int, base: dict, forward: tuple[str, ...], backward: tuple[str, ...]) -> None:
+    """Appends "forward (sum)" and "backward (sum)" of the stages named in forward and backward among rows[first:]."""
+    for direction, stages in (("forward", forward), ("backward", backward)):
+        parts = [r for r in rows[first:] if r["stage"] in stages]
+        rows.append({**base, "stage": f"{direction} (sum)", "ms": sum(r["ms"] for r in parts),
+                     "floor_ms": sum(r["floor_ms"] for r in parts)})
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def _attend(q, k, v, rates, *, impl, scale):
     return lasp_jax.linear_attention(q, k, v, rates, scale=scale, impl=impl)
+
+
+def decay_gradient(x, tok: states.TokenDecay, starts, counts, pieces_in, pieces_out, m, s_in, g,
+                   plan: pieces.Plan):
+    """A FAITHFUL COPY (not the library's code path) of the decay-gradient assembly in pieces_tokens.backward:
+    its lines after grads_tokens that form ds (the crossing terms <S_(p+1), G_p>, _piece_suffix_sums and the
+    selects; the dq, dk, dv lines are left out: at MHA they are a slice of the front pad, nothing when pad = 0).
+    Kept here only to time that part alone: pieces_tokens has no function of its own for it, and this profile
+    may not change it. The refactor that would replace this copy: move these lines into
+    `pieces_tokens.decay_gradient(x, tok, starts, counts, pieces_in, pieces_out, m, s_in, g, plan) -> ds` and
+    call it from backward as `ds = decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in,
+    g, plan)`. tests/test_profile_pieces.py checks this copy against backward's ds.
+
+    x [B, H, T] float32 (grads_tokens' k.dk - q.dq, T padded); starts [B, T] bool and counts [B, T] int32 padded
+    (pieces_tokens._padded, ChunkTables.counts); pieces_in, pieces_out [B, H, P, Dk, Dv] float32; m, s_in, g
+    [B, H, Dk, Dv] float32 (s_in, g: None for zero) -> ds [B, T_unpadded, H] float32 (the module docstring of
+    pieces_tokens: every sum float32)."""
+    b, h = x.shape[:2]
+    crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
+    if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
+        last = jnp.zeros((b, h, 1), jnp.float32)
+    else:
+        s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
+        last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
+    crossing = jnp.concatenate([crossing, last], axis=2)
+    ds = pieces_tokens._piece_suffix_sums(x, starts, plan) - jnp.where(
+        pieces_tokens._in_last_of_piece(counts, plan)[..., None], jnp.moveaxis(crossing, 1, 2)[:, :, None], 0.0)
+    ds = ds.reshape(b, -1, h)[:, plan.pad:]
+    return jnp.where(tok.starts[..., None], 0.0, ds)
+
+
+@contextlib.contextmanager
+def max_piece_len(length: int):
+    """pieces_tokens.MAX_PIECE_LEN set to `length` inside (a measurement knob, not an API: it monkeypatches the
+    module attribute that bounded_plan reads), JAX's caches cleared on the way in and out so that no program
+    traced under another length is reused (linear_attention's inner jit caches its traces)."""
+    if length <= 0:
+        raise ValueError(f"max piece length must be positive, got {length}")
+    before = pieces_tokens.MAX_PIECE_LEN
+    pieces_tokens.MAX_PIECE_LEN = length
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        pieces_tokens.MAX_PIECE_LEN = before
+        jax.clear_caches()
+
+
+def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, args, bandwidth_gbs: float,
+                   rows: list[dict], reference) -> None:
+    """Appends the per-token rows of one impl at one shape, decay mode (measure.decay_inputs: "tokens" or
+    "tokens/N") and MAX_PIECE_LEN (`max_piece_len`) to rows as they are measured (the module docstring).
+    reference: measure.fp32_reference's (o, (dq, dk, dv, ds)) for these inputs."""
+    backend = impls.IMPLS[impl]
+    b, t, h, d = shape
+    q, k, v, do = measure.normal_inputs(shape, args.seed)
+    reason = backend.supported_tokens(q, k, v)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run {shape} with per-token decay here: {reason}")
+    rates, ids = measure.decay_inputs(shape, mode, args.seed)
+    rates, ids = jnp.asarray(rates), None if ids is None else jnp.asarray(ids)
+    tok = vjp._piece_tokens(rates, ids, None)  # the TokenDecay linear_attention builds
+    scale = d ** -0.5
+    with max_piece_len(piece_len):
+        plan = pieces_tokens.bounded_plan(backend, q, v)
+        qp, kp, vp, dop = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
+        starts = pieces_tokens._padded(tok, plan)[1]
+        tensor = q.size * q.dtype.itemsize  # one [B, T, H, D] tensor
+        table = b * h * (t + plan.pad) * 4  # one [B, H, T] float32 table
+        per_position = b * (t + plan.pad) * 5  # counts (int32) and starts (bool)
+        piece_sums = b * h * plan.pieces * d * d * 4
+        first = len(rows)
+        base = {"impl": impl, "shape": "x".join(map(str, shape)), "decay": mode, "max_piece_len": piece_len,
+                "pieces": plan.pieces}
+        time_it = _timer(rows, base, args, bandwidth_gbs)
+
+        def stage_tables(weights_of):  # the chunk tables and one direction's piece weights, as the driver's
+            def fn(tok):
+                chunk, weights = pieces_tokens.tables(*pieces_tokens._padded(tok, plan), plan)
+                return chunk, weights_of(weights), weights.log_decay
+            return fn
+
+        # rates read; cum, q_side, k_side and the weights written; the starts read and the counts written
+        tables_moved = 5 * table + per_position + b * h * plan.pieces * 4
+        chunk, to_end, log_decay = time_it("tables (forward)", stage_tables(lambda w: w.to_end), (tok,),
+                                           tables_moved)
+        sums = time_it("state_sums_tokens (K, V)", lambda k, v, w: backend.state_sums_tokens(k, v, w, plan),
+                       (kp, vp, to_end), 2 * tensor + table + piece_sums)
+        time_it("boundary_sum (end)", lambda x, a: pieces.boundary_sum(x, a, plan, from_end=True), (sums, log_decay),
+                piece_sums)
+        pieces_in = time_it("entering", lambda x, a: pieces.entering(x, None, a, plan), (sums, log_decay),
+                            2 * piece_sums)
+        walk_tables = 3 * table + per_position
+        time_it("output_tokens walk", lambda q, k, v, c, p: backend.output_tokens(q, k, v, c, p, plan, scale),
+                (qp, kp, vp, chunk, pieces_in), 4 * tensor + piece_sums + walk_tables)
+
+        _, from_start, _ = time_it("tables (backward)", stage_tables(lambda w: w.from_start), (tok,), tables_moved)
+        grad_sums = time_it("state_sums_tokens (Q, dO)",
+                            lambda q, do, w: backend.state_sums_tokens(q, do, scale * w, plan),
+                            (qp, dop, from_start), 2 * tensor + table + piece_sums)
+        time_it("boundary_sum (start)", lambda x, a: pieces.boundary_sum(x, a, plan, from_end=False),
+                (grad_sums, log_decay), piece_sums)
+        pieces_out = time_it("leaving", lambda x, a: pieces.leaving(x, None, a, plan), (grad_sums, log_decay),
+                             2 * piece_sums)
+        _, _, _, x = time_it(
+            "grads_tokens walks",
+            lambda q, k, v, do, c, p, g: backend.grads_tokens(q, k, v, do, c, p, g, plan, scale),
+            (qp, kp, vp, dop, chunk, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums + walk_tables + table)
+        time_it("decay gradient (copy)",
+                lambda x, tok, s, c, p, g: decay_gradient(x, tok, s, c, p, g, None, None, None, plan),
+                (x, tok, starts, chunk.counts, pieces_in, pieces_out), 2 * table + 2 * piece_sums + per_position)
+        _add_sums(rows, first, base, FORWARD_TOKENS, BACKWARD_TOKENS)
+
+        attend = functools.partial(_attend_tokens, impl=impl, scale=scale)
+        forward, forward_backward = measure.fwd_and_fwd_bwd(attend, grad_operands=1)
+        ids_moved = 0 if ids is None else b * t * 4
+        time_it("linear_attention forward", forward, (q, k, v, rates, ids), 4 * tensor + table + ids_moved)
+        time_it("linear_attention forward+backward", forward_backward, (q, k, v, do, rates, ids),
+                11 * tensor + 2 * table + ids_moved,
+                check=lambda out: {f"{name}_rel_err_vs_fp32": err
+                                   for name, err in measure.errors(out, reference).items()})
+
+
+def _attend_tokens(q, k, v, rates, ids, *, impl, scale):
+    return lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, scale=scale, impl=impl)
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -174,6 +317,26 @@ def render(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_tokens(rows: list[dict]) -> str:
+    """The per-token rows (those with a "decay") as a markdown table: one line per (impl, shape, decay, max piece
+    length, stage); errors of the whole forward+backward against the fp32 XLA run."""
+    lines = ["", "## Per-token decay", "",
+             "Rates uniform in [0.001, 0.1] per (b, t, h), differentiated (`measure.decay_inputs`); L: "
+             "pieces_tokens.MAX_PIECE_LEN for the row set (a measurement knob); errors ||x - ref|| / ||ref|| of the "
+             "whole forward+backward against an fp32 XLA run (`measure.fp32_reference`).", "",
+             "| impl | shape | decay | L | P | stage | ms | floor ms | ds rel_err | max rel_err (o, dq, dk, dv, ds) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['impl']} | {r['shape']} | {r['decay']} | {r['max_piece_len']} |"
+        if "error" in r:
+            lines.append(f"{head} | error: {r['error']} | | | | |")
+            continue
+        ds = f"{r['ds_rel_err_vs_fp32']:.1e}" if "ds_rel_err_vs_fp32" in r else ""
+        worst = f"{r['max_rel_err_vs_fp32']:.1e}" if "max_rel_err_vs_fp32" in r else ""
+        lines.append(f"{head} {r['pieces']} | {r['stage']} | {r['ms']:.4f} | {r['floor_ms']:.4f} | {ds} | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impls", default="pallas_mosaic,pallas_triton", help="impls of lasp_jax, comma-separated")
@@ -182,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mib", type=int, default=2048, help="MiB passed over to measure the memory bandwidth")
+    parser.add_argument("--decays", default="constant",
+                        help="of constant (TNL slopes: the stages of pieces), tokens and tokens/N (per-token rates, "
+                             "N packed documents per row: the stages of pieces_tokens), comma-separated")
+    parser.add_argument("--max-piece-len", default="",
+                        help="the per-token rows once per pieces_tokens.MAX_PIECE_LEN in this comma-separated list "
+                             "(a measurement knob; default: the library's)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU check: defaults {SMOKE['impls']} at {SMOKE['shapes']}, one call per timing")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -198,23 +367,57 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown impls {unknown}: expected some of {sorted(impls.IMPLS)}")
     shapes = measure.parse_shapes(args.shapes)
+    decays = measure.parse_decays(args.decays)
+    lengths = _parse_lengths(args.max_piece_len)
     os.makedirs(args.out, exist_ok=True)
     bandwidth = measure.copy_bandwidth_gbs(args.copy_mib << 20, args.iters, args.reps)
     meta = {**measure.provenance("benchmarks.profile_pieces", argv, VERSIONED), "device": jax.devices()[0].device_kind,
             "copy_GBps": bandwidth, "timing": f"measure.median_ms, iters={args.iters}, reps={args.reps}"}
     rows = []
+
+    def save():
+        with open(os.path.join(args.out, "profile_pieces.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        constant = [r for r in rows if "decay" not in r]
+        tokens = [r for r in rows if "decay" in r]
+        with open(os.path.join(args.out, "profile_pieces.md"), "w") as f:
+            f.write(render(meta, constant) + (render_tokens(tokens) if tokens else ""))
+
     for shape in shapes:  # the first shape's impls first: a run cut short has them side by side
+        references = {}  # decay mode -> the fp32 run of this shape's inputs, shared by the impls and lengths
         for impl in args.impls.split(","):
-            try:
-                profile(impl, shape, args, bandwidth, rows)
-            except Exception as e:  # a failing (impl, shape) keeps its rows so far and the others' rows
-                rows.append({"impl": impl, "shape": "x".join(map(str, shape)), "error": f"{type(e).__name__}: {e}"})
-                print(f"{impl} {shape} failed: {rows[-1]['error']}", flush=True)
-            with open(os.path.join(args.out, "profile_pieces.json"), "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
-            with open(os.path.join(args.out, "profile_pieces.md"), "w") as f:
-                f.write(render(meta, rows))
+            for mode in decays:
+                for length in [None] if mode == "constant" else lengths:
+                    about = {"impl": impl, "shape": "x".join(map(str, shape))}
+                    try:
+                        if mode == "constant":
+                            profile(impl, shape, args, bandwidth, rows)
+                        else:
+                            about |= {"decay": mode, "max_piece_len": length}
+                            if mode not in references:
+                                references[mode] = _token_reference(shape, mode, args.seed)
+                            profile_tokens(impl, shape, mode, length, args, bandwidth, rows, references[mode])
+                    except Exception as e:  # a failing row set keeps its rows so far and the others' rows
+                        rows.append({**about, "error": f"{type(e).__name__}: {e}"})
+                        print(f"{impl} {shape} {mode} failed: {rows[-1]['error']}", flush=True)
+                    save()
     return int(any("error" in r for r in rows))
+
+
+def _parse_lengths(text: str) -> list[int]:
+    """'256,512' -> [256, 512]; '' -> [pieces_tokens.MAX_PIECE_LEN]; ValueError names a bad entry."""
+    lengths = [item for item in text.split(",") if item]
+    for item in lengths:
+        if not (item.isdigit() and int(item) > 0):
+            raise ValueError(f"--max-piece-len entry {item!r} is not a positive integer")
+    return [int(item) for item in lengths] or [pieces_tokens.MAX_PIECE_LEN]
+
+
+def _token_reference(shape: measure.Shape, mode: str, seed: int):
+    """measure.fp32_reference of the inputs profile_tokens draws for (shape, mode, seed): (o, (dq, dk, dv, ds))."""
+    q, k, v, do = measure.normal_inputs(shape, seed)
+    rates, ids = measure.decay_inputs(shape, mode, seed)
+    return measure.fp32_reference(q, k, v, do, rates, shape[3] ** -0.5, ids)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""benchmarks/profile_pieces.py's per-token pieces: its copy of the decay-gradient assembly must stay what
+pieces_tokens.backward runs (a drift would time the wrong thing), and its MAX_PIECE_LEN knob must reach the plan
+and be undone. The copy is checked on a backend of plain XLA sums (the assembly reads only the kernels' outputs),
+on a ragged T (front pad), three documents, and with and without the boundary states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import profile_pieces
+from lasp_jax.ops import pieces, pieces_tokens, vjp
+
+B, T, H, D = 2, 60, 3, 4
+PLAN = pieces.Plan(chunk=8, pieces=4, piece_len=16, pad=4)
+
+
+class _SumsBackend:
+    """A TokenBackend whose state pass is an einsum and whose gradient walks return fixed rows x."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def plan(self, q, v):
+        return PLAN
+
+    def state_sums_tokens(self, x, y, w, plan):
+        n, length = plan.pieces, plan.piece_len
+        return jnp.einsum("bhpl,bplhx,bplhy->bhpxy", w.reshape(B, H, n, length),
+                          x.reshape(B, n, length, H, -1), y.reshape(B, n, length, H, -1))
+
+    def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
+        return q, k, v, self.x
+
+
+@pytest.mark.parametrize("boundary", [False, True])
+def test_decay_gradient_copy_is_backwards_assembly(rng, boundary):
+    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32) for _ in range(4))
+    rates = jnp.asarray(rng.uniform(0.001, 0.1, (B, T, H)), jnp.float32)
+    ids = jnp.asarray(np.repeat([[0] * 20 + [1] * 25 + [2] * 15], B, axis=0), jnp.int32)  # starts in pieces 1, 3
+    tok = vjp._piece_tokens(rates, ids, None)
+    x = jnp.asarray(rng.standard_normal((B, H, PLAN.pieces * PLAN.piece_len)), jnp.float32)
+    pieces_in = jnp.asarray(rng.standard_normal((B, H, PLAN.pieces, D, D)), jnp.float32)
+    m, s_in, g = (jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32) for _ in range(3))
+    if not boundary:
+        s_in = g = None
+    backend = _SumsBackend(x)
+
+    @jax.jit
+    def library(q, k, v, do, tok, pieces_in, m, s_in, g):
+        outgoing = None if g is None else (lambda d: g)
+        return pieces_tokens.backward(backend, q, k, v, tok, pieces_tokens.Saved(pieces_in, m, s_in), do, outgoing,
+                                      0.5)[5]
+
+    @jax.jit
+    def copy(q, do, tok, pieces_in, m, s_in, g):  # backward's steps up to grads_tokens, then the profile's copy
+        rates_p, starts = pieces_tokens._padded(tok, PLAN)
+        chunk, weights = pieces_tokens.tables(rates_p, starts, PLAN)
+        sums = backend.state_sums_tokens(*(pieces.front_pad(y, PLAN.pad) for y in (q, do)),
+                                         0.5 * weights.from_start, PLAN)
+        pieces_out = pieces.leaving(sums, g, weights.log_decay, PLAN)
+        return profile_pieces.decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, PLAN)
+
+    want = library(q, k, v, do, tok, pieces_in, m, s_in, g)
+    got = copy(q, do, tok, pieces_in, m, s_in, g)
+    assert got.shape == (B, T, H) and np.abs(np.asarray(want)).max() > 0
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_max_piece_len_reaches_the_plan_and_is_undone():
+    q = jnp.zeros((1, 4096, 1, 64), jnp.bfloat16)
+    backend = profile_pieces.impls.IMPLS["pallas_triton_interpret"]
+    before = pieces_tokens.MAX_PIECE_LEN
+    with profile_pieces.max_piece_len(128):
+        assert pieces_tokens.bounded_plan(backend, q, q).piece_len == 128
+    assert pieces_tokens.MAX_PIECE_LEN == before
+    with pytest.raises(ValueError, match="positive"), profile_pieces.max_piece_len(0):
+        pass
+    assert pieces_tokens.MAX_PIECE_LEN == before
