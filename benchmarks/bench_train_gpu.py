@@ -24,8 +24,11 @@ versions). Synthetic tokens: nothing here needs Grain.
 Models: any preset of models.presets (`--model`, e.g. tnl-1b, mamba2-1.3b, mamba2-1.3b-hybrid). MFU's model
 FLOPs are train.metrics.flops_per_token's (the matmul parameters that train.step.build_state counts, and the
 recurrent state's products from the model's linear_state_shape: Mamba-2's SSM heads x d_state x head dim).
---attn-impl applies to Mamba-2's SSD as to TNL's attention (its heads are GVA: q and k with fewer heads than v);
-an impl that cannot take them fails in the child with lasp_jax's reason (in the record's error).
+--attn-impl applies to Mamba-2's SSD as to TNL's attention (its heads are GVA: q and k with fewer heads than v,
+and d_state 128 != head dim 64); an impl that cannot take them fails in the child with lasp_jax's reason (in the
+record's error). Where "auto" takes XLA for them (lasp_jax.ops.impls.resolve decides), expect a long compile:
+TNL's 1-GPU 64K step on XLA had not compiled after 340 s (below); a smaller --tokens-per-gpu or a larger
+--budget-s then.
 
 Documents (`--documents N`, default 0: no segment_ids): each row packs N documents cut at N - 1 distinct random
 positions (measure.decay_inputs' tokens/N cut, seed 0), fed as batch["segment_ids"] [D, T] int32 (the documents

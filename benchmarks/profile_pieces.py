@@ -1,13 +1,15 @@
-"""Where the fused kernel path's time goes: each stage of `lasp_jax.ops.pieces.forward` and `backward` timed alone
-under jit, the whole forward and forward+backward through `lasp_jax.linear_attention`, and the piece scans'
-former select formula (a copy kept here only) and two other forms next to the library's matmul.
+"""Where the fused kernel path's time goes: each stage of `lasp_jax.ops.pieces.forward` and `backward` (constant
+decay) and of `pieces_tokens.forward` and `backward` (per-token decay) timed alone under jit, the whole forward and
+forward+backward through `lasp_jax.linear_attention`, and the piece scans' former select formula (a copy kept here
+only) and two other forms next to the library's matmul.
 
     python3 -m benchmarks.profile_pieces --out DIR [--impls pallas_mosaic,pallas_triton]
         [--shapes 1x65536x16x128,8x8192x32x128] [--iters 20] [--reps 5] [--copy-mib 2048]
-    python3 -m benchmarks.profile_pieces --out DIR --smoke    # CPU: interpreted kernels, tiny shapes
+        [--decays constant,tokens,tokens/16] [--max-piece-len 256,512,1024]
+    python3 -m benchmarks.profile_pieces --out DIR --smoke    # CPU: interpreted kernels, tiny shapes, both decays
 
-Stages, in the order the driver runs them (constant TNL rates, scale d^-0.5, bf16 unit normals, no initial state
-nor end cotangent, so the scans take no boundary state):
+Constant stages, in the order the driver runs them (constant TNL rates, scale d^-0.5, bf16 unit normals, no
+initial state nor end cotangent, so the scans take no boundary state):
     forward   state_sums(K, V), boundary_sum (end), entering, output walk
     backward  state_sums(Q, dO), boundary_sum (start), leaving, gradient walks
 Each is its own jitted call on the previous stage's results (computed once, untimed), so the rows add up to the
@@ -19,12 +21,30 @@ three other forms, on the same sums, for comparison: "select" (the formula befor
 non-finite routing costs; not NaN-isolating) and "recurrence" (S_(p+1) = a S_p + m_p unrolled, stacked). Their
 rel_err is against the library's scan.
 
+Per-token stages (`--decays tokens` or tokens/N: rates uniform in [0.001, 0.1] per (b, t, h) and N packed
+documents per row, `measure.decay_inputs`; the same inputs otherwise; rows in a table of their own):
+    forward   tables (pieces_tokens.tables from the rates and starts: chunk tables, to_end, log decays),
+              state_sums_tokens (K, V; to_end weights), boundary_sum (end), entering, output_tokens walk
+    backward  tables (from_start in place of to_end), state_sums_tokens (Q, dO; scale from_start), boundary_sum
+              (start), leaving, grads_tokens walks, decay gradient (copy): the rest of pieces_tokens.backward after
+              grads_tokens that forms ds (crossing terms, _piece_suffix_sums, selects), timed through
+              `decay_gradient`, a faithful copy (its docstring names the refactor that would replace it)
+and the whole forward and forward+backward with the rates differentiated, whose row carries each result's
+relative error against an fp32 XLA run of the same inputs (`measure.fp32_reference`; ds the rates' gradient).
+`--max-piece-len L1,L2,...` runs the per-token rows once per L with pieces_tokens.MAX_PIECE_LEN set to L (a
+measurement knob: the module attribute monkeypatched for that row set, JAX's caches cleared around it; P in
+each row), so ds's error and the time show the piece length's trade (pieces_tokens' docstring: ds's rounding
+grows like sqrt(L)). It only shortens the backend's pieces: an L above the backend's plan changes nothing.
+
 Timing: `measure.median_ms` (back-to-back calls, median of rounds). floor_ms: the bytes a stage must move at the
-least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written)
+least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written;
+per-token: the [B, H, T] float32 tables and rates, and the [B, T] counts and starts, where read or written)
 over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes profile_pieces.{json,md} under
---out after every (impl, shape), so a run cut off keeps what finished. On an H200 (2026-11-29,
-results/profile_pieces_h200_s8.md) the whole run took under 140 s, nearly all of it compiles (each row's
-first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The first shape runs for every impl before the second.
+--out after every (impl, shape, decay, L), so a run cut off keeps what finished. On an H200 (2026-11-29,
+results/profile_pieces_h200_s8.md) the constant run took under 140 s, nearly all of it compiles (each row's
+first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The per-token rows
+have not run on a GPU yet (expected: about as long per (impl, shape, L) as the constant rows, plus one fp32
+reference per (shape, decay)). The first shape runs for every impl before the second.
 """
 
 from __future__ import annotations
