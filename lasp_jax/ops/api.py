@@ -51,9 +51,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
         "_interpret" twins (interpreted, any platform) or "reference" (dense, O(T^2) memory). The kernels run
         per device: on inputs split over several devices by XLA (a data-parallel mesh), "auto" takes "xla"
         and naming them is an error; lasp_attention (any seq axis size, even 1) runs them per device.
-        Per-token decay and segment_ids run on every impl ("auto": the Mosaic token walks where their GPU
-        tests passed, else "xla"); GVA (and k, v of different head counts) on GVA_IMPLS ("auto" takes "xla";
-        the kernels do not take them yet).
+        Per-token decay, segment_ids and every head layout above run on every impl ("auto": a kernel only
+        where its GPU tests for that case passed, impls.qualification; else "xla").
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q (on an Explicit mesh each (batch, head) shard runs on its own
       device; under jit on an Auto mesh XLA places it), and the final state if asked for.
@@ -89,22 +88,14 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     return placement.like_q(out, q)
 
 
-# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa: GVA and the layouts mixing it with GQA):
-# the kernels' grids read K/V head h // (H / Hkv) of query head h, with Hkv k's heads (their `supported` refuses
-# other layouts; routing them here lets "auto" take xla and names the impls that run them).
-GVA_IMPLS = ("xla", "reference")
+# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa): every one (the kernels read each
+# operand at its own head). Kept for benchmarks/bench_train_gpu.py's Mamba-2 check, which no longer refuses any.
+GVA_IMPLS = tuple(impls.IMPLS)
 
 
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve (every impl takes per-token decay and segment_ids: "auto" takes the first qualified token
-    variant), with heads beyond GQA routed to GVA_IMPLS ("auto" takes "xla")."""
-    if checks.beyond_gqa(q, k, v):
-        if impl == "auto":
-            impl = "xla"
-        elif impl in impls.IMPLS and impl not in GVA_IMPLS:
-            raise ValueError(f"impl {impl!r}: heads other than MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, "
-                             f"v {v.shape[2]}: k and v of different counts, or q with fewer heads than v) are "
-                             f"not in the kernels yet; use impl='auto' or one of {GVA_IMPLS}")
+    """impls.resolve: every impl takes per-token decay, segment_ids and every head layout; "auto" takes the first
+    supported and qualified one (impls.qualification: GVA heads only where their GPU tests passed)."""
     return impls.resolve(impl, q, k, v, partitioned=partitioned, per_token=per_token)
 
 

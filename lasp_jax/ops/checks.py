@@ -85,8 +85,8 @@ def output_heads(q, v) -> int:
 
 def beyond_gqa(q, k, v) -> bool:
     """The heads are not MHA / GQA / MQA (q with all H heads, k and v with one count): k and v with different
-    counts (GVA, or v with fewer heads than q and k), or q with fewer heads than k and v. Only api.GVA_IMPLS take
-    them."""
+    counts (GVA, or v with fewer heads than q and k), or q with fewer heads than k and v. Every impl takes them; the
+    kernels are qualified for them separately (impls.QUALIFIED_GVA_GPUS)."""
     return k.shape[2] != v.shape[2] or v.shape[2] > q.shape[2]
 
 

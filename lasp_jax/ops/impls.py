@@ -11,7 +11,10 @@ capability 8.0 or newer, with that warning. The Mosaic walks, named on an unqual
 (their GPU tests did not complete on the H100: benchmarks/results/KERNEL_NOTES.md).
 
 Per-token decay and documents (`per_token=True`) ask the same of the token variants (`supported_tokens`, and
-`QUALIFIED_TOKEN_GPUS`: the parts where their own GPU tests passed).
+`QUALIFIED_TOKEN_GPUS`: the parts where their own GPU tests passed). Every impl takes every head layout of
+`checks.attention_inputs` (the kernels read each operand at its own head); heads beyond MHA/GQA/MQA (GVA:
+Mamba-2's groups, `checks.beyond_gqa`) are qualified for a kernel only where its GVA GPU tests passed
+(`QUALIFIED_GVA_GPUS`), so until then "auto" takes "xla" for them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.ops import pallas_mosaic, pallas_triton, reference, vjp, xla
+from lasp_jax.ops import checks, pallas_mosaic, pallas_triton, reference, vjp, xla
 
 # "pallas_triton": the Triton kernels; "pallas_mosaic": the same state passes with the four walks as Mosaic GPU
 # kernels (bf16, head dims 64 and 128; Hopper), faster where both run (benchmarks/results/KERNEL_NOTES.md);
@@ -49,6 +52,19 @@ QUALIFIED_TOKEN_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_triton": (),
     "pallas_mosaic": ("NVIDIA H200",),
 }
+# Heads beyond MHA/GQA/MQA (checks.beyond_gqa): the GPU tests at Mamba-2's shape (tests/ops/test_gva.py,
+# test_gpu_mamba2_shape_matches_xla: G = 1 and 8 groups, H = 32, Dk 128, Dv 64, bf16, per-token decay with
+# documents and constant decay, against xla in float32) have not run yet on any GPU.
+QUALIFIED_GVA_GPUS: dict[str, tuple[str, ...]] = {
+    "pallas_triton": (),
+    "pallas_mosaic": (),
+}
+# Dk != Dv where a kernel family's GPU tests did not cover it: the Mosaic walks take it since the GVA work
+# (Mamba-2's Dk 128, Dv 64; the GVA GPU tests above run them at that shape); the Triton kernels' GPU cases
+# include dk128_dv64_mqa_bf16, so they are qualified by QUALIFIED_GPUS.
+QUALIFIED_UNEQUAL_DIMS_GPUS: dict[str, tuple[str, ...]] = {
+    "pallas_mosaic": (),
+}
 _WIDE_F32_GPUS = ("NVIDIA H200",)
 _TRITON_HEAD_DIMS = (64, 128, 256)
 _TRITON_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -74,6 +90,9 @@ def qualification(name: str, q, k, v, *, per_token: bool = False) -> str | None:
     if per_token and kind not in QUALIFIED_TOKEN_GPUS[name]:
         return (f"{name} with per-token decay or documents has passed its GPU tests on "
                 f"{QUALIFIED_TOKEN_GPUS[name] or 'no GPU yet'}, not on {kind!r}")
+    if checks.beyond_gqa(q, k, v) and kind not in QUALIFIED_GVA_GPUS[name]:
+        return (f"{name} with heads beyond MHA/GQA/MQA (q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]} heads) has "
+                f"passed its GPU tests on {QUALIFIED_GVA_GPUS[name] or 'no GPU yet'}, not on {kind!r}")
     if name == "pallas_triton":
         dtype = jnp.dtype(q.dtype)
         if dtype not in {jnp.dtype(d) for d in _TRITON_DTYPES}:
@@ -84,8 +103,14 @@ def qualification(name: str, q, k, v, *, per_token: bool = False) -> str | None:
         if dtype == jnp.float32 and max(q.shape[-1], v.shape[-1]) > 64 and kind not in _WIDE_F32_GPUS:
             return (f"{name} in fp32 at head dims above 64 has passed its GPU tests on {_WIDE_F32_GPUS} only, "
                     f"not on {kind!r}")
-    if name == "pallas_mosaic" and q.shape[-1] not in _MOSAIC_HEAD_DIMS:
-        return f"{name}'s GPU tests cover head dims {_MOSAIC_HEAD_DIMS}, not Dk={q.shape[-1]}"
+    if name == "pallas_mosaic":
+        for dim_name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
+            if d not in _MOSAIC_HEAD_DIMS:
+                return f"{name}'s GPU tests cover head dims {_MOSAIC_HEAD_DIMS}, not {dim_name}={d}"
+    dims = q.shape[-1], v.shape[-1]
+    if dims[0] != dims[1] and kind not in QUALIFIED_UNEQUAL_DIMS_GPUS.get(name, (kind,)):
+        return (f"{name} with Dk != Dv (Dk {dims[0]}, Dv {dims[1]}) has passed its GPU tests on "
+                f"{QUALIFIED_UNEQUAL_DIMS_GPUS[name] or 'no GPU yet'}, not on {kind!r}")
     return None
 
 

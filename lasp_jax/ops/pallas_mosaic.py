@@ -56,9 +56,12 @@ before rounding). At d=128 the tables' stages take the output's staging buffer (
 leaves through the decayed-Z buffer once the update's wgmma has read it. Measured against a float64 oracle of the
 walks: 2.1e-3 to 2.5e-3 relative (the bf16 rounding as above; tests/ops/test_pallas_mosaic_tokens.py).
 
-Scope: bf16, head dims Dk = Dv of 64 or 128, GQA/MQA (each of X, Y, Z is read by the head index of its own
-operand: K/V heads are indexed, never repeated; under GQA the dK and dV walks write one bf16 share per query
-head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks
+Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the
+output the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
+`checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), and each of X, Y, Z
+is read at its own operand's head h // (H / Hx): GQA/MQA and GVA heads are indexed, never repeated; a walk's
+output is per output head, so where an input has fewer heads than H its gradient comes as one bf16 share per
+output head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks
 (what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts, head
 dims and head layouts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in
 Mosaic GPU's CPU interpreter and the state passes in Pallas interpret mode (tests).
@@ -80,7 +83,7 @@ from lasp_jax.ops import pallas_triton, pieces, pieces_tokens
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
 _COMPUTE_WGS = 2  # compute warpgroups; each owns half the columns of the state
-HEAD_DIMS = (64, 128)  # Dk = Dv: what the kernel is written for and tested on (interpreted; see impls for GPUs)
+HEAD_DIMS = (64, 128)  # Dk and Dv (equal or not): what the kernel is written for and tested on (interpreted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,9 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
 
 
 def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, config, interpret, tokens, dots):
-    """One CTA: (batch, head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups: query
-    heads per head of x, y, z (GQA: query head h reads head h // group, never a repeated copy).
+    """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
+    output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
+    copy).
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
@@ -348,23 +352,26 @@ def _check_tables(tables, batch_heads: tuple[int, int], t: int):
 
 def _check(x, y, z, states_in, piece_len: int, config: Config) -> int:
     """Raises ValueError on inputs `walk` does not take; returns the piece count."""
-    b, t, _, d = x.shape
+    b, t, _, dx = x.shape
+    dz = z.shape[-1] if z.ndim == 4 else None
     h = states_in.shape[1]
     c = config.chunk
-    for a in (x, y, z):
+    for a, d in ((x, dx), (y, dx), (z, dz)):
         if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != (b, t, d) or h % a.shape[2]:
-            raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}, states_in {states_in.shape}: need x, y, z "
-                             f"[B, T, Hx, D], D in {HEAD_DIMS}, each Hx dividing the H of states_in")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d}: this kernel takes head dims of {HEAD_DIMS}")
+            raise ValueError(f"x {x.shape}, y {y.shape}, z {z.shape}, states_in {states_in.shape}: need x, y "
+                             f"[B, T, Hx, Dx] and z [B, T, Hz, Dz], Dx and Dz in {HEAD_DIMS}, each head count "
+                             "dividing the H of states_in")
+    for d in (dx, dz):
+        if d not in HEAD_DIMS:
+            raise ValueError(f"head dim {d}: this kernel takes head dims of {HEAD_DIMS}")
     if {jnp.dtype(a.dtype) for a in (x, y, z)} != {jnp.dtype(jnp.bfloat16)}:
         raise ValueError(f"x, y, z must be bfloat16; got {x.dtype}, {y.dtype}, {z.dtype}")
     if c % 64 or piece_len <= 0 or piece_len % c or t % piece_len:
         raise ValueError(f"T={t}, piece_len={piece_len}, chunk={c}: need chunk % 64 == 0, piece_len % chunk == 0 "
                          "and T % piece_len == 0")
     pieces = t // piece_len
-    if states_in.shape != (b, h, pieces, d, d):
-        raise ValueError(f"states_in {states_in.shape}: expected {(b, h, pieces, d, d)}")
+    if states_in.shape != (b, h, pieces, dx, dz):
+        raise ValueError(f"states_in {states_in.shape}: expected {(b, h, pieces, dx, dz)}")
     return pieces
 
 
@@ -373,15 +380,16 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
     """One chunk walk per (batch, head, piece), as one Mosaic GPU kernel (the module docstring's formulas).
 
     Args:
-      x, y, z [B, T, Hx, D] bf16, D in HEAD_DIMS, each Hx dividing H (query head h reads head h // (H / Hx):
-      GQA without copies); rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, D, D] float32, the
-      state entering each piece of piece_len positions in the walk's direction (at its start, or its end when
-      reverse; T = P * piece_len, piece_len a multiple of config.chunk).
+      x, y [B, T, Hx, Dx], z [B, T, Hz, Dz] bf16 (x and y with their own head counts), Dx and Dz in HEAD_DIMS,
+      each head count dividing H (output head h reads head h // (H / Hx) of each: GQA and GVA without copies);
+      rates [H] float32 (lambda = exp(-rate)); states_in [B, H, P, Dx, Dz] float32, the state entering each
+      piece of piece_len positions in the walk's direction (at its start, or its end when reverse; T = P *
+      piece_len, piece_len a multiple of config.chunk).
       reverse: walk each piece's chunks last to first with the transposed mask and the mirrored decays.
       scale: a static float multiplying the mask, and the output's state term or (scale_update) the state's
       update. interpret: run in Mosaic GPU's CPU interpreter (tests; slow).
     Returns:
-      out [B, T, H, D] bf16.
+      out [B, T, H, Dz] bf16.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
     return _launch((rates.astype(_F32),), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
@@ -400,11 +408,11 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
       tables: `pieces_tokens.ChunkTables` [B, H, T] (counts [B, T]) of the call.
       scale: a static float multiplying the pair weights and q_side: the output's state term forward (o, dQ),
       the state's update in reverse (dK, dV), as walk's scale and scale_update do.
-      dots_with: None, or w [B, T, Hw, D] bf16 (Hw dividing H, read at head h // (H / Hw)): then each row's
+      dots_with: None, or w [B, T, Hw, Dz] bf16 (Hw dividing H, read at head h // (H / Hw)): then each row's
       out_t . w_t from the float32 output row before its rounding comes back too (q . dq from the dQ walk, k . dk
       from the dK walk: the decay gradient's terms).
     Returns:
-      out [B, T, H, D] bf16, and with dots_with the dots [B, H, T] float32.
+      out [B, T, H, Dz] bf16, and with dots_with the dots [B, H, T] float32.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
     _check_tables(tables, states_in.shape[:2], x.shape[1])
@@ -421,21 +429,23 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid; decay_inputs: (rates,), or the ChunkTables; dots_with
-    (tokens only): None, or w [B, T, Hw, D] whose rows' dots with the float32 output rows come back too."""
-    b, t, _, d = x.shape
+    (tokens only): None, or w [B, T, Hw, Dz] whose rows' dots with the float32 output rows come back too."""
+    b, t, _, dx = x.shape
+    dz = z.shape[-1]
     h = states_in.shape[1]
     c = config.chunk
     stages = max(1, min(config.stages, piece_len // c))
-    half = d // _COMPUTE_WGS
+    half = dz // _COMPUTE_WGS
     dt = x.dtype
-    # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of the columns (the
-    # wgmma operands of one product agree on it; at d=128 it is also that of the full rows and of the scores).
+    # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
+    # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
+    # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
     mma = _mma_transforms(half, dt)
     smem = (
-        plgpu.SMEM((stages, c, d), dt, transforms=mma),
-        plgpu.SMEM((stages, c, d), dt, transforms=mma),
-        plgpu.SMEM((stages, c, d), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, d, half), dt, transforms=mma),
+        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
+        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
+        plgpu.SMEM((stages, c, dz), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma),
         plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
         plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
     )
@@ -446,7 +456,7 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         loaded += (plgpu.Barrier(num_arrivals=6, num_barriers=stages),)
     else:  # the output's staging
         smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
-    out_type = jax.ShapeDtypeStruct((b, t, h, d), dt)
+    out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
     extra_in = ()
     if dots_with is not None:  # each row's float32 out . w, a share per compute warpgroup
         smem += (plgpu.SMEM((_COMPUTE_WGS, c), _F32),)
@@ -476,8 +486,8 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
 def supported(q, k, v, interpret: bool = False) -> str | None:
     """None when the walks can run attention over these q, k, v here (compiled: a Hopper GPU), else the reason.
     Which Hopper parts their GPU tests qualified is `impls.qualification`'s."""
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
-        return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: only Dk = Dv in {HEAD_DIMS} is implemented"
+    if q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
+        return f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]}: the walks take head dims in {HEAD_DIMS}"
     if {jnp.dtype(x.dtype) for x in (q, k, v)} != {jnp.dtype(jnp.bfloat16)}:
         return f"q, k, v must be bfloat16 (wgmma operands); got {q.dtype}, {k.dtype}, {v.dtype}"
     if interpret:
@@ -547,8 +557,8 @@ class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
 
     def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
         """The roles of `grads` with the token walks; the dQ and dK walks also return each row's q . dq and
-        k . dk from their float32 rows, whose difference is the decay gradient's x. dK and dV are bf16 shares
-        per query head under GQA (the driver sums them in float32)."""
+        k . dk from their float32 rows, whose difference is the decay gradient's x. Each gradient is per output
+        head: bf16 shares where its input has fewer heads than H (the driver sums them in float32)."""
         dq, q_dq = self._token_walk(do, v, k, tables, _transposed(pieces_in), plan, reverse=False, scale=scale,
                                     dots_with=q)
         dv = self._token_walk(k, q, do, tables, pieces_out, plan, reverse=True, scale=scale)

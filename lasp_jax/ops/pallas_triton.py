@@ -12,6 +12,11 @@ as Pallas Triton kernels, one program per (batch, head, piece, head-dim tile):
 
 with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected).
 
+Heads: the grid has one row per output head h of H = max(Hq, Hv), and each operand is read at its own head
+h // (H / Hx) (q's, k's, v's count; dO and O have H): GQA / MQA and GVA (Mamba-2's groups) without repeating an
+input in memory. The gradients come per output head, in float32 where the input has fewer heads than H, and
+the drivers sum each input head's shares.
+
 Per-token decay and documents (`pieces_tokens`, the TokenBackend methods): the same walks as kernel variants
 behind a static flag (`tokens`; the constant kernels trace as before, no extra loads). The decay comes in as
 float32 tables per position (pieces_tokens.ChunkTables, one [C] row of each per chunk): M[i, j] = scale
@@ -411,15 +416,22 @@ def _zero(_):
 
 
 def _head_map(n_heads, x):
-    """Index map from query head to x's head (GQA/MQA: K/V are indexed, never repeated)."""
+    """Index map from output head h to x's head h // (H / Hx) (GQA/MQA, GVA: inputs of fewer heads are indexed,
+    never repeated); the identity when x has all H heads."""
     group = n_heads // x.shape[2]
     return _same if group == 1 else (lambda h: h // group)
 
 
+def _heads(q, v) -> int:
+    """H = max(Hq, Hv): the output heads, one program row per head."""
+    return max(q.shape[2], v.shape[2])
+
+
 def plan(q, v, config: Config = DEFAULT) -> pieces.Plan:
-    """The pieces of q [B, T, H, Dk], v [B, T, Hkv, Dv] under config: about target_programs programs per
-    launch, counting the Dv tiles of the output pass."""
-    b, t, h, _ = q.shape
+    """The pieces of q [B, T, Hq, Dk], v [B, T, Hv, Dv] under config: about target_programs programs per
+    launch over the H = max(Hq, Hv) output heads, counting the Dv tiles of the output pass."""
+    b, t = q.shape[:2]
+    h = _heads(q, v)
     tiles = v.shape[-1] // min(config.block_v, v.shape[-1])
     target_pieces = max(1, -(-config.target_programs // (b * h * tiles)))
     return pieces.make_plan(t, config.chunk, target_pieces, config.min_piece_chunks)
@@ -428,17 +440,18 @@ def plan(q, v, config: Config = DEFAULT) -> pieces.Plan:
 def state_sums(x, y, rates, plan: pieces.Plan, config: Config = DEFAULT, *, reverse: bool, scale: float = 1.0,
                interpret: bool = False):
     """Per-piece state sums [B, H, P, Dx, Dy] float32 (`pieces.Backend.state_sums`, `_state_kernel`): x [B, T,
-    Hx, Dx], y [B, T, Hx, Dy] with T = P * piece_len; x's head for query head h is h // (H / Hx)."""
+    Hx, Dx], y [B, T, Hy, Dy] with T = P * piece_len; output head h reads x's head h // (H / Hx) and y's
+    h // (H / Hy)."""
     b, h = x.shape[0], rates.shape[0]
     dim_x, dim_y = x.shape[-1], y.shape[-1]
     bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
     ny = dim_y // by
-    head = _head_map(h, x)
     kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype),
                                scale=scale)
     return _call(
         kernel, (b, h, plan.pieces, (dim_x // bx) * ny),
-        [_rate_spec(), _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
+        [_rate_spec(), _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
+         _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
         _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
         _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
         _rates(rates), x, y, config=config, interpret=interpret)
@@ -479,18 +492,19 @@ def _with_row_sums(spec, shape, plan: pieces.Plan, row_sums, tokens: bool):
 
 
 def _output(q, k, v, decay: _Decay, pieces_in, plan: pieces.Plan, config: Config, interpret: bool, scale: float):
-    """`pieces.Backend.output` (and output_tokens): the output walk, one program per (batch, head, piece, Dv
-    tile)."""
-    b, t, h, dim_k = q.shape
+    """`pieces.Backend.output` (and output_tokens): the output walk, one program per (batch, output head, piece,
+    Dv tile), each of q, k, v read at its own head h // (H / Hx)."""
+    b, t, _, dim_k = q.shape
+    h = _heads(q, v)
+    q_head, k_head, v_head = (_head_map(h, x) for x in (q, k, v))
     dim_v = v.shape[-1]
     bv = min(config.block_v, dim_v)
-    kv_head = _head_map(h, k)
     return _call(
         functools.partial(_output_kernel, c=plan.chunk, precision=_precision(q.dtype), scale=scale,
                           tokens=decay.tokens),
         (b, h, plan.pieces, dim_v // bv),
-        [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
-         _rows_spec(plan, bv, kv_head, _same), _state_spec(dim_k, bv, _zero, _same)],
+        [*decay.specs, _rows_spec(plan, dim_k, q_head, _zero), _rows_spec(plan, dim_k, k_head, _zero),
+         _rows_spec(plan, bv, v_head, _same), _state_spec(dim_k, bv, _zero, _same)],
         _rows_spec(plan, bv, _same, _same),
         _out((b, t, h, dim_v), q.dtype, q),
         *decay.args, q, k, v, pieces_in, config=config, interpret=interpret)
@@ -498,40 +512,44 @@ def _output(q, k, v, decay: _Decay, pieces_in, plan: pieces.Plan, config: Config
 
 def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan, config: Config, interpret: bool,
            scale: float):
-    """`pieces.Backend.grads`: dQ, dK, dV (dK and dV in float32 per query head under GQA) from the Triton
-    kernels; dK and dV in one kernel when the whole state is one tile (fuse_dkdv), else one each. Per-token
-    (decay.tokens) also x [B, H, T] float32, k . dK - q . dQ per query head from the kernels' float32 values
-    (summed over the head-dim tiles here)."""
-    b, t, h, dim_k = q.shape
+    """`pieces.Backend.grads`: dQ, dK, dV per OUTPUT head [B, T, H, D] (each in float32 where its input has fewer
+    heads than H: GQA's dK, dV, GVA's dQ, dK; `pieces.backward` sums the shares of each input head) from the
+    Triton kernels, one program per (batch, output head, piece, tile), each operand read at its own head
+    h // (H / Hx) (dO has all H); dK and dV in one kernel when the whole state is one tile (fuse_dkdv), else one
+    each. Per-token (decay.tokens) also x [B, H, T] float32, k . dK - q . dQ per output head from the kernels'
+    float32 values (summed over the head-dim tiles here)."""
+    b, t, _, dim_k = q.shape
+    h = _heads(q, v)
     dim_v = v.shape[-1]
     bk, bv = min(config.block_k, dim_k), min(config.block_v, dim_v)
-    group = h // k.shape[2]
-    kv_head = _head_map(h, k)
+    q_head, k_head, v_head = (_head_map(h, x) for x in (q, k, v))
     precision = _precision(q.dtype)
     c, n = plan.chunk, plan.pieces
     tokens = decay.tokens
     call = functools.partial(_call, config=config, interpret=interpret)
     tile_k = dim_k // bk
     row_sums = _out((b, h, tile_k, t), _F32, q)
+
+    def share(x, dim):
+        """Output shape of x's gradient per output head: x's dtype, or float32 shares (summed by the driver)."""
+        return _out((b, t, h, dim), x.dtype if x.shape[2] == h else _F32, q)
+
     dq = call(
         functools.partial(_dq_kernel, c=c, precision=precision, scale=scale, tokens=tokens), (b, h, n, tile_k),
-        [*decay.specs, _rows_spec(plan, dim_v, _same, _zero), _rows_spec(plan, bk, kv_head, _same),
-         _rows_spec(plan, dim_v, kv_head, _zero), _state_spec(bk, dim_v, _same, _zero)]
-        + ([_rows_spec(plan, bk, _same, _same)] if tokens else []),
-        *_with_row_sums(_rows_spec(plan, bk, _same, _same), _out(q.shape, q.dtype, q), plan, row_sums, tokens),
+        [*decay.specs, _rows_spec(plan, dim_v, _same, _zero), _rows_spec(plan, bk, k_head, _same),
+         _rows_spec(plan, dim_v, v_head, _zero), _state_spec(bk, dim_v, _same, _zero)]
+        + ([_rows_spec(plan, bk, q_head, _same)] if tokens else []),
+        *_with_row_sums(_rows_spec(plan, bk, _same, _same), share(q, dim_k), plan, row_sums, tokens),
         *decay.args, do, k, v, pieces_in, *([q] if tokens else []))
     dq, qdq = dq if tokens else (dq, None)
 
-    # With GQA each query head writes its own share in float32; `pieces.backward` sums each group once.
-    grad_dtype = k.dtype if group == 1 else _F32
-    dk_shape = _out(q.shape, grad_dtype, q)
-    dv_shape = _out(q.shape[:3] + (dim_v,), grad_dtype, q)
+    dk_shape, dv_shape = share(k, dim_k), share(v, dim_v)
     dkdv = functools.partial(_dkdv_kernel, c=c, precision=precision, scale=scale, tokens=tokens)
     if config.fuse_dkdv and bk == dim_k and bv == dim_v:
         outs = call(
             functools.partial(dkdv, with_dk=True, with_dv=True), (b, h, n, 1),
-            [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
-             _rows_spec(plan, dim_v, kv_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
+            [*decay.specs, _rows_spec(plan, dim_k, q_head, _zero), _rows_spec(plan, dim_k, k_head, _zero),
+             _rows_spec(plan, dim_v, v_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
              _state_spec(dim_k, dim_v, _zero, _zero)],
             [_rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_v, _same, _zero)]
             + ([_row_sums_spec(plan, _zero)] if tokens else []),
@@ -542,16 +560,16 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
     else:
         outs = call(
             functools.partial(dkdv, with_dk=True, with_dv=False), (b, h, n, tile_k),
-            [*decay.specs, _rows_spec(plan, bk, _same, _same)]
-            + ([_rows_spec(plan, bk, kv_head, _same)] if tokens else [])
-            + [_rows_spec(plan, dim_v, kv_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
+            [*decay.specs, _rows_spec(plan, bk, q_head, _same)]
+            + ([_rows_spec(plan, bk, k_head, _same)] if tokens else [])
+            + [_rows_spec(plan, dim_v, v_head, _zero), _rows_spec(plan, dim_v, _same, _zero),
                _state_spec(bk, dim_v, _same, _zero)],
             *_with_row_sums(_rows_spec(plan, bk, _same, _same), dk_shape, plan, row_sums, tokens),
             *decay.args, q, *([k] if tokens else []), v, do, pieces_out)
         dk, kdk = outs if tokens else (outs, None)
         dv = call(
             functools.partial(dkdv, with_dk=False, with_dv=True), (b, h, n, dim_v // bv),
-            [*decay.specs, _rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_k, kv_head, _zero),
+            [*decay.specs, _rows_spec(plan, dim_k, q_head, _zero), _rows_spec(plan, dim_k, k_head, _zero),
              _rows_spec(plan, bv, _same, _same), _state_spec(dim_k, bv, _zero, _same)],
             _rows_spec(plan, bv, _same, _same), dv_shape,
             *decay.args, q, k, do, pieces_out)
@@ -567,12 +585,12 @@ def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: 
     dim_x, dim_y = x.shape[-1], y.shape[-1]
     bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
     ny = dim_y // by
-    head = _head_map(h, x)
     return _call(
         functools.partial(_weighted_state_kernel, c=plan.chunk, precision=_precision(x.dtype)),
         (b, h, plan.pieces, (dim_x // bx) * ny),
         [pl.BlockSpec((None, None, plan.piece_len), lambda b, h, p, j: (b, h, p)),
-         _rows_spec(plan, bx, head, lambda j: j // ny), _rows_spec(plan, by, head, lambda j: j % ny)],
+         _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
+         _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
         _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
         _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
         w, x, y, config=config, interpret=interpret)
@@ -585,10 +603,6 @@ def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: 
 def supported(q, k, v, interpret: bool = False) -> str | None:
     """None when these kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
     else the reason. Which GPUs, head dims and dtypes their GPU tests qualified is `impls.qualification`'s."""
-    hq, hk, hv = q.shape[2], k.shape[2], v.shape[2]
-    if hk != hv or hq % hk:
-        return (f"k and v with different head counts (GVA, or v with fewer heads than q and k), or q with fewer "
-                f"heads than k and v, are not in the Triton kernels (MHA/GQA/MQA only): q {hq}, k {hk}, v {hv} heads")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in {jnp.dtype(d) for d in DTYPES}:
         names = ", ".join(jnp.dtype(d).name for d in DTYPES)

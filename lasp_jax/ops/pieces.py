@@ -73,20 +73,33 @@ class Saved(NamedTuple):
 
 
 class Backend(Protocol):
-    """A kernel family's passes over padded inputs (T = P * piece_len; q, dO [B, T, H, D]; k, v [B, T, Hkv, D])."""
+    """A kernel family's passes over padded inputs (T = P * piece_len; q [B, T, Hq, Dk], k [B, T, Hk, Dk],
+    v [B, T, Hv, Dv], dO [B, T, H, Dv], H = max(Hq, Hv) the heads of the rates: output head h reads head
+    h // (H / Hx) of each input)."""
 
     def plan(self, q, v) -> Plan:
         """How these inputs are cut into pieces."""
 
     def state_sums(self, x, y, rates, plan: Plan, *, reverse: bool, scale: float) -> jax.Array:
         """Per-piece sums [B, H, P, Dx, Dy] float32: sum_x lambda^(L - x) x_x^T y_x (K, V, unscaled), or, when
-        reverse, scale sum_x lambda^x x_x^T y_x (Q, dO); x and y of Hkv heads map to the H of rates."""
+        reverse, scale sum_x lambda^x x_x^T y_x (Q, dO); x of Hx heads and y of Hy map to the H of rates."""
 
     def output(self, q, k, v, rates, pieces_in, plan: Plan, scale: float) -> jax.Array:
         """o [B, T, H, Dv] in q.dtype, each piece walked from its entering state."""
 
     def grads(self, q, k, v, do, rates, pieces_in, pieces_out, plan: Plan, scale: float) -> tuple[jax.Array, ...]:
-        """(dq, dk, dv), dk and dv per query head [B, T, H, D] under GQA (`backward` sums them in float32)."""
+        """(dq, dk, dv), each per output head [B, T, H, D] where its input has fewer heads than H (GQA's dk, dv,
+        GVA's dq, dk; `backward` sums them in float32)."""
+
+
+def input_heads(grad, n_heads: int):
+    """A gradient per output head [B, T, H, D] as the gradient of an input of n_heads heads: itself when
+    n_heads = H, else the float32 sum of the shares of the H / n_heads output heads reading each input head
+    (output head h reads input head h // (H / n_heads))."""
+    b, t, h, d = grad.shape
+    if n_heads == h:
+        return grad
+    return grad.astype(_F32).reshape(b, t, n_heads, h // n_heads, d).sum(3)
 
 
 def front_pad(x, pad: int):
@@ -209,8 +222,9 @@ def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
     """One piece's attention from its incoming state (the `vjp.Impl` forward): state pass, piece scan, walk.
 
     Args:
-      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], rates [H] float32; incoming: None (S_in = 0) or a function
-      from the end state from zero to S_in [B,H,Dk,Dv] (a collective in lasp_attention); scale: static float.
+      q [B,T,Hq,Dk], k [B,T,Hk,Dk], v [B,T,Hv,Dv], rates [H] float32 (H = max(Hq, Hv)); incoming: None
+      (S_in = 0) or a function from the end state from zero to S_in [B,H,Dk,Dv] (a collective in lasp_attention);
+      scale: static float.
     Returns:
       o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
     """
@@ -238,9 +252,6 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
       dq, dk, dv in the input dtypes, and d [B,H,Dk,Dv] float32.
     """
     pieces_in, unfused_s_in = saved
-    b, _, h, dim_k = q.shape
-    hkv, dim_v = k.shape[2], v.shape[-1]
-    group = h // hkv
     plan = backend.plan(q, v)
     fused = plan.pad == 0
     do = do.astype(q.dtype)
@@ -253,12 +264,9 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
     g = None if outgoing is None else outgoing(d)
     pieces_out = leaving(sums, g if fused else None, rates, plan)
     dq, dk, dv = backend.grads(q_pad, k_pad, v_pad, do_pad, rates, pieces_in, pieces_out, plan, scale)
-    dq, dk, dv = dq[:, plan.pad:], dk[:, plan.pad:], dv[:, plan.pad:]
-    if group > 1:  # each query head's share, summed per K/V head in float32
-        dk = dk.astype(_F32).reshape(b, -1, hkv, group, dim_k).sum(3)
-        dv = dv.astype(_F32).reshape(b, -1, hkv, group, dim_v).sum(3)
+    dq, dk, dv = (input_heads(x[:, plan.pad:], n.shape[2]) for x, n in ((dq, q), (dk, k), (dv, v)))
     if unfused_s_in is not None:
-        dq = dq.astype(_F32) + states.apply_state_dq(do, rates, unfused_s_in, scale)
+        dq = dq.astype(_F32) + states.apply_state_dq(do, rates, unfused_s_in, scale, q.shape[2])
     if g is not None and not fused:
         dk_end, dv_end = states.end_state_grads(k, v, rates, g)
         dk, dv = dk.astype(_F32) + dk_end, dv.astype(_F32) + dv_end

@@ -21,7 +21,7 @@ for a ragged T (unlike the constant path, no separate products).
 
 Decay gradient (the fused form of vjp.attend_tokens'): ds_u is minus the sum of the pair terms that cross u
 (the pairs (r, t) with r < u <= t in one document, those from S_in to t >= u, those from r < u to the end
-state's cotangent G, and S_in's to G). With x_t = k_t . dk_t - q_t . dq_t per query head, from the kernels' full
+state's cotangent G, and S_in's to G). With x_t = k_t . dk_t - q_t . dq_t per output head, from the kernels' full
 float32 dq and dk (the S_p terms in dq, the G_p terms in dk: every pair of the call once in a k.dk and once in a
 q.dq), the sum of x_t over t in [u, E] (E >= u, u and E in one document) counts the pairs from [u, E] to after
 E minus those from before u to [u, E]; subtracting every pair that crosses E leaves minus the pairs that cross
@@ -116,16 +116,16 @@ class Saved(NamedTuple):
 
 
 class TokenBackend(Protocol):
-    """A kernel family's passes under per-token decay, over front-padded inputs (T = P * piece_len; q, dO
-    [B, T, H, D]; k, v [B, T, Hkv, D]; query head h reads K/V head h // (H / Hkv); tables per query head).
-    `plan` is pieces.Backend's."""
+    """A kernel family's passes under per-token decay, over front-padded inputs (T = P * piece_len; q, k, v of
+    Hq, Hk, Hv heads and dO of H = max(Hq, Hv), as in pieces.Backend: output head h reads head h // (H / Hx) of
+    each input; tables per output head). `plan` is pieces.Backend's."""
 
     def plan(self, q, v) -> pieces.Plan:
         """How these inputs are cut into pieces."""
 
     def state_sums_tokens(self, x, y, w, plan: pieces.Plan) -> jax.Array:
         """Per-piece weighted sums [B, H, P, Dx, Dy] float32: out[b, h, p] = sum_{t in p} w[b, h, t] x_t^T y_t,
-        x [B, T, Hx, Dx], y [B, T, Hx, Dy] of Hx heads (x, y read at head h // (H / Hx)), w [B, H, T] float32
+        x [B, T, Hx, Dx], y [B, T, Hy, Dy] (read at heads h // (H / Hx), h // (H / Hy)), w [B, H, T] float32
         (any weights: the driver passes PieceWeights.to_end for K, V and scale * from_start for Q, dO)."""
 
     def output_tokens(self, q, k, v, tables: ChunkTables, pieces_in, plan: pieces.Plan, scale: float) -> jax.Array:
@@ -135,17 +135,18 @@ class TokenBackend(Protocol):
 
     def grads_tokens(self, q, k, v, do, tables: ChunkTables, pieces_in, pieces_out, plan: pieces.Plan,
                      scale: float) -> tuple[jax.Array, ...]:
-        """(dq [B, T, H, Dk] in q.dtype, dk [B, T, H, Dk], dv [B, T, H, Dv], x [B, H, T] float32).
+        """(dq [B, T, H, Dk], dk [B, T, H, Dk], dv [B, T, H, Dv], x [B, H, T] float32).
 
-        dK and dV per QUERY head (in k.dtype when H == Hkv; under GQA float32 or k.dtype, the Mosaic walks'
-        bf16 shares: the driver sums each group in float32). S walks
+        Each gradient per OUTPUT head (in its input's dtype where the input has all H heads; else float32 or
+        the input's dtype, the Mosaic walks' bf16 shares: the driver sums each input head's shares in float32,
+        `pieces.input_heads`). S walks
         forward from pieces_in, G backward from pieces_out (the cotangent of the state leaving each piece):
           dq_i = sum_j M[i, j] (dO_i . v_j) k_j + scale q_side_i (dO_i S^T)
           dk_j = sum_i M[i, j] (dO_i . v_j) q_i + k_side_j (v_j G^T)
           dv_j = sum_i M[i, j] (q_i . k_j) dO_i + k_side_j (k_j G);   G <- q_side_(C-1) G + scale sum_i q_side_i
           q_i^T dO_i
-        x_t = k_t . dk_t - q_t . dq_t per query head from the float32 values of dk and dq before they are
-        rounded to any output dtype (the decay gradient's terms; k_t is the K/V head's row)."""
+        x_t = k_t . dk_t - q_t . dq_t per output head from the float32 values of dk and dq before they are
+        rounded to any output dtype (the decay gradient's terms; q_t and k_t are the rows of the heads it reads)."""
 
 
 def bounded_plan(backend: TokenBackend, q, v) -> pieces.Plan:
@@ -220,8 +221,9 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     """One piece's attention under per-token decay from its incoming state (vjp's forward_tokens).
 
     Args:
-      q [B,T,H,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv]; tok: the piece's states.TokenDecay; incoming: None (S_in =
-      0) or a function from the end state from zero to S_in [B,H,Dk,Dv]; scale: static float.
+      q [B,T,Hq,Dk], k [B,T,Hk,Dk], v [B,T,Hv,Dv]; tok: the piece's states.TokenDecay (rates [B,T,H],
+      H = max(Hq, Hv)); incoming: None (S_in = 0) or a function from the end state from zero to S_in
+      [B,H,Dk,Dv]; scale: static float.
     Returns:
       o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
     """
@@ -247,8 +249,7 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
       cotangent; the module docstring).
     """
     pieces_in, m, s_in = saved
-    b, _, h, dim_k = q.shape
-    hkv, dim_v = k.shape[2], v.shape[-1]
+    b, h = q.shape[0], tok.rates.shape[2]
     plan = bounded_plan(backend, q, v)
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
@@ -259,10 +260,7 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     g = None if outgoing is None else outgoing(d)
     pieces_out = pieces.leaving(sums, g, weights.log_decay, plan)
     dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
-    dq, dk, dv = dq[:, plan.pad:], dk[:, plan.pad:], dv[:, plan.pad:]
-    if hkv != h:  # each query head's share, summed per K/V head in float32
-        dk = dk.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_k).sum(3)
-        dv = dv.astype(_F32).reshape(b, -1, hkv, h // hkv, dim_v).sum(3)
+    dq, dk, dv = (pieces.input_heads(y[:, plan.pad:], n.shape[2]) for y, n in ((dq, q), (dk, k), (dv, v)))
     crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
     if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
         last = jnp.zeros((b, h, 1), _F32)

@@ -25,7 +25,7 @@ Per-token decay and documents (`attend_tokens`): the same split with the piece's
 acts on the state affinely, S_end = a S_in + m with a = exp(-(the piece's rate sum)), 0 where a document starts
 in it; the exchange receives log a ([B, H], +inf for 0). The rates are differentiable: the decay gradient is
     ds_u = sum_{t >= u, t in u's document} x_t  -  sum_{t < u} z_t  -  a <S_in, G>,   0 at a document start,
-x_t = k_t . dk_t - q_t . dq_t per query head over the pairs inside the piece, less the S_in term of q_t . dq_t
+x_t = k_t . dk_t - q_t . dq_t per output head over the pairs inside the piece, less the S_in term of q_t . dq_t
 (the pairs that cross u inside the piece and from S_in), z_t = k_t . dk_t's G term (pairs from t < u to beyond
 the piece; nonzero in the piece's last document only). Every sum runs in float32 and within one document, so the
 terms of other documents never enter it, not even as rounding; no sum from later pieces is needed beyond G.
@@ -68,7 +68,8 @@ class Exchange(Protocol):
 class Impl(Protocol):
     """The per-device contract every implementation meets (hashable: a static argument of the custom_vjp).
 
-    q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], rates [H]; states [B, H, Dk, Dv] float32; scale a
+    q [B, L, Hq, Dk], k [B, L, Hk, Dk], v [B, L, Hv, Dv] (any layout of checks.attention_inputs: output head h of
+    H = max(Hq, Hv) reads head h // (H / Hx) of each), rates [H]; states [B, H, Dk, Dv] float32; scale a
     float that multiplies q (in the attention's float32 arithmetic, not q in its dtype).
     `partitionable`: XLA's partitioner can split it over devices (jnp code can; Pallas kernels cannot, and run
     only per device, inside shard_map).
@@ -189,8 +190,8 @@ def attend(q, k, v, rates, s_init, impl: Impl, exchange: Exchange | None, final_
     """Linear attention over one piece with its incoming state.
 
     Args:
-      q [B, L, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv]; rates [H] float32; s_init [B, H, Dk, Dv] fp32 or
-      None (zero); impl: an `Impl`; exchange: None on one device (S_in = s_init), else the strategy that
+      q [B, L, Hq, Dk], k [B, L, Hk, Dk], v [B, L, Hv, Dv] (H = max(Hq, Hv)); rates [H] float32; s_init
+      [B, H, Dk, Dv] fp32 or None (zero); impl: an `Impl`; exchange: None on one device (S_in = s_init), else the strategy that
       computes S_in from the other pieces (then s_init must be None); final_state: also return S_end (static,
       so that the backward skips the end-state terms when nobody uses it); scale: a static float multiplying q
       inside the implementation.

@@ -131,19 +131,25 @@ def test_later_nonfinite_rows_never_reach_earlier_outputs(reverse, rng):
     assert rel_err(out[:, rest], clean[:, rest]) == 0.0
 
 
-def _abstract(b, t, h, pieces, d=D):
-    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
-    return x, x, x, jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, h, pieces, d, d), jnp.float32)
+def _abstract(b, t, h, pieces, d=D, dz=None, hx=None):
+    """Abstract x, y [B, T, Hx, d], z [B, T, H, Dz] (Dz = d unless given), rates, states_in [B, H, P, d, Dz]."""
+    dz = dz or d
+    x = jax.ShapeDtypeStruct((b, t, hx or h, d), jnp.bfloat16)
+    z = jax.ShapeDtypeStruct((b, t, h, dz), jnp.bfloat16)
+    return x, x, z, jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, h, pieces, d, dz), jnp.float32)
 
 
-@pytest.mark.parametrize("d", [D, 64])
+@pytest.mark.parametrize(("d", "dz", "hx"), [(D, D, 16), (64, 64, 16), (D, 64, 2), (64, D, 2)],
+                         ids=["d128", "d64", "dx128_dz64_gva", "dx64_dz128_gva"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d):
+def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d, dz, hx):
     """B=1, H=16, T=64K, 8 pieces of 8K: Mosaic GPU's lowering (layouts, transforms, shared memory under the
-    227 KB of a Hopper CTA) runs on CPU when lowering for CUDA; only PTX compilation needs the GPU."""
+    227 KB of a Hopper CTA) runs on CPU when lowering for CUDA; only PTX compilation needs the GPU. Also X, Y
+    and Z of different head dims (Mamba-2's Dk 128, Dv 64: the output and dV walks have Dx = 128, Dz = 64, the dQ
+    and dK walks the reverse) with X, Y of 2 heads (GVA groups)."""
     b, t, h, pieces = 1, 65536, 16, 8
     fn = jax.jit(functools.partial(pallas_mosaic.walk, piece_len=t // pieces, reverse=reverse, scale=d ** -0.5))
-    text = fn.trace(*_abstract(b, t, h, pieces, d)).lower(lowering_platforms=("cuda",)).as_text()
+    text = fn.trace(*_abstract(b, t, h, pieces, d, dz, hx)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
@@ -160,7 +166,8 @@ def test_bad_inputs_are_refused(rng):
     q, k, v, _, s, _, _ = _inputs(rng, 1, 256, 2, "on")
     states_in = jnp.zeros((1, 2, 2, D, D), jnp.float32)
     cases = [
-        ((q, jnp.concatenate([k] * 3, 2)[:, :, :3], v, s, states_in, 128), "each Hx dividing"),
+        ((q, jnp.concatenate([k] * 3, 2)[:, :, :3], v, s, states_in, 128), "each head count dividing"),
+        ((q, k[..., :64], v, s, states_in, 128), "need x, y [B, T, Hx, Dx]"),
         ((q[..., :32], k[..., :32], v[..., :32], s, states_in, 128), "head dims of (64, 128)"),
         ((q.astype(jnp.float32), k, v, s, states_in, 128), "bfloat16"),
         ((q, k, v, s, states_in, 96), "piece_len % chunk"),
@@ -174,8 +181,9 @@ def test_bad_inputs_are_refused(rng):
 
 def test_supported_says_why(rng):
     q, k, v, _, _, _, _ = _inputs(rng, 1, 64, 2, "on")
-    assert "head dims" in pallas_mosaic.supported(q[..., :64], k[..., :64], v)  # Dk != Dv
+    assert pallas_mosaic.supported(q[..., :64], k[..., :64], v, interpret=True) is None  # Dk != Dv
     assert "head dims" in pallas_mosaic.supported(q[..., :32], k[..., :32], v[..., :32])
+    assert "head dims" in pallas_mosaic.supported(q, k, v[..., :32])
     assert "bfloat16" in pallas_mosaic.supported(*(x.astype(jnp.float16) for x in (q, k, v)))
     if jax.default_backend() != "gpu":
         assert "CUDA GPU" in pallas_mosaic.supported(q, k, v)

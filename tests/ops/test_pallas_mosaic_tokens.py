@@ -205,25 +205,30 @@ def test_nonfinite_rows_reach_neither_later_rows_nor_other_documents(reverse, rn
     assert not np.any(np.isfinite(out[:, u]))  # the poisoned row itself
 
 
-def _abstract(b, t, h, pieces, d):
-    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+def _abstract(b, t, h, pieces, d, dz, hx):
+    """Abstract x [B, T, Hx, d], z [B, T, H, Dz], the tables and states_in [B, H, P, d, Dz]."""
+    x = jax.ShapeDtypeStruct((b, t, hx, d), jnp.bfloat16)
+    z = jax.ShapeDtypeStruct((b, t, h, dz), jnp.bfloat16)
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
     tables = pieces_tokens.ChunkTables(f32((b, h, t)), jax.ShapeDtypeStruct((b, t), jnp.int32), f32((b, h, t)),
                                        f32((b, h, t)))
-    return x, tables, f32((b, h, pieces, d, d))
+    return x, z, tables, f32((b, h, pieces, d, dz))
 
 
-@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize(("d", "dz", "hx"), [(128, 128, 16), (64, 64, 16), (128, 64, 2), (64, 128, 2)],
+                         ids=["d128", "d64", "dx128_dz64_gva", "dx64_dz128_gva"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d):
+def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d, dz, hx):
     """B=1, H=16, T=64K, 8 pieces of 8K, 3 stages, with and without the rows' dots: Mosaic GPU's lowering
-    (layout inference, shared memory under the 227 KB of a Hopper CTA) runs on CPU when lowering for CUDA."""
+    (layout inference, shared memory under the 227 KB of a Hopper CTA) runs on CPU when lowering for CUDA.
+    Also X, Y of 2 heads (GVA groups) and another head dim than Z (Mamba-2's Dk 128, Dv 64; the dots' w has
+    Z's)."""
     b, t, h, pieces_ = 1, 65536, 16, 8
-    x, tables, states_in = _abstract(b, t, h, pieces_, d)
+    x, z, tables, states_in = _abstract(b, t, h, pieces_, d, dz, hx)
     walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=d ** -0.5)
-    for dots_with in (None, x):
+    for dots_with in (None, z):
         fn = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))
-        text = fn.trace(x, x, x, tables, states_in, dots_with).lower(lowering_platforms=("cuda",)).as_text()
+        text = fn.trace(x, x, z, tables, states_in, dots_with).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
 
 

@@ -264,20 +264,23 @@ RANKS_T = 240
 RANKS_STARTS = [(80, 100, 176, 200), (), (120, 150)]
 
 
-@pytest.mark.parametrize("seq", [2, 3])
-def test_ranks_exchange_states(seq, rng):
+@pytest.mark.parametrize(("seq", "heads"), [(2, (4, 2, 2)), (3, (4, 2, 2)), (2, (2, 2, 4))],
+                         ids=["seq2_gqa", "seq3_gqa", "seq2_gva"])
+def test_ranks_exchange_states(seq, heads, rng):
     """The kernels (default blocks, interpreted) as lasp_attention runs them per rank: vjp.attend_tokens with the
     allgather strategy's exchange, ranks emulated by vmap (Pallas interpret mode cannot run under shard_map's
-    check_vma in jax 0.11.2; on GPU test_gpu_lasp_attention runs lasp_attention itself). Outputs and the
-    gradients of q, k, v and the rates on every rank against the float64 oracle over the whole row (measured
-    <= 4.9e-7, d_rates)."""
+    check_vma in jax 0.11.2; on GPU test_gpu_lasp_attention runs lasp_attention itself), with GQA heads (Hq, Hk,
+    Hv) = (4, 2, 2) or GVA (2, 2, 4). Outputs and the gradients of q, k, v (per input head) and the rates on
+    every rank against the float64 oracle over the whole row (measured <= 4.9e-7, d_rates)."""
     b, length = len(RANKS_STARTS), RANKS_T // seq
-    q, k, v = qkv(rng, b, RANKS_T, 4, 2, 16, 16)
+    hq, hk, hv = heads
+    q, k, _ = qkv(rng, b, RANKS_T, hq, hk, 16, 16)
+    v = qkv(rng, b, RANKS_T, hv, hv, 16, 16)[2]
     rates = rng.uniform(0.0, 0.5, size=(b, RANKS_T, 4))
     rates[1] = rng.uniform(0.005, 0.015, size=(RANKS_T, 4))
     rates = jnp.asarray(rates, jnp.float32)
     ids = _starts(b, RANKS_T, RANKS_STARTS, 0.0, rng)
-    w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+    w_o = jnp.asarray(rng.standard_normal((b, RANKS_T, max(hq, hv), 16)), jnp.float32)
     exchange = _VmappedExchange("allgather", "seq", seq)
     to_ranks = lambda x: jnp.moveaxis(x.reshape(b, seq, length, *x.shape[2:]), 1, 0)
     from_ranks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, RANKS_T, *x.shape[3:])
@@ -335,13 +338,6 @@ def test_lowers_to_triton(overrides, ranks):
     # forward: the K, V state pass and the output walk; backward: the Q, dO state pass, dQ, and dK and dV (one
     # kernel with whole-state tiles, else two).
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if overrides else 6)
-
-
-def test_supported_tokens_refuses_gva():
-    q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
-    v = jax.ShapeDtypeStruct((1, 64, 4, 64), jnp.float32)
-    assert "GVA" in pallas_triton.INTERPRET.supported_tokens(q, q, v)
-    assert pallas_triton.INTERPRET.supported_tokens(v, v, v) is None
 
 
 @pytest.mark.gpu
