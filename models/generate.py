@@ -2,11 +2,20 @@
 
 Linear layers carry their d x d state (constant memory and time per token); softmax layers of hybrids carry a
 KV cache sized for prompt + new tokens. The whole loop is one jitted lax.scan.
+
+Documents (`separator`, the token the training packer puts after each document: the tokenizer's eos_id): as in
+packed training rows with documents="reset", a separator ends its document (it belongs to the document it ends,
+so the logits after it still read that document) and the next position starts a new one from the state before
+position 0 (LanguageModel.end_documents), both where the prompt holds separators and where a sampled token is
+one. Such a prompt is read one token at a time (T0 steps of constant cost each), because the mixers' prefill
+takes no document ids; positions keep counting across documents, as in the forward with segment_ids. Models with
+softmax layers are refused: their KV cache has no document mask.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +30,38 @@ def _pick(logits, key, temperature):
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature"))
-def _generate(model, prompt, rng, *, max_new_tokens, temperature):
+def _step(model, token, state, separator):
+    """decode_step, then the document's end where the token was the separator."""
+    logits, state = model.decode_step(token, state)
+    if separator is not None:
+        state = model.end_documents(state, token == separator)
+    return logits, state
+
+
+def _read_prompt(model, prompt, state, separator):
+    """The prompt [B, T0]: the full forward (prefill) without documents, else one decode step per token.
+    Returns the logits after its last position [B, V] and the state there."""
+    if separator is None:
+        return model.prefill(prompt, state)
+
+    def body(state, token):
+        logits, state = _step(model, token, state, separator)
+        return state, logits
+
+    state, logits = jax.lax.scan(body, state, prompt.T)
+    return logits[-1], state
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "separator"))
+def _generate(model, prompt, rng, *, max_new_tokens, temperature, separator):
     b, t0 = prompt.shape
-    logits, state = model.prefill(prompt, model.init_decode_state(b, t0 + max_new_tokens))
+    logits, state = _read_prompt(model, prompt, model.init_decode_state(b, t0 + max_new_tokens), separator)
     keys = jax.random.split(rng, max_new_tokens)
     first = _pick(logits, keys[0], temperature)
 
     def body(carry, key):
         token, state = carry
-        logits, state = model.decode_step(token, state)
+        logits, state = _step(model, token, state, separator)
         nxt = _pick(logits, key, temperature)
         return (nxt, state), token
 
@@ -40,8 +71,13 @@ def _generate(model, prompt, rng, *, max_new_tokens, temperature):
 
 
 def generate(model: LanguageModel, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Array,
-             temperature: float = 1.0) -> jax.Array:
+             temperature: float = 1.0, separator: int | None = None) -> jax.Array:
     """Samples max_new_tokens after prompt [B, T0] (int32); temperature 0 is greedy.
+
+    separator: None (a row is one sequence whatever it holds, as documents="continuous" trains), or the token id
+    that ends a document (the tokenizer's eos_id, as documents="reset" trains): the state restarts after each
+    one, in the prompt and in what is sampled (module docstring). Linear-only models (TNL, Linear Transformer,
+    Mamba-2): a model with softmax layers is a ValueError (LanguageModel.end_documents).
 
     Returns tokens [B, T0 + max_new_tokens] int32 (the prompt first). One device: call it outside a mesh.
     """
@@ -51,5 +87,9 @@ def generate(model: LanguageModel, prompt: jax.Array, max_new_tokens: int, *, rn
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    vocab = model.cfg.vocab_size
+    if separator is not None and (isinstance(separator, bool) or not isinstance(separator, numbers.Integral)
+                                  or not 0 <= separator < vocab):
+        raise ValueError(f"separator must be None or a token id in [0, {vocab}), got {separator!r}")
     return _generate(model, jnp.asarray(prompt), rng, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature))
+                     temperature=float(temperature), separator=None if separator is None else int(separator))

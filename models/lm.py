@@ -8,7 +8,8 @@ mixer_l is linear attention (TNL or Linear Transformer, models.attention), Mamba
 layers in cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis)
 after every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer,
 the d x d state (linear), the SSD state and the convolution's last inputs (Mamba-2) or a KV cache (softmax), so
-a linear or Mamba-2 layer's step costs the same at any position.
+a linear or Mamba-2 layer's step costs the same at any position; `end_documents` restarts those states where a
+separator closed a document (models.generate's `separator`, the decoding twin of the forward's segment_ids).
 """
 
 from __future__ import annotations
@@ -165,6 +166,32 @@ class LanguageModel(nnx.Module):
             layers.append(s)
         h = srms_norm(x[:, -1], self.cfg.norm_eps)
         return self._logits(h), {"pos": state["pos"] + tokens.shape[1], "layers": tuple(layers)}
+
+    def end_documents(self, state: dict, ended: jax.Array) -> dict:
+        """Where ended [B] (bool) holds, the sequence's last decoded token closed its document (a separator, which
+        belongs to the document it ends, as in packed training rows), so the next position starts a new one: each
+        layer's state returns to the one before position 0 (init_state: the linear d x d state, Mamba-2's SSD
+        state and the convolution's last inputs all zeros), exactly what the forward's segment_ids reset. The
+        position keeps counting, as the forward's does.
+
+        ValueError for models with softmax layers: their step attends to the whole KV cache (SoftmaxMixer.step
+        has no document mask), so a reset there would still see the earlier documents.
+        """
+        if self.cfg.softmax_set:
+            raise ValueError(f"decoding with documents (a separator) needs linear layers only; this model has "
+                             f"softmax layers {sorted(self.cfg.softmax_set)}, whose KV cache is not masked at a "
+                             "document start")
+        b = jax.tree.leaves(state["layers"])[0].shape[0]
+        if getattr(ended, "shape", None) != (b,) or ended.dtype != jnp.bool_:
+            raise ValueError(f"ended must be a [B] = [{b}] bool array, got {getattr(ended, 'dtype', None)} "
+                             f"{getattr(ended, 'shape', ended)}")
+
+        def restart(fresh, s):
+            return jnp.where(ended.reshape(-1, *(1,) * (s.ndim - 1)), fresh, s)
+
+        layers = tuple(jax.tree.map(restart, block.mixer.init_state(b, 0), s)
+                       for block, s in zip(self.blocks, state["layers"]))
+        return {"pos": state["pos"], "layers": layers}
 
     def decode_step(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One token per sequence: tokens [B] int32 -> (logits [B, V] fp32, the state one position later)."""
