@@ -2,6 +2,7 @@
 
     python -m train --config configs/train_tnl_1b.py --data /data/corpus.bin --mesh data=1,seq=8
     python -m train --steps 3000 --lr 1e-3 --model.strategy scan --model.softmax-layers 1 3 --no-resume
+    python -m train --config configs/mamba2_tiny.py      # the same tiny run with Mamba-2 (--model-preset mamba2-tiny)
 
 A config file is a Python file with `get_config() -> TrainConfig`; without --config the embedded default
 (configs/tnl_tiny.py: the tiny TNL on the standard library's sources, 8 CPU devices) runs. --model-preset
