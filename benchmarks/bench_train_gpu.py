@@ -139,6 +139,9 @@ class Step:
             self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
         _say(f"compiled in {self.compile_s:.1f} s")
+        # Which fused kernels the step runs (what "auto" chose): a Pallas Triton kernel is a custom call to
+        # __gpu$xla.gpu.triton; none where the attention runs on XLA.
+        self.custom_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', self.compiled.as_text())))
         mem = self.compiled.memory_analysis()
         # Per device: what the program's buffers need (arguments, donated into the outputs, plus temporaries).
         self.xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem else None
@@ -169,7 +172,7 @@ class Step:
         return {
             "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
             "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
-            "matmul_params": self.n_matmul, "loss": loss,
+            "matmul_params": self.n_matmul, "custom_calls": self.custom_calls, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
             "model_tflop_per_step": self.flops_per_token * self.data * self.seq_len / 1e12,

@@ -81,6 +81,7 @@ def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
     cfg = presets.get("mamba2-tiny-hybrid")
     assert r["model"] == "mamba2-tiny-hybrid" and r["documents"] == 3 and r["kind"] == "throughput"
     assert np.isfinite(r["loss"]) and r["step_s"] > 0 and r["params"] == models.count_params(cfg)
+    assert isinstance(r["custom_calls"], list)  # the step's fused kernels: none on CPU, named on a GPU
     n_soft = len(cfg.softmax_set)
     flops = (6 * r["matmul_params"] + 6 * (cfg.n_layers - n_soft) * cfg.ssm_heads * 2 * cfg.d_state
              * cfg.resolved_head_dim + 6 * n_soft * cfg.n_heads * 128 * cfg.resolved_head_dim)
