@@ -231,10 +231,11 @@ class _Gpu:
 
 def test_gpu_gates_are_fail_closed(monkeypatch):
     """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes, per-token decay)
-    their GPU tests passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128
-    and the Mosaic walks on the H100 (their tests have not completed there) are passed over, and "auto" takes what is left,
-    warning once where it passed over the Triton kernels. Named, the Triton kernels run on any CUDA GPU of
-    compute capability >= 8.0 with a warning; the Mosaic walks are refused off their qualified kinds."""
+    their GPU tests passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128,
+    the Mosaic walks on the H100 (their tests have not completed there), GVA heads and the walks at Dk != Dv
+    are passed over, and "auto" takes what is left, warning once where it passed over the Triton kernels.
+    Named, the Triton kernels run on any CUDA GPU of compute capability >= 8.0 with a warning; the Mosaic walks
+    are refused off their qualified kinds."""
     bf16, f32, f32_d256 = (jax.ShapeDtypeStruct((1, 64, 2, d), dtype)
                            for d, dtype in ((128, jnp.bfloat16), (128, jnp.float32), (256, jnp.float32)))
     f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
@@ -275,6 +276,29 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
         assert impls.resolve("auto", f32, f32, f32, per_token=True) is impls.IMPLS["xla"]
     with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*per-token"):
         assert impls.resolve("pallas_triton", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_triton"]
+    # GVA heads (Mamba-2's: q and k of 1 group, v of 4 heads, Dk 128, Dv 64) and the walks at Dk != Dv: not
+    # qualified until their GPU tests pass (tests/ops/test_gva.py), so "auto" takes xla, and named, the Triton
+    # kernels run with a warning while the walks are refused; qualified, "auto" takes the walks.
+    group, heads = jax.ShapeDtypeStruct((1, 64, 1, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, 64, 4, 64),
+                                                                                            jnp.bfloat16)
+    assert pallas_mosaic.supported(group, group, heads) is None and pallas_triton.supported(group, group, heads) is None
+    for per_token in (False, True):
+        assert "heads beyond MHA/GQA/MQA (q 1, k 1, v 4 heads)" in impls.qualification(
+            "pallas_mosaic", group, group, heads, per_token=per_token)
+        with pytest.raises(ValueError, match="'pallas_mosaic' is not qualified here.*heads beyond"):
+            impls.resolve("pallas_mosaic", group, group, heads, per_token=per_token)
+    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*heads beyond"):
+        assert impls.resolve("auto", group, group, heads) is impls.IMPLS["xla"]
+    with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*heads beyond"):
+        assert impls.resolve("pallas_triton", group, group, heads) is impls.IMPLS["pallas_triton"]
+    mha_dv64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+    assert "Dk != Dv (Dk 128, Dv 64)" in impls.qualification("pallas_mosaic", bf16, bf16, mha_dv64)
+    assert impls.qualification("pallas_triton", bf16, bf16, mha_dv64) is None
+    monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_mosaic", ("NVIDIA H200",))
+    assert "Dk != Dv" in impls.qualification("pallas_mosaic", group, group, heads)
+    monkeypatch.setitem(impls.QUALIFIED_UNEQUAL_DIMS_GPUS, "pallas_mosaic", ("NVIDIA H200",))
+    for per_token in (False, True):
+        assert impls.resolve("auto", group, group, heads, per_token=per_token) is impls.IMPLS["pallas_mosaic"]
 
     on("NVIDIA H100 80GB HBM3", "9.0")
     assert impls.qualification("pallas_triton", bf16, bf16, bf16) is None
