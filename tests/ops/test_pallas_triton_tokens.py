@@ -310,13 +310,15 @@ def test_ranks_exchange_states(seq, heads, rng):
 H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 
 
-@pytest.mark.parametrize(("overrides", "ranks"), [({}, 1), ({"block_k": 128, "block_v": 128}, 1), ({}, 2)],
-                         ids=["tiles", "fused_dkdv", "shard_map_ring"])
-def test_lowers_to_triton(overrides, ranks):
+@pytest.mark.parametrize(("overrides", "ranks", "heads"), [
+    ({}, 1, (4, 2, 2)), ({"block_k": 128, "block_v": 128}, 1, (4, 2, 2)), ({}, 2, (4, 2, 2)), ({}, 2, (2, 2, 4)),
+    ({"block_k": 128, "block_v": 128}, 1, (1, 1, 4))], ids=["tiles", "fused_dkdv", "shard_map_ring", "gva_ring",
+                                                            "gva_one_group_fused_dkdv"])
+def test_lowers_to_triton(overrides, ranks, heads):
     """Without a GPU: the real token kernels lower to Triton IR for abstract H200s, forward and backward with
-    the rates' gradient (d=128, GQA, ragged T, documents, bf16); over 2 ranks inside lasp_attention's machinery
-    (shard_map with check_vma, the ring exchange, the [B] boundary permute). PTX compilation and the run need
-    the GPU tests."""
+    the rates' gradient (d=128, GQA or GVA heads (Hq, Hk, Hv), ragged T, documents, bf16); over 2 ranks inside
+    lasp_attention's machinery (shard_map with check_vma, the ring exchange, the [B] boundary permute). PTX
+    compilation and the run need the GPU tests."""
     kernels = pallas_triton.Kernels(dataclasses.replace(pallas_triton.DEFAULT, **overrides))
     mesh = AbstractMesh((ranks,), ("seq",), axis_types=(AxisType.Auto,), abstract_device=H200)
     exchange = SeqExchange("ring", "seq", ranks) if ranks > 1 else None
@@ -329,9 +331,10 @@ def test_lowers_to_triton(overrides, ranks):
     spec = P(None, "seq")  # q, k, v, rates, ids and dO: T split over the ranks
     fwd_bwd = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=(spec,) * 5) if ranks > 1 else local
     t = 1000 * ranks
-    q = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
-    args = (q, kv, kv, jax.ShapeDtypeStruct((1, t, 4), jnp.float32), jax.ShapeDtypeStruct((1, t), jnp.int32), q)
+    q, k, v = (jax.ShapeDtypeStruct((1, t, n, 128), jnp.bfloat16) for n in heads)
+    h = max(heads)
+    do = jax.ShapeDtypeStruct((1, t, h, 128), jnp.bfloat16)
+    args = (q, k, v, jax.ShapeDtypeStruct((1, t, h), jnp.float32), jax.ShapeDtypeStruct((1, t), jnp.int32), do)
     with jax.sharding.use_abstract_mesh(mesh):
         text = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args).mlir_module()
