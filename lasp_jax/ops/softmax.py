@@ -8,10 +8,13 @@ so the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` 
 positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.parallel.softmax_allgather) and a KV
 cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
 
-cuDNN (impl="cudnn", or "auto" where it applies: a GPU, bf16/fp16, queries at positions 0..L-1 of L keys, one
-device's call): its own causal mask without documents; with documents a dense [B, 1, L, S] boolean mask, which
-cuDNN reads as an additive bias of L * S elements per row (jax.nn.dot_product_attention has no packed-document
-form), so "auto" keeps documents on the blockwise path (benchmarks/softmax_gpu.py measures both).
+cuDNN (impl="cudnn", or "auto" where it applies: a qualified GPU, bf16/fp16, one device's call): its own causal
+mask where queries sit at positions 0..L-1 of L keys; with documents or a global q_offset a dense [B, 1, L, S]
+boolean mask, which cuDNN reads as an additive bias of L * S elements per row (jax.nn.dot_product_attention has
+no packed-document form), so "auto" takes that form only while B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
+B = 1, 16 query / 4 K/V heads of 128, benchmarks/results/softmax_gpu_h200_s9.md) forward+backward took: causal
+8K 2.0 ms cuDNN against 69.4 ms blockwise, 32K 28.4 against 1056; 8 documents with the dense mask 8K 6.4 against
+49.6, 32K 100.5 against 703 (XLA temporaries 2.5 GiB against 0.75 GiB).
 `implementation=None` is not used: in jax 0.11.2 it is the XLA reference, which holds the whole [B, H, L, S]
 scores.
 """
@@ -33,9 +36,13 @@ SoftmaxImpl = Literal["auto", "blockwise", "cudnn"]
 SOFTMAX_IMPLS = ("auto", "blockwise", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Device kinds where "auto" takes cuDNN: those where tests/models/test_documents.py::test_cudnn_matches_blockwise
-# passed (fail-closed, as lasp_jax.ops.impls for the linear kernels). None yet: named, impl="cudnn" runs anywhere
-# jax.nn.dot_product_attention does.
-CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ()
+# passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
+# runs anywhere jax.nn.dot_product_attention does.
+CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
+# Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
+# cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
+# blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
+DENSE_MASK_MAX = 2**30
 
 
 def check_inputs(q, k, v):
@@ -79,10 +86,10 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
       block_q, block_k: blockwise block sizes (lengths that do not divide are padded with masked positions).
       impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention through
         jax.nn.dot_product_attention: a GPU, bf16/fp16 q, k, v of one dtype, else a ValueError; documents and a
-        global q_offset as a dense [B, 1, L, S] mask) or "auto": cudnn where it applies without a dense mask (a
-        GPU in CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, no segment_ids, q_offset the int 0, L = S, one device's
-        call: no ambient mesh of several devices unless inside a shard_map over all its axes), blockwise
-        otherwise.
+        global q_offset as a dense [B, 1, L, S] mask) or "auto": cudnn where it applies (a GPU in
+        CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, one device's call: no ambient mesh of several devices unless
+        inside a shard_map over all its axes; and no dense mask needed (no segment_ids, q_offset the int 0,
+        L = S) or B * L * S <= DENSE_MASK_MAX), blockwise otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -111,9 +118,10 @@ def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     sharded batch is not measured yet."""
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
+    aligned = docs is None and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
     return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind in CUDNN_QUALIFIED_GPUS
-            and per_device and docs is None and isinstance(q_offset, int) and q_offset == 0
-            and q.shape[1] == k.shape[1] and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
+            and per_device and (aligned or q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX)
+            and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
 
 
 def _cudnn(q, k, v, docs, q_offset, scale):

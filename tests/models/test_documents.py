@@ -153,7 +153,7 @@ def test_bad_segment_ids_are_refused(rng):
 def test_cudnn_matches_blockwise(docs, rng):
     """impl="cudnn" (bf16) against the blockwise path on the fp32-upcast inputs: the output and dq, dk, dv, for
     queries from position 0 and from a global offset (LASP-2H's case, a dense mask); "auto" takes cudnn where
-    this GPU is in CUDNN_QUALIFIED_GPUS (and the call needs no dense mask), else blockwise."""
+    this GPU is in CUDNN_QUALIFIED_GPUS (these shapes' dense mask is under softmax.DENSE_MASK_MAX), else blockwise."""
     q, k, v = qkv(rng, 2, 256, 8, 2, 64, 64, dtype=jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     ids = jnp.asarray(np.cumsum(rng.uniform(size=(2, 256)) < 0.02, axis=1), jnp.int32) if docs else None
@@ -174,4 +174,4 @@ def test_cudnn_matches_blockwise(docs, rng):
     qualified = jax.devices()[0].device_kind in softmax.CUDNN_QUALIFIED_GPUS
     np.testing.assert_array_equal(causal_softmax_attention(q, k, v, segment_ids=ids, impl="auto"),
                                   causal_softmax_attention(q, k, v, segment_ids=ids,
-                                                           impl="cudnn" if qualified and not docs else "blockwise"))
+                                                           impl="cudnn" if qualified else "blockwise"))
