@@ -7,9 +7,10 @@ Documents (`separator`, the token the training packer puts after each document: 
 packed training rows with documents="reset", a separator ends its document (it belongs to the document it ends,
 so the logits after it still read that document) and the next position starts a new one from the state before
 position 0 (LanguageModel.end_documents), both where the prompt holds separators and where a sampled token is
-one. Such a prompt is read one token at a time (T0 steps of constant cost each), because the mixers' prefill
-takes no document ids; positions keep counting across documents, as in the forward with segment_ids. Models with
-softmax layers are refused: their KV cache has no document mask.
+one. A prompt that holds a separator is read one token at a time (T0 steps of constant cost each), because the
+mixers' prefill takes no document ids; one without is prefilled as usual. Positions keep counting across
+documents, as in the forward with segment_ids. Models with softmax layers are refused: their KV cache has no
+document mask.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def _step(model, token, state, separator):
     return logits, state
 
 
-def _read_prompt(model, prompt, state, separator):
-    """The prompt [B, T0]: the full forward (prefill) without documents, else one decode step per token.
-    Returns the logits after its last position [B, V] and the state there."""
-    if separator is None:
+def _read_prompt(model, prompt, state, separator, by_steps):
+    """The prompt [B, T0]: the full forward (prefill), or (by_steps: it may hold separators) one decode step per
+    token. Returns the logits after its last position [B, V] and the state there."""
+    if not by_steps:
         return model.prefill(prompt, state)
 
     def body(state, token):
@@ -52,10 +53,11 @@ def _read_prompt(model, prompt, state, separator):
     return logits[-1], state
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "separator"))
-def _generate(model, prompt, rng, *, max_new_tokens, temperature, separator):
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "separator", "by_steps"))
+def _generate(model, prompt, rng, *, max_new_tokens, temperature, separator, by_steps):
     b, t0 = prompt.shape
-    logits, state = _read_prompt(model, prompt, model.init_decode_state(b, t0 + max_new_tokens), separator)
+    state = model.init_decode_state(b, t0 + max_new_tokens)
+    logits, state = _read_prompt(model, prompt, state, separator, by_steps)
     keys = jax.random.split(rng, max_new_tokens)
     first = _pick(logits, keys[0], temperature)
 
@@ -91,5 +93,8 @@ def generate(model: LanguageModel, prompt: jax.Array, max_new_tokens: int, *, rn
     if separator is not None and (isinstance(separator, bool) or not isinstance(separator, numbers.Integral)
                                   or not 0 <= separator < vocab):
         raise ValueError(f"separator must be None or a token id in [0, {vocab}), got {separator!r}")
-    return _generate(model, jnp.asarray(prompt), rng, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), separator=None if separator is None else int(separator))
+    prompt = jnp.asarray(prompt)
+    separator = None if separator is None else int(separator)
+    by_steps = separator is not None and bool(jnp.any(prompt == separator))  # else one document: prefilled
+    return _generate(model, prompt, rng, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                     separator=separator, by_steps=by_steps)

@@ -76,8 +76,8 @@ def _greedy(model, prompt, n, separator=SEP):
 
 @pytest.mark.parametrize("name", ["tnl-tiny", "mamba2-tiny"])
 def test_generating_after_a_separator_equals_starting_afresh(name, rng):
-    """"docA <sep> docB" generates what "docB" alone does; without the reset the continuation differs (the test
-    can fail)."""
+    """"docA <sep> docB" (read step by step) generates what "docB" alone (prefilled: it holds no separator) does;
+    without the reset the continuation differs (the test can fail)."""
     model = _context_model(name)
     doc_a, doc_b = rng.integers(0, SEP, (2, 7)), rng.integers(0, SEP, (2, 5))
     packed = np.concatenate([doc_a, np.full((2, 1), SEP), doc_b], axis=1)
