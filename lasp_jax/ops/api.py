@@ -88,11 +88,6 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     return placement.like_q(out, q)
 
 
-# The implementations that take heads beyond MHA/GQA/MQA (checks.beyond_gqa): every one (the kernels read each
-# operand at its own head). Kept for benchmarks/bench_train_gpu.py's Mamba-2 check, which no longer refuses any.
-GVA_IMPLS = tuple(impls.IMPLS)
-
-
 def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
     """impls.resolve: every impl takes per-token decay, segment_ids and every head layout; "auto" takes the first
     supported and qualified one (impls.qualification: GVA heads only where their GPU tests passed)."""

@@ -143,9 +143,12 @@ KERNEL_CASES = {
     "mosaic_gva_tokens_dk128_dv64": ((1, 1, 2), (128, 64), True, pallas_mosaic.INTERPRET),
     "mosaic_gva_constant_dk64_dv128": ((1, 1, 2), (64, 128), False, pallas_mosaic.INTERPRET),
 }
-# Worst measured over seeds 0-2 (CPU, against float64 over repeated heads): Triton fp32 <= 1.7e-6 (d_rates; the
-# rest <= 2.5e-7); Mosaic bf16 (the same rounded inputs) <= 3.1e-3 (d_rates 4.5e-3).
-KERNEL_F32_TOL, KERNEL_BF16_TOL = 4e-6, 1e-2
+# Worst measured over seeds 0-2 (CPU, against float64 over repeated heads): Triton fp32 1.8e-7 (d_rates 1.3e-6:
+# exponents of chunk-local running sums; 1.7e-6 on another draw), bounds the project's fp32 F32_TOL and 4e-6;
+# Mosaic bf16 (the same rounded inputs; bf16 shares of up to 2 heads summed in float32) 3.4e-3 (dq; o 2.4e-3),
+# d_rates 5.7e-3, bounds test_pallas_mosaic_tokens' IMPL_TOL, D_RATES_TOL (7e-3, 1.2e-2). A head read by the
+# wrong output head is an O(1) error.
+KERNEL_TOLS = {"fp32": (F32_TOL, 4e-6), "bf16": (7e-3, 1.2e-2)}
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
@@ -170,14 +173,15 @@ def test_kernels_match_repeated_heads_in_float64(case, rng):
     args = (q, k, v, rates, s0, w_o, w_s)
     got = _compiled(functools.partial(_loss_and_grads, attend), *args)(*args)
     want = _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s)
-    tol = KERNEL_BF16_TOL if mosaic else KERNEL_F32_TOL
+    tol, d_rates_tol = KERNEL_TOLS["bf16" if mosaic else "fp32"]
     for name in want:
         if name == "d_rates" and not per_token:
             assert np.all(np.asarray(got[name]) == 0.0)  # constant rates: a constant for autodiff
             continue
         assert got[name].shape == want[name].shape, name
         assert got[name].dtype == (s0.dtype if name in ("final_state", "d_rates", "d_initial_state") else q.dtype)
-        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+        err = rel_err(got[name], want[name])
+        assert err < (d_rates_tol if name == "d_rates" else tol), (name, err)
 
 
 def test_kernels_take_gva_and_auto_takes_xla_until_qualified(monkeypatch):
