@@ -52,16 +52,17 @@ QUALIFIED_TOKEN_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_triton": (),
     "pallas_mosaic": ("NVIDIA H200",),
 }
-# Heads beyond MHA/GQA/MQA (checks.beyond_gqa): the GPU tests at Mamba-2's shape (tests/ops/test_gva.py,
-# test_gpu_mamba2_shape_matches_xla: G = 1 and 8 groups, H = 32, Dk 128, Dv 64, bf16, per-token decay with
-# documents and constant decay, against xla in float32) have not run yet on any GPU.
+# Heads beyond MHA/GQA/MQA (checks.beyond_gqa): qualified by the GPU tests at Mamba-2's shape (`pytest -m gpu
+# tests/ops/test_gva.py`: test_gpu_mamba2_shape_matches_xla, G = 1 and 8 groups of q and k, H = 32, Dk 128,
+# Dv 64, bf16, per-token decay with documents and constant decay, against xla in float32; and
+# test_gpu_lasp_attention_mamba2_shape), which have not run yet on any GPU.
 QUALIFIED_GVA_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_triton": (),
     "pallas_mosaic": (),
 }
 # Dk != Dv where a kernel family's GPU tests did not cover it: the Mosaic walks take it since the GVA work
-# (Mamba-2's Dk 128, Dv 64; the GVA GPU tests above run them at that shape); the Triton kernels' GPU cases
-# include dk128_dv64_mqa_bf16, so they are qualified by QUALIFIED_GPUS.
+# (Mamba-2's Dk 128, Dv 64; the GVA GPU tests above run them at that shape, with G = 32 also without GVA); the
+# Triton kernels' GPU cases include dk128_dv64_mqa_bf16, so QUALIFIED_GPUS covers them.
 QUALIFIED_UNEQUAL_DIMS_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_mosaic": (),
 }
