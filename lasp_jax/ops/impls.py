@@ -47,24 +47,25 @@ QUALIFIED_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_mosaic": ("NVIDIA H200",),
 }
 # The token walks' GPU tests (tests/ops/test_pallas_mosaic_tokens.py) passed on an H200 on 2026-11-29 (bf16,
-# d 64 and 128, GQA); the Triton token kernels' have not run yet.
+# d 64 and 128, GQA); the Triton token kernels' (tests/ops/test_pallas_triton_tokens.py: bf16 and fp32 against
+# xla, lasp_attention with every strategy) on an H200 on 2026-11-30.
 QUALIFIED_TOKEN_GPUS: dict[str, tuple[str, ...]] = {
-    "pallas_triton": (),
+    "pallas_triton": ("NVIDIA H200",),
     "pallas_mosaic": ("NVIDIA H200",),
 }
 # Heads beyond MHA/GQA/MQA (checks.beyond_gqa): qualified by the GPU tests at Mamba-2's shape (`pytest -m gpu
 # tests/ops/test_gva.py`: test_gpu_mamba2_shape_matches_xla, G = 1 and 8 groups of q and k, H = 32, Dk 128,
 # Dv 64, bf16, per-token decay with documents and constant decay, against xla in float32; and
-# test_gpu_lasp_attention_mamba2_shape), which have not run yet on any GPU.
+# test_gpu_lasp_attention_mamba2_shape): all passed for both families on an H200 on 2026-11-30 (G = 1, 8, 32).
 QUALIFIED_GVA_GPUS: dict[str, tuple[str, ...]] = {
-    "pallas_triton": (),
-    "pallas_mosaic": (),
+    "pallas_triton": ("NVIDIA H200",),
+    "pallas_mosaic": ("NVIDIA H200",),
 }
 # Dk != Dv where a kernel family's GPU tests did not cover it: the Mosaic walks take it since the GVA work
 # (Mamba-2's Dk 128, Dv 64; the GVA GPU tests above run them at that shape, with G = 32 also without GVA); the
 # Triton kernels' GPU cases include dk128_dv64_mqa_bf16, so QUALIFIED_GPUS covers them.
 QUALIFIED_UNEQUAL_DIMS_GPUS: dict[str, tuple[str, ...]] = {
-    "pallas_mosaic": (),
+    "pallas_mosaic": ("NVIDIA H200",),
 }
 _WIDE_F32_GPUS = ("NVIDIA H200",)
 _TRITON_HEAD_DIMS = (64, 128, 256)

@@ -67,8 +67,8 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
         Called where `seq_axis` is already manual (inside the caller's own shard_map), q, k, v (and decay,
         segment_ids) are the local pieces and no shard_map is added.
       strategy: "ring" (LASP: W-1 hops), "allgather" (LASP-2: one all_gather) or "scan" (ceil(log2 W) hops).
-      impl: the per-device implementation, as for linear_attention (per-token decay and segment_ids: every
-        impl; GVA heads: "xla" or "reference", which "auto" takes).
+      impl: the per-device implementation, as for linear_attention (per-token decay, segment_ids and GVA heads:
+        every impl; "auto" takes a kernel only where impls qualifies it for them).
       batch_axes: the mesh axis (a name) or axes B is sharded over; default: how q's batch dim is already
         sharded (Explicit mesh, or a committed q outside jit), else every other mesh axis. Heads sharded over
         other axes stay sharded: each device attends over its own heads when every head count splits evenly.

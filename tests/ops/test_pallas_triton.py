@@ -233,7 +233,7 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes, per-token decay)
     their GPU tests passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128,
     the Mosaic walks on the H100 (their tests have not completed there), GVA heads and the walks at Dk != Dv
-    are passed over, and "auto" takes what is left, warning once where it passed over the Triton kernels.
+    where their own tables do not name the GPU are passed over, and "auto" takes what is left, warning once where it passed over the Triton kernels.
     Named, the Triton kernels run on any CUDA GPU of compute capability >= 8.0 with a warning; the Mosaic walks
     are refused off their qualified kinds."""
     bf16, f32, f32_d256 = (jax.ShapeDtypeStruct((1, 64, 2, d), dtype)
@@ -267,41 +267,40 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
     assert impls.resolve("auto", bf16, gqa_kv, gqa_kv) is impls.IMPLS["pallas_mosaic"]
     with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*Dk=32"):
         assert auto(bf16_d32) is impls.IMPLS["xla"]
-    # Per-token decay: the Mosaic token walks are qualified on the H200, the Triton token kernels nowhere yet
-    # (named, they run with a warning; in fp32, which the walks do not take, "auto" passes over them to xla).
-    assert impls.resolve("auto", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_mosaic"]
-    assert "per-token decay or documents has passed its GPU tests on no GPU yet" in impls.qualification(
-        "pallas_triton", bf16, bf16, bf16, per_token=True)
-    with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*per-token"):
-        assert impls.resolve("auto", f32, f32, f32, per_token=True) is impls.IMPLS["xla"]
-    with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*per-token"):
-        assert impls.resolve("pallas_triton", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_triton"]
-    # GVA heads (Mamba-2's: q and k of 1 group, v of 4 heads, Dk 128, Dv 64) and the walks at Dk != Dv: not
-    # qualified until their GPU tests pass (tests/ops/test_gva.py), so "auto" takes xla, and named, the Triton
-    # kernels run with a warning while the walks are refused; qualified, "auto" takes the walks.
+    # Per-token decay: both families' token variants are qualified on the H200 ("auto" takes the walks in bf16,
+    # the Triton kernels in fp32, which the walks do not take).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert impls.resolve("auto", bf16, bf16, bf16, per_token=True) is impls.IMPLS["pallas_mosaic"]
+        assert impls.resolve("auto", f32, f32, f32, per_token=True) is impls.IMPLS["pallas_triton"]
+    # GVA heads (Mamba-2's: q and k of 1 group, v of 4 heads, Dk 128, Dv 64) and the walks at Dk != Dv: their GPU
+    # tests (tests/ops/test_gva.py) passed on the H200, so "auto" takes the walks; each table gates on its own.
     group, heads = jax.ShapeDtypeStruct((1, 64, 1, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, 64, 4, 64),
                                                                                             jnp.bfloat16)
     assert pallas_mosaic.supported(group, group, heads) is None and pallas_triton.supported(group, group, heads) is None
+    for per_token in (False, True):
+        assert impls.resolve("auto", group, group, heads, per_token=per_token) is impls.IMPLS["pallas_mosaic"]
+        assert impls.qualification("pallas_triton", group, group, heads, per_token=per_token) is None
+    mha_dv64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+    monkeypatch.setitem(impls.QUALIFIED_UNEQUAL_DIMS_GPUS, "pallas_mosaic", ())
+    assert "Dk != Dv (Dk 128, Dv 64)" in impls.qualification("pallas_mosaic", bf16, bf16, mha_dv64)
+    assert impls.qualification("pallas_triton", bf16, bf16, mha_dv64) is None
+    monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_mosaic", ())
     for per_token in (False, True):
         assert "heads beyond MHA/GQA/MQA (q 1, k 1, v 4 heads)" in impls.qualification(
             "pallas_mosaic", group, group, heads, per_token=per_token)
         with pytest.raises(ValueError, match="'pallas_mosaic' is not qualified here.*heads beyond"):
             impls.resolve("pallas_mosaic", group, group, heads, per_token=per_token)
+    monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_triton", ())
     with pytest.warns(impls.UnqualifiedWarning, match="passed over 'pallas_triton'.*heads beyond"):
         assert impls.resolve("auto", group, group, heads) is impls.IMPLS["xla"]
     with pytest.warns(impls.UnqualifiedWarning, match="'pallas_triton' runs unqualified.*heads beyond"):
         assert impls.resolve("pallas_triton", group, group, heads) is impls.IMPLS["pallas_triton"]
-    mha_dv64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
-    assert "Dk != Dv (Dk 128, Dv 64)" in impls.qualification("pallas_mosaic", bf16, bf16, mha_dv64)
-    assert impls.qualification("pallas_triton", bf16, bf16, mha_dv64) is None
-    monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_mosaic", ("NVIDIA H200",))
-    assert "Dk != Dv" in impls.qualification("pallas_mosaic", group, group, heads)
-    monkeypatch.setitem(impls.QUALIFIED_UNEQUAL_DIMS_GPUS, "pallas_mosaic", ("NVIDIA H200",))
-    for per_token in (False, True):
-        assert impls.resolve("auto", group, group, heads, per_token=per_token) is impls.IMPLS["pallas_mosaic"]
 
     on("NVIDIA H100 80GB HBM3", "9.0")
     assert impls.qualification("pallas_triton", bf16, bf16, bf16) is None
+    assert "per-token decay or documents has passed its GPU tests on ('NVIDIA H200',), not on 'NVIDIA H100" in (
+        impls.qualification("pallas_triton", bf16, bf16, bf16, per_token=True))
     assert impls.qualification("pallas_triton", f32_d64, f32_d64, f32_d64) is None
     for q, v in ((f32, f32), (f32_d256, f32_d256), (f32_d64, f32)):  # Dk = 64, Dv = 128 too
         assert "fp32 at head dims above 64" in impls.qualification("pallas_triton", q, q, v)

@@ -189,7 +189,7 @@ def test_bfloat16_inputs_and_rates(rng):
 
 def test_per_token_calls_route_to_token_variants(rng):
     """Per-token decay and documents: "auto" takes xla off a GPU; a named kernel runs its token variant (the
-    interpreted Triton kernels here, against xla); GVA heads stay refused by the kernels."""
+    interpreted Triton kernels here, against xla), GVA heads (q, k of 2 heads, v of 4) included."""
     q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
     rates = jnp.full((1, 64, 2), 0.1)
     ids = jnp.zeros((1, 64), jnp.int32).at[:, 40:].set(1)
@@ -197,9 +197,11 @@ def test_per_token_calls_route_to_token_variants(rng):
     want = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="xla")
     got = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="pallas_triton_interpret")
     assert rel_err(got, want) < F32_TOL
-    v_gva = jnp.concatenate([v, v], axis=2)
-    with pytest.raises(ValueError, match="not in the kernels yet"):
-        lasp_jax.linear_attention(q, k, v_gva, jnp.full((1, 64, 4), 0.1), impl="pallas_triton_interpret")
+    v_gva = jnp.concatenate([v, 2 * v], axis=2)
+    rates4 = jnp.asarray(rng.uniform(0.01, 0.2, (1, 64, 4)), jnp.float32)
+    want = lasp_jax.linear_attention(q, k, v_gva, rates4, segment_ids=ids, impl="xla")
+    got = lasp_jax.linear_attention(q, k, v_gva, rates4, segment_ids=ids, impl="pallas_triton_interpret")
+    assert rel_err(got, want) < F32_TOL
 
 
 BAD = {
