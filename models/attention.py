@@ -122,11 +122,16 @@ class LinearMixer(nnx.Module):
         hd = self.cfg.resolved_head_dim
         return jnp.zeros((batch, self.cfg.n_heads, hd, hd), jnp.float32)
 
-    def prefill(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Whole-prompt forward from `state` (one device). x [B, T, D] -> (y [B, T, D], state after T)."""
+    def prefill(self, x: jax.Array, state: jax.Array, segment_ids: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+        """Whole-prompt forward from `state` (one device). x [B, T, D] -> (y [B, T, D], state after T).
+
+        segment_ids: None or [B, T] ints (documents in the prompt): `state` belongs to position 0's document, the
+        returned one to the last position's (linear_attention's convention).
+        """
         q, k, v = self._qkv(x)
-        o, state = lasp_jax.linear_attention(q, k, v, self._decay(), initial_state=state, return_final_state=True,
-                                             impl=self.cfg.attn_impl)
+        o, state = lasp_jax.linear_attention(q, k, v, self._decay(), segment_ids=segment_ids, initial_state=state,
+                                             return_final_state=True, impl=self.cfg.attn_impl)
         return self._out(x, o), state
 
     def step(self, x: jax.Array, state: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -134,3 +139,8 @@ class LinearMixer(nnx.Module):
         q, k, v = self._qkv(x)
         o, state = lasp_jax.linear_attention_step(q, k, v, state, self._decay())
         return self._out(x, o), state
+
+    def end_documents(self, state: jax.Array, ended: jax.Array, pos: jax.Array) -> jax.Array:
+        """Rows where ended [B] start a new document at `pos`: their state returns to init_state's zeros."""
+        del pos  # the state holds no position
+        return jnp.where(ended[:, None, None, None], jnp.zeros_like(state), state)

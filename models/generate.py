@@ -5,12 +5,11 @@ KV cache sized for prompt + new tokens. The whole loop is one jitted lax.scan.
 
 Documents (`separator`, the token the training packer puts after each document: the tokenizer's eos_id): as in
 packed training rows with documents="reset", a separator ends its document (it belongs to the document it ends,
-so the logits after it still read that document) and the next position starts a new one from the state before
-position 0 (LanguageModel.end_documents), both where the prompt holds separators and where a sampled token is
-one. A prompt that holds a separator is read one token at a time (T0 steps of constant cost each), because the
-mixers' prefill takes no document ids; one without is prefilled as usual. Positions keep counting across
-documents, as in the forward with segment_ids. Models with softmax layers are refused: their KV cache has no
-document mask.
+so the logits after it still read that document) and the next position starts a new one (LanguageModel.
+end_documents: linear and Mamba-2 states restart from zeros, softmax layers mask the cached keys before the new
+document), both where the prompt holds separators and where a sampled token is one. A prompt with separators is
+prefilled in one call with the packer's segment ids (models.documents.document_ids). Positions keep counting
+across documents, as in the forward with segment_ids.
 """
 
 from __future__ import annotations
@@ -20,8 +19,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from models.documents import document_ids
 from models.lm import LanguageModel
 
 
@@ -39,25 +40,13 @@ def _step(model, token, state, separator):
     return logits, state
 
 
-def _read_prompt(model, prompt, state, separator, by_steps):
-    """The prompt [B, T0]: the full forward (prefill), or (by_steps: it may hold separators) one decode step per
-    token. Returns the logits after its last position [B, V] and the state there."""
-    if not by_steps:
-        return model.prefill(prompt, state)
-
-    def body(state, token):
-        logits, state = _step(model, token, state, separator)
-        return state, logits
-
-    state, logits = jax.lax.scan(body, state, prompt.T)
-    return logits[-1], state
-
-
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "separator", "by_steps"))
-def _generate(model, prompt, rng, *, max_new_tokens, temperature, separator, by_steps):
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "separator"))
+def _generate(model, prompt, segment_ids, rng, *, max_new_tokens, temperature, separator):
     b, t0 = prompt.shape
     state = model.init_decode_state(b, t0 + max_new_tokens)
-    logits, state = _read_prompt(model, prompt, state, separator, by_steps)
+    logits, state = model.prefill(prompt, state, segment_ids)
+    if separator is not None:  # a prompt that ends with a separator: the first new token starts a document
+        state = model.end_documents(state, prompt[:, -1] == separator)
     keys = jax.random.split(rng, max_new_tokens)
     first = _pick(logits, keys[0], temperature)
 
@@ -78,8 +67,7 @@ def generate(model: LanguageModel, prompt: jax.Array, max_new_tokens: int, *, rn
 
     separator: None (a row is one sequence whatever it holds, as documents="continuous" trains), or the token id
     that ends a document (the tokenizer's eos_id, as documents="reset" trains): the state restarts after each
-    one, in the prompt and in what is sampled (module docstring). Linear-only models (TNL, Linear Transformer,
-    Mamba-2): a model with softmax layers is a ValueError (LanguageModel.end_documents).
+    one, in the prompt and in what is sampled (module docstring); every model kind, hybrids included.
 
     Returns tokens [B, T0 + max_new_tokens] int32 (the prompt first). One device: call it outside a mesh.
     """
@@ -93,8 +81,9 @@ def generate(model: LanguageModel, prompt: jax.Array, max_new_tokens: int, *, rn
     if separator is not None and (isinstance(separator, bool) or not isinstance(separator, numbers.Integral)
                                   or not 0 <= separator < vocab):
         raise ValueError(f"separator must be None or a token id in [0, {vocab}), got {separator!r}")
-    prompt = jnp.asarray(prompt)
     separator = None if separator is None else int(separator)
-    by_steps = separator is not None and bool(jnp.any(prompt == separator))  # else one document: prefilled
-    return _generate(model, prompt, rng, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                     separator=separator, by_steps=by_steps)
+    segment_ids = None  # a prompt without separators is one document: the forward's plain (constant-decay) path
+    if separator is not None and bool(np.any(np.asarray(prompt) == separator)):
+        segment_ids = jnp.asarray(document_ids(np.asarray(prompt), separator))
+    return _generate(model, jnp.asarray(prompt), segment_ids, rng, max_new_tokens=int(max_new_tokens),
+                     temperature=float(temperature), separator=separator)

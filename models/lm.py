@@ -7,9 +7,10 @@
 mixer_l is linear attention (TNL or Linear Transformer, models.attention), Mamba-2 (models.mamba2) or, for the
 layers in cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis)
 after every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer,
-the d x d state (linear), the SSD state and the convolution's last inputs (Mamba-2) or a KV cache (softmax), so
-a linear or Mamba-2 layer's step costs the same at any position; `end_documents` restarts those states where a
-separator closed a document (models.generate's `separator`, the decoding twin of the forward's segment_ids).
+the d x d state (linear), the SSD state and the convolution's last inputs (Mamba-2) or a KV cache and its rows'
+document starts (softmax), so a linear or Mamba-2 layer's step costs the same at any position; `end_documents`
+restarts those states where a separator closed a document, and `prefill` takes a prompt's segment_ids
+(models.generate's `separator`: the decoding twin of the forward's segment_ids).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class Block(nnx.Module):
         x = x + self.mixer(srms_norm(x, self.cfg.norm_eps), segment_ids=segment_ids).astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
-    def prefill(self, x, state):
-        y, state = self.mixer.prefill(srms_norm(x, self.cfg.norm_eps), state)
+    def prefill(self, x, state, segment_ids=None):
+        y, state = self.mixer.prefill(srms_norm(x, self.cfg.norm_eps), state, segment_ids)
         return self._mlp(x + y.astype(x.dtype)), state
 
     def step(self, x, state, pos):
@@ -153,43 +154,36 @@ class LanguageModel(nnx.Module):
         return {"pos": jnp.zeros((), jnp.int32),
                 "layers": tuple(b.mixer.init_state(batch_size, max_len) for b in self.blocks)}
 
-    def prefill(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    def prefill(self, tokens: jax.Array, state: dict, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Runs a prompt [B, T0] through the full (one-device) forward from a fresh state.
 
+        segment_ids: None or [B, T0] integers (documents in the prompt, as for `hidden`; models.documents builds
+        them from a separator): the state returned is that of each row's last document. Where the prompt's last
+        token is a separator, the caller still ends that document (end_documents), as after a decode step.
         Returns (logits of the last position [B, V] fp32, the state after T0 positions).
         """
         self._check_tokens(tokens)
+        self._check_segment_ids(segment_ids, tokens)
         x = self._embed(tokens)
         layers = []
         for block, s in zip(self.blocks, state["layers"]):
-            x, s = block.prefill(x, s)
+            x, s = block.prefill(x, s, segment_ids)
             layers.append(s)
         h = srms_norm(x[:, -1], self.cfg.norm_eps)
         return self._logits(h), {"pos": state["pos"] + tokens.shape[1], "layers": tuple(layers)}
 
     def end_documents(self, state: dict, ended: jax.Array) -> dict:
         """Where ended [B] (bool) holds, the sequence's last decoded token closed its document (a separator, which
-        belongs to the document it ends, as in packed training rows), so the next position starts a new one: each
-        layer's state returns to the one before position 0 (init_state: the linear d x d state, Mamba-2's SSD
-        state and the convolution's last inputs all zeros), exactly what the forward's segment_ids reset. The
-        position keeps counting, as the forward's does.
-
-        ValueError for models with softmax layers: their step attends to the whole KV cache (SoftmaxMixer.step
-        has no document mask), so a reset there would still see the earlier documents.
+        belongs to the document it ends, as in packed training rows), so the next position starts a new one,
+        exactly as the forward's segment_ids reset: linear and Mamba-2 layers return to their state before
+        position 0 (zeros), softmax layers move the row's document start to the next position (their step masks
+        the cached keys before it). The position keeps counting, as the forward's does.
         """
-        if self.cfg.softmax_set:
-            raise ValueError(f"decoding with documents (a separator) needs linear layers only; this model has "
-                             f"softmax layers {sorted(self.cfg.softmax_set)}, whose KV cache is not masked at a "
-                             "document start")
-        b = jax.tree.leaves(state["layers"])[0].shape[0]
+        b = jax.tree.leaves(state["layers"])[0].shape[0]  # every leaf is [B, ...]
         if getattr(ended, "shape", None) != (b,) or ended.dtype != jnp.bool_:
             raise ValueError(f"ended must be a [B] = [{b}] bool array, got {getattr(ended, 'dtype', None)} "
                              f"{getattr(ended, 'shape', ended)}")
-
-        def restart(fresh, s):
-            return jnp.where(ended.reshape(-1, *(1,) * (s.ndim - 1)), fresh, s)
-
-        layers = tuple(jax.tree.map(restart, block.mixer.init_state(b, 0), s)
+        layers = tuple(block.mixer.end_documents(s, ended, state["pos"])
                        for block, s in zip(self.blocks, state["layers"]))
         return {"pos": state["pos"], "layers": layers}
 

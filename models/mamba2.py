@@ -144,17 +144,29 @@ class Mamba2Mixer(nnx.Module):
         return {"ssm": jnp.zeros((batch, *cfg.linear_state_shape), jnp.float32),
                 "conv": jnp.zeros((batch, cfg.conv_width - 1, self.conv_channels), jnp.dtype(cfg.dtype))}
 
-    def prefill(self, x: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """Whole prompt from `state` (one device). x [B, T, D] -> (y [B, T, D], state after T positions)."""
+    def prefill(self, x: jax.Array, state: dict, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Whole prompt from `state` (one device). x [B, T, D] -> (y [B, T, D], state after T positions).
+
+        segment_ids: None or [B, T] ints (documents in the prompt): `state` belongs to position 0's document, the
+        returned one to the last position's (its carried inputs zero before that document's start, as after
+        end_documents).
+        """
         z, xbc, dt = self._split_in(x)
         # The carried inputs stand before the prompt: convolve them with it, keep the prompt's outputs.
         held = jnp.concatenate([state["conv"], xbc.astype(state["conv"].dtype)], axis=1)
         width = self.cfg.conv_width - 1
-        conv = causal_conv1d(held, *self._conv_params())[:, width:]
+        held_ids = None
+        if segment_ids is not None:
+            held_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], axis=1)
+        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids)[:, width:]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
-        o, ssm = lasp_jax.linear_attention(q, k, v, rates, initial_state=state["ssm"], return_final_state=True,
-                                           impl=self.cfg.attn_impl)
-        return self._out(o, x_heads, z), {"ssm": ssm, "conv": held[:, held.shape[1] - width:]}
+        o, ssm = lasp_jax.linear_attention(q, k, v, rates, segment_ids=segment_ids, initial_state=state["ssm"],
+                                           return_final_state=True, impl=self.cfg.attn_impl)
+        carried = held[:, held.shape[1] - width:]
+        if segment_ids is not None:
+            last_doc = held_ids[:, held.shape[1] - width:] == segment_ids[:, -1:]  # [B, W-1]
+            carried = jnp.where(last_doc[..., None], carried, jnp.zeros_like(carried))
+        return self._out(o, x_heads, z), {"ssm": ssm, "conv": carried}
 
     def step(self, x: jax.Array, state: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
         """One token: x [B, D] -> (y [B, D], next state); constant memory whatever `pos`."""
@@ -166,3 +178,9 @@ class Mamba2Mixer(nnx.Module):
         o, ssm = lasp_jax.linear_attention_step(q, k, v, state["ssm"], rates)
         return self._out(o, x_heads, z), {"ssm": ssm, "conv": window[:, 1:]}
 
+    def end_documents(self, state: dict, ended: jax.Array, pos: jax.Array) -> dict:
+        """Rows where ended [B] start a new document at `pos`: the SSD state and the carried convolution inputs
+        return to init_state's zeros (no tap reaches across a document start)."""
+        del pos  # the state holds no position
+        return {name: jnp.where(ended.reshape(-1, *(1,) * (s.ndim - 1)), jnp.zeros_like(s), s)
+                for name, s in state.items()}

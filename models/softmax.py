@@ -9,7 +9,10 @@ in global positions (lasp_jax.parallel.softmax_allgather, which gathers the segm
 lasp_jax.ops.softmax runs with offset 0 (cuDNN's fused attention on a GPU where it applies, else blockwise).
 With packed documents (segment_ids) a position attends only within its document; RoPE scores depend on position
 differences alone, so a document's outputs do not depend on where in the row it sits.
-Decoding keeps a KV cache [B, max_len, Hkv, hd] per softmax layer.
+Decoding keeps a KV cache [B, max_len, Hkv, hd] per softmax layer and each row's document start `start` [B]: a
+step attends only to the cached keys at positions >= start (the decoding twin of segment_ids), and
+end_documents moves start to the next position, so a new document never sees the earlier ones' keys (they stay
+in the cache, masked).
 """
 
 from __future__ import annotations
@@ -70,26 +73,44 @@ class SoftmaxMixer(nnx.Module):
         return self._out(o)
 
     def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-        """An empty KV cache: k, v [B, max_len, Hkv, hd] in the compute dtype."""
+        """An empty KV cache: k, v [B, max_len, Hkv, hd] in the compute dtype; start [B] int32 zeros (each row's
+        current document starts at position 0)."""
         cfg = self.cfg
         shape = (batch, max_len, cfg.resolved_softmax_kv_heads, cfg.resolved_head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        return {"k": zeros, "v": zeros}
+        return {"k": zeros, "v": zeros, "start": jnp.zeros((batch,), jnp.int32)}
 
-    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Whole prompt from an empty cache. x [B, T, D] -> (y [B, T, D], cache holding positions [0, T))."""
+    def prefill(self, x: jax.Array, cache: dict, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Whole prompt from an empty cache. x [B, T, D] -> (y [B, T, D], cache holding positions [0, T)).
+
+        segment_ids: None or [B, T] ints (documents in the prompt, as for __call__); start becomes the position
+        where each row's last document begins (its last id change).
+        """
         t = x.shape[1]
         if t > cache["k"].shape[1]:
             raise ValueError(f"prompt of {t} positions does not fit a KV cache of {cache['k'].shape[1]}")
         q, k, v = self._qkv(x, jnp.arange(t))
-        cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype), 0, axis=1)
-                 for name, val in (("k", k), ("v", v))}
-        return self._out(causal_softmax_attention(q, k, v)), cache
+        new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype), 0, axis=1)
+               for name, val in (("k", k), ("v", v))}
+        start = cache["start"]
+        if segment_ids is not None:
+            changes = segment_ids[:, 1:] != segment_ids[:, :-1]  # [B, T-1]: a document starts at t = index + 1
+            start = jnp.max(jnp.where(changes, jnp.arange(1, t, dtype=jnp.int32), 0), axis=1, initial=0)
+        y = self._out(causal_softmax_attention(q, k, v, segment_ids=segment_ids))
+        return y, {**new, "start": start}
 
     def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
-        """One token at position `pos`: x [B, D] -> (y [B, D], cache with position pos written)."""
+        """One token at position `pos`: x [B, D] -> (y [B, D], cache with position pos written). It attends to the
+        cached positions in [start, pos] (the keys before start, earlier documents', carry segment id 0)."""
         q, k, v = self._qkv(x[:, None], pos[None])
-        cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype), pos, axis=1)
-                 for name, val in (("k", k), ("v", v))}
-        o = causal_softmax_attention(q, cache["k"], cache["v"], q_offset=pos)  # rows see columns <= pos only
+        cache = {**cache, **{name: jax.lax.dynamic_update_slice_in_dim(cache[name], val.astype(cache[name].dtype),
+                                                                       pos, axis=1)
+                             for name, val in (("k", k), ("v", v))}}
+        in_document = jnp.arange(cache["k"].shape[1])[None, :] >= cache["start"][:, None]  # [B, max_len]
+        o = causal_softmax_attention(q, cache["k"], cache["v"], segment_ids=in_document.astype(jnp.int32),
+                                     q_offset=pos)  # rows see columns <= pos only
         return self._out(o)[:, 0], cache
+
+    def end_documents(self, cache: dict, ended: jax.Array, pos: jax.Array) -> dict:
+        """Rows where ended [B] start a new document at position `pos` (the next one): start moves there."""
+        return {**cache, "start": jnp.where(ended, pos, cache["start"]).astype(jnp.int32)}

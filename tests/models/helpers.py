@@ -12,6 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import models
 from models import presets, sharding
+from models.documents import document_ids
 
 VOCAB = 64
 
@@ -69,21 +70,36 @@ def max_rel(a, b) -> float:
     return max(errs)
 
 
-@functools.partial(jit, static_argnums=0)
-def full_and_stepwise(graphdef, state, tok):
+def full_and_stepwise(graphdef, state, tok, separator: int | None = None):
     """Full-forward logits [B, T, V], and the same positions decoded one token at a time (and after a prefill
-    of the first half), all fp32."""
+    of the first half), all fp32.
+
+    separator: None (each row one sequence), or a token id ending documents: the forward takes the packer's
+    segment ids (models.documents.document_ids), the prefill the first half's, and decoding ends a document
+    after each separator (LanguageModel.end_documents), after the prefill too.
+    """
+    segment_ids = None if separator is None else jnp.asarray(document_ids(np.asarray(tok), separator))
+    return _full_and_stepwise(graphdef, state, jnp.asarray(tok), segment_ids, separator)
+
+
+@functools.partial(jit, static_argnums=(0, 4))
+def _full_and_stepwise(graphdef, state, tok, segment_ids, separator):
     model = nnx.merge(graphdef, state)
     b, t = tok.shape
+
+    def end(state, x):
+        return state if separator is None else model.end_documents(state, x == separator)
 
     def steps(state, toks):
         def body(state, x):
             logits, state = model.decode_step(x, state)
-            return state, logits
+            return end(state, x), logits
         return jnp.moveaxis(jax.lax.scan(body, state, toks.T)[1], 0, 1)
 
     stepwise = steps(model.init_decode_state(b, t), tok)
     half = t // 2
-    last, state = model.prefill(tok[:, :half], model.init_decode_state(b, t))
+    last, state = model.prefill(tok[:, :half], model.init_decode_state(b, t),
+                                None if segment_ids is None else segment_ids[:, :half])
+    state = end(state, tok[:, half - 1])
     after_prefill = jnp.concatenate([last[:, None], steps(state, tok[:, half:-1])], axis=1)  # positions half-1..t-2
-    return model(tok), stepwise, after_prefill
+    return model(tok, segment_ids=segment_ids), stepwise, after_prefill
