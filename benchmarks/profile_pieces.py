@@ -1,7 +1,8 @@
 """Where the fused kernel path's time goes: each stage of `lasp_jax.ops.pieces.forward` and `backward` (constant
 decay) and of `pieces_tokens.forward` and `backward` (per-token decay) timed alone under jit, the whole forward and
-forward+backward through `lasp_jax.linear_attention`, and the piece scans' former select formula (a copy kept here
-only) and two other forms next to the library's matmul.
+forward+backward through `lasp_jax.linear_attention`, and three XLA forms of the piece scans (the former select
+formula, a matmul without non-finite routing, the unrolled recurrence: kept here only) next to the library's
+scan kernel.
 
     python3 -m benchmarks.profile_pieces --out DIR [--impls pallas_mosaic,pallas_triton]
         [--shapes 1x65536x16x128,8x8192x32x128] [--iters 20] [--reps 5] [--copy-mib 2048]
@@ -10,25 +11,24 @@ only) and two other forms next to the library's matmul.
 
 Constant stages, in the order the driver runs them (constant TNL rates, scale d^-0.5, bf16 unit normals, no
 initial state nor end cotangent, so the scans take no boundary state):
-    forward   state_sums(K, V), boundary_sum (end), entering, output walk
-    backward  state_sums(Q, dO), boundary_sum (start), leaving, gradient walks
+    forward   state_sums(K, V), entering (pieces.from_zero: the scan kernel, which also gives m), output walk
+    backward  state_sums(Q, dO), leaving (pieces.from_zero reverse, which also gives d), gradient walks
 Each is its own jitted call on the previous stage's results (computed once, untimed), so the rows add up to the
 driver's work without its fusion across stages; "forward (sum)" and "backward (sum)" add them, next to the whole
 forward and forward+backward through linear_attention (impl named; the rates an argument of the jitted call, as
 in `measure.fwd_and_fwd_bwd`, so no decay is constant-folded). The scans also run in
-three other forms, on the same sums, for comparison: "select" (the formula before the matmul: a select over
-[B, H, P, P, Dk, Dv] summed over one P axis), "matmul, no routing" (the matmul on the raw sums: what the
-non-finite routing costs; not NaN-isolating) and "recurrence" (S_(p+1) = a S_p + m_p unrolled, stacked). Their
-rel_err is against the library's scan.
+three XLA forms, on the same sums, for comparison: "select" (the first library form: a select over
+[B, H, P, P, Dk, Dv] summed over one P axis), "matmul, no routing" (the [P, P] matmul at full float32
+precision of the second library form, without its routing of the non-finite parts: not NaN-isolating) and
+"recurrence" (S_(p+1) = a S_p + m_p unrolled, stacked). Their rel_err is against the library's scan.
 
 Per-token stages (`--decays tokens` or tokens/N: rates uniform in [0.001, 0.1] per (b, t, h) and N packed
 documents per row, `measure.decay_inputs`; the same inputs otherwise; rows in a table of their own):
     forward   tables (pieces_tokens.tables from the rates and starts: chunk tables, to_end, log decays),
-              state_sums_tokens (K, V; to_end weights), boundary_sum (end), entering, output_tokens walk
-    backward  tables (from_start in place of to_end), state_sums_tokens (Q, dO; scale from_start), boundary_sum
-              (start), leaving, grads_tokens walks, decay gradient (copy): the rest of pieces_tokens.backward after
-              grads_tokens that forms ds (crossing terms, _piece_suffix_sums, selects), timed through
-              `decay_gradient`, a faithful copy (its docstring names the refactor that would replace it)
+              state_sums_tokens (K, V; to_end weights), entering (the scan kernel, with m), output_tokens walk
+    backward  tables (from_start in place of to_end), state_sums_tokens (Q, dO; scale from_start), leaving (the
+              scan kernel, with d), grads_tokens walks, decay gradient (pieces_tokens.decay_gradient: the rest
+              of pieces_tokens.backward after grads_tokens, the crossing terms, piece suffix sums and selects)
 and the whole forward and forward+backward with the rates differentiated, whose row carries each result's
 relative error against an fp32 XLA run of the same inputs (`measure.fp32_reference`; ds the rates' gradient).
 `--max-piece-len L1,L2,...` runs the per-token rows once per L with pieces_tokens.MAX_PIECE_LEN set to L (a
@@ -70,12 +70,11 @@ SMOKE = dict(impls="pallas_mosaic_interpret,pallas_triton_interpret", shapes="1x
              copy_mib=1, decays="constant,tokens/2", max_piece_len="128,256")
 
 
-FORWARD = ("state_sums (K, V)", "boundary_sum (end)", "entering", "output walk")
-BACKWARD = ("state_sums (Q, dO)", "boundary_sum (start)", "leaving", "gradient walks")
-FORWARD_TOKENS = ("tables (forward)", "state_sums_tokens (K, V)", "boundary_sum (end)", "entering",
-                  "output_tokens walk")
-BACKWARD_TOKENS = ("tables (backward)", "state_sums_tokens (Q, dO)", "boundary_sum (start)", "leaving",
-                   "grads_tokens walks", "decay gradient (copy)")
+FORWARD = ("state_sums (K, V)", "entering", "output walk")
+BACKWARD = ("state_sums (Q, dO)", "leaving", "gradient walks")
+FORWARD_TOKENS = ("tables (forward)", "state_sums_tokens (K, V)", "entering", "output_tokens walk")
+BACKWARD_TOKENS = ("tables (backward)", "state_sums_tokens (Q, dO)", "leaving", "grads_tokens walks",
+                   "decay gradient")
 
 
 def _prefix_weights(rates, plan: pieces.Plan):
@@ -93,8 +92,9 @@ def select_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
 
 
 def unrouted_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
-    """The library's matmul on the raw sums, without its routing of the non-finite parts (so a later NaN would
-    reach earlier pieces through the zero weights): what the routing costs."""
+    """The scans as one [P, P] matmul at full float32 precision on the raw sums (the library's form before the
+    scan kernel, less its routing of the non-finite parts: a later NaN would reach earlier pieces through the
+    zero weights)."""
     b, h, n = sums.shape[:3]
     w = jnp.broadcast_to(_prefix_weights(rates, plan), (b, h, n, n))
     spec = "bhrj,bhrn->bhjn" if reverse else "bhrj,bhjn->bhrn"
@@ -132,9 +132,11 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: l
     time_it = _timer(rows, base, args, bandwidth_gbs)
 
     def scans(name, sums, reverse):
-        """The library's scan and the two comparison forms; returns the library's result."""
-        library = pieces.leaving if reverse else pieces.entering
-        got = time_it(name, lambda x, s: library(x, None, s, plan), (sums, rates), 2 * piece_sums)
+        """The library's scan (pieces.from_zero: the kernel, its boundary sum too) and the three XLA forms;
+        returns the library's per-piece result."""
+        got, _ = time_it(name, lambda x, s: pieces.from_zero(x, s, plan, reverse=reverse,
+                                                             interpret=backend.interpret),
+                         (sums, rates), 2 * piece_sums)
         for label, form in (("select", select_scan), ("matmul, no routing", unrouted_scan),
                             ("recurrence", recurrence_scan)):
             time_it(f"{name} ({label})", lambda x, s, form=form: form(x, s, plan, reverse=reverse), (sums, rates),
@@ -143,16 +145,12 @@ def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: l
 
     sums = time_it("state_sums (K, V)", lambda k, v, s: backend.state_sums(k, v, s, plan, reverse=False, scale=1.0),
                    (kp, vp, rates), 2 * tensor + piece_sums)
-    time_it("boundary_sum (end)", lambda x, s: pieces.boundary_sum(x, s, plan, from_end=True), (sums, rates),
-            piece_sums)
     pieces_in = scans("entering", sums, reverse=False)
     time_it("output walk", lambda q, k, v, s, p: backend.output(q, k, v, s, p, plan, scale),
             (qp, kp, vp, rates, pieces_in), 4 * tensor + piece_sums)
     grad_sums = time_it("state_sums (Q, dO)",
                         lambda q, do, s: backend.state_sums(q, do, s, plan, reverse=True, scale=scale),
                         (qp, dop, rates), 2 * tensor + piece_sums)
-    time_it("boundary_sum (start)", lambda x, s: pieces.boundary_sum(x, s, plan, from_end=False), (grad_sums, rates),
-            piece_sums)
     pieces_out = scans("leaving", grad_sums, reverse=True)
     time_it("gradient walks", lambda q, k, v, do, s, p, g: backend.grads(q, k, v, do, s, p, g, plan, scale),
             (qp, kp, vp, dop, rates, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums)
@@ -194,35 +192,6 @@ def _add_sums(rows: list[dict], first: int, base: dict, forward: tuple[str, ...]
 
 def _attend(q, k, v, rates, *, impl, scale):
     return lasp_jax.linear_attention(q, k, v, rates, scale=scale, impl=impl)
-
-
-def decay_gradient(x, tok: states.TokenDecay, starts, counts, pieces_in, pieces_out, m, s_in, g,
-                   plan: pieces.Plan):
-    """A FAITHFUL COPY (not the library's code path) of the decay-gradient assembly in pieces_tokens.backward:
-    its lines after grads_tokens that form ds (the crossing terms <S_(p+1), G_p>, _piece_suffix_sums and the
-    selects; the dq, dk, dv lines are left out: at MHA they are a slice of the front pad, nothing when pad = 0).
-    Kept here only to time that part alone: pieces_tokens has no function of its own for it, and this profile
-    may not change it. The refactor that would replace this copy: move these lines into
-    `pieces_tokens.decay_gradient(x, tok, starts, counts, pieces_in, pieces_out, m, s_in, g, plan) -> ds` and
-    call it from backward as `ds = decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in,
-    g, plan)`. tests/test_profile_pieces.py checks this copy against backward's ds.
-
-    x [B, H, T] float32 (grads_tokens' k.dk - q.dq, T padded); starts [B, T] bool and counts [B, T] int32 padded
-    (pieces_tokens._padded, ChunkTables.counts); pieces_in, pieces_out [B, H, P, Dk, Dv] float32; m, s_in, g
-    [B, H, Dk, Dv] float32 (s_in, g: None for zero) -> ds [B, T_unpadded, H] float32 (the module docstring of
-    pieces_tokens: every sum float32)."""
-    b, h = x.shape[:2]
-    crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
-    if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
-        last = jnp.zeros((b, h, 1), jnp.float32)
-    else:
-        s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
-        last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
-    crossing = jnp.concatenate([crossing, last], axis=2)
-    ds = pieces_tokens._piece_suffix_sums(x, starts, plan) - jnp.where(
-        pieces_tokens._in_last_of_piece(counts, plan)[..., None], jnp.moveaxis(crossing, 1, 2)[:, :, None], 0.0)
-    ds = ds.reshape(b, -1, h)[:, plan.pad:]
-    return jnp.where(tok.starts[..., None], 0.0, ds)
 
 
 @contextlib.contextmanager
@@ -282,10 +251,8 @@ def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, a
                                            tables_moved)
         sums = time_it("state_sums_tokens (K, V)", lambda k, v, w: backend.state_sums_tokens(k, v, w, plan),
                        (kp, vp, to_end), 2 * tensor + table + piece_sums)
-        time_it("boundary_sum (end)", lambda x, a: pieces.boundary_sum(x, a, plan, from_end=True), (sums, log_decay),
-                piece_sums)
-        pieces_in = time_it("entering", lambda x, a: pieces.entering(x, None, a, plan), (sums, log_decay),
-                            2 * piece_sums)
+        scan = functools.partial(pieces.from_zero, plan=plan, interpret=backend.interpret)
+        pieces_in, _ = time_it("entering", lambda x, a: scan(x, a, reverse=False), (sums, log_decay), 2 * piece_sums)
         walk_tables = 3 * table + per_position
         time_it("output_tokens walk", lambda q, k, v, c, p: backend.output_tokens(q, k, v, c, p, plan, scale),
                 (qp, kp, vp, chunk, pieces_in), 4 * tensor + piece_sums + walk_tables)
@@ -294,16 +261,14 @@ def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, a
         grad_sums = time_it("state_sums_tokens (Q, dO)",
                             lambda q, do, w: backend.state_sums_tokens(q, do, scale * w, plan),
                             (qp, dop, from_start), 2 * tensor + table + piece_sums)
-        time_it("boundary_sum (start)", lambda x, a: pieces.boundary_sum(x, a, plan, from_end=False),
-                (grad_sums, log_decay), piece_sums)
-        pieces_out = time_it("leaving", lambda x, a: pieces.leaving(x, None, a, plan), (grad_sums, log_decay),
-                             2 * piece_sums)
+        pieces_out, _ = time_it("leaving", lambda x, a: scan(x, a, reverse=True), (grad_sums, log_decay),
+                                2 * piece_sums)
         _, _, _, x = time_it(
             "grads_tokens walks",
             lambda q, k, v, do, c, p, g: backend.grads_tokens(q, k, v, do, c, p, g, plan, scale),
             (qp, kp, vp, dop, chunk, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums + walk_tables + table)
-        time_it("decay gradient (copy)",
-                lambda x, tok, s, c, p, g: decay_gradient(x, tok, s, c, p, g, None, None, None, plan),
+        time_it("decay gradient",
+                lambda x, tok, s, c, p, g: pieces_tokens.decay_gradient(x, tok, s, c, p, g, None, None, None, plan),
                 (x, tok, starts, chunk.counts, pieces_in, pieces_out), 2 * table + 2 * piece_sums + per_position)
         _add_sums(rows, first, base, FORWARD_TOKENS, BACKWARD_TOKENS)
 

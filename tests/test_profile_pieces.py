@@ -1,7 +1,9 @@
-"""benchmarks/profile_pieces.py's per-token pieces: its copy of the decay-gradient assembly must stay what
-pieces_tokens.backward runs (a drift would time the wrong thing), and its MAX_PIECE_LEN knob must reach the plan
-and be undone. The copy is checked on a backend of plain XLA sums (the assembly reads only the kernels' outputs),
-on a ragged T (front pad), three documents, and with and without the boundary states."""
+"""benchmarks/profile_pieces.py's per-token pieces: the backward's stages it times one by one (the Q, dO state
+pass, the reverse piece scan and `pieces_tokens.decay_gradient` after the gradient walks) must compose to what
+pieces_tokens.backward runs (a drift, e.g. a term fused into another stage, would time the wrong thing), and its
+MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums (the decay gradient
+reads only the kernels' outputs), on a ragged T (front pad), three documents, and with and without the boundary
+states."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,10 @@ PLAN = pieces.Plan(chunk=8, pieces=4, piece_len=16, pad=4)
 
 
 class _SumsBackend:
-    """A TokenBackend whose state pass is an einsum and whose gradient walks return fixed rows x."""
+    """A TokenBackend whose state pass is an einsum and whose gradient walks return fixed rows x (its piece
+    scans: the scan kernel interpreted)."""
+
+    interpret = True
 
     def __init__(self, x):
         self.x = x
@@ -34,7 +39,7 @@ class _SumsBackend:
 
 
 @pytest.mark.parametrize("boundary", [False, True])
-def test_decay_gradient_copy_is_backwards_assembly(rng, boundary):
+def test_timed_stages_compose_to_the_backward(rng, boundary):
     q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32) for _ in range(4))
     rates = jnp.asarray(rng.uniform(0.001, 0.1, (B, T, H)), jnp.float32)
     ids = jnp.asarray(np.repeat([[0] * 20 + [1] * 25 + [2] * 15], B, axis=0), jnp.int32)  # starts in pieces 1, 3
@@ -53,16 +58,17 @@ def test_decay_gradient_copy_is_backwards_assembly(rng, boundary):
                                       0.5)[5]
 
     @jax.jit
-    def copy(q, do, tok, pieces_in, m, s_in, g):  # backward's steps up to grads_tokens, then the profile's copy
+    def stages(q, do, tok, pieces_in, m, s_in, g):  # the profile's backward stages, each called as it calls them
         rates_p, starts = pieces_tokens._padded(tok, PLAN)
         chunk, weights = pieces_tokens.tables(rates_p, starts, PLAN)
         sums = backend.state_sums_tokens(*(pieces.front_pad(y, PLAN.pad) for y in (q, do)),
                                          0.5 * weights.from_start, PLAN)
-        pieces_out = pieces.leaving(sums, g, weights.log_decay, PLAN)
-        return profile_pieces.decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, PLAN)
+        from_end, _ = pieces.from_zero(sums, weights.log_decay, PLAN, reverse=True, interpret=backend.interpret)
+        pieces_out = pieces.plus_boundary(from_end, g, weights.log_decay, PLAN, reverse=True)
+        return pieces_tokens.decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, PLAN)
 
     want = library(q, k, v, do, tok, pieces_in, m, s_in, g)
-    got = copy(q, do, tok, pieces_in, m, s_in, g)
+    got = stages(q, do, tok, pieces_in, m, s_in, g)
     assert got.shape == (B, T, H) and np.abs(np.asarray(want)).max() > 0
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

@@ -2,14 +2,14 @@
 
 One kernel program (or CTA) per (batch, head, piece, ...) walks the chunks of its piece with the d_k x d_v state
 on chip. A sequence of T positions is cut into P pieces of whole chunks (`Plan`), so that the launches fill the
-GPU even at B = 1, H = 16; only tiny [P, P] scans over the pieces' states run between the passes:
+GPU even at B = 1, H = 16; only a recurrence over the pieces' states runs between the passes:
 
     forward   state pass   m_p   = sum_{x in p} lambda^(end_p - x) k_x^T v_x                  (backend.state_sums)
-              piece scan   S_p   = lambda^(L p) S_in + sum_{j < p} lambda^(L (p - 1 - j)) m_j  (`entering`, XLA)
+              piece scan   S_p   = lambda^(L p) S_in + sum_{j < p} lambda^(L (p - 1 - j)) m_j  (`entering`)
               output walk  O     = chunkwise scale [(Q K^T) * M] V + scale lambda^i Q S        (backend.output)
     backward  mirrored:    d_p   = scale sum_{x in p} lambda^(x - start_p) q_x^T dO_x          (backend.state_sums)
               reverse scan G_p   = lambda^(L (P - 1 - p)) G + sum_{j > p} lambda^(L (j - p - 1)) d_j  (`leaving`)
-              dQ walks forward from S_p; dK and dV walk backward from G_p                      (backend.grads)
+              dQ walks forward from S_p; dK and dV walks backward from G_p                      (backend.grads)
 
 The incoming state S_in and the end-state cotangent G (from another device, or the caller's initial and final
 states) enter only the piece scans, so lasp_attention costs no extra pass over the tokens. The piece states S_p
@@ -21,12 +21,16 @@ the separate products of `lasp_jax.ops.states` instead.
 The piece scans also take per-piece log decays [B, H, P] instead of the rates (the per-token driver: a piece
 passes exp(-its log decay), exactly 0 when a document starts in it); see `entering`.
 
-Numerics: the scans are float32 (a batched matmul at full float32 precision, `_scan`), every decay exp(-x) of
-a sum x >= 0 of the pieces' log decays (`_chain`). A non-finite later piece never reaches an earlier one: the
-matmul sees only the finite parts of the sums, and the non-finite parts reach the later pieces through an
-exclusive running sum that stops at a piece passing nothing (a document start, or a decay underflowing to 0), so
-a NaN does not cross a document start either; the boundary states (S_in, G, the boundary sums) select by their
-weights in the same way.
+Numerics and cost: a scan is one pass of a Pallas kernel (`lasp_jax.ops.piece_scan_kernel`, compiled with the
+Triton lowering on a GPU, interpreted where the backend is) over the float32 sums: S_(p+1) = a_p S_p + m_p from
+S_0 = 0, one program per (batch, head, Dk row tile), which reads each sum and writes each state once (the bytes
+floor: 2 x 4 B x H x P x Dk x Dv) and also gives the end state m (the cotangent of S_in d, reverse) in the same
+pass, so the forward has no separate boundary sum. S_in's and G's shares are added after (`plus_boundary`),
+since S_in may depend on m (lasp_attention). Each decay is exp(-x) of a sum x >= 0 of the pieces' log decays
+(`_chain`). A state passes a piece by states.decayed's rule (where(a == 0, 0, a S)): a non-finite sum reaches
+only the later pieces, and none past a piece passing nothing (a document start, or a decay underflowing to 0),
+so a NaN does not cross a document start; a NaN decay is no cut; the boundary states select by their weights in
+the same way.
 """
 
 from __future__ import annotations
@@ -37,10 +41,9 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.ops import states
+from lasp_jax.ops import piece_scan_kernel, states
 
 _F32 = jnp.float32
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +78,10 @@ class Saved(NamedTuple):
 class Backend(Protocol):
     """A kernel family's passes over padded inputs (T = P * piece_len; q [B, T, Hq, Dk], k [B, T, Hk, Dk],
     v [B, T, Hv, Dv], dO [B, T, H, Dv], H = max(Hq, Hv) the heads of the rates: output head h reads head
-    h // (H / Hx) of each input)."""
+    h // (H / Hx) of each input). interpret: whether its kernels run in Pallas interpret mode (then the piece
+    scans do too; else they compile for the GPU the kernels run on)."""
+
+    interpret: bool
 
     def plan(self, q, v) -> Plan:
         """How these inputs are cut into pieces."""
@@ -107,62 +113,51 @@ def front_pad(x, pad: int):
 
 
 class _Chain(NamedTuple):
-    """How states decay between the pieces' boundaries (each [1 or B, H, ...] float32, every entry exp(-x), x >= 0):
-    between [.., P, P] w[i, j], from the end of piece i to the start of piece j (0 unless i < j); from_start
-    [.., P], from the call's start to the start of piece p; to_end [.., P], from the end of piece p to the call's
-    end."""
+    """How states decay across the pieces (each [1 or B, H, P] float32, every entry exp(-x), x >= 0): decays, each
+    piece's own (the recurrence's a_p); from_start, from the call's start to the start of piece p; to_end, from
+    the end of piece p to the call's end."""
 
-    between: jax.Array
+    decays: jax.Array
     from_start: jax.Array
     to_end: jax.Array
-    passes: jax.Array  # [.., P] bool: piece p passes a state on (its decay is not 0)
 
 
 def _chain(decay, plan: Plan) -> _Chain:
-    """The decays between boundaries from rates [H] (each piece: exp(-rate * piece_len)) or per-piece log decays
-    [B, H, P] (piece p: exp(-decay[b, h, p]); +inf passes nothing). Boundary i sits before piece i (boundary P
-    after the last); the log decay from boundary i to k >= i is the sum over pieces i..k-1, a sum of terms >= 0
-    from its first term on (never a difference of two running sums), so +inf gives exactly 0 and never NaN."""
+    """The decays of rates [H] (each piece: exp(-rate * piece_len)) or per-piece log decays [B, H, P] (piece p:
+    exp(-decay[b, h, p]); +inf passes nothing). The log decay from the start to piece p (from piece p to the end)
+    is a running sum of the pieces' terms >= 0 from the call's boundary (never a difference of two running
+    sums), so +inf gives exactly 0 and never NaN."""
     n = plan.pieces
     decay = jnp.asarray(decay, _F32)
     if decay.ndim != 1 and (decay.ndim != 3 or decay.shape[2] != n):
         raise ValueError(f"decay must be rates [H] or per-piece log decays [B, H, P={n}]; got shape {decay.shape}")
-    i = jnp.arange(n + 1)[:, None]
-    k = jnp.arange(n + 1)[None, :]
     if decay.ndim == 1:
-        log_gap = decay[None, :, None, None] * (plan.piece_len * jnp.maximum(k - i, 0).astype(_F32))
-    else:
-        from_i = jnp.where(k[:, :n] >= i, decay[:, :, None, :], 0.0)  # [B, H, i, piece]: the pieces from i on
-        log_gap = jnp.pad(jnp.cumsum(from_i, axis=-1), ((0, 0), (0, 0), (0, 0), (1, 0)))  # [B, H, i, k]
-    w = jnp.where(k >= i, jnp.exp(-log_gap), 0.0)
-    passes = jnp.diagonal(w[..., :n, 1:], axis1=-2, axis2=-1) != 0  # piece p's decay; a NaN one is not a cut
-    return _Chain(between=w[..., 1:, :n], from_start=w[..., 0, :n], to_end=w[..., 1:, n], passes=passes)
+        decay = jnp.broadcast_to(decay[None, :, None] * plan.piece_len, (1, decay.shape[0], n))
+    before = jnp.cumsum(jnp.pad(decay[..., :-1], ((0, 0), (0, 0), (1, 0))), axis=-1)
+    after = jnp.flip(jnp.cumsum(jnp.pad(jnp.flip(decay, -1)[..., :-1], ((0, 0), (0, 0), (1, 0))), axis=-1), -1)
+    return _Chain(jnp.exp(-decay), jnp.exp(-before), jnp.exp(-after))
 
 
-def _scan(w, passes, sums, *, reverse: bool):
-    """The exclusive decayed prefix over pieces, out[j] = sum_i w[i, j] x[i] (or the suffix when reverse,
-    out[i] = sum_j w[i, j] x[j]) of sums [B, H, P, Dk, Dv], float32: one batched matmul at full float32 precision
-    over the finite parts (w's zeros then multiply finite numbers only), and the non-finite parts carried to the
-    later pieces (earlier, when reverse) by a running sum that a piece passing nothing (passes [1 or B, H, P]
-    False: a document starts in it, its decay is exactly 0) cuts, by states.decayed's rule: a NaN never crosses a
-    document start, while a NaN decay (a traced NaN rate) is no cut and keeps the NaN going."""
-    b, h, n = sums.shape[:3]
-    x = sums.astype(_F32).reshape(b, h, n, -1)
-    finite = jnp.isfinite(x)
-    spec = "bhij,bhjn->bhin" if reverse else "bhij,bhin->bhjn"
-    out = jnp.einsum(spec, jnp.broadcast_to(w, (b, h, n, n)), jnp.where(finite, x, 0.0), precision=_HIGHEST)
-    cut = jnp.broadcast_to(~passes, (b, h, n))[..., None]
+def _interpreted(interpret: bool | None) -> bool:
+    """interpret, or, when None, whether JAX's default backend is not a GPU (where the scan kernel compiles)."""
+    return jax.default_backend() != "gpu" if interpret is None else interpret
 
-    def combine(earlier, later):  # in scan order; a cut drops what came before it
-        (c1, x1), (c2, x2) = earlier, later
-        return c1 | c2, jnp.where(c2, x2, x1 + x2)
 
-    _, running = jax.lax.associative_scan(combine, (cut, jnp.where(finite, 0.0, x)), axis=2, reverse=reverse)
-    if reverse:
-        exclusive = jnp.pad(running[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))
-    else:
-        exclusive = jnp.pad(running[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
-    return (out + exclusive).reshape(sums.shape)
+def from_zero(sums, decay, plan: Plan, *, reverse: bool, interpret: bool | None = None):
+    """The piece scan from a zero boundary state, one pass of `piece_scan_kernel` over the sums [B, H, P, Dk, Dv]:
+
+        forward  out[p] = sum_{j < p} (prod_{j < q < p} a_q) m_j,  end = sum_p (prod_{q > p} a_q) m_p
+        reverse  out[p] = sum_{r > p} (prod_{p < q < r} a_q) d_r,  end = sum_p (prod_{q < p} a_q) d_p
+
+    Returns (out [B, H, P, Dk, Dv], end [B, H, Dk, Dv]) float32: the states entering the pieces from zero and the
+    end state from zero m (forward), or the cotangents leaving the pieces from a zero end cotangent and the
+    cotangent of S_in d (reverse). decay as in `entering`. A non-finite sum reaches only the pieces after its own
+    (before it, reverse), and none past a document start. interpret: the kernel in Pallas interpret mode; None:
+    interpreted unless JAX's default backend is a GPU (the drivers pass their backend's)."""
+    chain = _chain(decay, plan)
+    b, h = sums.shape[:2]
+    decays = jnp.broadcast_to(chain.decays, (b, h, plan.pieces))
+    return piece_scan_kernel.scan(sums, decays, reverse=reverse, interpret=_interpreted(interpret))
 
 
 def _weighted(weights, x):
@@ -172,14 +167,18 @@ def _weighted(weights, x):
     return jnp.where(w != 0, w * x, 0.0)
 
 
-def _plus_share(per_piece, weights, state):
-    """per_piece [B, H, P, Dk, Dv] plus each piece's weights [1 or B, H, P] times state [B, H, Dk, Dv] (None: 0)."""
+def plus_boundary(per_piece, state, decay, plan: Plan, *, reverse: bool):
+    """`from_zero`'s per-piece result [B, H, P, Dk, Dv] plus the boundary state's share [B, H, Dk, Dv] (None: 0):
+    S_in's (prod_{q < p} a_q) S_in, or, reverse, G's (prod_{q > p} a_q) G, selected to 0 where the product is 0
+    (a non-finite S_in or G does not cross a document start)."""
     if state is None:
         return per_piece
+    chain = _chain(decay, plan)
+    weights = chain.to_end if reverse else chain.from_start
     return per_piece + _weighted(weights, state[:, :, None].astype(_F32))
 
 
-def entering(sums, s_in, decay, plan: Plan):
+def entering(sums, s_in, decay, plan: Plan, interpret: bool | None = None):
     """The state entering each piece [B, H, P, Dk, Dv] float32 from the K, V sums m [B, H, P, Dk, Dv] (each
     piece's end state from zero) and S_in [B, H, Dk, Dv] (None: zero):
 
@@ -187,24 +186,13 @@ def entering(sums, s_in, decay, plan: Plan):
 
     decay: rates [H] float32 (constant decay: every piece passes a = exp(-rate * plan.piece_len)), or per-piece
     log decays [B, H, P] float32 >= 0 (a_p = exp(-decay[b, h, p]); +inf where a document starts in piece p: it
-    passes nothing, its product is exactly 0). Every product is exp(-(sum of the log decays)) (see `_chain`).
-    A non-finite m_j reaches only the pieces after j, and none past a document start (`_scan`)."""
-    chain = _chain(decay, plan)
-    from_zero = (_scan(chain.between, chain.passes, sums, reverse=False) if plan.pieces > 1
-                 else jnp.zeros(sums.shape, _F32))
-    return _plus_share(from_zero, chain.from_start, s_in)
+    passes nothing, its product is exactly 0). A non-finite m_j reaches only the pieces after j, and none past a
+    document start. `from_zero` then `plus_boundary` (the drivers split them: S_in may depend on the end state)."""
+    per_piece, _ = from_zero(sums, decay, plan, reverse=False, interpret=interpret)
+    return plus_boundary(per_piece, s_in, decay, plan, reverse=False)
 
 
-def boundary_sum(sums, decay, plan: Plan, *, from_end: bool):
-    """The per-piece sums [B, H, P, Dk, Dv] carried to the call's boundary [B, H, Dk, Dv] float32: its end
-    (from_end: sum_p (prod_{q > p} a_q) m_p, the end state from zero) or its start (sum_p (prod_{q < p} a_q) d_p,
-    the cotangent of S_in). decay as in `entering`."""
-    chain = _chain(decay, plan)
-    w = chain.to_end if from_end else chain.from_start
-    return jnp.sum(_weighted(w, sums.astype(_F32)), axis=2)
-
-
-def leaving(sums, g, decay, plan: Plan):
+def leaving(sums, g, decay, plan: Plan, interpret: bool | None = None):
     """The state cotangent leaving each piece [B, H, P, Dk, Dv] float32 from the Q, dO sums d [B, H, P, Dk, Dv]
     (each piece's cotangent of its entering state, from a zero end cotangent) and the end state's cotangent g
     [B, H, Dk, Dv] (None: zero), `entering` mirrored:
@@ -212,10 +200,8 @@ def leaving(sums, g, decay, plan: Plan):
         G_p = sum_{r > p} (prod_{p < q < r} a_q) d_r + (prod_{q > p} a_q) g
 
     decay as in `entering`. A non-finite d_r reaches only the pieces before r, and none before a document start."""
-    chain = _chain(decay, plan)
-    from_end = (_scan(chain.between, chain.passes, sums, reverse=True) if plan.pieces > 1
-                else jnp.zeros(sums.shape, _F32))
-    return _plus_share(from_end, chain.to_end, g)
+    per_piece, _ = from_zero(sums, decay, plan, reverse=True, interpret=interpret)
+    return plus_boundary(per_piece, g, decay, plan, reverse=True)
 
 
 def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
@@ -231,10 +217,10 @@ def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
     plan = backend.plan(q, v)
     q_pad, k_pad, v_pad = (front_pad(x, plan.pad) for x in (q, k, v))
     sums = backend.state_sums(k_pad, v_pad, rates, plan, reverse=False, scale=1.0)
-    m = boundary_sum(sums, rates, plan, from_end=True)
+    from_start, m = from_zero(sums, rates, plan, reverse=False, interpret=backend.interpret)
     s_in = None if incoming is None else incoming(m)
     fused = plan.pad == 0
-    pieces_in = entering(sums, s_in if fused else None, rates, plan)
+    pieces_in = plus_boundary(from_start, s_in if fused else None, rates, plan, reverse=False)
     o = backend.output(q_pad, k_pad, v_pad, rates, pieces_in, plan, scale)[:, plan.pad:]
     unfused_s_in = None if fused else s_in
     if unfused_s_in is not None:
@@ -257,12 +243,11 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (front_pad(x, plan.pad) for x in (q, k, v, do))
     sums = backend.state_sums(q_pad, do_pad, rates, plan, reverse=True, scale=scale)
-    if fused:
-        d = boundary_sum(sums, rates, plan, from_end=False)
-    else:
+    from_end, d = from_zero(sums, rates, plan, reverse=True, interpret=backend.interpret)
+    if not fused:
         d = states.query_state_grad(q, do, rates, scale)
     g = None if outgoing is None else outgoing(d)
-    pieces_out = leaving(sums, g if fused else None, rates, plan)
+    pieces_out = plus_boundary(from_end, g if fused else None, rates, plan, reverse=True)
     dq, dk, dv = backend.grads(q_pad, k_pad, v_pad, do_pad, rates, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = (input_heads(x[:, plan.pad:], n.shape[2]) for x, n in ((dq, q), (dk, k), (dv, v)))
     if unfused_s_in is not None:

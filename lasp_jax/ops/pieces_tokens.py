@@ -61,9 +61,14 @@ _F32 = jnp.float32
 # instead of sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H
 # (T / 512 pieces per (batch, head) in the state passes' and walks' grids, each a shorter loop) and a larger
 # float32 residual, the states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB,
-# 8 MB per (batch, head), where the Triton plan at B = 1, H = 16 has 8). Timed on an H200 (T = 64K, B = 1,
-# H = 16, d = 128, bf16, the Mosaic token walks): 1.383 ms forward, 4.347 ms forward + backward, the rates'
-# gradient's relative error 6.7e-3 against float32 XLA (benchmarks/results/ops_gpu_h200_s8_tokens.md).
+# 8 MB per (batch, head), where the Triton plan at B = 1, H = 16 has 8), which the piece scans and the decay
+# gradient pass over: each scan (pieces.from_zero, a kernel) reads the sums and writes the states once, 2 x 128 MB
+# at B = 1, H = 16; the decay gradient's crossing terms read the states and their cotangents, 256 MB. Timed on an
+# H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks) with the former XLA piece scans (a [P, P]
+# matmul and the non-finite routing: 0.57 ms each at P = 128, benchmarks/profile_pieces.py): 1.383 ms forward,
+# 4.347 ms forward + backward, the rates' gradient's relative error 6.7e-3 against float32 XLA
+# (benchmarks/results/ops_gpu_h200_s8_tokens.md); the scan kernel's times are not measured yet (`python3 -m
+# benchmarks.profile_pieces --impls pallas_mosaic --shapes 1x65536x16x128 --decays tokens --max-piece-len 512`).
 MAX_PIECE_LEN = 512
 
 
@@ -118,7 +123,9 @@ class Saved(NamedTuple):
 class TokenBackend(Protocol):
     """A kernel family's passes under per-token decay, over front-padded inputs (T = P * piece_len; q, k, v of
     Hq, Hk, Hv heads and dO of H = max(Hq, Hv), as in pieces.Backend: output head h reads head h // (H / Hx) of
-    each input; tables per output head). `plan` is pieces.Backend's."""
+    each input; tables per output head). `plan` and `interpret` are pieces.Backend's."""
+
+    interpret: bool
 
     def plan(self, q, v) -> pieces.Plan:
         """How these inputs are cut into pieces."""
@@ -231,9 +238,9 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
-    m = pieces.boundary_sum(sums, weights.log_decay, plan, from_end=True)
+    from_start, m = pieces.from_zero(sums, weights.log_decay, plan, reverse=False, interpret=backend.interpret)
     s_in = None if incoming is None else incoming(m)
-    pieces_in = pieces.entering(sums, s_in, weights.log_decay, plan)
+    pieces_in = pieces.plus_boundary(from_start, s_in, weights.log_decay, plan, reverse=False)
     o = backend.output_tokens(q_pad, k_pad, v_pad, chunk, pieces_in, plan, scale)[:, plan.pad:]
     return o, m, s_in, Saved(pieces_in, m, s_in)
 
@@ -249,18 +256,33 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
       cotangent; the module docstring).
     """
     pieces_in, m, s_in = saved
-    b, h = q.shape[0], tok.rates.shape[2]
     plan = bounded_plan(backend, q, v)
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
     rates, starts = _padded(tok, plan)
     chunk, weights = tables(rates, starts, plan)
     sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
-    d = pieces.boundary_sum(sums, weights.log_decay, plan, from_end=False)
+    from_end, d = pieces.from_zero(sums, weights.log_decay, plan, reverse=True, interpret=backend.interpret)
     g = None if outgoing is None else outgoing(d)
-    pieces_out = pieces.leaving(sums, g, weights.log_decay, plan)
+    pieces_out = pieces.plus_boundary(from_end, g, weights.log_decay, plan, reverse=True)
     dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = (pieces.input_heads(y[:, plan.pad:], n.shape[2]) for y, n in ((dq, q), (dk, k), (dv, v)))
+    ds = decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, plan)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
+
+
+def decay_gradient(x, tok: states.TokenDecay, starts, counts, pieces_in, pieces_out, m, s_in, g, plan: pieces.Plan):
+    """The rates' cotangent ds [B, T, H] float32 (T unpadded) from the gradient walks' rows and the piece states
+    (the module docstring's decay gradient): each piece's suffix sums of x within u's document, minus the
+    crossing term <S_(p+1), G_p> for u in the piece's last document, 0 at a document start.
+
+    Args:
+      x [B, H, T] float32 (grads_tokens' k.dk - q.dq, T padded); tok: the piece's states.TokenDecay; starts
+      [B, T] bool and counts [B, T] int32 (padded: `_padded`, ChunkTables.counts); pieces_in, pieces_out
+      [B, H, P, Dk, Dv] float32 (the states entering the pieces and the cotangents leaving them); m [B, H, Dk, Dv]
+      float32 the end state from zero; s_in, g [B, H, Dk, Dv] float32 or None (zero).
+    """
+    b, h = x.shape[:2]
     crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
     if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
         last = jnp.zeros((b, h, 1), _F32)
@@ -268,11 +290,10 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
         s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
         last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
     crossing = jnp.concatenate([crossing, last], axis=2)
-    ds = _piece_suffix_sums(x, starts, plan) - jnp.where(_in_last_of_piece(chunk.counts, plan)[..., None],
+    ds = _piece_suffix_sums(x, starts, plan) - jnp.where(_in_last_of_piece(counts, plan)[..., None],
                                                           jnp.moveaxis(crossing, 1, 2)[:, :, None], 0.0)
     ds = ds.reshape(b, -1, h)[:, plan.pad:]
-    ds = jnp.where(tok.starts[..., None], 0.0, ds)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
+    return jnp.where(tok.starts[..., None], 0.0, ds)
 
 
 class DrivenTokens:

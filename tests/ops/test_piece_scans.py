@@ -1,19 +1,28 @@
-"""The piece scans of the fused kernel path (`lasp_jax.ops.pieces`: entering, leaving, boundary_sum) against a
-float64 loop over the pieces, for constant rates [H] and per-piece log decays [B, H, P] (+inf: a document starts
-in the piece), and their NaN isolation: a non-finite sum reaches only the pieces after its own (before it, for
-the cotangents), and a document start passes exactly nothing.
+"""The piece scans of the fused kernel path (`lasp_jax.ops.pieces`: entering, leaving, from_zero's boundary sums;
+the scan kernel of `lasp_jax.ops.piece_scan_kernel` in Pallas interpret mode) against a float64 loop over the
+pieces, for constant rates [H] and per-piece log decays [B, H, P] (+inf: a document starts in the piece; up to
+P = 128 pieces, whose products underflow), and their NaN isolation: a non-finite sum reaches only the pieces
+after its own (before it, for the cotangents), a document start passes exactly nothing, while a product of
+nonzero decays that underflows and a NaN decay are no cut. The kernel itself: row tiles of Dk, its argument
+checks, and its lowering to Triton IR without a GPU.
 
 Worst relative error measured against float64 (max |got - want| / max |want|, seeds 0-2, every case below):
-1.3e-7 (float32 rounding of the sums and decays); TOL is 3x that."""
+1.2e-7 up to P = 7 (float32 rounding of the sums and decays), TOL 3x that; 5.6e-7 at P = 128 (constant rates,
+a head of rate 0: a running float32 sum of 128 unit normals), TOL_LONG under 3x that."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
+from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from benchmarks import profile_pieces
-from lasp_jax.ops import pieces
+from lasp_jax.ops import piece_scan_kernel, pieces
 
 TOL = 4e-7
+TOL_LONG = 1.5e-6  # P = 128
 B, H, DK, DV, PIECE_LEN = 2, 3, 4, 5, 16
 
 
@@ -61,7 +70,7 @@ DECAYS = {
 }
 
 
-@pytest.mark.parametrize("n", [1, 2, 7])
+@pytest.mark.parametrize("n", [1, 2, 7, 128])
 @pytest.mark.parametrize("kind", DECAYS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_scans_match_a_float64_loop(kind, n, with_state, rng):
@@ -73,13 +82,14 @@ def test_scans_match_a_float64_loop(kind, n, with_state, rng):
     leave_want, start_want = _loop(sums, state, decay, reverse=True)
     enter = pieces.entering(sums, state, decay, plan)
     leave = pieces.leaving(sums, state, decay, plan)
+    tol = TOL if n <= 7 else TOL_LONG
     assert enter.dtype == leave.dtype == jnp.float32 and enter.shape == leave.shape == sums.shape
-    assert _rel(enter, enter_want) < TOL and _rel(leave, leave_want) < TOL
-    # boundary_sum carries the sums alone (no state) to the call's end, or its start
+    assert _rel(enter, enter_want) < tol and _rel(leave, leave_want) < tol
+    # from_zero also carries the sums alone (no state) to the call's end, or its start
     _, end_from_zero = _loop(sums, None, decay, reverse=False)
     _, start_from_zero = _loop(sums, None, decay, reverse=True)
-    assert _rel(pieces.boundary_sum(sums, decay, plan, from_end=True), end_from_zero) < TOL
-    assert _rel(pieces.boundary_sum(sums, decay, plan, from_end=False), start_from_zero) < TOL
+    assert _rel(pieces.from_zero(sums, decay, plan, reverse=False)[1], end_from_zero) < tol
+    assert _rel(pieces.from_zero(sums, decay, plan, reverse=True)[1], start_from_zero) < tol
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -122,8 +132,8 @@ def test_a_document_start_passes_exactly_nothing(huge, rng):
     leave = np.asarray(pieces.leaving(after, huge * state, decay, plan))
     leave_cut = np.asarray(pieces.leaving(sums.at[:, :, c + 1:].set(0.0), None, decay, plan))
     np.testing.assert_array_equal(leave[:, :, :c], leave_cut[:, :, :c])
-    end = pieces.boundary_sum(before, decay, plan, from_end=True)
-    np.testing.assert_array_equal(end, pieces.boundary_sum(sums.at[:, :, :c].set(0.0), decay, plan, from_end=True))
+    end = pieces.from_zero(before, decay, plan, reverse=False)[1]
+    np.testing.assert_array_equal(end, pieces.from_zero(sums.at[:, :, :c].set(0.0), decay, plan, reverse=False)[1])
 
 
 def test_a_wrong_decay_shape_is_named():
@@ -142,3 +152,66 @@ def test_the_former_select_formula_agrees(rng):
         want = np.asarray(library(sums, None, rates, _plan(n)), np.float64)
         for form in (profile_pieces.select_scan, profile_pieces.unrouted_scan, profile_pieces.recurrence_scan):
             assert _rel(form(sums, rates, _plan(n), reverse=reverse), want) < TOL
+
+
+def test_an_underflowed_product_and_a_nan_decay_are_no_cut(rng):
+    """Pieces of log decay 40 (each passes exp(-40) != 0; the product over 3 of them underflows to 0 in float32):
+    a NaN in piece 0 still reaches every later piece (it is no document start), as a NaN decay in piece j does
+    the pieces after j. The finite parts match the float64 loop (the underflowed weights are 0 in both)."""
+    n, j = 7, 3
+    sums, _ = _inputs(rng, n)
+    steep = jnp.full((B, H, n), 40.0, jnp.float32)
+    enter = np.asarray(pieces.entering(sums, None, steep, _plan(n)))
+    assert _rel(enter, _loop(sums, None, steep, reverse=False)[0]) < TOL
+    got = np.asarray(pieces.entering(sums.at[:, :, 0, 1, 2].set(jnp.nan), None, steep, _plan(n)))
+    assert np.all(np.isnan(got[:, :, 1:, 1, 2]))
+    got = np.asarray(pieces.entering(sums, None, steep.at[:, :, j].set(jnp.nan), _plan(n)))
+    np.testing.assert_array_equal(got[:, :, :j + 1], enter[:, :, :j + 1])
+    assert np.all(np.isnan(got[:, :, j + 1:]))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_row_tiles(reverse, rng):
+    """The kernel over Dk in 4 row tiles of 8 (one program each) equals one whole-Dk tile bit for bit, and the
+    float64 loop."""
+    n, dk, dv = 5, 32, 16
+    sums = jnp.asarray(rng.normal(size=(1, 2, n, dk, dv)), jnp.float32)
+    decays = jnp.asarray(rng.uniform(0.0, 1.0, (1, 2, n)), jnp.float32).at[0, 1, 2].set(0.0)
+    tiled = piece_scan_kernel.scan(sums, decays, reverse=reverse, interpret=True, block=8)
+    whole = piece_scan_kernel.scan(sums, decays, reverse=reverse, interpret=True, block=dk)
+    for a, b in zip(tiled, whole):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state, want = np.zeros((1, 2, dk, dv)), np.zeros((1, 2, n, dk, dv))
+    for p in reversed(range(n)) if reverse else range(n):
+        want[:, :, p] = state
+        state = np.asarray(decays, np.float64)[:, :, p, None, None] * state + np.asarray(sums, np.float64)[:, :, p]
+    assert _rel(tiled[0], want) < TOL and _rel(tiled[1], state) < TOL
+
+
+def test_kernel_default_block_fills_the_target_programs():
+    assert piece_scan_kernel.default_block(1, 16, 128) == 8  # 256 programs
+    assert piece_scan_kernel.default_block(8, 32, 128) == 128  # 256 programs of whole states
+    assert piece_scan_kernel.default_block(1, 1, 4) == 4  # never above Dk
+
+
+def test_kernel_bad_arguments_are_named():
+    sums = jnp.zeros((1, 2, 3, 16, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"decays must be \[B, H, P\]"):
+        piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 4)), reverse=False, interpret=True)
+    with pytest.raises(ValueError, match="power of two dividing Dk=16"):
+        piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 3)), reverse=False, interpret=True, block=12)
+
+
+def test_kernel_lowers_to_triton():
+    """Without a GPU: the compiled kernel (not interpreted) lowers to Triton IR for an abstract H200 at the
+    per-token profile's shape (B = 1, H = 16, P = 128, d = 128), one launch per scan."""
+    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    sums = jax.ShapeDtypeStruct((1, 16, 128, 128, 128), jnp.float32)
+    log_decay = jax.ShapeDtypeStruct((1, 16, 128), jnp.float32)
+    plan = pieces.Plan(chunk=64, pieces=128, piece_len=512, pad=0)
+    scan = jax.jit(lambda x, a: pieces.from_zero(x, a, plan, reverse=True, interpret=False))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = export.export(scan, platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(sums, log_decay).mlir_module()
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 1

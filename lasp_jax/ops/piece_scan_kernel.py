@@ -1,0 +1,97 @@
+"""The piece scans of the fused kernel path as one Pallas kernel (Triton lowering): the recurrence over the pieces.
+
+`lasp_jax.ops.pieces` carries each piece's state sum to the pieces after it (the forward) and each piece's
+cotangent sum to the pieces before it (the backward). As a recurrence over the P pieces of one (batch, head):
+
+    forward   S_0 = 0,      S_(p+1) = dec(a_p, S_p) + m_p      out[p] = S_p (exclusive), end = S_P
+    reverse   G_(P-1) = 0,  G_(p-1) = dec(a_p, G_p) + d_p      out[p] = G_p (exclusive), end = G_(-1)
+
+with dec(a, x) = where(a == 0, 0, a x) (states.decayed's rule): a piece passing nothing (a document starts in
+it, or its decay is exactly 0) cuts the chain, so a NaN or inf sum never crosses it, while a NaN decay is no cut
+and keeps the NaN going. A non-finite sum reaches only the pieces after its own (before it, reverse), elementwise.
+`end` is the sums carried to the call's boundary: the end state from zero (forward) or the cotangent of the
+incoming state (reverse).
+
+Cost: one program per (batch, head, row tile of Dk) holds a [block, Dv] float32 tile and loops over the pieces
+in order, reading each sum once and writing each exclusive state once: 2 x 4 B x H P Dk Dv bytes in all, the
+floor of the scan. The old XLA form (a [P, P] x [P, Dk Dv] matmul at full float32 precision plus the routing of
+the non-finite parts) moved several times that. The programs' count, B x H x Dk / block, is the parallelism;
+`block` defaults to the tile that gives about TARGET_PROGRAMS programs (not tuned on a GPU yet).
+
+Numerics: float32 throughout; each product of decays is built one factor at a time (a_p a_(p+1) ... applied to
+the running state), where the XLA form took exp(-(a sum of log decays)): the two agree to float32 rounding (a few
+ulp per piece), and a product that underflows to 0 across several pieces does so in both (no cut either way: the
+cut is per piece, by its own decay). Runs compiled on CUDA GPUs of compute capability 8.0 or newer, and anywhere
+with interpret=True (Pallas interpret mode; CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+_F32 = jnp.float32
+TARGET_PROGRAMS = 256  # programs per launch the default tile aims at (an H200 has 132 SMs)
+MIN_BLOCK = 8  # fewest Dk rows per program: [8, Dv] float32 loads of 4 KB at Dv = 128
+NUM_WARPS = 4
+NUM_STAGES = 3  # the pipeline depth of the loads of the next pieces' sums (they do not depend on the state)
+
+
+def default_block(b: int, h: int, dk: int) -> int:
+    """The Dk rows per program: the largest power-of-two divisor of dk (at most dk) that still gives about
+    TARGET_PROGRAMS programs over B x H, and at least min(MIN_BLOCK, dk)."""
+    block = dk & -dk  # the largest power of two dividing dk (Triton blocks are powers of two)
+    while block > MIN_BLOCK and b * h * (dk // block) < TARGET_PROGRAMS:
+        block //= 2
+    return block
+
+
+def _scan_kernel(a_ref, x_ref, out_ref, end_ref, *, reverse: bool):
+    """One (batch, head, Dk tile): a_ref [P] float32 decays, x_ref [P, block, Dv] float32 sums; writes the
+    exclusive running states out_ref [P, block, Dv] and the state after the last piece end_ref [block, Dv]."""
+    n = x_ref.shape[0]
+
+    def body(i, state):
+        p = n - 1 - i if reverse else i
+        out_ref[p] = state
+        a = a_ref[p]
+        return jnp.where(a == 0, 0.0, a * state) + x_ref[p]
+
+    end_ref[...] = lax.fori_loop(0, n, body, jnp.zeros(end_ref.shape, _F32))
+
+
+def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = None):
+    """The exclusive decayed running sums over the pieces and the carried total (module docstring).
+
+    Args:
+      sums: [B, H, P, Dk, Dv] float32, each piece's sum (m_p, or d_p when reverse).
+      decays: [B, H, P] float32, each piece's decay a_p (exp of minus a log decay >= 0: in [0, 1], or NaN).
+      reverse: run from the last piece to the first (the cotangents).
+      interpret: Pallas interpret mode (any platform) instead of the compiled Triton kernel (a CUDA GPU).
+      block: Dk rows per program (a power of two dividing Dk); None: `default_block`.
+    Returns:
+      (out [B, H, P, Dk, Dv] float32: S_p or G_p, end [B, H, Dk, Dv] float32: S_P, or G_(-1) when reverse).
+    """
+    b, h, n, dk, dv = sums.shape
+    if decays.shape != (b, h, n):
+        raise ValueError(f"decays must be [B, H, P] = {(b, h, n)} for sums of shape {sums.shape}; got {decays.shape}")
+    block = default_block(b, h, dk) if block is None else block
+    if block <= 0 or block & (block - 1) or dk % block:
+        raise ValueError(f"block must be a power of two dividing Dk={dk}; got {block}")
+    typed = lambda shape: jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=jax.typeof(sums).manual_axis_type)
+    return pl.pallas_call(
+        functools.partial(_scan_kernel, reverse=reverse),
+        grid=(b, h, dk // block),
+        in_specs=[pl.BlockSpec((None, None, n), lambda i, j, r: (i, j, 0)),
+                  pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))],
+        out_specs=[pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0)),
+                   pl.BlockSpec((None, None, block, dv), lambda i, j, r: (i, j, r, 0))],
+        out_shape=[typed(sums.shape), typed((b, h, dk, dv))],
+        compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=interpret,
+    )(decays.astype(_F32), sums.astype(_F32))
