@@ -130,12 +130,14 @@ def evaluate(eval_step, state, batches, sharding, shape) -> float:
 
 
 def sample_text(graphdef, state, tokenizer, cfg: TrainConfig) -> str:
-    """Generates sample_tokens after sample_prompt from the recurrent state, on one device, outside the mesh."""
+    """Generates sample_tokens after sample_prompt from the recurrent state, on one device, outside the mesh; with
+    documents="reset" the tokenizer's eos_id ends a document there as in training (generate's `separator`)."""
     model_graph, model_state = nnx.split(nnx.merge(graphdef, state)[0])  # the model only, not AdamW's moments
     model = nnx.merge(model_graph, multihost_utils.process_allgather(model_state, tiled=True))
     prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else np.asarray([tokenizer.eos_id])
     tokens = models.generate(model, jnp.asarray(prompt, jnp.int32)[None], cfg.sample_tokens,
-                             rng=jax.random.key(cfg.seed + 1), temperature=cfg.sample_temperature)
+                             rng=jax.random.key(cfg.seed + 1), temperature=cfg.sample_temperature,
+                             separator=tokenizer.eos_id if cfg.documents == "reset" else None)
     return tokenizer.decode(np.asarray(tokens)[0, len(prompt):])  # generate returns the prompt first
 
 

@@ -13,10 +13,14 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
+
+import models
 
 from tests.train.helpers import (ROOT, STEPS, cli_args, env, losses, read_until_ready, run_train, saved_steps,
                                  start_hooked, tiny)
 from train import loop
+from train.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +137,15 @@ def test_too_little_data_fails_up_front(tmp_path):
     (tmp_path / "small.txt").write_text("x = 1\n" * 20)
     with pytest.raises(ValueError, match="fewer than one batch of 4"):
         loop.train(tiny(tmp_path, data=(str(tmp_path / "small.txt"),)))
+
+
+@pytest.mark.parametrize("documents, separator", [("reset", ByteTokenizer.eos_id), ("continuous", None)])
+def test_the_sample_separates_documents_as_training_did(tmp_path, monkeypatch, documents, separator):
+    """documents="reset" samples with the tokenizer's eos_id as generate's separator (a document ends there, as in
+    the packed training rows); "continuous" with none."""
+    cfg = tiny(tmp_path, documents=documents, sample_tokens=3, sample_prompt="")
+    model = models.build_model(cfg.model.replace(vocab_size=ByteTokenizer.vocab_size), rngs=nnx.Rngs(0))
+    separators, generate = [], models.generate
+    monkeypatch.setattr(models, "generate", lambda *a, **k: separators.append(k["separator"]) or generate(*a, **k))
+    text = loop.sample_text(*nnx.split((model,)), ByteTokenizer(), cfg)
+    assert separators == [separator] and isinstance(text, str)
