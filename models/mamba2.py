@@ -88,9 +88,13 @@ class Mamba2Mixer(nnx.Module):
 
     # --- pieces shared by the forward, the prefill and the step ---
     def _split_in(self, x):
-        """x [..., D] -> z [..., d_inner], xBC [..., conv channels], dt [..., H] (compute dtype)."""
+        """x [B, T, D] -> z [B, T, d_inner], xBC [B, T, conv channels], dt [B, T, H] (compute dtype).
+
+        The projection is put on the activation layout at once: left to itself, XLA keeps it on the FSDP-sharded
+        kernel's output split and then cannot reach (batch, seq) without a full rematerialization (Auto meshes).
+        """
         inner = self.cfg.expand * self.cfg.d_model
-        zxbcdt = self.in_proj(x)
+        zxbcdt = sharding.constrain_activation(self.in_proj(x), self.cfg)
         return (zxbcdt[..., :inner], zxbcdt[..., inner:inner + self.conv_channels],
                 zxbcdt[..., inner + self.conv_channels:])
 
@@ -171,7 +175,7 @@ class Mamba2Mixer(nnx.Module):
     def step(self, x: jax.Array, state: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
         """One token: x [B, D] -> (y [B, D], next state); constant memory whatever `pos`."""
         del pos  # the state is all the past there is
-        z, xbc, dt = self._split_in(x)
+        z, xbc, dt = (part[:, 0] for part in self._split_in(x[:, None]))
         window = jnp.concatenate([state["conv"], xbc[:, None].astype(state["conv"].dtype)], axis=1)  # [B, W, C]
         conv = causal_conv1d(window, *self._conv_params())[:, -1]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)

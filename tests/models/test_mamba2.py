@@ -77,17 +77,21 @@ CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, remat, param
 ]
 
 
+def _on_mesh(cfg, state, mesh):
+    """The graphdef of cfg's model and the same parameters `state` on the specs cfg gives them on `mesh` (call
+    under jax.set_mesh(mesh))."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))))
+    specs = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, P))
+    return graphdef, jax.tree.unflatten(jax.tree.structure(abstract), [
+        jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(jax.tree.leaves(state), specs)])
+
+
 @pytest.mark.parametrize("name,shape,explicit,strategy,remat,param_axis", CASES)
 def test_mesh_equals_one_device(name, shape, explicit, strategy, remat, param_axis):
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
-        # The same parameters under this case's config, on the specs it gives them on this mesh.
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build_model(
-            cfg.replace(strategy=strategy, remat=remat, param_axis=param_axis), rngs=nnx.Rngs(0))))
-        specs = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, P))
-        sstate = jax.tree.unflatten(jax.tree.structure(abstract), [
-            jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(jax.tree.leaves(state), specs)])
+        graphdef, sstate = _on_mesh(cfg.replace(strategy=strategy, remat=remat, param_axis=param_axis), state, mesh)
         if param_axis == FSDP:  # the in-projection split over all four devices
             kernel = sstate["blocks"][0]["mixer"]["in_proj"]["kernel"][...]
             assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size
@@ -99,6 +103,17 @@ def test_mesh_equals_one_device(name, shape, explicit, strategy, remat, param_ax
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     assert helpers.max_rel(logits, ref_logits) < 8e-7
     assert helpers.max_rel(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)) < 1e-5
+
+
+def test_auto_mesh_compiles_without_full_rematerialization(capfd):
+    """With FSDP parameters on an Auto mesh the in-projection's output is put on (batch, seq) at once; unconstrained,
+    XLA kept it on the kernel's split and logged "Involuntary full rematerialization" (4 times) reaching it."""
+    cfg, state, batch, _ = _setup("mamba2-tiny")
+    mesh = helpers.make_mesh((2, 2), explicit=False)
+    with jax.set_mesh(mesh):
+        graphdef, sstate = _on_mesh(cfg.replace(param_axis=FSDP), state, mesh)
+        loss_grads_logits(graphdef).lower(sstate, *[helpers.shard_batch(x, mesh) for x in batch]).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
 def _mixer_by_recurrence(mixer, cfg, x, ids):
