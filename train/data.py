@@ -31,6 +31,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from models.documents import document_ids
+
 TEXT_SUFFIXES = (".txt", ".jsonl")
 BIN_SUFFIX = ".bin"
 
@@ -193,14 +195,6 @@ def split(stream: TokenStream, seq_len: int, val_fraction: float) -> tuple[Windo
     period = max(2, round(1 / val_fraction))
     is_val = ids % period == period - 1
     return Windows(stream, seq_len, ids[~is_val]), Windows(stream, seq_len, ids[is_val])
-
-
-def document_ids(inputs: np.ndarray, separator: int) -> np.ndarray:
-    """[..., T] input tokens -> [..., T] int32 segment ids: the separators before each position (a separator
-    belongs to the document it ends)."""
-    ends = (inputs == separator).astype(np.int32)
-    return np.concatenate([np.zeros_like(ends[..., :1]), np.cumsum(ends[..., :-1], axis=-1, dtype=np.int32)],
-                          axis=-1)
 
 
 def _load_batch(windows: Windows, indices: np.ndarray, cols: slice, separator: int | None) -> dict[str, np.ndarray]:
