@@ -507,7 +507,8 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
 class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
     """impl "pallas_mosaic" as a `vjp.TokenImpl`, a `pieces.Backend` and a `pieces_tokens.TokenBackend`:
     `pallas_triton`'s plan and state passes under `triton` (their chunk must equal config.chunk), the four walks
-    under config. interpret: Mosaic GPU's interpreter for the walks, Pallas interpret mode for the state passes.
+    under config. interpret: Mosaic GPU's interpreter for the walks, Pallas interpret mode for the state passes
+    and the drivers' piece scans.
 
     The walks launch one CTA per (batch, head, piece) of the Triton plan, whose pieces count the Triton head-dim
     tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks)."""

@@ -627,7 +627,7 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
 class Kernels(pieces.Driven, pieces_tokens.DrivenTokens):
     """The Triton kernels under one Config as a `vjp.TokenImpl`, a `pieces.Backend` and a
     `pieces_tokens.TokenBackend` (hashable: a custom_vjp static). interpret: run them in Pallas interpret mode
-    (any platform, slow; for tests)."""
+    (any platform, slow; for tests), and the drivers' piece scans (`lasp_jax.ops.piece_scan_kernel`) too."""
 
     config: Config = DEFAULT
     interpret: bool = False
