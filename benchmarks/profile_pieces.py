@@ -27,8 +27,9 @@ documents per row, `measure.decay_inputs`; the same inputs otherwise; rows in a 
     forward   tables (pieces_tokens.tables from the rates and starts: chunk tables, to_end, log decays),
               state_sums_tokens (K, V; to_end weights), entering (the scan kernel, with m), output_tokens walk
     backward  tables (from_start in place of to_end), state_sums_tokens (Q, dO; scale from_start), leaving (the
-              scan kernel, with d), grads_tokens walks, decay gradient (pieces_tokens.decay_gradient: the rest
-              of pieces_tokens.backward after grads_tokens, the crossing terms, piece suffix sums and selects)
+              scan kernel, with d and the crossing terms' dots against the entering states), grads_tokens walks,
+              decay gradient (pieces_tokens.decay_gradient: the rest of pieces_tokens.backward after
+              grads_tokens, the piece suffix sums and selects; crossing_terms is the dots themselves without G)
 and the whole forward and forward+backward with the rates differentiated, whose row carries each result's
 relative error against an fp32 XLA run of the same inputs (`measure.fp32_reference`; ds the rates' gradient).
 `--max-piece-len L1,L2,...` runs the per-token rows once per L with pieces_tokens.MAX_PIECE_LEN set to L (a
@@ -261,15 +262,14 @@ def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, a
         grad_sums = time_it("state_sums_tokens (Q, dO)",
                             lambda q, do, w: backend.state_sums_tokens(q, do, scale * w, plan),
                             (qp, dop, from_start), 2 * tensor + table + piece_sums)
-        pieces_out, _ = time_it("leaving", lambda x, a: scan(x, a, reverse=True), (grad_sums, log_decay),
-                                2 * piece_sums)
+        pieces_out, _, dots = time_it("leaving", lambda x, a, s: scan(x, a, reverse=True, against=s),
+                                      (grad_sums, log_decay, pieces_in), 3 * piece_sums)
         _, _, _, x = time_it(
             "grads_tokens walks",
             lambda q, k, v, do, c, p, g: backend.grads_tokens(q, k, v, do, c, p, g, plan, scale),
             (qp, kp, vp, dop, chunk, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums + walk_tables + table)
-        time_it("decay gradient",
-                lambda x, tok, s, c, p, g: pieces_tokens.decay_gradient(x, tok, s, c, p, g, None, None, None, plan),
-                (x, tok, starts, chunk.counts, pieces_in, pieces_out), 2 * table + 2 * piece_sums + per_position)
+        time_it("decay gradient", lambda x, tok, s, c, d: pieces_tokens.decay_gradient(x, tok, s, c, d, plan),
+                (x, tok, starts, chunk.counts, dots), 2 * table + per_position)
         _add_sums(rows, first, base, FORWARD_TOKENS, BACKWARD_TOKENS)
 
         attend = functools.partial(_attend_tokens, impl=impl, scale=scale)

@@ -1,7 +1,7 @@
 """benchmarks/profile_pieces.py's per-token pieces: the backward's stages it times one by one (the Q, dO state
-pass, the reverse piece scan and `pieces_tokens.decay_gradient` after the gradient walks) must compose to what
-pieces_tokens.backward runs (a drift, e.g. a term fused into another stage, would time the wrong thing), and its
-MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums (the decay gradient
+pass, the reverse piece scan with the crossing terms' dots, and `pieces_tokens.decay_gradient` after the gradient
+walks) must compose to what pieces_tokens.backward runs (a drift, e.g. a term moved into another stage, would
+time the wrong thing), and its MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums (the decay gradient
 reads only the kernels' outputs), on a ragged T (front pad), three documents, and with and without the boundary
 states."""
 
@@ -63,9 +63,10 @@ def test_timed_stages_compose_to_the_backward(rng, boundary):
         chunk, weights = pieces_tokens.tables(rates_p, starts, PLAN)
         sums = backend.state_sums_tokens(*(pieces.front_pad(y, PLAN.pad) for y in (q, do)),
                                          0.5 * weights.from_start, PLAN)
-        from_end, _ = pieces.from_zero(sums, weights.log_decay, PLAN, reverse=True, interpret=backend.interpret)
-        pieces_out = pieces.plus_boundary(from_end, g, weights.log_decay, PLAN, reverse=True)
-        return pieces_tokens.decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, PLAN)
+        _, _, dots = pieces.from_zero(sums, weights.log_decay, PLAN, reverse=True, interpret=backend.interpret,
+                                      against=pieces_in)
+        crossing = pieces_tokens.crossing_terms(dots, pieces_in, m, s_in, g, tok, weights.log_decay, PLAN)
+        return pieces_tokens.decay_gradient(x, tok, starts, chunk.counts, crossing, PLAN)
 
     want = library(q, k, v, do, tok, pieces_in, m, s_in, g)
     got = stages(q, do, tok, pieces_in, m, s_in, g)

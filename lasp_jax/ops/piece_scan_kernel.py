@@ -10,11 +10,13 @@ with dec(a, x) = where(a == 0, 0, a x) (states.decayed's rule): a piece passing 
 it, or its decay is exactly 0) cuts the chain, so a NaN or inf sum never crosses it, while a NaN decay is no cut
 and keeps the NaN going. A non-finite sum reaches only the pieces after its own (before it, reverse), elementwise.
 `end` is the sums carried to the call's boundary: the end state from zero (forward) or the cotangent of the
-incoming state (reverse).
+incoming state (reverse). Given `against` (states [B, H, P, Dk, Dv]), the pass also gives dots[p] =
+<against[p + 1], out[p]> (0 for the last piece): with the states entering the pieces against the reverse scan,
+the decay gradient's crossing terms <S_(p+1), G_p> (pieces_tokens), without a separate pass over both.
 
 Cost: one program per (batch, head, row tile of Dk) holds a [block, Dv] float32 tile and loops over the pieces
 in order, reading each sum once and writing each exclusive state once: 2 x 4 B x H P Dk Dv bytes in all, the
-floor of the scan. The old XLA form (a [P, P] x [P, Dk Dv] matmul at full float32 precision plus the routing of
+floor of the scan (3 x with `against`, read once too). The old XLA form (a [P, P] x [P, Dk Dv] matmul at full float32 precision plus the routing of
 the non-finite parts) moved several times that. The programs' count, B x H x Dk / block, is the parallelism;
 `block` defaults to the tile that gives about TARGET_PROGRAMS programs (not tuned on a GPU yet).
 
@@ -51,21 +53,29 @@ def default_block(b: int, h: int, dk: int) -> int:
     return block
 
 
-def _scan_kernel(a_ref, x_ref, out_ref, end_ref, *, reverse: bool):
-    """One (batch, head, Dk tile): a_ref [P] float32 decays, x_ref [P, block, Dv] float32 sums; writes the
-    exclusive running states out_ref [P, block, Dv] and the state after the last piece end_ref [block, Dv]."""
+def _scan_kernel(*refs, reverse: bool, dots: bool):
+    """One (batch, head, Dk tile): a_ref [P] float32 decays, x_ref [P, block, Dv] float32 sums, (dots: against_ref
+    [P, block, Dv]); writes the exclusive running states out_ref [P, block, Dv], the state after the last piece
+    end_ref [block, Dv] and (dots) dots_ref [P], the tile's share of <against[p + 1], out[p]>."""
+    if dots:
+        a_ref, x_ref, against_ref, out_ref, end_ref, dots_ref = refs
+    else:
+        (a_ref, x_ref, out_ref, end_ref), against_ref, dots_ref = refs, None, None
     n = x_ref.shape[0]
 
     def body(i, state):
         p = n - 1 - i if reverse else i
         out_ref[p] = state
+        if dots:  # the last piece has no next state (its row of `against` is read, never used: a select)
+            dot = jnp.sum(against_ref[jnp.minimum(p + 1, n - 1)] * state)
+            dots_ref[p] = jnp.where(p == n - 1, 0.0, dot)
         a = a_ref[p]
         return jnp.where(a == 0, 0.0, a * state) + x_ref[p]
 
     end_ref[...] = lax.fori_loop(0, n, body, jnp.zeros(end_ref.shape, _F32))
 
 
-def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = None):
+def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = None, against=None):
     """The exclusive decayed running sums over the pieces and the carried total (module docstring).
 
     Args:
@@ -74,8 +84,11 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
       reverse: run from the last piece to the first (the cotangents).
       interpret: Pallas interpret mode (any platform) instead of the compiled Triton kernel (a CUDA GPU).
       block: Dk rows per program (a power of two dividing Dk); None: `default_block`.
+      against: None, or states [B, H, P, Dk, Dv] float32 to dot with the next piece's (module docstring).
     Returns:
-      (out [B, H, P, Dk, Dv] float32: S_p or G_p, end [B, H, Dk, Dv] float32: S_P, or G_(-1) when reverse).
+      (out [B, H, P, Dk, Dv] float32: S_p or G_p, end [B, H, Dk, Dv] float32: S_P, or G_(-1) when reverse), and
+      given against, dots [B, H, P] float32: <against[p + 1], out[p]>, 0 for the last piece (float32 sums of
+      each tile's products, then over the tiles).
     """
     b, h, n, dk, dv = sums.shape
     if decays.shape != (b, h, n):
@@ -83,15 +96,23 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
     block = default_block(b, h, dk) if block is None else block
     if block <= 0 or block & (block - 1) or dk % block:
         raise ValueError(f"block must be a power of two dividing Dk={dk}; got {block}")
+    if against is not None and against.shape != sums.shape:
+        raise ValueError(f"against must have the sums' shape {sums.shape}; got {against.shape}")
+    tiles = dk // block
     typed = lambda shape: jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=jax.typeof(sums).manual_axis_type)
-    return pl.pallas_call(
-        functools.partial(_scan_kernel, reverse=reverse),
-        grid=(b, h, dk // block),
-        in_specs=[pl.BlockSpec((None, None, n), lambda i, j, r: (i, j, 0)),
-                  pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))],
-        out_specs=[pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0)),
-                   pl.BlockSpec((None, None, block, dv), lambda i, j, r: (i, j, r, 0))],
-        out_shape=[typed(sums.shape), typed((b, h, dk, dv))],
+    states = pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))
+    dots = against is not None
+    got = pl.pallas_call(
+        functools.partial(_scan_kernel, reverse=reverse, dots=dots),
+        grid=(b, h, tiles),
+        in_specs=[pl.BlockSpec((None, None, n), lambda i, j, r: (i, j, 0)), states] + ([states] if dots else []),
+        out_specs=[states, pl.BlockSpec((None, None, block, dv), lambda i, j, r: (i, j, r, 0))]
+        + ([pl.BlockSpec((None, None, None, n), lambda i, j, r: (i, j, r, 0))] if dots else []),
+        out_shape=[typed(sums.shape), typed((b, h, dk, dv))] + ([typed((b, h, tiles, n))] if dots else []),
         compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
-    )(decays.astype(_F32), sums.astype(_F32))
+    )(decays.astype(_F32), sums.astype(_F32), *([against.astype(_F32)] if dots else []))
+    if not dots:
+        return tuple(got)
+    out, end, partial = got
+    return out, end, jnp.sum(partial, axis=2)

@@ -143,7 +143,7 @@ def _interpreted(interpret: bool | None) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
-def from_zero(sums, decay, plan: Plan, *, reverse: bool, interpret: bool | None = None):
+def from_zero(sums, decay, plan: Plan, *, reverse: bool, interpret: bool | None = None, against=None):
     """The piece scan from a zero boundary state, one pass of `piece_scan_kernel` over the sums [B, H, P, Dk, Dv]:
 
         forward  out[p] = sum_{j < p} (prod_{j < q < p} a_q) m_j,  end = sum_p (prod_{q > p} a_q) m_p
@@ -153,14 +153,23 @@ def from_zero(sums, decay, plan: Plan, *, reverse: bool, interpret: bool | None 
     end state from zero m (forward), or the cotangents leaving the pieces from a zero end cotangent and the
     cotangent of S_in d (reverse). decay as in `entering`. A non-finite sum reaches only the pieces after its own
     (before it, reverse), and none past a document start. interpret: the kernel in Pallas interpret mode; None:
-    interpreted unless JAX's default backend is a GPU (the drivers pass their backend's)."""
+    interpreted unless JAX's default backend is a GPU (the drivers pass their backend's). against: None, or
+    states [B, H, P, Dk, Dv] whose next piece's the pass also dots with out: a third result [B, H, P] float32,
+    <against[p + 1], out[p]> (0 for the last piece; `piece_scan_kernel.scan`)."""
     chain = _chain(decay, plan)
     b, h = sums.shape[:2]
     decays = jnp.broadcast_to(chain.decays, (b, h, plan.pieces))
-    return piece_scan_kernel.scan(sums, decays, reverse=reverse, interpret=_interpreted(interpret))
+    return piece_scan_kernel.scan(sums, decays, reverse=reverse, interpret=_interpreted(interpret), against=against)
 
 
-def _weighted(weights, x):
+def boundary_weights(decay, plan: Plan, *, reverse: bool):
+    """[1 or B, H, P] float32: how S_in reaches the start of each piece (prod_{q < p} a_q), or, reverse, how the
+    end of each piece reaches the call's end (prod_{q > p} a_q: the weight of G's share). decay as in `entering`."""
+    chain = _chain(decay, plan)
+    return chain.to_end if reverse else chain.from_start
+
+
+def weighted(weights, x):
     """weights [1 or B, H, P] times x (broadcast over its trailing dims), selecting 0 where a weight is 0: a
     non-finite x across a document start (or an underflowed decay) reaches nothing."""
     w = weights.reshape(weights.shape + (1,) * (x.ndim - weights.ndim))
@@ -173,9 +182,8 @@ def plus_boundary(per_piece, state, decay, plan: Plan, *, reverse: bool):
     (a non-finite S_in or G does not cross a document start)."""
     if state is None:
         return per_piece
-    chain = _chain(decay, plan)
-    weights = chain.to_end if reverse else chain.from_start
-    return per_piece + _weighted(weights, state[:, :, None].astype(_F32))
+    weights = boundary_weights(decay, plan, reverse=reverse)
+    return per_piece + weighted(weights, state[:, :, None].astype(_F32))
 
 
 def entering(sums, s_in, decay, plan: Plan, interpret: bool | None = None):

@@ -33,7 +33,8 @@ state leaving it against that state's cotangent, restricted to the piece's last 
 
 S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end state S_end = m + a S_in) and
 G_p its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts
-a document (G_p is then 0). One piece (P = 1) gives the whole-document form. The local form is the one for
+a document (G_p is then 0). The reverse scan's kernel dots each G_p from zero with S_(p+1) as it writes it, so
+these terms cost no pass of their own over the piece states but G's share (`crossing_terms`). One piece (P = 1) gives the whole-document form. The local form is the one for
 precision: each x_t carries the kernels' rounding (bf16 MMA operands in dq and dk), so a suffix sum over a whole
 document (up to T terms) would grow that error like sqrt(its length) (bf16 against float32 at T = 64K: ds 6.8e-2
 with whole-document sums on an H200 at H = 16, d = 128, the other gradients 2.4e-3; interpreted on CPU at H = 1,
@@ -262,34 +263,47 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     rates, starts = _padded(tok, plan)
     chunk, weights = tables(rates, starts, plan)
     sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
-    from_end, d = pieces.from_zero(sums, weights.log_decay, plan, reverse=True, interpret=backend.interpret)
+    # the reverse scan also dots each cotangent from zero with the next piece's state (the crossing terms' bulk)
+    from_end, d, dots = pieces.from_zero(sums, weights.log_decay, plan, reverse=True, interpret=backend.interpret,
+                                         against=pieces_in)
     g = None if outgoing is None else outgoing(d)
     pieces_out = pieces.plus_boundary(from_end, g, weights.log_decay, plan, reverse=True)
     dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = (pieces.input_heads(y[:, plan.pad:], n.shape[2]) for y, n in ((dq, q), (dk, k), (dv, v)))
-    ds = decay_gradient(x, tok, starts, chunk.counts, pieces_in, pieces_out, m, s_in, g, plan)
+    crossing = crossing_terms(dots, pieces_in, m, s_in, g, tok, weights.log_decay, plan)
+    ds = decay_gradient(x, tok, starts, chunk.counts, crossing, plan)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d, g, ds
 
 
-def decay_gradient(x, tok: states.TokenDecay, starts, counts, pieces_in, pieces_out, m, s_in, g, plan: pieces.Plan):
-    """The rates' cotangent ds [B, T, H] float32 (T unpadded) from the gradient walks' rows and the piece states
-    (the module docstring's decay gradient): each piece's suffix sums of x within u's document, minus the
+def crossing_terms(dots, pieces_in, m, s_in, g, tok: states.TokenDecay, log_decay, plan: pieces.Plan):
+    """<S_(p+1), G_p> [B, H, P] float32 (the module docstring's decay gradient) from the reverse scan's dots
+    <S_(p+1), G_p from zero> (pieces.from_zero against pieces_in; 0 for the last piece) and G's share: G_p =
+    G_p from zero + (prod_{q > p} a_q) G, so the share adds (prod_{q > p} a_q) <S_(p+1), G>, selected to 0 where
+    the product is 0 (a document starts after p), and the last piece's <S_end, G>, S_end = m + a S_in the end
+    state. Without G (None) the dots are the terms: G_(P-1) = 0 (selected, as S_end may be non-finite).
+
+    pieces_in [B, H, P, Dk, Dv]; m, s_in, g [B, H, Dk, Dv] float32 (s_in, g: None for zero); tok the piece's
+    states.TokenDecay; log_decay [B, H, P] (PieceWeights.log_decay)."""
+    if g is None:
+        return dots
+    s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
+    share = pieces.weighted(pieces.boundary_weights(log_decay, plan, reverse=True)[..., :-1],
+                            jnp.sum(pieces_in[:, :, 1:] * g[:, :, None], axis=(3, 4)))
+    last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
+    return dots + jnp.concatenate([share, last], axis=2)
+
+
+def decay_gradient(x, tok: states.TokenDecay, starts, counts, crossing, plan: pieces.Plan):
+    """The rates' cotangent ds [B, T, H] float32 (T unpadded) from the gradient walks' rows and the crossing
+    terms (the module docstring's decay gradient): each piece's suffix sums of x within u's document, minus the
     crossing term <S_(p+1), G_p> for u in the piece's last document, 0 at a document start.
 
     Args:
       x [B, H, T] float32 (grads_tokens' k.dk - q.dq, T padded); tok: the piece's states.TokenDecay; starts
-      [B, T] bool and counts [B, T] int32 (padded: `_padded`, ChunkTables.counts); pieces_in, pieces_out
-      [B, H, P, Dk, Dv] float32 (the states entering the pieces and the cotangents leaving them); m [B, H, Dk, Dv]
-      float32 the end state from zero; s_in, g [B, H, Dk, Dv] float32 or None (zero).
+      [B, T] bool and counts [B, T] int32 (padded: `_padded`, ChunkTables.counts); crossing [B, H, P] float32
+      (`crossing_terms`).
     """
     b, h = x.shape[:2]
-    crossing = jnp.sum(pieces_in[:, :, 1:] * pieces_out[:, :, :-1], axis=(3, 4))  # <S_(p+1), G_p>, p < P - 1
-    if g is None:  # G_(P-1) = 0 (selected: S_end may be non-finite)
-        last = jnp.zeros((b, h, 1), _F32)
-    else:
-        s_end = m if s_in is None else m + states.decayed(states.piece_decay(tok)[:, :, None, None], s_in)
-        last = jnp.sum(s_end * g, axis=(2, 3))[..., None]
-    crossing = jnp.concatenate([crossing, last], axis=2)
     ds = _piece_suffix_sums(x, starts, plan) - jnp.where(_in_last_of_piece(counts, plan)[..., None],
                                                           jnp.moveaxis(crossing, 1, 2)[:, :, None], 0.0)
     ds = ds.reshape(b, -1, h)[:, plan.pad:]
