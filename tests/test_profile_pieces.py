@@ -1,9 +1,9 @@
-"""benchmarks/profile_pieces.py's per-token pieces: the backward's stages it times one by one (the Q, dO state
-pass, the reverse piece scan with the crossing terms' dots, and `pieces_tokens.decay_gradient` after the gradient
-walks) must compose to what pieces_tokens.backward runs (a drift, e.g. a term moved into another stage, would
-time the wrong thing), and its MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums (the decay gradient
-reads only the kernels' outputs), on a ragged T (front pad), three documents, and with and without the boundary
-states."""
+"""benchmarks/profile_pieces.py's per-token pieces: the backward's stages it times one by one (the Q, dO state pass,
+the reverse piece scan with the crossing terms' dots, and `pieces_tokens.decay_gradient` after the gradient walks)
+must compose to what pieces_tokens.backward runs (a drift, e.g. a term moved into another stage, would time the
+wrong thing), and its MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums
+(the decay gradient reads only the kernels' outputs), on a ragged T (front pad), three documents, and with and
+without the boundary states."""
 
 import jax
 import jax.numpy as jnp

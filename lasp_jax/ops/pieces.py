@@ -28,9 +28,11 @@ floor: 2 x 4 B x H x P x Dk x Dv) and also gives the end state m (the cotangent 
 pass, so the forward has no separate boundary sum. S_in's and G's shares are added after (`plus_boundary`),
 since S_in may depend on m (lasp_attention). Each decay is exp(-x) of a sum x >= 0 of the pieces' log decays
 (`_chain`). A state passes a piece by states.decayed's rule (where(a == 0, 0, a S)): a non-finite sum reaches
-only the later pieces, and none past a piece passing nothing (a document start, or a decay underflowing to 0),
-so a NaN does not cross a document start; a NaN decay is no cut; the boundary states select by their weights in
-the same way.
+only the later pieces, and none past a piece passing nothing (a document start, or a piece's own decay exactly
+0), so a NaN does not cross a document start; a product of nonzero decays that underflows across several pieces
+is no cut (the pieces depend on each other), nor is a NaN decay; the boundary states select by their weights in
+the same way. The kernel forms the products one factor at a time, the boundary shares as exp(-(a sum)): the two
+agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -225,10 +227,10 @@ def forward(backend: Backend, q, k, v, rates, incoming, scale: float):
     plan = backend.plan(q, v)
     q_pad, k_pad, v_pad = (front_pad(x, plan.pad) for x in (q, k, v))
     sums = backend.state_sums(k_pad, v_pad, rates, plan, reverse=False, scale=1.0)
-    from_start, m = from_zero(sums, rates, plan, reverse=False, interpret=backend.interpret)
+    in_from_zero, m = from_zero(sums, rates, plan, reverse=False, interpret=backend.interpret)
     s_in = None if incoming is None else incoming(m)
     fused = plan.pad == 0
-    pieces_in = plus_boundary(from_start, s_in if fused else None, rates, plan, reverse=False)
+    pieces_in = plus_boundary(in_from_zero, s_in if fused else None, rates, plan, reverse=False)
     o = backend.output(q_pad, k_pad, v_pad, rates, pieces_in, plan, scale)[:, plan.pad:]
     unfused_s_in = None if fused else s_in
     if unfused_s_in is not None:
@@ -251,11 +253,11 @@ def backward(backend: Backend, q, k, v, rates, saved: Saved, do, outgoing, scale
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (front_pad(x, plan.pad) for x in (q, k, v, do))
     sums = backend.state_sums(q_pad, do_pad, rates, plan, reverse=True, scale=scale)
-    from_end, d = from_zero(sums, rates, plan, reverse=True, interpret=backend.interpret)
+    out_from_zero, d = from_zero(sums, rates, plan, reverse=True, interpret=backend.interpret)
     if not fused:
         d = states.query_state_grad(q, do, rates, scale)
     g = None if outgoing is None else outgoing(d)
-    pieces_out = plus_boundary(from_end, g if fused else None, rates, plan, reverse=True)
+    pieces_out = plus_boundary(out_from_zero, g if fused else None, rates, plan, reverse=True)
     dq, dk, dv = backend.grads(q_pad, k_pad, v_pad, do_pad, rates, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = (input_heads(x[:, plan.pad:], n.shape[2]) for x, n in ((dq, q), (dk, k), (dv, v)))
     if unfused_s_in is not None:

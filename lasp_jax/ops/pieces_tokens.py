@@ -31,15 +31,16 @@ state leaving it against that state's cotangent, restricted to the piece's last 
     ds_u = sum_{t >= u, t in u's piece and document} x_t  -  [u in p's last document] <S_(p+1), G_p>,
     0 at a document start,
 
-S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end state S_end = m + a S_in) and
-G_p its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts
-a document (G_p is then 0). The reverse scan's kernel dots each G_p from zero with S_(p+1) as it writes it, so
-these terms cost no pass of their own over the piece states but G's share (`crossing_terms`). One piece (P = 1) gives the whole-document form. The local form is the one for
-precision: each x_t carries the kernels' rounding (bf16 MMA operands in dq and dk), so a suffix sum over a whole
-document (up to T terms) would grow that error like sqrt(its length) (bf16 against float32 at T = 64K: ds 6.8e-2
-with whole-document sums on an H200 at H = 16, d = 128, the other gradients 2.4e-3; interpreted on CPU at H = 1,
-d = 64, one document: 1.3e-1 whole-document, 6.4e-3 in pieces of 512), while the states are float32; hence
-pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every sum is float32.
+S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end state S_end = m + a S_in) and G_p
+its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts a
+document (G_p is then 0). The reverse scan's kernel dots each G_p from zero with S_(p+1) as it writes it, so these
+terms cost no pass of their own over the piece states but G's share (`crossing_terms`). One piece (P = 1) gives the
+whole-document form. The local form is the one for precision: each x_t carries the kernels' rounding (bf16 MMA
+operands in dq and dk), so a suffix sum over a whole document (up to T terms) would grow that error like sqrt(its
+length) (bf16 against float32 at T = 64K: ds 6.8e-2 with whole-document sums on an H200 at H = 16, d = 128, the
+other gradients 2.4e-3; interpreted on CPU at H = 1, d = 64, one document: 1.3e-1 whole-document, 6.4e-3 in pieces
+of 512), while the states are float32; hence pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every
+sum is float32.
 
 Numerics: every table is float32 and every exponent is minus a sum of rates (a chunk-local or piece-local
 running sum of its own, never a difference of two long sums), so each factor is exp of something <= 0; the
@@ -57,19 +58,20 @@ from lasp_jax.ops import pieces, states
 
 _F32 = jnp.float32
 
-# Longest piece of the per-token path (positions; kept when the backend plans shorter ones): the decay
-# gradient's suffix sums run within a piece (module docstring), so their rounding grows like sqrt(piece_len)
-# instead of sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H
-# (T / 512 pieces per (batch, head) in the state passes' and walks' grids, each a shorter loop) and a larger
-# float32 residual, the states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB,
-# 8 MB per (batch, head), where the Triton plan at B = 1, H = 16 has 8), which the piece scans and the decay
-# gradient pass over: each scan (pieces.from_zero, a kernel) reads the sums and writes the states once, 2 x 128 MB
-# at B = 1, H = 16; the decay gradient's crossing terms read the states and their cotangents, 256 MB. Timed on an
-# H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks) with the former XLA piece scans (a [P, P]
-# matmul and the non-finite routing: 0.57 ms each at P = 128, benchmarks/profile_pieces.py): 1.383 ms forward,
-# 4.347 ms forward + backward, the rates' gradient's relative error 6.7e-3 against float32 XLA
-# (benchmarks/results/ops_gpu_h200_s8_tokens.md); the scan kernel's times are not measured yet (`python3 -m
-# benchmarks.profile_pieces --impls pallas_mosaic --shapes 1x65536x16x128 --decays tokens --max-piece-len 512`).
+# Longest piece of the per-token path (positions; kept when the backend plans shorter ones): the decay gradient's
+# suffix sums run within a piece (module docstring), so their rounding grows like sqrt(piece_len) instead of
+# sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H (T / 512 pieces per
+# (batch, head) in the state passes' and walks' grids, each a shorter loop) and a larger float32 residual, the
+# states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB, 8 MB per (batch, head),
+# where the Triton plan at B = 1, H = 16 has 8), which the piece scans pass over: each scan (pieces.from_zero, a
+# kernel) reads the sums and writes the states once, 2 x 128 MB at B = 1, H = 16, and the reverse one also reads the
+# entering states for the decay gradient's crossing terms (128 MB; once more in XLA for G's share when there is a G,
+# under lasp_attention). Timed on an H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks) with the
+# former XLA piece scans (a [P, P] matmul and the non-finite routing: 0.57 ms each at P = 128,
+# benchmarks/profile_pieces.py): 1.383 ms forward, 4.347 ms forward + backward, the rates' gradient's relative error
+# 6.7e-3 against float32 XLA (benchmarks/results/ops_gpu_h200_s8_tokens.md); the scan kernel's times are not
+# measured yet (`python3 -m benchmarks.profile_pieces --impls pallas_mosaic --shapes 1x65536x16x128 --decays tokens
+# --max-piece-len 512`).
 MAX_PIECE_LEN = 512
 
 
@@ -239,9 +241,9 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
-    from_start, m = pieces.from_zero(sums, weights.log_decay, plan, reverse=False, interpret=backend.interpret)
+    in_from_zero, m = pieces.from_zero(sums, weights.log_decay, plan, reverse=False, interpret=backend.interpret)
     s_in = None if incoming is None else incoming(m)
-    pieces_in = pieces.plus_boundary(from_start, s_in, weights.log_decay, plan, reverse=False)
+    pieces_in = pieces.plus_boundary(in_from_zero, s_in, weights.log_decay, plan, reverse=False)
     o = backend.output_tokens(q_pad, k_pad, v_pad, chunk, pieces_in, plan, scale)[:, plan.pad:]
     return o, m, s_in, Saved(pieces_in, m, s_in)
 
@@ -264,10 +266,10 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
     chunk, weights = tables(rates, starts, plan)
     sums = backend.state_sums_tokens(q_pad, do_pad, scale * weights.from_start, plan)
     # the reverse scan also dots each cotangent from zero with the next piece's state (the crossing terms' bulk)
-    from_end, d, dots = pieces.from_zero(sums, weights.log_decay, plan, reverse=True, interpret=backend.interpret,
-                                         against=pieces_in)
+    out_from_zero, d, dots = pieces.from_zero(sums, weights.log_decay, plan, reverse=True,
+                                              interpret=backend.interpret, against=pieces_in)
     g = None if outgoing is None else outgoing(d)
-    pieces_out = pieces.plus_boundary(from_end, g, weights.log_decay, plan, reverse=True)
+    pieces_out = pieces.plus_boundary(out_from_zero, g, weights.log_decay, plan, reverse=True)
     dq, dk, dv, x = backend.grads_tokens(q_pad, k_pad, v_pad, do_pad, chunk, pieces_in, pieces_out, plan, scale)
     dq, dk, dv = (pieces.input_heads(y[:, plan.pad:], n.shape[2]) for y, n in ((dq, q), (dk, k), (dv, v)))
     crossing = crossing_terms(dots, pieces_in, m, s_in, g, tok, weights.log_decay, plan)
