@@ -3,24 +3,25 @@
 `lasp_jax.ops.pieces` carries each piece's state sum to the pieces after it (the forward) and each piece's
 cotangent sum to the pieces before it (the backward). As a recurrence over the P pieces of one (batch, head):
 
-    forward   S_0 = 0,      S_(p+1) = dec(a_p, S_p) + m_p      out[p] = S_p (exclusive), end = S_P
-    reverse   G_(P-1) = 0,  G_(p-1) = dec(a_p, G_p) + d_p      out[p] = G_p (exclusive), end = G_(-1)
+    forward   S_0 = 0,      S_1 = m_0,          S_(p+1) = dec(a_p, S_p) + m_p   out[p] = S_p, end = S_P
+    reverse   G_(P-1) = 0,  G_(P-2) = d_(P-1),  G_(p-1) = dec(a_p, G_p) + d_p   out[p] = G_p, end = G_(-1)
 
-with dec(a, x) = where(a == 0, 0, a x) (states.decayed's rule): a piece passing nothing (a document starts in
-it, or its decay is exactly 0) cuts the chain, so a NaN or inf sum never crosses it, while a NaN decay is no cut
-and keeps the NaN going. A non-finite sum reaches only the pieces after its own (before it, reverse), elementwise.
-`end` is the sums carried to the call's boundary: the end state from zero (forward) or the cotangent of the
-incoming state (reverse). Given `against` (states [B, H, P, Dk, Dv]), the pass also gives dots[p] =
-<against[p + 1], out[p]> (0 for the last piece): with the states entering the pieces against the reverse scan,
-the decay gradient's crossing terms <S_(p+1), G_p> (pieces_tokens), without a separate pass over both.
+with dec(a, x) = where(a == 0, 0, a x) (states.decayed's rule): a piece passing nothing (a document starts in it, or
+its decay is exactly 0) cuts the chain, so a NaN or inf sum never crosses it, while a NaN decay is no cut and keeps
+the NaN going. A non-finite sum reaches only the pieces after its own (before it, reverse), elementwise. `end` is
+the sums carried to the call's boundary: the end state from zero (forward) or the cotangent of the incoming state
+(reverse). The first piece's decay (the last's, reverse) multiplies nothing (the zero state entering it), so a NaN
+there does not reach the next piece's state, exactly as in the products S_p = sum_{j < p} (prod_{j < q < p} a_q)
+m_j. Given `against` (states [B, H, P, Dk, Dv]; reverse), the pass also gives dots[p] = <against[p + 1], out[p]> (0
+for the last piece): with the states entering the pieces against the reverse scan, the decay gradient's crossing
+terms <S_(p+1), G_p> (pieces_tokens), without a separate pass over both.
 
 Cost: one program per (batch, head, row tile of Dk) holds a [block, Dv] float32 tile and loops over the pieces in
 order, reading each sum once and writing each exclusive state once: 2 x 4 x B H P Dk Dv bytes in all, the floor of
 the scan (3 x with `against`, read once too). The former XLA form (a [P, P] x [P, Dk Dv] matmul at full float32
 precision plus the routing of the non-finite parts) took about 9x its floor on an H200 at P = 128 (0.57 ms against
-0.064, B = 1, H = 16, d = 128; benchmarks/profile_pieces.py). The programs' count, B x H x Dk /
-block, is the parallelism; `block` defaults to the tile that gives about TARGET_PROGRAMS programs (not tuned on a
-GPU yet).
+0.064, B = 1, H = 16, d = 128; benchmarks/profile_pieces.py). The programs' count, B x H x Dk / block, is the
+parallelism; `block` defaults to the tile that gives about TARGET_PROGRAMS programs (not tuned on a GPU yet).
 
 Numerics: float32 throughout; each product of decays is built one factor at a time (a_p a_(p+1) ... applied to
 the running state), where the XLA form took exp(-(a sum of log decays)): the two agree to float32 rounding (a few
@@ -64,17 +65,22 @@ def _scan_kernel(*refs, reverse: bool, dots: bool):
     else:
         (a_ref, x_ref, out_ref, end_ref), against_ref, dots_ref = refs, None, None
     n = x_ref.shape[0]
+    first = n - 1 if reverse else 0
+    # The first piece enters from zero and passes its sum on as it is: its decay multiplies nothing (a NaN one
+    # included, as in the products of the formula: S_1 = m_0).
+    out_ref[first] = jnp.zeros(end_ref.shape, _F32)
+    if dots:
+        dots_ref[first] = jnp.float32(0.0)  # reverse: the last piece has no next state
 
     def body(i, state):
         p = n - 1 - i if reverse else i
         out_ref[p] = state
-        if dots:  # the last piece has no next state (its row of `against` is read, never used: a select)
-            dot = jnp.sum(against_ref[jnp.minimum(p + 1, n - 1)] * state)
-            dots_ref[p] = jnp.where(p == n - 1, 0.0, dot)
+        if dots:
+            dots_ref[p] = jnp.sum(against_ref[p + 1] * state)
         a = a_ref[p]
         return jnp.where(a == 0, 0.0, a * state) + x_ref[p]
 
-    end_ref[...] = lax.fori_loop(0, n, body, jnp.zeros(end_ref.shape, _F32))
+    end_ref[...] = lax.fori_loop(1, n, body, x_ref[first])
 
 
 def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = None, against=None):
@@ -86,7 +92,7 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
       reverse: run from the last piece to the first (the cotangents).
       interpret: Pallas interpret mode (any platform) instead of the compiled Triton kernel (a CUDA GPU).
       block: Dk rows per program (a power of two dividing Dk); None: `default_block`.
-      against: None, or states [B, H, P, Dk, Dv] float32 to dot with the next piece's (module docstring).
+      against: None, or (reverse only) states [B, H, P, Dk, Dv] float32 to dot with out (module docstring).
     Returns:
       (out [B, H, P, Dk, Dv] float32: S_p or G_p, end [B, H, Dk, Dv] float32: S_P, or G_(-1) when reverse), and
       given against, dots [B, H, P] float32: <against[p + 1], out[p]>, 0 for the last piece (float32 sums of
@@ -98,8 +104,9 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
     block = default_block(b, h, dk) if block is None else block
     if block <= 0 or block & (block - 1) or dk % block:
         raise ValueError(f"block must be a power of two dividing Dk={dk}; got {block}")
-    if against is not None and against.shape != sums.shape:
-        raise ValueError(f"against must have the sums' shape {sums.shape}; got {against.shape}")
+    if against is not None and (not reverse or against.shape != sums.shape):
+        raise ValueError(f"against is for the reverse scan, of the sums' shape {sums.shape}; got {against.shape} "
+                         f"(reverse={reverse})")
     tiles = dk // block
     typed = lambda shape: jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=jax.typeof(sums).manual_axis_type)
     states = pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))

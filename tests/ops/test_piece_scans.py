@@ -1,11 +1,11 @@
-"""The piece scans of the fused kernel path (`lasp_jax.ops.pieces`: entering, leaving, from_zero's boundary sums;
-the scan kernel of `lasp_jax.ops.piece_scan_kernel` in Pallas interpret mode) against a float64 loop over the
-pieces, for constant rates [H] and per-piece log decays [B, H, P] (+inf: a document starts in the piece; up to
-P = 128 pieces, whose products underflow), and their NaN isolation: a non-finite sum reaches only the pieces
-after its own (before it, for the cotangents), a document start passes exactly nothing, while a product of
-nonzero decays that underflows and a NaN decay are no cut. The reverse scan's dots against the next piece's
-state (the decay gradient's crossing terms). The kernel itself: row tiles of Dk, its argument checks, and its
-lowering to Triton IR without a GPU.
+"""The piece scans of the fused kernel path (`lasp_jax.ops.pieces`: entering, leaving, from_zero's boundary sums; the
+scan kernel of `lasp_jax.ops.piece_scan_kernel` in Pallas interpret mode) against a float64 loop over the pieces,
+for constant rates [H] and per-piece log decays [B, H, P] (+inf: a document starts in the piece; up to P = 128
+pieces, whose products underflow), and their NaN isolation: a non-finite sum reaches only the pieces after its own
+(before it, for the cotangents), a document start passes exactly nothing, while a product of nonzero decays that
+underflows and a NaN decay are no cut (a NaN decay before anything enters reaches nothing). The reverse scan's dots
+against the next piece's state (the decay gradient's crossing terms). The kernel itself: row tiles of Dk, its
+argument checks, and its lowering to Triton IR without a GPU.
 
 Worst relative error measured against float64 (max |got - want| / max |want|, seeds 0-2, every case below):
 1.2e-7 up to P = 7 (float32 rounding of the sums and decays), TOL 3x that; 5.6e-7 at P = 128 (constant rates,
@@ -171,6 +171,25 @@ def test_an_underflowed_product_and_a_nan_decay_are_no_cut(rng):
     assert np.all(np.isnan(got[:, :, j + 1:]))
 
 
+def test_a_nan_decay_before_anything_enters_reaches_nothing(rng):
+    """A NaN decay in the first piece (the last, for the cotangents) multiplies only the zero state entering it:
+    without a boundary state every scan is bit for bit the one of a finite decay there (S_1 = m_0, as in the
+    products of `entering`'s formula), with one the NaN reaches every later piece through its share."""
+    n = 5
+    sums, state = _inputs(rng, n)
+    decay = DECAYS["per piece"](rng, n)
+    for scan, edge in ((pieces.entering, 0), (pieces.leaving, n - 1)):
+        clean = np.asarray(scan(sums, None, decay, _plan(n)))
+        np.testing.assert_array_equal(np.asarray(scan(sums, None, decay.at[:, :, edge].set(jnp.nan), _plan(n))), clean)
+        shared = np.asarray(scan(sums, state, decay.at[:, :, edge].set(jnp.nan), _plan(n)))
+        later = slice(1, n) if edge == 0 else slice(0, n - 1)
+        assert np.all(np.isnan(shared[:, :, later]))
+    for reverse, edge in ((False, 0), (True, n - 1)):
+        end = pieces.from_zero(sums, decay.at[:, :, edge].set(jnp.nan), _plan(n), reverse=reverse)[1]
+        np.testing.assert_array_equal(np.asarray(end), np.asarray(pieces.from_zero(sums, decay, _plan(n),
+                                                                                    reverse=reverse)[1]))
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_kernel_row_tiles(reverse, rng):
     """The kernel over Dk in 4 row tiles of 8 (one program each) equals one whole-Dk tile bit for bit, and the
@@ -221,6 +240,8 @@ def test_kernel_bad_arguments_are_named():
         piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 4)), reverse=False, interpret=True)
     with pytest.raises(ValueError, match="power of two dividing Dk=16"):
         piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 3)), reverse=False, interpret=True, block=12)
+    with pytest.raises(ValueError, match="against is for the reverse scan"):
+        piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 3)), reverse=False, interpret=True, against=sums)
 
 
 def test_kernel_lowers_to_triton():
