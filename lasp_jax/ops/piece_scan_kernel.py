@@ -96,7 +96,7 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
     Returns:
       (out [B, H, P, Dk, Dv] float32: S_p or G_p, end [B, H, Dk, Dv] float32: S_P, or G_(-1) when reverse), and
       given against, dots [B, H, P] float32: <against[p + 1], out[p]>, 0 for the last piece (float32 sums of
-      each tile's products, then over the tiles).
+      each tile's products, then over the tiles). One piece (P = 1) launches nothing: out is 0, end the sum.
     """
     b, h, n, dk, dv = sums.shape
     if decays.shape != (b, h, n):
@@ -107,6 +107,9 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
     if against is not None and (not reverse or against.shape != sums.shape):
         raise ValueError(f"against is for the reverse scan, of the sums' shape {sums.shape}; got {against.shape} "
                          f"(reverse={reverse})")
+    if n == 1:  # nothing to carry: no launch (and no state pass kept alive for it when `end` goes unused)
+        zero = jnp.zeros(sums.shape, _F32)
+        return (zero, sums[:, :, 0].astype(_F32)) + ((jnp.zeros((b, h, 1), _F32),) if against is not None else ())
     tiles = dk // block
     typed = lambda shape: jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=jax.typeof(sums).manual_axis_type)
     states = pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))
