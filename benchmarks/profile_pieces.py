@@ -85,7 +85,7 @@ def _prefix_weights(rates, plan: pieces.Plan):
 
 
 def select_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
-    """The piece scans before the matmul (no boundary state): sum_j where(w != 0, w x_j, 0) over
+    """The first library form of the piece scans (no boundary state): sum_j where(w != 0, w x_j, 0) over
     [B, H, P, P, Dk, Dv], w transposed when reverse."""
     w = _prefix_weights(rates, plan)
     w = (jnp.swapaxes(w, 1, 2) if reverse else w)[None, :, :, :, None, None]

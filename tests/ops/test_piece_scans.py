@@ -143,9 +143,9 @@ def test_a_wrong_decay_shape_is_named():
         pieces.entering(sums, None, jnp.zeros((B, H, 3)), _plan(4))
 
 
-def test_the_former_select_formula_agrees(rng):
-    """The scans the profile (benchmarks/profile_pieces.py) times against the library's: the select over
-    [B, H, P, P, Dk, Dv] that the matmul replaced, the matmul without its non-finite routing, the recurrence."""
+def test_the_profiles_xla_forms_agree(rng):
+    """The XLA forms of the scans the profile (benchmarks/profile_pieces.py) times against the library's kernel:
+    the select over [B, H, P, P, Dk, Dv], the [P, P] matmul without non-finite routing, the unrolled recurrence."""
     n = 7
     sums, _ = _inputs(rng, n)
     rates = DECAYS["constant"](rng, n)
