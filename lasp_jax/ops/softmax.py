@@ -88,8 +88,9 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
         jax.nn.dot_product_attention: a GPU, bf16/fp16 q, k, v of one dtype, else a ValueError; documents and a
         global q_offset as a dense [B, 1, L, S] mask) or "auto": cudnn where it applies (a GPU in
         CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, one device's call: no ambient mesh of several devices unless
-        inside a shard_map over all its axes; and no dense mask needed (no segment_ids, q_offset the int 0,
-        L = S) or B * L * S <= DENSE_MASK_MAX), blockwise otherwise.
+        inside a shard_map over all its axes; head dims a multiple of 8 up to 256; and no dense mask needed
+        (no segment_ids, q_offset the int 0, L = S) or B * L * S <= DENSE_MASK_MAX with L and S even),
+        blockwise otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -115,12 +116,17 @@ def document_numbers(ids: jax.Array) -> jax.Array:
 def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     """Whether "auto" takes cuDNN: see causal_softmax_attention's impl. Only where the call is per device (no
     ambient mesh of several devices, or every axis manual): how XLA partitions cuDNN's custom call over a
-    sharded batch is not measured yet."""
+    sharded batch is not measured yet. Only shapes cuDNN's flash attention takes in training (jax's
+    check_is_flash_attention): head dims a multiple of 8 up to 256, and with a mask (a bias) even lengths, so a
+    decoding step (L = 1) keeps the blockwise loop."""
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
     aligned = docs is None and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    small_even_mask = (q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
+                       and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+    dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
     return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind in CUDNN_QUALIFIED_GPUS
-            and per_device and (aligned or q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX)
+            and per_device and dims_ok and (aligned or small_even_mask)
             and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
 
 

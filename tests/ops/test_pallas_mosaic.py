@@ -3,7 +3,7 @@
 The four walks of attention are checked through the identities `pallas_mosaic.Walks` relies on: o = walk(Q, K,
 V, S), dQ = walk(dO, V, K, S^T), dV = walk(K, Q, dO, dS, reverse) and dK = walk(V, dO, Q, dS^T, reverse), with S
 the state entering each piece (the forward's `pieces.Saved.pieces_in`) and dS the cotangent of the state leaving
-it (rebuilt here with `pieces.leaving`, as `pieces.backward` builds it), against o, dQ, dK and dV of the Triton
+it (rebuilt here with `pieces.leaving`, equal to what `pieces.backward` builds from its scan), against o, dQ, dK and dV of the Triton
 kernels' forward and backward, from a nonzero incoming state and end-state cotangent.
 
 CPU: the walks run in Mosaic GPU's CPU interpreter (its three warpgroups, TMA copies, barriers and wgmma

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lasp_jax.ops import softmax
 from lasp_jax.ops.softmax import causal_softmax_attention
 from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, qkv, rel_err
 
@@ -47,3 +48,23 @@ def test_blockwise_never_holds_the_whole_score_matrix(rng):
 
     biggest = max(sizes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr))
     assert biggest < h * t * t / 4, biggest
+
+
+def test_auto_takes_cudnn_only_for_shapes_it_trains(monkeypatch):
+    """On a qualified GPU "auto" takes cuDNN without a mask, and with one (documents, a global q_offset) only while
+    the dense mask is small and L, S are even (cuDNN refuses an odd length with a bias in training); head dims a
+    multiple of 8 up to 256; a decoding step (L = 1) keeps the blockwise loop. Checked on shapes (no GPU here)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [type("Gpu", (), {"device_kind": softmax.CUDNN_QUALIFIED_GPUS[0]})])
+
+    def applies(length, keys, d=128, docs=False, q_offset=0, dtype=jnp.bfloat16):
+        q = jax.ShapeDtypeStruct((1, length, 4, d), dtype)
+        k = jax.ShapeDtypeStruct((1, keys, 2, d), dtype)
+        return softmax._cudnn_applies(q, k, k, jnp.zeros((1, keys), jnp.int32) if docs else None, q_offset)
+
+    assert applies(1023, 1023)  # cuDNN's own causal mask: any length
+    assert applies(1024, 1024, docs=True) and applies(512, 1024, q_offset=512)
+    assert not applies(1023, 1023, docs=True) and not applies(1, 1024, q_offset=1023)
+    assert not applies(32768, 65536, docs=True)  # B * L * S above DENSE_MASK_MAX
+    assert not applies(1024, 1024, d=12) and not applies(1024, 1024, d=512)
+    assert not applies(1024, 1024, dtype=jnp.float32)
