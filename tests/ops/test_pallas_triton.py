@@ -167,8 +167,9 @@ def test_mosaic_config_checks():
     q = jax.ShapeDtypeStruct((1, 64, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
     assert pallas_mosaic.INTERPRET.supported(q, k, k) is None
-    v64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
-    assert pallas_mosaic.INTERPRET.supported(q, k, v64).startswith("head dims Dk=128, Dv=64")
+    v64, v32 = (jax.ShapeDtypeStruct((1, 64, 2, d), jnp.bfloat16) for d in (64, 32))
+    assert pallas_mosaic.INTERPRET.supported(q, k, v64) is None  # Dk != Dv: Mamba-2's 128 / 64
+    assert pallas_mosaic.INTERPRET.supported(q, k, v32).startswith("head dims Dk=128, Dv=32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,10 +390,11 @@ def test_lowers_to_triton(overrides, device):
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
     text = _cuda_mlir(fwd_bwd, _gpus(device=device), q, kv, kv, q)
-    # forward: state pass + output pass; backward: the Q, dO state pass (the piece states entering dQ are the
-    # forward's residual), dQ, and dK and dV (one kernel with whole-state tiles, else two).
+    # forward: state pass, piece scan, output pass; backward: the Q, dO state pass (the piece states entering dQ
+    # are the forward's residual), reverse piece scan, dQ, and dK and dV (one kernel with whole-state tiles, else
+    # two).
     fused = overrides.get("block_k") == 128
-    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if fused else 6)
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (7 if fused else 8)
 
 
 @pytest.mark.parametrize(("shape", "stages"), [((8, 1024, 32, 128), 2), ((1, 8192, 32, 128), 3)],
@@ -421,7 +423,8 @@ def test_whole_states_take_wide_warps():
 
     kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', _cuda_mlir(fwd_bwd, _gpus(), q, q, q))
     assert sorted(kernels) == [("_dkdv_kernel", "4"), ("_dkdv_kernel", "4"), ("_dq_kernel", "4"),
-                               ("_output_kernel", "4"), ("_state_kernel", "8"), ("_state_kernel", "8")]
+                               ("_output_kernel", "4"), ("_scan_kernel", "4"), ("_scan_kernel", "4"),
+                               ("_state_kernel", "8"), ("_state_kernel", "8")]
 
 
 def test_mosaic_walks_lower_under_shard_map():
@@ -442,7 +445,7 @@ def test_mosaic_walks_lower_under_shard_map():
     x = jax.ShapeDtypeStruct((1, 8192, 4, 128), jnp.bfloat16)
     with jax.sharding.use_abstract_mesh(mesh):
         text = fwd_bwd.trace(x, x, x, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 4  # the state passes and the piece scans
     assert text.count("custom_call @mosaic_gpu") == 4
 
 
@@ -460,7 +463,7 @@ def test_mosaic_impl_lowers_for_cuda(h, hkv, d):
     kv = jax.ShapeDtypeStruct((1, 8192, hkv, d), jnp.bfloat16)
     with jax.sharding.use_abstract_mesh(_gpus()):
         text = jax.jit(fwd_bwd).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 4  # the state passes and the piece scans
     assert text.count("custom_call @mosaic_gpu") == 4
 
 
@@ -484,7 +487,9 @@ def test_lowers_to_triton_under_shard_map(t):
         return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4)(q, k, v, do)
 
     x = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
-    assert _cuda_mlir(fwd_bwd, mesh, x, x, x, x).count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
+    # one piece (t = 512) carries nothing between pieces: no piece scans
+    scans = 2 if t == 8192 else 0
+    assert _cuda_mlir(fwd_bwd, mesh, x, x, x, x).count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6 + scans
 
 
 def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatch, rng):
@@ -506,8 +511,8 @@ def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatc
 def test_lowers_to_triton_data_parallel(monkeypatch):
     """Without a GPU: under pure data parallelism (a seq axis of size 1, as the models meet it) lasp_attention
     runs the kernels per device inside its shard_map, with no exchange (the allgather strategy would otherwise
-    emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 2 kernels forward
-    and 4 backward."""
+    emit an all_gather even over one rank): they lower to Triton IR for abstract H200s, 3 kernels forward
+    and 5 backward (each with its piece scan)."""
     monkeypatch.setattr(pallas_triton, "supported", lambda q, k, v, interpret=False: None)  # as on an H200
     monkeypatch.setattr(impls, "qualification", lambda name, q, k, v, **_: None)
     mesh = _gpus((2, 1), ("data", "seq"))
@@ -521,7 +526,7 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
 
     x = jax.ShapeDtypeStruct((2, 8192, 4, 128), jnp.bfloat16)
     text = _cuda_mlir(fwd_bwd, mesh, x, x, x, x)
-    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 8
     assert "all_gather" not in text and "collective_permute" not in text
 
 

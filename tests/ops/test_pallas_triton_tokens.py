@@ -338,9 +338,9 @@ def test_lowers_to_triton(overrides, ranks, heads):
     with jax.sharding.use_abstract_mesh(mesh):
         text = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args).mlir_module()
-    # forward: the K, V state pass and the output walk; backward: the Q, dO state pass, dQ, and dK and dV (one
-    # kernel with whole-state tiles, else two).
-    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (5 if overrides else 6)
+    # forward: the K, V state pass, the piece scan and the output walk; backward: the Q, dO state pass, the
+    # reverse piece scan, dQ, and dK and dV (one kernel with whole-state tiles, else two).
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (7 if overrides else 8)
 
 
 @pytest.mark.gpu
