@@ -44,8 +44,8 @@ over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes pr
 --out after every (impl, shape, decay, L), so a run cut off keeps what finished. On an H200 (2026-11-29,
 results/profile_pieces_h200_s8.md) the constant run took under 140 s, nearly all of it compiles (each row's
 first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The per-token rows
-have not run on a GPU yet (expected: about as long per (impl, shape, L) as the constant rows, plus one fp32
-reference per (shape, decay)). The first shape runs for every impl before the second.
+(2026-11-30, results/profile_pieces_h200_s9_tokens.md and _scan.md) took about a minute per (impl, shape, L).
+The first shape runs for every impl before the second.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import pieces, pieces_tokens
+from lasp_jax.ops import checks, pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -422,16 +422,11 @@ def _head_map(n_heads, x):
     return _same if group == 1 else (lambda h: h // group)
 
 
-def _heads(q, v) -> int:
-    """H = max(Hq, Hv): the output heads, one program row per head."""
-    return max(q.shape[2], v.shape[2])
-
-
 def plan(q, v, config: Config = DEFAULT) -> pieces.Plan:
     """The pieces of q [B, T, Hq, Dk], v [B, T, Hv, Dv] under config: about target_programs programs per
     launch over the H = max(Hq, Hv) output heads, counting the Dv tiles of the output pass."""
     b, t = q.shape[:2]
-    h = _heads(q, v)
+    h = checks.output_heads(q, v)
     tiles = v.shape[-1] // min(config.block_v, v.shape[-1])
     target_pieces = max(1, -(-config.target_programs // (b * h * tiles)))
     return pieces.make_plan(t, config.chunk, target_pieces, config.min_piece_chunks)
@@ -495,7 +490,7 @@ def _output(q, k, v, decay: _Decay, pieces_in, plan: pieces.Plan, config: Config
     """`pieces.Backend.output` (and output_tokens): the output walk, one program per (batch, output head, piece,
     Dv tile), each of q, k, v read at its own head h // (H / Hx)."""
     b, t, _, dim_k = q.shape
-    h = _heads(q, v)
+    h = checks.output_heads(q, v)
     q_head, k_head, v_head = (_head_map(h, x) for x in (q, k, v))
     dim_v = v.shape[-1]
     bv = min(config.block_v, dim_v)
@@ -519,7 +514,7 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
     each. Per-token (decay.tokens) also x [B, H, T] float32, k . dK - q . dQ per output head from the kernels'
     float32 values (summed over the head-dim tiles here)."""
     b, t, _, dim_k = q.shape
-    h = _heads(q, v)
+    h = checks.output_heads(q, v)
     dim_v = v.shape[-1]
     bk, bv = min(config.block_k, dim_k), min(config.block_v, dim_v)
     q_head, k_head, v_head = (_head_map(h, x) for x in (q, k, v))

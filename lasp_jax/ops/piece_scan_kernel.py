@@ -43,15 +43,20 @@ from jax.experimental.pallas import triton as pl_triton
 _F32 = jnp.float32
 TARGET_PROGRAMS = 256  # programs per launch the default tile aims at (an H200 has 132 SMs)
 MIN_BLOCK = 8  # fewest Dk rows per program: [8, Dv] float32 loads of 4 KB at Dv = 128
+# Largest default tile, in float32 elements: the tiles that have run on an H200 (2026-11-30: [8, 128] at B = 1,
+# H = 16, up to [32, 64] in Mamba-2 1.3B's step); larger ones (all of Dk at B x H >= 256) would hold [Dk, Dv]
+# float32 per 4-warp program plus NUM_STAGES staged loads of that size: untested, so the default stops here.
+MAX_TILE = 2048
 NUM_WARPS = 4
 NUM_STAGES = 3  # the pipeline depth of the loads of the next pieces' sums (they do not depend on the state)
 
 
-def default_block(b: int, h: int, dk: int) -> int:
-    """The Dk rows per program: the largest power-of-two divisor of dk (at most dk) that still gives about
-    TARGET_PROGRAMS programs over B x H, and at least min(MIN_BLOCK, dk)."""
+def default_block(b: int, h: int, dk: int, dv: int) -> int:
+    """The Dk rows per program: the largest power-of-two divisor of dk that still gives about TARGET_PROGRAMS
+    programs over B x H, with tiles of at most MAX_TILE elements, down to MIN_BLOCK rows (or fewer where dk's
+    largest power-of-two divisor is smaller)."""
     block = dk & -dk  # the largest power of two dividing dk (Triton blocks are powers of two)
-    while block > MIN_BLOCK and b * h * (dk // block) < TARGET_PROGRAMS:
+    while block > MIN_BLOCK and (b * h * (dk // block) < TARGET_PROGRAMS or block * dv > MAX_TILE):
         block //= 2
     return block
 
@@ -98,10 +103,12 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
       given against, dots [B, H, P] float32: <against[p + 1], out[p]>, 0 for the last piece (float32 sums of
       each tile's products, then over the tiles). One piece (P = 1) launches nothing: out is 0, end the sum.
     """
+    if sums.ndim != 5:
+        raise ValueError(f"sums must be [B, H, P, Dk, Dv] (5 dims); got shape {sums.shape}")
     b, h, n, dk, dv = sums.shape
     if decays.shape != (b, h, n):
         raise ValueError(f"decays must be [B, H, P] = {(b, h, n)} for sums of shape {sums.shape}; got {decays.shape}")
-    block = default_block(b, h, dk) if block is None else block
+    block = default_block(b, h, dk, dv) if block is None else block
     if block <= 0 or block & (block - 1) or dk % block:
         raise ValueError(f"block must be a power of two dividing Dk={dk}; got {block}")
     if against is not None and (not reverse or against.shape != sums.shape):

@@ -197,7 +197,8 @@ def entering(sums, s_in, decay, plan: Plan, interpret: bool | None = None):
     decay: rates [H] float32 (constant decay: every piece passes a = exp(-rate * plan.piece_len)), or per-piece
     log decays [B, H, P] float32 >= 0 (a_p = exp(-decay[b, h, p]); +inf where a document starts in piece p: it
     passes nothing, its product is exactly 0). A non-finite m_j reaches only the pieces after j, and none past a
-    document start. `from_zero` then `plus_boundary` (the drivers split them: S_in may depend on the end state)."""
+    document start. `from_zero` then `plus_boundary` (the drivers call those two themselves: S_in may depend on
+    the end state; this whole form serves tests and benchmarks/mosaic_probe.py)."""
     per_piece, _ = from_zero(sums, decay, plan, reverse=False, interpret=interpret)
     return plus_boundary(per_piece, s_in, decay, plan, reverse=False)
 

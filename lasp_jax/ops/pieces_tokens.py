@@ -66,12 +66,11 @@ _F32 = jnp.float32
 # where the Triton plan at B = 1, H = 16 has 8), which the piece scans pass over: each scan (pieces.from_zero, a
 # kernel) reads the sums and writes the states once, 2 x 128 MB at B = 1, H = 16, and the reverse one also reads the
 # entering states for the decay gradient's crossing terms (128 MB; once more in XLA for G's share when there is a G,
-# under lasp_attention). Timed on an H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks) with the
-# former XLA piece scans (a [P, P] matmul and the non-finite routing: 0.57 ms each at P = 128,
-# benchmarks/profile_pieces.py): 1.383 ms forward, 4.347 ms forward + backward, the rates' gradient's relative error
-# 6.7e-3 against float32 XLA (benchmarks/results/ops_gpu_h200_s8_tokens.md); the scan kernel's times are not
-# measured yet (`python3 -m benchmarks.profile_pieces --impls pallas_mosaic --shapes 1x65536x16x128 --decays tokens
-# --max-piece-len 512`).
+# under lasp_attention). Timed on an H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks, 2026-11-30):
+# the scans 0.112 / 0.223 ms (the former XLA form, a [P, P] matmul and the non-finite routing, 0.568 / 0.589),
+# 0.862 ms forward, 3.370 ms forward + backward, the rates' gradient's relative error 6.7e-3 against float32 XLA;
+# pieces of 1024: 0.731 / 2.914 ms, 9.3e-3 (benchmarks/results/profile_pieces_h200_s9_scan.md,
+# ops_gpu_h200_s9_tokens.md).
 MAX_PIECE_LEN = 512
 
 

@@ -229,13 +229,17 @@ def test_dots_against_the_next_state(n, rng):
 
 
 def test_kernel_default_block_fills_the_target_programs():
-    assert piece_scan_kernel.default_block(1, 16, 128) == 8  # 256 programs
-    assert piece_scan_kernel.default_block(8, 32, 128) == 128  # 256 programs of whole states
-    assert piece_scan_kernel.default_block(1, 1, 4) == 4  # never above Dk
+    assert piece_scan_kernel.default_block(1, 16, 128, 128) == 8  # 256 programs
+    assert piece_scan_kernel.default_block(1, 64, 128, 64) == 32  # Mamba-2 1.3B's heads: 256 programs
+    assert piece_scan_kernel.default_block(8, 32, 128, 128) == 16  # tiles capped at MAX_TILE elements
+    assert piece_scan_kernel.default_block(8, 32, 128, 256) == 8
+    assert piece_scan_kernel.default_block(1, 1, 4, 4) == 4  # never above Dk
 
 
 def test_kernel_bad_arguments_are_named():
     sums = jnp.zeros((1, 2, 3, 16, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"sums must be \[B, H, P, Dk, Dv\]"):
+        piece_scan_kernel.scan(sums[0], jnp.zeros((2, 3)), reverse=False, interpret=True)
     with pytest.raises(ValueError, match=r"decays must be \[B, H, P\]"):
         piece_scan_kernel.scan(sums, jnp.zeros((1, 2, 4)), reverse=False, interpret=True)
     with pytest.raises(ValueError, match="power of two dividing Dk=16"):
