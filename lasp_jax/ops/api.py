@@ -63,8 +63,8 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     ids = checks.segment_ids(segment_ids, b, t)
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
-    per_device = resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None,
-                         partitioned=impls.partitioned(q))
+    per_device = impls.resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None,
+                               partitioned=impls.partitioned(q))
     scale = static_scale(scale)
     final = bool(return_final_state)
     constant = rates if rates.ndim == 1 and ids is not None else None
@@ -86,12 +86,6 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
             state = jnp.exp(-jax.lax.stop_gradient(constant))[None, :, None, None] * state
         return placement.like_q(o, q), state
     return placement.like_q(out, q)
-
-
-def resolve(impl: str, q, k, v, *, per_token: bool, partitioned: bool) -> vjp.Impl:
-    """impls.resolve: every impl takes per-token decay, segment_ids and every head layout; "auto" takes the first
-    supported and qualified one (impls.qualification: GVA heads only where their GPU tests passed)."""
-    return impls.resolve(impl, q, k, v, partitioned=partitioned, per_token=per_token)
 
 
 def attend(q, k, v, rates, ids, s_init, impl, exchange, final, scale):

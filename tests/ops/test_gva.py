@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import api, impls, pallas_mosaic, pallas_triton, reference, vjp
+from lasp_jax.ops import impls, pallas_mosaic, pallas_triton, reference, vjp
 from tests.ops.test_pallas_triton_tokens import _compiled
 from tests.ops.test_token_decay import _loss_and_grads
 from tests.util import BF16_TOL, F32_TOL, document_ids, per_rank_errors, qkv, rel_err
@@ -191,7 +191,7 @@ def test_kernels_take_gva_and_auto_takes_xla_until_qualified(monkeypatch):
     layouts = [[jnp.ones((1, 64, n, 64), jnp.bfloat16) for n in heads] for heads in ((2, 2, 4), (4, 4, 2), (2, 4, 4))]
     for q, k, v in layouts:
         for impl in ("pallas_triton_interpret", "pallas_mosaic_interpret"):
-            assert api.resolve(impl, q, k, v, per_token=True, partitioned=False) is impls.IMPLS[impl]
+            assert impls.resolve(impl, q, k, v, per_token=True, partitioned=False) is impls.IMPLS[impl]
     # The interpreted Triton kernels first in AUTO_ORDER and gated like a compiled kernel qualified on this CPU
     # for MHA/GQA, with and without per-token decay, but not for GVA.
     monkeypatch.setattr(impls, "AUTO_ORDER", ("pallas_triton_interpret",) + impls.AUTO_ORDER)
@@ -200,13 +200,13 @@ def test_kernels_take_gva_and_auto_takes_xla_until_qualified(monkeypatch):
     monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_triton_interpret", ())
     mha = jnp.ones((1, 64, 2, 64))
     for per_token in (False, True):
-        assert api.resolve("auto", mha, mha, mha, per_token=per_token, partitioned=False) is impls.IMPLS[
+        assert impls.resolve("auto", mha, mha, mha, per_token=per_token, partitioned=False) is impls.IMPLS[
             "pallas_triton_interpret"]
         for q, k, v in layouts:
-            assert api.resolve("auto", q, k, v, per_token=per_token, partitioned=False) is impls.IMPLS["xla"]
+            assert impls.resolve("auto", q, k, v, per_token=per_token, partitioned=False) is impls.IMPLS["xla"]
     monkeypatch.setitem(impls.QUALIFIED_GVA_GPUS, "pallas_triton_interpret", ("cpu",))
     for q, k, v in layouts:
-        assert api.resolve("auto", q, k, v, per_token=True, partitioned=False) is impls.IMPLS["pallas_triton_interpret"]
+        assert impls.resolve("auto", q, k, v, per_token=True, partitioned=False) is impls.IMPLS["pallas_triton_interpret"]
 
 
 BAD = {

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import api, impls, reference
+from lasp_jax.ops import impls, reference
 from tests.util import BF16_TOL, F32_TOL, qkv, rel_err
 
 IMPLS = ["reference", "xla"]
@@ -193,7 +193,7 @@ def test_per_token_calls_route_to_token_variants(rng):
     q, k, v = qkv(rng, 1, 64, 2, 2, 64, 64)
     rates = jnp.full((1, 64, 2), 0.1)
     ids = jnp.zeros((1, 64), jnp.int32).at[:, 40:].set(1)
-    assert api.resolve("auto", q, k, v, per_token=True, partitioned=False) is impls.IMPLS["xla"]
+    assert impls.resolve("auto", q, k, v, per_token=True, partitioned=False) is impls.IMPLS["xla"]
     want = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="xla")
     got = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids, impl="pallas_triton_interpret")
     assert rel_err(got, want) < F32_TOL
