@@ -113,14 +113,22 @@ def recurrence_scan(sums, rates, plan: pieces.Plan, *, reverse: bool):
     return jnp.stack(out, axis=2)
 
 
+def _backend_and_inputs(impl: str, shape: measure.Shape, seed: int, *, per_token: bool):
+    """(the impl's backend, its q, k, v, dO: measure.normal_inputs); ValueError where the impl cannot run them
+    here (with per-token decay: its token variant)."""
+    backend = impls.IMPLS[impl]
+    q, k, v, do = measure.normal_inputs(shape, seed)
+    reason = (backend.supported_tokens if per_token else backend.supported)(q, k, v)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run {shape}{' with per-token decay' if per_token else ''} here: "
+                         f"{reason}")
+    return backend, (q, k, v, do)
+
+
 def profile(impl: str, shape: measure.Shape, args, bandwidth_gbs: float, rows: list[dict]) -> None:
     """Appends the rows of one impl at one shape to rows as they are measured (see the module docstring)."""
-    backend = impls.IMPLS[impl]
+    backend, (q, k, v, do) = _backend_and_inputs(impl, shape, args.seed, per_token=False)
     b, t, h, d = shape
-    q, k, v, do = measure.normal_inputs(shape, args.seed)
-    reason = backend.supported(q, k, v)
-    if reason is not None:
-        raise ValueError(f"impl {impl!r} cannot run {shape} here: {reason}")
     rates = jnp.asarray(tnl_slopes(h))
     scale = d ** -0.5
     plan = backend.plan(q, v)
@@ -217,12 +225,8 @@ def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, a
     """Appends the per-token rows of one impl at one shape, decay mode (measure.decay_inputs: "tokens" or
     "tokens/N") and MAX_PIECE_LEN (`max_piece_len`) to rows as they are measured (the module docstring).
     reference: measure.fp32_reference's (o, (dq, dk, dv, ds)) for these inputs."""
-    backend = impls.IMPLS[impl]
+    backend, (q, k, v, do) = _backend_and_inputs(impl, shape, args.seed, per_token=True)
     b, t, h, d = shape
-    q, k, v, do = measure.normal_inputs(shape, args.seed)
-    reason = backend.supported_tokens(q, k, v)
-    if reason is not None:
-        raise ValueError(f"impl {impl!r} cannot run {shape} with per-token decay here: {reason}")
     rates, ids = measure.decay_inputs(shape, mode, args.seed)
     rates, ids = jnp.asarray(rates), None if ids is None else jnp.asarray(ids)
     tok = vjp._piece_tokens(rates, ids, None)  # the TokenDecay linear_attention builds

@@ -113,7 +113,8 @@ class LinearMixer(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]. segment_ids: None or [B, T] ints (packed documents: the state resets where
         the id changes; lasp_jax then runs its per-token path, which takes the constant decay per position: on an
-        H200 about 2.6x the constant path's attention time at 64K, benchmarks/results/ops_gpu_h200_s8_tokens.md)."""
+        H200 about 2.0x the constant path's attention time at 64K, benchmarks/results/ops_gpu_h200_s9_tokens.md
+        and profile_pieces_h200_s9_scan.md)."""
         q, k, v = self._qkv(x)
         return self._out(x, linear_attend(q, k, v, self._decay(), self.cfg, segment_ids))
 

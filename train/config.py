@@ -76,7 +76,7 @@ class TrainConfig:
     data_threads: int = 2  # Grain read threads per host (prefetching the next batches)
     # reset: packed documents stay apart (segment ids from the separators: a layer's state restarts and softmax
     # attention is masked at each document start; linear attention then runs lasp_jax's per-token path, about
-    # 2.6x the constant-decay attention time on an H200); continuous: a row is one sequence across its documents
+    # 2.0x the constant-decay attention time on an H200); continuous: a row is one sequence across its documents
     documents: Literal["reset", "continuous"] = "reset"
 
     # --- optimiser (LASP paper: AdamW, lr 5e-4, betas 0.9/0.999, wd 0.01, 2000 warmup, cosine to 50K) ----
