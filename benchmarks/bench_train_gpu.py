@@ -105,9 +105,12 @@ class Step:
         from train.step import build_state, make_steps, model_config
 
         self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
+        self.mcfg_name = args.model
         self.data = args.data
         self.seq_len = n_gpus // self.data * tokens_per_gpu
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
+        if args.remat_every != 1:
+            overrides["remat_every"] = args.remat_every
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         mesh = f"data={self.data},seq={n_gpus // self.data}"
@@ -180,6 +183,25 @@ class Step:
         }
 
 
+    def profile(self, out: Path, name: str) -> dict:
+        """One more step under the profiler: OUT/NAME.md (and .json) say where its GPU time went (gpu_trace);
+        returns the totals by kernel kind in ms."""
+        import tempfile
+
+        from benchmarks import gpu_trace
+
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with self.jax.set_mesh(self.mesh), self.jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                self.state, step_out = self.compiled(self.state, self.batch)
+                float(step_out["loss"])
+            times = gpu_trace.kernel_times(trace_dir)
+        summary = gpu_trace.summarize(times, self.compiled.as_text())
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+        (out / f"{name}.md").write_text(gpu_trace.render(
+            summary, f"{self.mcfg_name}, {self.n_gpus} GPU(s), {self.tokens_per_gpu} tokens/GPU, remat {self.remat}"))
+        _say(f"profiled: {name}.md")
+        return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
+
     def close(self) -> None:
         """Frees this configuration's device buffers now (buffers left to the garbage collector once held ~36% of
         an H200 when the next configuration was built in the same process, 2026-11-22)."""
@@ -199,13 +221,16 @@ def _capacity_gib(device) -> float:
 
 
 def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, steps: int, fitted: dict,
-                  oom: dict) -> None:
+                  oom: dict, profile: bool = False) -> None:
     """Records `kind` with the timings of `steps` steps (plus `fitted`), or, out of memory, the configuration
-    (plus `oom`)."""
+    (plus `oom`); with `profile`, the GPU time of one more step by kernel kind (Step.profile)."""
     step = None
     try:
         step = Step(args, n, tokens, remat)
-        _record(out, args, kind=kind, **fitted, **step.run(steps))
+        timed = step.run(steps)
+        if profile:
+            timed["profile_ms"] = step.profile(out, f"profile-{args.model}-{n}-{tokens}-{remat}")
+        _record(out, args, kind=kind, **fitted, **timed)
     except Exception as e:
         if not _oom(e):
             raise
@@ -216,7 +241,7 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
 
 
 def child_throughput(args, out: Path, n: int, tokens: int, remat: str) -> None:
-    _timed_or_oom(args, out, n, tokens, remat, "throughput", args.steps, {}, {"oom": True})
+    _timed_or_oom(args, out, n, tokens, remat, "throughput", args.steps, {}, {"oom": True}, profile=args.profile)
 
 
 def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
@@ -370,6 +395,10 @@ def main(argv=None) -> int:
     parser.add_argument("--strategy", default="ring", help="the models' LASP exchange: ring, allgather or scan")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
+    parser.add_argument("--remat-every", type=int, default=1,
+                        help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
+    parser.add_argument("--profile", action="store_true",
+                        help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # "phase:n:tokens:remat" in a worker process
     parser.add_argument("--summary", help="only re-render this JSONL's .md table and .png plot")

@@ -74,7 +74,7 @@ def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
     close = bench.Step.close
     monkeypatch.setattr(bench.Step, "close", lambda self: (batches.append(jax.device_get(self.batch)), close(self)))
     bench.main(["--model", "mamba2-tiny-hybrid", "--documents", "3", "--steps", "1", "--ce-chunk", "64",
-                "--child", "throughput:1:128:none", "--out", str(tmp_path)])
+                "--child", "throughput:1:128:none", "--profile", "--out", str(tmp_path)])
 
     np.testing.assert_array_equal(batches[0]["segment_ids"], bench.segment_ids(1, 128, 3))
     (r,) = bench._records(tmp_path / "train_gpu.jsonl")
@@ -86,6 +86,10 @@ def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
     flops = (6 * r["matmul_params"] + 6 * (cfg.n_layers - n_soft) * cfg.ssm_heads * 2 * cfg.d_state
              * cfg.resolved_head_dim + 6 * n_soft * cfg.n_heads * 128 * cfg.resolved_head_dim)
     assert r["model_tflop_per_step"] * 1e12 == pytest.approx(flops * 128, rel=1e-12)
+
+    # --profile: one more step traced; a CPU trace has no GPU rows, so no kernel time, but the HLO's lines are read.
+    assert r["profile_ms"] == {}
+    assert "GPU kernel time in the traced step: 0.0 ms" in (tmp_path / "profile-mamba2-tiny-hybrid-1-128-none.md").read_text()
 
     bench.write_summary(tmp_path / "train_gpu.jsonl")
     assert "| mamba2-tiny-hybrid | 3 | throughput | 1 | 128 | none |" in (tmp_path / "train_gpu.md").read_text()
