@@ -92,9 +92,12 @@ class ModelConfig:
     # --- numerics and memory ---
     dtype: Dtype = "float32"  # compute dtype of activations and matmuls
     param_dtype: Dtype = "float32"  # master weights
-    remat: Literal["none", "block", "full"] = "none"
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
     # full: per block, keep only its input.
+    remat: Literal["none", "block", "full"] = "none"
+    # keep only every n-th block's input for the backward; the n-1 blocks after it are recomputed from it (one
+    # more forward of the model). 1: each block's input kept
+    remat_every: int = 1
     ce_chunk: int = 1024  # positions (per sequence, per seq rank) in one cross-entropy chunk
 
     # --- parallelism ---
@@ -116,6 +119,8 @@ class ModelConfig:
                      "conv_width"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.remat_every, bool) or not isinstance(self.remat_every, int) or self.remat_every < 1:
+            bad(f"remat_every must be an int >= 1 (1: keep each block's input), got {self.remat_every!r}")
         if self.mlp_hidden is not None and self.mlp_hidden < 0:
             bad(f"mlp_hidden must be >= 0 (0: no channel mixer), got {self.mlp_hidden}")
         if self.head_dim is None and self.d_model % self.n_heads:

@@ -6,11 +6,13 @@
 
 mixer_l is linear attention (TNL or Linear Transformer, models.attention), Mamba-2 (models.mamba2) or, for the
 layers in cfg.softmax_layers, softmax attention (models.softmax). Activations are kept on (batch axes, seq axis)
-after every block; attention shards by itself. Remat wraps each block (cfg.remat). Decoding carries, per layer,
-the d x d state (linear), the SSD state and the convolution's last inputs (Mamba-2) or a KV cache and its rows'
-document starts (softmax), so a linear or Mamba-2 layer's step costs the same at any position; `end_documents`
-restarts those states where a separator closed a document, and `prefill` takes a prompt's segment_ids
-(models.generate's `separator`: the decoding twin of the forward's segment_ids).
+after every block; attention shards by itself. Remat wraps each block (cfg.remat); with cfg.remat_every = k > 1,
+each run of k consecutive blocks is wrapped once more, so the backward keeps only every k-th block's input and
+recomputes the run from it (one more forward). Decoding carries, per layer, the d x d state (linear), the SSD
+state and the convolution's last inputs (Mamba-2) or a KV cache and its rows' document starts (softmax), so a
+linear or Mamba-2 layer's step costs the same at any position; `end_documents` restarts those states where a
+separator closed a document, and `prefill` takes a prompt's segment_ids (models.generate's `separator`: the
+decoding twin of the forward's segment_ids).
 """
 
 from __future__ import annotations
@@ -110,12 +112,20 @@ class LanguageModel(nnx.Module):
         if _seq_free(self.cfg, sharding.ambient_mesh()) and t % w:  # (a manual seq axis: T is already local)
             raise ValueError(f"sequence length T={t} must be divisible by the {self.cfg.seq_axis!r} axis size {w}")
         x = sharding.constrain_activation(self._embed(tokens), self.cfg)
-        remat = self.cfg.remat
-        run = _run_block if remat == "none" else nnx.remat(_run_block, policy=_POLICIES[remat])
+        remat, every = self.cfg.remat, self.cfg.remat_every
+        run_block = _run_block if remat == "none" else nnx.remat(_run_block, policy=_POLICIES[remat])
+
+        def run_blocks(blocks: list[Block], x, segment_ids):
+            for block in blocks:
+                x = run_block(block, x, segment_ids)
+            return x
+
+        if every > 1:  # the backward keeps only each run's input and recomputes the run (inner remat as above)
+            run_blocks = nnx.remat(run_blocks, policy=jax.checkpoint_policies.nothing_saveable)
         if segment_ids is not None:
             segment_ids = sharding.constrain_activation(jnp.asarray(segment_ids), self.cfg)
-        for block in self.blocks:
-            x = run(block, x, segment_ids)
+        for start in range(0, len(self.blocks), every):  # the last run may be shorter
+            x = run_blocks(list(self.blocks[start:start + every]), x, segment_ids)
         return srms_norm(x, self.cfg.norm_eps)
 
     def _logits(self, h):
