@@ -184,8 +184,9 @@ class Step:
 
 
     def profile(self, out: Path, name: str) -> dict:
-        """One more step under the profiler: OUT/NAME.md (and .json) say where its GPU time went (gpu_trace);
-        returns the totals by kernel kind in ms."""
+        """One more step under the profiler: OUT/NAME.md (and .json) say where its GPU time went (gpu_trace), with
+        the compiled HLO in OUT/NAME.hlo.txt.gz to read further; returns the totals by kernel kind in ms."""
+        import gzip
         import tempfile
 
         from benchmarks import gpu_trace
@@ -195,7 +196,10 @@ class Step:
                 self.state, step_out = self.compiled(self.state, self.batch)
                 float(step_out["loss"])
             times = gpu_trace.kernel_times(trace_dir)
-        summary = gpu_trace.summarize(times, self.compiled.as_text())
+        hlo = self.compiled.as_text()
+        with gzip.open(out / f"{name}.hlo.txt.gz", "wt") as fh:
+            fh.write(hlo)
+        summary = gpu_trace.summarize(times, hlo)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
         (out / f"{name}.md").write_text(gpu_trace.render(
             summary, f"{self.mcfg_name}, {self.n_gpus} GPU(s), {self.tokens_per_gpu} tokens/GPU, remat {self.remat}"))

@@ -48,7 +48,8 @@ def _trace_file(trace_dir: str | Path) -> Path:
 
 
 def kernel_times(trace_dir: str | Path) -> dict[tuple[str, str], float]:
-    """{(kernel name, hlo_op or ""): total ms} over the events of the trace's GPU processes."""
+    """{(kernel name, the HLO instruction in its args or ""): total ms} over the events of the trace's GPU
+    processes."""
     with gzip.open(_trace_file(trace_dir), "rt") as fh:
         data = json.load(fh)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -57,7 +58,9 @@ def kernel_times(trace_dir: str | Path) -> dict[tuple[str, str], float]:
     totals: dict[tuple[str, str], float] = collections.defaultdict(float)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            totals[(e.get("name", "?"), str(e.get("args", {}).get("hlo_op", "")))] += e.get("dur", 0) / 1e3
+            args = e.get("args", {})
+            op = args.get("hlo_op") or args.get("long_name") or args.get("tf_op") or ""
+            totals[(e.get("name", "?"), str(op))] += e.get("dur", 0) / 1e3
     return dict(totals)
 
 
@@ -133,7 +136,9 @@ def summarize(times: dict[tuple[str, str], float], hlo_text: str, top: int = 40)
     for (kernel, op), ms in times.items():
         kinds[kind(kernel)] += ms
         kernels[kernel] += ms
-        line, pass_ = sources.get(op, ("?", "?"))
+        # An XLA fusion's kernel is named after its instruction, '.' made '_' (loop_add_fusion_97: loop_add_fusion.97).
+        line, pass_ = next((sources[name] for name in (op, kernel, re.sub(r"_(\d+)$", r".\1", kernel))
+                            if name in sources), ("?", "?"))
         lines[(line, pass_, kind(kernel))] += ms
     largest = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
     return {"total_ms": sum(times.values()), "kinds": dict(largest(kinds)),

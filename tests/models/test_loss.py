@@ -92,3 +92,41 @@ def test_loss_rejects_a_batch_the_mesh_cannot_split():
     tok = jnp.zeros((3, 8), jnp.int32)
     with jax.set_mesh(helpers.make_mesh((2, 4), explicit=False)), pytest.raises(ValueError, match="divisible"):
         helpers.jit(lambda t: model.loss(t, t))(tok)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+def test_bf16_backward_multiplies_in_bf16_and_sums_the_head_gradient_in_fp32(vocab_major, rng):
+    """In bf16 compute the logits' cotangent is cast before both backward products (no fp32 GEMM on the [B, c, V]
+    logits), the head's gradient stays fp32 across the chunks, and the gradients match an fp32 computation."""
+    from models.loss import cross_entropy_sums
+
+    b, t, d, v = 2, 64, 32, 97
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(v, d) if vocab_major else (d, v)) * 0.2, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.ones((b, t), jnp.float32)
+    loss = lambda h, w: cross_entropy_sums(h, w, tgt, weights, chunk=8, vocab_major=vocab_major, axes=(),  # noqa: E731
+                                           seq_axis=None)[0]
+    grad = jax.grad(loss, argnums=(0, 1))
+    eqns = jax.make_jaxpr(grad)(h.astype(jnp.bfloat16), w).eqns
+
+    def all_dots(eqns):
+        for e in eqns:
+            if e.primitive.name == "dot_general":
+                yield e
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from all_dots(inner.eqns)
+
+    found = list(all_dots(eqns))
+    assert len(found) >= 3  # the forward's (and its recomputation) and the backward's two
+    assert all(x.aval.dtype == jnp.bfloat16 for e in found for x in e.invars), \
+        [[str(x.aval) for x in e.invars] for e in found]
+    dh, dw = jax.jit(grad)(h.astype(jnp.bfloat16), w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    ref_dh, ref_dw = jax.jit(grad)(h.astype(jnp.bfloat16).astype(jnp.float32), w)
+    rel = lambda x, ref: float(jnp.linalg.norm((x.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel()))  # noqa: E731
+    # Measured (seeds 0-2): dh 2.6e-3, dw 1.2e-3 (bf16 rounding of h's cotangent and of the logits' cotangent).
+    assert rel(dh, ref_dh) < 6e-3 and rel(dw, ref_dw) < 3e-3, (rel(dh, ref_dh), rel(dw, ref_dw))
