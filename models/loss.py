@@ -107,6 +107,10 @@ def cross_entropy_sums(h, w, targets, weights, *, chunk: int, vocab_major: bool,
 @functools.partial(jax.jit, static_argnames=("chunk", "vocab_major", "mesh", "spec2", "spec3", "split"))
 def _sharded(h, w, targets, weights, *, chunk, vocab_major, mesh, spec2, spec3, split):
     def body(h, w, targets, weights):
+        # The head is the same on every shard, its gradient a sum over them: marked varying here, the sum is one
+        # psum of the fp32 gradient after the chunks (the transpose of this cast), which _logits' rule could
+        # not otherwise match to an invariant input.
+        w = jax.lax.pcast(w, split, to="varying")
         total, count = _local_sums(h, w, targets, weights, chunk=chunk, vocab_major=vocab_major)
         return jax.lax.psum(total, split), jax.lax.psum(count, split)
 
