@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
 
 import models
 from train.config import TrainConfig, resolve_compute_dtype
@@ -67,7 +68,10 @@ def build_state(mcfg, cfg: TrainConfig, mesh):
 
     rest_key, blocks_key = jax.random.split(jax.random.key(cfg.seed))
     creators = {}  # layer kind -> its program
-    with jax.set_mesh(mesh):
+    # Drawn on Auto axes whatever the mesh's types: on Explicit axes XLA fuses the normal draws differently
+    # (values 1 ulp apart); the arrays then move onto the caller's mesh as they are, without a copy.
+    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    with jax.set_mesh(auto):
         abstract_model, abstract_opt = nnx.eval_shape(make, rest_key)
         graphdef, abstract = nnx.split((abstract_model, abstract_opt))
         flat = dict(nnx.to_flat_state(create_rest(rest_key)))
@@ -81,6 +85,7 @@ def build_state(mcfg, cfg: TrainConfig, mesh):
     if jax.tree.structure(state) != jax.tree.structure(abstract):
         raise RuntimeError("the pieces of the training state do not assemble into the (model, optimizer) state; "
                            "has models.LanguageModel stopped keeping its blocks in `blocks`?")
+    state = jax.device_put(state, jax.tree.map(lambda x: NamedSharding(mesh, x.sharding.spec), state))
     params = jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
     n_params = sum(int(np.prod(x.shape)) for x in params)
     n_matmul = sum(int(np.prod(x.shape)) for x in params if len(x.shape) >= 2)
