@@ -1,0 +1,352 @@
+"""Mamba-2's gated RMS norm of the SSD output, as one fused Pallas kernel (Triton lowering) or plain XLA.
+
+    y   = (o + D[h] x) * silu(z)                                  o, x [..., H, P]; z [..., H*P]; D [H]
+    out = y / sqrt(mean_group(y^2) + eps) * weight                 per group of W = H*P / G channels; weight [H*P]
+
+Why: in Mamba-2 1.3B's training step (T = 64K, bf16, H*P = 4096) XLA runs this tail as several fusions over
+[65536, 4096] float32 intermediates, about 150 ms of a 1.89 s step on an H200 (forward, its remat recompute and
+backward, 48 layers). The kernel reads the inputs once in their own dtype and writes only the output (forward)
+or the input gradients (backward), every intermediate staying in registers.
+
+Kernels (`impl="pallas_triton"`): the rows are the flattened leading dims; the forward has one program per
+(block of rows, group), holding the rows' whole group width W (a power of two up to MAX_GROUP_WIDTH; the mean
+needs all of it). The backward recomputes y and the statistics from the inputs (nothing but the inputs is saved
+for it: the statistics are one reduction over data already in registers), with one program per (run of row
+blocks, group) walking its row blocks in a loop; each program writes its partial column sums of dweight and of
+dD's per-channel terms, which XLA sums over the programs (and dD over each head's P channels). Rows past the
+end of the last block are masked on load and store.
+
+Gradients, with yn = y r, r = rsqrt(mean(y^2) + eps), g the output's cotangent:
+    dweight = sum_rows g yn,   gy = g weight,   dy = r (gy - yn mean(gy yn)),
+    do = dy silu(z),   dx = D do,   dD[h] = sum_(rows, p in h) do x,   dz = dy (o + D x) sig(z) (1 + z (1 - sig(z)))
+
+Numerics: everything in float32 inside (the inputs upcast on load, the statistics, the gate); the output in
+out_dtype, each input gradient in its input's dtype; dD and dweight are float32 sums (per program over its rows,
+then over programs in XLA) cast to D's and weight's dtypes. `impl="xla"` is the model's former code, operation
+for operation (bit-identical to it; its gradients are XLA autodiff's). The kernel and xla paths differ by float32
+rounding in the forward (other reduction order) and by the summation order of the gradients.
+
+Placement: the kernels run per device. Under a mesh that XLA partitions (`impls.partitioned`), "auto" takes
+"xla" and naming "pallas_triton" is an error: call it inside a shard_map over the rows (each shard's rows are
+independent; D and weight are cast to vary with the rows, so their gradients come back as one sum over shards).
+
+Platforms: compiled on CUDA GPUs of compute capability 8.0 or newer (A100, Hopper); "pallas_triton_interpret"
+runs the same kernels in Pallas interpret mode anywhere (CPU tests). "auto" takes the kernels only on the device
+kinds in QUALIFIED_GPUS, where their GPU tests passed (none yet), else "xla".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops.impls import partitioned
+
+_F32 = jnp.float32
+IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
+# Exact jax device kinds where tests/ops/test_gated_norm.py's GPU test passed and the kernels beat "xla"
+# (benchmarks/gated_norm_gpu.py); "auto" takes "xla" elsewhere.
+QUALIFIED_GPUS: tuple[str, ...] = ()
+MAX_GROUP_WIDTH = 8192  # one program holds a row's whole group: [rows, W] float32 tiles in registers
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_MIN_CAPABILITY = (8, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch sizes (not tuned on a GPU yet: benchmarks/gated_norm_gpu.py sweeps them).
+
+    fwd_block, bwd_block: elements per row block (rows = max(1, block // W), a power of two), the forward's
+    and the backward's (more values live at once in the backward). elems_per_warp: num_warps = block elements
+    / this, clamped to [4, 16] (~16 float32 values per thread per live tile). target_programs: the backward
+    runs the most row blocks per program that still leave about this many programs (a power of two per
+    program); its partial sums are [programs, H*P] float32 each."""
+
+    fwd_block: int = 8192
+    bwd_block: int = 4096
+    elems_per_warp: int = 512
+    target_programs: int = 2048
+    num_stages: int = 2
+
+
+DEFAULT = Config()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels: refs hold [rows, W] blocks of the [R, H*P] inputs (one group), [W] slices of D's and weight's columns.
+
+
+def _rows(ref, start, n, valid):
+    """float32 [n, W] rows start .. start + n of a block ref, zeros where not valid ([n, 1] bool)."""
+    return pl_triton.load(ref.at[pl.ds(start, n), :], mask=valid, other=0).astype(_F32)
+
+
+def _gated(o, x, z, d, w, eps):
+    """(a = o + d x, sig(z), silu(z), yn = y r with y = a silu(z)) and r [n, 1], all float32; d, w [W]."""
+    a = o + d[None, :] * x
+    sig = jax.nn.sigmoid(z)
+    gate = z * sig
+    y = a * gate
+    r = lax.rsqrt(jnp.mean(y * y, axis=1, keepdims=True) + eps)
+    return a, sig, gate, y * r, r
+
+
+def _forward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, out_ref, *, n_rows, eps):
+    block = o_ref.shape[0]
+    row = pl.program_id(0) * block + jnp.arange(block)
+    valid = (row < n_rows)[:, None]
+    d, w = d_ref[...].astype(_F32), w_ref[...].astype(_F32)
+    _, _, _, yn, _ = _gated(_rows(o_ref, 0, block, valid), _rows(x_ref, 0, block, valid),
+                            _rows(z_ref, 0, block, valid), d, w, eps)
+    pl_triton.store(out_ref, (yn * w[None, :]).astype(out_ref.dtype), mask=valid)
+
+
+def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, dz_ref, dd_ref, dw_ref, *,
+                     n_rows, rows, eps):
+    """One run of row blocks of `rows` rows: the input gradients, and the run's column sums of do x (dd_ref)
+    and g yn (dw_ref), float32 [W]. Masked rows load as zeros, so they add nothing to the sums."""
+    first = pl.program_id(0) * o_ref.shape[0]
+    d, w = d_ref[...].astype(_F32), w_ref[...].astype(_F32)
+
+    def body(i, sums):
+        start = i * rows
+        valid = (first + start + jnp.arange(rows) < n_rows)[:, None]
+        x = _rows(x_ref, start, rows, valid)
+        z = _rows(z_ref, start, rows, valid)
+        g = _rows(g_ref, start, rows, valid)
+        a, sig, gate, yn, r = _gated(_rows(o_ref, start, rows, valid), x, z, d, w, eps)
+        gy = g * w[None, :]
+        dy = r * (gy - yn * jnp.mean(gy * yn, axis=1, keepdims=True))
+        do = dy * gate
+        dz = dy * a * sig * (1.0 + z * (1.0 - sig))
+        for ref, value in ((do_ref, do), (dx_ref, do * d[None, :]), (dz_ref, dz)):
+            pl_triton.store(ref.at[pl.ds(start, rows), :], value.astype(ref.dtype), mask=valid)
+        dd_sum, dw_sum = sums
+        return dd_sum + jnp.sum(do * x, axis=0), dw_sum + jnp.sum(g * yn, axis=0)
+
+    zeros = jnp.zeros((o_ref.shape[1],), _F32)
+    dd_ref[...], dw_ref[...] = lax.fori_loop(0, o_ref.shape[0] // rows, body, (zeros, zeros))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launches: the inputs as [R, H*P] rows; D as its [H*P] column (D[h] repeated P times).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What the kernels take besides the arrays (hashable: the custom_vjp's static argument)."""
+
+    groups: int
+    eps: float
+    out_dtype: jnp.dtype
+    config: Config
+    interpret: bool
+
+
+def _block_rows(block: int, width: int) -> int:
+    return max(1, block // width)
+
+
+def _warps(config: Config, elements: int) -> int:
+    return min(16, max(4, elements // config.elems_per_warp))
+
+
+def _typed(shape, dtype, like):
+    """An output of `like`'s manual axes (inside shard_map the kernel's outputs vary as its rows do)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def _columns(d_skip, head_dim: int):
+    return jnp.repeat(d_skip.astype(_F32), head_dim)
+
+
+def _kernel_forward(o2, x2, z2, d_col, weight, launch: _Launch):
+    """o2, x2, z2 [R, H*P], d_col, weight [H*P] -> [R, H*P] launch.out_dtype."""
+    n, channels = o2.shape
+    width = channels // launch.groups
+    rows = _block_rows(launch.config.fwd_block, width)
+    tile = pl.BlockSpec((rows, width), lambda i, g: (i, g))
+    column = pl.BlockSpec((width,), lambda i, g: (g,))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, n_rows=n, eps=launch.eps),
+        grid=(pl.cdiv(n, rows), launch.groups),
+        in_specs=[tile, tile, tile, column, column],
+        out_specs=tile,
+        out_shape=_typed((n, channels), launch.out_dtype, o2),
+        compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
+                                                 num_stages=launch.config.num_stages),
+        interpret=launch.interpret,
+    )(o2, x2, z2, d_col, weight.astype(_F32))
+
+
+def _run_blocks(n: int, rows: int, groups: int, target: int) -> int:
+    """Row blocks per backward program: the largest power of two leaving >= target programs (at least 1)."""
+    blocks = 1
+    while pl.cdiv(n, rows * blocks * 2) * groups >= target:
+        blocks *= 2
+    return blocks
+
+
+def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch):
+    """The input gradients [R, H*P] (o2's, x2's, z2's dtypes) and the float32 column sums of do x and g yn [H*P]."""
+    n, channels = o2.shape
+    width = channels // launch.groups
+    rows = _block_rows(launch.config.bwd_block, width)
+    run = rows * _run_blocks(n, rows, launch.groups, launch.config.target_programs)
+    programs = pl.cdiv(n, run)
+    tile = pl.BlockSpec((run, width), lambda i, g: (i, g))
+    column = pl.BlockSpec((width,), lambda i, g: (g,))
+    partial = pl.BlockSpec((None, width), lambda i, g: (i, g))
+    do, dx, dz, dd, dw = pl.pallas_call(
+        functools.partial(_backward_kernel, n_rows=n, rows=rows, eps=launch.eps),
+        grid=(programs, launch.groups),
+        in_specs=[tile, tile, tile, column, column, tile],
+        out_specs=[tile, tile, tile, partial, partial],
+        out_shape=[_typed((n, channels), a.dtype, o2) for a in (o2, x2, z2)]
+        + [_typed((programs, channels), _F32, o2)] * 2,
+        compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
+                                                 num_stages=launch.config.num_stages),
+        interpret=launch.interpret,
+    )(o2, x2, z2, d_col, weight.astype(_F32), g2)
+    return do, dx, dz, jnp.sum(dd, axis=0), jnp.sum(dw, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(o, x, d_skip, z, weight, launch: _Launch):
+    return _fused_fwd(o, x, d_skip, z, weight, launch)[0]
+
+
+def _fused_fwd(o, x, d_skip, z, weight, launch: _Launch):
+    channels = z.shape[-1]
+    out = _kernel_forward(o.reshape(-1, channels), x.reshape(-1, channels), z.reshape(-1, channels),
+                          _columns(d_skip, o.shape[-1]), weight, launch)
+    return out.reshape(z.shape), (o, x, d_skip, z, weight)
+
+
+def _fused_bwd(launch: _Launch, saved, g):
+    o, x, d_skip, z, weight = saved
+    heads, head_dim = o.shape[-2:]
+    channels = z.shape[-1]
+    do, dx, dz, dd, dw = _kernel_backward(o.reshape(-1, channels), x.reshape(-1, channels),
+                                          z.reshape(-1, channels), _columns(d_skip, head_dim), weight,
+                                          g.reshape(-1, channels), launch)
+    dd = jnp.sum(dd.reshape(heads, head_dim), axis=1)
+    return (do.reshape(o.shape), dx.reshape(x.shape), dd.astype(d_skip.dtype), dz.reshape(z.shape),
+            dw.astype(weight.dtype))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _xla(o, x, d_skip, z, weight, groups: int, eps: float, out_dtype):
+    """The model's former `_out` up to the out-projection, operation for operation."""
+    y = o.astype(_F32) + d_skip.astype(_F32)[:, None] * x.astype(_F32)
+    y = y.reshape(*y.shape[:-2], -1) * jax.nn.silu(z.astype(_F32))
+    grouped = y.reshape(*y.shape[:-1], groups, -1)
+    grouped = grouped * lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+    y = grouped.reshape(y.shape) * weight.astype(_F32)
+    return y.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _check(o, x, d_skip, z, weight, groups) -> None:
+    for name, a in (("o", o), ("x", x), ("d_skip", d_skip), ("z", z), ("weight", weight)):
+        if not hasattr(a, "shape") or not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got {getattr(a, 'dtype', type(a).__name__)}")
+    if o.ndim < 2:
+        raise ValueError(f"o must be [..., H, P] (at least 2 dims); got shape {tuple(o.shape)}")
+    if x.shape != o.shape:
+        raise ValueError(f"x must have o's shape {tuple(o.shape)} [..., H, P]; got {tuple(x.shape)}")
+    *lead, heads, head_dim = o.shape
+    channels = heads * head_dim
+    if tuple(z.shape) != (*lead, channels):
+        raise ValueError(f"z must be [..., H*P] = {(*lead, channels)} for o of shape {tuple(o.shape)}; got "
+                         f"{tuple(z.shape)}")
+    if tuple(d_skip.shape) != (heads,):
+        raise ValueError(f"d_skip must be [H] = ({heads},); got {tuple(d_skip.shape)}")
+    if tuple(weight.shape) != (channels,):
+        raise ValueError(f"weight must be [H*P] = ({channels},); got {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise ValueError(f"groups must be a positive int dividing H*P = {channels}; got {groups!r}")
+
+
+def supported(o, x, z, groups: int, interpret: bool = False) -> str | None:
+    """None when the kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
+    else the reason. Shapes as `gated_rms_norm` checks them."""
+    width = z.shape[-1] // groups
+    if width > MAX_GROUP_WIDTH or width & (width - 1):
+        return (f"the group width H*P / groups = {width} is not a power of two up to {MAX_GROUP_WIDTH} (one "
+                "program holds a row's whole group)")
+    names = {jnp.dtype(d) for d in DTYPES}
+    for name, a in (("o", o), ("x", x), ("z", z)):
+        if jnp.dtype(a.dtype) not in names:
+            return f"{name} is {jnp.dtype(a.dtype).name}; the kernels take {', '.join(jnp.dtype(d).name for d in DTYPES)}"
+    if interpret:
+        return None
+    if jax.default_backend() != "gpu":
+        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
+                "impl 'pallas_triton_interpret' runs anywhere")
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability is None or tuple(int(c) for c in str(capability).split(".")) < _MIN_CAPABILITY:
+        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
+                f"{device.device_kind!r} (compute capability {capability})")
+    return None
+
+
+def _resolve(impl: str, o, x, z, groups: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        if (jax.devices()[0].device_kind in QUALIFIED_GPUS and not partitioned(o)
+                and supported(o, x, z, groups) is None):
+            return "pallas_triton"
+        return "xla"
+    if impl == "xla":
+        return impl
+    reason = supported(o, x, z, groups, interpret=impl == "pallas_triton_interpret")
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
+    if partitioned(o):
+        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
+                         "under a multi-device mesh that XLA partitions: call it inside a shard_map over the "
+                         "rows, or use impl='xla'")
+    return impl
+
+
+def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtype, impl: str = "auto",
+                   config: Config = DEFAULT):
+    """Mamba-2's gated RMS norm (module docstring): RMSNorm_G((o + D x) * silu(z)) * weight.
+
+    Args:
+      o, x: [..., H, P] the SSD output and its input (any float dtype; the compute dtype in the model).
+      d_skip: [H] the skip weight D.   z: [..., H*P] the gate.   weight: [H*P] the norm's weight.
+      groups: G, the norm's groups (each of H*P / G channels).   eps: added to the mean square.
+      out_dtype: the output's dtype.
+      impl: "auto" (the kernels on QUALIFIED_GPUS, else "xla"), "xla", "pallas_triton" (compiled, CUDA GPUs of
+        compute capability >= 8.0) or "pallas_triton_interpret" (Pallas interpret mode, any platform).
+      config: the kernels' launch sizes.
+    Returns:
+      [..., H*P] out_dtype. Gradients flow to every input (each in its dtype).
+    """
+    _check(o, x, d_skip, z, weight, groups)
+    out_dtype = jnp.dtype(out_dtype)
+    impl = _resolve(impl, o, x, z, groups)
+    if impl == "xla":
+        return _xla(o, x, d_skip, z, weight, groups, eps, out_dtype)
+    # Inside shard_map: D and weight vary with the rows, so each shard's gradient is its rows' sum, and the
+    # transpose of this cast sums the shards (an invariant input could not take a varying cotangent).
+    varying = jax.typeof(o).manual_axis_type.varying
+    d_skip, weight = (lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to="varying")
+                      if varying - jax.typeof(a).manual_axis_type.varying else a for a in (d_skip, weight))
+    return _fused(o, x, d_skip, z, weight, _Launch(groups, float(eps), out_dtype, config,
+                                                  impl == "pallas_triton_interpret"))
