@@ -343,10 +343,18 @@ def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtyp
     impl = _resolve(impl, o, x, z, groups)
     if impl == "xla":
         return _xla(o, x, d_skip, z, weight, groups, eps, out_dtype)
-    # Inside shard_map: D and weight vary with the rows, so each shard's gradient is its rows' sum, and the
-    # transpose of this cast sums the shards (an invariant input could not take a varying cotangent).
+    return _kernels(o, x, d_skip, z, weight, _Launch(groups, float(eps), out_dtype, config,
+                                                     impl == "pallas_triton_interpret"))
+
+
+def _kernels(o, x, d_skip, z, weight, launch: _Launch):
+    """The kernels' custom_vjp. Inside shard_map, D and weight are cast to vary as the rows do, so each shard's
+    gradient is its rows' sum and the transpose of the cast sums the shards (an invariant input could not take
+    the kernels' varying cotangent)."""
     varying = jax.typeof(o).manual_axis_type.varying
-    d_skip, weight = (lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to="varying")
-                      if varying - jax.typeof(a).manual_axis_type.varying else a for a in (d_skip, weight))
-    return _fused(o, x, d_skip, z, weight, _Launch(groups, float(eps), out_dtype, config,
-                                                  impl == "pallas_triton_interpret"))
+
+    def vary(a):
+        missing = tuple(varying - jax.typeof(a).manual_axis_type.varying)
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return _fused(o, x, vary(d_skip), z, vary(weight), launch)
