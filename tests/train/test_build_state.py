@@ -19,8 +19,9 @@ from train.config import TrainConfig
 from train.optim import make_optimizer
 from train.step import build_state
 
-# Two kinds (Mamba-2, softmax at layers 1 and 3), so one kind's program is reused over its layers.
-MCFG = helpers.tiny("mamba2-tiny-hybrid", n_layers=4, d_state=8)
+# Two kinds (Mamba-2, softmax at layers 1 and 3), so one kind's program is reused over its layers; no MLP, as the
+# Mamba-2 presets (fewer random draws to compile).
+MCFG = helpers.tiny("mamba2-tiny-hybrid", n_layers=4, d_state=8, mlp_hidden=0)
 SEED = 3
 
 
@@ -32,11 +33,12 @@ def _build(mesh, mcfg=MCFG, dump_to=None):
     """build_state's outputs and, with dump_to, (number of its own programs, threefry calls in their StableHLO)."""
     if dump_to is None:
         return build_state(mcfg, _cfg(mcfg), mesh), None
+    previous = jax.config.read("jax_dump_ir_to")
     jax.config.update("jax_dump_ir_to", str(dump_to))
     try:
         built = build_state(mcfg, _cfg(mcfg), mesh)
     finally:
-        jax.config.update("jax_dump_ir_to", "")
+        jax.config.update("jax_dump_ir_to", previous)
     modules = [p for p in dump_to.iterdir() if "create" in p.name]  # leaves out op-by-op programs (jit-cached)
     return built, (len(modules), sum(len(re.findall(r"call @threefry2x32", p.read_text())) for p in modules))
 
