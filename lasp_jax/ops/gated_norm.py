@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +283,8 @@ def _check(o, x, d_skip, z, weight, groups) -> None:
 def supported(o, x, z, groups: int, interpret: bool = False) -> str | None:
     """None when the kernels can run these inputs here (compiled: a CUDA GPU of compute capability >= 8.0),
     else the reason. Shapes as `gated_rms_norm` checks them."""
+    if not math.prod(z.shape[:-1]):
+        return "there are no rows (an empty leading dim)"
     width = z.shape[-1] // groups
     if width > MAX_GROUP_WIDTH or width & (width - 1):
         return (f"the group width H*P / groups = {width} is not a power of two up to {MAX_GROUP_WIDTH} (one "

@@ -227,6 +227,8 @@ def test_bad_impls_refused():
         call(**_args(), impl="triton")
     with pytest.raises(ValueError, match="group width H\\*P / groups = 24 is not a power of two"):
         call(**_args(o=(2, 3, 4, 6), x=(2, 3, 4, 6), z=(2, 3, 24), weight=(24,)), impl="pallas_triton_interpret")
+    with pytest.raises(ValueError, match="no rows"):
+        call(**_args(o=(2, 0, 4, 8), x=(2, 0, 4, 8), z=(2, 0, 32)), impl="pallas_triton_interpret")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         call(**_args(), impl="pallas_triton")
     mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
@@ -235,6 +237,23 @@ def test_bad_impls_refused():
     with pytest.raises(ValueError, match="runs per device"):
         jax.jit(functools.partial(call, impl="pallas_triton_interpret"))(**args)
     assert jax.jit(call)(**args).shape == (2, 8, 32)  # "auto" takes xla there
+
+
+def test_auto_takes_the_kernels_only_where_qualified(monkeypatch):
+    """"auto" consults QUALIFIED_GPUS by device kind: "xla" unless this device's kind is listed, and then still
+    "xla" where the kernels cannot run the inputs (supported's reason) or the call is partitioned by XLA."""
+    args = _args()
+    resolve = lambda **a: gated_norm._resolve("auto", a["o"], a["x"], a["z"], 1)
+    monkeypatch.setattr(gated_norm, "supported", lambda *a, **k: None)
+    assert resolve(**args) == "xla"
+    monkeypatch.setattr(gated_norm, "QUALIFIED_GPUS", (jax.devices()[0].device_kind,))
+    assert resolve(**args) == "pallas_triton"
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
+    sharded = {n: jax.device_put(a, NamedSharding(mesh, P(None, "rows") if a.ndim > 1 else P()))
+               for n, a in _args(o=(2, 8, 4, 8), x=(2, 8, 4, 8), z=(2, 8, 32)).items()}
+    assert resolve(**sharded) == "xla"
+    monkeypatch.setattr(gated_norm, "supported", lambda *a, **k: "a reason")
+    assert resolve(**args) == "xla"
 
 
 # Mamba-2 1.3B's SSD output at T = 64K: H = 64 heads of P = 64, one group of 4096 channels.
