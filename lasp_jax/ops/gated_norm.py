@@ -63,9 +63,9 @@ _MIN_CAPABILITY = (8, 0)
 class Config:
     """Launch sizes (not tuned on a GPU yet: benchmarks/gated_norm_gpu.py sweeps them).
 
-    fwd_block, bwd_block: elements per row block (rows = max(1, block // W), a power of two), the forward's
-    and the backward's (more values live at once in the backward). elems_per_warp: num_warps = block elements
-    / this, clamped to [4, 16] (~16 float32 values per thread per live tile). target_programs: the backward
+    fwd_block, bwd_block: elements per row block (rows: the largest power of two <= max(1, block // W)), the
+    forward's and the backward's (more values live at once in the backward). elems_per_warp: num_warps = block
+    elements / this, clamped to [4, 16], a power of two (~16 float32 values per thread per live tile). target_programs: the backward
     runs the most row blocks per program that still leave about this many programs (a power of two per
     program); its partial sums are [programs, H*P] float32 each."""
 
@@ -99,6 +99,7 @@ def _gated(o, x, z, d, w, eps):
 
 
 def _forward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, out_ref, *, n_rows, eps):
+    """One block of rows: out = yn weight in out_ref's dtype (rows past n_rows neither read nor written)."""
     block = o_ref.shape[0]
     row = pl.program_id(0) * block + jnp.arange(block)
     valid = (row < n_rows)[:, None]
@@ -150,12 +151,17 @@ class _Launch:
     interpret: bool
 
 
+def _power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (n >= 1): Triton's block sizes and warp counts are powers of two."""
+    return 1 << (n.bit_length() - 1)
+
+
 def _block_rows(block: int, width: int) -> int:
-    return max(1, block // width)
+    return _power_of_two_below(max(1, block // width))
 
 
 def _warps(config: Config, elements: int) -> int:
-    return min(16, max(4, elements // config.elems_per_warp))
+    return _power_of_two_below(min(16, max(4, elements // config.elems_per_warp)))
 
 
 def _typed(shape, dtype, like):
