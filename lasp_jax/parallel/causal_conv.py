@@ -15,6 +15,17 @@ travel in the same collective (one latency, not two): both are packed as bytes i
 not floats: XLA may convert a float carrier (XLA:CPU moves bf16 as f32), which need not keep the bits of ids that
 read as NaNs or subnormals. Autodiff cannot see through the bytes, so a custom_vjp sends the halo's gradient back
 with one ppermute r+1 -> r.
+
+Activation: activation="silu" applies SiLU to the float32 sum before the one rounding to x's dtype (Mamba-2
+applies it at once; fused, the backward recomputes its input rather than saving y).
+
+Implementations (`impl`): "xla" is the formula above as shifted slices (XLA fuses it; autodiff gives the
+backward). "pallas_triton" runs lasp_jax.ops.causal_conv_kernel's fused forward and backward kernels (compiled,
+CUDA GPUs of compute capability >= 8.0), "pallas_triton_interpret" the same in Pallas interpret mode (any
+platform; tests). Both compute the same sum to float32 rounding. "auto" takes the kernels only on the device
+kinds in QUALIFIED_GPUS, where their GPU tests passed and they beat "xla" (none yet), else "xla". The kernels
+run per device: sharded_causal_conv1d runs them inside its shard_map; causal_conv1d refuses them under a mesh
+that XLA partitions.
 """
 
 from __future__ import annotations
@@ -26,8 +37,40 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import checks, placement
+from lasp_jax.ops import causal_conv_kernel, checks, placement
+from lasp_jax.ops.impls import partitioned
 from lasp_jax.parallel import layout
+
+
+IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
+# Exact jax device kinds where tests/parallel/test_conv_kernel.py's GPU test passed and the kernels beat "xla"
+# (benchmarks/conv_gpu.py); "auto" takes "xla" elsewhere.
+QUALIFIED_GPUS: tuple[str, ...] = ()
+
+
+def _resolve(impl: str, activation, x, *, per_device: bool) -> str:
+    """The implementation `impl` names for x ("xla" or a kernel's name); ValueError if unknown or unusable here.
+    per_device: the call runs inside shard_map (else under a partitioned mesh the kernels are refused)."""
+    if activation not in causal_conv_kernel.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {causal_conv_kernel.ACTIVATIONS}, got {activation!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {IMPLS}")
+    split = not per_device and partitioned(x)
+    if impl == "auto":
+        if (jax.devices()[0].device_kind in QUALIFIED_GPUS and not split
+                and causal_conv_kernel.supported(x) is None):
+            return "pallas_triton"
+        return "xla"
+    if impl == "xla":
+        return impl
+    reason = causal_conv_kernel.supported(x, interpret=impl == "pallas_triton_interpret")
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
+    if split:
+        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
+                         "under a multi-device mesh that XLA partitions: use sharded_causal_conv1d (it runs the "
+                         "kernels per device inside shard_map), or impl='xla'")
+    return impl
 
 
 def _check_inputs(x, weight, bias, segment_ids):
@@ -50,26 +93,14 @@ def _check_inputs(x, weight, bias, segment_ids):
     return checks.segment_ids(segment_ids, b, t)
 
 
-def _convolve(xe, weight, bias, ide):
-    """The convolution of one piece given the W-1 positions before it: xe [B, W-1+L, C] holds them (zeros before the
-    sequence) then the piece; with documents, ide [B, W-1+L] their ids. Returns y [B, L, C] in xe's dtype."""
-    w = weight.shape[0]
-    length = xe.shape[1] - (w - 1)
-    xf, wf = xe.astype(jnp.float32), weight.astype(jnp.float32)
-    # Tap i of output t reads xe[t + i]; tap W-1 is t itself.
-    acc = xf[:, w - 1:] * wf[w - 1]
-    if ide is not None:
-        linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
-    keep = None
-    for i in range(w - 2, -1, -1):
-        term = xf[:, i:i + length] * wf[i]
-        if ide is not None:  # tap i reaches t through no document start
-            keep = linked[:, i:i + length] if keep is None else keep & linked[:, i:i + length]
-            term = jnp.where(keep[..., None], term, 0.0)
-        acc = acc + term
-    if bias is not None:
-        acc = acc + bias.astype(jnp.float32)
-    return acc.astype(xe.dtype)
+def _apply(xe, weight, bias, ide, *, impl: str, activation):
+    """The convolution of one piece, given the W-1 positions before it: xe [B, W-1+L, C] holds them (zeros before
+    the sequence) then the piece, ide [B, W-1+L] their ids (documents) or None; by the XLA formula (impl "xla")
+    or the kernels (a resolved kernel impl). Returns y [B, L, C] in xe's dtype."""
+    if impl == "xla":
+        return causal_conv_kernel.xla_convolve(xe, weight, bias, ide, activation)
+    return causal_conv_kernel.convolve(xe, weight, bias, ide, activation=activation,
+                                       interpret=impl == "pallas_triton_interpret")
 
 
 def _check_unsplit_sequence(x):
@@ -80,7 +111,7 @@ def _check_unsplit_sequence(x):
                          "use sharded_causal_conv1d, which passes the halo between the ranks")
 
 
-def causal_conv1d(x, weight, bias=None, *, segment_ids=None):
+def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto"):
     """Depthwise causal convolution on one device (see the module docstring for the math and numerics).
 
     The padding before position 0 is x padded, so it follows x's sharding: x may be sharded over its batch and
@@ -91,15 +122,19 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None):
       weight: [W, C]: weight[W-1] multiplies the current position, weight[0] the one W-1 back.
       bias: None or [C].
       segment_ids: None, or [B, T] integers: packed documents; no tap reaches across a document start.
+      activation: None or "silu": applied to the float32 sum (module docstring).
+      impl: "auto", "xla", "pallas_triton" or "pallas_triton_interpret" (module docstring); the kernels refuse
+        a mesh that XLA partitions.
     Returns:
       y [B, T, C] in x's dtype, sharded like x.
     """
     ids = _check_inputs(x, weight, bias, segment_ids)
     _check_unsplit_sequence(x)
+    impl = _resolve(impl, activation, x, per_device=False)
     k = weight.shape[0] - 1
     # The padded ids are arbitrary: the padded positions are zeros, which no mask needs to keep out.
     ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-    return _convolve(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide)
+    return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation)
 
 
 def _to_bytes(a):
@@ -145,8 +180,8 @@ _pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
 
 
 # Under jit always (inlined in a caller's jit): an eager shard_map body crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("seq_axis", "n"))
-def _local(x, weight, bias, ids, *, seq_axis, n):
+@functools.partial(jax.jit, static_argnames=("seq_axis", "n", "impl", "activation"))
+def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     """One rank: get the previous rank's last W-1 positions (and ids), then convolve this rank's piece."""
     k = weight.shape[0] - 1
     halo, halo_ids = x[:, x.shape[1] - k:], None if ids is None else ids[:, ids.shape[1] - k:]
@@ -158,7 +193,7 @@ def _local(x, weight, bias, ids, *, seq_axis, n):
     else:  # one rank (or W = 1): only the padding before position 0
         halo = jnp.zeros_like(halo)
     ide = None if ids is None else jnp.concatenate([halo_ids, ids], axis=1)
-    return _convolve(jnp.concatenate([halo, x], axis=1), weight, bias, ide)
+    return _apply(jnp.concatenate([halo, x], axis=1), weight, bias, ide, impl=impl, activation=activation)
 
 
 def _check_piece(length, w, seq_axis):
@@ -168,7 +203,8 @@ def _check_piece(length, w, seq_axis):
                          "longer sequence")
 
 
-def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, seq_axis="seq", batch_axes=None):
+def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, seq_axis="seq", batch_axes=None,
+                          activation=None, impl="auto"):
     """`causal_conv1d` (same math, same shapes) with T sharded over the mesh axis `seq_axis`.
 
     Of the sequence only the halo [B, W-1, C] (and its ids) crosses devices, one ppermute each way (forward,
@@ -181,6 +217,7 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
       mesh: a Mesh or AbstractMesh; default: the ambient one (`jax.set_mesh`). Explicit and Auto axes both work.
       batch_axes: the mesh axis (a name) or axes B is sharded over; default as in lasp_attention. Channels
         sharded over other axes (as lasp_attention's heads) stay sharded: each device convolves its own.
+      activation, impl: as in `causal_conv1d`; the kernels run per device, inside the shard_map.
     Returns:
       y [B, T, C] in x's dtype, sharded like x (as lasp_attention's output is like q).
     """
@@ -188,9 +225,10 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     mesh = layout.current_mesh(mesh)
     n = layout.check_seq_axis(mesh, seq_axis)
     w = weight.shape[0]
+    impl = _resolve(impl, activation, x, per_device=True)
     if layout.seq_is_manual(seq_axis):
         _check_piece(x.shape[1], w, seq_axis)
-        return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n)
+        return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     # layout.place reads [B, T, H, D]: the channels stand as heads (independent, so they may stay sharded).
     x4_in = x[..., None]
     x4, _, _, spec, _ = layout.place(x4_in, x4_in, x4_in, mesh, seq_axis, batch_axes)
@@ -199,13 +237,16 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     args = (x4[..., 0], weight, bias, ids)
     if AxisType.Explicit in tuple(mesh.axis_types):
         args = tuple(a if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
-    y = _sharded(*args, mesh=mesh, specs=specs, seq_axis=seq_axis, n=n)
+    y = _sharded(*args, mesh=mesh, specs=specs, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     return placement.like_q(y[..., None], x4_in)[..., 0]
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("mesh", "specs", "seq_axis", "n"))
-def _sharded(x, weight, bias, ids, *, mesh, specs, seq_axis, n):
-    body = functools.partial(_local, seq_axis=seq_axis, n=n)
+@functools.partial(jax.jit, static_argnames=("mesh", "specs", "seq_axis", "n", "impl", "activation"))
+def _sharded(x, weight, bias, ids, *, mesh, specs, seq_axis, n, impl, activation):
+    body = functools.partial(_local, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     in_specs = tuple(None if a is None else s for a, s in zip((x, weight, bias, ids), specs))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=specs[0])(x, weight, bias, ids)
+    # jax 0.11.2's Pallas interpreter pads the refs of masked loads and stores with an invariant value, which
+    # check_vma rejects inside shard_map; the compiled kernels lower with the check on.
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=specs[0],
+                         check_vma=impl != "pallas_triton_interpret")(x, weight, bias, ids)
