@@ -217,7 +217,9 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
       mesh: a Mesh or AbstractMesh; default: the ambient one (`jax.set_mesh`). Explicit and Auto axes both work.
       batch_axes: the mesh axis (a name) or axes B is sharded over; default as in lasp_attention. Channels
         sharded over other axes (as lasp_attention's heads) stay sharded: each device convolves its own.
-      activation, impl: as in `causal_conv1d`; the kernels run per device, inside the shard_map.
+      activation, impl: as in `causal_conv1d`; the kernels run per device, inside the shard_map. In a caller's
+        shard_map, impl="pallas_triton_interpret" needs check_vma=False (jax 0.11.2's Pallas interpreter; this
+        function's own shard_map turns it off for that impl); the compiled kernels take check_vma on.
     Returns:
       y [B, T, C] in x's dtype, sharded like x (as lasp_attention's output is like q).
     """
