@@ -2,9 +2,10 @@
 the XLA formula (`xla_convolve`, impl="xla"): y and the gradients of x (the halo rows' too), weight and bias, in
 float32 and bf16, without and with documents (starting inside a tile, at a forward tile's and a backward run's
 boundary, documents of one position), activation None and "silu", C not a multiple of the channel block and L
-not a multiple of the row block; a NaN in one document reaching no other; sharded_causal_conv1d on data x seq
-meshes equal to one device; `impl` selection; the kernels' Triton lowering for an H200 (no GPU needed); and on a
-GPU, the compiled kernels at Mamba-2 1.3B's shape.
+not a multiple of the row block; widths 1 to 3 and a piece shorter than the halo; a NaN in one document reaching
+no other; sharded_causal_conv1d on data x seq meshes equal to one device; `impl` selection; the compiled kernels'
+Triton lowering for an H200 and an A100, and in a shard_map with check_vma on (no GPU needed); and on a GPU, the
+compiled kernels against "xla" at Mamba-2 1.3B's shape.
 """
 
 import functools
