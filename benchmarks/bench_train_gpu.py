@@ -111,6 +111,8 @@ class Step:
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
         if args.remat_every != 1:
             overrides["remat_every"] = args.remat_every
+        if args.mamba2_impl:
+            overrides["mamba2_impl"] = args.mamba2_impl
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         mesh = f"data={self.data},seq={n_gpus // self.data}"
@@ -174,7 +176,8 @@ class Step:
         mems = [_peak_gib(d) for d in self.devices]
         return {
             "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
-            "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
+            "remat": self.remat, "remat_every": self.mcfg.remat_every, "attn_impl": self.mcfg.attn_impl,
+            "mamba2_impl": self.mcfg.mamba2_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
             "matmul_params": self.n_matmul, "custom_calls": self.custom_calls, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
@@ -401,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
     parser.add_argument("--remat-every", type=int, default=1,
                         help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
+    parser.add_argument("--mamba2-impl", default="",
+                        help="ModelConfig.mamba2_impl: Mamba-2's convolution and gated norm (default: the model's 'auto')")
     parser.add_argument("--profile", action="store_true",
                         help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))

@@ -16,7 +16,10 @@ the convolution, under a seq axis, gets the previous rank's last W-1 positions (
 With packed documents (segment_ids) the state resets and no convolution tap crosses a document start.
 
 Numerics: dt, the rates and the norm statistics in fp32 (the rates are exp(A_log) * softplus, >= 0 by
-construction); projections, the convolution's output and v in the compute dtype; the SSD state fp32.
+construction); the convolution sums in fp32 and applies its SiLU before rounding; projections, the
+convolution's output and v in the compute dtype; the SSD state fp32. The convolution with its SiLU and the gated
+norm run as fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl: lasp_jax.parallel.causal_conv,
+lasp_jax.ops.gated_norm), per device under a mesh.
 
 Initialisation (the paper's): dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored at 1e-4);
 A_log = log(A), A uniform in [1, 16]; D = 1; the gated norm's weight 1; the convolution's weight and bias uniform
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import lasp_jax
+from lasp_jax.ops.gated_norm import gated_rms_norm
 from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
@@ -102,11 +106,10 @@ class Mamba2Mixer(nnx.Module):
         return sharding.gather_param(self.conv_weight[...]), sharding.gather_param(self.conv_bias[...])
 
     def _ssd_inputs(self, xbc, dt):
-        """Convolved xBC [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N], v = dt x
-        [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
+        """Convolved xBC after its SiLU [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N],
+        v = dt x [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
         cfg = self.cfg
         inner, gn = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state
-        xbc = jax.nn.silu(xbc)
         x = xbc[..., :inner].reshape(*xbc.shape[:-1], cfg.ssm_heads, cfg.resolved_head_dim)
         k = xbc[..., inner:inner + gn].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
         q = xbc[..., inner + gn:].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
@@ -116,14 +119,16 @@ class Mamba2Mixer(nnx.Module):
         return q, k, v, x, rates
 
     def _out(self, o, x, z):
-        """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]."""
+        """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]: the gated
+        RMSNorm (lasp_jax.ops.gated_norm, cfg.mamba2_impl; fp32 inside), per device under a mesh when the
+        leading dims are [B, T]."""
         cfg = self.cfg
-        y = o.astype(jnp.float32) + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
-        y = y.reshape(*y.shape[:-2], -1) * jax.nn.silu(z.astype(jnp.float32))
-        grouped = y.reshape(*y.shape[:-1], cfg.n_groups, -1)
-        grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + cfg.norm_eps)
-        y = grouped.reshape(y.shape) * self.norm_weight[...].astype(jnp.float32)
-        return self.out_proj(y.astype(jnp.dtype(cfg.dtype)))
+        norm = lambda o, x, z, d, w: gated_rms_norm(o, x, d, z, w, groups=cfg.n_groups, eps=cfg.norm_eps,  # noqa: E731
+                                                     out_dtype=jnp.dtype(cfg.dtype), impl=cfg.mamba2_impl)
+        params = (self.D[...], self.norm_weight[...])
+        if o.ndim == 4:
+            return self.out_proj(sharding.per_device(norm, cfg, (o, x, z), params))
+        return self.out_proj(norm(o, x, z, *params))
 
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -131,11 +136,18 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         z, xbc, dt = self._split_in(x)
         weight, bias = self._conv_params()
-        if sharding.seq_size(cfg) > 1:  # else the one-device form, whose padding follows x's batch sharding
+        impl = cfg.mamba2_impl
+        if sharding.seq_size(cfg) > 1:  # the halo crosses ranks inside sharded_causal_conv1d's shard_map
             xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
-                                        batch_axes=sharding.batch_axes(cfg))
-        else:
-            xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
+                                        batch_axes=sharding.batch_axes(cfg), activation="silu", impl=impl)
+        else:  # whole rows: per device where the batch is split (the kernels have no sharding rule)
+            ids = () if segment_ids is None else (segment_ids,)
+
+            def conv(xbc, *args):  # args: the ids if any, then weight and bias
+                return causal_conv1d(xbc, *args[-2:], segment_ids=args[0] if ids else None, activation="silu",
+                                     impl=impl)
+
+            xbc = sharding.per_device(conv, cfg, (xbc, *ids), (weight, bias))
         q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
         o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)
@@ -162,7 +174,8 @@ class Mamba2Mixer(nnx.Module):
         held_ids = None
         if segment_ids is not None:
             held_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], axis=1)
-        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids)[:, width:]
+        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids, activation="silu",
+                             impl=self.cfg.mamba2_impl)[:, width:]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
         o, ssm = lasp_jax.linear_attention(q, k, v, rates, segment_ids=segment_ids, initial_state=state["ssm"],
                                            return_final_state=True, impl=self.cfg.attn_impl)
@@ -177,7 +190,7 @@ class Mamba2Mixer(nnx.Module):
         del pos  # the state is all the past there is
         z, xbc, dt = (part[:, 0] for part in self._split_in(x[:, None]))
         window = jnp.concatenate([state["conv"], xbc[:, None].astype(state["conv"].dtype)], axis=1)  # [B, W, C]
-        conv = causal_conv1d(window, *self._conv_params())[:, -1]
+        conv = causal_conv1d(window, *self._conv_params(), activation="silu", impl=self.cfg.mamba2_impl)[:, -1]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
         o, ssm = lasp_jax.linear_attention_step(q, k, v, state["ssm"], rates)
         return self._out(o, x_heads, z), {"ssm": ssm, "conv": window[:, 1:]}
