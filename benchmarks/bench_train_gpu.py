@@ -151,8 +151,8 @@ class Step:
         # Per device: what the program's buffers need (arguments, donated into the outputs, plus temporaries).
         self.xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem else None
 
-    def run(self, steps: int) -> dict:
-        """The record of `steps` steps after 2 warm-ups: the median step time, each step synced by reading its
+    def run(self, steps: int, warmups: int = 2) -> dict:
+        """The record of `steps` steps after `warmups` untimed ones: the median step time, each synced by reading its
         loss. The statistic is measure.median_ms's at iters=1, but not its loop: the step donates its state (each
         call takes the state the last one returned, where median_ms repeats fn(*args)), and each step is a
         milestone in the child's log, which the parent's watchdog (`_hung`) needs to tell a child that recovered
@@ -163,12 +163,12 @@ class Step:
 
         times, loss = [], None
         with self.jax.set_mesh(self.mesh):
-            for i in range(2 + steps):
+            for i in range(warmups + steps):
                 t = time.perf_counter()
                 self.state, out = self.compiled(self.state, self.batch)
                 loss = float(out["loss"])  # syncs
                 _say(f"step {i}: {time.perf_counter() - t:.3f} s, loss {loss:.4f}")
-                if i >= 2:
+                if i >= warmups:
                     times.append(time.perf_counter() - t)
         step_s = float(np.median(times))
         tps = self.data * self.seq_len / step_s
@@ -228,13 +228,13 @@ def _capacity_gib(device) -> float:
 
 
 def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, steps: int, fitted: dict,
-                  oom: dict, profile: bool = False) -> None:
+                  oom: dict, profile: bool = False, warmups: int = 2) -> None:
     """Records `kind` with the timings of `steps` steps (plus `fitted`), or, out of memory, the configuration
     (plus `oom`); with `profile`, the GPU time of one more step by kernel kind (Step.profile)."""
     step = None
     try:
         step = Step(args, n, tokens, remat)
-        timed = step.run(steps)
+        timed = step.run(steps, warmups)
         if profile:
             timed["profile_ms"] = step.profile(out, f"profile-{args.model}-{n}-{tokens}-{remat}")
         _record(out, args, kind=kind, **fitted, **timed)
@@ -261,7 +261,8 @@ def child_memory(args, out: Path, n: int, tokens: int, remat: str) -> None:
 
 def child_attempt(args, out: Path, n: int, tokens: int, remat: str) -> None:
     """One full step of the longest search at `tokens` per GPU: a "longest" record with fits True or False."""
-    _timed_or_oom(args, out, n, tokens, remat, "longest", 1, {"fits": True}, {"fits": False})
+    # One warm-up: at these lengths a step takes tens of seconds, and whether it fits is known at the first.
+    _timed_or_oom(args, out, n, tokens, remat, "longest", 1, {"fits": True}, {"fits": False}, warmups=1)
 
 
 CHILDREN = {"throughput": child_throughput, "memory": child_memory, "attempt": child_attempt}
