@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--remat-every", type=int, default=1,
                         help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
     parser.add_argument("--mamba2-impl", default="",
-                        help="ModelConfig.mamba2_impl: Mamba-2's convolution and gated norm (default: the model's 'auto')")
+                        help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
     parser.add_argument("--profile", action="store_true",
                         help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))

@@ -109,9 +109,8 @@ class ModelConfig:
     param_axis: str | tuple[str, ...] | None = ("data", "seq")
     strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
     attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
-    # Mamba-2's convolution with its SiLU and its gated RMSNorm (lasp_jax.parallel.causal_conv,
-    # lasp_jax.ops.gated_norm): fused Pallas Triton kernels, run per device, or XLA's fusions; "auto" takes the
-    # kernels on the GPUs where their GPU tests passed, else xla
+    # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm): the fused Pallas Triton kernels, run per device, or XLA's
+    # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (none yet), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
 
     def __post_init__(self):

@@ -16,10 +16,9 @@ the convolution, under a seq axis, gets the previous rank's last W-1 positions (
 With packed documents (segment_ids) the state resets and no convolution tap crosses a document start.
 
 Numerics: dt, the rates and the norm statistics in fp32 (the rates are exp(A_log) * softplus, >= 0 by
-construction); the convolution sums in fp32 and applies its SiLU before rounding; projections, the
-convolution's output and v in the compute dtype; the SSD state fp32. The convolution with its SiLU and the gated
-norm run as fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl: lasp_jax.parallel.causal_conv,
-lasp_jax.ops.gated_norm), per device under a mesh.
+construction); projections, the convolution's output and v in the compute dtype; the SSD state fp32. The gated
+norm runs as fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl: lasp_jax.ops.gated_norm), per device
+under a mesh.
 
 Initialisation (the paper's): dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored at 1e-4);
 A_log = log(A), A uniform in [1, 16]; D = 1; the gated norm's weight 1; the convolution's weight and bias uniform
@@ -106,10 +105,13 @@ class Mamba2Mixer(nnx.Module):
         return sharding.gather_param(self.conv_weight[...]), sharding.gather_param(self.conv_bias[...])
 
     def _ssd_inputs(self, xbc, dt):
-        """Convolved xBC after its SiLU [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N],
-        v = dt x [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
+        """Convolved xBC [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N], v = dt x
+        [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
         cfg = self.cfg
         inner, gn = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state
+        # SiLU on the convolution's rounded output: on an H200 this order's forward + backward took 3.02 ms at
+        # the 1.3B's shape against 3.39 ms for the SiLU inside the fp32 sum (benchmarks/results/conv_gpu_h200_s10.md).
+        xbc = jax.nn.silu(xbc)
         x = xbc[..., :inner].reshape(*xbc.shape[:-1], cfg.ssm_heads, cfg.resolved_head_dim)
         k = xbc[..., inner:inner + gn].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
         q = xbc[..., inner + gn:].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
@@ -136,18 +138,11 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         z, xbc, dt = self._split_in(x)
         weight, bias = self._conv_params()
-        impl = cfg.mamba2_impl
-        if sharding.seq_size(cfg) > 1:  # the halo crosses ranks inside sharded_causal_conv1d's shard_map
+        if sharding.seq_size(cfg) > 1:  # else the one-device form, whose padding follows x's batch sharding
             xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
-                                        batch_axes=sharding.batch_axes(cfg), activation="silu", impl=impl)
-        else:  # whole rows: per device where the batch is split (the kernels have no sharding rule)
-            ids = () if segment_ids is None else (segment_ids,)
-
-            def conv(xbc, *args):  # args: the ids if any, then weight and bias
-                return causal_conv1d(xbc, *args[-2:], segment_ids=args[0] if ids else None, activation="silu",
-                                     impl=impl)
-
-            xbc = sharding.per_device(conv, cfg, (xbc, *ids), (weight, bias))
+                                        batch_axes=sharding.batch_axes(cfg))
+        else:
+            xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
         q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
         o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)
@@ -174,8 +169,7 @@ class Mamba2Mixer(nnx.Module):
         held_ids = None
         if segment_ids is not None:
             held_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], axis=1)
-        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids, activation="silu",
-                             impl=self.cfg.mamba2_impl)[:, width:]
+        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids)[:, width:]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
         o, ssm = lasp_jax.linear_attention(q, k, v, rates, segment_ids=segment_ids, initial_state=state["ssm"],
                                            return_final_state=True, impl=self.cfg.attn_impl)
@@ -190,7 +184,7 @@ class Mamba2Mixer(nnx.Module):
         del pos  # the state is all the past there is
         z, xbc, dt = (part[:, 0] for part in self._split_in(x[:, None]))
         window = jnp.concatenate([state["conv"], xbc[:, None].astype(state["conv"].dtype)], axis=1)  # [B, W, C]
-        conv = causal_conv1d(window, *self._conv_params(), activation="silu", impl=self.cfg.mamba2_impl)[:, -1]
+        conv = causal_conv1d(window, *self._conv_params())[:, -1]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
         o, ssm = lasp_jax.linear_attention_step(q, k, v, state["ssm"], rates)
         return self._out(o, x_heads, z), {"ssm": ssm, "conv": window[:, 1:]}

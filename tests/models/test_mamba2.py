@@ -256,13 +256,13 @@ def test_tiny_model_learns():
     assert losses[-1] < 0.25 * losses[0], losses
 
 
-def test_fused_kernels_equal_xla_in_the_model():
-    """mamba2_impl="pallas_triton_interpret" (the convolution + SiLU and the gated norm as the Pallas kernels, in
-    interpret mode on one device) gives the "xla" model's loss, logits and every gradient, with documents."""
+def test_fused_norm_equals_xla_in_the_model():
+    """mamba2_impl="pallas_triton_interpret" (the gated norm as the Pallas kernels, in interpret mode on one
+    device) gives the "xla" model's loss, logits and every gradient, with documents."""
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup("mamba2-tiny")
     graphdef, _ = nnx.split(models.build_model(cfg.replace(mamba2_impl="pallas_triton_interpret"),
                                                rngs=nnx.Rngs(0)))
     (loss, logits), grads = loss_grads_logits(graphdef)(state, *batch)
-    # Measured on CPU: logits 2.1e-7, gradients 1.9e-6 (worst leaf; fp32 summation order of the kernels).
+    # Measured on CPU: logits 2.5e-7, gradients 1.1e-6 (worst leaf; fp32 summation order of the kernels).
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
-    assert helpers.max_rel(logits, ref_logits) < 6e-7 and helpers.max_rel(grads, ref_grads) < 5e-6
+    assert helpers.max_rel(logits, ref_logits) < 6e-7 and helpers.max_rel(grads, ref_grads) < 3e-6
