@@ -44,7 +44,10 @@ from lasp_jax.parallel import layout
 
 IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # Exact jax device kinds where tests/parallel/test_conv_kernel.py's GPU test passed and the kernels beat "xla"
-# (benchmarks/conv_gpu.py); "auto" takes "xla" elsewhere.
+# (benchmarks/conv_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30, Mamba-2 1.3B's shape with SiLU,
+# benchmarks/results/conv_gpu_h200_s10.md) the kernels at the default Config were slower: 0.929 / 4.496 ms forward
+# / forward+backward against xla's 0.669 / 3.391 (SiLU inside) and 0.747 / 3.024 (SiLU after rounding, what
+# Mamba-2 runs); the GPU test did not finish within its 95 s there; no Config sweep has run.
 QUALIFIED_GPUS: tuple[str, ...] = ()
 
 
