@@ -440,7 +440,10 @@ def main(argv=None) -> int:
     # The first n of the GPUs this process may use (several runs can share one machine, each on its own GPUs).
     visible = (os.environ.get("CUDA_VISIBLE_DEVICES")
                or ",".join(map(str, range(int(n_dev) if n_dev.isdigit() else 0)))).split(",")
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
+    # Each child owns its GPUs: the allocator takes its share at start as one region. Grown region by region
+    # (XLA_PYTHON_CLIENT_PREALLOCATE=false), the 512K Mamba-2 attempts could not place their 86-95 GiB of
+    # temporaries with a quarter of an H200 in use (benchmarks/results/TRAIN_GPU_NOTES.md, session 10).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95", XLA_PYTHON_CLIENT_PREALLOCATE="true",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip())
     children = Children(args, argv, out, deadline, visible, env)
     for phase in args.phases.split(","):
