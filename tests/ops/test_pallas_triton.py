@@ -109,30 +109,35 @@ def test_contract_matches_reference(case, with_states, scaled, rng):
                                  tiles_first=not case.endswith("batch_major"))
     assert pallas_triton.plan(q, v, config).pieces > 1, "the case must cut several pieces"
     got = jax.jit(functools.partial(_attend, _interpreted(config), scale=scale))(q, k, v, s, s0, do, ds_end)
-    want = _attend(impls.IMPLS["reference"], q, k, v, s, s0, do, ds_end, scale)
+    want = jax.jit(functools.partial(_attend, impls.IMPLS["reference"], scale=scale))(q, k, v, s, s0, do, ds_end)
     for name, x, ref in zip(_names(with_states), got, want, strict=True):
         assert x.shape == ref.shape and x.dtype == ref.dtype, name
         assert np.all(np.isfinite(np.asarray(x))), name
         assert rel_err(x, ref) < INTERPRET_F32_TOL, (name, rel_err(x, ref))
 
 
-@pytest.mark.parametrize(("t", "d", "hkv", "scale"), [(640, 128, 4, 128 ** -0.5), (600, 128, 4, 128 ** -0.5),
-                                                      (640, 128, 4, 1.0), (640, 64, 4, 64 ** -0.5),
-                                                      (640, 128, 2, 128 ** -0.5)],
-                         ids=["whole", "ragged", "whole_unscaled", "whole_d64", "whole_gqa"])
-def test_mosaic_walks_match_reference(t, d, hkv, scale, rng):
-    """impl "pallas_mosaic" (Triton state passes, Mosaic walks), interpreted: 2 pieces of 5 chunks, bf16, d=128
-    (and 64, and GQA), with an incoming state and an end-state cotangent (whole T: through the piece scans;
-    ragged: front padding and the separate state products), against the fp32 dense reference; scale d^-0.5 on
+# (T, H, Hkv, D, scale): each case crosses 2 pieces of 4 chunks with an incoming state and an end-state cotangent.
+# The walks' own shapes (ring wraps, d64, GQA, MQA, scaled or not) are tests/ops/test_pallas_mosaic.py's, against
+# these Triton kernels; here the Walks impl as wired into vjp.attend: whole T with GQA shares at d=64, scaled,
+# and ragged T (front padding, the separate state products) at d=128, unscaled.
+MOSAIC_CASES = {"whole_gqa_d64_scaled": (512, 4, 2, 64, 64 ** -0.5), "ragged_d128_unscaled": (488, 2, 2, 128, 1.0)}
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES)
+def test_mosaic_walks_match_reference(case, rng):
+    """impl "pallas_mosaic" (Triton state passes, Mosaic walks), interpreted, bf16, against the fp32 dense
+    reference: o, the final state and the gradients of q, k, v and the initial state; scale d^-0.5 on
     unit-variance q."""
-    b, h = 1, 4
+    t, h, hkv, d, scale = MOSAIC_CASES[case]
+    b = 1
     q, k, v = qkv(rng, b, t, h, hkv, d, d, jnp.bfloat16)
     if scale != 1.0:
         q = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     s = decay("slopes", h, rng)
     do = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
     s0, ds_end = _states(rng, b, h, d, d, True)
-    assert pallas_mosaic.INTERPRET.plan(q, v).pieces == 2
+    plan = pallas_mosaic.INTERPRET.plan(q, v)
+    assert (plan.pieces, plan.pad > 0) == (2, case.startswith("ragged")), plan
     assert pallas_mosaic.INTERPRET.supported(q, k, v) is None
     got = jax.jit(functools.partial(_attend, impls.IMPLS["pallas_mosaic_interpret"], scale=scale))(
         q, k, v, s, s0, do, ds_end)
@@ -140,7 +145,7 @@ def test_mosaic_walks_match_reference(t, d, hkv, scale, rng):
         *(x.astype(jnp.float32) for x in (q, k, v)), s, s0, do.astype(jnp.float32), ds_end)
     for name, x, ref in zip(_names(True), got, want, strict=True):
         assert x.shape == ref.shape, name
-        # measured <= 3.1e-3 (2.6e-3 whole at d=128 and 64, 3.05e-3 ragged, scaled or not), as the Triton kernels
+        # measured <= 3.2e-3 (dk, dv of the GQA case; 2.9e-3 ragged; seeds 0-1), as the Triton kernels
         assert rel_err(x, ref) < 6e-3, (name, rel_err(x, ref))
 
 
