@@ -62,7 +62,8 @@ def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
                 o, final = reference.dense(q, k, v, rates, s0, scale)
             return jnp.sum(o * np.asarray(w_o)) + jnp.sum(final * np.asarray(w_s)), (o, final)
 
-        (_, (o, final)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(*f64)
+        # jitted: eager, the float64 autodiff dispatched op by op cost most of each test.
+        (_, (o, final)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*f64)
         names = ["dq", "dk", "dv", "d_rates", "d_initial_state"]
         return {"o": np.asarray(o), "final_state": np.asarray(final), **{n: np.asarray(g) for n, g in
                                                                          zip(names, grads)}}
