@@ -66,7 +66,8 @@ def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
     with jax.enable_x64(True):
         f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates, s0, w_o, w_s)]
         attend = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
-        return {n: np.asarray(x) for n, x in _loss_and_grads(attend, *f64).items()}
+        # jitted: one compile per shape; eager, the float64 autodiff dispatched op by op cost most of the test.
+        return {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, attend))(*f64).items()}
 
 
 # xla on every case; the reference's per-token path (dense) on the documents and the steep row.
@@ -145,8 +146,8 @@ def test_documents_are_independent(rng):
                                           initial_state=s0 if i == 0 else None)
         assert rel_err(o[:, a:b], alone) < F32_TOL, i
     w = jnp.zeros(o.shape).at[:, 65:].set(1.0)  # the last document's outputs only
-    ds = jax.grad(lambda r: jnp.sum(w * lasp_jax.linear_attention(q, k, v, r, segment_ids=ids,
-                                                                  initial_state=s0)))(rates)
+    ds = jax.jit(jax.grad(lambda r: jnp.sum(w * lasp_jax.linear_attention(q, k, v, r, segment_ids=ids,
+                                                                          initial_state=s0))))(rates)
     assert np.all(np.asarray(ds[:, bounds[1:-1]]) == 0.0)
     assert np.all(np.asarray(ds[:, :65]) == 0.0)
     assert np.all(np.asarray(ds[:, 66:]) != 0.0)
@@ -181,7 +182,7 @@ def test_bfloat16_inputs_and_rates(rng):
     ours = lambda q, k, v, r, i: (lasp_jax.linear_attention(q, k, v, r, segment_ids=i),)
     got = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2, 3)))(q, k, v, rates)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, rates)]
-    want = jax.grad(functools.partial(loss, reference.dense_tokens), argnums=(0, 1, 2, 3))(*f32)
+    want = jax.jit(jax.grad(functools.partial(loss, reference.dense_tokens), argnums=(0, 1, 2, 3)))(*f32)
     for name, g, g_want in zip(("dq", "dk", "dv", "d_rates"), got, want):
         assert g.dtype == jnp.bfloat16, name
         assert rel_err(g, g_want) < BF16_TOL, (name, rel_err(g, g_want))
@@ -251,8 +252,8 @@ def test_sharded_batch_and_heads(rng):
     rates = jnp.asarray(rng.uniform(0, 0.3, size=(4, 70, 4)), jnp.float32)
     ids = jnp.asarray(documents(rng, 4, 70, (30,), 0.03))
     f = lambda q, r: jnp.sum(lasp_jax.linear_attention(q, k, v, r, segment_ids=ids) ** 2)
-    want = jax.grad(f, argnums=(0, 1))(q, rates)
-    o_want = lasp_jax.linear_attention(q, k, v, rates, segment_ids=ids)
+    want = jax.jit(jax.grad(f, argnums=(0, 1)))(q, rates)
+    o_want = jax.jit(lambda q, r: lasp_jax.linear_attention(q, k, v, r, segment_ids=ids))(q, rates)
     mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4])
     with jax.set_mesh(mesh):
         spec = NamedSharding(mesh, P("data", None, "model"))
