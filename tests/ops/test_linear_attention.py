@@ -38,6 +38,10 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 TOL = {jnp.float32: F32_TOL, jnp.bfloat16: BF16_TOL}
 
 
+# The dense reference's output, jitted: one compile per shape instead of the eager op-by-op dispatch of each call.
+_dense_o = jax.jit(lambda q, k, v, rates, s0=None: reference.dense(q, k, v, rates, s0)[0])
+
+
 def _contract_params():
     """(impl, case, dtype) wherever the impl's supported() takes the case: no skipped tests, no silent gaps."""
     for impl in IMPLS:
@@ -74,8 +78,8 @@ def test_contract_matches_reference(impl, case, dtype, rng):
     (_, (o, final)), grads = jax.jit(jax.value_and_grad(
         functools.partial(loss, ours), argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, s0)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (_, (o_ref, final_ref)), grads_ref = jax.value_and_grad(
-        functools.partial(loss, dense), argnums=(0, 1, 2, 3), has_aux=True)(*f32, s0)
+    (_, (o_ref, final_ref)), grads_ref = jax.jit(jax.value_and_grad(
+        functools.partial(loss, dense), argnums=(0, 1, 2, 3), has_aux=True))(*f32, s0)
     assert o.dtype == q.dtype and o.shape == (b, t, h, dv)
     assert final.dtype == jnp.float32
     got = {"o": o, "final_state": final, **dict(zip(["dq", "dk", "dv", "d_initial_state"], grads))}
@@ -91,10 +95,10 @@ def test_without_state_arguments(impl, rng):
     q, k, v = qkv(rng, 2, 77, 4, 2, 16, 16)
     s = decay("slopes", 4, rng)
     o = lasp_jax.linear_attention(q, k, v, s, impl=impl)
-    dq, dk, dv = jax.grad(lambda q, k, v: jnp.sum(lasp_jax.linear_attention(q, k, v, s, impl=impl) ** 2),
-                          argnums=(0, 1, 2))(q, k, v)
-    o_ref = reference.dense(q, k, v, s)[0]
-    g_ref = jax.grad(lambda q, k, v: jnp.sum(reference.dense(q, k, v, s)[0] ** 2), argnums=(0, 1, 2))(q, k, v)
+    dq, dk, dv = jax.jit(jax.grad(lambda q, k, v: jnp.sum(lasp_jax.linear_attention(q, k, v, s, impl=impl) ** 2),
+                                  argnums=(0, 1, 2)))(q, k, v)
+    o_ref = _dense_o(q, k, v, s)
+    g_ref = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_dense_o(q, k, v, s) ** 2), argnums=(0, 1, 2)))(q, k, v)
     assert rel_err(o, o_ref) < F32_TOL
     for g, gr in zip((dq, dk, dv), g_ref):
         assert rel_err(g, gr) < F32_TOL
@@ -133,8 +137,8 @@ def test_dense_and_recurrent_references_agree(rng):
     q, k, v = qkv(rng, 2, 40, 4, 1, 8, 12)
     s = decay("on", 4, rng)
     s0 = jnp.asarray(rng.standard_normal((2, 4, 8, 12)), jnp.float32)
-    o_d, f_d = reference.dense(q, k, v, s, s0)
-    o_r, f_r = reference.recurrent(q, k, v, s, s0)
+    o_d, f_d = jax.jit(reference.dense)(q, k, v, s, s0)
+    o_r, f_r = jax.jit(reference.recurrent)(q, k, v, s, s0)
     assert rel_err(o_d, o_r) < F32_TOL and rel_err(f_d, f_r) < F32_TOL
     # And against a direct float64 loop over the definition.
     qn, kn, vn, sn = (np.asarray(x, np.float64) for x in (q, k, v, s))
@@ -150,8 +154,8 @@ def test_scale_and_decay_gradient(rng):
     q, k, v = qkv(rng, 1, 20, 2, 2, 8, 8)
     s = decay("on", 2, rng)
     o = lasp_jax.linear_attention(q, k, v, s, scale=0.25)
-    assert rel_err(o, reference.dense(q * 0.25, k, v, s)[0]) < F32_TOL
-    ds = jax.grad(lambda s: jnp.sum(lasp_jax.linear_attention(q, k, v, s)))(s)
+    assert rel_err(o, _dense_o(q * 0.25, k, v, s)) < F32_TOL
+    ds = jax.jit(jax.grad(lambda s: jnp.sum(lasp_jax.linear_attention(q, k, v, s))))(s)
     assert np.all(np.asarray(ds) == 0.0)  # decay is a constant for autodiff, as documented
 
 
@@ -207,8 +211,8 @@ def test_sharded_inputs_come_back_sharded_like_q(layout, axis_type, rng):
     q, k, v = qkv(rng, 4, 40, 4, 2, 8, 8)
     s = decay("on", 4, rng)
     s0 = jnp.asarray(rng.standard_normal((4, 4, 8, 8)), jnp.float32)
-    o_ref = reference.dense(q, k, v, s, s0)[0]
-    g_ref = jax.grad(lambda q, s0: jnp.sum(reference.dense(q, k, v, s, s0)[0] ** 2), argnums=(0, 1))(q, s0)
+    o_ref = _dense_o(q, k, v, s, s0)
+    g_ref = jax.jit(jax.grad(lambda q, s0: jnp.sum(_dense_o(q, k, v, s, s0) ** 2), argnums=(0, 1)))(q, s0)
     mesh = jax.make_mesh((2, 2, 1), ("data", "model", "one"), axis_types=(axis_type,) * 3,
                          devices=jax.devices()[:4])
     spec = LAYOUTS[layout]
@@ -227,8 +231,7 @@ def test_sharded_inputs_come_back_sharded_like_q(layout, axis_type, rng):
     for g, gr in zip(grads, g_ref):
         assert rel_err(g, gr) < F32_TOL
     assert rel_err(both[..., 8:], o_ref) < F32_TOL
-    o1 = reference.dense(q, k, v, s, s0)[0] / 4
-    assert rel_err(carried, reference.dense(o1, k, v, s, s0)[0] / 4) < F32_TOL
+    assert rel_err(carried, _dense_o(o_ref / 4, k, v, s, s0) / 4) < F32_TOL
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
