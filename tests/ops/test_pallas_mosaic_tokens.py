@@ -112,17 +112,18 @@ def _roles(q, k, v, do, s, g):
 
 # (B, T, H, Hkv, D, piece_len, stages, rates, document starts). 37, 100 and 150 start inside chunks, 64 at a chunk
 # boundary, 128 at a piece boundary (2 pieces of 2 chunks) or a chunk boundary; one piece of 4 chunks wraps a
-# ring of 3 stages, one of 3 fills it; pieces of one chunk (a ring of 1) without documents.
+# ring of 3 stages, one of 3 fills it; pieces of one chunk (a ring of 1) without documents. One head where the
+# case is not about heads (the interpreter's cost grows with each; the heads run alike).
 CASES = {
-    "steep_d64_two_pieces": (1, 256, 2, 2, 64, 128, 3, "steep", (37, 64, 128, 150)),
-    "slow_d128_ring_wraps": (1, 256, 2, 2, 128, 256, 3, "slow", (37, 64, 150)),
+    "steep_d64_two_pieces": (1, 256, 1, 1, 64, 128, 3, "steep", (37, 64, 128, 150)),
+    "slow_d128_ring_wraps": (1, 256, 1, 1, 128, 256, 3, "slow", (37, 64, 150)),
     "gqa_mixed_d64": (1, 192, 4, 2, 64, 192, 3, "mixed", (100, 128)),
     "steep_mqa_d128_one_document": (1, 128, 2, 1, 128, 64, 3, "steep", ()),
 }
-# Interpreted runs against the float64 oracle measured 2.1e-3 to 2.5e-3 (every case and walk, seeds 0-2), the
-# rows' float32 dots with q or k 1.5e-3 to 1.9e-3: the bf16 rounding of the output, the decayed scores and the
-# state. A document ignored or a state term not cut at a start moves these outputs by 2e-2 (steep) to 0.3-1.3
-# (slow, mixed) in the oracle, far above the bound.
+# Interpreted runs against the float64 oracle measured 2.1e-3 to 2.5e-3 (every case and walk, seeds 0-2; 2.4e-3
+# and 2.5e-3 for the one-head cases, seeds 0-1), the rows' float32 dots with q or k 1.5e-3 to 1.9e-3: the bf16
+# rounding of the output, the decayed scores and the state. A document ignored or a state term not cut at a
+# start moves these outputs by 2e-2 (steep) to 0.3-1.3 (slow, mixed) in the oracle, far above the bound.
 INTERPRET_TOL = 6e-3
 # The Impl through the driver, bf16 inputs against float64 (seeds 0-2): 1.6e-3 (final state, d_initial_state) to
 # 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 2.5e-3 to 5.1e-3 (a suffix sum of
@@ -192,7 +193,7 @@ def test_nonfinite_rows_reach_neither_later_rows_nor_other_documents(reverse, rn
     """One chunk with documents [0, 32) and [32, 64): an inf row of X and a NaN row of Y at position u (10 in the
     first document forward, 50 in the second in reverse). The rows the mask keeps from u (by causality, or by
     document) are finite and equal the walk without them: the weights select, never multiply by 0."""
-    t, h, d = 64, 2, 64
+    t, h, d = 64, 1, 64
     q, k, v, _, s, _ = _inputs(rng, 1, t, h, h, d, 1)
     tables = _tables(_rates(rng, "steep", 1, t, h), _documents(1, t, (32,)), t)
     walk = functools.partial(pallas_mosaic.token_walk, tables=tables, states_in=s, piece_len=t, reverse=reverse,
