@@ -73,7 +73,8 @@ def _records(path: Path) -> list[dict]:
 
 def _record(out: Path, args, **r) -> dict:
     """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
-    r = {"model": args.model, "documents": args.documents, **r,
+    r = {"model": args.model, "documents": args.documents, "remat_every": args.remat_every,
+         "mamba2_impl": args.mamba2_impl or "auto", **r,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
         fh.write(json.dumps(r) + "\n")
@@ -105,7 +106,7 @@ class Step:
         from train.step import build_state, make_steps, model_config
 
         self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
-        self.mcfg_name = args.model
+        self.mcfg_name, self.documents = args.model, args.documents
         self.data = args.data
         self.seq_len = n_gpus // self.data * tokens_per_gpu
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
@@ -176,8 +177,7 @@ class Step:
         mems = [_peak_gib(d) for d in self.devices]
         return {
             "gpus": self.n_gpus, "data": self.data, "tokens_per_gpu": self.tokens_per_gpu, "seq_len": self.seq_len,
-            "remat": self.remat, "remat_every": self.mcfg.remat_every, "attn_impl": self.mcfg.attn_impl,
-            "mamba2_impl": self.mcfg.mamba2_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
+            "remat": self.remat, "attn_impl": self.mcfg.attn_impl, "dtype": self.mcfg.dtype, "params": self.n_params,
             "matmul_params": self.n_matmul, "custom_calls": self.custom_calls, "loss": loss,
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
@@ -204,8 +204,10 @@ class Step:
             fh.write(hlo)
         summary = gpu_trace.summarize(times, hlo)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
-        (out / f"{name}.md").write_text(gpu_trace.render(
-            summary, f"{self.mcfg_name}, {self.n_gpus} GPU(s), {self.tokens_per_gpu} tokens/GPU, remat {self.remat}"))
+        (out / f"{name}.md").write_text(gpu_trace.render(summary, (
+            f"{self.mcfg_name}, {self.n_gpus} GPU(s) ({self.devices[0].device_kind}), {self.tokens_per_gpu} "
+            f"tokens/GPU, {self.documents} documents per row, remat {self.remat} every {self.mcfg.remat_every}, "
+            f"mamba2_impl {self.mcfg.mamba2_impl}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
         _say(f"profiled: {name}.md")
         return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
 
@@ -236,7 +238,8 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
         step = Step(args, n, tokens, remat)
         timed = step.run(steps, warmups)
         if profile:
-            timed["profile_ms"] = step.profile(out, f"profile-{args.model}-{n}-{tokens}-{remat}")
+            name = f"profile-{args.model}-{n}-{tokens}-{remat}-{args.remat_every}-{args.mamba2_impl or 'auto'}"
+            timed["profile_ms"] = step.profile(out, name)
         _record(out, args, kind=kind, **fitted, **timed)
     except Exception as e:
         if not _oom(e):
@@ -403,9 +406,9 @@ def main(argv=None) -> int:
     parser.add_argument("--strategy", default="ring", help="the models' LASP exchange: ring, allgather or scan")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workers")
     parser.add_argument("--capacity-gib", type=float, default=0.0, help="device memory to fit (0: the device's)")
-    parser.add_argument("--remat-every", type=int, default=1,
+    parser.add_argument("--remat-every", type=int, default=1, choices=range(1, 1025), metavar="N",
                         help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
-    parser.add_argument("--mamba2-impl", default="",
+    parser.add_argument("--mamba2-impl", default="", choices=("", "auto", "xla", "pallas_triton"),
                         help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
     parser.add_argument("--profile", action="store_true",
                         help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
@@ -478,6 +481,7 @@ def write_summary(jsonl: Path) -> None:
     (JSONL -> .png). Runs appended to one file (benchmarks/results/train_gpu_h200.jsonl) get one section each."""
     records = _records(jsonl)
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    every = lambda r: f" every {r['remat_every']}" if r.get("remat_every", 1) != 1 else ""  # noqa: E731
     lines = []
     for r in records:
         if r["kind"] == "setup":
@@ -488,6 +492,8 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
+        if r.get("mamba2_impl", "auto") != "auto":
+            note = f"mamba2_impl {r['mamba2_impl']}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:
             note = f"strategy {r['strategy']}" + (f", XLA flags {r['xla_flags']}" if r["xla_flags"] else "")
         if r["kind"] == "longest_predicted":
@@ -495,7 +501,7 @@ def write_summary(jsonl: Path) -> None:
                     f"+ {r['fixed_gib']:.1f} GiB fixed, of {r['capacity_gib']:.1f} GiB")
         gpus = f"{r.get('gpus', '')}" + (f" (data {r['data']})" if r.get("data", 1) > 1 else "")
         lines.append(f"| {r.get('model', '')} | {r.get('documents', '')} | {r['kind']} | {gpus} | "
-                     f"{r.get('tokens_per_gpu', '')} | {r.get('remat', '')} | "
+                     f"{r.get('tokens_per_gpu', '')} | {r.get('remat', '')}{every(r)} | "
                      f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
                      f"{fmt(r.get('xla_gib'), '.1f')} | {note} |")

@@ -3,10 +3,10 @@
 lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU (with tests/parallel/test_conv_kernel.py's GPU test).
 
     python3 -m benchmarks.conv_gpu [--batch 1] [--length 65536] [--channels 4352] [--width 4] [--docs 16]
-        [--activation silu] [--dtype bfloat16] [--configs 32x16x256x512x8,...] [--iters 10] [--reps 5] [--out DIR]
+        [--activation silu] [--dtype bfloat16] [--contenders xla_then_silu,xla,pallas_triton]
+        [--configs 32x16x256x512x8,...] [--iters 10] [--reps 5] [--out DIR]
 
-Contenders: "xla_then_silu" (the model before the fused activation: the convolution rounded to the dtype, then
-jax.nn.silu), "xla" (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT
+Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla" (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT
 Config) and one row per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c,
 bwd_rows, num_warps). Shape: Mamba-2 1.3B's convolution by default (C = d_inner + 2 d_state = 4352, W = 4); x
 and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W) (the model's parameters),

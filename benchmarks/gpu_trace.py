@@ -2,7 +2,7 @@
 made them.
 
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True): one step
-    times = kernel_times(trace_dir)                 # {(kernel, hlo_op): total ms} over the GPU's rows
+    times = kernel_times(trace_dir)                 # {(kernel, hlo_op): ms per GPU}
     print(render(summarize(times, compiled.as_text()), "title"))
 
 Each GPU kernel event in the Perfetto trace names its kernel and, in its args, the HLO instruction that launched it
@@ -48,8 +48,8 @@ def _trace_file(trace_dir: str | Path) -> Path:
 
 
 def kernel_times(trace_dir: str | Path) -> dict[tuple[str, str], float]:
-    """{(kernel name, the HLO instruction in its args or ""): total ms} over the events of the trace's GPU
-    processes."""
+    """{(kernel name, the HLO instruction in its args or ""): ms per GPU} over the events of the trace's GPU
+    processes (one per GPU), summed and divided by their number."""
     with gzip.open(_trace_file(trace_dir), "rt") as fh:
         data = json.load(fh)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -61,7 +61,7 @@ def kernel_times(trace_dir: str | Path) -> dict[tuple[str, str], float]:
             args = e.get("args", {})
             op = args.get("hlo_op") or args.get("long_name") or args.get("tf_op") or ""
             totals[(e.get("name", "?"), str(op))] += e.get("dur", 0) / 1e3
-    return dict(totals)
+    return {key: ms / len(gpu_pids) for key, ms in totals.items()}
 
 
 def _sections(hlo_text: str) -> dict[str, dict[int, str]]:
@@ -148,7 +148,7 @@ def summarize(times: dict[tuple[str, str], float], hlo_text: str, top: int = 40)
 def render(summary: dict, title: str) -> str:
     """The summary as Markdown."""
     total = summary["total_ms"] or 1.0
-    out = [f"# {title}", "", f"GPU kernel time in the traced step: {summary['total_ms']:.1f} ms", "",
+    out = [f"# {title}", "", f"GPU kernel time in the traced step: {summary['total_ms']:.1f} ms per GPU", "",
            "| kind | ms | share |", "| --- | --- | --- |"]
     out += [f"| {k} | {ms:.1f} | {ms / total:.1%} |" for k, ms in summary["kinds"].items()]
     out += ["", "| source line | pass | kind | ms | share |", "| --- | --- | --- | --- | --- |"]

@@ -95,8 +95,8 @@ class ModelConfig:
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
     # full: per block, keep only its input.
     remat: Literal["none", "block", "full"] = "none"
-    # keep only every n-th block's input for the backward; the n-1 blocks after it are recomputed from it (one
-    # more forward of the model). 1: each block's input kept
+    # n > 1: between the forward and the backward keep only every n-th block's input; each run of n blocks is
+    # recomputed from it (one more forward of the model), inside it each block as `remat` says. 1: `remat` alone
     remat_every: int = 1
     ce_chunk: int = 1024  # positions (per sequence, per seq rank) in one cross-entropy chunk
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import lasp_jax
-from lasp_jax.ops.gated_norm import gated_rms_norm
+from lasp_jax.ops import gated_norm
 from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
@@ -125,12 +125,14 @@ class Mamba2Mixer(nnx.Module):
         RMSNorm (lasp_jax.ops.gated_norm, cfg.mamba2_impl; fp32 inside), per device under a mesh when the
         leading dims are [B, T]."""
         cfg = self.cfg
-        norm = lambda o, x, z, d, w: gated_rms_norm(o, x, d, z, w, groups=cfg.n_groups, eps=cfg.norm_eps,  # noqa: E731
-                                                     out_dtype=jnp.dtype(cfg.dtype), impl=cfg.mamba2_impl)
+        impl = gated_norm.resolve(cfg.mamba2_impl, o, x, z, cfg.n_groups, per_device=True)
+        norm = lambda o, x, z, d, w: gated_norm.gated_rms_norm(  # noqa: E731
+            o, x, d, z, w, groups=cfg.n_groups, eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=impl)
         params = (self.D[...], self.norm_weight[...])
-        if o.ndim == 4:
-            return self.out_proj(sharding.per_device(norm, cfg, (o, x, z), params))
-        return self.out_proj(norm(o, x, z, *params))
+        if impl == "xla" or o.ndim != 4:  # XLA partitions its own fusions; decoding runs on one device
+            return self.out_proj(norm(o, x, z, *params))
+        y = sharding.per_device(norm, cfg, (o, x, z), params, check_vma=impl != "pallas_triton_interpret")
+        return self.out_proj(y)
 
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

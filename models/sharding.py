@@ -80,13 +80,15 @@ def constrain_activation(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return constrain(x, activation_spec(cfg, x.ndim))
 
 
-def per_device(fn, cfg: ModelConfig, activations: tuple, params: tuple = (), out_ndim: int = 3):
+def per_device(fn, cfg: ModelConfig, activations: tuple, params: tuple = (), out_ndim: int = 3,
+               check_vma: bool = True):
     """fn(*activations, *params) on each device's own rows: inside a shard_map over (batch axes, seq axis) where
     the ambient mesh splits them, for kernels with no sharding rule of their own (Pallas calls), else as is.
 
     activations: [B, T, ...] arrays, split as constrain_activation puts them; params: gathered whole (a
     varying cast inside fn sums their gradients over the shards); the output [B, T, ...] (out_ndim dims) comes
-    back on the activation layout.
+    back on the activation layout. check_vma: shard_map's (off only for Pallas's interpreter, whose masked loads
+    pad with values it rejects).
     """
     mesh = ambient_mesh()
     specs = [activation_spec(cfg, a.ndim) for a in activations]
@@ -96,8 +98,8 @@ def per_device(fn, cfg: ModelConfig, activations: tuple, params: tuple = (), out
         return fn(*activations, *params)
     activations = tuple(constrain(a, spec) for a, spec in zip(activations, specs))
     params = tuple(gather_param(p) for p in params)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(*specs, *(P(),) * len(params)),
-                         out_specs=activation_spec(cfg, out_ndim), axis_names=frozenset(axes))(*activations, *params)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(*specs, *(P(),) * len(params)), out_specs=activation_spec(
+        cfg, out_ndim), axis_names=frozenset(axes), check_vma=check_vma)(*activations, *params)
 
 
 def gather_param(w: jax.Array) -> jax.Array:

@@ -37,7 +37,7 @@ def test_a_hung_child_is_killed_and_counted_as_out_of_memory(tmp_path):
             return [sys.executable, "-c", f"import time; print({COMPILED + OOM + STUCK!r}, flush=True); time.sleep(60)"]
 
     t0 = time.monotonic()
-    args = bench.argparse.Namespace(model="tnl-1b", documents=0)
+    args = bench.argparse.Namespace(model="tnl-1b", documents=0, remat_every=1, mamba2_impl="")
     record = Hanging(args, [], tmp_path, time.monotonic() + 50, ["0"], {}).run("attempt", 2, 655360, "full")
     assert time.monotonic() - t0 < 30
     assert record["kind"] == "longest" and record["fits"] is False and record["oom"] is True
@@ -89,7 +89,8 @@ def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
 
     # --profile: one more step traced; a CPU trace has no GPU rows, so no kernel time, but the HLO's lines are read.
     assert r["profile_ms"] == {}
-    assert "GPU kernel time in the traced step: 0.0 ms" in (tmp_path / "profile-mamba2-tiny-hybrid-1-128-none.md").read_text()
+    profile = (tmp_path / "profile-mamba2-tiny-hybrid-1-128-none-1-auto.md").read_text()
+    assert "GPU kernel time in the traced step: 0.0 ms per GPU" in profile and "3 documents per row" in profile
 
     bench.write_summary(tmp_path / "train_gpu.jsonl")
     assert "| mamba2-tiny-hybrid | 3 | throughput | 1 | 128 | none |" in (tmp_path / "train_gpu.md").read_text()

@@ -25,15 +25,16 @@ def _write_trace(path, events):
         json.dump({"traceEvents": events}, fh)
 
 
-def test_kernel_times_sum_the_gpu_rows_only(tmp_path):
+def test_kernel_times_sum_the_gpu_rows_only_per_gpu(tmp_path):
     meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}  # noqa: E731
     kernel = lambda pid, name, op, us: {"ph": "X", "pid": pid, "name": name, "dur": us, "args": {"hlo_op": op}}  # noqa: E731
     _write_trace(tmp_path / "plugins" / "profile" / "run", [
-        meta(1, "/host:CPU"), meta(2, "/device:GPU:0"),
+        meta(1, "/host:CPU"), meta(2, "/device:GPU:0"), meta(3, "/device:GPU:1"),
         kernel(2, "loop_sine_fusion", "fusion.1", 1500.0), kernel(2, "loop_sine_fusion", "fusion.1", 500.0),
+        kernel(3, "loop_sine_fusion", "fusion.1", 1000.0),
         kernel(2, "nvjet_hsh_128x256", "custom-call.3", 250.0), kernel(1, "host work", "", 9e6)])
-    assert gpu_trace.kernel_times(tmp_path) == {("loop_sine_fusion", "fusion.1"): 2.0,
-                                                ("nvjet_hsh_128x256", "custom-call.3"): 0.25}
+    assert gpu_trace.kernel_times(tmp_path) == {("loop_sine_fusion", "fusion.1"): 1.5,
+                                                ("nvjet_hsh_128x256", "custom-call.3"): 0.125}
 
 
 def test_a_missing_trace_is_named(tmp_path):

@@ -38,8 +38,8 @@ def build_state(mcfg, cfg: TrainConfig, mesh):
     Compiled per layer kind, so that compile time does not grow with depth: one program per kind (Mamba-2,
     softmax, ...) draws one block's parameters and runs once per layer of that kind, and one more makes the rest
     (embedding, head, the optimizer's state; the blocks' random bits are dead code there). One program holding all
-    48 Mamba-2 1.3B layers took 96 s to build on an H200; XLA:CPU compiles it in 24 s, against 1.2 s for the two
-    programs now.
+    48 Mamba-2 1.3B layers took 96 s to build on an H200, the per-kind programs 4 s
+    (benchmarks/results/gpu_s10_log_excerpts.txt).
 
     Values: from cfg.seed alone, bit-identical on every mesh and axis type (threefry's bits do not depend on the
     sharding). The seed's key splits in two: the rest is built from nnx.Rngs(first), block l from

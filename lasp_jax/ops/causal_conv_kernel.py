@@ -8,13 +8,14 @@ halo) then the piece; tap i of output t (xe row t + i; tap W-1 is t itself) is k
 (t + i, t + W-1], i.e. unless ide[q] != ide[q - 1] for some q there. A dropped tap is selected away, never
 multiplied by 0, so a non-finite input in another document does not reach t, in the forward or the backward.
 
-Why: XLA differentiates `xla_convolve` as W shifted slices, masks and adds over [B, T, C] float32 and fuses the
-backward into one loop fusion of many inputs; at Mamba-2 1.3B's shape (T = 65536, C = 4352, bf16) that took
-2.6 ms per layer on an H200, 120-250 ms of a 1.89 s training step (48 layers), where reading x and dy and writing
-dx once is about 0.4 ms. These kernels read each input once from HBM (the shifted re-reads of a tile's
-neighbour rows should come from cache) and keep every intermediate in registers; the SiLU that Mamba-2 applies
-right after the convolution is fused in, its input recomputed in the backward: nothing beyond the inputs is
-saved.
+Why (an attempt, not used by the model): XLA differentiates `xla_convolve` as W shifted slices, masks and adds
+over [B, T, C] float32 and fuses that backward, with the SiLU's, the gated norm's and the dt path's, into the one
+loop fusion that builds Mamba-2 1.3B's in-projection cotangent (2.6 ms per layer, 125 ms of a 1.89 s step on an
+H200: benchmarks/results/profile_train_h200_s10_mamba2.md). These kernels read each input once from HBM and keep
+every intermediate in registers, with an optional SiLU fused in (its input recomputed in the backward): nothing
+beyond the inputs is saved. Measured at that shape on an H200 (benchmarks/results/conv_gpu_h200_s10.md, default
+Config): 0.929 / 4.496 ms forward / forward+backward against XLA's 0.747 / 3.024 with SiLU after rounding (what
+Mamba-2 runs), so "auto" does not take them; no Config sweep has run.
 
 Kernels. Forward: one program per (batch, fwd_block_t outputs t, block_c channels): W shifted [rows, block_c]
 loads, the float32 sum, one store. Backward: one program per (batch, run of `bwd_rows` rows p >= W-1 of xe,
@@ -54,10 +55,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from lasp_jax.ops import kernel_support
+
 _F32 = jnp.float32
 ACTIVATIONS = (None, "silu")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_MIN_CAPABILITY = (8, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +100,7 @@ def supported(xe, interpret: bool = False) -> str | None:
         return f"x's dtype must be one of {[jnp.dtype(d).name for d in DTYPES]}, got {jnp.dtype(xe.dtype).name}"
     if interpret:
         return None
-    if jax.default_backend() != "gpu":
-        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
-                "impl 'pallas_triton_interpret' runs anywhere")
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability is None or tuple(int(x) for x in str(capability).split(".")) < _MIN_CAPABILITY:
-        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
-                f"{device.device_kind!r} (compute capability {capability})")
-    return None
+    return kernel_support.triton_unavailable()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,11 +293,6 @@ class _Launch:
     interpret: bool
 
 
-def _typed(shape, dtype, like):
-    """An output of `like`'s manual axes (inside shard_map the kernel's outputs vary as xe does)."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
-
-
 def _call(kernel, grid, out_shape, args, launch: _Launch):
     return pl.pallas_call(
         kernel, grid=grid, out_shape=out_shape,
@@ -321,7 +310,7 @@ def _forward(xe, weight, bias, ide, launch: _Launch):
                                block_t=cfg.fwd_block_t, block_c=cfg.block_c)
     grid = (bsz, pl.cdiv(length, cfg.fwd_block_t), pl.cdiv(c, cfg.block_c))
     args = (xe, weight, bias) + (() if ide is None else (ide,))
-    return _call(kernel, grid, _typed((bsz, length, c), xe.dtype, xe), args, launch)
+    return _call(kernel, grid, kernel_support.typed_like((bsz, length, c), xe.dtype, xe), args, launch)
 
 
 def _backward(xe, weight, bias, ide, g, launch: _Launch):
@@ -334,8 +323,8 @@ def _backward(xe, weight, bias, ide, g, launch: _Launch):
     kernel = functools.partial(_backward_kernel, activation=launch.activation, docs=ide is not None,
                                block_t=cfg.bwd_block_t, block_c=cfg.block_c, bwd_rows=cfg.bwd_rows,
                                head_block=head_block)
-    out_shape = (_typed(xe.shape, xe.dtype, xe), _typed((bsz, runs, w, c), _F32, xe),
-                 _typed((bsz, runs, c), _F32, xe))
+    out_shape = (kernel_support.typed_like(xe.shape, xe.dtype, xe), kernel_support.typed_like((bsz, runs, w, c), _F32, xe),
+                 kernel_support.typed_like((bsz, runs, c), _F32, xe))
     head = () if w == 1 else (_head_rows_grad(xe, weight, bias, ide, g, launch.activation),)
     args = (xe, weight, bias) + (() if ide is None else (ide,)) + (g,) + head
     dxe, dw_part, db_part = _call(kernel, (bsz, runs, pl.cdiv(c, cfg.block_c)), out_shape, args, launch)
@@ -377,9 +366,6 @@ def convolve(xe, weight, bias, ide, *, activation: str | None = None, interpret:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     bias = jnp.zeros(weight.shape[1:], weight.dtype) if bias is None else bias  # its gradient goes nowhere
-    # Inside shard_map: weight and bias vary as xe does, so each shard's gradient is its own part, and the
-    # transpose of this cast sums the shards (an invariant input could not take a varying cotangent).
-    varying = jax.typeof(xe).manual_axis_type.varying
-    weight, bias = (lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to="varying")
-                    if varying - jax.typeof(a).manual_axis_type.varying else a for a in (weight, bias))
+    # Inside shard_map: weight and bias vary as xe does (kernel_support's docstring says why).
+    weight, bias = kernel_support.vary_like(weight, xe), kernel_support.vary_like(bias, xe)
     return _fused(xe, weight, bias, ide, _Launch(activation, config, interpret))

@@ -47,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from lasp_jax.ops import kernel_support
 from lasp_jax.ops.impls import partitioned
 
 _F32 = jnp.float32
@@ -59,7 +60,6 @@ IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 QUALIFIED_GPUS: tuple[str, ...] = ()
 MAX_GROUP_WIDTH = 8192  # one program holds a row's whole group: [rows, W] float32 tiles in registers
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_MIN_CAPABILITY = (8, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +167,6 @@ def _warps(config: Config, elements: int) -> int:
     return _power_of_two_below(min(16, max(4, elements // config.elems_per_warp)))
 
 
-def _typed(shape, dtype, like):
-    """An output of `like`'s manual axes (inside shard_map the kernel's outputs vary as its rows do)."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
-
-
 def _columns(d_skip, head_dim: int):
     return jnp.repeat(d_skip.astype(_F32), head_dim)
 
@@ -188,7 +183,7 @@ def _kernel_forward(o2, x2, z2, d_col, weight, launch: _Launch):
         grid=(pl.cdiv(n, rows), launch.groups),
         in_specs=[tile, tile, tile, column, column],
         out_specs=tile,
-        out_shape=_typed((n, channels), launch.out_dtype, o2),
+        out_shape=kernel_support.typed_like((n, channels), launch.out_dtype, o2),
         compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
                                                  num_stages=launch.config.num_stages),
         interpret=launch.interpret,
@@ -218,8 +213,8 @@ def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch):
         grid=(programs, launch.groups),
         in_specs=[tile, tile, tile, column, column, tile],
         out_specs=[tile, tile, tile, partial, partial],
-        out_shape=[_typed((n, channels), a.dtype, o2) for a in (o2, x2, z2)]
-        + [_typed((programs, channels), _F32, o2)] * 2,
+        out_shape=[kernel_support.typed_like((n, channels), a.dtype, o2) for a in (o2, x2, z2)]
+        + [kernel_support.typed_like((programs, channels), _F32, o2)] * 2,
         compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
                                                  num_stages=launch.config.num_stages),
         interpret=launch.interpret,
@@ -304,35 +299,17 @@ def supported(o, x, z, groups: int, interpret: bool = False) -> str | None:
             return f"{name} is {jnp.dtype(a.dtype).name}; the kernels take {', '.join(jnp.dtype(d).name for d in DTYPES)}"
     if interpret:
         return None
-    if jax.default_backend() != "gpu":
-        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
-                "impl 'pallas_triton_interpret' runs anywhere")
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability is None or tuple(int(c) for c in str(capability).split(".")) < _MIN_CAPABILITY:
-        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
-                f"{device.device_kind!r} (compute capability {capability})")
-    return None
+    return kernel_support.triton_unavailable()
 
 
-def _resolve(impl: str, o, x, z, groups: int) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}: expected one of {IMPLS}")
-    if impl == "auto":
-        if (jax.devices()[0].device_kind in QUALIFIED_GPUS and not partitioned(o)
-                and supported(o, x, z, groups) is None):
-            return "pallas_triton"
-        return "xla"
-    if impl == "xla":
-        return impl
-    reason = supported(o, x, z, groups, interpret=impl == "pallas_triton_interpret")
-    if reason is not None:
-        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
-    if partitioned(o):
-        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
-                         "under a multi-device mesh that XLA partitions: call it inside a shard_map over the "
-                         "rows, or use impl='xla'")
-    return impl
+def resolve(impl: str, o, x, z, groups: int, *, per_device: bool = False) -> str:
+    """What `impl` names for these inputs here: "xla", "pallas_triton" or "pallas_triton_interpret" (ValueError
+    if unknown or unusable). per_device: as if called inside a shard_map over the rows (a caller deciding
+    whether to wrap the call in one); else under a mesh that XLA partitions the kernels are refused."""
+    return kernel_support.resolve_per_device(
+        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: supported(o, x, z, groups, interpret=interpret),
+        split=not per_device and partitioned(o), split_hint="call it inside a shard_map over the rows, or use "
+        "impl='xla'")
 
 
 def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtype, impl: str = "auto",
@@ -352,7 +329,7 @@ def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtyp
     """
     _check(o, x, d_skip, z, weight, groups)
     out_dtype = jnp.dtype(out_dtype)
-    impl = _resolve(impl, o, x, z, groups)
+    impl = resolve(impl, o, x, z, groups)
     if impl == "xla":
         return _xla(o, x, d_skip, z, weight, groups, eps, out_dtype)
     return _kernels(o, x, d_skip, z, weight, _Launch(groups, float(eps), out_dtype, config,
@@ -360,13 +337,5 @@ def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtyp
 
 
 def _kernels(o, x, d_skip, z, weight, launch: _Launch):
-    """The kernels' custom_vjp. Inside shard_map, D and weight are cast to vary as the rows do, so each shard's
-    gradient is its rows' sum and the transpose of the cast sums the shards (an invariant input could not take
-    the kernels' varying cotangent)."""
-    varying = jax.typeof(o).manual_axis_type.varying
-
-    def vary(a):
-        missing = tuple(varying - jax.typeof(a).manual_axis_type.varying)
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return _fused(o, x, vary(d_skip), z, vary(weight), launch)
+    """The kernels' custom_vjp, D and weight cast to vary as the rows do inside shard_map (kernel_support)."""
+    return _fused(o, x, kernel_support.vary_like(d_skip, o), z, kernel_support.vary_like(weight, o), launch)

@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lasp_jax.ops import pallas_triton, pieces, pieces_tokens
+from lasp_jax.ops import kernel_support, pallas_triton, pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
@@ -479,8 +479,7 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32), *extra_in)
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # outputs vary over x's, as check_vma needs.
-    return jax.tree.map(
-        lambda a: lax.pcast(a, tuple(jax.typeof(x).mat.varying - jax.typeof(a).mat.varying), to="varying"), out)
+    return jax.tree.map(lambda a: kernel_support.vary_like(a, x), out)
 
 
 def supported(q, k, v, interpret: bool = False) -> str | None:

@@ -53,14 +53,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import checks, pieces, pieces_tokens
+from lasp_jax.ops import checks, kernel_support, pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 # What the kernels run (interpreted, and compiled on a GPU): powers of two the Triton dots take.
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
@@ -335,12 +334,6 @@ def _precision(dtype):
     return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _out(shape, dtype, like):
-    """An output shape that varies over the same manual mesh axes as `like` (inside lasp_attention's
-    shard_map, whose check_vma needs it)."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
-
-
 def _tiles_first(spec):
     """The same block with its index map taking the grid as (tile, batch, head, piece)."""
     index_map = spec.index_map
@@ -448,7 +441,7 @@ def state_sums(x, y, rates, plan: pieces.Plan, config: Config = DEFAULT, *, reve
         [_rate_spec(), _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
          _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
         _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
-        _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        kernel_support.typed_like((b, h, plan.pieces, dim_x, dim_y), _F32, x),
         _rates(rates), x, y, config=config, interpret=interpret)
 
 
@@ -501,7 +494,7 @@ def _output(q, k, v, decay: _Decay, pieces_in, plan: pieces.Plan, config: Config
         [*decay.specs, _rows_spec(plan, dim_k, q_head, _zero), _rows_spec(plan, dim_k, k_head, _zero),
          _rows_spec(plan, bv, v_head, _same), _state_spec(dim_k, bv, _zero, _same)],
         _rows_spec(plan, bv, _same, _same),
-        _out((b, t, h, dim_v), q.dtype, q),
+        kernel_support.typed_like((b, t, h, dim_v), q.dtype, q),
         *decay.args, q, k, v, pieces_in, config=config, interpret=interpret)
 
 
@@ -523,11 +516,11 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
     tokens = decay.tokens
     call = functools.partial(_call, config=config, interpret=interpret)
     tile_k = dim_k // bk
-    row_sums = _out((b, h, tile_k, t), _F32, q)
+    row_sums = kernel_support.typed_like((b, h, tile_k, t), _F32, q)
 
     def share(x, dim):
         """Output shape of x's gradient per output head: x's dtype, or float32 shares (summed by the driver)."""
-        return _out((b, t, h, dim), x.dtype if x.shape[2] == h else _F32, q)
+        return kernel_support.typed_like((b, t, h, dim), x.dtype if x.shape[2] == h else _F32, q)
 
     dq = call(
         functools.partial(_dq_kernel, c=c, precision=precision, scale=scale, tokens=tokens), (b, h, n, tile_k),
@@ -548,7 +541,7 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
              _state_spec(dim_k, dim_v, _zero, _zero)],
             [_rows_spec(plan, dim_k, _same, _zero), _rows_spec(plan, dim_v, _same, _zero)]
             + ([_row_sums_spec(plan, _zero)] if tokens else []),
-            [dk_shape, dv_shape] + ([_out((b, h, 1, t), _F32, q)] if tokens else []),
+            [dk_shape, dv_shape] + ([kernel_support.typed_like((b, h, 1, t), _F32, q)] if tokens else []),
             *decay.args, q, k, v, do, pieces_out)
         dk, dv = outs[:2]
         kdk = outs[2] if tokens else None
@@ -587,7 +580,7 @@ def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: 
          _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
          _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
         _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
-        _out((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        kernel_support.typed_like((b, h, plan.pieces, dim_x, dim_y), _F32, x),
         w, x, y, config=config, interpret=interpret)
 
 
@@ -607,15 +600,7 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
             return f"head dim {name}={d} is not one of {HEAD_DIMS}"
     if interpret:
         return None
-    if jax.default_backend() != "gpu":
-        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
-                "impl 'pallas_triton_interpret' runs anywhere")
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability is None or tuple(int(x) for x in str(capability).split(".")) < _MIN_CAPABILITY:
-        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
-                f"{device.device_kind!r} (compute capability {capability})")
-    return None
+    return kernel_support.triton_unavailable()
 
 
 @dataclasses.dataclass(frozen=True)

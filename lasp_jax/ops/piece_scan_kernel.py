@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops import kernel_support
 
 _F32 = jnp.float32
 TARGET_PROGRAMS = 256  # programs per launch the default tile aims at (an H200 has 132 SMs)
@@ -118,7 +119,7 @@ def scan(sums, decays, *, reverse: bool, interpret: bool, block: int | None = No
         zero = jnp.zeros(sums.shape, _F32)
         return (zero, sums[:, :, 0].astype(_F32)) + ((jnp.zeros((b, h, 1), _F32),) if against is not None else ())
     tiles = dk // block
-    typed = lambda shape: jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=jax.typeof(sums).manual_axis_type)
+    typed = lambda shape: kernel_support.typed_like(shape, _F32, sums)  # noqa: E731
     states = pl.BlockSpec((None, None, n, block, dv), lambda i, j, r: (i, j, 0, r, 0))
     dots = against is not None
     got = pl.pallas_call(

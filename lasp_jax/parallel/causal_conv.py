@@ -16,8 +16,9 @@ not floats: XLA may convert a float carrier (XLA:CPU moves bf16 as f32), which n
 read as NaNs or subnormals. Autodiff cannot see through the bytes, so a custom_vjp sends the halo's gradient back
 with one ppermute r+1 -> r.
 
-Activation: activation="silu" applies SiLU to the float32 sum before the one rounding to x's dtype (Mamba-2
-applies it at once; fused, the backward recomputes its input rather than saving y).
+Activation: activation="silu" applies SiLU to the float32 sum before the one rounding to x's dtype (fused in the
+kernels, whose backward recomputes its input rather than saving y). Mamba-2 applies SiLU itself, after rounding:
+through XLA that order was the faster on an H200 (benchmarks/results/conv_gpu_h200_s10.md).
 
 Implementations (`impl`): "xla" is the formula above as shifted slices (XLA fuses it; autodiff gives the
 backward). "pallas_triton" runs lasp_jax.ops.causal_conv_kernel's fused forward and backward kernels (compiled,
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import causal_conv_kernel, checks, placement
+from lasp_jax.ops import causal_conv_kernel, checks, kernel_support, placement
 from lasp_jax.ops.impls import partitioned
 from lasp_jax.parallel import layout
 
@@ -56,24 +57,10 @@ def _resolve(impl: str, activation, x, *, per_device: bool) -> str:
     per_device: the call runs inside shard_map (else under a partitioned mesh the kernels are refused)."""
     if activation not in causal_conv_kernel.ACTIVATIONS:
         raise ValueError(f"activation must be one of {causal_conv_kernel.ACTIVATIONS}, got {activation!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}: expected one of {IMPLS}")
-    split = not per_device and partitioned(x)
-    if impl == "auto":
-        if (jax.devices()[0].device_kind in QUALIFIED_GPUS and not split
-                and causal_conv_kernel.supported(x) is None):
-            return "pallas_triton"
-        return "xla"
-    if impl == "xla":
-        return impl
-    reason = causal_conv_kernel.supported(x, interpret=impl == "pallas_triton_interpret")
-    if reason is not None:
-        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
-    if split:
-        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
-                         "under a multi-device mesh that XLA partitions: use sharded_causal_conv1d (it runs the "
-                         "kernels per device inside shard_map), or impl='xla'")
-    return impl
+    return kernel_support.resolve_per_device(
+        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: causal_conv_kernel.supported(x, interpret=interpret),
+        split=not per_device and partitioned(x), split_hint="use sharded_causal_conv1d (it runs the kernels per "
+        "device inside shard_map), or impl='xla'")
 
 
 def _check_inputs(x, weight, bias, segment_ids):

@@ -88,10 +88,21 @@ def _on_mesh(cfg, state, mesh):
 
 @pytest.mark.parametrize("name,shape,explicit,strategy,remat,param_axis", CASES)
 def test_mesh_equals_one_device(name, shape, explicit, strategy, remat, param_axis):
+    _check_mesh(name, shape, explicit, strategy=strategy, remat=remat, param_axis=param_axis)
+
+
+def test_fused_norm_on_a_mesh_equals_one_device():
+    """The gated norm's kernels (interpreted) run per device inside the model's shard_map (models.sharding.
+    per_device): the same as the one-device "xla" model, every gradient included (D's and the norm weight's
+    summed over the shards)."""
+    _check_mesh("mamba2-tiny", (2, 2), True, param_axis=FSDP, mamba2_impl="pallas_triton_interpret")
+
+
+def _check_mesh(name, shape, explicit, param_axis, **changes):
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
-        graphdef, sstate = _on_mesh(cfg.replace(strategy=strategy, remat=remat, param_axis=param_axis), state, mesh)
+        graphdef, sstate = _on_mesh(cfg.replace(param_axis=param_axis, **changes), state, mesh)
         if param_axis == FSDP:  # the in-projection split over all four devices
             kernel = sstate["blocks"][0]["mixer"]["in_proj"]["kernel"][...]
             assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size

@@ -243,7 +243,7 @@ def test_auto_takes_the_kernels_only_where_qualified(monkeypatch):
     """"auto" consults QUALIFIED_GPUS by device kind: "xla" unless this device's kind is listed, and then still
     "xla" where the kernels cannot run the inputs (supported's reason) or the call is partitioned by XLA."""
     args = _args()
-    resolve = lambda **a: gated_norm._resolve("auto", a["o"], a["x"], a["z"], 1)
+    resolve = lambda **a: gated_norm.resolve("auto", a["o"], a["x"], a["z"], 1)
     monkeypatch.setattr(gated_norm, "supported", lambda *a, **k: None)
     assert resolve(**args) == "xla"
     monkeypatch.setattr(gated_norm, "QUALIFIED_GPUS", (jax.devices()[0].device_kind,))

@@ -37,8 +37,9 @@ STARTS = [5, 16, 17, 24, 40]
 # the two sums straddle a rounding boundary (y's norm error up to 1.3e-4); every element stays within one ulp
 # (`_ulps`: worst 0.79 ulp); dweight and dbias are float32 sums (F32_TOL).
 F32_TOL = 7e-7
-# The GPU test at T = 65536: the float32 sums of dweight and dbias run over 65536 rows in other orders.
-GPU_SUM_TOL = 1e-5
+# The GPU test at T = 65536: the float32 sums of dweight and dbias run over 65536 rows in other orders; on an H200
+# dweight's error at this shape was 1.9e-7 (benchmarks/results/conv_gpu_h200_s10.md; dbias not measured there).
+GPU_SUM_TOL = 6e-7
 
 
 def _ulps(a, ref) -> float:

@@ -1,0 +1,69 @@
+"""What the Pallas kernel modules share: whether a compiled Triton kernel can run on this device, outputs typed
+like their inputs and inputs cast to vary as the rows do inside shard_map, and how a per-device kernel's
+`impl=` resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv).
+
+Inside shard_map (check_vma) an array carries the manual axes it varies over: a kernel's outputs must declare
+the ones its rows vary over, and a replicated input that meets those rows (a weight) is cast to vary too, so its
+gradient comes back as one sum over the shards (the transpose of the cast) instead of a varying cotangent for an
+invariant input, which custom_vjp refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax import lax
+
+MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
+
+
+def triton_unavailable() -> str | None:
+    """None when a compiled Pallas Triton kernel can run here (a CUDA GPU of compute capability >= 8.0), else
+    the reason, naming the interpreted impl that runs anywhere."""
+    if jax.default_backend() != "gpu":
+        return (f"the Triton lowering needs a CUDA GPU (backend here: {jax.default_backend()}); "
+                "impl 'pallas_triton_interpret' runs anywhere")
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability is None or tuple(int(c) for c in str(capability).split(".")) < MIN_CAPABILITY:
+        return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
+                f"{device.device_kind!r} (compute capability {capability})")
+    return None
+
+
+def typed_like(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A kernel output's type: shape and dtype, varying over `like`'s manual axes."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def vary_like(a, like):
+    """a cast to vary over the manual axes `like` varies over and a does not (a itself where none)."""
+    missing = tuple(jax.typeof(like).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying)
+    return lax.pcast(a, missing, to="varying") if missing else a
+
+
+def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: tuple[str, ...],
+                       supported: Callable[[bool], str | None], split: bool, split_hint: str) -> str:
+    """The impl a per-device kernel's `impl=` names: "xla", "pallas_triton" or "pallas_triton_interpret".
+
+    "auto" takes the compiled kernels on a device kind in `qualified` when `supported(False)` (a reason or None)
+    has none and the call is not `split` (under a mesh that XLA partitions); "xla" otherwise. A kernel named
+    outright that cannot run, or a split call (the kernels have no sharding rule), is a ValueError;
+    `split_hint` says what to do instead.
+    """
+    if impl not in impls:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {impls}")
+    if impl == "auto":
+        if jax.devices()[0].device_kind in qualified and not split and supported(False) is None:
+            return "pallas_triton"
+        return "xla"
+    if impl == "xla":
+        return impl
+    reason = supported(impl == "pallas_triton_interpret")
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
+    if split:
+        raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
+                         f"under a multi-device mesh that XLA partitions: {split_hint}")
+    return impl
