@@ -45,11 +45,7 @@ def inputs(b, t, c, w, docs, dtype, seed=0):
     bias = jax.random.uniform(keys[3], (c,), jnp.float32, -bound, bound)
     if docs <= 1:
         return (x, weight, bias, dy), None
-    rng = np.random.default_rng(seed)
-    starts = np.zeros((b, t), np.int32)
-    for row in starts:
-        row[rng.choice(np.arange(1, t), docs - 1, replace=False)] = 1
-    return (x, weight, bias, dy), jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+    return (x, weight, bias, dy), jnp.asarray(measure.random_documents(np.random.default_rng(seed), b, t, docs))
 
 
 def parse_config(text: str) -> causal_conv_kernel.Config:

@@ -102,12 +102,16 @@ def decay_inputs(shape: Shape, mode: str, seed: int = 0):
         return np.asarray(lasp_jax.ops.tnl_slopes(h), np.float32), None
     rng = np.random.default_rng(seed + 1)
     rates = rng.uniform(0.001, 0.1, (b, t, h)).astype(np.float32)
-    if not docs:
-        return rates, None
-    ids = np.zeros((b, t), np.int32)
-    for row in ids:
-        row[np.sort(rng.choice(np.arange(1, t), int(docs) - 1, replace=False))] = 1
-    return rates, np.cumsum(ids, axis=1, dtype=np.int32)
+    return rates, (random_documents(rng, b, t, int(docs)) if docs else None)
+
+
+def random_documents(rng: np.random.Generator, b: int, t: int, docs: int) -> np.ndarray:
+    """[B, T] int32 segment ids: each row cut into `docs` documents at docs - 1 distinct positions in [1, T) drawn
+    from rng (the ids count the starts before each position)."""
+    starts = np.zeros((b, t), np.int32)
+    for row in starts:
+        row[rng.choice(np.arange(1, t), docs - 1, replace=False)] = 1
+    return np.cumsum(starts, axis=1, dtype=np.int32)
 
 
 def fwd_and_fwd_bwd(attend, grad_operands: int = 0):

@@ -49,11 +49,7 @@ def inputs(b, t, h, hkv, d, docs, dtype, seed=0):
     q, k, v, do = (jax.random.normal(key, s, jnp.float32).astype(dtype) for key, s in zip(keys, shapes))
     if docs <= 1:
         return (q, k, v, do), None
-    rng = np.random.default_rng(seed)
-    starts = np.zeros((b, t), np.int32)
-    for row in starts:
-        row[rng.choice(np.arange(1, t), docs - 1, replace=False)] = 1
-    return (q, k, v, do), jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+    return (q, k, v, do), jnp.asarray(measure.random_documents(np.random.default_rng(seed), b, t, docs))
 
 
 def attend_fn(impl):
