@@ -42,6 +42,18 @@ TOL = {jnp.float32: F32_TOL, jnp.bfloat16: BF16_TOL}
 _dense_o = jax.jit(lambda q, k, v, rates, s0=None: reference.dense(q, k, v, rates, s0)[0])
 
 
+@functools.partial(jax.jit, static_argnames="scale")
+def _dense_loss_grads(q, k, v, s0, rates, w_o, w_s, scale):
+    """The contract's loss sum(o w_o) + sum(final w_s) under reference.dense: ((o, final), (dq, dk, dv, ds0)),
+    float32. Module-level, so one compile per case's shapes serves every impl and dtype."""
+    def loss(q, k, v, s0):
+        o, final = reference.dense(q * scale, k, v, rates, s0)
+        return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, s0)
+    return out, grads
+
+
 def _contract_params():
     """(impl, case, dtype) wherever the impl's supported() takes the case: no skipped tests, no silent gaps."""
     for impl in IMPLS:
@@ -73,13 +85,11 @@ def test_contract_matches_reference(impl, case, dtype, rng):
 
     ours = lambda q, k, v, s0: lasp_jax.linear_attention(q, k, v, s, scale=scale, initial_state=s0,
                                                          return_final_state=True, impl=impl)
-    s_ref = jnp.zeros((h,)) if s is None else s
-    dense = lambda q, k, v, s0: reference.dense(q * scale, k, v, s_ref, s0)
     (_, (o, final)), grads = jax.jit(jax.value_and_grad(
         functools.partial(loss, ours), argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, s0)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (_, (o_ref, final_ref)), grads_ref = jax.jit(jax.value_and_grad(
-        functools.partial(loss, dense), argnums=(0, 1, 2, 3), has_aux=True))(*f32, s0)
+    s_ref = jnp.zeros((h,)) if s is None else s
+    (o_ref, final_ref), grads_ref = _dense_loss_grads(*f32, s0, s_ref, w_o, w_s, scale)
     assert o.dtype == q.dtype and o.shape == (b, t, h, dv)
     assert final.dtype == jnp.float32
     got = {"o": o, "final_state": final, **dict(zip(["dq", "dk", "dv", "d_initial_state"], grads))}
