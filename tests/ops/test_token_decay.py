@@ -65,9 +65,15 @@ def _loss_and_grads(attend, q, k, v, rates, s0, w_o, w_s):
 def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
     with jax.enable_x64(True):
         f64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, rates, s0, w_o, w_s)]
-        attend = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
-        # jitted: one compile per shape; eager, the float64 autodiff dispatched op by op cost most of the test.
-        return {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, attend))(*f64).items()}
+        return {n: np.asarray(x) for n, x in _oracle_f64(*f64, ids, scale).items()}
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _oracle_f64(q, k, v, rates, s0, w_o, w_s, ids, scale):
+    """_loss_and_grads of reference.dense_tokens, float64 under jax.enable_x64. One jit at module level: one
+    compile per case's shapes, shared by the impls tested on it (eager, the autodiff dispatched op by op)."""
+    attend = lambda q, k, v, rates, s0: reference.dense_tokens(q, k, v, rates, ids, s0, scale)
+    return _loss_and_grads(attend, q, k, v, rates, s0, w_o, w_s)
 
 
 # xla on every case; the reference's per-token path (dense) on the documents and the steep row.
