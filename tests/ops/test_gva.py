@@ -50,23 +50,24 @@ def _inputs(rng, b, t, heads, dk=8, dv=6, per_token=True):
 
 def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
     """float64 o, final state and gradients of q, k, v (per input head), the rates and s0 over repeated heads."""
-    h = max(q.shape[2], v.shape[2])
     with jax.enable_x64(True):
-        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, rates, s0)]
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, rates, s0, w_o, w_s)]
+        return {n: np.asarray(x) for n, x in _oracle_f64(*f64, ids, scale).items()}
 
-        def loss(q, k, v, rates, s0):
-            q, k, v = (_repeated(x, h) for x in (q, k, v))
-            if rates.ndim == 3:
-                o, final = reference.dense_tokens(q, k, v, rates, ids, s0, scale)
-            else:
-                o, final = reference.dense(q, k, v, rates, s0, scale)
-            return jnp.sum(o * np.asarray(w_o)) + jnp.sum(final * np.asarray(w_s)), (o, final)
 
-        # jitted: eager, the float64 autodiff dispatched op by op cost most of each test.
-        (_, (o, final)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*f64)
-        names = ["dq", "dk", "dv", "d_rates", "d_initial_state"]
-        return {"o": np.asarray(o), "final_state": np.asarray(final), **{n: np.asarray(g) for n, g in
-                                                                         zip(names, grads)}}
+@functools.partial(jax.jit, static_argnames="scale")
+def _oracle_f64(q, k, v, rates, s0, w_o, w_s, ids, scale):
+    """_oracle's math under jax.enable_x64. One jit at module level: one compile per shape, shared by the tests
+    on the same shapes (the lasp strategies, an impl's cases); eager, the autodiff dispatched op by op."""
+    h = max(q.shape[2], v.shape[2])
+
+    def attend(q, k, v, rates, s0):
+        q, k, v = (_repeated(x, h) for x in (q, k, v))
+        if rates.ndim == 3:
+            return reference.dense_tokens(q, k, v, rates, ids, s0, scale)
+        return reference.dense(q, k, v, rates, s0, scale)
+
+    return _loss_and_grads(attend, q, k, v, rates, s0, w_o, w_s)
 
 
 # name: ((Hq, Hk, Hv), per-token rates and documents (else constant [H] rates), impl).
