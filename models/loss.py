@@ -4,13 +4,12 @@ Each device walks its own positions in chunks of c (a lax.map); a chunk's logits
 (matmul accumulated in fp32), reduced to sum_p w_p (logsumexp_p - logit_p[target_p]), and dropped; the chunk
 is rematerialised in the backward (jax.checkpoint), so peak memory is one chunk's logits, not T's.
 Backward numerics (`_logits`): the logits' cotangent (softmax - one-hot, times the position's weight over the
-count) is cast to the compute
-dtype before its two products, which accumulate in fp32, as the forward's: left to autodiff, an fp32 cotangent
-times a bf16 head runs both as fp32 (TF32) GEMMs, about twice the time (92 ms of a 1.9 s Mamba-2 1.3B step
-on an H200). The head enters each chunk in its own dtype (fp32 master weights) and is cast inside, so its
-gradient sums over the chunks in fp32, not in the compute dtype. On a mesh
-the walk runs per shard inside a shard_map over the batch and seq axes (the LM head all-gathered, as ZeRO-3
-does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask positions with weights.
+count) is cast to the compute dtype before its two products, which accumulate in fp32, as the forward's: left to
+autodiff, an fp32 cotangent times a bf16 head runs both as fp32 (TF32) GEMMs, about twice the time (92 ms of a
+1.9 s Mamba-2 1.3B step on an H200). The products read one copy of the head cast to the compute dtype before the
+chunks; the gradient goes to the head itself (fp32 master weights), so it sums over the chunks in fp32, not in the
+compute dtype. On a mesh the walk runs per shard inside a shard_map over the batch and seq axes (the LM head
+all-gathered, as ZeRO-3 does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask positions with weights.
 """
 
 from __future__ import annotations
@@ -38,23 +37,24 @@ def _dims(vocab_major: bool):
     return (((2,), (1,)), ((), ())) if vocab_major else (((2,), (0,)), ((), ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits(hc, w, vocab_major: bool):
-    """hc [B, c, D] (compute dtype) times the head w (any float dtype, cast to hc's) -> fp32 logits [B, c, V]."""
-    return jax.lax.dot_general(hc, w.astype(hc.dtype), _dims(vocab_major), preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logits(hc, wc, w, vocab_major: bool):
+    """hc [B, c, D] times the head -> fp32 logits [B, c, V]. wc: the head in hc's dtype (cast once, outside the
+    chunks), for the products; w: the head itself, which takes the gradient (in its own dtype)."""
+    return jax.lax.dot_general(hc, wc, _dims(vocab_major), preferred_element_type=jnp.float32)
 
 
-def _logits_fwd(hc, w, vocab_major):
-    return _logits(hc, w, vocab_major), (hc, w)
+def _logits_fwd(hc, wc, w, vocab_major):
+    return _logits(hc, wc, w, vocab_major), (hc, wc, w)
 
 
 def _logits_bwd(vocab_major, res, ct):
-    hc, w = res
+    hc, wc, w = res
     g = ct.astype(hc.dtype)  # [B, c, V]
-    dh = jax.lax.dot_general(g, w.astype(hc.dtype), (((2,), (0,) if vocab_major else (1,)), ((), ())),
+    dh = jax.lax.dot_general(g, wc, (((2,), (0,) if vocab_major else (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
     dw = jnp.einsum("bcv,bcd->vd" if vocab_major else "bcv,bcd->dv", g, hc, preferred_element_type=jnp.float32)
-    return dh.astype(hc.dtype), dw.astype(w.dtype)
+    return dh.astype(hc.dtype), None, dw.astype(w.dtype)  # wc's gradient is w's
 
 
 _logits.defvjp(_logits_fwd, _logits_bwd)
@@ -66,10 +66,11 @@ def _local_sums(h, w, targets, weights, *, chunk, vocab_major):
     c = chunk_size(length, chunk)
     n = length // c
     to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+    w_compute = jax.lax.stop_gradient(w.astype(h.dtype))  # one cast for every chunk, forward and backward
 
     @jax.checkpoint
     def chunk_loss(hc, tc, wc):
-        logits = _logits(hc, w, vocab_major)  # [B, c, V] fp32
+        logits = _logits(hc, w_compute, w, vocab_major)  # [B, c, V] fp32
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - target_logit) * wc)
