@@ -9,7 +9,8 @@ autodiff, an fp32 cotangent times a bf16 head runs both as fp32 (TF32) GEMMs, ab
 1.9 s Mamba-2 1.3B step on an H200). The products read one copy of the head cast to the compute dtype before the
 chunks; the gradient goes to the head itself (fp32 master weights), so it sums over the chunks in fp32, not in the
 compute dtype. On a mesh the walk runs per shard inside a shard_map over the batch and seq axes (the LM head
-all-gathered, as ZeRO-3 does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask positions with weights.
+all-gathered, as ZeRO-3 does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask
+positions with weights.
 """
 
 from __future__ import annotations
