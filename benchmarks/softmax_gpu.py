@@ -1,15 +1,10 @@
-"""The hybrids' softmax attention on one GPU: lasp_jax's blockwise XLA loop against cuDNN's fused flash attention
-(jax.nn.dot_product_attention, implementation="cudnn"), causal, with and without packed documents; forward and
-forward+backward, bf16. It decides what causal_softmax_attention's impl="auto" takes (lasp_jax/ops/softmax.py):
-cuDNN without documents; with documents cuDNN needs a dense [B, 1, T, T] mask (an additive bf16 bias inside
-jax), so auto keeps them blockwise unless these rows show cuDNN with the mask winning on time and memory.
+"""The hybrids' softmax attention on one GPU: lasp_jax's blockwise XLA loop against cuDNN's fused flash attention,
+causal, with and without packed documents; forward and forward+backward, bf16. It decides what
+causal_softmax_attention's impl="auto" takes (lasp_jax/ops/softmax.py): impl="cudnn" is cuDNN's own causal mask
+without documents and, with documents from key 0, the packed layout on Hopper (a dense mask before it).
 
     python3 -m benchmarks.softmax_gpu [--lengths 8192,16384,32768,65536] [--batch 1] [--heads 16] [--kv-heads 4]
-        [--head-dim 128] [--docs 8] [--impls blockwise,cudnn,cudnn_packed] [--iters 5] [--reps 3] [--out DIR]
-
-Contenders: blockwise and cudnn are causal_softmax_attention's impls (cudnn: a dense mask for documents);
-cudnn_packed is cuDNN with the documents as packed segments through jax's private fused-attention entry point
-(no dense mask), measured to see whether that private API would be worth it.
+        [--head-dim 128] [--docs 8] [--impls blockwise,cudnn] [--iters 5] [--reps 3] [--out DIR]
 
 Shape: the tnl-1b-hybrid softmax layer (16 query heads, 4 K/V heads, head dim 128) by default. Inputs: q, k, v,
 dO standard normals rounded to bf16, scale d^-0.5; documents: --docs per row at random starts (the same in every
@@ -53,47 +48,16 @@ def inputs(b, t, h, hkv, d, docs, dtype, seed=0):
 
 
 def attend_fn(impl):
-    """attend(q, k, v, *operands) -> o for one contender; see `operands_of` for what each takes."""
-    if impl == "cudnn_packed":
-        return _cudnn_packed
-
+    """attend(q, k, v, *ids) -> o for one contender (causal_softmax_attention's impl)."""
     def attend(q, k, v, *ids):
         return causal_softmax_attention(q, k, v, segment_ids=ids[0] if ids else None, impl=impl)
     return attend
 
 
-def operands_of(impl, ids):
-    """The contender's extra arguments: the segment ids, or for cudnn_packed the documents' lengths [B, M] and
-    starts [B, M + 1] (M documents per row, as the private API takes them; every row has M here)."""
-    if ids is None:
-        return ()
-    if impl != "cudnn_packed":
-        return (ids,)
-    ids = np.asarray(ids)
-    starts = [np.flatnonzero(np.diff(row, prepend=-1)) for row in ids]
-    lengths = [np.diff(np.append(st, ids.shape[1])) for st in starts]
-    offsets = [np.append(st, -1) for st in starts]
-    return jnp.asarray(np.stack(lengths), jnp.int32), jnp.asarray(np.stack(offsets), jnp.int32)
-
-
-def _cudnn_packed(q, k, v, *packed):
-    """cuDNN with each document as a packed segment (no dense mask): jax's private fused-attention entry point
-    (jax._src.cudnn, q_offsets / kv_offsets), which jax.nn.dot_product_attention does not expose. Measured here
-    to see whether it is worth depending on a private API."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
-
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    if not packed:
-        return dot_product_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
-    lengths, offsets = packed
-    return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                 kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
-
-
 def measure_one(impl, tensors, ids, reference, iters, reps):
     """{fwd_ms, fwd_bwd_ms, temp_gib, errors} of one contender, or {error} where it fails."""
     q, k, v, do = tensors
-    operands = operands_of(impl, ids)
+    operands = () if ids is None else (ids,)
     fwd, fwd_bwd = measure.fwd_and_fwd_bwd(attend_fn(impl))
     try:
         compiled = fwd_bwd.lower(q, k, v, do, *operands).compile()
@@ -134,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--docs", type=int, default=8, help="documents per row in the packed case")
-    p.add_argument("--impls", default="blockwise,cudnn,cudnn_packed")
+    p.add_argument("--impls", default="blockwise,cudnn")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--reps", type=int, default=3)

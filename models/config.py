@@ -110,7 +110,7 @@ class ModelConfig:
     strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
     attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
     # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm): the fused Pallas Triton kernels, run per device, or XLA's
-    # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (none yet), else xla
+    # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (the H200), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
 
     def __post_init__(self):

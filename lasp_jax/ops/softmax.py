@@ -9,9 +9,14 @@ positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.paralle
 cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
 
 cuDNN (impl="cudnn", or "auto" where it applies: a qualified GPU, bf16/fp16, one device's call): its own causal
-mask where queries sit at positions 0..L-1 of L keys; with documents or a global q_offset a dense [B, 1, L, S]
-boolean mask, which cuDNN reads as an additive bias of L * S elements per row (jax.nn.dot_product_attention has
-no packed-document form), so "auto" takes that form only while B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
+mask where queries sit at positions 0..L-1 of L keys. Documents with those queries take cuDNN's packed layout on
+Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
+attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
+documents; a row with more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents takes the
+blockwise loop instead, chosen on the device (same values).
+A global q_offset (LASP-2H's ranks), or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
+cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only while
+B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
 B = 1, 16 query / 4 K/V heads of 128, benchmarks/results/softmax_gpu_h200_s9.md) forward+backward took: causal
 8K 2.0 ms cuDNN against 69.4 ms blockwise, 32K 28.4 against 1056; 8 documents with the dense mask 8K 6.4 against
 49.6, 32K 100.5 against 703 (XLA temporaries 2.5 GiB against 0.75 GiB).
@@ -43,6 +48,13 @@ CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 # cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
 # blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
 DENSE_MASK_MAX = 2**30
+# Documents per row in the packed layout's static tables (packed_slots): each slot is a batch entry of cuDNN's
+# grid whose backward keeps an fp32 dQ accumulator of the full length, measured as 2 x slots x B x T x H x D x 4
+# bytes of XLA temporaries (benchmarks/results/softmax_gpu_h200_s9.md: 1.01 GiB at T = 8K, 4.03 GiB at 32K, 8
+# slots, H x D = 2048), so the slots are as many as PACKED_WORKSPACE_MAX allows, at most PACKED_MAX_DOCUMENTS.
+# A row with more documents takes the blockwise loop (slower, never a wrong mask).
+PACKED_MAX_DOCUMENTS = 64
+PACKED_WORKSPACE_MAX = 16 * 2**30
 
 
 def check_inputs(q, k, v):
@@ -86,11 +98,12 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
       block_q, block_k: blockwise block sizes (lengths that do not divide are padded with masked positions).
       impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention through
         jax.nn.dot_product_attention: a GPU, bf16/fp16 q, k, v of one dtype, else a ValueError; documents and a
-        global q_offset as a dense [B, 1, L, S] mask) or "auto": cudnn where it applies (a GPU in
-        CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, one device's call: no ambient mesh of several devices unless
-        inside a shard_map over all its axes; head dims a multiple of 8 up to 256; and no dense mask needed
-        (no segment_ids, q_offset the int 0, L = S) or B * L * S <= DENSE_MASK_MAX with L and S even),
-        blockwise otherwise.
+        global q_offset as a dense [B, 1, L, S] mask, except documents from key 0 on Hopper or later: the packed
+        layout) or "auto": cudnn where it applies (a GPU in CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, one
+        device's call: no ambient mesh of several devices unless inside a shard_map over all its axes; head dims
+        a multiple of 8 up to 256; and no dense mask needed (q_offset the int 0 and L = S, without segment_ids
+        or with them on Hopper or later) or B * L * S <= DENSE_MASK_MAX with L and S even), blockwise
+        otherwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -102,9 +115,10 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     docs = None if ids is None else document_numbers(ids)
     if impl == "auto":
         impl = "cudnn" if _cudnn_applies(q, k, v, docs, q_offset) else "blockwise"
+    blockwise = functools.partial(_blockwise, block_q=block_q, block_k=block_k)
     if impl == "cudnn":
-        return _cudnn(q, k, v, docs, q_offset, scale)
-    return _blockwise(q, k, v, docs, q_offset, scale, block_q, block_k)
+        return _cudnn(q, k, v, docs, q_offset, scale, blockwise)
+    return blockwise(q, k, v, docs, q_offset, scale)
 
 
 def document_numbers(ids: jax.Array) -> jax.Array:
@@ -121,7 +135,7 @@ def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     decoding step (L = 1) keeps the blockwise loop."""
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
-    aligned = docs is None and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    aligned = _aligned(q, k, q_offset) and (docs is None or _packed_applies(q, k, v))
     small_even_mask = (q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
                        and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
     dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
@@ -130,14 +144,32 @@ def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
             and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
 
 
-def _cudnn(q, k, v, docs, q_offset, scale):
-    """jax.nn.dot_product_attention(implementation="cudnn"): its causal mask where queries start at key 0, a
-    dense [B, 1, L, S] mask (global causal positions, documents) otherwise."""
+def _aligned(q, k, q_offset) -> bool:
+    """Queries at key positions 0..L-1 of L keys: cuDNN's own causal mask (top-left) is the right one."""
+    return isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+
+
+def _packed_applies(q, k, v) -> bool:
+    """cuDNN's packed layout runs on Hopper or later (jax's check_is_flash_attention), and its element offsets
+    (position x heads x head dim) are int32."""
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return (tuple(int(x) for x in capability.split(".")) >= (9, 0)
+            and all(math.prod(x.shape) < 2**31 for x in (q, k, v)))
+
+
+def _cudnn(q, k, v, docs, q_offset, scale, blockwise):
+    """jax.nn.dot_product_attention(implementation="cudnn"): its causal mask where queries start at key 0, the
+    packed layout for documents there (Hopper or later), a dense [B, 1, L, S] mask (global causal positions,
+    documents) otherwise."""
     if q.dtype not in _CUDNN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"impl='cudnn' takes bfloat16 or float16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     length, s_len = q.shape[1], k.shape[1]
-    aligned = isinstance(q_offset, int) and q_offset == 0 and length == s_len
+    aligned = _aligned(q, k, q_offset)
+    if docs is not None and aligned and _packed_applies(q, k, v):
+        return jax.lax.cond(jnp.max(docs[:, -1]) < packed_slots(q),
+                            lambda q, k, v, docs: _packed(q, k, v, docs, scale),
+                            lambda q, k, v, docs: blockwise(q, k, v, docs, 0, scale), q, k, v, docs)
     mask = None
     if docs is not None or not aligned:
         rows = q_offset + jnp.arange(length)
@@ -147,6 +179,36 @@ def _cudnn(q, k, v, docs, q_offset, scale):
             mask = mask & (q_docs[:, None, :, None] == docs[:, None, None, :])
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                         is_causal=mask is None, implementation="cudnn")
+
+
+def packed_tables(docs: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
+    """Document numbers [B, S] (0, 1, ... nondecreasing, document_numbers) -> (lengths [B, M], starts [B, M + 1])
+    int32, M = max_documents: document m of row b covers positions starts[b, m] .. + lengths[b, m] - 1; slots
+    past a row's documents hold -1 (jax's cuDNN attention's packed-layout convention). Rows with more than M
+    documents are the caller's to refuse."""
+    slots = jnp.arange(max_documents + 1, dtype=jnp.int32)
+    first = jax.vmap(lambda row: jnp.searchsorted(row, slots, side="left"))(docs).astype(jnp.int32)
+    used = slots[None, :] <= docs[:, -1:]  # [B, M + 1]: slot m holds a document of the row
+    lengths = jnp.where(used[:, :-1], first[:, 1:] - first[:, :-1], -1)
+    return lengths, jnp.where(used, first, -1)
+
+
+def packed_slots(q) -> int:
+    """Documents per row the packed layout takes for q [B, T, H, D]: see PACKED_WORKSPACE_MAX."""
+    return max(1, min(PACKED_MAX_DOCUMENTS, PACKED_WORKSPACE_MAX // (8 * math.prod(q.shape))))
+
+
+def _packed(q, k, v, docs, scale):
+    """cuDNN flash attention over each row's documents, causal inside each (the packed layout's
+    PADDING_CAUSAL), at most packed_slots(q) per row. jax.nn.dot_product_attention takes no document
+    tables, so this calls the jax module behind it (pinned jax 0.11.2; tests/models/test_documents.py's GPU
+    test checks it against the blockwise loop)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    lengths, starts = packed_tables(docs, packed_slots(q))
+    return cudnn_attention.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts, scale=scale,
+        mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
 def _blockwise(q, k, v, docs, q_offset, scale, block_q, block_k):

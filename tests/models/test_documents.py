@@ -149,14 +149,18 @@ def test_bad_segment_ids_are_refused(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("docs", [False, True], ids=["causal", "documents"])
+@pytest.mark.parametrize("docs", [0, 0.02, 0.5], ids=["causal", "documents", "more_than_packed_max"])
 def test_cudnn_matches_blockwise(docs, rng):
     """impl="cudnn" (bf16) against the blockwise path on the fp32-upcast inputs: the output and dq, dk, dv, for
-    queries from position 0 and from a global offset (LASP-2H's case, a dense mask); "auto" takes cudnn where
-    this GPU is in CUDNN_QUALIFIED_GPUS (these shapes' dense mask is under softmax.DENSE_MASK_MAX), else blockwise."""
+    queries from position 0 (documents: the packed layout on Hopper, and past softmax.packed_slots(q) per row
+    the blockwise branch it falls back to) and from a global offset (LASP-2H's case, a dense mask); "auto"
+    takes cudnn where this GPU is in CUDNN_QUALIFIED_GPUS (these shapes' dense mask is under
+    softmax.DENSE_MASK_MAX), else blockwise. docs: the chance that a position starts a document."""
     q, k, v = qkv(rng, 2, 256, 8, 2, 64, 64, dtype=jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    ids = jnp.asarray(np.cumsum(rng.uniform(size=(2, 256)) < 0.02, axis=1), jnp.int32) if docs else None
+    ids = jnp.asarray(np.cumsum(rng.uniform(size=(2, 256)) < docs, axis=1), jnp.int32) if docs else None
+    if docs == 0.5:
+        assert int(ids[:, -1].max()) >= softmax.packed_slots(q)
 
     def grads(impl, q, k, v, offset=0):
         def loss(q, k, v):

@@ -68,3 +68,73 @@ def test_auto_takes_cudnn_only_for_shapes_it_trains(monkeypatch):
     assert not applies(32768, 65536, docs=True)  # B * L * S above DENSE_MASK_MAX
     assert not applies(1024, 1024, d=12) and not applies(1024, 1024, d=512)
     assert not applies(1024, 1024, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("capability, packed", [("9.0", True), ("8.0", False)], ids=["hopper", "ampere"])
+def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch, capability, packed):
+    """Documents with queries from key 0 need no dense mask on Hopper (cuDNN's packed layout), so "auto" takes
+    cuDNN at any length there; before Hopper only while the dense mask is small. A global q_offset still needs
+    the mask, and so do element offsets past int32."""
+    gpu = type("Gpu", (), {"device_kind": softmax.CUDNN_QUALIFIED_GPUS[0], "compute_capability": capability})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+
+    def applies(b, length, keys, q_offset=0, heads=4):
+        q = jax.ShapeDtypeStruct((b, length, heads, 128), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((b, keys, 2, 128), jnp.bfloat16)
+        return softmax._cudnn_applies(q, k, k, jnp.zeros((b, keys), jnp.int32), q_offset)
+
+    assert applies(1, 65536, 65536) == packed
+    assert applies(1, 1023, 1023) == packed  # no bias, so odd lengths too
+    assert not applies(1, 32768, 65536, q_offset=32768)
+    assert not applies(2, 2**20, 2**20, heads=8)  # 2 * 2^20 * 8 * 128 = 2^31 elements
+
+
+def test_packed_tables_list_each_rows_documents(rng):
+    """packed_tables against a loop over each row's runs: starts and lengths of its documents, -1 past them (a
+    row of one document, rows of several, one filling all M slots)."""
+    m, s = 6, 40
+    ids = np.zeros((4, s), np.int64)  # row 0: one document
+    for row, count in ((1, 2), (2, 4)):
+        ids[row, np.sort(rng.choice(np.arange(1, s), count, replace=False))] = 1
+    ids = np.cumsum(ids, axis=1)
+    ids[3] = np.minimum(np.arange(s) // 7, m - 1)  # exactly M documents
+    docs = softmax.document_numbers(jnp.asarray(ids, jnp.int32))
+    lengths, starts = softmax.packed_tables(docs, m)
+    assert lengths.shape == (4, m) and starts.shape == (4, m + 1)
+    for row in range(4):
+        bounds = [0, *(np.flatnonzero(np.diff(ids[row])) + 1)]
+        assert len(bounds) <= m
+        want_starts = bounds + [-1] * (m + 1 - len(bounds))
+        want_lengths = list(np.diff(bounds + [s])) + [-1] * (m - len(bounds))
+        np.testing.assert_array_equal(starts[row], want_starts)
+        np.testing.assert_array_equal(lengths[row], want_lengths)
+
+
+def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch, rng):
+    """impl="cudnn" with documents from key 0 on Hopper: rows of at most packed_slots(q) documents go to
+    the packed layout, a batch with a row past it to the blockwise loop (chosen on the device, under jit and
+    grad). The packed call is replaced here by a marker (no cuDNN on CPU; the GPU test runs the real one)."""
+    monkeypatch.setattr(softmax, "packed_slots", lambda q: 3)
+    monkeypatch.setattr(softmax, "_packed_applies", lambda *_: True)
+    monkeypatch.setattr(softmax, "_packed", lambda q, k, v, docs, scale: jnp.full(q.shape, 7.0, q.dtype))
+    q, k, v = qkv(rng, 2, 12, 2, 1, 8, 8, dtype=jnp.bfloat16)
+    run = jax.jit(lambda ids: jax.value_and_grad(
+        lambda q: causal_softmax_attention(q, k, v, segment_ids=ids, impl="cudnn").astype(jnp.float32).sum())(q))
+    three = jnp.asarray(np.repeat([[0, 1, 2]], 4, axis=1).repeat(2, axis=0), jnp.int32)  # 3 documents per row
+    total, grad = run(three)
+    assert float(total) == 7.0 * q.size and not np.any(np.asarray(grad, np.float32))
+    four = three.at[1, -1].set(9)  # row 1: a 4th document
+    total, _ = run(four)
+    want = causal_softmax_attention(q, k, v, segment_ids=four, impl="blockwise").astype(jnp.float32).sum()
+    assert float(total) == float(want)
+
+
+def test_packed_slots_bound_cudnns_workspace():
+    """As many table slots as PACKED_WORKSPACE_MAX allows for the backward's per-slot fp32 accumulator (2 x slots x
+    q's elements x 4 bytes), at most PACKED_MAX_DOCUMENTS and at least one."""
+    slots = lambda *shape: softmax.packed_slots(jax.ShapeDtypeStruct(shape, jnp.bfloat16))  # noqa: E731
+    assert slots(1, 8192, 16, 128) == softmax.PACKED_MAX_DOCUMENTS
+    assert slots(1, 65536, 32, 64) == 16 and slots(2, 65536, 32, 64) == 8
+    assert slots(1, 2**20, 32, 64) == 1
+    assert 8 * slots(1, 65536, 32, 64) * 65536 * 2048 <= softmax.PACKED_WORKSPACE_MAX
