@@ -23,7 +23,8 @@ versions). Synthetic tokens: nothing here needs Grain.
 
 Models: any preset of models.presets (`--model`, e.g. tnl-1b, mamba2-1.3b, mamba2-1.3b-hybrid). MFU's model
 FLOPs are train.metrics.flops_per_token's (the matmul parameters that train.step.build_state counts, and the
-recurrent state's products from the model's linear_state_shape: Mamba-2's SSM heads x d_state x head dim).
+recurrent state's products from the model's linear_state_shape: Mamba-2's SSM heads x d_state x head dim; the
+hybrids' softmax layers over the causal half of each document, train.metrics.attention_length of the rows).
 --attn-impl applies to Mamba-2's SSD as to TNL's attention (its heads are GVA: q and k with fewer heads than v,
 and d_state 128 != head dim 64); an impl that cannot take them fails in the child with lasp_jax's reason (in the
 record's error). Where "auto" takes XLA for them (lasp_jax.ops.impls.resolve decides), expect a long compile:
@@ -102,7 +103,7 @@ class Step:
 
         from models import presets
         from train.config import TrainConfig
-        from train.metrics import flops_per_token
+        from train.metrics import attention_length, flops_per_token
         from train.step import build_state, make_steps, model_config
 
         self.jax, self.n_gpus, self.tokens_per_gpu, self.remat = jax, n_gpus, tokens_per_gpu, remat
@@ -136,7 +137,9 @@ class Step:
         ids = segment_ids(self.data, self.seq_len, args.documents)
         if ids is not None:  # as train/data.py's batches under documents="reset"
             self.batch["segment_ids"] = jax.device_put(ids, sharding)
-        self.flops_per_token = flops_per_token(self.mcfg, self.n_matmul, self.seq_len)
+        # The hybrids' softmax layers attend within documents: their FLOPs count the documents' lengths.
+        self.attention_length = self.seq_len if ids is None else attention_length(ids)
+        self.flops_per_token = flops_per_token(self.mcfg, self.n_matmul, self.attention_length)
         _say("state built; lowering and compiling the step")
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
@@ -182,6 +185,7 @@ class Step:
             "compile_s": round(self.compile_s, 1), "step_s": step_s, "tokens_per_s_per_gpu": tps / self.n_gpus,
             "mfu": mfu(tps, self.flops_per_token, self.n_gpus, peak),
             "model_tflop_per_step": self.flops_per_token * self.data * self.seq_len / 1e12,
+            "attention_length": round(self.attention_length, 1),
             "peak_mem_gib": max(mems) if all(m is not None for m in mems) else None, "xla_gib": self.xla_gib,
         }
 

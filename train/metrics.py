@@ -7,7 +7,9 @@ Model FLOPs per token (the numerator of MFU, as in PaLM's appendix B, adapted to
                                        k^T v), forward + backward: the minimum linear attention needs. The
                                        chunked kernels also do intra-chunk O(C) work per token; that is not
                                        counted, so MFU here is a lower bound on hardware utilisation.
-  + 6 * L_soft * H * T * D             per softmax layer (hybrids) QK^T and PV over the causal half of T.
+  + 6 * L_soft * H * T * D             per softmax layer (hybrids) QK^T and PV over the causal half of T; with
+                                       packed documents T is the rows' attention length, sum of len_d^2 / T
+                                       (attention_length), as the layers attend within each document.
 Peak FLOP/s per device come from `peak_tflops` or a table of known accelerators' dense bf16 peaks.
 """
 
@@ -19,6 +21,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -37,14 +41,27 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     return None
 
 
-def flops_per_token(model: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of `model` at sequence length `seq_len`, whose matmuls hold
-    `n_matmul_params` parameters (train.step.build_state counts them); see the module docstring."""
+def flops_per_token(model: ModelConfig, n_matmul_params: int, seq_len: float) -> float:
+    """Training FLOPs per token (forward + backward) of `model` at sequence length `seq_len` (with packed
+    documents their attention_length), whose matmuls hold `n_matmul_params` parameters (train.step.build_state
+    counts them); see the module docstring."""
     n_softmax = len(model.softmax_set)
     n_linear = model.n_layers - n_softmax
     heads, dim_k, dim_v = model.linear_state_shape  # Mamba-2: SSM heads x d_state x head dim
     return (6.0 * n_matmul_params + 6.0 * n_linear * heads * 2 * dim_k * dim_v
             + 6.0 * n_softmax * model.n_heads * seq_len * model.resolved_head_dim)
+
+
+def attention_length(segment_ids) -> float:
+    """[B, T] document ids (a document starts wherever the id changes) -> the T that flops_per_token's softmax
+    term takes for causal attention within documents: the mean over rows of sum_d len_d^2 / T (T without
+    documents)."""
+    ids = np.asarray(segment_ids)
+    total = 0.0
+    for row in ids:
+        lengths = np.diff(np.flatnonzero(np.diff(row, prepend=row[0] - 1, append=row[-1] - 1)))
+        total += float(np.sum(lengths.astype(np.float64) ** 2)) / row.size
+    return total / len(ids)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:

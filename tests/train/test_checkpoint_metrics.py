@@ -229,6 +229,10 @@ def test_flops_and_mfu():
     assert metrics.flops_per_token(linear, 1_000_000, seq_len=100) == 6e6 + 6 * 2 * 4 * 2 * 16 * 16
     hybrid = ModelConfig(n_layers=2, n_heads=4, head_dim=16, softmax_layers=(1,))
     assert metrics.flops_per_token(hybrid, 0, seq_len=100) == 6 * 4 * 2 * 16 * 16 + 6 * 4 * 100 * 16
+    # Packed documents: the softmax term over each document's causal half. Rows [5, 3] and [8] (ids restart
+    # wherever they change, an id met again is a new document): (25 + 9) / 8 and 64 / 8.
+    assert metrics.attention_length([[4, 4, 4, 4, 4, 0, 0, 0], [1] * 8]) == ((25 + 9) / 8 + 8) / 2
+    assert metrics.attention_length([[3, 0, 0, 3]]) == (1 + 4 + 1) / 4
     # Mamba-2: the state is SSM heads x d_state x head dim (d_model 64, expand 2: 8 heads of 16, d_state 32)
     mamba = ModelConfig(kind="mamba2", d_model=64, n_layers=2, head_dim=16, d_state=32)
     assert mamba.linear_state_shape == (8, 32, 16)
