@@ -13,6 +13,7 @@ import pytest
 import models
 from benchmarks import bench_train_gpu as bench
 from models import presets
+from train import metrics
 
 COMPILED = "[08:00:01] state built; lowering and compiling the step\n[08:00:40] compiled in 39.0 s\n"
 OOM = "W1122 bfc_allocator.cc:598] Allocator (GPU_0_bfc) ran out of memory trying to allocate 107.42GiB\n"
@@ -69,7 +70,8 @@ def test_bad_flags_are_refused_before_any_child_starts(tmp_path, capsys, flags, 
 def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
     """The whole child (state, step, record) for a Mamba-2 hybrid with 3 documents per row, on one CPU device
     (float32 compute): the batch carries the rows' segment_ids, and the record names the model and documents and
-    counts the FLOPs with Mamba-2's state (SSM heads x d_state x head dim), not TNL's heads x head dim^2."""
+    counts the FLOPs with Mamba-2's state (SSM heads x d_state x head dim), not TNL's heads x head dim^2, and the
+    softmax layers' within the documents (their attention length, below the row's 128)."""
     batches = []
     close = bench.Step.close
     monkeypatch.setattr(bench.Step, "close", lambda self: (batches.append(jax.device_get(self.batch)), close(self)))
@@ -83,8 +85,10 @@ def test_mamba2_hybrid_step_with_documents_on_cpu(tmp_path, monkeypatch):
     assert np.isfinite(r["loss"]) and r["step_s"] > 0 and r["params"] == models.count_params(cfg)
     assert isinstance(r["custom_calls"], list)  # the step's fused kernels: none on CPU, named on a GPU
     n_soft = len(cfg.softmax_set)
+    span = metrics.attention_length(bench.segment_ids(1, 128, 3))
+    assert r["attention_length"] == round(span, 1) and span < 128
     flops = (6 * r["matmul_params"] + 6 * (cfg.n_layers - n_soft) * cfg.ssm_heads * 2 * cfg.d_state
-             * cfg.resolved_head_dim + 6 * n_soft * cfg.n_heads * 128 * cfg.resolved_head_dim)
+             * cfg.resolved_head_dim + 6 * n_soft * cfg.n_heads * span * cfg.resolved_head_dim)
     assert r["model_tflop_per_step"] * 1e12 == pytest.approx(flops * 128, rel=1e-12)
 
     # --profile: one more step traced; a CPU trace has no GPU rows, so no kernel time, but the HLO's lines are read.
