@@ -222,9 +222,8 @@ def _offset_packed(q, k, v, docs, q_offset, scale, blockwise):
     start = jax.vmap(lambda row, d: jnp.searchsorted(row, d, side="left"))(docs, first).astype(jnp.int32)
     end = jnp.minimum(jax.vmap(lambda row, d: jnp.searchsorted(row, d, side="right"))(docs, first),
                       q_offset + length).astype(jnp.int32)
-    # Two slots, the second empty: with one, jax reads the tables as plain padding lengths (not packed).
-    none = jnp.full_like(start, -1)
-    lengths, starts = jnp.stack([end - start, none], axis=1), jnp.stack([start, none, none], axis=1)
+    lengths = (end - start)[:, None]
+    starts = jnp.stack([start, jnp.full_like(start, -1)], axis=1)
     q_global = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, k.shape[1], *q.shape[2:]), q.dtype), q,
                                                    q_offset, axis=1)
     o_first = jax.lax.dynamic_slice_in_dim(_packed(q_global, k, v, lengths, starts, scale), q_offset, length, axis=1)
