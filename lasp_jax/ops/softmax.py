@@ -136,8 +136,6 @@ def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
     aligned = _aligned(q, k, q_offset) and (docs is None or _packed_applies(q, k, v))
-    # Documents at a global offset: the packed layout with the queries at their global rows (_offset_packed).
-    aligned |= docs is not None and _packed_applies(jax.ShapeDtypeStruct((*k.shape[:2], *q.shape[2:]), q.dtype))
     small_even_mask = (q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
                        and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
     dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
@@ -151,12 +149,12 @@ def _aligned(q, k, q_offset) -> bool:
     return isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
 
 
-def _packed_applies(*arrays) -> bool:
+def _packed_applies(q, k, v) -> bool:
     """cuDNN's packed layout runs on Hopper or later (jax's check_is_flash_attention), and its element offsets
     (position x heads x head dim) are int32."""
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
     return (tuple(int(x) for x in capability.split(".")) >= (9, 0)
-            and all(math.prod(x.shape) < 2**31 for x in arrays))
+            and all(math.prod(x.shape) < 2**31 for x in (q, k, v)))
 
 
 def _cudnn(q, k, v, docs, q_offset, scale, blockwise):
@@ -169,9 +167,9 @@ def _cudnn(q, k, v, docs, q_offset, scale, blockwise):
     length, s_len = q.shape[1], k.shape[1]
     aligned = _aligned(q, k, q_offset)
     if docs is not None and aligned and _packed_applies(q, k, v):
-        return _packed_or_blockwise(q, k, v, docs, scale, blockwise)
-    if docs is not None and _packed_applies(jax.ShapeDtypeStruct((*k.shape[:2], *q.shape[2:]), q.dtype)):
-        return _offset_packed(q, k, v, docs, q_offset, scale, blockwise)
+        return jax.lax.cond(jnp.max(docs[:, -1]) < packed_slots(q),
+                            lambda q, k, v, docs: _packed(q, k, v, docs, scale),
+                            lambda q, k, v, docs: blockwise(q, k, v, docs, 0, scale), q, k, v, docs)
     mask = None
     if docs is not None or not aligned:
         rows = q_offset + jnp.arange(length)
@@ -200,45 +198,14 @@ def packed_slots(q) -> int:
     return max(1, min(PACKED_MAX_DOCUMENTS, PACKED_WORKSPACE_MAX // (8 * math.prod(q.shape))))
 
 
-def _packed_or_blockwise(q, k, v, docs, scale, blockwise):
-    """Queries at key rows 0..L-1: the packed layout where every row's documents fit its tables, else the
-    blockwise loop (chosen on the device)."""
-    return jax.lax.cond(jnp.max(docs[:, -1]) < packed_slots(q),
-                        lambda q, k, v, docs: _packed(q, k, v, *packed_tables(docs, packed_slots(q)), scale),
-                        lambda q, k, v, docs: blockwise(q, k, v, docs, 0, scale), q, k, v, docs)
-
-
-def _offset_packed(q, k, v, docs, q_offset, scale, blockwise):
-    """Queries at global rows q_offset + i (i < L, within the S keys: LASP-2H's ranks) on the packed layout, whose
-    causal mask is top-left (a query segment's row j sees its key segment's rows 0..j), so a query segment must
-    start at its key segment's global row. Two calls: the rank's first document, which may have begun on an
-    earlier rank, as one segment of a zero [B, S, H, D] tensor holding the queries at their global rows (the
-    zero rows from the document's start to q_offset are computed and dropped: at most q_offset rows); the
-    documents that begin inside the rank over the rank's own rows and keys (_packed_or_blockwise). Each output row
-    is taken from the call that holds its document."""
-    b, length = q.shape[:2]
-    k_local, v_local, local_docs = (jax.lax.dynamic_slice_in_dim(x, q_offset, length, axis=1) for x in (k, v, docs))
-    first = local_docs[:, 0]  # [B]: the document of the rank's first row
-    start = jax.vmap(lambda row, d: jnp.searchsorted(row, d, side="left"))(docs, first).astype(jnp.int32)
-    end = jnp.minimum(jax.vmap(lambda row, d: jnp.searchsorted(row, d, side="right"))(docs, first),
-                      q_offset + length).astype(jnp.int32)
-    lengths = (end - start)[:, None]
-    starts = jnp.stack([start, jnp.full_like(start, -1)], axis=1)
-    q_global = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, k.shape[1], *q.shape[2:]), q.dtype), q,
-                                                   q_offset, axis=1)
-    o_first = jax.lax.dynamic_slice_in_dim(_packed(q_global, k, v, lengths, starts, scale), q_offset, length, axis=1)
-    o_rest = _packed_or_blockwise(q, k_local, v_local, local_docs - first[:, None], scale, blockwise)
-    in_first = (local_docs == first[:, None])[:, :, None, None]
-    return jnp.where(in_first, o_first, o_rest)
-
-
-def _packed(q, k, v, lengths, starts, scale):
-    """cuDNN flash attention over the segments of packed_tables' lengths [B, M] and starts [B, M + 1] (the same
-    rows of q and of k, v), causal inside each (the packed layout's PADDING_CAUSAL). jax.nn.dot_product_attention
-    takes no such tables, so this calls the jax module behind it (pinned jax 0.11.2; tests/models/
-    test_documents.py's GPU test checks it against the blockwise loop)."""
+def _packed(q, k, v, docs, scale):
+    """cuDNN flash attention over each row's documents, causal inside each (the packed layout's
+    PADDING_CAUSAL), at most packed_slots(q) per row. jax.nn.dot_product_attention takes no document
+    tables, so this calls the jax module behind it (pinned jax 0.11.2; tests/models/test_documents.py's GPU
+    test checks it against the blockwise loop)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
+    lengths, starts = packed_tables(docs, packed_slots(q))
     return cudnn_attention.dot_product_attention(
         q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts, scale=scale,
         mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
@@ -32,8 +31,6 @@ def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
     positions."""
     gather = functools.partial(jax.lax.all_gather, axis_name=seq_axis, axis=1, tiled=True)
     kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
-    if ids is None and impl != "blockwise":  # one document: cuDNN's packed layout needs no dense mask for it
-        ids = jnp.zeros(kg.shape[:2], jnp.int32)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
     return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
                                     block_k=block_k, impl=impl)
@@ -51,9 +48,8 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
       mesh: a Mesh or AbstractMesh; default: the ambient one. Explicit and Auto axes both work.
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
-      block_q, block_k, impl: as for causal_softmax_attention, per rank, whose queries start at a global offset:
-        "cudnn" (and "auto" where it applies) takes cuDNN's packed layout on Hopper (without segment_ids the
-        row is one document), a dense [B, 1, T / W, T] mask before Hopper.
+      block_q, block_k, impl: as for causal_softmax_attention, per rank (its queries start at a global offset, so
+        "auto" is blockwise there; "cudnn" takes a dense [B, 1, T / W, T] mask).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """

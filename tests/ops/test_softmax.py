@@ -72,9 +72,9 @@ def test_auto_takes_cudnn_only_for_shapes_it_trains(monkeypatch):
 
 @pytest.mark.parametrize("capability, packed", [("9.0", True), ("8.0", False)], ids=["hopper", "ampere"])
 def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch, capability, packed):
-    """Documents need no dense mask on Hopper (cuDNN's packed layout), from key 0 or at a global q_offset
-    (LASP-2H), so "auto" takes cuDNN at any length there unless element offsets pass int32; before Hopper only
-    while the dense mask is small."""
+    """Documents with queries from key 0 need no dense mask on Hopper (cuDNN's packed layout), so "auto" takes
+    cuDNN at any length there; before Hopper only while the dense mask is small. A global q_offset still needs
+    the mask, and so do element offsets past int32."""
     gpu = type("Gpu", (), {"device_kind": softmax.CUDNN_QUALIFIED_GPUS[0], "compute_capability": capability})
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
@@ -86,7 +86,7 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
 
     assert applies(1, 65536, 65536) == packed
     assert applies(1, 1023, 1023) == packed  # no bias, so odd lengths too
-    assert applies(1, 32768, 65536, q_offset=32768) == packed
+    assert not applies(1, 32768, 65536, q_offset=32768)
     assert not applies(2, 2**20, 2**20, heads=8)  # 2 * 2^20 * 8 * 128 = 2^31 elements
 
 
@@ -117,7 +117,7 @@ def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch
     grad). The packed call is replaced here by a marker (no cuDNN on CPU; the GPU test runs the real one)."""
     monkeypatch.setattr(softmax, "packed_slots", lambda q: 3)
     monkeypatch.setattr(softmax, "_packed_applies", lambda *_: True)
-    monkeypatch.setattr(softmax, "_packed", lambda q, k, v, lengths, starts, scale: jnp.full(q.shape, 7.0, q.dtype))
+    monkeypatch.setattr(softmax, "_packed", lambda q, k, v, docs, scale: jnp.full(q.shape, 7.0, q.dtype))
     q, k, v = qkv(rng, 2, 12, 2, 1, 8, 8, dtype=jnp.bfloat16)
     run = jax.jit(lambda ids: jax.value_and_grad(
         lambda q: causal_softmax_attention(q, k, v, segment_ids=ids, impl="cudnn").astype(jnp.float32).sum())(q))
@@ -138,50 +138,3 @@ def test_packed_slots_bound_cudnns_workspace():
     assert slots(1, 65536, 32, 64) == 16 and slots(2, 65536, 32, 64) == 8
     assert slots(1, 2**20, 32, 64) == 1
     assert 8 * slots(1, 65536, 32, 64) * 65536 * 2048 <= softmax.PACKED_WORKSPACE_MAX
-
-
-def _packed_reference(q, k, v, lengths, starts, scale):
-    """What cuDNN's packed layout computes (PADDING_CAUSAL, the same segments of q and of k, v): row i of a
-    segment starting at st sees the keys st..i; rows in no segment give 0. Dense, float32."""
-    rows = jnp.arange(q.shape[1])
-    seg_lo, seg_hi = starts[:, :-1, None], starts[:, :-1, None] + lengths[:, :, None]  # [B, M, 1]
-    in_seg = (starts[:, :-1, None] >= 0) & (rows >= seg_lo) & (rows < seg_hi)  # [B, M, T]
-    visible = jnp.any(in_seg[:, :, :, None] & in_seg[:, :, None, :], axis=1) & (rows[None, None, :] <= rows[:, None])
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32),
-                   jnp.repeat(k, q.shape[2] // k.shape[2], axis=2).astype(jnp.float32)) * scale
-    p = jax.nn.softmax(jnp.where(visible[:, None], s, -jnp.inf), axis=-1)
-    p = jnp.where(visible[:, None], p, 0.0)
-    o = jnp.einsum("bhts,bshd->bthd", p, jnp.repeat(v, q.shape[2] // v.shape[2], axis=2).astype(jnp.float32))
-    return o.astype(q.dtype)
-
-
-@pytest.mark.parametrize("slots", [8, 2], ids=["packed", "rest_past_slots"])
-def test_cudnn_documents_at_a_global_offset_build_packed_segments(monkeypatch, rng, slots):
-    """LASP-2H's case on Hopper: queries at a traced global offset with documents. The packed call is replaced
-    by a dense float32 model of cuDNN's packed semantics (no cuDNN on CPU; the GPU test runs the real one), so
-    this checks the segment tables: the rank's first document from its global start (queries placed at their
-    global rows), the documents beginning in the rank over its own rows, outputs and gradients against the
-    blockwise loop, at offsets where the first document began on an earlier rank and where a document begins
-    exactly at the offset. With 2 slots the documents beginning in the rank exceed the tables: the blockwise
-    loop takes them."""
-    monkeypatch.setattr(softmax, "_packed_applies", lambda *_: True)
-    monkeypatch.setattr(softmax, "packed_slots", lambda q: slots)
-    monkeypatch.setattr(softmax, "_packed", _packed_reference)
-    q, k, v = qkv(rng, 2, 48, 4, 2, 8, 8, dtype=jnp.bfloat16)
-    ids = jnp.asarray([[0] * 5 + [1] * 20 + [2] * 3 + [3] * 4 + [4] * 16, [7] * 16 + [8] * 9 + [9] * 23], jnp.int32)
-    w = jnp.asarray(rng.standard_normal((2, 16, 4, 8)), jnp.float32)
-
-    def run(impl, q, k, v, offset):
-        def loss(q, k, v):
-            o = causal_softmax_attention(jax.lax.dynamic_slice_in_dim(q, offset, 16, axis=1), k, v,
-                                         segment_ids=ids, q_offset=offset, impl=impl)
-            return jnp.sum(o.astype(jnp.float32) * w), o
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    for offset in (16, 32):  # row 0: document 1 began at 5; row 1: document 8 begins at 16
-        (_, o), grads = run("cudnn", q, k, v, jnp.int32(offset))
-        (_, want), want_grads = run("blockwise", *f32, jnp.int32(offset))
-        assert rel_err(o, want) < BF16_TOL
-        for name, g, g_want in zip("qkv", grads, want_grads):
-            assert rel_err(g, g_want) < BF16_TOL, f"d{name} at offset {offset}"
