@@ -14,7 +14,7 @@ Hopper and later: each row's documents as a [B, M] table of starts and lengths, 
 attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
 documents; a row with more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents takes the
 blockwise loop instead, chosen on the device (same values).
-A global q_offset (LASP-2H's ranks), or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
+A global q_offset, or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
 cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only while
 B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
 B = 1, 16 query / 4 K/V heads of 128, benchmarks/results/softmax_gpu_h200_s9.md) forward+backward took: causal

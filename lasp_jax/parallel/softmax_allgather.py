@@ -48,8 +48,11 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
       mesh: a Mesh or AbstractMesh; default: the ambient one. Explicit and Auto axes both work.
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
-      block_q, block_k, impl: as for causal_softmax_attention, per rank (its queries start at a global offset, so
-        "auto" is blockwise there; "cudnn" takes a dense [B, 1, T / W, T] mask).
+      block_q, block_k: as for causal_softmax_attention, per rank.
+      impl: "auto" or "blockwise": each rank runs causal_softmax_attention's blockwise loop. "cudnn" is refused:
+        cuDNN's attention inside this shard_map (queries at a global offset, a dense mask) crashed the process
+        (segmentation fault) on two H200s with jax 0.11.2, with and without documents, while the same call on one
+        device and cuDNN inside a data-parallel shard_map ran (benchmarks/results/gpu_s11_log_excerpts.txt).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
@@ -59,9 +62,12 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
     ids = check_segment_ids(segment_ids, q, k, 0)
     if impl not in SOFTMAX_IMPLS:
         raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")
+    if impl == "cudnn":
+        raise ValueError("impl='cudnn' is refused for LASP-2H: cuDNN's attention inside its shard_map crashed "
+                         "(segmentation fault) on two H200s with jax 0.11.2; use 'blockwise' (what 'auto' takes)")
     mesh = layout.current_mesh(mesh)
     layout.check_seq_axis(mesh, seq_axis)
-    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
+    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl="blockwise")
     if layout.seq_is_manual(seq_axis):
         return _local(q, k, v, ids, **options)
     q_in = q

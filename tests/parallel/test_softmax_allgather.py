@@ -76,3 +76,19 @@ def test_bad_input_is_a_clear_error(rng):
         softmax_allgather_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), mesh=mesh)
     with pytest.raises(ValueError, match="needs a mesh"):
         softmax_allgather_attention(q, k, v)
+    with pytest.raises(ValueError, match="impl='cudnn' is refused for LASP-2H"):
+        softmax_allgather_attention(q, k, v, mesh=mesh, impl="cudnn")
+
+
+def test_auto_never_takes_cudnn_on_a_rank(monkeypatch, rng):
+    """"auto" runs each rank's blockwise loop even where causal_softmax_attention's own "auto" would take cuDNN
+    (it crashed inside this shard_map on two H200s): cuDNN is made to apply and to fail here if called."""
+    from lasp_jax.ops import softmax
+
+    monkeypatch.setattr(softmax, "_cudnn_applies", lambda *_: True)
+    monkeypatch.setattr(softmax, "_cudnn", lambda *_: pytest.fail("LASP-2H took cuDNN"))
+    q, k, v = qkv(rng, 1, 16, 2, 2, 8, 8)
+    mesh = jax.make_mesh((1, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        o = jax.jit(softmax_allgather_attention, compiler_options=_FAST)(q, k, v)
+    assert rel_err(o, dense_causal_softmax(q, k, v)) < F32_TOL
