@@ -11,7 +11,7 @@ stack_frame_id into the tables at the top of the HLO text) and its `op_name` (th
 `transpose(jvp(...))` marks the backward), so kernel time can be read per line of models/ and lasp_jax/ rather
 than per fusion number. Kernels are also
 summed by kind: matmuls (cuBLAS / CUTLASS / XLA's Triton GEMMs), fused elementwise and reductions (XLA's fusions),
-custom kernels (Pallas: Triton and Mosaic GPU), copies and collectives.
+cuDNN's attention kernels, custom kernels (Pallas: Triton and Mosaic GPU), copies and collectives.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 _KINDS = (  # first match wins
     ("collective", re.compile(r"nccl", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy_", re.I)),
+    ("cudnn attention", re.compile(r"cudnn", re.I)),  # its flash kernels' names also hold sm90_ and "fusion"
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|wgmma|sm90_|sm80_", re.I)),
     ("xla fusion", re.compile(r"fusion|^loop_|^input_|^wrapped_|^concatenate|^transpose|^reduce|^slice|"
                               r"^dynamic|^pad|^select|^scatter|^gather|^broadcast|^convert|^bitcast", re.I)),
@@ -35,8 +36,8 @@ _SECTION_ROW = re.compile(r"^(\d+) (.*)$")
 
 
 def kind(kernel: str) -> str:
-    """The kind of a GPU kernel from its name: matmul, xla fusion, collective, copy, or custom (Pallas and
-    anything else)."""
+    """The kind of a GPU kernel from its name: matmul, xla fusion, cudnn attention, collective, copy, or custom
+    (Pallas and anything else)."""
     return next((k for k, pattern in _KINDS if pattern.search(kernel)), "custom")
 
 

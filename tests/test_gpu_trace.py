@@ -45,7 +45,9 @@ def test_a_missing_trace_is_named(tmp_path):
 @pytest.mark.parametrize(("name", "kind"), [
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT", "matmul"), ("sm90_xmma_gemm_bf16bf16", "matmul"),
     ("loop_multiply_fusion_12", "xla fusion"), ("input_reduce_fusion", "xla fusion"),
-    ("ncclDevKernel_SendRecv", "collective"), ("_mosaic_token_walk", "custom")])
+    ("ncclDevKernel_SendRecv", "collective"), ("_mosaic_token_walk", "custom"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "cudnn attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", "cudnn attention")])
 def test_kinds(name, kind):
     assert gpu_trace.kind(name) == kind
 
