@@ -9,7 +9,9 @@ Model FLOPs per token (the numerator of MFU, as in PaLM's appendix B, adapted to
                                        counted, so MFU here is a lower bound on hardware utilisation.
   + 6 * L_soft * H * T * D             per softmax layer (hybrids) QK^T and PV over the causal half of T; with
                                        packed documents T is the rows' attention length, sum of len_d^2 / T
-                                       (attention_length), as the layers attend within each document.
+                                       (attention_length), as the layers attend within each document:
+                                       bench_train_gpu counts it so; the training loop's logged MFU counts
+                                       whole rows (its batches' documents vary), an overcount for hybrids.
 Peak FLOP/s per device come from `peak_tflops` or a table of known accelerators' dense bf16 peaks.
 """
 
@@ -57,6 +59,8 @@ def attention_length(segment_ids) -> float:
     term takes for causal attention within documents: the mean over rows of sum_d len_d^2 / T (T without
     documents)."""
     ids = np.asarray(segment_ids)
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"segment_ids must be a non-empty [B, T] array, got shape {ids.shape}")
     total = 0.0
     for row in ids:
         lengths = np.diff(np.flatnonzero(np.diff(row, prepend=row[0] - 1, append=row[-1] - 1)))

@@ -56,8 +56,9 @@ IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # (benchmarks/gated_norm_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30, Mamba-2 1.3B's shape,
 # benchmarks/results/gated_norm_gpu_h200_s10.md) the kernels took 0.647 / 2.368 ms forward / forward+backward
 # against xla's 1.068 / 3.045, their largest error over the output and the gradients against fp32 1.7e-3 (xla's
-# own); the GPU test passed there on 2026-11-30 (benchmarks/results/gpu_s11_log_excerpts.txt), and the 1.3B's
-# training step with them took 1.887 s against 1.890 s with xla (train_gpu_h200_s11.md).
+# own); the GPU test passed there on 2026-11-30 (benchmarks/results/gpu_s11_log_excerpts.txt). In the 1.3B's
+# training step they made no measurable difference: 1.887 s, against 1.890 s with xla in another call
+# (benchmarks/results/TRAIN_GPU_NOTES.md, sessions 10 and 11).
 QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 MAX_GROUP_WIDTH = 8192  # one program holds a row's whole group: [rows, W] float32 tiles in registers
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)

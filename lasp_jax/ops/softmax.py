@@ -12,8 +12,11 @@ cuDNN (impl="cudnn", or "auto" where it applies: a qualified GPU, bf16/fp16, one
 mask where queries sit at positions 0..L-1 of L keys. Documents with those queries take cuDNN's packed layout on
 Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
 attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
-documents; a row with more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents takes the
-blockwise loop instead, chosen on the device (same values).
+documents; where a row holds more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents the
+whole batch takes the blockwise loop instead, chosen on the device (the same attention, to rounding; about 35x
+slower: size M for the data with PACKED_WORKSPACE_MAX). Its memory follows M, not the documents: the backward
+keeps an fp32 accumulator per slot (17.25 GiB of temporaries at that shape against 1.02 GiB causal,
+benchmarks/results/softmax_gpu_h200_s11.md). lax.cond compiles both branches.
 A global q_offset, or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
 cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only while
 B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
@@ -52,7 +55,7 @@ DENSE_MASK_MAX = 2**30
 # grid whose backward keeps an fp32 dQ accumulator of the full length, measured as 2 x slots x B x T x H x D x 4
 # bytes of XLA temporaries (benchmarks/results/softmax_gpu_h200_s9.md: 1.01 GiB at T = 8K, 4.03 GiB at 32K, 8
 # slots, H x D = 2048), so the slots are as many as PACKED_WORKSPACE_MAX allows, at most PACKED_MAX_DOCUMENTS.
-# A row with more documents takes the blockwise loop (slower, never a wrong mask).
+# A batch with a row of more documents takes the blockwise loop (slower, never a wrong mask).
 PACKED_MAX_DOCUMENTS = 64
 PACKED_WORKSPACE_MAX = 16 * 2**30
 
@@ -133,14 +136,15 @@ def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
     sharded batch is not measured yet. Only shapes cuDNN's flash attention takes in training (jax's
     check_is_flash_attention): head dims a multiple of 8 up to 256, and with a mask (a bias) even lengths, so a
     decoding step (L = 1) keeps the blockwise loop."""
+    if jax.default_backend() != "gpu" or jax.devices()[0].device_kind not in CUDNN_QUALIFIED_GPUS:
+        return False
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
     aligned = _aligned(q, k, q_offset) and (docs is None or _packed_applies(q, k, v))
     small_even_mask = (q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
                        and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
     dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
-    return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind in CUDNN_QUALIFIED_GPUS
-            and per_device and dims_ok and (aligned or small_even_mask)
+    return (per_device and dims_ok and (aligned or small_even_mask)
             and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype == v.dtype)
 
 
@@ -150,10 +154,14 @@ def _aligned(q, k, q_offset) -> bool:
 
 
 def _packed_applies(q, k, v) -> bool:
-    """cuDNN's packed layout runs on Hopper or later (jax's check_is_flash_attention), and its element offsets
-    (position x heads x head dim) are int32."""
-    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return (tuple(int(x) for x in capability.split(".")) >= (9, 0)
+    """cuDNN's packed layout: on a CUDA GPU of Hopper or later (jax's check_is_flash_attention); element offsets
+    (position x heads x head dim) that fit int32, computed by jax from q's head dim for k and v too, so Dv = D;
+    at least two table slots (with one, jax reads the tables as plain padding lengths, not packed)."""
+    try:
+        capability = tuple(int(x) for x in getattr(jax.devices()[0], "compute_capability", "").split("."))
+    except ValueError:  # no CUDA compute capability (CPU, ROCm)
+        return False
+    return (capability >= (9, 0) and v.shape[-1] == q.shape[-1] and packed_slots(q) >= 2
             and all(math.prod(x.shape) < 2**31 for x in (q, k, v)))
 
 
@@ -194,8 +202,9 @@ def packed_tables(docs: jax.Array, max_documents: int) -> tuple[jax.Array, jax.A
 
 
 def packed_slots(q) -> int:
-    """Documents per row the packed layout takes for q [B, T, H, D]: see PACKED_WORKSPACE_MAX."""
-    return max(1, min(PACKED_MAX_DOCUMENTS, PACKED_WORKSPACE_MAX // (8 * math.prod(q.shape))))
+    """Documents per row the packed layout takes for q [B, T, H, D]: see PACKED_WORKSPACE_MAX (below 2 the packed
+    layout is not taken)."""
+    return min(PACKED_MAX_DOCUMENTS, PACKED_WORKSPACE_MAX // (8 * math.prod(q.shape)))
 
 
 def _packed(q, k, v, docs, scale):

@@ -19,21 +19,23 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
-from lasp_jax.ops.softmax import SOFTMAX_IMPLS, causal_softmax_attention, check_inputs, check_segment_ids
+from lasp_jax.ops.softmax import causal_softmax_attention, check_inputs, check_segment_ids
 from lasp_jax.parallel import layout
+
+IMPLS = ("auto", "blockwise")  # each rank runs the blockwise loop; see softmax_allgather_attention's impl
 
 
 # Under jit always (inlined in a caller's jit): eagerly inside a caller's shard_map the CPU runtime of jax 0.11.2
 # crashes on such bodies.
-@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k", "impl"))
-def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
+@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k"))
+def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k):
     """One rank: gather K, V (and the ids) over seq_axis, then attend with this rank's rows at their global
     positions."""
     gather = functools.partial(jax.lax.all_gather, axis_name=seq_axis, axis=1, tiled=True)
     kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
     return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
-                                    block_k=block_k, impl=impl)
+                                    block_k=block_k, impl="blockwise")
 
 
 def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axis="seq", scale=None,
@@ -52,7 +54,8 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
       impl: "auto" or "blockwise": each rank runs causal_softmax_attention's blockwise loop. "cudnn" is refused:
         cuDNN's attention inside this shard_map (queries at a global offset, a dense mask) crashed the process
         (segmentation fault) on two H200s with jax 0.11.2, with and without documents, while the same call on one
-        device and cuDNN inside a data-parallel shard_map ran (benchmarks/results/gpu_s11_log_excerpts.txt).
+        device and cuDNN inside a data-parallel shard_map ran (benchmarks/cudnn_shardmap_probe.py,
+        benchmarks/results/gpu_s11_log_excerpts.txt).
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
@@ -60,14 +63,15 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"self-attention needs q and k of the same length, got {q.shape[1]} and {k.shape[1]}")
     ids = check_segment_ids(segment_ids, q, k, 0)
-    if impl not in SOFTMAX_IMPLS:
-        raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")
     if impl == "cudnn":
         raise ValueError("impl='cudnn' is refused for LASP-2H: cuDNN's attention inside its shard_map crashed "
-                         "(segmentation fault) on two H200s with jax 0.11.2; use 'blockwise' (what 'auto' takes)")
+                         "(segmentation fault) on two H200s with jax 0.11.2 (benchmarks/cudnn_shardmap_probe.py); "
+                         "use 'blockwise' (what 'auto' takes)")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown LASP-2H impl {impl!r}: expected one of {IMPLS}")
     mesh = layout.current_mesh(mesh)
     layout.check_seq_axis(mesh, seq_axis)
-    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl="blockwise")
+    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
     if layout.seq_is_manual(seq_axis):
         return _local(q, k, v, ids, **options)
     q_in = q
@@ -79,8 +83,8 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k", "impl"))
-def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k, impl):
-    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
+@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k"))
+def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k):
+    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
     in_specs = (spec, spec, spec, None if ids is None else P(*spec[:2]))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec)(q, k, v, ids)

@@ -85,7 +85,11 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
         return softmax._cudnn_applies(q, k, k, jnp.zeros((b, keys), jnp.int32), q_offset)
 
     assert applies(1, 65536, 65536) == packed
-    assert applies(1, 1023, 1023) == packed  # no bias, so odd lengths too
+    assert applies(1, 1023, 1023) == packed  # no bias, so odd lengths too (jax's check; not run on a GPU)
+    assert not applies(1, 3 * 2**18, 3 * 2**18, heads=16)  # one table slot: jax would read it as padding lengths
+    q = jax.ShapeDtypeStruct((1, 65536, 4, 128), jnp.bfloat16)
+    k, v = (jax.ShapeDtypeStruct((1, 65536, 2, d), jnp.bfloat16) for d in (128, 64))
+    assert not softmax._cudnn_applies(q, k, v, jnp.zeros((1, 65536), jnp.int32), 0)  # jax offsets v by q's D
     assert not applies(1, 32768, 65536, q_offset=32768)
     assert not applies(2, 2**20, 2**20, heads=8)  # 2 * 2^20 * 8 * 128 = 2^31 elements
 
@@ -125,16 +129,38 @@ def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch
     total, grad = run(three)
     assert float(total) == 7.0 * q.size and not np.any(np.asarray(grad, np.float32))
     four = three.at[1, -1].set(9)  # row 1: a 4th document
-    total, _ = run(four)
-    want = causal_softmax_attention(q, k, v, segment_ids=four, impl="blockwise").astype(jnp.float32).sum()
-    assert float(total) == float(want)
+    total, grad = run(four)
+    want, want_grad = jax.jit(jax.value_and_grad(lambda q: causal_softmax_attention(
+        q, k, v, segment_ids=four, impl="blockwise").astype(jnp.float32).sum()))(q)
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
+    np.testing.assert_array_equal(grad, want_grad)
 
 
 def test_packed_slots_bound_cudnns_workspace():
     """As many table slots as PACKED_WORKSPACE_MAX allows for the backward's per-slot fp32 accumulator (2 x slots x
-    q's elements x 4 bytes), at most PACKED_MAX_DOCUMENTS and at least one."""
+    q's elements x 4 bytes), at most PACKED_MAX_DOCUMENTS (below 2 the packed layout is not taken:
+    test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper)."""
     slots = lambda *shape: softmax.packed_slots(jax.ShapeDtypeStruct(shape, jnp.bfloat16))  # noqa: E731
     assert slots(1, 8192, 16, 128) == softmax.PACKED_MAX_DOCUMENTS
     assert slots(1, 65536, 32, 64) == 16 and slots(2, 65536, 32, 64) == 8
-    assert slots(1, 2**20, 32, 64) == 1
+    assert slots(1, 2**19, 32, 64) == 2 and slots(1, 3 * 2**18, 32, 64) == 1
     assert 8 * slots(1, 65536, 32, 64) * 65536 * 2048 <= softmax.PACKED_WORKSPACE_MAX
+
+
+def test_packed_tables_follow_jaxs_private_cudnn_convention():
+    """_packed calls jax's private cuDNN attention module (pinned jax 0.11.2): its reading of packed_tables must
+    stay what the packed layout needs, checked here without a GPU. With M >= 2 slots jax takes the call as
+    packed and turns each row's starts into element offsets from the batch's start (row b's positions offset by
+    b * T, times heads x head dim), dropping the -1 slots; with one slot it would not (why _packed_applies asks
+    for two)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    t, h, d = 10, 2, 8
+    docs = softmax.document_numbers(jnp.asarray([[0] * 4 + [1] * 6, [5] * 10], jnp.int32))
+    lengths, starts = softmax.packed_tables(docs, 3)
+    assert cudnn_attention.get_max_seg_per_batch(starts) == 3
+    assert cudnn_attention.get_max_seg_per_batch(softmax.packed_tables(docs[1:], 1)[1]) == 1
+    q = jnp.zeros((2, t, h, d), jnp.bfloat16)
+    q_len, _, q_off, _ = cudnn_attention._fix_seqlen_offsets(lengths, lengths, starts, starts, q, q)
+    np.testing.assert_array_equal(q_len.reshape(-1)[:3], [4, 6, 10])  # the rows' segments, in order
+    np.testing.assert_array_equal(q_off.reshape(-1)[:3], np.array([0, 4, t]) * h * d)

@@ -233,6 +233,8 @@ def test_flops_and_mfu():
     # wherever they change, an id met again is a new document): (25 + 9) / 8 and 64 / 8.
     assert metrics.attention_length([[4, 4, 4, 4, 4, 0, 0, 0], [1] * 8]) == ((25 + 9) / 8 + 8) / 2
     assert metrics.attention_length([[3, 0, 0, 3]]) == (1 + 4 + 1) / 4
+    with pytest.raises(ValueError, match=r"non-empty \[B, T\] array, got shape \(4,\)"):
+        metrics.attention_length([3, 0, 0, 3])
     # Mamba-2: the state is SSM heads x d_state x head dim (d_model 64, expand 2: 8 heads of 16, d_state 32)
     mamba = ModelConfig(kind="mamba2", d_model=64, n_layers=2, head_dim=16, d_state=32)
     assert mamba.linear_state_shape == (8, 32, 16)
