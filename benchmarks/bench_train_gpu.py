@@ -75,7 +75,7 @@ def _records(path: Path) -> list[dict]:
 def _record(out: Path, args, **r) -> dict:
     """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
     r = {"model": args.model, "documents": args.documents, "remat_every": args.remat_every,
-         "mamba2_impl": args.mamba2_impl or "auto", **r,
+         "mamba2_impl": args.mamba2_impl or "auto", "softmax_impl": args.softmax_impl or "auto", **r,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
         fh.write(json.dumps(r) + "\n")
@@ -115,6 +115,8 @@ class Step:
             overrides["remat_every"] = args.remat_every
         if args.mamba2_impl:
             overrides["mamba2_impl"] = args.mamba2_impl
+        if args.softmax_impl:
+            overrides["softmax_impl"] = args.softmax_impl
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         mesh = f"data={self.data},seq={n_gpus // self.data}"
@@ -211,7 +213,7 @@ class Step:
         (out / f"{name}.md").write_text(gpu_trace.render(summary, (
             f"{self.mcfg_name}, {self.n_gpus} GPU(s) ({self.devices[0].device_kind}), {self.tokens_per_gpu} "
             f"tokens/GPU, {self.documents} documents per row, remat {self.remat} every {self.mcfg.remat_every}, "
-            f"mamba2_impl {self.mcfg.mamba2_impl}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
+            f"mamba2_impl {self.mcfg.mamba2_impl}, softmax_impl {self.mcfg.softmax_impl}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
         _say(f"profiled: {name}.md")
         return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
 
@@ -414,6 +416,8 @@ def main(argv=None) -> int:
                         help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
     parser.add_argument("--mamba2-impl", default="", choices=("", "auto", "xla", "pallas_triton"),
                         help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
+    parser.add_argument("--softmax-impl", default="", choices=("", "auto", "blockwise", "cudnn", "pallas_triton"),
+                        help="ModelConfig.softmax_impl: the hybrids' softmax layers (default: the model's 'auto')")
     parser.add_argument("--profile", action="store_true",
                         help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -496,8 +500,9 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        if r.get("mamba2_impl", "auto") != "auto":
-            note = f"mamba2_impl {r['mamba2_impl']}" + (f"; {note}" if note else "")
+        for field in ("softmax_impl", "mamba2_impl"):
+            if r.get(field, "auto") != "auto":
+                note = f"{field} {r[field]}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:
             note = f"strategy {r['strategy']}" + (f", XLA flags {r['xla_flags']}" if r["xla_flags"] else "")
         if r["kind"] == "longest_predicted":

@@ -112,6 +112,9 @@ class ModelConfig:
     # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm): the fused Pallas Triton kernels, run per device, or XLA's
     # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (the H200), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
+    # The softmax layers' attention in the training forward (lasp_jax.ops.softmax impl=; under a seq axis LASP-2H's
+    # ranks, where "auto" is the blockwise loop and "cudnn" is refused): "pallas_triton" the fused flash kernels
+    softmax_impl: Literal["auto", "blockwise", "cudnn", "pallas_triton", "pallas_triton_interpret"] = "auto"
 
     def __post_init__(self):
         def bad(msg):

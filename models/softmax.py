@@ -67,9 +67,9 @@ class SoftmaxMixer(nnx.Module):
         q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
         if sharding.seq_size(cfg) > 1:
             o = softmax_allgather_attention(q, k, v, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
-                                            batch_axes=sharding.batch_axes(cfg))
+                                            batch_axes=sharding.batch_axes(cfg), impl=cfg.softmax_impl)
         else:
-            o = causal_softmax_attention(q, k, v, segment_ids=segment_ids)
+            o = causal_softmax_attention(q, k, v, segment_ids=segment_ids, impl=cfg.softmax_impl)
         return self._out(o)
 
     def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:

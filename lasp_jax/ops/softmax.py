@@ -36,12 +36,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.ops import checks
+from lasp_jax.ops import checks, kernel_support, softmax_kernel
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-SoftmaxImpl = Literal["auto", "blockwise", "cudnn"]
-SOFTMAX_IMPLS = ("auto", "blockwise", "cudnn")
+SoftmaxImpl = Literal["auto", "blockwise", "cudnn", "pallas_triton", "pallas_triton_interpret"]
+SOFTMAX_IMPLS = ("auto", "blockwise", "cudnn", "pallas_triton", "pallas_triton_interpret")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Device kinds where "auto" takes cuDNN: those where tests/models/test_documents.py::test_cudnn_matches_blockwise
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
@@ -106,7 +106,9 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
         device's call: no ambient mesh of several devices unless inside a shard_map over all its axes; head dims
         a multiple of 8 up to 256; and no dense mask needed (q_offset the int 0 and L = S, without segment_ids
         or with them on Hopper or later) or B * L * S <= DENSE_MASK_MAX with L and S even), blockwise
-        otherwise.
+        otherwise. "pallas_triton": the fused flash kernels of lasp_jax.ops.softmax_kernel (queries at any
+        offset, GQA, documents skipping whole key blocks; a CUDA GPU of compute capability >= 8.0; not yet run
+        on a GPU, so "auto" does not take them), "pallas_triton_interpret" the same interpreted anywhere.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -121,6 +123,12 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     blockwise = functools.partial(_blockwise, block_q=block_q, block_k=block_k)
     if impl == "cudnn":
         return _cudnn(q, k, v, docs, q_offset, scale, blockwise)
+    if impl.startswith("pallas_triton"):
+        interpret = impl == "pallas_triton_interpret"
+        why = None if interpret else kernel_support.triton_unavailable()
+        if why:
+            raise ValueError(f"impl='pallas_triton' cannot run here: {why}")
+        return softmax_kernel.attention(q, k, v, docs, q_offset, scale, interpret=interpret)
     return blockwise(q, k, v, docs, q_offset, scale)
 
 

@@ -22,20 +22,20 @@ from lasp_jax.ops import placement
 from lasp_jax.ops.softmax import causal_softmax_attention, check_inputs, check_segment_ids
 from lasp_jax.parallel import layout
 
-IMPLS = ("auto", "blockwise")  # each rank runs the blockwise loop; see softmax_allgather_attention's impl
+IMPLS = ("auto", "blockwise", "pallas_triton", "pallas_triton_interpret")  # see softmax_allgather_attention
 
 
 # Under jit always (inlined in a caller's jit): eagerly inside a caller's shard_map the CPU runtime of jax 0.11.2
 # crashes on such bodies.
-@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k"))
-def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k):
+@functools.partial(jax.jit, static_argnames=("seq_axis", "scale", "block_q", "block_k", "impl"))
+def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
     """One rank: gather K, V (and the ids) over seq_axis, then attend with this rank's rows at their global
     positions."""
     gather = functools.partial(jax.lax.all_gather, axis_name=seq_axis, axis=1, tiled=True)
     kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
     return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
-                                    block_k=block_k, impl="blockwise")
+                                    block_k=block_k, impl="blockwise" if impl == "auto" else impl)
 
 
 def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axis="seq", scale=None,
@@ -51,7 +51,10 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
       block_q, block_k: as for causal_softmax_attention, per rank.
-      impl: "auto" or "blockwise": each rank runs causal_softmax_attention's blockwise loop. "cudnn" is refused:
+      impl: "auto" or "blockwise": each rank runs causal_softmax_attention's blockwise loop; "pallas_triton"
+        (or "pallas_triton_interpret") its fused flash kernels (lasp_jax.ops.softmax_kernel: the rank's queries at
+        their global offset, documents skipping whole key blocks; not yet run on a GPU; the interpreted kernels
+        inside a caller's shard_map need its check_vma=False). "cudnn" is refused:
         cuDNN's attention inside this shard_map (queries at a global offset, a dense mask) crashed the process
         (segmentation fault) on two H200s with jax 0.11.2, with and without documents, while the same call on one
         device and cuDNN inside a data-parallel shard_map ran (benchmarks/cudnn_shardmap_probe.py,
@@ -71,7 +74,7 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
         raise ValueError(f"unknown LASP-2H impl {impl!r}: expected one of {IMPLS}")
     mesh = layout.current_mesh(mesh)
     layout.check_seq_axis(mesh, seq_axis)
-    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+    options = dict(seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
     if layout.seq_is_manual(seq_axis):
         return _local(q, k, v, ids, **options)
     q_in = q
@@ -83,8 +86,10 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
 
 
 # Under jit always, as lasp_attention: an eager shard_map crashes the CPU runtime of jax 0.11.2.
-@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k"))
-def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k):
-    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k)
+@functools.partial(jax.jit, static_argnames=("mesh", "spec", "seq_axis", "scale", "block_q", "block_k", "impl"))
+def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k, impl):
+    body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
     in_specs = (spec, spec, spec, None if ids is None else P(*spec[:2]))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec)(q, k, v, ids)
+    # Pallas interpret mode does not carry shard_map's varying-axes types (its discharged dynamic slices mix them).
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                         check_vma=impl != "pallas_triton_interpret")(q, k, v, ids)

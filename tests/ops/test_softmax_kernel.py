@@ -1,0 +1,97 @@
+"""The fused flash-attention kernels (lasp_jax.ops.softmax_kernel, Pallas interpret mode on CPU) against the
+blockwise loop, which tests/ops/test_softmax.py checks against a float64 dense softmax: outputs and dq, dk, dv for
+queries from key 0 and at a global offset (traced), GQA, Dv != D, lengths that do not divide the blocks, head dims
+off the tiles and packed documents; the block ranges that skip other documents' keys; bad input. LASP-2H's ranks
+on the kernels are checked end to end in tests/models/test_documents.py (a seq-3 mesh, documents crossing rank
+boundaries, against one device). On a GPU (pytest -m gpu) the compiled kernels in bf16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lasp_jax.ops import softmax, softmax_kernel
+from lasp_jax.ops.softmax import causal_softmax_attention
+from tests.util import BF16_TOL, qkv, rel_err
+
+SMALL = softmax_kernel.Config(block_q=16, block_k=16)
+# float32 kernels against the float32 blockwise loop: only the summation order differs (measured <= 3.1e-7 over
+# the cases below, outputs and gradients).
+KERNEL_TOL = 1e-6
+
+
+def _grads(impl, q, k, v, ids, offset, w, scale=0.3):
+    def loss(q, k, v):
+        if impl == "kernel":
+            docs = None if ids is None else softmax.document_numbers(ids)
+            o = softmax_kernel.attention(q, k, v, docs, offset, scale, SMALL, interpret=True)
+        else:
+            o = causal_softmax_attention(q, k, v, segment_ids=ids, q_offset=offset, scale=scale, impl="blockwise")
+        return jnp.sum(o.astype(jnp.float32) * w), o
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+
+@pytest.mark.parametrize("b, s, length, h, hkv, d, dv, offset, docs", [
+    (1, 48, 48, 2, 1, 16, 16, 0, 0.0),      # from key 0, MQA, no documents
+    (2, 40, 24, 4, 2, 12, 8, 16, 0.1),      # at an offset, GQA, lengths off the blocks, head dims off the tiles
+    (2, 64, 32, 4, 1, 32, 16, 32, 0.08),    # the last rank's rows, documents, Dv != D
+], ids=["key0", "offset_docs_gqa_small_dims", "last_rank_docs"])
+def test_kernels_match_the_blockwise_loop(rng, b, s, length, h, hkv, d, dv, offset, docs):
+    q, k, v = qkv(rng, b, s, h, hkv, d, dv)
+    q = q[:, offset:offset + length]
+    ids = jnp.asarray(np.cumsum(rng.uniform(size=(b, s)) < docs, axis=1), jnp.int32) if docs else None
+    w = jnp.asarray(rng.standard_normal((b, length, h, dv)), jnp.float32)
+    (_, o), g = _grads("kernel", q, k, v, ids, jnp.int32(offset), w)  # traced offset
+    (_, o_ref), g_ref = _grads("blockwise", q, k, v, ids, offset, w)
+    assert rel_err(o, o_ref) < KERNEL_TOL
+    for name, a, r in zip("qkv", g, g_ref):
+        assert rel_err(a, r) < KERNEL_TOL, f"d{name}"
+
+
+def test_block_ranges_skip_other_documents():
+    """Rows 32..63 of 64 keys in 16-blocks: query block 0 (rows 32-47, first in the document starting at key 31)
+    walks key blocks 1-2, block 1 (rows 48-63, document from 44) blocks 2-3; no local row sees key block 0, rows
+    32-42 (the document through key 42) see block 1, rows up to 51 block 2, rows 48-63 block 3."""
+    starts = [0, 2, 5, 11, 14, 26, 31, 43, 44, 52, 60]
+    ids = np.zeros((1, 64), np.int32)
+    ids[0, starts[1:]] = 1
+    docs = softmax.document_numbers(jnp.asarray(np.cumsum(ids, axis=1), jnp.int32))
+    q = jnp.zeros((1, 32, 1, 16))
+    _, _, _, q_ranges, k_ranges = softmax_kernel._plan(q, jnp.zeros((1, 64, 1, 16)), docs, jnp.int32(32), SMALL)
+    assert q_ranges[0].tolist() == [[1, 3], [2, 4]]
+    assert k_ranges[0].tolist() == [[0, 0], [0, 1], [0, 2], [1, 2]]
+
+
+def test_bad_input_is_a_clear_error(rng):
+    q, k, v = qkv(rng, 1, 32, 2, 1, 16, 16)
+    with pytest.raises(ValueError, match="must share one of"):
+        softmax_kernel.attention(q.astype(jnp.bfloat16), k, v, None, 0, 1.0, interpret=True)
+    with pytest.raises(ValueError, match="block_q must be a power of two >= 16, got 24"):
+        softmax_kernel.Config(block_q=24)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="impl='pallas_triton' cannot run here: .*pallas_triton_interpret"):
+            causal_softmax_attention(q, k, v, impl="pallas_triton")
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_the_blockwise_loop(rng):
+    """The compiled kernels (bf16, default blocks) against the blockwise loop on fp32-upcast inputs: a LASP-2H
+    rank's rows (the second half of 2048 keys) with 8 documents, 8 query heads on 2 K/V heads of 64."""
+    q, k, v = qkv(rng, 1, 2048, 8, 2, 64, 64, dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.cumsum(rng.uniform(size=(1, 2048)) < 8 / 2048, axis=1), jnp.int32)
+    w = jnp.asarray(rng.standard_normal((1, 1024, 8, 64)), jnp.float32)
+
+    def grads(impl, q, k, v):
+        def loss(q, k, v):
+            o = causal_softmax_attention(q[:, 1024:], k, v, segment_ids=ids, q_offset=jnp.int32(1024), impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * w), o
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, o), g = grads("pallas_triton", q, k, v)
+    (_, o_ref), g_ref = grads("blockwise", *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert rel_err(o, o_ref) < BF16_TOL
+    for name, a, r in zip("qkv", g, g_ref):
+        assert rel_err(a, r) < BF16_TOL, f"d{name}"
