@@ -1,9 +1,13 @@
-"""Shared test helpers: random inputs and error norms."""
+"""Shared test helpers: random inputs, error norms, and lowering the kernels for CUDA without a GPU."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
+from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import AbstractDevice
 
 from lasp_jax.ops.rates import tnl_slopes
 
@@ -73,3 +77,17 @@ def dense_causal_softmax(q, k, v, local_rows=None):
     s = np.where(np.arange(t)[None, :] <= rows, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), v)
+
+
+# Abstract GPUs to lower the compiled kernels for: an H200, and an A100 (sm_80, the oldest the Triton lowering targets).
+H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
+A100 = AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")
+
+
+def cuda_mlir(fn, mesh, *args) -> str:
+    """The StableHLO that jit(fn) exports for CUDA on the abstract `mesh`: the Triton IR is built here (PTX
+    compilation and the run need a GPU)."""
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args)
+    return exported.mlir_module()

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import triton as pl_triton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import gated_norm
-from tests.util import rel_err
+from tests.util import A100, H200, cuda_mlir, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -149,16 +148,6 @@ def test_shard_map_over_rows_equals_unsharded(rng):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
-H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
-A100 = AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")
-
-
-def _cuda_mlir(fn, mesh, *args) -> str:
-    """The StableHLO that jit(fn) exports for CUDA on an abstract mesh (the Triton IR is built here; PTX needs a GPU)."""
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args)
-    return exported.mlir_module()
 
 
 def _compiled_fwd_bwd(groups):
@@ -179,7 +168,7 @@ def test_lowers_to_triton_at_mamba2_shape(device):
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=device)
-    text = _cuda_mlir(_compiled_fwd_bwd(1), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64), f32(64),
+    text = cuda_mlir(_compiled_fwd_bwd(1), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64), f32(64),
                       bf16(1, 65536, 4096), f32(4096), bf16(1, 65536, 4096))
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
 
@@ -195,7 +184,7 @@ def test_lowers_to_triton_under_shard_map():
                           out_specs=(rows, (rows, rows, P(), rows, P())))
     shape = lambda *s, dtype=jnp.bfloat16, spec=rows: jax.ShapeDtypeStruct(
         s, dtype, sharding=NamedSharding(mesh, spec))
-    text = _cuda_mlir(local, mesh, shape(2, 64, 4, 64), shape(2, 64, 4, 64), shape(4, dtype=jnp.float32, spec=P()),
+    text = cuda_mlir(local, mesh, shape(2, 64, 4, 64), shape(2, 64, 4, 64), shape(4, dtype=jnp.float32, spec=P()),
                       shape(2, 64, 256), shape(256, dtype=jnp.float32, spec=P()), shape(2, 64, 256))
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
 

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 
 import lasp_jax
-from jax import export
 from jax.experimental.pallas import triton as pl_triton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from lasp_jax.ops import impls, pallas_mosaic, pallas_triton, reference, vjp
-from tests.util import BF16_TOL, F32_TOL, decay, qkv, rel_err
+from tests.util import A100, BF16_TOL, F32_TOL, H200, cuda_mlir, decay, qkv, rel_err
 
 # jax 0.11 deprecates the Pallas Triton backend (it still runs); the module docstring says so once.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -73,21 +72,11 @@ def _names(with_states):
     return ["o", "state", "dq", "dk", "dv", "ds0"] if with_states else ["o", "dq", "dk", "dv"]
 
 
-H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
-A100 = AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")  # sm_80: the oldest GPU the Triton kernels run on
 
 
 def _gpus(shape=(1,), names=("x",), device=H200):
     """An abstract mesh of GPUs (H200s unless told): the kernels lower to Triton IR for it without a GPU."""
     return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), abstract_device=device)
-
-
-def _cuda_mlir(fn, mesh, *args) -> str:
-    """The StableHLO that jit(fn) exports for CUDA on `mesh` (PTX compilation and the run need the GPU)."""
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args)
-    return exported.mlir_module()
 
 
 @pytest.mark.parametrize(("with_states", "scaled"), [(False, False), (True, False), (True, True)],
@@ -394,7 +383,7 @@ def test_lowers_to_triton(overrides, device):
 
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-    text = _cuda_mlir(fwd_bwd, _gpus(device=device), q, kv, kv, q)
+    text = cuda_mlir(fwd_bwd, _gpus(device=device), q, kv, kv, q)
     # forward: state pass, piece scan, output pass; backward: the Q, dO state pass (the piece states entering dQ
     # are the forward's residual), reverse piece scan, dQ, and dK and dV (one kernel with whole-state tiles, else
     # two).
@@ -409,7 +398,7 @@ def test_pipeline_depth_follows_the_launch_size(shape, stages):
     launches over several pieces 3 (the H200 sweeps in benchmarks/results/KERNEL_NOTES.md)."""
     s = jnp.full((shape[2],), 0.1, jnp.float32)
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    text = _cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _gpus(),
+    text = cuda_mlir(lambda q, k, v: vjp.attend(q, k, v, s, None, pallas_triton.KERNELS, None, False), _gpus(),
                       q, q, q)
     assert set(re.findall(r"num_stages = (\d+)", text)) == {str(stages)}
 
@@ -426,7 +415,7 @@ def test_whole_states_take_wide_warps():
         o, vjp_fn = jax.vjp(attend, q, k, v)
         return o, vjp_fn(o)
 
-    kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', _cuda_mlir(fwd_bwd, _gpus(), q, q, q))
+    kernels = re.findall(r'name = "(_\w+_kernel)".*?num_warps = (\d+)', cuda_mlir(fwd_bwd, _gpus(), q, q, q))
     assert sorted(kernels) == [("_dkdv_kernel", "4"), ("_dkdv_kernel", "4"), ("_dq_kernel", "4"),
                                ("_output_kernel", "4"), ("_scan_kernel", "4"), ("_scan_kernel", "4"),
                                ("_state_kernel", "8"), ("_state_kernel", "8")]
@@ -494,7 +483,7 @@ def test_lowers_to_triton_under_shard_map(t):
     x = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
     # one piece (t = 512) carries nothing between pieces: no piece scans
     scans = 2 if t == 8192 else 0
-    assert _cuda_mlir(fwd_bwd, mesh, x, x, x, x).count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6 + scans
+    assert cuda_mlir(fwd_bwd, mesh, x, x, x, x).count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 6 + scans
 
 
 def test_kernels_refused_where_a_callers_shard_map_leaves_axes_to_xla(monkeypatch, rng):
@@ -530,7 +519,7 @@ def test_lowers_to_triton_data_parallel(monkeypatch):
         return o, vjp_fn(do)
 
     x = jax.ShapeDtypeStruct((2, 8192, 4, 128), jnp.bfloat16)
-    text = _cuda_mlir(fwd_bwd, mesh, x, x, x, x)
+    text = cuda_mlir(fwd_bwd, mesh, x, x, x, x)
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 8
     assert "all_gather" not in text and "collective_permute" not in text
 

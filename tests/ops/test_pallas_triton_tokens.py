@@ -18,15 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import triton as pl_triton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import lasp_jax
 from lasp_jax.ops import impls, pallas_triton, pieces, pieces_tokens, reference, states, vjp
 from lasp_jax.parallel.api import SeqExchange
 from tests.ops.test_token_decay import _loss_and_grads
-from tests.util import per_rank_errors, qkv, rel_err
+from tests.util import H200, cuda_mlir, per_rank_errors, qkv, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -307,7 +306,6 @@ def test_ranks_exchange_states(seq, heads, rng):
         assert max(per_rank) < TOL, (name, per_rank)
 
 
-H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 
 
 @pytest.mark.parametrize(("overrides", "ranks", "heads"), [
@@ -335,9 +333,7 @@ def test_lowers_to_triton(overrides, ranks, heads):
     h = max(heads)
     do = jax.ShapeDtypeStruct((1, t, h, 128), jnp.bfloat16)
     args = (q, k, v, jax.ShapeDtypeStruct((1, t, h), jnp.float32), jax.ShapeDtypeStruct((1, t), jnp.int32), do)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(*args).mlir_module()
+    text = cuda_mlir(fwd_bwd, mesh, *args)
     # forward: the K, V state pass, the piece scan and the output walk; backward: the Q, dO state pass, the
     # reverse piece scan, dQ, and dK and dV (one kernel with whole-state tiles, else two).
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == (7 if overrides else 8)

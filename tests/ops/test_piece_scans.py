@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import triton as pl_triton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+from jax.sharding import AbstractMesh, AxisType
 
 from benchmarks import profile_pieces
 from lasp_jax.ops import piece_scan_kernel, pieces
+from tests.util import H200, cuda_mlir
 
 TOL = 4e-7
 TOL_LONG = 1.5e-6  # P = 128
@@ -251,15 +251,11 @@ def test_kernel_bad_arguments_are_named():
 def test_kernel_lowers_to_triton():
     """Without a GPU: the compiled kernel (not interpreted) lowers to Triton IR for an abstract H200 at the
     per-token profile's shape (B = 1, H = 16, P = 128, d = 128), one launch per scan."""
-    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
-                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H200)
     sums = jax.ShapeDtypeStruct((1, 16, 128, 128, 128), jnp.float32)
     log_decay = jax.ShapeDtypeStruct((1, 16, 128), jnp.float32)
     plan = pieces.Plan(chunk=64, pieces=128, piece_len=512, pad=0)
-    scan = jax.jit(lambda x, a: pieces.from_zero(x, a, plan, reverse=True, interpret=False))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = export.export(scan, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pl_triton.CUSTOM_CALL_TARGET_NAME)])(sums, log_decay).mlir_module()
+    text = cuda_mlir(lambda x, a: pieces.from_zero(x, a, plan, reverse=True, interpret=False), mesh, sums, log_decay)
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 1
 
 

@@ -3,7 +3,8 @@ blockwise loop, which tests/ops/test_softmax.py checks against a float64 dense s
 queries from key 0 and at a global offset (traced), GQA, Dv != D, lengths that do not divide the blocks, head dims
 off the tiles and packed documents; the block ranges that skip other documents' keys; bad input. LASP-2H's ranks
 on the kernels are checked end to end in tests/models/test_documents.py (a seq-3 mesh, documents crossing rank
-boundaries, against one device). On a GPU (pytest -m gpu) the compiled kernels in bf16.
+boundaries, against one device). Without a GPU the compiled kernels lower to Triton IR on LASP-2H's ranks; on a
+GPU (pytest -m gpu) they run in bf16.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.ops import softmax, softmax_kernel
+from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+
+from lasp_jax.ops import kernel_support, softmax, softmax_kernel
 from lasp_jax.ops.softmax import causal_softmax_attention
-from tests.util import BF16_TOL, qkv, rel_err
+from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
+from tests.util import A100, BF16_TOL, H200, cuda_mlir, qkv, rel_err
 
 SMALL = softmax_kernel.Config(block_q=16, block_k=16)
 # float32 kernels against the float32 blockwise loop: only the summation order differs (measured <= 3.1e-7 over
@@ -74,6 +79,26 @@ def test_bad_input_is_a_clear_error(rng):
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="impl='pallas_triton' cannot run here: .*pallas_triton_interpret"):
             causal_softmax_attention(q, k, v, impl="pallas_triton")
+
+
+@pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
+def test_lowers_to_triton_on_lasp2h_ranks(monkeypatch, device):
+    """Without a GPU: LASP-2H with impl="pallas_triton" inside its shard_map over 2 abstract GPUs (check_vma on),
+    at the Mamba-2 1.3B hybrid's softmax heads (32 of 64 on 8 K/V heads, bf16) with documents, forward and
+    backward, lowers to the three Triton kernels (forward, dQ, dK/dV) for an H200 and an A100 (sm_80)."""
+    monkeypatch.setattr(kernel_support, "triton_unavailable", lambda: None)  # as on a GPU
+    mesh = AbstractMesh((1, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2, abstract_device=device)
+    spec = NamedSharding(mesh, P(None, "seq"))
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=spec)  # noqa: E731
+
+    def fwd_bwd(q, k, v, ids, do):
+        o, vjp_fn = jax.vjp(lambda q, k, v: softmax_allgather_attention(q, k, v, segment_ids=ids,
+                                                                        impl="pallas_triton"), q, k, v)
+        return o, vjp_fn(do)
+
+    text = cuda_mlir(fwd_bwd, mesh, shape(1, 8192, 32, 64), shape(1, 8192, 8, 64), shape(1, 8192, 8, 64),
+                     shape(1, 8192, dtype=jnp.int32), shape(1, 8192, 32, 64))
+    assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 3
 
 
 @pytest.mark.gpu

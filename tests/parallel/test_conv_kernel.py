@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from lasp_jax.ops import causal_conv_kernel
 from lasp_jax.parallel import causal_conv
 from lasp_jax.parallel.causal_conv import causal_conv1d, sharded_causal_conv1d
-from tests.util import document_ids, per_rank_errors, rel_err
+from tests.util import A100, H200, document_ids, per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shapes span several of each: L = 45 is 6 forward tiles of 8 rows (the last
@@ -195,8 +195,6 @@ def test_impl_selection(rng):
         causal_conv_kernel.Config(bwd_rows=40)
 
 
-H200 = jax.sharding.AbstractDevice("NVIDIA H200", 132, "gpu")
-A100 = jax.sharding.AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")
 
 
 def _cuda_text(fn, mesh, *args) -> str:
