@@ -68,6 +68,11 @@ class SoftmaxMixer(nnx.Module):
         if sharding.seq_size(cfg) > 1:
             o = softmax_allgather_attention(q, k, v, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                             batch_axes=sharding.batch_axes(cfg), impl=cfg.softmax_impl)
+        elif cfg.softmax_impl.startswith("pallas_triton"):  # kernels with no sharding rule: per device
+            attend = lambda q, k, v, *ids: causal_softmax_attention(  # noqa: E731
+                q, k, v, segment_ids=ids[0] if ids else None, impl=cfg.softmax_impl)
+            o = sharding.per_device(attend, cfg, (q, k, v) + (() if segment_ids is None else (segment_ids,)),
+                                    out_ndim=4, check_vma=cfg.softmax_impl != "pallas_triton_interpret")
         else:
             o = causal_softmax_attention(q, k, v, segment_ids=segment_ids, impl=cfg.softmax_impl)
         return self._out(o)

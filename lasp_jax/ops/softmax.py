@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from lasp_jax.ops import checks, kernel_support, softmax_kernel
+from lasp_jax.ops.impls import partitioned
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -128,6 +129,9 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
         why = None if interpret else kernel_support.triton_unavailable()
         if why:
             raise ValueError(f"impl='pallas_triton' cannot run here: {why}")
+        if partitioned(q):
+            raise ValueError(f"impl={impl!r} has no sharding rule: call it per device (inside a shard_map over "
+                             "the batch, as LASP-2H's ranks and the hybrid models do)")
         return softmax_kernel.attention(q, k, v, docs, q_offset, scale, interpret=interpret)
     return blockwise(q, k, v, docs, q_offset, scale)
 
@@ -135,7 +139,7 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
 def document_numbers(ids: jax.Array) -> jax.Array:
     """[B, S] ids -> [B, S] int32 document numbers 0, 1, ...: one more wherever the id changes."""
     starts = (ids[:, 1:] != ids[:, :-1]).astype(jnp.int32)
-    return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
+    return jnp.concatenate([jnp.zeros((ids.shape[0], 1), jnp.int32), jnp.cumsum(starts, axis=1)], axis=1)
 
 
 def _cudnn_applies(q, k, v, docs, q_offset) -> bool:

@@ -15,7 +15,7 @@ its first key, in documents up to its last key's). The block ranges come from se
 documents cost about the sum of their squared lengths, not the rows'.
 
 Numerics: q, k, v and the probabilities enter the tensor cores in the input dtype with fp32 accumulation
-(FlashAttention's); scores, the running max m, normaliser l and lse = m + log l are fp32, and every exponent is
+(FlashAttention's; fp32 inputs as full-precision products, not TF32); scores, the running max m, normaliser l and lse = m + log l are fp32, and every exponent is
 s - m <= 0. Backward (FlashAttention-2): delta = rowsum(o * dO) in XLA, a dQ kernel per query block, and a dK/dV
 kernel per key block and K/V head summing its G query heads in fp32 registers (no per-query-head copies).
 
@@ -63,6 +63,10 @@ def supported(q, k, v) -> str | None:
     """None if the kernels take these inputs, else why not."""
     if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return f"q, k, v must share one of bfloat16, float16, float32, got {q.dtype}, {k.dtype}, {v.dtype}"
+    (b, _, h, d), (bk, s_len, hkv, dk), (bv, sv, hv, _) = q.shape, k.shape, v.shape
+    if (bk, bv) != (b, b) or sv != s_len or hv != hkv or dk != d or hkv == 0 or h % hkv:
+        return f"q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] with H a multiple of Hkv: got {q.shape}, " \
+               f"{k.shape}, {v.shape}"
     return None
 
 
@@ -134,7 +138,9 @@ def _visible(q_pos, q_docs, k_pos, k_docs, s_len):
 
 
 def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=_F32)
+    # fp32 operands in full precision (Triton's default for them is TF32), as the blockwise loop's HIGHEST
+    precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
+    return jnp.dot(a, b, preferred_element_type=_F32, precision=precision)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, qpos_ref, qdoc_ref, kdoc_ref, range_ref, o_ref, lse_ref, *, scale, bk,

@@ -87,7 +87,8 @@ def test_a_document_does_not_see_what_precedes_it(name):
 MESH_CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, the softmax layers' impl
     ("tnl-tiny", (1, 3), True, "ring", "auto"),
     ("tnl-tiny-hybrid", (2, 4), False, "allgather", "auto"),
-    ("tnl-tiny-hybrid", (1, 3), True, "ring", "pallas_triton_interpret"),  # LASP-2H ranks on the flash kernels
+    ("tnl-tiny-hybrid", (2, 3), True, "ring", "pallas_triton_interpret"),  # LASP-2H ranks on the flash kernels
+    ("tnl-tiny-hybrid", (2, 1), False, "ring", "pallas_triton_interpret"),  # the kernels per data shard
 ]
 
 
