@@ -6,6 +6,10 @@ without documents and, with documents from key 0, the packed layout on Hopper (a
     python3 -m benchmarks.softmax_gpu [--lengths 8192,16384,32768,65536] [--batch 1] [--heads 16] [--kv-heads 4]
         [--head-dim 128] [--docs 8] [--impls blockwise,cudnn] [--iters 5] [--reps 3] [--out DIR]
 
+Contenders (--impls): causal_softmax_attention's impls (blockwise, cudnn, pallas_triton: the flash kernels of
+lasp_jax.ops.softmax_kernel at their default launch sizes) and "pallas_triton:BQ:BK:WARPS:STAGES" for a sweep
+of those sizes, e.g. --impls cudnn,pallas_triton:64:64:4:2,pallas_triton:128:64:8:3.
+
 Shape: the tnl-1b-hybrid softmax layer (16 query heads, 4 K/V heads, head dim 128) by default. Inputs: q, k, v,
 dO standard normals rounded to bf16, scale d^-0.5; documents: --docs per row at random starts (the same in every
 run). Timing: `measure.median_ms` of the jitted forward and of forward+backward (o and dq, dk, dv for a given dO;
@@ -33,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import measure
-from lasp_jax.ops.softmax import causal_softmax_attention
+from lasp_jax.ops import softmax_kernel
+from lasp_jax.ops.softmax import causal_softmax_attention, document_numbers
 
 
 def inputs(b, t, h, hkv, d, docs, dtype, seed=0):
@@ -48,7 +53,17 @@ def inputs(b, t, h, hkv, d, docs, dtype, seed=0):
 
 
 def attend_fn(impl):
-    """attend(q, k, v, *ids) -> o for one contender (causal_softmax_attention's impl)."""
+    """attend(q, k, v, *ids) -> o for one contender: causal_softmax_attention's impl, or
+    "pallas_triton:BQ:BK:WARPS:STAGES" for the flash kernels at those launch sizes (a sweep)."""
+    if impl.startswith("pallas_triton:"):
+        bq, bk, warps, stages = (int(x) for x in impl.split(":")[1:])
+        config = softmax_kernel.Config(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+
+        def kernels(q, k, v, *ids):
+            docs = document_numbers(ids[0]) if ids else None
+            return softmax_kernel.attention(q, k, v, docs, 0, q.shape[-1] ** -0.5, config)
+        return kernels
+
     def attend(q, k, v, *ids):
         return causal_softmax_attention(q, k, v, segment_ids=ids[0] if ids else None, impl=impl)
     return attend

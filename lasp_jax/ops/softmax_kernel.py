@@ -15,9 +15,11 @@ its first key, in documents up to its last key's). The block ranges come from se
 documents cost about the sum of their squared lengths, not the rows'.
 
 Numerics: q, k, v and the probabilities enter the tensor cores in the input dtype with fp32 accumulation
-(FlashAttention's; fp32 inputs as full-precision products, not TF32); scores, the running max m, normaliser l and lse = m + log l are fp32, and every exponent is
-s - m <= 0. Backward (FlashAttention-2): delta = rowsum(o * dO) in XLA, a dQ kernel per query block, and a dK/dV
-kernel per key block and K/V head summing its G query heads in fp32 registers (no per-query-head copies).
+(FlashAttention's; fp32 inputs as full-precision products, not TF32); scores, the running max m, normaliser l and
+lse = m + log2 l are fp32 in base 2 (scores times scale log2 e, exp2), and every exponent is s - m <= 0.
+Backward (FlashAttention-2): delta = rowsum(o * dO) in XLA, a dQ kernel per query block, and a dK/dV kernel per
+key block and K/V head summing its G query heads in fp32 registers (no per-query-head copies), on [keys, rows]
+tiles so that no computed tile is transposed.
 
 Layout: the kernels take head-major [B, H, T, D] copies (one transpose each way in XLA), lengths padded to the
 blocks (padded keys sit past S and are never visible; padded rows are dropped, their dO zero) and head dims
@@ -40,6 +42,7 @@ from jax.experimental.pallas import triton as pl_triton
 from lasp_jax.ops import kernel_support
 
 _F32 = jnp.float32
+_LOG2E = 1.4426950408889634  # log2(e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,13 @@ def _heads_major(x, size):
 
 
 def _visible(q_pos, q_docs, k_pos, k_docs, s_len):
+    """[rows, keys]: the key at or before the row, a real key, one document."""
     return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < s_len) & (k_docs[None, :] == q_docs[:, None])
+
+
+def _visible_t(q_pos, q_docs, k_pos, k_docs, s_len):
+    """_visible as [keys, rows] (the dK/dV kernel's tiles)."""
+    return (k_pos[:, None] <= q_pos[None, :]) & (k_pos[:, None] < s_len) & (k_docs[:, None] == q_docs[None, :])
 
 
 def _dot(a, b):
@@ -145,19 +154,20 @@ def _dot(a, b):
 
 def _forward_kernel(q_ref, k_ref, v_ref, qpos_ref, qdoc_ref, kdoc_ref, range_ref, o_ref, lse_ref, *, scale, bk,
                     s_len):
+    scale2 = scale * _LOG2E  # scores in base 2: exp2 is one instruction, exp a library call
     q = q_ref[...]
     q_pos, q_docs = qpos_ref[...], qdoc_ref[...]
 
     def step(j, carry):
         m, l, acc = carry
         keys = pl.ds(j * bk, bk)
-        s = _dot(q, k_ref[keys, :].T) * scale
+        s = _dot(q, k_ref[keys, :].T) * scale2
         visible = _visible(q_pos, q_docs, j * bk + jnp.arange(bk), kdoc_ref[keys], s_len)
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
-        p = jnp.exp(s - m_safe[:, None])
-        correction = jnp.exp(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        correction = jnp.exp2(m - m_safe)
         v = v_ref[keys, :]
         return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + _dot(p.astype(v.dtype), v)
 
@@ -167,7 +177,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qpos_ref, qdoc_ref, kdoc_ref, range_ref
     seen = l > 0  # every real row sees its own key; padded rows may see none
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), 0.0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, qdoc_ref, kdoc_ref, range_ref, dq_ref, *,
@@ -180,7 +190,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, qdoc_r
         keys = pl.ds(j * bk, bk)
         k, v = k_ref[keys, :], v_ref[keys, :]
         visible = _visible(q_pos, q_docs, j * bk + jnp.arange(bk), kdoc_ref[keys], s_len)
-        p = jnp.where(visible, jnp.exp(jnp.minimum(_dot(q, k.T) * scale - lse[:, None], 0.0)), 0.0)
+        p = jnp.where(visible, jnp.exp2(jnp.minimum(_dot(q, k.T) * (scale * _LOG2E) - lse[:, None], 0.0)), 0.0)
         ds = p * (_dot(do, v.T) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -196,17 +206,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, qdoc
     k_docs = kdoc_ref[...]
 
     def head(g, carry):
-        def step(i, carry):
+        def step(i, carry):  # [keys, rows] tiles: no transpose of a computed tile
             dk, dv = carry
             rows = pl.ds(i * bq, bq)
             q, do = q_ref[g, rows, :], do_ref[g, rows, :]
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-            q_pos = qpos_ref[rows]
-            visible = _visible(q_pos, qdoc_ref[rows], k_pos, k_docs, s_len) & (i * bq + jnp.arange(bq) < length)[:, None]
-            p = jnp.where(visible, jnp.exp(jnp.minimum(_dot(q, k.T) * scale - lse[:, None], 0.0)), 0.0)
-            dv = dv + _dot(p.astype(do.dtype).T, do)
-            ds = p * (_dot(do, v.T) - delta[:, None])
-            return dk + _dot(ds.astype(q.dtype).T, q), dv
+            visible = (_visible_t(qpos_ref[rows], qdoc_ref[rows], k_pos, k_docs, s_len)
+                       & (i * bq + jnp.arange(bq) < length)[None, :])
+            p = jnp.where(visible, jnp.exp2(jnp.minimum(_dot(k, q.T) * (scale * _LOG2E) - lse[None, :], 0.0)), 0.0)
+            ds = p * (_dot(v, do.T) - delta[None, :])
+            return dk + _dot(ds.astype(q.dtype), q), dv + _dot(p.astype(do.dtype), do)
 
         return lax.fori_loop(range_ref[0], range_ref[1], step, carry)
 

@@ -24,7 +24,7 @@ from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from tests.util import A100, BF16_TOL, H200, cuda_mlir, qkv, rel_err
 
 SMALL = softmax_kernel.Config(block_q=16, block_k=16)
-# float32 kernels against the float32 blockwise loop: only the summation order differs (measured <= 3.5e-7 over
+# float32 kernels against the float32 blockwise loop: only the summation order differs (measured <= 3.9e-7 over
 # the cases below, outputs and gradients).
 KERNEL_TOL = 1e-6
 SCALE = 8.0  # logits of spread ~2 on qkv's q, k (std 1/sqrt(d) each), so the running max and lse matter
