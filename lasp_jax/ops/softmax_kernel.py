@@ -113,8 +113,10 @@ def _plan(q, k, docs, q_offset, config):
     q_pos = q_offset + jnp.arange(nq * bq, dtype=jnp.int32)
     q_docs = _padded(lax.dynamic_slice_in_dim(docs, q_offset, length, axis=1), 1, nq * bq, mode="edge")
     k_docs = _padded(docs, 1, nk * bk, mode="edge")
+
     def search(rows, x, side):  # per batch row
         return jax.vmap(functools.partial(jnp.searchsorted, side=side))(rows, x)
+
     # Query block i: keys from its first row's document start to its last real row's position.
     first_row = jnp.arange(nq) * bq
     last_row = jnp.minimum(first_row + bq, length) - 1
