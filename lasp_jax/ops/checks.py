@@ -90,6 +90,19 @@ def beyond_gqa(q, k, v) -> bool:
     return k.shape[2] != v.shape[2] or v.shape[2] > q.shape[2]
 
 
+def softmax_inputs(q, k, v) -> None:
+    """ValueError unless q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] fit MHA/GQA."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, heads, head_dim], got shape {getattr(x, 'shape', x)}")
+    (b, _, h, d), (bk, tk, hkv, d_of_k), (bv, tv, hv, _) = q.shape, k.shape, v.shape
+    if (bk, bv) != (b, b) or tk != tv:
+        raise ValueError(f"q, k, v must share the batch dim and k, v the sequence dim: q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    if hv != hkv or d_of_k != d or hkv == 0 or h % hkv:
+        raise ValueError(f"heads/head dims do not fit MHA/GQA: q {q.shape}, k {k.shape}, v {v.shape}")
+
+
 def segment_ids(ids, b: int, t: int) -> jax.Array | None:
     """None, or ids as a [B, T] integer array (documents: the state resets where the id changes)."""
     if ids is None:

@@ -61,19 +61,6 @@ PACKED_MAX_DOCUMENTS = 64
 PACKED_WORKSPACE_MAX = 16 * 2**30
 
 
-def check_inputs(q, k, v):
-    """ValueError unless q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] fit MHA/GQA."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, heads, head_dim], got shape {getattr(x, 'shape', x)}")
-    (b, _, h, d), (bk, tk, hkv, d_of_k), (bv, tv, hv, _) = q.shape, k.shape, v.shape
-    if (bk, bv) != (b, b) or tk != tv:
-        raise ValueError(f"q, k, v must share the batch dim and k, v the sequence dim: q {q.shape}, k {k.shape}, "
-                         f"v {v.shape}")
-    if hv != hkv or d_of_k != d or hkv == 0 or h % hkv:
-        raise ValueError(f"heads/head dims do not fit MHA/GQA: q {q.shape}, k {k.shape}, v {v.shape}")
-
-
 def check_segment_ids(segment_ids, q, k, q_offset):
     """None, or segment_ids as a [B, S] integer array of k's positions; a ValueError naming what is wrong.
 
@@ -113,7 +100,7 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
-    check_inputs(q, k, v)
+    checks.softmax_inputs(q, k, v)
     ids = check_segment_ids(segment_ids, q, k, q_offset)
     if impl not in SOFTMAX_IMPLS:
         raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import kernel_support
+from lasp_jax.ops import checks, kernel_support
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634  # log2(e)
@@ -63,13 +63,9 @@ class Config:
 
 
 def supported(q, k, v) -> str | None:
-    """None if the kernels take these inputs, else why not."""
+    """None if the kernels take these inputs' dtypes, else why not (shapes: checks.softmax_inputs)."""
     if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return f"q, k, v must share one of bfloat16, float16, float32, got {q.dtype}, {k.dtype}, {v.dtype}"
-    (b, _, h, d), (bk, s_len, hkv, dk), (bv, sv, hv, _) = q.shape, k.shape, v.shape
-    if (bk, bv) != (b, b) or sv != s_len or hv != hkv or dk != d or hkv == 0 or h % hkv:
-        return f"q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] with H a multiple of Hkv: got {q.shape}, " \
-               f"{k.shape}, {v.shape}"
     return None
 
 
@@ -82,6 +78,7 @@ def attention(q, k, v, docs, q_offset, scale: float, config: Config = Config(), 
     """q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; docs None or [B, S] int32 document numbers of the key
     positions (nondecreasing from 0: lasp_jax.ops.softmax.document_numbers); q_offset an int or int32 scalar with
     q_offset + L <= S. Returns o [B, L, H, Dv] in q's dtype. Differentiable in q, k, v."""
+    checks.softmax_inputs(q, k, v)
     why = supported(q, k, v)
     if why:
         raise ValueError(why)

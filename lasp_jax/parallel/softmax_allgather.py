@@ -19,7 +19,8 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
-from lasp_jax.ops.softmax import causal_softmax_attention, check_inputs, check_segment_ids
+from lasp_jax.ops import checks
+from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids
 from lasp_jax.parallel import layout
 
 IMPLS = ("auto", "blockwise", "pallas_triton", "pallas_triton_interpret")  # see softmax_allgather_attention
@@ -62,7 +63,7 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
     Returns:
       o [B, T, H, Dv] in q's dtype, sharded like q.
     """
-    check_inputs(q, k, v)
+    checks.softmax_inputs(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"self-attention needs q and k of the same length, got {q.shape[1]} and {k.shape[1]}")
     ids = check_segment_ids(segment_ids, q, k, 0)
