@@ -8,18 +8,26 @@ so the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` 
 positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.parallel.softmax_allgather) and a KV
 cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
 
-cuDNN (impl="cudnn", or "auto" where it applies: a qualified GPU, bf16/fp16, one device's call): its own causal
-mask where queries sit at positions 0..L-1 of L keys. Documents with those queries take cuDNN's packed layout on
+Fused kernels on a GPU: cuDNN's flash attention through `jax.nn.dot_product_attention`, and lasp_jax's own
+flash kernels (lasp_jax.ops.softmax_kernel, Pallas Triton: queries at any offset, GQA, documents skipping whole
+key blocks). "auto" on a qualified GPU takes cuDNN where it needs no mask (causal from key 0, or packed documents
+from key 0) and the flash kernels elsewhere (a global q_offset as on LASP-2H's ranks or in decoding, documents
+before Hopper, rows with more documents than cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of
+64, benchmarks/results/softmax_gpu_h200_s12.md), forward+backward: causal 64K cuDNN 144 ms, flash kernels 236;
+16 documents at 64K cuDNN packed 19.9 ms (17.25 GiB of temporaries), flash kernels 26.9 (0.64 GiB); at 8K 1.9
+and 1.0 ms.
+
+cuDNN (impl="cudnn"): its own causal mask where queries sit at positions 0..L-1 of L keys. Documents with those queries take cuDNN's packed layout on
 Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
 attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
 documents; where a row holds more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents the
-whole batch takes the blockwise loop instead, chosen on the device (the same attention, to rounding; about 35x
-slower: size M for the data with PACKED_WORKSPACE_MAX). Its memory follows M, not the documents: the backward
+whole batch takes the flash kernels instead where they are qualified, else the blockwise loop (about 35x slower),
+chosen on the device (the same attention, to rounding; size M for the data with PACKED_WORKSPACE_MAX). Its memory follows M, not the documents: the backward
 keeps an fp32 accumulator per slot (17.25 GiB of temporaries at that shape against 1.02 GiB causal,
 benchmarks/results/softmax_gpu_h200_s11.md). lax.cond compiles both branches.
 A global q_offset, or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
-cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only while
-B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
+cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only where the flash
+kernels are not qualified and B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
 B = 1, 16 query / 4 K/V heads of 128, benchmarks/results/softmax_gpu_h200_s9.md) forward+backward took: causal
 8K 2.0 ms cuDNN against 69.4 ms blockwise, 32K 28.4 against 1056; 8 documents with the dense mask 8K 6.4 against
 49.6, 32K 100.5 against 703 (XLA temporaries 2.5 GiB against 0.75 GiB).
@@ -48,6 +56,10 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
 # runs anywhere jax.nn.dot_product_attention does.
 CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
+# Device kinds where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those where
+# tests/ops/test_softmax_kernel.py's GPU test passed (fail-closed): on an H200, 2026-11-30. Named,
+# impl="pallas_triton" runs on any CUDA GPU of compute capability 8.0 or newer.
+FLASH_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 # Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
 # cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
 # blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
@@ -90,13 +102,14 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
       impl: "blockwise" (XLA, any platform), "cudnn" (cuDNN flash attention through
         jax.nn.dot_product_attention: a GPU, bf16/fp16 q, k, v of one dtype, else a ValueError; documents and a
         global q_offset as a dense [B, 1, L, S] mask, except documents from key 0 on Hopper or later: the packed
-        layout) or "auto": cudnn where it applies (a GPU in CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, one
-        device's call: no ambient mesh of several devices unless inside a shard_map over all its axes; head dims
-        a multiple of 8 up to 256; and no dense mask needed (q_offset the int 0 and L = S, without segment_ids
-        or with them on Hopper or later) or B * L * S <= DENSE_MASK_MAX with L and S even), blockwise
-        otherwise. "pallas_triton": the fused flash kernels of lasp_jax.ops.softmax_kernel (queries at any
-        offset, GQA, documents skipping whole key blocks; a CUDA GPU of compute capability >= 8.0; not yet run
-        on a GPU, so "auto" does not take them), "pallas_triton_interpret" the same interpreted anywhere.
+        layout), "pallas_triton": the fused flash kernels of lasp_jax.ops.softmax_kernel (queries at any offset,
+        GQA, documents skipping whole key blocks; a CUDA GPU of compute capability >= 8.0; one device's call),
+        "pallas_triton_interpret" the same interpreted anywhere, or "auto", in this order: cudnn where it needs
+        no mask (q_offset the int 0 and L = S, without segment_ids or with them on Hopper or later; a GPU in
+        CUDNN_QUALIFIED_GPUS, bf16/fp16 inputs, head dims a multiple of 8 up to 256, one device's call: no
+        ambient mesh of several devices unless inside a shard_map over all its axes); pallas_triton where
+        flash_unqualified is None; cudnn with a dense mask while B * L * S <= DENSE_MASK_MAX (L and S even);
+        blockwise.
     Returns:
       o [B, L, H, Dv] in q's dtype.
     """
@@ -107,10 +120,11 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     docs = None if ids is None else document_numbers(ids)
     if impl == "auto":
-        impl = "cudnn" if _cudnn_applies(q, k, v, docs, q_offset) else "blockwise"
+        impl = _auto(q, k, v, docs, q_offset)
     blockwise = functools.partial(_blockwise, block_q=block_q, block_k=block_k)
     if impl == "cudnn":
-        return _cudnn(q, k, v, docs, q_offset, scale, blockwise)
+        return _cudnn(q, k, v, docs, q_offset, scale,
+                      softmax_kernel.attention if flash_unqualified(q, k, v) is None else blockwise)
     if impl.startswith("pallas_triton"):
         interpret = impl == "pallas_triton_interpret"
         why = None if interpret else kernel_support.triton_unavailable()
@@ -129,18 +143,44 @@ def document_numbers(ids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros((ids.shape[0], 1), jnp.int32), jnp.cumsum(starts, axis=1)], axis=1)
 
 
-def _cudnn_applies(q, k, v, docs, q_offset) -> bool:
-    """Whether "auto" takes cuDNN: see causal_softmax_attention's impl. Only where the call is per device (no
-    ambient mesh of several devices, or every axis manual): how XLA partitions cuDNN's custom call over a
-    sharded batch is not measured yet. Only shapes cuDNN's flash attention takes in training (jax's
-    check_is_flash_attention): head dims a multiple of 8 up to 256, and with a mask (a bias) even lengths, so a
-    decoding step (L = 1) keeps the blockwise loop."""
+def _auto(q, k, v, docs, q_offset) -> str:
+    """causal_softmax_attention's impl="auto": the order its docstring gives, from the H200 timings in this
+    module's docstring."""
+    if _cudnn_applies(q, k, v, docs, q_offset, dense_mask=False):
+        return "cudnn"
+    if flash_unqualified(q, k, v) is None:
+        return "pallas_triton"
+    return "cudnn" if _cudnn_applies(q, k, v, docs, q_offset, dense_mask=True) else "blockwise"
+
+
+def flash_unqualified(q, k, v) -> str | None:
+    """None where "auto" may take the flash kernels (lasp_jax.ops.softmax_kernel) for these inputs, else why not:
+    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, dtypes the kernels take, and one device's call
+    (the kernels have no sharding rule)."""
+    why = kernel_support.triton_unavailable()
+    if why:
+        return why
+    kind = jax.devices()[0].device_kind
+    if kind not in FLASH_QUALIFIED_GPUS:
+        return f"the flash kernels have passed their GPU test on {FLASH_QUALIFIED_GPUS} only, not on {kind!r}"
+    why = softmax_kernel.supported(q, k, v)
+    if why:
+        return why
+    return "the call is partitioned by XLA over several devices" if partitioned(q) else None
+
+
+def _cudnn_applies(q, k, v, docs, q_offset, dense_mask: bool) -> bool:
+    """Whether "auto" takes cuDNN without a mask (dense_mask False) or also with a dense mask: see
+    causal_softmax_attention's impl. Only where the call is per device (no ambient mesh of several devices, or
+    every axis manual): how XLA partitions cuDNN's custom call over a sharded batch is not measured yet. Only
+    shapes cuDNN's flash attention takes in training (jax's check_is_flash_attention): head dims a multiple of 8
+    up to 256, and with a mask (a bias) even lengths, so a decoding step (L = 1) does not take it."""
     if jax.default_backend() != "gpu" or jax.devices()[0].device_kind not in CUDNN_QUALIFIED_GPUS:
         return False
     mesh = jax.sharding.get_abstract_mesh()
     per_device = mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
     aligned = _aligned(q, k, q_offset) and (docs is None or _packed_applies(q, k, v))
-    small_even_mask = (q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
+    small_even_mask = (dense_mask and q.shape[0] * q.shape[1] * k.shape[1] <= DENSE_MASK_MAX
                        and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
     dims_ok = all(d % 8 == 0 and d <= 256 for d in (q.shape[-1], v.shape[-1]))
     return (per_device and dims_ok and (aligned or small_even_mask)
@@ -164,10 +204,10 @@ def _packed_applies(q, k, v) -> bool:
             and all(math.prod(x.shape) < 2**31 for x in (q, k, v)))
 
 
-def _cudnn(q, k, v, docs, q_offset, scale, blockwise):
+def _cudnn(q, k, v, docs, q_offset, scale, overflow):
     """jax.nn.dot_product_attention(implementation="cudnn"): its causal mask where queries start at key 0, the
-    packed layout for documents there (Hopper or later), a dense [B, 1, L, S] mask (global causal positions,
-    documents) otherwise."""
+    packed layout for documents there (Hopper or later; `overflow(q, k, v, docs, 0, scale)` where a row has more
+    documents than the tables' slots), a dense [B, 1, L, S] mask (global causal positions, documents) otherwise."""
     if q.dtype not in _CUDNN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"impl='cudnn' takes bfloat16 or float16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
@@ -176,7 +216,7 @@ def _cudnn(q, k, v, docs, q_offset, scale, blockwise):
     if docs is not None and aligned and _packed_applies(q, k, v):
         return jax.lax.cond(jnp.max(docs[:, -1]) < packed_slots(q),
                             lambda q, k, v, docs: _packed(q, k, v, docs, scale),
-                            lambda q, k, v, docs: blockwise(q, k, v, docs, 0, scale), q, k, v, docs)
+                            lambda q, k, v, docs: overflow(q, k, v, docs, 0, scale), q, k, v, docs)
     mask = None
     if docs is not None or not aligned:
         rows = q_offset + jnp.arange(length)

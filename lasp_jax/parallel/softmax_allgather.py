@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
 from lasp_jax.ops import checks
-from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids
+from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids, flash_unqualified
 from lasp_jax.parallel import layout
 
 IMPLS = ("auto", "blockwise", "pallas_triton", "pallas_triton_interpret")  # see softmax_allgather_attention
@@ -35,8 +35,10 @@ def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
     gather = functools.partial(jax.lax.all_gather, axis_name=seq_axis, axis=1, tiled=True)
     kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
+    if impl == "auto":  # never cuDNN here (see softmax_allgather_attention's impl)
+        impl = "pallas_triton" if flash_unqualified(q, kg, vg) is None else "blockwise"
     return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
-                                    block_k=block_k, impl="blockwise" if impl == "auto" else impl)
+                                    block_k=block_k, impl=impl)
 
 
 def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axis="seq", scale=None,
@@ -52,10 +54,13 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
       scale: default 1/sqrt(D).
       batch_axes: mesh axes B is sharded over; default as in lasp_attention.
       block_q, block_k: as for causal_softmax_attention, per rank.
-      impl: "auto" or "blockwise": each rank runs causal_softmax_attention's blockwise loop; "pallas_triton"
-        (or "pallas_triton_interpret") its fused flash kernels (lasp_jax.ops.softmax_kernel: the rank's queries at
-        their global offset, documents skipping whole key blocks; not yet run on a GPU; the interpreted kernels
-        inside a caller's shard_map need its check_vma=False). "cudnn" is refused:
+      impl: "pallas_triton" (or "pallas_triton_interpret"): each rank runs causal_softmax_attention's fused
+        flash kernels (lasp_jax.ops.softmax_kernel: the rank's queries at their global offset, documents skipping
+        whole key blocks; the interpreted kernels inside a caller's shard_map need its check_vma=False);
+        "blockwise": its blockwise XLA loop; "auto": the flash kernels where
+        lasp_jax.ops.softmax.flash_unqualified is None (a GPU where their test passed; on two H200s a
+        Mamba-2 1.3B hybrid step at 64K tokens per GPU took 2.37 s with them, 44.5 s with the blockwise loop,
+        benchmarks/results/TRAIN_GPU_NOTES.md), else the blockwise loop. "cudnn" is refused:
         cuDNN's attention inside this shard_map (queries at a global offset, a dense mask) crashed the process
         (segmentation fault) on two H200s with jax 0.11.2, with and without documents, while the same call on one
         device and cuDNN inside a data-parallel shard_map ran (benchmarks/cudnn_shardmap_probe.py,
@@ -70,7 +75,7 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
     if impl == "cudnn":
         raise ValueError("impl='cudnn' is refused for LASP-2H: cuDNN's attention inside its shard_map crashed "
                          "(segmentation fault) on two H200s with jax 0.11.2 (benchmarks/cudnn_shardmap_probe.py); "
-                         "use 'blockwise' (what 'auto' takes)")
+                         "use 'auto', 'pallas_triton' or 'blockwise'")
     if impl not in IMPLS:
         raise ValueError(f"unknown LASP-2H impl {impl!r}: expected one of {IMPLS}")
     mesh = layout.current_mesh(mesh)

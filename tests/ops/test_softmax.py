@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.ops import softmax
+from jax.sharding import AxisType
+
+from lasp_jax.ops import softmax, softmax_kernel
 from lasp_jax.ops.softmax import causal_softmax_attention
 from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, qkv, rel_err
 
@@ -60,7 +62,8 @@ def test_auto_takes_cudnn_only_for_shapes_it_trains(monkeypatch):
     def applies(length, keys, d=128, docs=False, q_offset=0, dtype=jnp.bfloat16):
         q = jax.ShapeDtypeStruct((1, length, 4, d), dtype)
         k = jax.ShapeDtypeStruct((1, keys, 2, d), dtype)
-        return softmax._cudnn_applies(q, k, k, jnp.zeros((1, keys), jnp.int32) if docs else None, q_offset)
+        return softmax._cudnn_applies(q, k, k, jnp.zeros((1, keys), jnp.int32) if docs else None, q_offset,
+                                       dense_mask=True)
 
     assert applies(1023, 1023)  # cuDNN's own causal mask: any length
     assert applies(1024, 1024, docs=True) and applies(512, 1024, q_offset=512)
@@ -82,16 +85,48 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
     def applies(b, length, keys, q_offset=0, heads=4):
         q = jax.ShapeDtypeStruct((b, length, heads, 128), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((b, keys, 2, 128), jnp.bfloat16)
-        return softmax._cudnn_applies(q, k, k, jnp.zeros((b, keys), jnp.int32), q_offset)
+        return softmax._cudnn_applies(q, k, k, jnp.zeros((b, keys), jnp.int32), q_offset, dense_mask=True)
 
     assert applies(1, 65536, 65536) == packed
     assert applies(1, 1023, 1023) == packed  # no bias, so odd lengths too (jax's check; not run on a GPU)
     assert not applies(1, 3 * 2**18, 3 * 2**18, heads=16)  # one table slot: jax would read it as padding lengths
     q = jax.ShapeDtypeStruct((1, 65536, 4, 128), jnp.bfloat16)
     k, v = (jax.ShapeDtypeStruct((1, 65536, 2, d), jnp.bfloat16) for d in (128, 64))
-    assert not softmax._cudnn_applies(q, k, v, jnp.zeros((1, 65536), jnp.int32), 0)  # jax offsets v by q's D
+    assert not softmax._cudnn_applies(q, k, v, jnp.zeros((1, 65536), jnp.int32), 0, dense_mask=True)  # v: q's D
     assert not applies(1, 32768, 65536, q_offset=32768)
     assert not applies(2, 2**20, 2**20, heads=8)  # 2 * 2^20 * 8 * 128 = 2^31 elements
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash_qualified", "flash_unqualified"])
+def test_auto_order(monkeypatch, flash):
+    """"auto" on a GPU where cuDNN is qualified: cuDNN where it needs no mask (causal from key 0; packed documents
+    on Hopper); where it would need a dense mask (a global q_offset as on LASP-2H's ranks, documents before
+    Hopper) or cannot run (fp32), the flash kernels when qualified, else cuDNN's dense mask while it is small,
+    else the blockwise loop. Under a mesh that XLA partitions, neither kernel (no sharding rule measured)."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+    for capability, hopper in (("9.0", True), ("8.0", False)):
+        kind = softmax.CUDNN_QUALIFIED_GPUS[0]
+        gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": capability})
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+        monkeypatch.setattr(softmax, "FLASH_QUALIFIED_GPUS", (kind,) if flash else ())
+        fused = "pallas_triton" if flash else "cudnn"
+
+        def auto(length, keys, docs=False, q_offset=0, dtype=jnp.bfloat16):
+            q = jax.ShapeDtypeStruct((1, length, 4, 128), dtype)
+            k = jax.ShapeDtypeStruct((1, keys, 2, 128), dtype)
+            return softmax._auto(q, k, k, jnp.zeros((1, keys), jnp.int32) if docs else None, q_offset)
+
+        assert auto(4096, 4096) == "cudnn"
+        assert auto(4096, 8192, q_offset=jnp.int32(4096)) == fused
+        assert auto(4096, 4096, docs=True) == ("cudnn" if hopper else fused)
+        assert auto(32768, 65536, q_offset=jnp.int32(32768)) == ("pallas_triton" if flash else "blockwise")
+        assert auto(4096, 4096, dtype=jnp.float32) == ("pallas_triton" if flash else "blockwise")
+        with jax.set_mesh(mesh):
+            assert auto(4096, 8192, q_offset=jnp.int32(4096)) == "blockwise"
+            why = softmax.flash_unqualified(*(jax.ShapeDtypeStruct((1, 8, 1, 8), jnp.bfloat16),) * 3)
+            assert why == ("the call is partitioned by XLA over several devices" if flash else
+                           f"the flash kernels have passed their GPU test on () only, not on {kind!r}")
 
 
 def test_packed_tables_list_each_rows_documents(rng):
@@ -117,8 +152,9 @@ def test_packed_tables_list_each_rows_documents(rng):
 
 def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch, rng):
     """impl="cudnn" with documents from key 0 on Hopper: rows of at most packed_slots(q) documents go to
-    the packed layout, a batch with a row past it to the blockwise loop (chosen on the device, under jit and
-    grad). The packed call is replaced here by a marker (no cuDNN on CPU; the GPU test runs the real one)."""
+    the packed layout, a batch with a row past it to the blockwise loop, or to the flash kernels where they are
+    qualified (chosen on the device, under jit and grad). The packed call and the flash kernels are replaced here
+    by markers (no GPU here; the GPU tests run the real ones)."""
     monkeypatch.setattr(softmax, "packed_slots", lambda q: 3)
     monkeypatch.setattr(softmax, "_packed_applies", lambda *_: True)
     monkeypatch.setattr(softmax, "_packed", lambda q, k, v, docs, scale: jnp.full(q.shape, 7.0, q.dtype))
@@ -134,6 +170,11 @@ def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch
         q, k, v, segment_ids=four, impl="blockwise").astype(jnp.float32).sum()))(q)
     np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
     np.testing.assert_array_equal(grad, want_grad)
+    monkeypatch.setattr(softmax, "flash_unqualified", lambda *_: None)  # where the flash kernels are qualified
+    monkeypatch.setattr(softmax_kernel, "attention", lambda q, *_: jnp.full(q.shape, 5.0, q.dtype))
+    total, _ = jax.jit(jax.value_and_grad(lambda q: causal_softmax_attention(  # a new trace: the patches apply
+        q, k, v, segment_ids=four, impl="cudnn").astype(jnp.float32).sum()))(q)
+    assert float(total) == 5.0 * q.size
 
 
 def test_packed_slots_bound_cudnns_workspace():
