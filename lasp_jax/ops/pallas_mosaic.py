@@ -56,6 +56,12 @@ before rounding). At d=128 the tables' stages take the output's staging buffer (
 leaves through the decayed-Z buffer once the update's wgmma has read it. Measured against a float64 oracle of the
 walks: 2.1e-3 to 2.5e-3 relative (the bf16 rounding as above; tests/ops/test_pallas_mosaic_tokens.py).
 
+Paired heads (`_pairs`, Config.pair_heads): where two output heads read one head of X and of Y and Z has 64
+columns per head (Mamba-2's output and dV walks: X, Y the group's C and B), one CTA walks the pair, warpgroup w
+owning head 2i + w whole, with its own decay. At a Mamba-2 1.3B SSD layer on an H200 (T = 64K, 64 heads, one
+group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward+backward 8.348 against 8.954
+(benchmarks/results/walks_gpu_h200_s12.md); the outputs are the same bits (interpreted).
+
 Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the
 output the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
 `checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), and each of X, Y, Z
@@ -95,7 +101,9 @@ class Config:
     offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed Z
     columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
-    approx_math: fast approximate exp.
+    approx_math: fast approximate exp. pair_heads: where two output heads share X and Y (GVA, MQA) and Z has a
+    head per output head of 64 columns (Mamba-2's output and dV walks), one CTA walks both heads, a head per
+    compute warpgroup (`_pairs`).
     """
 
     chunk: int = 64
@@ -103,6 +111,7 @@ class Config:
     compute_registers: int = 232
     memory_registers: int = 40
     approx_math: bool = False
+    pair_heads: bool = True
 
 
 DEFAULT = Config()
@@ -172,10 +181,12 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
     return keep, scale * jnp.exp(-jnp.where(keep, jnp.maximum(gap, 0.0), 0.0))
 
 
-def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, config, interpret, tokens, dots):
+def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, config, interpret, tokens,
+            dots):
     """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
     output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
-    copy).
+    copy). pair: 2 where each grid head is a pair of output heads (`_pairs`: the decay inputs carry the pair's
+    heads on an axis of 2, warpgroup w takes head w of it), else 1 (both warpgroups take the one head's decay).
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
@@ -195,6 +206,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
     x_bar, y_bar, z_bar = loaded[:3]
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
     wg = lax.axis_index("wg")
+    own = wg if pair == 2 else 0  # this warpgroup's head on the decay inputs' pair axis
     n_chunks = piece_len // c
     start = p * piece_len
     half = z_ref.shape[-1] // _COMPUTE_WGS
@@ -218,7 +230,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             idx, jdx = _iotas(c)
             causal = jdx >= idx if reverse else idx >= jdx
         else:
-            rate = refs[0][h]
+            rate = refs[0][h, own]
             # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
             # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
             idx, jdx = _iotas(c)
@@ -245,7 +257,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             if tokens:
                 # The chunk's decay is q_side at its last position. Issued before the waits: the wgmma pair
                 # below hides this load's latency.
-                this_decay = q_side_ref[b, h, start + chunk(n) * c + c - 1]
+                this_decay = q_side_ref[b, h, own, start + chunk(n) * c + c - 1]
                 plgpu.barrier_wait(loaded[3].at[slot])
             if dots:  # straight from HBM into registers, early: used only once the output rows are done
                 w = plgpu.load(w_ref.at[b, rows(n), h // groups[3], cols], layout=plgpu.Layout.WGMMA, optimized=False)
@@ -260,7 +272,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
                 # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
                 # with their rows decayed (with tokens, also the chunk's mask, applied here).
                 if tokens:
-                    cum_rows, cum_cols, count_rows, count_cols, q_side, k_side = (t.at[slot] for t in table_smem)
+                    cum_rows, cum_cols, count_rows, count_cols, q_side, k_side = _stage(table_smem, slot, own)
                     z_rows = scale * _load_rows(q_side) if reverse else _load_rows(k_side)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left zw_smem
                     zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * _rows(z_rows, half)).astype(zw_smem.dtype)
@@ -273,7 +285,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             if tokens:
                 scores_smem[wg] = scores.astype(scores_smem.dtype)
                 plgpu.commit_smem()
-                q_side, k_side = (t.at[slot] for t in table_smem[4:])
+                q_side, k_side = _stage(table_smem, slot, own)[4:]
                 out_rows = _load_rows(k_side) if reverse else scale * _load_rows(q_side)
                 inits = (_rows(out_rows, half) * inter, this_decay * state)
             else:
@@ -316,10 +328,13 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
             plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
             if tokens:  # one barrier awaits the tables' copies (cum and counts twice: `_token_chunk`)
-                cum, q_side, k_side = (ref.at[b, h, rows(n)] for ref in (refs[0], refs[2], refs[3]))
                 counts = refs[1].at[b, rows(n)]
-                for src, dst in zip((cum, cum, counts, counts, q_side, k_side), table_smem):
-                    plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded[3].at[slot])
+                for i in (2, 3):
+                    plgpu.copy_gmem_to_smem(counts, table_smem[i].at[slot], loaded[3].at[slot])
+                for j in range(pair):
+                    cum, q_side, k_side = (ref.at[b, h, j, rows(n)] for ref in (refs[0], refs[2], refs[3]))
+                    for src, i in zip((cum, cum, q_side, k_side), (0, 1, 4, 5)):
+                        plgpu.copy_gmem_to_smem(src, table_smem[i].at[slot, j], loaded[3].at[slot])
 
         for slot in range(stages):
             load(slot, slot)
@@ -335,6 +350,12 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, c
         @pl.loop(max(0, n_chunks - stages), n_chunks)
         def _(n):
             plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _stage(table_smem, slot, own):
+    """The six table refs [C] of stage `slot` (cum, cum, counts, counts, q_side, k_side), the per-head ones at
+    head `own` of their pair axis."""
+    return tuple(t.at[slot] if i in (2, 3) else t.at[slot, own] for i, t in enumerate(table_smem))
 
 
 def _check_tables(tables, batch_heads: tuple[int, int], t: int):
@@ -426,11 +447,37 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
     return out, jnp.sum(shares, axis=2)
 
 
+def _pairs(x, y, z, h: int, dots_with, config: Config) -> bool:
+    """Whether one CTA walks output heads 2i and 2i + 1 (config.pair_heads): they read one head of X and one of Y
+    (whose counts divide H / 2), Z has its own head of 64 columns per output head, and no dots are asked.
+
+    Why: Mamba-2's output and dV walks (X, Y: the group's C and B; Z: a head's 64 columns of V or dO) otherwise
+    give each warpgroup 32 of a head's columns, so every wgmma but the scores' has N = 32, and both warpgroups
+    of every head compute the same chunk scores. Paired, the pair's Z columns are adjacent in memory (a [C, 128]
+    slab, loaded as Dz = 128 is) and warpgroup w owns head 2i + w whole: the same shared memory and wgmma shapes
+    as the Dz = 128 walk, each with its own head's decay, and half the CTAs."""
+    return (config.pair_heads and dots_with is None and z.shape[-1] == 64 and h % 2 == 0 and z.shape[2] == h
+            and all((h // 2) % a.shape[2] == 0 for a in (x, y)))
+
+
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
-    """Runs `_kernel` over the (batch, head, piece) grid; decay_inputs: (rates,), or the ChunkTables; dots_with
-    (tokens only): None, or w [B, T, Hw, Dz] whose rows' dots with the float32 output rows come back too."""
+    """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
+    (`_pairs`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
+    whose rows' dots with the float32 output rows come back too."""
     b, t, _, dx = x.shape
+    h_out, dz_out = states_in.shape[1], z.shape[-1]
+    pair = 2 if _pairs(x, y, z, h_out, dots_with, config) else 1
+    # The decay inputs' heads on a pair axis; paired, Z and the states hold a pair's columns side by side.
+    if tokens:
+        cum, counts, q_side, k_side = (a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
+        decay_inputs = (cum, counts, q_side, k_side)
+    else:
+        decay_inputs = (decay_inputs[0].reshape(h_out // pair, pair),)
+    if pair == 2:
+        z = z.reshape(b, t, h_out // 2, 2 * dz_out)
+        states_in = jnp.moveaxis(states_in.reshape(b, h_out // 2, 2, pieces, dx, dz_out), 2, 4)
+        states_in = states_in.reshape(b, h_out // 2, pieces, dx, 2 * dz_out)
     dz = z.shape[-1]
     h = states_in.shape[1]
     c = config.chunk
@@ -451,9 +498,9 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     )
     loaded = (plgpu.Barrier(num_barriers=stages),) * 3
     if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
-        cum, counts = decay_inputs[:2]
-        smem += (tuple(plgpu.SMEM((stages, c), a.dtype) for a in (cum, cum, counts, counts, cum, cum)),)
-        loaded += (plgpu.Barrier(num_arrivals=6, num_barriers=stages),)
+        per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
+        smem += ((per_head, per_head, shared, shared, per_head, per_head),)
+        loaded += (plgpu.Barrier(num_arrivals=2 + 4 * pair, num_barriers=stages),)
     else:  # the output's staging
         smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
     out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
@@ -466,7 +513,7 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
                           scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z, *extra_in)),
-                          config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None),
+                          pair=pair, config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None),
         out_type=out_type,
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -477,6 +524,8 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32), *extra_in)
+    if pair == 2:
+        out = out.reshape(b, t, h_out, dz_out)
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # outputs vary over x's, as check_vma needs.
     return jax.tree.map(lambda a: kernel_support.vary_like(a, x), out)
@@ -509,8 +558,9 @@ class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
     under config. interpret: Mosaic GPU's interpreter for the walks, Pallas interpret mode for the state passes
     and the drivers' piece scans.
 
-    The walks launch one CTA per (batch, head, piece) of the Triton plan, whose pieces count the Triton head-dim
-    tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks)."""
+    The walks launch one CTA per (batch, head or pair of heads, piece) of the Triton plan, whose pieces count the
+    Triton head-dim tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks;
+    per-token decay cuts pieces of at most pieces_tokens.MAX_PIECE_LEN)."""
 
     config: Config = DEFAULT
     triton: pallas_triton.Config = pallas_triton.DEFAULT

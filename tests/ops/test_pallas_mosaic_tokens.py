@@ -156,6 +156,31 @@ def test_interpreted_token_walks_match_oracle(case, rng):
     assert max(errors.values()) < INTERPRET_TOL, errors
 
 
+def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
+    """Mamba-2's layout (X, Y: one group of Dx = 128; Z: 4 heads of 64): the output and dV walks take one CTA per
+    pair of heads (pallas_mosaic._pairs), each warpgroup with its own head's decay (mixed rates: a zero-rate head
+    beside a steep one in a pair), and equal the oracle and, bit for bit, the walks with a CTA per head (measured:
+    identical in the interpreter); the dQ and dK walks (X per head, dots) stay unpaired."""
+    b, t, h, dx, dz, piece_len = 1, 256, 4, 128, 64, 128
+    q, k = (jnp.asarray(rng.standard_normal((b, t, 1, dx)) * f, jnp.bfloat16) for f in (1.0, dx ** -0.5))
+    v, do = (jnp.asarray(rng.standard_normal((b, t, h, dz)), jnp.bfloat16) for _ in range(2))
+    s, g = (jnp.asarray(rng.standard_normal((b, h, t // piece_len, dx, dz)) * 0.1, jnp.float32) for _ in range(2))
+    tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
+    unpaired = dataclasses.replace(pallas_mosaic.DEFAULT, pair_heads=False)
+    roles = {"o": (q, k, v, s, False), "dv": (k, q, do, g, True)}
+    for name, (x, y, z, states_in, reverse) in roles.items():
+        assert pallas_mosaic._pairs(x, y, z, h, None, pallas_mosaic.DEFAULT), name
+        walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
+                                 scale=dx ** -0.5, interpret=True)
+        got = walk()
+        assert got.shape == (b, t, h, dz) and got.dtype == jnp.bfloat16, name
+        assert rel_err(got, _oracle(x, y, z, tables, states_in, piece_len, reverse, dx ** -0.5)) < INTERPRET_TOL
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(walk(config=unpaired), np.float32))
+    assert not pallas_mosaic._pairs(do, v, k, h, None, pallas_mosaic.DEFAULT)  # dQ: X per head
+    assert not pallas_mosaic._pairs(q, k, v, h, q, pallas_mosaic.DEFAULT)  # dots are per CTA head
+    assert not pallas_mosaic._pairs(q, k, v, h, None, unpaired)
+
+
 def test_interpreted_impl_matches_float64_oracle(rng):
     """`pallas_mosaic.INTERPRET` as a `vjp.TokenImpl` (pieces_tokens' driver, the Triton state passes and the
     token walks interpreted) through vjp.attend_tokens, bf16 q, k, v: o, the final state and the gradients of q,
