@@ -11,6 +11,8 @@ Cases (bf16, 32 query heads and 8 K/V heads of 64; errors: max |difference| / ma
     softmax_allgather_attention(impl="auto"), which took this call): a segmentation fault in both.
   packed_dp: causal_softmax_attention(impl="cudnn") with documents from key 0 (the packed layout) inside a
     shard_map over a data=2 mesh, B = 2, T = 2048. Session 11: ran, largest error 6.8e-3 (dk).
+  causal_dp: the same without documents (cuDNN's own causal mask): what a data-parallel hybrid's softmax
+    layers run per device (models/softmax.py).
 On CPU the cuDNN cases fail with jax's "cuDNN is not detected".
 """
 
@@ -27,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from lasp_jax.ops.softmax import causal_softmax_attention
 
-CASES = ("lasp2h_docs", "lasp2h_causal", "packed_dp")
+CASES = ("lasp2h_docs", "lasp2h_causal", "packed_dp", "causal_dp")
 
 
 def _rank(q, k, v, ids, impl):
@@ -41,18 +43,19 @@ def _rank(q, k, v, ids, impl):
 def run(case: str) -> dict:
     """{error name: max relative difference} of impl="cudnn" against "blockwise" for `case` (see the module)."""
     rng = np.random.default_rng(0)
-    b, t = (2, 2048) if case == "packed_dp" else (1, 4096)
+    data_parallel = case.endswith("_dp")
+    b, t = (2, 2048) if data_parallel else (1, 4096)
     q = jnp.asarray(rng.standard_normal((b, t, 32, 64)) * 0.5, jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((b, t, 8, 64)) * 0.5, jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((b, t, 8, 64)), jnp.bfloat16)
-    ids = None if case == "lasp2h_causal" else jnp.asarray(np.cumsum(rng.uniform(size=(b, t)) < 4 / t, axis=1),
+    ids = None if "causal" in case else jnp.asarray(np.cumsum(rng.uniform(size=(b, t)) < 4 / t, axis=1),
                                                           jnp.int32)
-    axis = "data" if case == "packed_dp" else "seq"
+    axis = "data" if data_parallel else "seq"
     mesh = jax.make_mesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
-    spec = P(axis) if case == "packed_dp" else P(None, axis)
+    spec = P(axis) if data_parallel else P(None, axis)
 
     def grads(impl):
-        if case == "packed_dp":
+        if data_parallel:
             body = lambda q, k, v, ids: causal_softmax_attention(q, k, v, segment_ids=ids, impl=impl)  # noqa: E731
         else:
             body = functools.partial(_rank, impl=impl)

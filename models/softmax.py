@@ -5,8 +5,9 @@
 
 Rotary positions are global (computed on the global [B, T] layout, so a sequence-sharded rank sees its own
 positions). With the sequence sharded, K and V are all-gathered over the seq axis and the causal mask is taken
-in global positions (lasp_jax.parallel.softmax_allgather, which gathers the segment ids too); on one device
-lasp_jax.ops.softmax runs with offset 0 (cuDNN's fused attention on a GPU where it applies, else blockwise).
+in global positions (lasp_jax.parallel.softmax_allgather, which gathers the segment ids too); otherwise
+lasp_jax.ops.softmax runs with offset 0 on each device's rows (cuDNN's fused attention or the flash kernels on a
+GPU where they apply, else blockwise).
 With packed documents (segment_ids) a position attends only within its document; RoPE scores depend on position
 differences alone, so a document's outputs do not depend on where in the row it sits.
 Decoding keeps a KV cache [B, max_len, Hkv, hd] per softmax layer and each row's document start `start` [B]: a
@@ -68,7 +69,9 @@ class SoftmaxMixer(nnx.Module):
         if sharding.seq_size(cfg) > 1:
             o = softmax_allgather_attention(q, k, v, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                             batch_axes=sharding.batch_axes(cfg), impl=cfg.softmax_impl)
-        elif cfg.softmax_impl.startswith("pallas_triton"):  # kernels with no sharding rule: per device
+        elif cfg.softmax_impl == "auto" or cfg.softmax_impl.startswith("pallas_triton"):
+            # Per device: the fused kernels have no sharding rule, so under a data-parallel mesh "auto" takes
+            # them (cuDNN, or the flash kernels) only on each device's own rows.
             attend = lambda q, k, v, *ids: causal_softmax_attention(  # noqa: E731
                 q, k, v, segment_ids=ids[0] if ids else None, impl=cfg.softmax_impl)
             o = sharding.per_device(attend, cfg, (q, k, v) + (() if segment_ids is None else (segment_ids,)),
