@@ -186,7 +186,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
     """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
     output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
     copy). pair: 2 where each grid head is a pair of output heads (`_pairs`: the decay inputs carry the pair's
-    heads on an axis of 2, warpgroup w takes head w of it), else 1 (both warpgroups take the one head's decay).
+    heads on an axis of 2, warpgroup w takes head w of it and head 2h + w of states_in), else 1 (both
+    warpgroups take the one head's decay).
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
@@ -248,7 +249,9 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
-        state = plgpu.load(states_ref.at[b, h, p, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
+        # Paired, states_in keeps a head per output head: this warpgroup's head, whole.
+        state_at = states_ref.at[b, 2 * h + wg, p] if pair == 2 else states_ref.at[b, h, p, :, cols]
+        state = plgpu.load(state_at, layout=plgpu.Layout.WGMMA, optimized=False)
         s_smem[wg] = state.astype(s_smem.dtype)
         plgpu.commit_smem()
 
@@ -468,7 +471,7 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     b, t, _, dx = x.shape
     h_out, dz_out = states_in.shape[1], z.shape[-1]
     pair = 2 if _pairs(x, y, z, h_out, dots_with, config) else 1
-    # The decay inputs' heads on a pair axis; paired, Z and the states hold a pair's columns side by side.
+    # The decay inputs' heads on a pair axis; paired, Z holds a pair's columns side by side (states_in as is).
     if tokens:
         cum, counts, q_side, k_side = (a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
         decay_inputs = (cum, counts, q_side, k_side)
@@ -476,10 +479,8 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         decay_inputs = (decay_inputs[0].reshape(h_out // pair, pair),)
     if pair == 2:
         z = z.reshape(b, t, h_out // 2, 2 * dz_out)
-        states_in = jnp.moveaxis(states_in.reshape(b, h_out // 2, 2, pieces, dx, dz_out), 2, 4)
-        states_in = states_in.reshape(b, h_out // 2, pieces, dx, 2 * dz_out)
     dz = z.shape[-1]
-    h = states_in.shape[1]
+    h = h_out // pair
     c = config.chunk
     stages = max(1, min(config.stages, piece_len // c))
     half = dz // _COMPUTE_WGS
