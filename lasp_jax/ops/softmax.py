@@ -234,7 +234,7 @@ def packed_tables(docs: jax.Array, max_documents: int) -> tuple[jax.Array, jax.A
     past a row's documents hold -1 (jax's cuDNN attention's packed-layout convention). Rows with more than M
     documents are the caller's to refuse."""
     slots = jnp.arange(max_documents + 1, dtype=jnp.int32)
-    first = jax.vmap(lambda row: jnp.searchsorted(row, slots, side="left"))(docs).astype(jnp.int32)
+    first = softmax_kernel.count_sorted(docs, jnp.broadcast_to(slots, (docs.shape[0], slots.size)))
     used = slots[None, :] <= docs[:, -1:]  # [B, M + 1]: slot m holds a document of the row
     lengths = jnp.where(used[:, :-1], first[:, 1:] - first[:, :-1], -1)
     return lengths, jnp.where(used, first, -1)

@@ -11,7 +11,7 @@ k [B, S, Hkv, D], v [B, S, Hkv, Dv], G = H / Hkv). q_offset may be traced (axis_
 
 Work skipped: each query block walks only the key blocks from the start of its first row's document to its last
 row's position; each key block's dK/dV walk only the query blocks that can see one of its keys (rows at or after
-its first key, in documents up to its last key's). The block ranges come from searchsorted in XLA, so packed
+its first key, in documents up to its last key's). The block ranges come from a binary search in XLA, so packed
 documents cost about the sum of their squared lengths, not the rows'.
 
 Numerics: q, k, v and the probabilities enter the tensor cores in the input dtype with fp32 accumulation
@@ -113,23 +113,37 @@ def _plan(q, k, docs, q_offset, config):
     q_docs = _padded(lax.dynamic_slice_in_dim(docs, q_offset, length, axis=1), 1, nq * bq, mode="edge")
     k_docs = _padded(docs, 1, nk * bk, mode="edge")
 
-    def search(rows, x, side):  # per batch row
-        return jax.vmap(functools.partial(jnp.searchsorted, side=side))(rows, x)
-
     # Query block i: keys from its first row's document start to its last real row's position.
     first_row = jnp.arange(nq) * bq
     last_row = jnp.minimum(first_row + bq, length) - 1
-    k_lo = search(docs, q_docs[:, first_row], "left")
+    k_lo = count_sorted(docs, q_docs[:, first_row])
     k_hi = jnp.minimum(q_offset + last_row + 1, s_len)
     q_ranges = jnp.stack([k_lo // bk, jnp.broadcast_to(-(-k_hi // bk), k_lo.shape)], axis=-1)
     # Key block j: rows at or after its first key, in documents up to its last key's.
     first_key = jnp.arange(nk) * bk
     last_key = jnp.minimum(first_key + bk, s_len) - 1
     row_lo = jnp.clip(first_key - q_offset, 0, length)
-    row_hi = jnp.minimum(search(q_docs[:, :length], docs[:, last_key], "right"), length)
+    row_hi = jnp.minimum(count_sorted(q_docs[:, :length], docs[:, last_key], inclusive=True), length)
     i_lo = jnp.broadcast_to(row_lo // bq, row_hi.shape)
     k_ranges = jnp.stack([i_lo, jnp.maximum(-(-row_hi // bq), i_lo)], axis=-1)
     return q_pos, q_docs, k_docs, q_ranges.astype(jnp.int32), k_ranges.astype(jnp.int32)
+
+
+def count_sorted(rows, values, *, inclusive: bool = False):
+    """jnp.searchsorted per batch row: rows [B, S] nondecreasing ints, values [B, N] -> [B, N] int32, the number
+    of a row's entries below each value (at or below with inclusive: side "right").
+
+    A binary search of bit_length(S) unrolled steps of gathers, because jnp.searchsorted's primitive (jax
+    0.11.2) fails an assertion inside a shard_map over some axes of an Auto mesh (the data-parallel hybrid's
+    per-device softmax layers)."""
+    s = rows.shape[1]
+    lo, hi = values * 0, values * 0 + s  # varying as values are, inside shard_map
+    for _ in range(s.bit_length()):
+        mid = (lo + hi) // 2
+        at = jnp.take_along_axis(rows, jnp.minimum(mid, s - 1), axis=1)
+        right = ((at <= values) if inclusive else (at < values)) & (lo < hi)
+        lo, hi = jnp.where(right, mid + 1, lo), jnp.where(right | (lo >= hi), hi, mid)
+    return lo.astype(jnp.int32)
 
 
 def _heads_major(x, size):

@@ -151,3 +151,38 @@ def test_gpu_kernels_match_the_blockwise_loop(rng):
     (_, o_ref), g_ref = grads("blockwise", *(x.astype(jnp.float32) for x in (q, k, v)))
     errors = {name: rel_err(a, r) for name, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
     assert max(errors.values()) < BF16_TOL, errors
+
+
+def test_count_sorted_is_searchsorted(rng):
+    """count_sorted against np.searchsorted, both sides, on rows with repeats (document numbers) and values below,
+    inside and above each row's range; lengths that are and are not powers of two."""
+    for s in (1, 7, 64, 1000):
+        rows = np.sort(rng.integers(0, 9, size=(3, s)), axis=1).astype(np.int32)
+        values = rng.integers(-2, 12, size=(3, 20)).astype(np.int32)
+        for inclusive, side in ((False, "left"), (True, "right")):
+            got = softmax_kernel.count_sorted(jnp.asarray(rows), jnp.asarray(values), inclusive=inclusive)
+            want = np.stack([np.searchsorted(r, v, side=side) for r, v in zip(rows, values)])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_document_tables_inside_a_data_parallel_shard_map():
+    """The flash kernels' block ranges and cuDNN's packed tables inside a shard_map over the data axis of an Auto
+    mesh with another axis (a data-parallel hybrid's per-device softmax layers; check_vma on): jnp.searchsorted
+    failed an assertion there on two H200s (jax 0.11.2), count_sorted does not, and the tables equal one
+    device's."""
+    mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+    ids = jnp.asarray(np.repeat(np.arange(4) % 2, 64)[None].repeat(4, 0), jnp.int32)  # 4 documents per row
+    q = jnp.zeros((4, 256, 2, 16), jnp.bfloat16)
+
+    def tables(q, ids):
+        docs = softmax.document_numbers(ids)
+        k, docs, offset = (kernel_support.vary_like(x, q) for x in (q, docs, jnp.int32(0)))
+        ranges = softmax_kernel._plan(q, k, docs, offset, softmax_kernel.Config())[3:]
+        return (*ranges, *softmax.packed_tables(docs, 6))
+
+    spec = P("data")
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.shard_map(tables, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                                    axis_names=frozenset({"data"})))(q, ids)
+    for a, b in zip(got, jax.jit(tables)(q, ids), strict=True):
+        np.testing.assert_array_equal(a, b)
