@@ -160,7 +160,8 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
     """Mamba-2's layout (X, Y: one group of Dx = 128; Z: 4 heads of 64): the output and dV walks take one CTA per
     pair of heads (pallas_mosaic._pairs), each warpgroup with its own head's decay (mixed rates: a zero-rate head
     beside a steep one in a pair), and equal the oracle and, bit for bit, the walks with a CTA per head (measured:
-    identical in the interpreter); the dQ and dK walks (X per head, dots) stay unpaired."""
+    identical in the interpreter), and so do the constant-decay walks; the dQ and dK walks (X per head, dots) stay
+    unpaired."""
     b, t, h, dx, dz, piece_len = 1, 256, 4, 128, 64, 128
     q, k = (jnp.asarray(rng.standard_normal((b, t, 1, dx)) * f, jnp.bfloat16) for f in (1.0, dx ** -0.5))
     v, do = (jnp.asarray(rng.standard_normal((b, t, h, dz)), jnp.bfloat16) for _ in range(2))
@@ -176,6 +177,11 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
         assert got.shape == (b, t, h, dz) and got.dtype == jnp.bfloat16, name
         assert rel_err(got, _oracle(x, y, z, tables, states_in, piece_len, reverse, dx ** -0.5)) < INTERPRET_TOL
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(walk(config=unpaired), np.float32))
+        # The constant-decay walk pairs alike, each warpgroup with its own head's rate.
+        rates = jnp.asarray([0.0, 0.5, 0.01, 0.2], jnp.float32)
+        const = functools.partial(pallas_mosaic.walk, x, y, z, rates, states_in, piece_len, reverse=reverse,
+                                  scale=dx ** -0.5, interpret=True)
+        np.testing.assert_array_equal(np.asarray(const(), np.float32), np.asarray(const(config=unpaired), np.float32))
     assert not pallas_mosaic._pairs(do, v, k, h, None, pallas_mosaic.DEFAULT)  # dQ: X per head
     assert not pallas_mosaic._pairs(q, k, v, h, q, pallas_mosaic.DEFAULT)  # dots are per CTA head
     assert not pallas_mosaic._pairs(q, k, v, h, None, unpaired)
