@@ -56,10 +56,13 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
 # runs anywhere jax.nn.dot_product_attention does.
 CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
-# Device kinds where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those where
-# tests/ops/test_softmax_kernel.py's GPU test passed (fail-closed): on an H200, 2026-11-30. Named,
-# impl="pallas_triton" runs on any CUDA GPU of compute capability 8.0 or newer.
+# Device kinds, dtypes and head dims where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those of
+# tests/ops/test_softmax_kernel.py's GPU test, which passed on an H200 on 2026-11-30 in bf16 at head dim 64
+# (fail-closed: other dtypes and wider heads wait for their own GPU run). Named, impl="pallas_triton" runs on any
+# CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the kernels take.
 FLASH_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
+FLASH_QUALIFIED_DTYPES = (jnp.bfloat16,)
+FLASH_QUALIFIED_HEAD_DIM = 64
 # Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
 # cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
 # blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
@@ -155,8 +158,8 @@ def _auto(q, k, v, docs, q_offset) -> str:
 
 def flash_unqualified(q, k, v) -> str | None:
     """None where "auto" may take the flash kernels (lasp_jax.ops.softmax_kernel) for these inputs, else why not:
-    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, dtypes the kernels take, and one device's call
-    (the kernels have no sharding rule)."""
+    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, the dtypes and head dims their GPU test covered,
+    and one device's call (the kernels have no sharding rule)."""
     why = kernel_support.triton_unavailable()
     if why:
         return why
@@ -166,6 +169,9 @@ def flash_unqualified(q, k, v) -> str | None:
     why = softmax_kernel.supported(q, k, v)
     if why:
         return why
+    if q.dtype not in FLASH_QUALIFIED_DTYPES or max(q.shape[-1], v.shape[-1]) > FLASH_QUALIFIED_HEAD_DIM:
+        return (f"the flash kernels' GPU test covers {[jnp.dtype(d).name for d in FLASH_QUALIFIED_DTYPES]} at head "
+                f"dims up to {FLASH_QUALIFIED_HEAD_DIM}, not {q.dtype} at Dk {q.shape[-1]}, Dv {v.shape[-1]}")
     return "the call is partitioned by XLA over several devices" if partitioned(q) else None
 
 

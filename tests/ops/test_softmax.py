@@ -101,8 +101,9 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
 def test_auto_order(monkeypatch, flash):
     """"auto" on a GPU where cuDNN is qualified: cuDNN where it needs no mask (causal from key 0; packed documents
     on Hopper); where it would need a dense mask (a global q_offset as on LASP-2H's ranks, documents before
-    Hopper) or cannot run (fp32), the flash kernels when qualified, else cuDNN's dense mask while it is small,
-    else the blockwise loop. Under a mesh that XLA partitions, neither kernel (no sharding rule measured)."""
+    Hopper), the flash kernels when qualified (bf16, head dims up to 64: their GPU test's), else cuDNN's dense
+    mask while it is small, else the blockwise loop. Under a mesh that XLA partitions, neither kernel (no
+    sharding rule measured)."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
     for capability, hopper in (("9.0", True), ("8.0", False)):
         kind = softmax.CUDNN_QUALIFIED_GPUS[0]
@@ -112,19 +113,20 @@ def test_auto_order(monkeypatch, flash):
         monkeypatch.setattr(softmax, "FLASH_QUALIFIED_GPUS", (kind,) if flash else ())
         fused = "pallas_triton" if flash else "cudnn"
 
-        def auto(length, keys, docs=False, q_offset=0, dtype=jnp.bfloat16):
-            q = jax.ShapeDtypeStruct((1, length, 4, 128), dtype)
-            k = jax.ShapeDtypeStruct((1, keys, 2, 128), dtype)
+        def auto(length, keys, docs=False, q_offset=0, dtype=jnp.bfloat16, d=64):
+            q = jax.ShapeDtypeStruct((1, length, 4, d), dtype)
+            k = jax.ShapeDtypeStruct((1, keys, 2, d), dtype)
             return softmax._auto(q, k, k, jnp.zeros((1, keys), jnp.int32) if docs else None, q_offset)
 
         assert auto(4096, 4096) == "cudnn"
         assert auto(4096, 8192, q_offset=jnp.int32(4096)) == fused
         assert auto(4096, 4096, docs=True) == ("cudnn" if hopper else fused)
         assert auto(32768, 65536, q_offset=jnp.int32(32768)) == ("pallas_triton" if flash else "blockwise")
-        assert auto(4096, 4096, dtype=jnp.float32) == ("pallas_triton" if flash else "blockwise")
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), d=128) == "cudnn"  # wider heads: not in the flash test
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == "blockwise"  # neither: fp32
         with jax.set_mesh(mesh):
             assert auto(4096, 8192, q_offset=jnp.int32(4096)) == "blockwise"
-            why = softmax.flash_unqualified(*(jax.ShapeDtypeStruct((1, 8, 1, 8), jnp.bfloat16),) * 3)
+            why = softmax.flash_unqualified(*(jax.ShapeDtypeStruct((1, 8, 1, 64), jnp.bfloat16),) * 3)
             assert why == ("the call is partitioned by XLA over several devices" if flash else
                            f"the flash kernels have passed their GPU test on () only, not on {kind!r}")
 
