@@ -12,8 +12,8 @@ Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q 
 [1, T, H, Dv], bf16 unit normals (k times Dk^-0.5, scale Dk^-0.5), rates [1, T, H] uniform in [0.001, 0.1]
 (differentiated), --docs documents per row at random starts (measure.random_documents). Timing:
 measure.median_ms of the jitted forward and of forward+backward (o and dq, dk, dv, d_rates for a given dO).
-Errors: the largest of measure.errors over o, dq, dk, dv and the rates' gradient against the same call on the float32-upcast inputs with
-the XLA impl at HIGHEST precision. Writes walks_gpu.{jsonl,md} under --out (a row per contender as it finishes).
+Errors: the largest of measure.errors over o, dq, dk, dv and the rates' gradient against measure.fp32_reference
+(the XLA impl on the float32-upcast inputs at HIGHEST precision). Writes walks_gpu.{jsonl,md} under --out (a row per contender as it finishes).
 """
 
 from __future__ import annotations
@@ -91,9 +91,7 @@ def main(argv=None) -> int:
     measure.append_row(jsonl, {"provenance": provenance | {"device": jax.devices()[0].device_kind}})
     (q, k, v, do), rates, ids = inputs(args.t, args.heads, args.groups, args.dk, args.dv, args.docs)
     scale = args.dk ** -0.5
-    _, ref_fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(attend, impls.IMPLS["xla"], scale), grad_operands=1)
-    with jax.default_matmul_precision("highest"):
-        want = jax.block_until_ready(ref_fwd_bwd(*(x.astype(jnp.float32) for x in (q, k, v, do)), rates, ids))
+    want = measure.fp32_reference(q, k, v, do, rates, scale, ids)
     shape = dict(t=args.t, heads=args.heads, groups=args.groups, dk=args.dk, dv=args.dv, docs=args.docs)
     rows = []
     for name in names:

@@ -113,7 +113,7 @@ class ModelConfig:
     # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (the H200), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
     # The softmax layers' attention in the training forward (lasp_jax.ops.softmax impl=; under a seq axis LASP-2H's
-    # ranks, where "auto" is the blockwise loop and "cudnn" is refused): "pallas_triton" the fused flash kernels
+    # ranks, where "auto" takes the flash kernels where qualified, else the blockwise loop, and "cudnn" is refused)
     softmax_impl: Literal["auto", "blockwise", "cudnn", "pallas_triton", "pallas_triton_interpret"] = "auto"
 
     def __post_init__(self):

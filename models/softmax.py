@@ -70,8 +70,9 @@ class SoftmaxMixer(nnx.Module):
             o = softmax_allgather_attention(q, k, v, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                             batch_axes=sharding.batch_axes(cfg), impl=cfg.softmax_impl)
         elif cfg.softmax_impl == "auto" or cfg.softmax_impl.startswith("pallas_triton"):
-            # Per device: the fused kernels have no sharding rule, so under a data-parallel mesh "auto" takes
-            # them (cuDNN, or the flash kernels) only on each device's own rows.
+            # Per device: the fused kernels have no sharding rule, so under a data-parallel mesh "auto" can take
+            # them only on each device's own rows. The flash kernels, where qualified: cuDNN's check wants every
+            # mesh axis manual, and this shard_map leaves the seq axis (of size 1) to XLA.
             attend = lambda q, k, v, *ids: causal_softmax_attention(  # noqa: E731
                 q, k, v, segment_ids=ids[0] if ids else None, impl=cfg.softmax_impl)
             o = sharding.per_device(attend, cfg, (q, k, v) + (() if segment_ids is None else (segment_ids,)),

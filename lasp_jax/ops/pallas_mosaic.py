@@ -5,7 +5,7 @@ Why: `pallas_triton`'s walks tile a head dim by 64 because whole 128 x 128 fp32 
 Triton lowering, and each tile then re-reads the inputs every tile needs (the output pass reads Q and K twice:
 6 tensor-equivalents of HBM traffic for a pass whose floor is 4; benchmarks/results/KERNEL_NOTES.md). Here one
 CTA per (batch, head, piece) holds the WHOLE state, split by columns over two compute warpgroups (each owns
-S[:, Dz/2 columns] as a wgmma accumulator in registers), while a third warpgroup streams the chunks of X, Y and
+S[:, Dz/2 columns] as a wgmma accumulator in registers; paired heads below: a head's whole state each), while a third warpgroup streams the chunks of X, Y and
 Z into a ring of shared-memory stages with TMA. Every input is read from HBM once per CTA.
 
 All four walks are one product with other roles (`walk`). Per chunk of C rows (i: row of X and out, j: row
@@ -64,8 +64,8 @@ group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward
 
 Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the
 output the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
-`checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), and each of X, Y, Z
-is read at its own operand's head h // (H / Hx): GQA/MQA and GVA heads are indexed, never repeated; a walk's
+`checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), or per pair of them,
+and each of X, Y, Z is read at its own operand's head h // (H / Hx): GQA/MQA and GVA heads are indexed, never repeated; a walk's
 output is per output head, so where an input has fewer heads than H its gradient comes as one bf16 share per
 output head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks
 (what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts, head
@@ -473,8 +473,7 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     pair = 2 if _pairs(x, y, z, h_out, dots_with, config) else 1
     # The decay inputs' heads on a pair axis; paired, Z holds a pair's columns side by side (states_in as is).
     if tokens:
-        cum, counts, q_side, k_side = (a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
-        decay_inputs = (cum, counts, q_side, k_side)
+        decay_inputs = tuple(a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
     else:
         decay_inputs = (decay_inputs[0].reshape(h_out // pair, pair),)
     if pair == 2:

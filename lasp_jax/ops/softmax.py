@@ -1,5 +1,6 @@
 """Causal softmax attention on one device, for the softmax layers of hybrid models: blockwise (flash-style) in
-XLA everywhere, or cuDNN's fused flash attention through `jax.nn.dot_product_attention` on a GPU.
+XLA everywhere, or on a GPU cuDNN's fused flash attention (`jax.nn.dot_product_attention`) or lasp_jax's own
+flash kernels (lasp_jax.ops.softmax_kernel).
 
 Numerics (blockwise): the two matmuls take q, k, v (and the probabilities) in the input dtype and accumulate in
 fp32, as flash attention does (fp32 inputs use full-precision matmuls); the softmax statistics are fp32 and the
@@ -8,21 +9,23 @@ so the memory is that of K/V plus one block of scores, never [L, S]. `q_offset` 
 positions, which is how the sequence-parallel LASP-2H strategy (lasp_jax.parallel.softmax_allgather) and a KV
 cache use it. `segment_ids` (packed documents) mask every pair of positions in different documents.
 
-Fused kernels on a GPU: cuDNN's flash attention through `jax.nn.dot_product_attention`, and lasp_jax's own
-flash kernels (lasp_jax.ops.softmax_kernel, Pallas Triton: queries at any offset, GQA, documents skipping whole
-key blocks). "auto" on a qualified GPU takes cuDNN where it needs no mask (causal from key 0, or packed documents
-from key 0) and the flash kernels elsewhere (a global q_offset as on LASP-2H's ranks or in decoding, documents
-before Hopper, rows with more documents than cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of
-64, benchmarks/results/softmax_gpu_h200_s12.md), forward+backward: causal 64K cuDNN 144 ms, flash kernels 236;
-16 documents at 64K cuDNN packed 19.9 ms (17.25 GiB of temporaries), flash kernels 26.9 (0.64 GiB); at 8K 1.9
-and 1.0 ms.
+The flash kernels (Pallas Triton: queries at any offset, GQA, documents skipping whole key blocks). "auto" on a
+qualified GPU takes cuDNN where it needs no mask (causal from key 0, or packed documents from key 0) and the flash
+kernels elsewhere where they are qualified (FLASH_QUALIFIED_*: bf16, head dims of the 64-wide tile, more than one
+query row: a global q_offset as on LASP-2H's ranks, documents before Hopper, rows with more documents than
+cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of 64, benchmarks/results/softmax_gpu_h200_s12.md)
+forward+backward took: causal at 64K cuDNN 144 ms, the flash kernels 236; 16 documents at 64K cuDNN packed 19.9 ms
+(17.25 GiB of temporaries), the flash kernels 26.9 ms (0.64 GiB); 16 documents at 8K cuDNN packed 1.9 ms (8.25
+GiB), the flash kernels 1.0 ms (0.08 GiB). "auto" keeps cuDNN's packed layout for documents from key 0 (faster at
+the hybrids' 64K; the flash kernels would save its memory and win at 8K: a length threshold is not measured yet).
 
-cuDNN (impl="cudnn"): its own causal mask where queries sit at positions 0..L-1 of L keys. Documents with those queries take cuDNN's packed layout on
-Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
+cuDNN (impl="cudnn"): its own causal mask where queries sit at positions 0..L-1 of L keys. Documents with those
+queries take cuDNN's packed layout on Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
 attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
 documents; where a row holds more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents the
 whole batch takes the flash kernels instead where they are qualified, else the blockwise loop (about 35x slower),
-chosen on the device (the same attention, to rounding; size M for the data with PACKED_WORKSPACE_MAX). Its memory follows M, not the documents: the backward
+chosen on the device (the same attention, to rounding; size M for the data with PACKED_WORKSPACE_MAX). Its memory
+follows M, not the documents: the backward
 keeps an fp32 accumulator per slot (17.25 GiB of temporaries at that shape against 1.02 GiB causal,
 benchmarks/results/softmax_gpu_h200_s11.md). lax.cond compiles both branches.
 A global q_offset, or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
@@ -56,13 +59,14 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
 # runs anywhere jax.nn.dot_product_attention does.
 CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
-# Device kinds, dtypes and head dims where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those of
-# tests/ops/test_softmax_kernel.py's GPU test, which passed on an H200 on 2026-11-30 in bf16 at head dim 64
-# (fail-closed: other dtypes and wider heads wait for their own GPU run). Named, impl="pallas_triton" runs on any
-# CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the kernels take.
+# Device kinds, dtypes and head-dim tiles where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those
+# of tests/ops/test_softmax_kernel.py's GPU test, which passed on an H200 on 2026-11-30 in bf16 at head dim 64, with
+# 1024 query rows (fail-closed: other dtypes, tiles and a decoding step's one row wait for their own GPU run).
+# Named, impl="pallas_triton" runs on any CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the
+# kernels take.
 FLASH_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 FLASH_QUALIFIED_DTYPES = (jnp.bfloat16,)
-FLASH_QUALIFIED_HEAD_DIM = 64
+FLASH_QUALIFIED_TILE = 64  # head dims 33 to 64, zero-padded to this tile
 # Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
 # cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
 # blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
@@ -158,8 +162,8 @@ def _auto(q, k, v, docs, q_offset) -> str:
 
 def flash_unqualified(q, k, v) -> str | None:
     """None where "auto" may take the flash kernels (lasp_jax.ops.softmax_kernel) for these inputs, else why not:
-    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, the dtypes and head dims their GPU test covered,
-    and one device's call (the kernels have no sharding rule)."""
+    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, the dtype and head-dim tile their GPU test
+    covered, more than one query row, and one device's call (the kernels have no sharding rule)."""
     why = kernel_support.triton_unavailable()
     if why:
         return why
@@ -169,9 +173,11 @@ def flash_unqualified(q, k, v) -> str | None:
     why = softmax_kernel.supported(q, k, v)
     if why:
         return why
-    if q.dtype not in FLASH_QUALIFIED_DTYPES or max(q.shape[-1], v.shape[-1]) > FLASH_QUALIFIED_HEAD_DIM:
+    tiles = {softmax_kernel.tile(d) for d in (q.shape[-1], v.shape[-1])}
+    if q.dtype not in FLASH_QUALIFIED_DTYPES or tiles != {FLASH_QUALIFIED_TILE} or q.shape[1] < 2:
         return (f"the flash kernels' GPU test covers {[jnp.dtype(d).name for d in FLASH_QUALIFIED_DTYPES]} at head "
-                f"dims up to {FLASH_QUALIFIED_HEAD_DIM}, not {q.dtype} at Dk {q.shape[-1]}, Dv {v.shape[-1]}")
+                f"dims of the {FLASH_QUALIFIED_TILE}-wide tile and more than one query row, not {q.dtype} at Dk "
+                f"{q.shape[-1]}, Dv {v.shape[-1]}, {q.shape[1]} rows")
     return "the call is partitioned by XLA over several devices" if partitioned(q) else None
 
 

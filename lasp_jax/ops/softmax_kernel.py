@@ -25,7 +25,8 @@ Layout: the kernels take head-major [B, H, T, D] copies (one transpose each way 
 blocks (padded keys sit past S and are never visible; padded rows are dropped, their dO zero) and head dims
 padded with zeros to a power of two of at least 16.
 Platforms: CUDA GPUs of compute capability 8.0 or newer through Pallas's Triton lowering; interpret=True runs
-the same kernels anywhere (the CPU tests). GPU test passed on an H200 (2026-11-30), so lasp_jax.ops.softmax's "auto" takes them there.
+the same kernels anywhere (the CPU tests). Their GPU test passed on an H200 (2026-11-30; bf16, head dim 64), so
+lasp_jax.ops.softmax's "auto" takes them there at that dtype and tile (softmax.FLASH_QUALIFIED_*).
 In the timing sweep (benchmarks/results/softmax_gpu_h200_s12.md) their bf16 errors against the fp32 blockwise
 loop were 2.5e-3 at most (cuDNN's 2.9e-3), and the default launch sizes were the fastest of those swept.
 """
@@ -71,7 +72,7 @@ def supported(q, k, v) -> str | None:
     return None
 
 
-def _tile(d: int) -> int:
+def tile(d: int) -> int:
     """A head dim padded to a Triton tile: the next power of two, at least 16."""
     return max(16, 1 << (d - 1).bit_length())
 
@@ -92,8 +93,8 @@ def attention(q, k, v, docs, q_offset, scale: float, config: Config = Config(), 
     k, v, docs, q_offset = (kernel_support.vary_like(x, q) for x in
                             (k, v, docs.astype(jnp.int32), jnp.asarray(q_offset, jnp.int32)))
     dv = v.shape[-1]  # head dims off the tiles: zero columns change no score and add output columns dropped here
-    q, k = (_padded(x, 3, _tile(x.shape[-1])) for x in (q, k))
-    return _attention(q, k, _padded(v, 3, _tile(dv)), docs, q_offset, scale, config, interpret)[..., :dv]
+    q, k = (_padded(x, 3, tile(x.shape[-1])) for x in (q, k))
+    return _attention(q, k, _padded(v, 3, tile(dv)), docs, q_offset, scale, config, interpret)[..., :dv]
 
 
 def _padded(x, axis, size, mode="constant"):

@@ -157,13 +157,13 @@ def test_interpreted_token_walks_match_oracle(case, rng):
 
 
 def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
-    """Mamba-2's layout (X, Y: one group of Dx = 128; Z: 4 heads of 64): the output and dV walks take one CTA per
-    pair of heads (pallas_mosaic._pairs), each warpgroup with its own head's decay (mixed rates: a zero-rate head
-    beside a steep one in a pair), and equal the oracle and, bit for bit, the walks with a CTA per head (measured:
-    identical in the interpreter), and so do the constant-decay walks; the dQ and dK walks (X per head, dots) stay
-    unpaired."""
+    """Mamba-2's layout (X, Y: 2 groups of Dx = 128, each read by 2 of Z's 4 heads of 64): the output and dV walks
+    take one CTA per pair of heads (pallas_mosaic._pairs), each warpgroup with its own head's decay (mixed rates: a
+    zero-rate head beside a steep one in a pair) and the pair's group, and equal the oracle and, bit for bit, the
+    walks with a CTA per head (measured: identical in the interpreter), and so do the constant-decay walks; the dQ
+    and dK walks (X per head, dots), odd groups, odd H and MHA stay unpaired."""
     b, t, h, dx, dz, piece_len = 1, 256, 4, 128, 64, 128
-    q, k = (jnp.asarray(rng.standard_normal((b, t, 1, dx)) * f, jnp.bfloat16) for f in (1.0, dx ** -0.5))
+    q, k = (jnp.asarray(rng.standard_normal((b, t, 2, dx)) * f, jnp.bfloat16) for f in (1.0, dx ** -0.5))
     v, do = (jnp.asarray(rng.standard_normal((b, t, h, dz)), jnp.bfloat16) for _ in range(2))
     s, g = (jnp.asarray(rng.standard_normal((b, h, t // piece_len, dx, dz)) * 0.1, jnp.float32) for _ in range(2))
     tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
@@ -185,6 +185,11 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
     assert not pallas_mosaic._pairs(do, v, k, h, None, pallas_mosaic.DEFAULT)  # dQ: X per head
     assert not pallas_mosaic._pairs(q, k, v, h, q, pallas_mosaic.DEFAULT)  # dots are per CTA head
     assert not pallas_mosaic._pairs(q, k, v, h, None, unpaired)
+    heads = lambda n, d=dz: jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)  # noqa: E731
+    assert not pallas_mosaic._pairs(heads(2, dx), heads(2, dx), heads(6), 6, None, pallas_mosaic.DEFAULT)  # G = 3
+    assert not pallas_mosaic._pairs(heads(1, dx), heads(1, dx), heads(3), 3, None, pallas_mosaic.DEFAULT)  # odd H
+    assert not pallas_mosaic._pairs(heads(4, dx), heads(4, dx), heads(4), 4, None, pallas_mosaic.DEFAULT)  # MHA
+    assert not pallas_mosaic._pairs(q, k, heads(4, dx), h, None, pallas_mosaic.DEFAULT)  # Dz = 128
 
 
 def test_interpreted_impl_matches_float64_oracle(rng):

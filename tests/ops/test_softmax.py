@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec as P
 
 from lasp_jax.ops import softmax, softmax_kernel
 from lasp_jax.ops.softmax import causal_softmax_attention
@@ -101,10 +100,13 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
 def test_auto_order(monkeypatch, flash):
     """"auto" on a GPU where cuDNN is qualified: cuDNN where it needs no mask (causal from key 0; packed documents
     on Hopper); where it would need a dense mask (a global q_offset as on LASP-2H's ranks, documents before
-    Hopper), the flash kernels when qualified (bf16, head dims up to 64: their GPU test's), else cuDNN's dense
-    mask while it is small, else the blockwise loop. Under a mesh that XLA partitions, neither kernel (no
-    sharding rule measured)."""
+    Hopper), the flash kernels when qualified (bf16, head dims of the 64 tile, more than one row: their GPU
+    test's), else cuDNN's dense mask while it is small, else the blockwise loop. Under a mesh that XLA
+    partitions, neither kernel (no sharding rule measured); inside a shard_map over the data axis alone (a
+    data-parallel hybrid's per-device layers, seq of size 1 left to XLA) cuDNN is not taken, the flash kernels are
+    where qualified."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+    data_mesh = jax.make_mesh((2, 1), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
     for capability, hopper in (("9.0", True), ("8.0", False)):
         kind = softmax.CUDNN_QUALIFIED_GPUS[0]
         gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": capability})
@@ -124,6 +126,18 @@ def test_auto_order(monkeypatch, flash):
         assert auto(32768, 65536, q_offset=jnp.int32(32768)) == ("pallas_triton" if flash else "blockwise")
         assert auto(4096, 8192, q_offset=jnp.int32(4096), d=128) == "cudnn"  # wider heads: not in the flash test
         assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == "blockwise"  # neither: fp32
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), d=16) == "cudnn"  # another tile than the flash test's
+        assert auto(1, 4096, docs=True, q_offset=jnp.int32(99)) == "blockwise"  # a decoding step: one row
+        picked = []
+
+        def per_device(q):
+            picked.append(softmax._auto(q, q, q, None, 0))
+            return q
+
+        with jax.set_mesh(data_mesh):
+            jax.make_jaxpr(jax.shard_map(per_device, mesh=data_mesh, in_specs=P("data"), out_specs=P("data"),
+                                         axis_names=frozenset({"data"})))(jnp.zeros((2, 4096, 4, 64), jnp.bfloat16))
+        assert picked == ["pallas_triton" if flash else "blockwise"]
         with jax.set_mesh(mesh):
             assert auto(4096, 8192, q_offset=jnp.int32(4096)) == "blockwise"
             why = softmax.flash_unqualified(*(jax.ShapeDtypeStruct((1, 8, 1, 64), jnp.bfloat16),) * 3)
