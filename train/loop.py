@@ -30,7 +30,8 @@ import models
 from train import data as data_lib
 from train.checkpoint import Checkpointer, NonFiniteState, RunDirLock, abstract_like, every_process
 from train.config import TrainConfig, resolve_mesh, validate, validate_shapes
-from train.metrics import MetricsLog, Throughput, device_memory_gib, flops_per_token, peak_tflops, perplexity
+from train.metrics import (MetricsLog, Throughput, attention_length, device_memory_gib, flops_per_token, peak_tflops,
+                           perplexity)
 from train.optim import learning_rate
 from train.step import build_state, make_steps, model_config
 from train.progress import Progress
@@ -300,7 +301,10 @@ def _train(cfg: TrainConfig, mcfg, axes, files, tokenizer, run_dir: Path, main: 
                     raise non_finite(f"non-finite loss ({loss}) or gradient norm", step)
                 losses[step] = loss
                 window.append(loss)
-                speed.step()
+                # Softmax layers attend within documents: their FLOPs follow this batch's (this process's rows).
+                documents = mcfg.softmax_set and "segment_ids" in local
+                speed.step(flops_per_token(mcfg, n_matmul, attention_length(local["segment_ids"])) if documents
+                           else None)
                 if step == start + 1:
                     speed.reset()  # the first step includes compilation
                 if step % cfg.log_every == 0 or step == cfg.steps:

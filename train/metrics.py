@@ -9,9 +9,9 @@ Model FLOPs per token (the numerator of MFU, as in PaLM's appendix B, adapted to
                                        counted, so MFU here is a lower bound on hardware utilisation.
   + 6 * L_soft * H * T * D             per softmax layer (hybrids) QK^T and PV over the causal half of T; with
                                        packed documents T is the rows' attention length, sum of len_d^2 / T
-                                       (attention_length), as the layers attend within each document:
-                                       bench_train_gpu counts it so; the training loop's logged MFU counts
-                                       whole rows (its batches' documents vary), an overcount for hybrids.
+                                       (attention_length), as the layers attend within each document: the
+                                       training loop counts each batch's (its process's rows), as
+                                       bench_train_gpu counts its rows'.
 Peak FLOP/s per device come from `peak_tflops` or a table of known accelerators' dense bf16 peaks.
 """
 
@@ -86,30 +86,32 @@ def device_memory_gib(device) -> float | None:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last `measure` call (wall clock, steps already synced)."""
+    """Tokens/s and MFU over the steps since the last `measure` call (wall clock, steps already synced); each
+    step's model FLOPs at flops_per_token unless the step gives its own (a batch's documents)."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, n_devices: int, peak: float | None):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.n_devices, self.peak = n_devices, peak
-        self._t, self._steps = time.perf_counter(), 0
+        self.reset()
 
-    def step(self) -> None:
+    def step(self, flops_per_token: float | None = None) -> None:
         self._steps += 1
+        self._flops += self.tokens_per_step * (self.flops_per_token if flops_per_token is None else flops_per_token)
 
     def reset(self) -> None:
         """Restarts the clock without reporting (after compilation, evaluation or checkpointing)."""
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._steps, self._flops = time.perf_counter(), 0, 0.0
 
     def measure(self) -> dict[str, float]:
         now = time.perf_counter()
-        dt, steps = now - self._t, self._steps
-        self._t, self._steps = now, 0
+        dt, steps, flops = now - self._t, self._steps, self._flops
+        self._t, self._steps, self._flops = now, 0, 0.0
         if steps == 0 or dt <= 0:
             return {}
         tps = steps * self.tokens_per_step / dt
         out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.n_devices, "step_time_s": dt / steps}
         if self.peak:
-            out["mfu"] = mfu(tps, self.flops_per_token, self.n_devices, self.peak)
+            out["mfu"] = flops / dt / (self.n_devices * self.peak * 1e12)
         return out
 
 

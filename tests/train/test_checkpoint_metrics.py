@@ -224,7 +224,7 @@ def test_optimizer_clips_the_global_gradient_norm(clip_norm):
 
 def test_flops_and_mfu():
     """The model FLOPs of a linear model and of a hybrid (layer 1 softmax) from the config, and MFU from them;
-    the loop's Throughput and bench_train_gpu report the same figure."""
+    the loop's Throughput (per step, a batch's documents) and bench_train_gpu report the same figure."""
     linear = ModelConfig(n_layers=2, n_heads=4, head_dim=16)
     assert metrics.flops_per_token(linear, 1_000_000, seq_len=100) == 6e6 + 6 * 2 * 4 * 2 * 16 * 16
     hybrid = ModelConfig(n_layers=2, n_heads=4, head_dim=16, softmax_layers=(1,))
@@ -248,6 +248,10 @@ def test_flops_and_mfu():
     out = speed.measure()
     assert out["tokens_per_s"] > 0
     assert out["mfu"] == pytest.approx(out["tokens_per_s"] * 1e9 / 2e12)
+    speed.step(4e9)  # a step of its own FLOPs per token (a batch's documents), beside one at the default
+    speed.step()
+    out = speed.measure()
+    assert out["mfu"] == pytest.approx(out["tokens_per_s"] * (4e9 + 1e9) / 2 / 2e12)
     unknown = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, n_devices=2, peak=None)
     unknown.step()
     assert "tokens_per_s" in (out := unknown.measure()) and "mfu" not in out
