@@ -14,6 +14,9 @@ Cases (bf16, 32 query heads and 8 K/V heads of 64; errors: max |difference| / ma
   causal_dp: the same without documents (cuDNN's own causal mask). Session 12: ran, largest error 6.5e-3 (dk);
     packed_dp again: ran, 6.8e-3 (dk). Both on a 1-D data mesh, every axis manual: a data-parallel hybrid's
     per-device shard_map over data alone of a (data, seq) mesh, where "auto" does not take cuDNN, is not probed.
+  packed_dp_seq1, causal_dp_seq1: the same on a (data 2, seq 1) mesh with the shard_map over data alone (seq left
+    to XLA), as models/softmax.py runs a data-parallel hybrid's layers per device; if they run, "auto" may take
+    cuDNN there (lasp_jax.ops.softmax._cudnn_applies asks for every mesh axis manual today). Not yet run.
 On CPU the cuDNN cases fail with jax's "cuDNN is not detected".
 """
 
@@ -30,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lasp_jax.ops.softmax import causal_softmax_attention
 
-CASES = ("lasp2h_docs", "lasp2h_causal", "packed_dp", "causal_dp")
+CASES = ("lasp2h_docs", "lasp2h_causal", "packed_dp", "causal_dp", "packed_dp_seq1", "causal_dp_seq1")
 
 
 def _rank(q, k, v, ids, impl):
@@ -44,14 +47,16 @@ def _rank(q, k, v, ids, impl):
 def run(case: str) -> dict:
     """{error name: max relative difference} of impl="cudnn" against "blockwise" for `case` (see the module)."""
     rng = np.random.default_rng(0)
-    data_parallel = case.endswith("_dp")
+    data_parallel = "_dp" in case
+    seq1 = case.endswith("_seq1")
     b, t = (2, 2048) if data_parallel else (1, 4096)
     q = jnp.asarray(rng.standard_normal((b, t, 32, 64)) * 0.5, jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((b, t, 8, 64)) * 0.5, jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((b, t, 8, 64)), jnp.bfloat16)
     ids = None if "causal" in case else jnp.asarray(np.cumsum(rng.uniform(size=(b, t)) < 4 / t, axis=1), jnp.int32)
     axis = "data" if data_parallel else "seq"
-    mesh = jax.make_mesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = (jax.make_mesh((2, 1), ("data", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2) if seq1 else
+            jax.make_mesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,)))
     spec = P(axis) if data_parallel else P(None, axis)
 
     def grads(impl):
@@ -60,7 +65,7 @@ def run(case: str) -> dict:
         else:
             body = functools.partial(_rank, impl=impl)
         attend = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, None if ids is None else spec),
-                               out_specs=spec)
+                               out_specs=spec, **({"axis_names": frozenset({"data"})} if seq1 else {}))
 
         def loss(q, k, v):
             o = attend(q, k, v, ids)

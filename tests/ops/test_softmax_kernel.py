@@ -132,25 +132,41 @@ def test_lowers_to_triton_on_lasp2h_ranks(monkeypatch, device):
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 3
 
 
+# (dtype, head dim, query rows, bound). bf16 at d 64 with 1024 rows passed on an H200 (2026-11-30): what
+# lasp_jax.ops.softmax.FLASH_QUALIFIED_* lets "auto" take. The others widen it once they pass on a GPU: d 128 (the
+# TNL hybrids' heads), fp32 (interpreted on CPU at these shapes: 6.2e-7 at most, 1.0e-6 at d 128) and one query
+# row (a decoding step).
+GPU_CASES = {
+    "bf16_d64": (jnp.bfloat16, 64, 1024, BF16_TOL),
+    "bf16_d128": (jnp.bfloat16, 128, 1024, BF16_TOL),
+    "fp32_d64": (jnp.float32, 64, 1024, 3e-6),
+    "bf16_d64_one_row": (jnp.bfloat16, 64, 1, BF16_TOL),
+}
+
+
 @pytest.mark.gpu
-def test_gpu_kernels_match_the_blockwise_loop(rng):
-    """The compiled kernels (bf16, default blocks) against the blockwise loop on fp32-upcast inputs: a LASP-2H
-    rank's rows (the second half of 2048 keys) with 8 documents, 8 query heads on 2 K/V heads of 64."""
-    q, k, v = qkv(rng, 1, 2048, 8, 2, 64, 64, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_kernels_match_the_blockwise_loop(case, rng):
+    """The compiled kernels (default blocks) against the blockwise loop on fp32-upcast inputs: a LASP-2H rank's
+    rows (from key 1024 of 2048, or one row there as a decoding step) with 8 documents, 8 query heads on 2 K/V
+    heads."""
+    dtype, d, rows, bound = GPU_CASES[case]
+    q, k, v = qkv(rng, 1, 2048, 8, 2, d, d, dtype=dtype)
     ids = jnp.asarray(np.cumsum(rng.uniform(size=(1, 2048)) < 8 / 2048, axis=1), jnp.int32)
-    w = jnp.asarray(rng.standard_normal((1, 1024, 8, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, rows, 8, d)), jnp.float32)
 
     def grads(impl, q, k, v):
         def loss(q, k, v):
-            o = causal_softmax_attention(q[:, 1024:], k, v, segment_ids=ids, q_offset=jnp.int32(1024), scale=16.0,
-                                         impl=impl)  # logits of spread ~2
+            o = causal_softmax_attention(q[:, 1024:1024 + rows], k, v, segment_ids=ids, q_offset=jnp.int32(1024),
+                                         scale=16.0 * (d / 64) ** 0.5, impl=impl)  # logits of spread ~2
             return jnp.sum(o.astype(jnp.float32) * w), o
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (_, o), g = grads("pallas_triton", q, k, v)
     (_, o_ref), g_ref = grads("blockwise", *(x.astype(jnp.float32) for x in (q, k, v)))
     errors = {name: rel_err(a, r) for name, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
-    assert max(errors.values()) < BF16_TOL, errors
+    print(case, errors)  # the measured errors, for the bounds
+    assert max(errors.values()) < bound, errors
 
 
 def test_count_sorted_is_searchsorted(rng):
