@@ -13,7 +13,8 @@ Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q 
 (differentiated), --docs documents per row at random starts (measure.random_documents). Timing:
 measure.median_ms of the jitted forward and of forward+backward (o and dq, dk, dv, d_rates for a given dO).
 Errors: the largest of measure.errors over o, dq, dk, dv and the rates' gradient against measure.fp32_reference
-(the XLA impl on the float32-upcast inputs at HIGHEST precision). Writes walks_gpu.{jsonl,md} under --out (a row per contender as it finishes).
+(the XLA impl on the float32-upcast inputs at HIGHEST precision). Writes walks_gpu.{jsonl,md} under --out (a row
+per contender as it finishes).
 """
 
 from __future__ import annotations

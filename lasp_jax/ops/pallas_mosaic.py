@@ -5,8 +5,9 @@ Why: `pallas_triton`'s walks tile a head dim by 64 because whole 128 x 128 fp32 
 Triton lowering, and each tile then re-reads the inputs every tile needs (the output pass reads Q and K twice:
 6 tensor-equivalents of HBM traffic for a pass whose floor is 4; benchmarks/results/KERNEL_NOTES.md). Here one
 CTA per (batch, head, piece) holds the WHOLE state, split by columns over two compute warpgroups (each owns
-S[:, Dz/2 columns] as a wgmma accumulator in registers; paired heads below: a head's whole state each), while a third warpgroup streams the chunks of X, Y and
-Z into a ring of shared-memory stages with TMA. Every input is read from HBM once per CTA.
+S[:, Dz/2 columns] as a wgmma accumulator in registers; paired heads below: a head's whole state each), while a
+third warpgroup streams the chunks of X, Y and Z into a ring of shared-memory stages with TMA. Every input is read
+from HBM once per CTA.
 
 All four walks are one product with other roles (`walk`). Per chunk of C rows (i: row of X and out, j: row
 of Y and Z), forward (chunks first to last, S entering at the piece's start):
@@ -62,15 +63,15 @@ owning head 2i + w whole, with its own decay. At a Mamba-2 1.3B SSD layer on an 
 group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward+backward 8.348 against 8.954
 (benchmarks/results/walks_gpu_h200_s12.md); the outputs are the same bits (interpreted).
 
-Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the
-output the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
-`checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), or per pair of them,
-and each of X, Y, Z is read at its own operand's head h // (H / Hx): GQA/MQA and GVA heads are indexed, never repeated; a walk's
-output is per output head, so where an input has fewer heads than H its gradient comes as one bf16 share per
-output head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of chunks
-(what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts, head
-dims and head layouts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in
-Mosaic GPU's CPU interpreter and the state passes in Pallas interpret mode (tests).
+Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the output
+the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
+`checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), or per pair of them, and
+each of X, Y, Z is read at its own operand's head h // (H / Hx): GQA/MQA and GVA heads are indexed, never repeated;
+a walk's output is per output head, so where an input has fewer heads than H its gradient comes as one bf16 share
+per output head, which `pieces.backward` sums in float32), T a whole number of pieces and pieces a whole number of
+chunks (what `pieces` hands its walks after padding); Hopper only (wgmma, TMA; `supported`; which Hopper parts, head
+dims and head layouts are qualified is `lasp_jax.ops.impls`'s). `Walks(interpret=True)` runs the kernels in Mosaic
+GPU's CPU interpreter and the state passes in Pallas interpret mode (tests).
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ GiB), the flash kernels 1.0 ms (0.08 GiB). "auto" keeps cuDNN's packed layout fo
 the hybrids' 64K; the flash kernels would save its memory and win at 8K: a length threshold is not measured yet).
 
 cuDNN (impl="cudnn"): its own causal mask where queries sit at positions 0..L-1 of L keys. Documents with those
-queries take cuDNN's packed layout on Hopper and later: each row's documents as a [B, M] table of starts and lengths, causal inside each (jax's cuDNN
-attention, which jax.nn.dot_product_attention does not expose: `_packed`), no dense mask and no work across
-documents; where a row holds more than M (packed_slots: 16 at B = 1, T = 64K, H x D = 2048) documents the
-whole batch takes the flash kernels instead where they are qualified, else the blockwise loop (about 35x slower),
-chosen on the device (the same attention, to rounding; size M for the data with PACKED_WORKSPACE_MAX). Its memory
-follows M, not the documents: the backward
-keeps an fp32 accumulator per slot (17.25 GiB of temporaries at that shape against 1.02 GiB causal,
-benchmarks/results/softmax_gpu_h200_s11.md). lax.cond compiles both branches.
+queries take cuDNN's packed layout on Hopper and later: each row's documents as a [B, M] table of starts and
+lengths, causal inside each (jax's cuDNN attention, which jax.nn.dot_product_attention does not expose: `_packed`),
+no dense mask and no work across documents; where a row holds more than M (packed_slots: 16 at B = 1, T = 64K, H x D
+= 2048) documents the whole batch takes the flash kernels instead where they are qualified, else the blockwise loop
+(about 35x slower), chosen on the device (the same attention, to rounding; size M for the data with
+PACKED_WORKSPACE_MAX). Its memory follows M, not the documents: the backward keeps an fp32 accumulator per slot
+(17.25 GiB of temporaries at that shape against 1.02 GiB causal, benchmarks/results/softmax_gpu_h200_s11.md).
+lax.cond compiles both branches.
 A global q_offset, or documents before Hopper, take a dense [B, 1, L, S] boolean mask, which
 cuDNN reads as an additive bias of L * S elements per row, so "auto" takes that form only where the flash
 kernels are not qualified and B * L * S <= DENSE_MASK_MAX. On an H200 (bf16,
