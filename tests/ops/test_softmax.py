@@ -188,9 +188,10 @@ def test_cudnn_documents_route_to_packed_layout_up_to_its_table_size(monkeypatch
     np.testing.assert_array_equal(grad, want_grad)
     monkeypatch.setattr(softmax, "flash_unqualified", lambda *_: None)  # where the flash kernels are qualified
     monkeypatch.setattr(softmax_kernel, "attention", lambda q, *_: jnp.full(q.shape, 5.0, q.dtype))
-    total, _ = jax.jit(jax.value_and_grad(lambda q: causal_softmax_attention(  # a new trace: the patches apply
-        q, k, v, segment_ids=four, impl="cudnn").astype(jnp.float32).sum()))(q)
-    assert float(total) == 5.0 * q.size
+    run = jax.jit(lambda ids: jax.value_and_grad(  # a new trace: the patches apply
+        lambda q: causal_softmax_attention(q, k, v, segment_ids=ids, impl="cudnn").astype(jnp.float32).sum())(q))
+    assert float(run(four)[0]) == 5.0 * q.size  # past the slots: the flash kernels
+    assert float(run(three)[0]) == 7.0 * q.size  # within them: still the packed layout
 
 
 def test_packed_slots_bound_cudnns_workspace():
