@@ -119,7 +119,7 @@ def qualification(name: str, q, k, v, *, per_token: bool = False) -> str | None:
 warned: set[str] = set()  # the UnqualifiedWarning messages already given (each once per process)
 
 
-def _warn_once(message: str):
+def warn_once(message: str):
     if message not in warned:
         warned.add(message)
         warnings.warn(message, UnqualifiedWarning, stacklevel=4)
@@ -159,7 +159,7 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False, per_token: bool = 
             if reason is None:
                 return candidate
             if name in _RUN_WHEN_NAMED:
-                _warn_once(f"impl='auto' passed over {name!r}: {reason}. Name impl={name!r} to run it anyway "
+                warn_once(f"impl='auto' passed over {name!r}: {reason}. Name impl={name!r} to run it anyway "
                            "(unqualified), or qualify this GPU with `pytest -m gpu tests/ops`")
         raise ValueError("no implementation supports these inputs")  # unreachable while xla is in AUTO_ORDER
     if impl not in IMPLS:
@@ -177,6 +177,6 @@ def resolve(impl: str, q, k, v, *, partitioned: bool = False, per_token: bool = 
         if impl not in _RUN_WHEN_NAMED:
             raise ValueError(f"impl {impl!r} is not qualified here: {reason} (run `pytest -m gpu tests/ops` on "
                              "this GPU first)")
-        _warn_once(f"impl {impl!r} runs unqualified: {reason} (run `pytest -m gpu tests/ops` on this GPU to "
+        warn_once(f"impl {impl!r} runs unqualified: {reason} (run `pytest -m gpu tests/ops` on this GPU to "
                    "qualify it)")
     return IMPLS[impl]

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from lasp_jax.ops import checks, kernel_support, softmax_kernel
-from lasp_jax.ops.impls import partitioned
+from lasp_jax.ops.impls import partitioned, warn_once
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -155,9 +155,24 @@ def _auto(q, k, v, docs, q_offset) -> str:
     module's docstring."""
     if _cudnn_applies(q, k, v, docs, q_offset, dense_mask=False):
         return "cudnn"
-    if flash_unqualified(q, k, v) is None:
+    why = flash_unqualified(q, k, v)
+    if why is None:
         return "pallas_triton"
-    return "cudnn" if _cudnn_applies(q, k, v, docs, q_offset, dense_mask=True) else "blockwise"
+    if _cudnn_applies(q, k, v, docs, q_offset, dense_mask=True):
+        return "cudnn"
+    warn_passed_over(q, k, v, why)
+    return "blockwise"
+
+
+def warn_passed_over(q, k, v, why: str) -> None:
+    """Says once (an impls.UnqualifiedWarning) that "auto" runs the blockwise loop on a CUDA GPU where the flash
+    kernels could run but are not qualified for these inputs (`why`), and how to opt in. Quiet for one query row
+    (a decoding step, where the loop costs little) and where the kernels cannot run or XLA partitions the call."""
+    if q.shape[1] < 2 or kernel_support.triton_unavailable() or softmax_kernel.supported(q, k, v) or partitioned(q):
+        return
+    warn_once(f"softmax impl='auto' runs the blockwise XLA loop here (on an H200 at 8K: 21x the flash kernels' "
+              f"time causal, 59x with 16 documents): {why}. Name impl='pallas_triton' (ModelConfig.softmax_impl) to run the flash kernels "
+              "unqualified, or qualify this GPU with `pytest -m gpu tests/ops/test_softmax_kernel.py`")
 
 
 def flash_unqualified(q, k, v) -> str | None:

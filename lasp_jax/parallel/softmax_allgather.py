@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
 from lasp_jax.ops import checks
-from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids, flash_unqualified
+from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids, flash_unqualified, warn_passed_over
 from lasp_jax.parallel import layout
 
 IMPLS = ("auto", "blockwise", "pallas_triton", "pallas_triton_interpret")  # see softmax_allgather_attention
@@ -36,7 +36,10 @@ def _local(q, k, v, ids, *, seq_axis, scale, block_q, block_k, impl):
     kg, vg, ids = gather(k), gather(v), None if ids is None else gather(ids)
     offset = jax.lax.axis_index(seq_axis) * q.shape[1]
     if impl == "auto":  # never cuDNN here (see softmax_allgather_attention's impl)
-        impl = "pallas_triton" if flash_unqualified(q, kg, vg) is None else "blockwise"
+        why = flash_unqualified(q, kg, vg)
+        if why is not None:
+            warn_passed_over(q, kg, vg, why)
+        impl = "blockwise" if why else "pallas_triton"
     return causal_softmax_attention(q, kg, vg, segment_ids=ids, q_offset=offset, scale=scale, block_q=block_q,
                                     block_k=block_k, impl=impl)
 

@@ -1,12 +1,14 @@
 """causal_softmax_attention (one device, blockwise) against a float64 dense causal softmax."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from lasp_jax.ops import softmax, softmax_kernel
+from lasp_jax.ops import impls, softmax, softmax_kernel
 from lasp_jax.ops.softmax import causal_softmax_attention
 from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, qkv, rel_err
 
@@ -96,6 +98,7 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
     assert not applies(2, 2**20, 2**20, heads=8)  # 2 * 2^20 * 8 * 128 = 2^31 elements
 
 
+@pytest.mark.filterwarnings("ignore::lasp_jax.ops.impls.UnqualifiedWarning")  # its own test is below
 @pytest.mark.parametrize("flash", [True, False], ids=["flash_qualified", "flash_unqualified"])
 def test_auto_order(monkeypatch, flash):
     """"auto" on a GPU where cuDNN is qualified: cuDNN where it needs no mask (causal from key 0; packed documents
@@ -107,6 +110,7 @@ def test_auto_order(monkeypatch, flash):
     where qualified."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
     data_mesh = jax.make_mesh((2, 1), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+    monkeypatch.setattr(impls, "warned", set())  # the process's once-only messages stay untouched
     for capability, hopper in (("9.0", True), ("8.0", False)):
         kind = softmax.CUDNN_QUALIFIED_GPUS[0]
         gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": capability})
@@ -143,6 +147,43 @@ def test_auto_order(monkeypatch, flash):
             why = softmax.flash_unqualified(*(jax.ShapeDtypeStruct((1, 8, 1, 64), jnp.bfloat16),) * 3)
             assert why == ("the call is partitioned by XLA over several devices" if flash else
                            f"the flash kernels have passed their GPU test on () only, not on {kind!r}")
+
+
+def test_auto_says_once_when_it_passes_the_flash_kernels_over(monkeypatch):
+    """On a CUDA GPU where the flash kernels could run but are not qualified (another device kind, another dtype),
+    "auto" falling to the blockwise loop warns once (impls.UnqualifiedWarning), naming why and how to opt in;
+    quiet for one query row (a decoding step) and where the call is qualified."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+    monkeypatch.setattr(impls, "warned", set())
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for kind, dtype, rows, warns in (("NVIDIA H100 80GB HBM3", jnp.bfloat16, 4096, True),
+                                     ("NVIDIA H200", jnp.float32, 4096, True),
+                                     ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 1, False),
+                                     ("NVIDIA H200", jnp.bfloat16, 4096, False)):
+        gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": "9.0"})
+        monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+        q = jax.ShapeDtypeStruct((1, rows, 4, 64), dtype)
+        k = jax.ShapeDtypeStruct((1, 65536, 2, 64), dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            picked = softmax._auto(q, k, k, None, jnp.int32(32768))  # a dense mask too large for cuDNN
+        assert picked == ("pallas_triton" if kind == "NVIDIA H200" and dtype == jnp.bfloat16 else "blockwise")
+        messages = [str(w.message) for w in caught if issubclass(w.category, impls.UnqualifiedWarning)]
+        assert len(messages) == warns, (kind, dtype, rows, messages)
+        if warns:
+            assert "runs the blockwise XLA loop here" in messages[0] and "impl='pallas_triton'" in messages[0]
+            assert (kind in messages[0]) if kind != "NVIDIA H200" else ("float32" in messages[0])
+            with warnings.catch_warnings(record=True) as again:
+                warnings.simplefilter("always")
+                softmax._auto(q, k, k, None, jnp.int32(32768))
+            assert not again  # once per process
+    with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:  # partitioned: by design, quiet
+        warnings.simplefilter("always")
+        monkeypatch.setattr(impls, "warned", set())
+        q, k = (jax.ShapeDtypeStruct((2, t, h, 64), jnp.bfloat16) for t, h in ((4096, 4), (65536, 2)))
+        assert softmax.flash_unqualified(q, k, k) == "the call is partitioned by XLA over several devices"
+        assert softmax._auto(q, k, k, None, jnp.int32(32768)) == "blockwise"
+    assert not caught
 
 
 def test_packed_tables_list_each_rows_documents(rng):
