@@ -18,6 +18,8 @@ forward+backward took: causal at 64K cuDNN 144 ms, the flash kernels 236; 16 doc
 (17.25 GiB of temporaries), the flash kernels 26.9 ms (0.64 GiB); 16 documents at 8K cuDNN packed 1.9 ms (8.25
 GiB), the flash kernels 1.0 ms (0.08 GiB). "auto" keeps cuDNN's packed layout for documents from key 0 (faster at
 the hybrids' 64K; the flash kernels would save its memory and win at 8K: a length threshold is not measured yet).
+Where "auto" runs the blockwise loop on a CUDA GPU the flash kernels could run on but are not qualified for, it
+says so once (an impls.UnqualifiedWarning) and how to opt in (`warn_passed_over`).
 
 cuDNN (impl="cudnn"): its own causal mask where queries sit at positions 0..L-1 of L keys. Documents with those
 queries take cuDNN's packed layout on Hopper and later: each row's documents as a [B, M] table of starts and
