@@ -213,7 +213,8 @@ class Step:
         (out / f"{name}.md").write_text(gpu_trace.render(summary, (
             f"{self.mcfg_name}, {self.n_gpus} GPU(s) ({self.devices[0].device_kind}), {self.tokens_per_gpu} "
             f"tokens/GPU, {self.documents} documents per row, remat {self.remat} every {self.mcfg.remat_every}, "
-            f"mamba2_impl {self.mcfg.mamba2_impl}, softmax_impl {self.mcfg.softmax_impl}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
+            f"mamba2_impl {self.mcfg.mamba2_impl}, softmax_impl {self.mcfg.softmax_impl}, "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
         _say(f"profiled: {name}.md")
         return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
 

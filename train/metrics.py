@@ -111,7 +111,7 @@ class Throughput:
         tps = steps * self.tokens_per_step / dt
         out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.n_devices, "step_time_s": dt / steps}
         if self.peak:
-            out["mfu"] = flops / dt / (self.n_devices * self.peak * 1e12)
+            out["mfu"] = mfu(tps, flops / (steps * self.tokens_per_step), self.n_devices, self.peak)
         return out
 
 
