@@ -247,6 +247,18 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, config, interpret, *args
                           interpret=interpret)(*args)
 
 
+def _query_block_specs(bq: int, sp: int, group: int):
+    """BlockSpecs of the (query block i, row b, head h) grid the forward and dQ kernels share: rows(width) a
+    head's [bq, width] query-block tile, keys(width) its K/V head's whole [sp, width], stat the block's [bq]
+    row statistics (lse, delta), and the four `_plan` operands (the block's positions and documents, the row's key
+    documents, the block's key range)."""
+    rows = lambda width: pl.BlockSpec((None, None, bq, width), lambda i, b, h: (b, h, i, 0))  # noqa: E731
+    keys = lambda width: pl.BlockSpec((None, None, sp, width), lambda i, b, h: (b, h // group, 0, 0))  # noqa: E731
+    plan = [pl.BlockSpec((bq,), lambda i, b, h: (i,)), pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, sp), lambda i, b, h: (b, 0)), pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0))]
+    return rows, keys, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)), plan
+
+
 def _forward(q, k, v, docs, q_offset, scale, config, interpret):
     b, length, h, d = q.shape
     s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -255,14 +267,10 @@ def _forward(q, k, v, docs, q_offset, scale, config, interpret):
     lp, sp = q_docs.shape[1], k_docs.shape[1]
     qh, kh, vh = _heads_major(q, lp), _heads_major(k, sp), _heads_major(v, sp)
     kernel = functools.partial(_forward_kernel, scale=scale, bk=bk, s_len=s_len)
-    rows = lambda width: pl.BlockSpec((None, None, bq, width), lambda i, b, h: (b, h, i, 0))  # noqa: E731
-    keys = lambda width: pl.BlockSpec((None, None, sp, width), lambda i, b, h: (b, h // group, 0, 0))  # noqa: E731
-    o, lse = _call(kernel, (lp // bq, b, h),
-                   [rows(d), keys(d), keys(dv), pl.BlockSpec((bq,), lambda i, b, h: (i,)),
-                    pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, sp), lambda i, b, h: (b, 0)),
-                    pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0))],
-                   [rows(dv), pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-                   [kernel_support.typed_like((b, h, lp, dv), q.dtype, q), kernel_support.typed_like((b, h, lp), _F32, q)],
+    rows, keys, stat, plan = _query_block_specs(bq, sp, group)
+    o, lse = _call(kernel, (lp // bq, b, h), [rows(d), keys(d), keys(dv), *plan], [rows(dv), stat],
+                   [kernel_support.typed_like((b, h, lp, dv), q.dtype, q),
+                    kernel_support.typed_like((b, h, lp), _F32, q)],
                    config, interpret, qh, kh, vh, q_pos, q_docs, k_docs, q_ranges)
     return jnp.swapaxes(o[:, :, :length], 1, 2), (o, lse)
 
@@ -287,14 +295,10 @@ def _attention_bwd(scale, config, interpret, res, do):
     qh, kh, vh, doh = _heads_major(q, lp), _heads_major(k, sp), _heads_major(v, sp), _heads_major(do, lp)
     delta = jnp.sum(o.astype(_F32) * doh.astype(_F32), axis=-1)  # [B, H, Lp]; zero on padded rows (dO zero)
     common = dict(scale=scale, s_len=s_len)
-    rows = lambda width: pl.BlockSpec((None, None, bq, width), lambda i, b, h: (b, h, i, 0))  # noqa: E731
-    keys = lambda width: pl.BlockSpec((None, None, sp, width), lambda i, b, h: (b, h // group, 0, 0))  # noqa: E731
-    stat = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    rows, keys, stat, plan = _query_block_specs(bq, sp, group)
     dq = _call(functools.partial(_dq_kernel, bk=bk, **common), (lp // bq, b, h),
-               [rows(d), keys(d), keys(dv), rows(dv), stat, stat, pl.BlockSpec((bq,), lambda i, b, h: (i,)),
-                pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, sp), lambda i, b, h: (b, 0)),
-                pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0))],
-               rows(d), kernel_support.typed_like((b, h, lp, d), q.dtype, q), config, interpret,
+               [rows(d), keys(d), keys(dv), rows(dv), stat, stat, *plan], rows(d),
+               kernel_support.typed_like((b, h, lp, d), q.dtype, q), config, interpret,
                qh, kh, vh, doh, lse, delta, q_pos, q_docs, k_docs, q_ranges)
     # dK/dV: a program per (key block, row, K/V head) walking the G query heads of that K/V head.
     heads = lambda width: pl.BlockSpec((None, group, lp, width), lambda j, b, g: (b, g, 0, 0))  # noqa: E731
