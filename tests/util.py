@@ -79,6 +79,14 @@ def dense_causal_softmax(q, k, v, local_rows=None):
     return np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), v)
 
 
+def fake_gpu(monkeypatch, kind: str, capability: str | None = None) -> None:
+    """jax reports a GPU backend whose one device is `kind` (of that compute capability, or none): the gates that
+    read jax.default_backend() and jax.devices(), checked without a GPU. Make meshes before calling it."""
+    attrs = {"device_kind": kind} | ({} if capability is None else {"compute_capability": capability})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [type("Gpu", (), attrs)])
+
+
 # Abstract GPUs to lower the compiled kernels for: an H200, and an A100 (sm_80, the oldest the Triton lowering targets).
 H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 A100 = AbstractDevice("NVIDIA A100-SXM4-80GB", 108, "gpu")

@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from lasp_jax.ops import impls, pallas_mosaic, pallas_triton, reference, vjp
-from tests.util import A100, BF16_TOL, F32_TOL, H200, cuda_mlir, decay, qkv, rel_err
+from tests.util import A100, BF16_TOL, F32_TOL, H200, cuda_mlir, decay, fake_gpu, qkv, rel_err
 
 # jax 0.11 deprecates the Pallas Triton backend (it still runs); the module docstring says so once.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -218,12 +218,6 @@ def test_supported_reasons(rng):
             lasp_jax.linear_attention(q, k, v, impl="pallas_triton")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Gpu:
-    device_kind: str
-    compute_capability: str
-
-
 def test_gpu_gates_are_fail_closed(monkeypatch):
     """On a GPU "auto" takes the kernels only on the exact device kinds (and head dims, dtypes, per-token decay)
     their GPU tests passed on: a sibling of a tested part (GH200), an untested generation (A100), fp32 at d=128,
@@ -235,11 +229,8 @@ def test_gpu_gates_are_fail_closed(monkeypatch):
                            for d, dtype in ((128, jnp.bfloat16), (128, jnp.float32), (256, jnp.float32)))
     f32_d64 = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
     bf16_d32, bf16_d64 = (jax.ShapeDtypeStruct((1, 64, 2, d), jnp.bfloat16) for d in (32, 64))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(impls, "warned", set())
-
-    def on(kind, capability):
-        monkeypatch.setattr(jax, "devices", lambda *_: [_Gpu(kind, capability)])
+    on = functools.partial(fake_gpu, monkeypatch)
 
     def auto(x, y=None):
         return impls.resolve("auto", x, x, x if y is None else y)

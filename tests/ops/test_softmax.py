@@ -10,7 +10,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from lasp_jax.ops import impls, softmax, softmax_kernel
 from lasp_jax.ops.softmax import causal_softmax_attention
-from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, qkv, rel_err
+from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, fake_gpu, qkv, rel_err
 
 
 @pytest.mark.parametrize("blocks", [(512, 512), (5, 3)], ids=["one-block", "blocks-5x3"])
@@ -57,8 +57,7 @@ def test_auto_takes_cudnn_only_for_shapes_it_trains(monkeypatch):
     """On a qualified GPU "auto" takes cuDNN without a mask, and with one (documents, a global q_offset) only while
     the dense mask is small and L, S are even (cuDNN refuses an odd length with a bias in training); head dims a
     multiple of 8 up to 256; a decoding step (L = 1) keeps the blockwise loop. Checked on shapes (no GPU here)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "devices", lambda *_: [type("Gpu", (), {"device_kind": softmax.CUDNN_QUALIFIED_GPUS[0]})])
+    fake_gpu(monkeypatch, softmax.CUDNN_QUALIFIED_GPUS[0])
 
     def applies(length, keys, d=128, docs=False, q_offset=0, dtype=jnp.bfloat16):
         q = jax.ShapeDtypeStruct((1, length, 4, d), dtype)
@@ -79,9 +78,7 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
     """Documents with queries from key 0 need no dense mask on Hopper (cuDNN's packed layout), so "auto" takes
     cuDNN at any length there; before Hopper only while the dense mask is small. A global q_offset still needs
     the mask, and so do element offsets past int32."""
-    gpu = type("Gpu", (), {"device_kind": softmax.CUDNN_QUALIFIED_GPUS[0], "compute_capability": capability})
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+    fake_gpu(monkeypatch, softmax.CUDNN_QUALIFIED_GPUS[0], capability)
 
     def applies(b, length, keys, q_offset=0, heads=4):
         q = jax.ShapeDtypeStruct((b, length, heads, 128), jnp.bfloat16)
@@ -113,9 +110,7 @@ def test_auto_order(monkeypatch, flash):
     monkeypatch.setattr(impls, "warned", set())  # the process's once-only messages stay untouched
     for capability, hopper in (("9.0", True), ("8.0", False)):
         kind = softmax.CUDNN_QUALIFIED_GPUS[0]
-        gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": capability})
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+        fake_gpu(monkeypatch, kind, capability)
         monkeypatch.setattr(softmax, "FLASH_QUALIFIED_GPUS", (kind,) if flash else ())
         fused = "pallas_triton" if flash else "cudnn"
 
@@ -155,13 +150,11 @@ def test_auto_says_once_when_it_passes_the_flash_kernels_over(monkeypatch):
     quiet for one query row (a decoding step) and where the call is qualified."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
     monkeypatch.setattr(impls, "warned", set())
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for kind, dtype, rows, warns in (("NVIDIA H100 80GB HBM3", jnp.bfloat16, 4096, True),
                                      ("NVIDIA H200", jnp.float32, 4096, True),
                                      ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 1, False),
                                      ("NVIDIA H200", jnp.bfloat16, 4096, False)):
-        gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": "9.0"})
-        monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+        fake_gpu(monkeypatch, kind, "9.0")
         q = jax.ShapeDtypeStruct((1, rows, 4, 64), dtype)
         k = jax.ShapeDtypeStruct((1, 65536, 2, 64), dtype)
         with warnings.catch_warnings(record=True) as caught:
