@@ -139,7 +139,7 @@ def report(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="the preset's depth cut to this many layers")
     parser.add_argument("--tokens-per-device", type=int, default=64 * 1024)
     parser.add_argument("--meshes", default="1x1,1x2,1x4,2x2,1x8,2x4", help="data x seq, comma-separated")
-    parser.add_argument("--remat", default="block", choices=("none", "block", "full"))
+    parser.add_argument("--remat", default="block", choices=("none", "block", "block_attention", "full"))
     parser.add_argument("--ce-chunk", type=int, default=2048, help="as benchmarks/bench_train_gpu.py")
     parser.add_argument("--strategy", default="ring")
     parser.add_argument("--attn-impl", default="xla", help="the models' per-device attention (auto on GPUs)")

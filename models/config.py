@@ -93,8 +93,10 @@ class ModelConfig:
     dtype: Dtype = "float32"  # compute dtype of activations and matmuls
     param_dtype: Dtype = "float32"  # master weights
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
+    # block_attention: as block, and keep the linear attention's output and per-piece states too, so its
+    # forward kernels run once a step (per layer o and [B, H, T / piece, Dk, Dv] float32 more);
     # full: per block, keep only its input.
-    remat: Literal["none", "block", "full"] = "none"
+    remat: Literal["none", "block", "block_attention", "full"] = "none"
     # n > 1: between the forward and the backward keep only every n-th block's input; each run of n blocks is
     # recomputed from it (one more forward of the model), inside it each block as `remat` says. 1: `remat` alone
     remat_every: int = 1

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lasp_jax.ops import vjp
 from models import sharding
 from models.attention import LinearMixer
 from models.config import ModelConfig
@@ -31,6 +32,9 @@ from models.softmax import SoftmaxMixer
 
 _POLICIES = {
     "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*vjp.SAVEABLE_NAMES)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 

@@ -41,8 +41,21 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lasp_jax.ops import states
+
+# Names of what the forward rules hand the backward, for remat policies (jax.checkpoint_policies
+# .save_only_these_names): saving both lets a rematerialized block skip the attention's forward entirely (its
+# kernels run once per step), at the cost of o and the per-piece states per layer.
+OUTPUT_NAME = "lasp_output"
+STATES_NAME = "lasp_states"
+SAVEABLE_NAMES = (OUTPUT_NAME, STATES_NAME)
+
+
+def _named(o, saved):
+    """o and the implementation's saved pytree, named for remat policies (SAVEABLE_NAMES)."""
+    return checkpoint_name(o, OUTPUT_NAME), jax.tree.map(lambda a: checkpoint_name(a, STATES_NAME), saved)
 
 StateFn = Callable[[jax.Array], jax.Array]
 
@@ -204,6 +217,7 @@ def attend(q, k, v, rates, s_init, impl: Impl, exchange: Exchange | None, final_
 
 def _attend_fwd(q, k, v, rates, s_init, impl, exchange, final_state, scale):
     o, s_end, saved = _forward(q, k, v, rates, s_init, impl, exchange, scale)
+    o, saved = _named(o, saved)
     return ((o, s_end) if final_state else o), (q, k, v, rates, s_init is not None, saved)
 
 
@@ -260,6 +274,7 @@ def attend_tokens(q, k, v, rates, segment_ids, s_init, impl: TokenImpl, exchange
 
 def _tokens_fwd(q, k, v, rates, segment_ids, s_init, impl, exchange, final_state, scale):
     o, s_end, tok, saved = _forward_tokens(q, k, v, rates, segment_ids, s_init, impl, exchange, scale)
+    o, saved = _named(o, saved)
     return ((o, s_end) if final_state else o), (q, k, v, tok, s_init is not None, saved, segment_ids)
 
 
