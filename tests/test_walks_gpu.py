@@ -9,14 +9,16 @@ from benchmarks import walks_gpu
 
 def test_rows_and_table(tmp_path):
     args = ["--t", "256", "--heads", "4", "--dk", "32", "--dv", "16", "--docs", "3", "--impls", "xla,paired",
-            "--iters", "1", "--reps", "1", "--out", str(tmp_path)]
+            "--max-piece-len", "128,256", "--iters", "1", "--reps", "1", "--out", str(tmp_path)]
     assert walks_gpu.main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "walks_gpu.jsonl").read_text().splitlines()]
     assert rows[0]["provenance"]["command"].startswith("python3 -m benchmarks.walks_gpu --t 256")
-    xla, paired = rows[1:]
+    xla, paired, xla_256, _ = rows[1:]
+    assert [r["max_piece_len"] for r in rows[1:]] == [128, 128, 256, 256]
+    assert xla_256["impl"] == "xla" and xla_256["max_err"] == xla["max_err"]  # XLA cuts no pieces
     assert xla["impl"] == "xla" and xla["fwd_ms"] > 0 and xla["fwd_bwd_ms"] > 0
     assert 0 < xla["max_err"] < 4e-3  # bf16 outputs against the float32 run: 1.7e-3 measured; a wrong decay is O(1)
     assert set(xla["errors"]) == {"o", "dq", "dk", "dv", "ds", "max"}
     assert paired["impl"] == "paired" and "fwd_ms" not in paired and paired["error"]
     table = (tmp_path / "walks_gpu.md").read_text()
-    assert "| 256 | 4 | 1 | 32 | 16 | 3 | xla |" in table and "| paired | | | |" in table
+    assert "| 256 | 4 | 1 | 32 | 16 | 3 | xla | 128 |" in table and "| paired | 256 | | | |" in table
