@@ -11,10 +11,10 @@ cache use it. `segment_ids` (packed documents) mask every pair of positions in d
 
 The flash kernels (Pallas Triton: queries at any offset, GQA, documents skipping whole key blocks). "auto" on a
 qualified GPU takes cuDNN where it needs no mask (causal from key 0, or packed documents from key 0) and the flash
-kernels elsewhere where they are qualified (FLASH_QUALIFIED_*: bf16, head dims of the 64-wide tile, more than one
-query row: a global q_offset as on LASP-2H's ranks, documents before Hopper, rows with more documents than
-cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of 64, benchmarks/results/softmax_gpu_h200_s12.md)
-forward+backward took: causal at 64K cuDNN 144 ms, the flash kernels 236; 16 documents at 64K cuDNN packed 19.9 ms
+kernels elsewhere where they are qualified (FLASH_QUALIFIED: bf16 at head dims up to 128, fp32 up to 64, any
+number of query rows: a global q_offset as on LASP-2H's ranks or a decoding step, documents before Hopper, rows
+with more documents than cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of 64,
+benchmarks/results/softmax_gpu_h200_s12.md) forward+backward took: causal at 64K cuDNN 144 ms, the flash kernels 236; 16 documents at 64K cuDNN packed 19.9 ms
 (17.25 GiB of temporaries), the flash kernels 26.9 ms (0.64 GiB); 16 documents at 8K cuDNN packed 1.9 ms (8.25
 GiB), the flash kernels 1.0 ms (0.08 GiB). "auto" keeps cuDNN's packed layout for documents from key 0 (faster at
 the hybrids' 64K; the flash kernels would save its memory and win at 8K: a length threshold is not measured yet).
@@ -61,14 +61,14 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
 # runs anywhere jax.nn.dot_product_attention does.
 CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
-# Device kinds, dtypes and head-dim tiles where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel): those
-# of tests/ops/test_softmax_kernel.py's GPU test, which passed on an H200 on 2026-11-30 in bf16 at head dim 64, with
-# 1024 query rows (fail-closed: other dtypes, tiles and a decoding step's one row wait for their own GPU run).
+# Device kinds, and (dtype, head-dim tile) pairs, where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel):
+# those of tests/ops/test_softmax_kernel.py's GPU cases, which passed on an H200 (2026-11-30: bf16 at head dims 64
+# and 128, fp32 at 64; 1024 query rows and a decoding step's one). Fail-closed: other kinds, dtypes and tiles wait
+# for their own GPU run. Head dims up to a tile are zero-padded to it (tile 64: dims 33 to 64; 128: 65 to 128).
 # Named, impl="pallas_triton" runs on any CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the
 # kernels take.
 FLASH_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
-FLASH_QUALIFIED_DTYPES = (jnp.bfloat16,)
-FLASH_QUALIFIED_TILE = 64  # head dims 33 to 64, zero-padded to this tile
+FLASH_QUALIFIED: frozenset[tuple[str, int]] = frozenset({("bfloat16", 64), ("bfloat16", 128), ("float32", 64)})
 # Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
 # cuDNN's bias grow with L * S (2.5 GiB of temporaries at B = 1, L = S = 32K on an H200, where it still beat the
 # blockwise loop 7x); beyond it the blockwise loop's memory stays linear in S.
@@ -179,8 +179,8 @@ def warn_passed_over(q, k, v, why: str) -> None:
 
 def flash_unqualified(q, k, v) -> str | None:
     """None where "auto" may take the flash kernels (lasp_jax.ops.softmax_kernel) for these inputs, else why not:
-    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, the dtype and head-dim tile their GPU test
-    covered, more than one query row, and one device's call (the kernels have no sharding rule)."""
+    a GPU of FLASH_QUALIFIED_GPUS with Pallas's Triton lowering, a dtype and head-dim tile their GPU test covered
+    (FLASH_QUALIFIED), and one device's call (the kernels have no sharding rule)."""
     why = kernel_support.triton_unavailable()
     if why:
         return why
@@ -190,11 +190,9 @@ def flash_unqualified(q, k, v) -> str | None:
     why = softmax_kernel.supported(q, k, v)
     if why:
         return why
-    tiles = {softmax_kernel.tile(d) for d in (q.shape[-1], v.shape[-1])}
-    if q.dtype not in FLASH_QUALIFIED_DTYPES or tiles != {FLASH_QUALIFIED_TILE} or q.shape[1] < 2:
-        return (f"the flash kernels' GPU test covers {[jnp.dtype(d).name for d in FLASH_QUALIFIED_DTYPES]} at head "
-                f"dims of the {FLASH_QUALIFIED_TILE}-wide tile and more than one query row, not {q.dtype} at Dk "
-                f"{q.shape[-1]}, Dv {v.shape[-1]}, {q.shape[1]} rows")
+    if any((jnp.dtype(q.dtype).name, softmax_kernel.tile(d)) not in FLASH_QUALIFIED for d in (q.shape[-1], v.shape[-1])):
+        return (f"the flash kernels' GPU test covers (dtype, head-dim tile) {sorted(FLASH_QUALIFIED)}, not "
+                f"{jnp.dtype(q.dtype).name} at Dk {q.shape[-1]}, Dv {v.shape[-1]}")
     return "the call is partitioned by XLA over several devices" if partitioned(q) else None
 
 

@@ -100,7 +100,7 @@ def test_auto_takes_cudnn_packed_layout_for_long_documents_on_hopper(monkeypatch
 def test_auto_order(monkeypatch, flash):
     """"auto" on a GPU where cuDNN is qualified: cuDNN where it needs no mask (causal from key 0; packed documents
     on Hopper); where it would need a dense mask (a global q_offset as on LASP-2H's ranks, documents before
-    Hopper), the flash kernels when qualified (bf16, head dims of the 64 tile, more than one row: their GPU
+    Hopper), the flash kernels when qualified (softmax.FLASH_QUALIFIED's dtypes and head-dim tiles: their GPU
     test's), else cuDNN's dense mask while it is small, else the blockwise loop. Under a mesh that XLA
     partitions, neither kernel (no sharding rule measured); inside a shard_map over the data axis alone (a
     data-parallel hybrid's per-device layers, seq of size 1 left to XLA) cuDNN is not taken, the flash kernels are
@@ -123,10 +123,12 @@ def test_auto_order(monkeypatch, flash):
         assert auto(4096, 8192, q_offset=jnp.int32(4096)) == fused
         assert auto(4096, 4096, docs=True) == ("cudnn" if hopper else fused)
         assert auto(32768, 65536, q_offset=jnp.int32(32768)) == ("pallas_triton" if flash else "blockwise")
-        assert auto(4096, 8192, q_offset=jnp.int32(4096), d=128) == "cudnn"  # wider heads: not in the flash test
-        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == "blockwise"  # neither: fp32
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), d=128) == fused
+        fp32 = "pallas_triton" if flash else "blockwise"  # cuDNN takes no fp32
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == fp32
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32, d=128) == "blockwise"  # not in the test
         assert auto(4096, 8192, q_offset=jnp.int32(4096), d=16) == "cudnn"  # another tile than the flash test's
-        assert auto(1, 4096, docs=True, q_offset=jnp.int32(99)) == "blockwise"  # a decoding step: one row
+        assert auto(1, 4096, docs=True, q_offset=jnp.int32(99)) == fp32  # a decoding step: one row
         picked = []
 
         def per_device(q):
@@ -150,19 +152,19 @@ def test_auto_says_once_when_it_passes_the_flash_kernels_over(monkeypatch):
     quiet for one query row (a decoding step) and where the call is qualified."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
     monkeypatch.setattr(impls, "warned", set())
-    for kind, dtype, rows, warns in (("NVIDIA H100 80GB HBM3", jnp.bfloat16, 4096, True),
-                                     ("NVIDIA H200", jnp.float32, 4096, True),
-                                     ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 1, False),
-                                     ("NVIDIA H200", jnp.bfloat16, 4096, False)):
+    for kind, dtype, d, rows, warns in (("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64, 4096, True),
+                                        ("NVIDIA H200", jnp.float32, 128, 4096, True),  # fp32 passed at d 64 only
+                                        ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 64, 1, False),
+                                        ("NVIDIA H200", jnp.bfloat16, 128, 4096, False)):
         fake_gpu(monkeypatch, kind, "9.0")
-        q = jax.ShapeDtypeStruct((1, rows, 4, 64), dtype)
-        k = jax.ShapeDtypeStruct((1, 65536, 2, 64), dtype)
+        q = jax.ShapeDtypeStruct((1, rows, 4, d), dtype)
+        k = jax.ShapeDtypeStruct((1, 65536, 2, d), dtype)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             picked = softmax._auto(q, k, k, None, jnp.int32(32768))  # a dense mask too large for cuDNN
         assert picked == ("pallas_triton" if kind == "NVIDIA H200" and dtype == jnp.bfloat16 else "blockwise")
         messages = [str(w.message) for w in caught if issubclass(w.category, impls.UnqualifiedWarning)]
-        assert len(messages) == warns, (kind, dtype, rows, messages)
+        assert len(messages) == warns, (kind, dtype, d, rows, messages)
         if warns:
             assert "runs the blockwise XLA loop here" in messages[0] and "impl='pallas_triton'" in messages[0]
             assert (kind in messages[0]) if kind != "NVIDIA H200" else ("float32" in messages[0])
