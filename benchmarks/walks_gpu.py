@@ -2,11 +2,12 @@
 default) and without, beside the Triton kernels: forward and forward+backward of one layer's linear attention.
 
     python3 -m benchmarks.walks_gpu [--t 65536] [--heads 64] [--groups 1] [--dk 128] [--dv 64] [--docs 16]
-        [--impls paired,unpaired,pallas_triton] [--max-piece-len L1,L2,...] [--iters 10] [--reps 3] [--out DIR]
+        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--max-piece-len L1,L2,...] [--iters 10] [--reps 3] [--out DIR]
 
 Why: the token walks were the largest single kernel item of a Mamba-2 1.3B training step on an H200 (431 of
 1870 ms, results/profile_train_h200_s11_mamba2.md); pairing changes the output and dV walks only (`_pairs`).
-Contenders: "paired" and "unpaired" are pallas_mosaic.Walks at Config(pair_heads=True / False), "pallas_triton"
+Contenders: "paired" and "unpaired" are pallas_mosaic.Walks at Config(pair_heads=True / False), either with
+more Config fields as ":field=value" (e.g. "paired:stages=2:approx_math=1", a launch-size sweep), "pallas_triton"
 the Triton kernels, each through vjp.attend_tokens as lasp_jax.linear_attention runs them on one device.
 Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q = C and k = B [1, T, G, Dk], v
 [1, T, H, Dv], bf16 unit normals (k times Dk^-0.5, scale Dk^-0.5), rates [1, T, H] uniform in [0.001, 0.1]
@@ -35,12 +36,28 @@ from benchmarks import measure
 from benchmarks.profile_pieces import max_piece_len
 from lasp_jax.ops import impls, pallas_mosaic, pieces_tokens, vjp
 
-CONTENDERS = {
-    "paired": lambda: pallas_mosaic.Walks(config=dataclasses.replace(pallas_mosaic.DEFAULT, pair_heads=True)),
-    "unpaired": lambda: pallas_mosaic.Walks(config=dataclasses.replace(pallas_mosaic.DEFAULT, pair_heads=False)),
-    "pallas_triton": lambda: impls.IMPLS["pallas_triton"],
-    "xla": lambda: impls.IMPLS["xla"],
-}
+WALKS = {"paired": {"pair_heads": True}, "unpaired": {"pair_heads": False}}  # pallas_mosaic.Config overrides
+OTHERS = ("pallas_triton", "xla")  # impls.IMPLS entries
+
+
+def contender(name: str):
+    """The impl a --impls entry names: "paired" or "unpaired" (the Mosaic walks), optionally with more Config
+    fields as ":field=value" ("paired:stages=2:approx_math=1"), or "pallas_triton" / "xla"."""
+    base, *fields = name.split(":")
+    if base in OTHERS and not fields:
+        return impls.IMPLS[base]
+    if base not in WALKS:
+        raise ValueError(f"unknown contender {name!r}: expected one of {sorted(WALKS)} (with :field=value "
+                         f"Config overrides) or {list(OTHERS)}")
+    types = {f.name: f.type for f in dataclasses.fields(pallas_mosaic.Config)}
+    overrides = dict(WALKS[base])
+    for field in fields:
+        key, _, value = field.partition("=")
+        if key not in types or not value.isdigit():
+            raise ValueError(f"{field!r} in {name!r} is not field=integer for a pallas_mosaic.Config field of "
+                             f"{sorted(types)}")
+        overrides[key] = bool(int(value)) if types[key] in (bool, "bool") else int(value)
+    return pallas_mosaic.Walks(config=dataclasses.replace(pallas_mosaic.DEFAULT, **overrides))
 
 
 def inputs(t, heads, groups, dk, dv, docs, seed=0):
@@ -87,9 +104,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args(argv)
     names = args.impls.split(",")
-    unknown = sorted(set(names) - set(CONTENDERS))
-    if unknown:
-        parser.error(f"unknown --impls {unknown}: expected some of {sorted(CONTENDERS)}")
+    try:
+        made = {name: contender(name) for name in names}
+    except ValueError as e:
+        parser.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     jsonl, md = (os.path.join(args.out, f"walks_gpu.{ext}") for ext in ("jsonl", "md"))
     provenance = measure.provenance("benchmarks.walks_gpu", sys.argv[1:] if argv is None else argv,
@@ -104,7 +122,7 @@ def main(argv=None) -> int:
         row = dict(shape, impl=name, max_piece_len=piece_len)
         try:
             with max_piece_len(piece_len):  # traced and timed inside
-                fwd, fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(attend, CONTENDERS[name](), scale),
+                fwd, fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(attend, made[name], scale),
                                                        grad_operands=1)
                 got = jax.block_until_ready(fwd_bwd(q, k, v, do, rates, ids))
                 errs = measure.errors(got, want)

@@ -4,6 +4,8 @@ compiled Mosaic walks) a row with its reason instead of numbers."""
 
 import json
 
+import pytest
+
 from benchmarks import walks_gpu
 
 
@@ -22,3 +24,13 @@ def test_rows_and_table(tmp_path):
     assert paired["impl"] == "paired" and "fwd_ms" not in paired and paired["error"]
     table = (tmp_path / "walks_gpu.md").read_text()
     assert "| 256 | 4 | 1 | 32 | 16 | 3 | xla | 128 |" in table and "| paired | 256 | | | |" in table
+
+
+def test_contenders_take_config_fields():
+    walks = walks_gpu.contender("unpaired:stages=2:approx_math=1")
+    assert (walks.config.pair_heads, walks.config.stages, walks.config.approx_math) == (False, 2, True)
+    assert walks_gpu.contender("paired").config.pair_heads is True
+    for bad, match in (("paired:stage=2", "not field=integer"), ("paired:stages=x", "not field=integer"),
+                       ("triton", "unknown contender"), ("xla:stages=2", "unknown contender")):
+        with pytest.raises(ValueError, match=match):
+            walks_gpu.contender(bad)
