@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", default="1,2")
     parser.add_argument("--data", type=int, default=1, help="data-parallel size D (each GPU count must divide)")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--remat-throughput", default="block_attention,block,full", help="tried in order until one fits")
+    parser.add_argument("--remat-throughput", default="block_attention,block,full",
+                        help="tried in order until one fits")
     parser.add_argument("--remat-longest", default="full")
     parser.add_argument("--longest-from", type=int, default=0,
                         help="tokens per GPU to try first in the longest search (0: predict from two probes)")

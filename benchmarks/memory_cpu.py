@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 _DUMP = Path(tempfile.mkdtemp(prefix="memory_cpu_"))
@@ -45,6 +46,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 import models  # noqa: E402
 from benchmarks.measure import provenance  # noqa: E402
 from models import presets  # noqa: E402
+from models.config import Remat  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.step import make_steps, model_config  # noqa: E402
@@ -139,7 +141,7 @@ def report(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="the preset's depth cut to this many layers")
     parser.add_argument("--tokens-per-device", type=int, default=64 * 1024)
     parser.add_argument("--meshes", default="1x1,1x2,1x4,2x2,1x8,2x4", help="data x seq, comma-separated")
-    parser.add_argument("--remat", default="block", choices=("none", "block", "block_attention", "full"))
+    parser.add_argument("--remat", default="block", choices=typing.get_args(Remat))
     parser.add_argument("--ce-chunk", type=int, default=2048, help="as benchmarks/bench_train_gpu.py")
     parser.add_argument("--strategy", default="ring")
     parser.add_argument("--attn-impl", default="xla", help="the models' per-device attention (auto on GPUs)")

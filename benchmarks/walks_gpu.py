@@ -2,7 +2,8 @@
 default) and without, beside the Triton kernels: forward and forward+backward of one layer's linear attention.
 
     python3 -m benchmarks.walks_gpu [--t 65536] [--heads 64] [--groups 1] [--dk 128] [--dv 64] [--docs 16]
-        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--max-piece-len L1,L2,...] [--iters 10] [--reps 3] [--out DIR]
+        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--max-piece-len L1,L2,...] [--iters 10]
+        [--reps 3] [--out DIR]
 
 Why: the token walks were the largest single kernel item of a Mamba-2 1.3B training step on an H200 (431 of
 1870 ms, results/profile_train_h200_s11_mamba2.md); pairing changes the output and dV walks only (`_pairs`).
@@ -44,7 +45,9 @@ def contender(name: str):
     """The impl a --impls entry names: "paired" or "unpaired" (the Mosaic walks), optionally with more Config
     fields as ":field=value" ("paired:stages=2:approx_math=1"), or "pallas_triton" / "xla"."""
     base, *fields = name.split(":")
-    if base in OTHERS and not fields:
+    if base in OTHERS:
+        if fields:
+            raise ValueError(f"{name!r}: {base!r} takes no Config fields (only the Mosaic walks, {sorted(WALKS)})")
         return impls.IMPLS[base]
     if base not in WALKS:
         raise ValueError(f"unknown contender {name!r}: expected one of {sorted(WALKS)} (with :field=value "
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
         made = {name: contender(name) for name in names}
     except ValueError as e:
         parser.error(str(e))
+    lengths = args.max_piece_len.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in lengths):
+        parser.error(f"--max-piece-len takes positive integers, comma-separated, got {args.max_piece_len!r}")
     os.makedirs(args.out, exist_ok=True)
     jsonl, md = (os.path.join(args.out, f"walks_gpu.{ext}") for ext in ("jsonl", "md"))
     provenance = measure.provenance("benchmarks.walks_gpu", sys.argv[1:] if argv is None else argv,
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
     want = measure.fp32_reference(q, k, v, do, rates, scale, ids)
     shape = dict(t=args.t, heads=args.heads, groups=args.groups, dk=args.dk, dv=args.dv, docs=args.docs)
     rows = []
-    for name, piece_len in ((n, int(p)) for p in args.max_piece_len.split(",") for n in names):
+    for name, piece_len in ((n, int(p)) for p in lengths for n in names):
         row = dict(shape, impl=name, max_piece_len=piece_len)
         try:
             with max_piece_len(piece_len):  # traced and timed inside

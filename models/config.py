@@ -28,6 +28,7 @@ from lasp_jax.parallel.api import STRATEGIES
 Strategy = Literal[tuple(STRATEGIES)]  # LASP state exchanges, from lasp_jax's own table
 AttnImpl = Literal[("auto", *IMPLS)]  # per-device linear attention implementations, from lasp_jax's table
 Dtype = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["none", "block", "block_attention", "full"]  # what each block keeps for the backward (the field)
 
 
 @functools.cache
@@ -96,7 +97,7 @@ class ModelConfig:
     # block_attention: as block, and keep the linear attention's output and per-piece states too, so its
     # forward kernels run once a step (per layer o and [B, H, T / piece, Dk, Dv] float32 more);
     # full: per block, keep only its input.
-    remat: Literal["none", "block", "block_attention", "full"] = "none"
+    remat: Remat = "none"
     # n > 1: between the forward and the backward keep only every n-th block's input; each run of n blocks is
     # recomputed from it (one more forward of the model), inside it each block as `remat` says. 1: `remat` alone
     remat_every: int = 1

@@ -31,6 +31,12 @@ def test_contenders_take_config_fields():
     assert (walks.config.pair_heads, walks.config.stages, walks.config.approx_math) == (False, 2, True)
     assert walks_gpu.contender("paired").config.pair_heads is True
     for bad, match in (("paired:stage=2", "not field=integer"), ("paired:stages=x", "not field=integer"),
-                       ("triton", "unknown contender"), ("xla:stages=2", "unknown contender")):
+                       ("triton", "unknown contender"), ("xla:stages=2", "takes no Config fields")):
         with pytest.raises(ValueError, match=match):
             walks_gpu.contender(bad)
+
+
+def test_bad_piece_lengths_are_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        walks_gpu.main(["--max-piece-len", "512,abc", "--out", str(tmp_path)])
+    assert "--max-piece-len takes positive integers" in capsys.readouterr().err

@@ -68,13 +68,15 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 class Config:
     """Launch sizes. Swept on an H200 at Mamba-2 1.3B's shape (T 64K, 64 heads of 64, bf16;
     benchmarks/results/gated_norm_gpu_h200_s13.md): elems_per_warp 256 (16 warps in the backward, as in the
-    forward) took 2.219 ms forward+backward against 2.400 at 512 and 3.826 at 1024; the other sizes within 1-6%.
+    forward) took 2.219 ms forward+backward against 2.400 at 512 and 3.826 at 1024; fwd_block 16384 2.706; the
+    other sizes swept 2.384 to 2.533.
 
-    fwd_block, bwd_block: elements per row block (rows: the largest power of two <= max(1, block // W)), the
-    forward's and the backward's (more values live at once in the backward). elems_per_warp: num_warps = block
-    elements / this, clamped to [4, 16], a power of two (at 256: 8 float32 values per thread per live tile).
-    target_programs: the backward runs the most row blocks per program that still leave about this many programs (a power of two per
-    program); its partial sums are [programs, H*P] float32 each."""
+    fwd_block, bwd_block: elements per row block (rows: the largest power of two <= max(1, block // W)), the forward's
+    and the backward's (more values live at once in the backward). elems_per_warp: num_warps = block elements /
+    this, clamped to [4, 16], a power of two (by default 16 warps for both: 16 float32 values per thread per live
+    tile in the forward, 8 in the backward). target_programs: the backward runs the most row blocks per program that
+    still leave about this many programs (a power of two per program); its partial sums are [programs, H*P] float32
+    each."""
 
     fwd_block: int = 8192
     bwd_block: int = 4096

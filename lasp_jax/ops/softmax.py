@@ -11,13 +11,14 @@ cache use it. `segment_ids` (packed documents) mask every pair of positions in d
 
 The flash kernels (Pallas Triton: queries at any offset, GQA, documents skipping whole key blocks). "auto" on a
 qualified GPU takes cuDNN where it needs no mask (causal from key 0, or packed documents from key 0) and the flash
-kernels elsewhere where they are qualified (FLASH_QUALIFIED: bf16 at head dims up to 128, fp32 up to 64, any
-number of query rows: a global q_offset as on LASP-2H's ranks or a decoding step, documents before Hopper, rows
-with more documents than cuDNN's packed slots). On an H200 (bf16, 32 query / 8 K/V heads of 64,
-benchmarks/results/softmax_gpu_h200_s12.md) forward+backward took: causal at 64K cuDNN 144 ms, the flash kernels 236; 16 documents at 64K cuDNN packed 19.9 ms
-(17.25 GiB of temporaries), the flash kernels 26.9 ms (0.64 GiB); 16 documents at 8K cuDNN packed 1.9 ms (8.25
-GiB), the flash kernels 1.0 ms (0.08 GiB). "auto" keeps cuDNN's packed layout for documents from key 0 (faster at
-the hybrids' 64K; the flash kernels would save its memory and win at 8K: a length threshold is not measured yet).
+kernels elsewhere where they are qualified (FLASH_QUALIFIED: bf16 at head dims 33 to 128, fp32 at 33 to 64, any
+number of query rows: a global q_offset as on LASP-2H's ranks or a decoding step (whose speed against the blockwise
+loop is not measured), documents before Hopper, rows with more documents than cuDNN's packed slots). On an H200
+(bf16, 32 query / 8 K/V heads of 64, benchmarks/results/softmax_gpu_h200_s12.md) forward+backward took: causal at
+64K cuDNN 144 ms, the flash kernels 236; 16 documents at 64K cuDNN packed 19.9 ms (17.25 GiB of temporaries), the
+flash kernels 26.9 ms (0.64 GiB); 16 documents at 8K cuDNN packed 1.9 ms (8.25 GiB), the flash kernels 1.0 ms (0.08
+GiB). "auto" keeps cuDNN's packed layout for documents from key 0 (faster at the hybrids' 64K; the flash kernels
+would save its memory and win at 8K: a length threshold is not measured yet).
 Where "auto" runs the blockwise loop on a CUDA GPU the flash kernels could run on but are not qualified for, it
 says so once (an impls.UnqualifiedWarning) and how to opt in (`warn_passed_over`).
 
@@ -61,12 +62,13 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # passed (fail-closed, as lasp_jax.ops.impls for the linear kernels): on an H200, 2026-11-30. Named, impl="cudnn"
 # runs anywhere jax.nn.dot_product_attention does.
 CUDNN_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
-# Device kinds, and (dtype, head-dim tile) pairs, where "auto" takes the flash kernels (lasp_jax.ops.softmax_kernel):
-# those of tests/ops/test_softmax_kernel.py's GPU cases, which passed on an H200 (2026-11-30: bf16 at head dims 64
-# and 128, fp32 at 64; 1024 query rows and a decoding step's one). Fail-closed: other kinds, dtypes and tiles wait
-# for their own GPU run. Head dims up to a tile are zero-padded to it (tile 64: dims 33 to 64; 128: 65 to 128).
-# Named, impl="pallas_triton" runs on any CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the
-# kernels take.
+# Device kinds, and (dtype, head-dim tile) pairs for Dk and Dv of one tile, where "auto" takes the flash kernels
+# (lasp_jax.ops.softmax_kernel): those of tests/ops/test_softmax_kernel.py's GPU_CASES, which passed on an H200
+# (2026-11-30: bf16 at head dims 64 and 128, fp32 at 64, with 1024 query rows; a decoding step's one row in bf16 at
+# 64). The query-row count is not an axis of this table: rows are blocked the same way for any count and dtype.
+# Fail-closed: other kinds, dtypes, tiles, and Dk and Dv of different tiles wait for their own GPU run. Head dims up
+# to a tile are zero-padded to it (tile 64: dims 33 to 64; 128: 65 to 128). Named, impl="pallas_triton" runs on any
+# CUDA GPU of compute capability 8.0 or newer, any dtype and head dim the kernels take.
 FLASH_QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 FLASH_QUALIFIED: frozenset[tuple[str, int]] = frozenset({("bfloat16", 64), ("bfloat16", 128), ("float32", 64)})
 # Largest B * L * S for which "auto" takes cuDNN with a dense mask (documents, a global q_offset): the mask and
@@ -190,9 +192,10 @@ def flash_unqualified(q, k, v) -> str | None:
     why = softmax_kernel.supported(q, k, v)
     if why:
         return why
-    if any((jnp.dtype(q.dtype).name, softmax_kernel.tile(d)) not in FLASH_QUALIFIED for d in (q.shape[-1], v.shape[-1])):
-        return (f"the flash kernels' GPU test covers (dtype, head-dim tile) {sorted(FLASH_QUALIFIED)}, not "
-                f"{jnp.dtype(q.dtype).name} at Dk {q.shape[-1]}, Dv {v.shape[-1]}")
+    tiles = {softmax_kernel.tile(d) for d in (q.shape[-1], v.shape[-1])}
+    if len(tiles) != 1 or (jnp.dtype(q.dtype).name, *tiles) not in FLASH_QUALIFIED:
+        return (f"the flash kernels' GPU test covers (dtype, head-dim tile of Dk and Dv) {sorted(FLASH_QUALIFIED)}, "
+                f"not {jnp.dtype(q.dtype).name} at Dk {q.shape[-1]}, Dv {v.shape[-1]}")
     return "the call is partitioned by XLA over several devices" if partitioned(q) else None
 
 

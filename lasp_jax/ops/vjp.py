@@ -57,6 +57,7 @@ def _named(o, saved):
     """o and the implementation's saved pytree, named for remat policies (SAVEABLE_NAMES)."""
     return checkpoint_name(o, OUTPUT_NAME), jax.tree.map(lambda a: checkpoint_name(a, STATES_NAME), saved)
 
+
 StateFn = Callable[[jax.Array], jax.Array]
 
 
@@ -92,7 +93,7 @@ class Impl(Protocol):
 
     def forward(self, q, k, v, rates, incoming: StateFn | None, scale: float) -> tuple[jax.Array, jax.Array, Any, Any]:
         """(o in q.dtype, m, S_in or None, saved): incoming maps m to S_in (None: S_in = 0); `saved` is what
-        `backward` needs besides q, k, v (a pytree)."""
+        `backward` needs besides q, k, v (a pytree of arrays and Nones: each array is named STATES_NAME)."""
 
     def backward(self, q, k, v, rates, saved, do, outgoing: StateFn | None, scale: float) -> tuple[jax.Array, ...]:
         """(dq, dk, dv, d) in input dtypes (d float32): outgoing maps d to G (None: G = 0)."""

@@ -62,8 +62,9 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
         whole key blocks; the interpreted kernels inside a caller's shard_map need its check_vma=False);
         "blockwise": its blockwise XLA loop; "auto": the flash kernels where
         lasp_jax.ops.softmax.flash_unqualified is None (where their GPU test passed: an H200, bf16 at head dims
-        up to 128, fp32 up to 64; on two H200s a Mamba-2 1.3B hybrid step at 64K tokens per GPU took 2.18 s with
-        them, 44.5 s with the blockwise loop, benchmarks/results/TRAIN_GPU_NOTES.md), else the blockwise loop. "cudnn" is refused:
+        33 to 128, fp32 at 33 to 64; on two H200s a Mamba-2 1.3B hybrid step at 64K tokens per GPU took 2.18 s
+        with them (session 13), 44.5 s with the blockwise loop (session 11), benchmarks/results/
+        TRAIN_GPU_NOTES.md), else the blockwise loop. "cudnn" is refused:
         cuDNN's attention inside this shard_map (queries at a global offset, a dense mask) crashed the process
         (segmentation fault) on two H200s with jax 0.11.2, with and without documents, while the same call on one
         device and cuDNN inside a data-parallel shard_map ran (benchmarks/cudnn_shardmap_probe.py,

@@ -70,7 +70,7 @@ FSDP = ("data", "seq")  # parameters sharded over every device
 
 CASES = [  # model, mesh (data, seq), Explicit axes, LASP strategy, remat, parameters' axes
     ("mamba2-tiny", (2, 2), True, "ring", "none", FSDP),
-    ("mamba2-tiny", (1, 3), False, "allgather", "block", "data"),
+    ("mamba2-tiny", (1, 3), False, "allgather", "block_attention", "data"),
     ("mamba2-tiny", (2, 3), True, "scan", "full", "data"),
     ("mamba2-tiny-hybrid", (2, 3), False, "ring", "none", "data"),
     ("mamba2-tiny", (2, 1), True, "ring", "none", "data"),  # data parallel only: the conv on a size-1 seq axis

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,8 @@ import pytest
 from flax import nnx
 
 import models
+from models import lm
+from models.config import Remat
 from models.documents import document_ids
 from tests.models import helpers
 
@@ -37,23 +41,40 @@ def test_remat_keeps_gradients(remat):
     assert helpers.max_rel(grads, ref_grads) < 1e-5
 
 
-def _compiled_loops(remat: str) -> int:
-    """While loops in the compiled CPU gradient of a 2-layer Mamba-2 whose linear attention runs the Triton
-    kernels interpreted: each kernel launch lowers to a loop over its grid (single-step grids to none)."""
+def test_every_remat_choice_has_a_policy():
+    assert set(typing.get_args(Remat)) == {"none", *lm._POLICIES}
+
+
+def _kernel_model(remat: str):
+    """A 2-layer Mamba-2 whose linear attention runs the Triton kernels interpreted: (loss of its state, state)."""
     cfg = helpers.tiny("mamba2-tiny", mlp_hidden=None, head_dim=16, attn_impl="pallas_triton_interpret",
                        remat=remat)
     graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
     tok = helpers.tokens(np.random.default_rng(2), t=24)
     seg = jnp.asarray(document_ids(np.asarray(tok.at[:, 9].set(0)), separator=0))
-    hlo = jax.jit(jax.grad(_mean_loss(graphdef, tok, seg))).lower(state).compile().as_text()
-    return sum(" while(" in line for line in hlo.splitlines())
+    return _mean_loss(graphdef, tok, seg), state
 
 
 def test_block_attention_runs_the_attention_forward_once():
-    """remat="block_attention" keeps the attention's output and per-piece states (vjp.SAVEABLE_NAMES), so XLA
-    drops the rematerialized forward kernels: measured 7 loops, as without remat, against block's 9."""
-    loops = {remat: _compiled_loops(remat) for remat in ("none", "block", "block_attention")}
+    """remat="block_attention" keeps each layer's attention output o [B, T, H, P] and saved states (the per-piece
+    states entering the pieces and the end state: vjp.SAVEABLE_NAMES), so XLA drops the rematerialized forward
+    kernels: the compiled CPU gradient has as many while loops (each kernel launch lowers to a loop over its grid,
+    single-step grids to none) as without remat, measured 7, against block's 9; the gradients are those of no
+    remat (measured bit-equal)."""
+    loops, residuals, grads = {}, {}, {}
+    for remat in ("none", "block", "block_attention"):
+        loss, state = _kernel_model(remat)
+        compiled = jax.jit(jax.grad(loss)).lower(state).compile()
+        loops[remat] = sum(" while(" in line for line in compiled.as_text().splitlines())
+        residuals[remat] = Counter(r.shape for r in jax.tree.leaves(jax.eval_shape(lambda s: jax.vjp(loss, s)[1],
+                                                                                   state)))
+        if remat != "block":
+            grads[remat] = compiled(state)
     assert loops["block_attention"] == loops["none"] < loops["block"], loops
+    layers = 2
+    assert residuals["block_attention"] - residuals["block"] == Counter(
+        {(2, 24, 4, 16): layers, (2, 4, 1, 16, 16): layers, (2, 4, 16, 16): layers})  # o, pieces_in, m
+    assert helpers.max_rel(grads["block_attention"], grads["none"]) < 1e-6
 
 
 # --- remat_every: runs of blocks recomputed from their first block's input ---

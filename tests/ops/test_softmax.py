@@ -124,11 +124,15 @@ def test_auto_order(monkeypatch, flash):
         assert auto(4096, 4096, docs=True) == ("cudnn" if hopper else fused)
         assert auto(32768, 65536, q_offset=jnp.int32(32768)) == ("pallas_triton" if flash else "blockwise")
         assert auto(4096, 8192, q_offset=jnp.int32(4096), d=128) == fused
-        fp32 = "pallas_triton" if flash else "blockwise"  # cuDNN takes no fp32
-        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == fp32
+        flash_or_loop = "pallas_triton" if flash else "blockwise"
+        assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32) == flash_or_loop  # cuDNN takes no fp32
         assert auto(4096, 8192, q_offset=jnp.int32(4096), dtype=jnp.float32, d=128) == "blockwise"  # not in the test
         assert auto(4096, 8192, q_offset=jnp.int32(4096), d=16) == "cudnn"  # another tile than the flash test's
-        assert auto(1, 4096, docs=True, q_offset=jnp.int32(99)) == fp32  # a decoding step: one row
+        assert auto(1, 4096, docs=True, q_offset=jnp.int32(99)) == flash_or_loop  # a decoding step: one row
+        if flash:  # Dk and Dv of two tiles: each tile passed, that pair did not run
+            q, v = (jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16) for t, h, d in ((4096, 4, 64), (8192, 2, 128)))
+            why = softmax.flash_unqualified(q, jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16), v)
+            assert "head-dim tile of Dk and Dv" in why and "Dk 64, Dv 128" in why
         picked = []
 
         def per_device(q):

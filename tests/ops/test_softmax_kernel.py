@@ -142,6 +142,12 @@ GPU_CASES = {
 }
 
 
+def test_auto_qualifies_what_the_gpu_cases_cover():
+    """softmax.FLASH_QUALIFIED (what "auto" takes) is the (dtype, tile) set of GPU_CASES: widening it needs a case."""
+    assert softmax.FLASH_QUALIFIED == {(jnp.dtype(dtype).name, softmax_kernel.tile(d))
+                                       for dtype, d, _, _ in GPU_CASES.values()}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_kernels_match_the_blockwise_loop(case, rng):
