@@ -28,7 +28,7 @@ from lasp_jax.parallel.api import STRATEGIES
 Strategy = Literal[tuple(STRATEGIES)]  # LASP state exchanges, from lasp_jax's own table
 AttnImpl = Literal[("auto", *IMPLS)]  # per-device linear attention implementations, from lasp_jax's table
 Dtype = Literal["float32", "bfloat16", "float16"]
-Remat = Literal["none", "block", "block_attention", "full"]  # what each block keeps for the backward (the field)
+Remat = Literal["none", "block", "block_attention", "full"]  # ModelConfig.remat's choices (see the field)
 
 
 @functools.cache

@@ -26,7 +26,8 @@ blocks (padded keys sit past S and are never visible; padded rows are dropped, t
 padded with zeros to a power of two of at least 16.
 Platforms: CUDA GPUs of compute capability 8.0 or newer through Pallas's Triton lowering; interpret=True runs
 the same kernels anywhere (the CPU tests). Their GPU test passed on an H200 (2026-11-30; bf16 at head dims 64
-and 128, fp32 at 64), so lasp_jax.ops.softmax's "auto" takes them there at those (softmax.FLASH_QUALIFIED).
+and 128, fp32 at 64), so lasp_jax.ops.softmax's "auto" takes them there at those dtypes and head-dim tiles
+(softmax.FLASH_QUALIFIED).
 In the timing sweep (benchmarks/results/softmax_gpu_h200_s12.md) their bf16 errors against the fp32 blockwise
 loop were 2.5e-3 at most (cuDNN's 2.9e-3), and the default launch sizes were the fastest of those swept.
 """

@@ -183,9 +183,9 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     else:  # one rank (or W = 1): only the padding before position 0
         halo = jnp.zeros_like(halo)
     ide = None if ids is None else jnp.concatenate([halo_ids, ids], axis=1)
-    # [halo; x] as a select of two pads, not a concatenate: XLA fuses this into each consumer (as the one-device
-    # padding), where it materialized the concatenation, a [B, W-1+L, C] copy per call (1.35 ms at Mamba-2 1.3B's
-    # 64K per rank on an H200: 129 ms of a seq-2 step, benchmarks/results/profile_train_h200_s13_mamba2_seq2.md).
+    # [halo; x] as a select of two pads, which XLA fuses into each consumer as it does the one-device padding. A
+    # concatenate it materialized: a [B, W-1+L, C] copy per call (1.35 ms at Mamba-2 1.3B's 64K per rank on an
+    # H200, 129 ms of a seq-2 step: benchmarks/results/profile_train_h200_s13_mamba2_seq2.md).
     in_halo = (jnp.arange(k + x.shape[1]) < k)[None, :, None]
     xe = jnp.where(in_halo, jnp.pad(halo, ((0, 0), (0, x.shape[1]), (0, 0))), jnp.pad(x, ((0, 0), (k, 0), (0, 0))))
     return _apply(xe, weight, bias, ide, impl=impl, activation=activation)
