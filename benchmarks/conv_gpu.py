@@ -6,9 +6,7 @@ lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU (with tests/parallel
         [--activation silu] [--dtype bfloat16] [--contenders xla_then_silu,xla,pallas_triton]
         [--configs 32x16x256x512x8,...] [--iters 10] [--reps 5] [--out DIR]
 
-Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu),
-"autodiff_then_silu" (the same with autodiff's backward of the formula, `causal_conv_kernel.xla_formula`, in place
-of impl "xla"'s written one), "xla" (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT
+Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla" (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT
 Config) and one row per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c,
 bwd_rows, num_warps). Shape: Mamba-2 1.3B's convolution by default (C = d_inner + 2 d_state = 4352, W = 4); x
 and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W) (the model's parameters),
@@ -63,12 +61,6 @@ def conv_fn(name: str, activation, config: causal_conv_kernel.Config | None):
     """conv(x, weight, bias, ids) -> y for one contender."""
     if name == "xla_then_silu":
         return lambda x, w, b, ids: jax.nn.silu(causal_conv1d(x, w, b, segment_ids=ids, impl="xla"))
-    if name == "autodiff_then_silu":  # the same forward, differentiated by autodiff (impl "xla" before 2026-11-30)
-        def autodiff(x, w, b, ids):
-            k = w.shape[0] - 1
-            ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-            return jax.nn.silu(causal_conv_kernel.xla_formula(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), w, b, ide))
-        return autodiff
     if config is None:
         return lambda x, w, b, ids: causal_conv1d(x, w, b, segment_ids=ids, activation=activation, impl=name)
 
@@ -124,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, default=16, help="documents per row")
     p.add_argument("--activation", default="silu", choices=("silu", "none"))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--contenders", default="xla_then_silu,autodiff_then_silu,xla,pallas_triton")
+    p.add_argument("--contenders", default="xla_then_silu,xla,pallas_triton")
     p.add_argument("--configs", default="", help="extra kernel configs, FWDxBWDxCxROWSxWARPS,...")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)

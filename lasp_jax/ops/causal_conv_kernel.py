@@ -1,6 +1,5 @@
 """The depthwise causal convolution of one piece (Mamba-2's, before the SSD) as fused Pallas kernels (Triton
-lowering), forward and backward, with an optional fused SiLU; and the same formula in XLA (`xla_formula`, with a
-written backward `xla_convolve`):
+lowering), forward and backward, with an optional fused SiLU; and the same formula in XLA (`xla_convolve`):
 
     s[b, t, c] = bias[c] + sum_{i < W} keep_i(b, t) w[i, c] xe[b, t + i, c]        y = act(s)  (None or SiLU)
 
@@ -9,7 +8,7 @@ halo) then the piece; tap i of output t (xe row t + i; tap W-1 is t itself) is k
 (t + i, t + W-1], i.e. unless ide[q] != ide[q - 1] for some q there. A dropped tap is selected away, never
 multiplied by 0, so a non-finite input in another document does not reach t, in the forward or the backward.
 
-Why (an attempt, not used by the model): XLA differentiates `xla_formula` as W shifted slices, masks and adds
+Why (an attempt, not used by the model): XLA differentiates `xla_convolve` as W shifted slices, masks and adds
 over [B, T, C] float32 and fuses that backward, with the SiLU's, the gated norm's and the dt path's, into the one
 loop fusion that builds Mamba-2 1.3B's in-projection cotangent (2.6 ms per layer, 125 ms of a 1.89 s step on an
 H200: benchmarks/results/profile_train_h200_s10_mamba2.md). These kernels read each input once from HBM and keep
@@ -27,12 +26,12 @@ tap i (2W-1 shifted loads of xe, W of dy), the cotangent of s, ds = dy act'(s) (
 
 and accumulates, from the shift i = W-1 (t = p - (W-1): each output in exactly one block), its partial column
 sums dweight[i] = sum_t keep_i(t) ds[t] xe[t + i] and dbias = sum_t ds[t], float32 [B, runs, W, C] and [B, runs,
-C], summed in XLA. dxe's first W-1 rows (the halo's: their outputs are t < W-1 only) come from `xla_formula`'s
+C], summed in XLA. dxe's first W-1 rows (the halo's: their outputs are t < W-1 only) come from `xla_convolve`'s
 autodiff on xe's first 2(W-1) rows, and run 0's programs store them: so every load and store of the kernels
 starts at row >= 0 (Pallas interpret mode clamps a slice that starts before 0). Rows and channels past the ends
 (L, C not multiples of the blocks) are masked on load and store.
 
-Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_formula`'s order (tap W-1, then W-2
+Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_convolve`'s order (tap W-1, then W-2
 down to 0, the bias last), so the forward matches it to float32 rounding (XLA may contract into FMAs); y and dxe
 in xe's dtype (one rounding), dweight and dbias float32 sums (per program, then over programs in XLA) cast to
 weight's and bias's dtypes. The backward sums in another order than XLA's autodiff (float32 rounding). SiLU:
@@ -108,94 +107,37 @@ def supported(xe, interpret: bool = False) -> str | None:
 # The XLA formula: impl "xla", and the kernels' backward for the first W-1 rows of dxe.
 
 
-def _xla_keeps(ide, w: int, length: int):
-    """keep_i [B, L] bools for taps i < W-1 (None for tap W-1, t itself, and for every tap without documents):
-    tap i of output t reaches xe row t + i through no document start."""
-    keeps = [None] * w
-    if ide is None:
-        return keeps
-    linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
-    for i in range(w - 2, -1, -1):
-        keeps[i] = linked[:, i:i + length] if keeps[i + 1] is None else keeps[i + 1] & linked[:, i:i + length]
-    return keeps
-
-
-def _xla_sum(xe, weight, bias, keeps):
-    """s [B, L, C] float32: bias + the kept taps, summed tap W-1 first, then W-2 down to 0, the bias last."""
+def xla_convolve(xe, weight, bias, ide, activation=None):
+    """The convolution of one piece (module docstring) as W shifted slices of xe that XLA fuses; autodiff gives
+    its backward. xe [B, W-1+L, C], weight [W, C], bias None or [C], ide None or [B, W-1+L], activation None
+    or "silu" (on the float32 sum). Returns y [B, L, C] in xe's dtype."""
     w = weight.shape[0]
     length = xe.shape[1] - (w - 1)
     xf, wf = xe.astype(_F32), weight.astype(_F32)
-    acc = xf[:, w - 1:] * wf[w - 1]
+    acc = xf[:, w - 1:] * wf[w - 1]  # tap W-1: t itself
+    if ide is not None:
+        linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: positions p and p+1 (of xe) are in one document
+    keep = None
     for i in range(w - 2, -1, -1):
         term = xf[:, i:i + length] * wf[i]
-        acc = acc + (term if keeps[i] is None else jnp.where(keeps[i][..., None], term, 0.0))
-    return acc if bias is None else acc + bias.astype(_F32)
-
-
-def xla_formula(xe, weight, bias, ide, activation=None):
-    """The convolution of one piece (module docstring) as W shifted slices of xe that XLA fuses, differentiated
-    by autodiff (the tests' reference; `xla_convolve` is the same forward with a written backward). xe [B, W-1+L,
-    C], weight [W, C], bias None or [C], ide None or [B, W-1+L], activation None or "silu" (on the float32 sum).
-    Returns y [B, L, C] in xe's dtype."""
-    w = weight.shape[0]
-    s = _xla_sum(xe, weight, bias, _xla_keeps(ide, w, xe.shape[1] - (w - 1)))
-    return (jax.nn.silu(s) if activation == "silu" else s).astype(xe.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _xla_written(xe, weight, bias, ide, activation):
-    return xla_formula(xe, weight, bias, ide, activation)
-
-
-def _xla_written_fwd(xe, weight, bias, ide, activation):
-    return xla_formula(xe, weight, bias, ide, activation), (xe, weight, bias, ide)
-
-
-def _xla_written_bwd(activation, residuals, g):
-    """dxe[p] = sum_i keep_i(p - i) w[i] ds[p - i] as W pads of the masked ds (one loop fusion, which XLA joins
-    to the caller's consumer of dxe), and dweight, dbias as ONE reduction over (B, L) of [B, L, W+1, C]."""
-    xe, weight, bias, ide = residuals
-    w, length = weight.shape[0], g.shape[1]
-    k = w - 1
-    keeps = _xla_keeps(ide, w, length)
-    ds = g.astype(_F32)
+        if ide is not None:  # tap i reaches t through no document start
+            keep = linked[:, i:i + length] if keep is None else keep & linked[:, i:i + length]
+            term = jnp.where(keep[..., None], term, 0.0)
+        acc = acc + term
+    if bias is not None:
+        acc = acc + bias.astype(_F32)
     if activation == "silu":
-        ds = ds * _silu_grad(_xla_sum(xe, weight, bias, keeps))
-    masked = [ds if keep is None else jnp.where(keep[..., None], ds, 0.0) for keep in keeps]
-    wf = weight.astype(_F32)
-    dxe = sum(jnp.pad(masked[i] * wf[i], ((0, 0), (i, k - i), (0, 0))) for i in range(w))
-    xf = xe.astype(_F32)
-    sums = jnp.sum(jnp.stack([masked[i] * xf[:, i:i + length] for i in range(w)] + [ds], axis=2), axis=(0, 1))
-    d_ide = None if ide is None else np.zeros(ide.shape, jax.dtypes.float0)
-    dbias = None if bias is None else sums[w].astype(bias.dtype)
-    return dxe.astype(xe.dtype), sums[:w].astype(weight.dtype), dbias, d_ide
-
-
-_xla_written.defvjp(_xla_written_fwd, _xla_written_bwd)
-
-
-def xla_convolve(xe, weight, bias, ide, activation=None):
-    """impl "xla": `xla_formula`'s forward, with a written backward (`_xla_written_bwd`). Same arguments and
-    result; gradients dxe in xe's dtype, dweight and dbias float32 sums in their own dtypes, equal to autodiff's
-    to float32 rounding (the sums in another order).
-
-    Why: XLA's autodiff of the W shifted slices materialized ds as a float32 [B, L, C] copy and reduced dweight
-    tap by tap, each pass reading ds and xe again: with the in-projection's cotangent, 180 ms of Mamba-2 1.3B's
-    1.69 s step on an H200 (3.75 ms per layer; about 0.6 to read and write the operands once,
-    benchmarks/results/TRAIN_GPU_NOTES.md, session 13)."""
-    # Inside shard_map weight and bias vary as xe does, so their gradients come back as the shards' sum.
-    weight = kernel_support.vary_like(weight, xe)
-    bias = None if bias is None else kernel_support.vary_like(bias, xe)
-    return _xla_written(xe, weight, bias, ide, activation)
+        acc = jax.nn.silu(acc)
+    return acc.astype(xe.dtype)
 
 
 def _head_rows_grad(xe, weight, bias, ide, g, activation):
-    """dxe's first W-1 rows [B, W-1, C] float32: their outputs are t < W-1 only, recomputed by `xla_formula`
+    """dxe's first W-1 rows [B, W-1, C] float32: their outputs are t < W-1 only, recomputed by `xla_convolve`
     on xe's first 2(W-1) rows (the backward kernel starts at row W-1, so no load of it starts before row 0)."""
     k = weight.shape[0] - 1
     head = min(k, g.shape[1])  # outputs t < W-1 (all of them when L < W-1)
-    _, vjp = jax.vjp(lambda a: xla_formula(a, weight, bias, None if ide is None else ide[:, :k + head],
-                                           activation).astype(_F32), xe[:, :k + head].astype(_F32))
+    _, vjp = jax.vjp(lambda a: xla_convolve(a, weight, bias, None if ide is None else ide[:, :k + head],
+                                            activation).astype(_F32), xe[:, :k + head].astype(_F32))
     return vjp(g[:, :head].astype(_F32))[0][:, :k]
 
 
@@ -246,7 +188,7 @@ def _keeps(linked, shift: int, w: int):
 
 
 def _pre_activation(xs, weights, bias, keeps):
-    """s = bias + sum_i keep_i w_i xs[i] in `xla_formula`'s order; xs[i] [block_t, block_c] float32 (xe rows
+    """s = bias + sum_i keep_i w_i xs[i] in `xla_convolve`'s order; xs[i] [block_t, block_c] float32 (xe rows
     t + i), weights[i], bias [block_c] float32, keeps from `_keeps`."""
     w = len(xs)
     acc = xs[w - 1] * weights[w - 1][None, :]

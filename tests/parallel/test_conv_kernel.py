@@ -119,41 +119,6 @@ def test_other_widths_match_xla(w, length, rng):
     assert max(errors.values()) < F32_TOL, errors
 
 
-def _formula(ide, activation):
-    return lambda xe, w, b: causal_conv_kernel.xla_formula(xe, w, b, ide, activation)
-
-
-@pytest.mark.parametrize(("w", "length", "activation"), [(4, L, None), (4, L, "silu"), (1, L, "silu"),
-                                                         (3, L, None), (4, 2, "silu")],
-                         ids=["w4", "w4-silu", "w1-silu", "w3", "w4-L2-silu"])
-@pytest.mark.parametrize("docs", [False, True], ids=["one-document", "documents"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_written_backward_matches_autodiff(dtype, docs, w, length, activation, rng):
-    """impl "xla"'s written backward (`xla_convolve`) against autodiff of the same formula (`xla_formula`): the
-    same y (one forward), and dxe, dweight, dbias, the same float32 sums in other orders (bf16 dxe: one ulp)."""
-    xe, weight, bias, g = _inputs(rng, dtype, t=length, w=w)
-    starts = [s + w - 1 for s in STARTS if s + w - 1 < w - 1 + length] or [1]
-    ide = _documents(B, w - 1 + length, starts) if docs else None
-    y, grads = _values_and_grads(_xla(ide, activation), xe, weight, bias, g)
-    y_ref, grads_ref = _values_and_grads(_formula(ide, activation), xe, weight, bias, g)
-    np.testing.assert_array_equal(y, y_ref)
-    assert [a.dtype for a in grads] == [dtype, jnp.float32, jnp.float32]
-    errors = {name: rel_err(a, ref) for name, a, ref in zip(("dxe", "dweight", "dbias"), grads, grads_ref)}
-    if dtype == jnp.bfloat16:
-        assert _ulps(grads[0], grads_ref[0]) <= 1.0, errors
-        del errors["dxe"]
-    assert max(errors.values()) < F32_TOL, errors
-
-
-def test_written_backward_without_bias(rng):
-    """bias None: the written backward returns no bias gradient, and dxe, dweight as autodiff's."""
-    xe, weight, _, g = _inputs(rng, jnp.float32)
-    grads = [jax.grad(lambda xe, w: jnp.sum(conv(xe, w, None, None, "silu") * g), argnums=(0, 1))(xe, weight)
-             for conv in (causal_conv_kernel.xla_convolve, causal_conv_kernel.xla_formula)]
-    for a, ref in zip(*grads):
-        assert rel_err(a, ref) < F32_TOL
-
-
 def test_nan_stays_in_its_document(rng):
     """A NaN input in the first document of row 0: y and dxe of the later documents are those of the same
     inputs without it (selected away, forward and backward, through the SiLU's recomputed input)."""
