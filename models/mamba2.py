@@ -2,7 +2,7 @@
 
 Written from the paper's equations, in our words:
 
-    z, xBC, dt = x W_in                                   z, x: [d_inner]; B, C: [G, N]; dt: [H]
+    z = x W_z;  xBC, dt = x W_in                         z, x: [d_inner]; B, C: [G, N]; dt: [H]
     x, B, C = silu(causal_conv(xBC))                      depthwise, width W, over x, B and C together
     dt = softplus(dt + dt_bias);  a = exp(A_log) > 0      per token, per head (fp32)
     y_t = sum_{r <= t, same document} exp(-(dt_(r+1) a + ... + dt_t a)) (C_t . B_r) dt_r x_r  +  D x_t
@@ -77,7 +77,10 @@ class Mamba2Mixer(nnx.Module):
         self.cfg = cfg
         inner, heads, groups, n = cfg.expand * cfg.d_model, cfg.ssm_heads, cfg.n_groups, cfg.d_state
         self.conv_channels = inner + 2 * groups * n  # x, B, C
-        self.in_proj = Dense(cfg.d_model, inner + self.conv_channels + heads, cfg, rngs=rngs)  # z, xBC, dt
+        # z apart from xBC and dt: the gated norm's kernels take z as an operand of its own, which a slice of one
+        # projection would first copy out (forward and remat), and its cotangent would be copied into the joint one.
+        self.gate_proj = Dense(cfg.d_model, inner, cfg, rngs=rngs)  # z
+        self.in_proj = Dense(cfg.d_model, self.conv_channels + heads, cfg, rngs=rngs)  # xBC, dt
         bound = 1.0 / math.sqrt(cfg.conv_width)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg)  # [W, C]
@@ -93,13 +96,13 @@ class Mamba2Mixer(nnx.Module):
     def _split_in(self, x):
         """x [B, T, D] -> z [B, T, d_inner], xBC [B, T, conv channels], dt [B, T, H] (compute dtype).
 
-        The projection is put on the activation layout at once: left to itself, XLA keeps it on the FSDP-sharded
-        kernel's output split and then cannot reach (batch, seq) without a full rematerialization (Auto meshes).
+        The projections are put on the activation layout at once: left to itself, XLA keeps them on the
+        FSDP-sharded kernels' output split and then cannot reach (batch, seq) without a full rematerialization
+        (Auto meshes).
         """
-        inner = self.cfg.expand * self.cfg.d_model
-        zxbcdt = sharding.constrain_activation(self.in_proj(x), self.cfg)
-        return (zxbcdt[..., :inner], zxbcdt[..., inner:inner + self.conv_channels],
-                zxbcdt[..., inner + self.conv_channels:])
+        z = sharding.constrain_activation(self.gate_proj(x), self.cfg)
+        xbcdt = sharding.constrain_activation(self.in_proj(x), self.cfg)
+        return z, xbcdt[..., :self.conv_channels], xbcdt[..., self.conv_channels:]
 
     def _conv_params(self):
         return sharding.gather_param(self.conv_weight[...]), sharding.gather_param(self.conv_bias[...])
