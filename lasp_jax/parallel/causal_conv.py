@@ -172,23 +172,34 @@ _pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
 # Under jit always (inlined in a caller's jit): an eager shard_map body crashes the CPU runtime of jax 0.11.2.
 @functools.partial(jax.jit, static_argnames=("seq_axis", "n", "impl", "activation"))
 def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
-    """One rank: get the previous rank's last W-1 positions (and ids), then convolve this rank's piece."""
+    """One rank: get the previous rank's last W-1 positions (and ids), then convolve this rank's piece.
+
+    The halo reaches only the piece's first W-1 outputs: the piece is convolved as on one device (zeros before
+    it), and those W-1 outputs are convolved again over [halo; first W-1 positions] and written over the first
+    ones (the same sums in the same order). So the large passes, forward and backward, are the one-device ones,
+    and the halo costs [B, W-1, C]-sized work. The former forms cost more than that: [halo; piece] concatenated
+    was a [B, W-1+L, C] copy per call that XLA materialized (129 ms of a Mamba-2 1.3B seq-2 step on H200s), and as
+    a select of two pads it slowed every fusion that read it (the convolution's backward 300 ms a step at seq 2
+    against 160 on one GPU: benchmarks/results/TRAIN_GPU_NOTES.md, session 14).
+    """
     k = weight.shape[0] - 1
+    # Varying once for both convolutions: their gradients are summed on the rank, then all-reduced once.
+    weight = kernel_support.vary_like(weight, x)
+    bias = None if bias is None else kernel_support.vary_like(bias, x)
+    padded_ids = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))  # arbitrary ids before the zeros
+    y = _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, padded_ids, impl=impl, activation=activation)
+    if not k or n == 1:  # one rank (or W = 1): only the padding before position 0
+        return y
     halo, halo_ids = x[:, x.shape[1] - k:], None if ids is None else ids[:, ids.shape[1] - k:]
-    if k and n > 1:
-        if ids is None:
-            halo = jax.lax.ppermute(halo, seq_axis, _forward_pairs(n))
-        else:
-            halo, halo_ids = _pass_halo_with_ids(halo, halo_ids, seq_axis, n)
-    else:  # one rank (or W = 1): only the padding before position 0
-        halo = jnp.zeros_like(halo)
-    ide = None if ids is None else jnp.concatenate([halo_ids, ids], axis=1)
-    # [halo; x] as a select of two pads, which XLA fuses into each consumer as it does the one-device padding. A
-    # concatenate it materialized: a [B, W-1+L, C] copy per call (1.35 ms at Mamba-2 1.3B's 64K per rank on an
-    # H200, 129 ms of a seq-2 step: benchmarks/results/profile_train_h200_s13_mamba2_seq2.md).
-    in_halo = (jnp.arange(k + x.shape[1]) < k)[None, :, None]
-    xe = jnp.where(in_halo, jnp.pad(halo, ((0, 0), (0, x.shape[1]), (0, 0))), jnp.pad(x, ((0, 0), (k, 0), (0, 0))))
-    return _apply(xe, weight, bias, ide, impl=impl, activation=activation)
+    if ids is None:
+        halo = jax.lax.ppermute(halo, seq_axis, _forward_pairs(n))
+    else:
+        halo, halo_ids = _pass_halo_with_ids(halo, halo_ids, seq_axis, n)
+    window_ids = None if ids is None else jnp.concatenate([halo_ids, ids[:, :k]], axis=1)
+    # W-1 outputs: XLA's formula whatever impl (a kernel launch each way would cost more than the work).
+    head = _apply(jnp.concatenate([halo, x[:, :k]], axis=1), weight, bias, window_ids, impl="xla",
+                  activation=activation)
+    return jax.lax.dynamic_update_slice(y, head, (0, 0, 0))
 
 
 def _check_piece(length, w, seq_axis):

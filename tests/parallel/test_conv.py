@@ -231,8 +231,8 @@ def test_hlo_passes_only_the_halo(docs):
     # forward: the halo (with documents as bytes, with its int32 ids); backward: the halo's fp32 gradient
     assert moved == {1: halo_bytes + (b * (w - 1) * 4 if docs else 0), -1: halo_bytes}
     assert halo_bytes < b * length * c * 4  # a rank's piece: "halo-sized" is a real distinction here
-    # The halo and the piece are one select of two pads, fused into their consumers: never a concatenated copy
-    # (129 ms a step at Mamba-2 1.3B's seq-2 shape on H200s, where XLA materialized it).
+    # The piece is convolved as on one device and the halo only over the first W-1 outputs: never a concatenated
+    # [halo; piece] copy (129 ms a step at Mamba-2 1.3B's seq-2 shape on H200s, where XLA materialized it).
     assert f"[{b},{w - 1 + length},{c}]" not in " ".join(line for line in text.splitlines() if "concatenate(" in line)
 
 
