@@ -191,7 +191,7 @@ def test_main_reports_a_missing_data_file_as_an_error(capsys):
 
 def test_run_configs_load_and_the_gpu_one_asks_for_data():
     cfg = cli.load_config_file(ROOT / "configs" / "train_tnl_1b.py")
-    assert cfg.model == presets.get("tnl-1b").replace(remat="block")
+    assert cfg.model == presets.get("tnl-1b").replace(remat="block_attention")
     assert (cfg.lr, cfg.warmup_steps, cfg.decay_steps) == (5e-4, 2000, 50_000)
     with pytest.raises(ValueError, match="no data given"):
         validate(cfg)
