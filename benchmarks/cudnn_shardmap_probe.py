@@ -16,7 +16,10 @@ Cases (bf16, 32 query heads and 8 K/V heads of 64; errors: max |difference| / ma
     per-device shard_map over data alone of a (data, seq) mesh, where "auto" does not take cuDNN, is not probed.
   packed_dp_seq1, causal_dp_seq1: the same on a (data 2, seq 1) mesh with the shard_map over data alone (seq left
     to XLA), as models/softmax.py runs a data-parallel hybrid's layers per device; if they run, "auto" may take
-    cuDNN there (lasp_jax.ops.softmax._cudnn_applies asks for every mesh axis manual today). Not yet run.
+    cuDNN there (lasp_jax.ops.softmax._cudnn_applies asks for every mesh axis manual). Session 14: packed_dp_seq1
+    failed to lower (a verifier error in Shardy's rule for cuDNN's custom_partitioning: "dim mapping can't have a
+    factor of size 1 if there are multiple factors"), causal_dp_seq1 died with a segmentation fault; so the check
+    stays.
 On CPU the cuDNN cases fail with jax's "cuDNN is not detected".
 """
 

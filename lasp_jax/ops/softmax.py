@@ -202,7 +202,8 @@ def flash_unqualified(q, k, v) -> str | None:
 def _cudnn_applies(q, k, v, docs, q_offset, dense_mask: bool) -> bool:
     """Whether "auto" takes cuDNN without a mask (dense_mask False) or also with a dense mask: see
     causal_softmax_attention's impl. Only where the call is per device (no ambient mesh of several devices, or
-    every axis manual): how XLA partitions cuDNN's custom call over a sharded batch is not measured yet. Only
+    every axis manual): inside a shard_map that leaves an axis to XLA, even one of size 1, cuDNN's call failed to
+    lower or crashed on two H200s (benchmarks/cudnn_shardmap_probe.py's seq1 cases, session 14). Only
     shapes cuDNN's flash attention takes in training (jax's check_is_flash_attention): head dims a multiple of 8
     up to 256, and with a mask (a bias) even lengths, so a decoding step (L = 1) does not take it."""
     if jax.default_backend() != "gpu" or jax.devices()[0].device_kind not in CUDNN_QUALIFIED_GPUS:
