@@ -15,7 +15,8 @@ H200: benchmarks/results/profile_train_h200_s10_mamba2.md). These kernels read e
 every intermediate in registers, with an optional SiLU fused in (its input recomputed in the backward): nothing
 beyond the inputs is saved. Measured at that shape on an H200 (benchmarks/results/conv_gpu_h200_s10.md, default
 Config): 0.929 / 4.496 ms forward / forward+backward against XLA's 0.747 / 3.024 with SiLU after rounding (what
-Mamba-2 runs), so "auto" does not take them; no Config sweep has run.
+Mamba-2 runs), so "auto" does not take them; no launch size of later sweeps beat XLA either, with or without the
+fused SiLU (conv_gpu_h200_s13.md, conv_gpu_h200_s14_no_silu.md).
 
 Kernels. Forward: one program per (batch, fwd_block_t outputs t, block_c channels): W shifted [rows, block_c]
 loads, the float32 sum, one store. Backward: one program per (batch, run of `bwd_rows` rows p >= W-1 of xe,
@@ -64,7 +65,8 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Launch sizes (not tuned on a GPU yet: benchmarks/conv_gpu.py times others with --configs).
+    """Launch sizes (benchmarks/conv_gpu.py times others with --configs; on an H200 none made the kernels faster
+    than XLA: conv_gpu_h200_s13.md, conv_gpu_h200_s14_no_silu.md).
 
     fwd_block_t, bwd_block_t, block_c: the [rows, channels] tiles of the forward and the backward, powers of
     two (Triton's blocks); block_c wide for coalesced rows (256 bf16 channels: 512 contiguous bytes). At 8

@@ -48,7 +48,9 @@ IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # (benchmarks/conv_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30, Mamba-2 1.3B's shape with SiLU,
 # benchmarks/results/conv_gpu_h200_s10.md) the kernels at the default Config were slower: 0.929 / 4.496 ms forward
 # / forward+backward against xla's 0.669 / 3.391 (SiLU inside) and 0.747 / 3.024 (SiLU after rounding, what
-# Mamba-2 runs); the GPU test did not finish within its 95 s there; no Config sweep has run.
+# Mamba-2 runs); the GPU test did not finish within its 95 s there. A sweep of launch sizes (conv_gpu_h200_s13.md)
+# found none faster than xla; without the fused SiLU the best took 2.513 ms forward+backward against xla's 2.428
+# (conv_gpu_h200_s14_no_silu.md).
 QUALIFIED_GPUS: tuple[str, ...] = ()
 
 
