@@ -12,14 +12,12 @@ Cases (bf16, 32 query heads and 8 K/V heads of 64; errors: max |difference| / ma
   packed_dp: causal_softmax_attention(impl="cudnn") with documents from key 0 (the packed layout) inside a
     shard_map over a data=2 mesh, B = 2, T = 2048. Session 11: ran, largest error 6.8e-3 (dk).
   causal_dp: the same without documents (cuDNN's own causal mask). Session 12: ran, largest error 6.5e-3 (dk);
-    packed_dp again: ran, 6.8e-3 (dk). Both on a 1-D data mesh, every axis manual: a data-parallel hybrid's
-    per-device shard_map over data alone of a (data, seq) mesh, where "auto" does not take cuDNN, is not probed.
+    packed_dp again: ran, 6.8e-3 (dk). Both on a 1-D data mesh, every axis manual.
   packed_dp_seq1, causal_dp_seq1: the same on a (data 2, seq 1) mesh with the shard_map over data alone (seq left
-    to XLA), as models/softmax.py runs a data-parallel hybrid's layers per device; if they run, "auto" may take
-    cuDNN there (lasp_jax.ops.softmax._cudnn_applies asks for every mesh axis manual). Session 14: packed_dp_seq1
-    failed to lower (a verifier error in Shardy's rule for cuDNN's custom_partitioning: "dim mapping can't have a
-    factor of size 1 if there are multiple factors"), causal_dp_seq1 died with a segmentation fault; so the check
-    stays.
+    to XLA), as models/softmax.py runs a data-parallel hybrid's layers per device, where "auto" does not take cuDNN
+    (lasp_jax.ops.softmax._cudnn_applies asks for every mesh axis manual). Session 14: packed_dp_seq1 failed to
+    lower (a verifier error in Shardy's rule for cuDNN's custom_partitioning: "dim mapping can't have a factor of
+    size 1 if there are multiple factors"), causal_dp_seq1 died with a segmentation fault; so that check stays.
 On CPU the cuDNN cases fail with jax's "cuDNN is not detected".
 """
 

@@ -8,7 +8,7 @@ default) and without, beside the Triton kernels: forward and forward+backward of
 Why: the token walks were the largest single kernel item of a Mamba-2 1.3B training step on an H200 (431 of
 1870 ms, results/profile_train_h200_s11_mamba2.md); pairing changes the output and dV walks only (`_pairs`).
 Contenders: "paired" and "unpaired" are pallas_mosaic.Walks at Config(pair_heads=True / False), either with
-more Config fields as ":field=value" (e.g. "paired:stages=2:approx_math=1", a launch-size sweep), "pallas_triton"
+more Config fields as ":field=value" (e.g. "paired:stages=2:approx_math=0", a launch-size sweep), "pallas_triton"
 the Triton kernels, each through vjp.attend_tokens as lasp_jax.linear_attention runs them on one device.
 Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q = C and k = B [1, T, G, Dk], v
 [1, T, H, Dv], bf16 unit normals (k times Dk^-0.5, scale Dk^-0.5), rates [1, T, H] uniform in [0.001, 0.1]
@@ -43,7 +43,7 @@ OTHERS = ("pallas_triton", "xla")  # impls.IMPLS entries
 
 def contender(name: str):
     """The impl a --impls entry names: "paired" or "unpaired" (the Mosaic walks), optionally with more Config
-    fields as ":field=value" ("paired:stages=2:approx_math=1"), or "pallas_triton" / "xla"."""
+    fields as ":field=value" ("paired:stages=2:approx_math=0"), or "pallas_triton" / "xla"."""
     base, *fields = name.split(":")
     if base in OTHERS:
         if fields:

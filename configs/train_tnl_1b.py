@@ -14,7 +14,8 @@ from train.config import TrainConfig
 def get_config() -> TrainConfig:
     return TrainConfig(
         # Per block keep the matmul outputs and the attention's output and piece states, recompute the rest: on one
-        # H200 at 64K 0.766 s a step against remat "block"'s 0.779, 65.6 against 62.0 GiB
+        # H200 at 64K 0.766 s a step against remat "block"'s 0.779 (two calls, whose spread is of that order; it
+        # skips the attention's forward in the remat, by construction), 65.6 against 62.0 GiB
         # (benchmarks/results/train_gpu_h200_s14.md).
         model=presets.get("tnl-1b").replace(remat="block_attention"),
         run_dir="runs/tnl_1b",

@@ -2,7 +2,7 @@
 
 Written from the paper's equations, in our words:
 
-    z = x W_z;  xBC, dt = x W_in                         z, x: [d_inner]; B, C: [G, N]; dt: [H]
+    z = x W_z;  xBC, dt = x W_in                          z, x: [d_inner]; B, C: [G, N]; dt: [H]
     x, B, C = silu(causal_conv(xBC))                      depthwise, width W, over x, B and C together
     dt = softplus(dt + dt_bias);  a = exp(A_log) > 0      per token, per head (fp32)
     y_t = sum_{r <= t, same document} exp(-(dt_(r+1) a + ... + dt_t a)) (C_t . B_r) dt_r x_r  +  D x_t
@@ -26,8 +26,9 @@ in +-1/sqrt(W) (a depthwise Conv1d's default). The projections follow this packa
 with the out-projection divided by sqrt(n_layers) (Mamba's rescaling of the layers that write the residual).
 
 Differences from the reference model, kept for the package's conventions: the block's pre-norm and the final norm
-are SRMSNorm without a learned scale (ahead of the in-projection a scale is absorbed by W_in), and the
-projections' init is the normal one above instead of PyTorch's uniform default (same scale at these widths).
+are SRMSNorm without a learned scale (ahead of the in-projections a scale is absorbed by W_z and W_in), the
+projections' init is the normal one above instead of PyTorch's uniform default (same scale at these widths), and
+z has a projection of its own (the reference's one in-projection holds W_z as its first d_inner columns).
 
 Decoding keeps, per layer, the SSD state [B, H, N, head_dim] fp32 and the convolution's last W-1 inputs
 [B, W-1, d_inner + 2 G N]: constant memory at any position.

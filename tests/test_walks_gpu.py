@@ -27,8 +27,8 @@ def test_rows_and_table(tmp_path):
 
 
 def test_contenders_take_config_fields():
-    walks = walks_gpu.contender("unpaired:stages=2:approx_math=1")
-    assert (walks.config.pair_heads, walks.config.stages, walks.config.approx_math) == (False, 2, True)
+    walks = walks_gpu.contender("unpaired:stages=2:approx_math=0")
+    assert (walks.config.pair_heads, walks.config.stages, walks.config.approx_math) == (False, 2, False)
     assert walks_gpu.contender("paired").config.pair_heads is True
     for bad, match in (("paired:stage=2", "not field=integer"), ("paired:stages=x", "not field=integer"),
                        ("triton", "unknown contender"), ("xla:stages=2", "takes no Config fields")):

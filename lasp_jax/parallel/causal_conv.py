@@ -174,15 +174,16 @@ _pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
 # Under jit always (inlined in a caller's jit): an eager shard_map body crashes the CPU runtime of jax 0.11.2.
 @functools.partial(jax.jit, static_argnames=("seq_axis", "n", "impl", "activation"))
 def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
-    """One rank: get the previous rank's last W-1 positions (and ids), then convolve this rank's piece.
+    """One rank: convolve the piece as on one device, then redo its first W-1 outputs over the received halo.
 
-    The halo reaches only the piece's first W-1 outputs: the piece is convolved as on one device (zeros before
-    it), and those W-1 outputs are convolved again over [halo; first W-1 positions] and written over the first
-    ones (the same sums in the same order). So the large passes, forward and backward, are the one-device ones,
-    and the halo costs [B, W-1, C]-sized work. The former forms cost more than that: [halo; piece] concatenated
-    was a [B, W-1+L, C] copy per call that XLA materialized (129 ms of a Mamba-2 1.3B seq-2 step on H200s), and as
-    a select of two pads it slowed every fusion that read it (the convolution's backward 300 ms a step at seq 2
-    against 160 on one GPU: benchmarks/results/TRAIN_GPU_NOTES.md, session 14).
+    The halo (the previous rank's last W-1 positions and ids) reaches only the piece's first W-1 outputs: those are
+    convolved again over [halo; first W-1 positions] and written over the first ones, by XLA's formula whatever
+    impl (the same sums as before in the same order with impl "xla"; to float32 rounding with the kernels). So the
+    large passes, forward and backward, are the one-device ones, and the halo costs [B, W-1, C]-sized work. The
+    former forms read it in every pass over the piece: [halo; piece] concatenated was a [B, W-1+L, C] copy per
+    call that XLA materialized (129 ms of a Mamba-2 1.3B seq-2 step on H200s), and as a select of two pads the
+    dweight reductions read both pads (53.0 + 47.8 ms a step at seq 2 against 24.8 + 18.8 now, as on one GPU:
+    benchmarks/results/profile_train_h200_s14_mamba2_seq2{_pads,}.md).
     """
     k = weight.shape[0] - 1
     # Varying once for both convolutions: their gradients are summed on the rank, then all-reduced once.

@@ -103,9 +103,10 @@ def _check_mesh(name, shape, explicit, param_axis, **changes):
     mesh = helpers.make_mesh(shape, explicit)
     with jax.set_mesh(mesh):
         graphdef, sstate = _on_mesh(cfg.replace(param_axis=param_axis, **changes), state, mesh)
-        if param_axis == FSDP:  # the in-projection split over all four devices
-            kernel = sstate["blocks"][0]["mixer"]["in_proj"]["kernel"][...]
-            assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size
+        if param_axis == FSDP:  # the in-projections split over all four devices
+            for proj in ("gate_proj", "in_proj"):
+                kernel = sstate["blocks"][0]["mixer"][proj]["kernel"][...]
+                assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size, proj
         args = [helpers.shard_batch(x, mesh) for x in batch]
         (loss, logits), grads = loss_grads_logits(graphdef)(sstate, *args)
     assert logits.sharding.spec[1] == ("seq" if shape[1] > 1 else None)
@@ -117,7 +118,7 @@ def _check_mesh(name, shape, explicit, param_axis, **changes):
 
 
 def test_auto_mesh_compiles_without_full_rematerialization(capfd):
-    """With FSDP parameters on an Auto mesh the in-projection's output is put on (batch, seq) at once; unconstrained,
+    """With FSDP parameters on an Auto mesh the in-projections' outputs are put on (batch, seq) at once; unconstrained,
     XLA kept it on the kernel's split and logged "Involuntary full rematerialization" (4 times) reaching it."""
     cfg, state, batch, _ = _setup("mamba2-tiny")
     mesh = helpers.make_mesh((2, 2), explicit=False)

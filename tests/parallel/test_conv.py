@@ -1,6 +1,7 @@
 """The causal convolution (lasp_jax.parallel.causal_conv) against a float64 NumPy oracle: one device, and with the
 sequence sharded over data x seq meshes (seq 2, 3, 4): outputs and dx, dweight, dbias, per rank, with documents
-that cross rank boundaries and start exactly at one; and in the HLO, one halo-sized collective-permute each way.
+that cross rank boundaries and start exactly at one; and in the HLO, one halo-sized collective-permute each way
+and no [halo; piece] array.
 
 The oracle reads the definition directly: tap i of output t reads r = t - W + 1 + i when r >= 0 and r lies in
 t's document (the document index, a count of id changes, is equal), unlike the code's chain of neighbour links.
@@ -164,6 +165,27 @@ def test_sharded_matches_oracle(case, docs, rng):
         assert rel_err(a, ref) < F32_TOL, name
 
 
+@pytest.mark.parametrize("w", [1, 2])
+def test_sharded_other_widths_match_oracle(w, rng):
+    """Widths other than Mamba-2's 4 on a seq-3 mesh with documents: W = 1 (no halo: the one-device form on every
+    rank) and W = 2 (a one-position halo and head window)."""
+    (data, n), kind, length, starts = MESHES["2x3-auto"]
+    b, t, c = 2 * data, length * n, 6
+    x, weight, bias, g = _inputs(rng, b, t, c, w)
+    ids = _documents(b, t, starts)
+    mesh = jax.make_mesh((data, n), ("data", "seq"), axis_types=(kind,) * 2, devices=jax.devices()[:data * n])
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+        f = jax.value_and_grad(lambda *a: _loss(sharded_causal_conv1d, *a, g, segment_ids=ids), argnums=(0, 1, 2),
+                               has_aux=True)
+        (_, y), grads = jax.jit(f, compiler_options=_FAST)(xs, weight, bias)
+    y_ref, dx_ref, *rest = _oracle(x, weight, bias, ids, g)
+    assert max(per_rank_errors(y, y_ref, n)) < F32_TOL
+    assert max(per_rank_errors(grads[0], dx_ref, n)) < F32_TOL
+    for name, a, ref in zip(("dweight", "dbias"), grads[1:], rest):
+        assert rel_err(a, ref) < F32_TOL, name
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_inside_a_callers_shard_map(dtype, rng):
     """seq already manual: the local pieces. bf16 halos travel as bytes with the ids; ids whose bytes would be
@@ -231,9 +253,13 @@ def test_hlo_passes_only_the_halo(docs):
     # forward: the halo (with documents as bytes, with its int32 ids); backward: the halo's fp32 gradient
     assert moved == {1: halo_bytes + (b * (w - 1) * 4 if docs else 0), -1: halo_bytes}
     assert halo_bytes < b * length * c * 4  # a rank's piece: "halo-sized" is a real distinction here
-    # The piece is convolved as on one device and the halo only over the first W-1 outputs: never a concatenated
-    # [halo; piece] copy (129 ms a step at Mamba-2 1.3B's seq-2 shape on H200s, where XLA materialized it).
-    assert f"[{b},{w - 1 + length},{c}]" not in " ".join(line for line in text.splitlines() if "concatenate(" in line)
+    # The piece is convolved as on one device and the halo only over the first W-1 outputs: [halo; piece] is never
+    # built, as a concatenated copy (129 ms a step at Mamba-2 1.3B's seq-2 shape on H200s, where XLA materialized
+    # it) or as a select of two pads (which every pass over the piece read); [halo; first W-1 positions] is.
+    whole, window = f"[{b},{w - 1 + length},{c}]", f"[{b},{2 * (w - 1)},{c}]"
+    for op in ("concatenate(", "select("):
+        assert not [line for line in text.splitlines() if op in line and whole in line.split(op)[0]], op
+    assert [line for line in text.splitlines() if "concatenate(" in line and window in line.split("concatenate(")[0]]
 
 
 def test_bad_input_is_a_clear_error(rng):
