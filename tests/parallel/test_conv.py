@@ -143,11 +143,10 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("docs", [False, True], ids=["one-document", "documents"])
-@pytest.mark.parametrize("case", MESHES)
-def test_sharded_matches_oracle(case, docs, rng):
+def _check_sharded(case, w, docs, rng):
+    """sharded_causal_conv1d of width w on MESHES[case] against the oracle: y, dx per rank, dweight, dbias."""
     (data, n), kind, length, starts = MESHES[case]
-    b, t, c, w = 2 * data, length * n, 6, 4
+    b, t, c = 2 * data, length * n, 6
     x, weight, bias, g = _inputs(rng, b, t, c, w)
     ids = _documents(b, t, starts) if docs else None
     mesh = jax.make_mesh((data, n), ("data", "seq"), axis_types=(kind,) * 2, devices=jax.devices()[:data * n])
@@ -165,25 +164,17 @@ def test_sharded_matches_oracle(case, docs, rng):
         assert rel_err(a, ref) < F32_TOL, name
 
 
+@pytest.mark.parametrize("docs", [False, True], ids=["one-document", "documents"])
+@pytest.mark.parametrize("case", MESHES)
+def test_sharded_matches_oracle(case, docs, rng):
+    _check_sharded(case, 4, docs, rng)
+
+
 @pytest.mark.parametrize("w", [1, 2])
 def test_sharded_other_widths_match_oracle(w, rng):
     """Widths other than Mamba-2's 4 on a seq-3 mesh with documents: W = 1 (no halo: the one-device form on every
     rank) and W = 2 (a one-position halo and head window)."""
-    (data, n), kind, length, starts = MESHES["2x3-auto"]
-    b, t, c = 2 * data, length * n, 6
-    x, weight, bias, g = _inputs(rng, b, t, c, w)
-    ids = _documents(b, t, starts)
-    mesh = jax.make_mesh((data, n), ("data", "seq"), axis_types=(kind,) * 2, devices=jax.devices()[:data * n])
-    with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
-        f = jax.value_and_grad(lambda *a: _loss(sharded_causal_conv1d, *a, g, segment_ids=ids), argnums=(0, 1, 2),
-                               has_aux=True)
-        (_, y), grads = jax.jit(f, compiler_options=_FAST)(xs, weight, bias)
-    y_ref, dx_ref, *rest = _oracle(x, weight, bias, ids, g)
-    assert max(per_rank_errors(y, y_ref, n)) < F32_TOL
-    assert max(per_rank_errors(grads[0], dx_ref, n)) < F32_TOL
-    for name, a, ref in zip(("dweight", "dbias"), grads[1:], rest):
-        assert rel_err(a, ref) < F32_TOL, name
+    _check_sharded("2x3-auto", w, True, rng)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
