@@ -97,7 +97,7 @@ class Mamba2Mixer(nnx.Module):
     def _split_in(self, x):
         """x [B, T, D] -> z [B, T, d_inner], xBC [B, T, conv channels], dt [B, T, H] (compute dtype).
 
-        The projections are put on the activation layout at once: left to itself, XLA keeps them on the
+        The projections are put on the activation layout at once: left to themselves, XLA keeps them on the
         FSDP-sharded kernels' output split and then cannot reach (batch, seq) without a full rematerialization
         (Auto meshes).
         """

@@ -4,9 +4,10 @@ lowering), forward and backward, with an optional fused SiLU; and the same formu
     s[b, t, c] = bias[c] + sum_{i < W} keep_i(b, t) w[i, c] xe[b, t + i, c]        y = act(s)  (None or SiLU)
 
 xe [B, W-1+L, C] holds the W-1 positions before the piece (any values; lasp_jax.parallel.causal_conv passes zeros
-and convolves a rank's halo apart) then the piece; tap i of output t (xe row t + i; tap W-1 is t itself) is kept unless a document starts in
-(t + i, t + W-1], i.e. unless ide[q] != ide[q - 1] for some q there. A dropped tap is selected away, never
-multiplied by 0, so a non-finite input in another document does not reach t, in the forward or the backward.
+and convolves a rank's halo apart) then the piece; tap i of output t (xe row t + i; tap W-1 is t itself) is kept
+unless a document starts in (t + i, t + W-1], i.e. unless ide[q] != ide[q - 1] for some q there. A dropped tap is
+selected away, never multiplied by 0, so a non-finite input in another document does not reach t, in the forward
+or the backward.
 
 Why (an attempt, not used by the model): XLA differentiates `xla_convolve` as W shifted slices, masks and adds
 over [B, T, C] float32 and fuses that backward, with the SiLU's, the gated norm's and the dt path's, into the one
@@ -27,10 +28,10 @@ tap i (2W-1 shifted loads of xe, W of dy), the cotangent of s, ds = dy act'(s) (
 
 and accumulates, from the shift i = W-1 (t = p - (W-1): each output in exactly one block), its partial column
 sums dweight[i] = sum_t keep_i(t) ds[t] xe[t + i] and dbias = sum_t ds[t], float32 [B, runs, W, C] and [B, runs,
-C], summed in XLA. dxe's first W-1 rows (those before the piece: their outputs are t < W-1 only) come from `xla_convolve`'s
-autodiff on xe's first 2(W-1) rows, and run 0's programs store them: so every load and store of the kernels
-starts at row >= 0 (Pallas interpret mode clamps a slice that starts before 0). Rows and channels past the ends
-(L, C not multiples of the blocks) are masked on load and store.
+C], summed in XLA. dxe's first W-1 rows (those before the piece: their outputs are t < W-1 only) come from
+`xla_convolve`'s autodiff on xe's first 2(W-1) rows, and run 0's programs store them: so every load and store of the
+kernels starts at row >= 0 (Pallas interpret mode clamps a slice that starts before 0). Rows and channels past the
+ends (L, C not multiples of the blocks) are masked on load and store.
 
 Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_convolve`'s order (tap W-1, then W-2
 down to 0, the bias last), so the forward matches it to float32 rounding (XLA may contract into FMAs); y and dxe
