@@ -175,8 +175,9 @@ def warn_passed_over(q, k, v, why: str) -> None:
     if q.shape[1] < 2 or kernel_support.triton_unavailable() or softmax_kernel.supported(q, k, v) or partitioned(q):
         return
     warn_once(f"softmax impl='auto' runs the blockwise XLA loop here (on an H200 at 8K: 21x the flash kernels' "
-              f"time causal, 59x with 16 documents): {why}. Name impl='pallas_triton' (ModelConfig.softmax_impl) to run the flash kernels "
-              "unqualified, or qualify this GPU with `pytest -m gpu tests/ops/test_softmax_kernel.py`")
+              f"time causal, 59x with 16 documents): {why}. Name impl='pallas_triton' (ModelConfig.softmax_impl) "
+              "to run the flash kernels unqualified, or qualify this GPU with "
+              "`pytest -m gpu tests/ops/test_softmax_kernel.py`")
 
 
 def flash_unqualified(q, k, v) -> str | None:

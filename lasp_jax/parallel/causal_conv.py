@@ -95,6 +95,14 @@ def _apply(xe, weight, bias, ide, *, impl: str, activation):
                                        interpret=impl == "pallas_triton_interpret")
 
 
+def _zero_padded(x, weight, bias, ids, *, impl: str, activation):
+    """`_apply` with zeros before position 0: x [B, L, C], ids [B, L] or None -> y [B, L, C]. The padded ids are
+    arbitrary: the padded positions are zeros, which no mask needs to keep out."""
+    k = weight.shape[0] - 1
+    ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
+    return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation)
+
+
 def _check_unsplit_sequence(x):
     """ValueError if x's T axis is sharded in its type (an Explicit mesh): one device's convolution cannot pad it."""
     spec = jax.typeof(x).sharding.spec
@@ -123,10 +131,7 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
     ids = _check_inputs(x, weight, bias, segment_ids)
     _check_unsplit_sequence(x)
     impl = _resolve(impl, activation, x, per_device=False)
-    k = weight.shape[0] - 1
-    # The padded ids are arbitrary: the padded positions are zeros, which no mask needs to keep out.
-    ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-    return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation)
+    return _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
 
 
 def _to_bytes(a):
@@ -189,8 +194,7 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     # Varying once for both convolutions: their gradients are summed on the rank, then all-reduced once.
     weight = kernel_support.vary_like(weight, x)
     bias = None if bias is None else kernel_support.vary_like(bias, x)
-    padded_ids = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))  # arbitrary ids before the zeros
-    y = _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, padded_ids, impl=impl, activation=activation)
+    y = _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
     if not k or n == 1:  # one rank (or W = 1): only the padding before position 0
         return y
     halo, halo_ids = x[:, x.shape[1] - k:], None if ids is None else ids[:, ids.shape[1] - k:]
