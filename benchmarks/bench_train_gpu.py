@@ -75,7 +75,8 @@ def _records(path: Path) -> list[dict]:
 def _record(out: Path, args, **r) -> dict:
     """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
     r = {"model": args.model, "documents": args.documents, "remat_every": args.remat_every,
-         "mamba2_impl": args.mamba2_impl or "auto", "softmax_impl": args.softmax_impl or "auto", **r,
+         "mamba2_impl": args.mamba2_impl or "auto", "softmax_impl": args.softmax_impl or "auto",
+         **({"param_axis": args.param_axis} if args.param_axis else {}), **r,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
         fh.write(json.dumps(r) + "\n")
@@ -119,6 +120,8 @@ class Step:
             overrides["softmax_impl"] = args.softmax_impl
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
+        if args.param_axis:
+            overrides["param_axis"] = tuple(args.param_axis.split(","))
         mesh = f"data={self.data},seq={n_gpus // self.data}"
         cfg = TrainConfig(model=presets.get(args.model).replace(**overrides), mesh=mesh,
                           seq_len=self.seq_len, batch_size=self.data, compute_dtype="auto", warmup_steps=10,
@@ -420,6 +423,8 @@ def main(argv=None) -> int:
                         help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
     parser.add_argument("--softmax-impl", default="", choices=("", "auto", "blockwise", "cudnn", "pallas_triton"),
                         help="ModelConfig.softmax_impl: the hybrids' softmax layers (default: the model's 'auto')")
+    parser.add_argument("--param-axis", default="",
+                        help="ModelConfig.param_axis, comma-separated mesh axes (default: the model's, data,seq)")
     parser.add_argument("--profile", action="store_true",
                         help="throughput: trace one more step; OUT/profile-*.md says where its GPU time went")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -502,6 +507,8 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
+        if "param_axis" in r:
+            note = f"param_axis {r['param_axis']}" + (f"; {note}" if note else "")
         for field in ("softmax_impl", "mamba2_impl"):
             if r.get(field, "auto") != "auto":
                 note = f"{field} {r[field]}" + (f"; {note}" if note else "")
