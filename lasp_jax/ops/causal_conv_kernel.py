@@ -110,10 +110,12 @@ def supported(xe, interpret: bool = False) -> str | None:
 # The XLA formula: impl "xla", and the kernels' backward for the first W-1 rows of dxe.
 
 
-def xla_convolve(xe, weight, bias, ide, activation=None):
+def xla_convolve(xe, weight, bias, ide, activation=None, head=None):
     """The convolution of one piece (module docstring) as W shifted slices of xe that XLA fuses; autodiff gives
     its backward. xe [B, W-1+L, C], weight [W, C], bias None or [C], ide None or [B, W-1+L], activation None
-    or "silu" (on the float32 sum). Returns y [B, L, C] in xe's dtype."""
+    or "silu" (on the float32 sum); head None or float32 [B, K, C] (K <= L), added to the first K sums before the
+    bias (lasp_jax.parallel.causal_conv: the taps of a sharded piece that read the previous rank's halo). Returns
+    y [B, L, C] in xe's dtype."""
     w = weight.shape[0]
     length = xe.shape[1] - (w - 1)
     xf, wf = xe.astype(_F32), weight.astype(_F32)
@@ -127,6 +129,8 @@ def xla_convolve(xe, weight, bias, ide, activation=None):
             keep = linked[:, i:i + length] if keep is None else keep & linked[:, i:i + length]
             term = jnp.where(keep[..., None], term, 0.0)
         acc = acc + term
+    if head is not None:
+        acc = acc + jnp.pad(head.astype(_F32), ((0, 0), (0, length - head.shape[1]), (0, 0)))
     if bias is not None:
         acc = acc + bias.astype(_F32)
     if activation == "silu":

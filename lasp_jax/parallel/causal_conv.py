@@ -85,22 +85,35 @@ def _check_inputs(x, weight, bias, segment_ids):
     return checks.segment_ids(segment_ids, b, t)
 
 
-def _apply(xe, weight, bias, ide, *, impl: str, activation):
+def _apply(xe, weight, bias, ide, *, impl: str, activation, head=None):
     """The convolution of one piece, given the W-1 positions before it: xe [B, W-1+L, C] holds them (zeros before
-    the sequence) then the piece, ide [B, W-1+L] their ids (documents) or None; by the XLA formula (impl "xla")
-    or the kernels (a resolved kernel impl). Returns y [B, L, C] in xe's dtype."""
+    the sequence) then the piece, ide [B, W-1+L] their ids (documents) or None; by the XLA formula (impl "xla",
+    which also takes `xla_convolve`'s additive head) or the kernels (a resolved kernel impl). Returns y [B, L, C]
+    in xe's dtype."""
     if impl == "xla":
-        return causal_conv_kernel.xla_convolve(xe, weight, bias, ide, activation)
+        return causal_conv_kernel.xla_convolve(xe, weight, bias, ide, activation, head)
+    assert head is None, "the kernels take no head term"
     return causal_conv_kernel.convolve(xe, weight, bias, ide, activation=activation,
                                        interpret=impl == "pallas_triton_interpret")
 
 
-def _zero_padded(x, weight, bias, ids, *, impl: str, activation):
+def _zero_padded(x, weight, bias, ids, *, impl: str, activation, head=None):
     """`_apply` with zeros before position 0: x [B, L, C], ids [B, L] or None -> y [B, L, C]. The padded ids are
     arbitrary: the padded positions are zeros, which no mask needs to keep out."""
     k = weight.shape[0] - 1
     ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-    return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation)
+    return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation,
+                  head=head)
+
+
+def _halo_taps(halo, weight, window_ids):
+    """float32 [B, W-1, C]: what the halo [B, W-1, C] adds to the piece's first W-1 sums, the taps that read it,
+    kept as the documents allow (window_ids [B, 2(W-1)]: the halo's ids, then the piece's first W-1, or None).
+    XLA's formula over [halo; W-1 zeros]: the zeros stand for the piece, whose own taps are the one-device
+    convolution's."""
+    k = halo.shape[1]
+    xe = jnp.pad(halo.astype(jnp.float32), ((0, 0), (0, k), (0, 0)))
+    return causal_conv_kernel.xla_convolve(xe, weight, None, window_ids)
 
 
 def _check_unsplit_sequence(x):
@@ -179,31 +192,39 @@ _pass_halo_with_ids.defvjp(_pass_halo_with_ids_fwd, _pass_halo_with_ids_bwd)
 # Under jit always (inlined in a caller's jit): an eager shard_map body crashes the CPU runtime of jax 0.11.2.
 @functools.partial(jax.jit, static_argnames=("seq_axis", "n", "impl", "activation"))
 def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
-    """One rank: convolve the piece as on one device, then redo its first W-1 outputs over the received halo.
+    """One rank: the piece convolved as on one device, with what the received halo (the previous rank's last W-1
+    positions and ids) adds to its first W-1 outputs.
 
-    The halo (the previous rank's last W-1 positions and ids) reaches only the piece's first W-1 outputs: those are
-    convolved again over [halo; first W-1 positions] and written over the first ones, by XLA's formula whatever
-    impl (the same sums as before in the same order with impl "xla"; to float32 rounding with the kernels). So the
-    large passes, forward and backward, are the one-device ones, and the halo costs [B, W-1, C]-sized work. The
-    former forms read it in every pass over the piece: [halo; piece] concatenated was a [B, W-1+L, C] copy per
-    call that XLA materialized (129 ms of a Mamba-2 1.3B seq-2 step on H200s), and as a select of two pads the
-    dweight reductions read both pads (53.0 + 47.8 ms a step at seq 2 against 24.8 + 18.8 now, as on one GPU:
-    benchmarks/results/profile_train_h200_s14_mamba2_seq2{_pads,}.md).
+    With impl "xla" the halo's taps are a [B, W-1, C] float32 sum of their own (`_halo_taps`), added to the first
+    W-1 sums before the bias and the one rounding: the graph is the one-device convolution's plus that term, and
+    the cotangent of y reaches the piece's convolution unchanged. Why not overwrite the first W-1 outputs with
+    their recomputation over [halo; first W-1 positions] (the former form): XLA fuses the convolution into its
+    consumers, so the overwrite put both convolutions into every fusion that read y, and its transpose zeroed the
+    cotangent's first rows inside the backward's. At Mamba-2 1.3B's seq-2 shape on H200s those fusions took 1.8 to
+    2.6x their one-GPU time, with NCCL limited to 2 channels as well (benchmarks/results/TRAIN_GPU_NOTES.md,
+    session 15). Earlier forms read the halo in every pass over the piece: [halo; piece] as a concatenated copy
+    (129 ms of that step) or as a select of two pads.
+
+    The kernels' output is a buffer of their own, so there the first W-1 outputs are convolved again over [halo;
+    first W-1 positions] by XLA's formula and written over it in place (a kernel launch each way would cost more
+    than that work).
     """
     k = weight.shape[0] - 1
-    # Varying once for both convolutions: their gradients are summed on the rank, then all-reduced once.
+    # Varying once for both terms: their gradients are summed on the rank, then all-reduced once.
     weight = kernel_support.vary_like(weight, x)
     bias = None if bias is None else kernel_support.vary_like(bias, x)
-    y = _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
     if not k or n == 1:  # one rank (or W = 1): only the padding before position 0
-        return y
+        return _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
     halo, halo_ids = x[:, x.shape[1] - k:], None if ids is None else ids[:, ids.shape[1] - k:]
     if ids is None:
         halo = jax.lax.ppermute(halo, seq_axis, _forward_pairs(n))
     else:
         halo, halo_ids = _pass_halo_with_ids(halo, halo_ids, seq_axis, n)
     window_ids = None if ids is None else jnp.concatenate([halo_ids, ids[:, :k]], axis=1)
-    # W-1 outputs: XLA's formula whatever impl (a kernel launch each way would cost more than the work).
+    if impl == "xla":
+        return _zero_padded(x, weight, bias, ids, impl=impl, activation=activation,
+                            head=_halo_taps(halo, weight, window_ids))
+    y = _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
     head = _apply(jnp.concatenate([halo, x[:, :k]], axis=1), weight, bias, window_ids, impl="xla",
                   activation=activation)
     return jax.lax.dynamic_update_slice(y, head, (0, 0, 0))
