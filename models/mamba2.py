@@ -54,10 +54,11 @@ A_RANGE = (1.0, 16.0)  # A = -exp(A_log) is initialised with |A| uniform in this
 DT_FLOOR = 1e-4  # smallest initial step size
 
 
-def _param(value: jax.Array, cfg: ModelConfig) -> nnx.Param:
-    """value as a parameter in param_dtype on its ZeRO-3 spec (placed at once under a mesh)."""
+def _param(value: jax.Array, cfg: ModelConfig, *, replicated: bool = False) -> nnx.Param:
+    """value as a parameter in param_dtype on its ZeRO-3 spec, or replicated (placed at once under a mesh)."""
     value = value.astype(jnp.dtype(cfg.param_dtype))
-    return nnx.Param(value, out_sharding=sharding.param_sharding(value.shape, cfg),
+    spec = (None,) * value.ndim if replicated else sharding.param_sharding(value.shape, cfg)
+    return nnx.Param(value, out_sharding=spec,
                      eager_sharding=sharding.ambient_mesh() is not None)
 
 
@@ -84,7 +85,10 @@ class Mamba2Mixer(nnx.Module):
         self.in_proj = Dense(cfg.d_model, self.conv_channels + heads, cfg, rngs=rngs)  # xBC, dt
         bound = 1.0 / math.sqrt(cfg.conv_width)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
-        self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg)  # [W, C]
+        # [W, C], replicated (W x C floats, 70 KB at 1.3B): gathered from shards of C, it came in a tap-major
+        # layout that the convolution's elementwise fusions read strided, 1.6-2.6x their one-GPU time at seq 2
+        # on H200s (benchmarks/results/TRAIN_GPU_NOTES.md, session 15).
+        self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg, replicated=True)
         self.conv_bias = _param(uniform((self.conv_channels,)), cfg)
         self.dt_bias = _param(init_dt_bias(rngs.params(), heads, cfg.dt_min, cfg.dt_max), cfg)
         self.A_log = _param(jnp.log(jax.random.uniform(rngs.params(), (heads,), jnp.float32, *A_RANGE)), cfg)
