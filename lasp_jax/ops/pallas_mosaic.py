@@ -63,13 +63,6 @@ owning head 2i + w whole, with its own decay. At a Mamba-2 1.3B SSD layer on an 
 group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward+backward 8.348 against 8.954
 (benchmarks/results/walks_gpu_h200_s12.md); the outputs are the same bits (interpreted).
 
-Summed pairs (`_summed`, asked by the caller with `token_walk`'s sum_pairs): where X and Y have a head of 64 per
-output head and Z fewer heads (Mamba-2's dQ and dK walks: dO and V per head, the group's K or Q), a gradient's
-shares are summed by the caller anyway, so one CTA walks output heads 2i and 2i + 1 and writes the float32 sum of
-their outputs, rounded once: each warpgroup keeps both heads' states over its half of Z's columns, with each
-head's own decay, and the rows' dots stay per head. Half the output writes and the sum's reads, Z read once per
-pair; 2 stages instead of 3 (shared memory).
-
 Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the output
 the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
 `checks.attention_inputs` (the grid has one CTA row per output head h of H = max(Hq, Hv), or per pair of them, and
@@ -112,9 +105,7 @@ class Config:
     approx_math: fast approximate exp (on: the walks' GPU tests passed with it on an H200, and a Mamba-2 1.3B SSD
     layer took 7.731 ms forward+backward against 8.035 without, its errors unchanged; KERNEL_NOTES.md, sessions
     13-14). pair_heads: where two output heads share X and Y (GVA, MQA) and Z has a head per output head of 64
-    columns (Mamba-2's output and dV walks), one CTA walks both heads, a head per compute warpgroup (`_pairs`);
-    and where the caller sums the outputs of heads reading one Z head (Mamba-2's dQ and dK walks), one CTA walks
-    two of them and writes their sum (`_summed`).
+    columns (Mamba-2's output and dV walks), one CTA walks both heads, a head per compute warpgroup (`_pairs`).
     """
 
     chunk: int = 64
@@ -192,16 +183,13 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
     return keep, scale * jnp.exp(-jnp.where(keep, jnp.maximum(gap, 0.0), 0.0))
 
 
-def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, summed, config, interpret,
-            tokens, dots):
+def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, config, interpret, tokens,
+            dots):
     """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
-    grid heads per head of x, y, z (and w) (GQA, GVA: grid head h reads head h // group, never a repeated copy;
-    summed, x's and y's count output heads instead). pair: 2 where each grid head is a pair of output heads
-    (`_pairs`: the decay inputs carry the pair's heads on an axis of 2, warpgroup w takes head w of it and head
-    2h + w of states_in), else 1 (both warpgroups take the one head's decay). summed: 2 where each grid head is a
-    pair of output heads whose outputs are summed (`_summed`: X and Y staged per head, j = 0, 1; both warpgroups
-    walk both heads over their columns of Z, each head with its own decay (axis j of the decay inputs) and state
-    (head 2h + j of states_in)), else 1.
+    output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
+    copy). pair: 2 where each grid head is a pair of output heads (`_pairs`: the decay inputs carry the pair's
+    heads on an axis of 2, warpgroup w takes head w of it and head 2h + w of states_in), else 1 (both
+    warpgroups take the one head's decay).
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
@@ -215,17 +203,13 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
     else:
         out_ref, smem, loaded, consumed = rest
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
+    # With tokens the table stages take the output's staging buffer, whose rows go through zw_smem instead
+    # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages).
+    out_smem, table_smem = (zw_smem, last) if tokens else (last, None)
     x_bar, y_bar, z_bar = loaded[:3]
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
     wg = lax.axis_index("wg")
-    # With tokens the table stages take the output's staging buffer, whose rows go through zw_smem instead
-    # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages).
-    out_smem, table_smem = (zw_smem.at[wg, 0], last) if tokens else (last.at[wg], None)
-    heads = range(summed)  # the heads this CTA sums, j: one unless summed
-
-    def own(j):
-        """Head j's index on the decay inputs' pair axis: j summed, this warpgroup's head paired, else 0."""
-        return j if summed == 2 else (wg if pair == 2 else 0)
+    own = wg if pair == 2 else 0  # this warpgroup's head on the decay inputs' pair axis
     n_chunks = piece_len // c
     start = p * piece_len
     half = z_ref.shape[-1] // _COMPUTE_WGS
@@ -249,7 +233,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             idx, jdx = _iotas(c)
             causal = jdx >= idx if reverse else idx >= jdx
         else:
-            rate = refs[0][h, own(0)]
+            rate = refs[0][h, own]
             # Decay tables, computed once: powers exp(-s n) with n >= 0 only. Reverse transposes the mask and
             # swaps the two row decays (the state enters at the chunk's end and leaves at its start).
             idx, jdx = _iotas(c)
@@ -267,93 +251,77 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             chunk_decay = jnp.exp(-rate * c)
 
         # Straight from HBM into registers, once per CTA (unoptimized: Mosaic GPU's fast path is for SMEM).
-        # Paired, states_in keeps a head per output head: this warpgroup's head, whole; summed, head 2h + j's
-        # columns of this warpgroup.
-        if pair == 2:
-            states_at = (states_ref.at[b, 2 * h + wg, p],)
-        else:
-            states_at = tuple(states_ref.at[b, summed * h + j, p, :, cols] for j in heads)
-        states = tuple(plgpu.load(a, layout=plgpu.Layout.WGMMA, optimized=False) for a in states_at)
-        for j in heads:
-            s_smem[wg, j] = states[j].astype(s_smem.dtype)
+        # Paired, states_in keeps a head per output head: this warpgroup's head, whole.
+        state_at = states_ref.at[b, 2 * h + wg, p] if pair == 2 else states_ref.at[b, h, p, :, cols]
+        state = plgpu.load(state_at, layout=plgpu.Layout.WGMMA, optimized=False)
+        s_smem[wg] = state.astype(s_smem.dtype)
         plgpu.commit_smem()
 
-        def body(n, states):
+        def body(n, state):
             slot = lax.rem(n, stages)
             if tokens:
                 # The chunk's decay is q_side at its last position. Issued before the waits: the wgmma pair
                 # below hides this load's latency.
-                this_decay = [q_side_ref[b, h, own(j), start + chunk(n) * c + c - 1] for j in heads]
+                this_decay = q_side_ref[b, h, own, start + chunk(n) * c + c - 1]
                 plgpu.barrier_wait(loaded[3].at[slot])
             if dots:  # straight from HBM into registers, early: used only once the output rows are done
                 w = plgpu.load(w_ref.at[b, rows(n), h // groups[3], cols], layout=plgpu.Layout.WGMMA, optimized=False)
             plgpu.barrier_wait(x_bar.at[slot])
             plgpu.barrier_wait(y_bar.at[slot])
             plgpu.barrier_wait(z_bar.at[slot])
-            z = z_smem.at[slot]
-            inits = []
-            for j in heads:
-                x, y = x_smem.at[slot, j], y_smem.at[slot, j]
+            x, y, z = x_smem.at[slot], y_smem.at[slot], z_smem.at[slot]
 
-                def scores_and_inter(scores_acc, inter_acc, j=j, x=x, y=y):
-                    plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
-                    plgpu.wgmma(inter_acc, x, s_smem.at[wg, j])
-                    # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
-                    # with their rows decayed (with tokens, also the chunk's mask, applied here).
-                    if tokens:
-                        cum_rows, cum_cols, count_rows, count_cols, q_side, k_side = _stage(table_smem, slot, own(j))
-                        z_rows = scale * _load_rows(q_side) if reverse else _load_rows(k_side)
-                        if j == 0:  # the previous chunk's rows have left zw_smem[wg, 0] (out_smem)
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        zw_smem[wg, j] = (z.at[:, cols][...].astype(_F32) * _rows(z_rows, half)).astype(zw_smem.dtype)
-                        keep, weights = _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse,
-                                                     scale)
-                        return jnp.where(keep, scores_acc[...] * weights, 0.0), inter_acc[...]
-                    zw_smem[wg, j] = (z.at[:, cols][...].astype(_F32) * z_decay).astype(zw_smem.dtype)
-                    return scores_acc[...], inter_acc[...]
-
-                scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
+            def scores_and_inter(scores_acc, inter_acc):
+                plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
+                plgpu.wgmma(inter_acc, x, s_smem.at[wg])
+                # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
+                # with their rows decayed (with tokens, also the chunk's mask, applied here).
                 if tokens:
-                    scores_smem[wg, j] = scores.astype(scores_smem.dtype)
-                    q_side, k_side = _stage(table_smem, slot, own(j))[4:]
-                    out_rows = _load_rows(k_side) if reverse else scale * _load_rows(q_side)
-                    inits.append(_rows(out_rows, half) * inter)
-                else:
-                    scores_smem[wg, j] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
-                    inits.append(out_decay * inter)
-            plgpu.commit_smem()
-            decays = this_decay if tokens else [chunk_decay]
-            inits += [d * state for d, state in zip(decays, states)]
+                    cum_rows, cum_cols, count_rows, count_cols, q_side, k_side = _stage(table_smem, slot, own)
+                    z_rows = scale * _load_rows(q_side) if reverse else _load_rows(k_side)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left zw_smem
+                    zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * _rows(z_rows, half)).astype(zw_smem.dtype)
+                    keep, weights = _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse, scale)
+                    return jnp.where(keep, scores_acc[...] * weights, 0.0), inter_acc[...]
+                zw_smem[wg] = (z.at[:, cols][...].astype(_F32) * z_decay).astype(zw_smem.dtype)
+                return scores_acc[...], inter_acc[...]
+
+            scores, inter = pl.run_scoped(scores_and_inter, plgpu.ACC((c, c), _F32), plgpu.ACC((c, half), _F32))
+            if tokens:
+                scores_smem[wg] = scores.astype(scores_smem.dtype)
+                plgpu.commit_smem()
+                q_side, k_side = _stage(table_smem, slot, own)[4:]
+                out_rows = _load_rows(k_side) if reverse else scale * _load_rows(q_side)
+                inits = (_rows(out_rows, half) * inter, this_decay * state)
+            else:
+                scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
+                plgpu.commit_smem()
+                inits = (out_decay * inter, chunk_decay * state)
 
             def intra_and_update(accs):
-                for j in heads:
-                    plgpu.wgmma(accs[j], scores_smem.at[wg, j], z.at[:, cols])
-                for j in heads:
-                    plgpu.wgmma(accs[summed + j], y_smem.at[slot, j].transpose((1, 0)), zw_smem.at[wg, j])
+                out_acc, state_acc = accs
+                plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
+                plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
 
-            accs = _accumulate(tuple(inits), intra_and_update, interpret)
-            outs, states = accs[:summed], accs[summed:]
+            out, state = _accumulate(inits, intra_and_update, interpret)
             plgpu.barrier_arrive(consumed.at[slot])
-            for j in heads:
-                s_smem[wg, j] = states[j].astype(s_smem.dtype)
+            s_smem[wg] = state.astype(s_smem.dtype)
 
             if not tokens:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
-            out_smem[...] = functools.reduce(jnp.add, outs).astype(out_smem.dtype)
-            if dots:  # this warpgroup's share of each row's float32 out . w, per head before the sum
-                for j in heads:
-                    dots_smem[wg, j] = jnp.sum(outs[j] * w.astype(_F32), axis=1)
+            out_smem[wg] = out.astype(out_smem.dtype)
+            if dots:  # this warpgroup's share of each row's float32 out . w
+                dots_smem[wg] = jnp.sum(out * w.astype(_F32), axis=1)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows(n), h, cols])
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
             if dots:
-                for j in heads:
-                    plgpu.copy_smem_to_gmem(dots_smem.at[wg, j], dots_ref.at[b, h, j, wg, rows(n)])
-            return states
+                plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_ref.at[b, h, wg, rows(n)])
+            return state
 
         # Under shard_map a value loaded from a ref carries the manual axes it varies over, while values the
         # kernel computes do not (kernels are traced without vma checks): the chunk loop's carry starts as a
         # computed value so that its type does not change across the loop.
-        lax.fori_loop(0, n_chunks, body, tuple(state * 1.0 for state in states))
+        lax.fori_loop(0, n_chunks, body, state * 1.0)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
@@ -361,16 +329,14 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
         plgpu.set_max_registers(config.memory_registers, action="decrease")
 
         def load(n, slot):
-            for j in heads:  # one barrier per stage awaits both heads' rows (summed)
-                head = summed * h + j
-                plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), head // groups[0]], x_smem.at[slot, j], x_bar.at[slot])
-                plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), head // groups[1]], y_smem.at[slot, j], y_bar.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
             if tokens:  # one barrier awaits the tables' copies (cum and counts twice: `_token_chunk`)
                 counts = refs[1].at[b, rows(n)]
                 for i in (2, 3):
                     plgpu.copy_gmem_to_smem(counts, table_smem[i].at[slot], loaded[3].at[slot])
-                for j in range(pair * summed):
+                for j in range(pair):
                     cum, q_side, k_side = (ref.at[b, h, j, rows(n)] for ref in (refs[0], refs[2], refs[3]))
                     for src, i in zip((cum, cum, q_side, k_side), (0, 1, 4, 5)):
                         plgpu.copy_gmem_to_smem(src, table_smem[i].at[slot, j], loaded[3].at[slot])
@@ -457,8 +423,7 @@ def walk(x, y, z, rates, states_in, piece_len: int, *, reverse: bool, scale: flo
 
 
 def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len: int, *, reverse: bool,
-               scale: float = 1.0, dots_with=None, sum_pairs: bool = False, config: Config = DEFAULT,
-               interpret: bool = False):
+               scale: float = 1.0, dots_with=None, config: Config = DEFAULT, interpret: bool = False):
     """`walk` under per-token decay and documents: the decays come from the chunks' `pieces_tokens.ChunkTables`
     (the module docstring's token formulas), one Mosaic GPU kernel like `walk`'s with the tables streamed beside
     X, Y and Z.
@@ -472,23 +437,19 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
       dots_with: None, or w [B, T, Hw, Dz] bf16 (Hw dividing H, read at head h // (H / Hw)): then each row's
       out_t . w_t from the float32 output row before its rounding comes back too (q . dq from the dQ walk, k . dk
       from the dK walk: the decay gradient's terms).
-      sum_pairs: the caller sums the output over the heads that read one head of Z (a gradient's shares): where
-        `_summed` holds, out comes per pair of output heads 2i, 2i + 1, their float32 sum rounded once.
     Returns:
-      out [B, T, H, Dz] bf16 ([B, T, H / 2, Dz] summed), and with dots_with the dots [B, H, T] float32 (per
-      output head, summed or not).
+      out [B, T, H, Dz] bf16, and with dots_with the dots [B, H, T] float32.
     """
     pieces = _check(x, y, z, states_in, piece_len, config)
     _check_tables(tables, states_in.shape[:2], x.shape[1])
     if dots_with is not None:
         _check(x, y, dots_with, states_in, piece_len, config)
     out = _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
-                  scale_update=False, config=config, interpret=interpret, tokens=True, dots_with=dots_with,
-                  sum_pairs=sum_pairs)
+                  scale_update=False, config=config, interpret=interpret, tokens=True, dots_with=dots_with)
     if dots_with is None:
         return out
     out, shares = out
-    return out, jnp.sum(shares, axis=3).reshape(x.shape[0], -1, x.shape[1])
+    return out, jnp.sum(shares, axis=2)
 
 
 def _pairs(x, y, z, h: int, dots_with, config: Config) -> bool:
@@ -504,76 +465,57 @@ def _pairs(x, y, z, h: int, dots_with, config: Config) -> bool:
             and all((h // 2) % a.shape[2] == 0 for a in (x, y)))
 
 
-def _summed(x, y, z, h: int, tokens: bool, config: Config) -> bool:
-    """Whether one CTA walks output heads 2i and 2i + 1 and writes their outputs' sum (config.pair_heads, asked by
-    the caller: `token_walk`'s sum_pairs): token walks whose X and Y have a head of 64 per output head and whose Z
-    has fewer heads, each read by an even number of output heads.
-
-    Why: Mamba-2's dQ and dK walks (X, Y: a head's dO and V, or V and dO; Z: the group's K or Q, Dz 128) write a
-    bf16 share of the group's gradient per output head, 1 GiB per walk per layer at the 1.3B's shape, which
-    XLA then reads back to sum in float32. Summed, the pair's shares are added in float32 in registers (half the
-    writes, half the sum's reads) and Z is read once per pair. Both warpgroups walk both heads over their halves of
-    Z's columns (two states each, [64, Dz / 2]); shared memory then holds 2 stages, not 3."""
-    return (config.pair_heads and tokens and h % 2 == 0 and x.shape[-1] == y.shape[-1] == 64
-            and x.shape[2] == y.shape[2] == h and z.shape[2] < h and (h // 2) % z.shape[2] == 0)
-
-
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
-            interpret, tokens, dots_with=None, sum_pairs=False):
+            interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
-    (`_pairs`, or with sum_pairs `_summed`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only):
-    None, or w [B, T, Hw, Dz] whose rows' dots with the float32 output rows come back too."""
+    (`_pairs`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
+    whose rows' dots with the float32 output rows come back too."""
     b, t, _, dx = x.shape
     h_out, dz_out = states_in.shape[1], z.shape[-1]
     pair = 2 if _pairs(x, y, z, h_out, dots_with, config) else 1
-    summed = 2 if pair == 1 and sum_pairs and _summed(x, y, z, h_out, tokens, config) else 1
     # The decay inputs' heads on a pair axis; paired, Z holds a pair's columns side by side (states_in as is).
-    per = pair * summed
     if tokens:
-        decay_inputs = tuple(a.reshape(b, h_out // per, per, t) if a.ndim == 3 else a for a in decay_inputs)
+        decay_inputs = tuple(a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
     else:
-        decay_inputs = (decay_inputs[0].reshape(h_out // per, per),)
+        decay_inputs = (decay_inputs[0].reshape(h_out // pair, pair),)
     if pair == 2:
         z = z.reshape(b, t, h_out // 2, 2 * dz_out)
     dz = z.shape[-1]
-    h = h_out // per
+    h = h_out // pair
     c = config.chunk
-    stages = max(1, min(config.stages if summed == 1 else 2, piece_len // c))  # summed: 2 (shared memory)
+    stages = max(1, min(config.stages, piece_len // c))
     half = dz // _COMPUTE_WGS
     dt = x.dtype
     # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
     # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
-    # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles). Summed, X's and Y's stages,
-    # the states, scores and decayed Z hold a buffer per head.
+    # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
     mma = _mma_transforms(half, dt)
     smem = (
-        plgpu.SMEM((stages, summed, c, dx), dt, transforms=mma),
-        plgpu.SMEM((stages, summed, c, dx), dt, transforms=mma),
+        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
+        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
         plgpu.SMEM((stages, c, dz), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, summed, dx, half), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, summed, c, c), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, summed, c, half), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
+        plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
     )
-    loaded = (plgpu.Barrier(num_arrivals=summed, num_barriers=stages),) * 2 + (plgpu.Barrier(num_barriers=stages),)
+    loaded = (plgpu.Barrier(num_barriers=stages),) * 3
     if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
-        per_head, shared = plgpu.SMEM((stages, per, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
+        per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
         smem += ((per_head, per_head, shared, shared, per_head, per_head),)
-        loaded += (plgpu.Barrier(num_arrivals=2 + 4 * per, num_barriers=stages),)
+        loaded += (plgpu.Barrier(num_arrivals=2 + 4 * pair, num_barriers=stages),)
     else:  # the output's staging
         smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
     out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
     extra_in = ()
-    if dots_with is not None:  # each row's float32 out . w per head, a share per compute warpgroup
-        smem += (plgpu.SMEM((_COMPUTE_WGS, summed, c), _F32),)
-        out_type = (out_type, jax.ShapeDtypeStruct((b, h, summed, _COMPUTE_WGS, t), _F32))
+    if dots_with is not None:  # each row's float32 out . w, a share per compute warpgroup
+        smem += (plgpu.SMEM((_COMPUTE_WGS, c), _F32),)
+        out_type = (out_type, jax.ShapeDtypeStruct((b, h, _COMPUTE_WGS, t), _F32))
         extra_in = (dots_with,)
     scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
-    # Grid heads per head of each input; summed, X's and Y's count output heads (a CTA reads two of each).
-    groups = tuple(h * summed // a.shape[2] for a in (x, y)) + tuple(h // a.shape[2] for a in (z, *extra_in))
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
-                          scale_update=scale_update, groups=groups, pair=pair, summed=summed, config=config,
-                          interpret=interpret, tokens=tokens, dots=dots_with is not None),
+                          scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z, *extra_in)),
+                          pair=pair, config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None),
         out_type=out_type,
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -668,13 +610,12 @@ class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
     def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
         """The roles of `grads` with the token walks; the dQ and dK walks also return each row's q . dq and
         k . dk from their float32 rows, whose difference is the decay gradient's x. Each gradient is per output
-        head: bf16 shares where its input has fewer heads than H, dq's and dk's per pair of heads where `_summed`
-        holds (Mamba-2's; the driver sums them in float32)."""
+        head: bf16 shares where its input has fewer heads than H (the driver sums them in float32)."""
         dq, q_dq = self._token_walk(do, v, k, tables, _transposed(pieces_in), plan, reverse=False, scale=scale,
-                                    dots_with=q, sum_pairs=True)
+                                    dots_with=q)
         dv = self._token_walk(k, q, do, tables, pieces_out, plan, reverse=True, scale=scale)
         dk, k_dk = self._token_walk(v, do, q, tables, _transposed(pieces_out), plan, reverse=True, scale=scale,
-                                    dots_with=k, sum_pairs=True)
+                                    dots_with=k)
         return dq, dk, dv, k_dk - q_dq
 
     def supported_tokens(self, q, k, v):

@@ -101,10 +101,9 @@ class Backend(Protocol):
 
 
 def input_heads(grad, n_heads: int):
-    """A gradient per output head [B, T, H, D] (or per run of output heads reading one input head, such as the
-    Mosaic walks' pairs) as the gradient of an input of n_heads heads: itself when n_heads = H, else the float32
-    sum of the shares of the H / n_heads shares reading each input head (share h reads input head
-    h // (H / n_heads))."""
+    """A gradient per output head [B, T, H, D] as the gradient of an input of n_heads heads: itself when
+    n_heads = H, else the float32 sum of the shares of the H / n_heads output heads reading each input head
+    (output head h reads input head h // (H / n_heads))."""
     b, t, h, d = grad.shape
     if n_heads == h:
         return grad

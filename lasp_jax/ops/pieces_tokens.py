@@ -147,8 +147,7 @@ class TokenBackend(Protocol):
         """(dq [B, T, H, Dk], dk [B, T, H, Dk], dv [B, T, H, Dv], x [B, H, T] float32).
 
         Each gradient per OUTPUT head (in its input's dtype where the input has all H heads; else float32 or
-        the input's dtype, the Mosaic walks' bf16 shares, which may come per pair of output heads reading one input
-        head (their sum, [B, T, H / 2, D]): the driver sums each input head's shares in float32,
+        the input's dtype, the Mosaic walks' bf16 shares: the driver sums each input head's shares in float32,
         `pieces.input_heads`). S walks
         forward from pieces_in, G backward from pieces_out (the cotangent of the state leaving each piece):
           dq_i = sum_j M[i, j] (dO_i . v_j) k_j + scale q_side_i (dO_i S^T)

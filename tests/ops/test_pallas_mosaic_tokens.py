@@ -192,71 +192,6 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
     assert not pallas_mosaic._pairs(q, k, heads(4, dx), h, None, pallas_mosaic.DEFAULT)  # Dz = 128
 
 
-def _gva_inputs(rng, b, t, h, groups, piece_len):
-    """Mamba-2's layout: q, k [B, T, G, 128] (k scaled by 128^-0.5), v, dO [B, T, H, 64], float32 entering states
-    S, G [B, H, P, 128, 64]."""
-    q, k = (jnp.asarray(rng.standard_normal((b, t, groups, 128)) * f, jnp.bfloat16) for f in (1.0, 128 ** -0.5))
-    v, do = (jnp.asarray(rng.standard_normal((b, t, h, 64)), jnp.bfloat16) for _ in range(2))
-    s, g = (jnp.asarray(rng.standard_normal((b, h, t // piece_len, 128, 64)) * 0.1, jnp.float32) for _ in range(2))
-    return q, k, v, do, s, g
-
-
-def _pair_sums(a):
-    """[B, T, H, D] -> the sums over output heads 2i and 2i + 1, [B, T, H / 2, D]."""
-    b, t, h, d = a.shape
-    return a.reshape(b, t, h // 2, 2, d).sum(3)
-
-
-def test_interpreted_summed_pairs_match_oracle_and_unsummed(rng):
-    """Mamba-2's dQ and dK walks (X, Y: a head of dO and V each; Z: 2 groups of Dk 128, each read by 2 of the 4
-    heads) with sum_pairs: one CTA per pair of heads (pallas_mosaic._summed), each head with its own decay (mixed
-    rates: a zero-rate head beside a steep one in a pair) and state; the output is the pair's sum against the
-    oracle's, and the rows' dots per head equal, bit for bit, those of the walks with a CTA per head (measured:
-    identical in the interpreter). The output and dV walks, X of 128, MHA, odd H, constant decay and
-    config.pair_heads off are not summed."""
-    b, t, h, groups, piece_len = 1, 256, 4, 2, 128
-    q, k, v, do, s, g = _gva_inputs(rng, b, t, h, groups, piece_len)
-    tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
-    roles = {name: role for name, role in _roles(q, k, v, do, s, g).items() if name in ("dq", "dk")}
-    for name, (x, y, z, states_in, reverse, w) in roles.items():
-        assert pallas_mosaic._summed(x, y, z, h, True, pallas_mosaic.DEFAULT), name
-        walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
-                                 scale=128 ** -0.5, dots_with=w, interpret=True)
-        (got, dots), (per_head, per_head_dots) = walk(sum_pairs=True), walk()
-        assert got.shape == (b, t, h // 2, 128) and got.dtype == jnp.bfloat16, name
-        assert per_head.shape == (b, t, h, 128) and dots.shape == per_head_dots.shape == (b, h, t), name
-        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, 128 ** -0.5)
-        assert rel_err(got, _pair_sums(want)) < INTERPRET_TOL, name
-        np.testing.assert_array_equal(np.asarray(dots), np.asarray(per_head_dots))
-    summed = functools.partial(pallas_mosaic._summed, tokens=True, config=pallas_mosaic.DEFAULT)
-    assert not summed(q, k, v, h)  # the output walk: X per group
-    assert not summed(k, q, do, h)  # dV
-    heads = lambda n, d=64: jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)  # noqa: E731
-    assert not summed(heads(4, 128), heads(4, 128), heads(2, 128), 4)  # X of 128
-    assert not summed(heads(4), heads(4), heads(4, 128), 4)  # MHA
-    assert not summed(heads(6), heads(6), heads(2, 128), 6)  # each group read by 3 heads
-    assert not pallas_mosaic._summed(do, v, k, h, False, pallas_mosaic.DEFAULT)  # constant decay
-    unpaired = dataclasses.replace(pallas_mosaic.DEFAULT, pair_heads=False)
-    assert not pallas_mosaic._summed(do, v, k, h, True, unpaired)
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_summed_pairs_lower_for_cuda_at_the_benchmark_shape(reverse):
-    """The summed walks (2 stages) at Mamba-2 1.3B's per-head shapes, B=1, H=16, one group, T=64K in 8 pieces,
-    with and without the dots: Mosaic GPU's lowering for CUDA (layouts, shared memory) runs on CPU."""
-    b, t, h, pieces_ = 1, 65536, 16, 8
-    x, z = jax.ShapeDtypeStruct((b, t, h, 64), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, 1, 128), jnp.bfloat16)
-    _, _, tables, _ = _abstract(b, t, h, pieces_, 64, 64, 1)
-    states_in = jax.ShapeDtypeStruct((b, h, pieces_, 64, 128), jnp.float32)
-    assert pallas_mosaic._summed(x, x, z, h, True, pallas_mosaic.DEFAULT)
-    walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=0.1,
-                             sum_pairs=True)
-    for dots_with in (None, z):
-        fn = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))
-        text = fn.trace(x, x, z, tables, states_in, dots_with).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
-
-
 def test_interpreted_impl_matches_float64_oracle(rng):
     """`pallas_mosaic.INTERPRET` as a `vjp.TokenImpl` (pieces_tokens' driver, the Triton state passes and the
     token walks interpreted) through vjp.attend_tokens, bf16 q, k, v: o, the final state and the gradients of q,
@@ -390,28 +325,6 @@ def test_gpu_token_walks_match_oracle(case, rng):
             assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w)) < GPU_TOL, (name, "dots")
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
         assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))
-
-
-@pytest.mark.gpu
-def test_gpu_summed_pairs_match_oracle(rng):
-    """The compiled summed dQ and dK walks (2 stages, C = 64) at Mamba-2's head layout, T=4096 in pieces of 512,
-    H=4, one group, 16 documents: the pairs' sums and the rows' dots per head against the oracle."""
-    b, t, h, piece_len = 1, 4096, 4, 512
-    q, k, v, do, s, g = _gva_inputs(rng, b, t, h, 1, piece_len)
-    if (reason := pallas_mosaic.supported(q, k, v)) is not None:
-        pytest.skip(reason)
-    tables = _tables(*_gpu_rates_and_documents(rng, b, t, h), piece_len)
-    for name in ("dq", "dk"):
-        x, y, z, states_in, reverse, w = _roles(q, k, v, do, s, g)[name]
-        walk = functools.partial(pallas_mosaic.token_walk, piece_len=piece_len, reverse=reverse, scale=128 ** -0.5,
-                                 sum_pairs=True)
-        got, dots = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))(
-            x, y, z, tables, states_in, w)
-        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, 128 ** -0.5)
-        assert got.shape == (b, t, h // 2, 128), name
-        assert rel_err(got, _pair_sums(want)) < GPU_TOL, (name, rel_err(got, _pair_sums(want)))
-        w = np.repeat(np.asarray(w, np.float64), h, axis=2)
-        assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w)) < GPU_TOL, (name, "dots")
 
 
 @pytest.mark.gpu
