@@ -196,14 +196,15 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     positions and ids) adds to its first W-1 outputs.
 
     With impl "xla" the halo's taps are a [B, W-1, C] float32 sum of their own (`_halo_taps`), added to the first
-    W-1 sums before the bias and the one rounding: the graph is the one-device convolution's plus that term, and
-    the cotangent of y reaches the piece's convolution unchanged. Why not overwrite the first W-1 outputs with
-    their recomputation over [halo; first W-1 positions] (the former form): XLA fuses the convolution into its
-    consumers, so the overwrite put both convolutions into every fusion that read y, and its transpose zeroed the
-    cotangent's first rows inside the backward's. At Mamba-2 1.3B's seq-2 shape on H200s those fusions took 1.8 to
-    2.6x their one-GPU time, with NCCL limited to 2 channels as well (benchmarks/results/TRAIN_GPU_NOTES.md,
-    session 15). Earlier forms read the halo in every pass over the piece: [halo; piece] as a concatenated copy
-    (129 ms of that step) or as a select of two pads.
+    W-1 sums before the bias and the one rounding: the rank's graph is the one-device convolution's plus that
+    term, and the cotangent of y reaches the piece's convolution unchanged. The former form recomputed the first
+    W-1 outputs over [halo; first W-1 positions] and wrote them over y: XLA, which fuses the convolution into its
+    consumers, then carried both convolutions and the overwrite into every fusion that read y, and its transpose
+    zeroed the cotangent's first rows in the backward's. In a Mamba-2 1.3B seq-2 step on H200s the change alone
+    did not move the step time (1.864 s against 1.838 to 1.881 s for the former form; the fusions' excess over one
+    GPU was the weight's layout, models/mamba2.py), and the former form was not timed with that fixed
+    (benchmarks/results/TRAIN_GPU_NOTES.md, session 15). Earlier forms read the halo in every pass over the
+    piece: [halo; piece] as a concatenated copy (129 ms of that step) or as a select of two pads.
 
     The kernels' output is a buffer of their own, so there the first W-1 outputs are convolved again over [halo;
     first W-1 positions] by XLA's formula and written over it in place (a kernel launch each way would cost more
