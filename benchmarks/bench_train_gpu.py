@@ -249,6 +249,8 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
         timed = step.run(steps, warmups)
         if profile:
             name = f"profile-{args.model}-{n}-{tokens}-{remat}-{args.remat_every}-{args.mamba2_impl or 'auto'}"
+            if args.param_axis:
+                name += "-params-" + args.param_axis.replace(",", "-")
             timed["profile_ms"] = step.profile(out, name)
         _record(out, args, kind=kind, **fitted, **timed)
     except Exception as e:

@@ -85,8 +85,8 @@ class Mamba2Mixer(nnx.Module):
         self.in_proj = Dense(cfg.d_model, self.conv_channels + heads, cfg, rngs=rngs)  # xBC, dt
         bound = 1.0 / math.sqrt(cfg.conv_width)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
-        # [W, C], replicated (W x C floats, 70 KB at 1.3B): gathered from shards of C it came in a tap-major
-        # layout, which the convolution's elementwise fusions read strided. At seq 2 on H200s they took 1.3 to
+        # [W, C], replicated (W x C floats, 70 KB at 1.3B): gathered from shards of C it came channel-major (each
+        # channel's taps adjacent), which the convolution's elementwise fusions read strided. At seq 2 on H200s they took 1.3 to
         # 2.8x their one-GPU time, replicated 1.0 to 1.3x; the 1.3B's step 1.864 -> 1.744 s
         # (benchmarks/results/TRAIN_GPU_NOTES.md, session 15).
         self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg, replicated=True)
@@ -111,7 +111,7 @@ class Mamba2Mixer(nnx.Module):
         return z, xbcdt[..., :self.conv_channels], xbcdt[..., self.conv_channels:]
 
     def _conv_params(self):
-        return sharding.gather_param(self.conv_weight[...]), sharding.gather_param(self.conv_bias[...])
+        return self.conv_weight[...], self.conv_bias[...]  # replicated: nothing to gather
 
     def _ssd_inputs(self, xbc, dt):
         """Convolved xBC [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N], v = dt x

@@ -1,7 +1,8 @@
 """How the models meet a mesh: the one place that reads the ambient mesh.
 
 Parameters carry a PartitionSpec over `param_axes(cfg)` (ZeRO-3 / FSDP: every parameter's largest dim that
-divides is split over those axes jointly; ("data", "seq") spans every device of the mesh); activations are
+divides is split over those axes jointly; ("data", "seq") spans every device of the mesh; a model may keep a
+small parameter whole, as Mamba-2 its convolution's weight); activations are
 [B, T, ...] split over (batch axes, seq axis). The model code calls the helpers below and never asks whether a
 mesh exists: with no mesh (or a mesh without those axes) they are the identity, on an Auto mesh they are
 sharding constraints, and on an Explicit mesh they reshard (the weight all-gather of ZeRO-3 is then spelled

@@ -197,7 +197,9 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
 
     With impl "xla" the halo's taps are a [B, W-1, C] float32 sum of their own (`_halo_taps`), added to the first
     W-1 sums before the bias and the one rounding: the rank's graph is the one-device convolution's plus that
-    term, and the cotangent of y reaches the piece's convolution unchanged. The former form recomputed the first
+    term, and the cotangent of y reaches the piece's convolution unchanged. Those W-1 outputs sum the piece's taps
+    and the halo's apart, so they differ from one device's by float32 rounding (the rest are the same sums in the
+    same order). The former form recomputed the first
     W-1 outputs over [halo; first W-1 positions] and wrote them over y: XLA, which fuses the convolution into its
     consumers, then carried both convolutions and the overwrite into every fusion that read y, and its transpose
     zeroed the cotangent's first rows in the backward's. In a Mamba-2 1.3B seq-2 step on H200s the change alone

@@ -240,8 +240,8 @@ def test_initialisation_follows_the_paper():
 
 def test_convolution_weight_is_replicated_under_fsdp():
     """Built under a data x seq mesh, the projections' kernels are FSDP-sharded over both axes and the
-    convolution's weight is whole on every device: gathered from shards of its channels it came in a tap-major
-    layout that the convolution's fusions read strided (a Mamba-2 1.3B seq-2 step on H200s, 1.864 -> 1.744 s)."""
+    convolution's weight is whole on every device: gathered from shards of its channels it came channel-major,
+    which the convolution's fusions read strided (a Mamba-2 1.3B seq-2 step on H200s, 1.864 -> 1.744 s)."""
     cfg = _tiny(n_layers=1, param_axis=("data", "seq"))
     with jax.set_mesh(helpers.make_mesh((2, 2))):
         mixer = models.build_model(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer
