@@ -86,8 +86,8 @@ class Mamba2Mixer(nnx.Module):
         bound = 1.0 / math.sqrt(cfg.conv_width)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         # [W, C], replicated (W x C floats, 70 KB at 1.3B): gathered from shards of C it came channel-major (each
-        # channel's taps adjacent), which the convolution's elementwise fusions read strided. At seq 2 on H200s they took 1.3 to
-        # 2.8x their one-GPU time, replicated 1.0 to 1.3x; the 1.3B's step 1.864 -> 1.744 s
+        # channel's taps adjacent), which the convolution's elementwise fusions read strided. At seq 2 on H200s
+        # they took 1.3 to 2.8x their one-GPU time, replicated 1.0 to 1.3x; the 1.3B's step 1.864 -> 1.744 s
         # (benchmarks/results/TRAIN_GPU_NOTES.md, session 15).
         self.conv_weight = _param(uniform((cfg.conv_width, self.conv_channels)), cfg, replicated=True)
         self.conv_bias = _param(uniform((self.conv_channels,)), cfg)

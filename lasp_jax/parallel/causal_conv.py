@@ -199,14 +199,14 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     W-1 sums before the bias and the one rounding: the rank's graph is the one-device convolution's plus that
     term, and the cotangent of y reaches the piece's convolution unchanged. Those W-1 outputs sum the piece's taps
     and the halo's apart, so they differ from one device's by float32 rounding (the rest are the same sums in the
-    same order). The former form recomputed the first
-    W-1 outputs over [halo; first W-1 positions] and wrote them over y: XLA, which fuses the convolution into its
-    consumers, then carried both convolutions and the overwrite into every fusion that read y, and its transpose
-    zeroed the cotangent's first rows in the backward's. In a Mamba-2 1.3B seq-2 step on H200s the change alone
-    did not move the step time (1.864 s against 1.838 to 1.881 s for the former form; the fusions' excess over one
-    GPU was the weight's layout, models/mamba2.py), and the former form was not timed with that fixed
-    (benchmarks/results/TRAIN_GPU_NOTES.md, session 15). Earlier forms read the halo in every pass over the
-    piece: [halo; piece] as a concatenated copy (129 ms of that step) or as a select of two pads.
+    same order). The former form recomputed the first W-1 outputs over [halo; first W-1 positions] and wrote them
+    over y: XLA, which fuses the convolution into its consumers, then carried both convolutions and the overwrite
+    into every fusion that read y, and its transpose zeroed the cotangent's first rows in the backward's. In a
+    Mamba-2 1.3B seq-2 step on H200s the change alone did not move the step time (1.864 s against 1.838 to 1.881
+    s for the former form; the fusions' excess over one GPU was the weight's layout, models/mamba2.py), and the
+    former form was not timed with that fixed (benchmarks/results/TRAIN_GPU_NOTES.md, session 15). Earlier forms
+    read the halo in every pass over the piece: [halo; piece] as a concatenated copy (129 ms of that step) or as a
+    select of two pads.
 
     The kernels' output is a buffer of their own, so there the first W-1 outputs are convolved again over [halo;
     first W-1 positions] by XLA's formula and written over it in place (a kernel launch each way would cost more
