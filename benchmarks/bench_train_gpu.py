@@ -509,9 +509,7 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        if "param_axis" in r:
-            note = f"param_axis {r['param_axis']}" + (f"; {note}" if note else "")
-        for field in ("softmax_impl", "mamba2_impl"):
+        for field in ("param_axis", "softmax_impl", "mamba2_impl"):
             if r.get(field, "auto") != "auto":
                 note = f"{field} {r[field]}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:
