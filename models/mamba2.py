@@ -2,7 +2,7 @@
 
 Written from the paper's equations, in our words:
 
-    z = x W_z;  xBC, dt = x W_in                          z, x: [d_inner]; B, C: [G, N]; dt: [H]
+    z = x W_z;  xBC = x W_xBC;  dt = x W_dt               z, x: [d_inner]; B, C: [G, N]; dt: [H]
     x, B, C = silu(causal_conv(xBC))                      depthwise, width W, over x, B and C together
     dt = softplus(dt + dt_bias);  a = exp(A_log) > 0      per token, per head (fp32)
     y_t = sum_{r <= t, same document} exp(-(dt_(r+1) a + ... + dt_t a)) (C_t . B_r) dt_r x_r  +  D x_t
@@ -26,9 +26,9 @@ in +-1/sqrt(W) (a depthwise Conv1d's default). The projections follow this packa
 with the out-projection divided by sqrt(n_layers) (Mamba's rescaling of the layers that write the residual).
 
 Differences from the reference model, kept for the package's conventions: the block's pre-norm and the final norm
-are SRMSNorm without a learned scale (ahead of the in-projections a scale is absorbed by W_z and W_in), the
+are SRMSNorm without a learned scale (ahead of the in-projections a scale is absorbed by their weights), the
 projections' init is the normal one above instead of PyTorch's uniform default (same scale at these widths), and
-z has a projection of its own (the reference's one in-projection holds W_z as its first d_inner columns).
+z, xBC and dt have a projection each (the reference's one in-projection holds [W_z | W_xBC | W_dt]).
 
 Decoding keeps, per layer, the SSD state [B, H, N, head_dim] fp32 and the convolution's last W-1 inputs
 [B, W-1, d_inner + 2 G N]: constant memory at any position.
@@ -79,10 +79,12 @@ class Mamba2Mixer(nnx.Module):
         self.cfg = cfg
         inner, heads, groups, n = cfg.expand * cfg.d_model, cfg.ssm_heads, cfg.n_groups, cfg.d_state
         self.conv_channels = inner + 2 * groups * n  # x, B, C
-        # z apart from xBC and dt: the gated norm's kernels take z as an operand of its own, which a slice of one
-        # projection would first copy out (forward and remat), and its cotangent would be copied into the joint one.
+        # Three projections where the reference has one: the gated norm's kernels take z as an operand of its own,
+        # which a slice of one projection would first copy out (forward and remat), its cotangent copied into the
+        # joint one; and dt's cotangent, concatenated with xBC's, made the convolution's backward write [T, C + H].
         self.gate_proj = Dense(cfg.d_model, inner, cfg, rngs=rngs)  # z
-        self.in_proj = Dense(cfg.d_model, self.conv_channels + heads, cfg, rngs=rngs)  # xBC, dt
+        self.in_proj = Dense(cfg.d_model, self.conv_channels, cfg, rngs=rngs)  # xBC
+        self.dt_proj = Dense(cfg.d_model, heads, cfg, rngs=rngs)  # dt
         bound = 1.0 / math.sqrt(cfg.conv_width)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         # [W, C], replicated (W x C floats, 70 KB at 1.3B): gathered from shards of C it came channel-major (each
@@ -106,9 +108,8 @@ class Mamba2Mixer(nnx.Module):
         FSDP-sharded kernels' output split and then cannot reach (batch, seq) without a full rematerialization
         (Auto meshes).
         """
-        z = sharding.constrain_activation(self.gate_proj(x), self.cfg)
-        xbcdt = sharding.constrain_activation(self.in_proj(x), self.cfg)
-        return z, xbcdt[..., :self.conv_channels], xbcdt[..., self.conv_channels:]
+        return tuple(sharding.constrain_activation(proj(x), self.cfg)
+                     for proj in (self.gate_proj, self.in_proj, self.dt_proj))
 
     def _conv_params(self):
         return self.conv_weight[...], self.conv_bias[...]  # replicated: nothing to gather

@@ -28,7 +28,7 @@ def _formula(cfg: models.ModelConfig) -> int:
         elif cfg.layer_kind(i) == "mamba2":
             inner, ssm_heads = cfg.expand * d, cfg.expand * d // hd
             conv = inner + 2 * cfg.n_groups * cfg.d_state  # x, B, C
-            total += d * (inner + conv + ssm_heads)  # gate_proj (z) and in_proj (xBC, dt)
+            total += d * (inner + conv + ssm_heads)  # gate_proj (z), in_proj (xBC), dt_proj (dt)
             total += conv * (cfg.conv_width + 1) + 3 * ssm_heads + inner  # conv weight, bias; dt_bias, A_log, D; norm
             total += inner * d  # out-projection
         else:

@@ -104,7 +104,7 @@ def _check_mesh(name, shape, explicit, param_axis, **changes):
     with jax.set_mesh(mesh):
         graphdef, sstate = _on_mesh(cfg.replace(param_axis=param_axis, **changes), state, mesh)
         if param_axis == FSDP:  # the in-projections split over all four devices
-            for proj in ("gate_proj", "in_proj"):
+            for proj in ("gate_proj", "in_proj", "dt_proj"):
                 kernel = sstate["blocks"][0]["mixer"][proj]["kernel"][...]
                 assert kernel.addressable_shards[0].data.size * math.prod(shape) == kernel.size, proj
         args = [helpers.shard_batch(x, mesh) for x in batch]
@@ -133,16 +133,15 @@ def _mixer_by_recurrence(mixer, cfg, x, ids):
     h_t = exp(-dt_t a) h_(t-1) + dt_t B_t^T x_t per head (h <- 0 at a document start), y_t = C_t h_t + D x_t."""
     p = {name: np.asarray(getattr(mixer, name)[...], np.float64)
          for name in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
-    w_z, w_in, w_out = (np.asarray(d.kernel[...], np.float64) for d in (mixer.gate_proj, mixer.in_proj,
-                                                                          mixer.out_proj))
+    w_z, w_xbc, w_dt, w_out = (np.asarray(d.kernel[...], np.float64) for d in (mixer.gate_proj, mixer.in_proj,
+                                                                                 mixer.dt_proj, mixer.out_proj))
     inner, heads, hd, g, n, width = (cfg.expand * cfg.d_model, cfg.ssm_heads, cfg.resolved_head_dim, cfg.n_groups,
                                      cfg.d_state, cfg.conv_width)
     silu = lambda u: u / (1 + np.exp(-u))
     b, t, _ = x.shape
     out = np.zeros((b, t, cfg.d_model))
     for row in range(b):
-        z, proj = np.asarray(x[row], np.float64) @ w_z, np.asarray(x[row], np.float64) @ w_in
-        xbc, dt = proj[:, :inner + 2 * g * n], proj[:, inner + 2 * g * n:]
+        z, xbc, dt = (np.asarray(x[row], np.float64) @ w for w in (w_z, w_xbc, w_dt))
         h = np.zeros((heads, n, hd))
         for i in range(t):
             start = max((j for j in range(i + 1) if j == 0 or ids[row, j] != ids[row, j - 1]))
