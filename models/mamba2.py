@@ -132,17 +132,21 @@ class Mamba2Mixer(nnx.Module):
 
     def _out(self, o, x, z):
         """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]: the gated
-        RMSNorm (lasp_jax.ops.gated_norm, cfg.mamba2_impl; fp32 inside), per device under a mesh when the
-        leading dims are [B, T]."""
+        RMSNorm (lasp_jax.ops.gated_norm, cfg.mamba2_impl; fp32 inside) and the out-projection. With the kernels
+        and leading dims [B, T] the two are one op (gated_rms_norm_project: no forward kernel rerun by remat for
+        the projection's weight gradient), per device under a mesh."""
         cfg = self.cfg
         impl = gated_norm.resolve(cfg.mamba2_impl, o, x, z, cfg.n_groups, per_device=True)
-        norm = lambda o, x, z, d, w: gated_norm.gated_rms_norm(  # noqa: E731
-            o, x, d, z, w, groups=cfg.n_groups, eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=impl)
+        options = dict(groups=cfg.n_groups, eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=impl)
         params = (self.D[...], self.norm_weight[...])
         if impl == "xla" or o.ndim != 4:  # XLA partitions its own fusions; decoding runs on one device
-            return self.out_proj(norm(o, x, z, *params))
-        y = sharding.per_device(norm, cfg, (o, x, z), params, check_vma=impl != "pallas_triton_interpret")
-        return self.out_proj(y)
+            return self.out_proj(gated_norm.gated_rms_norm(o, x, params[0], z, params[1], **options))
+        norm_project = lambda o, x, z, d, w, w_proj: gated_norm.gated_rms_norm_project(  # noqa: E731
+            o, x, d, z, w, w_proj, **options)
+        # The projection's weight in the compute dtype before the per-device call: its gather moves half the bytes.
+        w_proj = self.out_proj.kernel[...].astype(jnp.dtype(cfg.dtype))
+        return sharding.per_device(norm_project, cfg, (o, x, z), (*params, w_proj),
+                                   check_vma=impl != "pallas_triton_interpret")
 
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -14,7 +14,9 @@ needs all of it). The backward recomputes y and the statistics from the inputs (
 for it: the statistics are one reduction over data already in registers), with one program per (run of row
 blocks, group) walking its row blocks in a loop; each program writes its partial column sums of dweight and of
 dD's per-channel terms, which XLA sums over the programs (and dD over each head's P channels). Rows past the
-end of the last block are masked on load and store.
+end of the last block are masked on load and store. `gated_rms_norm_project` adds the projection that follows
+the norm (Mamba-2's out-projection) to the custom_vjp: its weight gradient needs the norm's output, which the
+backward kernel then also writes, so that remat does not run the forward kernel a second time to recompute it.
 
 Gradients, with yn = y r, r = rsqrt(mean(y^2) + eps), g the output's cotangent:
     dweight = sum_rows g yn,   gy = g weight,   dy = r (gy - yn mean(gy yn)),
@@ -118,10 +120,11 @@ def _forward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, out_ref, *, n_rows, eps):
     pl_triton.store(out_ref, (yn * w[None, :]).astype(out_ref.dtype), mask=valid)
 
 
-def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, dz_ref, dd_ref, dw_ref, *,
+def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, dz_ref, dd_ref, dw_ref, *out_ref,
                      n_rows, rows, eps):
     """One run of row blocks of `rows` rows: the input gradients, and the run's column sums of do x (dd_ref)
-    and g yn (dw_ref), float32 [W]. Masked rows load as zeros, so they add nothing to the sums."""
+    and g yn (dw_ref), float32 [W]; with an out_ref, also the forward's output yn weight (recomputed here, for a
+    projection's weight gradient). Masked rows load as zeros, so they add nothing to the sums."""
     first = pl.program_id(0) * o_ref.shape[0]
     d, w = d_ref[...].astype(_F32), w_ref[...].astype(_F32)
 
@@ -136,7 +139,8 @@ def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, d
         dy = r * (gy - yn * jnp.mean(gy * yn, axis=1, keepdims=True))
         do = dy * gate
         dz = dy * a * sig * (1.0 + z * (1.0 - sig))
-        for ref, value in ((do_ref, do), (dx_ref, do * d[None, :]), (dz_ref, dz)):
+        stores = ((do_ref, do), (dx_ref, do * d[None, :]), (dz_ref, dz)) + tuple((r, yn * w[None, :]) for r in out_ref)
+        for ref, value in stores:
             pl_triton.store(ref.at[pl.ds(start, rows), :], value.astype(ref.dtype), mask=valid)
         dd_sum, dw_sum = sums
         return dd_sum + jnp.sum(do * x, axis=0), dw_sum + jnp.sum(g * yn, axis=0)
@@ -204,8 +208,9 @@ def _run_blocks(n: int, rows: int, groups: int, target: int) -> int:
     return blocks
 
 
-def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch):
-    """The input gradients [R, H*P] (o2's, x2's, z2's dtypes) and the float32 column sums of do x and g yn [H*P]."""
+def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch, with_out: bool = False):
+    """The input gradients [R, H*P] (o2's, x2's, z2's dtypes) and the float32 column sums of do x and g yn [H*P];
+    with_out: then also the forward's output [R, H*P] launch.out_dtype."""
     n, channels = o2.shape
     width = channels // launch.groups
     rows = _block_rows(launch.config.bwd_block, width)
@@ -214,18 +219,19 @@ def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch):
     tile = pl.BlockSpec((run, width), lambda i, g: (i, g))
     column = pl.BlockSpec((width,), lambda i, g: (g,))
     partial = pl.BlockSpec((None, width), lambda i, g: (i, g))
-    do, dx, dz, dd, dw = pl.pallas_call(
+    out = [kernel_support.typed_like((n, channels), launch.out_dtype, o2)] if with_out else []
+    do, dx, dz, dd, dw, *y = pl.pallas_call(
         functools.partial(_backward_kernel, n_rows=n, rows=rows, eps=launch.eps),
         grid=(programs, launch.groups),
         in_specs=[tile, tile, tile, column, column, tile],
-        out_specs=[tile, tile, tile, partial, partial],
+        out_specs=[tile, tile, tile, partial, partial] + [tile] * len(out),
         out_shape=[kernel_support.typed_like((n, channels), a.dtype, o2) for a in (o2, x2, z2)]
-        + [kernel_support.typed_like((programs, channels), _F32, o2)] * 2,
+        + [kernel_support.typed_like((programs, channels), _F32, o2)] * 2 + out,
         compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
                                                  num_stages=launch.config.num_stages),
         interpret=launch.interpret,
     )(o2, x2, z2, d_col, weight.astype(_F32), g2)
-    return do, dx, dz, jnp.sum(dd, axis=0), jnp.sum(dw, axis=0)
+    return do, dx, dz, jnp.sum(dd, axis=0), jnp.sum(dw, axis=0), *y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -240,19 +246,45 @@ def _fused_fwd(o, x, d_skip, z, weight, launch: _Launch):
     return out.reshape(z.shape), (o, x, d_skip, z, weight)
 
 
-def _fused_bwd(launch: _Launch, saved, g):
+def _norm_grads(launch: _Launch, saved, g, with_out: bool = False):
+    """The norm's input gradients (as _fused's arguments) for the cotangent g [..., H*P] of its output; with_out:
+    and the output [R, H*P] recomputed by the backward kernel."""
     o, x, d_skip, z, weight = saved
     heads, head_dim = o.shape[-2:]
     channels = z.shape[-1]
-    do, dx, dz, dd, dw = _kernel_backward(o.reshape(-1, channels), x.reshape(-1, channels),
-                                          z.reshape(-1, channels), _columns(d_skip, head_dim), weight,
-                                          g.reshape(-1, channels), launch)
+    do, dx, dz, dd, dw, *y = _kernel_backward(o.reshape(-1, channels), x.reshape(-1, channels),
+                                              z.reshape(-1, channels), _columns(d_skip, head_dim), weight,
+                                              g.reshape(-1, channels), launch, with_out)
     dd = jnp.sum(dd.reshape(heads, head_dim), axis=1)
-    return (do.reshape(o.shape), dx.reshape(x.shape), dd.astype(d_skip.dtype), dz.reshape(z.shape),
-            dw.astype(weight.dtype))
+    grads = (do.reshape(o.shape), dx.reshape(x.shape), dd.astype(d_skip.dtype), dz.reshape(z.shape),
+             dw.astype(weight.dtype))
+    return (grads, *y) if with_out else grads
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, functools.partial(_norm_grads, with_out=False))
+
+
+# The norm and a projection of its output as one custom_vjp: autodiff of the two would keep the norm's output for
+# the projection's weight gradient, which under remat is the forward kernel run again; here the backward kernel,
+# which recomputes that output in registers anyway, writes it (one store more) and no forward runs twice.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_project(o, x, d_skip, z, weight, w_proj, launch: _Launch):
+    return _fused_project_fwd(o, x, d_skip, z, weight, w_proj, launch)[0]
+
+
+def _fused_project_fwd(o, x, d_skip, z, weight, w_proj, launch: _Launch):
+    y, saved = _fused_fwd(o, x, d_skip, z, weight, launch)
+    return jnp.dot(y, w_proj), (saved, w_proj)
+
+
+def _fused_project_bwd(launch: _Launch, residuals, g):
+    saved, w_proj = residuals
+    g2 = g.reshape(-1, g.shape[-1])
+    grads, y = _norm_grads(launch, saved, jnp.dot(g2, w_proj.T), with_out=True)
+    return (*grads, jnp.dot(y.T, g2).astype(w_proj.dtype))
+
+
+_fused_project.defvjp(_fused_project_fwd, _fused_project_bwd)
 
 
 def _xla(o, x, d_skip, z, weight, groups: int, eps: float, out_dtype):
@@ -342,6 +374,32 @@ def gated_rms_norm(o, x, d_skip, z, weight, *, groups: int, eps: float, out_dtyp
                                                      impl == "pallas_triton_interpret"))
 
 
-def _kernels(o, x, d_skip, z, weight, launch: _Launch):
-    """The kernels' custom_vjp, D and weight cast to vary as the rows do inside shard_map (kernel_support)."""
-    return _fused(o, x, kernel_support.vary_like(d_skip, o), z, kernel_support.vary_like(weight, o), launch)
+def gated_rms_norm_project(o, x, d_skip, z, weight, w_proj, *, groups: int, eps: float, out_dtype,
+                           impl: str = "auto", config: Config = DEFAULT):
+    """`gated_rms_norm(...) @ w_proj` (Mamba-2's norm and out-projection): w_proj [H*P, D_out], cast to out_dtype;
+    returns [..., D_out] out_dtype, gradients to every input. With the kernels the backward kernel recomputes the
+    norm's output for w_proj's gradient (`_fused_project`), so nothing but the inputs is kept for the backward,
+    even under remat; the output it recomputes is the forward's but for float32 summation order. Other arguments
+    as `gated_rms_norm`."""
+    _check(o, x, d_skip, z, weight, groups)
+    channels = z.shape[-1]
+    if (not hasattr(w_proj, "shape") or not jnp.issubdtype(w_proj.dtype, jnp.floating) or w_proj.ndim != 2
+            or w_proj.shape[0] != channels):
+        raise ValueError(f"w_proj must be a floating-point [H*P, D_out] = [{channels}, D_out] array, got "
+                         f"{getattr(w_proj, 'dtype', type(w_proj).__name__)} {tuple(getattr(w_proj, 'shape', ()))}")
+    out_dtype = jnp.dtype(out_dtype)
+    impl = resolve(impl, o, x, z, groups)
+    w_proj = w_proj.astype(out_dtype)
+    if impl == "xla":
+        return jnp.dot(_xla(o, x, d_skip, z, weight, groups, eps, out_dtype), w_proj)
+    return _kernels(o, x, d_skip, z, weight, _Launch(groups, float(eps), out_dtype, config,
+                                                     impl == "pallas_triton_interpret"), w_proj)
+
+
+def _kernels(o, x, d_skip, z, weight, launch: _Launch, w_proj=None):
+    """The kernels' custom_vjp (with w_proj: `_fused_project`'s), D, weight and w_proj cast to vary as the rows
+    do inside shard_map (kernel_support)."""
+    d_skip, weight = kernel_support.vary_like(d_skip, o), kernel_support.vary_like(weight, o)
+    if w_proj is None:
+        return _fused(o, x, d_skip, z, weight, launch)
+    return _fused_project(o, x, d_skip, z, weight, kernel_support.vary_like(w_proj, o), launch)

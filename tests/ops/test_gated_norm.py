@@ -149,43 +149,123 @@ def test_shard_map_over_rows_equals_unsharded(rng):
 
 
 
+# gated_rms_norm_project, measured as above (seeds 0-2, G = 1, 2, D_out = 24): fp32 at most 1.3e-7 (dD 5.5e-7); bf16
+# 2.7e-3, and dD 5.2e-3 / dweight 1.9e-3: in bf16 the norm's cotangent is the projection's, rounded to bf16 (as
+# autodiff of the norm and a bf16 matmul rounds it).
+PROJECT_BF16_TOL = 6e-3
+PROJECT_BF16_SUM_TOL = 1.2e-2
 
-def _compiled_fwd_bwd(groups):
-    """Forward and backward through the compiled kernels (`_kernels`: "pallas_triton" is refused off a GPU)."""
+
+def _project_fwd_bwd(impl, groups, out_dtype, config=gated_norm.DEFAULT):
+    """jit(inputs, w_proj, cotangent -> (out, (do, dx, dD, dz, dweight, dw_proj)))."""
+    def run(args, w_proj, g):
+        project = functools.partial(gated_norm.gated_rms_norm_project, groups=groups, eps=EPS, out_dtype=out_dtype,
+                                    impl=impl, config=config)
+        out, vjp = jax.vjp(project, *args, w_proj)
+        return out, vjp(g)
+
+    return jax.jit(run)
+
+
+def _projection(rng, lead, channels, d_out, dtype):
+    """w_proj [channels, d_out] (scale channels^-0.5) and the output's cotangent [*lead, d_out], in dtype."""
+    k1, k2 = jax.random.split(jax.random.key(int(rng.integers(2**31))))
+    return ((jax.random.normal(k1, (channels, d_out)) * channels ** -0.5).astype(dtype),
+            jax.random.normal(k2, (*lead, d_out)).astype(dtype))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_project_matches_xla(dtype, groups, rng):
+    """The norm and its projection as one op (the kernels interpreted, the backward kernel writing the norm's
+    output for w_proj's gradient) against xla's norm and matmul in float32, as test_kernels_match_xla."""
+    args, _ = _inputs(rng, (2, 37), 4, 16, dtype)
+    w_proj, g = _projection(rng, (2, 37), 64, 24, dtype)
+    got = _project_fwd_bwd("pallas_triton_interpret", groups, dtype, _small(64 // groups))(args, w_proj, g)
+    want = _project_fwd_bwd("xla", groups, jnp.float32)(_f32(args), _f32(w_proj), _f32(g))
+    assert [a.dtype for a in jax.tree.leaves(got)] == [dtype] * 3 + [jnp.float32, dtype, jnp.float32, dtype]
+    errs = {n: rel_err(a, b) for n, a, b in zip((*NAMES, "dw_proj"), jax.tree.leaves(got), jax.tree.leaves(want),
+                                                 strict=True)}
+    rows = ("out", "do", "dx", "dz", "dw_proj")
+    if dtype == jnp.float32:
+        assert max(errs["dD"], errs["dweight"]) < SUM_TOL and max(errs[n] for n in rows) < F32_TOL, errs
+    else:
+        assert max(errs["dD"], errs["dweight"]) < PROJECT_BF16_SUM_TOL, errs
+        assert max(errs[n] for n in rows) < PROJECT_BF16_TOL, errs
+
+
+def test_project_runs_no_forward_kernel_in_the_backward_under_remat(rng):
+    """Under remat (dots saved, the rest recomputed) the compiled gradient of gated_rms_norm_project computes as
+    many transcendentals (sigmoid, rsqrt) as without remat: the forward kernel is not rerun for w_proj's gradient.
+    The norm followed by a separate matmul reruns it (its transcendentals rise), which shows the count can tell."""
+    args, _ = _inputs(rng, (2, 37), 4, 16, jnp.float32)
+    w_proj, _ = _projection(rng, (2, 37), 64, 24, jnp.float32)
+    options = dict(groups=1, eps=EPS, out_dtype=jnp.float32, impl="pallas_triton_interpret", config=_small(64))
+    project = functools.partial(gated_norm.gated_rms_norm_project, **options)
+
+    def norm_then_dot(o, x, d, z, w, w_proj):
+        return jnp.dot(gated_norm.gated_rms_norm(o, x, d, z, w, **options), w_proj)
+
+    def transcendentals(fn, remat):
+        loss = lambda *a: jnp.sum(fn(*a) ** 2)  # noqa: E731
+        if remat:
+            loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)
+        compiled = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args, w_proj).compile()
+        return compiled.cost_analysis()["transcendentals"]
+
+    assert transcendentals(project, True) == transcendentals(project, False)
+    assert transcendentals(norm_then_dot, True) > transcendentals(norm_then_dot, False)
+
+
+
+def _compiled_fwd_bwd(groups, project=False):
+    """Forward and backward through the compiled kernels (`_kernels`: "pallas_triton" is refused off a GPU); with
+    project, of the norm and a projection (the last argument before the cotangent)."""
     launch = gated_norm._Launch(groups, EPS, jnp.dtype(jnp.bfloat16), gated_norm.DEFAULT, False)
 
-    def run(o, x, d, z, w, g):
-        out, vjp = jax.vjp(lambda *a: gated_norm._kernels(*a, launch), o, x, d, z, w)
+    def run(*args):
+        *inputs, g = args
+        out, vjp = jax.vjp(lambda *a: gated_norm._kernels(*a[:5], launch, *a[5:]), *inputs)
         return out, vjp(g)
 
     return run
 
 
+@pytest.mark.parametrize("project", [False, True], ids=["norm", "project"])
 @pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
-def test_lowers_to_triton_at_mamba2_shape(device):
+def test_lowers_to_triton_at_mamba2_shape(device, project):
     """Without a GPU: forward and backward at Mamba-2 1.3B's shape (T = 64K, H = 64, P = 64, G = 1, bf16) lower
-    to two Triton kernels for an H200 and an A100 (sm_80, the oldest the lowering targets)."""
+    to two Triton kernels for an H200 and an A100 (sm_80, the oldest the lowering targets), with or without the
+    out-projection (d_model 2048)."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=device)
-    text = cuda_mlir(_compiled_fwd_bwd(1), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64), f32(64),
-                      bf16(1, 65536, 4096), f32(4096), bf16(1, 65536, 4096))
+    tail = (bf16(4096, 2048), bf16(1, 65536, 2048)) if project else (bf16(1, 65536, 4096),)
+    text = cuda_mlir(_compiled_fwd_bwd(1, project), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64), f32(64),
+                      bf16(1, 65536, 4096), f32(4096), *tail)
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
 
 
-def test_lowers_to_triton_under_shard_map():
+@pytest.mark.parametrize("project", [False, True], ids=["norm", "project"])
+def test_lowers_to_triton_under_shard_map(project):
     """Without a GPU: the compiled kernels per shard inside a shard_map over 8 abstract H200s with check_vma on
-    (the rows sharded, D and weight replicated): the kernels' outputs vary with the rows, D's and weight's
-    gradients are the shards' sums."""
+    (the rows sharded, D, weight and the projection replicated): the kernels' outputs vary with the rows, the
+    replicated inputs' gradients are the shards' sums."""
     mesh = AbstractMesh((8,), ("rows",), axis_types=(AxisType.Explicit,), abstract_device=H200)
     rows = P(None, "rows")
-    specs = (rows, rows, P(), rows, P(), rows)
-    local = jax.shard_map(_compiled_fwd_bwd(2), mesh=mesh, in_specs=specs,
-                          out_specs=(rows, (rows, rows, P(), rows, P())))
     shape = lambda *s, dtype=jnp.bfloat16, spec=rows: jax.ShapeDtypeStruct(
         s, dtype, sharding=NamedSharding(mesh, spec))
-    text = cuda_mlir(local, mesh, shape(2, 64, 4, 64), shape(2, 64, 4, 64), shape(4, dtype=jnp.float32, spec=P()),
-                      shape(2, 64, 256), shape(256, dtype=jnp.float32, spec=P()), shape(2, 64, 256))
+    args = [shape(2, 64, 4, 64), shape(2, 64, 4, 64), shape(4, dtype=jnp.float32, spec=P()), shape(2, 64, 256),
+            shape(256, dtype=jnp.float32, spec=P())]
+    specs = [rows, rows, P(), rows, P()]
+    grads = [rows, rows, P(), rows, P()]
+    if project:
+        args.append(shape(256, 32, spec=P()))
+        specs.append(P())
+        grads.append(P())
+    local = jax.shard_map(_compiled_fwd_bwd(2, project), mesh=mesh, in_specs=(*specs, rows),
+                          out_specs=(rows, tuple(grads)))
+    text = cuda_mlir(local, mesh, *args, shape(2, 64, 32 if project else 256))
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
 
 
@@ -206,6 +286,13 @@ def _args(**changes):
 def test_bad_shapes_refused(changes, groups, message):
     with pytest.raises(ValueError, match=message):
         gated_norm.gated_rms_norm(**_args(**changes), groups=groups, eps=EPS, out_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("w_proj", [jnp.zeros((16, 8)), jnp.zeros((32,)), jnp.zeros((32, 8), jnp.int32), None],
+                         ids=["rows", "rank", "int", "none"])
+def test_bad_projection_refused(w_proj):
+    with pytest.raises(ValueError, match=r"w_proj must be a floating-point \[H\*P, D_out\] = \[32, D_out\]"):
+        gated_norm.gated_rms_norm_project(**_args(), w_proj=w_proj, groups=1, eps=EPS, out_dtype=jnp.float32)
 
 
 def test_bad_impls_refused():
@@ -264,3 +351,19 @@ def test_gpu_mamba2_shape_matches_xla(rng):
         assert max(errs[n] for n in ("out", "do", "dx", "dz")) < BF16_TOL, (impl, errs)
         if impl == "pallas_triton":
             assert max(errs["dD"], errs["dweight"]) < GPU_SUM_TOL, errs
+
+
+@pytest.mark.gpu
+def test_gpu_mamba2_project_matches_xla(rng):
+    """gated_rms_norm_project compiled at Mamba-2 1.3B's shape (d_model 2048) in bf16 against xla in float32:
+    every error within twice xla's own bf16 path's on the same inputs (a bound measured in the run; both round
+    the norm's cotangent, the projection's, to bf16), and the row tensors within the CPU tests' bf16 bound."""
+    args, _ = _inputs(rng, dtype=jnp.bfloat16, **MAMBA2)
+    w_proj, g = _projection(rng, MAMBA2["lead"], 4096, 2048, jnp.bfloat16)
+    want = _project_fwd_bwd("xla", 1, jnp.float32)(_f32(args), _f32(w_proj), _f32(g))
+    names = (*NAMES, "dw_proj")
+    errs = {impl: {n: rel_err(a, b) for n, a, b in zip(names, jax.tree.leaves(
+        _project_fwd_bwd(impl, 1, jnp.bfloat16)(args, w_proj, g)), jax.tree.leaves(want), strict=True)}
+        for impl in ("pallas_triton", "xla")}
+    assert all(errs["pallas_triton"][n] <= 2 * errs["xla"][n] for n in names), errs
+    assert max(errs["pallas_triton"][n] for n in ("out", "do", "dx", "dz", "dw_proj")) < PROJECT_BF16_TOL, errs
