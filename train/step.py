@@ -89,11 +89,19 @@ def build_state(mcfg, cfg: TrainConfig, mesh):
                            "has models.LanguageModel stopped keeping its blocks in `blocks`?")
     state = jax.device_put(state, jax.tree.map(lambda x: NamedSharding(mesh, x.sharding.spec), state))
     params = jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
-    n_params = sum(int(np.prod(x.shape)) for x in params)
+    return graphdef, state, sum(int(np.prod(x.shape)) for x in params), _matmul_params(params, mcfg)
+
+
+def _matmul_params(params, mcfg) -> int:
+    """The parameters (arrays or shapes) that matmuls take: every matrix but an untied input embedding (a lookup)."""
     n_matmul = sum(int(np.prod(x.shape)) for x in params if len(x.shape) >= 2)
-    if not mcfg.tie_embeddings:  # an untied input embedding is a lookup, not a matmul
-        n_matmul -= mcfg.vocab_size * mcfg.d_model
-    return graphdef, state, n_params, n_matmul
+    return n_matmul - (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.d_model)
+
+
+def count_matmul_params(mcfg) -> int:
+    """build_state's n_matmul_params of mcfg's model, from shapes only (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: models.build_model(mcfg, rngs=nnx.Rngs(0)))
+    return _matmul_params(jax.tree.leaves(nnx.state(model, nnx.Param)), mcfg)
 
 
 def make_steps(graphdef):
