@@ -23,7 +23,7 @@ dt a [B, T, H] float32 uniform in [0.001, 0.1] and --docs documents per row at r
         log-gate g = -rates is formed inside the jitted call. On Hopper it runs the Mosaic GPU simple GLA on the
         groups (jla.ops.mosaic_gpu.scalar_gate.run; dB, dC summed over a group's heads in its kernel); elsewhere
         (CPU: impl auto = chunked) it repeats B, C per head in float32 inside the call. The row's `path` says
-        which.
+        which, from the custom calls in its compiled forward.
   fla   fla.ops.simple_gla.chunk_simple_gla(q, k, v, g=, scale=1, cu_seqlens=): it has no grouped form, so q
         and k are repeated to H heads inside the timed call (expand + reshape; the backward's sum over a
         group's heads accumulates in float32); g = -rates is an fp32 leaf formed outside the timing; the
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -201,7 +202,6 @@ def lasp_jax_contender(impl: str):
 def jla_contender(impl: str):
     """jla's ssd_core as its Mamba-2 layer calls it in training, with the path it took (`path`)."""
     from jla.layers.mamba2_fused import ssd_core
-    from jla.layers.ssm import _grouped_simple_gla  # ssd_core's own test for the grouped Mosaic GPU kernels
 
     def run(operands, rates, ids, scale, want, args):
         del scale  # ssd_core has Mamba-2's scale 1 built in (the only scale this benchmark runs)
@@ -210,11 +210,10 @@ def jla_contender(impl: str):
             return ssd_core(v, -s, k, q, segment_ids=ids, impl=impl, chunk_size=CHUNK, grouped_key_grads=True)
 
         q, k, v, _ = operands
-        grouped = _grouped_simple_gla(impl, q, k, v, -jnp.asarray(rates), scale=1.0, chunk_size=CHUNK,
-                                      segment_ids=None if ids is None else jnp.asarray(ids), initial_state=None,
-                                      output_final_state=False)
-        path = ("Mosaic GPU scalar_gate.run on the groups" if grouped
-                else f"B, C repeated per head, simple_gla impl={impl}")
+        compiled = jax.jit(attend).lower(q, k, v, jnp.asarray(rates), None if ids is None else jnp.asarray(ids))
+        calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.compile().as_text())))
+        path = (f"Mosaic GPU kernels ({', '.join(calls)}) on the groups" if any("mosaic" in c for c in calls)
+                else f"no Mosaic GPU kernel: XLA (B, C repeated per head), impl={impl}")
         return bench_ops_gpu._time_jax(attend, operands, rates, ids, want, args) | {"path": path}
 
     return run

@@ -138,14 +138,14 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         impl = gated_norm.resolve(cfg.mamba2_impl, o, x, z, cfg.n_groups, per_device=True)
         options = dict(groups=cfg.n_groups, eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=impl)
-        params = (self.D[...], self.norm_weight[...])
+        d_skip, norm_weight = self.D[...], self.norm_weight[...]
         if impl == "xla" or o.ndim != 4:  # XLA partitions its own fusions; decoding runs on one device
-            return self.out_proj(gated_norm.gated_rms_norm(o, x, params[0], z, params[1], **options))
+            return self.out_proj(gated_norm.gated_rms_norm(o, x, d_skip, z, norm_weight, **options))
         norm_project = lambda o, x, z, d, w, w_proj: gated_norm.gated_rms_norm_project(  # noqa: E731
             o, x, d, z, w, w_proj, **options)
         # The projection's weight in the compute dtype before the per-device call: its gather moves half the bytes.
         w_proj = self.out_proj.kernel[...].astype(jnp.dtype(cfg.dtype))
-        return sharding.per_device(norm_project, cfg, (o, x, z), (*params, w_proj),
+        return sharding.per_device(norm_project, cfg, (o, x, z), (d_skip, norm_weight, w_proj),
                                    check_vma=impl != "pallas_triton_interpret")
 
     # --- training forward ---

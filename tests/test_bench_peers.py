@@ -15,13 +15,11 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_lasp_gpu, bench_ops_gpu, measure
+from tests.util import needs_jla
 
 # A bf16 result against the fp32 reference on CPU measured 1.65e-3 to 1.68e-3 (o, dq, dk, dv; 1x128x2x32 and
 # 1x256x2x64); a wrong kernel lands far above.
 BF16_ERR = 4e-3
-needs_jla = pytest.mark.skipif(importlib.util.find_spec("jla") is None,
-                               reason="jax-linear-attention (the jla peer, pip install jax-linear-attention==0.1.0) "
-                                      "is not installed")
 
 
 def test_ops_flags():

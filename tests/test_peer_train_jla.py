@@ -3,32 +3,42 @@ installed) one row from jla's tiny Mamba-2 step."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
 
-from benchmarks import peer_train_jla
+from benchmarks import bench_train_gpu, peer_train_jla
+from tests.util import needs_jla
 from train.metrics import flops_per_token
 
 
 def test_flags():
     args = peer_train_jla.parse_args([])
-    assert (args.preset, args.ours, args.tokens, args.documents, args.remat) == (
-        "mamba2-1p3b", "mamba2-1.3b", 65536, 16, "full")
-    for bad in (["--tokens", "1"], ["--steps", "0"], ["--documents", "0"], ["--tokens", "8", "--documents", "9"]):
-        with pytest.raises(SystemExit):
-            peer_train_jla.parse_args(bad)
+    assert (args.preset, args.ours, args.tokens, args.documents, args.remat, args.profile) == (
+        "mamba2-1p3b", "mamba2-1.3b", 65536, 16, "full", False)
 
 
-def test_batch_is_next_token_rows_with_the_documents_asked_for():
+@pytest.mark.parametrize(("bad", "message"), [
+    (["--tokens", "1"], "--tokens must be at least 2, got 1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--documents", "0"], r"--documents must be in \[1, --tokens=65536\], got 0"),
+    (["--tokens", "8", "--documents", "9"], r"--documents must be in \[1, --tokens=8\], got 9"),
+], ids=["tokens", "steps", "no_documents", "more_documents_than_tokens"])
+def test_bad_flags_say_which(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        peer_train_jla.parse_args(bad)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_batch_is_next_token_rows_cut_as_our_benchmark_cuts():
     data = peer_train_jla.batch(64, 5, vocab=100)
     ids, labels, segments = (np.asarray(data[k]) for k in ("input_ids", "labels", "segment_ids"))
     assert ids.shape == labels.shape == segments.shape == (1, 1, 64)
     np.testing.assert_array_equal(ids[..., 1:], labels[..., :-1])
-    assert segments[0, 0, 0] == 0 and np.all(np.diff(segments[0, 0]) >= 0) and len(np.unique(segments)) == 5
-    assert ids.max() < 100
+    np.testing.assert_array_equal(segments[0], bench_train_gpu.segment_ids(1, 64, 5))
+    assert len(np.unique(segments)) == 5 and ids.max() < 100
 
 
 def test_our_flops_are_the_benchmarks():
@@ -40,9 +50,7 @@ def test_our_flops_are_the_benchmarks():
     assert got == flops_per_token(mcfg, 1_343_275_008, 65536)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jla") is None,
-                    reason="jax-linear-attention (the jla peer, pip install jax-linear-attention==0.1.0) is not "
-                           "installed")
+@needs_jla
 def test_tiny_step_gives_a_row(tmp_path):
     peer_train_jla.main(["--preset", "tiny-mamba2", "--ours", "mamba2-tiny", "--tokens", "128", "--documents", "3",
                          "--steps", "1", "--out", str(tmp_path)])

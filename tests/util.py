@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import export
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractDevice
@@ -19,6 +22,11 @@ from lasp_jax.ops.rates import tnl_slopes
 # Compiled GPU runs round differently (other accumulation orders, longer T): measure their own bounds.
 F32_TOL = 1e-6
 BF16_TOL = 7e-3
+
+# The peer benchmarks' jla parts run only where the peer is installed (not a dependency of this package).
+needs_jla = pytest.mark.skipif(importlib.util.find_spec("jla") is None,
+                               reason="jax-linear-attention (the jla peer, pip install jax-linear-attention==0.1.0) "
+                                      "is not installed")
 
 
 def rel_err(x, ref) -> float:

@@ -6,7 +6,7 @@
 Why: in Mamba-2 1.3B's training step (T = 64K, bf16, H*P = 4096) XLA runs this tail as several fusions over
 [65536, 4096] float32 intermediates, about 150 ms of a 1.89 s step on an H200 (forward, its remat recompute and
 backward, 48 layers). The kernel reads the inputs once in their own dtype and writes only the output (forward)
-or the input gradients (backward), every intermediate staying in registers.
+or the input gradients (backward; with a projection, the output too), every intermediate in registers.
 
 Kernels (`impl="pallas_triton"`): the rows are the flattened leading dims; the forward has one program per
 (block of rows, group), holding the rows' whole group width W (a power of two up to MAX_GROUP_WIDTH; the mean
@@ -26,7 +26,10 @@ Numerics: everything in float32 inside (the inputs upcast on load, the statistic
 out_dtype, each input gradient in its input's dtype; dD and dweight are float32 sums (per program over its rows,
 then over programs in XLA) cast to D's and weight's dtypes. `impl="xla"` is the model's former code, operation
 for operation (bit-identical to it; its gradients are XLA autodiff's). The kernel and xla paths differ by float32
-rounding in the forward (other reduction order) and by the summation order of the gradients.
+rounding in the forward (other reduction order) and by the summation order of the gradients. With the projection
+w_proj (in out_dtype) the rounding is autodiff's of the norm and a matmul in out_dtype: the output, the norm's
+cotangent g w_proj^T and w_proj's gradient (the backward kernel's output)^T g are each rounded to out_dtype from
+the matmuls' float32 accumulation, and under shard_map that gradient's sum over the shards is in out_dtype too.
 
 Placement: the kernels run per device. Under a mesh that XLA partitions (`impls.partitioned`), "auto" takes
 "xla" and naming "pallas_triton" is an error: call it inside a shard_map over the rows (each shard's rows are
@@ -120,11 +123,11 @@ def _forward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, out_ref, *, n_rows, eps):
     pl_triton.store(out_ref, (yn * w[None, :]).astype(out_ref.dtype), mask=valid)
 
 
-def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, dz_ref, dd_ref, dw_ref, *out_ref,
+def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, dz_ref, dd_ref, dw_ref, *out_refs,
                      n_rows, rows, eps):
     """One run of row blocks of `rows` rows: the input gradients, and the run's column sums of do x (dd_ref)
-    and g yn (dw_ref), float32 [W]; with an out_ref, also the forward's output yn weight (recomputed here, for a
-    projection's weight gradient). Masked rows load as zeros, so they add nothing to the sums."""
+    and g yn (dw_ref), float32 [W]; with an out_refs entry, also the forward's output yn weight (recomputed here,
+    for a projection's weight gradient). Masked rows load as zeros, so they add nothing to the sums."""
     first = pl.program_id(0) * o_ref.shape[0]
     d, w = d_ref[...].astype(_F32), w_ref[...].astype(_F32)
 
@@ -139,7 +142,8 @@ def _backward_kernel(o_ref, x_ref, z_ref, d_ref, w_ref, g_ref, do_ref, dx_ref, d
         dy = r * (gy - yn * jnp.mean(gy * yn, axis=1, keepdims=True))
         do = dy * gate
         dz = dy * a * sig * (1.0 + z * (1.0 - sig))
-        stores = ((do_ref, do), (dx_ref, do * d[None, :]), (dz_ref, dz)) + tuple((r, yn * w[None, :]) for r in out_ref)
+        stores = ((do_ref, do), (dx_ref, do * d[None, :]), (dz_ref, dz)) + tuple(
+            (ref, yn * w[None, :]) for ref in out_refs)
         for ref, value in stores:
             pl_triton.store(ref.at[pl.ds(start, rows), :], value.astype(ref.dtype), mask=valid)
         dd_sum, dw_sum = sums
