@@ -94,17 +94,8 @@ def main(argv=None):
     passed = ["--per-gpu", str(args.per_gpu), "--heads", str(args.heads), "--dim", str(args.dim), "--gpus",
               args.gpus, "--impl", args.impl, "--scale", repr(args.scale), "--jla-impl", args.jla_impl, "--iters",
               str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed), "--decays", args.decays]
-    rows = []
-
-    def collect(name, worker_rows):
-        for row in worker_rows:
-            if "device" in row:
-                meta["devices"][name] = row["device"]
-            else:
-                rows.append(row)
-
     names = ["lasp_jax"] + (["jla"] if args.peers == "jla" else [])
-    complete = measure.run_workers("benchmarks.bench_lasp_gpu", passed, names, collect)
+    rows, complete = measure.merge_workers("benchmarks.bench_lasp_gpu", passed, names, meta)
     peer_path = os.path.join(args.out, "lasp_peer.json")
     if os.path.exists(peer_path):
         with open(peer_path) as f:

@@ -129,18 +129,8 @@ def main(argv=None):
               "--copy-mib", str(args.copy_mib), "--decays", args.decays]
     if args.scale is not None:
         passed += ["--scale", repr(args.scale)]
-    rows = []
-
-    def collect(name, worker_rows):
-        for row in worker_rows:
-            if "device" in row:
-                meta["devices"][name] = row["device"]
-                meta["copy_GBps"] = row.get("copy_GBps") or meta["copy_GBps"]
-            else:
-                rows.append(row)
-        save(args.out, meta, rows)  # after every worker: a run cut off keeps what finished
-
-    complete = measure.run_workers("benchmarks.bench_ops_gpu", passed, workers(args), collect)
+    rows, complete = measure.merge_workers("benchmarks.bench_ops_gpu", passed, workers(args), meta,
+                                           lambda rows: save(args.out, meta, rows))
     print(render(meta, rows))
     if not complete:
         raise SystemExit("stopped by SIGTERM: the table holds the rows that finished")
@@ -187,7 +177,7 @@ def worker_main(args) -> None:
         del inputs
 
 
-def _time_jax(attend, inputs, rates, ids, want, args) -> dict:
+def time_jax(attend, inputs, rates, ids, want, args) -> dict:
     """fwd / fwd+bwd ms and errors of a JAX attend(q, k, v, rates, ids) -> o (rates [H] or [B, T, H] float32,
     ids [B, T] int32 or None: arguments; per-token rates differentiated)."""
     rates = jnp.asarray(rates, jnp.float32)
@@ -202,7 +192,7 @@ def _time_jax(attend, inputs, rates, ids, want, args) -> dict:
 
 def lasp_jax_contender(impl: str):
     def run(inputs, rates, ids, scale, want, args):
-        return _time_jax(lambda q, k, v, s, ids: lasp_jax.linear_attention(q, k, v, s, segment_ids=ids, scale=scale,
+        return time_jax(lambda q, k, v, s, ids: lasp_jax.linear_attention(q, k, v, s, segment_ids=ids, scale=scale,
                                                                            impl=impl),
                          inputs, rates, ids, want, args)
 
@@ -220,7 +210,7 @@ def jla_contender(impl: str):
             g = jnp.broadcast_to(-s, q.shape[:3])
             return jla_attention("simple_gla", q, k, v, g=g, scale=scale, impl=impl, segment_ids=ids)[0]
 
-        return _time_jax(attend, inputs, rates, ids, want, args)
+        return time_jax(attend, inputs, rates, ids, want, args)
 
     return run
 
@@ -261,7 +251,7 @@ def torch_contenders(names: list[str]) -> dict:
                     cu_seqlens = torch.tensor(np.concatenate([[0], starts, [ids.shape[1]]]), device="cuda")
                 return (lambda: chunk_simple_gla(q, k, v, g=g, scale=scale, cu_seqlens=cu_seqlens)[0]), q, 1.0, g
 
-            contenders["fla chunk_simple_gla"] = _torch_peer(fla, head_major=False)
+            contenders["fla chunk_simple_gla"] = torch_peer(fla, head_major=False)
     if "lasp" in names:
         try:
             from lasp import lightning_attn
@@ -275,11 +265,11 @@ def torch_contenders(names: list[str]) -> dict:
                 scaled = (q.detach().float() * scale).to(q.dtype).requires_grad_(True)  # no scale argument
                 return (lambda: lightning_attn(scaled, k, v, rates)), scaled, scale, None
 
-            contenders["LASP lightning_attn"] = _torch_peer(lasp, head_major=True)
+            contenders["LASP lightning_attn"] = torch_peer(lasp, head_major=True)
     return contenders
 
 
-def _torch_peer(make, head_major: bool):
+def torch_peer(make, head_major: bool):
     """A contender from make(q, k, v, rates, ids, scale) -> (call() -> o, the leaf standing for q, d(leaf)/d(q),
     the log-gate leaf g = -rates or None), on torch copies of the JAX inputs ([B, H, T, D] when head_major). Timed
     by do_bench (median); the errors from one more forward+backward, read back to JAX (dq = the leaf's gradient

@@ -196,6 +196,26 @@ def run_workers(module: str, args: list[str], names: list[str], collect) -> bool
     return True
 
 
+def merge_workers(module: str, args: list[str], names: list[str], meta: dict, save=None) -> tuple[list[dict], bool]:
+    """run_workers, merging the rows into one table: each worker's device row into meta["devices"][name] (with its
+    copy_GBps, where it gives one, into meta["copy_GBps"]), every other row into the returned list in order; save
+    (rows), if given, after every worker (a run cut off keeps what finished). Returns (rows, run_workers' result)."""
+    rows = []
+
+    def collect(name, worker_rows):
+        for row in worker_rows:
+            if "device" in row:
+                meta["devices"][name] = row["device"]
+                if row.get("copy_GBps"):
+                    meta["copy_GBps"] = row["copy_GBps"]
+            else:
+                rows.append(row)
+        if save is not None:
+            save(rows)
+
+    return rows, run_workers(module, args, names, collect)
+
+
 def read_rows(path: str) -> list[dict]:
     """The JSON rows of a worker's file, one per line ([] when it wrote none); a line cut off mid-write is
     skipped."""

@@ -152,11 +152,12 @@ def run(args) -> dict:
     jla_flops = estimate_flops_per_token(cfg, args.tokens).training
     our_flops = our_flops_per_token(mcfg, args.tokens)
     stats = device.memory_stats() or {}
-    return {"step_s": step_s, "tokens_per_s": tokens_per_s, "compile_s": round(compile_s, 1), "loss": loss,
-            "mfu_jla_flops": tokens_per_s * jla_flops / (peak * 1e12) if peak else None,
-            "mfu_our_flops": tokens_per_s * our_flops / (peak * 1e12) if peak else None,
-            "jla_flops_per_token": jla_flops, "our_flops_per_token": our_flops,
-            "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None} | ({"profile_ms": traced} if traced else {})
+    row = {"step_s": step_s, "tokens_per_s": tokens_per_s, "compile_s": round(compile_s, 1), "loss": loss,
+           "mfu_jla_flops": tokens_per_s * jla_flops / (peak * 1e12) if peak else None,
+           "mfu_our_flops": tokens_per_s * our_flops / (peak * 1e12) if peak else None,
+           "jla_flops_per_token": jla_flops, "our_flops_per_token": our_flops,
+           "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None}
+    return row | ({"profile_ms": traced} if traced else {})
 
 
 def main(argv=None) -> None:

@@ -145,17 +145,8 @@ def main(argv=None):
     passed = [arg for name in DIMS for arg in (f"--{name}", str(getattr(args, name)))]
     passed += ["--impls", args.impls, "--peers", args.peers, "--jla-impl", args.jla_impl, "--iters",
                str(args.iters), "--reps", str(args.reps), "--seed", str(args.seed)]
-    rows = []
-
-    def collect(name, worker_rows):
-        for row in worker_rows:
-            if "device" in row:
-                meta["devices"][name] = row["device"]
-            else:
-                rows.append(row)
-        save(args.out, meta, rows)  # after every worker: a run cut off keeps what finished
-
-    complete = measure.run_workers("benchmarks.ssd_peers_gpu", passed, workers(args), collect)
+    rows, complete = measure.merge_workers("benchmarks.ssd_peers_gpu", passed, workers(args), meta,
+                                           lambda rows: save(args.out, meta, rows))
     print(render(meta, rows))
     if not complete:
         raise SystemExit("stopped by SIGTERM: the table holds the rows that finished")
@@ -194,7 +185,7 @@ def lasp_jax_contender(impl: str):
         resolved = next(name for name, candidate in impls.IMPLS.items() if candidate is picked)
         attend = lambda q, k, v, s, ids: lasp_jax.linear_attention(  # noqa: E731
             q, k, v, s, segment_ids=ids, scale=scale, impl=impl)
-        return bench_ops_gpu._time_jax(attend, operands, rates, ids, want, args) | {"resolved": resolved}
+        return bench_ops_gpu.time_jax(attend, operands, rates, ids, want, args) | {"resolved": resolved}
 
     return run
 
@@ -214,7 +205,7 @@ def jla_contender(impl: str):
         calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.compile().as_text())))
         path = (f"Mosaic GPU kernels ({', '.join(calls)}) on the groups" if any("mosaic" in c for c in calls)
                 else f"no Mosaic GPU kernel: XLA (B, C repeated per head), impl={impl}")
-        return bench_ops_gpu._time_jax(attend, operands, rates, ids, want, args) | {"path": path}
+        return bench_ops_gpu.time_jax(attend, operands, rates, ids, want, args) | {"path": path}
 
     return run
 
@@ -230,7 +221,7 @@ def cu_seqlens(ids) -> np.ndarray | None:
 
 
 def fla_contender():
-    """fla's chunk_simple_gla on q, k repeated to H heads (bench_ops_gpu._torch_peer times it and reads the
+    """fla's chunk_simple_gla on q, k repeated to H heads (bench_ops_gpu.torch_peer times it and reads the
     gradients back)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
@@ -252,7 +243,7 @@ def fla_contender():
 
         return call, q, 1.0, g
 
-    timed = bench_ops_gpu._torch_peer(make, head_major=False)
+    timed = bench_ops_gpu.torch_peer(make, head_major=False)
     return lambda *run_args: timed(*run_args) | {"path": "Triton chunk kernels on H heads"}
 
 
