@@ -53,12 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decay modes, comma-separated: constant, tokens, tokens/N (N documents per row)")
     parser.add_argument("--scale", type=float, default=None, help="attention scale (default d^-0.5)")
     parser.add_argument("--jla-impl", default="mosaic_gpu", help="jla's impl for its one-GPU row")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--worker", choices=("lasp_jax", "jla"), help=argparse.SUPPRESS)
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    measure.add_worker_flags(parser, worker_choices=("lasp_jax", "jla"))
     return parser
 
 
@@ -77,8 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     if args.scale is None:
         args.scale = args.dim ** -0.5
-    if args.worker and not args.rows:
-        parser.error("--worker needs --rows")
+    measure.check_worker_flags(parser, args)
     return args
 
 

@@ -68,15 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decays", default="constant",
                         help="decay modes, comma-separated: constant, tokens, tokens/N (N documents per row)")
     parser.add_argument("--scale", type=float, default=None, help="attention scale (default d^-0.5)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mib", type=int, default=2048, help="MiB passed over to measure the memory bandwidth")
     parser.add_argument("--jla-impl", default="mosaic_gpu",
                         help="jla's impl (mosaic_gpu: its Hopper kernels; chunked runs anywhere, for CPU checks)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # set by this script for its own subprocesses
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    measure.add_worker_flags(parser)
     return parser
 
 
@@ -88,15 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.decay_list = measure.parse_decays(args.decays)
     except ValueError as e:
         parser.error(str(e))
-    args.impl_list = [i for i in args.impls.split(",") if i]
-    args.peer_list = [p for p in args.peers.split(",") if p]
-    unknown = sorted(set(args.peer_list) - set(PEERS))
-    if unknown:
-        parser.error(f"unknown peers {unknown}: expected any of {list(PEERS)}")
+    measure.check_worker_flags(parser, args, PEERS)
     if args.scale is not None and not args.scale > 0:
         parser.error(f"--scale must be positive, got {args.scale}")
-    if args.worker and not args.rows:
-        parser.error("--worker needs --rows")
     return args
 
 

@@ -9,6 +9,7 @@ untimed. Error (`rel_err`): ||x - ref||_2 / ||ref||_2 over the whole tensor, bot
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -163,6 +164,30 @@ class _Stopped(Exception):
 
 def _raise_stopped(signum, frame):
     raise _Stopped
+
+
+def add_worker_flags(parser: argparse.ArgumentParser, worker_choices=None) -> None:
+    """The flags the side-by-side scripts share: --iters and --reps (median_ms), --seed (the inputs), --out, and
+    the hidden --worker NAME / --rows FILE that run_workers gives their own subprocesses."""
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--worker", choices=worker_choices, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+
+
+def check_worker_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, peers=None) -> None:
+    """add_worker_flags' check (--worker needs --rows); with `peers` (the script's known peers) also
+    args.impl_list and args.peer_list from the comma-separated --impls and --peers, unknown peers refused."""
+    if peers is not None:
+        args.impl_list = [i for i in args.impls.split(",") if i]
+        args.peer_list = [p for p in args.peers.split(",") if p]
+        unknown = sorted(set(args.peer_list) - set(peers))
+        if unknown:
+            parser.error(f"unknown peers {unknown}: expected any of {list(peers)}")
+    if args.worker and not args.rows:
+        parser.error("--worker needs --rows")
 
 
 def run_workers(module: str, args: list[str], names: list[str], collect) -> bool:

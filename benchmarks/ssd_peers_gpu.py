@@ -80,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"any of {','.join(PEERS)}, comma-separated")
     parser.add_argument("--jla-impl", default="auto", choices=("auto", "mosaic_gpu", "chunked"),
                         help="jla's impl (auto: its Mosaic GPU kernels on Hopper, chunked elsewhere)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # set by this script for its own subprocesses
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    measure.add_worker_flags(parser)
     return parser
 
 
@@ -100,16 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "one group of q = C and k = B)")
     if args.docs > args.t:
         parser.error(f"--docs {args.docs} is more documents than --t {args.t} tokens")
-    args.impl_list = [i for i in args.impls.split(",") if i]
-    args.peer_list = [p for p in args.peers.split(",") if p]
-    unknown = sorted(set(args.peer_list) - set(PEERS))
-    if unknown:
-        parser.error(f"unknown peers {unknown}: expected any of {list(PEERS)}")
+    measure.check_worker_flags(parser, args, PEERS)
     if "fla" in args.peer_list and args.docs > 1 and args.batch > 1:
         parser.error("fla takes documents as cu_seqlens over one packed row: with --docs > 1 it needs --batch 1 "
                      "(or leave fla out of --peers)")
-    if args.worker and not args.rows:
-        parser.error("--worker needs --rows")
     return args
 
 
