@@ -50,12 +50,12 @@ def _inputs(rng, lead, heads, head_dim, dtype):
             normal(*lead, channels))
 
 
-def _fwd_bwd(impl, groups, out_dtype, config=gated_norm.DEFAULT):
-    """jit(inputs, cotangent -> (out, (do, dx, dD, dz, dweight)))."""
+def _fwd_bwd(impl, groups, out_dtype, config=gated_norm.DEFAULT, op=gated_norm.gated_rms_norm):
+    """jit(inputs, cotangent -> (out, (do, dx, dD, dz, dweight))) of op (gated_rms_norm; gated_rms_norm_project:
+    the inputs end with w_proj, and its gradient ends the tuple)."""
     def run(args, g):
-        norm = functools.partial(gated_norm.gated_rms_norm, groups=groups, eps=EPS, out_dtype=out_dtype,
-                                 impl=impl, config=config)
-        out, vjp = jax.vjp(norm, *args)
+        out, vjp = jax.vjp(functools.partial(op, groups=groups, eps=EPS, out_dtype=out_dtype, impl=impl,
+                                             config=config), *args)
         return out, vjp(g)
 
     return jax.jit(run)
@@ -157,14 +157,9 @@ PROJECT_BF16_SUM_TOL = 1.2e-2
 
 
 def _project_fwd_bwd(impl, groups, out_dtype, config=gated_norm.DEFAULT):
-    """jit(inputs, w_proj, cotangent -> (out, (do, dx, dD, dz, dweight, dw_proj)))."""
-    def run(args, w_proj, g):
-        project = functools.partial(gated_norm.gated_rms_norm_project, groups=groups, eps=EPS, out_dtype=out_dtype,
-                                    impl=impl, config=config)
-        out, vjp = jax.vjp(project, *args, w_proj)
-        return out, vjp(g)
-
-    return jax.jit(run)
+    """_fwd_bwd of gated_rms_norm_project, taking (inputs, w_proj, cotangent)."""
+    run = _fwd_bwd(impl, groups, out_dtype, config, op=gated_norm.gated_rms_norm_project)
+    return lambda args, w_proj, g: run((*args, w_proj), g)
 
 
 def _projection(rng, lead, channels, d_out, dtype):
