@@ -1,0 +1,492 @@
+"""The depthwise causal convolution of one piece (Mamba-2's, before the SSD) as Mosaic GPU (Hopper) kernels,
+forward and backward, with the contract of `lasp_jax.ops.causal_conv_kernel.convolve` (its docstring has the
+formula, xe's halo rows and the document rule; `xla_convolve` there is the reference):
+
+    s[b, t, c] = bias[c] + sum_{i < W} keep_i(b, t) w[i, c] xe[b, t + i, c]        y = act(s)  (None or SiLU)
+
+Why: XLA's autodiff of `xla_convolve` costs about 3.2 ms per Mamba-2 1.3B layer on an H200 (64K tokens, C =
+4352) against a floor of about 0.4 ms (read dy and xe, write dxe), and the Pallas Triton kernels lost to XLA
+because each output row does 2W - 1 unaligned shifted HBM loads. Here every input row is read from HBM once, by
+TMA, and the shifted taps come from registers.
+
+Kernels. One CTA per (block of block_c channels, batch row, run of rows), two warpgroups: one streams tiles of
+block_t rows [block_t, block_c] (and the tile's keep bits, with documents) through a ring of shared-memory
+stages with TMA; the other walks the tile row by row, each thread owning block_c / 128 adjacent channels
+(WG_STRIDED rows), keeping the last W - 1 rows of xe (and, backward, of ds and of the keep bits) in registers,
+so each input row is loaded from shared memory once. Outputs leave through double-buffered shared-memory tiles
+by TMA. Forward, run of outputs [t0, t0 + run): xe rows t0 .. t0 + W - 2 come straight from HBM, then the tiles
+bring xe row t + W - 1 for each output t. Backward, run of steps t in [t0, t0 + run): the tiles bring dy[t] and
+xe[t + W - 1]; step t forms ds[t] = dy[t] act'(s[t]) (s recomputed from the window, SiLU only), adds keep_i(t)
+ds[t] xe[t + i] to the CTA's dweight[i] column sums and ds[t] to dbias's (float32, in registers for the whole
+run), and writes
+
+    dxe[t] = sum_i keep_i(t - i) w[i] ds[t - i]        (xe row t; ds[t'] = 0 outside [0, L))
+
+A run after the first recomputes ds at its W - 1 steps before t0 from HBM (a warm-up; the first run's are 0),
+and the last run also writes xe's last W - 1 rows of dxe from its window (their ds beyond L are 0). The column
+sums leave once per CTA as float32 partials [B, runs, W + 1, C] (dweight rows, then dbias) that XLA sums: no
+atomics. With documents, keep bits (bit i of an int32 per output: tap i kept) are formed once in XLA from ide
+([B, L], `_keep_bits`) and streamed beside the rows; a dropped tap is selected away, never multiplied by 0, so a
+non-finite input in another document does not reach t's output or gradients.
+
+Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_convolve`'s order (tap W-1, then W-2
+down to 0, the bias last), so the forward matches it to float32 rounding (the compiler may contract into FMAs);
+y and dxe in xe's dtype (one rounding each); dweight and dbias float32 sums (per CTA, then over CTAs in XLA),
+cast to weight's and bias's dtypes. dxe sums its W terms from i = W-1 down to 0; XLA's autodiff may add them in
+another order (float32 rounding). SiLU: s / (1 + exp(-s)); its derivative sig (1 + s (1 - sig)).
+
+Scope (`supported`): xe bfloat16, float16 or float32; C a multiple of Config.block_c; L a multiple of the run
+lengths (each clipped to L), themselves multiples of block_t; 2 <= W <= MAX_WIDTH. Shapes outside are refused,
+not padded. Compiled on Hopper (TMA, sm_90); interpret=True runs Mosaic GPU's CPU interpreter (tests). Runs per
+device: inside shard_map weight and bias are cast to vary as xe does (kernel_support).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lasp_jax.ops import kernel_support
+
+_F32 = jnp.float32
+_HOPPER = "9.0"
+_LANES = 128  # threads of a warpgroup: each owns block_c / 128 adjacent channels of every row
+ACTIVATIONS = (None, "silu")
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+MAX_WIDTH = 16  # keep bits of an int32 (and unrolled taps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes (benchmarks/conv_gpu.py times others with --mosaic-configs).
+
+    block_c: channels per CTA, a multiple of 128 (bf16 256: 512-byte rows, 2 channels per thread). block_t:
+    rows per TMA tile (at most 256, a TMA box). fwd_run, bwd_run: rows per CTA (multiples of block_t, clipped
+    to L): at Mamba-2 1.3B's shape (L = 64K, C = 4352) 1024 gives 17 * 64 = 1088 CTAs, and backward partials
+    of 64 x 5 x 4352 float32 (5.6 MB). fwd_stages, bwd_stages: TMA ring depth. Shared memory per CTA (bf16,
+    defaults): forward 4 x 32 rows of xe (64 KB) + 2 output tiles (32 KB); backward 3 x 32 rows of xe and of dy
+    (96 KB) + 2 dxe tiles (32 KB), under Hopper's 227 KB."""
+
+    block_c: int = 256
+    block_t: int = 32
+    fwd_run: int = 1024
+    bwd_run: int = 1024
+    fwd_stages: int = 4
+    bwd_stages: int = 3
+
+    def __post_init__(self):
+        if self.block_c < _LANES or self.block_c % _LANES or (self.block_c // _LANES) not in (1, 2, 4, 8):
+            raise ValueError(f"Config.block_c must be 128, 256, 512 or 1024 (128 threads x a vector of 1, 2, 4 "
+                             f"or 8), got {self.block_c}")
+        if not 1 <= self.block_t <= 256:
+            raise ValueError(f"Config.block_t must be in [1, 256] (a TMA box), got {self.block_t}")
+        for name in ("fwd_run", "bwd_run"):
+            value = getattr(self, name)
+            if value < self.block_t or value % self.block_t:
+                raise ValueError(f"Config.{name} must be a positive multiple of block_t={self.block_t}, got {value}")
+        for name in ("fwd_stages", "bwd_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
+
+    def run(self, length: int, backward: bool) -> int:
+        """Rows per CTA at piece length L: the run clipped to L."""
+        return min(self.bwd_run if backward else self.fwd_run, length)
+
+
+DEFAULT = Config()
+
+
+def supported(xe, interpret: bool = False, width: int = 4, config: Config = DEFAULT) -> str | None:
+    """None when the kernels take xe [B, W-1+L, C] of a width-W convolution here (compiled: a Hopper GPU),
+    else why."""
+    reason = _shape_reason(xe, width, config)
+    if reason is not None or interpret:
+        return reason
+    if jax.default_backend() != "gpu":
+        return (f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); interpret=True runs "
+                "Mosaic GPU's CPU interpreter")
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability != _HOPPER:
+        return (f"the kernels are written for Hopper (compute capability {_HOPPER}); this is {device.device_kind!r} "
+                f"(compute capability {capability})")
+    return None
+
+
+def _shape_reason(xe, width: int, config: Config) -> str | None:
+    """Why the kernels cannot take xe's dtype and shape at this width and config (None: they can)."""
+    if jnp.dtype(xe.dtype) not in {jnp.dtype(d) for d in DTYPES}:
+        return f"xe's dtype must be one of {[jnp.dtype(d).name for d in DTYPES]}, got {jnp.dtype(xe.dtype).name}"
+    if not 2 <= width <= MAX_WIDTH:
+        return f"width W={width}: the kernels take 2 <= W <= {MAX_WIDTH}"
+    if xe.ndim != 3:
+        return f"xe must be [B, W-1+L, C], got shape {xe.shape}"
+    length, c = xe.shape[1] - (width - 1), xe.shape[2]
+    if c % config.block_c:
+        return f"C={c} is not a multiple of Config.block_c={config.block_c} (the kernels do not pad)"
+    if length < 1:
+        return f"L={length}: xe {xe.shape} holds no piece after its W-1={width - 1} halo rows"
+    for backward in (False, True):
+        run = config.run(length, backward)
+        if run % config.block_t or length % run:
+            return (f"L={length} must be a multiple of the {'backward' if backward else 'forward'} run ({run} rows, "
+                    f"Config.{'bwd' if backward else 'fwd'}_run clipped to L), itself a multiple of Config.block_t="
+                    f"{config.block_t} (the kernels do not pad)")
+    return None
+
+
+def _keep_bits(ide, width: int):
+    """int32 [B, L]: bit i (i < W-1) of output t set when tap i is kept, i.e. no document starts at xe rows
+    (t + i, t + W-1] (ide [B, W-1+L]); tap W-1 (t itself) is always kept and has no bit."""
+    length = ide.shape[1] - (width - 1)
+    linked = ide[:, 1:] == ide[:, :-1]  # [B, W-2+L]: xe rows q and q+1 in one document
+    bits = jnp.zeros((ide.shape[0], length), jnp.int32)
+    keep = None
+    for i in range(width - 2, -1, -1):
+        keep = linked[:, i:i + length] if keep is None else keep & linked[:, i:i + length]
+        bits = bits | (keep.astype(jnp.int32) << i)
+    return bits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _row_layout(block_c: int):
+    return plgpu.Layout.WG_STRIDED((block_c,), vec_size=block_c // _LANES)
+
+
+def _kept(bits, i: int):
+    """Whether tap i is kept under an output's keep bits (a scalar int32)."""
+    return ((bits >> i) & 1) != 0
+
+
+def _select(keep, row):
+    """row where the scalar keep holds, else zeros: a select, never a product with 0 (Mosaic GPU's warpgroup
+    lowering takes no implicit broadcast, hence the explicit one)."""
+    return lax.select(lax.broadcast_in_dim(keep, row.shape, ()), row, jnp.zeros_like(row))
+
+
+def _pre_activation(xs, weights, bias, bits):
+    """s = bias + sum_i keep_i w_i xs[i] in `xla_convolve`'s order; xs[i], weights[i], bias float32 rows
+    [block_c] (xs[i]: xe row t + i), bits None (every tap kept) or the output's keep bits."""
+    w = len(xs)
+    acc = xs[w - 1] * weights[w - 1]
+    for i in range(w - 2, -1, -1):
+        term = xs[i] * weights[i]
+        if bits is not None:
+            term = _select(_kept(bits, i), term)
+        acc = acc + term
+    return acc + bias
+
+
+def _sigmoid(s):
+    return 1.0 / (1.0 + jnp.exp(-s))
+
+
+def _activate(s, activation):
+    return s * _sigmoid(s) if activation == "silu" else s
+
+
+def _activation_grad(s, activation):
+    sig = _sigmoid(s)
+    return sig * (1.0 + s * (1.0 - sig))
+
+
+def _params(w_ref, b_ref, cols, layout):
+    """([W] float32 weight rows, float32 bias row) of the CTA's channels, from HBM."""
+    load = lambda ref: plgpu.load(ref, layout=layout, optimized=False).astype(_F32)
+    return [load(w_ref.at[i, cols]) for i in range(w_ref.shape[0])], load(b_ref.at[cols])
+
+
+def _stream(tiles: int, stages: int, issue, consumed):
+    """The memory warpgroup's ring: issue(n, slot) for each tile n once its slot's previous tile is consumed;
+    then awaits the last releases too (the interpreter checks every barrier phase is awaited)."""
+    for slot in range(min(stages, tiles)):
+        issue(slot, slot)
+
+    @pl.loop(stages, tiles)
+    def _(n):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(n, slot)
+
+    @pl.loop(max(0, tiles - stages), tiles)
+    def _(n):
+        plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _forward_kernel(*refs, activation, docs, config: Config, run: int):
+    """One CTA: (channel block, batch row, run of `run` outputs); warpgroup 0 computes, 1 loads."""
+    xe_ref, w_ref, b_ref, *rest = refs
+    bits_ref = rest.pop(0) if docs else None
+    y_ref, x_smem, bits_smem, y_smem, loaded, consumed = rest
+    bt, bc, stages = config.block_t, config.block_c, config.fwd_stages
+    w = w_ref.shape[0]
+    cb, b, r = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("r")
+    cols, t0, tiles = pl.ds(cb * bc, bc), r * run, run // bt
+    layout = _row_layout(bc)
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _compute():
+        weights, bias = _params(w_ref, b_ref, cols, layout)
+        load = lambda ref: plgpu.load(ref, layout=layout, optimized=False).astype(_F32)
+        window = tuple(load(xe_ref.at[b, t0 + j, cols]) for j in range(w - 1))  # xe rows t0 .. t0+W-2
+
+        def tile(n, window):
+            slot, out = lax.rem(n, stages), lax.rem(n, 2)
+            plgpu.barrier_wait(loaded.at[slot])
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left y_smem[out]
+            for j in range(bt):
+                xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
+                bits = bits_smem[slot, j] if docs else None
+                y_smem[out, j] = _activate(_pre_activation(xs, weights, bias, bits), activation).astype(y_smem.dtype)
+                window = xs[1:]
+            plgpu.barrier_arrive(consumed.at[slot])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem.at[out], y_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
+            return window
+
+        # A carry computed, not loaded: under shard_map loaded values carry manual axes (pallas_mosaic's note).
+        lax.fori_loop(0, tiles, tile, tuple(x * 1.0 for x in window))
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _memory():
+        def issue(n, slot):
+            start = t0 + n * bt
+            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1, bt), cols], x_smem.at[slot], loaded.at[slot])
+            if docs:
+                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
+
+        _stream(tiles, stages, issue, consumed)
+
+
+def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: int):
+    """One CTA: (channel block, batch row, run of `run` steps t); warpgroup 0 computes, 1 loads. Writes dxe
+    rows [t0, t0 + run) (the last run also xe's last W-1 rows) and the run's partials [W + 1, block_c]."""
+    xe_ref, w_ref, b_ref, *rest = refs
+    bits_ref = rest.pop(0) if docs else None
+    dy_ref, dxe_ref, part_ref, x_smem, dy_smem, bits_smem, dx_smem, part_smem, loaded, consumed = rest
+    bt, bc, stages = config.block_t, config.block_c, config.bwd_stages
+    w = w_ref.shape[0]
+    length = dy_ref.shape[1]
+    cb, b, r = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("r")
+    cols, t0, tiles = pl.ds(cb * bc, bc), r * run, run // bt
+    layout = _row_layout(bc)
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _compute():
+        weights, bias = _params(w_ref, b_ref, cols, layout)
+        load = lambda ref: plgpu.load(ref, layout=layout, optimized=False).astype(_F32)
+
+        def ds_of(g, xs, bits):
+            """ds[t] from dy[t] (float32) and, for SiLU, s[t] recomputed from xs (xe rows t .. t+W-1)."""
+            if activation is None:
+                return g
+            return g * _activation_grad(_pre_activation(xs, weights, bias, bits), activation)
+
+        def dxe_row(ds_window, bits_window):
+            """dxe[t] = sum_i keep_i(t - i) w[i] ds[t - i], i from W-1 down; ds_window[i] = ds[t - i]."""
+            acc = None
+            for i in range(w - 1, -1, -1):
+                term = ds_window[i] * weights[i]
+                if docs and i < w - 1:
+                    term = _select(_kept(bits_window[i], i), term)
+                acc = term if acc is None else acc + term
+            return acc
+
+        # The W-1 steps before t0 (none before the first run: ds 0 there). Loads clamp to row 0 and the first
+        # run selects their ds away.
+        xe_rows = {j: load(xe_ref.at[b, jnp.maximum(t0 + j, 0), cols]) for j in range(-(w - 1), w - 1)}
+        ds_prev, bits_prev = [], []  # index j - 1: step t0 - j
+        for j in range(1, w):
+            t = jnp.maximum(t0 - j, 0)
+            bits = bits_ref[b, t] if docs else None
+            g = load(dy_ref.at[b, t, cols])
+            ds = ds_of(g, [xe_rows[i - j] for i in range(w)], bits)
+            ds_prev.append(_select(r > 0, ds))
+            bits_prev.append(bits)
+        window = tuple(xe_rows[j] for j in range(w - 1))  # xe rows t0 .. t0+W-2
+        zero = bias * 0.0
+        carry = (window, tuple(ds_prev), tuple(bits_prev) if docs else (), (zero,) * w, zero)
+
+        def tile(n, carry):
+            window, ds_prev, bits_prev, dw, db = carry
+            slot, out = lax.rem(n, stages), lax.rem(n, 2)
+            plgpu.barrier_wait(loaded.at[slot])
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left dx_smem[out]
+            for j in range(bt):
+                xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
+                bits = bits_smem[slot, j] if docs else None
+                ds = ds_of(load(dy_smem.at[slot, j]), xs, bits)
+                terms = [ds * xs[i] for i in range(w)]
+                if docs:
+                    terms = [terms[i] if i == w - 1 else _select(_kept(bits, i), terms[i]) for i in range(w)]
+                dw = tuple(acc + term for acc, term in zip(dw, terms))
+                db = db + ds
+                ds_win, bits_win = (ds,) + ds_prev, ((bits,) + bits_prev) if docs else ()  # [i]: step t - i
+                dx_smem[out, j] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
+                ds_prev, bits_prev = ds_win[:w - 1], bits_win[:w - 1]
+                window = xs[1:]
+            plgpu.barrier_arrive(consumed.at[slot])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
+            return window, ds_prev, bits_prev, dw, db
+
+        _, ds_prev, bits_prev, dw, db = lax.fori_loop(0, tiles, tile, jax.tree.map(lambda x: x * 1, carry))
+        for i in range(w):
+            part_smem[i] = dw[i]
+        part_smem[w] = db
+
+        @pl.when(r == runs - 1)
+        def _tail():  # xe rows L .. L+W-2: only outputs t < L read them (ds 0 beyond L)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            ds_tail, bits_tail = ds_prev, bits_prev
+            for k in range(w - 1):  # step L + k: its ds is 0, so its keep bits are any (the last output's)
+                ds_win, bits_win = (zero,) + ds_tail, ((bits_tail[0],) + bits_tail) if docs else ()
+                dx_smem[0, k] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
+                ds_tail, bits_tail = ds_win[:w - 1], bits_win[:w - 1]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dx_smem.at[0, pl.ds(0, w - 1)], dxe_ref.at[b, pl.ds(length, w - 1), cols])
+
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(part_smem, part_ref.at[b, r, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _memory():
+        def issue(n, slot):
+            start = t0 + n * bt
+            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1, bt), cols], x_smem.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(dy_ref.at[b, pl.ds(start, bt), cols], dy_smem.at[slot], loaded.at[slot])
+            if docs:
+                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
+
+        _stream(tiles, stages, issue, consumed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launches and the custom_vjp.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What the kernels take besides the arrays (hashable: the custom_vjp's static argument)."""
+
+    activation: str | None
+    config: Config
+    interpret: bool
+
+
+def _launch(body, out_type, scratch, grid, launch: _Launch, args):
+    kernel = plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("c", "b", "r"), num_threads=2,
+        thread_name="wg", interpret=plgpu.InterpretGPUParams() if launch.interpret else None)
+    # plgpu.kernel drops the manual mesh axes its inputs vary over (inside shard_map): outputs vary as xe does.
+    return jax.tree.map(lambda a: kernel_support.vary_like(a, args[0]), kernel(*args))
+
+
+def _bits_scratch(docs: bool, stages: int, bt: int):
+    return plgpu.SMEM((stages, bt) if docs else (1, 1), jnp.int32)
+
+
+def _forward(xe, weight, bias, bits, launch: _Launch):
+    bsz, n_rows, c = xe.shape
+    w, cfg = weight.shape[0], launch.config
+    length = n_rows - (w - 1)
+    run, docs = cfg.run(length, False), bits is not None
+    bt, bc, stages = cfg.block_t, cfg.block_c, cfg.fwd_stages
+    scratch = (plgpu.SMEM((stages, bt, bc), xe.dtype), _bits_scratch(docs, stages, bt),
+               plgpu.SMEM((2, bt, bc), xe.dtype),
+               plgpu.Barrier(num_arrivals=2 if docs else 1, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=stages))
+    body = functools.partial(_forward_kernel, activation=launch.activation, docs=docs, config=cfg, run=run)
+    args = (xe, weight, bias) + ((bits,) if docs else ())
+    return _launch(body, jax.ShapeDtypeStruct((bsz, length, c), xe.dtype), scratch,
+                   (c // bc, bsz, length // run), launch, args)
+
+
+def _backward(xe, weight, bias, bits, g, launch: _Launch):
+    """(dxe [B, W-1+L, C] xe's dtype, dweight [W, C] float32, dbias [C] float32)."""
+    bsz, n_rows, c = xe.shape
+    w, cfg = weight.shape[0], launch.config
+    length = n_rows - (w - 1)
+    run, docs = cfg.run(length, True), bits is not None
+    runs = length // run
+    bt, bc, stages = cfg.block_t, cfg.block_c, cfg.bwd_stages
+    scratch = (plgpu.SMEM((stages, bt, bc), xe.dtype), plgpu.SMEM((stages, bt, bc), xe.dtype),
+               _bits_scratch(docs, stages, bt), plgpu.SMEM((2, max(bt, w - 1), bc), xe.dtype),
+               plgpu.SMEM((w + 1, bc), _F32),
+               plgpu.Barrier(num_arrivals=3 if docs else 2, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=stages))
+    body = functools.partial(_backward_kernel, activation=launch.activation, docs=docs, config=cfg, run=run,
+                             runs=runs)
+    args = (xe, weight, bias) + ((bits,) if docs else ()) + (g.astype(xe.dtype),)
+    out_type = (jax.ShapeDtypeStruct(xe.shape, xe.dtype), jax.ShapeDtypeStruct((bsz, runs, w + 1, c), _F32))
+    dxe, parts = _launch(body, out_type, scratch, (c // bc, bsz, runs), launch, args)
+    sums = jnp.sum(parts, axis=(0, 1))
+    return dxe, sums[:w], sums[w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(xe, weight, bias, bits, launch: _Launch):
+    return _forward(xe, weight, bias, bits, launch)
+
+
+def _fused_fwd(xe, weight, bias, bits, launch):
+    return _forward(xe, weight, bias, bits, launch), (xe, weight, bias, bits)
+
+
+def _fused_bwd(launch, residuals, g):
+    xe, weight, bias, bits = residuals
+    dxe, dweight, dbias = _backward(xe, weight, bias, bits, g, launch)
+    d_bits = None if bits is None else np.zeros(bits.shape, jax.dtypes.float0)
+    return dxe, dweight.astype(weight.dtype), dbias.astype(bias.dtype), d_bits
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def convolve(xe, weight, bias, ide, *, activation: str | None = None, interpret: bool = False,
+             config: Config = DEFAULT):
+    """The convolution of one piece (module docstring), differentiable in xe, weight and bias.
+
+    Args:
+      xe: [B, W-1+L, C] floating (`DTYPES`): the W-1 positions before the piece, then the piece.
+      weight: [W, C]: weight[W-1] multiplies the current position.   bias: None or [C].
+      ide: None, or [B, W-1+L] integers: xe's document ids (a document starts where the id changes).
+      activation: None or "silu" (applied to the float32 sum, before the one rounding to xe's dtype).
+      interpret: Mosaic GPU's CPU interpreter instead of the compiled kernels (a Hopper GPU).
+      config: block sizes.
+    Returns:
+      y [B, L, C] in xe's dtype. Gradients: dxe in xe's dtype (the halo rows' too), dweight, dbias float32
+      sums in their own dtypes.
+    Raises:
+      ValueError: an activation not in ACTIVATIONS, mismatched shapes, or a dtype or shape `supported`
+      refuses (its platform check is the caller's).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    w = weight.shape[0] if weight.ndim == 2 else 0
+    if weight.ndim != 2 or xe.ndim != 3 or weight.shape[1] != xe.shape[-1]:
+        raise ValueError(f"xe {xe.shape}, weight {weight.shape}: need xe [B, W-1+L, C] and weight [W, C]")
+    if bias is not None and bias.shape != (xe.shape[-1],):
+        raise ValueError(f"bias {bias.shape}: need [C] with C={xe.shape[-1]}")
+    if ide is not None and ide.shape != xe.shape[:2]:
+        raise ValueError(f"ide {ide.shape}: need [B, W-1+L] = {xe.shape[:2]}")
+    reason = _shape_reason(xe, w, config)  # not the platform: lowering for CUDA from a CPU host is allowed
+    if reason is not None:
+        raise ValueError(f"causal_conv_mosaic cannot run these inputs: {reason}")
+    bias = jnp.zeros(weight.shape[1:], weight.dtype) if bias is None else bias  # its gradient goes nowhere
+    # Inside shard_map: weight and bias vary as xe does (kernel_support's docstring says why).
+    weight, bias = kernel_support.vary_like(weight, xe), kernel_support.vary_like(bias, xe)
+    bits = None if ide is None else _keep_bits(ide, w)
+    return _fused(xe, weight, bias, bits, _Launch(activation, config, interpret))
