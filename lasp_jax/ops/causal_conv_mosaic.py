@@ -242,15 +242,16 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int):
 
         def tile(n, window):
             slot, out = lax.rem(n, stages), lax.rem(n, 2)
-            plgpu.barrier_wait(loaded.at[slot])
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left y_smem[out]
+            plgpu.barrier_wait(loaded.at[slot])
+            plgpu.commit_smem()  # a warpgroup barrier: no thread writes y_smem[out] before that wait
             for j in range(bt):
                 xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
                 bits = bits_smem[slot, j] if docs else None
                 y_smem[out, j] = _activate(_pre_activation(xs, weights, bias, bits), activation).astype(y_smem.dtype)
                 window = xs[1:]
+            plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
-            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_smem.at[out], y_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
             return window
 
@@ -321,8 +322,9 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
         def tile(n, carry):
             window, ds_prev, bits_prev, dw, db = carry
             slot, out = lax.rem(n, stages), lax.rem(n, 2)
-            plgpu.barrier_wait(loaded.at[slot])
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left dx_smem[out]
+            plgpu.barrier_wait(loaded.at[slot])
+            plgpu.commit_smem()  # a warpgroup barrier: no thread writes dx_smem[out] before that wait
             for j in range(bt):
                 xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
                 bits = bits_smem[slot, j] if docs else None
@@ -336,8 +338,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
                 dx_smem[out, j] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
                 ds_prev, bits_prev = ds_win[:w - 1], bits_win[:w - 1]
                 window = xs[1:]
+            plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
-            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
             return window, ds_prev, bits_prev, dw, db
 
@@ -349,6 +351,7 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
         @pl.when(r == runs - 1)
         def _tail():  # xe rows L .. L+W-2: only outputs t < L read them (ds 0 beyond L)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()  # no thread writes dx_smem[0] before that wait
             ds_tail, bits_tail = ds_prev, bits_prev
             for k in range(w - 1):  # step L + k: its ds is 0, so its keep bits are any (the last output's)
                 ds_win, bits_win = (zero,) + ds_tail, ((bits_tail[0],) + bits_tail) if docs else ()
@@ -387,9 +390,13 @@ class _Launch:
 
 
 def _launch(body, out_type, scratch, grid, launch: _Launch, args):
+    # No automatic warpgroup barrier around each shared-memory row store (two per row): the kernels place
+    # their own, two per tile (`commit_smem`), as that flag's conditions ask: no thread writes shared memory
+    # that another thread reads, and TMA overwrites a stage only after every thread's reads of it.
     kernel = plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("c", "b", "r"), num_threads=2,
-        thread_name="wg", interpret=plgpu.InterpretGPUParams() if launch.interpret else None)
+        thread_name="wg", compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if launch.interpret else None)
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside shard_map): outputs vary as xe does.
     return jax.tree.map(lambda a: kernel_support.vary_like(a, args[0]), kernel(*args))
 
