@@ -1,6 +1,7 @@
 """What the Pallas kernel modules share: whether a compiled Triton kernel can run on this device, outputs typed
-like their inputs and inputs cast to vary as the rows do inside shard_map, and how a per-device kernel's
-`impl=` resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv).
+like their inputs and inputs cast to vary as the rows do inside shard_map, how a per-device kernel's `impl=`
+resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv), and a rounding to a matmul
+operand's dtype that the interpreters keep (`rounded_to`).
 
 Inside shard_map (check_vma) an array carries the manual axes it varies over: a kernel's outputs must declare
 the ones its rows vary over, and a replicated input that meets those rows (a weight) is cast to vary too, so its
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
@@ -67,3 +69,22 @@ def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: tuple[str, 
         raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
                          f"under a multi-device mesh that XLA partitions: {split_hint}")
     return impl
+
+
+def rounded_to(x, dtype):
+    """float32 x rounded to `dtype` (a matmul operand's: float32, bfloat16 or float16) as a kernel's cast
+    rounds it, kept in float32.
+
+    Why not x.astype(dtype).astype(f32): in interpret mode a kernel runs as XLA:CPU code, which may drop that
+    round trip as excess precision (lax.reduce_precision, which it keeps, has no Pallas Triton lowering). bf16
+    is rounded on the bits, by integer ops that lower everywhere (Triton, Mosaic GPU, their interpreters), ties
+    to even as the cast; float16 keeps the round trip (compiled kernels round it; interpreted, XLA may not).
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return x
+    if dtype != jnp.bfloat16:
+        return x.astype(dtype).astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    bits = bits + (jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1)))
+    return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)

@@ -52,8 +52,13 @@ and reverse: M^T, k_side on the output's state term, scale q_side_j on the updat
 float32 while the scores' wgmma runs, and its exponent is selected to 0 outside the kept pairs, so no exp of a
 positive number is taken and a non-finite score of another document or a later row is dropped (the state terms
 are products: a non-finite row still reaches the chunks after it through the state). The dQ and dK walks also
-return each row's float32 q . dq and k . dk (`dots_with`: the decay gradient's terms, from the float32 rows
-before rounding). At d=128 the tables' stages take the output's staging buffer (227 KB per CTA), so the output
+return each row's float32 q . dq and k . dk (`dots_with`: the decay gradient's terms). Every pair term that crosses a
+chunk boundary enters one of them through the state operand and the other through the other walk's update rows,
+and must cancel in the decay gradient's sums as in exact arithmetic (`pallas_triton._dq_kernel`'s docstring says
+how they otherwise grow with the piece's length), so these two walks take the state as two bf16 operands, S_w
+and its residual S_w - bf16(S_w) (a second wgmma into the same accumulator), and form each row's state part of
+the dot from bf16(out_rows w), the rows the other walk rounds for its update; the rest of the dot from the
+float32 output row. At d=128 the tables' stages take the output's staging buffer (227 KB per CTA), so the output
 leaves through the decayed-Z buffer once the update's wgmma has read it. Measured against a float64 oracle of the
 walks: 2.1e-3 to 2.5e-3 relative (the bf16 rounding as above; tests/ops/test_pallas_mosaic_tokens.py).
 
@@ -78,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +96,7 @@ from lasp_jax.ops import kernel_support, pallas_triton, pieces, pieces_tokens
 _F32 = jnp.float32
 _HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
 _COMPUTE_WGS = 2  # compute warpgroups; each owns half the columns of the state
+_SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may take
 HEAD_DIMS = (64, 128)  # Dk and Dv (equal or not): what the kernel is written for and tested on (interpreted)
 
 
@@ -199,7 +206,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
     x_ref, y_ref, z_ref, states_ref, *rest = refs[n_decay:]
     if dots:
         w_ref, out_ref, dots_ref, smem, loaded, consumed = rest
-        *smem, dots_smem = smem
+        *smem, s_low_smem, dots_smem = smem
     else:
         out_ref, smem, loaded, consumed = rest
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
@@ -254,7 +261,14 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
         # Paired, states_in keeps a head per output head: this warpgroup's head, whole.
         state_at = states_ref.at[b, 2 * h + wg, p] if pair == 2 else states_ref.at[b, h, p, :, cols]
         state = plgpu.load(state_at, layout=plgpu.Layout.WGMMA, optimized=False)
-        s_smem[wg] = state.astype(s_smem.dtype)
+
+        def state_operands(state):
+            """S_w in bf16 for the next chunk's X S_w; with dots also its residual S_w - bf16(S_w)."""
+            s_smem[wg] = state.astype(s_smem.dtype)
+            if dots:
+                s_low_smem[wg] = (state - kernel_support.rounded_to(state, s_smem.dtype)).astype(s_smem.dtype)
+
+        state_operands(state)
         plgpu.commit_smem()
 
         def body(n, state):
@@ -274,6 +288,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             def scores_and_inter(scores_acc, inter_acc):
                 plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
                 plgpu.wgmma(inter_acc, x, s_smem.at[wg])
+                if dots:
+                    plgpu.wgmma(inter_acc, x, s_low_smem.at[wg])
                 # While the tensor cores work: the state update's B operand, this warpgroup's columns of Z
                 # with their rows decayed (with tokens, also the chunk's mask, applied here).
                 if tokens:
@@ -291,8 +307,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 scores_smem[wg] = scores.astype(scores_smem.dtype)
                 plgpu.commit_smem()
                 q_side, k_side = _stage(table_smem, slot, own)[4:]
-                out_rows = _load_rows(k_side) if reverse else scale * _load_rows(q_side)
-                inits = (_rows(out_rows, half) * inter, this_decay * state)
+                out_rows = _rows(_load_rows(k_side) if reverse else scale * _load_rows(q_side), half)
+                inits = (out_rows * inter, this_decay * state)
             else:
                 scores_smem[wg] = jnp.where(keep, scores * mask, 0.0).astype(scores_smem.dtype)
                 plgpu.commit_smem()
@@ -305,13 +321,15 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
 
             out, state = _accumulate(inits, intra_and_update, interpret)
             plgpu.barrier_arrive(consumed.at[slot])
-            s_smem[wg] = state.astype(s_smem.dtype)
+            state_operands(state)
 
             if not tokens:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
             out_smem[wg] = out.astype(out_smem.dtype)
-            if dots:  # this warpgroup's share of each row's float32 out . w
-                dots_smem[wg] = jnp.sum(out * w.astype(_F32), axis=1)
+            if dots:  # this warpgroup's share of each row's out . w, the state part from the rounded rows
+                w = w.astype(_F32)
+                rounded = kernel_support.rounded_to(w * out_rows, w_ref.dtype)
+                dots_smem[wg] = jnp.sum(out * w + inter * (rounded - w * out_rows), axis=1)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
             if dots:
@@ -465,6 +483,11 @@ def _pairs(x, y, z, h: int, dots_with, config: Config) -> bool:
             and all((h // 2) % a.shape[2] == 0 for a in (x, y)))
 
 
+def _bytes(refs) -> int:
+    """The shared memory a (nested) tuple of plgpu.SMEM refs takes, in bytes."""
+    return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in jax.tree.leaves(refs))
+
+
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
@@ -483,32 +506,43 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     dz = z.shape[-1]
     h = h_out // pair
     c = config.chunk
-    stages = max(1, min(config.stages, piece_len // c))
     half = dz // _COMPUTE_WGS
     dt = x.dtype
     # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
     # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
     # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
     mma = _mma_transforms(half, dt)
-    smem = (
-        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
-        plgpu.SMEM((stages, c, dx), dt, transforms=mma),
-        plgpu.SMEM((stages, c, dz), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
-        plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
-    )
+
+    def shared_memory(stages):
+        smem = (
+            plgpu.SMEM((stages, c, dx), dt, transforms=mma),
+            plgpu.SMEM((stages, c, dx), dt, transforms=mma),
+            plgpu.SMEM((stages, c, dz), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
+        )
+        if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
+            per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
+            smem += ((per_head, per_head, shared, shared, per_head, per_head),)
+        else:  # the output's staging
+            smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
+        if dots_with is not None:  # the state's residual operand; each row's out . w, per warpgroup
+            smem += (plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma), plgpu.SMEM((_COMPUTE_WGS, c), _F32))
+        return smem
+
+    # The deepest ring that fits: the dots walks' residual operand (16 KB at Dx = 64, 32 KB at 128) leaves room
+    # for 2 stages at Dx = Dz = 128.
+    stages = max(1, min(config.stages, piece_len // c))
+    while stages > 1 and _bytes(shared_memory(stages)) > _SMEM_BYTES:
+        stages -= 1
+    smem = shared_memory(stages)
     loaded = (plgpu.Barrier(num_barriers=stages),) * 3
-    if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
-        per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
-        smem += ((per_head, per_head, shared, shared, per_head, per_head),)
+    if tokens:
         loaded += (plgpu.Barrier(num_arrivals=2 + 4 * pair, num_barriers=stages),)
-    else:  # the output's staging
-        smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
     out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
     extra_in = ()
-    if dots_with is not None:  # each row's float32 out . w, a share per compute warpgroup
-        smem += (plgpu.SMEM((_COMPUTE_WGS, c), _F32),)
+    if dots_with is not None:
         out_type = (out_type, jax.ShapeDtypeStruct((b, h, _COMPUTE_WGS, t), _F32))
         extra_in = (dots_with,)
     scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))

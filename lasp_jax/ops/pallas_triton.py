@@ -261,9 +261,42 @@ def _row_dots(x, y):
     return jnp.sum(x.astype(_F32) * y, axis=1)
 
 
+def _state_product(x, state, precision, split: bool):
+    """x state^T [C, Dy] float32 for a float32 state [Dy, Dx] (x [C, Dx] in the matmul dtype): state rounded to
+    x's dtype once, or (split, x not float32) as that rounding plus a second product with the residual state -
+    rounded, which leaves the state term the residual's rounding from float32 (the dQ and dK walks under
+    per-token decay: `_dq_kernel`'s docstring)."""
+    out = _dot(x, state.astype(x.dtype).T, precision)
+    if split and jnp.dtype(x.dtype) != _F32:
+        low = state - kernel_support.rounded_to(state, x.dtype)
+        out = out + _dot(x, low.astype(x.dtype).T, precision)
+    return out
+
+
+def _consistent_row_dots(w, intra, inter, side, select):
+    """Each row's w . (intra + diag(side) inter), its state part from diag(side) w rounded to w's dtype as the other walk's
+    state update rounds those rows (`_weighted`), so that every pair term crossing a chunk appears with the
+    same roundings in the q . dq and the k . dk of the decay gradient (`_dq_kernel`'s docstring). w [C, D] in
+    the matmul dtype, intra and inter [C, D] float32, side [C] float32."""
+    side = side[:, None]
+    rounded = kernel_support.rounded_to(_times(side, w.astype(_F32), select), w.dtype)
+    state_part = jnp.where(side == 0, 0.0, rounded * inter) if select else rounded * inter  # as `_times`
+    return _row_dots(w, intra) + jnp.sum(state_part, axis=1)
+
+
 def _dq_kernel(*refs, c, precision, scale, tokens):
     """dQ = [(dO V^T) * M] K + scale lambda^i dO S^T; S (a Dk tile) walks forward. Refs: the decay's, dO, K,
-    V, S, (tokens: Q's Dk tile), then dQ, (tokens: q . dQ over the tile, float32 [L], for the decay gradient)."""
+    V, S, (tokens: Q's Dk tile), then dQ, (tokens: q . dQ over the tile, float32 [L], for the decay gradient).
+
+    With tokens the decay gradient sums x_t = k_t . dk_t - q_t . dq_t over runs of positions
+    (`pieces_tokens`), where every pair term that crosses a chunk boundary must cancel between the two walks as it
+    does in exact arithmetic. Here that pair enters through the state operand S and the dK walk's state update
+    rows bf16(q_side q); there through dS and this walk's update rows bf16(k_side k). Rounded alike in neither,
+    their residues add up like the square root of the run's length (6.5e-3 against float32 at pieces of 512
+    for a Mamba-2 1.3B layer on an H200, growing with the piece). So under tokens the state term is taken
+    with S split in two bf16 operands (`_state_product`) and q . dq's state part from the rows the dK walk
+    rounds (`_consistent_row_dots`), and the dK walk does the mirror: 1.9e-3 at any piece length
+    (benchmarks/results/walks_gpu_h200_s16_ratesgrad.md)."""
     decays, refs = _decay_source(refs, c, scale, tokens)
     do_ref, k_ref, v_ref, state_ref = refs[:4]
     q_ref, dq_ref, qdq_ref = refs[4:] if tokens else (None, refs[4], None)
@@ -275,10 +308,11 @@ def _dq_kernel(*refs, c, precision, scale, tokens):
         chunk = decays(rows)
         do, k, v = do_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         a = chunk.mask(_dot(do, v.T, precision))
-        dq = _dot(a.astype(dt), k, precision) + chunk.q_term(_dot(do, state.astype(dt).T, precision))
+        intra, inter = _dot(a.astype(dt), k, precision), _state_product(do, state, precision, tokens)
+        dq = intra + chunk.q_term(inter)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         if tokens:
-            qdq_ref[rows] = _row_dots(q_ref[rows, :], dq)
+            qdq_ref[rows] = _consistent_row_dots(q_ref[rows, :], intra, inter, chunk.q_side, chunk.select)
         return chunk.carry(state) + chunk.k_update(k, v, precision)
 
     lax.fori_loop(0, n_chunks, body, state_ref[...])
@@ -310,16 +344,16 @@ def _dkdv_kernel(*refs, c, precision, scale, with_dk, with_dv, tokens):
         k = k_ref[rows, :] if k_ref is not None else None
         v = v_ref[rows, :] if with_dk else None
         do = do_ref[rows, :]
-        ds_op = ds.astype(dt)
         if with_dk:
             a = chunk.mask(_dot(do, v.T, precision))
-            dk = _dot(a.astype(dt).T, q, precision) + chunk.k_term(_dot(v, ds_op.T, precision))
+            intra, inter = _dot(a.astype(dt).T, q, precision), _state_product(v, ds, precision, tokens)
+            dk = intra + chunk.k_term(inter)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-            if tokens:
-                kdk_ref[rows] = _row_dots(k, dk)
+            if tokens:  # `_dq_kernel`'s docstring
+                kdk_ref[rows] = _consistent_row_dots(k, intra, inter, chunk.k_side, chunk.select)
         if with_dv:
             scores = chunk.mask(_dot(q, k.T, precision))
-            dv = _dot(scores.astype(dt).T, do, precision) + chunk.k_term(_dot(k, ds_op, precision))
+            dv = _dot(scores.astype(dt).T, do, precision) + chunk.k_term(_dot(k, ds.astype(dt), precision))
             dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         return chunk.carry(ds) + chunk.q_update(q, do, precision)
 
