@@ -1,14 +1,23 @@
 """Mamba-2's depthwise causal convolution on one GPU: the XLA formula against the fused Pallas Triton kernels
-(lasp_jax.ops.causal_conv_kernel), forward and forward+backward. It is what decides whether
-lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU (with tests/parallel/test_conv_kernel.py's GPU test).
+(lasp_jax.ops.causal_conv_kernel) and the Mosaic GPU kernels (lasp_jax.ops.causal_conv_mosaic), forward and
+forward+backward. It is what decides whether lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU (with
+tests/parallel/test_conv_kernel.py's GPU test), and whether the Mosaic kernels are worth wiring in.
 
     python3 -m benchmarks.conv_gpu [--batch 1] [--length 65536] [--channels 4352] [--width 4] [--docs 16]
-        [--activation silu] [--dtype bfloat16] [--contenders xla_then_silu,xla,pallas_triton]
-        [--configs 32x16x256x512x8,...] [--iters 10] [--reps 5] [--out DIR]
+        [--activation silu] [--dtype bfloat16]
+        [--contenders xla_then_silu,xla,pallas_triton,pallas_mosaic_then_silu,pallas_mosaic]
+        [--configs 32x16x256x512x8,...] [--mosaic-configs 256x32x1024x1024x4x3,...] [--iters 10] [--reps 5]
+        [--out DIR]
 
-Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla" (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT
-Config) and one row per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c,
-bwd_rows, num_warps). Shape: Mamba-2 1.3B's convolution by default (C = d_inner + 2 d_state = 4352, W = 4); x
+Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla"
+(causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT Config) and one row
+per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c, bwd_rows, num_warps);
+"pallas_mosaic_then_silu" (the Mosaic kernels at their DEFAULT Config with activation None, then jax.nn.silu in
+XLA: what the model would run, against "xla_then_silu"), "pallas_mosaic" (the Mosaic kernels with --activation
+fused, against "xla") and one row per --mosaic-configs entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES =
+causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run, fwd_stages, bwd_stages), activation None then
+jax.nn.silu (with --activation none: no SiLU at all). "pallas_triton_interpret" and "pallas_mosaic_interpret"
+run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by default (C = d_inner + 2 d_state = 4352, W = 4); x
 and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W) (the model's parameters),
 --docs documents per row at random starts. Timing: `measure.median_ms` of the jitted forward and of
 forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_err` of y and dx against "xla"
@@ -17,7 +26,10 @@ forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_
 
 Writes conv_gpu.jsonl (a row per contender, as it finishes) and conv_gpu.md (the table and provenance) under
 --out (default $OUT, else benchmarks/results). CPU check of the script itself: --length 64 --channels 40 --docs 3
---dtype float32 --contenders xla,pallas_triton_interpret --iters 1 --reps 1 --out /tmp/conv.
+--dtype float32 --contenders xla,pallas_triton_interpret --iters 1 --reps 1 --out /tmp/conv; the Mosaic
+kernels' (C a multiple of their block_c, L of their runs): --length 64 --channels 256 --docs 3 --dtype float32
+--contenders xla,pallas_mosaic_interpret --mosaic-configs 128x16x32x32x2x2 --iters 1 --reps 1 --out /tmp/conv
+(the --mosaic-configs rows run compiled: off a GPU they are rows with their error).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import measure
-from lasp_jax.ops import causal_conv_kernel
+from lasp_jax.ops import causal_conv_kernel, causal_conv_mosaic
 from lasp_jax.parallel.causal_conv import causal_conv1d
 
 
@@ -57,18 +69,45 @@ def parse_config(text: str) -> causal_conv_kernel.Config:
     return causal_conv_kernel.Config(fwd_block_t=fwd, bwd_block_t=bwd, block_c=c, bwd_rows=rows, num_warps=warps)
 
 
-def conv_fn(name: str, activation, config: causal_conv_kernel.Config | None):
-    """conv(x, weight, bias, ids) -> y for one contender."""
+def parse_mosaic_config(text: str) -> causal_conv_mosaic.Config:
+    """'256x32x1024x1024x4x3' -> causal_conv_mosaic.Config(block_c=256, block_t=32, fwd_run=1024, bwd_run=1024,
+    fwd_stages=4, bwd_stages=3)."""
+    parts = text.split("x")
+    if len(parts) != 6 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"mosaic config {text!r} is not CxTxFRUNxBRUNxFSTAGESxBSTAGES (six integers)")
+    c, t, fwd_run, bwd_run, fwd_stages, bwd_stages = map(int, parts)
+    return causal_conv_mosaic.Config(block_c=c, block_t=t, fwd_run=fwd_run, bwd_run=bwd_run, fwd_stages=fwd_stages,
+                                     bwd_stages=bwd_stages)
+
+
+def _halo(x, ids, w: int):
+    """causal_conv1d's padding of one piece: xe [B, W-1+T, C] (zeros first) and ide (None, or ids padded)."""
+    k = w - 1
+    return jnp.pad(x, ((0, 0), (k, 0), (0, 0))), None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
+
+
+def conv_fn(name: str, activation, config=None):
+    """conv(x, weight, bias, ids) -> y for one contender; config: a causal_conv_kernel.Config for
+    "pallas_triton", a causal_conv_mosaic.Config for the Mosaic contenders, or None (DEFAULT)."""
     if name == "xla_then_silu":
         return lambda x, w, b, ids: jax.nn.silu(causal_conv1d(x, w, b, segment_ids=ids, impl="xla"))
+    if name.startswith("pallas_mosaic"):
+        then_silu = name.endswith("_then_silu") or (config is not None and activation is not None)
+        fused = None if then_silu else activation
+        interpret = name == "pallas_mosaic_interpret"
+        mosaic = causal_conv_mosaic.DEFAULT if config is None else config
+
+        def run(x, w, b, ids):
+            xe, ide = _halo(x, ids, w.shape[0])
+            y = causal_conv_mosaic.convolve(xe, w, b, ide, activation=fused, interpret=interpret, config=mosaic)
+            return jax.nn.silu(y) if then_silu else y
+        return run
     if config is None:
         return lambda x, w, b, ids: causal_conv1d(x, w, b, segment_ids=ids, activation=activation, impl=name)
 
     def tuned(x, w, b, ids):  # causal_conv1d's padding, then the kernels at this config
-        k = w.shape[0] - 1
-        ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-        return causal_conv_kernel.convolve(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), w, b, ide, activation=activation,
-                                           config=config)
+        xe, ide = _halo(x, ids, w.shape[0])
+        return causal_conv_kernel.convolve(xe, w, b, ide, activation=activation, config=config)
     return tuned
 
 
@@ -116,13 +155,16 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, default=16, help="documents per row")
     p.add_argument("--activation", default="silu", choices=("silu", "none"))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--contenders", default="xla_then_silu,xla,pallas_triton")
-    p.add_argument("--configs", default="", help="extra kernel configs, FWDxBWDxCxROWSxWARPS,...")
+    p.add_argument("--contenders", default="xla_then_silu,xla,pallas_triton,pallas_mosaic_then_silu,pallas_mosaic")
+    p.add_argument("--configs", default="", help="extra Triton kernel configs, FWDxBWDxCxROWSxWARPS,...")
+    p.add_argument("--mosaic-configs", default="",
+                   help="extra Mosaic kernel configs (activation None, then SiLU), CxTxFRUNxBRUNxFSTAGESxBSTAGES,...")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs.split(",") if c]
+    mosaic_configs = [parse_mosaic_config(c) for c in args.mosaic_configs.split(",") if c]
     activation = None if args.activation == "none" else args.activation
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "conv_gpu.jsonl")
@@ -134,12 +176,13 @@ def main(argv=None) -> int:
     tensors, ids = inputs(args.batch, args.length, args.channels, args.width, args.docs, jnp.dtype(args.dtype))
     contenders = [(name, None) for name in args.contenders.split(",") if name]
     contenders += [("pallas_triton:" + text, cfg) for text, cfg in zip(args.configs.split(","), configs)]
+    contenders += [("pallas_mosaic:" + text, cfg) for text, cfg in zip(args.mosaic_configs.split(","), mosaic_configs)]
     if "xla" not in [name for name, _ in contenders]:
         contenders.insert(0, ("xla", None))  # the errors' reference
     contenders.sort(key=lambda item: item[0] != "xla")
     reference, rows = None, []
     for name, cfg in contenders:
-        if name == "xla_then_silu" and activation is None:
+        if name.endswith("_then_silu") and activation is None:
             continue
         start = time.perf_counter()
         row, result = measure_one(conv_fn(name.split(":")[0], activation, cfg), tensors, ids, reference, args.iters,
@@ -151,7 +194,7 @@ def main(argv=None) -> int:
         rows.append(row)
     text = table(rows)
     with open(os.path.join(args.out, "conv_gpu.md"), "w") as f:
-        f.write(f"# Causal convolution, one {head['device']}: XLA vs fused Pallas Triton kernels\n\n"
+        f.write(f"# Causal convolution, one {head['device']}: XLA vs Pallas Triton and Mosaic GPU kernels\n\n"
                 f"`{head['command']}`, {head['date']}, {head['versions']}\n\n"
                 f"B={args.batch}, T={args.length}, C={args.channels}, W={args.width}, {args.docs} documents per "
                 f"row, activation {args.activation}, {args.dtype} x (float32 weight and bias)\n\n{text}")
