@@ -107,7 +107,8 @@ def test_nan_stays_in_its_document(rng):
 
 
 def test_refusals(rng):
-    """Shapes and configs the kernels do not take are clear ValueErrors (they do not pad)."""
+    """Shapes and configs the kernels do not take are clear ValueErrors (they do not pad); `supported` names
+    the platform off a GPU."""
     xe, weight, bias, _ = _inputs(rng, jnp.float32, b=1, t=48, c=256)
     conv = lambda xe, w=weight, b=bias, **kw: causal_conv_mosaic.convolve(xe, w, b, None, interpret=True, **kw)
     cases = [
@@ -120,6 +121,7 @@ def test_refusals(rng):
         (lambda: conv(xe, weight[:, :8]), "need xe \\[B, W-1\\+L, C\\] and weight \\[W, C\\]"),
         (lambda: causal_conv_mosaic.Config(block_c=192), "block_c must be 128, 256, 512 or 1024"),
         (lambda: causal_conv_mosaic.Config(block_t=32, bwd_run=48), "bwd_run must be a positive multiple"),
+        (lambda: causal_conv_mosaic.Config(block_t=6), "block_t must be a multiple of 4"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
