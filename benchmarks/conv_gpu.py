@@ -6,7 +6,7 @@ tests/parallel/test_conv_kernel.py's GPU test), and whether the Mosaic kernels a
     python3 -m benchmarks.conv_gpu [--batch 1] [--length 65536] [--channels 4352] [--width 4] [--docs 16]
         [--activation silu] [--dtype bfloat16]
         [--contenders xla_then_silu,xla,pallas_triton,pallas_mosaic_then_silu,pallas_mosaic]
-        [--configs 32x16x256x512x8,...] [--mosaic-configs 256x32x1024x1024x4x3,...] [--iters 10] [--reps 5]
+        [--configs 32x16x256x512x8,...] [--mosaic-configs 256x32x1024x1024x4x2,...] [--iters 10] [--reps 5]
         [--out DIR]
 
 Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla"
@@ -17,9 +17,9 @@ XLA: what the model would run, against "xla_then_silu"), "pallas_mosaic" (the Mo
 fused, against "xla") and one row per --mosaic-configs entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES =
 causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run, fwd_stages, bwd_stages), activation None then
 jax.nn.silu (with --activation none: no SiLU at all). "pallas_triton_interpret" and "pallas_mosaic_interpret"
-run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by default (C = d_inner + 2 d_state = 4352, W = 4); x
-and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W) (the model's parameters),
---docs documents per row at random starts. Timing: `measure.median_ms` of the jitted forward and of
+run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by default (C = d_inner +
+2 d_state = 4352, W = 4); x and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W)
+(the model's parameters), --docs documents per row at random starts. Timing: `measure.median_ms` of the jitted forward and of
 forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_err` of y and dx against "xla"
 (the kernels compute the same float32 sums: expect bf16 rounding flips only, ~1e-5). A contender that fails
 (a config that does not compile) gets a row with its error.
@@ -70,8 +70,8 @@ def parse_config(text: str) -> causal_conv_kernel.Config:
 
 
 def parse_mosaic_config(text: str) -> causal_conv_mosaic.Config:
-    """'256x32x1024x1024x4x3' -> causal_conv_mosaic.Config(block_c=256, block_t=32, fwd_run=1024, bwd_run=1024,
-    fwd_stages=4, bwd_stages=3)."""
+    """'256x32x1024x1024x4x2' -> causal_conv_mosaic.Config(block_c=256, block_t=32, fwd_run=1024, bwd_run=1024,
+    fwd_stages=4, bwd_stages=2)."""
     parts = text.split("x")
     if len(parts) != 6 or not all(p.isdigit() for p in parts):
         raise ValueError(f"mosaic config {text!r} is not CxTxFRUNxBRUNxFSTAGESxBSTAGES (six integers)")

@@ -3,8 +3,8 @@ the XLA formula (causal_conv_kernel.xla_convolve): y and the gradients of xe (it
 bias, float32 and bf16, with and without documents (starts in the halo, at a tile's and a run's boundary, one
 position long, just before a run (the backward's warm-up) and near the piece's end (its tail)), activation None
 and "silu"; a NaN in one document reaching no other; the shapes and configs refused; the compiled kernels'
-lowering for CUDA at Mamba-2 1.3B's shape (no GPU needed); and on a GPU, the compiled kernels against the
-formula at a mid shape.
+lowering for CUDA at Mamba-2 1.3B's shape and in a shard_map with check_vma (no GPU needed); and on a GPU, the
+compiled kernels against the formula at a mid shape.
 """
 
 import jax
@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
 from lasp_jax.ops import causal_conv_mosaic
 from lasp_jax.ops.causal_conv_kernel import xla_convolve
-from tests.util import document_ids, rel_err
+from tests.util import H200, document_ids, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shape spans several of each: L = 48 is 2 runs of 3 tiles of 8 rows (forward and
@@ -148,6 +150,30 @@ def test_lowers_for_cuda_at_the_mamba2_shape():
         return y, vjp(g)
 
     text = jax.jit(step).trace(xe, *params, ide, g).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+
+
+def test_lowers_in_a_shard_map_with_check_vma():
+    """Without a GPU: the compiled kernels per shard inside a shard_map over a 2 x 4 (data x seq) mesh of abstract
+    H200s, check_vma on: weight and bias cast to vary as xe does, the kernels' outputs typed to vary over xe's
+    axes (kernel_support), so the gradients of the replicated weight and bias come back as sums."""
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2,
+                                     abstract_device=H200)
+    spec = P("data", "seq")
+    config = causal_conv_mosaic.Config(block_c=128, block_t=8, fwd_run=16, bwd_run=16)
+
+    def step(xe, weight, bias, ide, g):
+        y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve(*a, ide, config=config), xe, weight, bias)
+        return y, vjp(g)
+
+    local = jax.shard_map(step, mesh=mesh, in_specs=(spec, P(), P(), spec, spec), out_specs=(spec, (spec, P(), P())))
+    typed = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, s))
+    rows = 4 * (W - 1 + 16)  # each shard: xe [W-1+16, C] of its own piece of 16 positions
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(local).trace(
+            typed((4, rows, 128), jnp.bfloat16, spec), typed((W, 128), jnp.float32, P()),
+            typed((128,), jnp.float32, P()), typed((4, rows), jnp.int32, spec),
+            typed((4, 64, 128), jnp.bfloat16, spec)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
 
 
