@@ -20,9 +20,10 @@ jax.nn.silu (with --activation none: no SiLU at all). "pallas_triton_interpret" 
 run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by default (C = d_inner +
 2 d_state = 4352, W = 4); x and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W)
 (the model's parameters), --docs documents per row at random starts. Timing: `measure.median_ms` of the jitted
-forward and of forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_err` of y and dx against "xla"
-(the kernels compute the same float32 sums: expect bf16 rounding flips only, ~1e-5). A contender that fails
-(a config that does not compile) gets a row with its error.
+forward and of forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_err` of y and dx
+against "xla" (the kernels compute the same float32 sums: expect bf16 rounding flips only, ~1e-5; the "then
+silu" rows also round before the SiLU). A contender that fails (a config that does not compile) gets a row with
+its error.
 
 Writes conv_gpu.jsonl (a row per contender, as it finishes) and conv_gpu.md (the table and provenance) under
 --out (default $OUT, else benchmarks/results). CPU check of the script itself: --length 64 --channels 40 --docs 3
