@@ -6,7 +6,7 @@ scan kernel.
 
     python3 -m benchmarks.profile_pieces --out DIR [--impls pallas_mosaic,pallas_triton]
         [--shapes 1x65536x16x128,8x8192x32x128] [--iters 20] [--reps 5] [--copy-mib 2048]
-        [--decays constant,tokens,tokens/16] [--max-piece-len 256,512,1024]
+        [--decays constant,tokens,tokens/16]
     python3 -m benchmarks.profile_pieces --out DIR --smoke    # CPU: interpreted kernels, tiny shapes, both decays
 
 Constant stages, in the order the driver runs them (constant TNL rates, scale d^-0.5, bf16 unit normals, no
@@ -32,26 +32,24 @@ documents per row, `measure.decay_inputs`; the same inputs otherwise; rows in a 
               grads_tokens, the piece suffix sums and selects; crossing_terms is the dots themselves without G)
 and the whole forward and forward+backward with the rates differentiated, whose row carries each result's
 relative error against an fp32 XLA run of the same inputs (`measure.fp32_reference`; ds the rates' gradient).
-`--max-piece-len L1,L2,...` runs the per-token rows once per L with pieces_tokens.MAX_PIECE_LEN set to L (a
-measurement knob: the module attribute monkeypatched for that row set, JAX's caches cleared around it; P in
-each row), so ds's error and the time show the piece length's trade (pieces_tokens' docstring: ds's rounding
-grows like sqrt(L)). It only shortens the backend's pieces: an L above the backend's plan changes nothing.
+The per-token stages cut the backend's own plan (`backend.plan(q, v)`, as pieces_tokens.forward does; P in
+each row).
 
 Timing: `measure.median_ms` (back-to-back calls, median of rounds). floor_ms: the bytes a stage must move at the
 least (its tensors read and written once; the piece sums [B, H, P, Dk, Dv] float32 count where read or written;
 per-token: the [B, H, T] float32 tables and rates, and the [B, T] counts and starts, where read or written)
 over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes profile_pieces.{json,md} under
---out after every (impl, shape, decay, L), so a run cut off keeps what finished. On an H200 (2026-11-29,
+--out after every (impl, shape, decay), so a run cut off keeps what finished. On an H200 (2026-11-29,
 results/profile_pieces_h200_s8.md) the constant run took under 140 s, nearly all of it compiles (each row's
 first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The per-token rows
-(2026-11-30, results/profile_pieces_h200_s9_tokens.md and _scan.md) took about a minute per (impl, shape, L).
-The first shape runs for every impl before the second.
+(2026-11-30, results/profile_pieces_h200_s9_tokens.md and _scan.md, at pieces of at most 512 positions, the
+per-token path's cut then) took about a minute per (impl, shape, piece length). The first shape runs for every
+impl before the second.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -68,7 +66,7 @@ from lasp_jax.ops import impls, pieces, pieces_tokens, states, tnl_slopes, vjp
 _HIGHEST = jax.lax.Precision.HIGHEST
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin")
 SMOKE = dict(impls="pallas_mosaic_interpret,pallas_triton_interpret", shapes="1x512x1x64", iters=1, reps=1,
-             copy_mib=1, decays="constant,tokens/2", max_piece_len="128,256")
+             copy_mib=1, decays="constant,tokens/2")
 
 
 FORWARD = ("state_sums (K, V)", "entering", "output walk")
@@ -203,27 +201,10 @@ def _attend(q, k, v, rates, *, impl, scale):
     return lasp_jax.linear_attention(q, k, v, rates, scale=scale, impl=impl)
 
 
-@contextlib.contextmanager
-def max_piece_len(length: int):
-    """pieces_tokens.MAX_PIECE_LEN set to `length` inside (a measurement knob, not an API: it monkeypatches the
-    module attribute that bounded_plan reads), JAX's caches cleared on the way in and out so that no program
-    traced under another length is reused (linear_attention's inner jit caches its traces)."""
-    if length <= 0:
-        raise ValueError(f"max piece length must be positive, got {length}")
-    before = pieces_tokens.MAX_PIECE_LEN
-    pieces_tokens.MAX_PIECE_LEN = length
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        pieces_tokens.MAX_PIECE_LEN = before
-        jax.clear_caches()
-
-
-def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, args, bandwidth_gbs: float,
-                   rows: list[dict], reference) -> None:
-    """Appends the per-token rows of one impl at one shape, decay mode (measure.decay_inputs: "tokens" or
-    "tokens/N") and MAX_PIECE_LEN (`max_piece_len`) to rows as they are measured (the module docstring).
+def profile_tokens(impl: str, shape: measure.Shape, mode: str, args, bandwidth_gbs: float, rows: list[dict],
+                   reference) -> None:
+    """Appends the per-token rows of one impl at one shape and decay mode (measure.decay_inputs: "tokens" or
+    "tokens/N") to rows as they are measured (the module docstring).
     reference: measure.fp32_reference's (o, (dq, dk, dv, ds)) for these inputs."""
     backend, (q, k, v, do) = _backend_and_inputs(impl, shape, args.seed, per_token=True)
     b, t, h, d = shape
@@ -231,59 +212,55 @@ def profile_tokens(impl: str, shape: measure.Shape, mode: str, piece_len: int, a
     rates, ids = jnp.asarray(rates), None if ids is None else jnp.asarray(ids)
     tok = vjp._piece_tokens(rates, ids, None)  # the TokenDecay linear_attention builds
     scale = d ** -0.5
-    with max_piece_len(piece_len):
-        plan = pieces_tokens.bounded_plan(backend, q, v)
-        qp, kp, vp, dop = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
-        starts = pieces_tokens._padded(tok, plan)[1]
-        tensor = q.size * q.dtype.itemsize  # one [B, T, H, D] tensor
-        table = b * h * (t + plan.pad) * 4  # one [B, H, T] float32 table
-        per_position = b * (t + plan.pad) * 5  # counts (int32) and starts (bool)
-        piece_sums = b * h * plan.pieces * d * d * 4
-        first = len(rows)
-        base = {"impl": impl, "shape": "x".join(map(str, shape)), "decay": mode, "max_piece_len": piece_len,
-                "pieces": plan.pieces}
-        time_it = _timer(rows, base, args, bandwidth_gbs)
+    plan = backend.plan(q, v)
+    qp, kp, vp, dop = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
+    starts = pieces_tokens._padded(tok, plan)[1]
+    tensor = q.size * q.dtype.itemsize  # one [B, T, H, D] tensor
+    table = b * h * (t + plan.pad) * 4  # one [B, H, T] float32 table
+    per_position = b * (t + plan.pad) * 5  # counts (int32) and starts (bool)
+    piece_sums = b * h * plan.pieces * d * d * 4
+    first = len(rows)
+    base = {"impl": impl, "shape": "x".join(map(str, shape)), "decay": mode, "pieces": plan.pieces}
+    time_it = _timer(rows, base, args, bandwidth_gbs)
 
-        def stage_tables(weights_of):  # the chunk tables and one direction's piece weights, as the driver's
-            def fn(tok):
-                chunk, weights = pieces_tokens.tables(*pieces_tokens._padded(tok, plan), plan)
-                return chunk, weights_of(weights), weights.log_decay
-            return fn
+    def stage_tables(weights_of):  # the chunk tables and one direction's piece weights, as the driver's
+        def fn(tok):
+            chunk, weights = pieces_tokens.tables(*pieces_tokens._padded(tok, plan), plan)
+            return chunk, weights_of(weights), weights.log_decay
+        return fn
 
-        # rates read; cum, q_side, k_side and the weights written; the starts read and the counts written
-        tables_moved = 5 * table + per_position + b * h * plan.pieces * 4
-        chunk, to_end, log_decay = time_it("tables (forward)", stage_tables(lambda w: w.to_end), (tok,),
-                                           tables_moved)
-        sums = time_it("state_sums_tokens (K, V)", lambda k, v, w: backend.state_sums_tokens(k, v, w, plan),
-                       (kp, vp, to_end), 2 * tensor + table + piece_sums)
-        scan = functools.partial(pieces.from_zero, plan=plan, interpret=backend.interpret)
-        pieces_in, _ = time_it("entering", lambda x, a: scan(x, a, reverse=False), (sums, log_decay), 2 * piece_sums)
-        walk_tables = 3 * table + per_position
-        time_it("output_tokens walk", lambda q, k, v, c, p: backend.output_tokens(q, k, v, c, p, plan, scale),
-                (qp, kp, vp, chunk, pieces_in), 4 * tensor + piece_sums + walk_tables)
+    # rates read; cum, q_side, k_side and the weights written; the starts read and the counts written
+    tables_moved = 5 * table + per_position + b * h * plan.pieces * 4
+    chunk, to_end, log_decay = time_it("tables (forward)", stage_tables(lambda w: w.to_end), (tok,), tables_moved)
+    sums = time_it("state_sums_tokens (K, V)", lambda k, v, w: backend.state_sums_tokens(k, v, w, plan),
+                   (kp, vp, to_end), 2 * tensor + table + piece_sums)
+    scan = functools.partial(pieces.from_zero, plan=plan, interpret=backend.interpret)
+    pieces_in, _ = time_it("entering", lambda x, a: scan(x, a, reverse=False), (sums, log_decay), 2 * piece_sums)
+    walk_tables = 3 * table + per_position
+    time_it("output_tokens walk", lambda q, k, v, c, p: backend.output_tokens(q, k, v, c, p, plan, scale),
+            (qp, kp, vp, chunk, pieces_in), 4 * tensor + piece_sums + walk_tables)
 
-        _, from_start, _ = time_it("tables (backward)", stage_tables(lambda w: w.from_start), (tok,), tables_moved)
-        grad_sums = time_it("state_sums_tokens (Q, dO)",
-                            lambda q, do, w: backend.state_sums_tokens(q, do, scale * w, plan),
-                            (qp, dop, from_start), 2 * tensor + table + piece_sums)
-        pieces_out, _, dots = time_it("leaving", lambda x, a, s: scan(x, a, reverse=True, against=s),
-                                      (grad_sums, log_decay, pieces_in), 3 * piece_sums)
-        _, _, _, x = time_it(
-            "grads_tokens walks",
-            lambda q, k, v, do, c, p, g: backend.grads_tokens(q, k, v, do, c, p, g, plan, scale),
-            (qp, kp, vp, dop, chunk, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums + walk_tables + table)
-        time_it("decay gradient", lambda x, tok, s, c, d: pieces_tokens.decay_gradient(x, tok, s, c, d, plan),
-                (x, tok, starts, chunk.counts, dots), 2 * table + per_position)
-        _add_sums(rows, first, base, FORWARD_TOKENS, BACKWARD_TOKENS)
+    _, from_start, _ = time_it("tables (backward)", stage_tables(lambda w: w.from_start), (tok,), tables_moved)
+    grad_sums = time_it("state_sums_tokens (Q, dO)", lambda q, do, w: backend.state_sums_tokens(q, do, scale * w, plan),
+                        (qp, dop, from_start), 2 * tensor + table + piece_sums)
+    pieces_out, _, dots = time_it("leaving", lambda x, a, s: scan(x, a, reverse=True, against=s),
+                                  (grad_sums, log_decay, pieces_in), 3 * piece_sums)
+    _, _, _, x = time_it(
+        "grads_tokens walks",
+        lambda q, k, v, do, c, p, g: backend.grads_tokens(q, k, v, do, c, p, g, plan, scale),
+        (qp, kp, vp, dop, chunk, pieces_in, pieces_out), 7 * tensor + 2 * piece_sums + walk_tables + table)
+    time_it("decay gradient", lambda x, tok, s, c, d: pieces_tokens.decay_gradient(x, tok, s, c, d, plan),
+            (x, tok, starts, chunk.counts, dots), 2 * table + per_position)
+    _add_sums(rows, first, base, FORWARD_TOKENS, BACKWARD_TOKENS)
 
-        attend = functools.partial(_attend_tokens, impl=impl, scale=scale)
-        forward, forward_backward = measure.fwd_and_fwd_bwd(attend, grad_operands=1)
-        ids_moved = 0 if ids is None else b * t * 4
-        time_it("linear_attention forward", forward, (q, k, v, rates, ids), 4 * tensor + table + ids_moved)
-        time_it("linear_attention forward+backward", forward_backward, (q, k, v, do, rates, ids),
-                11 * tensor + 2 * table + ids_moved,
-                check=lambda out: {f"{name}_rel_err_vs_fp32": err
-                                   for name, err in measure.errors(out, reference).items()})
+    attend = functools.partial(_attend_tokens, impl=impl, scale=scale)
+    forward, forward_backward = measure.fwd_and_fwd_bwd(attend, grad_operands=1)
+    ids_moved = 0 if ids is None else b * t * 4
+    time_it("linear_attention forward", forward, (q, k, v, rates, ids), 4 * tensor + table + ids_moved)
+    time_it("linear_attention forward+backward", forward_backward, (q, k, v, do, rates, ids),
+            11 * tensor + 2 * table + ids_moved,
+            check=lambda out: {f"{name}_rel_err_vs_fp32": err
+                               for name, err in measure.errors(out, reference).items()})
 
 
 def _attend_tokens(q, k, v, rates, ids, *, impl, scale):
@@ -307,16 +284,16 @@ def render(meta: dict, rows: list[dict]) -> str:
 
 
 def render_tokens(rows: list[dict]) -> str:
-    """The per-token rows (those with a "decay") as a markdown table: one line per (impl, shape, decay, max piece
-    length, stage); errors of the whole forward+backward against the fp32 XLA run."""
+    """The per-token rows (those with a "decay") as a markdown table: one line per (impl, shape, decay, stage);
+    errors of the whole forward+backward against the fp32 XLA run."""
     lines = ["", "## Per-token decay", "",
-             "Rates uniform in [0.001, 0.1] per (b, t, h), differentiated (`measure.decay_inputs`); L: "
-             "pieces_tokens.MAX_PIECE_LEN for the row set (a measurement knob); errors ||x - ref|| / ||ref|| of the "
-             "whole forward+backward against an fp32 XLA run (`measure.fp32_reference`).", "",
-             "| impl | shape | decay | L | P | stage | ms | floor ms | ds rel_err | max rel_err (o, dq, dk, dv, ds) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Rates uniform in [0.001, 0.1] per (b, t, h), differentiated (`measure.decay_inputs`); P: the backend's "
+             "plan; errors ||x - ref|| / ||ref|| of the whole forward+backward against an fp32 XLA run "
+             "(`measure.fp32_reference`).", "",
+             "| impl | shape | decay | P | stage | ms | floor ms | ds rel_err | max rel_err (o, dq, dk, dv, ds) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['impl']} | {r['shape']} | {r['decay']} | {r['max_piece_len']} |"
+        head = f"| {r['impl']} | {r['shape']} | {r['decay']} |"
         if "error" in r:
             lines.append(f"{head} | error: {r['error']} | | | | |")
             continue
@@ -337,9 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decays", default="constant",
                         help="of constant (TNL slopes: the stages of pieces), tokens and tokens/N (per-token rates, "
                              "N packed documents per row: the stages of pieces_tokens), comma-separated")
-    parser.add_argument("--max-piece-len", default="",
-                        help="the per-token rows once per pieces_tokens.MAX_PIECE_LEN in this comma-separated list "
-                             "(a measurement knob; default: the library's)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU check: defaults {SMOKE['impls']} at {SMOKE['shapes']}, one call per timing")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -357,7 +331,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown impls {unknown}: expected some of {sorted(impls.IMPLS)}")
     shapes = measure.parse_shapes(args.shapes)
     decays = measure.parse_decays(args.decays)
-    lengths = _parse_lengths(args.max_piece_len)
     os.makedirs(args.out, exist_ok=True)
     bandwidth = measure.copy_bandwidth_gbs(args.copy_mib << 20, args.iters, args.reps)
     meta = {**measure.provenance("benchmarks.profile_pieces", argv, VERSIONED), "device": jax.devices()[0].device_kind,
@@ -373,33 +346,23 @@ def main(argv=None) -> int:
             f.write(render(meta, constant) + (render_tokens(tokens) if tokens else ""))
 
     for shape in shapes:  # the first shape's impls first: a run cut short has them side by side
-        references = {}  # decay mode -> the fp32 run of this shape's inputs, shared by the impls and lengths
+        references = {}  # decay mode -> the fp32 run of this shape's inputs, shared by the impls
         for impl in args.impls.split(","):
             for mode in decays:
-                for length in [None] if mode == "constant" else lengths:
-                    about = {"impl": impl, "shape": "x".join(map(str, shape))}
-                    try:
-                        if mode == "constant":
-                            profile(impl, shape, args, bandwidth, rows)
-                        else:
-                            about |= {"decay": mode, "max_piece_len": length}
-                            if mode not in references:
-                                references[mode] = _token_reference(shape, mode, args.seed)
-                            profile_tokens(impl, shape, mode, length, args, bandwidth, rows, references[mode])
-                    except Exception as e:  # a failing row set keeps its rows so far and the others' rows
-                        rows.append({**about, "error": f"{type(e).__name__}: {e}"})
-                        print(f"{impl} {shape} {mode} failed: {rows[-1]['error']}", flush=True)
-                    save()
+                about = {"impl": impl, "shape": "x".join(map(str, shape))}
+                try:
+                    if mode == "constant":
+                        profile(impl, shape, args, bandwidth, rows)
+                    else:
+                        about["decay"] = mode
+                        if mode not in references:
+                            references[mode] = _token_reference(shape, mode, args.seed)
+                        profile_tokens(impl, shape, mode, args, bandwidth, rows, references[mode])
+                except Exception as e:  # a failing row set keeps its rows so far and the others' rows
+                    rows.append({**about, "error": f"{type(e).__name__}: {e}"})
+                    print(f"{impl} {shape} {mode} failed: {rows[-1]['error']}", flush=True)
+                save()
     return int(any("error" in r for r in rows))
-
-
-def _parse_lengths(text: str) -> list[int]:
-    """'256,512' -> [256, 512]; '' -> [pieces_tokens.MAX_PIECE_LEN]; ValueError names a bad entry."""
-    lengths = [item for item in text.split(",") if item]
-    for item in lengths:
-        if not (item.isdigit() and int(item) > 0):
-            raise ValueError(f"--max-piece-len entry {item!r} is not a positive integer")
-    return [int(item) for item in lengths] or [pieces_tokens.MAX_PIECE_LEN]
 
 
 def _token_reference(shape: measure.Shape, mode: str, seed: int):

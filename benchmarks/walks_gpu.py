@@ -2,8 +2,7 @@
 default) and without, beside the Triton kernels: forward and forward+backward of one layer's linear attention.
 
     python3 -m benchmarks.walks_gpu [--t 65536] [--heads 64] [--groups 1] [--dk 128] [--dv 64] [--docs 16]
-        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--max-piece-len L1,L2,...] [--iters 10]
-        [--reps 3] [--out DIR]
+        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--iters 10] [--reps 3] [--out DIR]
 
 Why: the token walks were the largest single kernel item of a Mamba-2 1.3B training step on an H200 (431 of
 1870 ms, results/profile_train_h200_s11_mamba2.md); pairing changes the output and dV walks only (`_pairs`).
@@ -15,10 +14,9 @@ Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q 
 (differentiated), --docs documents per row at random starts (measure.random_documents). Timing:
 measure.median_ms of the jitted forward and of forward+backward (o and dq, dk, dv, d_rates for a given dO).
 Errors: the largest of measure.errors over o, dq, dk, dv and the rates' gradient against measure.fp32_reference
-(the XLA impl on the float32-upcast inputs at HIGHEST precision). --max-piece-len runs every contender once per
-length with pieces_tokens.MAX_PIECE_LEN set to it (profile_pieces.max_piece_len: longer pieces, fewer states,
-the rates' gradient summed over more positions). Writes walks_gpu.{jsonl,md} under --out (a row
-per contender as it finishes).
+(the XLA impl on the float32-upcast inputs at HIGHEST precision). Each row names the pieces the contender's plan
+cuts T into (its `plan(q, v)`, as pieces_tokens.forward cuts them; none for XLA). Writes walks_gpu.{jsonl,md}
+under --out (a row per contender as it finishes).
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import measure
-from benchmarks.profile_pieces import max_piece_len
 from lasp_jax.ops import impls, pallas_mosaic, pieces_tokens, vjp
 
 WALKS = {"paired": {"pair_heads": True}, "unpaired": {"pair_heads": False}}  # pallas_mosaic.Config overrides
@@ -74,16 +71,22 @@ def inputs(t, heads, groups, dk, dv, docs, seed=0):
     return tuple(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, do)), rates, ids
 
 
+def piece_count(impl, q, v) -> int | None:
+    """The number of pieces the per-token path cuts q, v into under impl (its plan), None for one that cuts
+    none (XLA)."""
+    return impl.plan(q, v).pieces if isinstance(impl, pieces_tokens.DrivenTokens) else None
+
+
 def attend(impl, scale, q, k, v, rates, ids):
     return vjp.attend_tokens(q, k, v, rates, ids, None, impl, None, False, scale)
 
 
 def table(rows) -> str:
-    lines = ["| T | H | G | Dk | Dv | docs | impl | max piece | fwd ms | fwd+bwd ms | max err | note |",
+    lines = ["| T | H | G | Dk | Dv | docs | impl | pieces | fwd ms | fwd+bwd ms | max err | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = (f"| {r['t']} | {r['heads']} | {r['groups']} | {r['dk']} | {r['dv']} | {r['docs']} | {r['impl']} | "
-                f"{r['max_piece_len']} |")
+                f"{'' if r['pieces'] is None else r['pieces']} |")
         if "error" in r:
             lines.append(f"{head} | | | {r['error'][:120]} |")
             continue
@@ -100,8 +103,6 @@ def main(argv=None) -> int:
     parser.add_argument("--dv", type=int, default=64)
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--impls", default="paired,unpaired,pallas_triton")
-    parser.add_argument("--max-piece-len", default=str(pieces_tokens.MAX_PIECE_LEN),
-                        help="comma-separated pieces_tokens.MAX_PIECE_LEN values (a measurement knob)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -111,9 +112,6 @@ def main(argv=None) -> int:
         made = {name: contender(name) for name in names}
     except ValueError as e:
         parser.error(str(e))
-    lengths = args.max_piece_len.split(",")
-    if not all(n.isdigit() and int(n) > 0 for n in lengths):
-        parser.error(f"--max-piece-len takes positive integers, comma-separated, got {args.max_piece_len!r}")
     os.makedirs(args.out, exist_ok=True)
     jsonl, md = (os.path.join(args.out, f"walks_gpu.{ext}") for ext in ("jsonl", "md"))
     provenance = measure.provenance("benchmarks.walks_gpu", sys.argv[1:] if argv is None else argv,
@@ -124,17 +122,15 @@ def main(argv=None) -> int:
     want = measure.fp32_reference(q, k, v, do, rates, scale, ids)
     shape = dict(t=args.t, heads=args.heads, groups=args.groups, dk=args.dk, dv=args.dv, docs=args.docs)
     rows = []
-    for name, piece_len in ((n, int(p)) for p in lengths for n in names):
-        row = dict(shape, impl=name, max_piece_len=piece_len)
+    for name in names:
+        row = dict(shape, impl=name, pieces=piece_count(made[name], q, v))
         try:
-            with max_piece_len(piece_len):  # traced and timed inside
-                fwd, fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(attend, made[name], scale),
-                                                       grad_operands=1)
-                got = jax.block_until_ready(fwd_bwd(q, k, v, do, rates, ids))
-                errs = measure.errors(got, want)
-                row.update(fwd_ms=measure.median_ms(fwd, (q, k, v, rates, ids), args.iters, args.reps),
-                           fwd_bwd_ms=measure.median_ms(fwd_bwd, (q, k, v, do, rates, ids), args.iters, args.reps),
-                           errors=errs, max_err=errs["max"])
+            fwd, fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(attend, made[name], scale), grad_operands=1)
+            got = jax.block_until_ready(fwd_bwd(q, k, v, do, rates, ids))
+            errs = measure.errors(got, want)
+            row.update(fwd_ms=measure.median_ms(fwd, (q, k, v, rates, ids), args.iters, args.reps),
+                       fwd_bwd_ms=measure.median_ms(fwd_bwd, (q, k, v, do, rates, ids), args.iters, args.reps),
+                       errors=errs, max_err=errs["max"])
         except Exception as e:  # a contender that cannot run here gets its reason in the table
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)

@@ -1,9 +1,9 @@
 """benchmarks/profile_pieces.py's per-token pieces: the backward's stages it times one by one (the Q, dO state pass,
 the reverse piece scan with the crossing terms' dots, and `pieces_tokens.decay_gradient` after the gradient walks)
 must compose to what pieces_tokens.backward runs (a drift, e.g. a term moved into another stage, would time the
-wrong thing), and its MAX_PIECE_LEN knob must reach the plan and be undone. Checked on a backend of plain XLA sums
-(the decay gradient reads only the kernels' outputs), on a ragged T (front pad), three documents, and with and
-without the boundary states."""
+wrong thing). Checked on a backend of plain XLA sums (the decay gradient reads only the kernels' outputs), on a
+ragged T (front pad), three documents, and with and without the boundary states. Its per-token table keeps one
+cell per column, for measured rows and failed row sets alike."""
 
 import jax
 import jax.numpy as jnp
@@ -74,13 +74,16 @@ def test_timed_stages_compose_to_the_backward(rng, boundary):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_max_piece_len_reaches_the_plan_and_is_undone():
-    q = jnp.zeros((1, 4096, 1, 64), jnp.bfloat16)
-    backend = profile_pieces.impls.IMPLS["pallas_triton_interpret"]
-    before = pieces_tokens.MAX_PIECE_LEN
-    with profile_pieces.max_piece_len(128):
-        assert pieces_tokens.bounded_plan(backend, q, q).piece_len == 128
-    assert pieces_tokens.MAX_PIECE_LEN == before
-    with pytest.raises(ValueError, match="positive"), profile_pieces.max_piece_len(0):
-        pass
-    assert pieces_tokens.MAX_PIECE_LEN == before
+def test_per_token_table_rows_fill_its_columns():
+    base = {"impl": "pallas_triton", "shape": "1x512x1x64", "decay": "tokens/2"}
+    rows = [{**base, "pieces": 2, "stage": "linear_attention forward+backward", "ms": 1.5, "floor_ms": 0.25,
+             "ds_rel_err_vs_fp32": 2.4e-3, "max_rel_err_vs_fp32": 3.1e-3},
+            {**base, "pieces": 2, "stage": "entering", "ms": 0.125, "floor_ms": 0.0625},
+            {**base, "error": "ValueError: no"}]
+    lines = profile_pieces.render_tokens(rows).strip().splitlines()
+    header, body = lines[-5], lines[-3:]
+    assert header.startswith("| impl | shape | decay | P | stage |")
+    assert [line.count("|") for line in body] == [header.count("|")] * 3
+    assert body[0] == ("| pallas_triton | 1x512x1x64 | tokens/2 | 2 | linear_attention forward+backward | 1.5000 | "
+                       "0.2500 | 2.4e-03 | 3.1e-03 |")
+    assert body[2] == "| pallas_triton | 1x512x1x64 | tokens/2 | | error: ValueError: no | | | | |"

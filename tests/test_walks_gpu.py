@@ -1,9 +1,11 @@
 """benchmarks/walks_gpu.py on CPU: it runs its contenders through vjp.attend_tokens at a tiny Mamba-2 layout, checks
-each against the float32 XLA run, records a row per contender, and gives a contender that cannot run here (the
-compiled Mosaic walks) a row with its reason instead of numbers."""
+each against the float32 XLA run, records a row per contender with the pieces its plan cuts, and gives a contender
+that cannot run here (the compiled Mosaic walks) a row with its reason instead of numbers."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import walks_gpu
@@ -11,19 +13,18 @@ from benchmarks import walks_gpu
 
 def test_rows_and_table(tmp_path):
     args = ["--t", "256", "--heads", "4", "--dk", "32", "--dv", "16", "--docs", "3", "--impls", "xla,paired",
-            "--max-piece-len", "128,256", "--iters", "1", "--reps", "1", "--out", str(tmp_path)]
+            "--iters", "1", "--reps", "1", "--out", str(tmp_path)]
     assert walks_gpu.main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "walks_gpu.jsonl").read_text().splitlines()]
     assert rows[0]["provenance"]["command"].startswith("python3 -m benchmarks.walks_gpu --t 256")
-    xla, paired, xla_256, _ = rows[1:]
-    assert [r["max_piece_len"] for r in rows[1:]] == [128, 128, 256, 256]
-    assert xla_256["impl"] == "xla" and xla_256["max_err"] == xla["max_err"]  # XLA cuts no pieces
+    xla, paired = rows[1:]
+    assert xla["pieces"] is None and paired["pieces"] == 1  # T = 256: four chunks of 64, Config.min_piece_chunks
     assert xla["impl"] == "xla" and xla["fwd_ms"] > 0 and xla["fwd_bwd_ms"] > 0
     assert 0 < xla["max_err"] < 4e-3  # bf16 outputs against the float32 run: 1.7e-3 measured; a wrong decay is O(1)
     assert set(xla["errors"]) == {"o", "dq", "dk", "dv", "ds", "max"}
     assert paired["impl"] == "paired" and "fwd_ms" not in paired and paired["error"]
     table = (tmp_path / "walks_gpu.md").read_text()
-    assert "| 256 | 4 | 1 | 32 | 16 | 3 | xla | 128 |" in table and "| paired | 256 | | | |" in table
+    assert "| 256 | 4 | 1 | 32 | 16 | 3 | xla |  | " in table and "| paired | 1 | | | | ValueError" in table
 
 
 def test_contenders_take_config_fields():
@@ -36,7 +37,12 @@ def test_contenders_take_config_fields():
             walks_gpu.contender(bad)
 
 
-def test_bad_piece_lengths_are_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        walks_gpu.main(["--max-piece-len", "512,abc", "--out", str(tmp_path)])
-    assert "--max-piece-len takes positive integers" in capsys.readouterr().err
+def test_piece_count_is_the_plans():
+    """At a Mamba-2 1.3B layer (T = 64K, 64 value heads, one group): the Triton plan's 4 pieces of 16K for the
+    Mosaic walks (which take pallas_triton's plan under their triton Config) and the Triton kernels alike; XLA
+    cuts none."""
+    q = jax.ShapeDtypeStruct((1, 65536, 1, 128), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 65536, 64, 64), jnp.bfloat16)
+    got = {name: walks_gpu.piece_count(walks_gpu.contender(name), q, v)
+           for name in ("paired", "unpaired:stages=2", "pallas_triton", "xla")}
+    assert got == {"paired": 4, "unpaired:stages=2": 4, "pallas_triton": 4, "xla": None}
