@@ -2,9 +2,9 @@
 the XLA formula (causal_conv_kernel.xla_convolve): y and the gradients of xe (its halo rows' too), weight and
 bias, float32, bf16 and float16, with and without documents (starts in the halo, at a tile's and a run's
 boundary, one position long, just before a run (the backward's warm-up) and near the piece's end (its tail)),
-activation None and "silu"; a NaN in one document reaching no other; the shapes and configs refused; the compiled kernels'
-lowering for CUDA at Mamba-2 1.3B's shape and in a shard_map with check_vma (no GPU needed); and on a GPU, the
-compiled kernels against the formula at a mid shape.
+activation None and "silu"; a NaN in one document reaching no other; the shapes and configs refused; the
+compiled kernels' lowering for CUDA at Mamba-2 1.3B's shape and in a shard_map with check_vma (no GPU needed);
+and on a GPU, the compiled kernels against the formula at a mid shape.
 """
 
 import jax
