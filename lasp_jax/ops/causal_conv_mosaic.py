@@ -67,8 +67,9 @@ MAX_WIDTH = 16  # keep bits of an int32 (and unrolled taps)
 class Config:
     """Block sizes (benchmarks/conv_gpu.py times others with --mosaic-configs).
 
-    block_c: channels per CTA: 128 threads times 1, 2, 4 or 8 adjacent channels (bf16 256: 512-byte rows, a
-    4-byte load per thread and row; Mamba-2 1.3B's C = 4352 = 17 * 256). block_t: rows per TMA tile, a multiple
+    block_c: channels per CTA, 128 or 256: 128 threads times 1 or 2 adjacent channels (a TMA box spans at most
+    256 elements; bf16 256: 512-byte rows, a 4-byte load per thread and row; Mamba-2 1.3B's C = 4352 = 17 *
+    256). block_t: rows per TMA tile, a multiple
     of 4 up to 256 (a TMA box; the keep bits' box is a multiple of 16 bytes). fwd_run, bwd_run: rows per CTA
     (multiples of block_t, clipped to L): at Mamba-2 1.3B's shape (L = 64K) 1024 gives 17 * 64 = 1088 CTAs,
     about 4 waves of 2 CTAs per SM over an H200's 132, and backward partials of 64 x 5 x 4352 float32 (5.6 MB).
@@ -84,9 +85,9 @@ class Config:
     bwd_stages: int = 2
 
     def __post_init__(self):
-        if self.block_c < _LANES or self.block_c % _LANES or (self.block_c // _LANES) not in (1, 2, 4, 8):
-            raise ValueError(f"Config.block_c must be 128, 256, 512 or 1024 (128 threads x a vector of 1, 2, 4 "
-                             f"or 8), got {self.block_c}")
+        if self.block_c not in (128, 256):
+            raise ValueError(f"Config.block_c must be 128 or 256 (128 threads x 1 or 2 channels; a TMA box spans at "
+                             f"most 256 elements), got {self.block_c}")
         if not 4 <= self.block_t <= 256 or self.block_t % 4:
             raise ValueError(f"Config.block_t must be a multiple of 4 in [4, 256] (a TMA box), got {self.block_t}")
         for name in ("fwd_run", "bwd_run"):
