@@ -106,9 +106,10 @@ class Config:
 DEFAULT = Config()
 
 
-def supported(xe, interpret: bool = False, width: int = 4, config: Config = DEFAULT) -> str | None:
-    """None when the kernels take xe [B, W-1+L, C] of a width-W convolution here (compiled: a Hopper GPU),
-    else why."""
+def supported(xe, interpret: bool | plgpu.InterpretGPUParams = False, width: int = 4,
+              config: Config = DEFAULT) -> str | None:
+    """None when the kernels take xe [B, W-1+L, C] of a width-W convolution here (compiled: a Hopper GPU; any
+    platform when interpret), else why."""
     reason = _shape_reason(xe, width, config)
     if reason is not None or interpret:
         return reason
@@ -389,7 +390,7 @@ class _Launch:
 
     activation: str | None
     config: Config
-    interpret: bool
+    interpret: bool | plgpu.InterpretGPUParams
 
 
 def _launch(body, out_type, scratch, grid, launch: _Launch, args):
@@ -399,9 +400,15 @@ def _launch(body, out_type, scratch, grid, launch: _Launch, args):
     kernel = plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("c", "b", "r"), num_threads=2,
         thread_name="wg", compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
-        interpret=plgpu.InterpretGPUParams() if launch.interpret else None)
+        interpret=_interpret_params(launch.interpret))
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside shard_map): outputs vary as xe does.
     return jax.tree.map(lambda a: kernel_support.vary_like(a, args[0]), kernel(*args))
+
+
+def _interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams() if interpret else None
 
 
 def _bits_scratch(docs: bool, stages: int, bt: int):
@@ -465,8 +472,8 @@ def _fused_bwd(launch, residuals, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def convolve(xe, weight, bias, ide, *, activation: str | None = None, interpret: bool = False,
-             config: Config = DEFAULT):
+def convolve(xe, weight, bias, ide, *, activation: str | None = None,
+             interpret: bool | plgpu.InterpretGPUParams = False, config: Config = DEFAULT):
     """The convolution of one piece (module docstring), differentiable in xe, weight and bias.
 
     Args:
@@ -474,7 +481,8 @@ def convolve(xe, weight, bias, ide, *, activation: str | None = None, interpret:
       weight: [W, C]: weight[W-1] multiplies the current position.   bias: None or [C].
       ide: None, or [B, W-1+L] integers: xe's document ids (a document starts where the id changes).
       activation: None or "silu" (applied to the float32 sum, before the one rounding to xe's dtype).
-      interpret: Mosaic GPU's CPU interpreter instead of the compiled kernels (a Hopper GPU).
+      interpret: Mosaic GPU's CPU interpreter instead of the compiled kernels (a Hopper GPU): True for its
+        defaults, or its plgpu.InterpretGPUParams (the tests' race detection).
       config: block sizes.
     Returns:
       y [B, L, C] in xe's dtype. Gradients: dxe in xe's dtype (the halo rows' too), dweight, dbias float32

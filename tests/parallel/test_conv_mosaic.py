@@ -2,9 +2,9 @@
 the XLA formula (causal_conv_kernel.xla_convolve): y and the gradients of xe (its halo rows' too), weight and
 bias, float32, bf16 and float16, with and without documents (starts in the halo, at a tile's and a run's
 boundary, one position long, just before a run (the backward's warm-up) and near the piece's end (its tail)),
-activation None and "silu"; a NaN in one document reaching no other; the shapes and configs refused; the
-compiled kernels' lowering for CUDA at Mamba-2 1.3B's shape and in a shard_map with check_vma (no GPU needed);
-and on a GPU, the compiled kernels against the formula at a mid shape.
+activation None and "silu"; a NaN in one document reaching no other; no races (the interpreter's detector); the
+shapes and configs refused; the compiled kernels' lowering for CUDA at Mamba-2 1.3B's shape and in a shard_map
+with check_vma (no GPU needed); and on a GPU, the compiled kernels against the formula at a mid shape.
 """
 
 import jax
@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the race detector's state (no public API)
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import causal_conv_mosaic
@@ -109,6 +111,21 @@ def test_nan_stays_in_its_document(rng):
                                   np.delete(np.asarray(dxe_ref[0]), np.r_[17:25], 0))
     np.testing.assert_array_equal(y[1], y_ref[1])
     np.testing.assert_array_equal(dxe[1], dxe_ref[1])
+
+
+def test_no_races(rng):
+    """Mosaic GPU's interpreter with its happens-before race detector (which does flag a ring without the
+    consumed barriers' waits): neither kernel races between the TMA copies and the compute warpgroup's reads
+    and writes of shared memory (with documents and SiLU: every shared-memory buffer and barrier in use; the
+    rings wrap)."""
+    xe, weight, bias, g = _inputs(rng, jnp.float32, b=1)
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve(*a, _ids()[:1], activation="silu", interpret=params,
+                                                            config=SMALL), xe, weight, bias)
+    jax.block_until_ready(y)
+    assert not interpret_pallas_call.get_races().races_found  # the forward's
+    jax.block_until_ready(vjp(g))
+    assert not interpret_pallas_call.get_races().races_found  # the backward's
 
 
 def test_refusals(rng):
