@@ -18,7 +18,7 @@ by TMA. Forward, run of outputs [t0, t0 + run): xe rows t0 .. t0 + W - 2 come st
 bring xe row t + W - 1 for each output t. Backward, run of steps t in [t0, t0 + run): the tiles bring dy[t] and
 xe[t + W - 1]; step t forms ds[t] = dy[t] act'(s[t]) (s recomputed from the window, SiLU only), adds keep_i(t)
 ds[t] xe[t + i] to the CTA's dweight[i] column sums and ds[t] to dbias's (float32, in registers for the whole
-run), and writes
+run: each tile's sums from zero, then added to the run's), and writes
 
     dxe[t] = sum_i keep_i(t - i) w[i] ds[t - i]        (xe row t; ds[t'] = 0 outside [0, L))
 
@@ -32,8 +32,9 @@ non-finite input in another document does not reach t's output or gradients.
 Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_convolve`'s order (tap W-1, then W-2
 down to 0, the bias last), so the forward matches it to float32 rounding (the compiler may contract into FMAs);
 y and dxe in xe's dtype (one rounding each); dweight and dbias float32 sums (per CTA, then over CTAs in XLA),
-cast to weight's and bias's dtypes. dxe sums its W terms from i = W-1 down to 0; XLA's autodiff may add them in
-another order (float32 rounding). SiLU: s / (1 + exp(-s)); its derivative sig (1 + s (1 - sig)).
+cast to weight's and bias's dtypes; a CTA's sum adds its tiles' sums of block_t rows (two float32 chains of
+32 terms at the defaults, not one of 1024). dxe sums its W terms from i = W-1 down to 0; XLA's autodiff may
+add them in another order (float32 rounding). SiLU: s / (1 + exp(-s)); its derivative sig (1 + s (1 - sig)).
 
 Scope (`supported`): xe bfloat16, float16 or float32; C a multiple of Config.block_c; L a multiple of the run
 lengths (each clipped to L), themselves multiples of block_t; 2 <= W <= MAX_WIDTH. Shapes outside are refused,
@@ -329,6 +330,7 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left dx_smem[out]
             plgpu.barrier_wait(loaded.at[slot])
             plgpu.commit_smem()  # a warpgroup barrier: no thread writes dx_smem[out] before that wait
+            tile_dw = tile_db = None  # the tile's own sums, then added to the run's (two shorter float32 chains)
             for j in range(bt):
                 xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
                 bits = bits_smem[slot, j] if docs else None
@@ -336,8 +338,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
                 terms = [ds * xs[i] for i in range(w)]
                 if docs:
                     terms = [terms[i] if i == w - 1 else _select(_kept(bits, i), terms[i]) for i in range(w)]
-                dw = tuple(acc + term for acc, term in zip(dw, terms))
-                db = db + ds
+                tile_dw = terms if tile_dw is None else [acc + term for acc, term in zip(tile_dw, terms)]
+                tile_db = ds if tile_db is None else tile_db + ds
                 ds_win, bits_win = (ds,) + ds_prev, ((bits,) + bits_prev) if docs else ()  # [i]: step t - i
                 dx_smem[out, j] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
                 ds_prev, bits_prev = ds_win[:w - 1], bits_win[:w - 1]
@@ -345,7 +347,7 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
             plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
             plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
-            return window, ds_prev, bits_prev, dw, db
+            return window, ds_prev, bits_prev, tuple(a + d for a, d in zip(dw, tile_dw)), db + tile_db
 
         _, ds_prev, bits_prev, dw, db = lax.fori_loop(0, tiles, tile, jax.tree.map(lambda x: x * 1, carry))
         for i in range(w):

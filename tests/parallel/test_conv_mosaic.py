@@ -200,9 +200,10 @@ def test_lowers_in_a_shard_map_with_check_vma():
 # The compiled kernels against the formula at a mid shape: not yet run on a GPU, so these bounds are set from the
 # rounding, not measured: y and dxe may flip one bf16 ulp (2^-8 relative) wherever the compiler's FMA contraction
 # moves a float32 sum across a rounding boundary (2e-3: a quarter of the elements flipping); dweight and dbias are
-# float32 sums over 16K rows in other orders (the Triton kernels' measured 1.9e-7 over 64K rows on an H200).
+# float32 sums over 16K rows in another order (chains of 32 tile rows, 32 tiles, then XLA's sum over CTAs: about
+# 6e-8 sqrt(16) each, 2e-6 leaves room; the Triton kernels' measured 1.9e-7 over 64K rows on an H200).
 GPU_SHAPE = (2, 8192, 1024, 4)
-GPU_TOL = {"y": 2e-3, "dxe": 2e-3, "dweight": 1e-6, "dbias": 1e-6}
+GPU_TOL = {"y": 2e-3, "dxe": 2e-3, "dweight": 2e-6, "dbias": 2e-6}
 
 
 @pytest.mark.gpu
