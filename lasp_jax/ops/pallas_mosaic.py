@@ -595,8 +595,8 @@ class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
     and the drivers' piece scans.
 
     The walks launch one CTA per (batch, head or pair of heads, piece) of the Triton plan, whose pieces count the
-    Triton head-dim tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the walks;
-    per-token decay cuts pieces of at most pieces_tokens.MAX_PIECE_LEN)."""
+    Triton head-dim tiles: half of target_programs at d=128, e.g. 128 CTAs at B=1, H=16 (not tuned for the
+    walks)."""
 
     config: Config = DEFAULT
     triton: pallas_triton.Config = pallas_triton.DEFAULT

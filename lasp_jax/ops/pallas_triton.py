@@ -274,10 +274,10 @@ def _state_product(x, state, precision, split: bool):
 
 
 def _consistent_row_dots(w, intra, inter, side, select):
-    """Each row's w . (intra + diag(side) inter), its state part from diag(side) w rounded to w's dtype as the other walk's
-    state update rounds those rows (`_weighted`), so that every pair term crossing a chunk appears with the
-    same roundings in the q . dq and the k . dk of the decay gradient (`_dq_kernel`'s docstring). w [C, D] in
-    the matmul dtype, intra and inter [C, D] float32, side [C] float32."""
+    """Each row's w . (intra + diag(side) inter), its state part from diag(side) w rounded to w's dtype as the
+    other walk's state update rounds those rows (`_weighted`), so that every pair term crossing a chunk appears
+    with the same roundings in the q . dq and the k . dk of the decay gradient (`_dq_kernel`'s docstring). w
+    [C, D] in the matmul dtype, intra and inter [C, D] float32, side [C] float32."""
     side = side[:, None]
     rounded = kernel_support.rounded_to(_times(side, w.astype(_F32), select), w.dtype)
     state_part = jnp.where(side == 0, 0.0, rounded * inter) if select else rounded * inter  # as `_times`

@@ -35,12 +35,15 @@ S_(p+1) the state leaving piece p (pieces_in[p + 1]; for the last piece the end 
 its cotangent (pieces.leaving's [p]; for the last piece G). <S, G> is exactly 0 where the next piece starts a
 document (G_p is then 0). The reverse scan's kernel dots each G_p from zero with S_(p+1) as it writes it, so these
 terms cost no pass of their own over the piece states but G's share (`crossing_terms`). One piece (P = 1) gives the
-whole-document form. The local form is the one for precision: each x_t carries the kernels' rounding (bf16 MMA
-operands in dq and dk), so a suffix sum over a whole document (up to T terms) would grow that error like sqrt(its
-length) (bf16 against float32 at T = 64K: ds 6.8e-2 with whole-document sums on an H200 at H = 16, d = 128, the
-other gradients 2.4e-3; interpreted on CPU at H = 1, d = 64, one document: 1.3e-1 whole-document, 6.4e-3 in pieces
-of 512), while the states are float32; hence pieces of at most about MAX_PIECE_LEN positions (`bounded_plan`). Every
-sum is float32.
+whole-document form. Precision: each x_t carries the kernels' rounding (bf16 MMA operands in dq and dk), and
+a suffix sum of them keeps it near the other gradients' only because every pair term that crosses a chunk
+boundary, which appears once in a q . dq and once in a k . dk, cancels there as in exact arithmetic: the dQ and dK
+walks round those terms alike (`pallas_triton._dq_kernel`'s docstring). Before they did, the error grew like the
+square root of the summed length (whole documents of 64K: 6.8e-2 against float32 on an H200, where the other
+gradients had 2.4e-3), and pieces were cut to 512 positions to bound it; now the sums run over the backend's
+own pieces (a Mamba-2 1.3B SSD layer on an H200, T = 64K, 16 documents: the rates' gradient 1.9e-3 at pieces of
+512 and at the backend's plan, 4 pieces of 16K, alike; forward+backward 7.03 ms on the Mosaic walks at that
+plan against 8.58 at pieces of 512; benchmarks/results/walks_gpu_h200_s17.md). Every sum is float32.
 
 Numerics: every table is float32 and every exponent is minus a sum of rates (a chunk-local or piece-local
 running sum of its own, never a difference of two long sums), so each factor is exp of something <= 0; the
@@ -58,20 +61,6 @@ from lasp_jax.ops import pieces, states
 
 _F32 = jnp.float32
 
-# Longest piece of the per-token path (positions; kept when the backend plans shorter ones): the decay gradient's
-# suffix sums run within a piece (module docstring), so their rounding grows like sqrt(piece_len) instead of
-# sqrt(document length). The cost: more pieces than the backend's plan for long T at small B x H (T / 512 pieces per
-# (batch, head) in the state passes' and walks' grids, each a shorter loop) and a larger float32 residual, the
-# states entering the pieces [B, H, P, Dk, Dv] (at T = 64K, d = 128: 128 states of 64 KB, 8 MB per (batch, head),
-# where the Triton plan at B = 1, H = 16 has 8), which the piece scans pass over: each scan (pieces.from_zero, a
-# kernel) reads the sums and writes the states once, 2 x 128 MB at B = 1, H = 16, and the reverse one also reads the
-# entering states for the decay gradient's crossing terms (128 MB; once more in XLA for G's share when there is a G,
-# under lasp_attention). Timed on an H200 (T = 64K, B = 1, H = 16, d = 128, bf16, the Mosaic token walks, 2026-11-30):
-# the scans 0.112 / 0.223 ms (the former XLA form, a [P, P] matmul and the non-finite routing, 0.568 / 0.589),
-# 0.862 ms forward, 3.370 ms forward + backward, the rates' gradient's relative error 6.7e-3 against float32 XLA;
-# pieces of 1024: 0.731 / 2.914 ms, 9.3e-3 (benchmarks/results/profile_pieces_h200_s9_scan.md,
-# ops_gpu_h200_s9_tokens.md).
-MAX_PIECE_LEN = 512
 
 
 class ChunkTables(NamedTuple):
@@ -158,17 +147,6 @@ class TokenBackend(Protocol):
         rounded to any output dtype (the decay gradient's terms; q_t and k_t are the rows of the heads it reads)."""
 
 
-def bounded_plan(backend: TokenBackend, q, v) -> pieces.Plan:
-    """backend.plan(q, v) with pieces of at most MAX_PIECE_LEN positions (whole chunks of the backend's size),
-    or under twice that where pieces.make_plan prefers a piece count that divides the chunks (no padding).
-    forward and backward both cut by it: the forward saves a state per piece."""
-    got = backend.plan(q, v)
-    if got.piece_len <= MAX_PIECE_LEN:
-        return got
-    t = q.shape[1]
-    return pieces.make_plan(t, got.chunk, target_pieces=max(got.pieces, -(-t // MAX_PIECE_LEN)), min_piece_chunks=1)
-
-
 def _padded(tok: states.TokenDecay, plan: pieces.Plan):
     """(rates [B, H, T] float32, starts [B, T] bool) front-padded by plan.pad with rates 0 and no starts."""
     rates = jnp.moveaxis(tok.rates.astype(_F32), 1, 2)
@@ -236,7 +214,7 @@ def forward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, incoming, sc
     Returns:
       o [B,T,H,Dv] in q.dtype; m [B,H,Dk,Dv] float32 (the end state from zero); S_in or None; `Saved`.
     """
-    plan = bounded_plan(backend, q, v)
+    plan = backend.plan(q, v)
     q_pad, k_pad, v_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v))
     chunk, weights = tables(*_padded(tok, plan), plan)
     sums = backend.state_sums_tokens(k_pad, v_pad, weights.to_end, plan)
@@ -258,7 +236,7 @@ def backward(backend: TokenBackend, q, k, v, tok: states.TokenDecay, saved: Save
       cotangent; the module docstring).
     """
     pieces_in, m, s_in = saved
-    plan = bounded_plan(backend, q, v)
+    plan = backend.plan(q, v)
     do = do.astype(q.dtype)
     q_pad, k_pad, v_pad, do_pad = (pieces.front_pad(x, plan.pad) for x in (q, k, v, do))
     rates, starts = _padded(tok, plan)

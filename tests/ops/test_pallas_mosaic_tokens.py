@@ -24,7 +24,7 @@ import pytest
 
 from lasp_jax.ops import impls, pallas_mosaic, pieces, pieces_tokens, reference, vjp
 from tests.ops.test_token_decay import _loss_and_grads
-from tests.util import document_ids, rel_err
+from tests.util import document_ids, qkv, rel_err
 
 C = pallas_mosaic.DEFAULT.chunk
 
@@ -126,10 +126,9 @@ CASES = {
 # state term not cut at a start moves these outputs by 2e-2 (steep) to 0.3-1.3 (slow, mixed) in the oracle, far
 # above the bound.
 INTERPRET_TOL = 6e-3
-# The Impl through the driver, bf16 inputs against float64 (seeds 0-2): 1.6e-3 (final state, d_initial_state) to
-# 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 2.5e-3 to 5.1e-3 (a suffix sum of
-# k.dk - q.dq whose pairs across chunks meet the state's bf16 rounding in dq and the cotangent's in dk).
-IMPL_TOL, D_RATES_TOL = 7e-3, 1.2e-2
+# The Impl through the driver, bf16 inputs against float64 (seeds 0-2): 1.5e-3 (final state, d_initial_state) to
+# 3.0e-3 (dk, dv: the MQA shares are bf16 before their float32 sum); d_rates 1.0e-3 to 3.5e-3.
+IMPL_TOL = 7e-3
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -220,8 +219,34 @@ def test_interpreted_impl_matches_float64_oracle(rng):
         want = {n: np.asarray(x) for n, x in jax.jit(functools.partial(_loss_and_grads, dense))(*f64).items()}
     for name in want:
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
-        tol = D_RATES_TOL if name == "d_rates" else IMPL_TOL
-        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+        assert rel_err(got[name], want[name]) < IMPL_TOL, (name, rel_err(got[name], want[name]))
+
+
+def test_interpreted_long_document_rates_gradient(rng):
+    """bf16 over one document of T=2048 walked as one piece of 32 chunks (H=1, d=64, S_in and G, rates in
+    [0.001, 0.1]) against xla in float32 on the same rounded inputs: the rates' gradient, a suffix sum of 2048
+    terms k.dk - q.dq, stays at the other gradients' error because the dQ and dK walks round every pair term
+    that crosses a chunk alike (the module docstring of pallas_mosaic). Measured (seeds 0-2): d_rates 2.4e-3 to
+    2.5e-3, the rest <= 2.9e-3; with those terms rounded apart (the walks before), d_rates 5.5e-3 to 1.0e-2."""
+    b, t, h, d = 1, 2048, 1, 64
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(rng, b, t, h, h, d, d))
+    q = (q.astype(jnp.float32) * np.sqrt(d)).astype(jnp.bfloat16)
+    rates = jnp.asarray(rng.uniform(0.001, 0.1, size=(b, t, h)), jnp.float32)
+    ids = jnp.zeros((b, t), jnp.int32)
+    s0, w_s = (jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32) for _ in range(2))
+    w_o = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    walks = pallas_mosaic.Walks(triton=dataclasses.replace(pallas_mosaic.INTERPRET.triton, target_programs=1),
+                                interpret=True)
+    assert walks.plan(q, v) == pieces.Plan(C, 1, t, 0)
+
+    def attend(impl):
+        return lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, d ** -0.5)
+
+    got = jax.jit(functools.partial(_loss_and_grads, attend(walks)))(q, k, v, rates, s0, w_o, w_s)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.jit(functools.partial(_loss_and_grads, attend(impls.IMPLS["xla"])))(*f32, rates, s0, w_o, w_s)
+    for name in want:
+        assert rel_err(got[name], want[name]) < 4.5e-3, (name, rel_err(got[name], want[name]))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN
