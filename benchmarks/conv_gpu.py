@@ -5,25 +5,25 @@ tests/parallel/test_conv_kernel.py's GPU test), and whether the Mosaic kernels a
 
     python3 -m benchmarks.conv_gpu [--batch 1] [--length 65536] [--channels 4352] [--width 4] [--docs 16]
         [--activation silu] [--dtype bfloat16]
-        [--contenders xla_then_silu,xla,pallas_triton,pallas_mosaic_then_silu,pallas_mosaic]
+        [--contenders xla_then_silu,xla,pallas_triton,pallas_mosaic,pallas_mosaic_fused]
         [--configs 32x16x256x512x8,...] [--mosaic-configs 256x32x1024x1024x4x2,...] [--iters 10] [--reps 5]
         [--out DIR]
 
 Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla"
 (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT Config) and one row
 per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c, bwd_rows, num_warps);
-"pallas_mosaic_then_silu" (the Mosaic kernels at their DEFAULT Config with activation None, then jax.nn.silu in
-XLA: what the model would run, against "xla_then_silu"), "pallas_mosaic" (the Mosaic kernels with --activation
-fused, against "xla") and one row per --mosaic-configs entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES =
-causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run, fwd_stages, bwd_stages), activation None then
-jax.nn.silu (with --activation none: no SiLU at all). "pallas_triton_interpret" and "pallas_mosaic_interpret"
-run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by default (C = d_inner +
-2 d_state = 4352, W = 4); x and dy standard normals in --dtype, weight and bias float32 uniform in +-1/sqrt(W)
-(the model's parameters), --docs documents per row at random starts. Timing: `measure.median_ms` of the jitted
-forward and of forward+backward (y and dx, dweight, dbias for a given dy). Error: `measure.rel_err` of y and dx
-against "xla" (the kernels compute the same float32 sums: expect bf16 rounding flips only, ~1e-5; the "then
-silu" rows also round before the SiLU). A contender that fails (a config that does not compile) gets a row with
-its error.
+"pallas_mosaic" (the Mosaic kernels at their DEFAULT Config with activation None, then jax.nn.silu in XLA when
+--activation is silu: what the model would run, against "xla_then_silu") and one row per --mosaic-configs
+entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES = causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run,
+fwd_stages, bwd_stages), run as "pallas_mosaic"; "pallas_mosaic_fused" (the SiLU fused in the kernels, against
+"xla"; only with --activation silu). "pallas_triton_interpret" and "pallas_mosaic_interpret" (as
+"pallas_mosaic") run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by
+default (C = d_inner + 2 d_state = 4352, W = 4); x and dy standard normals in --dtype, weight and bias float32
+uniform in +-1/sqrt(W) (the model's parameters), --docs documents per row at random starts. Timing:
+`measure.median_ms` of the jitted forward and of forward+backward (y and dx, dweight, dbias for a given dy).
+Error: `measure.rel_err` of y and dx against "xla" (the kernels compute the same float32 sums: expect bf16
+rounding flips only, ~1e-5; with --activation silu, "xla_then_silu", "pallas_mosaic" and its configs also round
+before the SiLU). A contender that fails (a config that does not compile) gets a row with its error.
 
 Writes conv_gpu.jsonl (a row per contender, as it finishes) and conv_gpu.md (the table and provenance) under
 --out (default $OUT, else benchmarks/results). CPU check of the script itself: --length 64 --channels 40 --docs 3
@@ -93,8 +93,8 @@ def conv_fn(name: str, activation, config=None):
     if name == "xla_then_silu":
         return lambda x, w, b, ids: jax.nn.silu(causal_conv1d(x, w, b, segment_ids=ids, impl="xla"))
     if name.startswith("pallas_mosaic"):
-        then_silu = name.endswith("_then_silu") or (config is not None and activation is not None)
-        fused = None if then_silu else activation
+        fused = activation if name == "pallas_mosaic_fused" else None
+        then_silu = activation is not None and fused is None
         interpret = name == "pallas_mosaic_interpret"
         mosaic = causal_conv_mosaic.DEFAULT if config is None else config
 
@@ -156,10 +156,10 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, default=16, help="documents per row")
     p.add_argument("--activation", default="silu", choices=("silu", "none"))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--contenders", default="xla_then_silu,xla,pallas_triton,pallas_mosaic_then_silu,pallas_mosaic")
+    p.add_argument("--contenders", default="xla_then_silu,xla,pallas_triton,pallas_mosaic,pallas_mosaic_fused")
     p.add_argument("--configs", default="", help="extra Triton kernel configs, FWDxBWDxCxROWSxWARPS,...")
     p.add_argument("--mosaic-configs", default="",
-                   help="extra Mosaic kernel configs (activation None, then SiLU), CxTxFRUNxBRUNxFSTAGESxBSTAGES,...")
+                   help="extra Mosaic kernel configs (as pallas_mosaic), CxTxFRUNxBRUNxFSTAGESxBSTAGES,...")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     contenders.sort(key=lambda item: item[0] != "xla")
     reference, rows = None, []
     for name, cfg in contenders:
-        if name.endswith("_then_silu") and activation is None:
+        if name in ("xla_then_silu", "pallas_mosaic_fused") and activation is None:
             continue
         start = time.perf_counter()
         row, result = measure_one(conv_fn(name.split(":")[0], activation, cfg), tensors, ids, reference, args.iters,
