@@ -200,7 +200,7 @@ def _activate(s, activation):
     return s * _sigmoid(s) if activation == "silu" else s
 
 
-def _activation_grad(s, activation):
+def _silu_grad(s):
     sig = _sigmoid(s)
     return sig * (1.0 + s * (1.0 - sig))
 
@@ -297,7 +297,7 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
             """ds[t] from dy[t] (float32) and, for SiLU, s[t] recomputed from xs (xe rows t .. t+W-1)."""
             if activation is None:
                 return g
-            return g * _activation_grad(_pre_activation(xs, weights, bias, bits), activation)
+            return g * _silu_grad(_pre_activation(xs, weights, bias, bits))
 
         def dxe_row(ds_window, bits_window):
             """dxe[t] = sum_i keep_i(t - i) w[i] ds[t - i], i from W-1 down; ds_window[i] = ds[t - i]."""
