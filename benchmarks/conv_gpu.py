@@ -12,12 +12,13 @@ tests/parallel/test_conv_kernel.py's GPU test), and whether the Mosaic kernels a
 Contenders: "xla_then_silu" (what Mamba-2 runs: the convolution rounded to the dtype, then jax.nn.silu), "xla"
 (causal_conv1d(impl="xla", activation=...)), "pallas_triton" (the kernels at their DEFAULT Config) and one row
 per --configs entry, FWDxBWDxCxROWSxWARPS = Config(fwd_block_t, bwd_block_t, block_c, bwd_rows, num_warps);
-"pallas_mosaic" (the Mosaic kernels at their DEFAULT Config with activation None, then jax.nn.silu in XLA when
---activation is silu: what the model would run, against "xla_then_silu") and one row per --mosaic-configs
-entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES = causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run,
-fwd_stages, bwd_stages), run as "pallas_mosaic"; "pallas_mosaic_fused" (the SiLU fused in the kernels, against
-"xla"; only with --activation silu). "pallas_triton_interpret" and "pallas_mosaic_interpret" (as
-"pallas_mosaic") run the kernels interpreted (the CPU check below). Shape: Mamba-2 1.3B's convolution by
+"pallas_mosaic" (the Mosaic kernels, causal_conv_mosaic.convolve_zero_halo on x itself, at their DEFAULT Config
+with activation None, then jax.nn.silu in XLA when --activation is silu: what the model would run, against
+"xla_then_silu") and one row per --mosaic-configs entry, CxTxFRUNxBRUNxFSTAGESxBSTAGES =
+causal_conv_mosaic.Config(block_c, block_t, fwd_run, bwd_run, fwd_stages, bwd_stages), run as "pallas_mosaic";
+"pallas_mosaic_fused" (the SiLU fused in the kernels, against "xla"; only with --activation silu).
+"pallas_triton_interpret" and "pallas_mosaic_interpret" (as "pallas_mosaic") run the kernels interpreted (the
+CPU check below). Shape: Mamba-2 1.3B's convolution by
 default (C = d_inner + 2 d_state = 4352, W = 4); x and dy standard normals in --dtype, weight and bias float32
 uniform in +-1/sqrt(W) (the model's parameters), --docs documents per row at random starts. Timing:
 `measure.median_ms` of the jitted forward and of forward+backward (y and dx, dweight, dbias for a given dy).
@@ -81,12 +82,6 @@ def parse_mosaic_config(text: str) -> causal_conv_mosaic.Config:
                                      bwd_stages=bwd_stages)
 
 
-def _halo(x, ids, w: int):
-    """causal_conv1d's padding of one piece: xe [B, W-1+T, C] (zeros first) and ide (None, or ids padded)."""
-    k = w - 1
-    return jnp.pad(x, ((0, 0), (k, 0), (0, 0))), None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
-
-
 def conv_fn(name: str, activation, config=None):
     """conv(x, weight, bias, ids) -> y for one contender; config: a causal_conv_kernel.Config for
     "pallas_triton", a causal_conv_mosaic.Config for the Mosaic contenders, or None (DEFAULT)."""
@@ -98,17 +93,19 @@ def conv_fn(name: str, activation, config=None):
         interpret = name == "pallas_mosaic_interpret"
         mosaic = causal_conv_mosaic.DEFAULT if config is None else config
 
-        def run(x, w, b, ids):
-            xe, ide = _halo(x, ids, w.shape[0])
-            y = causal_conv_mosaic.convolve(xe, w, b, ide, activation=fused, interpret=interpret, config=mosaic)
+        def run(x, w, b, ids):  # x itself, zeros before it (no padded copy)
+            y = causal_conv_mosaic.convolve_zero_halo(x, w, b, ids, activation=fused, interpret=interpret,
+                                                      config=mosaic)
             return jax.nn.silu(y) if then_silu else y
         return run
     if config is None:
         return lambda x, w, b, ids: causal_conv1d(x, w, b, segment_ids=ids, activation=activation, impl=name)
 
     def tuned(x, w, b, ids):  # causal_conv1d's padding, then the kernels at this config
-        xe, ide = _halo(x, ids, w.shape[0])
-        return causal_conv_kernel.convolve(xe, w, b, ide, activation=activation, config=config)
+        k = w.shape[0] - 1
+        ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
+        return causal_conv_kernel.convolve(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), w, b, ide, activation=activation,
+                                           config=config)
     return tuned
 
 

@@ -29,6 +29,12 @@ atomics. With documents, keep bits (bit i of an int32 per output: tap i kept) ar
 ([B, L], `_keep_bits`) and streamed beside the rows; a dropped tap is selected away, never multiplied by 0, so a
 non-finite input in another document does not reach t's output or gradients.
 
+`convolve_zero_halo` runs the same kernels on the piece x [B, L, C] alone with zeros before it (what
+lasp_jax.parallel.causal_conv convolves; xe = [zeros; x] is never built): xe row p is x's row p - (W-1), rows
+before 0 are zeros selected in, and the backward writes dx [B, L, C] in place of dxe (the first tile skips the
+zeros' W-1 rows). This saves the pad's copy of x forward and the slice of dxe backward (each about a read and a
+write of x: ~0.25 ms at Mamba-2 1.3B's shape on an H200, where x comes straight from the in-projection).
+
 Numerics: float32 inside (inputs upcast on load); s sums its taps in `xla_convolve`'s order (tap W-1, then W-2
 down to 0, the bias last), so the forward matches it to float32 rounding (the compiler may contract into FMAs);
 y and dxe in xe's dtype (one rounding each); dweight and dbias float32 sums (per CTA, then over CTAs in XLA),
@@ -114,10 +120,11 @@ DEFAULT = Config()
 
 
 def supported(xe, interpret: bool | plgpu.InterpretGPUParams = False, width: int = 4,
-              config: Config = DEFAULT) -> str | None:
-    """None when the kernels take xe [B, W-1+L, C] of a width-W convolution here (compiled: a Hopper GPU; any
-    platform when interpret), else why."""
-    reason = _shape_reason(xe, width, config)
+              config: Config = DEFAULT, halo: bool = True) -> str | None:
+    """None when the kernels take xe [B, W-1+L, C] (`convolve`; or with halo=False x [B, L, C],
+    `convolve_zero_halo`) of a width-W convolution here (compiled: a Hopper GPU; any platform when interpret),
+    else why."""
+    reason = _shape_reason(xe, width, config, halo)
     if reason is not None or interpret:
         return reason
     if jax.default_backend() != "gpu":
@@ -131,19 +138,20 @@ def supported(xe, interpret: bool | plgpu.InterpretGPUParams = False, width: int
     return None
 
 
-def _shape_reason(xe, width: int, config: Config) -> str | None:
-    """Why the kernels cannot take xe's dtype and shape at this width and config (None: they can)."""
+def _shape_reason(xe, width: int, config: Config, halo: bool) -> str | None:
+    """Why the kernels cannot take xe's (halo) or x's (not halo) dtype and shape at this width and config (None:
+    they can)."""
     if jnp.dtype(xe.dtype) not in {jnp.dtype(d) for d in DTYPES}:
         return f"xe's dtype must be one of {[jnp.dtype(d).name for d in DTYPES]}, got {jnp.dtype(xe.dtype).name}"
     if not 2 <= width <= MAX_WIDTH:
         return f"width W={width}: the kernels take 2 <= W <= {MAX_WIDTH}"
     if xe.ndim != 3:
-        return f"xe must be [B, W-1+L, C], got shape {xe.shape}"
-    length, c = xe.shape[1] - (width - 1), xe.shape[2]
+        return f"{'xe must be [B, W-1+L, C]' if halo else 'x must be [B, L, C]'}, got shape {xe.shape}"
+    length, c = xe.shape[1] - (width - 1 if halo else 0), xe.shape[2]
     if c % config.block_c:
         return f"C={c} is not a multiple of Config.block_c={config.block_c} (the kernels do not pad)"
     if length < 1:
-        return f"L={length}: xe {xe.shape} holds no piece after its W-1={width - 1} halo rows"
+        return f"L={length}: {xe.shape} holds no position of the piece"
     for backward in (False, True):
         run = config.run(length, backward)
         if run % config.block_t or length % run:
@@ -217,6 +225,17 @@ def _params(w_ref, b_ref, cols, layout):
     return [load(w_ref.at[i, cols]) for i in range(w_ref.shape[0])], load(b_ref.at[cols])
 
 
+def _xe_row_loader(xe_ref, b, cols, layout, off: int):
+    """load(p): xe row p as float32 [block_c], from the array row p - off of xe_ref (off 0: the array is xe;
+    W-1: it is the piece alone, zeros before it, selected in)."""
+    def load(p):
+        if not off:
+            return plgpu.load(xe_ref.at[b, p, cols], layout=layout, optimized=False).astype(_F32)
+        row = plgpu.load(xe_ref.at[b, jnp.maximum(p - off, 0), cols], layout=layout, optimized=False)
+        return _select(p >= off, row.astype(_F32))
+    return load
+
+
 def _stream(tiles: int, stages: int, issue, consumed):
     """The memory warpgroup's ring: issue(n, slot) for each tile n once its slot's previous tile is consumed;
     then awaits the last releases too (the interpreter checks every barrier phase is awaited)."""
@@ -234,8 +253,9 @@ def _stream(tiles: int, stages: int, issue, consumed):
         plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
-def _forward_kernel(*refs, activation, docs, config: Config, run: int):
-    """One CTA: (channel block, batch row, run of `run` outputs); warpgroup 0 computes, 1 loads."""
+def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int):
+    """One CTA: (channel block, batch row, run of `run` outputs); warpgroup 0 computes, 1 loads. off: xe row p
+    is the input's row p - off (0: the input is xe; W-1: the piece alone, zeros before it)."""
     xe_ref, w_ref, b_ref, *rest = refs
     bits_ref = rest.pop(0) if docs else None
     y_ref, x_smem, bits_smem, y_smem, loaded, consumed = rest
@@ -249,7 +269,8 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int):
     def _compute():
         weights, bias = _params(w_ref, b_ref, cols, layout)
         load = lambda ref: plgpu.load(ref, layout=layout, optimized=False).astype(_F32)
-        window = tuple(load(xe_ref.at[b, t0 + j, cols]) for j in range(w - 1))  # xe rows t0 .. t0+W-2
+        xe_row = _xe_row_loader(xe_ref, b, cols, layout, off)
+        window = tuple(xe_row(t0 + j) for j in range(w - 1))  # xe rows t0 .. t0+W-2
 
         def tile(n, window):
             slot, out = lax.rem(n, stages), lax.rem(n, 2)
@@ -274,16 +295,19 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int):
     def _memory():
         def issue(n, slot):
             start = t0 + n * bt
-            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1, bt), cols], x_smem.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1 - off, bt), cols], x_smem.at[slot],
+                                    loaded.at[slot])
             if docs:
                 plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
 
         _stream(tiles, stages, issue, consumed)
 
 
-def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: int):
+def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: int, off: int):
     """One CTA: (channel block, batch row, run of `run` steps t); warpgroup 0 computes, 1 loads. Writes dxe
-    rows [t0, t0 + run) (the last run also xe's last W-1 rows) and the run's partials [W + 1, block_c]."""
+    rows [t0, t0 + run) (the last run also xe's last W-1 rows) and the run's partials [W + 1, block_c]. off:
+    xe row p is the input's (and dxe's output's) row p - off (`_forward_kernel`); with off = W-1 the rows
+    p < W-1 (the zeros before the piece) are neither read nor written."""
     xe_ref, w_ref, b_ref, *rest = refs
     bits_ref = rest.pop(0) if docs else None
     dy_ref, dxe_ref, part_ref, x_smem, dy_smem, bits_smem, dx_smem, part_smem, loaded, consumed = rest
@@ -317,7 +341,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
 
         # The W-1 steps before t0 (none before the first run: ds 0 there). Loads clamp to row 0 and the first
         # run selects their ds away.
-        xe_rows = {j: load(xe_ref.at[b, jnp.maximum(t0 + j, 0), cols]) for j in range(-(w - 1), w - 1)}
+        xe_row = _xe_row_loader(xe_ref, b, cols, layout, off)
+        xe_rows = {j: xe_row(jnp.maximum(t0 + j, 0)) for j in range(-(w - 1), w - 1)}
         ds_prev, bits_prev = [], []  # index j - 1: step t0 - j
         for j in range(1, w):
             t = jnp.maximum(t0 - j, 0)
@@ -352,7 +377,19 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
                 window = xs[1:]
             plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
-            plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
+            if off:  # the first tile's first W-1 rows are the zeros' gradients: not written
+                first = (r == 0) & (n == 0)
+
+                @pl.when(first)
+                def _():
+                    plgpu.copy_smem_to_gmem(dx_smem.at[out, pl.ds(off, bt - off)],
+                                            dxe_ref.at[b, pl.ds(0, bt - off), cols])
+
+                @pl.when(jnp.logical_not(first))
+                def _():
+                    plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt - off, bt), cols])
+            else:
+                plgpu.copy_smem_to_gmem(dx_smem.at[out], dxe_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
             return window, ds_prev, bits_prev, tuple(a + d for a, d in zip(dw, tile_dw)), db + tile_db
 
         _, ds_prev, bits_prev, dw, db = lax.fori_loop(0, tiles, tile, jax.tree.map(lambda x: x * 1, carry))
@@ -370,7 +407,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
                 dx_smem[0, k] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
                 ds_tail, bits_tail = ds_win[:w - 1], bits_win[:w - 1]
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dx_smem.at[0, pl.ds(0, w - 1)], dxe_ref.at[b, pl.ds(length, w - 1), cols])
+            plgpu.copy_smem_to_gmem(dx_smem.at[0, pl.ds(0, w - 1)],
+                                    dxe_ref.at[b, pl.ds(length - off, w - 1), cols])
 
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(part_smem, part_ref.at[b, r, :, cols])
@@ -380,7 +418,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
     def _memory():
         def issue(n, slot):
             start = t0 + n * bt
-            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1, bt), cols], x_smem.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1 - off, bt), cols], x_smem.at[slot],
+                                    loaded.at[slot])
             plgpu.copy_gmem_to_smem(dy_ref.at[b, pl.ds(start, bt), cols], dy_smem.at[slot], loaded.at[slot])
             if docs:
                 plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
@@ -399,6 +438,11 @@ class _Launch:
     activation: str | None
     config: Config
     interpret: bool | plgpu.InterpretGPUParams
+    halo: bool  # the array holds xe (the W-1 rows before the piece, then it), else the piece alone (zeros before)
+
+    def offset(self, width: int) -> int:
+        """off of the kernels: xe row p is the array's row p - off."""
+        return 0 if self.halo else width - 1
 
 
 def _launch(body, out_type, scratch, grid, launch: _Launch, args):
@@ -424,26 +468,30 @@ def _bits_scratch(docs: bool, stages: int, bt: int):
 
 
 def _forward(xe, weight, bias, bits, launch: _Launch):
+    """y [B, L, C]; xe [B, W-1+L, C], or [B, L, C] when not launch.halo."""
     bsz, n_rows, c = xe.shape
     w, cfg = weight.shape[0], launch.config
-    length = n_rows - (w - 1)
+    off = launch.offset(w)
+    length = n_rows - (w - 1) + off
     run, docs = cfg.run(length, False), bits is not None
     bt, bc, stages = cfg.block_t, cfg.block_c, cfg.fwd_stages
     scratch = (plgpu.SMEM((stages, bt, bc), xe.dtype), _bits_scratch(docs, stages, bt),
                plgpu.SMEM((2, bt, bc), xe.dtype),
                plgpu.Barrier(num_arrivals=2 if docs else 1, num_barriers=stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=stages))
-    body = functools.partial(_forward_kernel, activation=launch.activation, docs=docs, config=cfg, run=run)
+    body = functools.partial(_forward_kernel, activation=launch.activation, docs=docs, config=cfg, run=run,
+                             off=off)
     args = (xe, weight, bias) + ((bits,) if docs else ())
     return _launch(body, jax.ShapeDtypeStruct((bsz, length, c), xe.dtype), scratch,
                    (c // bc, bsz, length // run), launch, args)
 
 
 def _backward(xe, weight, bias, bits, g, launch: _Launch):
-    """(dxe [B, W-1+L, C] xe's dtype, dweight [W, C] float32, dbias [C] float32)."""
+    """(dxe xe's shape and dtype, dweight [W, C] float32, dbias [C] float32)."""
     bsz, n_rows, c = xe.shape
     w, cfg = weight.shape[0], launch.config
-    length = n_rows - (w - 1)
+    off = launch.offset(w)
+    length = n_rows - (w - 1) + off
     run, docs = cfg.run(length, True), bits is not None
     runs = length // run
     bt, bc, stages = cfg.block_t, cfg.block_c, cfg.bwd_stages
@@ -453,7 +501,7 @@ def _backward(xe, weight, bias, bits, g, launch: _Launch):
                plgpu.Barrier(num_arrivals=3 if docs else 2, num_barriers=stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=stages))
     body = functools.partial(_backward_kernel, activation=launch.activation, docs=docs, config=cfg, run=run,
-                             runs=runs)
+                             runs=runs, off=off)
     args = (xe, weight, bias) + ((bits,) if docs else ()) + (g.astype(xe.dtype),)
     out_type = (jax.ShapeDtypeStruct(xe.shape, xe.dtype), jax.ShapeDtypeStruct((bsz, runs, w + 1, c), _F32))
     dxe, parts = _launch(body, out_type, scratch, (c // bc, bsz, runs), launch, args)
@@ -499,20 +547,51 @@ def convolve(xe, weight, bias, ide, *, activation: str | None = None,
       ValueError: an activation not in ACTIVATIONS, mismatched shapes, or a dtype or shape `supported`
       refuses (its platform check is the caller's).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _convolve(xe, weight, bias, ide, _Launch(activation, config, interpret, halo=True))
+
+
+def convolve_zero_halo(x, weight, bias, ids, *, activation: str | None = None,
+                       interpret: bool | plgpu.InterpretGPUParams = False, config: Config = DEFAULT):
+    """`convolve` of xe = [W-1 rows of zeros; x] (lasp_jax.parallel.causal_conv's zero-padded piece) without
+    building xe: the kernels read x and write dx in place of xe's rows (the zeros are selected in, never read),
+    saving the pad's copy forward and dxe's slice backward.
+
+    Args:
+      x: [B, L, C] floating (`DTYPES`).   weight, bias, activation, interpret, config: as `convolve`'s.
+      ids: None, or [B, L] integers: x's document ids (the zeros count as the first position's document; they
+        add nothing either way).
+    Returns:
+      y [B, L, C] in x's dtype, equal to `convolve`'s on xe (the same sums). Gradients: dx in x's dtype, dweight,
+      dbias as `convolve`'s.
+    Raises:
+      ValueError: as `convolve`'s, with `supported(..., halo=False)`.
+    """
+    ide = None
+    if ids is not None:
+        if x.ndim != 3 or ids.shape != x.shape[:2]:
+            raise ValueError(f"ids {ids.shape}: need [B, L] = {x.shape[:2]}")
+        ide = jnp.pad(ids, ((0, 0), (weight.shape[0] - 1, 0)), mode="edge") if weight.ndim == 2 else ids
+    return _convolve(x, weight, bias, ide, _Launch(activation, config, interpret, halo=False))
+
+
+def _convolve(xe, weight, bias, ide, launch: _Launch):
+    """Checks, then the custom_vjp; ide [B, W-1+L] (xe's rows, also when the array is the piece alone)."""
+    if launch.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {launch.activation!r}")
     w = weight.shape[0] if weight.ndim == 2 else 0
+    what = "xe [B, W-1+L, C]" if launch.halo else "x [B, L, C]"
     if weight.ndim != 2 or xe.ndim != 3 or weight.shape[1] != xe.shape[-1]:
-        raise ValueError(f"xe {xe.shape}, weight {weight.shape}: need xe [B, W-1+L, C] and weight [W, C]")
+        raise ValueError(f"{xe.shape}, weight {weight.shape}: need {what} and weight [W, C]")
     if bias is not None and bias.shape != (xe.shape[-1],):
         raise ValueError(f"bias {bias.shape}: need [C] with C={xe.shape[-1]}")
-    if ide is not None and ide.shape != xe.shape[:2]:
-        raise ValueError(f"ide {ide.shape}: need [B, W-1+L] = {xe.shape[:2]}")
-    reason = _shape_reason(xe, w, config)  # not the platform: lowering for CUDA from a CPU host is allowed
+    rows = xe.shape[1] + launch.offset(w)
+    if ide is not None and ide.shape != (xe.shape[0], rows):
+        raise ValueError(f"ide {ide.shape}: need [B, W-1+L] = {(xe.shape[0], rows)}")
+    reason = _shape_reason(xe, w, launch.config, launch.halo)  # not the platform: lowering for CUDA from a CPU
     if reason is not None:
         raise ValueError(f"causal_conv_mosaic cannot run these inputs: {reason}")
     bias = jnp.zeros(weight.shape[1:], weight.dtype) if bias is None else bias  # its gradient goes nowhere
     # Inside shard_map: weight and bias vary as xe does (kernel_support's docstring says why).
     weight, bias = kernel_support.vary_like(weight, xe), kernel_support.vary_like(bias, xe)
     bits = None if ide is None else _keep_bits(ide, w)
-    return _fused(xe, weight, bias, bits, _Launch(activation, config, interpret))
+    return _fused(xe, weight, bias, bits, launch)

@@ -31,7 +31,8 @@ B, L, C, W = 2, 48, 256, 4
 # Row 1: 3 (t = 0) and 19 (t = 16).
 STARTS = ([1, 11, 17, 25, 27, 28, 49], [3, 19])
 # Interpreted kernels against xla_convolve, worst over LASP_TEST_SEED 0-2 and the cases of test_kernels_match_xla
-# (2026-11-30, XLA:CPU): float32 y 5.0e-8, dxe 8.6e-8, dweight 1.5e-7, dbias 1.6e-7. bf16 y 1.5e-7 and dxe 2.6e-5:
+# and test_zero_halo_matches_xla (2026-11-30, XLA:CPU): float32 y 5.0e-8, dxe 8.7e-8, dweight 1.5e-7, dbias
+# 1.6e-7. bf16 y 3.6e-5 and dxe 2.6e-5:
 # the same float32 sums in other orders, each rounded once to bf16, so an element may flip by one bf16 ulp (one
 # flip among these 24K elements is about 2.5e-5); dweight 5.5e-8 and dbias 6.3e-9 (float32 sums). float16 (SiLU,
 # documents): y 1.7e-6, dxe 1.0e-5 (an ulp of 2^-11), dweight 1.5e-7, dbias 1.4e-7.
@@ -96,6 +97,24 @@ def test_kernels_match_xla(dtype, docs, activation, rng):
     assert all(errors[name] < tol[name] for name in errors), errors
 
 
+@pytest.mark.parametrize(("dtype", "activation"), [(jnp.float32, "silu"), (jnp.bfloat16, None)],
+                         ids=["f32-silu", "bf16"])
+def test_zero_halo_matches_xla(dtype, activation, rng):
+    """convolve_zero_halo(x) (the kernels reading x and writing dx in place of xe's rows, zeros before) against
+    xla_convolve on xe = [zeros; x], with documents (a start at x's row 0, whose ids the zeros take)."""
+    xe, weight, bias, g = _inputs(rng, dtype)
+    x, ids = xe[:, W - 1:], _ids()[:, W - 1:]
+    ide = jnp.pad(ids, ((0, 0), (W - 1, 0)), mode="edge")
+    zero_padded = lambda x, w, b: xla_convolve(jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0))), w, b, ide, activation)
+    kernels = lambda x, w, b: causal_conv_mosaic.convolve_zero_halo(x, w, b, ids, activation=activation,
+                                                                    interpret=True, config=SMALL)
+    got = _values_and_grads(kernels, x, weight, bias, g)
+    errors = _errors(got, _values_and_grads(zero_padded, x, weight, bias, g))
+    assert got[1][0].shape == x.shape and got[1][0].dtype == dtype
+    tol = TOLS[jnp.dtype(dtype)]
+    assert all(errors[name] < tol[name] for name in errors), errors
+
+
 def test_nan_stays_in_its_document(rng):
     """A NaN in row 0's document of xe rows [17, 25): every output and dxe row outside it is the same bits as
     without the NaN (selected away, forward and backward, through the SiLU's recomputed input)."""
@@ -155,21 +174,21 @@ def test_refusals(rng):
 
 def test_lowers_for_cuda_at_the_mamba2_shape():
     """The compiled kernels (default Config) lower for CUDA without a GPU at Mamba-2 1.3B's convolution with
-    documents (B=1, L=65536, C=4352, W=4, bf16 xe, float32 weight and bias, activation None): Mosaic GPU's
-    lowering (layout inference, shared memory under a Hopper CTA's 227 KB) runs on CPU; the forward and the
-    backward, two kernels. (Without documents the kernels are these less the keep bits' selects; lowering them
-    too would take another ~12 s of the suite.)"""
+    documents (B=1, L=65536, C=4352, W=4, bf16 x, float32 weight and bias, activation None), as
+    convolve_zero_halo (the entry the model would take; `convolve`'s kernels differ by row offsets only and
+    lower in test_lowers_in_a_shard_map_with_check_vma): Mosaic GPU's lowering (layout inference, shared memory
+    under a Hopper CTA's 227 KB) runs on CPU; the forward and the backward, two kernels. (Each variant lowered
+    here takes ~10 s of the suite.)"""
     b, t, c, w = 1, 65536, 4352, 4
-    xe = jax.ShapeDtypeStruct((b, w - 1 + t, c), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((b, t, c), jnp.bfloat16)
     params = jax.ShapeDtypeStruct((w, c), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32)
-    ide = jax.ShapeDtypeStruct((b, w - 1 + t), jnp.int32)
-    g = jax.ShapeDtypeStruct((b, t, c), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
-    def step(xe, weight, bias, ide, g):
-        y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve(*a, ide), xe, weight, bias)
+    def step(x, weight, bias, ids, g):
+        y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve_zero_halo(*a, ids), x, weight, bias)
         return y, vjp(g)
 
-    text = jax.jit(step).trace(xe, *params, ide, g).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(step).trace(x, *params, ids, x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
 
 
