@@ -581,7 +581,7 @@ def _convolve(xe, weight, bias, ide, launch: _Launch):
     w = weight.shape[0] if weight.ndim == 2 else 0
     what = "xe [B, W-1+L, C]" if launch.halo else "x [B, L, C]"
     if weight.ndim != 2 or xe.ndim != 3 or weight.shape[1] != xe.shape[-1]:
-        raise ValueError(f"{xe.shape}, weight {weight.shape}: need {what} and weight [W, C]")
+        raise ValueError(f"{what.split()[0]} {xe.shape}, weight {weight.shape}: need {what} and weight [W, C]")
     if bias is not None and bias.shape != (xe.shape[-1],):
         raise ValueError(f"bias {bias.shape}: need [C] with C={xe.shape[-1]}")
     rows = xe.shape[1] + launch.offset(w)
