@@ -160,6 +160,10 @@ def test_refusals(rng):
         (lambda: conv(xe, activation="gelu"), "activation must be one of"),
         (lambda: conv(xe[:, 2:], weight[:1], config=SMALL), "width W=1"),
         (lambda: conv(xe, weight[:, :8]), "need xe \\[B, W-1\\+L, C\\] and weight \\[W, C\\]"),
+        (lambda: causal_conv_mosaic.convolve_zero_halo(xe[:, :44], weight, bias, None, interpret=True, config=SMALL),
+         "L=44 must be a multiple of the forward run"),
+        (lambda: causal_conv_mosaic.convolve_zero_halo(xe[:, :48], weight, bias, jnp.zeros((1, 47), jnp.int32)),
+         "ids \\(1, 47\\): need \\[B, L\\]"),
         (lambda: causal_conv_mosaic.Config(block_c=512), "block_c must be 128 or 256"),
         (lambda: causal_conv_mosaic.Config(block_t=32, bwd_run=48), "bwd_run must be a positive multiple"),
         (lambda: causal_conv_mosaic.Config(block_t=6), "block_t must be a multiple of 4"),
@@ -168,6 +172,7 @@ def test_refusals(rng):
         with pytest.raises(ValueError, match=message):
             call()
     assert causal_conv_mosaic.supported(xe, interpret=True, config=SMALL) is None
+    assert "L=51 must be a multiple" in causal_conv_mosaic.supported(xe, interpret=True, config=SMALL, halo=False)
     if jax.default_backend() != "gpu":
         assert "needs a CUDA GPU" in causal_conv_mosaic.supported(xe, config=SMALL)
 
