@@ -343,6 +343,7 @@ def test_gpu_mamba2_shape_matches_xla(impl, per_token, groups, rng):
 
     got = run(kernels, q, k, v)
     want = run(impls.IMPLS["xla"], *(x.astype(jnp.float32) for x in (q, k, v)))
+    print({name: f"{rel_err(got[name], want[name]):.2e}" for name in want})  # the measured errors (pytest -rA)
     for name in want:
         if name == "d_rates" and not per_token:
             continue  # constant rates: a constant for autodiff (zeros on both)
@@ -380,6 +381,8 @@ def test_gpu_lasp_attention_mamba2_shape(impl, monkeypatch, rng):
                                                      has_aux=True))
     (_, o), grads = grad(ours)(q, k, v, rates)
     (_, o_ref), grads_ref = grad(xla)(*(x.astype(jnp.float32) for x in (q, k, v)), rates)
-    for name, x, ref in zip(["o", "dq", "dk", "dv", "d_rates"], [o, *grads], [o_ref, *grads_ref]):
+    named = list(zip(["o", "dq", "dk", "dv", "d_rates"], [o, *grads], [o_ref, *grads_ref]))
+    print({name: [f"{e:.2e}" for e in per_rank_errors(x, ref, n)] for name, x, ref in named})  # pytest -rA
+    for name, x, ref in named:
         tol = GPU_D_RATES_TOL if name == "d_rates" else GPU_TOL
         assert max(per_rank_errors(x, ref, n)) < tol, (name, per_rank_errors(x, ref, n))
