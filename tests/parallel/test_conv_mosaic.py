@@ -231,17 +231,27 @@ GPU_TOL = {"y": 2e-3, "dxe": 2e-3, "dweight": 2e-6, "dbias": 2e-6}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("halo", [True, False], ids=["xe", "zero-halo"])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_gpu_matches_xla(activation):
+def test_gpu_matches_xla(activation, halo):
     """Compiled kernels (default Config) against xla_convolve: B=2, L=8192, C=1024, W=4, bf16 xe, float32
-    weight and bias, 8 documents per row."""
+    weight and bias, 8 documents per row; through `convolve` (xe with its own halo rows) and through
+    `convolve_zero_halo` (x, zeros before it: xla_convolve on the padded x)."""
     b, t, c, w = GPU_SHAPE
     rng = np.random.default_rng(0)
     xe, weight, bias, g = _inputs(rng, jnp.bfloat16, b=b, t=t, c=c, w=w)
     starts = [np.sort(rng.choice(np.arange(1, w - 1 + t), 7, replace=False)) for _ in range(b)]
     ide = jnp.asarray(document_ids(starts, w - 1 + t))
-    got = _values_and_grads(_kernels(ide, activation, causal_conv_mosaic.DEFAULT, interpret=False), xe, weight,
-                            bias, g, compiler_options=None)
-    errors = _errors(got, _values_and_grads(_xla(ide, activation), xe, weight, bias, g, compiler_options=None))
+    if halo:
+        kernels, reference, inputs = _kernels(ide, activation, causal_conv_mosaic.DEFAULT, interpret=False), \
+            _xla(ide, activation), xe
+    else:
+        ids = ide[:, w - 1:]
+        kernels = lambda x, w_, b_: causal_conv_mosaic.convolve_zero_halo(x, w_, b_, ids, activation=activation)
+        reference = lambda x, w_, b_: xla_convolve(jnp.pad(x, ((0, 0), (w - 1, 0), (0, 0))), w_, b_,
+                                                   jnp.pad(ids, ((0, 0), (w - 1, 0)), mode="edge"), activation)
+        inputs = xe[:, w - 1:]
+    got = _values_and_grads(kernels, inputs, weight, bias, g, compiler_options=None)
+    errors = _errors(got, _values_and_grads(reference, inputs, weight, bias, g, compiler_options=None))
     print(errors)  # the measured GPU errors (pytest -s)
     assert all(errors[name] < GPU_TOL[name] for name in errors), errors
