@@ -349,7 +349,8 @@ def resolve(impl: str, o, x, z, groups: int, *, per_device: bool = False) -> str
     if unknown or unusable). per_device: as if called inside a shard_map over the rows (a caller deciding
     whether to wrap the call in one); else under a mesh that XLA partitions the kernels are refused."""
     return kernel_support.resolve_per_device(
-        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: supported(o, x, z, groups, interpret=interpret),
+        impl, IMPLS, {"pallas_triton": QUALIFIED_GPUS},
+        lambda name: supported(o, x, z, groups, interpret=name == "pallas_triton_interpret"),
         split=not per_device and partitioned(o), split_hint="call it inside a shard_map over the rows, or use "
         "impl='xla'")
 

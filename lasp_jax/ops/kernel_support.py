@@ -45,24 +45,27 @@ def vary_like(a, like):
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
-def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: tuple[str, ...],
-                       supported: Callable[[bool], str | None], split: bool, split_hint: str) -> str:
-    """The impl a per-device kernel's `impl=` names: "xla", "pallas_triton" or "pallas_triton_interpret".
+def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: dict[str, tuple[str, ...]],
+                       supported: Callable[[str], str | None], split: bool, split_hint: str) -> str:
+    """The impl a per-device kernel's `impl=` names: "xla" or one of the kernels' impls in `impls` (each
+    compiled one NAME beside its interpreted NAME_interpret).
 
-    "auto" takes the compiled kernels on a device kind in `qualified` when `supported(False)` (a reason or None)
-    has none and the call is not `split` (under a mesh that XLA partitions); "xla" otherwise. A kernel named
-    outright that cannot run, or a split call (the kernels have no sharding rule), is a ValueError;
-    `split_hint` says what to do instead.
+    "auto" takes the first compiled impl of `qualified` ({NAME: the device kinds where its GPU tests passed and it
+    beat "xla"}) that lists this device's kind, when `supported(NAME)` (a reason or None) has none and the call is
+    not `split` (under a mesh that XLA partitions); "xla" otherwise. A kernel named outright that cannot run, or a
+    split call (the kernels have no sharding rule), is a ValueError; `split_hint` says what to do instead.
     """
     if impl not in impls:
         raise ValueError(f"unknown impl {impl!r}: expected one of {impls}")
     if impl == "auto":
-        if jax.devices()[0].device_kind in qualified and not split and supported(False) is None:
-            return "pallas_triton"
+        kind = jax.devices()[0].device_kind
+        for name, kinds in qualified.items():
+            if kind in kinds and not split and supported(name) is None:
+                return name
         return "xla"
     if impl == "xla":
         return impl
-    reason = supported(impl == "pallas_triton_interpret")
+    reason = supported(impl)
     if reason is not None:
         raise ValueError(f"impl {impl!r} cannot run these inputs: {reason}")
     if split:

@@ -21,12 +21,15 @@ kernels, whose backward recomputes its input rather than saving y). Mamba-2 appl
 through XLA that order was the faster on an H200 (benchmarks/results/conv_gpu_h200_s10.md).
 
 Implementations (`impl`): "xla" is the formula above as shifted slices (XLA fuses it; autodiff gives the
-backward). "pallas_triton" runs lasp_jax.ops.causal_conv_kernel's fused forward and backward kernels (compiled,
-CUDA GPUs of compute capability >= 8.0), "pallas_triton_interpret" the same in Pallas interpret mode (any
-platform; tests). Both compute the same sum to float32 rounding. "auto" takes the kernels only on the device
-kinds in QUALIFIED_GPUS, where their GPU tests passed and they beat "xla" (none yet), else "xla". The kernels
-run per device: sharded_causal_conv1d runs them inside its shard_map; causal_conv1d refuses them under a mesh
-that XLA partitions.
+backward). "pallas_mosaic" runs lasp_jax.ops.causal_conv_mosaic's forward and backward kernels (compiled, Hopper
+GPUs; on the piece itself, its zeros before position 0 never built), "pallas_mosaic_interpret" the same in Mosaic
+GPU's interpreter (tests). "pallas_triton" runs lasp_jax.ops.causal_conv_kernel's (compiled, CUDA GPUs of compute
+capability >= 8.0), "pallas_triton_interpret" those in Pallas interpret mode. All compute the same sums to float32
+rounding. "auto" takes the kernels of QUALIFIED_GPUS on the device kinds it lists for them (where their GPU tests
+passed and they beat "xla") when they take the shapes (the Mosaic kernels: channels a multiple of 256, each
+piece a multiple of 1024 positions or shorter and of 32), else "xla". The kernels run per device:
+sharded_causal_conv1d runs them inside its shard_map; causal_conv1d refuses them under a mesh that XLA
+partitions.
 """
 
 from __future__ import annotations
@@ -38,29 +41,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import causal_conv_kernel, checks, kernel_support, placement
+from lasp_jax.ops import causal_conv_kernel, causal_conv_mosaic, checks, kernel_support, placement
 from lasp_jax.ops.impls import partitioned
 from lasp_jax.parallel import layout
 
 
-IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
-# Exact jax device kinds where tests/parallel/test_conv_kernel.py's GPU test passed and the kernels beat "xla"
-# (benchmarks/conv_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30, Mamba-2 1.3B's shape with SiLU,
-# benchmarks/results/conv_gpu_h200_s10.md) the kernels at the default Config were slower: 0.929 / 4.496 ms forward
-# / forward+backward against xla's 0.669 / 3.391 (SiLU inside) and 0.747 / 3.024 (SiLU after rounding, what
-# Mamba-2 runs); the GPU test did not finish within its 95 s there. A sweep of launch sizes (conv_gpu_h200_s13.md)
-# found none faster than xla; without the fused SiLU the best took 2.513 ms forward+backward against xla's 2.428
-# (conv_gpu_h200_s14_no_silu.md).
-QUALIFIED_GPUS: tuple[str, ...] = ()
+IMPLS = ("auto", "xla", "pallas_mosaic", "pallas_mosaic_interpret", "pallas_triton", "pallas_triton_interpret")
+# {kernels: exact jax device kinds where their GPU tests passed and they beat "xla" (benchmarks/conv_gpu.py)}, in
+# the order "auto" tries them. On an H200 at Mamba-2 1.3B's shape (T 64K, C 4352, W 4, bf16, 16 documents, SiLU
+# after rounding as Mamba-2 runs it; benchmarks/results/conv_gpu_h200_s17.md) the Mosaic kernels took 0.672 /
+# 1.311 ms forward / forward+backward against XLA's 0.752 / 3.022, and tests/parallel/test_conv_mosaic.py's GPU
+# test passed. The Triton kernels lost to XLA (conv_gpu_h200_s10.md, _s13.md, _s14_no_silu.md: 2.513 ms
+# forward+backward at best against 2.428 without the SiLU).
+QUALIFIED_GPUS: dict[str, tuple[str, ...]] = {"pallas_mosaic": ("NVIDIA H200",), "pallas_triton": ()}
 
 
-def _resolve(impl: str, activation, x, *, per_device: bool) -> str:
-    """The implementation `impl` names for x ("xla" or a kernel's name); ValueError if unknown or unusable here.
-    per_device: the call runs inside shard_map (else under a partitioned mesh the kernels are refused)."""
+def _supported(name: str, x, width: int) -> str | None:
+    """Why the kernels of impl `name` (compiled or interpreted) cannot convolve x [B, L, C] here (None: they can)."""
+    interpret = name.endswith("_interpret")
+    if name.startswith("pallas_mosaic"):
+        return causal_conv_mosaic.supported(x, interpret, width=width, halo=False)
+    return causal_conv_kernel.supported(x, interpret=interpret)
+
+
+def _resolve(impl: str, activation, x, width: int, *, per_device: bool) -> str:
+    """The implementation `impl` names for x [B, L, C] (L a piece's length) and a width-`width` convolution ("xla"
+    or a kernel's name); ValueError if unknown or unusable here. per_device: the call runs inside shard_map (else
+    under a partitioned mesh the kernels are refused)."""
     if activation not in causal_conv_kernel.ACTIVATIONS:
         raise ValueError(f"activation must be one of {causal_conv_kernel.ACTIVATIONS}, got {activation!r}")
     return kernel_support.resolve_per_device(
-        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: causal_conv_kernel.supported(x, interpret=interpret),
+        impl, IMPLS, QUALIFIED_GPUS, lambda name: _supported(name, x, width),
         split=not per_device and partitioned(x), split_hint="use sharded_causal_conv1d (it runs the kernels per "
         "device inside shard_map), or impl='xla'")
 
@@ -88,8 +99,7 @@ def _check_inputs(x, weight, bias, segment_ids):
 def _apply(xe, weight, bias, ide, *, impl: str, activation, head=None):
     """The convolution of one piece, given the W-1 positions before it: xe [B, W-1+L, C] holds them (zeros before
     the sequence) then the piece, ide [B, W-1+L] their ids (documents) or None; by the XLA formula (impl "xla",
-    which also takes `xla_convolve`'s additive head) or the kernels (a resolved kernel impl). Returns y [B, L, C]
-    in xe's dtype."""
+    which also takes `xla_convolve`'s additive head) or the Triton kernels. Returns y [B, L, C] in xe's dtype."""
     if impl == "xla":
         return causal_conv_kernel.xla_convolve(xe, weight, bias, ide, activation, head)
     assert head is None, "the kernels take no head term"
@@ -100,6 +110,10 @@ def _apply(xe, weight, bias, ide, *, impl: str, activation, head=None):
 def _zero_padded(x, weight, bias, ids, *, impl: str, activation, head=None):
     """`_apply` with zeros before position 0: x [B, L, C], ids [B, L] or None -> y [B, L, C]. The padded ids are
     arbitrary: the padded positions are zeros, which no mask needs to keep out."""
+    if impl.startswith("pallas_mosaic"):  # the zeros are the kernels' own: no padded copy of x
+        assert head is None, "the kernels take no head term"
+        return causal_conv_mosaic.convolve_zero_halo(x, weight, bias, ids, activation=activation,
+                                                     interpret=impl == "pallas_mosaic_interpret")
     k = weight.shape[0] - 1
     ide = None if ids is None else jnp.pad(ids, ((0, 0), (k, 0)))
     return _apply(jnp.pad(x, ((0, 0), (k, 0), (0, 0))), weight, bias, ide, impl=impl, activation=activation,
@@ -136,14 +150,14 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
       bias: None or [C].
       segment_ids: None, or [B, T] integers: packed documents; no tap reaches across a document start.
       activation: None or "silu": applied to the float32 sum (module docstring).
-      impl: "auto", "xla", "pallas_triton" or "pallas_triton_interpret" (module docstring); the kernels refuse
+      impl: "auto", "xla" or a kernels' impl of IMPLS (module docstring); the kernels refuse
         a mesh that XLA partitions.
     Returns:
       y [B, T, C] in x's dtype, sharded like x.
     """
     ids = _check_inputs(x, weight, bias, segment_ids)
     _check_unsplit_sequence(x)
-    impl = _resolve(impl, activation, x, per_device=False)
+    impl = _resolve(impl, activation, x, weight.shape[0], per_device=False)
     return _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
 
 
@@ -233,6 +247,12 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     return jax.lax.dynamic_update_slice(y, head, (0, 0, 0))
 
 
+def _axes_size(mesh, axes) -> int:
+    """The number of devices a spec entry (None, a mesh axis or a tuple of them) splits a dimension over."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in names], dtype=int))
+
+
 def _check_piece(length, w, seq_axis):
     if length < w - 1:
         raise ValueError(f"each rank's piece of the sequence (L={length} positions) must hold at least W-1 = {w - 1} "
@@ -264,15 +284,18 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     mesh = layout.current_mesh(mesh)
     n = layout.check_seq_axis(mesh, seq_axis)
     w = weight.shape[0]
-    impl = _resolve(impl, activation, x, per_device=True)
     if layout.seq_is_manual(seq_axis):
         _check_piece(x.shape[1], w, seq_axis)
+        impl = _resolve(impl, activation, x, w, per_device=True)
         return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     # layout.place reads [B, T, H, D]: the channels stand as heads (independent, so they may stay sharded).
     x4_in = x[..., None]
     x4, _, _, spec, _ = layout.place(x4_in, x4_in, x4_in, mesh, seq_axis, batch_axes)
     _check_piece(x.shape[1] // n, w, seq_axis)
     specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
+    # The kernels take (or refuse) what one device holds: its piece of the rows, sequence and channels.
+    local = jax.ShapeDtypeStruct(tuple(d // _axes_size(mesh, a) for d, a in zip(x.shape, spec[:3])), x.dtype)
+    impl = _resolve(impl, activation, local, w, per_device=True)
     args = (x4[..., 0], weight, bias, ids)
     if AxisType.Explicit in tuple(mesh.axis_types):
         args = tuple(a if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))

@@ -7,6 +7,8 @@ shapes and configs refused; the compiled kernels' lowering for CUDA at Mamba-2 1
 with check_vma (no GPU needed); and on a GPU, the compiled kernels against the formula at a mid shape.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import causal_conv_mosaic
 from lasp_jax.ops.causal_conv_kernel import xla_convolve
-from tests.util import H200, document_ids, rel_err
+from lasp_jax.parallel import causal_conv
+from tests.util import H200, document_ids, per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shape spans several of each: L = 48 is 2 runs of 3 tiles of 8 rows (forward and
@@ -132,6 +135,47 @@ def test_nan_stays_in_its_document(rng):
     np.testing.assert_array_equal(dxe[1], dxe_ref[1])
 
 
+def _through_causal_conv(impl, ids, sharded=False):
+    """lasp_jax.parallel.causal_conv's one-device or sharded convolution (documents ids, SiLU) by `impl`."""
+    if sharded:
+        return lambda x, w, b_: causal_conv.sharded_causal_conv1d(x, w, b_, segment_ids=ids, activation="silu",
+                                                                  impl=impl)
+    return lambda x, w, b_: causal_conv.causal_conv1d(x, w, b_, segment_ids=ids, activation="silu", impl=impl)
+
+
+def test_through_causal_conv_on_one_device(rng):
+    """impl="pallas_mosaic_interpret" through causal_conv1d (default Config: C = 256 one channel block, a piece
+    of 128 rows; documents, SiLU) against "xla": y, dx, dweight, dbias. Measured (float32): within 1.3e-7 (the
+    same sums in other orders). Sharded, the kernels run in `_local` as the Triton kernels do (tested interpreted
+    in test_conv_kernel; Mosaic GPU's interpreter runs on one device only): lowered below, run on GPUs in the GPU
+    test."""
+    xe, weight, bias, g = _inputs(rng, jnp.float32, b=2, t=128, c=256)
+    x, ids = xe[:, W - 1:], jnp.asarray(document_ids([[40, 62, 64, 100], [64]], 128))
+    y_ref, grads_ref = _values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g)
+    y, grads = _values_and_grads(_through_causal_conv("pallas_mosaic_interpret", ids), x, weight, bias, g)
+    assert max(rel_err(a, r) for a, r in zip((y, *grads), (y_ref, *grads_ref))) < F32_TOL
+
+
+def test_auto_takes_the_first_qualified_kernels_that_take_the_shape(monkeypatch):
+    """causal_conv's "auto": the first impl of QUALIFIED_GPUS listing this device's kind whose kernels take the
+    piece (`_supported` has no reason), "xla" when none does or the call is split by XLA; the Mosaic kernels'
+    reason off a GPU."""
+    x = jax.ShapeDtypeStruct((1, 1024, 256), jnp.bfloat16)
+    kind = jax.devices()[0].device_kind
+    monkeypatch.setattr(causal_conv, "QUALIFIED_GPUS", {"pallas_mosaic": (kind,), "pallas_triton": (kind,)})
+    refuse = set()
+    monkeypatch.setattr(causal_conv, "_supported", lambda name, x, w: "refused" if name in refuse else None)
+    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "pallas_mosaic"
+    refuse.add("pallas_mosaic")
+    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "pallas_triton"
+    refuse.add("pallas_triton")
+    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "xla"
+    monkeypatch.undo()
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="impl 'pallas_mosaic' cannot run these inputs: .*GPU"):
+            causal_conv._resolve("pallas_mosaic", None, x, W, per_device=True)
+
+
 def test_no_races(rng):
     """Mosaic GPU's interpreter with its happens-before race detector (which does flag a ring without the
     consumed barriers' waits): neither kernel races between the TMA copies and the compute warpgroup's reads
@@ -198,36 +242,37 @@ def test_lowers_for_cuda_at_the_mamba2_shape():
 
 
 def test_lowers_in_a_shard_map_with_check_vma():
-    """Without a GPU: the compiled kernels per shard inside a shard_map over a 2 x 4 (data x seq) mesh of abstract
-    H200s, check_vma on: weight and bias cast to vary as xe does, the kernels' outputs typed to vary over xe's
-    axes (kernel_support), so the gradients of the replicated weight and bias come back as sums."""
+    """Without a GPU: sharded_causal_conv1d's per-rank body (causal_conv._local: the piece by the kernels, its
+    first W-1 outputs again over the received halo) with the compiled kernels inside a shard_map over a 2 x 4
+    (data x seq) mesh of abstract H200s, check_vma on: weight and bias cast to vary as x does, the kernels'
+    outputs typed to vary over x's axes (kernel_support), so the gradients of the replicated weight and bias come
+    back as sums; the halo's two collective-permutes."""
     mesh = jax.sharding.AbstractMesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2,
                                      abstract_device=H200)
     spec = P("data", "seq")
-    config = causal_conv_mosaic.Config(block_c=128, block_t=8, fwd_run=16, bwd_run=16)
+    body = functools.partial(causal_conv._local, seq_axis="seq", n=4, impl="pallas_mosaic", activation=None)
 
-    def step(xe, weight, bias, ide, g):
-        y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve(*a, ide, config=config), xe, weight, bias)
+    def step(x, weight, bias, ids, g):
+        y, vjp = jax.vjp(lambda *a: body(*a, ids), x, weight, bias)
         return y, vjp(g)
 
     local = jax.shard_map(step, mesh=mesh, in_specs=(spec, P(), P(), spec, spec), out_specs=(spec, (spec, P(), P())))
     typed = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, s))
-    rows = 4 * (W - 1 + 16)  # each shard: xe [W-1+16, C] of its own piece of 16 positions
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(mesh):  # each shard: a piece of 64 positions, 256 channels
         text = jax.jit(local).trace(
-            typed((4, rows, 128), jnp.bfloat16, spec), typed((W, 128), jnp.float32, P()),
-            typed((128,), jnp.float32, P()), typed((4, rows), jnp.int32, spec),
-            typed((4, 64, 128), jnp.bfloat16, spec)).lower(lowering_platforms=("cuda",)).as_text()
+            typed((4, 256, 256), jnp.bfloat16, spec), typed((W, 256), jnp.float32, P()),
+            typed((256,), jnp.float32, P()), typed((4, 256), jnp.int32, spec),
+            typed((4, 256, 256), jnp.bfloat16, spec)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
+    assert text.count("collective_permute") == 2
 
 
-# The compiled kernels against the formula at a mid shape: not yet run on a GPU, so these bounds are set from the
-# rounding, not measured: y and dxe may flip one bf16 ulp (2^-8 relative) wherever the compiler's FMA contraction
-# moves a float32 sum across a rounding boundary (2e-3: a quarter of the elements flipping); dweight and dbias are
-# float32 sums over 16K rows in another order (chains of 32 tile rows, 32 tiles, then XLA's sum over CTAs: about
-# 6e-8 sqrt(16) each, 2e-6 leaves room; the Triton kernels' measured 1.9e-7 over 64K rows on an H200).
+# The compiled kernels against the formula at a mid shape, measured on an H200 (2026-11-30, through `convolve`):
+# y 5.3e-6 to 6.6e-6 and dxe 1.5e-5 to 1.6e-5 (a few bf16 ulp flips where the compiler's FMA contraction moves a
+# float32 sum across a rounding boundary), dweight 1.6e-7 to 2.1e-7 and dbias 0.9e-7 to 2.0e-7 (float32 sums over
+# 16K rows in another order).
 GPU_SHAPE = (2, 8192, 1024, 4)
-GPU_TOL = {"y": 2e-3, "dxe": 2e-3, "dweight": 2e-6, "dbias": 2e-6}
+GPU_TOL = {"y": 5e-5, "dxe": 5e-5, "dweight": 6e-7, "dbias": 6e-7}
 
 
 @pytest.mark.gpu
@@ -255,3 +300,27 @@ def test_gpu_matches_xla(activation, halo):
     errors = _errors(got, _values_and_grads(reference, inputs, weight, bias, g, compiler_options=None))
     print(errors)  # the measured GPU errors (pytest -s)
     assert all(errors[name] < GPU_TOL[name] for name in errors), errors
+
+
+@pytest.mark.gpu
+def test_gpu_sharded_matches_one_device():
+    """sharded_causal_conv1d with impl="pallas_mosaic" over every GPU here (seq axis; pieces of 8192) against
+    one-device "xla": B=1, C=1024, bf16, SiLU, documents starting at each rank boundary and crossing each: y and
+    dx on every rank, dweight and dbias (the halo's taps recomputed by XLA's formula in `_local`)."""
+    n = len(jax.devices())
+    b, t, c, w = 1, 8192 * n, 1024, W
+    rng = np.random.default_rng(0)
+    xe, weight, bias, g = _inputs(rng, jnp.bfloat16, b=b, t=t, c=c, w=w)
+    x = xe[:, w - 1:]
+    ids = jnp.asarray(document_ids([sorted({100, *range(8192, t, 8192), *range(8190, t, 8192)})], t))
+    y_ref, grads_ref = _values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g, compiler_options=None)
+    mesh = jax.make_mesh((n,), ("seq",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
+        y, grads = _values_and_grads(_through_causal_conv("pallas_mosaic", ids, sharded=True), xs, weight, bias, g,
+                                     compiler_options=None)
+    errors = {"y": per_rank_errors(y, y_ref, n), "dx": per_rank_errors(grads[0], grads_ref[0], n),
+              "dweight": [rel_err(grads[1], grads_ref[1])], "dbias": [rel_err(grads[2], grads_ref[2])]}
+    print(errors)  # the measured GPU errors (pytest -rA)
+    tol = {"y": GPU_TOL["y"], "dx": GPU_TOL["dxe"], "dweight": GPU_TOL["dweight"], "dbias": GPU_TOL["dbias"]}
+    assert all(max(errors[name]) < tol[name] for name in errors), errors
