@@ -223,8 +223,10 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     select of two pads.
 
     The kernels' output is a buffer of their own, so there the first W-1 outputs are convolved again over [halo;
-    first W-1 positions] by XLA's formula and written over it in place (a kernel launch each way would cost more
-    than that work).
+    first W-1 positions] by XLA's formula and selected over it (a kernel launch each way would cost more than that
+    work). A select, not a dynamic_update_slice: XLA fuses the select into y's consumers, while it made the update
+    of a Mosaic GPU kernel's output an in-place slice fusion that it then refused to compile ("DUS target must be
+    a fusion parameter", jax 0.11.2 on an H200).
     """
     k = weight.shape[0] - 1
     # Varying once for both terms: their gradients are summed on the rank, then all-reduced once.
@@ -244,7 +246,8 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     y = _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
     head = _apply(jnp.concatenate([halo, x[:, :k]], axis=1), weight, bias, window_ids, impl="xla",
                   activation=activation)
-    return jax.lax.dynamic_update_slice(y, head, (0, 0, 0))
+    first = jax.lax.broadcasted_iota(jnp.int32, (1, y.shape[1], 1), 1) < head.shape[1]
+    return jnp.where(first, jnp.pad(head, ((0, 0), (0, y.shape[1] - head.shape[1]), (0, 0))), y)
 
 
 def _axes_size(mesh, axes) -> int:
