@@ -148,9 +148,9 @@ KERNEL_CASES = {
 # Worst measured over seeds 0-2 (CPU, against float64 over repeated heads): Triton fp32 1.8e-7 (d_rates 1.3e-6:
 # exponents of chunk-local running sums; 1.7e-6 on another draw), bounds 5e-7 and 4e-6;
 # Mosaic bf16 (the same rounded inputs; bf16 shares of up to 2 heads summed in float32) 3.4e-3 (dq; o 2.4e-3),
-# d_rates 5.7e-3, bounds test_pallas_mosaic_tokens' IMPL_TOL, D_RATES_TOL (7e-3, 1.2e-2). A head read by the
-# wrong output head is an O(1) error.
-KERNEL_TOLS = {"fp32": (5e-7, 4e-6), "bf16": (7e-3, 1.2e-2)}
+# d_rates 2.2e-3 (5.7e-3 before the walks rounded the pair terms crossing a chunk alike), bound
+# test_pallas_mosaic_tokens' IMPL_TOL (7e-3). A head read by the wrong output head is an O(1) error.
+KERNEL_TOLS = {"fp32": (5e-7, 4e-6), "bf16": (7e-3, 7e-3)}
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
@@ -294,12 +294,11 @@ def test_linear_attention_with_sharded_heads(rng):
 # dims (Dk != Dv without GVA).
 MAMBA2 = dict(b=1, t=4096, h=32, dk=128, dv=64)
 GPU_GROUPS = {"g1": 1, "g8": 8, "g32_mha": 32}
-# Against xla in float32 on the same rounded inputs: the bounds of the MHA/GQA GPU tests at T = 4096, d = 128,
-# bf16 (o, dq, dk, dv, the final state and d_initial_state 7e-3: 2.6x the 2.67e-3 the H200 measured at scale
-# d^-0.5, tests/util.BF16_TOL; d_rates 1.5e-2: test_pallas_triton_tokens.test_gpu_matches_xla's, 3x its
-# interpreted 4.8e-3, above the Mosaic token walks' 1.2e-2 that passed on an H200). The interpreted GVA cases
-# above (bf16 Mosaic walks, bf16 shares of up to 2 heads) measured within the MHA bounds.
-GPU_TOL, GPU_D_RATES_TOL = BF16_TOL, 1.5e-2
+# Against xla in float32 on the same rounded inputs: the bound of the MHA/GQA GPU tests at T = 4096, d = 128,
+# bf16, tests/util.BF16_TOL (7e-3: 2.6x the 2.67e-3 the H200 measured at scale d^-0.5). Measured here on an H200
+# (2026-11-30, gpu_s17_log_excerpts.txt): o 2.42e-3, dq and dk up to 3.34e-3 (the Mosaic walks' bf16 shares of
+# 32 heads summed in float32), dv 2.94e-3, d_rates 2.46e-3 to 2.52e-3, the states' 1.6e-3 to 2.4e-3.
+GPU_TOL = BF16_TOL
 
 
 def _mamba2_inputs(rng, groups, per_token, b, t, h, dk, dv):
@@ -349,8 +348,7 @@ def test_gpu_mamba2_shape_matches_xla(impl, per_token, groups, rng):
             continue  # constant rates: a constant for autodiff (zeros on both)
         assert got[name].shape == want[name].shape, name
         assert np.all(np.isfinite(np.asarray(got[name], np.float32))), name
-        tol = GPU_D_RATES_TOL if name == "d_rates" else GPU_TOL
-        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+        assert rel_err(got[name], want[name]) < GPU_TOL, (name, rel_err(got[name], want[name]))
 
 
 @pytest.mark.gpu
@@ -384,5 +382,4 @@ def test_gpu_lasp_attention_mamba2_shape(impl, monkeypatch, rng):
     named = list(zip(["o", "dq", "dk", "dv", "d_rates"], [o, *grads], [o_ref, *grads_ref]))
     print({name: [f"{e:.2e}" for e in per_rank_errors(x, ref, n)] for name, x, ref in named})  # pytest -rA
     for name, x, ref in named:
-        tol = GPU_D_RATES_TOL if name == "d_rates" else GPU_TOL
-        assert max(per_rank_errors(x, ref, n)) < tol, (name, per_rank_errors(x, ref, n))
+        assert max(per_rank_errors(x, ref, n)) < GPU_TOL, (name, per_rank_errors(x, ref, n))
