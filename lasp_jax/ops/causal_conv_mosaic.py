@@ -69,7 +69,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from lasp_jax.ops import kernel_support
 
 _F32 = jnp.float32
-_HOPPER = "9.0"
 _LANES = 128  # threads of a warpgroup: each owns block_c / 128 adjacent channels of every row
 ACTIVATIONS = (None, "silu")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -128,15 +127,8 @@ def supported(xe, interpret: bool | plgpu.InterpretGPUParams = False, width: int
     reason = _shape_reason(xe, width, config, halo)
     if reason is not None or interpret:
         return reason
-    if jax.default_backend() != "gpu":
-        return (f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); interpret=True runs "
-                "Mosaic GPU's CPU interpreter")
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability != _HOPPER:
-        return (f"the kernels are written for Hopper (compute capability {_HOPPER}); this is {device.device_kind!r} "
-                f"(compute capability {capability})")
-    return None
+    return kernel_support.hopper_unavailable("the convolution's Mosaic kernels (TMA)",
+                                             "interpret=True runs Mosaic GPU's CPU interpreter")
 
 
 def _shape_reason(xe, width: int, config: Config, halo: bool) -> str | None:
@@ -153,6 +145,9 @@ def _shape_reason(xe, width: int, config: Config, halo: bool) -> str | None:
         return f"C={c} is not a multiple of Config.block_c={config.block_c} (the kernels do not pad)"
     if length < 1:
         return f"L={length}: {xe.shape} holds no position of the piece"
+    if not halo and config.block_t < width:  # the first tile holds the W-1 zero rows, then x's first rows
+        return (f"Config.block_t={config.block_t} is below the width W={width}: the piece alone (zeros before it) "
+                "needs tiles of at least W rows")
     for backward in (False, True):
         run = config.run(length, backward)
         if run % config.block_t or length % run:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
+HOPPER = "9.0"  # compute capability: wgmma and TMA as the Mosaic GPU kernels use them (sm_90a)
 
 
 def triton_unavailable() -> str | None:
@@ -31,6 +32,19 @@ def triton_unavailable() -> str | None:
     if capability is None or tuple(int(c) for c in str(capability).split(".")) < MIN_CAPABILITY:
         return (f"the Triton kernels need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this is "
                 f"{device.device_kind!r} (compute capability {capability})")
+    return None
+
+
+def hopper_unavailable(what: str, interpreted: str) -> str | None:
+    """None when a compiled Mosaic GPU kernel for Hopper can run here, else the reason: `what` needs Hopper;
+    `interpreted` says what runs without one (the interpreted impl)."""
+    if jax.default_backend() != "gpu":
+        return f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); {interpreted}"
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability != HOPPER:
+        return (f"{what} needs a Hopper GPU (compute capability {HOPPER}, sm_90a); this is {device.device_kind!r} "
+                f"(compute capability {capability})")
     return None
 
 
@@ -81,7 +95,9 @@ def rounded_to(x, dtype):
     Why not x.astype(dtype).astype(f32): in interpret mode a kernel runs as XLA:CPU code, which may drop that
     round trip as excess precision (lax.reduce_precision, which it keeps, has no Pallas Triton lowering). bf16
     is rounded on the bits, by integer ops that lower everywhere (Triton, Mosaic GPU, their interpreters), ties
-    to even as the cast; float16 keeps the round trip (compiled kernels round it; interpreted, XLA may not).
+    to even as the cast: the same bits for every finite or infinite x (overflow to infinity included); a NaN may
+    come back as a zero or an infinity (the walks' callers keep it through their other term: S - rounded(S),
+    w's own row dot). float16 keeps the round trip (compiled kernels round it; interpreted, XLA may not).
     """
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:

@@ -94,7 +94,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from lasp_jax.ops import kernel_support, pallas_triton, pieces, pieces_tokens
 
 _F32 = jnp.float32
-_HOPPER = "9.0"  # compute capability: wgmma is sm_90a only (Blackwell has tcgen05 instead)
 _COMPUTE_WGS = 2  # compute warpgroups; each owns half the columns of the state
 _SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may take
 HEAD_DIMS = (64, 128)  # Dk and Dv (equal or not): what the kernel is written for and tested on (interpreted)
@@ -107,7 +106,9 @@ class Config:
     chunk: rows per chunk (the wgmma M of the intra-chunk products; a multiple of 64). stages: shared-memory
     ring depth of the X, Y, Z chunk loads (each stage holds 3 x chunk x 128 bf16 = 48 KB at C = 64; Hopper
     offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed Z
-    columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not). compute_registers,
+    columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not; the per-token dQ and
+    dK walks' residual state operand leaves 2 at Dx = Dz = 128: `_launch` takes the deepest ring up to stages
+    that fits). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
     approx_math: fast approximate exp (on: the walks' GPU tests passed with it on an H200, and a Mamba-2 1.3B SSD
     layer took 7.731 ms forward+backward against 8.035 without, its errors unchanged; KERNEL_NOTES.md, sessions
@@ -211,7 +212,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
         out_ref, smem, loaded, consumed = rest
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
     # With tokens the table stages take the output's staging buffer, whose rows go through zw_smem instead
-    # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages).
+    # (a Hopper CTA's 227 KB hold one or the other at d=128 and 3 stages; the dots walks' 2 at d=128).
     out_smem, table_smem = (zw_smem, last) if tokens else (last, None)
     x_bar, y_bar, z_bar = loaded[:3]
     b, h, p = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p")
@@ -453,8 +454,9 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
       scale: a static float multiplying the pair weights and q_side: the output's state term forward (o, dQ),
       the state's update in reverse (dK, dV), as walk's scale and scale_update do.
       dots_with: None, or w [B, T, Hw, Dz] bf16 (Hw dividing H, read at head h // (H / Hw)): then each row's
-      out_t . w_t from the float32 output row before its rounding comes back too (q . dq from the dQ walk, k . dk
-      from the dK walk: the decay gradient's terms).
+      out_t . w_t comes back too, in float32 before the output's rounding, its state part from the rows the other
+      walk rounds (q . dq from the dQ walk, k . dk from the dK walk: the decay gradient's terms; the module
+      docstring). These walks also take the state as two bf16 operands.
     Returns:
       out [B, T, H, Dz] bf16, and with dots_with the dots [B, H, T] float32.
     """
@@ -531,8 +533,8 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
             smem += (plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma), plgpu.SMEM((_COMPUTE_WGS, c), _F32))
         return smem
 
-    # The deepest ring that fits: the dots walks' residual operand (16 KB at Dx = 64, 32 KB at 128) leaves room
-    # for 2 stages at Dx = Dz = 128.
+    # The deepest ring that fits: the dots walks' residual operand (Dx Dz bf16: 16 KB at Dx = 64, Dz = 128; 32 KB
+    # at 128, 128) leaves room for 2 stages at Dx = Dz = 128 (config.stages is an upper bound).
     stages = max(1, min(config.stages, piece_len // c))
     while stages > 1 and _bytes(shared_memory(stages)) > _SMEM_BYTES:
         stages -= 1
@@ -576,15 +578,7 @@ def supported(q, k, v, interpret: bool = False) -> str | None:
         return f"q, k, v must be bfloat16 (wgmma operands); got {q.dtype}, {k.dtype}, {v.dtype}"
     if interpret:
         return None
-    if jax.default_backend() != "gpu":
-        return (f"Mosaic GPU needs a CUDA GPU (backend here: {jax.default_backend()}); impl "
-                "'pallas_mosaic_interpret' runs on CPU")
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability != _HOPPER:
-        return (f"wgmma needs a Hopper GPU (compute capability {_HOPPER}, sm_90a); this is {device.device_kind!r} "
-                f"(compute capability {capability})")
-    return None
+    return kernel_support.hopper_unavailable("wgmma", "impl 'pallas_mosaic_interpret' runs on CPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,7 +637,7 @@ class Walks(pieces.Driven, pieces_tokens.DrivenTokens):
 
     def grads_tokens(self, q, k, v, do, tables, pieces_in, pieces_out, plan, scale):
         """The roles of `grads` with the token walks; the dQ and dK walks also return each row's q . dq and
-        k . dk from their float32 rows, whose difference is the decay gradient's x. Each gradient is per output
+        k . dk (`token_walk`'s dots_with), whose difference is the decay gradient's x. Each gradient is per output
         head: bf16 shares where its input has fewer heads than H (the driver sums them in float32)."""
         dq, q_dq = self._token_walk(do, v, k, tables, _transposed(pieces_in), plan, reverse=False, scale=scale,
                                     dots_with=q)

@@ -42,7 +42,7 @@ STARTS = ([1, 11, 17, 25, 27, 28, 49], [3, 19])
 F32_TOL = 4e-7
 TOLS = {jnp.dtype(jnp.float32): dict.fromkeys(("y", "dxe", "dweight", "dbias"), F32_TOL),
         jnp.dtype(jnp.bfloat16): {"y": 1e-4, "dxe": 1e-4, "dweight": F32_TOL, "dbias": F32_TOL},
-        jnp.dtype(jnp.float16): {"y": 3e-5, "dxe": 3e-5, "dweight": F32_TOL, "dbias": F32_TOL}}
+        jnp.dtype(jnp.float16): {"y": 5e-6, "dxe": 3e-5, "dweight": F32_TOL, "dbias": F32_TOL}}
 
 
 def _inputs(rng, dtype, b=B, t=L, c=C, w=W):
@@ -147,8 +147,9 @@ def test_through_causal_conv_on_one_device(rng):
     """impl="pallas_mosaic_interpret" through causal_conv1d (default Config: C = 256 one channel block, a piece
     of 128 rows; documents, SiLU) against "xla": y, dx, dweight, dbias. Measured (float32): within 1.3e-7 (the
     same sums in other orders). Sharded, the kernels run in `_local` as the Triton kernels do (tested interpreted
-    in test_conv_kernel; Mosaic GPU's interpreter runs on one device only): lowered below, run on GPUs in the GPU
-    test."""
+    in test_conv_kernel): lowered below and run on GPUs in the GPU test. Not interpreted: under a shard_map over
+    two CPU devices jax 0.11.2's Mosaic GPU interpreter fails ("Barrier remains allocated") at B = 2, and at B = 1
+    on any run after a process's first."""
     xe, weight, bias, g = _inputs(rng, jnp.float32, b=2, t=128, c=256)
     x, ids = xe[:, W - 1:], jnp.asarray(document_ids([[40, 62, 64, 100], [64]], 128))
     y_ref, grads_ref = _values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g)
@@ -217,6 +218,9 @@ def test_refusals(rng):
             call()
     assert causal_conv_mosaic.supported(xe, interpret=True, config=SMALL) is None
     assert "L=51 must be a multiple" in causal_conv_mosaic.supported(xe, interpret=True, config=SMALL, halo=False)
+    short_tiles = causal_conv_mosaic.Config(block_c=128, block_t=4, fwd_run=8, bwd_run=8)
+    assert "block_t=4 is below the width W=5" in causal_conv_mosaic.supported(
+        xe[:, :48], interpret=True, width=5, config=short_tiles, halo=False)
     if jax.default_backend() != "gpu":
         assert "needs a CUDA GPU" in causal_conv_mosaic.supported(xe, config=SMALL)
 
@@ -272,7 +276,7 @@ def test_lowers_in_a_shard_map_with_check_vma():
 # float32 sum across a rounding boundary), dweight 1.6e-7 to 2.1e-7 and dbias 0.9e-7 to 2.0e-7 (float32 sums over
 # 16K rows in another order).
 GPU_SHAPE = (2, 8192, 1024, 4)
-GPU_TOL = {"y": 5e-5, "dxe": 5e-5, "dweight": 6e-7, "dbias": 6e-7}
+GPU_TOL = {"y": 2e-5, "dxe": 5e-5, "dweight": 6e-7, "dbias": 6e-7}
 
 
 @pytest.mark.gpu
