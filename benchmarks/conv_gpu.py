@@ -1,7 +1,7 @@
 """Mamba-2's depthwise causal convolution on one GPU: the XLA formula against the fused Pallas Triton kernels
 (lasp_jax.ops.causal_conv_kernel) and the Mosaic GPU kernels (lasp_jax.ops.causal_conv_mosaic), forward and
-forward+backward. It is what decides whether lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU (with
-tests/parallel/test_conv_kernel.py's GPU test), and whether the Mosaic kernels are worth wiring in.
+forward+backward. It is what decides whether lasp_jax.parallel.causal_conv.QUALIFIED_GPUS names this GPU for
+either kernels (with their GPU tests, tests/parallel/test_conv_kernel.py and test_conv_mosaic.py).
 
     python3 -m benchmarks.conv_gpu [--batch 1] [--length 65536] [--channels 4352] [--width 4] [--docs 16]
         [--activation silu] [--dtype bfloat16]

@@ -43,7 +43,7 @@ over the device bandwidth `measure.copy_bandwidth_gbs` measured first. Writes pr
 results/profile_pieces_h200_s8.md) the constant run took under 140 s, nearly all of it compiles (each row's
 first_call_s: its compile and first run: 38 s together); the timings are milliseconds each. The per-token rows
 (2026-11-30, results/profile_pieces_h200_s9_tokens.md and _scan.md, at pieces of at most 512 positions, the
-per-token path's cut then) took about a minute per (impl, shape, piece length). The first shape runs for every
+per-token path's cut then) took about a minute per (impl, shape) and piece length. The first shape runs for every
 impl before the second.
 """
 

@@ -119,8 +119,9 @@ class Mamba2Mixer(nnx.Module):
         [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
         cfg = self.cfg
         inner, gn = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state
-        # SiLU on the convolution's rounded output: on an H200 this order's forward + backward took 3.02 ms at
-        # the 1.3B's shape against 3.39 ms for the SiLU inside the fp32 sum (benchmarks/results/conv_gpu_h200_s10.md).
+        # SiLU on the convolution's rounded output: on an H200 at the 1.3B's shape the Mosaic convolution kernels
+        # then SiLU take 1.31 ms forward + backward against 1.98 ms with the SiLU fused inside their float32 sum
+        # (benchmarks/results/conv_gpu_h200_s17.md; through XLA 3.02 against 3.39, conv_gpu_h200_s10.md).
         xbc = jax.nn.silu(xbc)
         x = xbc[..., :inner].reshape(*xbc.shape[:-1], cfg.ssm_heads, cfg.resolved_head_dim)
         k = xbc[..., inner:inner + gn].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)

@@ -26,7 +26,8 @@ per-position weights instead of powers. The dQ and dK walks also write each row'
 (per head-dim tile, summed in XLA) for the decay gradient.
 
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
-as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla); fp32
+as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla; under
+per-token decay the dQ and dK kernels take the state as two bf16 operands, `_dq_kernel` says why); fp32
 inputs use full-precision (IEEE, not tf32) matmuls. Powers of lambda are exp(-s * n) with n >= 0. The
 attention's `scale` rides on the float32 tables: the intra-chunk mask (every score) and the q-side decay row
 lambda^i (the output's and dQ's state terms, the Q, dO state pass and dS's update); the K, V side is unscaled.
@@ -296,7 +297,8 @@ def _dq_kernel(*refs, c, precision, scale, tokens):
     for a Mamba-2 1.3B layer on an H200, growing with the piece). So under tokens the state term is taken
     with S split in two bf16 operands (`_state_product`) and q . dq's state part from the rows the dK walk
     rounds (`_consistent_row_dots`), and the dK walk does the mirror: 1.9e-3 at any piece length
-    (benchmarks/results/walks_gpu_h200_s16_ratesgrad.md)."""
+    (benchmarks/results/walks_gpu_h200_s17.md; the fix costs these walks 0.8 ms at a Mamba-2 1.3B layer at equal
+    pieces, and the pieces of 512 it made needless cost more)."""
     decays, refs = _decay_source(refs, c, scale, tokens)
     do_ref, k_ref, v_ref, state_ref = refs[:4]
     q_ref, dq_ref, qdq_ref = refs[4:] if tokens else (None, refs[4], None)

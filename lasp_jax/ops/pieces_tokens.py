@@ -62,7 +62,6 @@ from lasp_jax.ops import pieces, states
 _F32 = jnp.float32
 
 
-
 class ChunkTables(NamedTuple):
     """What the walks need about the decay, per chunk of C positions (T the padded length; `TokenBackend`
     gives the walks). Every row of a (batch, head) is contiguous, so a chunk is one [C] load per table.

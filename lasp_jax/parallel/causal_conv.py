@@ -102,7 +102,7 @@ def _apply(xe, weight, bias, ide, *, impl: str, activation, head=None):
     which also takes `xla_convolve`'s additive head) or the Triton kernels. Returns y [B, L, C] in xe's dtype."""
     if impl == "xla":
         return causal_conv_kernel.xla_convolve(xe, weight, bias, ide, activation, head)
-    assert head is None, "the kernels take no head term"
+    assert impl in ("pallas_triton", "pallas_triton_interpret") and head is None, (impl, "the Triton kernels only")
     return causal_conv_kernel.convolve(xe, weight, bias, ide, activation=activation,
                                        interpret=impl == "pallas_triton_interpret")
 
@@ -250,12 +250,6 @@ def _local(x, weight, bias, ids, *, seq_axis, n, impl, activation):
     return jnp.where(first, jnp.pad(head, ((0, 0), (0, y.shape[1] - head.shape[1]), (0, 0))), y)
 
 
-def _axes_size(mesh, axes) -> int:
-    """The number of devices a spec entry (None, a mesh axis or a tuple of them) splits a dimension over."""
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in names], dtype=int))
-
-
 def _check_piece(length, w, seq_axis):
     if length < w - 1:
         raise ValueError(f"each rank's piece of the sequence (L={length} positions) must hold at least W-1 = {w - 1} "
@@ -297,8 +291,8 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     _check_piece(x.shape[1] // n, w, seq_axis)
     specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
     # The kernels take (or refuse) what one device holds: its piece of the rows, sequence and channels.
-    local = jax.ShapeDtypeStruct(tuple(d // _axes_size(mesh, a) for d, a in zip(x.shape, spec[:3])), x.dtype)
-    impl = _resolve(impl, activation, local, w, per_device=True)
+    local = tuple(d // placement.size(mesh, placement.axes(a)) for d, a in zip(x.shape, spec[:3]))
+    impl = _resolve(impl, activation, jax.ShapeDtypeStruct(local, x.dtype), w, per_device=True)
     args = (x4[..., 0], weight, bias, ids)
     if AxisType.Explicit in tuple(mesh.axis_types):
         args = tuple(a if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))

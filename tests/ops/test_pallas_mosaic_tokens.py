@@ -282,8 +282,9 @@ def _abstract(b, t, h, pieces, d, dz, hx):
                          ids=["d128", "d64", "dx128_dz64_gva", "dx64_dz128_gva"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d, dz, hx):
-    """B=1, H=16, T=64K, 8 pieces of 8K, 3 stages, with and without the rows' dots: Mosaic GPU's lowering
-    (layout inference, shared memory under the 227 KB of a Hopper CTA) runs on CPU when lowering for CUDA.
+    """B=1, H=16, T=64K, 8 pieces of 8K, 3 stages (2 for the dots at d128), with and without the rows' dots:
+    Mosaic GPU's lowering (layout inference, shared memory under the 227 KB of a Hopper CTA) runs on CPU when
+    lowering for CUDA.
     Also X, Y of 2 heads (GVA groups) and another head dim than Z (Mamba-2's Dk 128, Dv 64; the dots' w has
     Z's)."""
     b, t, h, pieces_ = 1, 65536, 16, 8
@@ -331,8 +332,8 @@ def _gpu_rates_and_documents(rng, b, t, h):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_SHAPES)
 def test_gpu_token_walks_match_oracle(case, rng):
-    """The compiled token walks at their default blocks (3 stages, C = 64), bf16, scale d^-0.5, from random
-    entering states: the four walks of attention and the dQ and dK walks' row dots, against the oracle."""
+    """The compiled token walks at their default blocks (C = 64, 3 stages or what fits), bf16, scale d^-0.5,
+    from random entering states: the four walks of attention and the dQ and dK walks' row dots, against the oracle."""
     b, t, h, hkv, d = GPU_SHAPES[case]
     piece_len, scale = 512, d ** -0.5
     q, k, v, do, s, g = _inputs(rng, b, t, h, hkv, d, t // piece_len)

@@ -126,14 +126,12 @@ def test_matches_float64_oracle(case, rng):
 def test_bfloat16(rng):
     """bf16 q, k, v (the rates float32, as linear_attention hands them on): outputs and gradients in the inputs'
     dtypes against the float64 math on the same rounded inputs. Measured over seeds 0-2: up to 2.9e-3 (one bf16
-    rounding of the outputs, of the state and of the decayed scores as matmul operands), d_rates 3.0e-3 to
-    4.9e-3: a suffix sum of k.dk - q.dq within a piece (80 positions here), whose pairs across chunks meet the
-    state's rounding in dq and the cotangent's in dk, so they cancel only to about that rounding."""
+    rounding of the outputs, of the state and of the decayed scores as matmul operands), d_rates 2.3e-3 to
+    2.4e-3 (3.0e-3 to 4.9e-3 before the walks rounded the pair terms crossing a chunk alike in dq and dk)."""
     _, got, want = _run("docs_gqa", rng, jnp.bfloat16)
     for name in want:
         assert got[name].dtype == (jnp.bfloat16 if name in ("o", "dq", "dk", "dv") else jnp.float32), name
-        tol = 1.2e-2 if name == "d_rates" else 7e-3
-        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+        assert rel_err(got[name], want[name]) < 7e-3, (name, rel_err(got[name], want[name]))
 
 
 def test_piece_local_decay_gradient_equals_whole_document_form(rng):
