@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import impls, reference
+from lasp_jax.ops import impls, reference, vjp
 from tests.util import BF16_TOL, F32_TOL, qkv, rel_err
 
 IMPLS = ["reference", "xla"]
@@ -60,6 +60,29 @@ def _loss_and_grads(attend, q, k, v, rates, s0, w_o, w_s):
 
     (_, (o, final)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, rates, s0)
     return {"o": o, "final_state": final, **dict(zip(["dq", "dk", "dv", "d_rates", "d_initial_state"], grads))}
+
+
+def long_document_errors(impl, rng, t: int, d: int = 64) -> dict[str, float]:
+    """rel_err of `impl` (a TokenImpl) against xla in float32 on the same bf16-rounded inputs, over one document
+    of t positions (B = H = 1, S_in and G, rates in [0.001, 0.1]): o, the final state and every gradient. The
+    rates' gradient there is a suffix sum of t terms k.dk - q.dq (the kernels' long-document tests)."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(rng, 1, t, 1, 1, d, d))
+    q = (q.astype(jnp.float32) * np.sqrt(d)).astype(jnp.bfloat16)
+    rates = jnp.asarray(rng.uniform(0.001, 0.1, size=(1, t, 1)), jnp.float32)
+    ids = jnp.zeros((1, t), jnp.int32)
+    s0, w_s = (jnp.asarray(rng.standard_normal((1, 1, d, d)), jnp.float32) for _ in range(2))
+    w_o = jnp.asarray(rng.standard_normal((1, t, 1, d)), jnp.float32)
+
+    def run(impl, q, k, v):
+        attend = lambda q, k, v, rates, s0: vjp.attend_tokens(q, k, v, rates, ids, s0, impl, None, True, d ** -0.5)
+        args = (q, k, v, rates, s0, w_o, w_s)
+        # Without LLVM's expensive passes: the interpreted kernels' HLO compiles in about half the time.
+        options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        return jax.jit(functools.partial(_loss_and_grads, attend)).lower(*args).compile(compiler_options=options)(
+            *args)
+
+    got, want = run(impl, q, k, v), run(impls.IMPLS["xla"], *(x.astype(jnp.float32) for x in (q, k, v)))
+    return {name: rel_err(got[name], want[name]) for name in want}
 
 
 def _oracle(q, k, v, rates, ids, s0, scale, w_o, w_s):
