@@ -60,6 +60,16 @@ def qkv(rng, b, t, h, hkv, dk, dv, dtype=jnp.float32):
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
+def conv_inputs(rng, dtype, b: int, t: int, c: int, w: int):
+    """A causal convolution's test inputs: xe [b, W-1+t, c] (the halo rows random too) and y's cotangent g
+    [b, t, c] in dtype; weight [w, c] and bias [c] float32 (the model's parameters)."""
+    xe = jnp.asarray(rng.standard_normal((b, w - 1 + t, c)), dtype)
+    weight = jnp.asarray(rng.standard_normal((w, c)) / np.sqrt(w), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, t, c)), dtype)
+    return xe, weight, bias, g
+
+
 def decay(kind: str, h: int, rng):
     """'on': mixed rates incl. a fast and a zero one; 'zero': all zeros; 'off': None; 'slopes': TNL slopes."""
     if kind == "off":

@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from lasp_jax.ops import causal_conv_kernel
 from lasp_jax.parallel import causal_conv
 from lasp_jax.parallel.causal_conv import causal_conv1d, sharded_causal_conv1d
-from tests.util import A100, H200, document_ids, per_rank_errors, rel_err
+from tests.util import A100, H200, conv_inputs, document_ids, per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shapes span several of each: L = 45 is 6 forward tiles of 8 rows (the last
@@ -50,14 +50,7 @@ def _ulps(a, ref) -> float:
     return float(np.max(np.abs(a - ref) / (2.0 ** -7 * np.abs(ref) + floor)))
 
 
-def _inputs(rng, dtype, b=B, t=L, c=C, w=W):
-    """xe [b, W-1+t, c] (the halo rows random too) and y's cotangent g [b, t, c] in dtype; weight, bias float32
-    (the model's parameters)."""
-    xe = jnp.asarray(rng.standard_normal((b, w - 1 + t, c)), dtype)
-    weight = jnp.asarray(rng.standard_normal((w, c)) / np.sqrt(w), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((b, t, c)), dtype)
-    return xe, weight, bias, g
+_inputs = functools.partial(conv_inputs, b=B, t=L, c=C, w=W)
 
 
 def _documents(b, t, starts):

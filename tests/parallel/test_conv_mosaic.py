@@ -21,7 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from lasp_jax.ops import causal_conv_mosaic
 from lasp_jax.ops.causal_conv_kernel import xla_convolve
 from lasp_jax.parallel import causal_conv
-from tests.util import H200, document_ids, per_rank_errors, rel_err
+from tests.util import H200, conv_inputs, document_ids, per_rank_errors, rel_err
 
 _FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shape spans several of each: L = 48 is 2 runs of 3 tiles of 8 rows (forward and
@@ -45,14 +45,7 @@ TOLS = {jnp.dtype(jnp.float32): dict.fromkeys(("y", "dxe", "dweight", "dbias"), 
         jnp.dtype(jnp.float16): {"y": 5e-6, "dxe": 3e-5, "dweight": F32_TOL, "dbias": F32_TOL}}
 
 
-def _inputs(rng, dtype, b=B, t=L, c=C, w=W):
-    """xe [b, W-1+t, c] (the halo rows random too) and y's cotangent g [b, t, c] in dtype; weight, bias float32
-    (the model's parameters)."""
-    xe = jnp.asarray(rng.standard_normal((b, w - 1 + t, c)), dtype)
-    weight = jnp.asarray(rng.standard_normal((w, c)) / np.sqrt(w), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((b, t, c)), dtype)
-    return xe, weight, bias, g
+_inputs = functools.partial(conv_inputs, b=B, t=L, c=C, w=W)
 
 
 def _ids():
