@@ -336,23 +336,32 @@ def _backward(xe, weight, bias, ide, g, launch: _Launch):
     args = (xe, weight, bias) + (() if ide is None else (ide,)) + (g,) + head
     dxe, dw_part, db_part = _call(kernel, (bsz, runs, pl.cdiv(c, cfg.block_c)), out_shape, args, launch)
     return dxe, jnp.sum(dw_part, axis=(0, 1)), jnp.sum(db_part, axis=(0, 1))
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(xe, weight, bias, ide, launch: _Launch):
-    return _forward(xe, weight, bias, ide, launch)
+def differentiable(forward, backward):
+    """A convolution's kernels as one custom_vjp f(xe, weight, bias, mask, launch), differentiable in xe, weight
+    and bias; the residuals are the inputs (the backward recomputes what it needs).
+
+    forward(xe, weight, bias, mask, launch) -> y; backward(xe, weight, bias, mask, g, launch) -> (dxe, float32
+    dweight, float32 dbias), cast here to weight's and bias's dtypes. mask: None or an integer array (document ids
+    or keep bits; no gradient); launch: static (hashable)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def fused(xe, weight, bias, mask, launch):
+        return forward(xe, weight, bias, mask, launch)
+
+    def fused_fwd(xe, weight, bias, mask, launch):
+        return forward(xe, weight, bias, mask, launch), (xe, weight, bias, mask)
+
+    def fused_bwd(launch, residuals, g):
+        xe, weight, bias, mask = residuals
+        dxe, dweight, dbias = backward(xe, weight, bias, mask, g, launch)
+        d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+        return dxe, dweight.astype(weight.dtype), dbias.astype(bias.dtype), d_mask
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
 
 
-def _fused_fwd(xe, weight, bias, ide, launch):
-    return _forward(xe, weight, bias, ide, launch), (xe, weight, bias, ide)
-
-
-def _fused_bwd(launch, residuals, g):
-    xe, weight, bias, ide = residuals
-    dxe, dweight, dbias = _backward(xe, weight, bias, ide, g, launch)
-    d_ide = None if ide is None else np.zeros(ide.shape, jax.dtypes.float0)
-    return dxe, dweight.astype(weight.dtype), dbias.astype(bias.dtype), d_ide
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused = differentiable(_forward, _backward)
 
 
 def convolve(xe, weight, bias, ide, *, activation: str | None = None, interpret: bool = False,

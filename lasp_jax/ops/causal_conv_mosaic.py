@@ -61,12 +61,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lasp_jax.ops import kernel_support
+from lasp_jax.ops import causal_conv_kernel, kernel_support
 
 _F32 = jnp.float32
 _LANES = 128  # threads of a warpgroup: each owns block_c / 128 adjacent channels of every row
@@ -178,6 +177,14 @@ def _row_layout(block_c: int):
     return plgpu.Layout.WG_STRIDED((block_c,), vec_size=block_c // _LANES)
 
 
+def _place(config: Config, run: int):
+    """This CTA's place in the (c, b, r) grid: its batch row b, run r, channel columns, first row t0 = r run,
+    tiles of block_t rows in the run, and the rows' register layout."""
+    b, r = lax.axis_index("b"), lax.axis_index("r")
+    cols = pl.ds(lax.axis_index("c") * config.block_c, config.block_c)
+    return b, r, cols, r * run, run // config.block_t, _row_layout(config.block_c)
+
+
 def _kept(bits, i: int):
     """Whether tap i is kept under an output's keep bits (a scalar int32)."""
     return ((bits >> i) & 1) != 0
@@ -255,11 +262,9 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int)
     xe_ref, w_ref, b_ref, *rest = refs
     bits_ref = rest.pop(0) if docs else None
     y_ref, x_smem, bits_smem, y_smem, loaded, consumed = rest
-    bt, bc, stages = config.block_t, config.block_c, config.fwd_stages
+    bt, stages = config.block_t, config.fwd_stages
     w = w_ref.shape[0]
-    cb, b, r = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("r")
-    cols, t0, tiles = pl.ds(cb * bc, bc), r * run, run // bt
-    layout = _row_layout(bc)
+    b, r, cols, t0, tiles, layout = _place(config, run)
 
     @pl.when(lax.axis_index("wg") == 0)
     def _compute():
@@ -307,12 +312,10 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
     xe_ref, w_ref, b_ref, *rest = refs
     bits_ref = rest.pop(0) if docs else None
     dy_ref, dxe_ref, part_ref, x_smem, dy_smem, bits_smem, dx_smem, part_smem, loaded, consumed = rest
-    bt, bc, stages = config.block_t, config.block_c, config.bwd_stages
+    bt, stages = config.block_t, config.bwd_stages
     w = w_ref.shape[0]
     length = dy_ref.shape[1]
-    cb, b, r = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("r")
-    cols, t0, tiles = pl.ds(cb * bc, bc), r * run, run // bt
-    layout = _row_layout(bc)
+    b, r, cols, t0, tiles, layout = _place(config, run)
 
     @pl.when(lax.axis_index("wg") == 0)
     def _compute():
@@ -505,23 +508,7 @@ def _backward(xe, weight, bias, bits, g, launch: _Launch):
     return dxe, sums[:w], sums[w]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(xe, weight, bias, bits, launch: _Launch):
-    return _forward(xe, weight, bias, bits, launch)
-
-
-def _fused_fwd(xe, weight, bias, bits, launch):
-    return _forward(xe, weight, bias, bits, launch), (xe, weight, bias, bits)
-
-
-def _fused_bwd(launch, residuals, g):
-    xe, weight, bias, bits = residuals
-    dxe, dweight, dbias = _backward(xe, weight, bias, bits, g, launch)
-    d_bits = None if bits is None else np.zeros(bits.shape, jax.dtypes.float0)
-    return dxe, dweight.astype(weight.dtype), dbias.astype(bias.dtype), d_bits
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused = causal_conv_kernel.differentiable(_forward, _backward)
 
 
 def convolve(xe, weight, bias, ide, *, activation: str | None = None,
