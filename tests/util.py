@@ -60,6 +60,9 @@ def qkv(rng, b, t, h, hkv, dk, dv, dtype=jnp.float32):
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
+_FAST = {"xla_backend_optimization_level": 0}
+
+
 def conv_inputs(rng, dtype, b: int, t: int, c: int, w: int):
     """A causal convolution's test inputs: xe [b, W-1+t, c] (the halo rows random too) and y's cotangent g
     [b, t, c] in dtype; weight [w, c] and bias [c] float32 (the model's parameters)."""
@@ -68,6 +71,17 @@ def conv_inputs(rng, dtype, b: int, t: int, c: int, w: int):
     bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
     g = jnp.asarray(rng.standard_normal((b, t, c)), dtype)
     return xe, weight, bias, g
+
+
+def conv_values_and_grads(conv, xe, weight, bias, g, compiler_options=_FAST):
+    """y and (dxe, dweight, dbias) of <g, y> (the cotangent of y: g in y's dtype) of conv(xe, weight, bias),
+    jitted (by default at XLA's lowest optimization level: the interpreted kernels compile faster)."""
+    def loss(xe, weight, bias):
+        y = conv(xe, weight, bias)
+        return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                            compiler_options=compiler_options)(xe, weight, bias)
+    return y, grads
 
 
 def decay(kind: str, h: int, rng):

@@ -20,9 +20,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from lasp_jax.ops import causal_conv_kernel
 from lasp_jax.parallel import causal_conv
 from lasp_jax.parallel.causal_conv import causal_conv1d, sharded_causal_conv1d
-from tests.util import A100, H200, conv_inputs, document_ids, per_rank_errors, rel_err
+from tests.util import A100, H200, conv_inputs, conv_values_and_grads, document_ids, per_rank_errors, rel_err
 
-_FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shapes span several of each: L = 45 is 6 forward tiles of 8 rows (the last
 # partial) and 3 backward runs of 16 rows (of 2 blocks each) from xe row 3, C = 40 channels 3 blocks of 16 (the
 # last partial).
@@ -60,16 +59,6 @@ def _documents(b, t, starts):
     return jnp.asarray(ids)
 
 
-def _values_and_grads(conv, xe, weight, bias, g, compiler_options=_FAST):
-    """y and (dxe, dweight, dbias) of <g, y> (the cotangent of y: g in y's dtype), jitted."""
-    def loss(xe, weight, bias):
-        y = conv(xe, weight, bias)
-        return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-                            compiler_options=compiler_options)(xe, weight, bias)
-    return y, grads
-
-
 def _kernel(ide, activation, config=SMALL):
     return lambda xe, w, b: causal_conv_kernel.convolve(xe, w, b, ide, activation=activation, interpret=True,
                                                         config=config)
@@ -85,8 +74,8 @@ def _xla(ide, activation):
 def test_kernel_matches_xla(dtype, docs, activation, rng):
     xe, weight, bias, g = _inputs(rng, dtype)
     ide = _documents(B, W - 1 + L, [s + W - 1 for s in STARTS]) if docs else None
-    y, grads = _values_and_grads(_kernel(ide, activation), xe, weight, bias, g)
-    y_ref, grads_ref = _values_and_grads(_xla(ide, activation), xe, weight, bias, g)
+    y, grads = conv_values_and_grads(_kernel(ide, activation), xe, weight, bias, g)
+    y_ref, grads_ref = conv_values_and_grads(_xla(ide, activation), xe, weight, bias, g)
     assert y.dtype == dtype and y.shape == g.shape
     assert [a.dtype for a in grads] == [dtype, jnp.float32, jnp.float32]
     errors = {name: rel_err(a, ref) for name, a, ref in zip(("y", "dxe", "dweight", "dbias"), (y, *grads),
@@ -105,8 +94,8 @@ def test_other_widths_match_xla(w, length, rng):
     shorter than the halo (L = 2 < W-1): documents and SiLU, float32."""
     xe, weight, bias, g = _inputs(rng, jnp.float32, t=length, w=w)
     ide = _documents(B, w - 1 + length, [s + w - 1 for s in STARTS if s + w - 1 < w - 1 + length] or [1])
-    y, grads = _values_and_grads(_kernel(ide, "silu"), xe, weight, bias, g)
-    y_ref, grads_ref = _values_and_grads(_xla(ide, "silu"), xe, weight, bias, g)
+    y, grads = conv_values_and_grads(_kernel(ide, "silu"), xe, weight, bias, g)
+    y_ref, grads_ref = conv_values_and_grads(_xla(ide, "silu"), xe, weight, bias, g)
     errors = {name: rel_err(a, ref) for name, a, ref in zip(("y", "dxe", "dweight", "dbias"), (y, *grads),
                                                                (y_ref, *grads_ref))}
     assert max(errors.values()) < F32_TOL, errors
@@ -119,8 +108,8 @@ def test_nan_stays_in_its_document(rng):
     ide = _documents(B, W - 1 + L, [s + W - 1 for s in STARTS])
     first_later = STARTS[0] + W - 1  # xe row of the second document
     poisoned = xe.at[0, first_later - 2, 3].set(jnp.nan)
-    y, (dxe, _, _) = _values_and_grads(_kernel(ide, "silu"), poisoned, weight, bias, g)
-    y_ref, (dxe_ref, _, _) = _values_and_grads(_kernel(ide, "silu"), xe, weight, bias, g)
+    y, (dxe, _, _) = conv_values_and_grads(_kernel(ide, "silu"), poisoned, weight, bias, g)
+    y_ref, (dxe_ref, _, _) = conv_values_and_grads(_kernel(ide, "silu"), xe, weight, bias, g)
     assert np.isnan(y[0, :STARTS[0]]).any() and np.isnan(dxe[0, :first_later]).any()  # it is there
     np.testing.assert_array_equal(y[0, STARTS[0]:], y_ref[0, STARTS[0]:])
     np.testing.assert_array_equal(dxe[0, first_later:], dxe_ref[0, first_later:])
@@ -148,10 +137,10 @@ def test_sharded_kernels_match_one_device(case, rng):
     mesh = jax.make_mesh((data, n), ("data", "seq"), axis_types=(kind,) * 2, devices=jax.devices()[:data * n])
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
-        y, grads = _values_and_grads(
+        y, grads = conv_values_and_grads(
             lambda x, w, b_: sharded_causal_conv1d(x, w, b_, segment_ids=ids, activation="silu",
                                                    impl="pallas_triton_interpret"), xs, weight, bias, g)
-    y_ref, grads_ref = _values_and_grads(
+    y_ref, grads_ref = conv_values_and_grads(
         lambda x, w, b_: causal_conv1d(x, w, b_, segment_ids=ids, activation="silu", impl="xla"), x, weight, bias, g)
     assert max(per_rank_errors(y, y_ref, n)) < F32_TOL
     assert max(per_rank_errors(grads[0], grads_ref[0], n)) < F32_TOL
@@ -253,7 +242,7 @@ def test_gpu_mamba2_shape_matches_xla():
     got = {}
     for impl in ("pallas_triton", "xla"):
         conv = lambda x, w_, b_: causal_conv1d(x, w_, b_, segment_ids=ids, activation="silu", impl=impl)
-        got[impl] = jax.block_until_ready(_values_and_grads(conv, x, weight, bias, g, compiler_options=None))
+        got[impl] = jax.block_until_ready(conv_values_and_grads(conv, x, weight, bias, g, compiler_options=None))
     (y, grads), (y_ref, grads_ref) = got["pallas_triton"], got["xla"]
     errors = {name: rel_err(a, ref) for name, a, ref in zip(("y", "dx", "dweight", "dbias"), (y, *grads),
                                                                (y_ref, *grads_ref))}

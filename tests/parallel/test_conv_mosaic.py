@@ -21,9 +21,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from lasp_jax.ops import causal_conv_mosaic
 from lasp_jax.ops.causal_conv_kernel import xla_convolve
 from lasp_jax.parallel import causal_conv
-from tests.util import H200, conv_inputs, document_ids, per_rank_errors, rel_err
+from tests.util import H200, conv_inputs, conv_values_and_grads, document_ids, per_rank_errors, rel_err
 
-_FAST = {"xla_backend_optimization_level": 0}
 # Small blocks, so that the test shape spans several of each: L = 48 is 2 runs of 3 tiles of 8 rows (forward and
 # backward; 2 stages, so the ring wraps), C = 256 two channel blocks of 128.
 SMALL = causal_conv_mosaic.Config(block_c=128, block_t=8, fwd_run=24, bwd_run=24, fwd_stages=2, bwd_stages=2)
@@ -52,16 +51,6 @@ def _ids():
     return jnp.asarray(document_ids(STARTS, W - 1 + L))
 
 
-def _values_and_grads(conv, xe, weight, bias, g, compiler_options=_FAST):
-    """y and (dxe, dweight, dbias) of <g, y> (the cotangent of y: g in y's dtype), jitted."""
-    def loss(xe, weight, bias):
-        y = conv(xe, weight, bias)
-        return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-                            compiler_options=compiler_options)(xe, weight, bias)
-    return y, grads
-
-
 def _kernels(ide, activation, config=SMALL, interpret=True):
     return lambda xe, w, b: causal_conv_mosaic.convolve(xe, w, b, ide, activation=activation, interpret=interpret,
                                                         config=config)
@@ -84,8 +73,8 @@ def _errors(got, ref):
 def test_kernels_match_xla(dtype, docs, activation, rng):
     xe, weight, bias, g = _inputs(rng, dtype)
     ide = _ids() if docs else None
-    got = _values_and_grads(_kernels(ide, activation), xe, weight, bias, g)
-    errors = _errors(got, _values_and_grads(_xla(ide, activation), xe, weight, bias, g))
+    got = conv_values_and_grads(_kernels(ide, activation), xe, weight, bias, g)
+    errors = _errors(got, conv_values_and_grads(_xla(ide, activation), xe, weight, bias, g))
     y, grads = got
     assert y.dtype == dtype and y.shape == g.shape and grads[0].shape == xe.shape
     assert [a.dtype for a in grads] == [dtype, jnp.float32, jnp.float32]
@@ -104,8 +93,8 @@ def test_zero_halo_matches_xla(dtype, activation, rng):
     zero_padded = lambda x, w, b: xla_convolve(jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0))), w, b, ide, activation)
     kernels = lambda x, w, b: causal_conv_mosaic.convolve_zero_halo(x, w, b, ids, activation=activation,
                                                                     interpret=True, config=SMALL)
-    got = _values_and_grads(kernels, x, weight, bias, g)
-    errors = _errors(got, _values_and_grads(zero_padded, x, weight, bias, g))
+    got = conv_values_and_grads(kernels, x, weight, bias, g)
+    errors = _errors(got, conv_values_and_grads(zero_padded, x, weight, bias, g))
     assert got[1][0].shape == x.shape and got[1][0].dtype == dtype
     tol = TOLS[jnp.dtype(dtype)]
     assert all(errors[name] < tol[name] for name in errors), errors
@@ -116,8 +105,8 @@ def test_nan_stays_in_its_document(rng):
     without the NaN (selected away, forward and backward, through the SiLU's recomputed input)."""
     xe, weight, bias, g = _inputs(rng, jnp.float32)
     conv = _kernels(_ids(), "silu")
-    y, (dxe, _, _) = _values_and_grads(conv, xe.at[0, 20, 5].set(jnp.nan), weight, bias, g)
-    y_ref, (dxe_ref, _, _) = _values_and_grads(conv, xe, weight, bias, g)
+    y, (dxe, _, _) = conv_values_and_grads(conv, xe.at[0, 20, 5].set(jnp.nan), weight, bias, g)
+    y_ref, (dxe_ref, _, _) = conv_values_and_grads(conv, xe, weight, bias, g)
     inside = slice(17 - (W - 1), 25 - (W - 1))  # the document's outputs t
     assert np.isnan(y[0, inside]).any() and np.isnan(dxe[0, 17:25]).any()  # it is there
     np.testing.assert_array_equal(np.delete(np.asarray(y[0]), np.r_[inside], 0),
@@ -145,8 +134,8 @@ def test_through_causal_conv_on_one_device(rng):
     on any run after a process's first."""
     xe, weight, bias, g = _inputs(rng, jnp.float32, b=2, t=128, c=256)
     x, ids = xe[:, W - 1:], jnp.asarray(document_ids([[40, 62, 64, 100], [64]], 128))
-    y_ref, grads_ref = _values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g)
-    y, grads = _values_and_grads(_through_causal_conv("pallas_mosaic_interpret", ids), x, weight, bias, g)
+    y_ref, grads_ref = conv_values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g)
+    y, grads = conv_values_and_grads(_through_causal_conv("pallas_mosaic_interpret", ids), x, weight, bias, g)
     assert max(rel_err(a, r) for a, r in zip((y, *grads), (y_ref, *grads_ref))) < F32_TOL
 
 
@@ -293,8 +282,8 @@ def test_gpu_matches_xla(activation, halo):
         reference = lambda x, w_, b_: xla_convolve(jnp.pad(x, ((0, 0), (w - 1, 0), (0, 0))), w_, b_,
                                                    jnp.pad(ids, ((0, 0), (w - 1, 0)), mode="edge"), activation)
         inputs = xe[:, w - 1:]
-    got = _values_and_grads(kernels, inputs, weight, bias, g, compiler_options=None)
-    errors = _errors(got, _values_and_grads(reference, inputs, weight, bias, g, compiler_options=None))
+    got = conv_values_and_grads(kernels, inputs, weight, bias, g, compiler_options=None)
+    errors = _errors(got, conv_values_and_grads(reference, inputs, weight, bias, g, compiler_options=None))
     print(errors)  # the measured GPU errors (pytest -s)
     assert all(errors[name] < GPU_TOL[name] for name in errors), errors
 
@@ -316,12 +305,13 @@ def test_gpu_sharded_matches_one_device():
     xe, weight, bias, g = _inputs(rng, jnp.bfloat16, b=b, t=t, c=c, w=w)
     x = xe[:, w - 1:]
     ids = jnp.asarray(document_ids([sorted({100, *range(8192, t, 8192), *range(8190, t, 8192)})], t))
-    y_ref, grads_ref = _values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g, compiler_options=None)
+    y_ref, grads_ref = conv_values_and_grads(_through_causal_conv("xla", ids), x, weight, bias, g,
+                                             compiler_options=None)
     mesh = jax.make_mesh((n,), ("seq",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
-        y, grads = _values_and_grads(_through_causal_conv("pallas_mosaic", ids, sharded=True), xs, weight, bias, g,
-                                     compiler_options=None)
+        y, grads = conv_values_and_grads(_through_causal_conv("pallas_mosaic", ids, sharded=True), xs, weight,
+                                         bias, g, compiler_options=None)
     errors = {"y": per_rank_errors(y, y_ref, n), "dx": per_rank_errors(grads[0], grads_ref[0], n),
               "dweight": [rel_err(grads[1], grads_ref[1])], "dbias": [rel_err(grads[2], grads_ref[2])]}
     print(errors)  # the measured GPU errors (pytest -rA)
