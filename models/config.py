@@ -28,7 +28,7 @@ from lasp_jax.parallel.api import STRATEGIES
 Strategy = Literal[tuple(STRATEGIES)]  # LASP state exchanges, from lasp_jax's own table
 AttnImpl = Literal[("auto", *IMPLS)]  # per-device linear attention implementations, from lasp_jax's table
 Dtype = Literal["float32", "bfloat16", "float16"]
-Remat = Literal["none", "block", "block_attention", "full"]  # ModelConfig.remat's choices (see the field)
+Remat = Literal["none", "block", "block_attention", "block_attention_conv", "full"]  # ModelConfig.remat's choices (see the field)
 
 
 @functools.cache
@@ -96,6 +96,7 @@ class ModelConfig:
     # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
     # block_attention: as block, and keep the linear attention's output and per-piece states too, so its
     # forward kernels run once a step (per layer o and [B, H, T / piece, Dk, Dv] float32 more);
+    # block_attention_conv: as block_attention, and keep Mamba-2's convolution output ([B, T, C] more per layer);
     # full: per block, keep only its input.
     remat: Remat = "none"
     # n > 1: between the forward and the backward keep only every n-th block's input; each run of n blocks is

@@ -27,7 +27,7 @@ from models.attention import LinearMixer
 from models.config import ModelConfig
 from models.layers import SGLU, Dense, Embed, srms_norm
 from models.loss import cross_entropy_sums
-from models.mamba2 import Mamba2Mixer
+from models.mamba2 import CONV_NAME, Mamba2Mixer
 from models.softmax import SoftmaxMixer
 
 _POLICIES = {
@@ -35,6 +35,9 @@ _POLICIES = {
     "block_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*vjp.SAVEABLE_NAMES)),
+    "block_attention_conv": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*vjp.SAVEABLE_NAMES, CONV_NAME)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 

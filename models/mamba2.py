@@ -41,6 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import lasp_jax
 from lasp_jax.ops import gated_norm
@@ -52,6 +53,7 @@ from models.layers import Dense
 
 A_RANGE = (1.0, 16.0)  # A = -exp(A_log) is initialised with |A| uniform in this range
 DT_FLOOR = 1e-4  # smallest initial step size
+CONV_NAME = "mamba2_conv"  # the convolution's output, for remat policies (models.lm: remat "block_attention_conv")
 
 
 def _param(value: jax.Array, cfg: ModelConfig, *, replicated: bool = False) -> nnx.Param:
@@ -160,7 +162,7 @@ class Mamba2Mixer(nnx.Module):
                                         batch_axes=sharding.batch_axes(cfg))
         else:
             xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
-        q, k, v, x_heads, rates = self._ssd_inputs(xbc, dt)
+        q, k, v, x_heads, rates = self._ssd_inputs(checkpoint_name(xbc, CONV_NAME), dt)
         o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)
 
