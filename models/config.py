@@ -116,6 +116,10 @@ class ModelConfig:
     # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm): the fused Pallas Triton kernels, run per device, or XLA's
     # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (the H200), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
+    # Every model's SRMSNorm (the blocks' pre-norms and the final norm; lasp_jax.ops.rms_norm): the fused Pallas
+    # Triton kernels, run per device, or XLA's fusions; "auto" takes the kernels on the GPUs where their GPU test
+    # passed (none yet), else xla. Its own field, not mamba2_impl's: TNL and LT use the norm too
+    norm_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
     # The softmax layers' attention in the training forward (lasp_jax.ops.softmax impl=; under a seq axis LASP-2H's
     # ranks, where "auto" takes the flash kernels where qualified, else the blockwise loop, and "cudnn" is refused)
     softmax_impl: Literal["auto", "blockwise", "cudnn", "pallas_triton", "pallas_triton_interpret"] = "auto"

@@ -8,10 +8,13 @@ Each parameter carries its ZeRO-3 PartitionSpec as nnx metadata (`out_sharding`)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lasp_jax.ops import rms_norm
 from models import sharding
 from models.config import ModelConfig
 
@@ -60,10 +63,21 @@ class Embed(nnx.Module):
         return jnp.dot(h, table.T)
 
 
-def srms_norm(x: jax.Array, eps: float) -> jax.Array:
-    """SRMSNorm (TransNormerLLM): x / rms(x), no learned scale; statistics in fp32, result in x's dtype."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+def srms_norm(x: jax.Array, eps: float, cfg: ModelConfig | None = None) -> jax.Array:
+    """SRMSNorm (TransNormerLLM, lasp_jax.ops.rms_norm): x / rms(x) over the last axis, no learned scale;
+    statistics in fp32, result in x's dtype.
+
+    cfg: the model's config, whose `norm_impl` picks XLA's fusions or the fused Pallas kernels, run per device
+    (in a shard_map over the batch and seq axes, models.sharding.per_device) for x [B, T, D] under a mesh; other
+    shapes (decoding's [B, D], on one device) call it as is. None: impl "xla" (models.attention's output norm).
+    """
+    if cfg is None:
+        return rms_norm.srms_norm(x, eps=eps, impl="xla")
+    impl = rms_norm.resolve(cfg.norm_impl, x, per_device=True)
+    norm = functools.partial(rms_norm.srms_norm, eps=eps, impl=impl)
+    if impl == "xla" or x.ndim != 3:  # XLA partitions its own fusions
+        return norm(x)
+    return sharding.per_device(norm, cfg, (x,), check_vma=impl != "pallas_triton_interpret")
 
 
 class SGLU(nnx.Module):

@@ -56,19 +56,19 @@ class Block(nnx.Module):
     def _mlp(self, x):
         if self.mlp is None:
             return x
-        return x + self.mlp(srms_norm(x, self.cfg.norm_eps)).astype(x.dtype)
+        return x + self.mlp(srms_norm(x, self.cfg.norm_eps, self.cfg)).astype(x.dtype)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D] on the activation layout; segment_ids [B, T] or None (packed documents)."""
-        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps), segment_ids=segment_ids).astype(x.dtype)
+        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps, self.cfg), segment_ids=segment_ids).astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
     def prefill(self, x, state, segment_ids=None):
-        y, state = self.mixer.prefill(srms_norm(x, self.cfg.norm_eps), state, segment_ids)
+        y, state = self.mixer.prefill(srms_norm(x, self.cfg.norm_eps, self.cfg), state, segment_ids)
         return self._mlp(x + y.astype(x.dtype)), state
 
     def step(self, x, state, pos):
-        y, state = self.mixer.step(srms_norm(x, self.cfg.norm_eps), state, pos)
+        y, state = self.mixer.step(srms_norm(x, self.cfg.norm_eps, self.cfg), state, pos)
         return self._mlp(x + y.astype(x.dtype)), state
 
 
@@ -133,7 +133,7 @@ class LanguageModel(nnx.Module):
             segment_ids = sharding.constrain_activation(jnp.asarray(segment_ids), self.cfg)
         for start in range(0, len(self.blocks), every):  # the last run may be shorter
             x = run_blocks(list(self.blocks[start:start + every]), x, segment_ids)
-        return srms_norm(x, self.cfg.norm_eps)
+        return srms_norm(x, self.cfg.norm_eps, self.cfg)
 
     def _logits(self, h):
         logits = self.embed.attend(h) if self.head is None else self.head(h)
@@ -186,7 +186,7 @@ class LanguageModel(nnx.Module):
         for block, s in zip(self.blocks, state["layers"]):
             x, s = block.prefill(x, s, segment_ids)
             layers.append(s)
-        h = srms_norm(x[:, -1], self.cfg.norm_eps)
+        h = srms_norm(x[:, -1], self.cfg.norm_eps, self.cfg)
         return self._logits(h), {"pos": state["pos"] + tokens.shape[1], "layers": tuple(layers)}
 
     def end_documents(self, state: dict, ended: jax.Array) -> dict:
@@ -214,7 +214,7 @@ class LanguageModel(nnx.Module):
         for block, s in zip(self.blocks, state["layers"]):
             x, s = block.step(x, s, pos)
             layers.append(s)
-        return self._logits(srms_norm(x, self.cfg.norm_eps)), {"pos": pos + 1, "layers": tuple(layers)}
+        return self._logits(srms_norm(x, self.cfg.norm_eps, self.cfg)), {"pos": pos + 1, "layers": tuple(layers)}
 
 
 def _seq_free(cfg: ModelConfig, mesh) -> bool:

@@ -1,0 +1,220 @@
+"""TransNormerLLM's SRMSNorm (no learned scale) over the last axis, as fused Pallas kernels (Triton lowering) or
+plain XLA: the pre-norm of every block (TNL: two per block; Mamba-2: one) and the model's final norm.
+
+    y = x r,   r = rsqrt(mean(x^2) + eps)              per row of D channels (x [..., D])
+    dx = r (g - y mean(g y))                           g: y's cotangent
+
+Why: in a Mamba-2 1.3B training step on an H200 (T = 64K, d_model 2048, bf16, 48 layers;
+benchmarks/results/profile_train_h200_s17_mamba2_conv.md) XLA's backward fusions of this norm took 31.6 ms (0.66
+ms a call, most of it one row reduction at ~1 TB/s) where the backward need only read x and g and write dx
+(3 x 268 MB, about 0.2 ms at the H200's ~4 TB/s). The kernels hold each row whole in registers: the forward
+reads x once and writes y; the backward recomputes r and y from x (the only residual) and writes dx.
+
+Kernels (`impl="pallas_triton"`): the rows are the flattened leading dims, one program per block of rows, each
+row whole (its width padded to a power of two, as Triton's tensors must be; the padding columns masked on load
+and store, so D need not be one: 2560 for Mamba-2 2.7B); rows past the end of the last block are masked too.
+`Config.xla_forward` keeps XLA's forward ops under the same custom_vjp (XLA may fuse them with their neighbours:
+the statistics into one reduction, the scaling into its consumer), the backward still the kernel.
+
+Numerics: float32 inside (x and g upcast on load, the statistics, dx); y rounded once to x's dtype, dx to x's
+dtype. `impl="xla"` is the model's former code, operation for operation (bit-identical; its gradient is XLA
+autodiff's). Kernels and xla differ by float32 summation order of the row sums.
+
+Placement: the kernels run per device. Under a mesh that XLA partitions (`impls.partitioned`) "auto" takes "xla"
+and naming "pallas_triton" is an error: call it inside a shard_map over the rows (models.layers.srms_norm does,
+through models.sharding.per_device); each row is independent.
+
+Platforms: compiled on CUDA GPUs of compute capability 8.0 or newer (A100, Hopper); "pallas_triton_interpret"
+runs the same kernels in Pallas interpret mode anywhere (CPU tests). "auto" takes the kernels only on the device
+kinds in QUALIFIED_GPUS, where their GPU test passed, else "xla".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from lasp_jax.ops import gated_norm, kernel_support
+from lasp_jax.ops.impls import partitioned
+
+_F32 = jnp.float32
+IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
+# Exact jax device kinds where tests/ops/test_rms_norm.py's GPU test passed and the kernels beat "xla"
+# (benchmarks/rms_norm_gpu.py); "auto" takes "xla" elsewhere. None yet: not run on a GPU.
+QUALIFIED_GPUS: tuple[str, ...] = ()
+MAX_WIDTH = 8192  # one program holds whole rows: [rows, padded D] float32 tiles in registers
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch sizes (not yet swept on a GPU: benchmarks/rms_norm_gpu.py --configs).
+
+    fwd_block, bwd_block: elements per program's block of rows, the forward's and the backward's (rows: the
+    largest power of two <= max(1, block // padded width)). elems_per_warp: num_warps = block elements / this,
+    clamped to [4, 16], a power of two (gated_norm's rule). num_stages: Triton's software pipelining depth.
+    xla_forward: the forward as XLA's ops (fusible with their neighbours), the backward still the kernel."""
+
+    fwd_block: int = 8192
+    bwd_block: int = 4096
+    elems_per_warp: int = 256
+    num_stages: int = 2
+    xla_forward: bool = False
+
+
+DEFAULT = Config()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels: refs hold a [rows, P] block of the [R, D] rows, P the power of two >= D.
+
+
+def _valid(ref, n_rows: int, width: int):
+    """The block's [rows, 1] (or [rows, P] when P > D) mask of elements inside the [n_rows, width] array."""
+    rows, padded = ref.shape
+    valid = (pl.program_id(0) * rows + jnp.arange(rows) < n_rows)[:, None]
+    return valid if padded == width else valid & (jnp.arange(padded) < width)[None, :]
+
+
+def _normalized(x, width: int, eps: float):
+    """(y = x r, r [rows, 1]) of float32 rows x [rows, P] whose padding columns are zeros."""
+    r = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / width + eps)
+    return x * r, r
+
+
+def _forward_kernel(x_ref, y_ref, *, n_rows, width, eps):
+    """One block of rows: y in y_ref's dtype (elements outside the array neither read nor written)."""
+    valid = _valid(x_ref, n_rows, width)
+    y, _ = _normalized(pl_triton.load(x_ref, mask=valid, other=0).astype(_F32), width, eps)
+    pl_triton.store(y_ref, y.astype(y_ref.dtype), mask=valid)
+
+
+def _backward_kernel(x_ref, g_ref, dx_ref, *, n_rows, width, eps):
+    """One block of rows: dx = r (g - y mean(g y)) in dx_ref's dtype, r and y recomputed from x."""
+    valid = _valid(x_ref, n_rows, width)
+    y, r = _normalized(pl_triton.load(x_ref, mask=valid, other=0).astype(_F32), width, eps)
+    g = pl_triton.load(g_ref, mask=valid, other=0).astype(_F32)
+    dx = r * (g - y * (jnp.sum(g * y, axis=1, keepdims=True) / width))
+    pl_triton.store(dx_ref, dx.astype(dx_ref.dtype), mask=valid)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launches over the [R, D] rows.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What the kernels take besides the arrays (hashable: the custom_vjp's static argument)."""
+
+    eps: float
+    config: Config
+    interpret: bool
+
+
+def _launch(kernel, block: int, launch: _Launch, *arrays):
+    """pallas_call of kernel(*refs, out_ref) over the [R, D] arrays in blocks of `block` elements: the output
+    [R, D] in the first array's dtype."""
+    n, width = arrays[0].shape
+    padded = pl.next_power_of_2(width)
+    rows = gated_norm._block_rows(block, padded)
+    spec = pl.BlockSpec((rows, padded), lambda i: (i, 0))  # past D: the padding columns, masked
+    return pl.pallas_call(
+        functools.partial(kernel, n_rows=n, width=width, eps=launch.eps),
+        grid=(pl.cdiv(n, rows),),
+        in_specs=[spec] * len(arrays),
+        out_specs=spec,
+        out_shape=kernel_support.typed_like((n, width), arrays[0].dtype, arrays[0]),
+        compiler_params=pl_triton.CompilerParams(num_warps=gated_norm._warps(launch.config, rows * padded),
+                                                 num_stages=launch.config.num_stages),
+        interpret=launch.interpret,
+    )(*arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fused(x, launch: _Launch):
+    return _fused_fwd(x, launch)[0]
+
+
+def _fused_fwd(x, launch: _Launch):
+    if launch.config.xla_forward:
+        return _xla(x, launch.eps), x
+    width = x.shape[-1]
+    y = _launch(_forward_kernel, launch.config.fwd_block, launch, x.reshape(-1, width))
+    return y.reshape(x.shape), x
+
+
+def _fused_bwd(launch: _Launch, x, g):
+    width = x.shape[-1]
+    dx = _launch(_backward_kernel, launch.config.bwd_block, launch, x.reshape(-1, width), g.reshape(-1, width))
+    return (dx.reshape(x.shape),)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _xla(x, eps: float):
+    """The model's former models.layers.srms_norm, operation for operation."""
+    xf = x.astype(_F32)
+    return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _check(x) -> None:
+    if not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
+        raise ValueError(f"x must be a floating-point array [..., D] (at least 1 dim), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+
+
+def supported(x, interpret: bool = False) -> str | None:
+    """None when the kernels can run x [..., D] here (compiled: a CUDA GPU of compute capability >= 8.0), else
+    the reason."""
+    if not math.prod(x.shape[:-1]) or not x.shape[-1]:
+        return f"x {tuple(x.shape)} is empty (no rows or no columns)"
+    if x.shape[-1] > MAX_WIDTH:
+        return f"the width D = {x.shape[-1]} is over {MAX_WIDTH} (one program holds whole rows)"
+    if jnp.dtype(x.dtype) not in {jnp.dtype(d) for d in DTYPES}:
+        return (f"x is {jnp.dtype(x.dtype).name}; the kernels take "
+                f"{', '.join(jnp.dtype(d).name for d in DTYPES)}")
+    if interpret:
+        return None
+    return kernel_support.triton_unavailable()
+
+
+def resolve(impl: str, x, *, per_device: bool = False) -> str:
+    """What `impl` names for x here: "xla", "pallas_triton" or "pallas_triton_interpret" (ValueError if unknown
+    or unusable). per_device: as if called inside a shard_map over the rows (a caller deciding whether to wrap
+    the call in one); else under a mesh that XLA partitions the kernels are refused."""
+    return kernel_support.resolve_per_device(
+        impl, IMPLS, {"pallas_triton": QUALIFIED_GPUS},
+        lambda name: supported(x, interpret=name == "pallas_triton_interpret"),
+        split=not per_device and partitioned(x), split_hint="call it inside a shard_map over the rows, or use "
+        "impl='xla'")
+
+
+def srms_norm(x, *, eps: float, impl: str = "auto", config: Config = DEFAULT):
+    """SRMSNorm (module docstring): x / sqrt(mean(x^2) + eps) over the last axis, no learned scale.
+
+    Args:
+      x: [..., D] any float dtype; D up to MAX_WIDTH for the kernels (any width for "xla").
+      eps: added to the mean square.
+      impl: "auto" (the kernels on QUALIFIED_GPUS, else "xla"), "xla", "pallas_triton" (compiled, CUDA GPUs of
+        compute capability >= 8.0) or "pallas_triton_interpret" (Pallas interpret mode, any platform).
+      config: the kernels' launch sizes.
+    Returns:
+      [..., D] in x's dtype (statistics in float32); x's gradient in x's dtype.
+    """
+    _check(x)
+    impl = resolve(impl, x)
+    if impl == "xla":
+        return _xla(x, eps)
+    return _fused(x, _Launch(float(eps), config, impl == "pallas_triton_interpret"))
