@@ -44,7 +44,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import lasp_jax
-from lasp_jax.ops import gated_norm
+from lasp_jax.ops import gated_norm, ssd_inputs
 from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
@@ -118,20 +118,20 @@ class Mamba2Mixer(nnx.Module):
 
     def _ssd_inputs(self, xbc, dt):
         """Convolved xBC [..., C] and raw dt [..., H] -> q = C [..., G, N], k = B [..., G, N], v = dt x
-        [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32."""
+        [..., H, P], x [..., H, P] and the per-token rates dt a [..., H] fp32 (lasp_jax.ops.ssd_inputs: XLA's
+        forward; with cfg.mamba2_impl's kernel, its backward as one Pallas kernel, per device under a mesh)."""
         cfg = self.cfg
-        inner, gn = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state
         # SiLU on the convolution's rounded output: on an H200 at the 1.3B's shape the Mosaic convolution kernels
         # then SiLU take 1.31 ms forward + backward against 1.98 ms with the SiLU fused inside their float32 sum
         # (benchmarks/results/conv_gpu_h200_s17.md; through XLA 3.02 against 3.39, conv_gpu_h200_s10.md).
-        xbc = jax.nn.silu(xbc)
-        x = xbc[..., :inner].reshape(*xbc.shape[:-1], cfg.ssm_heads, cfg.resolved_head_dim)
-        k = xbc[..., inner:inner + gn].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
-        q = xbc[..., inner + gn:].reshape(*xbc.shape[:-1], cfg.n_groups, cfg.d_state)
-        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        rates = dt * jnp.exp(self.A_log[...].astype(jnp.float32))
-        v = x * dt[..., None].astype(x.dtype)
-        return q, k, v, x, rates
+        split = dict(heads=cfg.ssm_heads, head_dim=cfg.resolved_head_dim, groups=cfg.n_groups, d_state=cfg.d_state)
+        impl = ssd_inputs.resolve(cfg.mamba2_impl, xbc, per_device=True)
+        dt_bias, a_log = self.dt_bias[...], self.A_log[...]
+        if impl == "xla" or xbc.ndim != 3:  # XLA partitions its own fusions; decoding runs on one device
+            return ssd_inputs.ssd_inputs(xbc, dt, dt_bias, a_log, impl="xla", **split)
+        op = lambda xbc, dt, dt_bias, a_log: ssd_inputs.ssd_inputs(  # noqa: E731
+            xbc, dt, dt_bias, a_log, impl=impl, **split)
+        return sharding.per_device(op, cfg, (xbc, dt), (dt_bias, a_log), check_vma=impl != "pallas_triton_interpret")
 
     def _out(self, o, x, z):
         """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]: the gated
