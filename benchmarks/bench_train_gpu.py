@@ -76,6 +76,7 @@ def _record(out: Path, args, **r) -> dict:
     """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
     r = {"model": args.model, "documents": args.documents, "remat_every": args.remat_every,
          "mamba2_impl": args.mamba2_impl or "auto", "softmax_impl": args.softmax_impl or "auto",
+         "norm_impl": args.norm_impl or "auto",
          **({"param_axis": args.param_axis} if args.param_axis else {}), **r,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
@@ -118,6 +119,8 @@ class Step:
             overrides["mamba2_impl"] = args.mamba2_impl
         if args.softmax_impl:
             overrides["softmax_impl"] = args.softmax_impl
+        if args.norm_impl:
+            overrides["norm_impl"] = args.norm_impl
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         if args.param_axis:
@@ -217,6 +220,7 @@ class Step:
             f"{self.mcfg_name}, {self.n_gpus} GPU(s) ({self.devices[0].device_kind}), {self.tokens_per_gpu} "
             f"tokens/GPU, {self.documents} documents per row, remat {self.remat} every {self.mcfg.remat_every}, "
             f"mamba2_impl {self.mcfg.mamba2_impl}, softmax_impl {self.mcfg.softmax_impl}, "
+            f"norm_impl {self.mcfg.norm_impl}, "
             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
         _say(f"profiled: {name}.md")
         return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
@@ -425,6 +429,8 @@ def main(argv=None) -> int:
                         help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
     parser.add_argument("--softmax-impl", default="", choices=("", "auto", "blockwise", "cudnn", "pallas_triton"),
                         help="ModelConfig.softmax_impl: the hybrids' softmax layers (default: the model's 'auto')")
+    parser.add_argument("--norm-impl", default="", choices=("", "auto", "xla", "pallas_triton"),
+                        help="ModelConfig.norm_impl: the blocks' SRMSNorm (default: the model's 'auto')")
     parser.add_argument("--param-axis", default="",
                         help="ModelConfig.param_axis, comma-separated mesh axes (default: the model's, data,seq)")
     parser.add_argument("--profile", action="store_true",
@@ -509,7 +515,7 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        for field in ("param_axis", "softmax_impl", "mamba2_impl"):
+        for field in ("param_axis", "softmax_impl", "mamba2_impl", "norm_impl"):
             if r.get(field, "auto") != "auto":
                 note = f"{field} {r[field]}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:
