@@ -9,7 +9,7 @@ plain XLA or with its backward as one fused Pallas kernel (Triton lowering).
 Why: in Mamba-2 1.3B's training step on an H200 (T = 64K, bf16, C = 4352, H = 64, P = 64) XLA's autodiff of
 this runs as two fusions per layer, d_xbc (0.9 ms) and dt's cotangent, a sum over P (0.42 ms): 63 ms of a 1.48 s
 step over 48 layers (benchmarks/results/profile_train_h200_s17_mamba2_conv.md). One pass reads xbc and the
-cotangents of x, v, k, q once and writes d_xbc and dt's share from v: about 2.25 GB, 0.56 ms at 4 TB/s. The
+cotangents of x, v, k, q once and writes d_xbc and dt's share from v: about 2.3 GB, 0.57 ms at 4 TB/s. The
 forward (0.43 ms per call, already at HBM bandwidth) stays XLA's.
 
 Gradients, with g_x, g_v [..., H, P], g_k, g_q [..., G, N], g_r [..., H] the outputs' cotangents, y = xbc:
@@ -70,16 +70,18 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The backward kernel's launch sizes (not yet swept on a GPU: benchmarks/ssd_inputs_gpu.py --configs).
+    """The backward kernel's launch sizes, not yet swept on a GPU (benchmarks/ssd_inputs_gpu.py --configs): the
+    defaults give the 1.3B's shape 34 x 1024 programs, 8 warps holding 16 float32 values per thread per live
+    [64, 64] tile.
 
     rows: rows per program (a power of two). heads: heads per program of the x part (the largest divisor of H
     up to this; each a [rows, P] tile, P padded to a power of two). bc_width: columns per program of the B and
-    C parts (a power of two). num_warps: per program."""
+    C parts (a power of two). num_warps: per program (a power of two)."""
 
     rows: int = 64
     heads: int = 2
     bc_width: int = 128
-    num_warps: int = 4
+    num_warps: int = 8
 
     def __post_init__(self):
         for name in ("rows", "bc_width", "num_warps"):
