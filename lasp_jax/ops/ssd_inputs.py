@@ -258,6 +258,8 @@ def supported(xbc, interpret: bool = False) -> str | None:
     the reason. Shapes as `ssd_inputs` checks them."""
     if not math.prod(xbc.shape[:-1]):
         return "there are no rows (an empty leading dim)"
+    if xbc.size >= 2**31:
+        return f"xbc has {xbc.size} >= 2^31 elements (the kernel's offsets are int32): split the rows"
     if jnp.dtype(xbc.dtype) not in {jnp.dtype(d) for d in DTYPES}:
         return (f"xbc is {jnp.dtype(xbc.dtype).name}; the kernel takes "
                 f"{', '.join(jnp.dtype(d).name for d in DTYPES)}")

@@ -243,8 +243,8 @@ def test_bad_arguments_refused():
 
 
 def test_bad_impls_refused():
-    """An unknown impl names the choices; the kernel refuses no rows and, compiled, a CPU; named, it is refused
-    under a mesh XLA partitions, where "auto" takes xla."""
+    """An unknown impl names the choices; the kernel refuses no rows, 2^31 elements or more and, compiled, a CPU;
+    named, it is refused under a mesh XLA partitions, where "auto" takes xla."""
     call = functools.partial(ssd_inputs.ssd_inputs, **SPLIT)
     with pytest.raises(ValueError, match=r"unknown impl 'triton': expected one of \('auto', 'xla'"):
         call(**_args(), impl="triton")
@@ -252,6 +252,7 @@ def test_bad_impls_refused():
         call(**_args(xbc=(2, 0, 48), dt_raw=(2, 0, 4)), impl="pallas_triton_interpret")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         call(**_args(), impl="pallas_triton")
+    assert "int32" in ssd_inputs.supported(jax.ShapeDtypeStruct((8, 65536, 4352), jnp.bfloat16), interpret=True)
     mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
     args = {n: jax.device_put(a, NamedSharding(mesh, P(None, "rows") if a.ndim > 1 else P()))
             for n, a in _args(xbc=(2, 8, 48), dt_raw=(2, 8, 4)).items()}
