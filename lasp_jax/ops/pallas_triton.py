@@ -10,9 +10,7 @@ as Pallas Triton kernels, one program per (batch, head, piece, head-dim tile):
                  dS walking backward from the piece's outgoing cotangent (one kernel when the whole state is
                  one tile, else one each)
 
-with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected). The state passes may cut each piece into
-sub-pieces, one program each, whose float32 sums XLA adds (decayed across each other under the constant rate:
-Config's state_target_programs).
+with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected).
 
 Heads: the grid has one row per output head h of H = max(Hq, Hv), and each operand is read at its own head
 h // (H / Hx) (q's, k's, v's count; dO and O have H): GQA / MQA and GVA (Mamba-2's groups) without repeating an
@@ -56,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import checks, kernel_support, pieces, pieces_tokens, states
+from lasp_jax.ops import checks, kernel_support, pieces, pieces_tokens
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -80,13 +78,6 @@ class Config:
     tiles_first: launch the head-dim tiles of one (batch, head, piece) as neighbouring programs, so that the
     inputs they all read (Q K^T needs every column) are likely to come from L2 rather than HBM (the Triton
     lowering otherwise makes batch x head the fastest launch index).
-    state_target_programs, state_min_chunks: the state passes cut each piece into S sub-pieces, one program each:
-    the largest power of two S dividing the piece's chunks that keeps the launch within state_target_programs
-    programs and every sub-piece at least state_min_chunks chunks long (S = 1 where none does); the
-    sub-pieces' float32 sums are added in XLA (`_state_pass`). Why: at a Mamba-2 1.3B layer on an H200 (T=64K,
-    H=64, 4 pieces) the weighted pass ran 256 programs of 256 sequential chunks each, latency-bound (0.58 ms
-    where moving its bytes takes ~0.2). The floor keeps the sums' extra traffic (4 B x Dx x Dy per program,
-    written and read back) small against the rows a program reads. Not yet timed on a GPU.
     num_warps: warps per program. wide_warps: warps for programs holding a state tile of more than 64 x 128
     (whole 128 x 128 states and larger), whose fp32 accumulator would otherwise crowd the registers.
     num_stages: the deepest software pipeline; each kernel takes fewer where its chunk loads would overflow
@@ -107,8 +98,6 @@ class Config:
     state_block: int = 128
     target_programs: int = 256
     min_piece_chunks: int = 4
-    state_target_programs: int = 2048
-    state_min_chunks: int = 16
     fuse_dkdv: bool = True
     tiles_first: bool = True
     num_warps: int = 4
@@ -225,8 +214,7 @@ def _weighted_outer(x, y, w, select: bool, precision):
 
 
 def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, scale):
-    """Over the L rows of the refs (a piece or a sub-piece of one): forward sum_x lambda^(L - x) x_x^T y_x
-    (K, V); reverse: scale sum_x lambda^x x_x^T y_x (Q, dO)."""
+    """Forward: sum_x lambda^(L - x) x_x^T y_x (K, V); reverse: scale sum_x lambda^x x_x^T y_x (Q, dO)."""
     n_chunks = x_ref.shape[0] // c
     decays = _decays(rate_ref, c, scale)
     w, chunk_decay = (decays.q_side if reverse else decays.k_side), decays.decay
@@ -240,8 +228,7 @@ def _state_kernel(rate_ref, x_ref, y_ref, out_ref, *, c, reverse, precision, sca
 
 
 def _weighted_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision):
-    """sum_x w_x x_x^T y_x over the refs' rows, a piece or a sub-piece of one (per-token decay: the weights
-    w [L] float32 carry all of it)."""
+    """sum_x w_x x_x^T y_x over the piece (per-token decay: the weights w [L] float32 carry all of it)."""
     n_chunks = x_ref.shape[0] // c
 
     def chunk_sum(n):
@@ -474,53 +461,24 @@ def plan(q, v, config: Config = DEFAULT) -> pieces.Plan:
     return pieces.make_plan(t, config.chunk, target_pieces, config.min_piece_chunks)
 
 
-def _splits(config: Config, plan: pieces.Plan, programs: int) -> int:
-    """Sub-pieces per piece of a state pass of `programs` programs unsplit (Config's state_target_programs,
-    state_min_chunks): a power of two dividing the piece's chunks, at least 1."""
-    chunks, s = plan.piece_len // plan.chunk, 1
-    while (chunks % (2 * s) == 0 and chunks // (2 * s) >= config.state_min_chunks
-           and programs * 2 * s <= config.state_target_programs):
-        s *= 2
-    return s
-
-
-def _state_pass(kernel, weight_spec, weights, x, y, h, plan: pieces.Plan, config: Config, interpret: bool):
-    """The sums of each piece's S sub-pieces (`_splits`) [B, H, P, S, Dx, Dy] float32: `kernel` (the weights'
-    ref, x's, y's, the sum's) over the sub-pieces of x [B, T, Hx, Dx], y [B, T, Hy, Dy] (T = P * piece_len),
-    one program per (batch, output head, sub-piece, state tile), output head h reading x's head h // (H / Hx)
-    and y's h // (H / Hy); weight_spec(sub-pieces' plan): the block of `weights`."""
-    b, dim_x, dim_y = x.shape[0], x.shape[-1], y.shape[-1]
-    bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
-    ny = dim_y // by
-    tiles = (dim_x // bx) * ny
-    s = _splits(config, plan, b * h * plan.pieces * tiles)
-    sub = dataclasses.replace(plan, pieces=plan.pieces * s, piece_len=plan.piece_len // s)
-    sums = _call(
-        kernel, (b, h, sub.pieces, tiles),
-        [weight_spec(sub), _rows_spec(sub, bx, _head_map(h, x), lambda j: j // ny),
-         _rows_spec(sub, by, _head_map(h, y), lambda j: j % ny)],
-        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
-        kernel_support.typed_like((b, h, sub.pieces, dim_x, dim_y), _F32, x),
-        weights, x, y, config=config, interpret=interpret)
-    return sums.reshape(b, h, plan.pieces, s, dim_x, dim_y)  # sub-piece p * S + s is piece p's s-th
-
-
 def state_sums(x, y, rates, plan: pieces.Plan, config: Config = DEFAULT, *, reverse: bool, scale: float = 1.0,
                interpret: bool = False):
     """Per-piece state sums [B, H, P, Dx, Dy] float32 (`pieces.Backend.state_sums`, `_state_kernel`): x [B, T,
     Hx, Dx], y [B, T, Hy, Dy] with T = P * piece_len; output head h reads x's head h // (H / Hx) and y's
-    h // (H / Hy). Each sub-piece's sum is decayed across the sub-pieces after it in its piece (reverse: before
-    it) by lambda^(n L / S), n >= 0 of them, in float32 (states.decay_pow) before the sub-pieces are added."""
+    h // (H / Hy)."""
+    b, h = x.shape[0], rates.shape[0]
+    dim_x, dim_y = x.shape[-1], y.shape[-1]
+    bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
+    ny = dim_y // by
     kernel = functools.partial(_state_kernel, c=plan.chunk, reverse=reverse, precision=_precision(x.dtype),
                                scale=scale)
-    sums = _state_pass(kernel, lambda sub: _rate_spec(), _rates(rates), x, y, rates.shape[0], plan, config,
-                       interpret)
-    s = sums.shape[3]
-    if s > 1:
-        n = jnp.arange(s) if reverse else s - 1 - jnp.arange(s)
-        decay = states.decay_pow(rates[:, None], n * (plan.piece_len // s))  # [H, S]
-        sums = sums * decay[None, :, None, :, None, None]
-    return jnp.sum(sums, axis=3)
+    return _call(
+        kernel, (b, h, plan.pieces, (dim_x // bx) * ny),
+        [_rate_spec(), _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
+         _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
+        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
+        kernel_support.typed_like((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        _rates(rates), x, y, config=config, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,10 +604,20 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
 
 def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: bool):
     """`pieces_tokens.TokenBackend.state_sums_tokens`: sum_{t in p} w[b, h, t] x_t^T y_t [B, H, P, Dx, Dy]
-    float32 (`_weighted_state_kernel`), the sum of its sub-pieces' sums (the weights carry all the decay)."""
-    kernel = functools.partial(_weighted_state_kernel, c=plan.chunk, precision=_precision(x.dtype))
-    weight_spec = lambda sub: pl.BlockSpec((None, None, sub.piece_len), lambda b, h, p, j: (b, h, p))
-    return jnp.sum(_state_pass(kernel, weight_spec, w, x, y, w.shape[1], plan, config, interpret), axis=3)
+    float32 (`_weighted_state_kernel`), tiled like `state_sums`."""
+    b, h = w.shape[:2]
+    dim_x, dim_y = x.shape[-1], y.shape[-1]
+    bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
+    ny = dim_y // by
+    return _call(
+        functools.partial(_weighted_state_kernel, c=plan.chunk, precision=_precision(x.dtype)),
+        (b, h, plan.pieces, (dim_x // bx) * ny),
+        [pl.BlockSpec((None, None, plan.piece_len), lambda b, h, p, j: (b, h, p)),
+         _rows_spec(plan, bx, _head_map(h, x), lambda j: j // ny),
+         _rows_spec(plan, by, _head_map(h, y), lambda j: j % ny)],
+        _state_spec(bx, by, lambda j: j // ny, lambda j: j % ny),
+        kernel_support.typed_like((b, h, plan.pieces, dim_x, dim_y), _F32, x),
+        w, x, y, config=config, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------------
