@@ -49,15 +49,21 @@ from lasp_jax.ops.impls import partitioned
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # Exact jax device kinds where tests/ops/test_rms_norm.py's GPU test passed and the kernels beat "xla"
-# (benchmarks/rms_norm_gpu.py); "auto" takes "xla" elsewhere. None yet: not run on a GPU.
-QUALIFIED_GPUS: tuple[str, ...] = ()
+# (benchmarks/rms_norm_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30,
+# benchmarks/results/rms_norm_gpu_h200_s18.md, bf16) the kernels took 0.147 / 0.348 ms forward / forward+backward
+# at [65536, 2048] against xla's 0.149 / 0.404, and 0.278 / 0.666 at [65536, 4096] against 0.291 / 0.792; the GPU
+# test passed there (widths 2048 and 2560). In Mamba-2 1.3B's step (with ssd_inputs' kernel) the norm's backward
+# fusions (31.6 ms) became 10.2 ms of kernel and an 8.8 ms XLA fusion at its call (TRAIN_GPU_NOTES.md, session 18).
+QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 MAX_WIDTH = 8192  # one program holds whole rows: [rows, padded D] float32 tiles in registers
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Launch sizes (not yet swept on a GPU: benchmarks/rms_norm_gpu.py --configs).
+    """Launch sizes. Swept on an H200 (benchmarks/results/rms_norm_gpu_h200_s18.md): elems_per_warp 512 took
+    0.348 / 0.666 ms forward+backward at D = 2048 / 4096 against 0.360 / 0.700 at 256 and 0.359 / 0.699 at 128;
+    the block sizes swept (fwd 4096-16384, bwd 2048-8192) and xla_forward were within 0.356-0.371 / 0.700-0.722.
 
     fwd_block, bwd_block: elements per program's block of rows, the forward's and the backward's (rows: the
     largest power of two <= max(1, block // padded width)). elems_per_warp: num_warps = block elements / this,
@@ -66,7 +72,7 @@ class Config:
 
     fwd_block: int = 8192
     bwd_block: int = 4096
-    elems_per_warp: int = 256
+    elems_per_warp: int = 512
     num_stages: int = 2
     xla_forward: bool = False
 

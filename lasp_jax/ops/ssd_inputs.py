@@ -63,16 +63,20 @@ from lasp_jax.ops.impls import partitioned
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # Exact jax device kinds where tests/ops/test_ssd_inputs.py's GPU test passed and the kernel beat "xla"
-# (benchmarks/ssd_inputs_gpu.py); none yet, so "auto" takes "xla" everywhere.
-QUALIFIED_GPUS: tuple[str, ...] = ()
+# (benchmarks/ssd_inputs_gpu.py); "auto" takes "xla" elsewhere. On an H200 (2026-11-30, Mamba-2 1.3B's shape,
+# benchmarks/results/ssd_inputs_gpu_h200_s18.md) the backward took 0.726 ms against xla's 1.139 (forward+backward
+# 1.160 against 1.581; the floor at copy bandwidth 0.573 / 1.001), its largest error against float32 3.6e-3
+# (xla's 4.3e-3); the GPU test passed there.
+QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The backward kernel's launch sizes, not yet swept on a GPU (benchmarks/ssd_inputs_gpu.py --configs): the
-    defaults give the 1.3B's shape 34 x 1024 programs, 8 warps holding 16 float32 values per thread per live
-    [64, 64] tile.
+    """The backward kernel's launch sizes: the defaults give the 1.3B's shape 34 x 1024 programs, 8 warps holding
+    16 float32 values per thread per live [64, 64] tile. Swept on an H200 (benchmarks/results/
+    ssd_inputs_gpu_h200_s18.md, backward alone): 0.726 ms; the six others 0.716 (32:2:128:4) to 0.854 (128 rows,
+    2 heads, 8 warps), so the defaults stay.
 
     rows: rows per program (a power of two). heads: heads per program of the x part (the largest divisor of H
     up to this; each a [rows, P] tile, P padded to a power of two). bc_width: columns per program of the B and
