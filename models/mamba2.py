@@ -17,8 +17,8 @@ With packed documents (segment_ids) the state resets and no convolution tap cros
 
 Numerics: dt, the rates and the norm statistics in fp32 (the rates are exp(A_log) * softplus, >= 0 by
 construction); projections, the convolution's output and v in the compute dtype; the SSD state fp32. The gated
-norm runs as fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl: lasp_jax.ops.gated_norm), per device
-under a mesh.
+norm (lasp_jax.ops.gated_norm) and the backward of the SiLU, split and v = dt x (lasp_jax.ops.ssd_inputs) run as
+fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl), per device under a mesh.
 
 Initialisation (the paper's): dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored at 1e-4);
 A_log = log(A), A uniform in [1, 16]; D = 1; the gated norm's weight 1; the convolution's weight and bias uniform
