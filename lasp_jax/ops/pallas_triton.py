@@ -62,6 +62,8 @@ _HIGHEST = lax.Precision.HIGHEST
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _RATE_LANES = 16  # the decay rate travels as a [H, 16] row: a power-of-two block Triton can load
+# The largest float32 sum a program of the grouped state pass holds (in registers: 128 per thread at 8 warps).
+_GROUPED_STATE_FLOATS = 128 * 256
 _STAGE_BYTES = 160 * 1024  # shared memory for the pipelined chunk loads (Hopper: 227 KB per block in all)
 
 
@@ -84,6 +86,11 @@ class Config:
     shared memory (see `_stages`). crowded_stages: the deepest where batch x heads x tiles alone exceed
     target_programs, so each sequence is one piece (a long loop, several programs per SM, whose occupancy the
     deeper buffers cost).
+    grouped_heads, grouped_warps, grouped_stages: the weighted state pass (per-token decay) where x has fewer
+    heads than y and the output (GVA: K or Q of Mamba-2's groups against V or dO of every head) sums up to
+    grouped_heads output heads of one x head per program (`_grouped_state_kernel`), under these warps and at
+    most these stages (capped like `_stages`); grouped_heads 1 keeps the per-head kernel. grouped_one_dot: one
+    dot of all their columns per chunk, else one dot per head (no reshape of the tile).
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -104,6 +111,10 @@ class Config:
     wide_warps: int = 4
     num_stages: int = 3
     crowded_stages: int = 2
+    grouped_heads: int = 4
+    grouped_one_dot: bool = True
+    grouped_warps: int = 8
+    grouped_stages: int = 3
 
 
 DEFAULT = Config()
@@ -236,6 +247,36 @@ def _weighted_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision):
         return _weighted_outer(x_ref[rows, :], y_ref[rows, :], w_ref[rows], True, precision)
 
     out_ref[...] = lax.fori_loop(1, n_chunks, lambda n, acc: acc + chunk_sum(n), chunk_sum(0))
+
+
+def _grouped_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision, one_dot):
+    """sum_x x_x^T [w_(r, x) y_(x, r, :)]_r [Dx, R * Dy] over the rows: R output heads that read one x head.
+
+    w_ref [R, L] float32, x_ref [L, Dx], y_ref [L, R, Dy], out_ref [Dx, R * Dy] float32 (head r's sum in
+    columns [r Dy, (r + 1) Dy)). Each chunk loads and transposes x once for all R heads, then does one dot of
+    R * Dy columns (one_dot: the weighted [C, R, Dy] tile reshaped to [C, R * Dy]) or R dots of Dy columns
+    against the same x. The weights round w y to y's dtype (the per-head kernel rounds w x: one rounding either
+    way). Selects: y's rows of zero weight are zeros per head, and x's rows where all R weights are zero (a
+    document start, where every head's weight is zero) are zeros, so a non-finite row there adds nothing. A
+    non-finite x row where only some heads' weights are zero (an underflowed decay inside a document) reaches
+    those heads too, as 0 * inf in the dot."""
+    n_chunks, _, r, dim_y = y_ref.shape[0] // c, *y_ref.shape
+
+    def weighted(w, y):
+        return _times(w, y.astype(_F32), True).astype(y.dtype)
+
+    def chunk_sums(n):
+        rows = pl.ds(n * c, c)
+        w, x = w_ref[:, rows], x_ref[rows, :]
+        xt = jnp.where((jnp.sum(jnp.abs(w), axis=0) == 0)[:, None], jnp.zeros_like(x), x).T
+        if one_dot:
+            return [_dot(xt, weighted(w.T[:, :, None], y_ref[rows, :, :]).reshape(c, r * dim_y), precision)]
+        return [_dot(xt, weighted(w_ref[i, rows][:, None], y_ref[rows, i, :]), precision) for i in range(r)]
+
+    sums = lax.fori_loop(1, n_chunks, lambda n, acc: [a + s for a, s in zip(acc, chunk_sums(n))], chunk_sums(0))
+    cols = sums[0].shape[-1]
+    for i, total in enumerate(sums):
+        out_ref[:, pl.ds(i * cols, cols)] = total
 
 
 def _output_kernel(*refs, c, precision, scale, tokens):
@@ -602,10 +643,60 @@ def _grads(q, k, v, do, decay: _Decay, pieces_in, pieces_out, plan: pieces.Plan,
     return dq, dk, dv, jnp.sum(kdk, axis=2) - jnp.sum(qdq, axis=2)
 
 
+def _grouped_heads(config: Config, x, y, h: int) -> int:
+    """R_blk, the output heads per program of `_grouped_state_sums`, for x [B, T, Hx, Dx], y [B, T, Hy, Dy] and
+    H = h output heads: the largest power of two up to config.grouped_heads dividing H / Hx whose [Dx, R_blk
+    * Dy] float32 sum fits _GROUPED_STATE_FLOATS; 0 (the per-head kernel) when that is 1 or unless Hx < Hy == H."""
+    hx, hy, dim_x, dim_y = x.shape[2], y.shape[2], x.shape[-1], y.shape[-1]
+    if not hx < hy == h:
+        return 0
+    fits = [r for r in (2 ** i for i in range(1, config.grouped_heads.bit_length()))
+            if (h // hx) % r == 0 and dim_x * r * dim_y <= _GROUPED_STATE_FLOATS]
+    return max(fits, default=0)
+
+
+def _grouped_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: bool, r: int):
+    """`_weighted_state_sums` for x of fewer heads than y and the output (`_grouped_heads`; GVA: Mamba-2's groups)
+    by `_grouped_state_kernel`: one program per (R_blk heads, batch, x head, split of a piece), R_blk = r, the
+    head blocks of one piece neighbouring launches (they read the same x rows). Each piece is cut into S splits
+    (S a power of two dividing its chunks, the grid up to about config.target_programs: the R_blk heads of a
+    program would otherwise leave SMs idle), their float32 sums added here, in the reshape and transpose of the
+    [B, H / R_blk, P * S, Dx, R_blk * Dy] sums to [B, H, P, Dx, Dy]."""
+    b, _, hx, dim_x = x.shape
+    h, dim_y = w.shape[1], y.shape[-1]
+    blocks = h // (hx * r)  # head blocks of one x head
+    programs = blocks * b * hx * plan.pieces
+    n_chunks = plan.piece_len // plan.chunk
+    splits = max(s for s in (2 ** i for i in range(n_chunks.bit_length()))
+                 if n_chunks % s == 0 and programs * s <= max(programs, config.target_programs))
+    rows = plan.piece_len // splits
+    stages = max(1, min(config.grouped_stages, _STAGE_BYTES // (plan.chunk * (dim_x + r * dim_y)
+                                                                * jnp.dtype(x.dtype).itemsize)))
+    head = lambda j, g: g * blocks + j
+    sums = pl.pallas_call(
+        functools.partial(_grouped_state_kernel, c=plan.chunk, precision=_precision(x.dtype),
+                          one_dot=config.grouped_one_dot),
+        grid=(blocks, b, hx, plan.pieces * splits),
+        in_specs=[pl.BlockSpec((None, r, rows), lambda j, b, g, s: (b, head(j, g), s)),
+                  pl.BlockSpec((None, rows, None, dim_x), lambda j, b, g, s: (b, s, g, 0)),
+                  pl.BlockSpec((None, rows, r, dim_y), lambda j, b, g, s: (b, s, head(j, g), 0))],
+        out_specs=pl.BlockSpec((None, None, None, dim_x, r * dim_y), lambda j, b, g, s: (b, head(j, g), s, 0, 0)),
+        out_shape=kernel_support.typed_like((b, h // r, plan.pieces * splits, dim_x, r * dim_y), _F32, x),
+        compiler_params=pl_triton.CompilerParams(num_warps=config.grouped_warps, num_stages=stages),
+        interpret=interpret,
+    )(w, x, y)
+    sums = sums.reshape(b, h // r, plan.pieces, splits, dim_x, r, dim_y).sum(axis=3)
+    return sums.transpose(0, 1, 4, 2, 3, 5).reshape(b, h, plan.pieces, dim_x, dim_y)
+
+
 def _weighted_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: bool):
     """`pieces_tokens.TokenBackend.state_sums_tokens`: sum_{t in p} w[b, h, t] x_t^T y_t [B, H, P, Dx, Dy]
-    float32 (`_weighted_state_kernel`), tiled like `state_sums`."""
+    float32 (`_weighted_state_kernel`), tiled like `state_sums`; `_grouped_state_sums` where x has fewer heads
+    than y and the output (`_grouped_heads`)."""
     b, h = w.shape[:2]
+    r = _grouped_heads(config, x, y, h)
+    if r:
+        return _grouped_state_sums(x, y, w, plan, config, interpret, r)
     dim_x, dim_y = x.shape[-1], y.shape[-1]
     bx, by = min(config.state_block, dim_x), min(config.state_block, dim_y)
     ny = dim_y // by

@@ -6,8 +6,9 @@ state and the gradients of q, k, v, the rates and the initial state. Documents s
 a piece boundary and at a chunk boundary; rates are steep (up to 6) or slow (0.01); T ragged (front padding) and
 whole; GQA and MQA; fused and split dK/dV kernels. The exchange of lasp_attention over 2 and 3 ranks (emulated
 by vmap), gradients on every rank. The rates' gradient from piece-local sums against the whole-document form,
-and its bf16 error over one long document walked as one piece. Without a GPU the real kernels lower
-to Triton IR. GPU (`pytest -m gpu`): the
+and its bf16 error over one long document walked as one piece. The weighted state pass's grouped form (x of
+fewer heads than y: GVA) against float64 sums and the per-head pass, its selects of non-finite rows, and which
+form each impl launches. Without a GPU the real kernels lower to Triton IR. GPU (`pytest -m gpu`): the
 compiled kernels against xla at T=4096, and lasp_attention over every GPU here with each strategy.
 """
 
@@ -22,7 +23,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import impls, pallas_triton, pieces, pieces_tokens, reference, states, vjp
+from lasp_jax.ops import impls, pallas_mosaic, pallas_triton, pieces, pieces_tokens, reference, states, vjp
 from lasp_jax.parallel.api import SeqExchange
 from tests.ops.test_token_decay import _loss_and_grads, long_document_errors
 from tests.util import H200, cuda_mlir, per_rank_errors, qkv, rel_err
@@ -220,6 +221,99 @@ def test_nan_rate_makes_its_head_nan_from_there_on(rng):
     got, want = (np.asarray(run[impl](q, k, v, rates)) for impl in ("pallas_triton_interpret", "xla"))
     assert np.array_equal(np.isfinite(got), np.isfinite(want))
     assert np.all(np.isfinite(got[:, :80])) and not np.any(np.isfinite(got[:, 80:]).all(axis=-1))
+
+
+def _grouped_inputs(rng, b, t, hx, h, dx, dy, dtype):
+    """x [B, T, Hx, Dx], y [B, T, H, Dy] in dtype and weights w [B, H, T] float32 in [0, 1) with document starts
+    (every head's weight zero) at 5, 37 and 70, and head 1's weight alone zero at 20 and 50 (an underflowed decay)."""
+    x = jnp.asarray(rng.standard_normal((b, t, hx, dx)), dtype)
+    y = jnp.asarray(rng.standard_normal((b, t, h, dy)), dtype)
+    w = rng.uniform(size=(b, h, t)).astype(np.float32)
+    w[:, :, [5, 37, 70]] = 0.0
+    w[:, 1, [20, 50]] = 0.0
+    return x, y, jnp.asarray(w)
+
+
+def _weighted_sums_f64(x, y, w, plan):
+    """The float64 oracle of state_sums_tokens: sum_{t in p} w[b, h, t] x_t^T y_t, x read at head h // (H / Hx)."""
+    (b, t, hx, dx), h, dy = x.shape, y.shape[2], y.shape[-1]
+    cut = lambda a: np.asarray(a, np.float64).reshape(b, plan.pieces, plan.piece_len, *a.shape[2:])
+    xs = np.repeat(cut(x), h // hx, axis=3)
+    ws = np.asarray(w, np.float64).reshape(b, h, plan.pieces, plan.piece_len)
+    return np.einsum("bhpl,bplhd,bplhe->bhpde", ws, xs, cut(y))
+
+
+# name: (B, T, Hx, H, Dx, Dy, the kernel's Config overrides, its R_blk). Under SMALL: hx1_r8 cuts T=128 into 4
+# pieces of 2 chunks, 2 programs of 4 heads each (8 in all), each piece in 2 splits (target_programs 64);
+# hx2_r4 cuts T=96 into 3 pieces of 2 chunks, 2 heads per program, no split (target_programs 16).
+GROUPED = {
+    "hx1_r8": (1, 128, 1, 8, 16, 32, {}, 4),
+    "hx2_r4": (2, 96, 2, 8, 32, 16, {"grouped_heads": 2, "target_programs": 16}, 2),
+}
+
+
+@pytest.mark.parametrize("one_dot", [True, False], ids=["one_dot", "dot_per_head"])
+@pytest.mark.parametrize("case", GROUPED)
+def test_grouped_state_sums(case, one_dot, rng):
+    """The weighted state pass where x has fewer heads than y (GVA, `_grouped_state_kernel`), interpreted fp32,
+    against the float64 sums and the per-head pass (grouped_heads 1). Measured (seeds 0-2): <= 8.4e-8
+    against float64 (the per-head pass's <= 8.4e-8), <= 7.7e-8 between the two."""
+    b, t, hx, h, dx, dy, overrides, r = GROUPED[case]
+    x, y, w = _grouped_inputs(rng, b, t, hx, h, dx, dy, jnp.float32)
+    config = dataclasses.replace(SMALL, grouped_one_dot=one_dot, **overrides)
+    assert pallas_triton._grouped_heads(config, x, y, h) == r
+    plan = pallas_triton.plan(x, y, SMALL)
+    got = pallas_triton.Kernels(config, interpret=True).state_sums_tokens(x, y, w, plan)
+    per_head = pallas_triton._weighted_state_sums(x, y, w, plan, dataclasses.replace(SMALL, grouped_heads=1), True)
+    want = _weighted_sums_f64(x, y, w, plan)
+    assert got.shape == want.shape == (b, h, plan.pieces, dx, dy) and got.dtype == jnp.float32
+    assert rel_err(got, want) < 5e-7 and rel_err(got, per_head) < 5e-7, (rel_err(got, want), rel_err(got, per_head))
+
+
+def test_grouped_state_sums_bfloat16(rng):
+    """bf16 x, y: the grouped pass rounds w y to bf16 where the per-head pass rounds w x, one rounding each.
+    Measured (seeds 0-2): <= 1.7e-3 against float64 (the per-head pass's <= 1.7e-3), <= 2.4e-3 between the two."""
+    x, y, w = _grouped_inputs(rng, 1, 128, 1, 8, 16, 32, jnp.bfloat16)
+    plan = pallas_triton.plan(x, y, SMALL)
+    got = pallas_triton._weighted_state_sums(x, y, w, plan, SMALL, True)
+    per_head = pallas_triton._weighted_state_sums(x, y, w, plan, dataclasses.replace(SMALL, grouped_heads=1), True)
+    want = _weighted_sums_f64(x, y, w, plan)
+    assert rel_err(got, want) < 4e-3 and rel_err(got, per_head) < 5e-3, (rel_err(got, want), rel_err(got, per_head))
+
+
+@pytest.mark.parametrize("one_dot", [True, False], ids=["one_dot", "dot_per_head"])
+def test_grouped_state_sums_select_nonfinite_rows(one_dot, rng):
+    """NaN and inf rows where the weights are zero add nothing to the grouped pass (the sums equal the clean
+    inputs', bit for bit): x at the document starts 37 and 70 (every head's weight zero), y at 37 in every head
+    and at 20 in head 1 alone (its weight alone zero; the other heads of its program read that row). A NaN
+    weight (head 2 at 90, in piece 2) is not a zero: it makes that head's sum of that piece NaN, and only it."""
+    x, y, w = _grouped_inputs(rng, 1, 128, 1, 8, 16, 32, jnp.float32)
+    plan = pallas_triton.plan(x, y, SMALL)
+    kernels = pallas_triton.Kernels(dataclasses.replace(SMALL, grouped_one_dot=one_dot), interpret=True)
+    run = jax.jit(lambda x, y, w: kernels.state_sums_tokens(x, y, w, plan))
+    clean = np.asarray(run(x, y, w))
+    poisoned = np.asarray(run(x.at[0, 37].set(jnp.nan).at[0, 70].set(jnp.inf),
+                              y.at[0, 37].set(jnp.nan).at[0, 20, 1].set(jnp.inf), w))
+    assert np.all(np.isfinite(clean)) and np.array_equal(poisoned, clean)
+    nan_weight = np.array(run(x, y, w.at[0, 2, 90].set(jnp.nan)))
+    assert np.all(np.isnan(nan_weight[0, 2, 2]))
+    nan_weight[0, 2, 2] = clean[0, 2, 2]
+    assert np.array_equal(nan_weight, clean)
+
+
+@pytest.mark.parametrize(("hx", "hy", "kernel"), [(1, 4, "_grouped_state_kernel"), (4, 4, "_weighted_state_kernel"),
+                                                  (1, 1, "_weighted_state_kernel")], ids=["gva", "mha", "mqa"])
+def test_state_pass_kernel_by_heads(hx, hy, kernel):
+    """Which kernel the weighted state pass launches (traced, not run), in pallas_triton's impl and in
+    pallas_mosaic's (whose state passes are pallas_triton's): the grouped one only where x has fewer heads than
+    y and the output (GVA; MQA's K, V pass has one head each, TNL's every head)."""
+    q, x, y = (jax.ShapeDtypeStruct((1, 256, n, 64), jnp.bfloat16) for n in (4, hx, hy))
+    w = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
+    for impl in (pallas_triton.KERNELS, pallas_mosaic.INTERPRET):
+        plan = impl.plan(q, y)
+        jaxpr = jax.make_jaxpr(lambda x, y, w: impl.state_sums_tokens(x, y, w, plan))(x, y, w)
+        assert [e.params["jaxpr"].debug_info.func_name for e in jaxpr.eqns if e.primitive.name == "pallas_call"] \
+            == [kernel], impl
 
 
 @dataclasses.dataclass(frozen=True)
