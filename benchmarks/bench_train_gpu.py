@@ -255,6 +255,9 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
             name = f"profile-{args.model}-{n}-{tokens}-{remat}-{args.remat_every}-{args.mamba2_impl or 'auto'}"
             if args.param_axis:
                 name += "-params-" + args.param_axis.replace(",", "-")
+            for flag in ("norm_impl", "softmax_impl"):
+                if getattr(args, flag):
+                    name += f"-{flag.split('_')[0]}-{getattr(args, flag)}"
             timed["profile_ms"] = step.profile(out, name)
         _record(out, args, kind=kind, **fitted, **timed)
     except Exception as e:
@@ -426,7 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remat-every", type=int, default=1, choices=range(1, 1025), metavar="N",
                         help="ModelConfig.remat_every: keep every n-th block's input only (longer sequences)")
     parser.add_argument("--mamba2-impl", default="", choices=("", "auto", "xla", "pallas_triton"),
-                        help="ModelConfig.mamba2_impl: Mamba-2's gated norm (default: the model's 'auto')")
+                        help="ModelConfig.mamba2_impl: Mamba-2's gated norm and ssd_inputs' backward (default: the "
+                        "model's 'auto')")
     parser.add_argument("--softmax-impl", default="", choices=("", "auto", "blockwise", "cudnn", "pallas_triton"),
                         help="ModelConfig.softmax_impl: the hybrids' softmax layers (default: the model's 'auto')")
     parser.add_argument("--norm-impl", default="", choices=("", "auto", "xla", "pallas_triton"),

@@ -30,13 +30,15 @@ import lasp_jax
 Shape = tuple[int, int, int, int]
 
 
-def parse_shapes(text: str) -> list[Shape]:
-    """'1x16384x16x128,8x8192x32x128' -> [(1, 16384, 16, 128), (8, 8192, 32, 128)]; ValueError names a bad one."""
+def parse_shapes(text: str, names: str = "BxTxHxD") -> list[tuple[int, ...]]:
+    """'1x16384x16x128,8x8192x32x128' -> [(1, 16384, 16, 128), (8, 8192, 32, 128)], each with as many dims as
+    `names` spells ("TxD": two); ValueError names a bad one."""
+    dims = len(names.split("x"))
     shapes = []
     for item in filter(None, text.split(",")):
         parts = item.split("x")
-        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"shape {item!r} is not BxTxHxD with four positive integers")
+        if len(parts) != dims or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shape {item!r} is not {names} with {dims} positive integers")
         shapes.append(tuple(int(p) for p in parts))
     return shapes
 

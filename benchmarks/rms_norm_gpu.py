@@ -31,10 +31,10 @@ from benchmarks import measure
 from lasp_jax.ops import rms_norm
 
 EPS = 1e-6  # ModelConfig.norm_eps's default
-# Around DEFAULT: smaller and larger blocks each way, fewer and more warps, and XLA's forward with the kernel's
-# backward (whether XLA's forward, fusible in a model, loses anything on its own).
-SWEEP = ("4096:2048:256:2:0", "16384:8192:256:2:0", "8192:8192:256:2:0", "8192:4096:128:2:0",
-         "8192:4096:512:2:0", "8192:4096:256:2:1")
+# Around DEFAULT: smaller and larger blocks each way, fewer warps, and XLA's forward with the kernel's backward
+# (whether XLA's forward, fusible in a model, loses anything on its own).
+SWEEP = ("4096:2048:512:2:0", "16384:8192:512:2:0", "8192:8192:512:2:0", "8192:4096:256:2:0",
+         "8192:4096:128:2:0", "8192:4096:512:2:1")
 
 
 def inputs(t, d, dtype, seed=0):
@@ -52,17 +52,6 @@ def functions(impl, config):
         return y, vjp(g)[0]
 
     return jax.jit(norm), jax.jit(fwd_bwd)
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'65536x2048,...' -> [(T, D), ...]; ValueError names a bad one."""
-    shapes = []
-    for item in filter(None, text.split(",")):
-        parts = item.split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"shape {item!r} is not TxD with two positive integers")
-        shapes.append((int(parts[0]), int(parts[1])))
-    return shapes
 
 
 def parse_configs(text: str) -> list[rms_norm.Config]:
@@ -110,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    shapes = parse_shapes(args.shapes)
+    shapes = measure.parse_shapes(args.shapes, names="TxD")
     dtype = jnp.dtype(args.dtype)
     configs = parse_configs(args.configs)
     head = measure.provenance("benchmarks.rms_norm_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))

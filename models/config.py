@@ -28,7 +28,8 @@ from lasp_jax.parallel.api import STRATEGIES
 Strategy = Literal[tuple(STRATEGIES)]  # LASP state exchanges, from lasp_jax's own table
 AttnImpl = Literal[("auto", *IMPLS)]  # per-device linear attention implementations, from lasp_jax's table
 Dtype = Literal["float32", "bfloat16", "float16"]
-Remat = Literal["none", "block", "block_attention", "block_attention_conv", "full"]  # ModelConfig.remat's choices (see the field)
+# ModelConfig.remat's choices (see the field)
+Remat = Literal["none", "block", "block_attention", "block_attention_conv", "full"]
 
 
 @functools.cache
@@ -113,12 +114,13 @@ class ModelConfig:
     param_axis: str | tuple[str, ...] | None = ("data", "seq")
     strategy: Strategy = "ring"  # LASP state exchange (lasp_jax.lasp_attention)
     attn_impl: AttnImpl = "auto"  # per-device linear attention implementation (lasp_jax impl=)
-    # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm): the fused Pallas Triton kernels, run per device, or XLA's
-    # fusions; "auto" takes the kernels on the GPUs where their GPU test passed (the H200), else xla
+    # Mamba-2's gated RMSNorm (lasp_jax.ops.gated_norm) and the SiLU/split/v = dt x backward (lasp_jax.ops.ssd_inputs):
+    # the fused Pallas Triton kernels, run per device, or XLA's fusions; "auto" takes the kernels on the GPUs where
+    # their GPU tests passed (the H200), else xla
     mamba2_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
     # Every model's SRMSNorm (the blocks' pre-norms and the final norm; lasp_jax.ops.rms_norm): the fused Pallas
     # Triton kernels, run per device, or XLA's fusions; "auto" takes the kernels on the GPUs where their GPU test
-    # passed (none yet), else xla. Its own field, not mamba2_impl's: TNL and LT use the norm too
+    # passed (the H200), else xla. Its own field, not mamba2_impl's: TNL and LT use the norm too
     norm_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
     # The softmax layers' attention in the training forward (lasp_jax.ops.softmax impl=; under a seq axis LASP-2H's
     # ranks, where "auto" takes the flash kernels where qualified, else the blockwise loop, and "cudnn" is refused)

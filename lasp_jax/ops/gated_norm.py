@@ -168,19 +168,6 @@ class _Launch:
     interpret: bool
 
 
-def _power_of_two_below(n: int) -> int:
-    """The largest power of two <= n (n >= 1): Triton's block sizes and warp counts are powers of two."""
-    return 1 << (n.bit_length() - 1)
-
-
-def _block_rows(block: int, width: int) -> int:
-    return _power_of_two_below(max(1, block // width))
-
-
-def _warps(config: Config, elements: int) -> int:
-    return _power_of_two_below(min(16, max(4, elements // config.elems_per_warp)))
-
-
 def _columns(d_skip, head_dim: int):
     return jnp.repeat(d_skip.astype(_F32), head_dim)
 
@@ -189,7 +176,7 @@ def _kernel_forward(o2, x2, z2, d_col, weight, launch: _Launch):
     """o2, x2, z2 [R, H*P], d_col, weight [H*P] -> [R, H*P] launch.out_dtype."""
     n, channels = o2.shape
     width = channels // launch.groups
-    rows = _block_rows(launch.config.fwd_block, width)
+    rows = kernel_support.block_rows(launch.config.fwd_block, width)
     tile = pl.BlockSpec((rows, width), lambda i, g: (i, g))
     column = pl.BlockSpec((width,), lambda i, g: (g,))
     return pl.pallas_call(
@@ -198,8 +185,9 @@ def _kernel_forward(o2, x2, z2, d_col, weight, launch: _Launch):
         in_specs=[tile, tile, tile, column, column],
         out_specs=tile,
         out_shape=kernel_support.typed_like((n, channels), launch.out_dtype, o2),
-        compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
-                                                 num_stages=launch.config.num_stages),
+        compiler_params=pl_triton.CompilerParams(
+            num_warps=kernel_support.warps(rows * width, launch.config.elems_per_warp),
+            num_stages=launch.config.num_stages),
         interpret=launch.interpret,
     )(o2, x2, z2, d_col, weight.astype(_F32))
 
@@ -217,7 +205,7 @@ def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch, with_out: b
     with_out: then also the forward's output [R, H*P] launch.out_dtype."""
     n, channels = o2.shape
     width = channels // launch.groups
-    rows = _block_rows(launch.config.bwd_block, width)
+    rows = kernel_support.block_rows(launch.config.bwd_block, width)
     run = rows * _run_blocks(n, rows, launch.groups, launch.config.target_programs)
     programs = pl.cdiv(n, run)
     tile = pl.BlockSpec((run, width), lambda i, g: (i, g))
@@ -231,8 +219,9 @@ def _kernel_backward(o2, x2, z2, d_col, weight, g2, launch: _Launch, with_out: b
         out_specs=[tile, tile, tile, partial, partial] + [tile] * len(out),
         out_shape=[kernel_support.typed_like((n, channels), a.dtype, o2) for a in (o2, x2, z2)]
         + [kernel_support.typed_like((programs, channels), _F32, o2)] * 2 + out,
-        compiler_params=pl_triton.CompilerParams(num_warps=_warps(launch.config, rows * width),
-                                                 num_stages=launch.config.num_stages),
+        compiler_params=pl_triton.CompilerParams(
+            num_warps=kernel_support.warps(rows * width, launch.config.elems_per_warp),
+            num_stages=launch.config.num_stages),
         interpret=launch.interpret,
     )(o2, x2, z2, d_col, weight.astype(_F32), g2)
     return do, dx, dz, jnp.sum(dd, axis=0), jnp.sum(dw, axis=0), *y

@@ -1,7 +1,8 @@
 """What the Pallas kernel modules share: whether a compiled Triton kernel can run on this device, outputs typed
 like their inputs and inputs cast to vary as the rows do inside shard_map, how a per-device kernel's `impl=`
-resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv), and a rounding to a matmul
-operand's dtype that the interpreters keep (`rounded_to`).
+resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv), the row-block launch sizes
+of the row-wise Triton kernels (the norms: `block_rows`, `warps`), and a rounding to a matmul operand's dtype that
+the interpreters keep (`rounded_to`).
 
 Inside shard_map (check_vma) an array carries the manual axes it varies over: a kernel's outputs must declare
 the ones its rows vary over, and a replicated input that meets those rows (a weight) is cast to vary too, so its
@@ -19,6 +20,21 @@ from jax import lax
 
 MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, what the Triton lowering targets
 HOPPER = "9.0"  # compute capability: wgmma and TMA as the Mosaic GPU kernels use them (sm_90a)
+
+
+def power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (n >= 1): Triton's block sizes and warp counts are powers of two."""
+    return 1 << (n.bit_length() - 1)
+
+
+def block_rows(block: int, width: int) -> int:
+    """Rows of a row-wise kernel's block of about `block` elements of rows `width` wide (a power of two, >= 1)."""
+    return power_of_two_below(max(1, block // width))
+
+
+def warps(elements: int, elems_per_warp: int) -> int:
+    """num_warps for a program holding `elements` values: one warp per elems_per_warp, a power of two in [4, 16]."""
+    return power_of_two_below(min(16, max(4, elements // elems_per_warp)))
 
 
 def triton_unavailable() -> str | None:

@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lasp_jax.ops import gated_norm, kernel_support
+from lasp_jax.ops import kernel_support
 from lasp_jax.ops.impls import partitioned
 
 _F32 = jnp.float32
@@ -53,7 +53,8 @@ IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # benchmarks/results/rms_norm_gpu_h200_s18.md, bf16) the kernels took 0.147 / 0.348 ms forward / forward+backward
 # at [65536, 2048] against xla's 0.149 / 0.404, and 0.278 / 0.666 at [65536, 4096] against 0.291 / 0.792; the GPU
 # test passed there (widths 2048 and 2560). In Mamba-2 1.3B's step (with ssd_inputs' kernel) the norm's backward
-# fusions (31.6 ms) became 10.2 ms of kernel and an 8.8 ms XLA fusion at its call (TRAIN_GPU_NOTES.md, session 18).
+# fusions (31.6 ms) became 10.2 ms of kernel and an 8.8 ms XLA fusion at its call (TRAIN_GPU_NOTES.md, session 18);
+# TNL-1B's step took 0.783 s with either (0.5 GiB more peak memory with the kernels).
 QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 MAX_WIDTH = 8192  # one program holds whole rows: [rows, padded D] float32 tiles in registers
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -75,6 +76,12 @@ class Config:
     elems_per_warp: int = 512
     num_stages: int = 2
     xla_forward: bool = False
+
+    def __post_init__(self):
+        for name in ("fwd_block", "bwd_block", "elems_per_warp", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Config.{name} must be a positive int; got {value!r}")
 
 
 DEFAULT = Config()
@@ -131,7 +138,7 @@ def _launch(kernel, block: int, launch: _Launch, *arrays):
     [R, D] in the first array's dtype."""
     n, width = arrays[0].shape
     padded = pl.next_power_of_2(width)
-    rows = gated_norm._block_rows(block, padded)
+    rows = kernel_support.block_rows(block, padded)
     spec = pl.BlockSpec((rows, padded), lambda i: (i, 0))  # past D: the padding columns, masked
     return pl.pallas_call(
         functools.partial(kernel, n_rows=n, width=width, eps=launch.eps),
@@ -139,8 +146,9 @@ def _launch(kernel, block: int, launch: _Launch, *arrays):
         in_specs=[spec] * len(arrays),
         out_specs=spec,
         out_shape=kernel_support.typed_like((n, width), arrays[0].dtype, arrays[0]),
-        compiler_params=pl_triton.CompilerParams(num_warps=gated_norm._warps(launch.config, rows * padded),
-                                                 num_stages=launch.config.num_stages),
+        compiler_params=pl_triton.CompilerParams(
+            num_warps=kernel_support.warps(rows * padded, launch.config.elems_per_warp),
+            num_stages=launch.config.num_stages),
         interpret=launch.interpret,
     )(*arrays)
 

@@ -111,10 +111,6 @@ class _Dims:
     interpret: bool
 
 
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _heads_per_program(heads: int, most: int) -> int:
     return max(d for d in range(1, min(heads, most) + 1) if heads % d == 0)
 
@@ -144,7 +140,7 @@ def _backward_kernel(xbc_ref, gx_ref, gv_ref, gk_ref, gq_ref, dt_ref, dxbc_ref, 
 
     @pl.when(j < x_programs)
     def _x_part():
-        width = _power_of_two_at_least(dims.head_dim)
+        width = pl.next_power_of_2(dims.head_dim)
         mask = row_ok[:, None] & (jnp.arange(width) < dims.head_dim)[None, :]
         per = _heads_per_program(dims.heads, cfg.heads)
         for hh in range(per):

@@ -15,7 +15,7 @@ import pytest
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import gated_norm
+from lasp_jax.ops import gated_norm, kernel_support
 from tests.util import A100, H200, cuda_mlir, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -91,8 +91,8 @@ def test_launch_covers_every_path():
     for groups in (1, 2):
         width = 64 // groups
         config = _small(width)
-        assert gated_norm._block_rows(config.fwd_block, width) == 4 and 74 % 4
-        rows = gated_norm._block_rows(config.bwd_block, width)
+        assert kernel_support.block_rows(config.fwd_block, width) == 4 and 74 % 4
+        rows = kernel_support.block_rows(config.bwd_block, width)
         blocks = gated_norm._run_blocks(74, rows, groups, config.target_programs)
         run = rows * blocks
         assert rows == 2 and blocks >= 4 and 74 // run >= 2 and 0 < 74 % run < run - rows, (groups, blocks)
