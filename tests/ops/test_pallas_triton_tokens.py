@@ -237,7 +237,7 @@ def _grouped_inputs(rng, b, t, hx, h, dx, dy, dtype):
 def _weighted_sums_ref(x, y, w, plan, dtype=jnp.float64):
     """The sums of state_sums_tokens in dtype (full-precision products): sum_{t in p} w[b, h, t] x_t^T y_t, x read
     at head h // (H / Hx); float64 under jax.enable_x64 (CPU), float32 on a GPU."""
-    (b, t, hx, dx), h, dy = x.shape, y.shape[2], y.shape[-1]
+    b, hx, h = x.shape[0], x.shape[2], y.shape[2]
     with jax.enable_x64(dtype == jnp.float64):
         cut = lambda a: jnp.asarray(a, dtype).reshape(b, plan.pieces, plan.piece_len, *a.shape[2:])
         xs = jnp.repeat(cut(x), h // hx, axis=3)
