@@ -90,7 +90,11 @@ class Config:
     heads than y and the output (GVA: K or Q of Mamba-2's groups against V or dO of every head) sums up to
     grouped_heads output heads of one x head per program (`_grouped_state_kernel`), under these warps and at
     most these stages (capped like `_stages`); grouped_heads 1 keeps the per-head kernel. grouped_one_dot: one
-    dot of all their columns per chunk, else one dot per head (no reshape of the tile).
+    dot of all their columns per chunk, else one dot per head (no reshape of the tile). On an H200 at Mamba-2
+    1.3B's shape (T 64K, one group of Dx 128, 64 heads of Dy 64, bf16; benchmarks/results/KERNEL_NOTES.md session
+    18) R_blk 2 with 8 warps took 0.280 ms (one dot) and 0.282 (a dot per head) against the per-head kernel's
+    0.517; R_blk 4, and 4 warps at either R_blk, failed Triton's compile ("'ttg.local_alloc' op element type bit
+    width must be a multiple of 8": a boolean tile staged in shared memory), hence grouped_heads at most 2.
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -111,7 +115,7 @@ class Config:
     wide_warps: int = 4
     num_stages: int = 3
     crowded_stages: int = 2
-    grouped_heads: int = 4
+    grouped_heads: int = 2
     grouped_one_dot: bool = True
     grouped_warps: int = 8
     grouped_stages: int = 3
@@ -662,6 +666,10 @@ def _grouped_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: b
     (S a power of two dividing its chunks, the grid up to about config.target_programs: the R_blk heads of a
     program would otherwise leave SMs idle), their float32 sums added here, in the reshape and transpose of the
     [B, H / R_blk, P * S, Dx, R_blk * Dy] sums to [B, H, P, Dx, Dy]."""
+    if not interpret and (r > 2 or config.grouped_warps < 8):
+        raise ValueError(f"the grouped state pass with R_blk={r} heads and grouped_warps={config.grouped_warps} "
+                         "fails Triton's compile on an H200 (a boolean tile staged in shared memory): use "
+                         "Config.grouped_heads <= 2 and grouped_warps >= 8, or grouped_heads=1 (the per-head pass)")
     b, _, hx, dim_x = x.shape
     h, dim_y = w.shape[1], y.shape[-1]
     blocks = h // (hx * r)  # head blocks of one x head

@@ -259,7 +259,8 @@ def supported(xbc, interpret: bool = False) -> str | None:
     if not math.prod(xbc.shape[:-1]):
         return "there are no rows (an empty leading dim)"
     if xbc.size >= 2**31:
-        return f"xbc has {xbc.size} >= 2^31 elements (the kernel's offsets are int32): split the rows"
+        return (f"xbc has {xbc.size} >= 2^31 elements, past what the kernel was run at on a GPU (int32 element "
+                f"offsets): split the rows")
     if jnp.dtype(xbc.dtype) not in {jnp.dtype(d) for d in DTYPES}:
         return (f"xbc is {jnp.dtype(xbc.dtype).name}; the kernel takes "
                 f"{', '.join(jnp.dtype(d).name for d in DTYPES)}")
