@@ -53,21 +53,7 @@ def functions(impl, groups, out_dtype, config):
     return jax.jit(lambda args: norm(*args)), jax.jit(fwd_bwd)
 
 
-def parse_configs(text: str) -> list[gated_norm.Config]:
-    """'8192:4096:2048:512,...' -> Configs; ValueError names a bad one."""
-    configs = []
-    for item in filter(None, text.split(",")):
-        parts = item.split(":")
-        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"config {item!r} is not fwd_block:bwd_block:target_programs:elems_per_warp")
-        fwd, bwd, target, per_warp = map(int, parts)
-        configs.append(gated_norm.Config(fwd_block=fwd, bwd_block=bwd, target_programs=target,
-                                         elems_per_warp=per_warp))
-    return configs
-
-
-def _label(config: gated_norm.Config) -> str:
-    return f"{config.fwd_block}:{config.bwd_block}:{config.target_programs}:{config.elems_per_warp}"
+CONFIG_FIELDS = ("fwd_block", "bwd_block", "target_programs", "elems_per_warp")  # --configs entries, in order
 
 
 def table(rows, floors) -> str:
@@ -89,14 +75,14 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--impls", default="xla,pallas_triton")
-    parser.add_argument("--configs", default=_label(gated_norm.DEFAULT))
+    parser.add_argument("--configs", default=measure.config_label(gated_norm.DEFAULT, CONFIG_FIELDS))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     (b, t, h, p), = measure.parse_shapes(args.shape)
     dtype = jnp.dtype(args.dtype)
-    configs = parse_configs(args.configs)
+    configs = measure.parse_configs(args.configs, gated_norm.Config, CONFIG_FIELDS)
     head = measure.provenance("benchmarks.gated_norm_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))
     head["device"] = jax.devices()[0].device_kind
 
@@ -112,7 +98,7 @@ def main(argv=None) -> int:
     rows = []
     for impl in args.impls.split(","):
         for config in configs if impl.startswith("pallas") else [gated_norm.DEFAULT]:
-            row = {"impl": impl, "config": _label(config) if impl.startswith("pallas") else ""}
+            row = {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else ""}
             try:
                 fwd, fwd_bwd = functions(impl, args.groups, dtype, config)
                 got = jax.block_until_ready(fwd_bwd(tensors, g))

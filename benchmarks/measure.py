@@ -43,6 +43,26 @@ def parse_shapes(text: str, names: str = "BxTxHxD") -> list[tuple[int, ...]]:
     return shapes
 
 
+def parse_configs(text: str, config_type, fields: tuple[str, ...]) -> list:
+    """'8192:4096:256,...' -> [config_type(**{field: value, ...}), ...], one positive integer per field in order
+    (0 or 1 for a field whose default is a bool); ValueError names a bad entry. The kernels' sweeps' --configs."""
+    flags = {f for f in fields if isinstance(getattr(config_type(), f), bool)}
+    configs = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) != len(fields) or not all(
+                p in ("0", "1") if f in flags else p.isdigit() and int(p) > 0 for f, p in zip(fields, parts)):
+            raise ValueError(f"config {item!r} is not {':'.join(fields)} (positive integers"
+                             + (f"; {', '.join(sorted(flags))} 0 or 1)" if flags else ")"))
+        configs.append(config_type(**{f: (p == "1") if f in flags else int(p) for f, p in zip(fields, parts)}))
+    return configs
+
+
+def config_label(config, fields: tuple[str, ...]) -> str:
+    """The --configs entry that parse_configs reads back as `config`."""
+    return ":".join(str(int(getattr(config, field))) for field in fields)
+
+
 def median_ms(fn, args, iters: int, reps: int) -> float:
     """Median ms per call of `fn(*args)` over `reps` rounds of `iters` back-to-back calls (after one untimed)."""
     jax.block_until_ready(fn(*args))

@@ -54,24 +54,7 @@ def functions(impl, config):
     return jax.jit(norm), jax.jit(fwd_bwd)
 
 
-def parse_configs(text: str) -> list[rms_norm.Config]:
-    """'8192:4096:256:2:0,...' -> Configs; ValueError names a bad one."""
-    configs = []
-    for item in filter(None, text.split(",")):
-        parts = item.split(":")
-        if (len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts[:4])
-                or parts[4] not in ("0", "1")):
-            raise ValueError(f"config {item!r} is not fwd_block:bwd_block:elems_per_warp:num_stages:xla_forward "
-                             "(positive integers, xla_forward 0 or 1)")
-        fwd, bwd, per_warp, stages = map(int, parts[:4])
-        configs.append(rms_norm.Config(fwd_block=fwd, bwd_block=bwd, elems_per_warp=per_warp, num_stages=stages,
-                                       xla_forward=parts[4] == "1"))
-    return configs
-
-
-def label(config: rms_norm.Config) -> str:
-    return (f"{config.fwd_block}:{config.bwd_block}:{config.elems_per_warp}:{config.num_stages}:"
-            f"{int(config.xla_forward)}")
+CONFIG_FIELDS = ("fwd_block", "bwd_block", "elems_per_warp", "num_stages", "xla_forward")  # --configs, in order
 
 
 def table(rows) -> str:
@@ -94,14 +77,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="65536x2048,65536x4096", help="TxD,...")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--impls", default="xla,pallas_triton")
-    parser.add_argument("--configs", default=",".join((label(rms_norm.DEFAULT), *SWEEP)))
+    parser.add_argument("--configs", default=",".join((measure.config_label(rms_norm.DEFAULT, CONFIG_FIELDS), *SWEEP)))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     shapes = measure.parse_shapes(args.shapes, names="TxD")
     dtype = jnp.dtype(args.dtype)
-    configs = parse_configs(args.configs)
+    configs = measure.parse_configs(args.configs, rms_norm.Config, CONFIG_FIELDS)
     head = measure.provenance("benchmarks.rms_norm_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))
     head["device"] = jax.devices()[0].device_kind
     os.makedirs(args.out, exist_ok=True)
@@ -119,7 +102,7 @@ def main(argv=None) -> int:
                 "floor_fwd_ms": 2 * x.nbytes / gbs / 1e6, "floor_fwd_bwd_ms": 5 * x.nbytes / gbs / 1e6}
         for impl in args.impls.split(","):
             for config in configs if impl.startswith("pallas") else [rms_norm.DEFAULT]:
-                row = base | {"impl": impl, "config": label(config) if impl.startswith("pallas") else ""}
+                row = base | {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else ""}
                 try:
                     fwd, fwd_bwd = functions(impl, config)
                     got = jax.block_until_ready(fwd_bwd(x, g))

@@ -62,20 +62,7 @@ def functions(impl, h, p, g, n, config):
     return jax.jit(lambda args: op(*args)), jax.jit(fwd_bwd), jax.jit(lambda args, cts: fwd_bwd(args, cts)[1])
 
 
-def parse_configs(text: str) -> list[ssd_inputs.Config]:
-    """'64:2:128:4,...' -> Configs; ValueError names a bad one."""
-    configs = []
-    for item in filter(None, text.split(",")):
-        parts = item.split(":")
-        if len(parts) != 4 or not all(q.isdigit() and int(q) > 0 for q in parts):
-            raise ValueError(f"config {item!r} is not rows:heads:bc_width:num_warps")
-        rows, heads, width, warps = map(int, parts)
-        configs.append(ssd_inputs.Config(rows=rows, heads=heads, bc_width=width, num_warps=warps))
-    return configs
-
-
-def _label(config: ssd_inputs.Config) -> str:
-    return f"{config.rows}:{config.heads}:{config.bc_width}:{config.num_warps}"
+CONFIG_FIELDS = ("rows", "heads", "bc_width", "num_warps")  # --configs entries, in order
 
 
 def table(rows, floors) -> str:
@@ -100,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--impls", default="xla,pallas_triton")
-    parser.add_argument("--configs", default=_label(ssd_inputs.DEFAULT))
+    parser.add_argument("--configs", default=measure.config_label(ssd_inputs.DEFAULT, CONFIG_FIELDS))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
@@ -108,7 +95,7 @@ def main(argv=None) -> int:
     (b, t, h, p), = measure.parse_shapes(args.shape)
     g, n = args.groups, args.d_state
     dtype = jnp.dtype(args.dtype)
-    configs = parse_configs(args.configs)
+    configs = measure.parse_configs(args.configs, ssd_inputs.Config, CONFIG_FIELDS)
     head = measure.provenance("benchmarks.ssd_inputs_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))
     head["device"] = jax.devices()[0].device_kind
 
@@ -127,7 +114,7 @@ def main(argv=None) -> int:
     rows = []
     for impl in args.impls.split(","):
         for config in configs if impl.startswith("pallas") else [ssd_inputs.DEFAULT]:
-            row = {"impl": impl, "config": _label(config) if impl.startswith("pallas") else "",
+            row = {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else "",
                    "device": head["device"], "shape": [b, t, h, p, g, n], "dtype": dtype.name}
             try:
                 fwd, fwd_bwd, bwd = functions(impl, h, p, g, n, config)
