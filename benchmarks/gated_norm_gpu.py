@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     rows = []
     for impl in args.impls.split(","):
         for config in configs if impl.startswith("pallas") else [gated_norm.DEFAULT]:
-            row = {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else ""}
+            row = {"impl": impl, "config": (measure.config_label(config, CONFIG_FIELDS)
+                                                  if impl.startswith("pallas") else "")}
             try:
                 fwd, fwd_bwd = functions(impl, args.groups, dtype, config)
                 got = jax.block_until_ready(fwd_bwd(tensors, g))

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                 "floor_fwd_ms": 2 * x.nbytes / gbs / 1e6, "floor_fwd_bwd_ms": 5 * x.nbytes / gbs / 1e6}
         for impl in args.impls.split(","):
             for config in configs if impl.startswith("pallas") else [rms_norm.DEFAULT]:
-                row = base | {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else ""}
+                row = base | {"impl": impl, "config": (measure.config_label(config, CONFIG_FIELDS)
+                                                      if impl.startswith("pallas") else "")}
                 try:
                     fwd, fwd_bwd = functions(impl, config)
                     got = jax.block_until_ready(fwd_bwd(x, g))

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     rows = []
     for impl in args.impls.split(","):
         for config in configs if impl.startswith("pallas") else [ssd_inputs.DEFAULT]:
-            row = {"impl": impl, "config": measure.config_label(config, CONFIG_FIELDS) if impl.startswith("pallas") else "",
+            row = {"impl": impl, "config": (measure.config_label(config, CONFIG_FIELDS)
+                                                  if impl.startswith("pallas") else ""),
                    "device": head["device"], "shape": [b, t, h, p, g, n], "dtype": dtype.name}
             try:
                 fwd, fwd_bwd, bwd = functions(impl, h, p, g, n, config)

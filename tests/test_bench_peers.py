@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_lasp_gpu, bench_ops_gpu, measure
+from lasp_jax.ops import rms_norm
 from tests.util import needs_jla
 
 # A bf16 result against the fp32 reference on CPU measured 1.65e-3 to 1.68e-3 (o, dq, dk, dv; 1x128x2x32 and
@@ -169,3 +170,20 @@ if __name__ == "__main__":  # a worker of the run_workers tests
         measure.append_row(rows_file, {"contender": "first"})
         os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(60)
+
+
+def test_shapes_and_configs_parse_by_their_names():
+    """measure.parse_shapes takes as many dims as its names spell; parse_configs builds a Config per entry (a bool
+    field 0 or 1) and config_label writes the entry back; bad entries name the fields."""
+    assert measure.parse_shapes("65536x2048,8x4", names="TxD") == [(65536, 2048), (8, 4)]
+    with pytest.raises(ValueError, match="is not TxD with 2 positive integers"):
+        measure.parse_shapes("1x65536x2048", names="TxD")
+    fields = ("fwd_block", "bwd_block", "elems_per_warp", "num_stages", "xla_forward")
+    config, = measure.parse_configs("4096:2048:128:3:1", rms_norm.Config, fields)
+    assert config == rms_norm.Config(fwd_block=4096, bwd_block=2048, elems_per_warp=128, num_stages=3,
+                                     xla_forward=True)
+    assert measure.config_label(config, fields) == "4096:2048:128:3:1"
+    with pytest.raises(ValueError, match="xla_forward 0 or 1"):
+        measure.parse_configs("4096:2048:128:3:2", rms_norm.Config, fields)
+    with pytest.raises(ValueError, match="is not fwd_block:bwd_block"):
+        measure.parse_configs("4096:0:128:3:1", rms_norm.Config, fields)

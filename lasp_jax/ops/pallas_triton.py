@@ -15,15 +15,17 @@ with M[i, j] = scale lambda^(i - j) for i >= j, else 0 (selected).
 Heads: the grid has one row per output head h of H = max(Hq, Hv), and each operand is read at its own head
 h // (H / Hx) (q's, k's, v's count; dO and O have H): GQA / MQA and GVA (Mamba-2's groups) without repeating an
 input in memory. The gradients come per output head, in float32 where the input has fewer heads than H, and
-the drivers sum each input head's shares.
+the drivers sum each input head's shares. The per-token state pass for GVA (x of fewer heads than y and the
+output) instead takes 2 output heads of one x head per program (`_grouped_state_kernel`: each x chunk loaded
+once, one dot for both heads).
 
 Per-token decay and documents (`pieces_tokens`, the TokenBackend methods): the same walks as kernel variants
 behind a static flag (`tokens`; the constant kernels trace as before, no extra loads). The decay comes in as
 float32 tables per position (pieces_tokens.ChunkTables, one [C] row of each per chunk): M[i, j] = scale
 exp(-max(bc_i - bc_j, 0)) for j <= i in one document (else selected out), the q side's and k side's rows in
 place of lambda^i and lambda^(C - j), the chunk decay from the q side's last row; the state pass takes
-per-position weights instead of powers. The dQ and dK walks also write each row's float32 q . dQ and k . dK
-(per head-dim tile, summed in XLA) for the decay gradient.
+per-position weights instead of powers (rounding w x to the input dtype, the grouped pass w y). The dQ and dK
+walks also write each row's float32 q . dQ and k . dK (per head-dim tile, summed in XLA) for the decay gradient.
 
 Numerics: every product accumulates in float32; the state is float32 and is rounded to the input dtype only
 as a matmul operand (bf16 inputs: one bf16 rounding of the state and of the decayed scores, as in fla; under
@@ -89,12 +91,15 @@ class Config:
     grouped_heads, grouped_warps, grouped_stages: the weighted state pass (per-token decay) where x has fewer
     heads than y and the output (GVA: K or Q of Mamba-2's groups against V or dO of every head) sums up to
     grouped_heads output heads of one x head per program (`_grouped_state_kernel`), under these warps and at
-    most these stages (capped like `_stages`); grouped_heads 1 keeps the per-head kernel. grouped_one_dot: one
-    dot of all their columns per chunk, else one dot per head (no reshape of the tile). On an H200 at Mamba-2
-    1.3B's shape (T 64K, one group of Dx 128, 64 heads of Dy 64, bf16; benchmarks/results/KERNEL_NOTES.md session
-    18) R_blk 2 with 8 warps took 0.280 ms (one dot) and 0.282 (a dot per head) against the per-head kernel's
-    0.517; R_blk 4, and 4 warps at either R_blk, failed Triton's compile ("'ttg.local_alloc' op element type bit
-    width must be a multiple of 8": a boolean tile staged in shared memory), hence grouped_heads at most 2.
+    most these stages (capped to fit _STAGE_BYTES only); grouped_heads 1 keeps the per-head kernel.
+    grouped_one_dot: one dot of all their columns per chunk, else one dot per head (no reshape of the tile).
+    Its pieces are split up to target_programs programs, each split at least grouped_min_chunks chunks. On an
+    H200 at Mamba-2 1.3B's shape (T 64K, one group of Dx 128, 64 heads of Dy 64, bf16; benchmarks/results/
+    KERNEL_NOTES.md session 18) R_blk 2 with 8 warps took 0.264-0.280 ms (one dot; 0.282 a dot per head) against
+    the per-head kernel's 0.517-0.525; 3 stages against 2: 0.264 against 0.481 ms; target_programs 256 (2 splits)
+    against 128 (none) and 512: 0.264 against 0.372 and 0.284. R_blk 4, and 4 warps at either R_blk, failed
+    Triton's compile ("'ttg.local_alloc' op element type bit width must be a multiple of 8": a boolean tile staged
+    in shared memory), hence grouped_heads at most 2 compiled. grouped_min_chunks (16) was not swept.
 
     Defaults: the fastest variants of three timing sweeps on an H200 at T=64K (benchmarks/results/
     KERNEL_NOTES.md): 256 programs and 3 stages (~9% under 512 and 2), then whole-state tiles for the state
@@ -119,6 +124,7 @@ class Config:
     grouped_one_dot: bool = True
     grouped_warps: int = 8
     grouped_stages: int = 3
+    grouped_min_chunks: int = 16
 
 
 DEFAULT = Config()
@@ -676,7 +682,8 @@ def _grouped_state_sums(x, y, w, plan: pieces.Plan, config: Config, interpret: b
     programs = blocks * b * hx * plan.pieces
     n_chunks = plan.piece_len // plan.chunk
     splits = max(s for s in (2 ** i for i in range(n_chunks.bit_length()))
-                 if n_chunks % s == 0 and programs * s <= max(programs, config.target_programs))
+                 if n_chunks % s == 0 and programs * s <= max(programs, config.target_programs)
+                 and (s == 1 or n_chunks // s >= config.grouped_min_chunks))
     rows = plan.piece_len // splits
     stages = max(1, min(config.grouped_stages, _STAGE_BYTES // (plan.chunk * (dim_x + r * dim_y)
                                                                 * jnp.dtype(x.dtype).itemsize)))

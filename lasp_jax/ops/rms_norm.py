@@ -53,8 +53,10 @@ IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
 # benchmarks/results/rms_norm_gpu_h200_s18.md, bf16) the kernels took 0.147 / 0.348 ms forward / forward+backward
 # at [65536, 2048] against xla's 0.149 / 0.404, and 0.278 / 0.666 at [65536, 4096] against 0.291 / 0.792; the GPU
 # test passed there (widths 2048 and 2560). In Mamba-2 1.3B's step (with ssd_inputs' kernel) the norm's backward
-# fusions (31.6 ms) became 10.2 ms of kernel and an 8.8 ms XLA fusion at its call (TRAIN_GPU_NOTES.md, session 18);
-# TNL-1B's step took 0.783 s with either (0.5 GiB more peak memory with the kernels).
+# fusions (31.6 ms) became 10.2 ms of kernel and an 8.8 ms XLA fusion at its call, its forward (6.9 ms of XLA
+# fusion, fused with its neighbours) a 12.7 ms kernel: 38.5 -> 31.7 ms in all (TRAIN_GPU_NOTES.md, session 18;
+# Config.xla_forward was not tried in the step). TNL-1B's step took 0.783 s with either (0.5 GiB more peak memory
+# with the kernels).
 QUALIFIED_GPUS: tuple[str, ...] = ("NVIDIA H200",)
 MAX_WIDTH = 8192  # one program holds whole rows: [rows, padded D] float32 tiles in registers
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -68,7 +70,7 @@ class Config:
 
     fwd_block, bwd_block: elements per program's block of rows, the forward's and the backward's (rows: the
     largest power of two <= max(1, block // padded width)). elems_per_warp: num_warps = block elements / this,
-    clamped to [4, 16], a power of two (gated_norm's rule). num_stages: Triton's software pipelining depth.
+    clamped to [4, 16], a power of two (kernel_support.warps). num_stages: Triton's software pipelining depth.
     xla_forward: the forward as XLA's ops (fusible with their neighbours), the backward still the kernel."""
 
     fwd_block: int = 8192

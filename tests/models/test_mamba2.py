@@ -94,8 +94,9 @@ def test_mesh_equals_one_device(name, shape, explicit, strategy, remat, param_ax
 @pytest.mark.parametrize("explicit,param_axis", [(True, FSDP), (False, "data")], ids=["explicit", "auto"])
 def test_fused_norm_on_a_mesh_equals_one_device(explicit, param_axis):
     """The gated norm's kernels (interpreted) with the out-projection, and ssd_inputs' backward kernel, run per
-    device inside the model's shard_map (models.sharding.per_device): the same as the one-device "xla" model, every gradient included (D's, the norm
-    weight's and the sharded out-projection's summed over the shards), on an Explicit and an Auto mesh. (On the
+    device inside the model's shard_map (models.sharding.per_device): the same as the one-device "xla" model, every
+    gradient included (D's, the norm weight's and the sharded out-projection's summed over the shards), on an
+    Explicit and an Auto mesh. (On the
     Auto mesh the parameters shard over data only: with FSDP, XLA returns the logits split over the vocabulary
     instead of the sequence, the same before the projection joined the norm, which _check_mesh's layout check
     refuses; their values and the gradients match there too.)"""

@@ -31,7 +31,7 @@ from tests.util import H200, cuda_mlir, per_rank_errors, qkv, rel_err
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 SMALL = dataclasses.replace(pallas_triton.DEFAULT, chunk=16, block_k=16, block_v=16, state_block=16,
-                            target_programs=64, min_piece_chunks=2)
+                            target_programs=64, min_piece_chunks=2, grouped_min_chunks=1)
 
 
 def _starts(b, t, fixed, p, rng):

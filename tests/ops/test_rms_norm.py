@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 import models
-from lasp_jax.ops import rms_norm, kernel_support
+from lasp_jax.ops import kernel_support, rms_norm
 from tests.models import helpers
 from tests.util import A100, H200, cuda_mlir, rel_err
 
@@ -204,6 +204,13 @@ def test_model_on_a_mesh_with_kernels_equals_xla():
 def test_bad_inputs_refused(x, message):
     with pytest.raises(ValueError, match=message):
         rms_norm.srms_norm(x, eps=EPS)
+
+
+def test_bad_launch_sizes_refused():
+    with pytest.raises(ValueError, match="Config.elems_per_warp must be a positive int; got 0"):
+        rms_norm.Config(elems_per_warp=0)
+    with pytest.raises(ValueError, match="Config.fwd_block must be a positive int; got -8"):
+        rms_norm.Config(fwd_block=-8)
 
 
 def test_bad_impls_refused():
