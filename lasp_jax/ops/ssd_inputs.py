@@ -7,8 +7,8 @@ plain XLA or with its backward as one fused Pallas kernel (Triton lowering).
     v = x bf16(dt)                                  (dt rounded to the compute dtype, the product too)
 
 Why: in Mamba-2 1.3B's training step on an H200 (T = 64K, bf16, C = 4352, H = 64, P = 64) XLA's autodiff of
-this runs as two fusions per layer, d_xbc (0.9 ms) and dt's cotangent, a sum over P (0.42 ms): 63 ms of a 1.48 s
-step over 48 layers (benchmarks/results/profile_train_h200_s17_mamba2_conv.md). One pass reads xbc and the
+this runs as two fusions per layer, d_xbc (0.9 ms) and dt's cotangent, a sum over P (0.42 ms): 44.2 + 20.1 ms of a
+1.48 s step over 48 layers (benchmarks/results/profile_train_h200_s17_mamba2_conv.md). One pass reads xbc and the
 cotangents of x, v, k, q once and writes d_xbc and dt's share from v: about 2.3 GB, 0.57 ms at 4 TB/s. The
 forward (0.43 ms per call, already at HBM bandwidth) stays XLA's.
 
