@@ -56,7 +56,8 @@ QUALIFIED_TOKEN_GPUS: dict[str, tuple[str, ...]] = {
 # Heads beyond MHA/GQA/MQA (checks.beyond_gqa): qualified by the GPU tests at Mamba-2's shape (`pytest -m gpu
 # tests/ops/test_gva.py`: test_gpu_mamba2_shape_matches_xla, G = 1 and 8 groups of q and k, H = 32, Dk 128,
 # Dv 64, bf16, per-token decay with documents and constant decay, against xla in float32; and
-# test_gpu_lasp_attention_mamba2_shape): all passed for both families on an H200 on 2026-11-30 (G = 1, 8, 32).
+# test_gpu_lasp_attention_mamba2_shape): all passed for both families on an H200 on 2026-11-30 (G = 1, 8, 32),
+# again with the grouped per-token state pass (pallas_triton._grouped_state_kernel; session 18, call 8).
 QUALIFIED_GVA_GPUS: dict[str, tuple[str, ...]] = {
     "pallas_triton": ("NVIDIA H200",),
     "pallas_mosaic": ("NVIDIA H200",),
