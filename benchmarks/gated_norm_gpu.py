@@ -57,15 +57,10 @@ CONFIG_FIELDS = ("fwd_block", "bwd_block", "target_programs", "elems_per_warp") 
 
 
 def table(rows, floors) -> str:
-    lines = [f"floor at copy bandwidth: fwd {floors[0]:.3f} ms, fwd+bwd {floors[1]:.3f} ms", "",
-             "| impl | config | fwd ms | fwd+bwd ms | max err vs xla fp32 | note |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['impl']} | {r['config']} | | | | {r['error']} |")
-        else:
-            lines.append(f"| {r['impl']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{r['max_err']:.1e} | |")
-    return "\n".join(lines)
+    return (f"floor at copy bandwidth: fwd {floors[0]:.3f} ms, fwd+bwd {floors[1]:.3f} ms\n\n" + measure.markdown_table(
+        rows, (("impl", lambda r: r["impl"]), ("config", lambda r: r["config"]),
+               ("fwd ms", lambda r: f"{r['fwd_ms']:.3f}"), ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.3f}"),
+               ("max err vs xla fp32", lambda r: f"{r['max_err']:.1e}"))))
 
 
 def main(argv=None) -> int:

@@ -63,6 +63,20 @@ def config_label(config, fields: tuple[str, ...]) -> str:
     return ":".join(str(int(getattr(config, field))) for field in fields)
 
 
+def markdown_table(rows: list[dict], columns: tuple) -> str:
+    """The rows as a markdown table: columns ((header, cell), ...), cell(row) -> str, then a "note" column with
+    the row's error. A cell whose keys the row lacks (a failed row has no timings) is left empty."""
+    def cell(fn, row):
+        try:
+            return fn(row)
+        except KeyError:
+            return ""
+
+    lines = ["| " + " | ".join([h for h, _ in columns] + ["note"]) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([cell(fn, r) for _, fn in columns] + [r.get("error", "")]) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def median_ms(fn, args, iters: int, reps: int) -> float:
     """Median ms per call of `fn(*args)` over `reps` rounds of `iters` back-to-back calls (after one untimed)."""
     jax.block_until_ready(fn(*args))

@@ -58,17 +58,12 @@ CONFIG_FIELDS = ("fwd_block", "bwd_block", "elems_per_warp", "num_stages", "xla_
 
 
 def table(rows) -> str:
-    lines = ["| T x D | impl | config | fwd ms | fwd+bwd ms | bwd ms | floor fwd / fwd+bwd ms | max err vs xla fp32 "
-             "| note |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r['shape']} | {r['impl']} | {r['config']} |"
-        floors = f"{r['floor_fwd_ms']:.3f} / {r['floor_fwd_bwd_ms']:.3f}"
-        if "error" in r:
-            lines.append(f"{head} | | | {floors} | | {r['error']} |")
-        else:
-            lines.append(f"{head} {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_ms'] - r['fwd_ms']:.3f} | "
-                         f"{floors} | {r['max_err']:.1e} | |")
-    return "\n".join(lines)
+    return measure.markdown_table(rows, (
+        ("T x D", lambda r: r["shape"]), ("impl", lambda r: r["impl"]), ("config", lambda r: r["config"]),
+        ("fwd ms", lambda r: f"{r['fwd_ms']:.3f}"), ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.3f}"),
+        ("bwd ms", lambda r: f"{r['fwd_bwd_ms'] - r['fwd_ms']:.3f}"),
+        ("floor fwd / fwd+bwd ms", lambda r: f"{r['floor_fwd_ms']:.3f} / {r['floor_fwd_bwd_ms']:.3f}"),
+        ("max err vs xla fp32", lambda r: f"{r['max_err']:.1e}")))
 
 
 def main(argv=None) -> int:

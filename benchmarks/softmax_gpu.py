@@ -93,15 +93,11 @@ def fp32_reference(tensors, ids):
 
 
 def table(rows) -> str:
-    lines = ["| T | docs | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | temp GiB | max err | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['t']} | {r['docs']} | {r['impl']} | | | | | | {r['error']} |")
-            continue
-        lines.append(f"| {r['t']} | {r['docs']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
-                     f"{r['fwd_bwd_tflops']:.1f} | {r['temp_gib']:.2f} | {r['errors']['max']:.1e} | |")
-    return "\n".join(lines)
+    return measure.markdown_table(rows, (
+        ("T", lambda r: f"{r['t']}"), ("docs", lambda r: f"{r['docs']}"), ("impl", lambda r: r["impl"]),
+        ("fwd ms", lambda r: f"{r['fwd_ms']:.2f}"), ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.2f}"),
+        ("fwd+bwd TFLOP/s", lambda r: f"{r['fwd_bwd_tflops']:.1f}"), ("temp GiB", lambda r: f"{r['temp_gib']:.2f}"),
+        ("max err", lambda r: f"{r['errors']['max']:.1e}")))
 
 
 def main(argv=None) -> int:

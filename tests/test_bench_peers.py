@@ -187,3 +187,11 @@ def test_shapes_and_configs_parse_by_their_names():
         measure.parse_configs("4096:2048:128:3:2", rms_norm.Config, fields)
     with pytest.raises(ValueError, match="is not fwd_block:bwd_block"):
         measure.parse_configs("4096:0:128:3:1", rms_norm.Config, fields)
+
+
+def test_markdown_table_leaves_a_failed_rows_timings_empty():
+    """measure.markdown_table: a cell whose keys the row lacks is empty, the row's error goes to the note."""
+    columns = (("impl", lambda r: r["impl"]), ("fwd ms", lambda r: f"{r['fwd_ms']:.3f}"))
+    text = measure.markdown_table([{"impl": "xla", "fwd_ms": 0.1234}, {"impl": "k", "error": "E: bad"}], columns)
+    assert text.splitlines() == ["| impl | fwd ms | note |", "|---|---|---|", "| xla | 0.123 |  |",
+                                 "| k |  | E: bad |"]
