@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lasp_jax.ops import rms_norm
+from lasp_jax.ops import kernel_support, rms_norm
 from models import sharding
 from models.config import ModelConfig
 
@@ -77,7 +77,7 @@ def srms_norm(x: jax.Array, eps: float, cfg: ModelConfig | None = None) -> jax.A
     norm = functools.partial(rms_norm.srms_norm, eps=eps, impl=impl)
     if impl == "xla" or x.ndim != 3:  # XLA partitions its own fusions
         return norm(x)
-    return sharding.per_device(norm, cfg, (x,), check_vma=impl != "pallas_triton_interpret")
+    return sharding.per_device(norm, cfg, (x,), check_vma=kernel_support.checks_vma(impl))
 
 
 class SGLU(nnx.Module):

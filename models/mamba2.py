@@ -44,7 +44,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import lasp_jax
-from lasp_jax.ops import gated_norm, ssd_inputs
+from lasp_jax.ops import gated_norm, kernel_support, ssd_inputs
 from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
@@ -131,7 +131,7 @@ class Mamba2Mixer(nnx.Module):
             return ssd_inputs.ssd_inputs(xbc, dt, dt_bias, a_log, impl="xla", **split)
         op = lambda xbc, dt, dt_bias, a_log: ssd_inputs.ssd_inputs(  # noqa: E731
             xbc, dt, dt_bias, a_log, impl=impl, **split)
-        return sharding.per_device(op, cfg, (xbc, dt), (dt_bias, a_log), check_vma=impl != "pallas_triton_interpret")
+        return sharding.per_device(op, cfg, (xbc, dt), (dt_bias, a_log), check_vma=kernel_support.checks_vma(impl))
 
     def _out(self, o, x, z):
         """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]: the gated
@@ -149,7 +149,7 @@ class Mamba2Mixer(nnx.Module):
         # The projection's weight in the compute dtype before the per-device call: its gather moves half the bytes.
         w_proj = self.out_proj.kernel[...].astype(jnp.dtype(cfg.dtype))
         return sharding.per_device(norm_project, cfg, (o, x, z), (d_skip, norm_weight, w_proj),
-                                   check_vma=impl != "pallas_triton_interpret")
+                                   check_vma=kernel_support.checks_vma(impl))
 
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lasp_jax.ops import kernel_support
 from lasp_jax.ops.softmax import causal_softmax_attention
 from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from models import sharding
@@ -76,7 +77,7 @@ class SoftmaxMixer(nnx.Module):
             attend = lambda q, k, v, *ids: causal_softmax_attention(  # noqa: E731
                 q, k, v, segment_ids=ids[0] if ids else None, impl=cfg.softmax_impl)
             o = sharding.per_device(attend, cfg, (q, k, v) + (() if segment_ids is None else (segment_ids,)),
-                                    out_ndim=4, check_vma=cfg.softmax_impl != "pallas_triton_interpret")
+                                    out_ndim=4, check_vma=kernel_support.checks_vma(cfg.softmax_impl))
         else:
             o = causal_softmax_attention(q, k, v, segment_ids=segment_ids, impl=cfg.softmax_impl)
         return self._out(o)

@@ -1,6 +1,7 @@
 """What the Pallas kernel modules share: whether a compiled Triton kernel can run on this device, outputs typed
 like their inputs and inputs cast to vary as the rows do inside shard_map, how a per-device kernel's `impl=`
-resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv), the row-block launch sizes
+resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv) and whether a shard_map
+around them checks varying axes (`checks_vma`), the row-block launch sizes
 of the row-wise Triton kernels (the norms: `block_rows`, `warps`), and a rounding to a matmul operand's dtype that
 the interpreters keep (`rounded_to`).
 
@@ -62,6 +63,13 @@ def hopper_unavailable(what: str, interpreted: str) -> str | None:
         return (f"{what} needs a Hopper GPU (compute capability {HOPPER}, sm_90a); this is {device.device_kind!r} "
                 f"(compute capability {capability})")
     return None
+
+
+def checks_vma(impl: str) -> bool:
+    """shard_map's check_vma for a shard_map around the kernels of `impl`: off only for the Pallas Triton
+    interpreter, whose discharged loads and stores do not carry the varying-axes types (it pads masked ones with
+    an invariant value, which check_vma rejects; jax 0.11.2); the compiled kernels lower with the check on."""
+    return impl != "pallas_triton_interpret"
 
 
 def typed_like(shape, dtype, like) -> jax.ShapeDtypeStruct:

@@ -305,7 +305,5 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
 def _sharded(x, weight, bias, ids, *, mesh, specs, seq_axis, n, impl, activation):
     body = functools.partial(_local, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     in_specs = tuple(None if a is None else s for a, s in zip((x, weight, bias, ids), specs))
-    # jax 0.11.2's Pallas interpreter pads the refs of masked loads and stores with an invariant value, which
-    # check_vma rejects inside shard_map; the compiled kernels lower with the check on.
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=specs[0],
-                         check_vma=impl != "pallas_triton_interpret")(x, weight, bias, ids)
+                         check_vma=kernel_support.checks_vma(impl))(x, weight, bias, ids)

@@ -19,7 +19,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import placement
-from lasp_jax.ops import checks
+from lasp_jax.ops import checks, kernel_support
 from lasp_jax.ops.softmax import causal_softmax_attention, check_segment_ids, flash_unqualified, warn_passed_over
 from lasp_jax.parallel import layout
 
@@ -100,6 +100,5 @@ def softmax_allgather_attention(q, k, v, *, segment_ids=None, mesh=None, seq_axi
 def _sharded(q, k, v, ids, *, mesh, spec, seq_axis, scale, block_q, block_k, impl):
     body = functools.partial(_local, seq_axis=seq_axis, scale=scale, block_q=block_q, block_k=block_k, impl=impl)
     in_specs = (spec, spec, spec, None if ids is None else P(*spec[:2]))
-    # Pallas interpret mode does not carry shard_map's varying-axes types (its discharged dynamic slices mix them).
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
-                         check_vma=impl != "pallas_triton_interpret")(q, k, v, ids)
+                         check_vma=kernel_support.checks_vma(impl))(q, k, v, ids)

@@ -27,3 +27,9 @@ def test_rounded_to_float16_rounds(rng):
     x = jnp.asarray(rng.standard_normal(1000), jnp.float32)
     np.testing.assert_array_equal(np.asarray(kernel_support.rounded_to(x, jnp.float16)),
                                   np.asarray(x.astype(jnp.float16).astype(jnp.float32)))
+
+
+def test_shard_map_checks_varying_axes_but_for_the_triton_interpreter():
+    assert not kernel_support.checks_vma("pallas_triton_interpret")
+    assert all(kernel_support.checks_vma(impl) for impl in ("xla", "pallas_triton", "pallas_mosaic",
+                                                            "pallas_mosaic_interpret", "auto", "cudnn"))
