@@ -222,8 +222,9 @@ class _Mask:
 
 
 def _weighted(x, w, select: bool = False):
-    """diag(w) x in x's dtype (a matmul operand); select: rows of zero weight are zeros (`_times`)."""
-    return _times(w[:, None], x.astype(_F32), select).astype(x.dtype)
+    """diag(w) x in x's dtype (a matmul operand): w [C] weighs the rows of x [C, D], w [C, R] those of each
+    head of x [C, R, D]; select: rows of zero weight are zeros (`_times`)."""
+    return _times(w[..., None], x.astype(_F32), select).astype(x.dtype)
 
 
 def _weighted_outer(x, y, w, select: bool, precision):
@@ -272,16 +273,13 @@ def _grouped_state_kernel(w_ref, x_ref, y_ref, out_ref, *, c, precision, one_dot
     those heads too, as 0 * inf in the dot."""
     n_chunks, _, r, dim_y = y_ref.shape[0] // c, *y_ref.shape
 
-    def weighted(w, y):
-        return _times(w, y.astype(_F32), True).astype(y.dtype)
-
     def chunk_sums(n):
         rows = pl.ds(n * c, c)
         w, x = w_ref[:, rows], x_ref[rows, :]
         xt = jnp.where((jnp.sum(jnp.abs(w), axis=0) == 0)[:, None], jnp.zeros_like(x), x).T
         if one_dot:
-            return [_dot(xt, weighted(w.T[:, :, None], y_ref[rows, :, :]).reshape(c, r * dim_y), precision)]
-        return [_dot(xt, weighted(w_ref[i, rows][:, None], y_ref[rows, i, :]), precision) for i in range(r)]
+            return [_dot(xt, _weighted(y_ref[rows, :, :], w.T, True).reshape(c, r * dim_y), precision)]
+        return [_dot(xt, _weighted(y_ref[rows, i, :], w_ref[i, rows], True), precision) for i in range(r)]
 
     sums = lax.fori_loop(1, n_chunks, lambda n, acc: [a + s for a, s in zip(acc, chunk_sums(n))], chunk_sums(0))
     cols = sums[0].shape[-1]
