@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import checks, impls, placement, reference, vjp
+from lasp_jax.ops import checks, impls, kernel_support, placement, reference, vjp
 
 
 def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initial_state=None,
@@ -64,7 +64,7 @@ def linear_attention(q, k, v, decay=None, *, segment_ids=None, scale=1.0, initia
     if initial_state is not None:
         initial_state = checks.state("initial_state", initial_state, (b, h, dk, v.shape[-1]))
     per_device = impls.resolve(impl, q, k, v, per_token=rates.ndim == 3 or ids is not None,
-                               partitioned=impls.partitioned(q))
+                               partitioned=kernel_support.partitioned(q))
     scale = static_scale(scale)
     final = bool(return_final_state)
     constant = rates if rates.ndim == 1 and ids is not None else None

@@ -451,6 +451,7 @@ def _launch(body, out_type, scratch, grid, launch: _Launch, args):
     kernel = plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("c", "b", "r"), num_threads=2,
         thread_name="wg", compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
+        kernel_name="causal_conv" + body.func.__name__.removesuffix("_kernel"),  # for profiles
         interpret=_interpret_params(launch.interpret))
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside shard_map): outputs vary as xe does.
     return jax.tree.map(lambda a: kernel_support.vary_like(a, args[0]), kernel(*args))

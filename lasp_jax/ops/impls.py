@@ -126,19 +126,6 @@ def warn_once(message: str):
         warnings.warn(message, UnqualifiedWarning, stacklevel=4)
 
 
-def partitioned(x) -> bool:
-    """Whether XLA's partitioner splits a call on x over several devices: the ambient mesh (jax.set_mesh), else
-    x's own mesh (committed arrays, Explicit or Auto, also as traced under jit), has an axis of size > 1 that is
-    not manual (inside shard_map the call is per device). Not seen: uncommitted inputs given shardings only by
-    jit's in_shardings, with no ambient mesh (the trace carries no mesh then)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    if mesh is None or mesh.empty:
-        return False
-    return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
-
-
 def _supported(candidate: vjp.Impl, q, k, v, per_token: bool) -> str | None:
     return candidate.supported_tokens(q, k, v) if per_token else candidate.supported(q, k, v)
 

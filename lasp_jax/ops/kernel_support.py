@@ -1,6 +1,7 @@
 """What the Pallas kernel modules share: whether a compiled Triton kernel can run on this device, outputs typed
-like their inputs and inputs cast to vary as the rows do inside shard_map, how a per-device kernel's `impl=`
-resolves (the Mamba-2 pieces: lasp_jax.ops.gated_norm, lasp_jax.parallel.causal_conv) and whether a shard_map
+like their inputs and inputs cast to vary as the rows do inside shard_map, whether XLA partitions a call
+(`partitioned`), how a per-device kernel's `impl=` resolves (the Mamba-2 pieces: lasp_jax.parallel.causal_conv;
+the row-wise ops gated_norm, rms_norm and ssd_inputs through `resolve_rows`) and whether a shard_map
 around them checks varying axes (`checks_vma`), the row-block launch sizes
 of the row-wise Triton kernels (the norms: `block_rows`, `warps`), and a rounding to a matmul operand's dtype that
 the interpreters keep (`rounded_to`).
@@ -83,6 +84,19 @@ def vary_like(a, like):
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
+def partitioned(x) -> bool:
+    """Whether XLA's partitioner splits a call on x over several devices: the ambient mesh (jax.set_mesh), else
+    x's own mesh (committed arrays, Explicit or Auto, also as traced under jit), has an axis of size > 1 that is
+    not manual (inside shard_map the call is per device). Not seen: uncommitted inputs given shardings only by
+    jit's in_shardings, with no ambient mesh (the trace carries no mesh then)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return False
+    return any(size > 1 for name, size in mesh.shape.items() if name not in mesh.manual_axes)
+
+
 def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: dict[str, tuple[str, ...]],
                        supported: Callable[[str], str | None], split: bool, split_hint: str) -> str:
     """The impl a per-device kernel's `impl=` names: "xla" or one of the kernels' impls in `impls` (each
@@ -110,6 +124,18 @@ def resolve_per_device(impl: str, impls: tuple[str, ...], qualified: dict[str, t
         raise ValueError(f"impl {impl!r} runs per device (its kernels have no sharding rule), but this call is "
                          f"under a multi-device mesh that XLA partitions: {split_hint}")
     return impl
+
+
+def resolve_rows(impl: str, impls: tuple[str, ...], qualified_gpus: tuple[str, ...],
+                 supported: Callable[[bool], str | None], rows, *, per_device: bool) -> str:
+    """`resolve_per_device` for the row-wise Pallas Triton ops (gated_norm, rms_norm, ssd_inputs): their kernels'
+    impls "pallas_triton" (compiled, "auto" on qualified_gpus) and "pallas_triton_interpret"; supported(interpret)
+    gives a reason or None. The call is split where XLA partitions `rows` and the caller is not per_device (their
+    rows are independent: run them inside a shard_map over the rows)."""
+    return resolve_per_device(
+        impl, impls, {"pallas_triton": qualified_gpus}, lambda name: supported(name == "pallas_triton_interpret"),
+        split=not per_device and partitioned(rows),
+        split_hint="call it inside a shard_map over the rows, or use impl='xla'")
 
 
 def rounded_to(x, dtype):

@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 
 from lasp_jax.ops import checks, kernel_support, softmax_kernel
-from lasp_jax.ops.impls import partitioned, warn_once
+from lasp_jax.ops.impls import warn_once
+from lasp_jax.ops.kernel_support import partitioned
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

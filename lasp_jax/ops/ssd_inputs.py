@@ -36,10 +36,10 @@ XLA's own SiLU rounding (it may round sig(y) before the product: then 1 ulp apar
 (autodiff's is a bf16 cotangent). The [R, H] chain is float32; d_dt_raw is cast to dt_raw's dtype, the parameters'
 sums to theirs. `impl="xla"` is the model's former code, op for op (its gradients are XLA autodiff's).
 
-Placement: the kernel runs per device. Under a mesh that XLA partitions (`impls.partitioned`) "auto" takes "xla"
-and naming a kernel is an error: call it inside a shard_map over the rows (the model does:
-models.sharding.per_device); dt_bias and A_log are cast to vary with the rows, so their gradients come back as
-one sum over the shards.
+Placement: the kernel runs per device. Under a mesh that XLA partitions (`kernel_support.partitioned`) "auto" takes
+"xla" and naming a kernel is an error: call it inside a shard_map over the rows (the model does:
+models.sharding.per_device); dt_bias and A_log are cast to vary with the rows, so their gradients come back as one
+sum over the shards.
 
 Platforms: compiled on CUDA GPUs of compute capability 8.0 or newer (A100, Hopper); "pallas_triton_interpret"
 runs the same kernel in Pallas interpret mode anywhere (CPU tests). "auto" takes the kernel only on the device
@@ -58,7 +58,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from lasp_jax.ops import kernel_support
-from lasp_jax.ops.impls import partitioned
 
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
@@ -273,11 +272,9 @@ def resolve(impl: str, xbc, *, per_device: bool = False) -> str:
     """What `impl` names for xbc here: "xla", "pallas_triton" or "pallas_triton_interpret" (ValueError if
     unknown or unusable). per_device: as if called inside a shard_map over the rows (a caller deciding whether
     to wrap the call in one); else under a mesh that XLA partitions the kernel is refused."""
-    return kernel_support.resolve_per_device(
-        impl, IMPLS, {"pallas_triton": QUALIFIED_GPUS},
-        lambda name: supported(xbc, interpret=name == "pallas_triton_interpret"),
-        split=not per_device and partitioned(xbc), split_hint="call it inside a shard_map over the rows, or use "
-        "impl='xla'")
+    return kernel_support.resolve_rows(
+        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: supported(xbc, interpret=interpret), xbc,
+        per_device=per_device)
 
 
 def ssd_inputs(xbc, dt_raw, dt_bias, a_log, *, heads: int, head_dim: int, groups: int, d_state: int,

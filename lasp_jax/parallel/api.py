@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import checks, impls, placement
+from lasp_jax.ops import checks, impls, kernel_support, placement
 from lasp_jax.ops.api import attend, attend_under_jit, static_scale
 from lasp_jax.parallel import allgather, layout, ring, scan
 
@@ -89,7 +89,7 @@ def lasp_attention(q, k, v, decay=None, *, segment_ids=None, mesh=None, seq_axis
     # Its own shard_map makes every mesh axis manual; inside a caller's shard_map over seq alone, XLA may still
     # partition the other axes.
     per_device = impls.resolve(impl, q, k, v, per_token=rates.ndim == 3,
-                               partitioned=layout.seq_is_manual(seq_axis) and impls.partitioned(q))
+                               partitioned=layout.seq_is_manual(seq_axis) and kernel_support.partitioned(q))
     scale = static_scale(scale)
     exchange = SeqExchange(strategy, seq_axis, w) if w > 1 else None  # one rank: nothing to exchange
     if layout.seq_is_manual(seq_axis):

@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lasp_jax.ops import causal_conv_kernel, causal_conv_mosaic, checks, kernel_support, placement
-from lasp_jax.ops.impls import partitioned
+from lasp_jax.ops.kernel_support import partitioned
 from lasp_jax.parallel import layout
 
 
