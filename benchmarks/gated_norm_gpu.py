@@ -3,14 +3,16 @@ kernels, forward and forward+backward, at Mamba-2 1.3B's SSD output (B=1, T=64K,
 decides gated_norm.QUALIFIED_GPUS (what "auto" takes) and the kernels' launch sizes (gated_norm.Config).
 
     python3 -m benchmarks.gated_norm_gpu [--shape 1x65536x64x64] [--groups 1] [--dtype bfloat16]
-        [--impls xla,pallas_triton] [--configs 8192:4096:2048:512,...] [--iters 20] [--reps 5] [--out DIR]
+        [--impls xla,pallas_triton] [--configs 8192:4096:2048:256:2:0,...] [--iters 20] [--reps 5] [--out DIR]
 
---configs: launch sizes of the pallas rows, fwd_block:bwd_block:target_programs:elems_per_warp each (default:
-gated_norm.DEFAULT alone); every config gets a row. Inputs: o, x, z and the output's cotangent standard normals
-(z x2) in --dtype, D normal and weight 1 + 0.1 normal in float32. Timing: `measure.median_ms` of the jitted
-forward and of forward+backward (the output and the five gradients for a given cotangent). Floor: the bytes
-each must move (forward: o, x, z read, the output written; forward+backward: that plus o, x, z and the
-cotangent read again and do, dx, dz written) at the device's copy bandwidth (`measure.copy_bandwidth_gbs`).
+--configs: launch sizes of the pallas rows, fwd_block:bwd_block:target_programs:elems_per_warp:num_stages:prefetch
+each (prefetch 0 or 1; default: gated_norm.DEFAULT alone); every config gets a row. An entry of the first four
+fields alone (the form before num_stages and prefetch could be set) runs as those did: num_stages 2, prefetch 0.
+Inputs: o, x, z and the output's cotangent standard normals (z x2) in --dtype, D normal and weight 1 + 0.1 normal
+in float32. Timing: `measure.median_ms` of the jitted forward and of forward+backward (the output and the five
+gradients for a given cotangent). Floor: the bytes each must move (forward: o, x, z read, the output written;
+forward+backward: that plus o, x, z and the cotangent read again and do, dx, dz written) at the device's copy
+bandwidth (`measure.copy_bandwidth_gbs`).
 Error: the largest `measure.rel_err` over the output and the gradients against "xla" on the float32-upcast
 inputs.
 
@@ -53,7 +55,16 @@ def functions(impl, groups, out_dtype, config):
     return jax.jit(lambda args: norm(*args)), jax.jit(fwd_bwd)
 
 
-CONFIG_FIELDS = ("fwd_block", "bwd_block", "target_programs", "elems_per_warp")  # --configs entries, in order
+CONFIG_FIELDS = ("fwd_block", "bwd_block", "target_programs", "elems_per_warp", "num_stages", "prefetch")
+FORMER_TAIL = ("2", "0")  # num_stages and prefetch of a four-field --configs entry (they were fixed then)
+
+
+def parse_configs(text: str) -> list[gated_norm.Config]:
+    """--configs -> Configs (measure.parse_configs), a four-field entry completed with FORMER_TAIL."""
+    short = len(CONFIG_FIELDS) - len(FORMER_TAIL)
+    return measure.parse_configs(",".join(
+        ":".join((item, *FORMER_TAIL)) if item.count(":") == short - 1 else item for item in text.split(",")),
+        gated_norm.Config, CONFIG_FIELDS)
 
 
 def table(rows, floors) -> str:
@@ -77,7 +88,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     (b, t, h, p), = measure.parse_shapes(args.shape)
     dtype = jnp.dtype(args.dtype)
-    configs = measure.parse_configs(args.configs, gated_norm.Config, CONFIG_FIELDS)
+    configs = parse_configs(args.configs)
     head = measure.provenance("benchmarks.gated_norm_gpu", argv, ("jax", "jaxlib", "jax-cuda13-plugin"))
     head["device"] = jax.devices()[0].device_kind
 

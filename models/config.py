@@ -94,7 +94,8 @@ class ModelConfig:
     # --- numerics and memory ---
     dtype: Dtype = "float32"  # compute dtype of activations and matmuls
     param_dtype: Dtype = "float32"  # master weights
-    # none: keep every activation; block: per block, keep the matmul outputs, recompute the rest;
+    # none: keep every activation; block: per block, keep the matmul outputs (and Mamba-2's gated norm's per-row
+    # statistic, [B, T, G] float32), recompute the rest;
     # block_attention: as block, and keep the linear attention's output and per-piece states too, so its
     # forward kernels run once a step (per layer o and [B, H, T / piece, Dk, Dv] float32 more);
     # block_attention_conv: as block_attention, and keep Mamba-2's convolution output ([B, T, C] more per layer);

@@ -73,8 +73,21 @@ def srms_norm(x: jax.Array, eps: float, cfg: ModelConfig | None = None) -> jax.A
     """
     if cfg is None:
         return rms_norm.srms_norm(x, eps=eps, impl="xla")
+    return _per_device_norm(rms_norm.srms_norm, x, eps, cfg)
+
+
+def srms_norm_residual(x: jax.Array, eps: float, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(x, srms_norm(x, eps, cfg)) for a pre-norm residual block, `x, y = srms_norm_residual(x); x + mixer(y)`:
+    x passes through unchanged, and the kernels' backward adds its cotangent to the norm's in float32, one
+    rounding (lasp_jax.ops.rms_norm.srms_norm_residual; saves XLA's separate add, 8.8 ms of a Mamba-2 1.3B H200
+    step). Placement as srms_norm's."""
+    return _per_device_norm(rms_norm.srms_norm_residual, x, eps, cfg)
+
+
+def _per_device_norm(op, x: jax.Array, eps: float, cfg: ModelConfig):
+    """op(x, eps=eps, impl=cfg.norm_impl resolved), per device for x [B, T, D] when the kernels run it."""
     impl = rms_norm.resolve(cfg.norm_impl, x, per_device=True)
-    norm = functools.partial(rms_norm.srms_norm, eps=eps, impl=impl)
+    norm = functools.partial(op, eps=eps, impl=impl)
     if impl == "xla" or x.ndim != 3:  # XLA partitions its own fusions
         return norm(x)
     return sharding.per_device(norm, cfg, (x,), check_vma=kernel_support.checks_vma(impl))

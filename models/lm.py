@@ -21,23 +21,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lasp_jax.ops import vjp
+from lasp_jax.ops import gated_norm, vjp
 from models import sharding
 from models.attention import LinearMixer
 from models.config import ModelConfig
-from models.layers import SGLU, Dense, Embed, srms_norm
+from models.layers import SGLU, Dense, Embed, srms_norm, srms_norm_residual
 from models.loss import cross_entropy_sums
 from models.mamba2 import CONV_NAME, Mamba2Mixer
 from models.softmax import SoftmaxMixer
 
+def _dots_and(*names: str):
+    """Keep the matmul outputs and the values of these checkpoint names. Every policy that keeps the matmuls also
+    keeps the gated norm's per-row statistic (gated_norm.STATS_NAME, [B, T, G] float32): without it the backward
+    reruns the norm's forward kernel to get it back."""
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(gated_norm.STATS_NAME, *names))
+
+
 _POLICIES = {
-    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "block_attention": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*vjp.SAVEABLE_NAMES)),
-    "block_attention_conv": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*vjp.SAVEABLE_NAMES, CONV_NAME)),
+    "block": _dots_and(),
+    "block_attention": _dots_and(*vjp.SAVEABLE_NAMES),
+    "block_attention_conv": _dots_and(*vjp.SAVEABLE_NAMES, CONV_NAME),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -56,11 +61,14 @@ class Block(nnx.Module):
     def _mlp(self, x):
         if self.mlp is None:
             return x
-        return x + self.mlp(srms_norm(x, self.cfg.norm_eps, self.cfg)).astype(x.dtype)
+        x, y = srms_norm_residual(x, self.cfg.norm_eps, self.cfg)
+        return x + self.mlp(y).astype(x.dtype)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x [B, T, D] -> [B, T, D] on the activation layout; segment_ids [B, T] or None (packed documents)."""
-        x = x + self.mixer(srms_norm(x, self.cfg.norm_eps, self.cfg), segment_ids=segment_ids).astype(x.dtype)
+        """x [B, T, D] -> [B, T, D] on the activation layout; segment_ids [B, T] or None (packed documents).
+        The norms pass x through (srms_norm_residual): their backward kernels add the residual's cotangent."""
+        x, y = srms_norm_residual(x, self.cfg.norm_eps, self.cfg)
+        x = x + self.mixer(y, segment_ids=segment_ids).astype(x.dtype)
         return sharding.constrain_activation(self._mlp(x), self.cfg)
 
     def prefill(self, x, state, segment_ids=None):

@@ -137,7 +137,8 @@ class Mamba2Mixer(nnx.Module):
         """SSD output o and its input x [..., H, P], gate z [..., d_inner] -> out-projection [..., D]: the gated
         RMSNorm (lasp_jax.ops.gated_norm, cfg.mamba2_impl; fp32 inside) and the out-projection. With the kernels
         and leading dims [B, T] the two are one op (gated_rms_norm_project: no forward kernel rerun by remat for
-        the projection's weight gradient), per device under a mesh."""
+        the projection's weight gradient, under a policy that keeps gated_norm.STATS_NAME), per device under a
+        mesh."""
         cfg = self.cfg
         impl = gated_norm.resolve(cfg.mamba2_impl, o, x, z, cfg.n_groups, per_device=True)
         options = dict(groups=cfg.n_groups, eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=impl)

@@ -22,9 +22,18 @@ autodiff's). Kernels and xla differ by float32 summation order of the row sums, 
 ~1e15, where autodiff's r^3 term underflows float32 (xla's dx 10-27% off on CPU at 1e17) and the kernel's
 r (g - y mean(g y)) does not (tests/ops/test_rms_norm.py: test_zero_and_large_rows).
 
-Placement: the kernels run per device. Under a mesh that XLA partitions (`impls.partitioned`) "auto" takes "xla"
-and naming "pallas_triton" is an error: call it inside a shard_map over the rows (models.layers.srms_norm does,
-through models.sharding.per_device); each row is independent.
+Residual (`srms_norm_residual`): a pre-norm block `x + mixer(srms_norm(x))` gives x two cotangents, the residual
+path's d and the norm's dx_norm; XLA added them in a fusion of its own after the backward kernel (8.8 ms of the step
+above beside the kernel's 9.7: per layer two [65536, 2048] bf16 arrays read, one written). The op returns (x, y)
+under one custom_vjp, x being the input itself (no copy), and its backward kernel reads d too and writes dx = d +
+dx_norm: one more read, no extra pass (in the step on an H200 the kernel went 9.7 -> 12.4 ms and the 8.8 ms fusion
+is gone; benchmarks/results/TRAIN_GPU_NOTES.md, session 19). The add is in float32, rounded once to x's dtype, where
+autodiff rounds dx_norm first and then the sum (bf16 on CPU: 1.65-1.71e-3 relative to float64 against 1.80-1.86e-3).
+"xla" returns (x, y) and leaves the add to autodiff.
+
+Placement: the kernels run per device. Under a mesh that XLA partitions (`kernel_support.partitioned`) "auto" takes
+"xla" and naming "pallas_triton" is an error: call it inside a shard_map over the rows (models.layers.srms_norm and
+srms_norm_residual do, through models.sharding.per_device); each row is independent.
 
 Platforms: compiled on CUDA GPUs of compute capability 8.0 or newer (A100, Hopper); "pallas_triton_interpret"
 runs the same kernels in Pallas interpret mode anywhere (CPU tests). "auto" takes the kernels only on the device
@@ -44,7 +53,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from lasp_jax.ops import kernel_support
-from lasp_jax.ops.impls import partitioned
 
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas_triton", "pallas_triton_interpret")
@@ -113,12 +121,16 @@ def _forward_kernel(x_ref, y_ref, *, n_rows, width, eps):
     pl_triton.store(y_ref, y.astype(y_ref.dtype), mask=valid)
 
 
-def _backward_kernel(x_ref, g_ref, dx_ref, *, n_rows, width, eps):
-    """One block of rows: dx = r (g - y mean(g y)) in dx_ref's dtype, r and y recomputed from x."""
+def _backward_kernel(x_ref, g_ref, *refs, n_rows, width, eps):
+    """One block of rows: dx = r (g - y mean(g y)) in dx_ref's dtype, r and y recomputed from x; refs: (dx_ref,),
+    or (d_ref, dx_ref) to add d (srms_norm_residual's pass-through cotangent) to dx in float32 before rounding."""
+    *d_ref, dx_ref = refs
     valid = _valid(x_ref, n_rows, width)
     y, r = _normalized(pl_triton.load(x_ref, mask=valid, other=0).astype(_F32), width, eps)
     g = pl_triton.load(g_ref, mask=valid, other=0).astype(_F32)
     dx = r * (g - y * (jnp.sum(g * y, axis=1, keepdims=True) / width))
+    if d_ref:
+        dx = dx + pl_triton.load(d_ref[0], mask=valid, other=0).astype(_F32)
     pl_triton.store(dx_ref, dx.astype(dx_ref.dtype), mask=valid)
 
 
@@ -145,6 +157,7 @@ def _launch(kernel, block: int, launch: _Launch, *arrays):
     return pl.pallas_call(
         functools.partial(kernel, n_rows=n, width=width, eps=launch.eps),
         grid=(pl.cdiv(n, rows),),
+        name="srms_norm" + kernel.__name__.removesuffix("_kernel"),  # for profiles
         in_specs=[spec] * len(arrays),
         out_specs=spec,
         out_shape=kernel_support.typed_like((n, width), arrays[0].dtype, arrays[0]),
@@ -168,13 +181,33 @@ def _fused_fwd(x, launch: _Launch):
     return y.reshape(x.shape), x
 
 
-def _fused_bwd(launch: _Launch, x, g):
+def _backward(launch: _Launch, x, *cotangents):
+    """x's cotangent (a 1-tuple) from y's, g, and optionally the pass-through's, d, each shaped as x."""
     width = x.shape[-1]
-    dx = _launch(_backward_kernel, launch.config.bwd_block, launch, x.reshape(-1, width), g.reshape(-1, width))
+    dx = _launch(_backward_kernel, launch.config.bwd_block, launch, x.reshape(-1, width),
+                 *(c.reshape(-1, width) for c in cotangents))
     return (dx.reshape(x.shape),)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fused_residual(x, launch: _Launch):
+    return _fused_residual_fwd(x, launch)[0]
+
+
+def _fused_residual_fwd(x, launch: _Launch):
+    y, saved = _fused_fwd(x, launch)
+    return (x, y), saved  # x itself, no copy
+
+
+def _fused_residual_bwd(launch: _Launch, x, cotangents):
+    d, g = cotangents
+    return _backward(launch, x, g, d)
+
+
+_fused_residual.defvjp(_fused_residual_fwd, _fused_residual_bwd)
 
 
 def _xla(x, eps: float):
@@ -212,11 +245,15 @@ def resolve(impl: str, x, *, per_device: bool = False) -> str:
     """What `impl` names for x here: "xla", "pallas_triton" or "pallas_triton_interpret" (ValueError if unknown
     or unusable). per_device: as if called inside a shard_map over the rows (a caller deciding whether to wrap
     the call in one); else under a mesh that XLA partitions the kernels are refused."""
-    return kernel_support.resolve_per_device(
-        impl, IMPLS, {"pallas_triton": QUALIFIED_GPUS},
-        lambda name: supported(x, interpret=name == "pallas_triton_interpret"),
-        split=not per_device and partitioned(x), split_hint="call it inside a shard_map over the rows, or use "
-        "impl='xla'")
+    return kernel_support.resolve_rows(
+        impl, IMPLS, QUALIFIED_GPUS, lambda interpret: supported(x, interpret=interpret), x, per_device=per_device)
+
+
+def _kernel_launch(x, eps: float, impl: str, config: Config) -> _Launch | None:
+    """The kernels' launch for x under `impl`, None where it resolves to "xla" (ValueError for bad x or impl)."""
+    _check(x)
+    impl = resolve(impl, x)
+    return None if impl == "xla" else _Launch(float(eps), config, impl == "pallas_triton_interpret")
 
 
 def srms_norm(x, *, eps: float, impl: str = "auto", config: Config = DEFAULT):
@@ -231,8 +268,17 @@ def srms_norm(x, *, eps: float, impl: str = "auto", config: Config = DEFAULT):
     Returns:
       [..., D] in x's dtype (statistics in float32); x's gradient in x's dtype.
     """
-    _check(x)
-    impl = resolve(impl, x)
-    if impl == "xla":
-        return _xla(x, eps)
-    return _fused(x, _Launch(float(eps), config, impl == "pallas_triton_interpret"))
+    launch = _kernel_launch(x, eps, impl, config)
+    return _xla(x, eps) if launch is None else _fused(x, launch)
+
+
+def srms_norm_residual(x, *, eps: float, impl: str = "auto", config: Config = DEFAULT):
+    """(x, srms_norm(x)) for a pre-norm residual block `x + mixer(srms_norm(x))`, whose x has two cotangents: the
+    kernels' backward adds the pass-through's (module docstring, "Residual"). Arguments as srms_norm's.
+
+    Returns:
+      (x itself, unchanged and not copied; y [..., D] in x's dtype). x's gradient: both cotangents' sum, in x's
+      dtype ("xla": autodiff's).
+    """
+    launch = _kernel_launch(x, eps, impl, config)
+    return (x, _xla(x, eps)) if launch is None else _fused_residual(x, launch)

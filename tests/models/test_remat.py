@@ -97,6 +97,41 @@ def test_block_attention_conv_keeps_the_convolution_output():
     assert helpers.max_rel(grads["block_attention_conv"], grads["block_attention"]) < 5e-6
 
 
+@pytest.mark.parametrize("remat", ["block", "block_attention", "block_attention_conv"])
+def test_remat_keeps_the_gated_norms_statistic(remat):
+    """The policies that keep the matmuls also keep the gated norm kernels' per-row statistic r
+    (gated_norm.STATS_NAME), so the rematerialized backward of a 1-layer Mamba-2 running them interpreted launches
+    no forward kernel: its compiled CPU gradient has one gated_norm_forward loop (the forward's), as without remat
+    (with dots alone kept, measured: two, with one gated_norm_backward loop each)."""
+    cfg = helpers.tiny("mamba2-tiny", n_layers=1, mlp_hidden=None, head_dim=16,
+                       mamba2_impl="pallas_triton_interpret", remat=remat)
+    graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+    loss = _mean_loss(graphdef, helpers.tokens(np.random.default_rng(2), t=16), None)
+    loops = [line for line in jax.jit(jax.grad(loss)).lower(state).compile().as_text().splitlines()
+             if " while(" in line]  # each kernel launch of a multi-step grid lowers to a loop
+    kernels = Counter(name for line in loops for name in ("gated_norm_forward", "gated_norm_backward")
+                      if name in line)
+    assert kernels == {"gated_norm_forward": cfg.n_layers, "gated_norm_backward": cfg.n_layers}, kernels
+
+
+def test_norm_kernels_keep_nothing_more():
+    """With the SRMSNorm kernels interpreted (srms_norm_residual: each block's norms pass x through), no policy
+    keeps a residual that the xla norms do not (XLA's residuals, from shapes only): the passed-through x is the
+    block input, kept anyway. Measured: the xla norms keep their [B, T, 1] statistic as well, nothing else differs
+    (residuals under every policy as before the residual op, 2026-12-01)."""
+    tok = helpers.tokens(np.random.default_rng(2), t=16)
+    for remat in ("none", *lm._POLICIES):
+        kept = {}
+        for impl in ("xla", "pallas_triton_interpret"):
+            cfg = helpers.tiny("mamba2-tiny", n_layers=1, head_dim=16, norm_impl=impl, remat=remat)
+            graphdef, state = nnx.split(models.build_model(cfg, rngs=nnx.Rngs(0)))
+            loss = _mean_loss(graphdef, tok, None)
+            kept[impl] = Counter(r.shape for r in jax.tree.leaves(jax.eval_shape(lambda s: jax.vjp(loss, s)[1],
+                                                                                 state)))
+        assert not kept["pallas_triton_interpret"] - kept["xla"], (remat, kept)
+        assert set(kept["xla"] - kept["pallas_triton_interpret"]) == {(*tok.shape, 1)}, (remat, kept)
+
+
 # --- remat_every: runs of blocks recomputed from their first block's input ---
 _LAYERS = 5  # divisible by neither 2 nor 3: the last run is shorter
 

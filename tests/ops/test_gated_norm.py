@@ -6,6 +6,7 @@ in float32 and bf16; under jit, inside a shard_map over 8 CPU devices, and lower
 GPU (`pytest -m gpu`): the compiled kernels at Mamba-2 1.3B's shape against xla in float32.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -96,6 +97,23 @@ def test_launch_covers_every_path():
         blocks = gated_norm._run_blocks(74, rows, groups, config.target_programs)
         run = rows * blocks
         assert rows == 2 and blocks >= 4 and 74 // run >= 2 and 0 < 74 % run < run - rows, (groups, blocks)
+
+
+def test_prefetch_changes_nothing(rng):
+    """The backward's prefetch (Config.prefetch) moves its loads, not its math: with and without it the interpreted
+    kernels give the same output and gradients bit for bit, the norm in bf16 (the prefetched blocks carried in
+    bf16) and the norm with its projection in float32 (G = 2, _small's launches at 74 rows: programs of several
+    blocks, the last with blocks past the rows' end)."""
+    args, g = _inputs(rng, (2, 37), 4, 16, jnp.bfloat16)
+    f32_args, _ = _inputs(rng, (2, 37), 4, 16, jnp.float32)
+    w_proj, g_proj = _projection(rng, (2, 37), 64, 24, jnp.float32)
+    results = []
+    for prefetch in (False, True):
+        config = dataclasses.replace(_small(32), prefetch=prefetch)
+        results.append((_fwd_bwd("pallas_triton_interpret", 2, jnp.bfloat16, config)(args, g),
+                        _project_fwd_bwd("pallas_triton_interpret", 2, jnp.float32, config)(f32_args, w_proj, g_proj)))
+    for a, b in zip(*map(jax.tree.leaves, results), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_xla_path_is_the_models_former_code(rng):
@@ -190,33 +208,41 @@ def test_project_matches_xla(dtype, groups, rng):
 
 
 def test_project_runs_no_forward_kernel_in_the_backward_under_remat(rng):
-    """Under remat (dots saved, the rest recomputed) the compiled gradient of gated_rms_norm_project computes as
-    many transcendentals (sigmoid, rsqrt) as without remat: the forward kernel is not rerun for w_proj's gradient.
-    The norm followed by a separate matmul reruns it (its transcendentals rise), which shows the count can tell."""
+    """Under remat keeping the dots and the kernels' statistic r (STATS_NAME; the rest recomputed) the compiled
+    gradient of gated_rms_norm_project computes as many transcendentals (sigmoid, rsqrt) as without remat: the
+    forward kernel is not rerun, neither for r nor for w_proj's gradient, and the gradients are those without
+    remat bit for bit. The count can tell: it rises where r is not kept (the forward kernel reruns for r; measured
+    388 -> 648), and for the norm followed by a separate matmul (reruns for its output)."""
     args, _ = _inputs(rng, (2, 37), 4, 16, jnp.float32)
     w_proj, _ = _projection(rng, (2, 37), 64, 24, jnp.float32)
     options = dict(groups=1, eps=EPS, out_dtype=jnp.float32, impl="pallas_triton_interpret", config=_small(64))
     project = functools.partial(gated_norm.gated_rms_norm_project, **options)
+    policies = jax.checkpoint_policies
+    dots = policies.dots_saveable
+    dots_and_stats = policies.save_from_both_policies(dots, policies.save_only_these_names(gated_norm.STATS_NAME))
 
     def norm_then_dot(o, x, d, z, w, w_proj):
         return jnp.dot(gated_norm.gated_rms_norm(o, x, d, z, w, **options), w_proj)
 
-    def transcendentals(fn, remat):
+    def grad(fn, policy=None):
         loss = lambda *a: jnp.sum(fn(*a) ** 2)  # noqa: E731
-        if remat:
-            loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)
-        compiled = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args, w_proj).compile()
-        return compiled.cost_analysis()["transcendentals"]
+        if policy is not None:
+            loss = jax.checkpoint(loss, policy=policy)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args, w_proj).compile()
 
-    assert transcendentals(project, True) == transcendentals(project, False)
-    assert transcendentals(norm_then_dot, True) > transcendentals(norm_then_dot, False)
+    count = lambda compiled: compiled.cost_analysis()["transcendentals"]  # noqa: E731
+    plain, remat = grad(project), grad(project, dots_and_stats)
+    assert count(remat) == count(plain)
+    for a, b in zip(remat(*args, w_proj), plain(*args, w_proj), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert count(grad(project, dots)) > count(plain)
+    assert count(grad(norm_then_dot, dots_and_stats)) > count(grad(norm_then_dot))
 
 
-
-def _compiled_fwd_bwd(groups, project=False):
+def _compiled_fwd_bwd(groups, project=False, config=gated_norm.DEFAULT):
     """Forward and backward through the compiled kernels (`_kernels`: "pallas_triton" is refused off a GPU); with
     project, of the norm and a projection (the last argument before the cotangent)."""
-    launch = gated_norm._Launch(groups, EPS, jnp.dtype(jnp.bfloat16), gated_norm.DEFAULT, False)
+    launch = gated_norm._Launch(groups, EPS, jnp.dtype(jnp.bfloat16), config, False)
 
     def run(*args):
         *inputs, g = args
@@ -226,18 +252,20 @@ def _compiled_fwd_bwd(groups, project=False):
     return run
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize("project", [False, True], ids=["norm", "project"])
 @pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
-def test_lowers_to_triton_at_mamba2_shape(device, project):
+def test_lowers_to_triton_at_mamba2_shape(device, project, prefetch):
     """Without a GPU: forward and backward at Mamba-2 1.3B's shape (T = 64K, H = 64, P = 64, G = 1, bf16) lower
     to two Triton kernels for an H200 and an A100 (sm_80, the oldest the lowering targets), with or without the
-    out-projection (d_model 2048)."""
+    out-projection (d_model 2048), with or without the backward's prefetch."""
+    config = dataclasses.replace(gated_norm.DEFAULT, prefetch=prefetch)
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=device)
     tail = (bf16(4096, 2048), bf16(1, 65536, 2048)) if project else (bf16(1, 65536, 4096),)
-    text = cuda_mlir(_compiled_fwd_bwd(1, project), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64), f32(64),
-                      bf16(1, 65536, 4096), f32(4096), *tail)
+    text = cuda_mlir(_compiled_fwd_bwd(1, project, config), mesh, bf16(1, 65536, 64, 64), bf16(1, 65536, 64, 64),
+                     f32(64), bf16(1, 65536, 4096), f32(4096), *tail)
     assert text.count(pl_triton.CUSTOM_CALL_TARGET_NAME) == 2
 
 
@@ -335,14 +363,16 @@ GPU_SUM_TOL = 3e-6
 
 
 @pytest.mark.gpu
-def test_gpu_mamba2_shape_matches_xla(rng):
-    """The compiled kernels (default launch sizes) in bf16 at Mamba-2 1.3B's shape: the output and every gradient
-    against xla in float32 on the same inputs, to the CPU tests' bf16 bounds; and xla's own bf16 path as a check
-    that those bounds are what bf16 costs here."""
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
+def test_gpu_mamba2_shape_matches_xla(prefetch, rng):
+    """The compiled kernels (default launch sizes, the backward's prefetch off and on) in bf16 at Mamba-2 1.3B's
+    shape: the output and every gradient against xla in float32 on the same inputs, to the CPU tests' bf16 bounds;
+    and xla's own bf16 path as a check that those bounds are what bf16 costs here."""
     args, g = _inputs(rng, dtype=jnp.bfloat16, **MAMBA2)
     want = _fwd_bwd("xla", 1, jnp.float32)(_f32(args), _f32(g))
+    config = dataclasses.replace(gated_norm.DEFAULT, prefetch=prefetch)
     for impl in ("pallas_triton", "xla"):
-        errs = _errors(_fwd_bwd(impl, 1, jnp.bfloat16)(args, g), want)
+        errs = _errors(_fwd_bwd(impl, 1, jnp.bfloat16, config)(args, g), want)
         assert max(errs[n] for n in ("out", "do", "dx", "dz")) < BF16_TOL, (impl, errs)
         if impl == "pallas_triton":
             assert max(errs["dD"], errs["dweight"]) < GPU_SUM_TOL, errs

@@ -2,13 +2,16 @@
 
 CPU (CI): small launch sizes so that several row blocks run and the last one runs past the rows' end; widths 64
 and 48 (not a power of two: padding columns masked); the forward and the gradient in float32 and bf16; rows of
-zeros and of large values; lowered to Triton for abstract GPUs; a tiny TNL with norm_impl interpreted, per
-device on a mesh, against the one-device "xla" model.
-GPU (`pytest -m gpu`): the compiled kernels at [65536, 2048] and [65536, 2560] bf16 against xla in float32.
+zeros and of large values; srms_norm_residual's two cotangents; lowered to Triton for abstract GPUs; a tiny TNL
+with norm_impl interpreted, per device on a mesh, against the one-device "xla" model.
+GPU (`pytest -m gpu`): the compiled kernels at [65536, 2048] and [65536, 2560] bf16 against xla in float32, and
+srms_norm_residual's at [65536, 2048].
 """
 
 import dataclasses
 import functools
+import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +84,68 @@ def test_kernels_match_xla(dtype, width, xla_forward, rng):
     assert max(errs) < (F32_TOL if dtype == jnp.float32 else BF16_TOL), errs
 
 
+def _residual_fwd_bwd(impl, fused=True):
+    """jit(x, d, g -> ((x out, y), dx)) of srms_norm_residual (fused=False: the kernel's srms_norm beside x, the
+    cotangents added by autodiff, as before the residual op), d and g the two outputs' cotangents."""
+    def residual(x):
+        return rms_norm.srms_norm_residual(x, eps=EPS, impl=impl, config=SMALL)
+
+    def separate(x):
+        return x, rms_norm.srms_norm(x, eps=EPS, impl=impl, config=SMALL)
+
+    def run(x, d, g):
+        out, vjp = jax.vjp(residual if fused else separate, x)
+        return out, vjp((d, g))[0]
+
+    return jax.jit(run)
+
+
+# dx = d + dx_norm against float64 (module docstring's formulas), measured over seeds 0-2 and widths 48, 64
+# (2026-12-01): bf16 1.65-1.71e-3 with the add in the kernel (one rounding) against 1.80-1.86e-3 with autodiff's
+# add of the kernel's bf16 dx_norm (two roundings; the xla path's error is the same), a ratio of 0.91-0.92; fp32
+# 3.0-3.3e-8 either way. Against xla in float32: fp32 6.5e-8, bf16 1.7e-3 (within F32_TOL, BF16_TOL).
+RESIDUAL_BF16_GAIN = 0.97
+
+
+@pytest.mark.parametrize(("dtype", "width"), [(jnp.float32, 64), (jnp.bfloat16, 48)], ids=["f32_64", "bf16_48"])
+def test_residual_adds_the_pass_through_cotangent(dtype, width, rng):
+    """srms_norm_residual interpreted: x comes back bit-equal, y is srms_norm's, and dx (both cotangents random,
+    non-zero) matches autodiff of the xla path in float32; in bf16 it is closer to float64 than autodiff's add of
+    the kernel's rounded dx_norm (the add in float32, one rounding)."""
+    x, g = _inputs(rng, (*LEAD, width), dtype)
+    d = _inputs(rng, x.shape, dtype)[1]
+    (x_out, y), dx = _residual_fwd_bwd("pallas_triton_interpret")(x, d, g)
+    (_, y_separate), dx_separate = _residual_fwd_bwd("pallas_triton_interpret", fused=False)(x, d, g)
+    (_, want_y), want_dx = _residual_fwd_bwd("xla")(*_f32(x, d, g))
+    assert x_out.dtype == y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(x_out, np.float32), np.asarray(x, np.float32))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_separate, np.float32))
+    errs = (rel_err(y, want_y), rel_err(dx, want_dx))
+    assert max(errs) < (F32_TOL if dtype == jnp.float32 else BF16_TOL), errs
+    if dtype == jnp.bfloat16:
+        _, exact = _float64_reference(x, g)
+        exact = exact + np.asarray(d, np.float64)
+        assert rel_err(dx, exact) < RESIDUAL_BF16_GAIN * rel_err(dx_separate, exact)
+
+
+def test_residual_lowers_to_one_backward_kernel():
+    """Without a GPU, for an H200 at T = 64K, d_model 2048, bf16: the pass-through output is the program's input
+    itself (no copy), and forward and backward are two Triton kernels, the backward reading x, g and d."""
+    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H200)
+    x = jax.ShapeDtypeStruct((1, 65536, 2048), jnp.bfloat16)
+
+    def fwd_bwd(x, d, g):
+        out, vjp = jax.vjp(lambda x: rms_norm._fused_residual(x, rms_norm._Launch(EPS, rms_norm.DEFAULT, False)), x)
+        return out, vjp((d, g))
+
+    main = cuda_mlir(fwd_bwd, mesh, x, x, x).split("func.func public @main")[1]
+    returned = next(line.split() for line in main.splitlines() if line.strip().startswith("return"))
+    assert returned[1] == "%arg0,", returned
+    calls = re.findall(r"stablehlo\.custom_call @" + re.escape(pl_triton.CUSTOM_CALL_TARGET_NAME) + r"\(([^)]*)\)",
+                       main)
+    assert sorted(len(operands.split(",")) for operands in calls) == [1, 3], calls
+
+
 def _row_errors(got, want) -> np.ndarray:
     """rel_err of each row of [..., D] arrays (a row's error cannot hide in the others' norm)."""
     got, want = (np.asarray(a, np.float64).reshape(-1, a.shape[-1]) for a in (got, want))
@@ -125,7 +190,8 @@ def test_zero_and_large_rows(dtype, rng):
 
 def test_xla_path_is_the_models_former_code(rng):
     """impl "xla" is bit for bit the former models.layers.srms_norm (copied here as it was) in bf16, and its
-    gradient XLA autodiff's of it; "auto" on CPU is "xla"."""
+    gradient XLA autodiff's of it; "auto" on CPU is "xla"; srms_norm_residual's "xla" is (x, that) with autodiff's
+    gradient."""
     x, g = _inputs(rng, (2, 8, 48), jnp.bfloat16)
 
     def former(x):
@@ -136,6 +202,10 @@ def test_xla_path_is_the_models_former_code(rng):
     for impl in ("xla", "auto"):
         for a, b in zip(_fwd_bwd(impl)(x, g), want, strict=True):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    d = _inputs(rng, x.shape, jnp.bfloat16)[1]  # srms_norm_residual's "xla": autodiff adds its two cotangents
+    want = jax.jit(lambda x, d, g: ((x, former(x)), jax.vjp(lambda x: (x, former(x)), x)[1]((d, g))[0]))(x, d, g)
+    for a, b in zip(jax.tree.leaves(_residual_fwd_bwd("xla")(x, d, g)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def _compiled_fwd_bwd(x, g):
@@ -178,8 +248,9 @@ def test_model_on_a_mesh_with_kernels_equals_xla():
     """norm_impl="pallas_triton_interpret" on an Explicit 2 x 2 (data, seq) mesh with FSDP parameters, the kernels
     per device inside models.sharding.per_device's shard_map, gives the one-device "xla" model's loss, logits and
     every gradient. 15 kernel calls: the five norms (two per block, the final one) forward for the loss and for
-    the logits, and backward for the loss. Measured: loss equal, logits 1.5e-7,
-    gradients 6.8e-7 (worst leaf; on one device 5.9e-7)."""
+    the logits, and backward for the loss, the blocks' four (srms_norm_residual) adding the residual's cotangent
+    (three inputs and dx: four block mappings). Measured: loss equal, logits 1.5e-7, gradients 4.5e-7 (worst
+    leaf; on one device 5.5e-7; 6.8e-7 and 5.9e-7 before the residual op)."""
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _tiny_model()
     cfg = cfg.replace(norm_impl="pallas_triton_interpret")
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))))
@@ -189,7 +260,9 @@ def test_model_on_a_mesh_with_kernels_equals_xla():
     with jax.set_mesh(mesh):
         batch = tuple(helpers.shard_batch(a, mesh) for a in batch)
         traced = run.trace(state, *batch)
-        assert traced.jaxpr.pretty_print().count("pallas_call") == 15
+        launches = [line.count("BlockMapping(") for line in traced.jaxpr.pretty_print().splitlines()
+                    if "grid_mapping=GridMapping(" in line]
+        assert Counter(launches) == {2: 10, 3: 1, 4: 4}, launches  # forwards; the final norm's backward; blocks'
         (loss, logits), grads = traced.lower().compile()(state, *batch)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     assert helpers.max_rel(logits, ref_logits) < 6e-7
@@ -266,3 +339,23 @@ def test_gpu_matches_xla(width, rng):
             for impl in ("pallas_triton", "xla")}
     assert max(errs["pallas_triton"]) < BF16_TOL, errs
     assert all(k <= 1.1 * a for k, a in zip(errs["pallas_triton"], errs["xla"], strict=True)), errs
+
+
+@pytest.mark.gpu
+def test_gpu_residual_matches_xla(rng):
+    """srms_norm_residual compiled (default launch sizes) at [65536, 2048] bf16, both cotangents random: x passed
+    through bit-equal; y and dx against the xla path in float32 within the CPU tests' bf16 bound, dx no further off
+    than the xla path's own bf16 autodiff (CPU: 0.91-0.92x of it, one rounding instead of two)."""
+    x, g = _inputs(rng, (1, 65536, 2048), jnp.bfloat16)
+    d = _inputs(rng, x.shape, jnp.bfloat16)[1]
+
+    def run(impl, *args):
+        out, vjp = jax.vjp(functools.partial(rms_norm.srms_norm_residual, eps=EPS, impl=impl), args[0])
+        return out, vjp(args[1:])[0]
+
+    (x_out, y), dx = jax.jit(functools.partial(run, "pallas_triton"))(x, d, g)
+    (_, want_y), want_dx = jax.jit(functools.partial(run, "xla"))(*_f32(x, d, g))
+    _, xla_dx = jax.jit(functools.partial(run, "xla"))(x, d, g)
+    np.testing.assert_array_equal(np.asarray(x_out, np.float32), np.asarray(x, np.float32))
+    errs = (rel_err(y, want_y), rel_err(dx, want_dx), rel_err(xla_dx, want_dx))
+    assert max(errs[:2]) < BF16_TOL and errs[1] <= errs[2], errs
