@@ -107,8 +107,8 @@ class Config:
     ring depth of the X, Y, Z chunk loads (each stage holds 3 x chunk x 128 bf16 = 48 KB at C = 64; Hopper
     offers 227 KB per CTA, of which the bf16 state copies (32 KB), the decayed scores and the decayed Z
     columns (16 KB each) and the output staging (16 KB) take 80 KB: 3 stages fit, 4 do not; the per-token dQ and
-    dK walks' residual state operand leaves 2 at Dx = Dz = 128: `_launch` takes the deepest ring up to stages
-    that fits). compute_registers,
+    dK walks' residual state operand leaves 2 at Dx = Dz = 128: `_ring` takes the deepest ring up to stages
+    that fits, and gives the dots walks' w rows a ring of their own where that costs no stage). compute_registers,
     memory_registers: per-thread register budgets of the compute and the TMA warpgroups (setmaxnreg).
     approx_math: fast approximate exp (on: the walks' GPU tests passed with it on an H200, and a Mamba-2 1.3B SSD
     layer took 7.731 ms forward+backward against 8.035 without, its errors unchanged; KERNEL_NOTES.md, sessions
@@ -192,7 +192,7 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
 
 
 def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, config, interpret, tokens,
-            dots):
+            dots, stage_w):
     """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
     output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
     copy). pair: 2 where each grid head is a pair of output heads (`_pairs`: the decay inputs carry the pair's
@@ -201,13 +201,19 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
-    tokens the six table stages in its place; with dots their staging last), the load barriers (with tokens,
-    the tables' after X's, Y's and Z's) and the consumed barriers."""
+    tokens the six table stages in its place; with dots the residual operand and the dots' staging, then with
+    `stage_w` w's stages), the load barriers (with tokens, the tables' after X's, Y's and Z's; with stage_w,
+    w's last) and the consumed barriers. stage_w: w's chunks come by TMA into a ring of their own, else each
+    chunk's rows are loaded from HBM into registers (where that ring would cost a stage of X, Y and Z)."""
     n_decay = len(pieces_tokens.ChunkTables._fields) if tokens else 1
     x_ref, y_ref, z_ref, states_ref, *rest = refs[n_decay:]
     if dots:
         w_ref, out_ref, dots_ref, smem, loaded, consumed = rest
-        *smem, s_low_smem, dots_smem = smem
+        if stage_w:
+            *smem, s_low_smem, dots_smem, w_smem = smem
+            *loaded, w_bar = loaded
+        else:
+            *smem, s_low_smem, dots_smem = smem
     else:
         out_ref, smem, loaded, consumed = rest
     x_smem, y_smem, z_smem, s_smem, scores_smem, zw_smem, last = smem
@@ -279,7 +285,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 # below hides this load's latency.
                 this_decay = q_side_ref[b, h, own, start + chunk(n) * c + c - 1]
                 plgpu.barrier_wait(loaded[3].at[slot])
-            if dots:  # straight from HBM into registers, early: used only once the output rows are done
+            if dots and not stage_w:  # straight from HBM into registers, early: used once the output rows are done
                 w = plgpu.load(w_ref.at[b, rows(n), h // groups[3], cols], layout=plgpu.Layout.WGMMA, optimized=False)
             plgpu.barrier_wait(x_bar.at[slot])
             plgpu.barrier_wait(y_bar.at[slot])
@@ -321,13 +327,18 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 plgpu.wgmma(state_acc, y.transpose((1, 0)), zw_smem.at[wg])
 
             out, state = _accumulate(inits, intra_and_update, interpret)
-            plgpu.barrier_arrive(consumed.at[slot])
+            if not stage_w:  # else the slot is released once w's rows are read from it, below
+                plgpu.barrier_arrive(consumed.at[slot])
             state_operands(state)
 
             if not tokens:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
             out_smem[wg] = out.astype(out_smem.dtype)
             if dots:  # this warpgroup's share of each row's out . w, the state part from the rounded rows
+                if stage_w:
+                    plgpu.barrier_wait(w_bar.at[slot])
+                    w = plgpu.load(w_smem.at[slot].at[:, cols], layout=plgpu.Layout.WGMMA)
+                    plgpu.barrier_arrive(consumed.at[slot])
                 w = w.astype(_F32)
                 rounded = kernel_support.rounded_to(w * out_rows, w_ref.dtype)
                 dots_smem[wg] = jnp.sum(out * w + inter * (rounded - w * out_rows), axis=1)
@@ -351,6 +362,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
             plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
+            if stage_w:
+                plgpu.copy_gmem_to_smem(w_ref.at[b, rows(n), h // groups[3]], w_smem.at[slot], w_bar.at[slot])
             if tokens:  # one barrier awaits the tables' copies (cum and counts twice: `_token_chunk`)
                 counts = refs[1].at[b, rows(n)]
                 for i in (2, 3):
@@ -490,6 +503,55 @@ def _bytes(refs) -> int:
     return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in jax.tree.leaves(refs))
 
 
+def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bool, pair: int, dots: bool):
+    """(stages, stage_w, the shared-memory refs) of a walk: the deepest ring of X, Y and Z chunk stages up to
+    config.stages that fits a Hopper CTA, and whether w's rows (the dots walks') get a ring of their own.
+
+    The dots walks' residual operand (Dx Dz bf16: 16 KB at Dx = 64, Dz = 128; 32 KB at 128, 128) leaves room for 2
+    stages at Dx = Dz = 128. Their w rows come through a ring of their own where it costs no stage (Mamba-2's
+    Dx = 64, Dz = 128: 3 stages with it, 213 KB), else straight from HBM into registers (Dx = Dz = 128: the ring
+    would leave 1 stage). On an H200 at a Mamba-2 1.3B layer, taking w's rows from shared memory instead of HBM made
+    its SSD forward+backward 6.470 -> 5.876 ms (benchmarks/results/KERNEL_NOTES.md, session 19).
+    """
+    c = config.chunk
+    half = dz // _COMPUTE_WGS
+    # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
+    # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
+    # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
+    mma = _mma_transforms(half, dtype)
+
+    def shared_memory(stages, stage_w):
+        smem = (
+            plgpu.SMEM((stages, c, dx), dtype, transforms=mma),
+            plgpu.SMEM((stages, c, dx), dtype, transforms=mma),
+            plgpu.SMEM((stages, c, dz), dtype, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, dx, half), dtype, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, c), dtype, transforms=mma),
+            plgpu.SMEM((_COMPUTE_WGS, c, half), dtype, transforms=mma),
+        )
+        if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
+            per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
+            smem += ((per_head, per_head, shared, shared, per_head, per_head),)
+        else:  # the output's staging
+            smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dtype, transforms=mma),)
+        if dots:  # the state's residual operand; each row's out . w, per warpgroup
+            smem += (plgpu.SMEM((_COMPUTE_WGS, dx, half), dtype, transforms=mma),
+                     plgpu.SMEM((_COMPUTE_WGS, c), _F32))
+        if stage_w:  # w's chunks, beside Z's
+            smem += (plgpu.SMEM((stages, c, dz), dtype, transforms=mma),)
+        return smem
+
+    def deepest(stage_w):
+        stages = max(1, min(config.stages, piece_len // c))
+        while stages > 1 and _bytes(shared_memory(stages, stage_w)) > _SMEM_BYTES:
+            stages -= 1
+        return stages
+
+    stages = deepest(False)
+    stage_w = dots and deepest(True) == stages
+    return stages, stage_w, shared_memory(stages, stage_w)
+
+
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
@@ -508,40 +570,14 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     dz = z.shape[-1]
     h = h_out // pair
     c = config.chunk
-    half = dz // _COMPUTE_WGS
     dt = x.dtype
-    # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
-    # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
-    # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
-    mma = _mma_transforms(half, dt)
-
-    def shared_memory(stages):
-        smem = (
-            plgpu.SMEM((stages, c, dx), dt, transforms=mma),
-            plgpu.SMEM((stages, c, dx), dt, transforms=mma),
-            plgpu.SMEM((stages, c, dz), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, c, c), dt, transforms=mma),
-            plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),
-        )
-        if tokens:  # each chunk's tables, staged with its X, Y, Z: cum, cum, counts, counts, q_side, k_side
-            per_head, shared = plgpu.SMEM((stages, pair, c), _F32), plgpu.SMEM((stages, c), jnp.int32)
-            smem += ((per_head, per_head, shared, shared, per_head, per_head),)
-        else:  # the output's staging
-            smem += (plgpu.SMEM((_COMPUTE_WGS, c, half), dt, transforms=mma),)
-        if dots_with is not None:  # the state's residual operand; each row's out . w, per warpgroup
-            smem += (plgpu.SMEM((_COMPUTE_WGS, dx, half), dt, transforms=mma), plgpu.SMEM((_COMPUTE_WGS, c), _F32))
-        return smem
-
-    # The deepest ring that fits: the dots walks' residual operand (Dx Dz bf16: 16 KB at Dx = 64, Dz = 128; 32 KB
-    # at 128, 128) leaves room for 2 stages at Dx = Dz = 128 (config.stages is an upper bound).
-    stages = max(1, min(config.stages, piece_len // c))
-    while stages > 1 and _bytes(shared_memory(stages)) > _SMEM_BYTES:
-        stages -= 1
-    smem = shared_memory(stages)
+    stages, stage_w, smem = _ring(config, piece_len, dx=dx, dz=dz, dtype=dt, tokens=tokens, pair=pair,
+                                  dots=dots_with is not None)
     loaded = (plgpu.Barrier(num_barriers=stages),) * 3
     if tokens:
         loaded += (plgpu.Barrier(num_arrivals=2 + 4 * pair, num_barriers=stages),)
+    if stage_w:
+        loaded += (plgpu.Barrier(num_barriers=stages),)
     out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
     extra_in = ()
     if dots_with is not None:
@@ -551,13 +587,18 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
                           scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z, *extra_in)),
-                          pair=pair, config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None),
+                          pair=pair, config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None,
+                          stage_w=stage_w),
         out_type=out_type,
         scratch_types=scratch,
         grid=(b, h, pieces),
         grid_names=("b", "h", "p"),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
+        # Which walk, for profiles (every Mosaic kernel is otherwise "anonymous_mosaic_gpu_kernel").
+        kernel_name="walk" + "".join(part for part, on in (("_tokens", tokens), ("_reverse", reverse),
+                                                          ("_dots", dots_with is not None), ("_pair", pair == 2))
+                                     if on),
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
