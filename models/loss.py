@@ -1,16 +1,29 @@
-"""Cross-entropy in chunks: the [B, T, V] logits never exist whole, in the forward or the backward.
+"""Cross-entropy in chunks, its gradient made in the same pass: the [B, T, V] logits never exist whole, and the
+backward does not recompute them.
 
-Each device walks its own positions in chunks of c (a lax.map); a chunk's logits [B, c, V] are made in fp32
-(matmul accumulated in fp32), reduced to sum_p w_p (logsumexp_p - logit_p[target_p]), and dropped; the chunk
-is rematerialised in the backward (jax.checkpoint), so peak memory is one chunk's logits, not T's.
-Backward numerics (`_logits`): the logits' cotangent (softmax - one-hot, times the position's weight over the
-count) is cast to the compute dtype before its two products, which accumulate in fp32, as the forward's: left to
-autodiff, an fp32 cotangent times a bf16 head runs both as fp32 (TF32) GEMMs, about twice the time (92 ms of a
-1.9 s Mamba-2 1.3B step on an H200). The products read one copy of the head cast to the compute dtype before the
-chunks; the gradient goes to the head itself (fp32 master weights), so it sums over the chunks in fp32, not in the
-compute dtype. On a mesh the walk runs per shard inside a shard_map over the batch and seq axes (the LM head
-all-gathered, as ZeRO-3 does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask
-positions with weights.
+Why: the loss is the step's final scalar, so its cotangent is a scalar. The forward (the custom_vjp's fwd rule,
+`_total_fwd`) makes each chunk's fp32 logits [B, c, V] once and, besides the sum, takes both gradient products
+for cotangent 1 right there; the backward only scales them. Rematerialising the chunks in the backward instead
+(jax.checkpoint, as this module did before) costs a second LM-head matmul over all T and a second softmax pass:
+~30 ms of a 1.44 s Mamba-2 1.3B step on an H200 (T 64K, V 50280, D 2048). Without differentiation (eval) the
+primal walk makes the sums alone.
+
+Math, per position p with weight w_p, logits z_p = h_p W^T (fp32) and target t_p: the sum is
+sum_p w_p (logsumexp(z_p) - z_p[t_p]); its gradient w.r.t. z_p is g_p = w_p (softmax(z_p) - onehot(t_p)), so
+dh_p = g_p W and dW = sum_p g_p^T h_p. The count sum_p w_p takes no gradient w.r.t. h or W.
+Numerics, as before but for dh's second rounding: the logits' matmul accumulates in fp32; g is cast to the compute
+dtype (h's) before its two products, which accumulate in fp32 (left fp32, a bf16 head makes both fp32/TF32 GEMMs,
+about twice the time); dh is cast to h's dtype per chunk, and again after the backward's scaling (two roundings
+where the rematerialized backward made one: bf16 dh 3.3e-3 against 2.9e-3 from fp32 on the tests' inputs; kept in
+fp32 it would hold T*D*4 bytes from forward to backward, not T*D*2); dW sums over the chunks in fp32 and is cast to
+the head's dtype only after the backward's scaling. The products read one copy of the head cast to the compute dtype
+before the chunks; the gradient goes to the head itself (fp32 master weights). The weights are data, but their
+gradient (the per-position cross-entropy times the cotangent) is exact and cheap: a [B, T] fp32 residual. Targets
+take none (integers).
+Memory: one chunk's logits at a time in either pass; dh and dW are kept from the forward to the backward, T*D in
+the compute dtype plus V*D in fp32 (the latter is the head's gradient accumulator the backward held anyway).
+On a mesh the walk runs per shard inside a shard_map over the batch and seq axes (the LM head all-gathered, as
+ZeRO-3 does for any weight), and the two sums are psum'd. Targets must lie in [0, V); mask positions with weights.
 """
 
 from __future__ import annotations
@@ -38,46 +51,74 @@ def _dims(vocab_major: bool):
     return (((2,), (1,)), ((), ())) if vocab_major else (((2,), (0,)), ((), ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logits(hc, wc, w, vocab_major: bool):
-    """hc [B, c, D] times the head -> fp32 logits [B, c, V]. wc: the head in hc's dtype (cast once, outside the
-    chunks), for the products; w: the head itself, which takes the gradient (in its own dtype)."""
-    return jax.lax.dot_general(hc, wc, _dims(vocab_major), preferred_element_type=jnp.float32)
-
-
-def _logits_fwd(hc, wc, w, vocab_major):
-    return _logits(hc, wc, w, vocab_major), (hc, wc, w)
-
-
-def _logits_bwd(vocab_major, res, ct):
-    hc, wc, w = res
-    g = ct.astype(hc.dtype)  # [B, c, V]
-    dh = jax.lax.dot_general(g, wc, (((2,), (0,) if vocab_major else (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    dw = jnp.einsum("bcv,bcd->vd" if vocab_major else "bcv,bcd->dv", g, hc, preferred_element_type=jnp.float32)
-    return dh.astype(hc.dtype), None, dw.astype(w.dtype)  # wc's gradient is w's
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
-
-
-def _local_sums(h, w, targets, weights, *, chunk, vocab_major):
-    """One device's sums. h [B, L, D]; w [V, D] if vocab_major else [D, V]; targets int, weights [B, L]."""
+def _chunked(h, targets, weights, chunk: int):
+    """[B, L, ...] -> [n, B, c, ...] for lax.map / lax.scan over the n chunks, and the inverse (for [n, B, c, ...])."""
     b, length = h.shape[:2]
     c = chunk_size(length, chunk)
     n = length // c
-    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
-    w_compute = jax.lax.stop_gradient(w.astype(h.dtype))  # one cast for every chunk, forward and backward
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)  # noqa: E731
+    from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, length, *x.shape[3:])  # noqa: E731
+    return (to_chunks(h), to_chunks(targets), to_chunks(weights)), from_chunks
 
-    @jax.checkpoint
-    def chunk_loss(hc, tc, wc):
-        logits = _logits(hc, w_compute, w, vocab_major)  # [B, c, V] fp32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - target_logit) * wc)
 
-    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs), (to_chunks(h), to_chunks(targets), to_chunks(weights)))
-    return jnp.sum(per_chunk), jnp.sum(weights)
+def _nll(hc, wc, tc, vocab_major):
+    """-> (fp32 logits [B, c, V], their logsumexp [B, c], per-position cross-entropy [B, c])."""
+    logits = jax.lax.dot_general(hc, wc, _dims(vocab_major), preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _total(h, w, targets, weights, chunk: int, vocab_major: bool):
+    """sum_p weights_p * CE_p over one device's positions, fp32 scalar (the primal walk: no gradient work).
+
+    h [B, L, D]; w fp32 [V, D] if vocab_major else [D, V]; targets int [B, L] in [0, V); weights fp32 [B, L].
+    """
+    chunks, _ = _chunked(h, targets, weights, chunk)
+    wc = w.astype(h.dtype)  # one cast for every chunk
+
+    def chunk_sum(xs):
+        hc, tc, pc = xs
+        return jnp.sum(_nll(hc, wc, tc, vocab_major)[2] * pc)
+
+    return jnp.sum(jax.lax.map(chunk_sum, chunks))
+
+
+def _total_fwd(h, w, targets, weights, chunk, vocab_major):
+    """The sum, and in the same walk its gradients for cotangent 1: dh [B, L, D] in h's dtype, dW fp32 (an fp32
+    carry over the chunks), and the per-position cross-entropy [B, L] fp32 (the weights' gradient)."""
+    chunks, from_chunks = _chunked(h, targets, weights, chunk)
+    wc = w.astype(h.dtype)
+    vocab = wc.shape[0 if vocab_major else 1]
+
+    def step(dw, xs):
+        hc, tc, pc = xs
+        logits, lse, nll = _nll(hc, wc, tc, vocab_major)
+        g = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * pc[..., None]
+        g = g.astype(hc.dtype)  # [B, c, V]: both products in the compute dtype, accumulated in fp32
+        dhc = jax.lax.dot_general(g, wc, (((2,), (0,) if vocab_major else (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bcv,bcd->vd" if vocab_major else "bcv,bcd->dv", g, hc,
+                             preferred_element_type=jnp.float32)
+        return dw, (jnp.sum(nll * pc), dhc.astype(hc.dtype), nll)
+
+    # zeros_like keeps w's varying axes (inside _sharded's shard_map), as the carry's type must.
+    dw, (sums, dh, nll) = jax.lax.scan(step, jnp.zeros_like(w, dtype=jnp.float32), chunks)
+    return jnp.sum(sums), (from_chunks(dh), dw, from_chunks(nll))
+
+
+def _total_bwd(chunk, vocab_major, res, ct):
+    dh, dw, nll = res
+    return (ct * dh).astype(dh.dtype), ct * dw, None, ct * nll
+
+
+_total.defvjp(_total_fwd, _total_bwd)
+
+
+def _local_sums(h, w, targets, weights, *, chunk, vocab_major):
+    """One device's (total, count). h [B, L, D]; w [V, D] if vocab_major else [D, V]; targets, weights [B, L]."""
+    # In fp32 (a no-op for fp32 master weights): the cast's transpose takes the fp32 gradient to w's dtype.
+    return _total(h, w.astype(jnp.float32), targets, weights, chunk, vocab_major), jnp.sum(weights)
 
 
 def cross_entropy_sums(h, w, targets, weights, *, chunk: int, vocab_major: bool, axes: tuple[str, ...],
@@ -111,8 +152,8 @@ def cross_entropy_sums(h, w, targets, weights, *, chunk: int, vocab_major: bool,
 def _sharded(h, w, targets, weights, *, chunk, vocab_major, mesh, spec2, spec3, split):
     def body(h, w, targets, weights):
         # The head is the same on every shard, its gradient a sum over them: marked varying here, the sum is one
-        # psum of the fp32 gradient after the chunks (the transpose of this cast), which _logits' rule could
-        # not otherwise match to an invariant input.
+        # psum of the gradient after the chunks (the transpose of this cast), which _total's rule could not
+        # otherwise match to an invariant input.
         w = jax.lax.pcast(w, split, to="varying")
         total, count = _local_sums(h, w, targets, weights, chunk=chunk, vocab_major=vocab_major)
         return jax.lax.psum(total, split), jax.lax.psum(count, split)
