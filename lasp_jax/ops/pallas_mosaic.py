@@ -336,13 +336,16 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 plgpu.commit_smem()
                 inits = (out_decay * inter, chunk_decay * state)
 
-            def state_dots(w):
-                """Each row's state part of out . w: from the rows the other walk rounds (module docstring)."""
-                w = w.astype(_F32)
-                return jnp.sum(inter * (kernel_support.rounded_to(w * out_rows, w_ref.dtype) - w * out_rows), axis=1)
+            def state_term(w):
+                """inter's correction to out . w per element (w float32): the state part of each row's dot from the
+                rows the other walk rounds (module docstring)."""
+                return inter * (kernel_support.rounded_to(w * out_rows, w_ref.dtype) - w * out_rows)
 
-            if dots and not stage_w:  # before the accumulators fill: inter's registers are free after
-                from_state = state_dots(w)
+            # Paired with Z shared, the state part is summed before the accumulators fill: inter's registers are free
+            # then, while out, the whole state and w are live.
+            early = dots and shared_z and not stage_w
+            if early:
+                from_state = jnp.sum(state_term(w.astype(_F32)), axis=1)
 
             def intra_and_update(accs):
                 out_acc, state_acc = accs
@@ -362,8 +365,9 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                     plgpu.barrier_wait(w_bar.at[slot])
                     w = plgpu.load(w_smem.at[slot].at[:, cols], layout=plgpu.Layout.WGMMA)
                     plgpu.barrier_arrive(consumed.at[slot])
-                    from_state = state_dots(w)
-                dots_smem[wg] = jnp.sum(out * w.astype(_F32), axis=1) + from_state
+                w = w.astype(_F32)
+                dots_smem[wg] = (jnp.sum(out * w, axis=1) + from_state if early
+                                 else jnp.sum(out * w + state_term(w), axis=1))
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, out_cols])
             if dots:
