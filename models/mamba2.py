@@ -18,7 +18,8 @@ With packed documents (segment_ids) the state resets and no convolution tap cros
 Numerics: dt, the rates and the norm statistics in fp32 (the rates are exp(A_log) * softplus, >= 0 by
 construction); projections, the convolution's output and v in the compute dtype; the SSD state fp32. The gated
 norm (lasp_jax.ops.gated_norm) and the backward of the SiLU, split and v = dt x (lasp_jax.ops.ssd_inputs) run as
-fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl), per device under a mesh.
+fused Pallas kernels or as XLA's fusions (cfg.mamba2_impl), per device under a mesh; so does the convolution
+(cfg.conv_impl: the Mosaic GPU kernels on an H200), in sharded_causal_conv1d's shard_map.
 
 Initialisation (the paper's): dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (floored at 1e-4);
 A_log = log(A), A uniform in [1, 16]; D = 1; the gated norm's weight 1; the convolution's weight and bias uniform
@@ -45,7 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import lasp_jax
 from lasp_jax.ops import gated_norm, kernel_support, ssd_inputs
-from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
+from lasp_jax.parallel import causal_conv, causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
 from models.config import ModelConfig
@@ -152,17 +153,30 @@ class Mamba2Mixer(nnx.Module):
         return sharding.per_device(norm_project, cfg, (o, x, z), (d_skip, norm_weight, w_proj),
                                    check_vma=kernel_support.checks_vma(impl))
 
+    def _conv_in_shard_map(self, xbc) -> bool:
+        """Whether the convolution of xbc [B, T, C] runs in sharded_causal_conv1d's shard_map: under a seq axis
+        (its halo), and under a mesh that splits only the batch where cfg.conv_impl takes the kernels per device
+        (causal_conv1d refuses them under a partitioned mesh, and its "auto" takes XLA's there)."""
+        cfg = self.cfg
+        if sharding.seq_size(cfg) > 1:
+            return True
+        mesh = sharding.ambient_mesh()
+        if mesh is None or cfg.seq_axis not in mesh.axis_names or all(
+                mesh.shape[a] == 1 for a in sharding.batch_axes(cfg, mesh)):
+            return False
+        return causal_conv.resolve(cfg.conv_impl, None, xbc, cfg.conv_width, per_device=True) != "xla"
+
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; segment_ids [B, T] or None (packed documents)."""
         cfg = self.cfg
         z, xbc, dt = self._split_in(x)
         weight, bias = self._conv_params()
-        if sharding.seq_size(cfg) > 1:  # else the one-device form, whose padding follows x's batch sharding
+        if self._conv_in_shard_map(xbc):
             xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
-                                        batch_axes=sharding.batch_axes(cfg))
-        else:
-            xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids)
+                                        batch_axes=sharding.batch_axes(cfg), impl=cfg.conv_impl)
+        else:  # the one-device form, whose padding follows x's batch sharding
+            xbc = causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, impl=cfg.conv_impl)
         q, k, v, x_heads, rates = self._ssd_inputs(checkpoint_name(xbc, CONV_NAME), dt)
         o = linear_attend(q, k, v, rates, cfg, segment_ids=segment_ids)
         return self._out(o, x_heads, z)

@@ -64,10 +64,11 @@ def _supported(name: str, x, width: int) -> str | None:
     return causal_conv_kernel.supported(x, interpret=interpret)
 
 
-def _resolve(impl: str, activation, x, width: int, *, per_device: bool) -> str:
+def resolve(impl: str, activation, x, width: int, *, per_device: bool) -> str:
     """The implementation `impl` names for x [B, L, C] (L a piece's length) and a width-`width` convolution ("xla"
-    or a kernel's name); ValueError if unknown or unusable here. per_device: the call runs inside shard_map (else
-    under a partitioned mesh the kernels are refused)."""
+    or a kernel's name); ValueError if unknown or unusable here. per_device: as if called inside a shard_map over
+    the rows (a caller deciding whether to run it in one); else under a mesh that XLA partitions the kernels are
+    refused."""
     if activation not in causal_conv_kernel.ACTIVATIONS:
         raise ValueError(f"activation must be one of {causal_conv_kernel.ACTIVATIONS}, got {activation!r}")
     return kernel_support.resolve_per_device(
@@ -157,7 +158,7 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
     """
     ids = _check_inputs(x, weight, bias, segment_ids)
     _check_unsplit_sequence(x)
-    impl = _resolve(impl, activation, x, weight.shape[0], per_device=False)
+    impl = resolve(impl, activation, x, weight.shape[0], per_device=False)
     return _zero_padded(x, weight, bias, ids, impl=impl, activation=activation)
 
 
@@ -283,7 +284,7 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     w = weight.shape[0]
     if layout.seq_is_manual(seq_axis):
         _check_piece(x.shape[1], w, seq_axis)
-        impl = _resolve(impl, activation, x, w, per_device=True)
+        impl = resolve(impl, activation, x, w, per_device=True)
         return _local(x, weight, bias, ids, seq_axis=seq_axis, n=n, impl=impl, activation=activation)
     # layout.place reads [B, T, H, D]: the channels stand as heads (independent, so they may stay sharded).
     x4_in = x[..., None]
@@ -292,7 +293,7 @@ def sharded_causal_conv1d(x, weight, bias=None, *, segment_ids=None, mesh=None, 
     specs = (P(*spec[:3]), P(None, spec[2]), P(spec[2]), P(*spec[:2]))
     # The kernels take (or refuse) what one device holds: its piece of the rows, sequence and channels.
     local = tuple(d // placement.size(mesh, placement.axes(a)) for d, a in zip(x.shape, spec[:3]))
-    impl = _resolve(impl, activation, jax.ShapeDtypeStruct(local, x.dtype), w, per_device=True)
+    impl = resolve(impl, activation, jax.ShapeDtypeStruct(local, x.dtype), w, per_device=True)
     args = (x4[..., 0], weight, bias, ids)
     if AxisType.Explicit in tuple(mesh.axis_types):
         args = tuple(a if a is None else jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))

@@ -103,6 +103,24 @@ def test_fused_norm_on_a_mesh_equals_one_device(explicit, param_axis):
     _check_mesh("mamba2-tiny", (2, 2), explicit, param_axis=param_axis, mamba2_impl="pallas_triton_interpret")
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
+def test_conv_kernels_on_a_data_mesh_equal_one_device(explicit):
+    """Under a mesh that splits only the batch (data 2, seq 1) the convolution's kernels (cfg.conv_impl; the Triton
+    ones, interpreted) run per device in sharded_causal_conv1d's shard_map, where causal_conv1d would refuse them
+    (its "auto" took XLA's convolution there, in data-parallel GPU steps too): the model has Pallas calls that the
+    xla convolution's has not, and equals the one-device xla model, every gradient included."""
+    _check_mesh("mamba2-tiny", (2, 1), explicit, param_axis="data", conv_impl="pallas_triton_interpret")
+    cfg, state, batch, _ = _setup("mamba2-tiny")
+    mesh = helpers.make_mesh((2, 1), explicit)
+    calls = {}
+    with jax.set_mesh(mesh):
+        for impl in ("xla", "pallas_triton_interpret"):
+            graphdef, sstate = _on_mesh(cfg.replace(param_axis="data", conv_impl=impl), state, mesh)
+            args = [helpers.shard_batch(x, mesh) for x in batch]
+            calls[impl] = str(loss_grads_logits(graphdef).trace(sstate, *args).jaxpr).count("pallas_call")
+    assert calls["xla"] == 0 and calls["pallas_triton_interpret"] > 0, calls
+
+
 def _check_mesh(name, shape, explicit, param_axis, **changes):
     cfg, state, batch, ((ref_loss, ref_logits), ref_grads) = _setup(name)
     mesh = helpers.make_mesh(shape, explicit)

@@ -148,15 +148,15 @@ def test_auto_takes_the_first_qualified_kernels_that_take_the_shape(monkeypatch)
     monkeypatch.setattr(causal_conv, "QUALIFIED_GPUS", {"pallas_mosaic": (kind,), "pallas_triton": (kind,)})
     refuse = set()
     monkeypatch.setattr(causal_conv, "_supported", lambda name, x, w: "refused" if name in refuse else None)
-    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "pallas_mosaic"
+    assert causal_conv.resolve("auto", None, x, W, per_device=True) == "pallas_mosaic"
     refuse.add("pallas_mosaic")
-    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "pallas_triton"
+    assert causal_conv.resolve("auto", None, x, W, per_device=True) == "pallas_triton"
     refuse.add("pallas_triton")
-    assert causal_conv._resolve("auto", None, x, W, per_device=True) == "xla"
+    assert causal_conv.resolve("auto", None, x, W, per_device=True) == "xla"
     monkeypatch.undo()
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="impl 'pallas_mosaic' cannot run these inputs: .*GPU"):
-            causal_conv._resolve("pallas_mosaic", None, x, W, per_device=True)
+            causal_conv.resolve("pallas_mosaic", None, x, W, per_device=True)
 
 
 def test_no_races(rng):
