@@ -224,7 +224,7 @@ def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(rng):
     oracle, and the walks with a CTA per head up to rounding: outputs `_assert_equal_up_to_rounding` (measured
     3.4e-9 relative: one bf16 rounding of a few elements), the rows' dots 1.1e-7 (float32 summation order: one
     warpgroup's sum, not two shares'); a head's state or decay given to its pair's other head moves them O(1).
-    The constant-decay walks pair alike.
+    The constant-decay walks pair alike (dQ's roles).
     Not paired so: Dx = 128, X of fewer heads than H, Z of a head per output head, odd H, the option off."""
     b, t, h, dx, dz, piece_len = 1, 256, 4, 64, 128, 128
     roles = _shared_z_inputs(rng, b, t, h, 1, dx, dz, piece_len)
@@ -240,11 +240,11 @@ def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(rng):
         assert rel_err(dots, np.einsum("bthd,bthd->bht", want, np.asarray(w, np.float64))) < INTERPRET_TOL, name
         _assert_equal_up_to_rounding(got, alone)
         assert rel_err(dots, alone_dots) < 1e-6, name
-        rates = jnp.asarray([0.0, 0.5, 0.01, 0.2], jnp.float32)
-        const = functools.partial(pallas_mosaic.walk, x, y, z, rates, states_in, piece_len, reverse=reverse,
-                                  scale=dz ** -0.5, interpret=True)
-        _assert_equal_up_to_rounding(const(config=SHARED_Z), const())
-    x, y, z, _, _, w = roles["dq"]
+    x, y, z, states_in, _, w = roles["dq"]
+    rates = jnp.asarray([0.0, 0.5, 0.01, 0.2], jnp.float32)
+    const = functools.partial(pallas_mosaic.walk, x, y, z, rates, states_in, piece_len, reverse=False,
+                              scale=dz ** -0.5, interpret=True)
+    _assert_equal_up_to_rounding(const(config=SHARED_Z), const())
     heads = lambda n, d: jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)  # noqa: E731
     assert pallas_mosaic._pairing(x, y, z, h, w, pallas_mosaic.DEFAULT) is None  # the option is off by default
     assert pallas_mosaic._pairing(heads(h, 128), heads(h, 128), z, h, w, SHARED_Z) is None  # Dx = 128
