@@ -159,8 +159,8 @@ def _assert_equal_up_to_rounding(got, want, share: float = 1e-3):
     """got and want, bf16 outputs of one walk launched in two ways, differ at most where the interpreter's float32
     sums (dots of other shapes: another summation order on some CPUs) round to a neighbouring bf16: each such
     element by one bf16 spacing, and at most `share` of them. Measured: bit-equal on one x86 CPU, 1 element of
-    65536 one spacing apart on another (an AMD EPYC, 2026-12-01); a head walked with another head's decay or state
-    is off almost everywhere."""
+    65536 one spacing apart on another (an AMD EPYC, 2026-12-01). A pair's entering states or decays swapped put
+    7-22% or 96% of the elements further apart (the dQ and dK walks' oracle, Mamba-2's layout)."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     differ = got != want
     assert differ.mean() <= share, differ.mean()
