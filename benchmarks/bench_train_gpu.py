@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 
 K = 1024
+# ModelConfig fields of the kernels' impls that the command line sets (--mamba2-impl, ...); "" keeps the model's
+IMPL_FLAGS = ("mamba2_impl", "softmax_impl", "norm_impl", "conv_impl")
 
 
 def _oom(e: Exception) -> bool:
@@ -75,8 +77,7 @@ def _records(path: Path) -> list[dict]:
 def _record(out: Path, args, **r) -> dict:
     """Appends r, with the run's model, documents per row and the time, to OUT/train_gpu.jsonl; returns it."""
     r = {"model": args.model, "documents": args.documents, "remat_every": args.remat_every,
-         "mamba2_impl": args.mamba2_impl or "auto", "softmax_impl": args.softmax_impl or "auto",
-         "norm_impl": args.norm_impl or "auto",
+         **{flag: getattr(args, flag) or "auto" for flag in IMPL_FLAGS},
          **({"param_axis": args.param_axis} if args.param_axis else {}), **r,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(out / "train_gpu.jsonl", "a") as fh:
@@ -115,12 +116,7 @@ class Step:
         overrides = {"remat": remat, "ce_chunk": args.ce_chunk, "strategy": args.strategy}
         if args.remat_every != 1:
             overrides["remat_every"] = args.remat_every
-        if args.mamba2_impl:
-            overrides["mamba2_impl"] = args.mamba2_impl
-        if args.softmax_impl:
-            overrides["softmax_impl"] = args.softmax_impl
-        if args.norm_impl:
-            overrides["norm_impl"] = args.norm_impl
+        overrides.update({flag: getattr(args, flag) for flag in IMPL_FLAGS if getattr(args, flag)})
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         if args.param_axis:
@@ -219,8 +215,7 @@ class Step:
         (out / f"{name}.md").write_text(gpu_trace.render(summary, (
             f"{self.mcfg_name}, {self.n_gpus} GPU(s) ({self.devices[0].device_kind}), {self.tokens_per_gpu} "
             f"tokens/GPU, {self.documents} documents per row, remat {self.remat} every {self.mcfg.remat_every}, "
-            f"mamba2_impl {self.mcfg.mamba2_impl}, softmax_impl {self.mcfg.softmax_impl}, "
-            f"norm_impl {self.mcfg.norm_impl}, "
+            + "".join(f"{flag} {getattr(self.mcfg, flag)}, " for flag in IMPL_FLAGS) +
             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")))
         _say(f"profiled: {name}.md")
         return {k: round(ms, 1) for k, ms in summary["kinds"].items()}
@@ -255,7 +250,7 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
             name = f"profile-{args.model}-{n}-{tokens}-{remat}-{args.remat_every}-{args.mamba2_impl or 'auto'}"
             if args.param_axis:
                 name += "-params-" + args.param_axis.replace(",", "-")
-            for flag in ("norm_impl", "softmax_impl"):
+            for flag in ("norm_impl", "softmax_impl", "conv_impl"):
                 if getattr(args, flag):
                     name += f"-{flag.split('_')[0]}-{getattr(args, flag)}"
             timed["profile_ms"] = step.profile(out, name)
@@ -435,6 +430,8 @@ def main(argv=None) -> int:
                         help="ModelConfig.softmax_impl: the hybrids' softmax layers (default: the model's 'auto')")
     parser.add_argument("--norm-impl", default="", choices=("", "auto", "xla", "pallas_triton"),
                         help="ModelConfig.norm_impl: the blocks' SRMSNorm (default: the model's 'auto')")
+    parser.add_argument("--conv-impl", default="", choices=("", "auto", "xla", "pallas_mosaic"),
+                        help="ModelConfig.conv_impl: Mamba-2's convolution (default: the model's 'auto')")
     parser.add_argument("--param-axis", default="",
                         help="ModelConfig.param_axis, comma-separated mesh axes (default: the model's, data,seq)")
     parser.add_argument("--profile", action="store_true",
@@ -519,7 +516,7 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        for field in ("param_axis", "softmax_impl", "mamba2_impl", "norm_impl"):
+        for field in ("param_axis", "softmax_impl", "mamba2_impl", "norm_impl", "conv_impl"):
             if r.get(field, "auto") != "auto":
                 note = f"{field} {r[field]}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:

@@ -39,7 +39,7 @@ def test_a_hung_child_is_killed_and_counted_as_out_of_memory(tmp_path):
 
     t0 = time.monotonic()
     args = bench.argparse.Namespace(model="tnl-1b", documents=0, remat_every=1, mamba2_impl="", softmax_impl="",
-                                    norm_impl="", param_axis="")
+                                    norm_impl="", conv_impl="", param_axis="")
     record = Hanging(args, [], tmp_path, time.monotonic() + 50, ["0"], {}).run("attempt", 2, 655360, "full")
     assert time.monotonic() - t0 < 30
     assert record["kind"] == "longest" and record["fits"] is False and record["oom"] is True
