@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 K = 1024
-# ModelConfig fields of the kernels' impls that the command line sets (--mamba2-impl, ...); "" keeps the model's
+# ModelConfig fields of the kernels' impls that the command line sets (--mamba2-impl, ...); "" keeps the model's own
 IMPL_FLAGS = ("mamba2_impl", "softmax_impl", "norm_impl", "conv_impl")
 
 
@@ -250,7 +250,7 @@ def _timed_or_oom(args, out: Path, n: int, tokens: int, remat: str, kind: str, s
             name = f"profile-{args.model}-{n}-{tokens}-{remat}-{args.remat_every}-{args.mamba2_impl or 'auto'}"
             if args.param_axis:
                 name += "-params-" + args.param_axis.replace(",", "-")
-            for flag in ("norm_impl", "softmax_impl", "conv_impl"):
+            for flag in IMPL_FLAGS[1:]:  # mamba2_impl is in every name
                 if getattr(args, flag):
                     name += f"-{flag.split('_')[0]}-{getattr(args, flag)}"
             timed["profile_ms"] = step.profile(out, name)
@@ -516,7 +516,7 @@ def write_summary(jsonl: Path) -> None:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             continue
         note = r.get("note") or ("out of memory" if r.get("oom") or r.get("fits") is False else "")
-        for field in ("param_axis", "softmax_impl", "mamba2_impl", "norm_impl", "conv_impl"):
+        for field in ("param_axis", *IMPL_FLAGS):
             if r.get(field, "auto") != "auto":
                 note = f"{field} {r[field]}" + (f"; {note}" if note else "")
         if r["kind"] == "memory" and "strategy" in r:

@@ -123,9 +123,9 @@ class ModelConfig:
     # Triton kernels, run per device, or XLA's fusions; "auto" takes the kernels on the GPUs where their GPU test
     # passed (the H200), else xla. Its own field, not mamba2_impl's: TNL and LT use the norm too
     norm_impl: Literal["auto", "xla", "pallas_triton", "pallas_triton_interpret"] = "auto"
-    # Mamba-2's causal convolution (lasp_jax.parallel.causal_conv's impl): "auto" takes the Mosaic GPU kernels on
-    # the GPUs where their GPU test passed (the H200), per device (also under a mesh that splits only the batch),
-    # else xla
+    # Mamba-2's causal convolution in training and prefill (lasp_jax.parallel.causal_conv's impl; a decode step's
+    # W-position window takes "auto"): "auto" takes the Mosaic GPU kernels on the GPUs where their GPU test passed
+    # (the H200), per device (also under a mesh with a seq axis of size 1 that splits the batch), else xla
     conv_impl: Literal["auto", "xla", "pallas_mosaic", "pallas_mosaic_interpret", "pallas_triton",
                        "pallas_triton_interpret"] = "auto"
     # The softmax layers' attention in the training forward (lasp_jax.ops.softmax impl=; under a seq axis LASP-2H's

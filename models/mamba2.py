@@ -155,16 +155,20 @@ class Mamba2Mixer(nnx.Module):
 
     def _conv_in_shard_map(self, xbc) -> bool:
         """Whether the convolution of xbc [B, T, C] runs in sharded_causal_conv1d's shard_map: under a seq axis
-        (its halo), and under a mesh that splits only the batch where cfg.conv_impl takes the kernels per device
-        (causal_conv1d refuses them under a partitioned mesh, and its "auto" takes XLA's there)."""
+        (its halo), and under a mesh with a seq axis of size 1 that splits the batch where cfg.conv_impl takes the
+        kernels per device (causal_conv1d refuses them under a partitioned mesh, and its "auto" takes XLA's
+        there)."""
         cfg = self.cfg
         if sharding.seq_size(cfg) > 1:
             return True
         mesh = sharding.ambient_mesh()
-        if mesh is None or cfg.seq_axis not in mesh.axis_names or all(
-                mesh.shape[a] == 1 for a in sharding.batch_axes(cfg, mesh)):
+        if mesh is None or cfg.seq_axis not in mesh.axis_names:
             return False
-        return causal_conv.resolve(cfg.conv_impl, None, xbc, cfg.conv_width, per_device=True) != "xla"
+        split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg, mesh))
+        if split == 1:
+            return False
+        local = jax.ShapeDtypeStruct((xbc.shape[0] // split, *xbc.shape[1:]), xbc.dtype)  # what one device holds
+        return causal_conv.resolve(cfg.conv_impl, None, local, cfg.conv_width, per_device=True) != "xla"
 
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -203,7 +207,7 @@ class Mamba2Mixer(nnx.Module):
         held_ids = None
         if segment_ids is not None:
             held_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], axis=1)
-        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids)[:, width:]
+        conv = causal_conv1d(held, *self._conv_params(), segment_ids=held_ids, impl=self.cfg.conv_impl)[:, width:]
         q, k, v, x_heads, rates = self._ssd_inputs(conv, dt)
         o, ssm = lasp_jax.linear_attention(q, k, v, rates, segment_ids=segment_ids, initial_state=state["ssm"],
                                            return_final_state=True, impl=self.cfg.attn_impl)

@@ -1,6 +1,7 @@
 """Every test process sees 8 forced CPU devices, set before JAX touches a backend, and one JAX compilation cache
 per test run."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,10 +14,11 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # A run's repeated compiles load from one cache, shared through the environment with the xdist workers and the
 # training subprocesses (a resumed process compiles the step its first process did: 37 -> 27 s for
 # tests/train/test_train.py::test_sigkill_and_resume_gives_the_same_losses). Made by the first process, which
-# removes it at the end; a JAX_COMPILATION_CACHE_DIR already set is used as is.
-_CACHE = None
+# removes it at exit; a JAX_COMPILATION_CACHE_DIR already set is used as is. An entry read while
+# another process still writes it (or left half-written by a killed process) costs a warning and a recompile.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="lasp_jax_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="lasp_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, cache, True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,11 +47,6 @@ def pytest_configure(config):
     seed = os.environ.setdefault("LASP_TEST_SEED", DEFAULT_SEED)
     if seed == "random":
         os.environ["LASP_TEST_SEED"] = str(np.random.SeedSequence().entropy % 2**32)
-
-
-def pytest_unconfigure(config):
-    if _CACHE is not None:
-        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):

@@ -122,7 +122,7 @@ class Config:
     pair_shared_z: where two output heads share Z (and the dots' w) and each has its own X and Y head of 64
     columns (Mamba-2's dQ and dK walks), one CTA walks both heads, each warpgroup with its head's whole state
     (`_pairing`). Off until measured: it is interpreted and lowered for CUDA on CPU (tests), not yet compiled or
-    timed on a GPU (benchmarks/walks_gpu.py's "paired" contender turns it on).
+    timed on a GPU (benchmarks/walks_gpu.py's "paired_z" contender turns it on).
     """
 
     chunk: int = 64
@@ -341,11 +341,12 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 rows the other walk rounds (module docstring)."""
                 return inter * (kernel_support.rounded_to(w * out_rows, w_ref.dtype) - w * out_rows)
 
-            # Paired with Z shared, the state part is summed before the accumulators fill: inter's registers are free
-            # then, while out, the whole state and w are live.
+            # Paired with Z shared, the state part is summed before the accumulators fill, so that inter (and
+            # out_rows) die first: across them only out, the whole state and w stay live.
             early = dots and shared_z and not stage_w
             if early:
-                from_state = jnp.sum(state_term(w.astype(_F32)), axis=1)
+                w = w.astype(_F32)
+                from_state = jnp.sum(state_term(w), axis=1)
 
             def intra_and_update(accs):
                 out_acc, state_acc = accs
@@ -527,8 +528,9 @@ def _pairing(x, y, z, h: int, dots_with, config: Config) -> str | None:
     whose count divides H / 2: Mamba-2's dQ and dK walks (X, Y: a head's dO and V; Z, w: the group's B or C of
     128). Unpaired, both warpgroups of a head compute its chunk scores and each owns 64 of Z's columns; paired,
     warpgroup w walks head 2i + w with its whole [64, Dz] state (wgmma N = Dz), the pair's X and Y heads are
-    staged side by side and Z once, and there are half the CTAs. Its shared memory (the per-head state operands
-    of Dz columns) leaves 2 stages and w's rows in registers (`_ring`)."""
+    staged side by side and Z once, and there are half the CTAs. Its per-head state operands of Dz columns take
+    shared memory (`_ring`): at Dz = 128 (Mamba-2) 2 stages with w's rows in registers, at Dz = 64 3 stages and a
+    ring for w."""
     if h % 2:
         return None
     if (config.pair_heads and dots_with is None and z.shape[-1] == 64 and z.shape[2] == h
@@ -600,7 +602,7 @@ def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bo
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
-    (`_pairs`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
+    (`_pairing`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
     whose rows' dots with the float32 output rows come back too."""
     b, t, _, dx = x.shape
     h_out, dz_out = states_in.shape[1], z.shape[-1]
@@ -633,8 +635,8 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         out_type = (out_type, jax.ShapeDtypeStruct((b, h, _COMPUTE_WGS, t), _F32))
         extra_in = (dots_with,)
     scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
-    # Grid heads per head of each input (shared_z reads X's and Y's own heads: their entry is unused).
-    groups = tuple(max(1, h // a.shape[2]) for a in (x, y, z, *extra_in))
+    # Grid heads per head of each input (None for X and Y where shared_z reads their own heads).
+    groups = tuple(None if shared_z and i < 2 else h // a.shape[2] for i, a in enumerate((x, y, z, *extra_in)))
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
                           scale_update=scale_update, groups=groups,

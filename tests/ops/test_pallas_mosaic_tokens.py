@@ -217,19 +217,23 @@ def _shared_z_inputs(rng, b, t, h, groups, dx, dz, piece_len):
     return {"dq": (do, v, k, _transposed(s), False, q), "dk": (v, do, q, _transposed(g), True, k)}
 
 
-def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(rng):
-    """Mamba-2's dQ and dK walks (X, Y: a head's dO and V of Dx = 64; Z and the dots' w: one group's K or Q of Dz =
-    128, shared by 4 heads) under Config.pair_shared_z take one CTA per pair of heads, each warpgroup walking its
-    own head's whole state with its own decay (mixed rates: a zero-rate head beside a steep one), and equal the
-    oracle, and the walks with a CTA per head up to rounding: outputs `_assert_equal_up_to_rounding` (measured
-    3.4e-9 relative: one bf16 rounding of a few elements), the rows' dots 1.1e-7 (float32 summation order: one
-    warpgroup's sum, not two shares'). In the oracle, swapping a pair's entering states moves the outputs 0.10
-    (dQ) and 0.19 (dK) relative, swapping their decays 1.27.
-    The constant-decay walks pair alike (dQ's roles).
-    Not paired so: Dx = 128, X of fewer heads than H, Z of a head per output head, odd H, the option off."""
-    b, t, h, dx, dz, piece_len = 1, 256, 4, 64, 128, 128
-    roles = _shared_z_inputs(rng, b, t, h, 1, dx, dz, piece_len)
+@pytest.mark.parametrize(("groups", "dz"), [(2, 128), (1, 64)], ids=["g2_dz128", "g1_dz64"])
+def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(groups, dz, rng):
+    """Mamba-2's dQ and dK walks (X, Y: a head's dO and V of Dx = 64; Z and the dots' w: K or Q of `groups` heads
+    of Dz, each shared by 4 / groups output heads) under Config.pair_shared_z take one CTA per pair of heads, each
+    warpgroup walking its own head's whole state with its own decay (mixed rates: a zero-rate head beside a steep
+    one), the pair's Z head read by both; at Dz = 128 w's rows come into registers, at Dz = 64 through a ring.
+    They equal the oracle, and the walks with a CTA per head up to rounding: outputs `_assert_equal_up_to_rounding`
+    (measured: identical, or 1-2 elements one bf16 spacing apart), the rows' dots 1.1e-7 at most (float32
+    summation order: one warpgroup's sum, not two shares'). In the oracle (one group, Dz = 128), swapping a pair's
+    entering states moves the outputs 0.10 (dQ) and 0.19 (dK) relative, swapping their decays 1.27. The
+    constant-decay walks pair alike (dQ's roles). Not paired so: Dx = 128, X of fewer heads than H, Z of a head per
+    output head, odd H, the option off."""
+    b, t, h, dx, piece_len = 1, 256, 4, 64, 128
+    roles = _shared_z_inputs(rng, b, t, h, groups, dx, dz, piece_len)
     tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
+    assert pallas_mosaic._ring(SHARED_Z, piece_len, dx=dx, dz=dz, dtype=jnp.bfloat16, tokens=True, pair=2,
+                               dots=True, shared_z=True)[:2] == (2, dz == 64)
     for name, (x, y, z, states_in, reverse, w) in roles.items():
         assert pallas_mosaic._pairing(x, y, z, h, w, SHARED_Z) == "shared_z", name
         walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
@@ -238,7 +242,8 @@ def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(rng):
         want = _oracle(x, y, z, tables, states_in, piece_len, reverse, dz ** -0.5)
         assert got.shape == (b, t, h, dz) and dots.shape == (b, h, t), name
         assert rel_err(got, want) < INTERPRET_TOL, name
-        assert rel_err(dots, np.einsum("bthd,bthd->bht", want, np.asarray(w, np.float64))) < INTERPRET_TOL, name
+        w_heads = np.repeat(np.asarray(w, np.float64), h // groups, axis=2)
+        assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w_heads)) < INTERPRET_TOL, name
         _assert_equal_up_to_rounding(got, alone)
         assert rel_err(dots, alone_dots) < 1e-6, name
     x, y, z, states_in, _, w = roles["dq"]
