@@ -352,19 +352,20 @@ def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d, dz, hx):
         assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize(("dz", "ring"), [(128, (2, False)), (64, (3, True))], ids=["dz128", "dz64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_shared_z_lowers_for_cuda_at_the_mamba2_shape(reverse):
+def test_shared_z_lowers_for_cuda_at_the_mamba2_shape(reverse, dz, ring):
     """Config.pair_shared_z at a Mamba-2 1.3B layer's dQ and dK walks (T = 64K, 64 heads of Dx = 64, one group
-    of Dz = 128, 4 pieces), with and without the rows' dots: Mosaic GPU's lowering for CUDA runs on CPU (layouts,
-    and shared memory under a Hopper CTA's 227 KB). Each warpgroup's state operands hold Dz columns, which leaves
-    2 stages and w's rows in registers."""
+    of Dz, 4 pieces), with and without the rows' dots: Mosaic GPU's lowering for CUDA runs on CPU (layouts, and
+    shared memory under a Hopper CTA's 227 KB). Each warpgroup's state operands hold Dz columns: at Dz = 128 (the
+    1.3B's) that leaves 2 stages and w's rows in registers, at Dz = 64 3 stages and a ring for w."""
     b, t, h, pieces_ = 1, 65536, 64, 4
-    assert pallas_mosaic._ring(SHARED_Z, t // pieces_, dx=64, dz=128, dtype=jnp.bfloat16, tokens=True, pair=2,
-                               dots=True, shared_z=True)[:2] == (2, False)
-    _, _, tables, states_in = _abstract(b, t, h, pieces_, 64, 128, 1)
+    assert pallas_mosaic._ring(SHARED_Z, t // pieces_, dx=64, dz=dz, dtype=jnp.bfloat16, tokens=True, pair=2,
+                               dots=True, shared_z=True)[:2] == ring
+    _, _, tables, states_in = _abstract(b, t, h, pieces_, 64, dz, 1)
     x = jax.ShapeDtypeStruct((b, t, h, 64), jnp.bfloat16)
-    z = jax.ShapeDtypeStruct((b, t, 1, 128), jnp.bfloat16)
-    walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=128 ** -0.5,
+    z = jax.ShapeDtypeStruct((b, t, 1, dz), jnp.bfloat16)
+    walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=dz ** -0.5,
                              config=SHARED_Z)
     assert pallas_mosaic._pairing(x, x, z, h, z, SHARED_Z) == "shared_z"
     for dots_with in (None, z):
