@@ -217,12 +217,14 @@ def _shared_z_inputs(rng, b, t, h, groups, dx, dz, piece_len):
     return {"dq": (do, v, k, _transposed(s), False, q), "dk": (v, do, q, _transposed(g), True, k)}
 
 
-@pytest.mark.parametrize(("groups", "dz"), [(2, 128), (1, 64)], ids=["g2_dz128", "g1_dz64"])
-def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(groups, dz, rng):
+@pytest.mark.parametrize(("groups", "dz", "names"), [(2, 128, ("dq", "dk")), (1, 64, ("dq",))],
+                         ids=["g2_dz128", "g1_dz64"])
+def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(groups, dz, names, rng):
     """Mamba-2's dQ and dK walks (X, Y: a head's dO and V of Dx = 64; Z and the dots' w: K or Q of `groups` heads
     of Dz, each shared by 4 / groups output heads) under Config.pair_shared_z take one CTA per pair of heads, each
     warpgroup walking its own head's whole state with its own decay (mixed rates: a zero-rate head beside a steep
-    one), the pair's Z head read by both; at Dz = 128 w's rows come into registers, at Dz = 64 through a ring.
+    one), the pair's Z head read by both; at Dz = 128 w's rows come into registers, at Dz = 64 through a ring (the
+    dQ walk alone there: the ring does not depend on the direction).
     They equal the oracle, and the walks with a CTA per head up to rounding: outputs `_assert_equal_up_to_rounding`
     (measured: identical, or 1-2 elements one bf16 spacing apart), the rows' dots 1.1e-7 at most (float32
     summation order: one warpgroup's sum, not two shares'). In the oracle (one group, Dz = 128), swapping a pair's
@@ -234,7 +236,8 @@ def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(groups, dz, rng):
     tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
     assert pallas_mosaic._ring(SHARED_Z, piece_len, dx=dx, dz=dz, dtype=jnp.bfloat16, tokens=True, pair=2,
                                dots=True, shared_z=True)[:2] == (2, dz == 64)
-    for name, (x, y, z, states_in, reverse, w) in roles.items():
+    for name in names:
+        x, y, z, states_in, reverse, w = roles[name]
         assert pallas_mosaic._pairing(x, y, z, h, w, SHARED_Z) == "shared_z", name
         walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
                                  scale=dz ** -0.5, dots_with=w, interpret=True)
