@@ -61,10 +61,7 @@ def linear_attend(q, k, v, decay, cfg: ModelConfig, segment_ids=None):
     q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], segment_ids None or [B, T] ints (the state resets
     where the id changes) -> o [B, T, H, Dv].
     """
-    mesh = sharding.ambient_mesh()
-    seq_axis_here = mesh is not None and cfg.seq_axis in mesh.axis_names
-    batch_split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg)) if seq_axis_here else 1
-    if sharding.seq_size(cfg) > 1 or (seq_axis_here and q.shape[0] % batch_split == 0):
+    if sharding.in_seq_shard_map(cfg, q.shape[0]):
         return lasp_jax.lasp_attention(q, k, v, decay, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                        strategy=cfg.strategy, impl=cfg.attn_impl, batch_axes=sharding.batch_axes(cfg))
     return lasp_jax.linear_attention(q, k, v, decay, segment_ids=segment_ids, impl=cfg.attn_impl)

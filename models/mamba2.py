@@ -46,7 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import lasp_jax
 from lasp_jax.ops import gated_norm, kernel_support, ssd_inputs
-from lasp_jax.parallel import causal_conv, causal_conv1d, sharded_causal_conv1d
+from lasp_jax.parallel import causal_conv1d, sharded_causal_conv1d
 from models import sharding
 from models.attention import linear_attend
 from models.config import ModelConfig
@@ -153,30 +153,15 @@ class Mamba2Mixer(nnx.Module):
         return sharding.per_device(norm_project, cfg, (o, x, z), (d_skip, norm_weight, w_proj),
                                    check_vma=kernel_support.checks_vma(impl))
 
-    def _conv_in_shard_map(self, xbc) -> bool:
-        """Whether the convolution of xbc [B, T, C] runs in sharded_causal_conv1d's shard_map: under a seq axis
-        (its halo), and under a mesh with a seq axis of size 1 that splits the batch where cfg.conv_impl takes the
-        kernels per device (causal_conv1d refuses them under a partitioned mesh, and its "auto" takes XLA's
-        there)."""
-        cfg = self.cfg
-        if sharding.seq_size(cfg) > 1:
-            return True
-        mesh = sharding.ambient_mesh()
-        if mesh is None or cfg.seq_axis not in mesh.axis_names:
-            return False
-        split = math.prod(mesh.shape[a] for a in sharding.batch_axes(cfg, mesh))
-        if split == 1:
-            return False
-        local = jax.ShapeDtypeStruct((xbc.shape[0] // split, *xbc.shape[1:]), xbc.dtype)  # what one device holds
-        return causal_conv.resolve(cfg.conv_impl, None, local, cfg.conv_width, per_device=True) != "xla"
-
     # --- training forward ---
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; segment_ids [B, T] or None (packed documents)."""
         cfg = self.cfg
         z, xbc, dt = self._split_in(x)
         weight, bias = self._conv_params()
-        if self._conv_in_shard_map(xbc):
+        # As the SSD's lasp_attention: under a seq axis (the halo), and per device under a seq axis of size 1 too
+        # (causal_conv1d refuses the kernels under a partitioned mesh; its "auto" takes XLA's there).
+        if sharding.in_seq_shard_map(cfg, xbc.shape[0]):
             xbc = sharded_causal_conv1d(xbc, weight, bias, segment_ids=segment_ids, seq_axis=cfg.seq_axis,
                                         batch_axes=sharding.batch_axes(cfg), impl=cfg.conv_impl)
         else:  # the one-device form, whose padding follows x's batch sharding

@@ -47,6 +47,18 @@ def seq_size(cfg: ModelConfig, mesh=None) -> int:
     return mesh.shape[cfg.seq_axis]
 
 
+def in_seq_shard_map(cfg: ModelConfig, batch: int, mesh=None) -> bool:
+    """Whether an op with a shard_map over the seq axis of its own (lasp_attention, sharded_causal_conv1d) runs in
+    it rather than its one-device form: under a seq axis of size > 1, and on a mesh with the seq axis of size 1 too
+    when the batch axes divide `batch` (the per-device kernels need that shard_map; XLA's forms compute the same in
+    it)."""
+    mesh = mesh if mesh is not None else ambient_mesh()
+    if seq_size(cfg, mesh) > 1:
+        return True
+    return (mesh is not None and cfg.seq_axis in mesh.axis_names
+            and batch % math.prod(mesh.shape[a] for a in batch_axes(cfg, mesh)) == 0)
+
+
 def _is_explicit(mesh, axes) -> bool:
     return any(mesh._name_to_type[a] == AxisType.Explicit for a in axes)
 
