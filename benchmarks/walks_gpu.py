@@ -1,14 +1,12 @@
-"""Mamba-2's SSD on the Mosaic walks with output heads paired per CTA (pallas_mosaic.Config.pair_heads and
-pair_shared_z) and without, beside the Triton kernels: forward and forward+backward of one layer's linear
-attention.
+"""Mamba-2's SSD on the Mosaic walks with output heads paired per CTA (pallas_mosaic.Config.pair_heads, the
+default) and without, beside the Triton kernels: forward and forward+backward of one layer's linear attention.
 
     python3 -m benchmarks.walks_gpu [--t 65536] [--heads 64] [--groups 1] [--dk 128] [--dv 64] [--docs 16]
-        [--impls paired,paired_z,unpaired,pallas_triton,paired:FIELD=N...] [--iters 10] [--reps 3] [--out DIR]
+        [--impls paired,unpaired,pallas_triton,paired:FIELD=N...] [--iters 10] [--reps 3] [--out DIR]
 
 Why: the token walks were the largest single kernel item of a Mamba-2 1.3B training step on an H200 (431 of
-1870 ms, results/profile_train_h200_s11_mamba2.md); pair_heads pairs the output and dV walks, pair_shared_z the dQ
-and dK walks (`pallas_mosaic._pairing`). Contenders: "paired" is pallas_mosaic.Walks as by default (pair_heads
-on), "paired_z" with pair_shared_z on too (off by default), "unpaired" with both off, each with
+1870 ms, results/profile_train_h200_s11_mamba2.md); pairing changes the output and dV walks only (`_pairs`).
+Contenders: "paired" and "unpaired" are pallas_mosaic.Walks at Config(pair_heads=True / False), either with
 more Config fields as ":field=value" (e.g. "paired:stages=2:approx_math=0", a launch-size sweep), "pallas_triton"
 the Triton kernels, each through vjp.attend_tokens as lasp_jax.linear_attention runs them on one device.
 Inputs (tests/ops/test_gva.py's GPU test at a 1.3B layer's shape by default): q = C and k = B [1, T, G, Dk], v
@@ -36,9 +34,7 @@ import numpy as np
 from benchmarks import measure
 from lasp_jax.ops import impls, pallas_mosaic, pieces_tokens, vjp
 
-WALKS = {"paired": {"pair_heads": True, "pair_shared_z": False},  # pallas_mosaic.Config overrides
-         "paired_z": {"pair_heads": True, "pair_shared_z": True},
-         "unpaired": {"pair_heads": False, "pair_shared_z": False}}
+WALKS = {"paired": {"pair_heads": True}, "unpaired": {"pair_heads": False}}  # pallas_mosaic.Config overrides
 OTHERS = ("pallas_triton", "xla")  # impls.IMPLS entries
 
 

@@ -62,16 +62,14 @@ float32 output row. At d=128 the tables' stages take the output's staging buffer
 leaves through the decayed-Z buffer once the update's wgmma has read it. Measured against a float64 oracle of the
 walks: 2.1e-3 to 2.5e-3 relative (the bf16 rounding as above; tests/ops/test_pallas_mosaic_tokens.py).
 
-Paired heads (`_pairing`, Config.pair_heads): where two output heads read one head of X and of Y and Z has 64
+Paired heads (`_pairs`, Config.pair_heads): where two output heads read one head of X and of Y and Z has 64
 columns per head (Mamba-2's output and dV walks: X, Y the group's C and B), one CTA walks the pair, warpgroup w
 owning head 2i + w whole, with its own decay. At a Mamba-2 1.3B SSD layer on an H200 (T = 64K, 64 heads, one
 group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward+backward 8.348 against 8.954
 (benchmarks/results/walks_gpu_h200_s12.md); interpreted, the outputs are the same bits or, on some CPUs, one bf16
 rounding apart in a few elements (the interpreter's dots of other shapes sum in another order). The dQ and dK walks
-(X, Y a head's dO and V of 64 columns, Z and w the group's B or C) pair the other way round (Config.pair_shared_z,
-off until timed on a GPU): the pair shares Z and w, warpgroup w walks head 2i + w with its whole [64, Dz] state,
-and each row's dot is one warpgroup's, not two shares; interpreted, the outputs equal the unpaired walks' up to
-one bf16 rounding of a few elements (3.4e-9 relative), the dots up to float32 summation order (1.1e-7).
+(X per head) stay a CTA per head: pairing them needs a whole [64, Dz] state, output and w per warpgroup, which
+spills registers (KERNEL_NOTES.md, sessions 15 and 21).
 
 Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the output
 the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
@@ -118,11 +116,7 @@ class Config:
     approx_math: fast approximate exp (on: the walks' GPU tests passed with it on an H200, and a Mamba-2 1.3B SSD
     layer took 7.731 ms forward+backward against 8.035 without, its errors unchanged; KERNEL_NOTES.md, sessions
     13-14). pair_heads: where two output heads share X and Y (GVA, MQA) and Z has a head per output head of 64
-    columns (Mamba-2's output and dV walks), one CTA walks both heads, a head per compute warpgroup (`_pairing`).
-    pair_shared_z: where two output heads share Z (and the dots' w) and each has its own X and Y head of 64
-    columns (Mamba-2's dQ and dK walks), one CTA walks both heads, each warpgroup with its head's whole state
-    (`_pairing`). Off until measured: it is interpreted and lowered for CUDA on CPU (tests), not yet compiled or
-    timed on a GPU (benchmarks/walks_gpu.py's "paired_z" contender turns it on).
+    columns (Mamba-2's output and dV walks), one CTA walks both heads, a head per compute warpgroup (`_pairs`).
     """
 
     chunk: int = 64
@@ -131,7 +125,6 @@ class Config:
     memory_registers: int = 40
     approx_math: bool = True
     pair_heads: bool = True
-    pair_shared_z: bool = False
 
 
 DEFAULT = Config()
@@ -201,15 +194,13 @@ def _token_chunk(cum_rows, cum_cols, count_rows, count_cols, causal, reverse: bo
     return keep, scale * jnp.exp(-jnp.where(keep, jnp.maximum(gap, 0.0), 0.0))
 
 
-def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, shared_z, config, interpret,
-            tokens, dots, stage_w):
+def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, pair, config, interpret, tokens,
+            dots, stage_w):
     """One CTA: (batch, output head, piece) of the grid; warpgroups 0 and 1 compute, warpgroup 2 loads. groups:
-    grid heads per head of x, y, z (and w) (GQA, GVA: grid head h reads head h // group, never a repeated
-    copy). pair: 2 where each grid head is a pair of output heads (`_pairing`: the decay inputs carry the pair's
+    output heads per head of x, y, z (and w) (GQA, GVA: output head h reads head h // group, never a repeated
+    copy). pair: 2 where each grid head is a pair of output heads (`_pairs`: the decay inputs carry the pair's
     heads on an axis of 2, warpgroup w takes head w of it and head 2h + w of states_in), else 1 (both
-    warpgroups take the one head's decay). shared_z (pair 2): the pair shares Z (and w) and X, Y have a head per
-    output head, staged side by side (warpgroup w reads head 2h + w of them, and owns all of Z's columns);
-    else the pair shares X and Y and warpgroup w owns Z's columns of head w.
+    warpgroups take the one head's decay).
 
     refs: the decay's inputs (rates [H], or with `tokens` the four `ChunkTables`), x, y, z, states_in, (with
     `dots`: w), out, (with dots: the dots' shares), then the scratch: shared memory (the output's staging, or with
@@ -238,7 +229,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
     own = wg if pair == 2 else 0  # this warpgroup's head on the decay inputs' pair axis
     n_chunks = piece_len // c
     start = p * piece_len
-    half = z_ref.shape[-1] if shared_z else z_ref.shape[-1] // _COMPUTE_WGS  # this warpgroup's columns of Z
+    half = z_ref.shape[-1] // _COMPUTE_WGS
 
     def chunk(n):
         """The piece's chunk walked n-th: chunks in the walk's direction."""
@@ -251,8 +242,7 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(config.compute_registers, action="increase")
-        cols = pl.ds(0 if shared_z else wg * half, half)  # of Z, S and w
-        out_cols = pl.ds(wg * half, half)  # of the output (a pair's heads side by side)
+        cols = pl.ds(wg * half, half)
         if tokens:
             # The decays come per chunk, from the tables' stages (`_token_chunk`); only the causal part of the
             # mask is the same in every chunk.
@@ -304,8 +294,6 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             plgpu.barrier_wait(y_bar.at[slot])
             plgpu.barrier_wait(z_bar.at[slot])
             x, y, z = x_smem.at[slot], y_smem.at[slot], z_smem.at[slot]
-            if shared_z:
-                x, y = x.at[wg], y.at[wg]
 
             def scores_and_inter(scores_acc, inter_acc):
                 plgpu.wgmma(scores_acc, x, y.transpose((1, 0)))
@@ -336,18 +324,6 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
                 plgpu.commit_smem()
                 inits = (out_decay * inter, chunk_decay * state)
 
-            def state_term(w):
-                """inter's correction to out . w per element (w float32): the state part of each row's dot from the
-                rows the other walk rounds (module docstring)."""
-                return inter * (kernel_support.rounded_to(w * out_rows, w_ref.dtype) - w * out_rows)
-
-            # Paired with Z shared, the state part is summed before the accumulators fill, so that inter (and
-            # out_rows) die first: across them only out, the whole state and w stay live.
-            early = dots and shared_z and not stage_w
-            if early:
-                w = w.astype(_F32)
-                from_state = jnp.sum(state_term(w), axis=1)
-
             def intra_and_update(accs):
                 out_acc, state_acc = accs
                 plgpu.wgmma(out_acc, scores_smem.at[wg], z.at[:, cols])
@@ -361,16 +337,16 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
             if not tokens:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's rows have left out_smem
             out_smem[wg] = out.astype(out_smem.dtype)
-            if dots:  # this warpgroup's share of each row's out . w (its head's whole dot where shared_z)
+            if dots:  # this warpgroup's share of each row's out . w, the state part from the rounded rows
                 if stage_w:
                     plgpu.barrier_wait(w_bar.at[slot])
                     w = plgpu.load(w_smem.at[slot].at[:, cols], layout=plgpu.Layout.WGMMA)
                     plgpu.barrier_arrive(consumed.at[slot])
                 w = w.astype(_F32)
-                dots_smem[wg] = (jnp.sum(out * w, axis=1) + from_state if early
-                                 else jnp.sum(out * w + state_term(w), axis=1))
+                rounded = kernel_support.rounded_to(w * out_rows, w_ref.dtype)
+                dots_smem[wg] = jnp.sum(out * w + inter * (rounded - w * out_rows), axis=1)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, out_cols])
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, rows(n), h, cols])
             if dots:
                 plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_ref.at[b, h, wg, rows(n)])
             return state
@@ -386,13 +362,8 @@ def _kernel(*refs, c, piece_len, stages, reverse, scale, scale_update, groups, p
         plgpu.set_max_registers(config.memory_registers, action="decrease")
 
         def load(n, slot):
-            if shared_z:  # the pair's own heads of X and Y, side by side (each pair of copies one barrier)
-                for j in range(pair):
-                    plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), pair * h + j], x_smem.at[slot, j], x_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), pair * h + j], y_smem.at[slot, j], y_bar.at[slot])
-            else:
-                plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
-                plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[b, rows(n), h // groups[0]], x_smem.at[slot], x_bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, rows(n), h // groups[1]], y_smem.at[slot], y_bar.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[b, rows(n), h // groups[2]], z_smem.at[slot], z_bar.at[slot])
             if stage_w:
                 plgpu.copy_gmem_to_smem(w_ref.at[b, rows(n), h // groups[3]], w_smem.at[slot], w_bar.at[slot])
@@ -509,37 +480,25 @@ def token_walk(x, y, z, tables: pieces_tokens.ChunkTables, states_in, piece_len:
     _check_tables(tables, states_in.shape[:2], x.shape[1])
     if dots_with is not None:
         _check(x, y, dots_with, states_in, piece_len, config)
-    return _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
-                   scale_update=False, config=config, interpret=interpret, tokens=True, dots_with=dots_with)
+    out = _launch(tuple(tables), x, y, z, states_in, piece_len, pieces, reverse=reverse, scale=scale,
+                  scale_update=False, config=config, interpret=interpret, tokens=True, dots_with=dots_with)
+    if dots_with is None:
+        return out
+    out, shares = out
+    return out, jnp.sum(shares, axis=2)
 
 
-def _pairing(x, y, z, h: int, dots_with, config: Config) -> str | None:
-    """How one CTA walks output heads 2i and 2i + 1, or None (a CTA per head):
+def _pairs(x, y, z, h: int, dots_with, config: Config) -> bool:
+    """Whether one CTA walks output heads 2i and 2i + 1 (config.pair_heads): they read one head of X and one of Y
+    (whose counts divide H / 2), Z has its own head of 64 columns per output head, and no dots are asked.
 
-    "shared_xy" (config.pair_heads): they read one head of X and one of Y (whose counts divide H / 2), Z has its
-    own head of 64 columns per output head, and no dots are asked. Mamba-2's output and dV walks (X, Y: the
-    group's C and B; Z: a head's 64 columns of V or dO) otherwise give each warpgroup 32 of a head's columns, so
-    every wgmma but the scores' has N = 32, and both warpgroups of every head compute the same chunk scores.
-    Paired, the pair's Z columns are adjacent in memory (a [C, 128] slab, loaded as Dz = 128 is) and warpgroup w
-    owns head 2i + w whole: the same shared memory and wgmma shapes as the Dz = 128 walk, each with its own head's
-    decay, and half the CTAs.
-
-    "shared_z" (config.pair_shared_z): X and Y have a head of 64 columns per output head, and Z (and w) one head
-    whose count divides H / 2: Mamba-2's dQ and dK walks (X, Y: a head's dO and V; Z, w: the group's B or C of
-    128). Unpaired, both warpgroups of a head compute its chunk scores and each owns 64 of Z's columns; paired,
-    warpgroup w walks head 2i + w with its whole [64, Dz] state (wgmma N = Dz), the pair's X and Y heads are
-    staged side by side and Z once, and there are half the CTAs. Its per-head state operands of Dz columns take
-    shared memory (`_ring`): at Dz = 128 (Mamba-2) 2 stages with w's rows in registers, at Dz = 64 3 stages and a
-    ring for w."""
-    if h % 2:
-        return None
-    if (config.pair_heads and dots_with is None and z.shape[-1] == 64 and z.shape[2] == h
-            and all((h // 2) % a.shape[2] == 0 for a in (x, y))):
-        return "shared_xy"
-    if (config.pair_shared_z and x.shape[-1] == 64 and x.shape[2] == y.shape[2] == h
-            and all((h // 2) % a.shape[2] == 0 for a in (z, *([] if dots_with is None else [dots_with])))):
-        return "shared_z"
-    return None
+    Why: Mamba-2's output and dV walks (X, Y: the group's C and B; Z: a head's 64 columns of V or dO) otherwise
+    give each warpgroup 32 of a head's columns, so every wgmma but the scores' has N = 32, and both warpgroups
+    of every head compute the same chunk scores. Paired, the pair's Z columns are adjacent in memory (a [C, 128]
+    slab, loaded as Dz = 128 is) and warpgroup w owns head 2i + w whole: the same shared memory and wgmma shapes
+    as the Dz = 128 walk, each with its own head's decay, and half the CTAs."""
+    return (config.pair_heads and dots_with is None and z.shape[-1] == 64 and h % 2 == 0 and z.shape[2] == h
+            and all((h // 2) % a.shape[2] == 0 for a in (x, y)))
 
 
 def _bytes(refs) -> int:
@@ -547,11 +506,9 @@ def _bytes(refs) -> int:
     return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in jax.tree.leaves(refs))
 
 
-def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bool, pair: int, dots: bool,
-          shared_z: bool = False):
+def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bool, pair: int, dots: bool):
     """(stages, stage_w, the shared-memory refs) of a walk: the deepest ring of X, Y and Z chunk stages up to
     config.stages that fits a Hopper CTA, and whether w's rows (the dots walks') get a ring of their own.
-    shared_z (`_pairing`): X and Y stages hold the pair's two heads, the state operands a head's Dz columns.
 
     The dots walks' residual operand (Dx Dz bf16: 16 KB at Dx = 64, Dz = 128; 32 KB at 128, 128) leaves room for 2
     stages at Dx = Dz = 128. Their w rows come through a ring of their own where it costs no stage (Mamba-2's
@@ -560,8 +517,7 @@ def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bo
     its SSD forward+backward 6.470 -> 5.876 ms (benchmarks/results/KERNEL_NOTES.md, session 19).
     """
     c = config.chunk
-    half = dz if shared_z else dz // _COMPUTE_WGS  # a warpgroup's columns of Z
-    xy_stage = (pair, c, dx) if shared_z else (c, dx)
+    half = dz // _COMPUTE_WGS
     # One tiling and swizzle for every shared-memory operand, that of a warpgroup's half of Z's columns (the
     # wgmma operands of one product agree on it; at Dx = Dz = 128 it is also that of the full rows and of the
     # scores; rows wider than it, X's and Y's at Dx > Dz / 2, hold several tiles).
@@ -569,8 +525,8 @@ def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bo
 
     def shared_memory(stages, stage_w):
         smem = (
-            plgpu.SMEM((stages, *xy_stage), dtype, transforms=mma),
-            plgpu.SMEM((stages, *xy_stage), dtype, transforms=mma),
+            plgpu.SMEM((stages, c, dx), dtype, transforms=mma),
+            plgpu.SMEM((stages, c, dx), dtype, transforms=mma),
             plgpu.SMEM((stages, c, dz), dtype, transforms=mma),
             plgpu.SMEM((_COMPUTE_WGS, dx, half), dtype, transforms=mma),
             plgpu.SMEM((_COMPUTE_WGS, c, c), dtype, transforms=mma),
@@ -602,46 +558,40 @@ def _ring(config: Config, piece_len: int, *, dx: int, dz: int, dtype, tokens: bo
 def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, scale, scale_update, config,
             interpret, tokens, dots_with=None):
     """Runs `_kernel` over the (batch, head, piece) grid, a grid head per output head or per pair of them
-    (`_pairing`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
+    (`_pairs`); decay_inputs: (rates,), or the ChunkTables; dots_with (tokens only): None, or w [B, T, Hw, Dz]
     whose rows' dots with the float32 output rows come back too."""
     b, t, _, dx = x.shape
     h_out, dz_out = states_in.shape[1], z.shape[-1]
-    pairing = _pairing(x, y, z, h_out, dots_with, config)
-    pair, shared_z = (1 if pairing is None else 2), pairing == "shared_z"
-    # The decay inputs' heads on a pair axis; paired with X and Y shared, Z holds a pair's columns side by side
-    # (states_in as is).
+    pair = 2 if _pairs(x, y, z, h_out, dots_with, config) else 1
+    # The decay inputs' heads on a pair axis; paired, Z holds a pair's columns side by side (states_in as is).
     if tokens:
         decay_inputs = tuple(a.reshape(b, h_out // pair, pair, t) if a.ndim == 3 else a for a in decay_inputs)
     else:
         decay_inputs = (decay_inputs[0].reshape(h_out // pair, pair),)
-    if pairing == "shared_xy":
+    if pair == 2:
         z = z.reshape(b, t, h_out // 2, 2 * dz_out)
     dz = z.shape[-1]
     h = h_out // pair
     c = config.chunk
     dt = x.dtype
     stages, stage_w, smem = _ring(config, piece_len, dx=dx, dz=dz, dtype=dt, tokens=tokens, pair=pair,
-                                  dots=dots_with is not None, shared_z=shared_z)
-    # Shared Z: the pair's two X (Y) copies arrive on one barrier.
-    loaded = (plgpu.Barrier(num_arrivals=pair if shared_z else 1, num_barriers=stages),) * 2
-    loaded += (plgpu.Barrier(num_barriers=stages),)
+                                  dots=dots_with is not None)
+    loaded = (plgpu.Barrier(num_barriers=stages),) * 3
     if tokens:
         loaded += (plgpu.Barrier(num_arrivals=2 + 4 * pair, num_barriers=stages),)
     if stage_w:
         loaded += (plgpu.Barrier(num_barriers=stages),)
-    out_type = jax.ShapeDtypeStruct((b, t, h, pair * dz if shared_z else dz), dt)
+    out_type = jax.ShapeDtypeStruct((b, t, h, dz), dt)
     extra_in = ()
     if dots_with is not None:
         out_type = (out_type, jax.ShapeDtypeStruct((b, h, _COMPUTE_WGS, t), _F32))
         extra_in = (dots_with,)
     scratch = (smem, loaded, plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
-    # Grid heads per head of each input (None for X and Y where shared_z reads their own heads).
-    groups = tuple(None if shared_z and i < 2 else h // a.shape[2] for i, a in enumerate((x, y, z, *extra_in)))
     kernel = plgpu.kernel(
         functools.partial(_kernel, c=c, piece_len=piece_len, stages=stages, reverse=reverse, scale=float(scale),
-                          scale_update=scale_update, groups=groups,
-                          pair=pair, shared_z=shared_z, config=config, interpret=interpret, tokens=tokens,
-                          dots=dots_with is not None, stage_w=stage_w),
+                          scale_update=scale_update, groups=tuple(h // a.shape[2] for a in (x, y, z, *extra_in)),
+                          pair=pair, config=config, interpret=interpret, tokens=tokens, dots=dots_with is not None,
+                          stage_w=stage_w),
         out_type=out_type,
         scratch_types=scratch,
         grid=(b, h, pieces),
@@ -650,18 +600,14 @@ def _launch(decay_inputs, x, y, z, states_in, piece_len, pieces, *, reverse, sca
         thread_name="wg",
         # Which walk, for profiles (every Mosaic kernel is otherwise "anonymous_mosaic_gpu_kernel").
         kernel_name="walk" + "".join(part for part, on in (("_tokens", tokens), ("_reverse", reverse),
-                                                          ("_dots", dots_with is not None), ("_pair", pair == 2),
-                                                          ("_shared_z", shared_z)) if on),
+                                                          ("_dots", dots_with is not None), ("_pair", pair == 2))
+                                     if on),
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     out = kernel(*decay_inputs, x, y, z, states_in.astype(_F32), *extra_in)
-    if dots_with is not None:  # each output head's dots: the warpgroups' shares summed, or paired its own
-        out, shares = out
-        out = out, (shares.reshape(b, h_out, t) if pair == 2 else jnp.sum(shares, axis=2))
     if pair == 2:
-        out = ((out[0].reshape(b, t, h_out, dz_out), out[1]) if dots_with is not None
-               else out.reshape(b, t, h_out, dz_out))
+        out = out.reshape(b, t, h_out, dz_out)
     # plgpu.kernel drops the manual mesh axes its inputs vary over (inside lasp_attention's shard_map); the
     # outputs vary over x's, as check_vma needs.
     return jax.tree.map(lambda a: kernel_support.vary_like(a, x), out)

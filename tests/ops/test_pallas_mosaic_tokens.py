@@ -159,8 +159,7 @@ def _assert_equal_up_to_rounding(got, want, share: float = 1e-3):
     """got and want, bf16 outputs of one walk launched in two ways, differ at most where the interpreter's float32
     sums (dots of other shapes: another summation order on some CPUs) round to a neighbouring bf16: each such
     element by one bf16 spacing, and at most `share` of them. Measured: bit-equal on one x86 CPU, 1 element of
-    65536 one spacing apart on another (an AMD EPYC, 2026-12-01). A pair's entering states or decays swapped put
-    7-22% or 96% of the elements further apart (the dQ and dK walks' oracle, Mamba-2's layout)."""
+    65536 one spacing apart on another (an AMD EPYC, 2026-12-01)."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     differ = got != want
     assert differ.mean() <= share, differ.mean()
@@ -170,11 +169,10 @@ def _assert_equal_up_to_rounding(got, want, share: float = 1e-3):
 
 def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
     """Mamba-2's layout (X, Y: 2 groups of Dx = 128, each read by 2 of Z's 4 heads of 64): the output and dV walks
-    take one CTA per pair of heads (pallas_mosaic._pairing "shared_xy"), each warpgroup with its own head's decay
-    (mixed rates: a zero-rate head beside a steep one in a pair) and the pair's group, and equal the oracle and the
-    walks with a CTA per head up to rounding (`_assert_equal_up_to_rounding`), and so do the constant-decay walks;
-    the dQ and dK walks (X per head: the other pairing, test_interpreted_shared_z_pairs_match_oracle_and_unpaired),
-    odd groups, odd H and MHA do not pair so."""
+    take one CTA per pair of heads (pallas_mosaic._pairs), each warpgroup with its own head's decay (mixed rates: a
+    zero-rate head beside a steep one in a pair) and the pair's group, and equal the oracle and the walks with a CTA
+    per head up to rounding (`_assert_equal_up_to_rounding`), and so do the constant-decay walks; the dQ and dK
+    walks (X per head, dots), odd groups, odd H and MHA stay unpaired."""
     b, t, h, dx, dz, piece_len = 1, 256, 4, 128, 64, 128
     q, k = (jnp.asarray(rng.standard_normal((b, t, 2, dx)) * f, jnp.bfloat16) for f in (1.0, dx ** -0.5))
     v, do = (jnp.asarray(rng.standard_normal((b, t, h, dz)), jnp.bfloat16) for _ in range(2))
@@ -183,7 +181,7 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
     unpaired = dataclasses.replace(pallas_mosaic.DEFAULT, pair_heads=False)
     roles = {"o": (q, k, v, s, False), "dv": (k, q, do, g, True)}
     for name, (x, y, z, states_in, reverse) in roles.items():
-        assert pallas_mosaic._pairing(x, y, z, h, None, pallas_mosaic.DEFAULT) == "shared_xy", name
+        assert pallas_mosaic._pairs(x, y, z, h, None, pallas_mosaic.DEFAULT), name
         walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
                                  scale=dx ** -0.5, interpret=True)
         got = walk()
@@ -195,71 +193,14 @@ def test_interpreted_paired_heads_match_oracle_and_unpaired(rng):
         const = functools.partial(pallas_mosaic.walk, x, y, z, rates, states_in, piece_len, reverse=reverse,
                                   scale=dx ** -0.5, interpret=True)
         _assert_equal_up_to_rounding(const(), const(config=unpaired))
-    assert pallas_mosaic._pairing(do, v, k, h, None, pallas_mosaic.DEFAULT) is None  # dQ: X per head, Dz 128
-    assert not pallas_mosaic._pairing(q, k, v, h, q, pallas_mosaic.DEFAULT)  # dots are per CTA head
-    assert not pallas_mosaic._pairing(q, k, v, h, None, unpaired)
+    assert not pallas_mosaic._pairs(do, v, k, h, None, pallas_mosaic.DEFAULT)  # dQ: X per head
+    assert not pallas_mosaic._pairs(q, k, v, h, q, pallas_mosaic.DEFAULT)  # dots are per CTA head
+    assert not pallas_mosaic._pairs(q, k, v, h, None, unpaired)
     heads = lambda n, d=dz: jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)  # noqa: E731
-    assert not pallas_mosaic._pairing(heads(2, dx), heads(2, dx), heads(6), 6, None, pallas_mosaic.DEFAULT)  # G = 3
-    assert not pallas_mosaic._pairing(heads(1, dx), heads(1, dx), heads(3), 3, None, pallas_mosaic.DEFAULT)  # odd H
-    assert not pallas_mosaic._pairing(heads(4, dx), heads(4, dx), heads(4), 4, None, pallas_mosaic.DEFAULT)  # MHA
-    assert not pallas_mosaic._pairing(q, k, heads(4, dx), h, None, pallas_mosaic.DEFAULT)  # Dz = 128
-
-
-SHARED_Z = dataclasses.replace(pallas_mosaic.DEFAULT, pair_shared_z=True)
-
-
-def _shared_z_inputs(rng, b, t, h, groups, dx, dz, piece_len):
-    """Mamba-2's layout for its dQ and dK walks: q (C), k (B) [B, T, G, Dz] and v, dO [B, T, H, Dx] bf16, float32
-    entering states S, G [B, H, P, Dz, Dx], the walks' roles {name: (x, y, z, states_in, reverse, w)}."""
-    q, k = (jnp.asarray(rng.standard_normal((b, t, groups, dz)) * f, jnp.bfloat16) for f in (1.0, dz ** -0.5))
-    v, do = (jnp.asarray(rng.standard_normal((b, t, h, dx)), jnp.bfloat16) for _ in range(2))
-    s, g = (jnp.asarray(rng.standard_normal((b, h, t // piece_len, dz, dx)) * 0.1, jnp.float32) for _ in range(2))
-    return {"dq": (do, v, k, _transposed(s), False, q), "dk": (v, do, q, _transposed(g), True, k)}
-
-
-@pytest.mark.parametrize(("groups", "dz", "names"), [(2, 128, ("dq", "dk")), (1, 64, ("dq",))],
-                         ids=["g2_dz128", "g1_dz64"])
-def test_interpreted_shared_z_pairs_match_oracle_and_unpaired(groups, dz, names, rng):
-    """Mamba-2's dQ and dK walks (X, Y: a head's dO and V of Dx = 64; Z and the dots' w: K or Q of `groups` heads
-    of Dz, each shared by 4 / groups output heads) under Config.pair_shared_z take one CTA per pair of heads, each
-    warpgroup walking its own head's whole state with its own decay (mixed rates: a zero-rate head beside a steep
-    one), the pair's Z head read by both; at Dz = 128 w's rows come into registers, at Dz = 64 through a ring (the
-    dQ walk alone there: the ring does not depend on the direction).
-    They equal the oracle, and the walks with a CTA per head up to rounding: outputs `_assert_equal_up_to_rounding`
-    (measured: identical, or 1-2 elements one bf16 spacing apart), the rows' dots 1.1e-7 at most (float32
-    summation order: one warpgroup's sum, not two shares'). In the oracle (one group, Dz = 128), swapping a pair's
-    entering states moves the outputs 0.10 (dQ) and 0.19 (dK) relative, swapping their decays 1.27. The
-    constant-decay walks pair alike (dQ's roles). Not paired so: Dx = 128, X of fewer heads than H, Z of a head per
-    output head, odd H, the option off."""
-    b, t, h, dx, piece_len = 1, 256, 4, 64, 128
-    roles = _shared_z_inputs(rng, b, t, h, groups, dx, dz, piece_len)
-    tables = _tables(_rates(rng, "mixed", b, t, h), _documents(b, t, (37, 64, 100, 128, 150)), piece_len)
-    assert pallas_mosaic._ring(SHARED_Z, piece_len, dx=dx, dz=dz, dtype=jnp.bfloat16, tokens=True, pair=2,
-                               dots=True, shared_z=True)[:2] == (2, dz == 64)
-    for name in names:
-        x, y, z, states_in, reverse, w = roles[name]
-        assert pallas_mosaic._pairing(x, y, z, h, w, SHARED_Z) == "shared_z", name
-        walk = functools.partial(pallas_mosaic.token_walk, x, y, z, tables, states_in, piece_len, reverse=reverse,
-                                 scale=dz ** -0.5, dots_with=w, interpret=True)
-        (got, dots), (alone, alone_dots) = walk(config=SHARED_Z), walk()
-        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, dz ** -0.5)
-        assert got.shape == (b, t, h, dz) and dots.shape == (b, h, t), name
-        assert rel_err(got, want) < INTERPRET_TOL, name
-        w_heads = np.repeat(np.asarray(w, np.float64), h // groups, axis=2)
-        assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w_heads)) < INTERPRET_TOL, name
-        _assert_equal_up_to_rounding(got, alone)
-        assert rel_err(dots, alone_dots) < 1e-6, name
-    x, y, z, states_in, _, w = roles["dq"]
-    rates = jnp.asarray([0.0, 0.5, 0.01, 0.2], jnp.float32)
-    const = functools.partial(pallas_mosaic.walk, x, y, z, rates, states_in, piece_len, reverse=False,
-                              scale=dz ** -0.5, interpret=True)
-    _assert_equal_up_to_rounding(const(config=SHARED_Z), const())
-    heads = lambda n, d: jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16)  # noqa: E731
-    assert pallas_mosaic._pairing(x, y, z, h, w, pallas_mosaic.DEFAULT) is None  # the option is off by default
-    assert pallas_mosaic._pairing(heads(h, 128), heads(h, 128), z, h, w, SHARED_Z) is None  # Dx = 128
-    assert pallas_mosaic._pairing(heads(2, dx), y, z, h, w, SHARED_Z) is None  # X of fewer heads
-    assert pallas_mosaic._pairing(x, y, heads(h, dz), h, None, SHARED_Z) is None  # Z per output head
-    assert pallas_mosaic._pairing(heads(3, dx), heads(3, dx), z, 3, w, SHARED_Z) is None  # odd H
+    assert not pallas_mosaic._pairs(heads(2, dx), heads(2, dx), heads(6), 6, None, pallas_mosaic.DEFAULT)  # G = 3
+    assert not pallas_mosaic._pairs(heads(1, dx), heads(1, dx), heads(3), 3, None, pallas_mosaic.DEFAULT)  # odd H
+    assert not pallas_mosaic._pairs(heads(4, dx), heads(4, dx), heads(4), 4, None, pallas_mosaic.DEFAULT)  # MHA
+    assert not pallas_mosaic._pairs(q, k, heads(4, dx), h, None, pallas_mosaic.DEFAULT)  # Dz = 128
 
 
 def test_interpreted_impl_matches_float64_oracle(rng):
@@ -355,28 +296,6 @@ def test_lowers_for_cuda_at_the_benchmark_shape(reverse, d, dz, hx):
         assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize(("dz", "ring"), [(128, (2, False)), (64, (3, True))], ids=["dz128", "dz64"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_shared_z_lowers_for_cuda_at_the_mamba2_shape(reverse, dz, ring):
-    """Config.pair_shared_z at a Mamba-2 1.3B layer's dQ and dK walks (T = 64K, 64 heads of Dx = 64, one group
-    of Dz, 4 pieces), with and without the rows' dots: Mosaic GPU's lowering for CUDA runs on CPU (layouts, and
-    shared memory under a Hopper CTA's 227 KB). Each warpgroup's state operands hold Dz columns: at Dz = 128 (the
-    1.3B's) that leaves 2 stages and w's rows in registers, at Dz = 64 3 stages and a ring for w."""
-    b, t, h, pieces_ = 1, 65536, 64, 4
-    assert pallas_mosaic._ring(SHARED_Z, t // pieces_, dx=64, dz=dz, dtype=jnp.bfloat16, tokens=True, pair=2,
-                               dots=True, shared_z=True)[:2] == ring
-    _, _, tables, states_in = _abstract(b, t, h, pieces_, 64, dz, 1)
-    x = jax.ShapeDtypeStruct((b, t, h, 64), jnp.bfloat16)
-    z = jax.ShapeDtypeStruct((b, t, 1, dz), jnp.bfloat16)
-    walk = functools.partial(pallas_mosaic.token_walk, piece_len=t // pieces_, reverse=reverse, scale=dz ** -0.5,
-                             config=SHARED_Z)
-    assert pallas_mosaic._pairing(x, x, z, h, z, SHARED_Z) == "shared_z"
-    for dots_with in (None, z):
-        fn = jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))
-        text = fn.trace(x, x, z, tables, states_in, dots_with).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
-
-
 @pytest.mark.parametrize(("dx", "dz", "dots", "want"), [(64, 128, True, (3, True)), (64, 64, True, (3, True)),
                                                     (128, 128, True, (2, False)), (128, 128, False, (3, False))],
                          ids=["mamba2_dots", "d64_dots", "d128_dots", "d128"])
@@ -444,32 +363,6 @@ def test_gpu_token_walks_match_oracle(case, rng):
             assert rel_err(dots, np.einsum("bthd,bthd->bht", want, w)) < GPU_TOL, (name, "dots")
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
         assert rel_err(got, want) < GPU_TOL, (name, rel_err(got, want))
-
-
-@pytest.mark.gpu
-def test_gpu_shared_z_walks_match_oracle(rng):
-    """Config.pair_shared_z compiled: Mamba-2's dQ and dK walks (T = 4096, 4 heads of Dx = 64, one group of Dz =
-    128, pieces of 512; the GPU rates and documents) against the oracle at GPU_TOL, outputs and the rows' dots; the
-    differences from the unpaired walks are printed (pytest -rA)."""
-    b, t, h, piece_len = 1, 4096, 4, 512
-    roles = _shared_z_inputs(rng, b, t, h, 1, 64, 128, piece_len)
-    x, y, z = roles["dq"][:3]
-    if (reason := pallas_mosaic.supported(x, z, y)) is not None:
-        pytest.skip(reason)
-    tables = _tables(*_gpu_rates_and_documents(rng, b, t, h), piece_len)
-    for name, (x, y, z, states_in, reverse, w) in roles.items():
-        def run(config, x=x, y=y, z=z, states_in=states_in, reverse=reverse, w=w):
-            walk = functools.partial(pallas_mosaic.token_walk, piece_len=piece_len, reverse=reverse,
-                                     scale=128 ** -0.5, config=config)
-            return jax.jit(lambda x, y, z, tables, states_in, w: walk(x, y, z, tables, states_in, dots_with=w))(
-                x, y, z, tables, states_in, w)
-
-        (got, dots), (alone, alone_dots) = run(SHARED_Z), run(pallas_mosaic.DEFAULT)
-        want = _oracle(x, y, z, tables, states_in, piece_len, reverse, 128 ** -0.5)
-        dots_err = rel_err(dots, np.einsum("bthd,bthd->bht", want, np.asarray(w, np.float64)))
-        print(name, "oracle", rel_err(got, want), dots_err, "unpaired", rel_err(got, alone), rel_err(dots, alone_dots))
-        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        assert rel_err(got, want) < GPU_TOL and dots_err < GPU_TOL, name
 
 
 @pytest.mark.gpu
