@@ -68,8 +68,8 @@ owning head 2i + w whole, with its own decay. At a Mamba-2 1.3B SSD layer on an 
 group, 16 documents) forward 1.888 ms against 2.251 with a CTA per head, forward+backward 8.348 against 8.954
 (benchmarks/results/walks_gpu_h200_s12.md); interpreted, the outputs are the same bits or, on some CPUs, one bf16
 rounding apart in a few elements (the interpreter's dots of other shapes sum in another order). The dQ and dK walks
-(X per head) stay a CTA per head: pairing them needs a whole [64, Dz] state, output and w per warpgroup, which
-spills registers (KERNEL_NOTES.md, sessions 15 and 21).
+(X per head) stay a CTA per head: both ways of pairing them tried lost on an H200 (KERNEL_NOTES.md, sessions 15 and
+21; with Z shared, a warpgroup's whole [64, Dz] state, output and w spill registers).
 
 Scope: bf16, head dims Dk and Dv of 64 or 128, equal or not (a walk's X and Y share one head dim, Z and the output
 the other: the state is [Dx, Dz], split by Z's columns; Mamba-2's Dk 128, Dv 64), every head layout of
