@@ -1,10 +1,11 @@
-"""Shared by the training tests: the tiny run config, its command line (train.cli.flags, as `cli_args`), and a
-`python -m train` subprocess that a test can act on at a chosen step."""
+"""Shared by the training tests: the tiny run config, its command line (train.cli.flags, as `cli_args`), a
+`python -m train` subprocess that a test can act on at a chosen step, and a run as two processes."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,28 @@ def run_train(cfg: TrainConfig, timeout: float = 300) -> subprocess.CompletedPro
     args = cli_args(dataclasses.replace(cfg, cpu_devices=8, platform="cpu"))
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def two_processes(cfg: TrainConfig, logs: Path, timeout: float) -> list[str]:
+    """`python -m train` on cfg as 2 processes (jax.distributed over a local coordinator; output in
+    logs/process_{0,1}.log); both must exit 0 within `timeout` seconds (a hang is killed). Their outputs."""
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    paths = [logs / f"process_{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "train", *cli_args(cfg), "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=env(), stdout=path.open("w"), stderr=subprocess.STDOUT)
+             for i, path in enumerate(paths)]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    outs = [path.read_text() for path in paths]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    return outs

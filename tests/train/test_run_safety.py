@@ -7,7 +7,6 @@ import dataclasses
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.helpers import (ROOT, cli_args, env, losses, read_until_ready, run_train, saved_steps,
-                                 start_hooked, tiny)
+from tests.train.helpers import (ROOT, env, losses, read_until_ready, run_train, saved_steps,
+                                 start_hooked, tiny, two_processes)
 from train import loop
 from train.checkpoint import Checkpointer
 
@@ -199,29 +198,9 @@ def test_a_second_sigterm_still_lets_the_save_finish(tmp_path):
 
 
 def _two_processes(cfg, logs) -> list[str]:
-    """Runs cfg as 2 processes x 1 CPU device on a data=2 mesh (output in logs/process_{0,1}.log; each process
-    reads and checkpoints its own rows); both must exit 0 within 150 s (a hang is killed). Their outputs."""
-    cfg = dataclasses.replace(cfg, mesh="data=2,seq=1", cpu_devices=1, platform="cpu")
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    paths = [logs / f"process_{i}.log" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "train", *cli_args(cfg), "--coordinator", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              cwd=ROOT, env=env(), stdout=path.open("w"), stderr=subprocess.STDOUT)
-             for i, path in enumerate(paths)]
-    try:
-        for p in procs:
-            p.wait(timeout=150)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    outs = [path.read_text() for path in paths]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
-    return outs
+    """cfg as 2 processes x 1 CPU device on a data=2 mesh (each process reads and checkpoints its own rows), within
+    150 s (`helpers.two_processes`)."""
+    return two_processes(dataclasses.replace(cfg, mesh="data=2,seq=1", cpu_devices=1, platform="cpu"), logs, 150)
 
 
 def test_a_checkpoint_one_host_cannot_read_is_skipped_by_both(tmp_path):

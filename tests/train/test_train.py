@@ -7,9 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +14,8 @@ from flax import nnx
 
 import models
 
-from tests.train.helpers import (ROOT, STEPS, cli_args, env, losses, read_until_ready, run_train, saved_steps,
-                                 start_hooked, tiny)
+from tests.train.helpers import (STEPS, losses, read_until_ready, run_train, saved_steps,
+                                 start_hooked, tiny, two_processes)
 from train import loop
 from train.tokenizer import ByteTokenizer
 
@@ -88,15 +85,7 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(reference, tmp_path
 def test_two_processes_match_one(reference, tmp_path):
     """2 processes x 4 CPU devices (gloo collectives) train like one process with 8."""
     cfg = dataclasses.replace(tiny(tmp_path / "run"), cpu_devices=4, platform="cpu")
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "train", *cli_args(cfg), "--coordinator",
-                               f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    outs = two_processes(cfg, tmp_path, 300)
     assert "on 8 cpu devices" in outs[0]
     got = losses(tmp_path / "run")
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
