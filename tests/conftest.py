@@ -1,5 +1,5 @@
-"""Every test process sees 8 forced CPU devices, set before JAX touches a backend, and one JAX compilation cache
-per test run."""
+"""Every test process sees 8 forced CPU devices, set before JAX touches a backend, one JAX compilation cache per
+test run and, on CPU, XLA's backend optimization off."""
 
 import atexit
 import os
