@@ -75,12 +75,14 @@ def conv_inputs(rng, dtype, b: int, t: int, c: int, w: int):
 
 def conv_values_and_grads(conv, xe, weight, bias, g, compiler_options=_FAST):
     """y and (dxe, dweight, dbias) of <g, y> (the cotangent of y: g in y's dtype) of conv(xe, weight, bias),
-    jitted (by default at XLA's lowest optimization level: the interpreted kernels compile faster)."""
-    def loss(xe, weight, bias):
+    jitted (by default at XLA's lowest optimization level: the interpreted kernels compile faster). g is an
+    argument, not a captured constant: captured, it is embedded in the executable (570 MB at Mamba-2's shape), and
+    the Triton convolution's GPU test spent over 120 of its 173 s compressing that for the compilation cache."""
+    def loss(xe, weight, bias, g):
         y = conv(xe, weight, bias)
         return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-                            compiler_options=compiler_options)(xe, weight, bias)
+                            compiler_options=compiler_options)(xe, weight, bias, g)
     return y, grads
 
 
