@@ -64,7 +64,8 @@ def test_sigkill_and_resume_gives_the_same_losses(reference, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_saves_the_current_step_and_resume_is_exact(reference, tmp_path, sig):
     """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) after step 13: the run saves step 13 (not a
-    multiple of ckpt_every) and exits with 128 + the signal's number; a rerun continues exactly."""
+    multiple of ckpt_every) and exits with 128 + the signal's number; a rerun continues exactly (from SIGTERM's
+    save: the loop handles both signals alike, so SIGINT's rerun, ~15 s, would check nothing more)."""
     run_dir = tmp_path / "run"
     cfg = tiny(run_dir)
     proc = start_hooked(cfg, at=13, action="await_signal")
@@ -74,6 +75,8 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(reference, tmp_path
     assert proc.returncode == 128 + sig, "".join(out)
     assert f"stopped by {sig.name} after step 13: checkpoint step 13 saved" in "".join(out)
     assert saved_steps(run_dir) == [10, 13] and max(losses(run_dir)) == 13
+    if sig != signal.SIGTERM:
+        return
 
     done = run_train(cfg)
     assert done.returncode == 0, done.stdout + done.stderr
