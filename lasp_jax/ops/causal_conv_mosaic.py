@@ -80,10 +80,10 @@ class Config:
 
     block_c: channels per CTA, 128 or 256: 128 threads times 1 or 2 adjacent channels (a TMA box spans at most
     256 elements; bf16 256: 512-byte rows, a 4-byte load per thread and row; Mamba-2 1.3B's C = 4352 = 17 *
-    256). block_t: rows per TMA tile, a multiple
-    of 4 up to 256 (a TMA box; the keep bits' box is a multiple of 16 bytes). fwd_run, bwd_run: rows per CTA
-    (multiples of block_t, clipped to L): at Mamba-2 1.3B's shape (L = 64K) 1024 gives 17 * 64 = 1088 CTAs,
-    about 4 waves of 2 CTAs per SM over an H200's 132, and backward partials of 64 x 5 x 4352 float32 (5.6 MB).
+    256). block_t: rows per TMA tile, a multiple of 4 up to 256 (a TMA box; the keep bits' box is a multiple of
+    16 bytes, in ring slots of 128 bytes: `_bits_scratch`). fwd_run, bwd_run: rows per CTA (multiples of block_t,
+    clipped to L): at Mamba-2 1.3B's shape (L = 64K) 1024 gives 17 * 64 = 1088 CTAs, about 4 waves of 2 CTAs per
+    SM over an H200's 132, and backward partials of 64 x 5 x 4352 float32 (5.6 MB).
     fwd_stages, bwd_stages: TMA ring depth. Shared memory per CTA (bf16, defaults), sized for 2 CTAs per SM
     (each has one computing warpgroup): forward 4 x 32 rows of xe (64 KB) + 2 output tiles (32 KB); backward
     2 x 32 rows of xe and of dy (64 KB) + 2 dxe tiles (32 KB) + the partials (5 KB). On an H200 the defaults beat five
@@ -299,7 +299,8 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int)
             plgpu.copy_gmem_to_smem(xe_ref.at[b, pl.ds(start + w - 1 - off, bt), cols], x_smem.at[slot],
                                     loaded.at[slot])
             if docs:
-                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot, pl.ds(0, bt)],
+                                        loaded.at[slot])
 
         _stream(tiles, stages, issue, consumed)
 
@@ -421,7 +422,8 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
                                     loaded.at[slot])
             plgpu.copy_gmem_to_smem(dy_ref.at[b, pl.ds(start, bt), cols], dy_smem.at[slot], loaded.at[slot])
             if docs:
-                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(bits_ref.at[b, pl.ds(start, bt)], bits_smem.at[slot, pl.ds(0, bt)],
+                                        loaded.at[slot])
 
         _stream(tiles, stages, issue, consumed)
 
@@ -463,8 +465,14 @@ def _interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
     return plgpu.InterpretGPUParams() if interpret else None
 
 
+# Keep bits per ring slot, rounded up so that every slot starts 128 bytes from the last: a TMA copy into a slot at
+# another offset failed with a misaligned address on an H200 (block_t = 16: 64-byte slots; the interpreter does
+# not check alignment). TMA fills the slot's first block_t.
+_BITS_SLOT = 128 // 4
+
+
 def _bits_scratch(docs: bool, stages: int, bt: int):
-    return plgpu.SMEM((stages, bt) if docs else (1, 1), jnp.int32)
+    return plgpu.SMEM((stages, -(-bt // _BITS_SLOT) * _BITS_SLOT) if docs else (1, 1), jnp.int32)
 
 
 def _forward(xe, weight, bias, bits, launch: _Launch):

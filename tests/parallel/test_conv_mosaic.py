@@ -266,23 +266,26 @@ GPU_TOL = {"y": 2e-5, "dxe": 5e-5, "dweight": 6e-7, "dbias": 6e-7}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", [causal_conv_mosaic.DEFAULT, causal_conv_mosaic.Config(block_t=8)],
+                         ids=["default", "tiles8"])
 @pytest.mark.parametrize("halo", [True, False], ids=["xe", "zero-halo"])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_gpu_matches_xla(activation, halo):
-    """Compiled kernels (default Config) against xla_convolve: B=2, L=8192, C=1024, W=4, bf16 xe, float32
-    weight and bias, 8 documents per row; through `convolve` (xe with its own halo rows) and through
-    `convolve_zero_halo` (x, zeros before it: xla_convolve on the padded x)."""
+def test_gpu_matches_xla(activation, halo, config):
+    """Compiled kernels against xla_convolve: B=2, L=8192, C=1024, W=4, bf16 xe, float32 weight and bias, 8
+    documents per row; through `convolve` (xe with its own halo rows) and through `convolve_zero_halo` (x, zeros
+    before it: xla_convolve on the padded x); the default Config, and tiles of 8 rows, whose keep bits (32
+    bytes a tile) sit in ring slots of 128 bytes (unpadded, block_t = 16 failed with a misaligned address)."""
     b, t, c, w = GPU_SHAPE
     rng = np.random.default_rng(0)
     xe, weight, bias, g = _inputs(rng, jnp.bfloat16, b=b, t=t, c=c, w=w)
     starts = [np.sort(rng.choice(np.arange(1, w - 1 + t), 7, replace=False)) for _ in range(b)]
     ide = jnp.asarray(document_ids(starts, w - 1 + t))
     if halo:
-        kernels, reference, inputs = _kernels(ide, activation, causal_conv_mosaic.DEFAULT, interpret=False), \
-            _xla(ide, activation), xe
+        kernels, reference, inputs = _kernels(ide, activation, config, interpret=False), _xla(ide, activation), xe
     else:
         ids = ide[:, w - 1:]
-        kernels = lambda x, w_, b_: causal_conv_mosaic.convolve_zero_halo(x, w_, b_, ids, activation=activation)
+        kernels = lambda x, w_, b_: causal_conv_mosaic.convolve_zero_halo(x, w_, b_, ids, activation=activation,
+                                                                          config=config)
         reference = lambda x, w_, b_: xla_convolve(jnp.pad(x, ((0, 0), (w - 1, 0), (0, 0))), w_, b_,
                                                    jnp.pad(ids, ((0, 0), (w - 1, 0)), mode="edge"), activation)
         inputs = xe[:, w - 1:]
