@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,14 @@ def _stream(tiles: int, stages: int, issue, consumed):
         plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
+def _unrolled_rows(block_t: int) -> int:
+    """Rows a tile's loop step unrolls: 8 (or 4, the tile a multiple of 4 only). Mosaic GPU's layout inference
+    grows faster than the ops it types: with the default's 32 rows unrolled whole, lowering the forward and
+    backward took 12.7 s of an H200 host's time, 8 rows a step 2.2 s, at the same kernel time (1.315 against
+    1.313 ms forward+backward at Mamba-2 1.3B's shape; benchmarks/results/conv_gpu_h200_s25.md)."""
+    return math.gcd(block_t, 8)
+
+
 def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int):
     """One CTA: (channel block, batch row, run of `run` outputs); warpgroup 0 computes, 1 loads. off: xe row p
     is the input's row p - off (0: the input is xe; W-1: the piece alone, zeros before it)."""
@@ -263,6 +272,7 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int)
     bits_ref = rest.pop(0) if docs else None
     y_ref, x_smem, bits_smem, y_smem, loaded, consumed = rest
     bt, stages = config.block_t, config.fwd_stages
+    unroll = _unrolled_rows(bt)
     w = w_ref.shape[0]
     b, r, cols, t0, tiles, layout = _place(config, run)
 
@@ -278,11 +288,17 @@ def _forward_kernel(*refs, activation, docs, config: Config, run: int, off: int)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left y_smem[out]
             plgpu.barrier_wait(loaded.at[slot])
             plgpu.commit_smem()  # a warpgroup barrier: no thread writes y_smem[out] before that wait
-            for j in range(bt):
-                xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
-                bits = bits_smem[slot, j] if docs else None
-                y_smem[out, j] = _activate(_pre_activation(xs, weights, bias, bits), activation).astype(y_smem.dtype)
-                window = xs[1:]
+
+            def rows(k, window):  # the tile's rows k * unroll ..., unrolled
+                for j in (k * unroll + u for u in range(unroll)):
+                    xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
+                    bits = bits_smem[slot, j] if docs else None
+                    y = _activate(_pre_activation(xs, weights, bias, bits), activation)
+                    y_smem[out, j] = y.astype(y_smem.dtype)
+                    window = xs[1:]
+                return window
+
+            window = lax.fori_loop(0, bt // unroll, rows, window)
             plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
             plgpu.copy_smem_to_gmem(y_smem.at[out], y_ref.at[b, pl.ds(t0 + n * bt, bt), cols])
@@ -314,6 +330,7 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
     bits_ref = rest.pop(0) if docs else None
     dy_ref, dxe_ref, part_ref, x_smem, dy_smem, bits_smem, dx_smem, part_smem, loaded, consumed = rest
     bt, stages = config.block_t, config.bwd_stages
+    unroll = _unrolled_rows(bt)
     w = w_ref.shape[0]
     length = dy_ref.shape[1]
     b, r, cols, t0, tiles, layout = _place(config, run)
@@ -361,20 +378,26 @@ def _backward_kernel(*refs, activation, docs, config: Config, run: int, runs: in
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile before last has left dx_smem[out]
             plgpu.barrier_wait(loaded.at[slot])
             plgpu.commit_smem()  # a warpgroup barrier: no thread writes dx_smem[out] before that wait
-            tile_dw = tile_db = None  # the tile's own sums, then added to the run's (two shorter float32 chains)
-            for j in range(bt):
-                xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
-                bits = bits_smem[slot, j] if docs else None
-                ds = ds_of(load(dy_smem.at[slot, j]), xs, bits)
-                terms = [ds * xs[i] for i in range(w)]
-                if docs:
-                    terms = [terms[i] if i == w - 1 else _select(_kept(bits, i), terms[i]) for i in range(w)]
-                tile_dw = terms if tile_dw is None else [acc + term for acc, term in zip(tile_dw, terms)]
-                tile_db = ds if tile_db is None else tile_db + ds
-                ds_win, bits_win = (ds,) + ds_prev, ((bits,) + bits_prev) if docs else ()  # [i]: step t - i
-                dx_smem[out, j] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
-                ds_prev, bits_prev = ds_win[:w - 1], bits_win[:w - 1]
-                window = xs[1:]
+
+            def rows(k, carry):  # the tile's rows k * unroll ..., unrolled
+                window, ds_prev, bits_prev, tile_dw, tile_db = carry
+                for j in (k * unroll + u for u in range(unroll)):
+                    xs = window + (load(x_smem.at[slot, j]),)  # xs[i]: xe row t + i
+                    bits = bits_smem[slot, j] if docs else None
+                    ds = ds_of(load(dy_smem.at[slot, j]), xs, bits)
+                    terms = [ds * xs[i] for i in range(w)]
+                    if docs:
+                        terms = [terms[i] if i == w - 1 else _select(_kept(bits, i), terms[i]) for i in range(w)]
+                    tile_dw, tile_db = tuple(acc + term for acc, term in zip(tile_dw, terms)), tile_db + ds
+                    ds_win, bits_win = (ds,) + ds_prev, ((bits,) + bits_prev) if docs else ()  # [i]: step t - i
+                    dx_smem[out, j] = dxe_row(ds_win, bits_win).astype(dx_smem.dtype)
+                    ds_prev, bits_prev = ds_win[:w - 1], bits_win[:w - 1]
+                    window = xs[1:]
+                return window, ds_prev, bits_prev, tile_dw, tile_db
+
+            # The tile's own sums from zero, then added to the run's (two shorter float32 chains).
+            window, ds_prev, bits_prev, tile_dw, tile_db = lax.fori_loop(
+                0, bt // unroll, rows, (window, ds_prev, bits_prev, (zero,) * w, zero))
             plgpu.commit_smem()  # the rows visible to TMA, and every thread done reading the slot
             plgpu.barrier_arrive(consumed.at[slot])
             if off:  # the first tile's first W-1 rows are the zeros' gradients: not written

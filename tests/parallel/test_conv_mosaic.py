@@ -66,14 +66,21 @@ def _errors(got, ref):
                                                         (y_ref, *grads_ref))}
 
 
-@pytest.mark.parametrize(("dtype", "docs", "activation"), [
-    (jnp.float32, True, None), (jnp.float32, False, "silu"), (jnp.float32, True, "silu"),
-    (jnp.bfloat16, True, None), (jnp.bfloat16, False, None), (jnp.float16, True, "silu")],
-    ids=["f32-documents", "f32-silu", "f32-documents-silu", "bf16-documents", "bf16", "f16-documents-silu"])
-def test_kernels_match_xla(dtype, docs, activation, rng):
+# One run of 3 tiles of 16 rows: each tile's loop takes 2 steps of 8 unrolled rows (`_unrolled_rows`), the
+# window, ds and keep bits carried between them.
+TILES16 = causal_conv_mosaic.Config(block_c=128, block_t=16, fwd_run=48, bwd_run=48, fwd_stages=2, bwd_stages=2)
+
+
+@pytest.mark.parametrize(("dtype", "docs", "activation", "config"), [
+    (jnp.float32, True, None, SMALL), (jnp.float32, False, "silu", SMALL), (jnp.float32, True, "silu", SMALL),
+    (jnp.bfloat16, True, None, SMALL), (jnp.bfloat16, False, None, SMALL), (jnp.float16, True, "silu", SMALL),
+    (jnp.float32, True, "silu", TILES16)],
+    ids=["f32-documents", "f32-silu", "f32-documents-silu", "bf16-documents", "bf16", "f16-documents-silu",
+         "f32-documents-silu-tiles16"])
+def test_kernels_match_xla(dtype, docs, activation, config, rng):
     xe, weight, bias, g = _inputs(rng, dtype)
     ide = _ids() if docs else None
-    got = conv_values_and_grads(_kernels(ide, activation), xe, weight, bias, g)
+    got = conv_values_and_grads(_kernels(ide, activation, config), xe, weight, bias, g)
     errors = _errors(got, conv_values_and_grads(_xla(ide, activation), xe, weight, bias, g))
     y, grads = got
     assert y.dtype == dtype and y.shape == g.shape and grads[0].shape == xe.shape
