@@ -219,8 +219,7 @@ def test_lowers_for_cuda_at_the_mamba2_shape():
     documents (B=1, L=65536, C=4352, W=4, bf16 x, float32 weight and bias, activation None), as
     convolve_zero_halo (the entry the model takes, on one device and on each rank; `convolve`'s kernels differ by
     row offsets only, and its compiled form runs in the GPU test): Mosaic GPU's lowering (layout inference,
-    shared memory under a Hopper CTA's 227 KB) runs on CPU; the forward and the backward, two kernels. (Each
-    kernel's layout inference takes ~20 s of the suite.)"""
+    shared memory under a Hopper CTA's 227 KB) runs on CPU; the forward and the backward, two kernels."""
     b, t, c, w = 1, 65536, 4352, 4
     x = jax.ShapeDtypeStruct((b, t, c), jnp.bfloat16)
     params = jax.ShapeDtypeStruct((w, c), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32)
@@ -234,16 +233,12 @@ def test_lowers_for_cuda_at_the_mamba2_shape():
     assert text.count("custom_call @mosaic_gpu") == 2
 
 
-def test_lowers_in_a_shard_map_with_check_vma(monkeypatch):
+def test_lowers_in_a_shard_map_with_check_vma():
     """Without a GPU: sharded_causal_conv1d's per-rank body (causal_conv._local: the piece by the kernels, its
     first W-1 outputs again over the received halo) with the compiled kernels inside a shard_map over a 2 x 4
     (data x seq) mesh of abstract H200s, check_vma on: weight and bias cast to vary as x does, the kernels'
     outputs typed to vary over x's axes (kernel_support), so the gradients of the replicated weight and bias come
-    back as sums; the halo's two collective-permutes. The kernels take tiles of 8 rows: Mosaic GPU's layout
-    inference over the default's 32 unrolled rows costs ~20 s a kernel on CPU, and the default Config's lowering
-    is test_lowers_for_cuda_at_the_mamba2_shape's."""
-    monkeypatch.setattr(causal_conv_mosaic, "convolve_zero_halo", functools.partial(
-        causal_conv_mosaic.convolve_zero_halo, config=causal_conv_mosaic.Config(block_t=8)))
+    back as sums; the halo's two collective-permutes."""
     mesh = jax.sharding.AbstractMesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2,
                                      abstract_device=H200)
     spec = P("data", "seq")
