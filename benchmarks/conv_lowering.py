@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from lasp_jax.ops import causal_conv_mosaic
 
 
-def lowering_seconds(config: causal_conv_mosaic.Config, length: int, channels: int, width: int) -> tuple[float, float]:
-    """(forward, forward and backward) seconds to lower for CUDA at B=1, bf16 x, float32 weight and bias."""
+def lowered(config: causal_conv_mosaic.Config, length: int, channels: int, width: int, backward: bool):
+    """jax.stages.Lowered of convolve_zero_halo for CUDA at B=1 with documents, bf16 x, float32 weight and bias:
+    the forward alone, or (backward) y and the gradients of x, weight and bias for a given dy."""
     x = jax.ShapeDtypeStruct((1, length, channels), jnp.bfloat16)
     weight, bias = jax.ShapeDtypeStruct((width, channels), jnp.float32), jax.ShapeDtypeStruct((channels,), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -32,10 +33,16 @@ def lowering_seconds(config: causal_conv_mosaic.Config, length: int, channels: i
         y, vjp = jax.vjp(lambda *a: conv(*a, ids), x, w, b)
         return y, vjp(g)
 
+    fn, args = (step, (x, weight, bias, ids, x)) if backward else (conv, (x, weight, bias, ids))
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def lowering_seconds(config: causal_conv_mosaic.Config, length: int, channels: int, width: int) -> tuple[float, float]:
+    """(forward, forward and backward) seconds to lower for CUDA (`lowered`)."""
     times = []
-    for fn, args in ((conv, (x, weight, bias, ids)), (step, (x, weight, bias, ids, x))):
+    for backward in (False, True):
         start = time.perf_counter()
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        lowered(config, length, channels, width, backward)
         times.append(time.perf_counter() - start)
     return times[0], times[1]
 

@@ -495,7 +495,7 @@ _BITS_SLOT = 128 // 4
 
 
 def _bits_scratch(docs: bool, stages: int, bt: int):
-    return plgpu.SMEM((stages, -(-bt // _BITS_SLOT) * _BITS_SLOT) if docs else (1, 1), jnp.int32)
+    return plgpu.SMEM((stages, pl.cdiv(bt, _BITS_SLOT) * _BITS_SLOT) if docs else (1, 1), jnp.int32)
 
 
 def _forward(xe, weight, bias, bits, launch: _Launch):

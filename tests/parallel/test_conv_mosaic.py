@@ -18,6 +18,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the ra
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from benchmarks import conv_lowering
 from lasp_jax.ops import causal_conv_mosaic
 from lasp_jax.ops.causal_conv_kernel import xla_convolve
 from lasp_jax.parallel import causal_conv
@@ -218,18 +219,10 @@ def test_lowers_for_cuda_at_the_mamba2_shape():
     """The compiled kernels (default Config) lower for CUDA without a GPU at Mamba-2 1.3B's convolution with
     documents (B=1, L=65536, C=4352, W=4, bf16 x, float32 weight and bias, activation None), as
     convolve_zero_halo (the entry the model takes, on one device and on each rank; `convolve`'s kernels differ by
-    row offsets only, and its compiled form runs in the GPU test): Mosaic GPU's lowering (layout inference,
-    shared memory under a Hopper CTA's 227 KB) runs on CPU; the forward and the backward, two kernels."""
-    b, t, c, w = 1, 65536, 4352, 4
-    x = jax.ShapeDtypeStruct((b, t, c), jnp.bfloat16)
-    params = jax.ShapeDtypeStruct((w, c), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32)
-    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
-
-    def step(x, weight, bias, ids, g):
-        y, vjp = jax.vjp(lambda *a: causal_conv_mosaic.convolve_zero_halo(*a, ids), x, weight, bias)
-        return y, vjp(g)
-
-    text = jax.jit(step).trace(x, *params, ids, x).lower(lowering_platforms=("cuda",)).as_text()
+    row offsets only, and its compiled form runs in the GPU test), lowered as benchmarks/conv_lowering.py times
+    it: Mosaic GPU's lowering (layout inference, shared memory under a Hopper CTA's 227 KB) runs on CPU; the
+    forward and the backward, two kernels."""
+    text = conv_lowering.lowered(causal_conv_mosaic.DEFAULT, 65536, 4352, 4, backward=True).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
 
 
