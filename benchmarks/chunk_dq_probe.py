@@ -1,7 +1,7 @@
 """Probe: Mamba-2's dQ and dK without a chunk chain (KERNEL_NOTES.md, sessions 26-27), timed beside the walks.
 
     python3 -m benchmarks.chunk_dq_probe [--t 65536] [--heads 64] [--dk 128] [--dv 64] [--docs 16]
-        [--configs 8:3,4:3] [--walks 4:2] [--pieces 4] [--iters 10] [--reps 3] [--out DIR] [--interpret]
+        [--configs 8:3,4:3] [--walks 4:3] [--pieces 16] [--iters 10] [--reps 3] [--out DIR] [--interpret]
 
 Why: in the Mamba-2 1.3B step the dQ and dK walks (one head per CTA, a serial chain of chunk steps each) take
 89 ms each and their per-head shares' sums 27 ms more (TRAIN_GPU_NOTES.md, session 19). Under GVA (H output
@@ -258,9 +258,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dv", type=int, default=64)
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--pieces", type=int, default=4, help="pieces of the states walk (a program per head each)")
+    parser.add_argument("--pieces", type=int, default=16, help="pieces of the states walk (a program per head each)")
     parser.add_argument("--configs", default="8:3,4:3", help="num_warps:num_stages of the dq and dk kernels, ...")
-    parser.add_argument("--walks", default="4:2", help="num_warps:num_stages of the states walk, ...")
+    parser.add_argument("--walks", default="4:3", help="num_warps:num_stages of the states walk, ...")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check-t", type=int, default=4096, help="T of the checks against autodiff")
