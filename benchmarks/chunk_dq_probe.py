@@ -303,21 +303,22 @@ def main(argv=None) -> int:
         return x.astype(_BF16)
 
     def formula_errors(inputs, tables, entering, leaving):
-        """The oracles' dq, dk and rates' gradient against autodiff, with float32 and bf16-rounded states."""
+        """(autodiff's gradients, the oracles' terms on the bf16-rounded states, the errors of the oracles' dq, dk
+        and rates' gradient against autodiff with float32 and with bf16-rounded states)."""
         q, k, v, do, rates, ids = inputs
         want = measure.fp32_reference(q[:, :, None], k[:, :, None], v, do, rates, scale, ids)[1]
         exact = terms_of(q, k, v, do, entering, leaving, tables)
         rounded = terms_of(q, k, v, do, bf16(entering).astype(_F32), bf16(leaving).astype(_F32), tables)
-        return want, {"dq": measure.rel_err(exact["dq"], want[0][:, :, 0]),
-                      "dk": measure.rel_err(exact["dk"], want[1][:, :, 0]),
-                      "ds_f32_states": measure.rel_err(grad(exact), want[3]),
-                      "ds_bf16_states": measure.rel_err(grad(rounded), want[3])}
+        return want, rounded, {"dq": measure.rel_err(exact["dq"], want[0][:, :, 0]),
+                               "dk": measure.rel_err(exact["dk"], want[1][:, :, 0]),
+                               "ds_f32_states": measure.rel_err(grad(exact), want[3]),
+                               "ds_bf16_states": measure.rel_err(grad(rounded), want[3])}
 
     # the formulas against autodiff, then each kernel against its formula (the states in bf16 for both)
     inputs, plan, (tables, entering, leaving, pieces_in) = setup(args.check_t)
     q, k, v, do = inputs[:4]
-    emit({"check": "formulas vs autodiff", "t": args.check_t} | formula_errors(inputs, tables, entering, leaving)[1])
-    want = terms_of(q, k, v, do, bf16(entering).astype(_F32), bf16(leaving).astype(_F32), tables)
+    _, want, errs = formula_errors(inputs, tables, entering, leaving)
+    emit({"check": "formulas vs autodiff", "t": args.check_t} | errs)
     dq, a, net = jax.jit(kernels["dq"])(q, k, do, v, bf16(entering), tables)
     dk, b_rows = jax.jit(kernels["dk"])(q, k, do, v, bf16(leaving), tables)
     walked = jax.jit(functools.partial(states_walk, plan=plan, interpret=args.interpret))(k, v, tables, pieces_in)
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     # at the full shape: the rates' gradient's error, chunk-local against the library's default impl
     inputs, plan, (tables, entering, leaving, pieces_in) = setup(args.t)
     q, k, v, do, rates, ids = inputs
-    want, errs = formula_errors(inputs, tables, entering, leaving)
+    want, _, errs = formula_errors(inputs, tables, entering, leaving)
     fwd, fwd_bwd = measure.fwd_and_fwd_bwd(functools.partial(_attend, scale=scale), grad_operands=1)
     q4, k4 = q[:, :, None], k[:, :, None]
     ds_library = fwd_bwd(q4, k4, v, do, rates, ids)[1][3]
