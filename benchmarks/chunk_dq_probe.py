@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 import lasp_jax
 from benchmarks import measure
-from lasp_jax.ops import kernel_support, pieces, pieces_tokens
+from lasp_jax.ops import kernel_support, pieces, pieces_tokens, states
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         v, do = (jax.random.normal(key, (1, t, args.heads, args.dv), _F32).astype(_BF16) for key in keys[2:4])
         rates = jax.random.uniform(keys[4], (1, t, args.heads), _F32, 0.001, 0.1)
         ids = jnp.asarray(measure.random_documents(np.random.default_rng(0), 1, t, args.docs))
-        starts = jnp.pad(ids[:, 1:] != ids[:, :-1], ((0, 0), (1, 0)))
+        starts = states.document_starts(ids)
         plan = pieces.Plan(chunk=chunk, pieces=args.pieces, piece_len=t // args.pieces, pad=0)
         made = jax.jit(functools.partial(chunk_states, plan=plan, scale=scale))(q, k, v, do, rates, starts)
         return (q, k, v, do, rates, ids), plan, made

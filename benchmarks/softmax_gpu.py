@@ -38,7 +38,8 @@ import numpy as np
 
 from benchmarks import measure
 from lasp_jax.ops import softmax_kernel
-from lasp_jax.ops.softmax import causal_softmax_attention, document_numbers
+from lasp_jax.ops.softmax import causal_softmax_attention
+from lasp_jax.ops.states import document_numbers
 
 
 def inputs(b, t, h, hkv, d, docs, dtype, seed=0):

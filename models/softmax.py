@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lasp_jax.ops import kernel_support
+from lasp_jax.ops import kernel_support, states
 from lasp_jax.ops.softmax import causal_softmax_attention
 from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from models import sharding
@@ -104,8 +104,8 @@ class SoftmaxMixer(nnx.Module):
                for name, val in (("k", k), ("v", v))}
         start = cache["start"]
         if segment_ids is not None:
-            changes = segment_ids[:, 1:] != segment_ids[:, :-1]  # [B, T-1]: a document starts at t = index + 1
-            start = jnp.max(jnp.where(changes, jnp.arange(1, t, dtype=jnp.int32), 0), axis=1, initial=0)
+            starts = states.document_starts(segment_ids)
+            start = jnp.max(jnp.where(starts, jnp.arange(t, dtype=jnp.int32), 0), axis=1, initial=0)
         y = self._out(causal_softmax_attention(q, k, v, segment_ids=segment_ids))
         return y, {**new, "start": start}
 

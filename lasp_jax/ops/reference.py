@@ -136,12 +136,6 @@ def recurrent(q, k, v, rates, initial_state=None, scale=1.0):
     return jnp.moveaxis(o, 0, 1), final
 
 
-def documents(segment_ids):
-    """[B, T] int32 document index: the number of id changes in (0, t] (ids that recur later start a new one)."""
-    change = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-    return jnp.cumsum(change.astype(jnp.int32), axis=1)
-
-
 def _pairs(scores, cumulative, docs, scale):
     """scale exp(-(c_p - c_r)) scores[p, r] for r <= p in one document, else 0 (selected: a non-finite score of
     another document or a later position is dropped). scores [B, Hs, 1 or G, T, T]; cumulative [B, T, H]."""
@@ -178,7 +172,7 @@ def dense_tokens(q, k, v, rates, segment_ids=None, initial_state=None, scale=1.0
     h, dim_v = rates.shape[2], v.shape[-1]
     qg, kg, vg = _grouped(dtype, q, k, v)
     cumulative = jnp.cumsum(rates.astype(dtype), axis=1)  # c_t = s_0 + ... + s_t
-    docs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else documents(segment_ids)
+    docs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else states.document_numbers(segment_ids)
     scores = _pairs(jnp.einsum("bpkgd,brkgd->bkgpr", qg, kg, precision=_HIGHEST), cumulative, docs, scale)
     o = jnp.einsum("bkgpr,brkge->bpkge", scores, vg, precision=_HIGHEST).reshape(b, t, h, dim_v)
     last = docs == docs[:, -1:]

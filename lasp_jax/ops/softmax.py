@@ -50,7 +50,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.ops import checks, kernel_support, softmax_kernel
+from lasp_jax.ops import checks, kernel_support, softmax_kernel, states
 from lasp_jax.ops.impls import warn_once
 from lasp_jax.ops.kernel_support import partitioned
 
@@ -130,7 +130,7 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
     if impl not in SOFTMAX_IMPLS:
         raise ValueError(f"unknown softmax impl {impl!r}: expected one of {SOFTMAX_IMPLS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    docs = None if ids is None else document_numbers(ids)
+    docs = None if ids is None else states.document_numbers(ids)
     if impl == "auto":
         impl = _auto(q, k, v, docs, q_offset)
     blockwise = functools.partial(_blockwise, block_q=block_q, block_k=block_k)
@@ -147,12 +147,6 @@ def causal_softmax_attention(q, k, v, *, segment_ids=None, q_offset=0, scale=Non
                              "the batch, as LASP-2H's ranks and the hybrid models do)")
         return softmax_kernel.attention(q, k, v, docs, q_offset, scale, interpret=interpret)
     return blockwise(q, k, v, docs, q_offset, scale)
-
-
-def document_numbers(ids: jax.Array) -> jax.Array:
-    """[B, S] ids -> [B, S] int32 document numbers 0, 1, ...: one more wherever the id changes."""
-    starts = (ids[:, 1:] != ids[:, :-1]).astype(jnp.int32)
-    return jnp.concatenate([jnp.zeros((ids.shape[0], 1), jnp.int32), jnp.cumsum(starts, axis=1)], axis=1)
 
 
 def _auto(q, k, v, docs, q_offset) -> str:
@@ -262,7 +256,7 @@ def _cudnn(q, k, v, docs, q_offset, scale, overflow):
 
 
 def packed_tables(docs: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
-    """Document numbers [B, S] (0, 1, ... nondecreasing, document_numbers) -> (lengths [B, M], starts [B, M + 1])
+    """Document numbers [B, S] (0, 1, ... nondecreasing, states.document_numbers) -> (lengths [B, M], starts [B, M + 1])
     int32, M = max_documents: document m of row b covers positions starts[b, m] .. + lengths[b, m] - 1; slots
     past a row's documents hold -1 (jax's cuDNN attention's packed-layout convention). Rows with more than M
     documents are the caller's to refuse."""

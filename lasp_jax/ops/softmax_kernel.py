@@ -80,7 +80,7 @@ def tile(d: int) -> int:
 
 def attention(q, k, v, docs, q_offset, scale: float, config: Config = Config(), interpret: bool = False):
     """q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; docs None or [B, S] int32 document numbers of the key
-    positions (nondecreasing from 0: lasp_jax.ops.softmax.document_numbers); q_offset an int or int32 scalar with
+    positions (nondecreasing from 0: lasp_jax.ops.states.document_numbers); q_offset an int or int32 scalar with
     q_offset + L <= S. Returns o [B, L, H, Dv] in q's dtype. Differentiable in q, k, v."""
     checks.softmax_inputs(q, k, v)
     why = supported(q, k, v)

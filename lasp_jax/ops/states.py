@@ -223,6 +223,19 @@ class TokenDecay(NamedTuple):
     log_decay: jax.Array  # [B, H] float32 b_(L-1), +inf where a document starts in the piece
 
 
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """[B, L] bool: a document starts at t > 0 where segment_ids [B, L] (any integers) differs from t - 1's; False
+    at t = 0 (whether the piece's first position starts one is the previous piece's business: `cut_at_first`).
+    An id that recurs after another starts a new document."""
+    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+
+def document_numbers(segment_ids: jax.Array) -> jax.Array:
+    """[B, L] int32 document numbers 0, 1, ...: the starts (`document_starts`) in (0, t]. Positions t and r are
+    in one document iff their numbers are equal."""
+    return jnp.cumsum(document_starts(segment_ids).astype(jnp.int32), axis=1)
+
+
 def token_decay(rates: jax.Array, starts: jax.Array) -> TokenDecay:
     """The piece's tables from its rates [B, L, H] (>= 0) and document starts [B, L] bool (starts[:, 0] False: a
     start at the first position is `cut_at_first`'s)."""

@@ -248,7 +248,7 @@ def _piece_tokens(rates, segment_ids, exchange):
     b, length = rates.shape[:2]
     if segment_ids is None:
         return states.token_decay(rates, jnp.zeros((b, length), bool))
-    tok = states.token_decay(rates, jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0))))
+    tok = states.token_decay(rates, states.document_starts(segment_ids))
     return tok if exchange is None else states.cut_at_first(tok, exchange.starts_at_boundary(segment_ids))
 
 

@@ -147,7 +147,7 @@ def test_piece_local_decay_gradient_equals_whole_document_form(rng):
     q, k, v = qkv(rng, b, t, h, h, d, d)
     assert kernels.plan(q, v) == pieces.Plan(16, 5, 32, 10)
     ids = _starts(b, t, [(54, 100), ()], 0.0, rng)
-    starts = jnp.pad(ids[:, 1:] != ids[:, :-1], ((0, 0), (1, 0)))
+    starts = states.document_starts(ids)
     tok = states.token_decay(jnp.asarray(rng.uniform(0.001, 0.1, size=(b, t, h)), jnp.float32), starts)
     s_in, g = (jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32) for _ in range(2))
     do = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)

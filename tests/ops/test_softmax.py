@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from lasp_jax.ops import impls, softmax, softmax_kernel
+from lasp_jax.ops import impls, softmax, softmax_kernel, states
 from lasp_jax.ops.softmax import causal_softmax_attention
 from tests.util import BF16_TOL, F32_TOL, dense_causal_softmax, fake_gpu, qkv, rel_err
 
@@ -194,7 +194,7 @@ def test_packed_tables_list_each_rows_documents(rng):
         ids[row, np.sort(rng.choice(np.arange(1, s), count, replace=False))] = 1
     ids = np.cumsum(ids, axis=1)
     ids[3] = np.minimum(np.arange(s) // 7, m - 1)  # exactly M documents
-    docs = softmax.document_numbers(jnp.asarray(ids, jnp.int32))
+    docs = states.document_numbers(jnp.asarray(ids, jnp.int32))
     lengths, starts = softmax.packed_tables(docs, m)
     assert lengths.shape == (4, m) and starts.shape == (4, m + 1)
     for row in range(4):
@@ -254,7 +254,7 @@ def test_packed_tables_follow_jaxs_private_cudnn_convention():
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
     t, h, d = 10, 2, 8
-    docs = softmax.document_numbers(jnp.asarray([[0] * 4 + [1] * 6, [5] * 10], jnp.int32))
+    docs = states.document_numbers(jnp.asarray([[0] * 4 + [1] * 6, [5] * 10], jnp.int32))
     lengths, starts = softmax.packed_tables(docs, 3)
     assert cudnn_attention.get_max_seg_per_batch(starts) == 3
     assert cudnn_attention.get_max_seg_per_batch(softmax.packed_tables(docs[1:], 1)[1]) == 1

@@ -18,7 +18,7 @@ import pytest
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
-from lasp_jax.ops import kernel_support, softmax, softmax_kernel
+from lasp_jax.ops import kernel_support, softmax, softmax_kernel, states
 from lasp_jax.ops.softmax import causal_softmax_attention
 from lasp_jax.parallel.softmax_allgather import softmax_allgather_attention
 from tests.util import A100, BF16_TOL, H200, cuda_mlir, qkv, rel_err
@@ -33,7 +33,7 @@ SCALE = 8.0  # logits of spread ~2 on qkv's q, k (std 1/sqrt(d) each), so the ru
 def _grads(impl, q, k, v, ids, offset, w, scale=SCALE, config=SMALL):
     def loss(q, k, v):
         if impl == "kernel":
-            docs = None if ids is None else softmax.document_numbers(ids)
+            docs = None if ids is None else states.document_numbers(ids)
             o = softmax_kernel.attention(q, k, v, docs, offset, scale, config, interpret=True)
         else:
             o = causal_softmax_attention(q, k, v, segment_ids=ids, q_offset=offset, scale=scale, impl="blockwise")
@@ -88,7 +88,7 @@ def test_block_ranges_skip_other_documents():
     starts = [0, 2, 5, 11, 14, 26, 31, 43, 44, 52, 60]
     ids = np.zeros((1, 64), np.int32)
     ids[0, starts[1:]] = 1
-    docs = softmax.document_numbers(jnp.asarray(np.cumsum(ids, axis=1), jnp.int32))
+    docs = states.document_numbers(jnp.asarray(np.cumsum(ids, axis=1), jnp.int32))
     q = jnp.zeros((1, 32, 1, 16))
     _, _, _, q_ranges, k_ranges = softmax_kernel._plan(q, jnp.zeros((1, 64, 1, 16)), docs, jnp.int32(32), SMALL)
     assert q_ranges[0].tolist() == [[1, 3], [2, 4]]
@@ -195,7 +195,7 @@ def test_document_tables_inside_a_data_parallel_shard_map():
     q = jnp.zeros((4, 256, 2, 16), jnp.bfloat16)
 
     def tables(q, ids):
-        docs = softmax.document_numbers(ids)
+        docs = states.document_numbers(ids)
         k, docs, offset = (kernel_support.vary_like(x, q) for x in (q, docs, jnp.int32(0)))
         ranges = softmax_kernel._plan(q, k, docs, offset, softmax_kernel.Config())[3:]
         return (*ranges, *softmax.packed_tables(docs, 6))

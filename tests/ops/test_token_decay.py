@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lasp_jax
-from lasp_jax.ops import impls, reference, vjp
+from lasp_jax.ops import impls, reference, states, vjp
 from tests.util import BF16_TOL, F32_TOL, qkv, rel_err
 
 IMPLS = ["reference", "xla"]
@@ -180,6 +180,14 @@ def test_documents_are_independent(rng):
     assert np.all(np.asarray(ds[:, bounds[1:-1]]) == 0.0)
     assert np.all(np.asarray(ds[:, :65]) == 0.0)
     assert np.all(np.asarray(ds[:, 66:]) != 0.0)
+
+
+def test_document_starts_and_numbers():
+    """A document starts wherever the id changes (an id that recurs after another is a new document), never at
+    position 0 (the piece's first position is the caller's: states.cut_at_first)."""
+    ids = jnp.asarray([[5, 5, 3, 3, 5, 5], [0, 0, 0, 0, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(states.document_starts(ids), [[0, 0, 1, 0, 1, 0], [0] * 6])
+    np.testing.assert_array_equal(states.document_numbers(ids), [[0, 0, 1, 1, 2, 2], [0] * 6])
 
 
 def test_decoding_steps_equal_the_call(rng):
