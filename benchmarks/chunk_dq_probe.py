@@ -357,9 +357,9 @@ def main(argv=None) -> int:
               functools.partial(states_walk, plan=plan, warps=warps, stages=stages), k, v, tables, pieces_in)
     for config in args.configs.split(","):
         warps, stages = map(int, config.split(":"))
-        for name, states in (("dq", entering), ("dk", leaving)):
+        for name, chunk_s in (("dq", entering), ("dk", leaving)):
             timed({"row": f"chunk {name}", "warps": warps, "stages": stages},
-                  functools.partial(kernels[name], warps=warps, stages=stages), q, k, do, v, states, tables)
+                  functools.partial(kernels[name], warps=warps, stages=stages), q, k, do, v, chunk_s, tables)
     # the same GPU's anchor: the library's SSD layer on its default impl, forward and forward+backward
     emit({"row": "library layer", "impl": "auto",
           "fwd_ms": measure.median_ms(fwd, (q4, k4, v, rates, ids), args.iters, args.reps),
